@@ -1,0 +1,97 @@
+//! The attention core (scores, mask, softmax, weighted values) behind one interface, so that
+//! backends can be swapped without touching the model. `eager` is the reference: it
+//! materialises the probabilities (the only backend that can return them).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::kernels;
+
+/// Which keys each query may see. Indices are *sequence* indices (cache slots), not
+/// `position_ids` values: query `t` of the call sits at `q_start + t`, key `j` of the
+/// concatenated `[cache ; new]` keys at `kv_start + j`.
+#[derive(Debug, Clone)]
+pub struct MaskSpec {
+    pub batch: usize,
+    pub q_start: usize,
+    pub q_len: usize,
+    pub kv_start: usize,
+    pub kv_len: usize,
+    /// Total window `W` including the query itself (`q − W < k ≤ q`), for sliding layers.
+    pub window: Option<usize>,
+    /// Per row, `true` for real tokens, indexed by sequence index `0..q_start + q_len`.
+    pub key_padding: Option<Vec<Vec<bool>>>,
+}
+
+impl MaskSpec {
+    #[inline]
+    pub fn allowed(&self, b: usize, q: usize, k: usize) -> bool {
+        let qi = self.q_start + q;
+        let ki = self.kv_start + k;
+        if ki > qi {
+            return false;
+        }
+        if let Some(w) = self.window {
+            if ki + w <= qi {
+                return false;
+            }
+        }
+        match &self.key_padding {
+            Some(p) => p[b].get(ki).copied().unwrap_or(true),
+            None => true,
+        }
+    }
+
+    /// The additive mask of the reference: 0 where allowed, `f32::MIN` elsewhere
+    /// (`[B, 1, q_len, kv_len]`, f32). A fully masked row then becomes a uniform average,
+    /// exactly as the reference's eager attention does.
+    pub fn additive(&self, dev: &Device) -> Result<Tensor> {
+        let mut data = Vec::with_capacity(self.batch * self.q_len * self.kv_len);
+        for b in 0..self.batch {
+            for q in 0..self.q_len {
+                for k in 0..self.kv_len {
+                    data.push(if self.allowed(b, q, k) { 0f32 } else { f32::MIN });
+                }
+            }
+        }
+        Tensor::from_vec(data, (self.batch, 1, self.q_len, self.kv_len), dev)
+    }
+}
+
+/// Repeats each KV head `n_rep` times: `[B, Nkv, N, D]` → `[B, Nkv·n_rep, N, D]`.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, n, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, n_rep, n, d))?
+        .reshape((b, h * n_rep, n, d))
+}
+
+/// Reference attention. `q` `[B, Nq, T, D]`, `k`/`v` `[B, Nkv, N, D]`. Returns the output
+/// `[B, Nq, T, D]` and, if asked, the probabilities `[B, Nq, T, N]`.
+pub fn eager(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &MaskSpec,
+    scale: f64,
+    want_probs: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let k = repeat_kv(k, n_rep)?;
+    let v = repeat_kv(v, n_rep)?;
+    let scores = (q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+    let scores = scores
+        .to_dtype(DType::F32)?
+        .broadcast_add(&mask.additive(q.device())?)?;
+    let probs = kernels::softmax_f32(&scores)?.to_dtype(q.dtype())?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok((out, want_probs.then_some(probs)))
+}
+
+/// Number of keys a query row may see (used by tests and by backends to skip work).
+pub fn visible_keys(mask: &MaskSpec, b: usize, q: usize) -> usize {
+    (0..mask.kv_len).filter(|&k| mask.allowed(b, q, k)).count()
+}
+

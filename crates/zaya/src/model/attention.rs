@@ -1,0 +1,222 @@
+//! CCA attention (`self_attn`): the CCA projection with its two causal convolutions, q/k
+//! mean residuals and current/delayed value streams, QK L2-norm with `temp`, partial RoPE,
+//! the attention core and `o_proj`.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
+use crate::attention::{self as core, MaskSpec};
+use crate::cache::LayerCache;
+use crate::config::ZayaConfig;
+use crate::kernels;
+
+/// `self_attn.qkv_proj`: raw projections, causal convs, mean residuals and values.
+#[derive(Debug, Clone)]
+pub struct CcaProjection {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj_current: Linear,
+    v_proj_delayed: Linear,
+    /// `[C, 1, K0]`
+    conv_qk_depthwise_weight: Tensor,
+    conv_qk_depthwise_bias: Tensor,
+    /// `[C, D, K1]`
+    conv_qk_grouped_weight: Tensor,
+    conv_qk_grouped_bias: Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    k0: usize,
+    k1: usize,
+}
+
+/// Queries `[B,T,Nq,D]`, keys and values `[B,T,Nkv,D]` before normalisation.
+pub struct Qkv {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl CcaProjection {
+    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let c = cfg.conv_channels();
+        let bias = cfg.attention_bias;
+        Ok(CcaProjection {
+            q_proj: Linear::new(h, cfg.q_dim(), bias, vb.pp("q_proj"))?,
+            k_proj: Linear::new(h, cfg.kv_dim(), bias, vb.pp("k_proj"))?,
+            v_proj_current: Linear::new(h, cfg.value_half_dim(), bias, vb.pp("v_proj_current"))?,
+            v_proj_delayed: Linear::new(h, cfg.value_half_dim(), bias, vb.pp("v_proj_delayed"))?,
+            conv_qk_depthwise_weight: vb.get((c, 1, cfg.cca_time0), "conv_qk_depthwise.weight")?,
+            conv_qk_depthwise_bias: vb.get(c, "conv_qk_depthwise.bias")?,
+            conv_qk_grouped_weight: vb.get((c, cfg.head_dim, cfg.cca_time1), "conv_qk_grouped.weight")?,
+            conv_qk_grouped_bias: vb.get(c, "conv_qk_grouped.bias")?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            k0: cfg.cca_time0,
+            k1: cfg.cca_time1,
+        })
+    }
+
+    /// `a` is the input-normed hidden state `[B,T,H]`; `conv_mask` `[B,T]` zeroes padding
+    /// before the projections. Reads and updates the conv and delayed-value states.
+    pub fn forward(&self, a: &Tensor, conv_mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Qkv> {
+        let a = match conv_mask {
+            Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
+            None => a.clone(),
+        };
+        let (b, t, _) = a.dims3()?;
+        let (nq, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let groups = nq / nkv;
+        let s = self.k0 + self.k1 - 2;
+
+        let q_raw = self.q_proj.forward(&a)?;
+        let k_raw = self.k_proj.forward(&a)?;
+        let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?; // [B,T,C], queries first
+        let c = u.dim(2)?;
+
+        // q/k mean residuals from the raw projections (sum, halve, then group mean).
+        let q4 = q_raw.reshape((b, t, nq, d))?;
+        let k_rep = k_raw
+            .reshape((b, t, nkv, 1, d))?
+            .broadcast_as((b, t, nkv, groups, d))?
+            .reshape((b, t, nq, d))?;
+        let mq = ((q4 + k_rep)? * 0.5)?;
+        let mk = mq.reshape((b, t, nkv, groups, d))?.mean(3)?;
+
+        // History columns: the cached raw projections, or zeros at a sequence start.
+        let (history, prev_rec) = match &cache {
+            Some(cache) if cache.has_previous_state() => {
+                (cache.conv_state.clone(), cache.recurrent_state.clone())
+            }
+            _ => (None, None),
+        };
+        let history = match history {
+            Some(h) => h,
+            None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
+        };
+        let x = if s > 0 { Tensor::cat(&[&history, &u], 1)? } else { u.clone() }; // [B, S+T, C]
+
+        // Depthwise conv: d_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
+        let t_mid = t + self.k1 - 1;
+        let mut mid = self.conv_qk_depthwise_bias.reshape((1, 1, c))?.broadcast_as((b, t_mid, c))?.contiguous()?;
+        for i in 0..self.k0 {
+            let w = self.conv_qk_depthwise_weight.narrow(2, i, 1)?.reshape((1, 1, c))?;
+            mid = (mid + x.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
+        }
+        // Grouped conv: per head a [D, K1·D] mixing of K1 consecutive taps, as one batched
+        // matmul over the Nq + Nkv groups.
+        let ng = nq + nkv;
+        let taps = (0..self.k1)
+            .map(|i| mid.narrow(1, i, t)?.reshape((b * t, ng, d)))
+            .collect::<Result<Vec<_>>>()?;
+        let taps = Tensor::cat(&taps, 2)?.transpose(0, 1)?.contiguous()?; // [G, B·T, K1·D]
+        let w1 = self
+            .conv_qk_grouped_weight
+            .reshape((ng, d, d, self.k1))? // [G, out, in, K1]
+            .permute((0, 3, 2, 1))? // [G, K1, in, out]
+            .reshape((ng, self.k1 * d, d))?;
+        let z = taps.matmul(&w1)?.transpose(0, 1)?.reshape((b, t, c))?;
+        let z = z.broadcast_add(&self.conv_qk_grouped_bias.reshape((1, 1, c))?)?;
+
+        let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
+        let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
+
+        // Values: current half from this token, delayed half from the previous one.
+        let vc = self.v_proj_current.forward(&a)?;
+        let vd = self.v_proj_delayed.forward(&a)?;
+        let first = match prev_rec {
+            Some(r) => r.unsqueeze(1)?,
+            None => self
+                .v_proj_delayed
+                .forward(&Tensor::zeros((b, 1, a.dim(2)?), a.dtype(), a.device())?)?,
+        };
+        let vdel = if t > 1 { Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)? } else { first };
+        let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
+
+        if let Some(cache) = cache {
+            if s > 0 {
+                cache.conv_state = Some(x.narrow(1, x.dim(1)? - s, s)?.contiguous()?);
+            } else {
+                cache.conv_state = Some(Tensor::zeros((b, 0, c), u.dtype(), u.device())?);
+            }
+            cache.recurrent_state = Some(vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?);
+        }
+        Ok(Qkv { q, k, v })
+    }
+}
+
+/// `self_attn`.
+#[derive(Debug, Clone)]
+pub struct ZayaAttention {
+    pub qkv_proj: CcaProjection,
+    /// `qk_norm.temp`, `[Nkv]`.
+    temp: Tensor,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Per-call inputs shared by all layers of one type.
+pub struct AttentionInputs<'a> {
+    pub mask: &'a MaskSpec,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub conv_mask: Option<&'a Tensor>,
+    pub want_probs: bool,
+}
+
+impl ZayaAttention {
+    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(ZayaAttention {
+            qkv_proj: CcaProjection::new(cfg, vb.pp("qkv_proj"))?,
+            temp: vb.pp("qk_norm").get(cfg.num_key_value_heads, "temp")?,
+            o_proj: Linear::new(cfg.q_dim(), cfg.hidden_size, cfg.attention_bias, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// Scales each head to length √D (norm clamped at the dtype's machine epsilon).
+    fn l2_to_sqrt_d(&self, x: &Tensor) -> Result<Tensor> {
+        let eps = match x.dtype() {
+            DType::BF16 => 0.0078125,
+            DType::F16 => 9.765625e-4,
+            DType::F64 => f64::EPSILON,
+            _ => f32::EPSILON as f64,
+        };
+        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(eps)?;
+        let factor = (norm.recip()? * (self.head_dim as f64).sqrt())?;
+        x.broadcast_mul(&factor)
+    }
+
+    /// Returns the output `[B,T,H]` and the attention probabilities when asked.
+    pub fn forward(
+        &self,
+        a: &Tensor,
+        inputs: &AttentionInputs,
+        mut cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, _) = a.dims3()?;
+        let Qkv { q, k, v } = self.qkv_proj.forward(a, inputs.conv_mask, cache.as_deref_mut())?;
+        let q = self.l2_to_sqrt_d(&q)?;
+        let k = self
+            .l2_to_sqrt_d(&k)?
+            .broadcast_mul(&self.temp.reshape((1, 1, self.num_kv_heads, 1))?)?;
+        let q = kernels::rotary(&q.transpose(1, 2)?, inputs.cos, inputs.sin)?;
+        let k = kernels::rotary(&k.transpose(1, 2)?, inputs.cos, inputs.sin)?;
+        let v = v.transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.update_kv(&k.contiguous()?, &v.contiguous()?)?,
+            None => (k, v),
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (o, probs) = core::eager(&q, &k, &v, inputs.mask, scale, inputs.want_probs)?;
+        let o = o.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        Ok((self.o_proj.forward(&o)?, probs))
+    }
+}

@@ -1,0 +1,104 @@
+//! One decoder layer: RMSNorm → CCA attention → scaled residual merge → RMSNorm → MoE →
+//! scaled residual merge, with the residual stream in f32.
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::attention::{AttentionInputs, ZayaAttention};
+use super::moe::{Routing, ZayaMoe};
+use crate::cache::LayerCache;
+use crate::config::{LayerType, ZayaConfig};
+use crate::kernels;
+
+/// `(sub + b_h) ⊙ s_h + (res + b_r) ⊙ s_r`: bias first, then scale; the sublayer term in the
+/// parameter dtype, the residual term and the sum in f32.
+#[derive(Debug, Clone)]
+pub struct ResidualScaling {
+    hidden_states_scale: Tensor,
+    hidden_states_bias: Tensor,
+    residual_scale: Tensor,
+    residual_bias: Tensor,
+}
+
+impl ResidualScaling {
+    pub fn new(h: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(ResidualScaling {
+            hidden_states_scale: vb.get(h, "hidden_states_scale")?,
+            hidden_states_bias: vb.get(h, "hidden_states_bias")?,
+            residual_scale: vb.get(h, "residual_scale")?,
+            residual_bias: vb.get(h, "residual_bias")?,
+        })
+    }
+
+    pub fn forward(&self, sub: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let sub = sub
+            .broadcast_add(&self.hidden_states_bias)?
+            .broadcast_mul(&self.hidden_states_scale)?
+            .to_dtype(DType::F32)?;
+        let res = residual
+            .broadcast_add(&self.residual_bias.to_dtype(DType::F32)?)?
+            .broadcast_mul(&self.residual_scale.to_dtype(DType::F32)?)?;
+        sub + res
+    }
+}
+
+/// What a layer can report besides its output.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    /// Residual stream after the layer, `[B,T,H]` f32.
+    pub hidden: Tensor,
+    pub routing: Routing,
+    pub attention_probs: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub layer_type: LayerType,
+    input_layernorm: Tensor,
+    pub self_attn: ZayaAttention,
+    post_attention_residual_scale: ResidualScaling,
+    post_attention_layernorm: Tensor,
+    pub mlp: ZayaMoe,
+    post_mlp_residual_scale: ResidualScaling,
+    eps: f64,
+    dtype: DType,
+}
+
+impl DecoderLayer {
+    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(DecoderLayer {
+            layer_type: cfg.layer_types[layer_idx],
+            input_layernorm: vb.pp("input_layernorm").get(h, "weight")?,
+            self_attn: ZayaAttention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_residual_scale: ResidualScaling::new(h, vb.pp("post_attention_residual_scale"))?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").get(h, "weight")?,
+            mlp: ZayaMoe::new(cfg, layer_idx, vb.pp("mlp"))?,
+            post_mlp_residual_scale: ResidualScaling::new(h, vb.pp("post_mlp_residual_scale"))?,
+            eps: cfg.rms_norm_eps,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// `h` is the f32 residual stream, `router_state` the previous layer's `ρ` (none for
+    /// layer 0). The new `ρ` is `output.routing.state`.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        router_state: Option<&Tensor>,
+        inputs: &AttentionInputs,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<LayerOutput> {
+        let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.input_layernorm, self.eps)?;
+        let (attn, attention_probs) = self.self_attn.forward(&a, inputs, cache)?;
+        let r = self.post_attention_residual_scale.forward(&attn, h)?;
+        let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &self.post_attention_layernorm, self.eps)?;
+        let (m, routing) = self.mlp.forward(&n, router_state)?;
+        let hidden = self.post_mlp_residual_scale.forward(&m, &r)?;
+        Ok(LayerOutput {
+            hidden,
+            routing,
+            attention_probs,
+        })
+    }
+}

@@ -1,0 +1,385 @@
+//! The ZAYA1 causal LM. The model is immutable (`&self`, shareable across threads); the
+//! hybrid cache and the router state are values passed in and out. Layers are addressable
+//! by index so pipeline stages and gradient checkpointing can drive them one at a time.
+
+pub mod attention;
+pub mod decoder;
+pub mod linear;
+pub mod moe;
+pub mod rope;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::attention::MaskSpec;
+use crate::cache::HybridCache;
+use crate::config::{LayerType, ZayaConfig};
+use crate::error::{Result, ZayaError};
+use crate::kernels;
+use crate::weights::Checkpoint;
+pub use attention::AttentionInputs;
+pub use decoder::{DecoderLayer, LayerOutput};
+use linear::Linear;
+pub use moe::Routing;
+use rope::RotaryEmbedding;
+
+/// What to record during a forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capture {
+    pub hidden_states: bool,
+    pub attentions: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// `[B, P+T]`, 1 for real tokens, 0 for padding (covers cached tokens too).
+    pub attention_mask: Option<Tensor>,
+    /// `[B or 1, T]`; defaults to `P + t`.
+    pub position_ids: Option<Tensor>,
+    /// Keep only the last `k` positions' logits (0 keeps all).
+    pub logits_to_keep: usize,
+    pub capture: Capture,
+    /// Skip the LM head (training computes the loss from the final hidden states in chunks).
+    pub skip_lm_head: bool,
+}
+
+/// Router decisions of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerRouting {
+    /// `[B·T, E+1]` raw logits.
+    pub logits: Tensor,
+    /// `[B·T, E+1]` probabilities (differentiable).
+    pub probs: Tensor,
+    /// Chosen class per token (`E` = skip).
+    pub choice: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// `[B, T', V]` in the parameter dtype (absent with `skip_lm_head`).
+    pub logits: Option<Tensor>,
+    /// Final-norm output `[B, T, H]`.
+    pub last_hidden: Tensor,
+    /// `L + 1` tensors: scaled embedding, outputs of layers 0..L−2, final-norm output.
+    pub hidden_states: Vec<Tensor>,
+    /// Per layer `[B, Nq, T, N]` (eager attention only).
+    pub attentions: Vec<Tensor>,
+    pub routing: Vec<LayerRouting>,
+}
+
+/// Everything a layer needs that is shared by the whole call.
+pub struct ForwardContext {
+    pub masks: BTreeMap<LayerType, MaskSpec>,
+    pub rope: BTreeMap<LayerType, (Tensor, Tensor)>,
+    pub conv_mask: Option<Tensor>,
+    pub batch: usize,
+    pub seq_len: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ZayaModel {
+    cfg: ZayaConfig,
+    embed_tokens: Tensor,
+    input_hidden_states_scale: Tensor,
+    input_hidden_states_bias: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rotary: BTreeMap<LayerType, RotaryEmbedding>,
+    dtype: DType,
+    device: Device,
+}
+
+fn host_2d(t: &Tensor, what: &str) -> Result<Vec<Vec<i64>>> {
+    if t.rank() != 2 {
+        return Err(ZayaError::Input(format!("{what} must be 2-D, found shape {:?}", t.dims())));
+    }
+    Ok(t.to_dtype(DType::I64)?.to_vec2::<i64>()?)
+}
+
+impl ZayaModel {
+    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, i, m.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let lm_weight = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get((cfg.vocab_size, h), "weight")?
+        };
+        let lm_bias = if cfg.lm_head_bias {
+            Some(vb.pp("lm_head").get(cfg.vocab_size, "bias")?)
+        } else {
+            None
+        };
+        let rotary = cfg
+            .rope_parameters
+            .iter()
+            .filter(|(t, _)| cfg.layer_types.contains(t))
+            .map(|(t, rp)| (*t, RotaryEmbedding::new(rp, cfg.head_dim)))
+            .collect();
+        Ok(ZayaModel {
+            cfg: cfg.clone(),
+            input_hidden_states_scale: m.get(h, "input_hidden_states_scale")?,
+            input_hidden_states_bias: m.get(h, "input_hidden_states_bias")?,
+            embed_tokens,
+            layers,
+            norm: m.pp("norm").get(h, "weight")?,
+            lm_head: Linear {
+                weight: lm_weight,
+                bias: lm_bias,
+            },
+            rotary,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Opens a checkpoint directory (either layout), validates every tensor and builds the
+    /// model with its weights in `dtype`.
+    pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let cfg = ckpt.config()?;
+        ckpt.validate(&cfg)?;
+        let vb = ckpt.var_builder(&cfg, dtype, device);
+        Self::new(&cfg, vb)
+    }
+
+    pub fn config(&self) -> &ZayaConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Checks token ids and the context length; returns the ids on the host.
+    pub fn check_input_ids(&self, input_ids: &Tensor, past: usize) -> Result<Vec<Vec<i64>>> {
+        let ids = host_2d(input_ids, "input_ids")?;
+        let vocab = self.cfg.vocab_size;
+        for (row, r) in ids.iter().enumerate() {
+            for (position, &id) in r.iter().enumerate() {
+                if id < 0 || id as usize >= vocab {
+                    return Err(ZayaError::TokenOutOfRange {
+                        id,
+                        row,
+                        position,
+                        vocab_size: vocab,
+                    });
+                }
+            }
+            if past + r.len() > self.cfg.max_position_embeddings {
+                return Err(ZayaError::ContextTooLong {
+                    row,
+                    length: past + r.len(),
+                    limit: self.cfg.max_position_embeddings,
+                });
+            }
+        }
+        if ids.is_empty() || ids[0].is_empty() {
+            return Err(ZayaError::Input("input_ids must hold at least one token".into()));
+        }
+        Ok(ids)
+    }
+
+    /// Builds masks, RoPE tables and the conv mask for a call of `[batch, t]` tokens after
+    /// the cache's `P` tokens.
+    pub fn context(
+        &self,
+        batch: usize,
+        t: usize,
+        cache: Option<&HybridCache>,
+        opts: &ForwardOptions,
+    ) -> Result<ForwardContext> {
+        let past = cache.map_or(0, |c| c.seq_len());
+        let mask = match &opts.attention_mask {
+            None => None,
+            Some(m) => {
+                let m = host_2d(m, "attention_mask")?;
+                if m.len() != batch || m.iter().any(|r| r.len() != past + t) {
+                    return Err(ZayaError::Input(format!(
+                        "attention_mask must be [{batch}, {}] (cached + new tokens), found [{}, {}]",
+                        past + t,
+                        m.len(),
+                        m.first().map_or(0, |r| r.len())
+                    )));
+                }
+                Some(m)
+            }
+        };
+        let positions: Vec<Vec<i64>> = match &opts.position_ids {
+            Some(p) => {
+                let p = host_2d(p, "position_ids")?;
+                if (p.len() != batch && p.len() != 1) || p.iter().any(|r| r.len() != t) {
+                    return Err(ZayaError::Input(format!(
+                        "position_ids must be [{batch} or 1, {t}], found [{}, {}]",
+                        p.len(),
+                        p.first().map_or(0, |r| r.len())
+                    )));
+                }
+                p
+            }
+            None => vec![(past..past + t).map(|x| x as i64).collect()],
+        };
+        let key_padding: Option<Vec<Vec<bool>>> = mask
+            .as_ref()
+            .map(|m| m.iter().map(|r| r.iter().map(|&x| x != 0).collect()).collect());
+        let mut masks = BTreeMap::new();
+        let mut rope = BTreeMap::new();
+        for (lt, rot) in &self.rotary {
+            let held = cache.map_or(0, |c| c.kv_len_of(&self.cfg, *lt));
+            masks.insert(
+                *lt,
+                MaskSpec {
+                    batch,
+                    q_start: past,
+                    q_len: t,
+                    kv_start: past - held,
+                    kv_len: held + t,
+                    window: match lt {
+                        LayerType::Hybrid => None,
+                        LayerType::HybridSliding => self.cfg.sliding_window,
+                    },
+                    key_padding: key_padding.clone(),
+                },
+            );
+            rope.insert(*lt, rot.cos_sin(&positions, self.dtype, &self.device)?);
+        }
+        let conv_mask = match &mask {
+            Some(m) if t > 1 && m.iter().any(|r| r.contains(&0)) => {
+                let data: Vec<f32> = m.iter().flat_map(|r| r[past..].iter().map(|&x| x as f32)).collect();
+                Some(Tensor::from_vec(data, (batch, t), &self.device)?)
+            }
+            _ => None,
+        };
+        Ok(ForwardContext {
+            masks,
+            rope,
+            conv_mask,
+            batch,
+            seq_len: t,
+        })
+    }
+
+    /// Scaled token embedding, in f32: `f32((e + β_in) ⊙ γ_in)`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let e = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        Ok(e
+            .broadcast_add(&self.input_hidden_states_bias)?
+            .broadcast_mul(&self.input_hidden_states_scale)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Runs layer `idx` on the residual stream `h`.
+    pub fn layer_forward(
+        &self,
+        idx: usize,
+        h: &Tensor,
+        router_state: Option<&Tensor>,
+        ctx: &ForwardContext,
+        cache: Option<&mut HybridCache>,
+        want_probs: bool,
+    ) -> Result<LayerOutput> {
+        let layer = &self.layers[idx];
+        let (cos, sin) = &ctx.rope[&layer.layer_type];
+        let inputs = AttentionInputs {
+            mask: &ctx.masks[&layer.layer_type],
+            cos,
+            sin,
+            conv_mask: ctx.conv_mask.as_ref(),
+            want_probs,
+        };
+        Ok(layer.forward(h, router_state, &inputs, cache.map(|c| &mut c.layers[idx]))?)
+    }
+
+    /// Final RMSNorm of the f32 residual stream, in the parameter dtype.
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// `[.., H]` → `[.., V]`.
+    pub fn lm_head(&self, y: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(y)?)
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head.weight
+    }
+    pub fn lm_head_bias(&self) -> Option<&Tensor> {
+        self.lm_head.bias.as_ref()
+    }
+
+    /// The full forward pass. With a cache, this call continues after its `P` tokens
+    /// (prefill, chunked prefill or decode) and updates it.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut HybridCache>,
+        opts: &ForwardOptions,
+    ) -> Result<ModelOutput> {
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let ids = self.check_input_ids(input_ids, past)?;
+        let (b, t) = (ids.len(), ids[0].len());
+        let ctx = self.context(b, t, cache.as_deref(), opts)?;
+        let mut h = self.embed(input_ids)?;
+        let mut hidden_states = Vec::new();
+        let mut attentions = Vec::new();
+        let mut routing = Vec::with_capacity(self.layers.len());
+        let mut state: Option<Tensor> = None;
+        for idx in 0..self.layers.len() {
+            if opts.capture.hidden_states {
+                hidden_states.push(h.clone());
+            }
+            let out = self.layer_forward(
+                idx,
+                &h,
+                state.as_ref(),
+                &ctx,
+                cache.as_deref_mut(),
+                opts.capture.attentions,
+            )?;
+            h = out.hidden;
+            if let Some(p) = out.attention_probs {
+                attentions.push(p);
+            }
+            routing.push(LayerRouting {
+                logits: out.routing.logits,
+                probs: out.routing.probs,
+                choice: out.routing.choice,
+            });
+            state = Some(out.routing.state);
+        }
+        let y = self.final_norm(&h)?;
+        if opts.capture.hidden_states {
+            hidden_states.push(y.clone());
+        }
+        let logits = if opts.skip_lm_head {
+            None
+        } else {
+            let keep = opts.logits_to_keep;
+            let ysel = if keep > 0 && keep < t { y.narrow(1, t - keep, keep)? } else { y.clone() };
+            Some(self.lm_head(&ysel)?)
+        };
+        Ok(ModelOutput {
+            logits,
+            last_hidden: y,
+            hidden_states,
+            attentions,
+            routing,
+        })
+    }
+}

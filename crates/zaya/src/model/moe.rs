@@ -1,0 +1,188 @@
+//! The MoE block (`mlp`): the ZAYA1 router (down-projection, EDA depth state, RMSNorm +
+//! 3-layer GELU MLP, softmax over experts + skip, balancing biases for the choice only) and
+//! the top-1 SwiGLU experts.
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
+use crate::config::ZayaConfig;
+use crate::kernels;
+
+/// `mlp.gate`.
+#[derive(Debug, Clone)]
+pub struct ZayaRouter {
+    down_proj: Linear,
+    /// EDA decay; absent on layer 0.
+    router_states_scale: Option<Tensor>,
+    norm_weight: Tensor,
+    fc1: Linear,
+    fc2: Linear,
+    out_proj: Linear,
+    /// `[E+1]`, f32; added to the probabilities for the choice only.
+    balancing_biases: Tensor,
+    balancing_biases_host: Vec<f32>,
+    num_experts: usize,
+    eps: f64,
+}
+
+/// What the router decided for each of the `B·T` tokens.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Raw logits `[B·T, E+1]` (skip class last).
+    pub logits: Tensor,
+    /// Softmax probabilities `[B·T, E+1]` (differentiable; the aux loss uses them).
+    pub probs: Tensor,
+    /// Chosen class per token; `E` means the skip class.
+    pub choice: Vec<u32>,
+    /// The weight of the chosen expert `[B·T, 1]` (0 for skipped tokens).
+    pub weight: Tensor,
+    /// The pre-norm router state `ρ_out` `[B,T,R]` handed to the next layer.
+    pub state: Tensor,
+}
+
+impl ZayaRouter {
+    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let r = cfg.router_hidden_size;
+        let e = cfg.num_experts;
+        let mlp = vb.pp("router_mlp");
+        let balancing_biases = vb.get_with_hints_dtype(e + 1, "balancing_biases", candle_nn::Init::Const(0.), DType::F32)?;
+        let balancing_biases = balancing_biases.detach();
+        Ok(ZayaRouter {
+            down_proj: Linear::new(h, r, true, vb.pp("down_proj"))?,
+            router_states_scale: if layer_idx > 0 { Some(vb.get(r, "router_states_scale")?) } else { None },
+            norm_weight: mlp.pp("norm").get(r, "weight")?,
+            fc1: Linear::new(r, r, true, mlp.pp("fc1"))?,
+            fc2: Linear::new(r, r, true, mlp.pp("fc2"))?,
+            out_proj: Linear::new(r, e + 1, false, mlp.pp("out_proj"))?,
+            balancing_biases_host: balancing_biases.to_vec1()?,
+            balancing_biases,
+            num_experts: e,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    pub fn balancing_biases(&self) -> &Tensor {
+        &self.balancing_biases
+    }
+
+    /// `n` is the post-attention-normed hidden `[B,T,H]`, `state` the previous layer's `ρ`.
+    pub fn forward(&self, n: &Tensor, state: Option<&Tensor>) -> Result<Routing> {
+        let mut rho = self.down_proj.forward(n)?;
+        if let (Some(scale), Some(prev)) = (&self.router_states_scale, state) {
+            rho = (rho + prev.broadcast_mul(scale)?)?;
+        }
+        let x = kernels::rms_norm(&rho, &self.norm_weight, self.eps)?;
+        let x = self.fc1.forward(&x)?.gelu_erf()?;
+        let x = self.fc2.forward(&x)?.gelu_erf()?;
+        let logits = self.out_proj.forward(&x)?;
+        let classes = self.num_experts + 1;
+        let logits = logits.reshape(((), classes))?;
+        let probs = kernels::softmax(&logits)?;
+
+        // Top-1 on f32(probs) + biases; first maximum wins on exact ties.
+        let host: Vec<Vec<f32>> = probs.to_dtype(DType::F32)?.to_vec2()?;
+        let choice: Vec<u32> = host
+            .iter()
+            .map(|row| {
+                let mut best = 0usize;
+                let mut best_v = f32::NEG_INFINITY;
+                for (e, (p, bias)) in row.iter().zip(&self.balancing_biases_host).enumerate() {
+                    let v = p + bias;
+                    if v > best_v {
+                        best_v = v;
+                        best = e;
+                    }
+                }
+                best as u32
+            })
+            .collect();
+        let idx = Tensor::from_iter(choice.iter().copied(), probs.device())?.unsqueeze(1)?;
+        let gathered = probs.gather(&idx, 1)?;
+        let keep: Vec<f32> = choice
+            .iter()
+            .map(|&c| if c as usize == self.num_experts { 0.0 } else { 1.0 })
+            .collect();
+        let keep = Tensor::from_vec(keep, (choice.len(), 1), probs.device())?.to_dtype(probs.dtype())?;
+        let weight = gathered.mul(&keep)?;
+        Ok(Routing {
+            logits,
+            probs,
+            choice,
+            weight,
+            state: rho,
+        })
+    }
+}
+
+/// `mlp.experts`: stacked SwiGLU experts.
+#[derive(Debug, Clone)]
+pub struct ZayaExperts {
+    /// `[E, 2I, H]`, gate rows first.
+    gate_up_proj: Tensor,
+    /// `[E, H, I]`.
+    down_proj: Tensor,
+    num_experts: usize,
+}
+
+impl ZayaExperts {
+    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+        let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
+        Ok(ZayaExperts {
+            gate_up_proj: vb.get((e, 2 * i, h), "gate_up_proj")?,
+            down_proj: vb.get((e, h, i), "down_proj")?,
+            num_experts: e,
+        })
+    }
+
+    /// `x` `[N, H]`; each token goes to its chosen expert (one matmul per expert over the
+    /// gathered tokens) and is scaled by its weight after the down projection. Skipped
+    /// tokens produce exactly zero.
+    pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let mut out = x.zeros_like()?;
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
+        for (tok, &c) in routing.choice.iter().enumerate() {
+            if (c as usize) < self.num_experts {
+                buckets[c as usize].push(tok as u32);
+            }
+        }
+        for (e, rows) in buckets.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(rows.as_slice(), x.device())?;
+            let xs = x.index_select(&idx, 0)?;
+            let gu = xs.matmul(&self.gate_up_proj.get(e)?.t()?)?;
+            let hidden = kernels::swiglu(&gu)?;
+            let y = hidden.matmul(&self.down_proj.get(e)?.t()?)?;
+            let w = routing.weight.index_select(&idx, 0)?;
+            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// `mlp`: router + experts.
+#[derive(Debug, Clone)]
+pub struct ZayaMoe {
+    pub gate: ZayaRouter,
+    pub experts: ZayaExperts,
+}
+
+impl ZayaMoe {
+    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(ZayaMoe {
+            gate: ZayaRouter::new(cfg, layer_idx, vb.pp("gate"))?,
+            experts: ZayaExperts::new(cfg, vb.pp("experts"))?,
+        })
+    }
+
+    /// Returns the MoE output `[B,T,H]` and the routing (whose `state` feeds the next layer).
+    pub fn forward(&self, n: &Tensor, state: Option<&Tensor>) -> Result<(Tensor, Routing)> {
+        let (b, t, h) = n.dims3()?;
+        let routing = self.gate.forward(n, state)?;
+        let out = self.experts.forward(&n.reshape((b * t, h))?, &routing)?;
+        Ok((out.reshape((b, t, h))?, routing))
+    }
+}
