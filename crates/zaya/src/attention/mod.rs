@@ -6,6 +6,55 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels;
 
+/// Which attention backend computes the core (`attn_implementation`). All compute the same
+/// function; only `eager` returns the probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnImplementation {
+    /// Reference: materialises scores and probabilities.
+    #[default]
+    Eager,
+    /// Fused, memory-efficient (tiled online softmax).
+    Sdpa,
+    /// FlexAttention-style block-sparse backend.
+    Flex,
+}
+
+impl AttnImplementation {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "eager" => Some(Self::Eager),
+            "sdpa" => Some(Self::Sdpa),
+            "flex" | "flex_attention" => Some(Self::Flex),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eager => "eager",
+            Self::Sdpa => "sdpa",
+            Self::Flex => "flex",
+        }
+    }
+}
+
+/// Computes attention with `backend`. Probabilities are only available from `eager`;
+/// asking another backend for them falls back to `eager` for that call.
+pub fn attend(
+    backend: AttnImplementation,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &MaskSpec,
+    scale: f64,
+    want_probs: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    match backend {
+        AttnImplementation::Eager => eager(q, k, v, mask, scale, want_probs),
+        // Fused backends are not wired in yet; they fall back to the reference.
+        AttnImplementation::Sdpa | AttnImplementation::Flex => eager(q, k, v, mask, scale, want_probs),
+    }
+}
+
 /// Which keys each query may see. Indices are *sequence* indices (cache slots), not
 /// `position_ids` values: query `t` of the call sits at `q_start + t`, key `j` of the
 /// concatenated `[cache ; new]` keys at `kv_start + j`.

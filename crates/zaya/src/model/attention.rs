@@ -167,6 +167,7 @@ pub struct AttentionInputs<'a> {
     pub sin: &'a Tensor,
     pub conv_mask: Option<&'a Tensor>,
     pub want_probs: bool,
+    pub backend: core::AttnImplementation,
 }
 
 impl ZayaAttention {
@@ -215,7 +216,7 @@ impl ZayaAttention {
             None => (k, v),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let (o, probs) = core::eager(&q, &k, &v, inputs.mask, scale, inputs.want_probs)?;
+        let (o, probs) = core::attend(inputs.backend, &q, &k, &v, inputs.mask, scale, inputs.want_probs)?;
         let o = o.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         Ok((self.o_proj.forward(&o)?, probs))
     }

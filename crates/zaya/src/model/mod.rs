@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::attention::MaskSpec;
+use crate::attention::{AttnImplementation, MaskSpec};
 use crate::cache::HybridCache;
 use crate::config::{LayerType, ZayaConfig};
 use crate::error::{Result, ZayaError};
@@ -45,6 +45,8 @@ pub struct ForwardOptions {
     pub capture: Capture,
     /// Skip the LM head (training computes the loss from the final hidden states in chunks).
     pub skip_lm_head: bool,
+    /// Attention backend for this call.
+    pub attn: AttnImplementation,
 }
 
 /// Router decisions of one layer.
@@ -76,6 +78,7 @@ pub struct ForwardContext {
     pub masks: BTreeMap<LayerType, MaskSpec>,
     pub rope: BTreeMap<LayerType, (Tensor, Tensor)>,
     pub conv_mask: Option<Tensor>,
+    pub attn: AttnImplementation,
     pub batch: usize,
     pub seq_len: usize,
 }
@@ -268,6 +271,7 @@ impl ZayaModel {
             masks,
             rope,
             conv_mask,
+            attn: opts.attn,
             batch,
             seq_len: t,
         })
@@ -302,6 +306,7 @@ impl ZayaModel {
             sin,
             conv_mask: ctx.conv_mask.as_ref(),
             want_probs,
+            backend: ctx.attn,
         };
         Ok(layer.forward(h, router_state, &inputs, cache.map(|c| &mut c.layers[idx]))?)
     }
