@@ -1,1 +1,280 @@
-fn main(){}
+//! The `zaya` command. Subcommands with a stable interface (tests and external checks drive
+//! them): `forward`, `generate`, `inspect`, `init`, `convert`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+use zaya::attention::AttnImplementation;
+use zaya::generation::{generate, GenerateOptions, Greedy};
+use zaya::weights::{self, Checkpoint, Layout};
+use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
+
+#[derive(Parser)]
+#[command(name = "zaya", version, about = "Run, inspect and create ZAYA1 models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one forward pass and write logits (and captures) to a safetensors file.
+    Forward(ForwardArgs),
+    /// Generate tokens (greedy) and print {"sequences": [[new ids], ...]}.
+    Generate(GenerateArgs),
+    /// Print the layout, parameter counts and dtypes of a checkpoint.
+    Inspect { dir: PathBuf },
+    /// Write a randomly initialised model (native layout) from a config.
+    Init(InitArgs),
+    /// Convert a checkpoint between the native and legacy layouts.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Weight dtype: f32, bf16 or f16 (the residual stream stays f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Attention backend: eager, sdpa or flex.
+    #[arg(long, default_value = "eager")]
+    attn: String,
+}
+
+#[derive(clap::Args)]
+struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// {"input_ids": [[..]], "attention_mask": [[..]]}
+    #[arg(long)]
+    inputs: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    hidden_states: bool,
+    #[arg(long)]
+    attentions: bool,
+    #[arg(long)]
+    router_logits: bool,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    inputs: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored dtype of the weights.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    #[arg(long)]
+    from: PathBuf,
+    #[arg(long)]
+    to: PathBuf,
+    /// Target layout: native or legacy.
+    #[arg(long)]
+    layout: String,
+}
+
+#[derive(Deserialize)]
+struct Inputs {
+    input_ids: Vec<Vec<i64>>,
+    attention_mask: Option<Vec<Vec<i64>>>,
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        other => bail!("unknown dtype `{other}` (expected f32, bf16 or f16)"),
+    })
+}
+
+fn parse_attn(s: &str) -> Result<AttnImplementation> {
+    AttnImplementation::parse(s).with_context(|| format!("unknown attention backend `{s}` (expected eager, sdpa or flex)"))
+}
+
+fn read_inputs(path: &Path) -> Result<Inputs> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let inputs: Inputs = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if inputs.input_ids.is_empty() {
+        bail!("{}: input_ids is empty", path.display());
+    }
+    let t = inputs.input_ids[0].len();
+    if inputs.input_ids.iter().any(|r| r.len() != t) {
+        bail!("{}: rows of input_ids differ in length (pad them and give an attention_mask)", path.display());
+    }
+    if let Some(m) = &inputs.attention_mask {
+        if m.len() != inputs.input_ids.len() || m.iter().any(|r| r.len() != t) {
+            bail!("{}: attention_mask must have the shape of input_ids", path.display());
+        }
+    }
+    Ok(inputs)
+}
+
+fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
+    let dtype = parse_dtype(&args.dtype)?;
+    Ok(ZayaModel::load(&args.model, dtype, &Device::Cpu)?)
+}
+
+fn cmd_forward(args: ForwardArgs) -> Result<()> {
+    let inputs = read_inputs(&args.inputs)?;
+    let model = load_model(&args.model)?;
+    let dev = Device::Cpu;
+    let ids = Tensor::new(inputs.input_ids.clone(), &dev)?;
+    let opts = ForwardOptions {
+        attention_mask: inputs.attention_mask.map(|m| Tensor::new(m, &dev)).transpose()?,
+        capture: Capture {
+            hidden_states: args.hidden_states,
+            attentions: args.attentions,
+        },
+        attn: if args.attentions { AttnImplementation::Eager } else { parse_attn(&args.model.attn)? },
+        ..Default::default()
+    };
+    let out = model.forward(&ids, None, &opts)?;
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    tensors.insert("logits".into(), out.logits.expect("lm head ran").to_dtype(DType::F32)?);
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        tensors.insert(format!("hidden_states.{i}"), h.to_dtype(DType::F32)?);
+    }
+    for (i, a) in out.attentions.iter().enumerate() {
+        tensors.insert(format!("attentions.{i}"), a.to_dtype(DType::F32)?);
+    }
+    if args.router_logits {
+        for (i, r) in out.routing.iter().enumerate() {
+            tensors.insert(format!("router_logits.{i}"), r.logits.to_dtype(DType::F32)?);
+        }
+    }
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    Ok(())
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let inputs = read_inputs(&args.inputs)?;
+    let model = load_model(&args.model)?;
+    let prompts: Vec<Vec<u32>> = match &inputs.attention_mask {
+        Some(mask) => inputs
+            .input_ids
+            .iter()
+            .zip(mask)
+            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i as u32).collect())
+            .collect(),
+        None => inputs.input_ids.iter().map(|r| r.iter().map(|&i| i as u32).collect()).collect(),
+    };
+    for (row, p) in inputs.input_ids.iter().enumerate() {
+        if let Some(pos) = p.iter().position(|&i| i < 0 || i as usize >= model.config().vocab_size) {
+            return Err(zaya::ZayaError::TokenOutOfRange {
+                id: p[pos],
+                row,
+                position: pos,
+                vocab_size: model.config().vocab_size,
+            }
+            .into());
+        }
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        eos_token_ids: model.config().eos_token_id.clone(),
+        ignore_eos: args.ignore_eos,
+        attn: parse_attn(&args.model.attn)?,
+        ..Default::default()
+    };
+    let out = generate(&model, &prompts, &opts, &mut Greedy, &mut |_, _| {})?;
+    println!("{}", serde_json::json!({ "sequences": out.sequences }));
+    Ok(())
+}
+
+fn cmd_inspect(dir: PathBuf) -> Result<()> {
+    let ckpt = Checkpoint::open(&dir)?;
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let specs = weights::native_specs(&cfg);
+    let count = |s: &weights::TensorSpec| s.shape.iter().product::<usize>();
+    let total: usize = specs.iter().map(count).sum();
+    let expert: usize = specs.iter().filter(|s| s.expert).map(count).sum();
+    let embed = cfg.vocab_size * cfg.hidden_size;
+    // Per token: everything but the experts, plus one expert per layer (top-1).
+    let active = total - expert + expert / cfg.num_experts;
+    let report = serde_json::json!({
+        "dir": dir.display().to_string(),
+        "layout": ckpt.layout().as_str(),
+        "tensors": ckpt.num_tensors(),
+        "dtypes": ckpt.dtypes(),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "experts": cfg.num_experts,
+        "parameters": {
+            "total": total,
+            "total_without_embedding": total - embed,
+            "active_per_token": active,
+            "active_per_token_without_embedding": active - embed,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn cmd_init(args: InitArgs) -> Result<()> {
+    let cfg = ZayaConfig::from_file(&args.config)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let tensors = zaya::init::cast_weights(&zaya::init::random_weights(&cfg, args.seed)?, dtype)?;
+    weights::save_checkpoint(&args.out, &cfg, &tensors, Layout::Native)?;
+    eprintln!("wrote {} tensors to {}", tensors.len(), args.out.display());
+    Ok(())
+}
+
+fn cmd_convert(args: ConvertArgs) -> Result<()> {
+    let layout = match args.layout.as_str() {
+        "native" => Layout::Native,
+        "legacy" => Layout::Legacy,
+        other => bail!("unknown layout `{other}` (expected native or legacy)"),
+    };
+    weights::convert(&args.from, &args.to, layout)?;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZAYA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forward(a) => cmd_forward(a),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Inspect { dir } => cmd_inspect(dir),
+        Command::Init(a) => cmd_init(a),
+        Command::Convert(a) => cmd_convert(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

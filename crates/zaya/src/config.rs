@@ -674,7 +674,11 @@ impl ZayaConfig {
         m.insert("bos_token_id".into(), self.bos_token_id.map_or(Value::Null, Value::from));
         m.insert(
             "eos_token_id".into(),
-            self.eos_token_id.first().map_or(Value::Null, |x| Value::from(*x)),
+            match self.eos_token_id.as_slice() {
+                [] => Value::Null,
+                [one] => (*one).into(),
+                many => many.iter().map(|x| Value::from(*x)).collect(),
+            },
         );
         for switch in ["cca", "zaya_use_mod", "zaya_use_eda", "scale_residual_merge", "residual_in_fp32"] {
             m.insert(switch.into(), true.into());

@@ -24,12 +24,10 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&s)?.to_dtype(dtype)
 }
 
-/// Softmax over the last axis in the input dtype (the router's softmax).
+/// Softmax over the last axis returning the input dtype (the router's softmax). Like torch
+/// on reduced-precision inputs, the arithmetic is done in f32 and rounded once.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
+    softmax_f32(x)
 }
 
 /// Partial rotate-half RoPE: the first `cos.dim(-1)` dims of each head are rotated with

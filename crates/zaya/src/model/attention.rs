@@ -98,14 +98,24 @@ impl CcaProjection {
             None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
         };
         let x = if s > 0 { Tensor::cat(&[&history, &u], 1)? } else { u.clone() }; // [B, S+T, C]
+        // The convolutions accumulate in f32 and round once, as oneDNN does for the reference.
+        let xf = x.to_dtype(DType::F32)?;
 
         // Depthwise conv: d_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
         let t_mid = t + self.k1 - 1;
-        let mut mid = self.conv_qk_depthwise_bias.reshape((1, 1, c))?.broadcast_as((b, t_mid, c))?.contiguous()?;
+        let w0 = self.conv_qk_depthwise_weight.to_dtype(DType::F32)?;
+        let mut mid = self
+            .conv_qk_depthwise_bias
+            .to_dtype(DType::F32)?
+            .reshape((1, 1, c))?
+            .broadcast_as((b, t_mid, c))?
+            .contiguous()?;
         for i in 0..self.k0 {
-            let w = self.conv_qk_depthwise_weight.narrow(2, i, 1)?.reshape((1, 1, c))?;
-            mid = (mid + x.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
+            let w = w0.narrow(2, i, 1)?.reshape((1, 1, c))?;
+            mid = (mid + xf.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
         }
+        // The reference rounds the depthwise output to the parameter dtype between the convs.
+        let mid = mid.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
         // Grouped conv: per head a [D, K1·D] mixing of K1 consecutive taps, as one batched
         // matmul over the Nq + Nkv groups.
         let ng = nq + nkv;
@@ -115,11 +125,14 @@ impl CcaProjection {
         let taps = Tensor::cat(&taps, 2)?.transpose(0, 1)?.contiguous()?; // [G, B·T, K1·D]
         let w1 = self
             .conv_qk_grouped_weight
+            .to_dtype(DType::F32)?
             .reshape((ng, d, d, self.k1))? // [G, out, in, K1]
             .permute((0, 3, 2, 1))? // [G, K1, in, out]
             .reshape((ng, self.k1 * d, d))?;
         let z = taps.matmul(&w1)?.transpose(0, 1)?.reshape((b, t, c))?;
-        let z = z.broadcast_add(&self.conv_qk_grouped_bias.reshape((1, 1, c))?)?;
+        let z = z
+            .broadcast_add(&self.conv_qk_grouped_bias.to_dtype(DType::F32)?.reshape((1, 1, c))?)?
+            .to_dtype(x.dtype())?;
 
         let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
         let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
