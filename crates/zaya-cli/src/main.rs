@@ -117,22 +117,31 @@ fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 fn parse_attn(s: &str) -> Result<AttnImplementation> {
-    AttnImplementation::parse(s).with_context(|| format!("unknown attention backend `{s}` (expected eager, sdpa or flex)"))
+    AttnImplementation::parse(s)
+        .with_context(|| format!("unknown attention backend `{s}` (expected eager, sdpa or flex)"))
 }
 
 fn read_inputs(path: &Path) -> Result<Inputs> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let inputs: Inputs = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let inputs: Inputs =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     if inputs.input_ids.is_empty() {
         bail!("{}: input_ids is empty", path.display());
     }
     let t = inputs.input_ids[0].len();
     if inputs.input_ids.iter().any(|r| r.len() != t) {
-        bail!("{}: rows of input_ids differ in length (pad them and give an attention_mask)", path.display());
+        bail!(
+            "{}: rows of input_ids differ in length (pad them and give an attention_mask)",
+            path.display()
+        );
     }
     if let Some(m) = &inputs.attention_mask {
         if m.len() != inputs.input_ids.len() || m.iter().any(|r| r.len() != t) {
-            bail!("{}: attention_mask must have the shape of input_ids", path.display());
+            bail!(
+                "{}: attention_mask must have the shape of input_ids",
+                path.display()
+            );
         }
     }
     Ok(inputs)
@@ -149,17 +158,27 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let dev = Device::Cpu;
     let ids = Tensor::new(inputs.input_ids.clone(), &dev)?;
     let opts = ForwardOptions {
-        attention_mask: inputs.attention_mask.map(|m| Tensor::new(m, &dev)).transpose()?,
+        attention_mask: inputs
+            .attention_mask
+            .map(|m| Tensor::new(m, &dev))
+            .transpose()?,
         capture: Capture {
             hidden_states: args.hidden_states,
             attentions: args.attentions,
         },
-        attn: if args.attentions { AttnImplementation::Eager } else { parse_attn(&args.model.attn)? },
+        attn: if args.attentions {
+            AttnImplementation::Eager
+        } else {
+            parse_attn(&args.model.attn)?
+        },
         ..Default::default()
     };
     let out = model.forward(&ids, None, &opts)?;
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-    tensors.insert("logits".into(), out.logits.expect("lm head ran").to_dtype(DType::F32)?);
+    tensors.insert(
+        "logits".into(),
+        out.logits.expect("lm head ran").to_dtype(DType::F32)?,
+    );
     for (i, h) in out.hidden_states.iter().enumerate() {
         tensors.insert(format!("hidden_states.{i}"), h.to_dtype(DType::F32)?);
     }
@@ -184,12 +203,25 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
             .input_ids
             .iter()
             .zip(mask)
-            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i as u32).collect())
+            .map(|(ids, m)| {
+                ids.iter()
+                    .zip(m)
+                    .filter(|(_, &m)| m != 0)
+                    .map(|(&i, _)| i as u32)
+                    .collect()
+            })
             .collect(),
-        None => inputs.input_ids.iter().map(|r| r.iter().map(|&i| i as u32).collect()).collect(),
+        None => inputs
+            .input_ids
+            .iter()
+            .map(|r| r.iter().map(|&i| i as u32).collect())
+            .collect(),
     };
     for (row, p) in inputs.input_ids.iter().enumerate() {
-        if let Some(pos) = p.iter().position(|&i| i < 0 || i as usize >= model.config().vocab_size) {
+        if let Some(pos) = p
+            .iter()
+            .position(|&i| i < 0 || i as usize >= model.config().vocab_size)
+        {
             return Err(zaya::ZayaError::TokenOutOfRange {
                 id: p[pos],
                 row,
@@ -262,7 +294,10 @@ fn cmd_convert(args: ConvertArgs) -> Result<()> {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZAYA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZAYA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -42,7 +42,9 @@ impl LayerType {
 pub enum RopeScaling {
     Default,
     /// Positions divided by `factor` (HF `linear`).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -132,10 +134,9 @@ impl<'a> Fields<'a> {
     fn usize(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.present(key) {
             None => default.ok_or_else(|| ZayaError::config(key, "is required")),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| ZayaError::config(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                ZayaError::config(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 
@@ -158,9 +159,9 @@ impl<'a> Fields<'a> {
     fn bool(&self, key: &str, default: bool) -> Result<bool> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| ZayaError::config(key, format!("expected true or false, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                ZayaError::config(key, format!("expected true or false, found {v}"))
+            }),
         }
     }
 
@@ -196,12 +197,20 @@ impl<'a> Fields<'a> {
                     v.as_u64()
                         .filter(|x| *x <= u32::MAX as u64)
                         .map(|x| x as u32)
-                        .ok_or_else(|| ZayaError::config(key, format!("expected token ids, found {v}")))
+                        .ok_or_else(|| {
+                            ZayaError::config(key, format!("expected token ids, found {v}"))
+                        })
                 })
                 .collect(),
-            Some(v) => self.token_id(key, None).map(|x| x.into_iter().collect()).map_err(|_| {
-                ZayaError::config(key, format!("expected a token id or a list of them, found {v}"))
-            }),
+            Some(v) => self
+                .token_id(key, None)
+                .map(|x| x.into_iter().collect())
+                .map_err(|_| {
+                    ZayaError::config(
+                        key,
+                        format!("expected a token id or a list of them, found {v}"),
+                    )
+                }),
         }
     }
 }
@@ -211,9 +220,9 @@ fn parse_rope_entry(v: &Value, field: &str) -> Result<RopeParameters> {
         .as_object()
         .ok_or_else(|| ZayaError::config(field, format!("expected an object, found {v}")))?;
     let f = Fields { obj };
-    let rope_type = f.string("rope_type", "default").map_err(|_| {
-        ZayaError::config(format!("{field}.rope_type"), "expected a string")
-    })?;
+    let rope_type = f
+        .string("rope_type", "default")
+        .map_err(|_| ZayaError::config(format!("{field}.rope_type"), "expected a string"))?;
     let scaling = match rope_type.as_str() {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear {
@@ -238,9 +247,12 @@ fn parse_rope_entry(v: &Value, field: &str) -> Result<RopeParameters> {
             "is required and must be positive",
         ));
     }
-    let partial_rotary_factor = f
-        .f64("partial_rotary_factor", 1.0)
-        .map_err(|_| ZayaError::config(format!("{field}.partial_rotary_factor"), "expected a number"))?;
+    let partial_rotary_factor = f.f64("partial_rotary_factor", 1.0).map_err(|_| {
+        ZayaError::config(
+            format!("{field}.partial_rotary_factor"),
+            "expected a number",
+        )
+    })?;
     Ok(RopeParameters {
         rope_theta,
         partial_rotary_factor,
@@ -277,9 +289,9 @@ impl ZayaConfig {
                 .enumerate()
                 .map(|(i, v)| {
                     let field = format!("layer_types[{i}]");
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| ZayaError::config(&field, format!("expected a string, found {v}")))?;
+                    let s = v.as_str().ok_or_else(|| {
+                        ZayaError::config(&field, format!("expected a string, found {v}"))
+                    })?;
                     LayerType::parse(s, &field)
                 })
                 .collect::<Result<Vec<_>>>()?,
@@ -332,7 +344,7 @@ impl ZayaConfig {
             .ok_or_else(|| ZayaError::config("<root>", "config must be a JSON object"))?;
         let f = Fields { obj };
         let legacy_layers = f.usize("num_hidden_layers", Some(80))?;
-        if legacy_layers % 2 != 0 {
+        if !legacy_layers.is_multiple_of(2) {
             return Err(ZayaError::config(
                 "num_hidden_layers",
                 format!("legacy layout alternates attention and MoE layers, so it must be even (found {legacy_layers})"),
@@ -356,7 +368,7 @@ impl ZayaConfig {
             (None, None) => 2,
         };
         let ffn = f.usize("ffn_hidden_size", Some(4096))?;
-        if ffn % 2 != 0 {
+        if !ffn.is_multiple_of(2) {
             return Err(ZayaError::config(
                 "ffn_hidden_size",
                 format!("is the fused gate+up width and must be even (found {ffn})"),
@@ -371,7 +383,10 @@ impl ZayaConfig {
                 if items.len() != legacy_layers {
                     return Err(ZayaError::config(
                         "swa_layers",
-                        format!("has {} entries, expected one per legacy layer ({legacy_layers})", items.len()),
+                        format!(
+                            "has {} entries, expected one per legacy layer ({legacy_layers})",
+                            items.len()
+                        ),
                     ));
                 }
                 let mut types = Vec::with_capacity(num_hidden_layers);
@@ -379,7 +394,10 @@ impl ZayaConfig {
                 for i in 0..num_hidden_layers {
                     let v = &items[2 * i];
                     let prev = v.as_u64().ok_or_else(|| {
-                        ZayaError::config(format!("swa_layers[{}]", 2 * i), format!("expected an integer, found {v}"))
+                        ZayaError::config(
+                            format!("swa_layers[{}]", 2 * i),
+                            format!("expected an integer, found {v}"),
+                        )
                     })? as usize;
                     if prev == 0 {
                         types.push(LayerType::Hybrid);
@@ -398,7 +416,10 @@ impl ZayaConfig {
                 (types, window)
             }
             Some(v) => {
-                return Err(ZayaError::config("swa_layers", format!("expected a list, found {v}")));
+                return Err(ZayaError::config(
+                    "swa_layers",
+                    format!("expected a list, found {v}"),
+                ));
             }
         };
         let mut rope_parameters = BTreeMap::new();
@@ -477,10 +498,13 @@ impl ZayaConfig {
         if self.num_experts_per_tok != 1 {
             return Err(ZayaError::config(
                 "num_experts_per_tok",
-                format!("ZAYA1 routes each token to exactly one expert (top-1); found {}", self.num_experts_per_tok),
+                format!(
+                    "ZAYA1 routes each token to exactly one expert (top-1); found {}",
+                    self.num_experts_per_tok
+                ),
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ZayaError::config(
                 "num_key_value_heads",
                 format!(
@@ -489,7 +513,7 @@ impl ZayaConfig {
                 ),
             ));
         }
-        if (self.num_key_value_heads * self.head_dim) % 2 != 0 {
+        if !(self.num_key_value_heads * self.head_dim).is_multiple_of(2) {
             return Err(ZayaError::config(
                 "head_dim",
                 "num_key_value_heads * head_dim must be even (the values are split into current and delayed halves)",
@@ -520,28 +544,40 @@ impl ZayaConfig {
         if !matches!(self.hidden_act.as_str(), "silu" | "swish") {
             return Err(ZayaError::config(
                 "hidden_act",
-                format!("ZAYA1 experts are SwiGLU; `{}` is not supported", self.hidden_act),
+                format!(
+                    "ZAYA1 experts are SwiGLU; `{}` is not supported",
+                    self.hidden_act
+                ),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(ZayaError::config("rms_norm_eps", "must be positive"));
         }
         for t in &self.layer_types {
             let rp = self.rope_parameters.get(t).ok_or_else(|| {
-                ZayaError::config("rope_parameters", format!("no entry for layer type `{}`", t.as_str()))
+                ZayaError::config(
+                    "rope_parameters",
+                    format!("no entry for layer type `{}`", t.as_str()),
+                )
             })?;
             let rd = self.rotary_dim(*t);
-            if !(0.0..=1.0).contains(&rp.partial_rotary_factor) || rd % 2 != 0 {
+            if !(0.0..=1.0).contains(&rp.partial_rotary_factor) || !rd.is_multiple_of(2) {
                 return Err(ZayaError::config(
                     format!("rope_parameters.{}.partial_rotary_factor", t.as_str()),
                     format!("gives {rd} rotary dims of head_dim {}; must be an even number within the head", self.head_dim),
                 ));
             }
         }
-        for (field, id) in [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id)] {
+        for (field, id) in [
+            ("pad_token_id", self.pad_token_id),
+            ("bos_token_id", self.bos_token_id),
+        ] {
             if let Some(id) = id {
                 if id as usize >= self.vocab_size {
-                    return Err(ZayaError::config(field, format!("{id} is not below vocab_size {}", self.vocab_size)));
+                    return Err(ZayaError::config(
+                        field,
+                        format!("{id} is not below vocab_size {}", self.vocab_size),
+                    ));
                 }
             }
         }
@@ -570,27 +606,45 @@ impl ZayaConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
     pub fn rotary_dim(&self, t: LayerType) -> usize {
-        let prf = self.rope_parameters.get(&t).map_or(0.5, |r| r.partial_rotary_factor);
+        let prf = self
+            .rope_parameters
+            .get(&t)
+            .map_or(0.5, |r| r.partial_rotary_factor);
         (self.head_dim as f64 * prf).floor() as usize
     }
 
     /// Serialises in the HF 5.23 native schema (loadable by transformers).
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
-        m.insert("architectures".into(), serde_json::json!(["ZayaForCausalLM"]));
+        m.insert(
+            "architectures".into(),
+            serde_json::json!(["ZayaForCausalLM"]),
+        );
         m.insert("model_type".into(), "zaya".into());
         m.insert("vocab_size".into(), self.vocab_size.into());
         m.insert("hidden_size".into(), self.hidden_size.into());
         m.insert("num_hidden_layers".into(), self.num_hidden_layers.into());
-        m.insert("num_attention_heads".into(), self.num_attention_heads.into());
-        m.insert("num_key_value_heads".into(), self.num_key_value_heads.into());
+        m.insert(
+            "num_attention_heads".into(),
+            self.num_attention_heads.into(),
+        );
+        m.insert(
+            "num_key_value_heads".into(),
+            self.num_key_value_heads.into(),
+        );
         m.insert("head_dim".into(), self.head_dim.into());
         m.insert("hidden_act".into(), self.hidden_act.clone().into());
-        m.insert("max_position_embeddings".into(), self.max_position_embeddings.into());
+        m.insert(
+            "max_position_embeddings".into(),
+            self.max_position_embeddings.into(),
+        );
         m.insert("initializer_range".into(), self.initializer_range.into());
         m.insert("rms_norm_eps".into(), self.rms_norm_eps.into());
         m.insert("use_cache".into(), self.use_cache.into());
-        m.insert("tie_word_embeddings".into(), self.tie_word_embeddings.into());
+        m.insert(
+            "tie_word_embeddings".into(),
+            self.tie_word_embeddings.into(),
+        );
         let mut rope = Map::new();
         for (t, rp) in &self.rope_parameters {
             rope.insert(t.as_str().into(), rp.to_json());
@@ -601,15 +655,27 @@ impl ZayaConfig {
             self.sliding_window.map_or(Value::Null, Value::from),
         );
         m.insert("attention_dropout".into(), self.attention_dropout.into());
-        m.insert("moe_intermediate_size".into(), self.moe_intermediate_size.into());
-        m.insert("num_experts_per_tok".into(), self.num_experts_per_tok.into());
+        m.insert(
+            "moe_intermediate_size".into(),
+            self.moe_intermediate_size.into(),
+        );
+        m.insert(
+            "num_experts_per_tok".into(),
+            self.num_experts_per_tok.into(),
+        );
         m.insert("num_experts".into(), self.num_experts.into());
         m.insert(
             "layer_types".into(),
             Value::Array(self.layer_types.iter().map(|t| t.as_str().into()).collect()),
         );
-        m.insert("pad_token_id".into(), self.pad_token_id.map_or(Value::Null, Value::from));
-        m.insert("bos_token_id".into(), self.bos_token_id.map_or(Value::Null, Value::from));
+        m.insert(
+            "pad_token_id".into(),
+            self.pad_token_id.map_or(Value::Null, Value::from),
+        );
+        m.insert(
+            "bos_token_id".into(),
+            self.bos_token_id.map_or(Value::Null, Value::from),
+        );
         m.insert(
             "eos_token_id".into(),
             match self.eos_token_id.as_slice() {
@@ -632,29 +698,51 @@ impl ZayaConfig {
         let sliding = self.rope_parameters.get(&LayerType::HybridSliding);
         let prf = hybrid.or(sliding).map_or(0.5, |r| r.partial_rotary_factor);
         let mut m = Map::new();
-        m.insert("architectures".into(), serde_json::json!(["ZayaForCausalLM"]));
+        m.insert(
+            "architectures".into(),
+            serde_json::json!(["ZayaForCausalLM"]),
+        );
         m.insert("model_type".into(), "zaya".into());
         m.insert("vocab_size".into(), self.vocab_size.into());
         m.insert("hidden_size".into(), self.hidden_size.into());
-        m.insert("num_hidden_layers".into(), (2 * self.num_hidden_layers).into());
-        m.insert("num_attention_heads".into(), self.num_attention_heads.into());
-        m.insert("num_key_value_heads".into(), self.num_key_value_heads.into());
+        m.insert(
+            "num_hidden_layers".into(),
+            (2 * self.num_hidden_layers).into(),
+        );
+        m.insert(
+            "num_attention_heads".into(),
+            self.num_attention_heads.into(),
+        );
+        m.insert(
+            "num_key_value_heads".into(),
+            self.num_key_value_heads.into(),
+        );
         m.insert("num_query_groups".into(), self.num_key_value_heads.into());
         m.insert("head_dim".into(), self.head_dim.into());
         m.insert("kv_channels".into(), self.head_dim.into());
-        m.insert("ffn_hidden_size".into(), (2 * self.moe_intermediate_size).into());
+        m.insert(
+            "ffn_hidden_size".into(),
+            (2 * self.moe_intermediate_size).into(),
+        );
         m.insert("num_experts".into(), self.num_experts.into());
         m.insert("moe_router_topk".into(), self.num_experts_per_tok.into());
         m.insert("zaya_mlp_expansion".into(), self.router_hidden_size.into());
         m.insert("norm_epsilon".into(), self.rms_norm_eps.into());
-        m.insert("rope_theta".into(), hybrid.map_or(5_000_000.0, |r| r.rope_theta).into());
+        m.insert(
+            "rope_theta".into(),
+            hybrid.map_or(5_000_000.0, |r| r.rope_theta).into(),
+        );
         m.insert("partial_rotary_factor".into(), prf.into());
         if let (Some(w), Some(s)) = (self.sliding_window, sliding) {
             let swa: Vec<Value> = self
                 .layer_types
                 .iter()
                 .flat_map(|t| {
-                    let prev = if *t == LayerType::HybridSliding { w - 1 } else { 0 };
+                    let prev = if *t == LayerType::HybridSliding {
+                        w - 1
+                    } else {
+                        0
+                    };
                     [Value::from(prev), Value::from(0)]
                 })
                 .collect();
@@ -668,10 +756,22 @@ impl ZayaConfig {
         m.insert("cca_time1".into(), self.cca_time1.into());
         m.insert("attention_bias".into(), self.attention_bias.into());
         m.insert("lm_head_bias".into(), self.lm_head_bias.into());
-        m.insert("tie_word_embeddings".into(), self.tie_word_embeddings.into());
-        m.insert("max_position_embeddings".into(), self.max_position_embeddings.into());
-        m.insert("pad_token_id".into(), self.pad_token_id.map_or(Value::Null, Value::from));
-        m.insert("bos_token_id".into(), self.bos_token_id.map_or(Value::Null, Value::from));
+        m.insert(
+            "tie_word_embeddings".into(),
+            self.tie_word_embeddings.into(),
+        );
+        m.insert(
+            "max_position_embeddings".into(),
+            self.max_position_embeddings.into(),
+        );
+        m.insert(
+            "pad_token_id".into(),
+            self.pad_token_id.map_or(Value::Null, Value::from),
+        );
+        m.insert(
+            "bos_token_id".into(),
+            self.bos_token_id.map_or(Value::Null, Value::from),
+        );
         m.insert(
             "eos_token_id".into(),
             match self.eos_token_id.as_slice() {
@@ -680,7 +780,13 @@ impl ZayaConfig {
                 many => many.iter().map(|x| Value::from(*x)).collect(),
             },
         );
-        for switch in ["cca", "zaya_use_mod", "zaya_use_eda", "scale_residual_merge", "residual_in_fp32"] {
+        for switch in [
+            "cca",
+            "zaya_use_mod",
+            "zaya_use_eda",
+            "scale_residual_merge",
+            "residual_in_fp32",
+        ] {
             m.insert(switch.into(), true.into());
         }
         m.insert("add_bias_linear".into(), false.into());
@@ -712,7 +818,8 @@ fn parse_rope_parameters(
                     out.insert(t, parse_rope_entry(v, &format!("rope_parameters.{k}"))?);
                 }
                 for t in layer_types {
-                    out.entry(*t).or_insert_with(|| RopeParameters::default_for(*t));
+                    out.entry(*t)
+                        .or_insert_with(|| RopeParameters::default_for(*t));
                 }
             } else {
                 // A flat dictionary applies to every layer type.
@@ -768,8 +875,14 @@ mod tests {
     fn parses_nested_rope_and_ignores_stray_key() {
         let cfg = ZayaConfig::from_json(&tiny()).unwrap();
         assert_eq!(cfg.rope_parameters[&LayerType::Hybrid].rope_theta, 5e6);
-        assert_eq!(cfg.rope_parameters[&LayerType::HybridSliding].rope_theta, 1e4);
-        assert_eq!(cfg.layer_types, vec![LayerType::Hybrid, LayerType::HybridSliding]);
+        assert_eq!(
+            cfg.rope_parameters[&LayerType::HybridSliding].rope_theta,
+            1e4
+        );
+        assert_eq!(
+            cfg.layer_types,
+            vec![LayerType::Hybrid, LayerType::HybridSliding]
+        );
         assert_eq!(cfg.conv_state_len(), 2);
         assert_eq!(cfg.rotary_dim(LayerType::Hybrid), 4);
     }
@@ -778,7 +891,12 @@ mod tests {
     fn round_trips_through_json() {
         let cfg = ZayaConfig::from_json(&tiny()).unwrap();
         assert_eq!(ZayaConfig::from_json(&cfg.to_json()).unwrap(), cfg);
-        assert_eq!(ZayaConfig::from_legacy_json(&cfg.to_legacy_json()).unwrap().layer_types, cfg.layer_types);
+        assert_eq!(
+            ZayaConfig::from_legacy_json(&cfg.to_legacy_json())
+                .unwrap()
+                .layer_types,
+            cfg.layer_types
+        );
     }
 
     #[test]

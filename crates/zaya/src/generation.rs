@@ -84,8 +84,16 @@ pub fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u3
     let mut mask = Vec::with_capacity(prompts.len());
     for p in prompts {
         let pad = t - p.len();
-        ids.push(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()).collect());
-        mask.push(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())).collect());
+        ids.push(
+            std::iter::repeat_n(pad_id, pad)
+                .chain(p.iter().copied())
+                .collect(),
+        );
+        mask.push(
+            std::iter::repeat_n(0, pad)
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect(),
+        );
     }
     (ids, mask)
 }
@@ -106,7 +114,9 @@ pub fn generate(
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<GenerationOutput> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-        return Err(ZayaError::Input("every prompt needs at least one token".into()));
+        return Err(ZayaError::Input(
+            "every prompt needs at least one token".into(),
+        ));
     }
     let cfg = model.config();
     let dev = model.device();
@@ -144,13 +154,20 @@ pub fn generate(
     let mut step_logits = Vec::new();
 
     // Prefill (optionally in chunks), keeping the last position's logits.
-    let chunk = if opts.prefill_chunk == 0 { t } else { opts.prefill_chunk };
+    let chunk = if opts.prefill_chunk == 0 {
+        t
+    } else {
+        opts.prefill_chunk
+    };
     let mut start = 0;
     let mut logits = None;
     while start < t {
         let len = chunk.min(t - start);
         let piece: Vec<Vec<u32>> = ids.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let pos: Vec<Vec<i64>> = positions.iter().map(|r| r[start..start + len].to_vec()).collect();
+        let pos: Vec<Vec<i64>> = positions
+            .iter()
+            .map(|r| r[start..start + len].to_vec())
+            .collect();
         let m: Vec<Vec<u32>> = mask.iter().map(|r| r[..start + len].to_vec()).collect();
         let fopts = ForwardOptions {
             attention_mask: Some(tensor2(&m, dev)?),
@@ -187,7 +204,9 @@ pub fn generate(
             }
             next.push(tok);
         }
-        if finish.iter().all(Option::is_some) || sequences.iter().all(|s| s.len() >= opts.max_new_tokens) {
+        if finish.iter().all(Option::is_some)
+            || sequences.iter().all(|s| s.len() >= opts.max_new_tokens)
+        {
             break;
         }
         for (r, m) in mask.iter_mut().enumerate() {
@@ -205,7 +224,10 @@ pub fn generate(
         let out = model.forward(&tensor2(&step_ids, dev)?, Some(&mut cache), &fopts)?;
         logits = out.logits.expect("lm head ran");
     }
-    let finish_reasons = finish.into_iter().map(|f| f.unwrap_or(FinishReason::Length)).collect();
+    let finish_reasons = finish
+        .into_iter()
+        .map(|f| f.unwrap_or(FinishReason::Length))
+        .collect();
     Ok(GenerationOutput {
         sequences,
         finish_reasons,
@@ -214,6 +236,10 @@ pub fn generate(
 }
 
 /// Greedy generation without callbacks.
-pub fn generate_greedy(model: &ZayaModel, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<GenerationOutput> {
+pub fn generate_greedy(
+    model: &ZayaModel,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<GenerationOutput> {
     generate(model, prompts, opts, &mut Greedy, &mut |_, _| {})
 }

@@ -16,7 +16,8 @@ use crate::weights::{native_specs, Init};
 pub fn random_weights(cfg: &ZayaConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let std = cfg.initializer_range as f32;
-    let normal = Normal::new(0f32, std).map_err(|e| crate::ZayaError::config("initializer_range", e.to_string()))?;
+    let normal = Normal::new(0f32, std)
+        .map_err(|e| crate::ZayaError::config("initializer_range", e.to_string()))?;
     let dev = Device::Cpu;
     let mut out = BTreeMap::new();
     for spec in native_specs(cfg) {
@@ -40,17 +41,27 @@ pub fn random_weights(cfg: &ZayaConfig, seed: u64) -> Result<BTreeMap<String, Te
                 d
             }
         };
-        out.insert(spec.name.clone(), Tensor::from_vec(data, spec.shape.clone(), &dev)?);
+        out.insert(
+            spec.name.clone(),
+            Tensor::from_vec(data, spec.shape.clone(), &dev)?,
+        );
     }
     Ok(out)
 }
 
 /// Casts every tensor except the f32 balancing-bias buffers to `dtype`.
-pub fn cast_weights(tensors: &BTreeMap<String, Tensor>, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+pub fn cast_weights(
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> Result<BTreeMap<String, Tensor>> {
     tensors
         .iter()
         .map(|(k, v)| {
-            let t = if k.ends_with("balancing_biases") { v.clone() } else { v.to_dtype(dtype)? };
+            let t = if k.ends_with("balancing_biases") {
+                v.clone()
+            } else {
+                v.to_dtype(dtype)?
+            };
             Ok((k.clone(), t))
         })
         .collect()

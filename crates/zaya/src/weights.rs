@@ -54,9 +54,21 @@ pub fn native_specs(cfg: &ZayaConfig) -> Vec<TensorSpec> {
             expert,
         })
     };
-    push("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], Init::Embedding);
-    push("model.input_hidden_states_scale".into(), vec![h], Init::Ones);
-    push("model.input_hidden_states_bias".into(), vec![h], Init::Zeros);
+    push(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        Init::Embedding,
+    );
+    push(
+        "model.input_hidden_states_scale".into(),
+        vec![h],
+        Init::Ones,
+    );
+    push(
+        "model.input_hidden_states_bias".into(),
+        vec![h],
+        Init::Zeros,
+    );
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}.");
         push(format!("{p}input_layernorm.weight"), vec![h], Init::Ones);
@@ -73,22 +85,50 @@ pub fn native_specs(cfg: &ZayaConfig) -> Vec<TensorSpec> {
                 push(format!("{a}{name}.bias"), vec![out_dim], Init::Zeros);
             }
         }
-        push(format!("{a}conv_qk_depthwise.weight"), vec![c, 1, cfg.cca_time0], Init::Normal);
+        push(
+            format!("{a}conv_qk_depthwise.weight"),
+            vec![c, 1, cfg.cca_time0],
+            Init::Normal,
+        );
         push(format!("{a}conv_qk_depthwise.bias"), vec![c], Init::Zeros);
-        push(format!("{a}conv_qk_grouped.weight"), vec![c, cfg.head_dim, cfg.cca_time1], Init::Normal);
+        push(
+            format!("{a}conv_qk_grouped.weight"),
+            vec![c, cfg.head_dim, cfg.cca_time1],
+            Init::Normal,
+        );
         push(format!("{a}conv_qk_grouped.bias"), vec![c], Init::Zeros);
-        push(format!("{p}self_attn.qk_norm.temp"), vec![cfg.num_key_value_heads], Init::Zeros);
-        push(format!("{p}self_attn.o_proj.weight"), vec![h, cfg.q_dim()], Init::Normal);
+        push(
+            format!("{p}self_attn.qk_norm.temp"),
+            vec![cfg.num_key_value_heads],
+            Init::Zeros,
+        );
+        push(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![h, cfg.q_dim()],
+            Init::Normal,
+        );
         if cfg.attention_bias {
             push(format!("{p}self_attn.o_proj.bias"), vec![h], Init::Zeros);
         }
         for scale in ["post_attention_residual_scale", "post_mlp_residual_scale"] {
-            push(format!("{p}{scale}.hidden_states_scale"), vec![h], Init::Ones);
-            push(format!("{p}{scale}.hidden_states_bias"), vec![h], Init::Zeros);
+            push(
+                format!("{p}{scale}.hidden_states_scale"),
+                vec![h],
+                Init::Ones,
+            );
+            push(
+                format!("{p}{scale}.hidden_states_bias"),
+                vec![h],
+                Init::Zeros,
+            );
             push(format!("{p}{scale}.residual_scale"), vec![h], Init::Ones);
             push(format!("{p}{scale}.residual_bias"), vec![h], Init::Zeros);
         }
-        push(format!("{p}post_attention_layernorm.weight"), vec![h], Init::Ones);
+        push(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![h],
+            Init::Ones,
+        );
         let g = format!("{p}mlp.gate.");
         push(format!("{g}down_proj.weight"), vec![r, h], Init::Normal);
         push(format!("{g}down_proj.bias"), vec![r], Init::Zeros);
@@ -96,12 +136,28 @@ pub fn native_specs(cfg: &ZayaConfig) -> Vec<TensorSpec> {
             push(format!("{g}router_states_scale"), vec![r], Init::Ones);
         }
         push(format!("{g}router_mlp.norm.weight"), vec![r], Init::Ones);
-        push(format!("{g}router_mlp.fc1.weight"), vec![r, r], Init::Normal);
+        push(
+            format!("{g}router_mlp.fc1.weight"),
+            vec![r, r],
+            Init::Normal,
+        );
         push(format!("{g}router_mlp.fc1.bias"), vec![r], Init::Zeros);
-        push(format!("{g}router_mlp.fc2.weight"), vec![r, r], Init::Normal);
+        push(
+            format!("{g}router_mlp.fc2.weight"),
+            vec![r, r],
+            Init::Normal,
+        );
         push(format!("{g}router_mlp.fc2.bias"), vec![r], Init::Zeros);
-        push(format!("{g}router_mlp.out_proj.weight"), vec![e + 1, r], Init::Normal);
-        push(format!("{g}balancing_biases"), vec![e + 1], Init::BalancingBiases);
+        push(
+            format!("{g}router_mlp.out_proj.weight"),
+            vec![e + 1, r],
+            Init::Normal,
+        );
+        push(
+            format!("{g}balancing_biases"),
+            vec![e + 1],
+            Init::BalancingBiases,
+        );
         push(
             format!("{p}mlp.experts.gate_up_proj"),
             vec![e, 2 * cfg.moe_intermediate_size, h],
@@ -115,7 +171,11 @@ pub fn native_specs(cfg: &ZayaConfig) -> Vec<TensorSpec> {
     }
     push("model.norm.weight".into(), vec![h], Init::Ones);
     if !cfg.tie_word_embeddings {
-        push("lm_head.weight".into(), vec![cfg.vocab_size, h], Init::Normal);
+        push(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            Init::Normal,
+        );
     }
     if cfg.lm_head_bias {
         push("lm_head.bias".into(), vec![cfg.vocab_size], Init::Zeros);
@@ -186,7 +246,11 @@ pub fn legacy_source(cfg: &ZayaConfig, native: &str) -> Option<LegacySource> {
         "self_attn.qk_norm.temp" => format!("model.layers.{att}.self_attn.qkv.temp"),
         "self_attn.o_proj.weight" | "self_attn.o_proj.bias" => format!("model.layers.{att}.{rest}"),
         "mlp.experts.gate_up_proj" | "mlp.experts.down_proj" => {
-            let which = if rest.ends_with("gate_up_proj") { "linear_fc1" } else { "linear_fc2" };
+            let which = if rest.ends_with("gate_up_proj") {
+                "linear_fc1"
+            } else {
+                "linear_fc2"
+            };
             return Some(LegacySource::Stack(
                 (0..cfg.num_experts)
                     .map(|e| {
@@ -304,15 +368,19 @@ impl Checkpoint {
             if !path.exists() {
                 return Err(ZayaError::io(
                     path,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in the index is missing",
+                    ),
                 ));
             }
             // SAFETY: the file is mapped read-only; modifying a checkpoint while it is loaded
             // is not supported (as with every mmap-based loader).
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ZayaError::BadWeightsFile {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            let st =
+                unsafe { MmapedSafetensors::new(path) }.map_err(|e| ZayaError::BadWeightsFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             for (name, view) in st.tensors() {
                 let dtype = match view.dtype() {
                     safetensors::Dtype::F32 => DType::F32,
@@ -338,15 +406,21 @@ impl Checkpoint {
             }
             shards.push(st);
         }
-        let legacy = entries
-            .keys()
-            .any(|k| k.contains(".self_attn.qkv.") || k.contains(".zaya_block.") || k == "model.final_norm.weight");
+        let legacy = entries.keys().any(|k| {
+            k.contains(".self_attn.qkv.")
+                || k.contains(".zaya_block.")
+                || k == "model.final_norm.weight"
+        });
         Ok(Checkpoint {
             dir,
             files,
             shards,
             entries,
-            layout: if legacy { Layout::Legacy } else { Layout::Native },
+            layout: if legacy {
+                Layout::Legacy
+            } else {
+                Layout::Native
+            },
         })
     }
 
@@ -362,7 +436,8 @@ impl Checkpoint {
     pub fn dtypes(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for e in self.entries.values() {
-            *out.entry(format!("{:?}", e.dtype).to_lowercase()).or_default() += 1;
+            *out.entry(format!("{:?}", e.dtype).to_lowercase())
+                .or_default() += 1;
         }
         out
     }
@@ -467,15 +542,20 @@ impl Checkpoint {
     }
 
     fn load_stored(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| ZayaError::MissingTensor {
-            name: name.to_string(),
-            expected: vec![],
-            location: self.dir.clone(),
-        })?;
-        self.shards[e.file].load(name, dev).map_err(|err| ZayaError::BadWeightsFile {
-            path: self.file_of(name),
-            message: format!("tensor `{name}`: {err}"),
-        })
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ZayaError::MissingTensor {
+                name: name.to_string(),
+                expected: vec![],
+                location: self.dir.clone(),
+            })?;
+        self.shards[e.file]
+            .load(name, dev)
+            .map_err(|err| ZayaError::BadWeightsFile {
+                path: self.file_of(name),
+                message: format!("tensor `{name}`: {err}"),
+            })
     }
 
     /// Loads native tensor `name` (any layout) in `dtype`.
@@ -500,7 +580,12 @@ impl Checkpoint {
     }
 
     /// A `VarBuilder` over this checkpoint in native names. Call [`Checkpoint::validate`] first.
-    pub fn var_builder(self: &Arc<Self>, cfg: &ZayaConfig, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    pub fn var_builder(
+        self: &Arc<Self>,
+        cfg: &ZayaConfig,
+        dtype: DType,
+        dev: &Device,
+    ) -> VarBuilder<'static> {
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(CheckpointBackend {
             ckpt: Arc::clone(self),
             cfg: cfg.clone(),
@@ -525,7 +610,11 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend {
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.dims() != s.dims() {
-            candle_core::bail!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), s.dims());
+            candle_core::bail!(
+                "tensor `{name}` has shape {:?}, expected {:?}",
+                t.dims(),
+                s.dims()
+            );
         }
         Ok(t)
     }
@@ -573,7 +662,11 @@ pub fn save_checkpoint(
                             out.insert(n, t.get(e)?.contiguous()?);
                         }
                     }
-                    None => return Err(ZayaError::Input(format!("tensor `{name}` has no legacy equivalent"))),
+                    None => {
+                        return Err(ZayaError::Input(format!(
+                            "tensor `{name}` has no legacy equivalent"
+                        )))
+                    }
                 }
             }
         }
@@ -610,7 +703,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Loads every native tensor of a checkpoint (for conversion and export).
-pub fn load_all(ckpt: &Checkpoint, cfg: &ZayaConfig, dev: &Device) -> Result<BTreeMap<String, Tensor>> {
+pub fn load_all(
+    ckpt: &Checkpoint,
+    cfg: &ZayaConfig,
+    dev: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for spec in native_specs(cfg) {
         let stored = match ckpt.sources(cfg, &spec)? {

@@ -32,20 +32,46 @@ fn check_forward(name: &str, which: &str) {
         },
         ..Default::default()
     };
-    let out = model.forward(&ids_tensor(&inp.input_ids), None, &opts).unwrap();
-    let r = |k: &str| reference.get(&format!("{which}.{k}")).unwrap_or_else(|| panic!("{k} missing"));
-    assert_close(&format!("{name}/{which} logits"), out.logits.as_ref().unwrap(), r("logits"), ATOL);
+    let out = model
+        .forward(&ids_tensor(&inp.input_ids), None, &opts)
+        .unwrap();
+    let r = |k: &str| {
+        reference
+            .get(&format!("{which}.{k}"))
+            .unwrap_or_else(|| panic!("{k} missing"))
+    };
+    assert_close(
+        &format!("{name}/{which} logits"),
+        out.logits.as_ref().unwrap(),
+        r("logits"),
+        ATOL,
+    );
     let l = model.config().num_hidden_layers;
     assert_eq!(out.hidden_states.len(), l + 1);
     for (i, h) in out.hidden_states.iter().enumerate() {
-        assert_close(&format!("{name}/{which} hidden_states.{i}"), h, r(&format!("hidden_states.{i}")), ATOL);
+        assert_close(
+            &format!("{name}/{which} hidden_states.{i}"),
+            h,
+            r(&format!("hidden_states.{i}")),
+            ATOL,
+        );
     }
     assert_eq!(out.attentions.len(), l);
     for (i, a) in out.attentions.iter().enumerate() {
-        assert_close(&format!("{name}/{which} attentions.{i}"), a, r(&format!("attentions.{i}")), ATOL);
+        assert_close(
+            &format!("{name}/{which} attentions.{i}"),
+            a,
+            r(&format!("attentions.{i}")),
+            ATOL,
+        );
     }
     for (i, rt) in out.routing.iter().enumerate() {
-        assert_close(&format!("{name}/{which} router_logits.{i}"), &rt.logits, r(&format!("router_logits.{i}")), ATOL);
+        assert_close(
+            &format!("{name}/{which} router_logits.{i}"),
+            &rt.logits,
+            r(&format!("router_logits.{i}")),
+            ATOL,
+        );
     }
 }
 
@@ -75,14 +101,19 @@ fn skip_expert_and_every_expert_are_taken() {
                 attention_mask: inp.attention_mask.as_ref().map(|m| ids_tensor(m)),
                 ..Default::default()
             };
-            let out = model.forward(&ids_tensor(&inp.input_ids), None, &opts).unwrap();
+            let out = model
+                .forward(&ids_tensor(&inp.input_ids), None, &opts)
+                .unwrap();
             for r in &out.routing {
                 for &c in &r.choice {
                     counts[c as usize] += 1;
                 }
             }
         }
-        assert!(counts.iter().all(|&c| c > 0), "{name}: routing counts {counts:?}");
+        assert!(
+            counts.iter().all(|&c| c > 0),
+            "{name}: routing counts {counts:?}"
+        );
     }
 }
 
@@ -102,9 +133,19 @@ fn greedy_generation_matches_reference() {
                     .input_ids
                     .iter()
                     .zip(m)
-                    .map(|(r, m)| r.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&x, _)| x as u32).collect())
+                    .map(|(r, m)| {
+                        r.iter()
+                            .zip(m)
+                            .filter(|(_, &m)| m == 1)
+                            .map(|(&x, _)| x as u32)
+                            .collect()
+                    })
                     .collect(),
-                None => inp.input_ids.iter().map(|r| r.iter().map(|&x| x as u32).collect()).collect(),
+                None => inp
+                    .input_ids
+                    .iter()
+                    .map(|r| r.iter().map(|&x| x as u32).collect())
+                    .collect(),
             };
             let opts = GenerateOptions {
                 max_new_tokens: 10,
@@ -113,7 +154,10 @@ fn greedy_generation_matches_reference() {
                 ..Default::default()
             };
             let out = generate_greedy(&model, &prompts, &opts).unwrap();
-            let want = reference_sequences(&reference[&format!("gen_{which}.sequences")], &eos_of(&model));
+            let want = reference_sequences(
+                &reference[&format!("gen_{which}.sequences")],
+                &eos_of(&model),
+            );
             assert_eq!(out.sequences, want, "{name}/{which} greedy tokens");
             // Decode logits at every step, for rows still generating.
             let ref_steps = &reference[&format!("gen_{which}.step_logits")];
@@ -142,14 +186,20 @@ fn greedy_generation_matches_reference() {
                 .into_iter()
                 .map(|r| r.into_iter().map(|x| x as u32).collect())
                 .collect();
-            assert_eq!(out.sequences, want, "{name}/{which} greedy tokens ignoring EOS");
+            assert_eq!(
+                out.sequences, want,
+                "{name}/{which} greedy tokens ignoring EOS"
+            );
         }
     }
 }
 
 /// Rows that were still generating at step `s`.
 fn want_rows(seqs: &[Vec<u32>], s: usize) -> Vec<(usize, &Vec<u32>)> {
-    seqs.iter().enumerate().filter(|(_, q)| q.len() > s).collect()
+    seqs.iter()
+        .enumerate()
+        .filter(|(_, q)| q.len() > s)
+        .collect()
 }
 
 #[test]
@@ -167,7 +217,11 @@ fn chunked_prefill_and_cached_decode_match_single_pass() {
             let mut pieces = Vec::new();
             for c in &chunks {
                 let out = model
-                    .forward(&ids.narrow(1, start, *c).unwrap(), Some(&mut cache), &ForwardOptions::default())
+                    .forward(
+                        &ids.narrow(1, start, *c).unwrap(),
+                        Some(&mut cache),
+                        &ForwardOptions::default(),
+                    )
                     .unwrap();
                 pieces.push(out.logits.unwrap());
                 start += c;
@@ -196,7 +250,9 @@ fn chunked_prefill_with_left_padding_matches_reference() {
                 attention_mask: Some(ids_tensor(&m)),
                 ..Default::default()
             };
-            let out = model.forward(&ids.narrow(1, start, c).unwrap(), Some(&mut cache), &opts).unwrap();
+            let out = model
+                .forward(&ids.narrow(1, start, c).unwrap(), Some(&mut cache), &opts)
+                .unwrap();
             pieces.push(out.logits.unwrap());
             start += c;
         }
@@ -230,14 +286,30 @@ fn legacy_layout_gives_the_same_logits() {
         let native = load(name, DType::F32);
         assert_eq!(legacy.config(), native.config());
         let ids = ids_tensor(&inputs(name, "single").input_ids);
-        let a = legacy.forward(&ids, None, &ForwardOptions::default()).unwrap().logits.unwrap();
-        let b = native.forward(&ids, None, &ForwardOptions::default()).unwrap().logits.unwrap();
-        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}: legacy and native logits differ");
+        let a = legacy
+            .forward(&ids, None, &ForwardOptions::default())
+            .unwrap()
+            .logits
+            .unwrap();
+        let b = native
+            .forward(&ids, None, &ForwardOptions::default())
+            .unwrap()
+            .logits
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&a, &b),
+            0.0,
+            "{name}: legacy and native logits differ"
+        );
         // and back again
         let back = temp_dir(&format!("native-{name}"));
         weights::convert(&dir, &back, Layout::Native).unwrap();
         let again = ZayaModel::load(&back, DType::F32, &Device::Cpu).unwrap();
-        let c = again.forward(&ids, None, &ForwardOptions::default()).unwrap().logits.unwrap();
+        let c = again
+            .forward(&ids, None, &ForwardOptions::default())
+            .unwrap()
+            .logits
+            .unwrap();
         assert_eq!(max_abs_diff(&c, &b), 0.0);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&back);
@@ -255,15 +327,28 @@ fn bf16_weights_stay_close_and_generate_the_same_tokens() {
         let model = load(name, DType::BF16);
         let reference = reference(name);
         let inp = inputs(name, "single");
-        let out = model.forward(&ids_tensor(&inp.input_ids), None, &ForwardOptions::default()).unwrap();
+        let out = model
+            .forward(
+                &ids_tensor(&inp.input_ids),
+                None,
+                &ForwardOptions::default(),
+            )
+            .unwrap();
         let d = max_abs_diff(out.logits.as_ref().unwrap(), &reference["single.logits"]);
-        let hf = max_abs_diff(&reference["single.logits_bf16"], &reference["single.logits"]);
+        let hf = max_abs_diff(
+            &reference["single.logits_bf16"],
+            &reference["single.logits"],
+        );
         eprintln!("{name}: bf16 max abs diff {d} (reference's own bf16: {hf})");
         assert!(
             d <= BF16_REL_TO_REFERENCE * hf + BF16_ABS_SLACK,
             "{name}: bf16 logits differ by {d}; the reference in bf16 differs by {hf}"
         );
-        let prompts: Vec<Vec<u32>> = inp.input_ids.iter().map(|r| r.iter().map(|&x| x as u32).collect()).collect();
+        let prompts: Vec<Vec<u32>> = inp
+            .input_ids
+            .iter()
+            .map(|r| r.iter().map(|&x| x as u32).collect())
+            .collect();
         let opts = GenerateOptions {
             max_new_tokens: 10,
             eos_token_ids: eos_of(&model),

@@ -51,7 +51,9 @@ pub fn attend(
     match backend {
         AttnImplementation::Eager => eager(q, k, v, mask, scale, want_probs),
         // Fused backends are not wired in yet; they fall back to the reference.
-        AttnImplementation::Sdpa | AttnImplementation::Flex => eager(q, k, v, mask, scale, want_probs),
+        AttnImplementation::Sdpa | AttnImplementation::Flex => {
+            eager(q, k, v, mask, scale, want_probs)
+        }
     }
 }
 
@@ -98,7 +100,11 @@ impl MaskSpec {
         for b in 0..self.batch {
             for q in 0..self.q_len {
                 for k in 0..self.kv_len {
-                    data.push(if self.allowed(b, q, k) { 0f32 } else { f32::MIN });
+                    data.push(if self.allowed(b, q, k) {
+                        0f32
+                    } else {
+                        f32::MIN
+                    });
                 }
             }
         }
@@ -143,4 +149,3 @@ pub fn eager(
 pub fn visible_keys(mask: &MaskSpec, b: usize, q: usize) -> usize {
     (0..mask.kv_len).filter(|&k| mask.allowed(b, q, k)).count()
 }
-

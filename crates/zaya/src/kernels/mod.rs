@@ -72,9 +72,32 @@ mod tests {
         // one head, one position, D = 6, rd = 4: pairs (0,2), (1,3); dims 4,5 untouched
         let x = Tensor::new(&[[[[1f32, 2., 3., 4., 5., 6.]]]], &dev).unwrap();
         let angle = [0.3f32, 0.7];
-        let cos = Tensor::new(&[[[angle[0].cos(), angle[1].cos(), angle[0].cos(), angle[1].cos()]]], &dev).unwrap();
-        let sin = Tensor::new(&[[[angle[0].sin(), angle[1].sin(), angle[0].sin(), angle[1].sin()]]], &dev).unwrap();
-        let y: Vec<f32> = rotary(&x, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let cos = Tensor::new(
+            &[[[
+                angle[0].cos(),
+                angle[1].cos(),
+                angle[0].cos(),
+                angle[1].cos(),
+            ]]],
+            &dev,
+        )
+        .unwrap();
+        let sin = Tensor::new(
+            &[[[
+                angle[0].sin(),
+                angle[1].sin(),
+                angle[0].sin(),
+                angle[1].sin(),
+            ]]],
+            &dev,
+        )
+        .unwrap();
+        let y: Vec<f32> = rotary(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let want = [
             1. * angle[0].cos() - 3. * angle[0].sin(),
             2. * angle[1].cos() - 4. * angle[1].sin(),
@@ -93,7 +116,12 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[3f32, 4.]], &dev).unwrap();
         let w = Tensor::new(&[2f32, 1.], &dev).unwrap();
-        let y: Vec<f32> = rms_norm(&x, &w, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = rms_norm(&x, &w, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let rms = (12.5f32).sqrt();
         assert!((y[0] - 6. / rms).abs() < 1e-6 && (y[1] - 4. / rms).abs() < 1e-6);
     }

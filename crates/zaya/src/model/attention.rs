@@ -50,7 +50,8 @@ impl CcaProjection {
             v_proj_delayed: Linear::new(h, cfg.value_half_dim(), bias, vb.pp("v_proj_delayed"))?,
             conv_qk_depthwise_weight: vb.get((c, 1, cfg.cca_time0), "conv_qk_depthwise.weight")?,
             conv_qk_depthwise_bias: vb.get(c, "conv_qk_depthwise.bias")?,
-            conv_qk_grouped_weight: vb.get((c, cfg.head_dim, cfg.cca_time1), "conv_qk_grouped.weight")?,
+            conv_qk_grouped_weight: vb
+                .get((c, cfg.head_dim, cfg.cca_time1), "conv_qk_grouped.weight")?,
             conv_qk_grouped_bias: vb.get(c, "conv_qk_grouped.bias")?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -62,7 +63,12 @@ impl CcaProjection {
 
     /// `a` is the input-normed hidden state `[B,T,H]`; `conv_mask` `[B,T]` zeroes padding
     /// before the projections. Reads and updates the conv and delayed-value states.
-    pub fn forward(&self, a: &Tensor, conv_mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Qkv> {
+    pub fn forward(
+        &self,
+        a: &Tensor,
+        conv_mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Qkv> {
         let a = match conv_mask {
             Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
             None => a.clone(),
@@ -97,8 +103,12 @@ impl CcaProjection {
             Some(h) => h,
             None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
         };
-        let x = if s > 0 { Tensor::cat(&[&history, &u], 1)? } else { u.clone() }; // [B, S+T, C]
-        // The convolutions accumulate in f32 and round once, as oneDNN does for the reference.
+        let x = if s > 0 {
+            Tensor::cat(&[&history, &u], 1)?
+        } else {
+            u.clone()
+        }; // [B, S+T, C]
+           // The convolutions accumulate in f32 and round once, as oneDNN does for the reference.
         let xf = x.to_dtype(DType::F32)?;
 
         // Depthwise conv: d_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
@@ -131,7 +141,12 @@ impl CcaProjection {
             .reshape((ng, self.k1 * d, d))?;
         let z = taps.matmul(&w1)?.transpose(0, 1)?.reshape((b, t, c))?;
         let z = z
-            .broadcast_add(&self.conv_qk_grouped_bias.to_dtype(DType::F32)?.reshape((1, 1, c))?)?
+            .broadcast_add(
+                &self
+                    .conv_qk_grouped_bias
+                    .to_dtype(DType::F32)?
+                    .reshape((1, 1, c))?,
+            )?
             .to_dtype(x.dtype())?;
 
         let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
@@ -142,11 +157,17 @@ impl CcaProjection {
         let vd = self.v_proj_delayed.forward(&a)?;
         let first = match prev_rec {
             Some(r) => r.unsqueeze(1)?,
-            None => self
-                .v_proj_delayed
-                .forward(&Tensor::zeros((b, 1, a.dim(2)?), a.dtype(), a.device())?)?,
+            None => self.v_proj_delayed.forward(&Tensor::zeros(
+                (b, 1, a.dim(2)?),
+                a.dtype(),
+                a.device(),
+            )?)?,
         };
-        let vdel = if t > 1 { Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)? } else { first };
+        let vdel = if t > 1 {
+            Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
+        } else {
+            first
+        };
         let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
 
         if let Some(cache) = cache {
@@ -188,7 +209,12 @@ impl ZayaAttention {
         Ok(ZayaAttention {
             qkv_proj: CcaProjection::new(cfg, vb.pp("qkv_proj"))?,
             temp: vb.pp("qk_norm").get(cfg.num_key_value_heads, "temp")?,
-            o_proj: Linear::new(cfg.q_dim(), cfg.hidden_size, cfg.attention_bias, vb.pp("o_proj"))?,
+            o_proj: Linear::new(
+                cfg.q_dim(),
+                cfg.hidden_size,
+                cfg.attention_bias,
+                vb.pp("o_proj"),
+            )?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -216,11 +242,16 @@ impl ZayaAttention {
         mut cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, _) = a.dims3()?;
-        let Qkv { q, k, v } = self.qkv_proj.forward(a, inputs.conv_mask, cache.as_deref_mut())?;
+        let Qkv { q, k, v } = self
+            .qkv_proj
+            .forward(a, inputs.conv_mask, cache.as_deref_mut())?;
         let q = self.l2_to_sqrt_d(&q)?;
-        let k = self
-            .l2_to_sqrt_d(&k)?
-            .broadcast_mul(&self.temp.reshape((1, 1, self.num_kv_heads, 1))?)?;
+        let k = self.l2_to_sqrt_d(&k)?.broadcast_mul(&self.temp.reshape((
+            1,
+            1,
+            self.num_kv_heads,
+            1,
+        ))?)?;
         let q = kernels::rotary(&q.transpose(1, 2)?, inputs.cos, inputs.sin)?;
         let k = kernels::rotary(&k.transpose(1, 2)?, inputs.cos, inputs.sin)?;
         let v = v.transpose(1, 2)?;
@@ -229,8 +260,18 @@ impl ZayaAttention {
             None => (k, v),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let (o, probs) = core::attend(inputs.backend, &q, &k, &v, inputs.mask, scale, inputs.want_probs)?;
-        let o = o.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        let (o, probs) = core::attend(
+            inputs.backend,
+            &q,
+            &k,
+            &v,
+            inputs.mask,
+            scale,
+            inputs.want_probs,
+        )?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
         Ok((self.o_proj.forward(&o)?, probs))
     }
 }

@@ -71,7 +71,10 @@ impl DecoderLayer {
             layer_type: cfg.layer_types[layer_idx],
             input_layernorm: vb.pp("input_layernorm").get(h, "weight")?,
             self_attn: ZayaAttention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_residual_scale: ResidualScaling::new(h, vb.pp("post_attention_residual_scale"))?,
+            post_attention_residual_scale: ResidualScaling::new(
+                h,
+                vb.pp("post_attention_residual_scale"),
+            )?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").get(h, "weight")?,
             mlp: ZayaMoe::new(cfg, layer_idx, vb.pp("mlp"))?,
             post_mlp_residual_scale: ResidualScaling::new(h, vb.pp("post_mlp_residual_scale"))?,
@@ -92,7 +95,11 @@ impl DecoderLayer {
         let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.input_layernorm, self.eps)?;
         let (attn, attention_probs) = self.self_attn.forward(&a, inputs, cache)?;
         let r = self.post_attention_residual_scale.forward(&attn, h)?;
-        let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &self.post_attention_layernorm, self.eps)?;
+        let n = kernels::rms_norm(
+            &r.to_dtype(self.dtype)?,
+            &self.post_attention_layernorm,
+            self.eps,
+        )?;
         let (m, routing) = self.mlp.forward(&n, router_state)?;
         let hidden = self.post_mlp_residual_scale.forward(&m, &r)?;
         Ok(LayerOutput {

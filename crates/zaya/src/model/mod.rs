@@ -99,7 +99,10 @@ pub struct ZayaModel {
 
 fn host_2d(t: &Tensor, what: &str) -> Result<Vec<Vec<i64>>> {
     if t.rank() != 2 {
-        return Err(ZayaError::Input(format!("{what} must be 2-D, found shape {:?}", t.dims())));
+        return Err(ZayaError::Input(format!(
+            "{what} must be 2-D, found shape {:?}",
+            t.dims()
+        )));
     }
     Ok(t.to_dtype(DType::I64)?.to_vec2::<i64>()?)
 }
@@ -192,7 +195,9 @@ impl ZayaModel {
             }
         }
         if ids.is_empty() || ids[0].is_empty() {
-            return Err(ZayaError::Input("input_ids must hold at least one token".into()));
+            return Err(ZayaError::Input(
+                "input_ids must hold at least one token".into(),
+            ));
         }
         Ok(ids)
     }
@@ -236,9 +241,11 @@ impl ZayaModel {
             }
             None => vec![(past..past + t).map(|x| x as i64).collect()],
         };
-        let key_padding: Option<Vec<Vec<bool>>> = mask
-            .as_ref()
-            .map(|m| m.iter().map(|r| r.iter().map(|&x| x != 0).collect()).collect());
+        let key_padding: Option<Vec<Vec<bool>>> = mask.as_ref().map(|m| {
+            m.iter()
+                .map(|r| r.iter().map(|&x| x != 0).collect())
+                .collect()
+        });
         let mut masks = BTreeMap::new();
         let mut rope = BTreeMap::new();
         for (lt, rot) in &self.rotary {
@@ -262,7 +269,10 @@ impl ZayaModel {
         }
         let conv_mask = match &mask {
             Some(m) if t > 1 && m.iter().any(|r| r.contains(&0)) => {
-                let data: Vec<f32> = m.iter().flat_map(|r| r[past..].iter().map(|&x| x as f32)).collect();
+                let data: Vec<f32> = m
+                    .iter()
+                    .flat_map(|r| r[past..].iter().map(|&x| x as f32))
+                    .collect();
                 Some(Tensor::from_vec(data, (batch, t), &self.device)?)
             }
             _ => None,
@@ -281,9 +291,11 @@ impl ZayaModel {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let e = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
-        Ok(e
-            .broadcast_add(&self.input_hidden_states_bias)?
+        let e = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        Ok(e.broadcast_add(&self.input_hidden_states_bias)?
             .broadcast_mul(&self.input_hidden_states_scale)?
             .to_dtype(DType::F32)?)
     }
@@ -313,7 +325,11 @@ impl ZayaModel {
 
     /// Final RMSNorm of the f32 residual stream, in the parameter dtype.
     pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.norm, self.cfg.rms_norm_eps)?)
+        Ok(kernels::rms_norm(
+            &h.to_dtype(self.dtype)?,
+            &self.norm,
+            self.cfg.rms_norm_eps,
+        )?)
     }
 
     /// `[.., H]` → `[.., V]`.
@@ -376,7 +392,11 @@ impl ZayaModel {
             None
         } else {
             let keep = opts.logits_to_keep;
-            let ysel = if keep > 0 && keep < t { y.narrow(1, t - keep, keep)? } else { y.clone() };
+            let ysel = if keep > 0 && keep < t {
+                y.narrow(1, t - keep, keep)?
+            } else {
+                y.clone()
+            };
             Some(self.lm_head(&ysel)?)
         };
         Ok(ModelOutput {

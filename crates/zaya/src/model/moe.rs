@@ -47,11 +47,20 @@ impl ZayaRouter {
         let r = cfg.router_hidden_size;
         let e = cfg.num_experts;
         let mlp = vb.pp("router_mlp");
-        let balancing_biases = vb.get_with_hints_dtype(e + 1, "balancing_biases", candle_nn::Init::Const(0.), DType::F32)?;
+        let balancing_biases = vb.get_with_hints_dtype(
+            e + 1,
+            "balancing_biases",
+            candle_nn::Init::Const(0.),
+            DType::F32,
+        )?;
         let balancing_biases = balancing_biases.detach();
         Ok(ZayaRouter {
             down_proj: Linear::new(h, r, true, vb.pp("down_proj"))?,
-            router_states_scale: if layer_idx > 0 { Some(vb.get(r, "router_states_scale")?) } else { None },
+            router_states_scale: if layer_idx > 0 {
+                Some(vb.get(r, "router_states_scale")?)
+            } else {
+                None
+            },
             norm_weight: mlp.pp("norm").get(r, "weight")?,
             fc1: Linear::new(r, r, true, mlp.pp("fc1"))?,
             fc2: Linear::new(r, r, true, mlp.pp("fc2"))?,
@@ -102,9 +111,16 @@ impl ZayaRouter {
         let gathered = probs.gather(&idx, 1)?;
         let keep: Vec<f32> = choice
             .iter()
-            .map(|&c| if c as usize == self.num_experts { 0.0 } else { 1.0 })
+            .map(|&c| {
+                if c as usize == self.num_experts {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
             .collect();
-        let keep = Tensor::from_vec(keep, (choice.len(), 1), probs.device())?.to_dtype(probs.dtype())?;
+        let keep =
+            Tensor::from_vec(keep, (choice.len(), 1), probs.device())?.to_dtype(probs.dtype())?;
         let weight = gathered.mul(&keep)?;
         Ok(Routing {
             logits,

@@ -37,7 +37,12 @@ impl RotaryEmbedding {
 
     /// `cos`, `sin` of shape `[rows, T, rd]` for `positions` (one row per batch row, or a
     /// single shared row), cast to `dtype`.
-    pub fn cos_sin(&self, positions: &[Vec<i64>], dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[Vec<i64>],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let rows = positions.len();
         let t = positions.first().map_or(0, |p| p.len());
         let rd = self.rotary_dim;
