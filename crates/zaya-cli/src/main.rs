@@ -14,6 +14,8 @@ use zaya::generation::{generate, GenerateOptions, Greedy};
 use zaya::weights::{self, Checkpoint, Layout};
 use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "zaya", version, about = "Run, inspect and create ZAYA1 models")]
 struct Cli {
@@ -33,6 +35,8 @@ enum Command {
     Init(InitArgs),
     /// Convert a checkpoint between the native and legacy layouts.
     Convert(ConvertArgs),
+    /// Measure load time, prefill and decode throughput and peak memory.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -301,12 +305,23 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Bench(b) = &cli.command {
+        if let Some(n) = b.threads {
+            // candle sizes its thread pools from these on first use: set them before any work.
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
     let result = match cli.command {
         Command::Forward(a) => cmd_forward(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Inspect { dir } => cmd_inspect(dir),
         Command::Init(a) => cmd_init(a),
         Command::Convert(a) => cmd_convert(a),
+        Command::Bench(a) => parse_dtype(&a.dtype).and_then(|d| {
+            let attn = parse_attn(&a.attn)?;
+            bench::run(a, d, attn)
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -504,7 +504,10 @@ impl ZayaConfig {
                 ),
             ));
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ZayaError::config(
                 "num_key_value_heads",
                 format!(

@@ -1,0 +1,223 @@
+//! `zaya bench`: load time, prefill and decode throughput and peak memory on a model, with
+//! warm-up and the median of repeated runs. Inputs are a fixed formula of the vocabulary so
+//! the reference script (`scripts/bench_reference.py`) feeds exactly the same token ids.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use zaya::generation::{generate, GenerateOptions, Greedy};
+use zaya::weights::native_specs;
+use zaya::{ForwardOptions, HybridCache, ZayaModel};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, default_value = "eager")]
+    pub attn: String,
+    /// Compute threads (sets CANDLE_NUM_THREADS / RAYON_NUM_THREADS before any work).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub prefill_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Token `i` of row `r`: the same formula in the reference script.
+pub fn bench_ids(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..rows)
+        .map(|r| {
+            (0..len)
+                .map(|i| ((i * 7919 + r * 104_729 + 13) % (vocab - 3) + 3) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|x| x.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Read bandwidth of this machine with the benchmark's thread count (GB/s): sums a buffer
+/// much larger than the caches, split across threads.
+fn read_bandwidth_gbs(threads: usize) -> f64 {
+    let n: usize = 64 << 20; // 256 MiB of f32
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let chunk = n.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.chunks(16).map(|x| x.iter().sum::<f32>()).sum::<f32>()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        std::hint::black_box(total);
+        let gbs = (n * 4) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        best = best.max(gbs);
+    }
+    best
+}
+
+pub fn run(
+    args: BenchArgs,
+    dtype: candle_core::DType,
+    attn: zaya::attention::AttnImplementation,
+) -> Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let model = ZayaModel::load(&args.model, dtype, &dev)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let v = cfg.vocab_size;
+
+    // prefill: batch 1 × prefill_len, one forward with a fresh cache
+    let ids = bench_ids(1, args.prefill_len, v);
+    let ids = Tensor::new(ids, &dev)?;
+    let opts = ForwardOptions {
+        logits_to_keep: 1,
+        attn,
+        ..Default::default()
+    };
+    let mut prefill = Vec::new();
+    for i in 0..=args.repeats {
+        let mut cache = HybridCache::new(&cfg);
+        let s = Instant::now();
+        model.forward(&ids, Some(&mut cache), &opts)?;
+        if i > 0 {
+            prefill.push(s.elapsed().as_secs_f64());
+        }
+    }
+    let prefill_tps = args.prefill_len as f64 / median(prefill);
+
+    // decode: prompt_len prompt, new_tokens greedy steps; decode time = total − prefill
+    let decode = |batch: usize| -> Result<f64> {
+        let prompts = bench_ids(batch, args.prompt_len, v);
+        let gopts = GenerateOptions {
+            max_new_tokens: args.new_tokens,
+            ignore_eos: true,
+            attn,
+            ..Default::default()
+        };
+        let pre = GenerateOptions {
+            max_new_tokens: 1,
+            ..gopts.clone()
+        };
+        let mut times = Vec::new();
+        for i in 0..=args.repeats.min(2) {
+            let s = Instant::now();
+            generate(&model, &prompts, &pre, &mut Greedy, &mut |_, _| {})?;
+            let p = s.elapsed().as_secs_f64();
+            let s = Instant::now();
+            generate(&model, &prompts, &gopts, &mut Greedy, &mut |_, _| {})?;
+            let total = s.elapsed().as_secs_f64();
+            if i > 0 {
+                times.push((total - p).max(1e-9));
+            }
+        }
+        Ok((batch * (args.new_tokens - 1)) as f64 / median(times))
+    };
+    let decode_b1 = decode(1)?;
+    let decode_b8 = decode(8)?;
+
+    // Memory-bandwidth limit of batch-1 decode: every weight a token touches is read once.
+    let specs = native_specs(&cfg);
+    let numel = |s: &zaya::weights::TensorSpec| s.shape.iter().product::<usize>();
+    let expert: usize = specs.iter().filter(|s| s.expert).map(numel).sum();
+    let embed = cfg.vocab_size * cfg.hidden_size;
+    let all: usize = specs.iter().map(numel).sum();
+    // Touched per token: the non-expert weights except the embedding table (of which one
+    // row is read), one expert per layer, and the full lm_head matrix (which, when tied, is
+    // the embedding table and not yet counted).
+    let lm_head_if_tied = if cfg.tie_word_embeddings { embed } else { 0 };
+    let touched =
+        all - expert - embed + cfg.hidden_size + expert / cfg.num_experts + lm_head_if_tied;
+    let bytes_per_token = touched * dtype.size_in_bytes();
+    let bw = read_bandwidth_gbs(threads);
+    let limit = bw * 1e9 / bytes_per_token as f64;
+
+    let peak = peak_rss_bytes();
+    let rows = [
+        ("load (s)".to_string(), format!("{load_s:.2}")),
+        (
+            format!("prefill 1x{} (tok/s)", args.prefill_len),
+            format!("{prefill_tps:.1}"),
+        ),
+        ("decode b1 (tok/s)".into(), format!("{decode_b1:.1}")),
+        (
+            "decode b1 bandwidth limit (tok/s)".into(),
+            format!(
+                "{limit:.1}  ({bw:.1} GB/s, {:.1} MB/token)",
+                bytes_per_token as f64 / 1e6
+            ),
+        ),
+        ("decode b8 (tok/s)".into(), format!("{decode_b8:.1}")),
+        (
+            "peak RSS (MiB)".into(),
+            format!("{:.0}", peak as f64 / (1 << 20) as f64),
+        ),
+    ];
+    println!(
+        "zaya bench: {} ({} threads, {}, attn {})",
+        args.model.display(),
+        threads,
+        args.dtype,
+        args.attn
+    );
+    for (k, v) in rows {
+        println!("  {k:<36} {v}");
+    }
+    if let Some(path) = args.json {
+        let j = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "threads": threads,
+            "dtype": args.dtype,
+            "attn": args.attn,
+            "load_s": load_s,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_b1_tokens_per_s": decode_b1,
+            "decode_b8_tokens_per_s": decode_b8,
+            "decode_b1_bandwidth_limit_tokens_per_s": limit,
+            "read_bandwidth_gb_s": bw,
+            "bytes_per_token": bytes_per_token,
+            "peak_rss_bytes": peak,
+            "prefill_len": args.prefill_len,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&j)?)?;
+    }
+    Ok(())
+}
