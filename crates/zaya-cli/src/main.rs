@@ -26,6 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one forward pass and write logits (and captures) to a safetensors file.
+    /// `--router-logits` also writes `expert_choice.{l}` [B·T] (num_experts = skip).
     Forward(ForwardArgs),
     /// Generate tokens (greedy) and print {"sequences": [[new ids], ...]}.
     Generate(GenerateArgs),
@@ -192,6 +193,9 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
     if args.router_logits {
         for (i, r) in out.routing.iter().enumerate() {
             tensors.insert(format!("router_logits.{i}"), r.logits.to_dtype(DType::F32)?);
+            // chosen class per token; num_experts means the skip expert
+            let choice: Vec<i64> = r.choice.iter().map(|&c| c as i64).collect();
+            tensors.insert(format!("expert_choice.{i}"), Tensor::new(choice, &dev)?);
         }
     }
     candle_core::safetensors::save(&tensors.into_iter().collect(), &args.out)
