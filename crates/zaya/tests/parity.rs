@@ -359,3 +359,46 @@ fn bf16_weights_stay_close_and_generate_the_same_tokens() {
         assert_eq!(got.sequences, want, "{name}: bf16 greedy tokens");
     }
 }
+
+/// Packed sequences: a row holding several documents computes each as if it were alone
+/// (attention, CCA conv history, delayed value and positions all restart).
+#[test]
+fn packed_documents_equal_separate_sequences() {
+    for name in FIXTURES {
+        let model = load(name, DType::F32);
+        let ids = inputs(name, "single").input_ids[0].clone();
+        let docs = [&ids[..5], &ids[5..6], &ids[6..]];
+        let packed = ids_tensor(&[ids.clone()]);
+        let doc_ids: Vec<i64> = docs
+            .iter()
+            .enumerate()
+            .flat_map(|(d, s)| std::iter::repeat_n(d as i64, s.len()))
+            .collect();
+        let opts = ForwardOptions {
+            document_ids: Some(ids_tensor(&[doc_ids])),
+            ..Default::default()
+        };
+        let got = model.forward(&packed, None, &opts).unwrap().logits.unwrap();
+        let mut start = 0;
+        for d in docs {
+            let alone = model
+                .forward(&ids_tensor(&[d.to_vec()]), None, &ForwardOptions::default())
+                .unwrap();
+            let part = got.narrow(1, start, d.len()).unwrap();
+            assert_close(
+                &format!("{name} document at {start}"),
+                &part,
+                alone.logits.as_ref().unwrap(),
+                ATOL,
+            );
+            start += d.len();
+        }
+        // without document ids the same row is one sequence, which differs
+        let plain = model
+            .forward(&packed, None, &ForwardOptions::default())
+            .unwrap()
+            .logits
+            .unwrap();
+        assert!(max_abs_diff(&plain, &got) > 1e-3);
+    }
+}

@@ -71,6 +71,9 @@ pub struct MaskSpec {
     pub window: Option<usize>,
     /// Per row, `true` for real tokens, indexed by sequence index `0..q_start + q_len`.
     pub key_padding: Option<Vec<Vec<bool>>>,
+    /// Packed sequences: per row, the document of each sequence index; no attention across
+    /// documents.
+    pub documents: Option<Vec<Vec<u32>>>,
 }
 
 impl MaskSpec {
@@ -83,6 +86,11 @@ impl MaskSpec {
         }
         if let Some(w) = self.window {
             if ki + w <= qi {
+                return false;
+            }
+        }
+        if let Some(d) = &self.documents {
+            if d[b][ki] != d[b][qi] {
                 return false;
             }
         }

@@ -67,6 +67,7 @@ impl CcaProjection {
         &self,
         a: &Tensor,
         conv_mask: Option<&Tensor>,
+        same_document: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Qkv> {
         let a = match conv_mask {
@@ -111,26 +112,51 @@ impl CcaProjection {
            // The convolutions accumulate in f32 and round once, as oneDNN does for the reference.
         let xf = x.to_dtype(DType::F32)?;
 
-        // Depthwise conv: d_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
-        let t_mid = t + self.k1 - 1;
+        let ng = nq + nkv;
         let w0 = self.conv_qk_depthwise_weight.to_dtype(DType::F32)?;
-        let mut mid = self
+        let b0 = self
             .conv_qk_depthwise_bias
             .to_dtype(DType::F32)?
-            .reshape((1, 1, c))?
-            .broadcast_as((b, t_mid, c))?
-            .contiguous()?;
-        for i in 0..self.k0 {
-            let w = w0.narrow(2, i, 1)?.reshape((1, 1, c))?;
-            mid = (mid + xf.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
-        }
-        // The reference rounds the depthwise output to the parameter dtype between the convs.
-        let mid = mid.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
+            .reshape((1, 1, c))?;
+        // Grouped tap i reads the depthwise output K1-1-i tokens back; with packed documents
+        // each token sees its own document's history only (other documents' inputs count as
+        // the zero history of a sequence start), so the depthwise output is per (token, tap).
+        let taps = match same_document {
+            None => {
+                // Depthwise conv: d_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
+                let t_mid = t + self.k1 - 1;
+                let mut mid = b0.broadcast_as((b, t_mid, c))?.contiguous()?;
+                for i in 0..self.k0 {
+                    let w = w0.narrow(2, i, 1)?.reshape((1, 1, c))?;
+                    mid = (mid + xf.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
+                }
+                // The reference rounds the depthwise output to the parameter dtype between the convs.
+                let mid = mid.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
+                (0..self.k1)
+                    .map(|i| mid.narrow(1, i, t))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Some(same) => (0..self.k1)
+                .map(|i| {
+                    let mut acc = b0.broadcast_as((b, t, c))?.contiguous()?;
+                    for k in 0..self.k0 {
+                        let back = s - i - k;
+                        let w = w0.narrow(2, k, 1)?.reshape((1, 1, c))?;
+                        let keep = same.narrow(2, back, 1)?;
+                        acc = (acc
+                            + xf.narrow(1, i + k, t)?
+                                .broadcast_mul(&w)?
+                                .broadcast_mul(&keep)?)?;
+                    }
+                    acc.to_dtype(x.dtype())?.to_dtype(DType::F32)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         // Grouped conv: per head a [D, K1·D] mixing of K1 consecutive taps, as one batched
         // matmul over the Nq + Nkv groups.
-        let ng = nq + nkv;
-        let taps = (0..self.k1)
-            .map(|i| mid.narrow(1, i, t)?.reshape((b * t, ng, d)))
+        let taps = taps
+            .iter()
+            .map(|tap| tap.reshape((b * t, ng, d)))
             .collect::<Result<Vec<_>>>()?;
         let taps = Tensor::cat(&taps, 2)?.transpose(0, 1)?.contiguous()?; // [G, B·T, K1·D]
         let w1 = self
@@ -200,6 +226,8 @@ pub struct AttentionInputs<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub conv_mask: Option<&'a Tensor>,
+    /// Packed documents: `[B, T, S+1]` (see `ForwardContext::same_document`).
+    pub same_document: Option<&'a Tensor>,
     pub want_probs: bool,
     pub backend: core::AttnImplementation,
 }
@@ -242,9 +270,12 @@ impl ZayaAttention {
         mut cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, _) = a.dims3()?;
-        let Qkv { q, k, v } = self
-            .qkv_proj
-            .forward(a, inputs.conv_mask, cache.as_deref_mut())?;
+        let Qkv { q, k, v } = self.qkv_proj.forward(
+            a,
+            inputs.conv_mask,
+            inputs.same_document,
+            cache.as_deref_mut(),
+        )?;
         let q = self.l2_to_sqrt_d(&q)?;
         let k = self.l2_to_sqrt_d(&k)?.broadcast_mul(&self.temp.reshape((
             1,

@@ -47,6 +47,11 @@ pub struct ForwardOptions {
     pub skip_lm_head: bool,
     /// Attention backend for this call.
     pub attn: AttnImplementation,
+    /// Packed sequences `[B, T]`: a document id per token (documents contiguous). Each
+    /// document is computed as if it were alone: no attention across documents, the CCA
+    /// convolution history and the delayed value restart at each document, and default
+    /// positions restart at 0. Not combinable with a cache that holds tokens.
+    pub document_ids: Option<Tensor>,
 }
 
 /// Router decisions of one layer.
@@ -78,6 +83,8 @@ pub struct ForwardContext {
     pub masks: BTreeMap<LayerType, MaskSpec>,
     pub rope: BTreeMap<LayerType, (Tensor, Tensor)>,
     pub conv_mask: Option<Tensor>,
+    /// `[B, T, max(S,1)+1]`: 1 where token `t − back` belongs to the document of token `t`.
+    pub same_document: Option<Tensor>,
     pub attn: AttnImplementation,
     pub batch: usize,
     pub seq_len: usize,
@@ -227,6 +234,37 @@ impl ZayaModel {
                 Some(m)
             }
         };
+        let documents = match &opts.document_ids {
+            None => None,
+            Some(d) => {
+                if past > 0 {
+                    return Err(ZayaError::Input(
+                        "document_ids cannot continue from a cache holding tokens".into(),
+                    ));
+                }
+                let d = host_2d(d, "document_ids")?;
+                if d.len() != batch || d.iter().any(|r| r.len() != t) {
+                    return Err(ZayaError::Input(format!(
+                        "document_ids must be [{batch}, {t}]"
+                    )));
+                }
+                let d: Vec<Vec<u32>> = d
+                    .iter()
+                    .map(|r| r.iter().map(|&x| x as u32).collect())
+                    .collect();
+                for (row, r) in d.iter().enumerate() {
+                    let mut seen = std::collections::HashSet::new();
+                    for (i, &x) in r.iter().enumerate() {
+                        if (i == 0 || r[i - 1] != x) && !seen.insert(x) {
+                            return Err(ZayaError::Input(format!(
+                                "document_ids row {row}: document {x} is not contiguous (again at position {i})"
+                            )));
+                        }
+                    }
+                }
+                Some(d)
+            }
+        };
         let positions: Vec<Vec<i64>> = match &opts.position_ids {
             Some(p) => {
                 let p = host_2d(p, "position_ids")?;
@@ -239,7 +277,24 @@ impl ZayaModel {
                 }
                 p
             }
-            None => vec![(past..past + t).map(|x| x as i64).collect()],
+            None => match &documents {
+                // positions restart at every document
+                Some(d) => d
+                    .iter()
+                    .map(|r| {
+                        let mut start = 0;
+                        (0..t)
+                            .map(|i| {
+                                if i > 0 && r[i] != r[i - 1] {
+                                    start = i;
+                                }
+                                (i - start) as i64
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                None => vec![(past..past + t).map(|x| x as i64).collect()],
+            },
         };
         let key_padding: Option<Vec<Vec<bool>>> = mask.as_ref().map(|m| {
             m.iter()
@@ -263,6 +318,7 @@ impl ZayaModel {
                         LayerType::HybridSliding => self.cfg.sliding_window,
                     },
                     key_padding: key_padding.clone(),
+                    documents: documents.clone(),
                 },
             );
             rope.insert(*lt, rot.cos_sin(&positions, self.dtype, &self.device)?);
@@ -277,10 +333,32 @@ impl ZayaModel {
             }
             _ => None,
         };
+        let s_len = self.cfg.conv_state_len();
+        let same_document = match &documents {
+            None => None,
+            Some(d) => {
+                // at least two columns: column 1 (previous token) drives the delayed value
+                let cols = s_len.max(1) + 1;
+                let mut data = Vec::with_capacity(batch * t * cols);
+                for r in d {
+                    for i in 0..t {
+                        for back in 0..cols {
+                            data.push(if i >= back && r[i - back] == r[i] {
+                                1f32
+                            } else {
+                                0f32
+                            });
+                        }
+                    }
+                }
+                Some(Tensor::from_vec(data, (batch, t, cols), &self.device)?)
+            }
+        };
         Ok(ForwardContext {
             masks,
             rope,
             conv_mask,
+            same_document,
             attn: opts.attn,
             batch,
             seq_len: t,
@@ -317,6 +395,7 @@ impl ZayaModel {
             cos,
             sin,
             conv_mask: ctx.conv_mask.as_ref(),
+            same_document: ctx.same_document.as_ref(),
             want_probs,
             backend: ctx.attn,
         };
