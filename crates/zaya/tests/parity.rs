@@ -368,7 +368,7 @@ fn packed_documents_equal_separate_sequences() {
         let model = load(name, DType::F32);
         let ids = inputs(name, "single").input_ids[0].clone();
         let docs = [&ids[..5], &ids[5..6], &ids[6..]];
-        let packed = ids_tensor(&[ids.clone()]);
+        let packed = ids_tensor(std::slice::from_ref(&ids));
         let doc_ids: Vec<i64> = docs
             .iter()
             .enumerate()

@@ -192,7 +192,16 @@ impl CcaProjection {
         let vdel = if t > 1 {
             Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
         } else {
-            first
+            first.clone()
+        };
+        // A document start inside a packed row takes the start-of-sequence delayed value.
+        let vdel = match same_document {
+            Some(same) => {
+                let keep = same.narrow(2, 1, 1)?.to_dtype(vdel.dtype())?;
+                let start_value = first.broadcast_as(vdel.shape())?;
+                (vdel.broadcast_mul(&keep)? + start_value.broadcast_mul(&(1.0 - &keep)?)?)?
+            }
+            None => vdel,
         };
         let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
 
