@@ -16,6 +16,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generation;
 pub mod init;
