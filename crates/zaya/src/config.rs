@@ -337,7 +337,8 @@ impl ZayaConfig {
         Ok(cfg)
     }
 
-    /// Parses the legacy (Zyphra fork, 80-layer) schema into HF-native terms.
+    /// Parses the legacy (Zyphra fork, 80-layer) schema: its keys are translated into the
+    /// native schema, which is then parsed and validated as usual.
     pub fn from_legacy_json(value: &Value) -> Result<Self> {
         let obj = value
             .as_object()
@@ -355,9 +356,10 @@ impl ZayaConfig {
             Some(d) => d,
             None => f.usize("kv_channels", Some(128))?,
         };
-        let kv_heads = f.opt_usize("num_key_value_heads")?;
-        let query_groups = f.opt_usize("num_query_groups")?;
-        let num_key_value_heads = match (kv_heads, query_groups) {
+        let num_key_value_heads = match (
+            f.opt_usize("num_key_value_heads")?,
+            f.opt_usize("num_query_groups")?,
+        ) {
             (Some(a), Some(b)) if a != b => {
                 return Err(ZayaError::config(
                     "num_query_groups",
@@ -374,9 +376,8 @@ impl ZayaConfig {
                 format!("is the fused gate+up width and must be even (found {ffn})"),
             ));
         }
-        let theta = f.f64("rope_theta", 10_000.0)?;
-        let prf = f.f64("partial_rotary_factor", 0.5)?;
-        let swa_base = f.f64("swa_rotary_base", 10_000.0)?;
+        // `swa_layers` holds, per legacy layer, the number of previous tokens a sliding
+        // attention layer sees (W − 1), 0 elsewhere.
         let (layer_types, sliding_window) = match f.present("swa_layers") {
             None => (vec![LayerType::Hybrid; num_hidden_layers], None),
             Some(Value::Array(items)) => {
@@ -392,26 +393,23 @@ impl ZayaConfig {
                 let mut types = Vec::with_capacity(num_hidden_layers);
                 let mut window = None;
                 for i in 0..num_hidden_layers {
+                    let field = format!("swa_layers[{}]", 2 * i);
                     let v = &items[2 * i];
                     let prev = v.as_u64().ok_or_else(|| {
-                        ZayaError::config(
-                            format!("swa_layers[{}]", 2 * i),
-                            format!("expected an integer, found {v}"),
-                        )
+                        ZayaError::config(&field, format!("expected an integer, found {v}"))
                     })? as usize;
                     if prev == 0 {
                         types.push(LayerType::Hybrid);
-                    } else {
-                        let w = prev + 1;
-                        if window.is_some_and(|x| x != w) {
-                            return Err(ZayaError::config(
-                                format!("swa_layers[{}]", 2 * i),
-                                "sliding layers with different windows are not supported",
-                            ));
-                        }
-                        window = Some(w);
-                        types.push(LayerType::HybridSliding);
+                        continue;
                     }
+                    if window.is_some_and(|w| w != prev + 1) {
+                        return Err(ZayaError::config(
+                            field,
+                            "sliding layers with different windows are not supported",
+                        ));
+                    }
+                    window = Some(prev + 1);
+                    types.push(LayerType::HybridSliding);
                 }
                 (types, window)
             }
@@ -419,59 +417,80 @@ impl ZayaConfig {
                 return Err(ZayaError::config(
                     "swa_layers",
                     format!("expected a list, found {v}"),
-                ));
+                ))
             }
         };
-        let mut rope_parameters = BTreeMap::new();
-        for t in &layer_types {
-            let theta = match t {
-                LayerType::Hybrid => theta,
-                LayerType::HybridSliding => swa_base,
-            };
+        let prf = f.f64("partial_rotary_factor", 0.5)?;
+        let rope = |theta: f64| serde_json::json!({"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": prf});
+        let mut native = Map::new();
+        // keys shared by both schemas
+        for key in [
+            "vocab_size",
+            "hidden_size",
+            "max_position_embeddings",
+            "initializer_range",
+            "use_cache",
+            "tie_word_embeddings",
+            "attention_dropout",
+            "num_experts",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "attention_bias",
+            "lm_head_bias",
+            "cca_time0",
+            "cca_time1",
+            "router_aux_loss_coef",
+        ] {
+            if let Some(v) = obj.get(key) {
+                native.insert(key.into(), v.clone());
+            }
+        }
+        let renamed = [
+            (
+                "num_attention_heads",
+                f.present("cca_num_q_heads")
+                    .or(f.present("num_attention_heads")),
+            ),
+            ("num_experts_per_tok", f.present("moe_router_topk")),
+            ("router_hidden_size", f.present("zaya_mlp_expansion")),
+            (
+                "rms_norm_eps",
+                f.present("norm_epsilon").or(f.present("rms_norm_eps")),
+            ),
+        ];
+        for (key, v) in renamed {
+            if let Some(v) = v {
+                native.insert(key.into(), v.clone());
+            }
+        }
+        native.insert("num_hidden_layers".into(), num_hidden_layers.into());
+        native.insert("head_dim".into(), head_dim.into());
+        native.insert("num_key_value_heads".into(), num_key_value_heads.into());
+        native.insert("moe_intermediate_size".into(), (ffn / 2).into());
+        native.insert(
+            "layer_types".into(),
+            layer_types
+                .iter()
+                .map(|t| Value::from(t.as_str()))
+                .collect(),
+        );
+        native.insert(
+            "sliding_window".into(),
+            sliding_window.map_or(Value::Null, Value::from),
+        );
+        let mut rope_parameters = Map::new();
+        if layer_types.contains(&LayerType::Hybrid) {
+            rope_parameters.insert("hybrid".into(), rope(f.f64("rope_theta", 10_000.0)?));
+        }
+        if layer_types.contains(&LayerType::HybridSliding) {
             rope_parameters.insert(
-                *t,
-                RopeParameters {
-                    rope_theta: theta,
-                    partial_rotary_factor: prf,
-                    scaling: RopeScaling::Default,
-                },
+                "hybrid_sliding".into(),
+                rope(f.f64("swa_rotary_base", 10_000.0)?),
             );
         }
-        let cfg = ZayaConfig {
-            vocab_size: f.usize("vocab_size", Some(262_272))?,
-            hidden_size: f.usize("hidden_size", Some(2048))?,
-            num_hidden_layers,
-            num_attention_heads: match f.opt_usize("cca_num_q_heads")? {
-                Some(n) => n,
-                None => f.usize("num_attention_heads", Some(8))?,
-            },
-            num_key_value_heads,
-            head_dim,
-            hidden_act: "silu".into(),
-            max_position_embeddings: f.usize("max_position_embeddings", Some(131_072))?,
-            initializer_range: f.f64("initializer_range", 0.02)?,
-            rms_norm_eps: f.f64("norm_epsilon", f.f64("rms_norm_eps", 1e-5)?)?,
-            use_cache: f.bool("use_cache", true)?,
-            tie_word_embeddings: f.bool("tie_word_embeddings", true)?,
-            rope_parameters,
-            sliding_window,
-            attention_dropout: f.f64("attention_dropout", 0.0)?,
-            moe_intermediate_size: ffn / 2,
-            num_experts_per_tok: f.usize("moe_router_topk", Some(1))?,
-            num_experts: f.usize("num_experts", Some(16))?,
-            layer_types,
-            pad_token_id: f.token_id("pad_token_id", Some(0))?,
-            bos_token_id: f.token_id("bos_token_id", Some(2))?,
-            eos_token_id: f.token_ids("eos_token_id", &[106])?,
-            attention_bias: f.bool("attention_bias", false)?,
-            lm_head_bias: f.bool("lm_head_bias", false)?,
-            router_hidden_size: f.usize("zaya_mlp_expansion", Some(256))?,
-            cca_time0: f.usize("cca_time0", Some(2))?,
-            cca_time1: f.usize("cca_time1", Some(2))?,
-            router_aux_loss_coef: f.f64("router_aux_loss_coef", 0.001)?,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        native.insert("rope_parameters".into(), Value::Object(rope_parameters));
+        Self::from_json(&Value::Object(native))
     }
 
     /// The checks of the reference (`validate_architecture`) plus the ones it forgets.
@@ -899,6 +918,44 @@ mod tests {
                 .unwrap()
                 .layer_types,
             cfg.layer_types
+        );
+    }
+
+    #[test]
+    fn legacy_8b_config_translates_to_native_terms() {
+        let legacy = json!({
+            "model_type": "zaya", "num_hidden_layers": 80, "hidden_size": 2048, "num_attention_heads": 8,
+            "num_query_groups": 2, "kv_channels": 128, "ffn_hidden_size": 4096, "num_experts": 16,
+            "moe_router_topk": 1, "zaya_mlp_expansion": 256, "norm_epsilon": 1e-5, "rope_theta": 5000000,
+            "partial_rotary_factor": 0.5, "swa_layers": null, "cca_time0": 2, "cca_time1": 2,
+            "vocab_size": 262272, "tie_word_embeddings": true, "residual_in_fp32": true, "zaya_use_mod": true
+        });
+        let cfg = ZayaConfig::from_legacy_json(&legacy).unwrap();
+        assert_eq!(cfg.num_hidden_layers, 40);
+        assert_eq!(
+            (
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim
+            ),
+            (8, 2, 128)
+        );
+        assert_eq!(cfg.moe_intermediate_size, 2048);
+        assert_eq!(cfg.router_hidden_size, 256);
+        assert_eq!(cfg.rope_parameters[&LayerType::Hybrid].rope_theta, 5e6);
+        assert_eq!(cfg.layer_types, vec![LayerType::Hybrid; 40]);
+        let mut swa = legacy.clone();
+        swa["swa_layers"] = json!((0..80)
+            .map(|i| if i % 4 == 2 { 4095 } else { 0 })
+            .collect::<Vec<_>>());
+        let cfg = ZayaConfig::from_legacy_json(&swa).unwrap();
+        assert_eq!(cfg.sliding_window, Some(4096));
+        assert_eq!(cfg.layer_types[1], LayerType::HybridSliding);
+        assert_eq!(cfg.layer_types[0], LayerType::Hybrid);
+        let mut bad = legacy;
+        bad["num_key_value_heads"] = json!(4);
+        assert!(
+            matches!(ZayaConfig::from_legacy_json(&bad), Err(ZayaError::Config { field, .. }) if field == "num_query_groups")
         );
     }
 
