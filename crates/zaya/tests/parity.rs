@@ -402,3 +402,41 @@ fn packed_documents_equal_separate_sequences() {
         assert!(max_abs_diff(&plain, &got) > 1e-3);
     }
 }
+
+/// The fork's skip behaviour (`π_skip · n` instead of 0) behind a switch, checked against a
+/// direct computation on one MoE block.
+#[test]
+fn fork_skip_behaviour_adds_the_scaled_input_for_skipped_tokens() {
+    use zaya::model::SkipBehaviour;
+    let model = load("gqa_sliding", DType::F32);
+    let e = model.config().num_experts;
+    let layer = &model.layers()[1];
+    // a fixed, varied input (deterministic, unlike randn)
+    let h = model.config().hidden_size;
+    let n = (Tensor::arange(0f32, (14 * h) as f32, &Device::Cpu).unwrap() * 0.37)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .affine(2.0, 0.0)
+        .unwrap()
+        .reshape((2, 7, h))
+        .unwrap();
+    let mut moe = layer.mlp.clone();
+    let (zero, routing) = moe.forward(&n, None).unwrap();
+    moe.skip = SkipBehaviour::ScaledInput;
+    let (fork, _) = moe.forward(&n, None).unwrap();
+    let probs = routing.probs.to_vec2::<f32>().unwrap();
+    let flat = n.reshape((14, ())).unwrap();
+    let diff = (fork - zero).unwrap().reshape((14, ())).unwrap();
+    let mut skipped = 0;
+    for (tok, &c) in routing.choice.iter().enumerate() {
+        let want = if c as usize == e {
+            skipped += 1;
+            (flat.i(tok).unwrap() * probs[tok][e] as f64).unwrap()
+        } else {
+            flat.i(tok).unwrap().zeros_like().unwrap()
+        };
+        assert_close(&format!("token {tok}"), &diff.i(tok).unwrap(), &want, 1e-6);
+    }
+    assert!(skipped > 0, "no token took the skip class");
+}

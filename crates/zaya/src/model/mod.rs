@@ -24,7 +24,7 @@ use crate::weights::Checkpoint;
 pub use attention::AttentionInputs;
 pub use decoder::{DecoderLayer, LayerOutput};
 use linear::Linear;
-pub use moe::Routing;
+pub use moe::{Routing, SkipBehaviour};
 use rope::RotaryEmbedding;
 
 /// What to record during a forward pass.
@@ -167,6 +167,14 @@ impl ZayaModel {
 
     pub fn config(&self) -> &ZayaConfig {
         &self.cfg
+    }
+
+    /// Chooses what skip-routed tokens contribute (see [`SkipBehaviour`]); the default
+    /// follows transformers. Set it before sharing the model.
+    pub fn set_skip_behaviour(&mut self, skip: SkipBehaviour) {
+        for layer in &mut self.layers {
+            layer.mlp.skip = skip;
+        }
     }
     pub fn dtype(&self) -> DType {
         self.dtype

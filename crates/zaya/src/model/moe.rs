@@ -179,11 +179,23 @@ impl ZayaExperts {
     }
 }
 
+/// What a token routed to the skip class contributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SkipBehaviour {
+    /// transformers 5.23 and upstream vLLM: exactly zero (the parity target).
+    #[default]
+    Zero,
+    /// Zyphra's legacy fork and vLLM fork: the MoE input scaled by the skip probability,
+    /// `π_skip · n`.
+    ScaledInput,
+}
+
 /// `mlp`: router + experts.
 #[derive(Debug, Clone)]
 pub struct ZayaMoe {
     pub gate: ZayaRouter,
     pub experts: ZayaExperts,
+    pub skip: SkipBehaviour,
 }
 
 impl ZayaMoe {
@@ -191,6 +203,7 @@ impl ZayaMoe {
         Ok(ZayaMoe {
             gate: ZayaRouter::new(cfg, layer_idx, vb.pp("gate"))?,
             experts: ZayaExperts::new(cfg, vb.pp("experts"))?,
+            skip: SkipBehaviour::Zero,
         })
     }
 
@@ -198,7 +211,20 @@ impl ZayaMoe {
     pub fn forward(&self, n: &Tensor, state: Option<&Tensor>) -> Result<(Tensor, Routing)> {
         let (b, t, h) = n.dims3()?;
         let routing = self.gate.forward(n, state)?;
-        let out = self.experts.forward(&n.reshape((b * t, h))?, &routing)?;
+        let flat = n.reshape((b * t, h))?;
+        let mut out = self.experts.forward(&flat, &routing)?;
+        if self.skip == SkipBehaviour::ScaledInput {
+            let e = self.experts.num_experts;
+            let skipped: Vec<f32> = routing
+                .choice
+                .iter()
+                .map(|&c| if c as usize == e { 1.0 } else { 0.0 })
+                .collect();
+            let skipped = Tensor::from_vec(skipped, (b * t, 1), n.device())?
+                .to_dtype(routing.probs.dtype())?;
+            let weight = routing.probs.narrow(1, e, 1)?.mul(&skipped)?;
+            out = (out + flat.broadcast_mul(&weight)?)?;
+        }
         Ok((out.reshape((b, t, h))?, routing))
     }
 }
