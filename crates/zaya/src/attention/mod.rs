@@ -133,6 +133,9 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 
 /// Reference attention. `q` `[B, Nq, T, D]`, `k`/`v` `[B, Nkv, N, D]`. Returns the output
 /// `[B, Nq, T, D]` and, if asked, the probabilities `[B, Nq, T, N]`.
+///
+/// GQA without copying K/V per query head: the `G` query heads of a KV head are stacked
+/// along the time axis (`[B, Nkv, G·T, D]`), so each KV head is read once per matmul.
 pub fn eager(
     q: &Tensor,
     k: &Tensor,
@@ -141,16 +144,26 @@ pub fn eager(
     scale: f64,
     want_probs: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let n_rep = q.dim(1)? / k.dim(1)?;
-    let k = repeat_kv(k, n_rep)?;
-    let v = repeat_kv(v, n_rep)?;
-    let scores = (q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+    let (b, nq, t, d) = q.dims4()?;
+    let (_, nkv, n, _) = k.dims4()?;
+    let g = nq / nkv;
+    let qg = q.contiguous()?.reshape((b, nkv, g * t, d))?;
+    let scores = (qg.matmul(&k.contiguous()?.transpose(2, 3)?)? * scale)?;
     let scores = scores
         .to_dtype(DType::F32)?
-        .broadcast_add(&mask.additive(q.device())?)?;
+        .reshape((b, nkv, g, t, n))?
+        .broadcast_add(&mask.additive(q.device())?.unsqueeze(1)?)?;
     let probs = kernels::softmax_f32(&scores)?.to_dtype(q.dtype())?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    Ok((out, want_probs.then_some(probs)))
+    let out = probs
+        .reshape((b, nkv, g * t, n))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, nq, t, d))?;
+    let probs = if want_probs {
+        Some(probs.reshape((b, nq, t, n))?)
+    } else {
+        None
+    };
+    Ok((out, probs))
 }
 
 /// Number of keys a query row may see (used by tests and by backends to skip work).
