@@ -21,6 +21,7 @@ pub mod generation;
 pub mod init;
 pub mod kernels;
 pub mod model;
+pub mod sampling;
 pub mod text;
 pub mod weights;
 
