@@ -17,6 +17,7 @@
 //! spelling (`true`, `none`), not Python's; `strftime_now("%Z")` prints the UTC offset.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use minijinja::value::{ArgType, Kwargs, Rest, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind};
@@ -55,6 +56,16 @@ impl ChatRequest {
             messages,
             ..Default::default()
         }
+    }
+
+    /// Read a conversation file: `{"messages": [...], "tools": [...], ...}`.
+    pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| TextError::io(path, e))?;
+        serde_json::from_str(&text).map_err(|source| TextError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -306,8 +317,16 @@ fn raised_message(e: &Error) -> Option<String> {
     None
 }
 
+/// `kind: detail (line N)` and the error's causes; MiniJinja's own Display names the internal
+/// template instead of the line alone.
 fn describe(e: &Error) -> String {
-    let mut s = e.to_string();
+    let mut s = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        let _ = write!(s, ": {detail}");
+    }
+    if let Some(line) = e.line() {
+        let _ = write!(s, " (line {line})");
+    }
     let mut cur = std::error::Error::source(e);
     while let Some(err) = cur {
         let _ = write!(s, ": {err}");
