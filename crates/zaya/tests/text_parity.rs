@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
-use zaya::text::{ChatRequest, StreamDecoder, TextError, ZayaTokenizer};
+use zaya::text::{ChatRequest, OutputParser, StreamDecoder, TextError, ZayaTokenizer};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/text")
@@ -330,7 +330,7 @@ fn conversation_file_format_deserializes() {
     // The CLI's CONV.json: {"messages": [...], "tools": [...]} plus optional fields.
     let conv: ChatRequest = serde_json::from_str(
         r#"{"messages": [{"role": "user", "content": "Hi"}], "tools": [{"name": "f"}],
-            "add_generation_prompt": true, "custom": [1, 2]}"#,
+            "add_generation_prompt": true, "custom": [1, 2], "enable_thinking": null}"#,
     )
     .unwrap();
     assert_eq!(conv.messages.len(), 1);
@@ -338,4 +338,37 @@ fn conversation_file_format_deserializes() {
     assert!(conv.add_generation_prompt);
     assert_eq!(conv.enable_thinking, None);
     assert_eq!(conv.kwargs["custom"], serde_json::json!([1, 2]));
+    assert_eq!(conv.kwargs["enable_thinking"], Value::Null);
+}
+
+/// The parser reads back what the template wrote: the assistant turn of the tool-call fixture
+/// parses to the conversation's calls, arguments and their order included.
+#[test]
+fn parser_reads_back_rendered_tool_calls() {
+    let f = load_json("templates.json");
+    let case = f["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tools_and_calls")
+        .unwrap();
+    let rendered = case["rendered"].as_str().unwrap();
+    let start = rendered
+        .find("<start_of_turn>model\n<zyphra_tool_call>")
+        .unwrap()
+        + "<start_of_turn>model\n".len();
+    let turn = &rendered[start..start + rendered[start..].find("<end_of_turn>").unwrap()];
+    let tools = case["tools"].as_array().unwrap();
+    let parsed = OutputParser::new().with_tools(tools).parse(turn);
+    assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+    assert_eq!(parsed.content, "");
+    assert_eq!(parsed.reasoning, None);
+    let want = case["messages"][2]["tool_calls"].as_array().unwrap();
+    assert_eq!(parsed.tool_calls.len(), want.len());
+    for (got, want) in parsed.tool_calls.iter().zip(want) {
+        assert_eq!(got.name, want["function"]["name"].as_str().unwrap());
+        let want_args = want["function"]["arguments"].as_object().unwrap();
+        assert_eq!(&got.arguments, want_args);
+        assert!(got.arguments.keys().eq(want_args.keys()));
+    }
 }

@@ -42,8 +42,10 @@ pub struct ChatRequest {
     pub documents: Option<Vec<Json>>,
     #[serde(default)]
     pub add_generation_prompt: bool,
-    /// `None` leaves `enable_thinking` undefined in the template.
-    #[serde(default)]
+    /// `None` leaves `enable_thinking` undefined in the template. Not read from JSON: an
+    /// `"enable_thinking"` key of a conversation file lands in `kwargs` with its value as is
+    /// (`null` included, which Python passes as a defined `None`).
+    #[serde(skip_deserializing)]
     pub enable_thinking: Option<bool>,
     /// Extra keyword arguments, visible as top-level template variables.
     #[serde(flatten)]
