@@ -22,6 +22,8 @@ pub mod generation;
 pub mod init;
 pub mod kernels;
 pub mod model;
+pub mod sampling;
+pub mod text;
 pub mod weights;
 
 pub use cache::HybridCache;
