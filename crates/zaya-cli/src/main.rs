@@ -15,6 +15,7 @@ use zaya::weights::{self, Checkpoint, Layout};
 use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
+mod text_cmds;
 
 #[derive(Parser)]
 #[command(name = "zaya", version, about = "Run, inspect and create ZAYA1 models")]
@@ -38,6 +39,14 @@ enum Command {
     Convert(ConvertArgs),
     /// Measure load time, prefill and decode throughput and peak memory.
     Bench(bench::BenchArgs),
+    /// Print the token ids of a text: {"ids": [...]}.
+    Tokenize(text_cmds::TokenizeArgs),
+    /// Print the text of token ids: {"text": "..."}.
+    Detokenize(text_cmds::DetokenizeArgs),
+    /// Render a conversation with the model's chat template, exactly.
+    Template(text_cmds::TemplateArgs),
+    /// Split generated text into content, reasoning and tool calls.
+    Parse(text_cmds::ParseArgs),
 }
 
 #[derive(clap::Args)]
@@ -322,6 +331,10 @@ fn main() {
         Command::Inspect { dir } => cmd_inspect(dir),
         Command::Init(a) => cmd_init(a),
         Command::Convert(a) => cmd_convert(a),
+        Command::Tokenize(a) => text_cmds::run_tokenize(a),
+        Command::Detokenize(a) => text_cmds::run_detokenize(a),
+        Command::Template(a) => text_cmds::run_template(a),
+        Command::Parse(a) => text_cmds::run_parse(a),
         Command::Bench(a) => parse_dtype(&a.dtype).and_then(|d| {
             let attn = parse_attn(&a.attn)?;
             bench::run(a, d, attn)

@@ -167,3 +167,128 @@ fn bad_input_fails_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("999") && err.contains("position 2"), "{err}");
 }
+
+fn text_fixture(file: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/text")
+        .join(file);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn tokenizer_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/text/tokenizer")
+}
+
+#[test]
+fn tokenize_and_detokenize_match_transformers() {
+    let fx = text_fixture("tokenize.json");
+    for case in fx["cases"].as_array().unwrap().iter().take(6) {
+        let text = case["text"].as_str().unwrap();
+        let out = zaya()
+            .args(["tokenize", "--model"])
+            .arg(tokenizer_dir())
+            .args(["--text", text])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["ids"], case["ids_with_special"], "{text}");
+        let out = zaya()
+            .args(["tokenize", "--no-special", "--model"])
+            .arg(tokenizer_dir())
+            .args(["--text", text])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["ids"], case["ids_without_special"], "{text}");
+        let ids: Vec<String> = case["ids_with_special"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        let out = zaya()
+            .args(["detokenize", "--model"])
+            .arg(tokenizer_dir())
+            .args(["--ids", &ids.join(",")])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["text"], case["decode"], "{text}");
+    }
+}
+
+#[test]
+fn template_prints_the_rendering_exactly() {
+    let fx = text_fixture("templates.json");
+    let dir = temp("template");
+    let mut ran = 0;
+    for case in fx["conversations"].as_array().unwrap() {
+        let kwargs = &case["kwargs"];
+        let conv = serde_json::json!({"messages": case["messages"], "tools": case.get("tools").cloned().unwrap_or(serde_json::Value::Null)});
+        let path = dir.join("conv.json");
+        std::fs::write(&path, conv.to_string()).unwrap();
+        let mut cmd = zaya();
+        cmd.args(["template", "--model"])
+            .arg(tokenizer_dir())
+            .arg("--conversation")
+            .arg(&path);
+        if kwargs["add_generation_prompt"] == true {
+            cmd.arg("--add-generation-prompt");
+        }
+        match kwargs.get("enable_thinking") {
+            Some(serde_json::Value::Bool(b)) => {
+                cmd.args(["--enable-thinking", &b.to_string()]);
+            }
+            Some(serde_json::Value::Null) | None => {}
+            Some(other) => panic!("unexpected enable_thinking {other}"),
+        }
+        if kwargs
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k != "add_generation_prompt" && k != "enable_thinking")
+        {
+            continue; // other template kwargs are covered by the library tests
+        }
+        if kwargs.get("enable_thinking") == Some(&serde_json::Value::Null) {
+            continue; // `enable_thinking=None` (defined but null) has no CLI spelling
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            case["name"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            case["rendered"].as_str().unwrap(),
+            "{}",
+            case["name"]
+        );
+        ran += 1;
+    }
+    assert!(ran >= 8, "only {ran} conversations checked through the CLI");
+}
+
+#[test]
+fn parse_splits_reasoning_content_and_tool_calls() {
+    let text = "<think>need weather</think>Let me check.<zyphra_tool_call><function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function></zyphra_tool_call>";
+    let out = zaya().args(["parse", "--text", text]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["reasoning"], "need weather");
+    assert_eq!(v["content"], "Let me check.");
+    assert_eq!(v["tool_calls"][0]["name"], "get_weather");
+    assert_eq!(v["tool_calls"][0]["arguments"]["city"], "Paris");
+    assert_eq!(v["tool_calls"][0]["arguments"]["days"], 3);
+}

@@ -76,6 +76,9 @@ pub enum ZayaError {
     },
 
     #[error(transparent)]
+    Text(#[from] crate::text::TextError),
+
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -106,9 +106,3 @@ impl TextError {
         }
     }
 }
-
-impl From<TextError> for crate::ZayaError {
-    fn from(e: TextError) -> Self {
-        crate::ZayaError::Input(e.to_string())
-    }
-}
