@@ -69,6 +69,9 @@ impl TokenChooser for Greedy {
     }
 }
 
+/// Receives `(row, text)` as generated text is decoded.
+pub type TextCallback<'a> = Box<dyn FnMut(usize, &str) + 'a>;
+
 /// Sampling with logits processors, one [`Sampler`] per row (row `r` draws with seed
 /// `seed + r`, so a batch reproduces the rows generated alone with those seeds), optional
 /// stop strings matched on the streamed text, and a callback receiving text as it is decoded.
@@ -82,7 +85,7 @@ pub struct TextChooser<'a> {
     emitted: Vec<usize>,
     /// Where a stop string cut each row's text.
     cut: Vec<Option<usize>>,
-    on_text: Box<dyn FnMut(usize, &str) + 'a>,
+    on_text: TextCallback<'a>,
 }
 
 impl<'a> TextChooser<'a> {
@@ -92,7 +95,7 @@ impl<'a> TextChooser<'a> {
         params: &SamplingParams,
         tokenizer: Option<&'a ZayaTokenizer>,
         stop_strings: &[String],
-        on_text: Box<dyn FnMut(usize, &str) + 'a>,
+        on_text: TextCallback<'a>,
     ) -> Result<Self> {
         if !stop_strings.is_empty() && tokenizer.is_none() {
             return Err(ZayaError::Input("stop strings need a tokenizer".into()));
