@@ -10,11 +10,12 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
 use zaya::attention::AttnImplementation;
-use zaya::generation::{generate, GenerateOptions, Greedy};
+use zaya::generation::{generate, GenerateOptions};
 use zaya::weights::{self, Checkpoint, Layout};
 use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
+mod chat;
 mod text_cmds;
 
 #[derive(Parser)]
@@ -39,6 +40,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Measure load time, prefill and decode throughput and peak memory.
     Bench(bench::BenchArgs),
+    /// Chat with the model in the terminal (its chat template, streamed answers).
+    Chat(chat::ChatArgs),
     /// Print the token ids of a text: {"ids": [...]}.
     Tokenize(text_cmds::TokenizeArgs),
     /// Print the text of token ids: {"text": "..."}.
@@ -83,12 +86,22 @@ struct ForwardArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Token ids: {"input_ids": [[..]], "attention_mask": [[..]]}; prints {"sequences": ...}.
+    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    inputs: Option<PathBuf>,
+    /// Text prompt (repeatable: several prompts run as one batch); needs the tokenizer files
+    /// in the model directory. The text is streamed as it is generated.
     #[arg(long)]
-    inputs: PathBuf,
+    prompt: Vec<String>,
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     #[arg(long)]
     ignore_eos: bool,
+    /// With --prompt: print {"texts", "sequences", "finish_reasons"} instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    sampling: chat::SamplingArgs,
 }
 
 #[derive(clap::Args)]
@@ -213,8 +226,25 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
 }
 
 fn cmd_generate(args: GenerateArgs) -> Result<()> {
-    let inputs = read_inputs(&args.inputs)?;
     let model = load_model(&args.model)?;
+    let Some(inputs_path) = &args.inputs else {
+        chat::check_prompts(&args.prompt)?;
+        let opts = GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            ignore_eos: args.ignore_eos,
+            attn: parse_attn(&args.model.attn)?,
+            ..Default::default()
+        };
+        return chat::run_generate_text(
+            &model,
+            &args.model.model,
+            &args.prompt,
+            opts,
+            &args.sampling,
+            args.json,
+        );
+    };
+    let inputs = read_inputs(inputs_path)?;
     let prompts: Vec<Vec<u32>> = match &inputs.attention_mask {
         Some(mask) => inputs
             .input_ids
@@ -255,7 +285,15 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         attn: parse_attn(&args.model.attn)?,
         ..Default::default()
     };
-    let out = generate(&model, &prompts, &opts, &mut Greedy, &mut |_, _| {})?;
+    // temperature 0 (the default) is greedy
+    let mut chooser = zaya::generation::TextChooser::new(
+        prompts.len(),
+        &args.sampling.params(),
+        None,
+        &[],
+        Box::new(|_, _| {}),
+    )?;
+    let out = generate(&model, &prompts, &opts, &mut chooser, &mut |_, _| {})?;
     println!("{}", serde_json::json!({ "sequences": out.sequences }));
     Ok(())
 }
@@ -331,6 +369,10 @@ fn main() {
         Command::Inspect { dir } => cmd_inspect(dir),
         Command::Init(a) => cmd_init(a),
         Command::Convert(a) => cmd_convert(a),
+        Command::Chat(a) => parse_dtype(&a.dtype).and_then(|d| {
+            let attn = parse_attn(&a.attn)?;
+            chat::run_chat(a, d, attn)
+        }),
         Command::Tokenize(a) => text_cmds::run_tokenize(a),
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
         Command::Template(a) => text_cmds::run_template(a),
