@@ -432,22 +432,22 @@ EXTRA_DECODES = [
 ]
 
 
-def train_tokenizer() -> Tokenizer:
+def train_tokenizer(corpus: str = CORPUS, pieces: int = VOCAB_PIECES) -> Tokenizer:
     # Train a BPE on whitespace-split words (so merges do not cross words), then lay the vocabulary
     # out with ZAYA1's fixed ids and install Gemma's pipeline.
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     trainer_tok.normalizer = normalizers.Replace(" ", "▁")
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    initial = sorted({c for c in CORPUS.replace(" ", "▁")})
+    initial = sorted({c for c in corpus.replace(" ", "▁")})
     trainer = trainers.BpeTrainer(
-        vocab_size=len(initial) + VOCAB_PIECES,
+        vocab_size=len(initial) + pieces,
         min_frequency=2,
         special_tokens=[],
         initial_alphabet=initial,
         show_progress=False,
         limit_alphabet=1000,
     )
-    trainer_tok.train_from_iterator([CORPUS] * 3, trainer=trainer)
+    trainer_tok.train_from_iterator([corpus] * 3, trainer=trainer)
     trained = json.loads(trainer_tok.to_str())
     learned_vocab = trained["model"]["vocab"]
     merges = trained["model"]["merges"]
@@ -484,10 +484,10 @@ def train_tokenizer() -> Tokenizer:
     return tok
 
 
-def write_tokenizer_dir(tok: Tokenizer) -> None:
-    if TOK_DIR.exists():
-        shutil.rmtree(TOK_DIR)
-    TOK_DIR.mkdir(parents=True)
+def write_tokenizer_dir(tok: Tokenizer, out_dir: Path = TOK_DIR) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
@@ -513,15 +513,15 @@ def write_tokenizer_dir(tok: Tokenizer) -> None:
             )
         hf = AutoTokenizer.from_pretrained(tmp)
         assert type(hf).__name__ == "GemmaTokenizer", type(hf).__name__
-        hf.save_pretrained(TOK_DIR)
+        hf.save_pretrained(out_dir)
     # The files the Rust loader reads besides tokenizer.json / tokenizer_config.json.
-    with open(TOK_DIR / "special_tokens_map.json", "w") as f:
+    with open(out_dir / "special_tokens_map.json", "w") as f:
         json.dump(
             {"bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>", "unk_token": "<unk>"},
             f,
             indent=2,
         )
-    with open(TOK_DIR / "generation_config.json", "w") as f:
+    with open(out_dir / "generation_config.json", "w") as f:
         json.dump({"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}, f, indent=2)
 
 
