@@ -21,6 +21,7 @@ pub mod generation;
 pub mod init;
 pub mod kernels;
 pub mod model;
+pub mod train;
 pub mod weights;
 
 pub use cache::HybridCache;
