@@ -308,8 +308,9 @@ pub(crate) fn forward_backward(
     let gs = seed.backward()?;
     accumulate(&mut acc, tm, &gs)?;
     let mut upstream = input_grads(&gs, inputs.as_ref())?;
-    drop(gs);
-    drop(run);
+    // The seed (and the run) hold the last segment's whole graph: free it before the
+    // earlier segments are recomputed, or checkpointing would save nothing for it.
+    drop((gs, seed, run));
 
     for i in (0..last).rev() {
         let inputs = boundary_vars(i)?;
