@@ -142,10 +142,13 @@ impl TrainOptions {
         Ok(())
     }
 
-    /// Defaults with the config's `router_aux_loss_coef`.
+    /// Defaults with the config's `router_aux_loss_coef` and a loss chunk of about 16M
+    /// logits (64 MiB per `[chunk, vocab]` f32 tensor; the log-softmax and its backward hold
+    /// a handful of them): 524 positions for a 32k vocabulary, 64 for ZAYA1's 262k.
     pub fn for_config(cfg: &ZayaConfig) -> Self {
         TrainOptions {
             aux_loss_coef: cfg.router_aux_loss_coef,
+            loss_chunk: ((1usize << 24) / cfg.vocab_size.max(1)).clamp(8, 1024),
             ..Default::default()
         }
     }
