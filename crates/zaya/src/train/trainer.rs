@@ -208,6 +208,13 @@ impl Trainer {
             Some(max) => clip_grad_norm(&mut grads, max)?,
             None => grads.global_norm()?,
         };
+        // Never apply a NaN/inf update: the weights stay as they were and the caller sees why.
+        if !grad_norm.is_finite() || !loss.is_finite() {
+            return Err(ZayaError::Input(format!(
+                "step {}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped",
+                self.step + 1
+            )));
+        }
         let lr = self.cfg.schedule.lr(self.step);
         self.opt.step(self.model.params(), &grads, lr)?;
         if self.cfg.balance_bias_lr > 0.0 {
