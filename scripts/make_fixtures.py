@@ -8,6 +8,7 @@ skip expert wins for some tokens), saves them with `save_pretrained`, reloads th
 
 Run:  python3 -m venv .venv && .venv/bin/pip install torch==2.15.0 transformers==5.23.0
       .venv/bin/python scripts/make_fixtures.py            # writes tests/fixtures/models/*
+      .venv/bin/python scripts/make_fixtures.py --add-train-pad   # only adds train_pad.*
 CI never runs this; the fixtures are committed.
 """
 import json
@@ -114,6 +115,51 @@ def routing_stats(model, ids, mask):
     return counts, gap
 
 
+def train_pad(ref, out_dir, seed):
+    """Loss and gradients for a labelled batch that holds the pad token: row 0 is left-padded
+    (attention mask 0, labels -100), row 1 has the pad id as a real token mid-sequence. The
+    embedding has `padding_idx = pad_token_id`, so the lookup sends no gradient to that row.
+    Uses its own generator so the other fixture values do not depend on it."""
+    cfg = ref.config
+    gen = torch.Generator().manual_seed(seed + 7)
+    ids = torch.randint(4, cfg.vocab_size, (2, T), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, :3] = cfg.pad_token_id
+    mask[0, :3] = 0
+    ids[1, 5] = cfg.pad_token_id
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 9] = -100
+    ref.train()
+    ref.zero_grad()
+    out = ref(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    out.loss.backward()
+    tensors = {"train_pad.loss": out.loss.detach().reshape(1)}
+    for pname, p in ref.named_parameters():
+        assert p.grad is not None, pname
+        tensors[f"train_pad.grad.{pname}"] = p.grad.detach().clone()
+    ref.zero_grad()
+    ref.eval()
+    with open(os.path.join(out_dir, "train_pad.json"), "w") as f:
+        json.dump({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}, f)
+    return tensors
+
+
+def add_train_pad(name):
+    """Adds the `train_pad` batch to an existing fixture without touching its other values."""
+    from safetensors import safe_open
+    out_dir = os.path.join(ROOT, name)
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        seed = json.load(f)["seed"]
+    ref = ZayaForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    path = os.path.join(out_dir, "reference.safetensors")
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("train_pad.")}
+    tensors.update(train_pad(ref, out_dir, seed))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    print(name, "train_pad loss", tensors["train_pad.loss"].item())
+
+
 def make(name, kwargs, seed):
     # Some seeds leave no bias with both a fair skip share and clear top-1 margins: try the next.
     for attempt in range(40):
@@ -213,6 +259,7 @@ def make_once(name, kwargs, seed):
     ref.eval()
     with open(os.path.join(out_dir, "train.json"), "w") as f:
         json.dump({"input_ids": train_ids.tolist(), "labels": labels.tolist()}, f)
+    tensors.update(train_pad(ref, out_dir, seed))
 
     # The reference's own bf16 error (weights in bf16, f32 residual stream), to judge ours by.
     bf16 = ZayaForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16, attn_implementation="eager",
@@ -242,6 +289,10 @@ def make_once(name, kwargs, seed):
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
+    if sys.argv[1:2] == ["--add-train-pad"]:
+        for name in sys.argv[2:] or list(FIXTURES):
+            add_train_pad(name)
+        sys.exit(0)
     names = sys.argv[1:] or list(FIXTURES)
     for i, name in enumerate(names):
         make(name, FIXTURES[name], seed=1234 + i)

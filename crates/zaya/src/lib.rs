@@ -24,6 +24,7 @@ pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod text;
+pub mod train;
 pub mod weights;
 
 pub use cache::HybridCache;

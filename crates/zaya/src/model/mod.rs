@@ -377,10 +377,20 @@ impl ZayaModel {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let e = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut e = self.embed_tokens.index_select(&ids, 0)?;
+        // The reference embedding has `padding_idx = pad_token_id`: the lookup sends no
+        // gradient to the pad row. Rows looked up for pad tokens are swapped for a detached
+        // copy of themselves (same values, no gradient path). Only when a graph is recorded
+        // (trainable weights); inference pays nothing.
+        if let (true, Some(pad)) = (self.embed_tokens.track_op(), self.cfg.pad_token_id) {
+            let is_pad = ids
+                .eq(pad)?
+                .unsqueeze(1)?
+                .broadcast_as(e.shape())?
+                .contiguous()?;
+            e = is_pad.where_cond(&e.detach(), &e)?;
+        }
+        let e = e.reshape((b, t, self.cfg.hidden_size))?;
         Ok(e.broadcast_add(&self.input_hidden_states_bias)?
             .broadcast_mul(&self.input_hidden_states_scale)?
             .to_dtype(DType::F32)?)

@@ -1,0 +1,419 @@
+//! The forward/backward engine, with optional gradient checkpointing per decoder layer.
+//!
+//! The layers are cut into segments (one segment of all layers without checkpointing; `k`
+//! layers each with `Every(k)`). The forward keeps only the segment boundaries, detached:
+//! the residual stream **and** the router state `ρ`, which also crosses layers (EDA). The
+//! LM head + loss then runs in chunks on the detached final-norm output and yields
+//! `d loss / d y`. The backward walks the segments in reverse: each one is recomputed from
+//! its boundary, wrapped in fresh `Var`s, and differentiated with the seed
+//! `Σ out ⊙ g_out + Σ ρ_out ⊙ g_ρ + coef·Σ aux_ℓ` — whose gradient with respect to `out` is
+//! exactly `g_out` — giving the parameter gradients of the segment and the gradients of its
+//! inputs for the segment before it. Parameter gradients are summed into one `GradStore`.
+//! The last segment's graph is kept from the forward (it is needed first), so without
+//! checkpointing nothing is recomputed.
+//!
+//! Recomputation is exact (same inputs, same ops, same top-1 choices), so the gradients
+//! equal those without checkpointing up to the order of floating-point additions where a
+//! tensor has several consumers.
+
+use std::ops::Range;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use super::aux_loss::{layer_balance_loss, LayerRoutingStats};
+use super::loss::{chunked_lm_loss, Targets};
+use super::{
+    BackwardOutput, Batch, EvalOutput, Gradients, LossScale, TrainOptions, TrainableModel,
+};
+use crate::attention::AttnImplementation;
+use crate::error::{Result, ZayaError};
+use crate::model::{ForwardContext, ForwardOptions, ZayaModel};
+
+/// Which decoder-layer boundaries are kept during the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Checkpointing {
+    /// Keep the whole graph (fastest, most memory).
+    #[default]
+    Off,
+    /// Keep only layer boundaries; recompute every layer during the backward pass.
+    EveryLayer,
+    /// Keep the boundary every `k` layers; recompute `k` layers at a time.
+    Every(usize),
+}
+
+impl Checkpointing {
+    /// Layers per segment (`None` = no checkpointing).
+    pub fn segment_len(self) -> Result<Option<usize>> {
+        match self {
+            Checkpointing::Off => Ok(None),
+            Checkpointing::EveryLayer => Ok(Some(1)),
+            Checkpointing::Every(0) => Err(ZayaError::Input(
+                "checkpointing every 0 layers: use Checkpointing::Off".into(),
+            )),
+            Checkpointing::Every(k) => Ok(Some(k)),
+        }
+    }
+
+    /// The layer ranges recomputed as one piece.
+    pub fn segments(self, num_layers: usize) -> Result<Vec<Range<usize>>> {
+        let k = self.segment_len()?.unwrap_or(num_layers.max(1));
+        Ok((0..num_layers)
+            .step_by(k)
+            .map(|s| s..(s + k).min(num_layers))
+            .collect())
+    }
+}
+
+/// A batch turned into tensors plus the pieces every segment needs.
+struct Prepared<'a> {
+    model: &'a ZayaModel,
+    ids: Tensor,
+    ctx: ForwardContext,
+    targets: Targets,
+    /// Per flat token, whether it is real (absent = all real).
+    real_host: Option<Vec<bool>>,
+    /// The same as an `[N]` f32 tensor.
+    real: Option<Tensor>,
+    /// Multiplies each layer's differentiable balance loss (0 = not in the graph).
+    aux_weight: f64,
+}
+
+/// What a run over a segment produced.
+struct SegmentRun {
+    hidden: Tensor,
+    state: Option<Tensor>,
+    /// Final-norm output, when the segment ends with the last layer.
+    normed: Option<Tensor>,
+    /// Weighted, differentiable balance losses of the segment's layers.
+    aux_terms: Vec<Tensor>,
+    aux_values: Vec<f64>,
+    stats: Vec<LayerRoutingStats>,
+}
+
+enum SegmentInput<'t> {
+    /// The first segment starts from the token embedding.
+    Embed,
+    Boundary {
+        hidden: &'t Tensor,
+        state: Option<&'t Tensor>,
+    },
+}
+
+fn prepare<'a>(tm: &'a TrainableModel, batch: &Batch, aux_weight: f64) -> Result<Prepared<'a>> {
+    let (b, t) = batch.shape()?;
+    let model = tm.model();
+    let dev = tm.device();
+    let flat: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+    let ids = Tensor::from_vec(flat, (b, t), dev)?;
+    model.check_input_ids(&ids, 0)?;
+    let mask = batch
+        .attention_mask
+        .as_ref()
+        .map(|m| {
+            let flat: Vec<u32> = m.iter().flatten().copied().collect();
+            Tensor::from_vec(flat, (b, t), dev)
+        })
+        .transpose()?;
+    // Training always runs the eager reference attention: it is built from differentiable
+    // ops, whereas fused backends may not record a backward pass.
+    let fopts = ForwardOptions {
+        attention_mask: mask,
+        attn: AttnImplementation::Eager,
+        ..Default::default()
+    };
+    let ctx = model.context(b, t, None, &fopts)?;
+    let targets = Targets::from_labels(&batch.labels, model.config().vocab_size)?;
+    let real_host: Option<Vec<bool>> = batch
+        .attention_mask
+        .as_ref()
+        .map(|m| m.iter().flatten().map(|&x| x != 0).collect());
+    let real = real_host
+        .as_ref()
+        .map(|r| {
+            let v: Vec<f32> = r.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect();
+            Tensor::from_vec(v, b * t, dev)
+        })
+        .transpose()?;
+    Ok(Prepared {
+        model,
+        ids,
+        ctx,
+        targets,
+        real_host,
+        real,
+        aux_weight,
+    })
+}
+
+impl Prepared<'_> {
+    fn run(&self, range: Range<usize>, input: SegmentInput) -> Result<SegmentRun> {
+        let model = self.model;
+        let num_layers = model.config().num_hidden_layers;
+        let e = model.config().num_experts;
+        let (mut h, mut state) = match input {
+            SegmentInput::Embed => (model.embed(&self.ids)?, None),
+            SegmentInput::Boundary { hidden, state } => (hidden.clone(), state.cloned()),
+        };
+        let mut aux_terms = Vec::new();
+        let mut aux_values = Vec::new();
+        let mut stats = Vec::new();
+        let end = range.end;
+        for idx in range {
+            let out = model.layer_forward(idx, &h, state.as_ref(), &self.ctx, None, false)?;
+            let st =
+                LayerRoutingStats::from_choice(&out.routing.choice, self.real_host.as_deref(), e)?;
+            if self.aux_weight != 0.0 {
+                let l = layer_balance_loss(&out.routing.probs, &st, self.real.as_ref())?;
+                aux_values.push(f64::from(l.to_scalar::<f32>()?));
+                aux_terms.push((l * self.aux_weight)?);
+            } else {
+                // Off: the value is still reported, but nothing enters the graph.
+                let l = layer_balance_loss(&out.routing.probs.detach(), &st, self.real.as_ref())?;
+                aux_values.push(f64::from(l.to_scalar::<f32>()?));
+            }
+            stats.push(st);
+            h = out.hidden;
+            state = Some(out.routing.state);
+        }
+        let normed = if end == num_layers {
+            Some(model.final_norm(&h)?)
+        } else {
+            None
+        };
+        Ok(SegmentRun {
+            hidden: h,
+            state,
+            normed,
+            aux_terms,
+            aux_values,
+            stats,
+        })
+    }
+}
+
+/// Adds the parameter gradients of `gs` into `acc`.
+///
+/// candle leaves the gradient of a leaf undetached when the leaf feeds a product directly
+/// (`d(a·b)/da = g·b` keeps `b`'s graph, and `b` may be another `Var`), so every gradient
+/// taken out of a `GradStore` is detached: otherwise it would keep the segment's graph alive
+/// and a later backward through it would count parameters twice.
+fn accumulate(acc: &mut GradStore, tm: &TrainableModel, gs: &GradStore) -> Result<()> {
+    for p in tm.params() {
+        let t = p.var.as_tensor();
+        if let Some(g) = gs.get(t) {
+            let g = g.detach();
+            let sum = match acc.get(t) {
+                Some(old) => (old + g)?,
+                None => g,
+            };
+            acc.insert(t, sum);
+        }
+    }
+    Ok(())
+}
+
+/// `Σ out ⊙ g` as a differentiable scalar (its gradient with respect to `out` is `g`).
+fn contract(out: &Tensor, g: &Tensor) -> Result<Tensor> {
+    Ok(out.mul(&g.to_dtype(out.dtype())?)?.sum_all()?)
+}
+
+pub(crate) fn forward_backward(
+    tm: &TrainableModel,
+    batch: &Batch,
+    opts: &TrainOptions,
+    scale: &LossScale,
+) -> Result<BackwardOutput> {
+    opts.validate()?;
+    let num_layers = tm.config().num_hidden_layers;
+    let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
+    let p = prepare(tm, batch, aux_weight)?;
+    let normalizer = match scale.normalizer {
+        Some(n) => n,
+        None if p.targets.is_empty() => {
+            return Err(ZayaError::Input(
+                "the batch has no counted label (every target is -100)".into(),
+            ))
+        }
+        None => p.targets.len() as f64,
+    };
+    let segments = opts.checkpointing.segments(num_layers)?;
+    let last = segments.len() - 1;
+
+    // Forward: every segment but the last runs without keeping its graph; its outputs
+    // become the (detached) input boundary of the next segment.
+    let mut boundaries: Vec<(Tensor, Option<Tensor>)> = Vec::with_capacity(last);
+    let mut stats = Vec::with_capacity(num_layers);
+    let mut aux_values = Vec::with_capacity(num_layers);
+    for seg in &segments[..last] {
+        let input = match boundaries.last() {
+            None => SegmentInput::Embed,
+            Some((h, s)) => SegmentInput::Boundary {
+                hidden: h,
+                state: s.as_ref(),
+            },
+        };
+        let run = p.run(seg.clone(), input)?;
+        stats.extend(run.stats);
+        aux_values.extend(run.aux_values);
+        boundaries.push((run.hidden.detach(), run.state.map(|s| s.detach())));
+    }
+    // The last segment keeps its graph; its inputs are leaves so their gradients come out.
+    let boundary_vars = |i: usize| -> Result<Option<(Var, Option<Var>)>> {
+        if i == 0 {
+            return Ok(None);
+        }
+        let (h, s) = &boundaries[i - 1];
+        Ok(Some((
+            Var::from_tensor(h)?,
+            s.as_ref().map(Var::from_tensor).transpose()?,
+        )))
+    };
+    let inputs = boundary_vars(last)?;
+    let run = p.run(
+        segments[last].clone(),
+        match &inputs {
+            None => SegmentInput::Embed,
+            Some((h, s)) => SegmentInput::Boundary {
+                hidden: h.as_tensor(),
+                state: s.as_ref().map(|v| v.as_tensor()),
+            },
+        },
+    )?;
+    stats.extend(run.stats.iter().cloned());
+    aux_values.extend(run.aux_values.iter().copied());
+    let normed = run
+        .normed
+        .as_ref()
+        .ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
+
+    let head = chunked_lm_loss(
+        p.model,
+        normed,
+        &p.targets,
+        normalizer,
+        opts.loss_chunk,
+        true,
+    )?;
+    let mut acc = head.grads;
+
+    // Backward, last segment first.
+    let mut seed = match &head.grad_hidden {
+        Some(g) => contract(normed, g)?,
+        None => Tensor::zeros((), DType::F32, tm.device())?,
+    };
+    for a in &run.aux_terms {
+        seed = (seed + a)?;
+    }
+    let gs = seed.backward()?;
+    accumulate(&mut acc, tm, &gs)?;
+    let mut upstream = input_grads(&gs, inputs.as_ref())?;
+    // The seed (and the run) hold the last segment's whole graph: free it before the
+    // earlier segments are recomputed, or checkpointing would save nothing for it.
+    drop((gs, seed, run));
+
+    for i in (0..last).rev() {
+        let inputs = boundary_vars(i)?;
+        let run = p.run(
+            segments[i].clone(),
+            match &inputs {
+                None => SegmentInput::Embed,
+                Some((h, s)) => SegmentInput::Boundary {
+                    hidden: h.as_tensor(),
+                    state: s.as_ref().map(|v| v.as_tensor()),
+                },
+            },
+        )?;
+        let (g_h, g_s) = upstream.take().ok_or_else(|| {
+            ZayaError::Input("checkpointing: no gradient reached a segment boundary".into())
+        })?;
+        let mut seed = contract(&run.hidden, &g_h)?;
+        if let (Some(s), Some(g)) = (&run.state, &g_s) {
+            seed = (seed + contract(s, g)?)?;
+        }
+        for a in &run.aux_terms {
+            seed = (seed + a)?;
+        }
+        let gs = seed.backward()?;
+        accumulate(&mut acc, tm, &gs)?;
+        upstream = input_grads(&gs, inputs.as_ref())?;
+    }
+
+    let num = aux_values.len().max(1) as f64;
+    Ok(BackwardOutput {
+        loss: head.nll_sum / normalizer,
+        aux_loss: aux_values.iter().sum::<f64>() / num,
+        targets: head.count,
+        routing: stats,
+        grads: Gradients::from_store(tm.params(), &acc),
+    })
+}
+
+type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
+
+/// Gradients of a segment's boundary inputs (none for the embedding segment).
+fn input_grads(gs: &GradStore, inputs: Option<&(Var, Option<Var>)>) -> Result<BoundaryGrads> {
+    let Some((h, s)) = inputs else {
+        return Ok(None);
+    };
+    // Detached: see `accumulate` (the router state feeds `ρ · scale` directly, so its
+    // gradient would otherwise carry the next layer's `router_states_scale`).
+    let g_h = match gs.get(h.as_tensor()) {
+        Some(g) => g.detach(),
+        None => h.as_tensor().zeros_like()?,
+    };
+    let g_s = s
+        .as_ref()
+        .and_then(|s| gs.get(s.as_tensor()).map(Tensor::detach));
+    Ok(Some((g_h, g_s)))
+}
+
+pub(crate) fn evaluate(
+    tm: &TrainableModel,
+    batch: &Batch,
+    opts: &TrainOptions,
+) -> Result<EvalOutput> {
+    opts.validate()?;
+    let num_layers = tm.config().num_hidden_layers;
+    let p = prepare(tm, batch, 0.0)?;
+    if p.targets.is_empty() {
+        return Err(ZayaError::Input(
+            "the batch has no counted label (every target is -100)".into(),
+        ));
+    }
+    // One layer at a time, detaching in between: no graph outlives a layer.
+    let mut stats = Vec::with_capacity(num_layers);
+    let mut aux_values = Vec::with_capacity(num_layers);
+    let mut carry: Option<(Tensor, Option<Tensor>)> = None;
+    let mut normed = None;
+    for seg in Checkpointing::EveryLayer.segments(num_layers)? {
+        let input = match &carry {
+            None => SegmentInput::Embed,
+            Some((h, s)) => SegmentInput::Boundary {
+                hidden: h,
+                state: s.as_ref(),
+            },
+        };
+        let run = p.run(seg, input)?;
+        stats.extend(run.stats);
+        aux_values.extend(run.aux_values);
+        normed = run.normed.map(|n| n.detach());
+        carry = Some((run.hidden.detach(), run.state.map(|s| s.detach())));
+    }
+    let normed = normed.ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
+    let head = chunked_lm_loss(
+        p.model,
+        &normed,
+        &p.targets,
+        p.targets.len() as f64,
+        opts.loss_chunk,
+        false,
+    )?;
+    let num = aux_values.len().max(1) as f64;
+    Ok(EvalOutput {
+        loss: head.nll_sum / head.count as f64,
+        aux_loss: aux_values.iter().sum::<f64>() / num,
+        targets: head.count,
+        routing: stats,
+    })
+}

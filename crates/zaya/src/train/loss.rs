@@ -1,0 +1,222 @@
+//! Causal-LM cross-entropy exactly as the reference computes it (`ForCausalLMLoss`): the
+//! labels are shifted left by one (position `t` predicts label `t + 1`, the last position
+//! predicts nothing), `-100` is ignored, and the loss is the mean over the counted targets
+//! (or their sum divided by a caller-given normaliser, for gradient accumulation).
+//!
+//! The `[tokens × vocab]` logits are never materialised at once: the LM head and the
+//! log-softmax run over chunks of the counted positions, each chunk is differentiated on its
+//! own (its logits are freed before the next chunk starts) and the gradient with respect to
+//! the final hidden states is assembled from the chunks.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var, D};
+
+use crate::error::{Result, ZayaError};
+use crate::model::ZayaModel;
+
+/// Label value that contributes nothing to the loss.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The counted targets of a batch after the causal shift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// Flat (row-major `b·T + t`) index of the position whose logits predict the target.
+    pub rows: Vec<u32>,
+    /// Target token of each counted position.
+    pub ids: Vec<u32>,
+}
+
+impl Targets {
+    /// Shifts `labels` (`[B][T]`) as the reference does and checks every label is either
+    /// `-100` or a token id below `vocab_size`.
+    pub fn from_labels(labels: &[Vec<i64>], vocab_size: usize) -> Result<Self> {
+        let t = labels.first().map_or(0, |r| r.len());
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        for (b, row) in labels.iter().enumerate() {
+            if row.len() != t {
+                return Err(ZayaError::Input(format!(
+                    "labels row {b} has {} positions, row 0 has {t}",
+                    row.len()
+                )));
+            }
+            for (pos, &l) in row.iter().enumerate() {
+                if l == IGNORE_INDEX {
+                    continue;
+                }
+                if l < 0 || l as usize >= vocab_size {
+                    return Err(ZayaError::Input(format!(
+                        "label {l} at row {b}, position {pos} is neither -100 nor a token id \
+                         below vocab_size {vocab_size}"
+                    )));
+                }
+                // The label at position 0 is never predicted (nothing precedes it).
+                if pos > 0 {
+                    rows.push((b * t + pos - 1) as u32);
+                    ids.push(l as u32);
+                }
+            }
+        }
+        Ok(Targets { rows, ids })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Numerically stable log-softmax over the last axis, built only from ops that have a
+/// backward pass (candle's fused `softmax_last_dim` would silently drop the gradient). The
+/// row maximum is detached: it cancels exactly in the value, so its gradient is zero anyway.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// What the LM head and the loss produced for one batch.
+#[derive(Debug)]
+pub struct LossHeadOutput {
+    /// Σ −log p(target) over the counted targets (accumulated in f64 on the host).
+    pub nll_sum: f64,
+    /// Number of counted targets.
+    pub count: usize,
+    /// `d(nll_sum / normalizer) / d(hidden)`, shaped like `hidden` (absent without backward).
+    pub grad_hidden: Option<Tensor>,
+    /// Gradients of the LM head parameters (the embedding when tied), keyed by tensor id.
+    pub grads: GradStore,
+}
+
+/// LM head + cross-entropy over `hidden` (`[B, T, H]`, the final-norm output), `chunk`
+/// counted positions at a time. With `backward`, each chunk's `nll / normalizer` is
+/// differentiated immediately.
+pub fn chunked_lm_loss(
+    model: &ZayaModel,
+    hidden: &Tensor,
+    targets: &Targets,
+    normalizer: f64,
+    chunk: usize,
+    backward: bool,
+) -> Result<LossHeadOutput> {
+    if chunk == 0 {
+        return Err(ZayaError::Input(
+            "loss chunk size must be at least 1".into(),
+        ));
+    }
+    if !(normalizer > 0.0 && normalizer.is_finite()) {
+        return Err(ZayaError::Input(format!(
+            "loss normaliser must be positive and finite, got {normalizer}"
+        )));
+    }
+    let (b, t, h) = hidden.dims3()?;
+    let dev = hidden.device();
+    let flat = hidden.detach().reshape((b * t, h))?;
+    let mut grads = GradStore::default();
+    let mut grad_flat = if backward {
+        Some(Tensor::zeros((b * t, h), hidden.dtype(), dev)?)
+    } else {
+        None
+    };
+    let mut nll_sum = 0f64;
+    for start in (0..targets.len()).step_by(chunk) {
+        let n = chunk.min(targets.len() - start);
+        let rows = Tensor::new(&targets.rows[start..start + n], dev)?;
+        let ids = Tensor::new(&targets.ids[start..start + n], dev)?.unsqueeze(1)?;
+        let y = Var::from_tensor(&flat.index_select(&rows, 0)?)?;
+        // The reference up-casts the logits to f32 before the loss.
+        let logits = model.lm_head(y.as_tensor())?.to_dtype(DType::F32)?;
+        let picked = log_softmax(&logits)?.gather(&ids, 1)?;
+        let nll = picked.sum_all()?.neg()?;
+        nll_sum += f64::from(nll.to_scalar::<f32>()?);
+        if let Some(acc) = grad_flat.as_mut() {
+            let gs = (nll / normalizer)?.backward()?;
+            // Gradients are detached: a leaf's gradient can keep a graph (see
+            // `checkpointing::accumulate`).
+            if let Some(g) = gs.get(y.as_tensor()) {
+                *acc = acc.index_add(&rows, &g.detach().to_dtype(acc.dtype())?, 0)?;
+            }
+            for w in std::iter::once(model.lm_head_weight()).chain(model.lm_head_bias()) {
+                if let Some(g) = gs.get(w) {
+                    let g = g.detach();
+                    let sum = match grads.get(w) {
+                        Some(old) => (old + g)?,
+                        None => g,
+                    };
+                    grads.insert(w, sum);
+                }
+            }
+        }
+    }
+    Ok(LossHeadOutput {
+        nll_sum,
+        count: targets.len(),
+        grad_hidden: grad_flat.map(|g| g.reshape((b, t, h))).transpose()?,
+        grads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn targets_shift_left_and_skip_ignored_labels() {
+        let labels = vec![vec![5, -100, 7, 8], vec![-100, 1, -100, 2]];
+        let t = Targets::from_labels(&labels, 10).unwrap();
+        // row 0: positions 1..3 carry -100, 7, 8 → predicted from positions 1 and 2
+        // row 1: labels 1 (pos 1) and 2 (pos 3) → predicted from flat rows 4 and 6
+        assert_eq!(t.rows, vec![1, 2, 4, 6]);
+        assert_eq!(t.ids, vec![7, 8, 1, 2]);
+    }
+
+    #[test]
+    fn bad_labels_are_rejected() {
+        assert!(Targets::from_labels(&[vec![0, 10]], 10).is_err());
+        assert!(Targets::from_labels(&[vec![0, -5]], 10).is_err());
+        assert!(Targets::from_labels(&[vec![0, 1], vec![1]], 10).is_err());
+    }
+
+    #[test]
+    fn log_softmax_is_stable_and_differentiable() {
+        let dev = Device::Cpu;
+        let x = Var::new(&[[1000f32, 1001., 1002.], [-3., 0., 2.]], &dev).unwrap();
+        let lp = log_softmax(x.as_tensor()).unwrap();
+        let got: Vec<Vec<f32>> = lp.to_vec2().unwrap();
+        for (row, xs) in got.iter().zip([[1000f64, 1001., 1002.], [-3., 0., 2.]]) {
+            let m = xs.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + xs.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            for (g, v) in row.iter().zip(xs) {
+                assert!((*g as f64 - (v - lse)).abs() < 1e-5, "{got:?}");
+            }
+        }
+        // d/dx Σ_j w_j log_softmax(x)_j = w − softmax(x)·Σw
+        let w = Tensor::new(&[[1f32, 0., 0.], [0., 2., 0.]], &dev).unwrap();
+        let g = (lp * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let xs = [[1000f64, 1001., 1002.], [-3., 0., 2.]];
+        let ws = [[1f64, 0., 0.], [0., 2., 0.]];
+        for r in 0..2 {
+            let m = xs[r].iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = xs[r].iter().map(|v| (v - m).exp()).sum();
+            let sw: f64 = ws[r].iter().sum();
+            for j in 0..3 {
+                let want = ws[r][j] - (xs[r][j] - m).exp() / z * sw;
+                assert!((g[r][j] as f64 - want).abs() < 1e-5, "{g:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! Fine-tuning: a trainable model (f32 master weights in a candle `VarMap`), the causal-LM
+//! loss computed in chunks, the router load-balancing loss and bias rule, per-layer gradient
+//! checkpointing, AdamW with a warm-up + cosine schedule, and a training loop with exact
+//! resume.
+//!
+//! Parameter names are the HF 5.23 (native layout) names, which are also the `VarMap` keys;
+//! with tied embeddings there is no `lm_head.weight` parameter: the head uses
+//! `model.embed_tokens.weight`, which receives both gradients (as in the reference, where
+//! `named_parameters` lists the tied weight once). The per-layer `balancing_biases` are
+//! buffers: they live in the `VarMap` (so the model reads them like any weight and they are
+//! saved with the checkpoint) but are not parameters — no gradient, no optimizer; the
+//! bias-balancing rule updates them between steps.
+
+pub mod aux_loss;
+pub mod checkpointing;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::config::ZayaConfig;
+use crate::error::{Result, ZayaError};
+use crate::model::ZayaModel;
+use crate::weights::{native_specs, save_checkpoint, Checkpoint, Layout};
+pub use aux_loss::LayerRoutingStats;
+pub use checkpointing::Checkpointing;
+pub use loss::{Targets, IGNORE_INDEX};
+
+/// Where tensors handed over in memory come from, for error messages.
+const IN_MEMORY: &str = "<in-memory tensors>";
+
+/// One trainable tensor.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// HF parameter name (native layout).
+    pub name: String,
+    pub var: Var,
+    /// AdamW weight decay applies (matrices and stacked expert / conv weights); norms,
+    /// biases, scales and every other 1-D parameter are not decayed.
+    pub decay: bool,
+}
+
+/// A labelled batch. Rows have equal length; pad them and give an `attention_mask`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub input_ids: Vec<Vec<u32>>,
+    /// `-100` = not counted. Same shape as `input_ids`; position `t + 1` is the target of
+    /// position `t` (the reference's shift).
+    pub labels: Vec<Vec<i64>>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Option<Vec<Vec<u32>>>,
+}
+
+impl Batch {
+    /// Checks the shapes and mask values; returns `(B, T)`.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        let b = self.input_ids.len();
+        let t = self.input_ids.first().map_or(0, |r| r.len());
+        if b == 0 || t == 0 {
+            return Err(ZayaError::Input(
+                "a batch needs at least one row of at least one token".into(),
+            ));
+        }
+        let rect = |rows: &[Vec<_>]| rows.len() == b && rows.iter().all(|r| r.len() == t);
+        if !rect(&self.input_ids) {
+            return Err(ZayaError::Input(format!(
+                "input_ids rows differ in length (row 0 has {t})"
+            )));
+        }
+        if self.labels.len() != b || self.labels.iter().any(|r| r.len() != t) {
+            return Err(ZayaError::Input(format!(
+                "labels must have the shape of input_ids [{b}, {t}]"
+            )));
+        }
+        if let Some(m) = &self.attention_mask {
+            if !rect(m) {
+                return Err(ZayaError::Input(format!(
+                    "attention_mask must have the shape of input_ids [{b}, {t}]"
+                )));
+            }
+            if m.iter().flatten().any(|&x| x > 1) {
+                return Err(ZayaError::Input(
+                    "attention_mask values must be 0 or 1".into(),
+                ));
+            }
+        }
+        Ok((b, t))
+    }
+
+    /// Number of counted targets after the causal shift.
+    pub fn num_targets(&self) -> usize {
+        self.labels
+            .iter()
+            .map(|r| r.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count())
+            .sum()
+    }
+}
+
+/// How a forward/backward pass is run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainOptions {
+    pub checkpointing: Checkpointing,
+    /// Weight of the router balance loss (`router_aux_loss_coef`); 0 switches it off (its
+    /// value is still reported).
+    pub aux_loss_coef: f64,
+    /// Counted positions per LM-head chunk (bounds the live `[chunk, vocab]` logits).
+    pub loss_chunk: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            checkpointing: Checkpointing::Off,
+            aux_loss_coef: 0.001,
+            loss_chunk: 512,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Rejects a zero chunk size, a negative or non-finite coefficient and `Every(0)`.
+    pub fn validate(&self) -> Result<()> {
+        if self.loss_chunk == 0 {
+            return Err(ZayaError::Input(
+                "loss chunk size must be at least 1".into(),
+            ));
+        }
+        if !(self.aux_loss_coef >= 0.0 && self.aux_loss_coef.is_finite()) {
+            return Err(ZayaError::Input(format!(
+                "router_aux_loss_coef must be finite and >= 0, got {}",
+                self.aux_loss_coef
+            )));
+        }
+        self.checkpointing.segment_len()?;
+        Ok(())
+    }
+
+    /// Defaults with the config's `router_aux_loss_coef` and a loss chunk of about 16M
+    /// logits (64 MiB per `[chunk, vocab]` f32 tensor; the log-softmax and its backward hold
+    /// a handful of them): 524 positions for a 32k vocabulary, 64 for ZAYA1's 262k.
+    pub fn for_config(cfg: &ZayaConfig) -> Self {
+        TrainOptions {
+            aux_loss_coef: cfg.router_aux_loss_coef,
+            loss_chunk: ((1usize << 24) / cfg.vocab_size.max(1)).clamp(8, 1024),
+            ..Default::default()
+        }
+    }
+}
+
+/// How one micro-batch's losses are weighted in the step's objective
+/// `Σ_mb nll_sum_mb / normalizer + coef · Σ_mb aux_weight_mb · aux_mb`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    /// Divides the summed token NLL; `None` = this batch's own target count (the mean).
+    pub normalizer: Option<f64>,
+    /// Multiplies `coef · aux` (1 / number of micro-batches under accumulation).
+    pub aux_weight: f64,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale {
+            normalizer: None,
+            aux_weight: 1.0,
+        }
+    }
+}
+
+/// Gradients aligned with [`TrainableModel::params`]; `None` where a parameter got none.
+#[derive(Debug, Clone, Default)]
+pub struct Gradients {
+    pub grads: Vec<Option<Tensor>>,
+}
+
+impl Gradients {
+    pub(crate) fn from_store(params: &[Param], store: &GradStore) -> Self {
+        Gradients {
+            grads: params
+                .iter()
+                .map(|p| store.get(p.var.as_tensor()).map(Tensor::detach))
+                .collect(),
+        }
+    }
+
+    /// Adds `other` (same parameter list) into `self`.
+    pub fn accumulate(&mut self, other: &Gradients) -> Result<()> {
+        if self.grads.is_empty() {
+            *self = other.clone();
+            return Ok(());
+        }
+        if self.grads.len() != other.grads.len() {
+            return Err(ZayaError::Input(format!(
+                "cannot add gradients of {} and {} parameters",
+                self.grads.len(),
+                other.grads.len()
+            )));
+        }
+        for (a, b) in self.grads.iter_mut().zip(&other.grads) {
+            *a = match (a.take(), b) {
+                (Some(x), Some(y)) => Some((x + y)?),
+                (x, None) => x,
+                (None, Some(y)) => Some(y.clone()),
+            };
+        }
+        Ok(())
+    }
+
+    /// `sqrt(Σ ‖g‖²)` over every gradient, accumulated in f64.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut sum = 0f64;
+        for g in self.grads.iter().flatten() {
+            sum += f64::from(
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?,
+            );
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// Multiplies every gradient by `factor`.
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.grads.iter_mut().flatten() {
+            *g = (&*g * factor)?;
+        }
+        Ok(())
+    }
+
+    /// Gradients by HF parameter name (parameters without a gradient are left out).
+    pub fn named(&self, params: &[Param]) -> BTreeMap<String, Tensor> {
+        params
+            .iter()
+            .zip(&self.grads)
+            .filter_map(|(p, g)| g.as_ref().map(|g| (p.name.clone(), g.clone())))
+            .collect()
+    }
+}
+
+/// Result of [`TrainableModel::forward_backward`].
+#[derive(Debug, Clone)]
+pub struct BackwardOutput {
+    /// Σ NLL / normalizer (the reference's loss when the normaliser is the target count).
+    pub loss: f64,
+    /// Balance loss (unweighted, mean over layers).
+    pub aux_loss: f64,
+    /// Counted targets of this batch.
+    pub targets: usize,
+    /// Per layer routing counts over the real tokens.
+    pub routing: Vec<LayerRoutingStats>,
+    pub grads: Gradients,
+}
+
+/// Result of [`TrainableModel::evaluate`].
+#[derive(Debug, Clone)]
+pub struct EvalOutput {
+    /// Mean NLL over the counted targets.
+    pub loss: f64,
+    pub aux_loss: f64,
+    pub targets: usize,
+    pub routing: Vec<LayerRoutingStats>,
+}
+
+/// A model whose weights are `Var`s (f32 master copies) in a `VarMap`.
+pub struct TrainableModel {
+    cfg: ZayaConfig,
+    varmap: VarMap,
+    model: ZayaModel,
+    params: Vec<Param>,
+    /// `model.layers.{i}.mlp.gate.balancing_biases`, per layer.
+    biases: Vec<Var>,
+    device: Device,
+}
+
+impl std::fmt::Debug for TrainableModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainableModel")
+            .field("layers", &self.cfg.num_hidden_layers)
+            .field("params", &self.params.len())
+            .finish()
+    }
+}
+
+fn bias_name(layer: usize) -> String {
+    format!("model.layers.{layer}.mlp.gate.balancing_biases")
+}
+
+impl TrainableModel {
+    /// Loads a checkpoint directory (either layout, any stored float dtype) into f32 `Var`s.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let ckpt = Checkpoint::open(dir)?;
+        let cfg = ckpt.config()?;
+        ckpt.validate(&cfg)?;
+        let dev = Device::Cpu;
+        let tensors = native_specs(&cfg)
+            .into_iter()
+            .map(|s| Ok((s.name.clone(), ckpt.load(&cfg, &s.name, DType::F32, &dev)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Self::from_tensors(&cfg, &tensors)
+    }
+
+    /// Builds from every native tensor (names and shapes as [`native_specs`]), copied to f32.
+    pub fn from_tensors(cfg: &ZayaConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
+        let specs = native_specs(cfg);
+        for (name, t) in tensors {
+            if !specs.iter().any(|s| &s.name == name) {
+                return Err(ZayaError::UnexpectedTensor {
+                    name: name.clone(),
+                    shape: t.dims().to_vec(),
+                    file: PathBuf::from(IN_MEMORY),
+                });
+            }
+        }
+        let varmap = VarMap::new();
+        let mut params = Vec::new();
+        let mut biases = Vec::new();
+        {
+            let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            for spec in &specs {
+                let t = tensors
+                    .get(&spec.name)
+                    .ok_or_else(|| ZayaError::MissingTensor {
+                        name: spec.name.clone(),
+                        expected: spec.shape.clone(),
+                        location: PathBuf::from(IN_MEMORY),
+                    })?;
+                if t.dims() != spec.shape.as_slice() {
+                    return Err(ZayaError::ShapeMismatch {
+                        name: spec.name.clone(),
+                        expected: spec.shape.clone(),
+                        found: t.dims().to_vec(),
+                        file: PathBuf::from(IN_MEMORY),
+                    });
+                }
+                // `from_tensor` copies: the master weights never alias the caller's tensors.
+                let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                if spec.name.ends_with(".balancing_biases") {
+                    biases.push(var.clone());
+                } else {
+                    params.push(Param {
+                        name: spec.name.clone(),
+                        decay: spec.shape.len() >= 2,
+                        var: var.clone(),
+                    });
+                }
+                data.insert(spec.name.clone(), var);
+            }
+        }
+        let device = Device::Cpu;
+        let model = Self::build(cfg, &varmap, &device)?;
+        Ok(TrainableModel {
+            cfg: cfg.clone(),
+            varmap,
+            model,
+            params,
+            biases,
+            device,
+        })
+    }
+
+    fn build(cfg: &ZayaConfig, varmap: &VarMap, device: &Device) -> Result<ZayaModel> {
+        let before = varmap.all_vars().len();
+        let model = ZayaModel::new(cfg, VarBuilder::from_varmap(varmap, DType::F32, device))?;
+        // A name the model asks for that is not in the map would be silently created (with
+        // a default init) by the VarMap backend: that would be a bug, not a user error.
+        let after = varmap.all_vars().len();
+        if after != before {
+            return Err(ZayaError::Input(format!(
+                "model construction created {} unexpected variables",
+                after - before
+            )));
+        }
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &ZayaConfig {
+        &self.cfg
+    }
+
+    /// The model, reading the live `Var`s (updates by the optimizer are seen immediately).
+    pub fn model(&self) -> &ZayaModel {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every trainable parameter, in module order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    pub fn param_index(&self, name: &str) -> Option<usize> {
+        self.params.iter().position(|p| p.name == name)
+    }
+
+    /// Every native tensor (parameters and balancing biases) as detached copies.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        data.iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+            .collect()
+    }
+
+    /// Writes a native-layout f32 checkpoint directory (config + weights).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        save_checkpoint(dir, &self.cfg, &self.tensors()?, Layout::Native)
+    }
+
+    /// Balancing biases of every layer (`E + 1` each, skip last).
+    pub fn balancing_biases(&self) -> Result<Vec<Vec<f32>>> {
+        self.biases
+            .iter()
+            .map(|b| Ok(b.as_tensor().to_vec1::<f32>()?))
+            .collect()
+    }
+
+    /// Overwrites the balancing biases of `layer`. The router keeps a host copy of its biases
+    /// for the top-1 choice, so the model is rebuilt from the `VarMap` (cheap: it shares the
+    /// `Var` storage; nothing is copied).
+    pub fn set_balancing_biases(&mut self, layer: usize, values: &[f32]) -> Result<()> {
+        self.write_bias(layer, values)?;
+        self.model = Self::build(&self.cfg, &self.varmap, &self.device)?;
+        Ok(())
+    }
+
+    fn write_bias(&self, layer: usize, values: &[f32]) -> Result<()> {
+        let var = self.biases.get(layer).ok_or_else(|| {
+            ZayaError::Input(format!(
+                "layer {layer} out of range ({} layers)",
+                self.biases.len()
+            ))
+        })?;
+        if values.len() != self.cfg.num_experts + 1 {
+            return Err(ZayaError::ShapeMismatch {
+                name: bias_name(layer),
+                expected: vec![self.cfg.num_experts + 1],
+                found: vec![values.len()],
+                file: PathBuf::from(IN_MEMORY),
+            });
+        }
+        var.set(&Tensor::new(values, &self.device)?)?;
+        Ok(())
+    }
+
+    /// The bias-balancing rule on every layer from that layer's routing counts of the step:
+    /// `b_e += lr · sign(mean_count − count_e)` for real experts, skip untouched.
+    pub fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> Result<()> {
+        if routing.len() != self.biases.len() {
+            return Err(ZayaError::Input(format!(
+                "routing counts for {} layers, the model has {}",
+                routing.len(),
+                self.biases.len()
+            )));
+        }
+        let current = self.balancing_biases()?;
+        for (layer, (b, stats)) in current.iter().zip(routing).enumerate() {
+            let new = aux_loss::balance_bias_update(b, &stats.counts, lr)?;
+            self.write_bias(layer, &new)?;
+        }
+        self.model = Self::build(&self.cfg, &self.varmap, &self.device)?;
+        Ok(())
+    }
+
+    /// Loss and gradients of every parameter for `batch`. The objective differentiated is
+    /// `nll_sum / normalizer + aux_loss_coef · aux_weight · aux`.
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+    ) -> Result<BackwardOutput> {
+        checkpointing::forward_backward(self, batch, opts, scale)
+    }
+
+    /// Loss without gradients (layer by layer, no graph kept beyond one layer).
+    pub fn evaluate(&self, batch: &Batch, opts: &TrainOptions) -> Result<EvalOutput> {
+        checkpointing::evaluate(self, batch, opts)
+    }
+
+    /// Loads tensors by native name into the parameters and biases (exact resume and tests).
+    pub fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            for (name, t) in tensors {
+                let var = data.get(name).ok_or_else(|| ZayaError::UnexpectedTensor {
+                    name: name.clone(),
+                    shape: t.dims().to_vec(),
+                    file: PathBuf::from(IN_MEMORY),
+                })?;
+                if var.dims() != t.dims() {
+                    return Err(ZayaError::ShapeMismatch {
+                        name: name.clone(),
+                        expected: var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                        file: PathBuf::from(IN_MEMORY),
+                    });
+                }
+                var.set(&t.to_dtype(DType::F32)?)?;
+            }
+        }
+        self.model = Self::build(&self.cfg, &self.varmap, &self.device)?;
+        Ok(())
+    }
+}
+
+/// `loss` (and with `grads`, `grad.<HF name>` for every parameter) for a labelled batch, as
+/// the reference `ZayaForCausalLM(input_ids, labels=…)` computes them: cross-entropy only
+/// (the reference has no auxiliary loss). `aux_loss` (the balance loss, unweighted) is
+/// reported beside it.
+pub fn labelled_outputs(
+    model: &TrainableModel,
+    batch: &Batch,
+    grads: bool,
+    checkpointing: Checkpointing,
+) -> Result<BTreeMap<String, Tensor>> {
+    let opts = TrainOptions {
+        checkpointing,
+        aux_loss_coef: 0.0,
+        ..Default::default()
+    };
+    let mut out = BTreeMap::new();
+    let (loss, aux) = if grads {
+        let r = model.forward_backward(batch, &opts, &LossScale::default())?;
+        for (name, g) in r.grads.named(model.params()) {
+            out.insert(format!("grad.{name}"), g);
+        }
+        (r.loss, r.aux_loss)
+    } else {
+        let r = model.evaluate(batch, &opts)?;
+        (r.loss, r.aux_loss)
+    };
+    out.insert("loss".into(), Tensor::new(&[loss as f32], model.device())?);
+    out.insert(
+        "aux_loss".into(),
+        Tensor::new(&[aux as f32], model.device())?,
+    );
+    Ok(out)
+}

@@ -1,0 +1,326 @@
+//! The training loop: gradient accumulation over micro-batches, clipping, the schedule,
+//! AdamW, the bias-balancing rule, a CSV log and checkpoints that resume exactly.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` under a root, holding the model (native
+//! f32 `model.safetensors` + `config.json`, balancing biases included), the optimizer state
+//! (`optimizer.safetensors`) and `trainer_state.json` (step count and trainer settings). It is
+//! written under a temporary name and renamed into place, then the root's `latest` file is
+//! replaced atomically: a crash leaves the previous checkpoint intact and `latest` valid.
+//! Training has no randomness (no dropout, deterministic kernels), so restoring these files
+//! reproduces the uninterrupted run bit for bit.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::CosineSchedule;
+use super::{
+    Batch, Checkpointing, Gradients, LayerRoutingStats, LossScale, TrainOptions, TrainableModel,
+};
+use crate::error::{Result, ZayaError};
+use crate::weights::write_atomic;
+
+/// Settings of a training run (saved with every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    pub schedule: CosineSchedule,
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this value (`None` = no clipping; the norm is
+    /// still reported).
+    pub max_grad_norm: Option<f64>,
+    pub checkpointing: Checkpointing,
+    /// Weight of the router balance loss (0 = off).
+    pub aux_loss_coef: f64,
+    pub loss_chunk: usize,
+    /// Step of the bias-balancing rule (0 = off).
+    pub balance_bias_lr: f64,
+}
+
+impl TrainerConfig {
+    /// Defaults for `model`: constant `lr`, torch AdamW settings, clipping at 1.0, the
+    /// config's `router_aux_loss_coef`, no bias balancing.
+    pub fn new(model: &TrainableModel, lr: f64) -> Self {
+        let opts = TrainOptions::for_config(model.config());
+        TrainerConfig {
+            schedule: CosineSchedule::constant(lr),
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            checkpointing: opts.checkpointing,
+            aux_loss_coef: opts.aux_loss_coef,
+            loss_chunk: opts.loss_chunk,
+            balance_bias_lr: 0.0,
+        }
+    }
+
+    pub fn train_options(&self) -> TrainOptions {
+        TrainOptions {
+            checkpointing: self.checkpointing,
+            aux_loss_coef: self.aux_loss_coef,
+            loss_chunk: self.loss_chunk,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.schedule.validate()?;
+        self.adamw.validate()?;
+        self.train_options().validate()?;
+        if let Some(n) = self.max_grad_norm {
+            if !(n > 0.0 && n.is_finite()) {
+                return Err(ZayaError::Input(format!(
+                    "max_grad_norm must be positive, got {n}"
+                )));
+            }
+        }
+        if !(self.balance_bias_lr >= 0.0 && self.balance_bias_lr.is_finite()) {
+            return Err(ZayaError::Input(format!(
+                "balance_bias_lr must be finite and >= 0, got {}",
+                self.balance_bias_lr
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Steps taken after this one.
+    pub step: u64,
+    pub lr: f64,
+    /// Cross-entropy, mean over the counted targets of all micro-batches.
+    pub loss: f64,
+    /// Balance loss (mean over layers and micro-batches), before the coefficient.
+    pub aux_loss: f64,
+    /// `loss + aux_loss_coef · aux_loss`: the objective that was differentiated.
+    pub total_loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub targets: usize,
+    /// Per layer routing counts over the step's real tokens.
+    pub routing: Vec<LayerRoutingStats>,
+    /// Skip share averaged over layers.
+    pub skip_fraction: f64,
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    config: TrainerConfig,
+}
+
+const CSV_HEADER: &str = "step,lr,loss,aux_loss,total_loss,grad_norm,skip_fraction,targets,seconds";
+
+pub struct Trainer {
+    model: TrainableModel,
+    opt: AdamW,
+    cfg: TrainerConfig,
+    step: u64,
+    log: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("config", &self.cfg)
+            .finish()
+    }
+}
+
+fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+impl Trainer {
+    pub fn new(model: TrainableModel, cfg: TrainerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let opt = AdamW::new(model.params(), cfg.adamw)?;
+        Ok(Trainer {
+            model,
+            opt,
+            cfg,
+            step: 0,
+            log: None,
+        })
+    }
+
+    /// Appends one CSV line per step to `path` (header written when the file is new).
+    pub fn with_log(mut self, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        if !path.exists() {
+            write_atomic(&path, format!("{CSV_HEADER}\n").as_bytes())?;
+        }
+        self.log = Some(path);
+        Ok(self)
+    }
+
+    pub fn model(&self) -> &TrainableModel {
+        &self.model
+    }
+    pub fn config(&self) -> &TrainerConfig {
+        &self.cfg
+    }
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation): the token losses of
+    /// all micro-batches are averaged together (each micro-batch's NLL sum is divided by the
+    /// step's total target count), the balance loss is averaged over micro-batches.
+    pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
+        let start = Instant::now();
+        if micro_batches.is_empty() {
+            return Err(ZayaError::Input("a step needs at least one batch".into()));
+        }
+        let total: usize = micro_batches.iter().map(Batch::num_targets).sum();
+        if total == 0 {
+            return Err(ZayaError::Input(
+                "no counted label in the step's batches (every target is -100)".into(),
+            ));
+        }
+        let opts = self.cfg.train_options();
+        let scale = LossScale {
+            normalizer: Some(total as f64),
+            aux_weight: 1.0 / micro_batches.len() as f64,
+        };
+        let mut grads = Gradients::default();
+        let mut routing: Vec<LayerRoutingStats> = Vec::new();
+        let (mut loss, mut aux) = (0.0, 0.0);
+        for mb in micro_batches {
+            let out = self.model.forward_backward(mb, &opts, &scale)?;
+            grads.accumulate(&out.grads)?;
+            loss += out.loss;
+            aux += out.aux_loss * scale.aux_weight;
+            if routing.is_empty() {
+                routing = out.routing;
+            } else {
+                for (a, b) in routing.iter_mut().zip(&out.routing) {
+                    a.merge(b)?;
+                }
+            }
+        }
+        let grad_norm = match self.cfg.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => grads.global_norm()?,
+        };
+        // Never apply a NaN/inf update: the weights stay as they were and the caller sees why.
+        if !grad_norm.is_finite() || !loss.is_finite() {
+            return Err(ZayaError::Input(format!(
+                "step {}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped",
+                self.step + 1
+            )));
+        }
+        let lr = self.cfg.schedule.lr(self.step);
+        self.opt.step(self.model.params(), &grads, lr)?;
+        if self.cfg.balance_bias_lr > 0.0 {
+            self.model
+                .apply_bias_balancing(&routing, self.cfg.balance_bias_lr)?;
+        }
+        self.step += 1;
+        let skip_fraction = routing
+            .iter()
+            .map(LayerRoutingStats::skip_fraction)
+            .sum::<f64>()
+            / routing.len().max(1) as f64;
+        let report = StepReport {
+            step: self.step,
+            lr,
+            loss,
+            aux_loss: aux,
+            total_loss: loss + self.cfg.aux_loss_coef * aux,
+            grad_norm,
+            targets: total,
+            routing,
+            skip_fraction,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        if let Some(path) = &self.log {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(|e| ZayaError::io(path, e))?;
+            writeln!(
+                f,
+                "{},{:e},{},{},{},{},{},{},{:.3}",
+                report.step,
+                report.lr,
+                report.loss,
+                report.aux_loss,
+                report.total_loss,
+                report.grad_norm,
+                report.skip_fraction,
+                report.targets,
+                report.seconds
+            )
+            .map_err(|e| ZayaError::io(path, e))?;
+        }
+        Ok(report)
+    }
+
+    /// Writes `root/step-NNNNNNNN/` (model, optimizer, trainer state) and points
+    /// `root/latest` at it. Returns the checkpoint directory.
+    pub fn save(&self, root: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(root).map_err(|e| ZayaError::io(root, e))?;
+        let name = checkpoint_name(self.step);
+        let tmp = root.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| ZayaError::io(&tmp, e))?;
+        }
+        self.model.save(&tmp)?;
+        self.opt
+            .save(self.model.params(), &tmp.join("optimizer.safetensors"))?;
+        let state = TrainerState {
+            step: self.step,
+            config: self.cfg.clone(),
+        };
+        let text = serde_json::to_string_pretty(&state)
+            .map_err(|e| ZayaError::Input(format!("trainer state does not serialise: {e}")))?;
+        write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
+        let dir = root.join(&name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| ZayaError::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| ZayaError::io(&dir, e))?;
+        write_atomic(&root.join("latest"), name.as_bytes())?;
+        Ok(dir)
+    }
+
+    /// Resumes from the checkpoint `root/latest` points at (or from `root` itself when it
+    /// is a checkpoint directory).
+    pub fn resume(root: &Path) -> Result<Self> {
+        let latest = root.join("latest");
+        let dir = if latest.exists() {
+            let name = std::fs::read_to_string(&latest).map_err(|e| ZayaError::io(&latest, e))?;
+            root.join(name.trim())
+        } else {
+            root.to_path_buf()
+        };
+        let state_path = dir.join("trainer_state.json");
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| ZayaError::io(&state_path, e))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|source| ZayaError::Json {
+                path: state_path.clone(),
+                source,
+            })?;
+        state.config.validate()?;
+        let model = TrainableModel::load(&dir)?;
+        let opt = AdamW::load(
+            model.params(),
+            &dir.join("optimizer.safetensors"),
+            state.config.adamw,
+        )?;
+        Ok(Trainer {
+            model,
+            opt,
+            cfg: state.config,
+            step: state.step,
+            log: None,
+        })
+    }
+}

@@ -1,0 +1,409 @@
+//! Training pieces on the fixture models: the router balance loss (value and gradient),
+//! the bias rule, chunked loss, gradient accumulation, the trainer and exact resume.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+use common::{fixture_dir, inputs, temp_dir, FIXTURES};
+use zaya::train::optim::AdamWConfig;
+use zaya::train::schedule::CosineSchedule;
+use zaya::train::trainer::{Trainer, TrainerConfig};
+use zaya::train::{
+    labelled_outputs, Batch, Checkpointing, LossScale, TrainOptions, TrainableModel,
+};
+use zaya::ForwardOptions;
+
+fn batch(name: &str, which: &str) -> Batch {
+    let inp = inputs(name, which);
+    Batch {
+        input_ids: inp
+            .input_ids
+            .iter()
+            .map(|r| r.iter().map(|&x| x as u32).collect())
+            .collect(),
+        labels: inp.labels.expect("labelled batch"),
+        attention_mask: inp.attention_mask.map(|m| {
+            m.iter()
+                .map(|r| r.iter().map(|&x| x as u32).collect())
+                .collect()
+        }),
+    }
+}
+
+fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() * b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    (dot(&d, &d) / dot(b, b).max(1e-24)).sqrt()
+}
+
+/// The balance loss written out from the model's own routing outputs, in f64 on the host.
+fn direct_aux(model: &TrainableModel, b: &Batch) -> f64 {
+    let dev = model.device();
+    let ids = Tensor::new(b.input_ids.clone(), dev).unwrap();
+    let mask = b.attention_mask.clone();
+    let opts = ForwardOptions {
+        attention_mask: mask.as_ref().map(|m| Tensor::new(m.clone(), dev).unwrap()),
+        skip_lm_head: true,
+        ..Default::default()
+    };
+    let out = model.model().forward(&ids, None, &opts).unwrap();
+    let real: Vec<bool> = match &mask {
+        Some(m) => m.iter().flatten().map(|&x| x != 0).collect(),
+        None => vec![true; ids.elem_count()],
+    };
+    let e = model.config().num_experts;
+    let mut total = 0.0;
+    for r in &out.routing {
+        let probs: Vec<Vec<f32>> = r.probs.to_vec2().unwrap();
+        let n = real.iter().filter(|&&x| x).count() as f64;
+        let mut value = 0.0;
+        for x in 0..e {
+            let count = r
+                .choice
+                .iter()
+                .zip(&real)
+                .filter(|(&c, &ok)| ok && c as usize == x)
+                .count() as f64;
+            let mean_p: f64 = probs
+                .iter()
+                .zip(&real)
+                .filter(|(_, &ok)| ok)
+                .map(|(p, _)| p[x] as f64)
+                .sum::<f64>()
+                / n;
+            value += (count / n) * mean_p;
+        }
+        total += e as f64 * value;
+    }
+    total / out.routing.len() as f64
+}
+
+#[test]
+fn balance_loss_value_matches_a_direct_computation() {
+    for name in FIXTURES {
+        let model = TrainableModel::load(fixture_dir(name)).unwrap();
+        for which in ["train", "train_pad"] {
+            let b = batch(name, which);
+            let out = model
+                .forward_backward(&b, &TrainOptions::default(), &LossScale::default())
+                .unwrap();
+            let want = direct_aux(&model, &b);
+            assert!(
+                (out.aux_loss - want).abs() < 1e-6 * want.max(1.0),
+                "{name}/{which}: aux {} vs direct {want}",
+                out.aux_loss
+            );
+            // The skip share is reported separately and is part of no f_e.
+            let skip: u64 = out
+                .routing
+                .iter()
+                .map(|r| r.counts[r.counts.len() - 1])
+                .sum();
+            assert!(skip > 0, "{name}/{which}");
+        }
+    }
+}
+
+#[test]
+fn balance_loss_gradient_matches_finite_differences() {
+    let name = "gqa_sliding";
+    let b = batch(name, "train_pad");
+    let mut model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let coef = 0.5;
+    let with = |m: &TrainableModel, c: f64| {
+        let opts = TrainOptions {
+            aux_loss_coef: c,
+            ..Default::default()
+        };
+        m.forward_backward(&b, &opts, &LossScale::default())
+            .unwrap()
+    };
+    // The aux part of the gradient: (grad with coef c − grad with coef 0) / c.
+    let on = with(&model, coef);
+    let off = with(&model, 0.0);
+    let pname = "model.layers.2.mlp.gate.router_mlp.out_proj.weight";
+    let i = model.param_index(pname).unwrap();
+    let g_on = on.grads.grads[i].as_ref().unwrap();
+    let g_off = off.grads.grads[i].as_ref().unwrap();
+    let g_aux = ((g_on - g_off).unwrap() / coef).unwrap();
+    let g_norm = dot(&g_aux, &g_aux).sqrt();
+    assert!(
+        g_norm > 0.0,
+        "the balance loss sends no gradient to {pname}"
+    );
+    // Central difference of the reported aux value along the unit gradient direction.
+    let dir = (&g_aux / g_norm).unwrap();
+    let w0 = model.params()[i].var.as_tensor().detach().copy().unwrap();
+    let eps = 2e-3;
+    let mut at = |sign: f64| {
+        let w = (&w0 + (&dir * (sign * eps)).unwrap()).unwrap();
+        model
+            .load_tensors(&BTreeMap::from([(pname.to_string(), w)]))
+            .unwrap();
+        let out = model.evaluate(&b, &TrainOptions::default()).unwrap();
+        (out.aux_loss, out.routing)
+    };
+    let (plus, r_plus) = at(1.0);
+    let (minus, r_minus) = at(-1.0);
+    assert_eq!(
+        r_plus, r_minus,
+        "the perturbation changed the top-1 choices; pick a smaller eps"
+    );
+    let fd = (plus - minus) / (2.0 * eps);
+    // Along the unit gradient the directional derivative is the gradient norm.
+    let rel = (fd - g_norm).abs() / g_norm;
+    eprintln!("finite difference {fd}, analytic {g_norm}, relative {rel:.2e}");
+    assert!(rel < 1e-3, "finite difference {fd} vs analytic {g_norm}");
+}
+
+#[test]
+fn bias_balancing_follows_the_rule_and_changes_routing() {
+    let name = "conv_k3";
+    let mut model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let b = batch(name, "train");
+    let before = model.balancing_biases().unwrap();
+    let out = model.evaluate(&b, &TrainOptions::default()).unwrap();
+    let lr = 0.05;
+    model.apply_bias_balancing(&out.routing, lr).unwrap();
+    let after = model.balancing_biases().unwrap();
+    let e = model.config().num_experts;
+    for (l, stats) in out.routing.iter().enumerate() {
+        let mean = stats.counts[..e].iter().sum::<u64>() as f64 / e as f64;
+        for x in 0..e {
+            let c = stats.counts[x] as f64;
+            let step = if c < mean {
+                lr
+            } else if c > mean {
+                -lr
+            } else {
+                0.0
+            };
+            let want = (before[l][x] as f64 + step) as f32;
+            assert_eq!(after[l][x], want, "layer {l} expert {x}");
+        }
+        assert_eq!(after[l][e], before[l][e], "skip bias moved");
+    }
+    // The model reads the new biases: a large bias on expert 1 of layer 0 takes every token.
+    let mut big = after[0].clone();
+    big[1] = 10.0;
+    model.set_balancing_biases(0, &big).unwrap();
+    let out = model.evaluate(&b, &TrainOptions::default()).unwrap();
+    let n = out.routing[0].tokens;
+    assert_eq!(out.routing[0].counts[1], n);
+}
+
+#[test]
+fn chunk_size_does_not_change_loss_or_gradients() {
+    let name = "mha_bias";
+    let model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let b = batch(name, "train_pad");
+    let run = |chunk| {
+        let opts = TrainOptions {
+            loss_chunk: chunk,
+            ..Default::default()
+        };
+        model
+            .forward_backward(&b, &opts, &LossScale::default())
+            .unwrap()
+    };
+    let whole = run(4096);
+    for chunk in [1, 5] {
+        let part = run(chunk);
+        assert!((part.loss - whole.loss).abs() < 1e-6);
+        for (a, w) in part.grads.grads.iter().zip(&whole.grads.grads) {
+            let e = rel_err(a.as_ref().unwrap(), w.as_ref().unwrap());
+            assert!(e < 1e-5, "chunk {chunk}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn accumulation_over_micro_batches_equals_the_whole_batch() {
+    let name = "gqa_sliding";
+    let model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let whole = batch(name, "train_pad");
+    let rows = |r: usize| Batch {
+        input_ids: vec![whole.input_ids[r].clone()],
+        labels: vec![whole.labels[r].clone()],
+        attention_mask: whole.attention_mask.as_ref().map(|m| vec![m[r].clone()]),
+    };
+    // Cross-entropy only: the balance loss is averaged per micro-batch by design.
+    let opts = TrainOptions {
+        aux_loss_coef: 0.0,
+        ..Default::default()
+    };
+    let full = model
+        .forward_backward(&whole, &opts, &LossScale::default())
+        .unwrap();
+    let scale = LossScale {
+        normalizer: Some(whole.num_targets() as f64),
+        aux_weight: 0.5,
+    };
+    let mut acc = zaya::train::Gradients::default();
+    let mut loss = 0.0;
+    for r in 0..2 {
+        let out = model.forward_backward(&rows(r), &opts, &scale).unwrap();
+        loss += out.loss;
+        acc.accumulate(&out.grads).unwrap();
+    }
+    assert!((loss - full.loss).abs() < 1e-5, "{loss} vs {}", full.loss);
+    for (p, (a, w)) in model
+        .params()
+        .iter()
+        .zip(acc.grads.iter().zip(&full.grads.grads))
+    {
+        let e = rel_err(a.as_ref().unwrap(), w.as_ref().unwrap());
+        assert!(e < 1e-4, "{}: relative error {e}", p.name);
+    }
+}
+
+fn trainer_config(model: &TrainableModel) -> TrainerConfig {
+    TrainerConfig {
+        schedule: CosineSchedule {
+            peak_lr: 3e-3,
+            warmup_steps: 1,
+            total_steps: 6,
+            min_lr_ratio: 0.1,
+        },
+        adamw: AdamWConfig::default(),
+        max_grad_norm: Some(1.0),
+        checkpointing: Checkpointing::EveryLayer,
+        balance_bias_lr: 1e-3,
+        ..TrainerConfig::new(model, 1e-3)
+    }
+}
+
+#[test]
+fn training_lowers_the_loss_and_resumes_exactly() {
+    let name = "conv_k3";
+    let b1 = batch(name, "train");
+    let b2 = batch(name, "train_pad");
+    let model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let cfg = trainer_config(&model);
+    let dir = temp_dir("trainer");
+    let mut t = Trainer::new(model, cfg)
+        .unwrap()
+        .with_log(dir.join("log.csv"))
+        .unwrap();
+    let first = t.step(&[b1.clone(), b2.clone()]).unwrap();
+    assert_eq!(first.lr, 0.0); // warm-up starts at 0, as the HF schedule
+    let second = t.step(&[b1.clone(), b2.clone()]).unwrap();
+    assert!((second.lr - 3e-3).abs() < 1e-15);
+    let ckpt = t.save(&dir.join("ckpt")).unwrap();
+    assert!(ckpt.ends_with("step-00000002"));
+    let mut losses = vec![first.loss, second.loss];
+    for _ in 0..3 {
+        losses.push(t.step(&[b1.clone(), b2.clone()]).unwrap().loss);
+    }
+    assert!(
+        losses[4] < losses[0] - 0.1,
+        "loss did not go down: {losses:?}"
+    );
+    let log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 6, "{log}");
+    assert!(log.starts_with("step,lr,loss"));
+
+    // Resume from step 2 and take the same 3 steps: every tensor is bit-identical.
+    let mut r = Trainer::resume(&dir.join("ckpt")).unwrap();
+    assert_eq!(r.steps(), 2);
+    for (i, want) in losses[2..].iter().enumerate() {
+        let rep = r.step(&[b1.clone(), b2.clone()]).unwrap();
+        assert_eq!(rep.loss.to_bits(), want.to_bits(), "step {}", i + 3);
+    }
+    let a = t.model().tensors().unwrap();
+    let b = r.model().tensors().unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, v) in &a {
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k} differs after resume"
+        );
+    }
+    // The bias rule ran: biases moved away from the stored fixture values.
+    let start = TrainableModel::load(fixture_dir(name))
+        .unwrap()
+        .balancing_biases()
+        .unwrap();
+    assert_ne!(start, r.model().balancing_biases().unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn labelled_outputs_hold_loss_and_every_gradient() {
+    let name = "mha_bias";
+    let model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let b = batch(name, "train");
+    let reference = common::reference(name);
+    let want = reference["train.loss"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    for (grads, cp) in [
+        (false, Checkpointing::Off),
+        (true, Checkpointing::EveryLayer),
+    ] {
+        let out = labelled_outputs(&model, &b, grads, cp).unwrap();
+        let loss = out["loss"].to_vec1::<f32>().unwrap()[0];
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+        let n_grads = out.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(n_grads, if grads { model.params().len() } else { 0 });
+        if grads {
+            for p in model.params() {
+                let g = &out[&format!("grad.{}", p.name)];
+                let r = &reference[&format!("train.grad.{}", p.name)];
+                assert!(rel_err(g, r) < 1e-4, "{}", p.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_batches_are_typed_errors() {
+    let model = TrainableModel::load(fixture_dir("conv_k3")).unwrap();
+    let good = batch("conv_k3", "train");
+    let opts = TrainOptions::default();
+    let s = LossScale::default();
+    let mut b = good.clone();
+    b.labels[0].pop();
+    assert!(model.forward_backward(&b, &opts, &s).is_err());
+    let mut b = good.clone();
+    b.labels[1][3] = 10_000;
+    assert!(model.forward_backward(&b, &opts, &s).is_err());
+    let mut b = good.clone();
+    b.input_ids[0][0] = 10_000;
+    assert!(matches!(
+        model.forward_backward(&b, &opts, &s),
+        Err(zaya::ZayaError::TokenOutOfRange { .. })
+    ));
+    let mut b = good.clone();
+    b.labels = vec![vec![-100; 12]; 2];
+    assert!(model.forward_backward(&b, &opts, &s).is_err());
+    let mut b = good.clone();
+    b.attention_mask = Some(vec![vec![2; 12]; 2]);
+    assert!(model.forward_backward(&b, &opts, &s).is_err());
+    let bad = TrainOptions {
+        checkpointing: Checkpointing::Every(0),
+        ..Default::default()
+    };
+    assert!(model.forward_backward(&good, &bad, &s).is_err());
+    let bad = TrainOptions {
+        loss_chunk: 0,
+        ..Default::default()
+    };
+    assert!(model.forward_backward(&good, &bad, &s).is_err());
+    assert!(model
+        .forward_backward(&Batch::default(), &opts, &s)
+        .is_err());
+}
