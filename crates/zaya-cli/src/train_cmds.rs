@@ -72,6 +72,7 @@ pub fn read_batch(inputs_json: &Path) -> Result<Batch> {
             .attention_mask
             .map(|m| to_u32(m, "attention_mask", inputs_json))
             .transpose()?,
+        document_ids: None,
     };
     batch
         .shape()

@@ -88,6 +88,7 @@ fn main() -> zaya::Result<()> {
             .collect(),
         input_ids: ids,
         attention_mask: None,
+        document_ids: None,
     };
     let opts = TrainOptions {
         checkpointing,

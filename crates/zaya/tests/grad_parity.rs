@@ -26,6 +26,7 @@ fn batch(name: &str, which: &str) -> Batch {
                 .map(|r| r.iter().map(|&x| x as u32).collect())
                 .collect()
         }),
+        document_ids: None,
     }
 }
 

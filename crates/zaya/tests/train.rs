@@ -29,6 +29,7 @@ fn batch(name: &str, which: &str) -> Batch {
                 .map(|r| r.iter().map(|&x| x as u32).collect())
                 .collect()
         }),
+        document_ids: None,
     }
 }
 
@@ -236,6 +237,7 @@ fn accumulation_over_micro_batches_equals_the_whole_batch() {
         input_ids: vec![whole.input_ids[r].clone()],
         labels: vec![whole.labels[r].clone()],
         attention_mask: whole.attention_mask.as_ref().map(|m| vec![m[r].clone()]),
+        document_ids: None,
     };
     // Cross-entropy only: the balance loss is averaged per micro-batch by design.
     let opts = TrainOptions {

@@ -117,8 +117,17 @@ fn prepare<'a>(tm: &'a TrainableModel, batch: &Batch, aux_weight: f64) -> Result
         .transpose()?;
     // Training always runs the eager reference attention: it is built from differentiable
     // ops, whereas fused backends may not record a backward pass.
+    let document_ids = batch
+        .document_ids
+        .as_ref()
+        .map(|d| {
+            let flat: Vec<u32> = d.iter().flatten().copied().collect();
+            Tensor::from_vec(flat, (b, t), dev)
+        })
+        .transpose()?;
     let fopts = ForwardOptions {
         attention_mask: mask,
+        document_ids,
         attn: AttnImplementation::Eager,
         ..Default::default()
     };

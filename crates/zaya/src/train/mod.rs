@@ -56,6 +56,9 @@ pub struct Batch {
     pub labels: Vec<Vec<i64>>,
     /// 1 for real tokens, 0 for padding.
     pub attention_mask: Option<Vec<Vec<u32>>>,
+    /// Packed rows: a document id per position; documents do not see each other (see
+    /// `ForwardOptions::document_ids`).
+    pub document_ids: Option<Vec<Vec<u32>>>,
 }
 
 impl Batch {
