@@ -607,6 +607,26 @@ simd_dispatch! {
     pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_body
 }
 
+#[inline(always)]
+fn silu_mul_grad_body(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    for ((((dg, du), &g), &u), &d) in dgate
+        .iter_mut()
+        .zip(dup.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(dy)
+    {
+        let s = 1.0 / (1.0 + exp_approx(-g));
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+        *du = d * g * s;
+    }
+}
+
+simd_dispatch! {
+    /// Gradients of `silu(gate)·up`: `dgate = dy·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dy·silu(g)`.
+    pub(crate) fn silu_mul_grad(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) => silu_mul_grad_body
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ mod softmax;
 mod swiglu;
 
 pub use cpu::num_threads;
+pub use matmul::blas_available;
 use registry::{ImplId, Kernel};
 
 /// Errors of the kernel layer (bad overrides, unsupported inputs). Kernel functions return

@@ -149,7 +149,11 @@ fn cpu_float_nonempty(dev: &Device, dtype: DType, shape: &Shape) -> bool {
 }
 
 fn cpu_float_even_last(dev: &Device, dtype: DType, shape: &Shape) -> bool {
-    cpu_float(dev, dtype) && shape.dims().last().is_some_and(|&d| d > 0 && d.is_multiple_of(2))
+    cpu_float(dev, dtype)
+        && shape
+            .dims()
+            .last()
+            .is_some_and(|&d| d > 0 && d.is_multiple_of(2))
 }
 
 fn cpu_float_rank(dev: &Device, dtype: DType, shape: &Shape, rank: usize) -> bool {

@@ -5,7 +5,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-use super::cpu::{self, exp_approx, f32_view, host_f32, storage_from_f32, tensor_from_f32};
+use super::cpu::{self, f32_view, host_f32, storage_from_f32, tensor_from_f32};
 use super::KernelError;
 
 fn halve(dims: &[usize], op: &'static str) -> Result<(usize, Shape)> {
@@ -30,10 +30,8 @@ pub(super) fn forward(gu: &[f32], bias: Option<&[f32]>, i: usize) -> Vec<f32> {
         match bias {
             None => cpu::silu_mul(&row[..i], &row[i..], o),
             Some(b) => {
-                for j in 0..i {
-                    let g = row[j] + b[j];
-                    o[j] = cpu::silu(g) * (row[i + j] + b[i + j]);
-                }
+                let biased: Vec<f32> = row.iter().zip(b).map(|(x, b)| x + b).collect();
+                cpu::silu_mul(&biased[..i], &biased[i..], o)
             }
         }
     });
@@ -51,13 +49,13 @@ pub(super) fn backward(
     cpu::par_chunks_mut(&mut dgu, 2 * i, |r, d| {
         let row = &gu[r * 2 * i..(r + 1) * 2 * i];
         let dyr = &dy[r * i..(r + 1) * i];
-        for j in 0..i {
-            let (bg, bu) = bias.map_or((0.0, 0.0), |b| (b[j], b[i + j]));
-            let g = row[j] + bg;
-            let u = row[i + j] + bu;
-            let s = 1.0 / (1.0 + exp_approx(-g));
-            d[j] = dyr[j] * u * s * (1.0 + g * (1.0 - s));
-            d[i + j] = dyr[j] * g * s;
+        let (dg, du) = d.split_at_mut(i);
+        match bias {
+            None => cpu::silu_mul_grad(&row[..i], &row[i..], dyr, dg, du),
+            Some(b) => {
+                let biased: Vec<f32> = row.iter().zip(b).map(|(x, b)| x + b).collect();
+                cpu::silu_mul_grad(&biased[..i], &biased[i..], dyr, dg, du)
+            }
         }
     });
     let db = if bias.is_some() {
