@@ -5,7 +5,8 @@
 //! ```
 //!
 //! Prints the kernel table, then one line per measurement: best wall time of a few runs
-//! (after a warm-up), forward and, where noted, forward + backward.
+//! (after a warm-up), forward and, where noted, forward + backward. Arguments pick
+//! sections (`matmul`, `kernels`, `attention`; default all).
 
 use std::time::Instant;
 
@@ -61,7 +62,21 @@ fn compare(kernel: Kernel, label: &str, f: &dyn Fn() -> Result<Tensor>) -> Resul
 
 fn main() -> Result<()> {
     println!("{}", KernelTable::current());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    if want("matmul") {
+        bench_matmul()?;
+    }
+    if want("kernels") {
+        bench_kernels()?;
+    }
+    if want("attention") {
+        bench_attention()?;
+    }
+    Ok(())
+}
 
+fn bench_matmul() -> Result<()> {
     // Matmul: [512 x 2048] · [2048 x 2048], f32.
     let (m, k, n) = (512, 2048, 2048);
     let a = rand(&[m, k], 1.0)?;
@@ -93,7 +108,10 @@ fn main() -> Result<()> {
     } else {
         println!("matmul OpenBLAS: not built (run with --features blas)");
     }
+    Ok(())
+}
 
+fn bench_kernels() -> Result<()> {
     // Elementwise / row kernels at model sizes.
     let x = Var::from_tensor(&rand(&[1, 512, 2048], 2.0)?)?;
     let w = Var::from_tensor(&rand(&[2048], 1.0)?)?;
@@ -168,6 +186,10 @@ fn main() -> Result<()> {
         },
     )?;
 
+    Ok(())
+}
+
+fn bench_attention() -> Result<()> {
     // Attention: ZAYA1-8B heads (8 query, 2 KV, D 128), causal.
     for &(t, past) in &[(1024usize, 0usize), (1, 4095)] {
         let n = t + past;

@@ -81,8 +81,24 @@ mod imp {
                 }
                 .into());
             };
-            let (m, k) = (la.dims()[0], la.dims()[1]);
-            let n = lb.dims()[1];
+            let (&[m, k], &[kb, n]) = (la.dims(), lb.dims()) else {
+                return Err(KernelError::Shape {
+                    op: "matmul",
+                    message: format!(
+                        "blas matmul takes 2-D operands, got {:?} and {:?}",
+                        la.dims(),
+                        lb.dims()
+                    ),
+                }
+                .into());
+            };
+            if kb != k {
+                return Err(KernelError::Shape {
+                    op: "matmul",
+                    message: format!("inner dimensions differ: {:?} · {:?}", la.dims(), lb.dims()),
+                }
+                .into());
+            }
             let mut c = vec![0f32; m * n];
             if m == 0 || n == 0 {
                 return Ok((CpuStorage::F32(c), Shape::from_dims(&[m, n])));
@@ -177,7 +193,7 @@ mod imp {
 }
 
 /// `a · b` on the system BLAS (`a` `[m, k]`, `b` `[k, n]`, f32, CPU).
-pub(super) fn blas(a: &Tensor, b: &Tensor, _n: usize) -> Result<Tensor> {
+pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "blas")]
     {
         imp::blas(a, b)

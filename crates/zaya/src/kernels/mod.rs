@@ -1,5 +1,5 @@
 //! Numerical building blocks of the model, each dispatched at run time between its
-//! reference implementation ([`reference`], differentiable candle ops, the definition) and
+//! reference implementation ([`reference`](mod@reference), differentiable candle ops, the definition) and
 //! fast ones (fused multi-threaded CPU code as candle `CustomOp`s with a backward, or the
 //! system BLAS). [`registry`] declares what each implementation supports and holds the
 //! overrides (`ZAYA_KERNELS=reference`, `ZAYA_KERNEL_<NAME>=reference|fast`, or from code).
@@ -7,6 +7,15 @@
 //! Every function here has the signature of its reference and computes the same function
 //! with gradients (fast versions differ only by rounding: they compute in f32 and round once
 //! where the reference rounds after every op in bf16/f16).
+//!
+//! Where the model plugs in: `rms_norm`, `softmax`, `rotary` and `swiglu` are already
+//! called by the model; [`cca_conv`] replaces the two convolutions in
+//! `CcaProjection::forward` (pass the `[B, S+T, C]` history-padded input), [`moe_experts`]
+//! replaces the expert loop of `ZayaExperts::forward` (`routing.choice`, `routing.weight`),
+//! and [`matmul`] is the product of `Linear::forward` (`matmul(&x2d, &w.t()?)`).
+//!
+//! Threads: the fused kernels use [`num_threads`] (`CANDLE_NUM_THREADS`, else
+//! `RAYON_NUM_THREADS`, else the available cores) on their own pool.
 
 use candle_core::{DType, Result, Shape, Tensor};
 
@@ -183,7 +192,6 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return reference::matmul(a, b);
     }
     let (m, k) = a.dims2()?;
-    let n = b.dim(1)?;
     // The registry sees the lhs shape; that the rhs is 2-D was checked above.
     let id = registry::select(
         Kernel::Matmul,
@@ -193,7 +201,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     )?;
     match id {
         ImplId::Reference => reference::matmul(a, b),
-        ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b, n),
+        ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b),
         ImplId::Blas => reference::matmul(a, b),
         id => Err(not_an_impl(Kernel::Matmul, id)),
     }
