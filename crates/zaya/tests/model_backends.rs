@@ -49,13 +49,16 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         / scale)
 }
 
+/// Logits, per-layer routing choices, and (name, gradient) of every parameter.
+type RunOutput = (Tensor, Vec<Vec<u32>>, Vec<(String, Tensor)>);
+
 /// Logits, routing choices and gradients of every parameter under `choice` and `attn`.
 fn run(
     model: &ZayaModel,
     varmap: &VarMap,
     choice: Choice,
     attn: AttnImplementation,
-) -> Result<(Tensor, Vec<Vec<u32>>, Vec<(String, Tensor)>)> {
+) -> Result<RunOutput> {
     registry::with_choice(None, choice, || -> Result<_> {
         let ids = Tensor::new(
             &[
