@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
+use zaya::attention::AttnImplementation;
 use zaya::generation::{generate_greedy, GenerateOptions};
 use zaya::weights::{self, Layout};
 use zaya::{Capture, ForwardOptions, HybridCache, ZayaModel};
@@ -374,11 +375,30 @@ fn packed_documents_equal_separate_sequences() {
             .enumerate()
             .flat_map(|(d, s)| std::iter::repeat_n(d as i64, s.len()))
             .collect();
-        let opts = ForwardOptions {
-            document_ids: Some(ids_tensor(&[doc_ids])),
-            ..Default::default()
-        };
-        let got = model.forward(&packed, None, &opts).unwrap().logits.unwrap();
+        let mut got = None;
+        for attn in [
+            AttnImplementation::Eager,
+            AttnImplementation::Sdpa,
+            AttnImplementation::Flex,
+        ] {
+            let opts = ForwardOptions {
+                document_ids: Some(ids_tensor(std::slice::from_ref(&doc_ids))),
+                attn,
+                ..Default::default()
+            };
+            let logits = model.forward(&packed, None, &opts).unwrap().logits.unwrap();
+            if let Some(eager) = &got {
+                assert_close(
+                    &format!("{name} packed {attn:?} vs eager"),
+                    &logits,
+                    eager,
+                    1e-5,
+                );
+            } else {
+                got = Some(logits);
+            }
+        }
+        let got = got.unwrap();
         let mut start = 0;
         for d in docs {
             let alone = model

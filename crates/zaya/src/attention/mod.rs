@@ -1,10 +1,22 @@
 //! The attention core (scores, mask, softmax, weighted values) behind one interface, so that
 //! backends can be swapped without touching the model. `eager` is the reference: it
-//! materialises the probabilities (the only backend that can return them).
+//! materialises the probabilities (the only backend that can return them). `sdpa` and
+//! `flex` run the fused tiled engine (`tiled.rs`): same function, memory `O(tile)` instead
+//! of `O(T·N)`, fully masked key tiles skipped, and a fused backward for training.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels;
+
+pub mod flex;
+pub mod sdpa;
+mod tiled;
+
+pub use flex::{
+    dense_reference, flex_attention, flex_attention_with, BlockMask, MaskMod, ScoreMod,
+};
+pub use sdpa::sdpa;
+pub use tiled::{TileKind, TILE};
 
 /// Which attention backend computes the core (`attn_implementation`). All compute the same
 /// function; only `eager` returns the probabilities.
@@ -38,7 +50,8 @@ impl AttnImplementation {
 }
 
 /// Computes attention with `backend`. Probabilities are only available from `eager`;
-/// asking another backend for them falls back to `eager` for that call.
+/// asking another backend for them falls back to `eager` for that call. All three are
+/// differentiable.
 pub fn attend(
     backend: AttnImplementation,
     q: &Tensor,
@@ -50,10 +63,9 @@ pub fn attend(
 ) -> Result<(Tensor, Option<Tensor>)> {
     match backend {
         AttnImplementation::Eager => eager(q, k, v, mask, scale, want_probs),
-        // Fused backends are not wired in yet; they fall back to the reference.
-        AttnImplementation::Sdpa | AttnImplementation::Flex => {
-            eager(q, k, v, mask, scale, want_probs)
-        }
+        _ if want_probs => eager(q, k, v, mask, scale, want_probs),
+        AttnImplementation::Sdpa => Ok((sdpa::sdpa(q, k, v, mask, scale)?, None)),
+        AttnImplementation::Flex => Ok((flex::attend_spec(q, k, v, mask, scale)?, None)),
     }
 }
 

@@ -1,31 +1,122 @@
-//! Numerical building blocks of the model. Each function here is the *reference*
-//! implementation, built only from differentiable candle ops (candle's fused rms_norm /
-//! softmax_last_dim / rope silently drop gradients, so they are never used here). Fast
-//! implementations live beside them and are chosen at run time by the kernel registry.
+//! Numerical building blocks of the model, each dispatched at run time between its
+//! reference implementation ([`reference`](mod@reference), differentiable candle ops, the definition) and
+//! fast ones (fused multi-threaded CPU code as candle `CustomOp`s with a backward, or the
+//! system BLAS). [`registry`] declares what each implementation supports and holds the
+//! overrides (`ZAYA_KERNELS=reference`, `ZAYA_KERNEL_<NAME>=reference|fast`, or from code).
+//!
+//! Every function here has the signature of its reference and computes the same function
+//! with gradients (fast versions differ only by rounding: they compute in f32 and round once
+//! where the reference rounds after every op in bf16/f16).
+//!
+//! Where the model plugs in: `rms_norm`, `softmax`, `rotary` and `swiglu` are already
+//! called by the model; [`cca_conv`] replaces the two convolutions in
+//! `CcaProjection::forward` (pass the `[B, S+T, C]` history-padded input), [`moe_experts`]
+//! replaces the expert loop of `ZayaExperts::forward` (`routing.choice`, `routing.weight`),
+//! and [`matmul`] is the product of `Linear::forward` (`matmul(&x2d, &w.t()?)`).
+//!
+//! Threads: the fused kernels use [`num_threads`] (`CANDLE_NUM_THREADS`, else
+//! `RAYON_NUM_THREADS`, else the available cores) on their own pool.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Shape, Tensor};
+
+pub(crate) mod cpu;
+pub mod reference;
+pub mod registry;
+
+mod cca_conv;
+pub(crate) mod matmul;
+mod moe;
+mod rms_norm;
+mod rotary;
+mod softmax;
+mod swiglu;
+
+pub use cpu::num_threads;
+pub use matmul::blas_available;
+use registry::{ImplId, Kernel};
+
+/// Errors of the kernel layer (bad overrides, unsupported inputs). Kernel functions return
+/// candle's `Result` like the ops they replace; these errors travel inside it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KernelError {
+    #[error("kernel {op}: unsupported dtype {dtype:?}")]
+    UnsupportedDtype { op: &'static str, dtype: DType },
+
+    #[error("kernel {op}: {message}")]
+    Shape { op: &'static str, message: String },
+
+    #[error("kernel {op}: {what} must be contiguous")]
+    NotContiguous {
+        op: &'static str,
+        what: &'static str,
+    },
+
+    #[error("kernel {kernel}: no implementation `{value}` (known: {known})")]
+    UnknownImpl {
+        kernel: &'static str,
+        value: String,
+        known: String,
+    },
+
+    #[error("kernel {kernel}: implementation `{implementation}` is not built into this binary")]
+    ImplUnavailable {
+        kernel: &'static str,
+        implementation: &'static str,
+    },
+
+    #[error("{var}={value}: {message}")]
+    BadEnv {
+        var: String,
+        value: String,
+        message: String,
+    },
+
+    #[error("kernel {op}: {message}")]
+    Backward { op: &'static str, message: String },
+
+    #[error("internal kernel error: {0}")]
+    Internal(String),
+}
+
+impl From<KernelError> for candle_core::Error {
+    fn from(e: KernelError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
+fn pick(kernel: Kernel, t: &Tensor) -> Result<ImplId> {
+    Ok(registry::select(kernel, t.device(), t.dtype(), t.shape())?)
+}
+
+fn not_an_impl(kernel: Kernel, id: ImplId) -> candle_core::Error {
+    KernelError::Internal(format!(
+        "{} has no implementation {}",
+        kernel.name(),
+        id.name()
+    ))
+    .into()
+}
 
 /// `w ⊙ cast_back( x / sqrt(mean(x²) + eps) )` with the statistics in f32, as `ZayaRMSNorm`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    match pick(Kernel::RmsNorm, x)? {
+        ImplId::Reference => reference::rms_norm(x, weight, eps),
+        ImplId::Fused => rms_norm::fused(x, weight, eps),
+        id => Err(not_an_impl(Kernel::RmsNorm, id)),
+    }
 }
 
 /// Softmax over the last axis computed in f32 and cast back to the input dtype.
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let max = xf.max_keepdim(D::Minus1)?.detach();
-    let e = xf.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)?.to_dtype(dtype)
+    match pick(Kernel::Softmax, x)? {
+        ImplId::Reference => reference::softmax_f32(x),
+        ImplId::Fused => softmax::fused(x),
+        id => Err(not_an_impl(Kernel::Softmax, id)),
+    }
 }
 
-/// Softmax over the last axis returning the input dtype (the router's softmax). Like torch
-/// on reduced-precision inputs, the arithmetic is done in f32 and rounded once.
+/// Softmax over the last axis returning the input dtype (the router's softmax); computed in
+/// f32 and rounded once, like torch on reduced-precision inputs.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     softmax_f32(x)
 }
@@ -34,37 +125,92 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 /// pairs `(i, i + rd/2)`, the rest pass through. `x` is `[B, heads, T, D]`, `cos`/`sin` are
 /// `[B or 1, T, rd]`.
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let rd = cos.dim(D::Minus1)?;
-    if rd == 0 {
-        return Ok(x.clone());
+    match pick(Kernel::Rotary, x)? {
+        ImplId::Reference => reference::rotary(x, cos, sin),
+        ImplId::Fused => rotary::fused(x, cos, sin),
+        id => Err(not_an_impl(Kernel::Rotary, id)),
     }
-    let cos = cos.unsqueeze(1)?;
-    let sin = sin.unsqueeze(1)?;
-    let x_rot = x.narrow(D::Minus1, 0, rd)?;
-    let x1 = x_rot.narrow(D::Minus1, 0, rd / 2)?;
-    let x2 = x_rot.narrow(D::Minus1, rd / 2, rd / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let embedded = (x_rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
-    if rd == d {
-        return Ok(embedded);
-    }
-    let x_pass = x.narrow(D::Minus1, rd, d - rd)?;
-    Tensor::cat(&[&embedded, &x_pass], D::Minus1)
 }
 
 /// SwiGLU on a fused `[.., 2I]` gate/up projection: `silu(gate) ⊙ up`, gate first.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
-    let i = gate_up.dim(D::Minus1)? / 2;
-    let gate = gate_up.narrow(D::Minus1, 0, i)?;
-    let up = gate_up.narrow(D::Minus1, i, i)?;
-    gate.silu()?.mul(&up)
+    match pick(Kernel::Swiglu, gate_up)? {
+        ImplId::Reference => reference::swiglu(gate_up),
+        ImplId::Fused => swiglu::fused(gate_up),
+        id => Err(not_an_impl(Kernel::Swiglu, id)),
+    }
+}
+
+/// SwiGLU with a bias `[2I]` added to the fused projection before the activation.
+pub fn bias_swiglu(gate_up: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::BiasSwiglu, gate_up)? {
+        ImplId::Reference => reference::bias_swiglu(gate_up, bias),
+        ImplId::Fused => swiglu::fused_bias(gate_up, bias),
+        id => Err(not_an_impl(Kernel::BiasSwiglu, id)),
+    }
+}
+
+/// The CCA projection's two causal convolutions: `x` `[B, S+T, C]` (history columns
+/// first), depthwise `w0` `[C,1,K0]`, `b0` `[C]`, grouped `w1` `[C, C/groups, K1]`, `b1`
+/// `[C]` → `[B, T, C]`. See [`reference::cca_conv`].
+pub fn cca_conv(
+    x: &Tensor,
+    w0: &Tensor,
+    b0: &Tensor,
+    w1: &Tensor,
+    b1: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    match pick(Kernel::CcaConv, x)? {
+        ImplId::Reference => reference::cca_conv(x, w0, b0, w1, b1, groups),
+        ImplId::Fused => cca_conv::fused(x, w0, b0, w1, b1, groups),
+        id => Err(not_an_impl(Kernel::CcaConv, id)),
+    }
+}
+
+/// Top-1 SwiGLU experts: `x` `[N, H]`, `expert_ids[n]` (`≥ E` = skip → zero row),
+/// `weights` `[N]`/`[N,1]`, `gate_up` `[E, 2I, H]`, `down` `[E, H, I]` → `[N, H]`.
+/// See [`reference::moe_experts`].
+pub fn moe_experts(
+    x: &Tensor,
+    expert_ids: &[u32],
+    weights: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+) -> Result<Tensor> {
+    match pick(Kernel::MoeExperts, x)? {
+        ImplId::Reference => reference::moe_experts(x, expert_ids, weights, gate_up, down),
+        ImplId::Fused => moe::fused(x, expert_ids, weights, gate_up, down),
+        id => Err(not_an_impl(Kernel::MoeExperts, id)),
+    }
+}
+
+/// `a · b` for linear layers. 2-D f32 operands may run on the system BLAS (feature
+/// `blas`); everything else is candle's matmul.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.rank() != 2 || b.rank() != 2 {
+        return reference::matmul(a, b);
+    }
+    let (m, k) = a.dims2()?;
+    // The registry sees the lhs shape; that the rhs is 2-D was checked above.
+    let id = registry::select(
+        Kernel::Matmul,
+        a.device(),
+        a.dtype(),
+        &Shape::from_dims(&[m, k]),
+    )?;
+    match id {
+        ImplId::Reference => reference::matmul(a, b),
+        ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b),
+        ImplId::Blas => reference::matmul(a, b),
+        id => Err(not_an_impl(Kernel::Matmul, id)),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use candle_core::Device;
+    use super::reference::{rms_norm, rotary};
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn rotary_rotates_pairs_half_apart_and_keeps_the_tail() {
@@ -92,12 +238,6 @@ mod tests {
             &dev,
         )
         .unwrap();
-        let y: Vec<f32> = rotary(&x, &cos, &sin)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
         let want = [
             1. * angle[0].cos() - 3. * angle[0].sin(),
             2. * angle[1].cos() - 4. * angle[1].sin(),
@@ -106,8 +246,14 @@ mod tests {
             5.,
             6.,
         ];
-        for (a, b) in y.iter().zip(want) {
-            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        for y in [
+            rotary(&x, &cos, &sin).unwrap(),
+            super::rotary(&x, &cos, &sin).unwrap(),
+        ] {
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            for (a, b) in y.iter().zip(want) {
+                assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+            }
         }
     }
 
@@ -116,13 +262,13 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[3f32, 4.]], &dev).unwrap();
         let w = Tensor::new(&[2f32, 1.], &dev).unwrap();
-        let y: Vec<f32> = rms_norm(&x, &w, 0.0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
         let rms = (12.5f32).sqrt();
-        assert!((y[0] - 6. / rms).abs() < 1e-6 && (y[1] - 4. / rms).abs() < 1e-6);
+        for y in [
+            rms_norm(&x, &w, 0.0).unwrap(),
+            super::rms_norm(&x, &w, 0.0).unwrap(),
+        ] {
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert!((y[0] - 6. / rms).abs() < 1e-6 && (y[1] - 4. / rms).abs() < 1e-6);
+        }
     }
 }

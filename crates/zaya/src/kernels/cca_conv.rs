@@ -1,0 +1,442 @@
+//! Fused CCA convolutions (depthwise over `K0` taps, then grouped over `K1` taps): the
+//! depthwise stage is one pass over `[B, T+K1−1, C]`; the grouped stage is, per batch row,
+//! group and tap, one gemm reading the intermediate and the weights through strided views
+//! (no tap concatenation, no weight permutation copies). Work is spread over (batch,
+//! group). The backward is fused the same way.
+//!
+//! Candle custom ops take at most three tensors, so the biases travel one of two ways:
+//! when neither bias needs a gradient (inference, frozen convs) they are held by the op
+//! and the inputs are `(x, w0, w1)`; otherwise the weights and biases are packed
+//! (`[w0 | b0]`, `[w1 | b1]` per channel, a differentiable `cat`) and the op returns the
+//! gradients in the packed layout, which the `cat` splits back.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+use super::cpu::{self, f32_view, host_f32, storage_from_f32, tensor_from_f32, MatMut, MatRef};
+use super::reference::CcaShape;
+use super::KernelError;
+
+const OP: &str = "cca_conv";
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    b: usize,
+    len: usize,
+    c: usize,
+    groups: usize,
+    d: usize,
+    k0: usize,
+    k1: usize,
+    t: usize,
+    /// Depthwise output length `T + K1 − 1`.
+    m: usize,
+    /// Row strides of the (possibly packed) weights: `K0` or `K0 + 1`, `D·K1` or `D·K1 + 1`.
+    w0_rs: usize,
+    w1_rs: usize,
+}
+
+/// Weights as flat f32 rows, and the biases.
+struct Params<'a> {
+    w0: &'a [f32],
+    w1: &'a [f32],
+    b0: Vec<f32>,
+    b1: Vec<f32>,
+}
+
+enum Biases {
+    /// Biases without gradients, held by the op.
+    Held { b0: Vec<f32>, b1: Vec<f32> },
+    /// Biases packed as the last column of each weight row.
+    Packed,
+}
+
+struct CcaConv {
+    groups: usize,
+    k0: usize,
+    k1: usize,
+    biases: Biases,
+}
+
+impl CcaConv {
+    fn geometry(&self, x: &[usize]) -> Result<Geometry> {
+        let [b, len, c] = x else {
+            return Err(KernelError::Shape {
+                op: OP,
+                message: format!("x must be [B, S+T, C], got {x:?}"),
+            }
+            .into());
+        };
+        let (k0, k1) = (self.k0, self.k1);
+        let packed = matches!(self.biases, Biases::Packed) as usize;
+        let d = c / self.groups;
+        let t = len + 2 - k0 - k1;
+        Ok(Geometry {
+            b: *b,
+            len: *len,
+            c: *c,
+            groups: self.groups,
+            d,
+            k0,
+            k1,
+            t,
+            m: t + k1 - 1,
+            w0_rs: k0 + packed,
+            w1_rs: d * k1 + packed,
+        })
+    }
+
+    fn params<'a>(&self, g: &Geometry, w0: &'a [f32], w1: &'a [f32]) -> Params<'a> {
+        match &self.biases {
+            Biases::Held { b0, b1 } => Params {
+                w0,
+                w1,
+                b0: b0.clone(),
+                b1: b1.clone(),
+            },
+            Biases::Packed => Params {
+                w0,
+                w1,
+                b0: (0..g.c).map(|c| w0[c * g.w0_rs + g.k0]).collect(),
+                b1: (0..g.c).map(|c| w1[c * g.w1_rs + g.d * g.k1]).collect(),
+            },
+        }
+    }
+}
+
+/// Depthwise stage for one batch row: `mid[j, c] = b0[c] + Σ_i w0[c, i]·x[j+i, c]`.
+fn depthwise(g: &Geometry, p: &Params, x: &[f32]) -> Vec<f32> {
+    let mut mid = vec![0f32; g.m * g.c];
+    for (j, row) in mid.chunks_mut(g.c).enumerate() {
+        row.copy_from_slice(&p.b0);
+        for i in 0..g.k0 {
+            let xr = &x[(j + i) * g.c..(j + i + 1) * g.c];
+            for (c, (o, &xv)) in row.iter_mut().zip(xr).enumerate() {
+                *o += p.w0[c * g.w0_rs + i] * xv;
+            }
+        }
+    }
+    mid
+}
+
+/// The view of `w1[g·D + o, c', tap]` as a `[c', o]` matrix (`transpose` gives `[o, c']`).
+fn w1_view<'a>(
+    g: &Geometry,
+    p: &Params<'a>,
+    group: usize,
+    tap: usize,
+    transpose: bool,
+) -> MatRef<'a> {
+    let v = MatRef::new(p.w1, group * g.d * g.w1_rs + tap, g.k1, g.w1_rs);
+    if transpose {
+        v.t()
+    } else {
+        v
+    }
+}
+
+fn forward(op: &CcaConv, g: &Geometry, x: &[f32], w0: &[f32], w1: &[f32]) -> Result<Vec<f32>> {
+    let p = op.params(g, w0, w1);
+    let row_len = g.len * g.c;
+    // Depthwise per batch row (cheap: K0 MACs per element).
+    let mids = cpu::par_map(g.b, g.b * g.m * g.c * g.k0, |b| {
+        depthwise(g, &p, &x[b * row_len..(b + 1) * row_len])
+    });
+    // Grouped stage: item (b, group) → its [T, D] output block.
+    let blocks = cpu::par_map(
+        g.b * g.groups,
+        g.b * g.t * g.c * g.d * g.k1,
+        |item| -> Result<Vec<f32>> {
+            let (b, grp) = (item / g.groups, item % g.groups);
+            let mut z = vec![0f32; g.t * g.d];
+            for zr in z.chunks_mut(g.d) {
+                zr.copy_from_slice(&p.b1[grp * g.d..(grp + 1) * g.d]);
+            }
+            for tap in 0..g.k1 {
+                cpu::gemm(
+                    g.t,
+                    g.d,
+                    g.d,
+                    MatMut::new(&mut z, 0, g.d),
+                    true,
+                    MatRef::new(&mids[b], tap * g.c + grp * g.d, g.c, 1),
+                    w1_view(g, &p, grp, tap, false),
+                    1.0,
+                    false,
+                )?;
+            }
+            Ok(z)
+        },
+    );
+    let mut out = vec![0f32; g.b * g.t * g.c];
+    for (item, blk) in blocks.into_iter().enumerate() {
+        let blk = blk?;
+        let (b, grp) = (item / g.groups, item % g.groups);
+        for t in 0..g.t {
+            let o = (b * g.t + t) * g.c + grp * g.d;
+            out[o..o + g.d].copy_from_slice(&blk[t * g.d..(t + 1) * g.d]);
+        }
+    }
+    Ok(out)
+}
+
+/// Gradients of one (batch row, group) item.
+struct ItemGrads {
+    dx: Vec<f32>,  // [len, D]
+    dw0: Vec<f32>, // [D, K0]
+    db0: Vec<f32>, // [D]
+    dw1: Vec<f32>, // [D(out), D(in), K1]
+    db1: Vec<f32>, // [D]
+}
+
+struct Grads {
+    dx: Vec<f32>,
+    dw0: Vec<f32>, // [C, K0]
+    db0: Vec<f32>,
+    dw1: Vec<f32>, // [C, D, K1]
+    db1: Vec<f32>,
+}
+
+fn backward(
+    op: &CcaConv,
+    g: &Geometry,
+    x: &[f32],
+    w0: &[f32],
+    w1: &[f32],
+    dz: &[f32],
+) -> Result<Grads> {
+    let p = op.params(g, w0, w1);
+    let row_len = g.len * g.c;
+    let mids = cpu::par_map(g.b, g.b * g.m * g.c * g.k0, |b| {
+        depthwise(g, &p, &x[b * row_len..(b + 1) * row_len])
+    });
+    let (d, c) = (g.d, g.c);
+    let items = cpu::par_map(
+        g.b * g.groups,
+        3 * g.b * g.t * g.c * g.d * g.k1,
+        |item| -> Result<ItemGrads> {
+            let (b, grp) = (item / g.groups, item % g.groups);
+            let dz_view = MatRef::new(dz, b * g.t * c + grp * d, c, 1); // [T, D(o)]
+            let mid_b = &mids[b];
+            let mut dw1 = vec![0f32; d * d * g.k1];
+            let mut dmid = vec![0f32; g.m * d];
+            let mut tmp = vec![0f32; d * d];
+            for tap in 0..g.k1 {
+                // dW_tap[o, c'] = Σ_t dz[t, o]·mid[t + tap, c']
+                cpu::gemm(
+                    d,
+                    d,
+                    g.t,
+                    MatMut::new(&mut tmp, 0, d),
+                    false,
+                    dz_view.t(),
+                    MatRef::new(mid_b, tap * c + grp * d, c, 1),
+                    1.0,
+                    false,
+                )?;
+                for o in 0..d {
+                    for ci in 0..d {
+                        dw1[(o * d + ci) * g.k1 + tap] = tmp[o * d + ci];
+                    }
+                }
+                // dmid[t + tap, c'] += Σ_o dz[t, o]·w1[o, c', tap]
+                cpu::gemm(
+                    g.t,
+                    d,
+                    d,
+                    MatMut::new(&mut dmid, tap * d, d),
+                    true,
+                    dz_view,
+                    w1_view(g, &p, grp, tap, true),
+                    1.0,
+                    false,
+                )?;
+            }
+            let mut db1 = vec![0f32; d];
+            for t in 0..g.t {
+                for (a, v) in db1
+                    .iter_mut()
+                    .zip(&dz[b * g.t * c + t * c + grp * d..][..d])
+                {
+                    *a += v;
+                }
+            }
+            // Depthwise backward for this group's channels.
+            let xb = &x[b * row_len..(b + 1) * row_len];
+            let mut dx = vec![0f32; g.len * d];
+            let mut dw0 = vec![0f32; d * g.k0];
+            let mut db0 = vec![0f32; d];
+            for j in 0..g.m {
+                let dm = &dmid[j * d..(j + 1) * d];
+                for (a, v) in db0.iter_mut().zip(dm) {
+                    *a += v;
+                }
+                for tap in 0..g.k0 {
+                    let xr = &xb[(j + tap) * c + grp * d..][..d];
+                    let dxr = &mut dx[(j + tap) * d..(j + tap + 1) * d];
+                    for ci in 0..d {
+                        let ch = grp * d + ci;
+                        dw0[ci * g.k0 + tap] += dm[ci] * xr[ci];
+                        dxr[ci] += p.w0[ch * g.w0_rs + tap] * dm[ci];
+                    }
+                }
+            }
+            Ok(ItemGrads {
+                dx,
+                dw0,
+                db0,
+                dw1,
+                db1,
+            })
+        },
+    );
+    let mut out = Grads {
+        dx: vec![0f32; g.b * row_len],
+        dw0: vec![0f32; c * g.k0],
+        db0: vec![0f32; c],
+        dw1: vec![0f32; c * d * g.k1],
+        db1: vec![0f32; c],
+    };
+    let add = |dst: &mut [f32], src: &[f32]| {
+        for (a, v) in dst.iter_mut().zip(src) {
+            *a += v;
+        }
+    };
+    for (item, ig) in items.into_iter().enumerate() {
+        let ig = ig?;
+        let (b, grp) = (item / g.groups, item % g.groups);
+        for j in 0..g.len {
+            let o = b * row_len + j * c + grp * d;
+            out.dx[o..o + d].copy_from_slice(&ig.dx[j * d..(j + 1) * d]);
+        }
+        add(&mut out.dw0[grp * d * g.k0..(grp + 1) * d * g.k0], &ig.dw0);
+        add(&mut out.db0[grp * d..(grp + 1) * d], &ig.db0);
+        add(
+            &mut out.dw1[grp * d * d * g.k1..(grp + 1) * d * d * g.k1],
+            &ig.dw1,
+        );
+        add(&mut out.db1[grp * d..(grp + 1) * d], &ig.db1);
+    }
+    Ok(out)
+}
+
+impl CustomOp3 for CcaConv {
+    fn name(&self) -> &'static str {
+        "zaya-cca-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        s0: &CpuStorage,
+        l0: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry(xl.dims())?;
+        let x = f32_view(xs, xl, OP)?;
+        let w0 = f32_view(s0, l0, OP)?;
+        let w1 = f32_view(s1, l1, OP)?;
+        let out = forward(self, &g, &x, &w0, &w1)?;
+        Ok((
+            storage_from_f32(out, xs.dtype(), OP)?,
+            Shape::from_dims(&[g.b, g.t, g.c]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w0: &Tensor,
+        w1: &Tensor,
+        _z: &Tensor,
+        dz: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geometry(x.dims())?;
+        let (xh, w0h, w1h, dzh) = (host_f32(x)?, host_f32(w0)?, host_f32(w1)?, host_f32(dz)?);
+        let gr = backward(self, &g, &xh, &w0h, &w1h, &dzh)?;
+        let (dw0, dw1) = match self.biases {
+            Biases::Held { .. } => (gr.dw0, gr.dw1),
+            Biases::Packed => {
+                // Interleave the bias gradients as the last column of each packed row.
+                let pack = |w: &[f32], bias: &[f32], k: usize| -> Vec<f32> {
+                    let mut out = Vec::with_capacity(w.len() + bias.len());
+                    for (row, b) in w.chunks(k).zip(bias) {
+                        out.extend_from_slice(row);
+                        out.push(*b);
+                    }
+                    out
+                };
+                (
+                    pack(&gr.dw0, &gr.db0, g.k0),
+                    pack(&gr.dw1, &gr.db1, g.d * g.k1),
+                )
+            }
+        };
+        let dx = x
+            .track_op()
+            .then(|| tensor_from_f32(gr.dx, x.shape(), x.dtype(), x))
+            .transpose()?;
+        let dw0 = w0
+            .track_op()
+            .then(|| tensor_from_f32(dw0, w0.shape(), w0.dtype(), w0))
+            .transpose()?;
+        let dw1 = w1
+            .track_op()
+            .then(|| tensor_from_f32(dw1, w1.shape(), w1.dtype(), w1))
+            .transpose()?;
+        Ok((dx, dw0, dw1))
+    }
+}
+
+pub(super) fn fused(
+    x: &Tensor,
+    w0: &Tensor,
+    b0: &Tensor,
+    w1: &Tensor,
+    b1: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    let (_, len, c) = x.dims3()?;
+    let shape = CcaShape::check(len, c, w0, b0, w1, b1, groups)?;
+    let dtype = x.dtype();
+    for (name, t) in [("w0", w0), ("b0", b0), ("w1", w1), ("b1", b1)] {
+        if t.dtype() != dtype {
+            return Err(KernelError::Shape {
+                op: OP,
+                message: format!(
+                    "{name} dtype {:?} differs from x dtype {dtype:?}",
+                    t.dtype()
+                ),
+            }
+            .into());
+        }
+    }
+    let (k0, k1) = (shape.k0, shape.k1);
+    if b0.track_op() || b1.track_op() {
+        let p0 = Tensor::cat(&[&w0.reshape((c, k0))?, &b0.reshape((c, 1))?], D::Minus1)?;
+        let p1 = Tensor::cat(
+            &[&w1.reshape((c, shape.d * k1))?, &b1.reshape((c, 1))?],
+            D::Minus1,
+        )?;
+        let op = CcaConv {
+            groups,
+            k0,
+            k1,
+            biases: Biases::Packed,
+        };
+        x.apply_op3(&p0, &p1, op)
+    } else {
+        let op = CcaConv {
+            groups,
+            k0,
+            k1,
+            biases: Biases::Held {
+                b0: host_f32(b0)?,
+                b1: host_f32(b1)?,
+            },
+        };
+        x.apply_op3(w0, w1, op)
+    }
+}

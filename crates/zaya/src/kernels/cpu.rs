@@ -1,0 +1,705 @@
+//! Shared plumbing of the fused CPU kernels: element conversion, host views of candle
+//! storages, the kernel thread pool, a bounds-checked wrapper over `gemm` for strided
+//! views, and a few vectorisable primitives (exp, sums) compiled for the widest SIMD level
+//! the CPU offers (chosen at run time, the build itself targets the x86-64 baseline).
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::KernelError;
+
+/// Element types the fused kernels read. All arithmetic is done in f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// Rounds `v` to `dtype` and back, so fused code reproduces the reference's intermediate
+/// casts (e.g. RMSNorm casts the normalised value back before the weight multiply).
+#[inline(always)]
+pub(crate) fn round_to(dtype: DType, v: f32) -> f32 {
+    match dtype {
+        DType::BF16 => bf16::from_f32(v).to_f32(),
+        DType::F16 => f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+/// True for the floating dtypes the fused kernels implement.
+pub(crate) fn is_kernel_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Storage offsets of a (possibly strided) layout's elements in logical row-major order
+/// (candle keeps its own iterator crate-private).
+fn strided_offsets(layout: &Layout) -> Vec<usize> {
+    let dims = layout.dims();
+    let stride = layout.stride();
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    let mut idx = vec![0usize; dims.len()];
+    let mut off = layout.start_offset();
+    for _ in 0..n {
+        out.push(off);
+        // Odometer increment from the innermost axis.
+        for ax in (0..dims.len()).rev() {
+            idx[ax] += 1;
+            off += stride[ax];
+            if idx[ax] < dims[ax] {
+                break;
+            }
+            off -= stride[ax] * dims[ax];
+            idx[ax] = 0;
+        }
+    }
+    out
+}
+
+fn gather<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => data[a..b].to_vec(),
+        None => strided_offsets(layout)
+            .into_iter()
+            .map(|i| data[i])
+            .collect(),
+    }
+}
+
+fn widen<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => data[a..b].iter().map(|x| x.to_f32()).collect(),
+        None => strided_offsets(layout)
+            .into_iter()
+            .map(|i| data[i].to_f32())
+            .collect(),
+    }
+}
+
+/// The elements of `storage` seen through `layout`, in logical (row-major) order, as f32.
+/// Contiguous f32 input is borrowed; anything else is copied.
+pub(crate) fn f32_view<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &'static str,
+) -> Result<Cow<'a, [f32]>> {
+    Ok(match storage {
+        CpuStorage::F32(d) => match layout.contiguous_offsets() {
+            Some((a, b)) => Cow::Borrowed(&d[a..b]),
+            None => Cow::Owned(gather(d, layout)),
+        },
+        CpuStorage::BF16(d) => Cow::Owned(widen(d, layout)),
+        CpuStorage::F16(d) => Cow::Owned(widen(d, layout)),
+        other => {
+            return Err(KernelError::UnsupportedDtype {
+                op,
+                dtype: other.dtype(),
+            }
+            .into())
+        }
+    })
+}
+
+/// Elements `[start, start + len)` of a contiguous storage as f32: borrowed for f32,
+/// widened on the pool otherwise. Used to read one expert's weights without converting the
+/// whole stacked tensor.
+pub(crate) fn f32_range<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    start: usize,
+    len: usize,
+    op: &'static str,
+) -> Result<Cow<'a, [f32]>> {
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or(KernelError::NotContiguous {
+            op,
+            what: "weights",
+        })?;
+    if a + start + len > b {
+        return Err(
+            KernelError::Internal(format!("{op}: range {start}+{len} outside {}", b - a)).into(),
+        );
+    }
+    let (lo, hi) = (a + start, a + start + len);
+    fn widen_par<T: Elem>(src: &[T]) -> Vec<f32> {
+        let mut out = vec![0f32; src.len()];
+        par_chunks_mut(&mut out, 4096, |i, o| {
+            for (d, s) in o.iter_mut().zip(&src[i * 4096..]) {
+                *d = s.to_f32();
+            }
+        });
+        out
+    }
+    Ok(match storage {
+        CpuStorage::F32(d) => Cow::Borrowed(&d[lo..hi]),
+        CpuStorage::BF16(d) => Cow::Owned(widen_par(&d[lo..hi])),
+        CpuStorage::F16(d) => Cow::Owned(widen_par(&d[lo..hi])),
+        other => {
+            return Err(KernelError::UnsupportedDtype {
+                op,
+                dtype: other.dtype(),
+            }
+            .into())
+        }
+    })
+}
+
+/// Runs `f` on the CPU storage and layout of `t`.
+pub(crate) fn with_cpu_storage<R>(
+    t: &Tensor,
+    op: &'static str,
+    f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(s, layout),
+        _ => Err(KernelError::Internal(format!("{op}: tensor is not on the CPU")).into()),
+    }
+}
+
+/// Packs f32 results into a storage of `dtype` (rounding once).
+pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType, op: &'static str) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        other => return Err(KernelError::UnsupportedDtype { op, dtype: other }.into()),
+    })
+}
+
+/// A tensor's elements as f32 in logical order (used by the backward passes, whose inputs
+/// are ordinary tensors rather than storages).
+pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Builds a tensor of `dtype` on `t`'s device from f32 values.
+pub(crate) fn tensor_from_f32(
+    v: Vec<f32>,
+    shape: &Shape,
+    dtype: DType,
+    like: &Tensor,
+) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), like.device())?.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------------------
+// Threads
+
+/// Number of threads the fused kernels use: `CANDLE_NUM_THREADS`, else `RAYON_NUM_THREADS`,
+/// else the available cores (the same order candle's CPU backend uses). Read once.
+pub fn num_threads() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        let from_env = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        };
+        from_env("CANDLE_NUM_THREADS")
+            .or_else(|| from_env("RAYON_NUM_THREADS"))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}
+
+/// The kernels' own pool, so that their thread count does not depend on whoever built the
+/// global rayon pool first. `None` when one thread is configured or the pool cannot start
+/// (then everything runs on the calling thread).
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = num_threads();
+        if n <= 1 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("zaya-kernel-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `f` inside the kernel pool (so nested rayon work, including gemm's, uses it).
+pub(crate) fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match pool() {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
+
+/// `(0..n).map(f)` evaluated on the kernel pool; results in index order. Runs inline when
+/// there is one item or one thread, or when `work` (a rough flop count) is too small to pay
+/// for waking the pool.
+pub(crate) fn par_map<R: Send>(
+    n: usize,
+    work: usize,
+    f: impl Fn(usize) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    const MIN_PARALLEL_WORK: usize = 1 << 15;
+    match pool() {
+        Some(p) if n > 1 && work >= MIN_PARALLEL_WORK => {
+            p.install(|| (0..n).into_par_iter().map(f).collect())
+        }
+        _ => (0..n).map(f).collect(),
+    }
+}
+
+/// Splits `data` into consecutive chunks of `chunk` elements and runs `f(chunk_index, chunk)`
+/// on the pool (inline for small inputs).
+pub(crate) fn par_chunks_mut(
+    data: &mut [f32],
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    const MIN_PARALLEL_LEN: usize = 1 << 14;
+    let chunk = chunk.max(1);
+    match pool() {
+        Some(p) if data.len() >= MIN_PARALLEL_LEN && data.len() > chunk => {
+            // Group rows so each task has enough work to amortise the scheduling.
+            let per_task = chunk * (MIN_PARALLEL_LEN / 4 / chunk).max(1);
+            p.install(|| {
+                data.par_chunks_mut(per_task)
+                    .enumerate()
+                    .for_each(|(t, block)| {
+                        let first = t * (per_task / chunk);
+                        for (i, c) in block.chunks_mut(chunk).enumerate() {
+                            f(first + i, c);
+                        }
+                    })
+            })
+        }
+        _ => {
+            for (i, c) in data.chunks_mut(chunk).enumerate() {
+                f(i, c);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gemm on strided views
+
+/// A read-only matrix view: element `(r, c)` is `data[off + r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    pub fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
+        MatRef { data, off, rs, cs }
+    }
+    /// Row-major `[rows, cols]` starting at `off`.
+    pub fn rows(data: &'a [f32], off: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            off,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of this view.
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            off: self.off,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        self.off + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// A mutable row-major destination `[rows, ·]` with row stride `rs` starting at `off`.
+pub(crate) struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub off: usize,
+    pub rs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    pub fn new(data: &'a mut [f32], off: usize, rs: usize) -> Self {
+        MatMut { data, off, rs }
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + beta · lhs[m×k] · rhs[k×n]`.
+///
+/// `parallel` lets gemm split the product over the kernel pool (callers already running
+/// inside a parallel region pass `false`). Every view is bounds-checked before the
+/// unchecked gemm call, so a wrong stride is an error, never an out-of-bounds read.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut<'_>,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    beta: f32,
+    parallel: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst_ok = dst.off + (m - 1) * dst.rs + n <= dst.data.len() && (m == 1 || dst.rs >= n);
+    if !dst_ok || !lhs.fits(m, k) || !rhs.fits(k, n) {
+        return Err(KernelError::Internal(format!(
+            "gemm view out of bounds (m={m}, n={n}, k={k})"
+        ))
+        .into());
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst.data[dst.off + r * dst.rs..dst.off + r * dst.rs + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    let threads = num_threads();
+    let par = if parallel && threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut run = move || {
+        // SAFETY: the three views were checked above to lie inside their slices for the
+        // given m, n, k and strides; `dst` is borrowed mutably, so nothing aliases it.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.data.as_mut_ptr().add(dst.off),
+                1,
+                dst.rs as isize,
+                accumulate,
+                lhs.data.as_ptr().add(lhs.off),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(rhs.off),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                1.0f32,
+                beta,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    match par {
+        gemm::Parallelism::None => run(),
+        _ => in_pool(run),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Vectorisable primitives
+
+/// `exp(x)` to ~1 ulp (Cephes `expf` range reduction and polynomial), written without
+/// branches or libm calls so loops over it vectorise. `x < −87.3` gives 0 (the libm result
+/// there is a denormal below 1e-38), `x > 88.3` gives +∞, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to an integer and leaves that integer in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.3);
+    let shifted = xc * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let p = p * r2 + r + 1.0;
+    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let pow2 = f32::from_bits(((ni + 127) << 23) as u32);
+    let y = p * pow2;
+    let y = if x < -87.3 { 0.0 } else { y };
+    if x > 88.3 {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// `σ(x)·x`, the SiLU, with the vectorisable exp.
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_approx(-x))
+}
+
+/// Runs the body once per SIMD level: the body is an `#[inline(always)]` generic function,
+/// so each `#[target_feature]` wrapper gets its own vectorised copy; the level is detected
+/// once at run time.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+                match simd_level() {
+                    // SAFETY: the level was detected on this CPU.
+                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    SimdLevel::Baseline => {}
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum SimdLevel {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+pub(crate) fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
+                return SimdLevel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Baseline
+    })
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn exp_sub_sum_body(row: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp_approx(*x - m);
+            *a += *x;
+        }
+    }
+    let mut s = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_approx(*x - m);
+        s += *x;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+simd_dispatch! {
+    /// `row[j] ← exp(row[j] − m)`; returns the sum. `−∞` entries become 0.
+    pub(crate) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 => exp_sub_sum_body
+}
+
+#[inline(always)]
+fn sum_sq_body(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>()
+}
+
+simd_dispatch! {
+    /// `Σ x²` with 16 independent partial sums.
+    pub(crate) fn sum_sq(x: &[f32]) -> f32 => sum_sq_body
+}
+
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
+            *s += u * v;
+        }
+    }
+    acc.iter().sum::<f32>()
+        + ca.remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(u, v)| u * v)
+            .sum::<f32>()
+}
+
+simd_dispatch! {
+    /// `Σ a·b` over the common length.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
+}
+
+#[inline(always)]
+fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(*g) * u;
+    }
+}
+
+simd_dispatch! {
+    /// `out = silu(gate) · up`.
+    pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_body
+}
+
+#[inline(always)]
+fn silu_mul_grad_body(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    for ((((dg, du), &g), &u), &d) in dgate
+        .iter_mut()
+        .zip(dup.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(dy)
+    {
+        let s = 1.0 / (1.0 + exp_approx(-g));
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+        *du = d * g * s;
+    }
+}
+
+simd_dispatch! {
+    /// Gradients of `silu(gate)·up`: `dgate = dy·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dy·silu(g)`.
+    pub(crate) fn silu_mul_grad(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) => silu_mul_grad_body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_approx_is_within_two_ulp_of_libm() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = x.exp();
+            let got = exp_approx(x);
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_approx(-200.0), 0.0);
+        assert_eq!(exp_approx(100.0), f32::INFINITY);
+        assert!(exp_approx(f32::NAN).is_nan());
+        assert_eq!(exp_approx(0.0), 1.0);
+    }
+
+    #[test]
+    fn simd_primitives_match_scalar_loops() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let d: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - d).abs() < 1e-5);
+        let s: f32 = a.iter().map(|x| x * x).sum();
+        assert!((sum_sq(&a) - s).abs() < 1e-5);
+        let mut r = a.clone();
+        let total = exp_sub_sum(&mut r, 0.5);
+        let want: Vec<f32> = a.iter().map(|x| (x - 0.5).exp()).collect();
+        for (g, w) in r.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+        assert!((total - want.iter().sum::<f32>()).abs() < 1e-5);
+        let mut out = vec![0f32; 37];
+        silu_mul(&a, &b, &mut out);
+        for i in 0..37 {
+            let want = a[i] / (1.0 + (-a[i]).exp()) * b[i];
+            assert!((out[i] - want).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn gemm_rejects_views_outside_their_buffers() {
+        let a = vec![1f32; 4];
+        let mut c = vec![0f32; 4];
+        let bad = gemm(
+            2,
+            2,
+            3,
+            MatMut::new(&mut c, 0, 2),
+            false,
+            MatRef::rows(&a, 0, 3),
+            MatRef::rows(&a, 0, 2),
+            1.0,
+            false,
+        );
+        assert!(bad.is_err());
+        gemm(
+            2,
+            2,
+            2,
+            MatMut::new(&mut c, 0, 2),
+            false,
+            MatRef::rows(&a, 0, 2),
+            MatRef::rows(&a, 0, 2),
+            1.0,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c, vec![2.0; 4]);
+    }
+}

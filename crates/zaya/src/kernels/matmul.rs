@@ -1,0 +1,206 @@
+//! The `matmul` kernel's fast implementation: the system OpenBLAS `sgemm` for f32 2-D
+//! operands (cargo feature `blas`), as a custom op whose backward runs through the same
+//! dispatcher (so gradients also use BLAS). Transposed operands (a linear layer's `Wᵀ`)
+//! are passed to BLAS as transposed, without copies. Without the feature the registry
+//! never selects it and candle's own gemm (the reference) runs.
+
+use candle_core::{Result, Tensor};
+
+/// Whether the BLAS implementation is built in (its library is linked at build time, so
+/// being built in means being loadable).
+pub fn blas_available() -> bool {
+    cfg!(feature = "blas")
+}
+
+#[cfg(feature = "blas")]
+mod imp {
+    use std::sync::Once;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+    use crate::kernels::cpu::{self, f32_view};
+    use crate::kernels::KernelError;
+
+    extern "C" {
+        // OpenBLAS' own thread control (not part of CBLAS).
+        fn openblas_set_num_threads(n: std::ffi::c_int);
+    }
+
+    fn init_threads() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let n = cpu::num_threads().min(i32::MAX as usize) as std::ffi::c_int;
+            // SAFETY: plain setter of OpenBLAS' global thread count.
+            unsafe { openblas_set_num_threads(n) };
+        });
+    }
+
+    /// How a 2-D operand is handed to BLAS: transposed or not, leading dimension and
+    /// element offset; `None` if its strides fit neither row- nor column-major.
+    fn blas_operand(l: &Layout) -> Option<(bool, usize, usize)> {
+        let (&[rows, cols], &[rs, cs]) = (l.dims(), l.stride()) else {
+            return None;
+        };
+        let off = l.start_offset();
+        // Strides of size-1 axes are arbitrary in candle layouts; ignore them.
+        if cols == 1 || cs == 1 {
+            let ld = if rows == 1 { cols.max(1) } else { rs };
+            if ld >= cols.max(1) {
+                return Some((false, ld, off));
+            }
+        }
+        if rows == 1 || rs == 1 {
+            let ld = if cols == 1 { rows.max(1) } else { cs };
+            if ld >= rows.max(1) {
+                return Some((true, ld, off));
+            }
+        }
+        None
+    }
+
+    struct BlasMatmul;
+
+    impl CustomOp2 for BlasMatmul {
+        fn name(&self) -> &'static str {
+            "zaya-blas-matmul"
+        }
+
+        fn cpu_fwd(
+            &self,
+            sa: &CpuStorage,
+            la: &Layout,
+            sb: &CpuStorage,
+            lb: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            use cblas_sys::{cblas_sgemm, CBLAS_LAYOUT, CBLAS_TRANSPOSE};
+            let (CpuStorage::F32(a), CpuStorage::F32(b)) = (sa, sb) else {
+                return Err(KernelError::UnsupportedDtype {
+                    op: "matmul",
+                    dtype: sa.dtype(),
+                }
+                .into());
+            };
+            let (&[m, k], &[kb, n]) = (la.dims(), lb.dims()) else {
+                return Err(KernelError::Shape {
+                    op: "matmul",
+                    message: format!(
+                        "blas matmul takes 2-D operands, got {:?} and {:?}",
+                        la.dims(),
+                        lb.dims()
+                    ),
+                }
+                .into());
+            };
+            if kb != k {
+                return Err(KernelError::Shape {
+                    op: "matmul",
+                    message: format!("inner dimensions differ: {:?} · {:?}", la.dims(), lb.dims()),
+                }
+                .into());
+            }
+            let mut c = vec![0f32; m * n];
+            if m == 0 || n == 0 {
+                return Ok((CpuStorage::F32(c), Shape::from_dims(&[m, n])));
+            }
+            // Operands with unusual strides are copied to row-major first.
+            let (a_own, a_op) = match blas_operand(la) {
+                Some(op) => (None, op),
+                None => (
+                    Some(f32_view(sa, la, "matmul")?.into_owned()),
+                    (false, k.max(1), 0),
+                ),
+            };
+            let (b_own, b_op) = match blas_operand(lb) {
+                Some(op) => (None, op),
+                None => (
+                    Some(f32_view(sb, lb, "matmul")?.into_owned()),
+                    (false, n.max(1), 0),
+                ),
+            };
+            let a_data: &[f32] = a_own.as_deref().unwrap_or(a);
+            let b_data: &[f32] = b_own.as_deref().unwrap_or(b);
+            let tr = |t: bool| {
+                if t {
+                    CBLAS_TRANSPOSE::CblasTrans
+                } else {
+                    CBLAS_TRANSPOSE::CblasNoTrans
+                }
+            };
+            // Bounds of what BLAS will read, checked before the unchecked call.
+            let extent = |(t, ld, off): (bool, usize, usize), rows: usize, cols: usize| {
+                if t {
+                    off + (cols - 1) * ld + rows
+                } else {
+                    off + (rows - 1) * ld + cols
+                }
+            };
+            if k > 0 && (extent(a_op, m, k) > a_data.len() || extent(b_op, k, n) > b_data.len()) {
+                return Err(KernelError::Internal("blas operand out of bounds".into()).into());
+            }
+            if k > 0 {
+                init_threads();
+                let as_int = |v: usize| {
+                    i32::try_from(v).map_err(|_| {
+                        KernelError::Internal(format!("blas dimension {v} exceeds i32"))
+                    })
+                };
+                // SAFETY: extents checked above; `c` is m×n row-major with ld n.
+                unsafe {
+                    cblas_sgemm(
+                        CBLAS_LAYOUT::CblasRowMajor,
+                        tr(a_op.0),
+                        tr(b_op.0),
+                        as_int(m)?,
+                        as_int(n)?,
+                        as_int(k)?,
+                        1.0,
+                        a_data.as_ptr().add(a_op.2),
+                        as_int(a_op.1)?,
+                        b_data.as_ptr().add(b_op.2),
+                        as_int(b_op.1)?,
+                        0.0,
+                        c.as_mut_ptr(),
+                        as_int(n)?,
+                    );
+                }
+            }
+            Ok((CpuStorage::F32(c), Shape::from_dims(&[m, n])))
+        }
+
+        fn bwd(
+            &self,
+            a: &Tensor,
+            b: &Tensor,
+            _c: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let da = a
+                .track_op()
+                .then(|| crate::kernels::matmul(grad, &b.t()?))
+                .transpose()?;
+            let db = b
+                .track_op()
+                .then(|| crate::kernels::matmul(&a.t()?, grad))
+                .transpose()?;
+            Ok((da, db))
+        }
+    }
+
+    pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        a.apply_op2(b, BlasMatmul)
+    }
+}
+
+/// `a · b` on the system BLAS (`a` `[m, k]`, `b` `[k, n]`, f32, CPU).
+pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "blas")]
+    {
+        imp::blas(a, b)
+    }
+    #[cfg(not(feature = "blas"))]
+    {
+        // The registry only selects BLAS when it is built in; stay correct regardless.
+        super::reference::matmul(a, b)
+    }
+}

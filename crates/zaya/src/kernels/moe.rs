@@ -1,0 +1,256 @@
+//! Fused top-1 MoE experts. Tokens are bucketed by expert; per expert, one gemm for the
+//! gate/up projection reading the stacked `[E, 2I, H]` weights in place (transposed view),
+//! a fused SwiGLU, one gemm for the down projection, and the rows written straight into the
+//! output. Only the experts that receive tokens are touched (bf16 weights are widened
+//! expert by expert). The routing weight is applied afterwards with a differentiable
+//! multiply, so the router keeps its gradient; the op itself has a fused backward that
+//! recomputes the expert activations instead of storing them.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::cpu::{
+    self, f32_range, f32_view, host_f32, storage_from_f32, tensor_from_f32, with_cpu_storage,
+    MatMut, MatRef,
+};
+use super::reference::MoeShape;
+use super::{swiglu, KernelError};
+
+const OP: &str = "moe_experts";
+
+struct MoeExperts {
+    ids: Vec<u32>,
+    n: usize,
+    h: usize,
+    e: usize,
+    i: usize,
+}
+
+impl MoeExperts {
+    fn buckets(&self) -> Vec<Vec<usize>> {
+        let mut b = vec![Vec::new(); self.e];
+        for (tok, &c) in self.ids.iter().enumerate() {
+            if (c as usize) < self.e {
+                b[c as usize].push(tok);
+            }
+        }
+        b
+    }
+
+    /// Gathers the rows of `x` `[N, H]` listed in `rows`.
+    fn gather(&self, x: &[f32], rows: &[usize]) -> Vec<f32> {
+        let h = self.h;
+        let mut out = Vec::with_capacity(rows.len() * h);
+        for &r in rows {
+            out.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        out
+    }
+
+    /// `gu = xe · W_guᵀ` `[R, 2I]` for one expert.
+    fn gate_up(&self, xe: &[f32], wgu: &[f32], r: usize) -> Result<Vec<f32>> {
+        let (h, i2) = (self.h, 2 * self.i);
+        let mut gu = vec![0f32; r * i2];
+        cpu::gemm(
+            r,
+            i2,
+            h,
+            MatMut::new(&mut gu, 0, i2),
+            false,
+            MatRef::rows(xe, 0, h),
+            MatRef::rows(wgu, 0, h).t(),
+            1.0,
+            true,
+        )?;
+        Ok(gu)
+    }
+}
+
+impl CustomOp3 for MoeExperts {
+    fn name(&self) -> &'static str {
+        "zaya-moe-experts"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (h, i) = (self.h, self.i);
+        let x = f32_view(xs, xl, OP)?;
+        let mut y = vec![0f32; self.n * h];
+        for (e, rows) in self.buckets().iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let r = rows.len();
+            let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
+            let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
+            let xe = self.gather(&x, rows);
+            let gu = self.gate_up(&xe, &wgu, r)?;
+            let act = swiglu::forward(&gu, None, i);
+            let mut ye = vec![0f32; r * h];
+            cpu::gemm(
+                r,
+                h,
+                i,
+                MatMut::new(&mut ye, 0, h),
+                false,
+                MatRef::rows(&act, 0, i),
+                MatRef::rows(&wd, 0, i).t(),
+                1.0,
+                true,
+            )?;
+            for (k, &row) in rows.iter().enumerate() {
+                y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
+            }
+        }
+        Ok((
+            storage_from_f32(y, xs.dtype(), OP)?,
+            Shape::from_dims(&[self.n, h]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (h, i) = (self.h, self.i);
+        let xh = host_f32(x)?;
+        let dyh = host_f32(dy)?;
+        let (want_x, want_gu, want_d) = (x.track_op(), gate_up.track_op(), down.track_op());
+        let mut dx = vec![0f32; if want_x { self.n * h } else { 0 }];
+        let mut dgu_w = vec![0f32; if want_gu { self.e * 2 * i * h } else { 0 }];
+        let mut dd_w = vec![0f32; if want_d { self.e * h * i } else { 0 }];
+        for (e, rows) in self.buckets().iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let r = rows.len();
+            let xe = self.gather(&xh, rows);
+            let dye = self.gather(&dyh, rows);
+            with_cpu_storage(gate_up, OP, |gs, gl| {
+                with_cpu_storage(down, OP, |ds, dl| {
+                    let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
+                    let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
+                    // Recompute the activations of this expert.
+                    let gu = self.gate_up(&xe, &wgu, r)?;
+                    if want_d {
+                        let act = swiglu::forward(&gu, None, i);
+                        // dW_down[e] = dyᵀ · act   [H, I]
+                        cpu::gemm(
+                            h,
+                            i,
+                            r,
+                            MatMut::new(&mut dd_w, e * h * i, i),
+                            false,
+                            MatRef::rows(&dye, 0, h).t(),
+                            MatRef::rows(&act, 0, i),
+                            1.0,
+                            true,
+                        )?;
+                    }
+                    // d act = dy · W_down   [R, I]
+                    let mut dact = vec![0f32; r * i];
+                    cpu::gemm(
+                        r,
+                        i,
+                        h,
+                        MatMut::new(&mut dact, 0, i),
+                        false,
+                        MatRef::rows(&dye, 0, h),
+                        MatRef::rows(&wd, 0, i),
+                        1.0,
+                        true,
+                    )?;
+                    let (dgu, _) = swiglu::backward(&gu, None, &dact, i);
+                    if want_gu {
+                        // dW_gu[e] = dguᵀ · xe   [2I, H]
+                        cpu::gemm(
+                            2 * i,
+                            h,
+                            r,
+                            MatMut::new(&mut dgu_w, e * 2 * i * h, h),
+                            false,
+                            MatRef::rows(&dgu, 0, 2 * i).t(),
+                            MatRef::rows(&xe, 0, h),
+                            1.0,
+                            true,
+                        )?;
+                    }
+                    if want_x {
+                        // dxe = dgu · W_gu   [R, H]
+                        let mut dxe = vec![0f32; r * h];
+                        cpu::gemm(
+                            r,
+                            h,
+                            2 * i,
+                            MatMut::new(&mut dxe, 0, h),
+                            false,
+                            MatRef::rows(&dgu, 0, 2 * i),
+                            MatRef::rows(&wgu, 0, h),
+                            1.0,
+                            true,
+                        )?;
+                        for (k, &row) in rows.iter().enumerate() {
+                            dx[row * h..(row + 1) * h].copy_from_slice(&dxe[k * h..(k + 1) * h]);
+                        }
+                    }
+                    Ok(())
+                })
+            })?;
+        }
+        let dx = want_x
+            .then(|| tensor_from_f32(dx, x.shape(), x.dtype(), x))
+            .transpose()?;
+        let dgu = want_gu
+            .then(|| tensor_from_f32(dgu_w, gate_up.shape(), gate_up.dtype(), gate_up))
+            .transpose()?;
+        let dd = want_d
+            .then(|| tensor_from_f32(dd_w, down.shape(), down.dtype(), down))
+            .transpose()?;
+        Ok((dx, dgu, dd))
+    }
+}
+
+pub(super) fn fused(
+    x: &Tensor,
+    expert_ids: &[u32],
+    weights: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+) -> Result<Tensor> {
+    let s = MoeShape::check(x, expert_ids, weights, gate_up, down)?;
+    for (name, t) in [("gate_up", gate_up), ("down", down), ("weights", weights)] {
+        if t.dtype() != x.dtype() {
+            return Err(KernelError::Shape {
+                op: OP,
+                message: format!(
+                    "{name} dtype {:?} differs from x dtype {:?}",
+                    t.dtype(),
+                    x.dtype()
+                ),
+            }
+            .into());
+        }
+    }
+    let op = MoeExperts {
+        ids: expert_ids.to_vec(),
+        n: s.n,
+        h: s.h,
+        e: s.e,
+        i: s.i,
+    };
+    // The op reads expert slices of the stacked weights, which must be contiguous (they are
+    // as loaded; `contiguous` is free then).
+    let y = x.apply_op3(&gate_up.contiguous()?, &down.contiguous()?, op)?;
+    y.broadcast_mul(&weights.reshape((s.n, 1))?)
+}

@@ -1,0 +1,129 @@
+//! Fused RMSNorm: one pass per row for the statistics and the output, rows spread over the
+//! kernel pool. Reproduces the reference's cast of the normalised value back to the input
+//! dtype before the weight multiply. The backward is fused as well.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+use super::cpu::{self, f32_view, host_f32, round_to, storage_from_f32, tensor_from_f32};
+use super::KernelError;
+
+const OP: &str = "rms_norm";
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "zaya-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dtype = xs.dtype();
+        let h = xl.dims().last().copied().unwrap_or(0);
+        let x = f32_view(xs, xl, OP)?;
+        let w = f32_view(ws, wl, OP)?;
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps;
+        cpu::par_chunks_mut(&mut out, h, |r, o| {
+            let xr = &x[r * h..(r + 1) * h];
+            let inv = 1.0 / (cpu::sum_sq(xr) / h as f32 + eps).sqrt();
+            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w.iter()) {
+                *o = round_to(dtype, xv * inv) * wv;
+            }
+        });
+        Ok((storage_from_f32(out, dtype, OP)?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dtype = x.dtype();
+        let h = x.dim(D::Minus1)?;
+        let xh = host_f32(x)?;
+        let wh = host_f32(w)?;
+        let gh = host_f32(grad)?;
+        let rows = xh.len().checked_div(h).unwrap_or(0);
+        let eps = self.eps;
+        // Rows are split into one block per thread; each block returns its dx rows and its
+        // partial dw, summed afterwards.
+        let blocks = cpu::num_threads().min(rows).max(1);
+        let per = rows.div_ceil(blocks);
+        let parts = cpu::par_map(blocks, xh.len() * 8, |blk| {
+            let r0 = (blk * per).min(rows);
+            let r1 = ((blk + 1) * per).min(rows);
+            let mut dx = vec![0f32; (r1 - r0) * h];
+            let mut dw = vec![0f32; h];
+            for r in r0..r1 {
+                let xr = &xh[r * h..(r + 1) * h];
+                let gr = &gh[r * h..(r + 1) * h];
+                let inv = 1.0 / (cpu::sum_sq(xr) / h as f32 + eps).sqrt();
+                // y = round(x·inv)·w: dn = g·w; dx = inv·(dn − n·mean(dn·n)).
+                let mut dot = 0f32;
+                for j in 0..h {
+                    let n = xr[j] * inv;
+                    dot += gr[j] * wh[j] * n;
+                    dw[j] += gr[j] * round_to(dtype, n);
+                }
+                let mean = dot / h as f32;
+                let dxr = &mut dx[(r - r0) * h..(r - r0 + 1) * h];
+                for j in 0..h {
+                    let n = xr[j] * inv;
+                    dxr[j] = inv * (gr[j] * wh[j] - n * mean);
+                }
+            }
+            (dx, dw)
+        });
+        let mut dx = Vec::with_capacity(xh.len());
+        let mut dw = vec![0f32; h];
+        for (px, pw) in parts {
+            dx.extend_from_slice(&px);
+            for (a, b) in dw.iter_mut().zip(&pw) {
+                *a += b;
+            }
+        }
+        let dx = x
+            .track_op()
+            .then(|| tensor_from_f32(dx, x.shape(), dtype, x))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| tensor_from_f32(dw, w.shape(), w.dtype(), w))
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+pub(super) fn fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    if weight.dims() != [h] {
+        return Err(KernelError::Shape {
+            op: OP,
+            message: format!("weight must be [{h}], got {:?}", weight.dims()),
+        }
+        .into());
+    }
+    if weight.dtype() != x.dtype() {
+        return Err(KernelError::Shape {
+            op: OP,
+            message: format!(
+                "weight dtype {:?} differs from input dtype {:?}",
+                weight.dtype(),
+                x.dtype()
+            ),
+        }
+        .into());
+    }
+    x.apply_op2(weight, RmsNorm { eps: eps as f32 })
+}

@@ -1,0 +1,523 @@
+//! Every fast kernel against its reference, forward and backward, over seeded random
+//! shapes (odd sizes included) in f32 and bf16. The implementation is picked with the
+//! registry's thread-scoped override, and each case first checks that the fast
+//! implementation really is the one selected, so a silent fallback would fail the test.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use zaya::kernels::{
+    self,
+    registry::{self, Choice, ImplId, Kernel},
+};
+
+const CASES: usize = 12;
+
+fn rand_tensor(rng: &mut StdRng, dims: &[usize], scale: f32) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+}
+
+fn rand_var(rng: &mut StdRng, dims: &[usize], scale: f32, dtype: DType) -> Result<Var> {
+    Ok(Var::from_tensor(
+        &rand_tensor(rng, dims, scale)?.to_dtype(dtype)?,
+    )?)
+}
+
+/// Max |a − b| relative to max(1, max |b|).
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a: Vec<f32> = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite values");
+    Ok(diff / scale)
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 2e-5,
+        // The reference rounds after every op, the fused kernels once.
+        _ => 4e-2,
+    }
+}
+
+/// Runs `f` with `kernel` forced to `choice` on this thread.
+fn with<R>(kernel: Kernel, choice: Choice, f: impl FnOnce() -> R) -> R {
+    registry::with_choice(Some(kernel), choice, f).expect("valid choice")
+}
+
+/// Output and input gradients of `f` under `choice`, for a fixed random probe.
+fn run(
+    kernel: Kernel,
+    choice: Choice,
+    vars: &[&Var],
+    probe: &Tensor,
+    f: &dyn Fn() -> Result<Tensor>,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    with(kernel, choice, || -> Result<_> {
+        let out = f()?;
+        let loss = out.to_dtype(DType::F32)?.mul(probe)?.sum_all()?;
+        let grads = loss.backward()?;
+        Ok((
+            out.detach(),
+            vars.iter()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect(),
+        ))
+    })
+}
+
+/// Compares the fused implementation with the reference: forward and every gradient.
+fn check(
+    kernel: Kernel,
+    dtype: DType,
+    vars: &[&Var],
+    out_dims: &[usize],
+    rng: &mut StdRng,
+    label: &str,
+    f: &dyn Fn() -> Result<Tensor>,
+) -> Result<()> {
+    let main = vars[0].as_tensor();
+    let selected = with(kernel, Choice::Impl(ImplId::Fused), || {
+        registry::select(kernel, main.device(), dtype, main.shape())
+    })?;
+    assert_eq!(
+        selected,
+        ImplId::Fused,
+        "{label}: fused implementation not selected"
+    );
+    let probe = rand_tensor(rng, out_dims, 1.0)?;
+    let (yr, gr) = run(kernel, Choice::Reference, vars, &probe, f)?;
+    let (yf, gf) = run(kernel, Choice::Impl(ImplId::Fused), vars, &probe, f)?;
+    assert_eq!(yf.dtype(), yr.dtype(), "{label}: output dtype");
+    let tol = tolerance(dtype);
+    let d = rel_diff(&yf, &yr)?;
+    assert!(d <= tol, "{label}: forward differs by {d}");
+    for (i, ((a, b), v)) in gf.iter().zip(&gr).zip(vars).enumerate() {
+        // An input that no output depends on (e.g. every token skipped) has no gradient in
+        // the reference graph; the fused backward reports zeros. Both mean zero.
+        let zeros = v.as_tensor().zeros_like()?;
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(a), None) => (a, &zeros),
+            (None, Some(b)) => (&zeros, b),
+            (None, None) => panic!("{label}: gradient {i} missing in both"),
+        };
+        assert_eq!(a.dtype(), b.dtype(), "{label}: grad {i} dtype");
+        let d = rel_diff(a, b)?;
+        assert!(d <= tol * 2.0, "{label}: gradient {i} differs by {d}");
+    }
+    Ok(())
+}
+
+fn dtypes() -> [DType; 2] {
+    [DType::F32, DType::BF16]
+}
+
+#[test]
+fn rms_norm_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(1);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..6);
+            let h = [1, 3, 17, 64, 130][rng.random_range(0..5)];
+            let dims = if case % 2 == 0 {
+                vec![rows, h]
+            } else {
+                vec![2, rows, h]
+            };
+            let x = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let w = rand_var(&mut rng, &[h], 1.5, dtype)?;
+            check(
+                Kernel::RmsNorm,
+                dtype,
+                &[&x, &w],
+                &dims,
+                &mut rng,
+                &format!("rms_norm {dims:?} {dtype:?}"),
+                &|| Ok(kernels::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_fused_reads_strided_input() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let x = rand_tensor(&mut rng, &[7, 5], 2.0)?.t()?; // [5, 7], strided
+    let w = rand_tensor(&mut rng, &[7], 1.0)?;
+    let r = with(Kernel::RmsNorm, Choice::Reference, || {
+        kernels::rms_norm(&x, &w, 1e-5)
+    })?;
+    let f = with(Kernel::RmsNorm, Choice::Auto, || {
+        kernels::rms_norm(&x, &w, 1e-5)
+    })?;
+    assert!(rel_diff(&f, &r)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn rotary_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(2);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let (b, h, t) = (
+                rng.random_range(1..3),
+                rng.random_range(1..4),
+                rng.random_range(1..6),
+            );
+            let d = [2, 6, 10, 16][rng.random_range(0..4)];
+            let rd = 2 * rng.random_range(1..=d / 2);
+            let bc = if case % 2 == 0 { 1 } else { b };
+            let x = rand_var(&mut rng, &[b, h, t, d], 2.0, dtype)?;
+            let cos = rand_var(&mut rng, &[bc, t, rd], 1.0, dtype)?;
+            let sin = rand_var(&mut rng, &[bc, t, rd], 1.0, dtype)?;
+            let label = format!("rotary x[{b},{h},{t},{d}] rd {rd} bc {bc} {dtype:?}");
+            check(
+                Kernel::Rotary,
+                dtype,
+                &[&x, &cos, &sin],
+                &[b, h, t, d],
+                &mut rng,
+                &label,
+                &|| {
+                    Ok(kernels::rotary(
+                        x.as_tensor(),
+                        cos.as_tensor(),
+                        sin.as_tensor(),
+                    )?)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rotary_fused_handles_the_models_transposed_input() -> Result<()> {
+    // The model passes `q.transpose(1, 2)` (non-contiguous) and RoPE tables that are not Vars.
+    let mut rng = StdRng::seed_from_u64(12);
+    let q = rand_tensor(&mut rng, &[2, 5, 3, 8], 1.0)?.transpose(1, 2)?;
+    let cos = rand_tensor(&mut rng, &[1, 5, 4], 1.0)?;
+    let sin = rand_tensor(&mut rng, &[1, 5, 4], 1.0)?;
+    let r = with(Kernel::Rotary, Choice::Reference, || {
+        kernels::rotary(&q, &cos, &sin)
+    })?;
+    let f = with(Kernel::Rotary, Choice::Auto, || {
+        kernels::rotary(&q, &cos, &sin)
+    })?;
+    assert!(rel_diff(&f, &r)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn swiglu_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(3);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..9);
+            let i = [1, 3, 16, 33][rng.random_range(0..4)];
+            let dims = if case % 3 == 0 {
+                vec![2, rows, 2 * i]
+            } else {
+                vec![rows, 2 * i]
+            };
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().unwrap() = i;
+            let gu = rand_var(&mut rng, &dims, 4.0, dtype)?;
+            check(
+                Kernel::Swiglu,
+                dtype,
+                &[&gu],
+                &out_dims,
+                &mut rng,
+                &format!("swiglu {dims:?} {dtype:?}"),
+                &|| Ok(kernels::swiglu(gu.as_tensor())?),
+            )?;
+            let bias = rand_var(&mut rng, &[2 * i], 1.0, dtype)?;
+            check(
+                Kernel::BiasSwiglu,
+                dtype,
+                &[&gu, &bias],
+                &out_dims,
+                &mut rng,
+                &format!("bias_swiglu {dims:?} {dtype:?}"),
+                &|| Ok(kernels::bias_swiglu(gu.as_tensor(), bias.as_tensor())?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn softmax_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(4);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..7);
+            let n = [1, 5, 17, 64][rng.random_range(0..4)];
+            let dims = vec![rows, n];
+            let x = rand_var(&mut rng, &dims, 6.0, dtype)?;
+            let label = format!("softmax {dims:?} {dtype:?}");
+            if case % 2 == 0 || dtype != DType::F32 {
+                check(
+                    Kernel::Softmax,
+                    dtype,
+                    &[&x],
+                    &dims,
+                    &mut rng,
+                    &label,
+                    &|| Ok(kernels::softmax(x.as_tensor())?),
+                )?;
+            } else {
+                // Eager attention's masked rows: scores + f32::MIN, some rows fully masked.
+                let mask: Vec<f32> = (0..rows * n)
+                    .map(|i| {
+                        if i / n == 0 || rng.random_bool(0.4) {
+                            f32::MIN
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (rows, n), &Device::Cpu)?;
+                check(
+                    Kernel::Softmax,
+                    dtype,
+                    &[&x],
+                    &dims,
+                    &mut rng,
+                    &label,
+                    &|| Ok(kernels::softmax_f32(&x.as_tensor().broadcast_add(&mask)?)?),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cca_conv_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(5);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let b = rng.random_range(1..3);
+            let groups = rng.random_range(1..4);
+            let d = [1, 3, 8][rng.random_range(0..3)];
+            let (k0, k1) = (rng.random_range(1..4), rng.random_range(1..4));
+            let t = rng.random_range(1..6);
+            let c = groups * d;
+            let len = t + k0 + k1 - 2;
+            let x = rand_var(&mut rng, &[b, len, c], 1.0, dtype)?;
+            let w0 = rand_var(&mut rng, &[c, 1, k0], 1.0, dtype)?;
+            let b0 = rand_var(&mut rng, &[c], 1.0, dtype)?;
+            let w1 = rand_var(&mut rng, &[c, d, k1], 0.5, dtype)?;
+            let b1 = rand_var(&mut rng, &[c], 1.0, dtype)?;
+            let label = format!("cca_conv B{b} T{t} G{groups} D{d} K{k0},{k1} {dtype:?}");
+            let f = || -> Result<Tensor> {
+                Ok(kernels::cca_conv(
+                    x.as_tensor(),
+                    w0.as_tensor(),
+                    b0.as_tensor(),
+                    w1.as_tensor(),
+                    b1.as_tensor(),
+                    groups,
+                )?)
+            };
+            if case % 2 == 0 {
+                // Every parameter trained: biases travel packed with the weights.
+                check(
+                    Kernel::CcaConv,
+                    dtype,
+                    &[&x, &w0, &b0, &w1, &b1],
+                    &[b, t, c],
+                    &mut rng,
+                    &label,
+                    &f,
+                )?;
+            } else {
+                // Frozen biases (plain tensors): the op holds them.
+                let (b0t, b1t) = (b0.as_tensor().detach(), b1.as_tensor().detach());
+                check(
+                    Kernel::CcaConv,
+                    dtype,
+                    &[&x, &w0, &w1],
+                    &[b, t, c],
+                    &mut rng,
+                    &label,
+                    &|| {
+                        Ok(kernels::cca_conv(
+                            x.as_tensor(),
+                            w0.as_tensor(),
+                            &b0t,
+                            w1.as_tensor(),
+                            &b1t,
+                            groups,
+                        )?)
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cca_conv_rejects_inconsistent_shapes() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 2, 6), DType::F32, &dev)?;
+    let w0 = Tensor::zeros((6, 1, 2), DType::F32, &dev)?;
+    let b = Tensor::zeros(6, DType::F32, &dev)?;
+    let w1 = Tensor::zeros((6, 3, 2), DType::F32, &dev)?;
+    // Two columns are only the history: no new token.
+    assert!(kernels::cca_conv(&x, &w0, &b, &w1, &b, 2).is_err());
+    let x = Tensor::zeros((1, 4, 6), DType::F32, &dev)?;
+    // 6 channels are not 4 groups.
+    assert!(kernels::cca_conv(&x, &w0, &b, &w1, &b, 4).is_err());
+    assert!(kernels::cca_conv(&x, &w0, &b, &w1, &b, 2).is_ok());
+    Ok(())
+}
+
+#[test]
+fn moe_experts_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(6);
+    for _ in 0..CASES {
+        for dtype in dtypes() {
+            let n = rng.random_range(1..10);
+            let h = [3, 8][rng.random_range(0..2)];
+            let i = [2, 5][rng.random_range(0..2)];
+            let e = rng.random_range(1..5);
+            // Ids up to E inclusive: E is the skip class.
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..=e) as u32).collect();
+            let x = rand_var(&mut rng, &[n, h], 1.0, dtype)?;
+            let w = rand_var(&mut rng, &[n, 1], 1.0, dtype)?;
+            let gu = rand_var(&mut rng, &[e, 2 * i, h], 0.7, dtype)?;
+            let down = rand_var(&mut rng, &[e, h, i], 0.7, dtype)?;
+            let label = format!("moe N{n} H{h} I{i} E{e} ids {ids:?} {dtype:?}");
+            check(
+                Kernel::MoeExperts,
+                dtype,
+                &[&x, &w, &gu, &down],
+                &[n, h],
+                &mut rng,
+                &label,
+                &|| {
+                    Ok(kernels::moe_experts(
+                        x.as_tensor(),
+                        &ids,
+                        w.as_tensor(),
+                        gu.as_tensor(),
+                        down.as_tensor(),
+                    )?)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn moe_experts_skip_rows_are_exactly_zero() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(16);
+    let x = rand_tensor(&mut rng, &[3, 4], 1.0)?;
+    let w = rand_tensor(&mut rng, &[3], 1.0)?;
+    let gu = rand_tensor(&mut rng, &[2, 6, 4], 1.0)?;
+    let down = rand_tensor(&mut rng, &[2, 4, 3], 1.0)?;
+    let y = with(Kernel::MoeExperts, Choice::Auto, || {
+        kernels::moe_experts(&x, &[2, 0, 2], &w, &gu, &down)
+    })?;
+    let y: Vec<Vec<f32>> = y.to_vec2()?;
+    assert!(y[0].iter().chain(&y[2]).all(|&v| v == 0.0));
+    assert!(y[1].iter().any(|&v| v != 0.0));
+    // Wrong number of ids is an error, not a panic.
+    assert!(kernels::moe_experts(&x, &[0, 1], &w, &gu, &down).is_err());
+    Ok(())
+}
+
+#[test]
+fn matmul_selection_follows_the_build() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let a = rand_tensor(&mut rng, &[5, 7], 1.0)?;
+    let blas_built = cfg!(feature = "blas");
+    let want = if blas_built {
+        ImplId::Blas
+    } else {
+        ImplId::Reference
+    };
+    let sel = with(Kernel::Matmul, Choice::Auto, || {
+        registry::select(Kernel::Matmul, a.device(), DType::F32, a.shape())
+    })?;
+    assert_eq!(sel, want);
+    // bf16 is never BLAS.
+    let sel_bf16 = with(Kernel::Matmul, Choice::Auto, || {
+        registry::select(Kernel::Matmul, a.device(), DType::BF16, a.shape())
+    })?;
+    assert_eq!(sel_bf16, ImplId::Reference);
+    // Naming BLAS is an error exactly when it is not built in.
+    assert_eq!(
+        registry::with_choice(Some(Kernel::Matmul), Choice::Impl(ImplId::Blas), || ()).is_ok(),
+        blas_built
+    );
+    Ok(())
+}
+
+#[cfg(feature = "blas")]
+#[test]
+fn matmul_blas_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(8);
+    for case in 0..CASES {
+        let (m, k, n) = (
+            rng.random_range(1..40),
+            rng.random_range(1..40),
+            rng.random_range(1..40),
+        );
+        let a = rand_var(&mut rng, &[m, k], 1.0, DType::F32)?;
+        // A linear layer multiplies by a transposed [n, k] weight: BLAS gets it as transposed.
+        let w = rand_var(&mut rng, &[n, k], 1.0, DType::F32)?;
+        let label = format!("matmul {m}x{k}x{n} case {case}");
+        let sel = with(Kernel::Matmul, Choice::Auto, || {
+            registry::select(
+                Kernel::Matmul,
+                a.as_tensor().device(),
+                DType::F32,
+                a.as_tensor().shape(),
+            )
+        })?;
+        assert_eq!(sel, ImplId::Blas);
+        let probe = rand_tensor(&mut rng, &[m, n], 1.0)?;
+        let f = || -> Result<Tensor> {
+            let wt = if case % 2 == 0 {
+                w.as_tensor().t()?
+            } else {
+                w.as_tensor().t()?.contiguous()?
+            };
+            Ok(kernels::matmul(a.as_tensor(), &wt)?)
+        };
+        let (yr, gr) = run(Kernel::Matmul, Choice::Reference, &[&a, &w], &probe, &f)?;
+        let (yb, gb) = run(
+            Kernel::Matmul,
+            Choice::Impl(ImplId::Blas),
+            &[&a, &w],
+            &probe,
+            &f,
+        )?;
+        assert!(rel_diff(&yb, &yr)? < 1e-5, "{label}");
+        for (x, y) in gb.iter().zip(&gr) {
+            assert!(
+                rel_diff(x.as_ref().unwrap(), y.as_ref().unwrap())? < 1e-5,
+                "{label} grad"
+            );
+        }
+    }
+    Ok(())
+}
