@@ -17,6 +17,7 @@ use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 mod bench;
 mod chat;
 mod text_cmds;
+mod train_cmds;
 
 #[derive(Parser)]
 #[command(name = "zaya", version, about = "Run, inspect and create ZAYA1 models")]
@@ -42,6 +43,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Chat with the model in the terminal (its chat template, streamed answers).
     Chat(chat::ChatArgs),
+    /// List the kernels, their implementations on this machine and the one selected.
+    Kernels,
     /// Print the token ids of a text: {"ids": [...]}.
     Tokenize(text_cmds::TokenizeArgs),
     /// Print the text of token ids: {"text": "..."}.
@@ -80,6 +83,12 @@ struct ForwardArgs {
     attentions: bool,
     #[arg(long)]
     router_logits: bool,
+    /// With "labels" in IN.json: also write `grad.<hf parameter name>` for every parameter.
+    #[arg(long)]
+    grads: bool,
+    /// Compute the gradients with gradient checkpointing (every layer).
+    #[arg(long)]
+    checkpointing: bool,
 }
 
 #[derive(clap::Args)]
@@ -219,6 +228,17 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             let choice: Vec<i64> = r.choice.iter().map(|&c| c as i64).collect();
             tensors.insert(format!("expert_choice.{i}"), Tensor::new(choice, &dev)?);
         }
+    }
+    if train_cmds::has_labels(&args.inputs)? {
+        // loss (and, with --grads, gradients) computed on f32 master weights
+        tensors.extend(train_cmds::forward_with_labels(
+            &args.model.model,
+            &args.inputs,
+            args.grads,
+            args.checkpointing,
+        )?);
+    } else if args.grads {
+        bail!("--grads needs \"labels\" in {}", args.inputs.display());
     }
     candle_core::safetensors::save(&tensors.into_iter().collect(), &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -373,6 +393,10 @@ fn main() {
             let attn = parse_attn(&a.attn)?;
             chat::run_chat(a, d, attn)
         }),
+        Command::Kernels => {
+            print!("{}", zaya::kernels::registry::KernelTable::current());
+            Ok(())
+        }
         Command::Tokenize(a) => text_cmds::run_tokenize(a),
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
         Command::Template(a) => text_cmds::run_template(a),

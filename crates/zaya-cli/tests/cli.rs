@@ -292,3 +292,48 @@ fn parse_splits_reasoning_content_and_tool_calls() {
     assert_eq!(v["tool_calls"][0]["arguments"]["city"], "Paris");
     assert_eq!(v["tool_calls"][0]["arguments"]["days"], 3);
 }
+
+#[test]
+fn forward_with_labels_writes_loss_and_gradients() {
+    let dir = fixture("mha_bias");
+    let want =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    for checkpointing in [false, true] {
+        let out = temp(&format!("grads-{checkpointing}")).join("out.safetensors");
+        let mut cmd = zaya();
+        cmd.args(["forward", "--grads", "--model"])
+            .arg(&dir)
+            .arg("--inputs")
+            .arg(dir.join("train.json"))
+            .arg("--out")
+            .arg(&out);
+        if checkpointing {
+            cmd.arg("--checkpointing");
+        }
+        let st = cmd.output().unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        assert!(max_diff(&got["loss"].flatten_all().unwrap(), &want["train.loss"]) < 1e-5);
+        let mut n = 0;
+        for (k, w) in &want {
+            if let Some(name) = k.strip_prefix("train.grad.") {
+                let g = &got[&format!("grad.{name}")];
+                let rel = max_diff(g, w)
+                    / w.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        .max(1e-6);
+                assert!(rel < 1e-4, "{name}: relative diff {rel}");
+                n += 1;
+            }
+        }
+        assert!(n > 30, "only {n} gradients compared");
+    }
+}
