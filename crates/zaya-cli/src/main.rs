@@ -18,6 +18,7 @@ mod bench;
 mod chat;
 mod text_cmds;
 mod train_cmds;
+mod train_run;
 
 #[derive(Parser)]
 #[command(name = "zaya", version, about = "Run, inspect and create ZAYA1 models")]
@@ -45,6 +46,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// List the kernels, their implementations on this machine and the one selected.
     Kernels,
+    /// Fine-tune on JSONL data (text, chat with tools, or pre-tokenized).
+    Train(train_run::TrainArgs),
     /// Print the token ids of a text: {"ids": [...]}.
     Tokenize(text_cmds::TokenizeArgs),
     /// Print the text of token ids: {"text": "..."}.
@@ -393,6 +396,7 @@ fn main() {
             let attn = parse_attn(&a.attn)?;
             chat::run_chat(a, d, attn)
         }),
+        Command::Train(a) => train_run::run_train(a),
         Command::Kernels => {
             print!("{}", zaya::kernels::registry::KernelTable::current());
             Ok(())

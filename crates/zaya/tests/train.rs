@@ -409,3 +409,28 @@ fn bad_batches_are_typed_errors() {
         .forward_backward(&Batch::default(), &opts, &s)
         .is_err());
 }
+
+/// A freshly initialised model has a zero embedding row for the pad token, so a padding
+/// token's q/k heads are exactly zero: their L2 norm must not make the gradient NaN.
+#[test]
+fn gradients_stay_finite_for_all_zero_heads() {
+    let cfg = zaya::ZayaConfig::from_file(common::fixture_dir("gqa_sliding").join("config.json"))
+        .unwrap();
+    let weights = zaya::init::random_weights(&cfg, 1).unwrap();
+    let model = TrainableModel::from_tensors(&cfg, &weights).unwrap();
+    let b = Batch {
+        input_ids: vec![vec![5, 9, 0, 0, 17, 3, 0, 8]],
+        labels: vec![vec![5, 9, -100, -100, 17, 3, -100, 8]],
+        attention_mask: None,
+        document_ids: None,
+    };
+    let out = model
+        .forward_backward(
+            &b,
+            &TrainOptions::for_config(&cfg),
+            &zaya::train::LossScale::default(),
+        )
+        .unwrap();
+    let norm = out.grads.global_norm().unwrap();
+    assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
+}

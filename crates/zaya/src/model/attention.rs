@@ -266,7 +266,14 @@ impl ZayaAttention {
             DType::F64 => f64::EPSILON,
             _ => f32::EPSILON as f64,
         };
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(eps)?;
+        // max(√s, ε) computed as √max(s, ε²): the same value (ε² is exact in every dtype
+        // here), but the backward never divides by √0 for an all-zero head (e.g. a padding
+        // token whose embedding row is zero), which would turn the gradient into NaN.
+        let norm = x
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .maximum(eps * eps)?
+            .sqrt()?;
         let factor = (norm.recip()? * (self.head_dim as f64).sqrt())?;
         x.broadcast_mul(&factor)
     }
