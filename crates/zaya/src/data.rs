@@ -232,6 +232,64 @@ pub fn read_pretokenized(path: &Path, vocab_size: usize) -> Result<Vec<Example>>
     read_jsonl(path, &PretokenizedOnly, vocab_size)
 }
 
+/// The model's tokenizer and chat template as an [`Encoder`]. A conversation's assistant
+/// turns are found by rendering its prefixes (the template must render incrementally, as
+/// chat templates do): the text that message `i` adds after the generation prompt of the
+/// messages before it is the assistant's, end-of-turn included, so the model learns to stop.
+impl Encoder for crate::text::ZayaTokenizer {
+    fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode(text, true)?)
+    }
+
+    fn encode_conversation(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+    ) -> Result<(Vec<u32>, Vec<bool>)> {
+        use crate::text::ChatRequest;
+        let msgs = messages
+            .as_array()
+            .ok_or_else(|| ZayaError::Input("messages must be a list".into()))?;
+        let tools: Option<Vec<Value>> = match tools {
+            None => None,
+            Some(Value::Array(t)) => Some(t.clone()),
+            Some(_) => return Err(ZayaError::Input("tools must be a list".into())),
+        };
+        let render = |upto: usize, generation_prompt: bool| -> Result<String> {
+            let mut req = ChatRequest::new(msgs[..upto].to_vec());
+            req.tools = tools.clone();
+            req.add_generation_prompt = generation_prompt;
+            Ok(self.apply_chat_template(&req)?)
+        };
+        let full = render(msgs.len(), false)?;
+        let mut spans = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if m.get("role").and_then(Value::as_str) != Some("assistant") {
+                continue;
+            }
+            let before = render(i, true)?;
+            let after = render(i + 1, false)?;
+            if !after.starts_with(&before) || !full.starts_with(&after) {
+                return Err(ZayaError::Input(format!(
+                    "the chat template does not render message {i} incrementally; cannot find the assistant's tokens"
+                )));
+            }
+            spans.push(before.len()..after.len());
+        }
+        let enc = self
+            .inner()
+            .encode(full.as_str(), false)
+            .map_err(|e| ZayaError::Input(format!("tokenizing a conversation: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        let assistant = enc
+            .get_offsets()
+            .iter()
+            .map(|(start, _)| spans.iter().any(|s| s.contains(start)))
+            .collect();
+        Ok((ids, assistant))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,63 +363,5 @@ mod tests {
             .map(|r| r.attention_mask.iter().filter(|&&m| m == 1).count())
             .sum();
         assert_eq!(total, 5 + 6 + 3 + 12);
-    }
-}
-
-/// The model's tokenizer and chat template as an [`Encoder`]. A conversation's assistant
-/// turns are found by rendering its prefixes (the template must render incrementally, as
-/// chat templates do): the text that message `i` adds after the generation prompt of the
-/// messages before it is the assistant's, end-of-turn included, so the model learns to stop.
-impl Encoder for crate::text::ZayaTokenizer {
-    fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.encode(text, true)?)
-    }
-
-    fn encode_conversation(
-        &self,
-        messages: &Value,
-        tools: Option<&Value>,
-    ) -> Result<(Vec<u32>, Vec<bool>)> {
-        use crate::text::ChatRequest;
-        let msgs = messages
-            .as_array()
-            .ok_or_else(|| ZayaError::Input("messages must be a list".into()))?;
-        let tools: Option<Vec<Value>> = match tools {
-            None => None,
-            Some(Value::Array(t)) => Some(t.clone()),
-            Some(_) => return Err(ZayaError::Input("tools must be a list".into())),
-        };
-        let render = |upto: usize, generation_prompt: bool| -> Result<String> {
-            let mut req = ChatRequest::new(msgs[..upto].to_vec());
-            req.tools = tools.clone();
-            req.add_generation_prompt = generation_prompt;
-            Ok(self.apply_chat_template(&req)?)
-        };
-        let full = render(msgs.len(), false)?;
-        let mut spans = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            if m.get("role").and_then(Value::as_str) != Some("assistant") {
-                continue;
-            }
-            let before = render(i, true)?;
-            let after = render(i + 1, false)?;
-            if !after.starts_with(&before) || !full.starts_with(&after) {
-                return Err(ZayaError::Input(format!(
-                    "the chat template does not render message {i} incrementally; cannot find the assistant's tokens"
-                )));
-            }
-            spans.push(before.len()..after.len());
-        }
-        let enc = self
-            .inner()
-            .encode(full.as_str(), false)
-            .map_err(|e| ZayaError::Input(format!("tokenizing a conversation: {e}")))?;
-        let ids = enc.get_ids().to_vec();
-        let assistant = enc
-            .get_offsets()
-            .iter()
-            .map(|(start, _)| spans.iter().any(|s| s.contains(start)))
-            .collect();
-        Ok((ids, assistant))
     }
 }
