@@ -9,26 +9,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use common::{fixture_dir, inputs, reference, FIXTURES};
+use common::{batch, fixture_dir, reference, FIXTURES};
 use zaya::train::{Batch, Checkpointing, LossScale, TrainOptions, TrainableModel};
-
-fn batch(name: &str, which: &str) -> Batch {
-    let inp = inputs(name, which);
-    Batch {
-        input_ids: inp
-            .input_ids
-            .iter()
-            .map(|r| r.iter().map(|&x| x as u32).collect())
-            .collect(),
-        labels: inp.labels.expect("labelled batch"),
-        attention_mask: inp.attention_mask.map(|m| {
-            m.iter()
-                .map(|r| r.iter().map(|&x| x as u32).collect())
-                .collect()
-        }),
-        document_ids: None,
-    }
-}
 
 fn norm(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)

@@ -392,7 +392,7 @@ fn packed_documents_equal_separate_sequences() {
                     &format!("{name} packed {attn:?} vs eager"),
                     &logits,
                     eager,
-                    1e-5,
+                    ATOL,
                 );
             } else {
                 got = Some(logits);

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use common::{fixture_dir, inputs, temp_dir, FIXTURES};
+use common::{batch, fixture_dir, temp_dir, FIXTURES};
 use zaya::train::optim::AdamWConfig;
 use zaya::train::schedule::CosineSchedule;
 use zaya::train::trainer::{Trainer, TrainerConfig};
@@ -14,24 +14,6 @@ use zaya::train::{
     labelled_outputs, Batch, Checkpointing, LossScale, TrainOptions, TrainableModel,
 };
 use zaya::ForwardOptions;
-
-fn batch(name: &str, which: &str) -> Batch {
-    let inp = inputs(name, which);
-    Batch {
-        input_ids: inp
-            .input_ids
-            .iter()
-            .map(|r| r.iter().map(|&x| x as u32).collect())
-            .collect(),
-        labels: inp.labels.expect("labelled batch"),
-        attention_mask: inp.attention_mask.map(|m| {
-            m.iter()
-                .map(|r| r.iter().map(|&x| x as u32).collect())
-                .collect()
-        }),
-        document_ids: None,
-    }
-}
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_dtype(DType::F64).unwrap() * b.to_dtype(DType::F64).unwrap())

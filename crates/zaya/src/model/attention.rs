@@ -109,7 +109,68 @@ impl CcaProjection {
         } else {
             u.clone()
         }; // [B, S+T, C]
-           // The convolutions accumulate in f32 and round once, as oneDNN does for the reference.
+        let z = match same_document {
+            // The fused kernel of the registry runs both convolutions in one pass (f32).
+            None if x.dtype() == DType::F32 => kernels::cca_conv(
+                &x,
+                &self.conv_qk_depthwise_weight,
+                &self.conv_qk_depthwise_bias,
+                &self.conv_qk_grouped_weight,
+                &self.conv_qk_grouped_bias,
+                nq + nkv,
+            )?,
+            _ => self.convolve(&x, same_document)?,
+        };
+
+        let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
+        let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
+
+        // Values: current half from this token, delayed half from the previous one.
+        let vc = self.v_proj_current.forward(&a)?;
+        let vd = self.v_proj_delayed.forward(&a)?;
+        let first = match prev_rec {
+            Some(r) => r.unsqueeze(1)?,
+            None => self.v_proj_delayed.forward(&Tensor::zeros(
+                (b, 1, a.dim(2)?),
+                a.dtype(),
+                a.device(),
+            )?)?,
+        };
+        let vdel = if t > 1 {
+            Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
+        } else {
+            first.clone()
+        };
+        // A document start inside a packed row takes the start-of-sequence delayed value.
+        let vdel = match same_document {
+            Some(same) => {
+                let keep = same.narrow(2, 1, 1)?.to_dtype(vdel.dtype())?;
+                let start_value = first.broadcast_as(vdel.shape())?;
+                (vdel.broadcast_mul(&keep)? + start_value.broadcast_mul(&(1.0 - &keep)?)?)?
+            }
+            None => vdel,
+        };
+        let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
+
+        if let Some(cache) = cache {
+            if s > 0 {
+                cache.conv_state = Some(x.narrow(1, x.dim(1)? - s, s)?.contiguous()?);
+            } else {
+                cache.conv_state = Some(Tensor::zeros((b, 0, c), u.dtype(), u.device())?);
+            }
+            cache.recurrent_state = Some(vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?);
+        }
+        Ok(Qkv { q, k, v })
+    }
+
+    /// Both causal convolutions over `x` = `[history ; u]` (`[B, S+T, C]`), accumulating in
+    /// f32 and rounding the depthwise output to the parameter dtype between them, as the
+    /// reference does in reduced precision; with packed documents, per document.
+    fn convolve(&self, x: &Tensor, same_document: Option<&Tensor>) -> Result<Tensor> {
+        let (b, len, c) = x.dims3()?;
+        let s = self.k0 + self.k1 - 2;
+        let t = len - s;
+        let (nq, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let xf = x.to_dtype(DType::F32)?;
 
         let ng = nq + nkv;
@@ -166,54 +227,13 @@ impl CcaProjection {
             .permute((0, 3, 2, 1))? // [G, K1, in, out]
             .reshape((ng, self.k1 * d, d))?;
         let z = taps.matmul(&w1)?.transpose(0, 1)?.reshape((b, t, c))?;
-        let z = z
-            .broadcast_add(
-                &self
-                    .conv_qk_grouped_bias
-                    .to_dtype(DType::F32)?
-                    .reshape((1, 1, c))?,
-            )?
-            .to_dtype(x.dtype())?;
-
-        let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
-        let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
-
-        // Values: current half from this token, delayed half from the previous one.
-        let vc = self.v_proj_current.forward(&a)?;
-        let vd = self.v_proj_delayed.forward(&a)?;
-        let first = match prev_rec {
-            Some(r) => r.unsqueeze(1)?,
-            None => self.v_proj_delayed.forward(&Tensor::zeros(
-                (b, 1, a.dim(2)?),
-                a.dtype(),
-                a.device(),
-            )?)?,
-        };
-        let vdel = if t > 1 {
-            Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
-        } else {
-            first.clone()
-        };
-        // A document start inside a packed row takes the start-of-sequence delayed value.
-        let vdel = match same_document {
-            Some(same) => {
-                let keep = same.narrow(2, 1, 1)?.to_dtype(vdel.dtype())?;
-                let start_value = first.broadcast_as(vdel.shape())?;
-                (vdel.broadcast_mul(&keep)? + start_value.broadcast_mul(&(1.0 - &keep)?)?)?
-            }
-            None => vdel,
-        };
-        let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
-
-        if let Some(cache) = cache {
-            if s > 0 {
-                cache.conv_state = Some(x.narrow(1, x.dim(1)? - s, s)?.contiguous()?);
-            } else {
-                cache.conv_state = Some(Tensor::zeros((b, 0, c), u.dtype(), u.device())?);
-            }
-            cache.recurrent_state = Some(vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?);
-        }
-        Ok(Qkv { q, k, v })
+        z.broadcast_add(
+            &self
+                .conv_qk_grouped_bias
+                .to_dtype(DType::F32)?
+                .reshape((1, 1, c))?,
+        )?
+        .to_dtype(x.dtype())
     }
 }
 

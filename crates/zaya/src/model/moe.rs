@@ -156,26 +156,14 @@ impl ZayaExperts {
     /// gathered tokens) and is scaled by its weight after the down projection. Skipped
     /// tokens produce exactly zero.
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let mut out = x.zeros_like()?;
-        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
-        for (tok, &c) in routing.choice.iter().enumerate() {
-            if (c as usize) < self.num_experts {
-                buckets[c as usize].push(tok as u32);
-            }
-        }
-        for (e, rows) in buckets.iter().enumerate() {
-            if rows.is_empty() {
-                continue;
-            }
-            let idx = Tensor::new(rows.as_slice(), x.device())?;
-            let xs = x.index_select(&idx, 0)?;
-            let gu = xs.matmul(&self.gate_up_proj.get(e)?.t()?)?;
-            let hidden = kernels::swiglu(&gu)?;
-            let y = hidden.matmul(&self.down_proj.get(e)?.t()?)?;
-            let w = routing.weight.index_select(&idx, 0)?;
-            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
-        }
-        Ok(out)
+        // The registry's grouped expert kernel (skip-class ids give zero rows).
+        kernels::moe_experts(
+            x,
+            &routing.choice,
+            &routing.weight,
+            &self.gate_up_proj,
+            &self.down_proj,
+        )
     }
 }
 

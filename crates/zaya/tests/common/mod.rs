@@ -87,3 +87,19 @@ pub fn reference_sequences(t: &Tensor, eos: &[u32]) -> Vec<Vec<u32>> {
         })
         .collect()
 }
+
+/// A labelled fixture batch (`train.json`, `train_pad.json`) for the trainer.
+pub fn batch(name: &str, which: &str) -> zaya::train::Batch {
+    let inp = inputs(name, which);
+    let to_u32 = |rows: Vec<Vec<i64>>| -> Vec<Vec<u32>> {
+        rows.into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect()
+    };
+    zaya::train::Batch {
+        labels: inp.labels.expect("labelled batch"),
+        input_ids: to_u32(inp.input_ids),
+        attention_mask: inp.attention_mask.map(to_u32),
+        document_ids: None,
+    }
+}
