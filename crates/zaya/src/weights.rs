@@ -720,12 +720,26 @@ pub fn load_all(
     Ok(out)
 }
 
-/// Converts a checkpoint directory into `layout` (either direction).
+/// Converts a checkpoint directory into `layout` (either direction), optionally storing the
+/// weights in `dtype` (the balancing-bias buffers stay f32).
 pub fn convert(src: &Path, dst: &Path, layout: Layout) -> Result<()> {
+    convert_with_dtype(src, dst, layout, None)
+}
+
+/// [`convert`] with a storage dtype.
+pub fn convert_with_dtype(
+    src: &Path,
+    dst: &Path,
+    layout: Layout,
+    dtype: Option<DType>,
+) -> Result<()> {
     let ckpt = Checkpoint::open(src)?;
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
-    let tensors = load_all(&ckpt, &cfg, &Device::Cpu)?;
+    let mut tensors = load_all(&ckpt, &cfg, &Device::Cpu)?;
+    if let Some(dtype) = dtype {
+        tensors = crate::init::cast_weights(&tensors, dtype)?;
+    }
     save_checkpoint(dst, &cfg, &tensors, layout)
 }
 
