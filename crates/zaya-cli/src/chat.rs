@@ -141,9 +141,9 @@ pub fn run_generate_text(
 
 #[derive(clap::Args, Debug)]
 pub struct ChatArgs {
-    /// Model directory (weights, config and tokenizer files).
+    /// Model directory (weights, config and tokenizer files); default: the embedded model.
     #[arg(long)]
-    pub model: std::path::PathBuf,
+    pub model: Option<std::path::PathBuf>,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     #[arg(long, default_value = "eager")]
@@ -224,8 +224,12 @@ impl TokenChooser for ChatChooser<'_> {
 }
 
 pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Result<()> {
-    let model = ZayaModel::load(&args.model, dtype, &Device::Cpu)?;
-    let tok = ZayaTokenizer::from_dir(&args.model)?;
+    let model_dir = match &args.model {
+        Some(d) => d.clone(),
+        None => crate::default_model::dir()?,
+    };
+    let model = ZayaModel::load(&model_dir, dtype, &Device::Cpu)?;
+    let tok = ZayaTokenizer::from_dir(&model_dir)?;
     let stop_ids = tok.stop_token_ids(&model.config().eos_token_id);
     let interactive = std::io::stdin().is_terminal();
     let colour = std::io::stdout().is_terminal();
@@ -234,7 +238,10 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     if interactive && !args.json {
-        eprintln!("zaya chat: {} — /reset clears the conversation, /system TEXT sets the system prompt, /quit exits", args.model.display());
+        eprintln!(
+            "zaya chat: {} — /reset clears the conversation, /system TEXT sets the system prompt, /quit exits",
+            model_dir.display()
+        );
     }
     loop {
         if interactive {

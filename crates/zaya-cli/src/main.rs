@@ -16,6 +16,7 @@ use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
 mod chat;
+mod default_model;
 mod text_cmds;
 mod train_cmds;
 mod train_run;
@@ -60,9 +61,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Model directory (config.json + safetensors).
+    /// Model directory (config.json + safetensors [+ tokenizer files]); default: the
+    /// embedded default model.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Weight dtype: f32, bf16 or f16 (the residual stream stays f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -136,8 +138,11 @@ struct ConvertArgs {
     #[arg(long)]
     to: PathBuf,
     /// Target layout: native or legacy.
-    #[arg(long)]
+    #[arg(long, default_value = "native")]
     layout: String,
+    /// Store the weights in this dtype (f32, bf16, f16); default: as they are.
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -186,9 +191,18 @@ fn read_inputs(path: &Path) -> Result<Inputs> {
     Ok(inputs)
 }
 
+impl ModelArgs {
+    fn dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(d) => Ok(d.clone()),
+            None => default_model::dir(),
+        }
+    }
+}
+
 fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
     let dtype = parse_dtype(&args.dtype)?;
-    Ok(ZayaModel::load(&args.model, dtype, &Device::Cpu)?)
+    Ok(ZayaModel::load(args.dir()?, dtype, &Device::Cpu)?)
 }
 
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
@@ -235,7 +249,7 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
     if train_cmds::has_labels(&args.inputs)? {
         // loss (and, with --grads, gradients) computed on f32 master weights
         tensors.extend(train_cmds::forward_with_labels(
-            &args.model.model,
+            &args.model.dir()?,
             &args.inputs,
             args.grads,
             args.checkpointing,
@@ -260,7 +274,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         };
         return chat::run_generate_text(
             &model,
-            &args.model.model,
+            &args.model.dir()?,
             &args.prompt,
             opts,
             &args.sampling,
@@ -366,7 +380,8 @@ fn cmd_convert(args: ConvertArgs) -> Result<()> {
         "legacy" => Layout::Legacy,
         other => bail!("unknown layout `{other}` (expected native or legacy)"),
     };
-    weights::convert(&args.from, &args.to, layout)?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    weights::convert_with_dtype(&args.from, &args.to, layout, dtype)?;
     Ok(())
 }
 

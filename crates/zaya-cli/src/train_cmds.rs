@@ -8,7 +8,7 @@
 //! ```ignore
 //! if train_cmds::has_labels(&args.inputs)? {
 //!     tensors.extend(train_cmds::forward_with_labels(
-//!         &args.model.model, &args.inputs, args.grads, args.checkpointing)?);
+//!         &args.model.dir()?, &args.inputs, args.grads, args.checkpointing)?);
 //! }
 //! ```
 //! Gradients are always computed on f32 master weights, whatever `--dtype` says.

@@ -337,3 +337,67 @@ fn forward_with_labels_writes_loss_and_gradients() {
         assert!(n > 30, "only {n} gradients compared");
     }
 }
+
+/// The README's first command: the embedded default model writes readable text.
+#[test]
+fn default_model_generates_text_without_a_model_dir() {
+    let cache = temp("default-cache");
+    let out = zaya()
+        .env("ZAYA_CACHE_DIR", &cache)
+        .args([
+            "generate",
+            "--prompt",
+            "And God said",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = v["texts"][0].as_str().unwrap();
+    let words = text.split_whitespace().count();
+    assert!(words >= 4, "too little text: {text:?}");
+    // mostly letters, spaces and punctuation: the trained model writes English-like words
+    let letters = text
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || c.is_whitespace())
+        .count();
+    assert!(
+        letters * 10 >= text.chars().count() * 8,
+        "not text-like: {text:?}"
+    );
+    // the files were installed in the cache once and are reused
+    let installed: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(installed.len(), 1);
+    let again = zaya()
+        .env("ZAYA_CACHE_DIR", &cache)
+        .args(["chat", "--json", "--max-new-tokens", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut child = again;
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"Who made the light?\n/quit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert!(answer["tokens"].as_u64().unwrap() >= 1);
+}
