@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
-use zaya::data::{pack, read_jsonl, PackedRow};
+use zaya::data::{pack, read_jsonl, Encoder, PackedRow, PretokenizedOnly};
 use zaya::text::ZayaTokenizer;
 use zaya::train::schedule::CosineSchedule;
 use zaya::train::trainer::{Trainer, TrainerConfig};
@@ -165,8 +165,18 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 || args.seq_len < 2 {
         bail!("--batch-size, --grad-accum and --epochs must be at least 1, --seq-len at least 2");
     }
-    let tok = ZayaTokenizer::from_dir(&args.model)
-        .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?;
+    // Without tokenizer files only pre-tokenized data can be read.
+    let tok = if args.model.join("tokenizer.json").exists() {
+        let t = ZayaTokenizer::from_dir(&args.model)
+            .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?;
+        Some(t)
+    } else {
+        None
+    };
+    let encoder: &dyn Encoder = match &tok {
+        Some(t) => t,
+        None => &PretokenizedOnly,
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let log = args.out.join("loss.csv");
@@ -176,7 +186,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         t
     } else {
         let model = TrainableModel::load(&args.model)?;
-        let examples = read_jsonl(&args.data, &tok, model.config().vocab_size)?;
+        let examples = read_jsonl(&args.data, encoder, model.config().vocab_size)?;
         let rows = pack(
             &examples,
             args.seq_len,
@@ -203,7 +213,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         }
         Trainer::new(model, cfg)?.with_log(&log)?
     };
-    let examples = read_jsonl(&args.data, &tok, trainer.model().config().vocab_size)?;
+    let examples = read_jsonl(&args.data, encoder, trainer.model().config().vocab_size)?;
     let rows = pack(
         &examples,
         args.seq_len,
