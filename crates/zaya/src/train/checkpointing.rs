@@ -100,6 +100,18 @@ enum SegmentInput<'t> {
     },
 }
 
+/// The input of a recomputed segment: the embedding for the first one, else the boundary
+/// leaves (residual stream and router state) whose gradients flow to the segment before.
+fn segment_input(inputs: &Option<(Var, Option<Var>)>) -> SegmentInput<'_> {
+    match inputs {
+        None => SegmentInput::Embed,
+        Some((h, s)) => SegmentInput::Boundary {
+            hidden: h.as_tensor(),
+            state: s.as_ref().map(|v| v.as_tensor()),
+        },
+    }
+}
+
 fn prepare<'a>(tm: &'a TrainableModel, batch: &Batch, aux_weight: f64) -> Result<Prepared<'a>> {
     let (b, t) = batch.shape()?;
     let model = tm.model();
@@ -279,16 +291,7 @@ pub(crate) fn forward_backward(
         )))
     };
     let inputs = boundary_vars(last)?;
-    let run = p.run(
-        segments[last].clone(),
-        match &inputs {
-            None => SegmentInput::Embed,
-            Some((h, s)) => SegmentInput::Boundary {
-                hidden: h.as_tensor(),
-                state: s.as_ref().map(|v| v.as_tensor()),
-            },
-        },
-    )?;
+    let run = p.run(segments[last].clone(), segment_input(&inputs))?;
     stats.extend(run.stats.iter().cloned());
     aux_values.extend(run.aux_values.iter().copied());
     let normed = run
@@ -323,16 +326,7 @@ pub(crate) fn forward_backward(
 
     for i in (0..last).rev() {
         let inputs = boundary_vars(i)?;
-        let run = p.run(
-            segments[i].clone(),
-            match &inputs {
-                None => SegmentInput::Embed,
-                Some((h, s)) => SegmentInput::Boundary {
-                    hidden: h.as_tensor(),
-                    state: s.as_ref().map(|v| v.as_tensor()),
-                },
-            },
-        )?;
+        let run = p.run(segments[i].clone(), segment_input(&inputs))?;
         let (g_h, g_s) = upstream.take().ok_or_else(|| {
             ZayaError::Input("checkpointing: no gradient reached a segment boundary".into())
         })?;
