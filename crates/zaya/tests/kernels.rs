@@ -449,15 +449,28 @@ fn matmul_selection_follows_the_build() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     let a = rand_tensor(&mut rng, &[5, 7], 1.0)?;
     let blas_built = cfg!(feature = "blas");
+    // decode-sized (≤ 8 rows): BLAS when built, else the threaded GEMV
     let want = if blas_built {
         ImplId::Blas
     } else {
-        ImplId::Reference
+        ImplId::Fused
     };
     let sel = with(Kernel::Matmul, Choice::Auto, || {
         registry::select(Kernel::Matmul, a.device(), DType::F32, a.shape())
     })?;
     assert_eq!(sel, want);
+    let big = rand_tensor(&mut rng, &[64, 7], 1.0)?;
+    let sel_big = with(Kernel::Matmul, Choice::Auto, || {
+        registry::select(Kernel::Matmul, big.device(), DType::F32, big.shape())
+    })?;
+    assert_eq!(
+        sel_big,
+        if blas_built {
+            ImplId::Blas
+        } else {
+            ImplId::Reference
+        }
+    );
     // bf16 is never BLAS.
     let sel_bf16 = with(Kernel::Matmul, Choice::Auto, || {
         registry::select(Kernel::Matmul, a.device(), DType::BF16, a.shape())
@@ -519,5 +532,43 @@ fn matmul_blas_matches_reference() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The decode GEMV (≤ 8 rows against a linear layer's transposed weight) equals the
+/// reference matmul, and calls that record gradients still get them (reference path).
+#[test]
+fn small_row_matmul_matches_the_reference_and_keeps_gradients() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    for (m, k, n) in [
+        (1, 7, 5),
+        (3, 64, 33),
+        (8, 130, 70),
+        (2, 512, 1000),
+        (8, 256, 3000),
+    ] {
+        let a = rand_tensor(&mut rng, &[m, k], 1.0)?;
+        let w = rand_tensor(&mut rng, &[n, k], 1.0)?;
+        let fast = with(Kernel::Matmul, Choice::Impl(ImplId::Fused), || {
+            kernels::matmul(&a, &w.t()?)
+        })?;
+        let slow = with(Kernel::Matmul, Choice::Reference, || {
+            kernels::matmul(&a, &w.t()?)
+        })?;
+        assert_eq!(fast.dims(), &[m, n]);
+        let d = (fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = slow.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        assert!(d <= 1e-5 * scale, "m={m} k={k} n={n}: diff {d}");
+    }
+    let a = candle_core::Var::from_tensor(&rand_tensor(&mut rng, &[2, 9], 1.0)?)?;
+    let w = rand_tensor(&mut rng, &[4, 9], 1.0)?;
+    let y = with(Kernel::Matmul, Choice::Impl(ImplId::Fused), || {
+        kernels::matmul(a.as_tensor(), &w.t()?)
+    })?;
+    let g = y.sum_all()?.backward()?;
+    assert!(
+        g.get(a.as_tensor()).is_some(),
+        "no gradient through the matmul"
+    );
     Ok(())
 }

@@ -204,3 +204,57 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         super::reference::matmul(a, b)
     }
 }
+
+/// Most rows a [`small_rows`] call takes: decode steps (batch ≤ 8).
+pub const SMALL_ROWS: usize = 8;
+
+/// `a · b` for a few rows of `a` (`[M, K]`, M ≤ 8) against `b` = `Wᵀ` of a contiguous
+/// `W [N, K]` (the linear-layer layout), f32: each row of `W` is read once and dotted with
+/// every row of `a` while it sits in L1, rows of `W` split across the threads. Decode is
+/// bound by reading the weights, and a general GEMM spends most of its time packing at this
+/// size. Without a backward of its own it only runs when nothing records gradients; other
+/// calls take the reference.
+pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use candle_core::{backend::BackendStorage, CpuStorage, DType};
+    let w = b.t()?;
+    let fits = a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && !a.track_op()
+        && !b.track_op()
+        && w.is_contiguous()
+        && a.dim(0)? <= SMALL_ROWS;
+    if !fits {
+        return super::reference::matmul(a, b);
+    }
+    let (m, k) = a.dims2()?;
+    let n = w.dim(0)?;
+    let xs: Vec<f32> = a.contiguous()?.flatten_all()?.to_vec1()?;
+    let by_row = super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
+        let CpuStorage::F32(d) = s else {
+            return Err(candle_core::Error::Msg(format!(
+                "matmul: unexpected storage {:?}",
+                s.dtype()
+            )));
+        };
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
+        let wv = &d[start..end];
+        let mut out = vec![0f32; n * m];
+        super::cpu::par_chunks_mut(&mut out, m, |row, c| {
+            let wr = &wv[row * k..(row + 1) * k];
+            for (i, o) in c.iter_mut().enumerate() {
+                *o = super::cpu::dot(&xs[i * k..(i + 1) * k], wr);
+            }
+        });
+        Ok(out)
+    })?;
+    // [N, M] → [M, N]
+    let mut out = vec![0f32; m * n];
+    for r in 0..n {
+        for i in 0..m {
+            out[i * n + r] = by_row[r * m + i];
+        }
+    }
+    Tensor::from_vec(out, (m, n), a.device())
+}

@@ -203,7 +203,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ImplId::Reference => reference::matmul(a, b),
         ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b),
         ImplId::Blas => reference::matmul(a, b),
-        id => Err(not_an_impl(Kernel::Matmul, id)),
+        ImplId::Fused => matmul::small_rows(a, b),
     }
 }
 

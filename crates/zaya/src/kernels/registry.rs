@@ -268,12 +268,25 @@ pub static KERNELS: [KernelInfo; 8] = [
         name: "matmul",
         summary: "matrix product for linear layers",
         reference: reference("candle matmul (pure-Rust gemm)"),
-        fast: &[ImplInfo {
-            id: ImplId::Blas,
-            summary: "system OpenBLAS sgemm for f32 2-D operands (cargo feature `blas`)",
-            available: super::matmul::blas_available,
-            supports: |d, t, s| d.is_cpu() && t == DType::F32 && s.rank() == 2,
-        }],
+        fast: &[
+            ImplInfo {
+                id: ImplId::Blas,
+                summary: "system OpenBLAS sgemm for f32 2-D operands (cargo feature `blas`)",
+                available: super::matmul::blas_available,
+                supports: |d, t, s| d.is_cpu() && t == DType::F32 && s.rank() == 2,
+            },
+            ImplInfo {
+                id: ImplId::Fused,
+                summary: "threaded GEMV for <= 8 rows (decode), f32, inference only",
+                available: always,
+                supports: |d, t, s| {
+                    d.is_cpu()
+                        && t == DType::F32
+                        && s.rank() == 2
+                        && s.dims()[0] <= super::matmul::SMALL_ROWS
+                },
+            },
+        ],
         example_shape: &[512, 2048],
     },
 ];

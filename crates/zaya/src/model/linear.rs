@@ -23,7 +23,8 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a feature axis");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        // through the registry: decode-sized inputs take the threaded GEMV
+        let y = crate::kernels::matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
