@@ -363,6 +363,9 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Most rows of `lhs` for which [`gemm`] takes its GEMV path.
+const GEMV_ROWS: usize = 8;
+
 /// `dst[m×n] = (accumulate ? dst : 0) + beta · lhs[m×k] · rhs[k×n]`.
 ///
 /// `parallel` lets gemm split the product over the kernel pool (callers already running
@@ -394,6 +397,35 @@ pub(crate) fn gemm(
         if !accumulate {
             for r in 0..m {
                 dst.data[dst.off + r * dst.rs..dst.off + r * dst.rs + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // A few rows against a matrix whose columns are contiguous (a linear weight seen as
+    // `Wᵀ`): a GEMV that reads each weight row once for all rows of `lhs` is bandwidth-bound
+    // where the general GEMM spends its time packing (decode: experts at 1–8 tokens).
+    if m <= GEMV_ROWS && rhs.rs == 1 && lhs.cs == 1 && n * k >= 1 << 12 {
+        let (l, r) = (&lhs, &rhs);
+        let mut by_col = vec![0f32; n * m];
+        let cols = |col: usize, c: &mut [f32]| {
+            let w = &r.data[r.off + col * r.cs..r.off + col * r.cs + k];
+            for (i, o) in c.iter_mut().enumerate() {
+                *o = dot(&l.data[l.off + i * l.rs..l.off + i * l.rs + k], w);
+            }
+        };
+        if parallel {
+            par_chunks_mut(&mut by_col, m, cols);
+        } else {
+            by_col
+                .chunks_mut(m)
+                .enumerate()
+                .for_each(|(col, c)| cols(col, c));
+        }
+        for i in 0..m {
+            let row = &mut dst.data[dst.off + i * dst.rs..dst.off + i * dst.rs + n];
+            for (col, d) in row.iter_mut().enumerate() {
+                let v = beta * by_col[col * m + i];
+                *d = if accumulate { *d + v } else { v };
             }
         }
         return Ok(());
