@@ -5,6 +5,9 @@ with eager and sdpa attention; prints both side by side with ratios.
 
     target/release/zaya bench --model DIR --threads 2 --json zaya.json
     .venv/bin/python scripts/bench_reference.py --model DIR --threads 2 --zaya-json zaya.json [--json ref.json]
+
+Training step (`--train`, against `zaya bench --train --json zaya-train.json`): zero_grad +
+forward with labels + backward + AdamW on a 4 x 256 batch of the same token ids, eager and sdpa.
 """
 import argparse
 import json
@@ -61,6 +64,33 @@ def run(model_dir, attn, a):
     }
 
 
+def run_train(model_dir, attn, a):
+    t0 = time.perf_counter()
+    model = ZayaForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32).train()
+    load_s = time.perf_counter() - t0
+    ids = bench_ids(a.train_batch, a.train_seq_len, model.config.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times, losses = [], []
+    for i in range(a.repeats + 1):
+        s = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - s)
+        losses.append(loss.item())
+    step = statistics.median(times)
+    return {
+        "attn": attn,
+        "load_s": load_s,
+        "train_step_s": step,
+        "train_tokens_per_s": a.train_batch * a.train_seq_len / step,
+        "losses": losses,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -69,19 +99,25 @@ def main():
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-seq-len", type=int, default=256)
+    p.add_argument("--attn", nargs="+", default=["eager", "sdpa"])
     p.add_argument("--zaya-json")
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    results = [run(a.model, attn, a) for attn in ("eager", "sdpa")]
+    # Peak RSS is per process: with both backends in one run the second reports the max.
+    results = [(run_train if a.train else run)(a.model, attn, a) for attn in a.attn]
     zaya = json.load(open(a.zaya_json)) if a.zaya_json else None
-    keys = ["load_s", "prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s", "peak_rss_bytes"]
+    keys = (["load_s", "train_step_s", "train_tokens_per_s", "peak_rss_bytes"] if a.train else
+            ["load_s", "prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s", "peak_rss_bytes"])
     print(f"{'metric':<26}" + "".join(f"{'ref ' + r['attn']:>14}" for r in results)
-          + (f"{'zaya':>14}{'zaya/ref-sdpa':>15}" if zaya else ""))
+          + (f"{'zaya':>14}{'zaya/ref-' + results[-1]['attn']:>15}" if zaya else ""))
     for k in keys:
         line = f"{k:<26}" + "".join(f"{r[k]:>14.1f}" for r in results)
         if zaya:
-            ratio = zaya[k] / results[1][k] if results[1][k] else float("nan")
+            ratio = zaya[k] / results[-1][k] if results[-1][k] else float("nan")
             line += f"{zaya[k]:>14.1f}{ratio:>15.2f}"
         print(line)
     if a.json:

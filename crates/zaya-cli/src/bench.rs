@@ -34,6 +34,17 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Measure training steps instead of inference: zero grads + forward with labels +
+    /// backward + AdamW, on `--train-batch` rows of `--train-seq-len` tokens.
+    #[arg(long)]
+    pub train: bool,
+    #[arg(long, default_value_t = 4)]
+    pub train_batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub train_seq_len: usize,
+    /// Gradient checkpointing in `--train`: off, every (each layer) or K (every K layers).
+    #[arg(long, default_value = "off")]
+    pub checkpointing: String,
 }
 
 /// Token `i` of row `r`: the same formula in the reference script.
@@ -216,6 +227,95 @@ pub fn run(
             "prefill_len": args.prefill_len,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&j)?)?;
+    }
+    Ok(())
+}
+
+/// `zaya bench --train`: optimizer steps per second on a fixed labelled batch (every
+/// position a target), timed as the reference script times `zero_grad + forward(labels) +
+/// backward + AdamW.step`. Run in its own process so peak RSS is the training peak alone.
+pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> Result<()> {
+    use zaya::train::optim::{AdamW, AdamWConfig};
+    use zaya::train::{Batch, LossScale, TrainOptions, TrainableModel};
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let t0 = Instant::now();
+    let model = TrainableModel::load(&args.model)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let ids = bench_ids(args.train_batch, args.train_seq_len, cfg.vocab_size);
+    let batch = Batch {
+        labels: ids
+            .iter()
+            .map(|r| r.iter().map(|&t| i64::from(t)).collect())
+            .collect(),
+        input_ids: ids,
+        attention_mask: None,
+        document_ids: None,
+    };
+    let opts = TrainOptions {
+        checkpointing: crate::train_run::parse_checkpointing(&args.checkpointing)?,
+        attn,
+        ..TrainOptions::for_config(&cfg)
+    };
+    let mut adamw = AdamW::new(model.params(), AdamWConfig::default())?;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..=args.repeats {
+        let s = Instant::now();
+        let out = model.forward_backward(&batch, &opts, &LossScale::default())?;
+        adamw.step(model.params(), &out.grads, 1e-4)?;
+        if i > 0 {
+            times.push(s.elapsed().as_secs_f64());
+        }
+        losses.push(out.loss);
+    }
+    let tokens = (args.train_batch * args.train_seq_len) as f64;
+    let step_s = median(times);
+    let tps = tokens / step_s;
+    let peak = peak_rss_bytes();
+    println!(
+        "zaya bench --train: {} ({} threads, f32, attn {}, batch {} x {}, checkpointing {})",
+        args.model.display(),
+        threads,
+        args.attn,
+        args.train_batch,
+        args.train_seq_len,
+        args.checkpointing
+    );
+    let rows = [
+        ("load (s)".to_string(), format!("{load_s:.2}")),
+        ("train step (s)".into(), format!("{step_s:.3}")),
+        ("train (tok/s)".into(), format!("{tps:.1}")),
+        (
+            "loss first / last".into(),
+            format!("{:.4} / {:.4}", losses[0], losses[losses.len() - 1]),
+        ),
+        (
+            "peak RSS (MiB)".into(),
+            format!("{:.0}", peak as f64 / (1 << 20) as f64),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<36} {v}");
+    }
+    if let Some(path) = args.json {
+        let j = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "threads": threads,
+            "dtype": "f32",
+            "train_batch": args.train_batch,
+            "train_seq_len": args.train_seq_len,
+            "checkpointing": args.checkpointing,
+            "attn": args.attn,
+            "load_s": load_s,
+            "train_step_s": step_s,
+            "train_tokens_per_s": tps,
+            "losses": losses,
+            "peak_rss_bytes": peak,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&j)?)?;
     }

@@ -420,6 +420,9 @@ fn main() {
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
         Command::Template(a) => text_cmds::run_template(a),
         Command::Parse(a) => text_cmds::run_parse(a),
+        Command::Bench(a) if a.train => {
+            parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
+        }
         Command::Bench(a) => parse_dtype(&a.dtype).and_then(|d| {
             let attn = parse_attn(&a.attn)?;
             bench::run(a, d, attn)

@@ -71,7 +71,7 @@ pub struct TrainArgs {
     pub no_progress: bool,
 }
 
-fn parse_checkpointing(s: &str) -> Result<Checkpointing> {
+pub(crate) fn parse_checkpointing(s: &str) -> Result<Checkpointing> {
     Ok(match s {
         "off" => Checkpointing::Off,
         "every" | "on" => Checkpointing::EveryLayer,

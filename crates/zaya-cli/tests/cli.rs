@@ -493,3 +493,71 @@ fn train_resumes_exactly_and_exports() {
     let out = zaya().arg("inspect").arg(a.join("final")).output().unwrap();
     assert!(out.status.success());
 }
+
+/// `zaya bench` and `zaya bench --train` run end to end on a tiny model and write the JSON
+/// keys the reference script reads; training steps on a fixed batch lower its loss.
+#[test]
+fn bench_inference_and_train_write_their_json() {
+    let dir = fixture("gqa_sliding");
+    let out = temp("bench");
+    let run = |extra: &[&str], json: &PathBuf| {
+        let status = zaya()
+            .args(["bench", "--threads", "1", "--repeats", "1", "--model"])
+            .arg(&dir)
+            .args(extra)
+            .arg("--json")
+            .arg(json)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let text = std::fs::read_to_string(json).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let inf = run(
+        &[
+            "--prefill-len",
+            "16",
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "4",
+        ],
+        &out.join("inf.json"),
+    );
+    for k in [
+        "prefill_tokens_per_s",
+        "decode_b1_tokens_per_s",
+        "decode_b8_tokens_per_s",
+        "load_s",
+        "peak_rss_bytes",
+    ] {
+        assert!(inf[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    for cp in ["off", "every"] {
+        let tr = run(
+            &[
+                "--train",
+                "--train-batch",
+                "2",
+                "--train-seq-len",
+                "12",
+                "--checkpointing",
+                cp,
+            ],
+            &out.join(format!("train-{cp}.json")),
+        );
+        assert!(tr["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+        let losses: Vec<f64> = tr["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(losses.len(), 2);
+        assert!(losses[1] < losses[0], "{losses:?}");
+    }
+}

@@ -112,7 +112,12 @@ fn segment_input(inputs: &Option<(Var, Option<Var>)>) -> SegmentInput<'_> {
     }
 }
 
-fn prepare<'a>(tm: &'a TrainableModel, batch: &Batch, aux_weight: f64) -> Result<Prepared<'a>> {
+fn prepare<'a>(
+    tm: &'a TrainableModel,
+    batch: &Batch,
+    attn: AttnImplementation,
+    aux_weight: f64,
+) -> Result<Prepared<'a>> {
     let (b, t) = batch.shape()?;
     let model = tm.model();
     let dev = tm.device();
@@ -127,8 +132,6 @@ fn prepare<'a>(tm: &'a TrainableModel, batch: &Batch, aux_weight: f64) -> Result
             Tensor::from_vec(flat, (b, t), dev)
         })
         .transpose()?;
-    // Training always runs the eager reference attention: it is built from differentiable
-    // ops, whereas fused backends may not record a backward pass.
     let document_ids = batch
         .document_ids
         .as_ref()
@@ -140,7 +143,7 @@ fn prepare<'a>(tm: &'a TrainableModel, batch: &Batch, aux_weight: f64) -> Result
     let fopts = ForwardOptions {
         attention_mask: mask,
         document_ids,
-        attn: AttnImplementation::Eager,
+        attn,
         ..Default::default()
     };
     let ctx = model.context(b, t, None, &fopts)?;
@@ -248,7 +251,7 @@ pub(crate) fn forward_backward(
     opts.validate()?;
     let num_layers = tm.config().num_hidden_layers;
     let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
-    let p = prepare(tm, batch, aux_weight)?;
+    let p = prepare(tm, batch, opts.attn, aux_weight)?;
     let normalizer = match scale.normalizer {
         Some(n) => n,
         None if p.targets.is_empty() => {
@@ -378,7 +381,7 @@ pub(crate) fn evaluate(
 ) -> Result<EvalOutput> {
     opts.validate()?;
     let num_layers = tm.config().num_hidden_layers;
-    let p = prepare(tm, batch, 0.0)?;
+    let p = prepare(tm, batch, opts.attn, 0.0)?;
     if p.targets.is_empty() {
         return Err(ZayaError::Input(
             "the batch has no counted label (every target is -100)".into(),

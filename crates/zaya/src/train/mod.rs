@@ -25,6 +25,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use crate::attention::AttnImplementation;
 use crate::config::ZayaConfig;
 use crate::error::{Result, ZayaError};
 use crate::model::ZayaModel;
@@ -115,6 +116,10 @@ pub struct TrainOptions {
     pub aux_loss_coef: f64,
     /// Counted positions per LM-head chunk (bounds the live `[chunk, vocab]` logits).
     pub loss_chunk: usize,
+    /// Attention backend of the training forward: `eager` (the reference, built from
+    /// differentiable ops), `sdpa` or `flex` (fused forward and backward, tested against
+    /// eager's gradients).
+    pub attn: AttnImplementation,
 }
 
 impl Default for TrainOptions {
@@ -123,6 +128,7 @@ impl Default for TrainOptions {
             checkpointing: Checkpointing::Off,
             aux_loss_coef: 0.001,
             loss_chunk: 512,
+            attn: AttnImplementation::Eager,
         }
     }
 }

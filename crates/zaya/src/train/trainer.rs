@@ -60,6 +60,7 @@ impl TrainerConfig {
             checkpointing: self.checkpointing,
             aux_loss_coef: self.aux_loss_coef,
             loss_chunk: self.loss_chunk,
+            ..Default::default()
         }
     }
 
