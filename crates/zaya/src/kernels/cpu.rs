@@ -364,7 +364,7 @@ impl<'a> MatMut<'a> {
 }
 
 /// Most rows of `lhs` for which [`gemm`] takes its GEMV path.
-const GEMV_ROWS: usize = 8;
+pub(crate) const GEMV_ROWS: usize = 8;
 
 /// `dst[m×n] = (accumulate ? dst : 0) + beta · lhs[m×k] · rhs[k×n]`.
 ///

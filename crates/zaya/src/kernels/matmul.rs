@@ -206,15 +206,16 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Most rows a [`small_rows`] call takes: decode steps (batch ≤ 8).
-pub const SMALL_ROWS: usize = 8;
+pub const SMALL_ROWS: usize = super::cpu::GEMV_ROWS;
 
 /// `a · b` for a few rows of `a` (`[M, K]`, M ≤ 8) against `b` = `Wᵀ` of a contiguous
-/// `W [N, K]` (the linear-layer layout), f32: each row of `W` is read once and dotted with
-/// every row of `a` while it sits in L1, rows of `W` split across the threads. Decode is
-/// bound by reading the weights, and a general GEMM spends most of its time packing at this
-/// size. Without a backward of its own it only runs when nothing records gradients; other
-/// calls take the reference.
+/// `W [N, K]` (the linear-layer layout), f32, through the fused [`super::cpu::gemm`], whose
+/// GEMV path reads each row of `W` once for all rows of `a`, rows of `W` split across the
+/// threads. Decode is bound by reading the weights, and a general GEMM spends most of its
+/// time packing at this size. Without a backward of its own it only runs when nothing
+/// records gradients; other calls take the reference.
 pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use super::cpu::{MatMut, MatRef};
     use candle_core::{backend::BackendStorage, CpuStorage, DType};
     let w = b.t()?;
     let fits = a.dtype() == DType::F32
@@ -229,7 +230,7 @@ pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let n = w.dim(0)?;
     let xs: Vec<f32> = a.contiguous()?.flatten_all()?.to_vec1()?;
-    let by_row = super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
+    let out = super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
         let CpuStorage::F32(d) = s else {
             return Err(candle_core::Error::Msg(format!(
                 "matmul: unexpected storage {:?}",
@@ -239,22 +240,19 @@ pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (start, end) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
-        let wv = &d[start..end];
-        let mut out = vec![0f32; n * m];
-        super::cpu::par_chunks_mut(&mut out, m, |row, c| {
-            let wr = &wv[row * k..(row + 1) * k];
-            for (i, o) in c.iter_mut().enumerate() {
-                *o = super::cpu::dot(&xs[i * k..(i + 1) * k], wr);
-            }
-        });
+        let mut out = vec![0f32; m * n];
+        super::cpu::gemm(
+            m,
+            n,
+            k,
+            MatMut::new(&mut out, 0, n),
+            false,
+            MatRef::rows(&xs, 0, k),
+            MatRef::rows(&d[start..end], 0, k).t(),
+            1.0,
+            true,
+        )?;
         Ok(out)
     })?;
-    // [N, M] → [M, N]
-    let mut out = vec![0f32; m * n];
-    for r in 0..n {
-        for i in 0..m {
-            out[i * n + r] = by_row[r * m + i];
-        }
-    }
     Tensor::from_vec(out, (m, n), a.device())
 }
