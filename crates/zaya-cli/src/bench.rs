@@ -76,6 +76,19 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Bytes as MiB for the tables.
+fn mib(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / (1 << 20) as f64)
+}
+
+/// The result table: a title line, then one indented `name value` line per row.
+fn print_table(title: &str, rows: &[(String, String)]) {
+    println!("{title}");
+    for (k, v) in rows {
+        println!("  {k:<36} {v}");
+    }
+}
+
 /// Read bandwidth of this machine with the benchmark's thread count (GB/s): sums a buffer
 /// much larger than the caches, split across threads.
 fn read_bandwidth_gbs(threads: usize) -> f64 {
@@ -195,21 +208,18 @@ pub fn run(
             ),
         ),
         ("decode b8 (tok/s)".into(), format!("{decode_b8:.1}")),
-        (
-            "peak RSS (MiB)".into(),
-            format!("{:.0}", peak as f64 / (1 << 20) as f64),
-        ),
+        ("peak RSS (MiB)".into(), mib(peak)),
     ];
-    println!(
-        "zaya bench: {} ({} threads, {}, attn {})",
-        args.model.display(),
-        threads,
-        args.dtype,
-        args.attn
+    print_table(
+        &format!(
+            "zaya bench: {} ({} threads, {}, attn {})",
+            args.model.display(),
+            threads,
+            args.dtype,
+            args.attn
+        ),
+        &rows,
     );
-    for (k, v) in rows {
-        println!("  {k:<36} {v}");
-    }
     if let Some(path) = args.json {
         let j = serde_json::json!({
             "model": args.model.display().to_string(),
@@ -247,15 +257,7 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let ids = bench_ids(args.train_batch, args.train_seq_len, cfg.vocab_size);
-    let batch = Batch {
-        labels: ids
-            .iter()
-            .map(|r| r.iter().map(|&t| i64::from(t)).collect())
-            .collect(),
-        input_ids: ids,
-        attention_mask: None,
-        document_ids: None,
-    };
+    let batch = Batch::language_modelling(ids);
     let opts = TrainOptions {
         checkpointing: crate::train_run::parse_checkpointing(&args.checkpointing)?,
         attn,
@@ -277,15 +279,6 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
     let step_s = median(times);
     let tps = tokens / step_s;
     let peak = peak_rss_bytes();
-    println!(
-        "zaya bench --train: {} ({} threads, f32, attn {}, batch {} x {}, checkpointing {})",
-        args.model.display(),
-        threads,
-        args.attn,
-        args.train_batch,
-        args.train_seq_len,
-        args.checkpointing
-    );
     let rows = [
         ("load (s)".to_string(), format!("{load_s:.2}")),
         ("train step (s)".into(), format!("{step_s:.3}")),
@@ -294,14 +287,20 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
             "loss first / last".into(),
             format!("{:.4} / {:.4}", losses[0], losses[losses.len() - 1]),
         ),
-        (
-            "peak RSS (MiB)".into(),
-            format!("{:.0}", peak as f64 / (1 << 20) as f64),
-        ),
+        ("peak RSS (MiB)".into(), mib(peak)),
     ];
-    for (k, v) in rows {
-        println!("  {k:<36} {v}");
-    }
+    print_table(
+        &format!(
+            "zaya bench --train: {} ({} threads, f32, attn {}, batch {} x {}, checkpointing {})",
+            args.model.display(),
+            threads,
+            args.attn,
+            args.train_batch,
+            args.train_seq_len,
+            args.checkpointing
+        ),
+        &rows,
+    );
     if let Some(path) = args.json {
         let j = serde_json::json!({
             "model": args.model.display().to_string(),

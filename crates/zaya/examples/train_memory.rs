@@ -81,15 +81,7 @@ fn main() -> zaya::Result<()> {
                 .collect()
         })
         .collect();
-    let b = Batch {
-        labels: ids
-            .iter()
-            .map(|r| r.iter().map(|&t| i64::from(t)).collect())
-            .collect(),
-        input_ids: ids,
-        attention_mask: None,
-        document_ids: None,
-    };
+    let b = Batch::language_modelling(ids);
     let opts = TrainOptions {
         checkpointing,
         ..TrainOptions::for_config(&cfg)

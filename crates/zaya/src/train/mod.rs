@@ -63,6 +63,20 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Plain language modelling on unpadded rows: the labels are the inputs (every shifted
+    /// position counted), one document per row.
+    pub fn language_modelling(input_ids: Vec<Vec<u32>>) -> Self {
+        Batch {
+            labels: input_ids
+                .iter()
+                .map(|r| r.iter().map(|&t| i64::from(t)).collect())
+                .collect(),
+            input_ids,
+            attention_mask: None,
+            document_ids: None,
+        }
+    }
+
     /// Checks the shapes and mask values; returns `(B, T)`.
     pub fn shape(&self) -> Result<(usize, usize)> {
         let b = self.input_ids.len();
