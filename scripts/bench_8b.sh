@@ -37,7 +37,7 @@ fi
 
 # Both runs need the weights in memory once; say so up front rather than be OOM-killed.
 need=$(du -sb "$MODEL" | cut -f1)
-avail=$(awk '/MemAvailable/ {print $2 * 1024}' /proc/meminfo)
+avail=$(awk '/MemAvailable/ {printf "%d", $2 * 1024}' /proc/meminfo)
 echo "== weights on disk: $((need >> 20)) MiB, MemAvailable: $((avail >> 20)) MiB"
 if [ "$avail" -lt "$need" ]; then
     echo "not enough memory for the weights; stopping (zaya would refuse to load too)" >&2
