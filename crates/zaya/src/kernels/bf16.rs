@@ -106,7 +106,9 @@ pub(crate) fn linear(
         gemv(x, m, k, w, n, out);
         return Ok(());
     }
-    let rows_per_tile = (TILE_ELEMS / k).clamp(16, n);
+    // at least 16 rows per tile (gemm efficiency), at most the whole weight
+    let rows_per_tile = (TILE_ELEMS / k).max(16);
+    let rows_per_tile = if rows_per_tile > n { n } else { rows_per_tile };
     TILE.with(|tile| {
         let mut tile = tile.borrow_mut();
         if tile.len() < rows_per_tile * k {
@@ -209,6 +211,7 @@ mod tests {
             (3, 64, 129),
             (8, 300, 70),
             (9, 37, 50),
+            (9, 37, 5),
             (40, 257, 33),
             (12, 4099, 300),
         ] {
