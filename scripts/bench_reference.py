@@ -6,6 +6,8 @@ with eager and sdpa attention; prints both side by side with ratios.
     target/release/zaya bench --model DIR --threads 2 --json zaya.json
     .venv/bin/python scripts/bench_reference.py --model DIR --threads 2 --zaya-json zaya.json [--json ref.json]
 
+`--dtype bf16` loads and runs the model in bfloat16 (`zaya bench --dtype bf16` is the match).
+
 Training step (`--train`, against `zaya bench --train --json zaya-train.json`): zero_grad +
 forward with labels + backward + AdamW on a 4 x 256 batch of the same token ids, eager and sdpa.
 """
@@ -23,9 +25,12 @@ def bench_ids(rows, length, vocab):
     return torch.tensor([[(i * 7919 + r * 104729 + 13) % (vocab - 3) + 3 for i in range(length)] for r in range(rows)])
 
 
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
 def run(model_dir, attn, a):
     t0 = time.perf_counter()
-    model = ZayaForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32).eval()
+    model = ZayaForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=DTYPES[a.dtype]).eval()
     load_s = time.perf_counter() - t0
     V = model.config.vocab_size
     ids = bench_ids(1, a.prefill_len, V)
@@ -103,6 +108,8 @@ def main():
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-seq-len", type=int, default=256)
     p.add_argument("--attn", nargs="+", default=["eager", "sdpa"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="f32",
+                   help="inference dtype of the weights and activations (training is always f32)")
     p.add_argument("--zaya-json")
     p.add_argument("--json")
     a = p.parse_args()

@@ -9,7 +9,6 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use zaya::generation::{generate, GenerateOptions, Greedy};
-use zaya::weights::native_specs;
 use zaya::{ForwardOptions, HybridCache, ZayaModel};
 
 #[derive(clap::Args)]
@@ -108,10 +107,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn peak_rss_bytes() -> u64 {
+    status_bytes("VmHWM:")
+}
+
+/// A `kB` field of /proc/self/status in bytes (0 where unavailable).
+fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|x| x.parse::<u64>().ok())
@@ -170,6 +174,8 @@ pub fn run(
     let t0 = Instant::now();
     let model = ZayaModel::load(&args.model, dtype, &dev)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let rss_after_load = status_bytes("VmRSS:");
+    let weight_bytes = zaya::weights::Checkpoint::required_bytes(model.config(), dtype);
     let cfg = model.config().clone();
     let v = cfg.vocab_size;
 
@@ -222,19 +228,8 @@ pub fn run(
     let decode_b1 = decode(1)?;
     let decode_b8 = decode(8)?;
 
-    // Memory-bandwidth limit of batch-1 decode: every weight a token touches is read once.
-    let specs = native_specs(&cfg);
-    let numel = |s: &zaya::weights::TensorSpec| s.shape.iter().product::<usize>();
-    let expert: usize = specs.iter().filter(|s| s.expert).map(numel).sum();
-    let embed = cfg.vocab_size * cfg.hidden_size;
-    let all: usize = specs.iter().map(numel).sum();
-    // Touched per token: the non-expert weights except the embedding table (of which one
-    // row is read), one expert per layer, and the full lm_head matrix (which, when tied, is
-    // the embedding table and not yet counted).
-    let lm_head_if_tied = if cfg.tie_word_embeddings { embed } else { 0 };
-    let touched =
-        all - expert - embed + cfg.hidden_size + expert / cfg.num_experts + lm_head_if_tied;
-    let bytes_per_token = touched * dtype.size_in_bytes();
+    // Memory-bandwidth floor of batch-1 decode: every weight a token touches is read once.
+    let bytes_per_token = model.bytes_read_per_token() as usize;
     let bw = read_bandwidth_gbs(threads);
     let limit = bw * 1e9 / bytes_per_token as f64;
 
@@ -255,6 +250,10 @@ pub fn run(
         ),
         ("decode b8 (tok/s)".into(), format!("{decode_b8:.1}")),
         ("peak RSS (MiB)".into(), mib(peak)),
+        (
+            "RSS after load / weights (MiB)".into(),
+            format!("{} / {}", mib(rss_after_load), mib(weight_bytes)),
+        ),
     ];
     print_table(
         &format!(
@@ -280,6 +279,8 @@ pub fn run(
             "read_bandwidth_gb_s": bw,
             "bytes_per_token": bytes_per_token,
             "peak_rss_bytes": peak,
+            "rss_after_load_bytes": rss_after_load,
+            "weight_bytes": weight_bytes,
             "prefill_len": args.prefill_len,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,

@@ -369,9 +369,15 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
 fn cmd_init(args: InitArgs) -> Result<()> {
     let cfg = ZayaConfig::from_file(&args.config)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let tensors = zaya::init::cast_weights(&zaya::init::random_weights(&cfg, args.seed)?, dtype)?;
-    weights::save_checkpoint(&args.out, &cfg, &tensors, Layout::Native)?;
-    eprintln!("wrote {} tensors to {}", tensors.len(), args.out.display());
+    // Streams tensor by tensor: an 8B model is written without being held in memory.
+    let n = zaya::init::write_random_checkpoint(
+        &args.out,
+        &cfg,
+        args.seed,
+        dtype,
+        zaya::safetensors_io::DEFAULT_SHARD_BYTES,
+    )?;
+    eprintln!("wrote {n} tensors to {}", args.out.display());
     Ok(())
 }
 

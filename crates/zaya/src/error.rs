@@ -60,6 +60,20 @@ pub enum ZayaError {
     #[error("invalid input: {0}")]
     Input(String),
 
+    #[error(
+        "the weights of {dir} need {needed_gib:.2} GiB in {dtype} ({needed} bytes) but only \
+         {available_gib:.2} GiB ({available} bytes) is available (MemAvailable in /proc/meminfo); \
+         free memory, or load a smaller dtype or a quantized model"
+    )]
+    InsufficientMemory {
+        dir: PathBuf,
+        dtype: String,
+        needed: u64,
+        available: u64,
+        needed_gib: f64,
+        available_gib: f64,
+    },
+
     #[error("token id {id} at batch row {row}, position {position} is out of range (vocab_size {vocab_size})")]
     TokenOutOfRange {
         id: i64,

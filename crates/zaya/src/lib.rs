@@ -23,6 +23,7 @@ pub mod generation;
 pub mod init;
 pub mod kernels;
 pub mod model;
+pub mod safetensors_io;
 pub mod sampling;
 pub mod text;
 pub mod train;

@@ -1,5 +1,8 @@
-//! Checkpoint loading: safetensors (single file or sharded index), memory-mapped, in either
-//! checkpoint layout. The native HF layout (1283 tensors for ZAYA1-8B) is the model's own
+//! Checkpoint loading: safetensors (single file or sharded index), in either checkpoint
+//! layout. Only the headers are read when a checkpoint is opened; each tensor is then read
+//! once, straight into the buffer of its candle tensor (see [`crate::safetensors_io`]), so a
+//! loaded model occupies its weight bytes and nothing more, and no memory map outlives the
+//! load. The native HF layout (1283 tensors for ZAYA1-8B) is the model's own
 //! naming; the legacy 80-layer fork layout (2483 tensors) is renamed and its per-expert
 //! tensors stacked on the fly. Everything is validated up front against the tensor list the
 //! config implies, so a bad file fails with the tensor name, shapes and file, never a panic.
@@ -8,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
+use std::fs::File;
+
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -305,13 +309,15 @@ struct Entry {
     file: usize,
     shape: Vec<usize>,
     dtype: DType,
+    /// Absolute byte offset of the data in its file.
+    offset: u64,
 }
 
-/// An opened, memory-mapped checkpoint directory.
+/// An opened checkpoint directory: the tensor directory of every shard, and the open files.
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    shards: Vec<MmapedSafetensors>,
+    shards: Vec<File>,
     entries: BTreeMap<String, Entry>,
     layout: Layout,
 }
@@ -374,37 +380,18 @@ impl Checkpoint {
                     ),
                 ));
             }
-            // SAFETY: the file is mapped read-only; modifying a checkpoint while it is loaded
-            // is not supported (as with every mmap-based loader).
-            let st =
-                unsafe { MmapedSafetensors::new(path) }.map_err(|e| ZayaError::BadWeightsFile {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            for (name, view) in st.tensors() {
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::BF16 => DType::BF16,
-                    safetensors::Dtype::F16 => DType::F16,
-                    safetensors::Dtype::F64 => DType::F64,
-                    other => {
-                        return Err(ZayaError::UnsupportedDtype {
-                            name,
-                            dtype: format!("{other:?}"),
-                            file: path.clone(),
-                        })
-                    }
-                };
+            for t in crate::safetensors_io::read_header(path)? {
                 entries.insert(
-                    name,
+                    t.name,
                     Entry {
                         file: fi,
-                        shape: view.shape().to_vec(),
-                        dtype,
+                        shape: t.shape,
+                        dtype: t.dtype,
+                        offset: t.offset,
                     },
                 );
             }
-            shards.push(st);
+            shards.push(File::open(path).map_err(|e| ZayaError::io(path, e))?);
         }
         let legacy = entries.keys().any(|k| {
             k.contains(".self_attn.qkv.")
@@ -541,42 +528,118 @@ impl Checkpoint {
         }
     }
 
-    fn load_stored(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let e = self
-            .entries
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
             .get(name)
             .ok_or_else(|| ZayaError::MissingTensor {
                 name: name.to_string(),
                 expected: vec![],
                 location: self.dir.clone(),
-            })?;
-        self.shards[e.file]
-            .load(name, dev)
-            .map_err(|err| ZayaError::BadWeightsFile {
-                path: self.file_of(name),
-                message: format!("tensor `{name}`: {err}"),
             })
     }
 
-    /// Loads native tensor `name` (any layout) in `dtype`.
-    pub fn load(&self, cfg: &ZayaConfig, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let spec = TensorSpec {
+    /// Reads the stored tensors `names` (same dtype and shape) back to back into one new
+    /// buffer: one tensor as it is stored, or several stacked along a new leading axis
+    /// (legacy per-expert tensors), each byte read once into its final place.
+    fn read_stored(&self, names: &[String], stack: bool) -> Result<Tensor> {
+        let first = self.entry(&names[0])?;
+        let mut shape = first.shape.clone();
+        if stack {
+            shape.insert(0, names.len());
+        }
+        let part = first.shape.iter().product::<usize>() * first.dtype.size_in_bytes();
+        let parts = names
+            .iter()
+            .map(|n| {
+                let e = self.entry(n)?;
+                if e.dtype != first.dtype || e.shape != first.shape {
+                    return Err(ZayaError::BadWeightsFile {
+                        path: self.file_of(n),
+                        message: format!(
+                            "tensor `{n}` is {:?} {:?}, but `{}` stacked with it is {:?} {:?}",
+                            e.dtype, e.shape, names[0], first.dtype, first.shape
+                        ),
+                    });
+                }
+                Ok(e)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::safetensors_io::tensor_from_bytes(first.dtype, &shape, |bytes| {
+            for (k, e) in parts.iter().enumerate() {
+                let path = &self.files[e.file];
+                crate::safetensors_io::read_exact_at(
+                    &self.shards[e.file],
+                    path,
+                    e.offset,
+                    &mut bytes[k * part..(k + 1) * part],
+                )
+                .map_err(|err| ZayaError::BadWeightsFile {
+                    path: path.clone(),
+                    message: format!("tensor `{}`: {err}", names[k]),
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The stored dtype of native tensor `name` (any layout).
+    fn stored_dtype(&self, cfg: &ZayaConfig, name: &str) -> Result<DType> {
+        let first = match self.sources(cfg, &Self::spec_named(name))? {
+            LegacySource::One(n) => n,
+            LegacySource::Stack(ns) => ns[0].clone(),
+        };
+        Ok(self.entry(&first)?.dtype)
+    }
+
+    fn spec_named(name: &str) -> TensorSpec {
+        TensorSpec {
             name: name.to_string(),
             shape: vec![],
             init: Init::Zeros,
             expert: false,
+        }
+    }
+
+    /// Loads native tensor `name` (any layout) in `dtype` (no conversion, hence no second
+    /// buffer, when it is stored in `dtype`).
+    pub fn load(&self, cfg: &ZayaConfig, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = match self.sources(cfg, &Self::spec_named(name))? {
+            LegacySource::One(src) => self.read_stored(&[src], false)?,
+            LegacySource::Stack(srcs) => self.read_stored(&srcs, true)?,
         };
-        let t = match self.sources(cfg, &spec)? {
-            LegacySource::One(src) => self.load_stored(&src, dev)?,
-            LegacySource::Stack(srcs) => {
-                let parts = srcs
-                    .iter()
-                    .map(|s| self.load_stored(s, dev))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::stack(&parts, 0)?
-            }
-        };
-        Ok(t.to_dtype(dtype)?)
+        let t = t.to_dtype(dtype)?;
+        Ok(if dev.is_cpu() { t } else { t.to_device(dev)? })
+    }
+
+    /// Bytes the weights of `cfg` take once loaded with `dtype` (the balancing biases stay
+    /// f32), from the tensor list alone.
+    pub fn required_bytes(cfg: &ZayaConfig, dtype: DType) -> u64 {
+        native_specs(cfg)
+            .iter()
+            .map(|s| {
+                let d = if s.name.ends_with("balancing_biases") {
+                    DType::F32
+                } else {
+                    dtype
+                };
+                s.shape.iter().product::<usize>() as u64 * d.size_in_bytes() as u64
+            })
+            .sum()
+    }
+
+    /// Fails with [`ZayaError::InsufficientMemory`] when the weights of `cfg` in `dtype` need
+    /// more than the memory available now (`MemAvailable` of /proc/meminfo); passes where
+    /// that figure cannot be read.
+    pub fn check_fits(&self, cfg: &ZayaConfig, dtype: DType) -> Result<()> {
+        match available_memory_bytes() {
+            Some(available) => check_fits_in(
+                &self.dir,
+                dtype,
+                Self::required_bytes(cfg, dtype),
+                available,
+            ),
+            None => Ok(()),
+        }
     }
 
     /// A `VarBuilder` over this checkpoint in native names. Call [`Checkpoint::validate`] first.
@@ -626,13 +689,7 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        let spec = TensorSpec {
-            name: name.to_string(),
-            shape: vec![],
-            init: Init::Zeros,
-            expert: false,
-        };
-        match self.ckpt.sources(&self.cfg, &spec) {
+        match self.ckpt.sources(&self.cfg, &Checkpoint::spec_named(name)) {
             Ok(LegacySource::One(n)) => self.ckpt.entries.contains_key(&n),
             Ok(LegacySource::Stack(ns)) => ns.iter().all(|n| self.ckpt.entries.contains_key(n)),
             Err(_) => false,
@@ -705,10 +762,7 @@ pub fn load_all(
 ) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for spec in native_specs(cfg) {
-        let stored = match ckpt.sources(cfg, &spec)? {
-            LegacySource::One(n) => ckpt.entries[&n].dtype,
-            LegacySource::Stack(ns) => ckpt.entries[&ns[0]].dtype,
-        };
+        let stored = ckpt.stored_dtype(cfg, &spec.name)?;
         let t = ckpt.load(cfg, &spec.name, stored, dev)?;
         out.insert(spec.name, t);
     }
@@ -721,21 +775,126 @@ pub fn convert(src: &Path, dst: &Path, layout: Layout) -> Result<()> {
     convert_with_dtype(src, dst, layout, None)
 }
 
-/// [`convert`] with a storage dtype.
+/// [`convert`] with a storage dtype. Streams: one native tensor at a time is read, cast and
+/// written, into shards of [`crate::safetensors_io::DEFAULT_SHARD_BYTES`] (with the index
+/// json), so an 8B checkpoint converts in a few hundred MB of memory.
 pub fn convert_with_dtype(
     src: &Path,
     dst: &Path,
     layout: Layout,
     dtype: Option<DType>,
 ) -> Result<()> {
+    convert_sharded(
+        src,
+        dst,
+        layout,
+        dtype,
+        crate::safetensors_io::DEFAULT_SHARD_BYTES,
+    )
+}
+
+/// [`convert_with_dtype`] with a shard size.
+pub fn convert_sharded(
+    src: &Path,
+    dst: &Path,
+    layout: Layout,
+    dtype: Option<DType>,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    use crate::safetensors_io::{tensor_bytes, write_sharded, PlannedTensor};
     let ckpt = Checkpoint::open(src)?;
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
-    let mut tensors = load_all(&ckpt, &cfg, &Device::Cpu)?;
-    if let Some(dtype) = dtype {
-        tensors = crate::init::cast_weights(&tensors, dtype)?;
+    // Each output tensor: its name, the native tensor it comes from, and which expert of a
+    // stacked native tensor it is (legacy output).
+    let mut planned = vec![];
+    let mut origin: Vec<(String, Option<usize>)> = vec![];
+    for spec in native_specs(&cfg) {
+        let stored = ckpt.stored_dtype(&cfg, &spec.name)?;
+        let out_dtype = match dtype {
+            Some(d) => crate::init::stored_dtype(&spec.name, d),
+            None => stored,
+        };
+        let one = match layout {
+            Layout::Native => Some(LegacySource::One(spec.name.clone())),
+            Layout::Legacy => legacy_source(&cfg, &spec.name),
+        };
+        match one {
+            Some(LegacySource::One(n)) => {
+                planned.push(PlannedTensor {
+                    name: n,
+                    dtype: out_dtype,
+                    shape: spec.shape.clone(),
+                });
+                origin.push((spec.name.clone(), None));
+            }
+            Some(LegacySource::Stack(ns)) => {
+                for (e, n) in ns.into_iter().enumerate() {
+                    planned.push(PlannedTensor {
+                        name: n,
+                        dtype: out_dtype,
+                        shape: spec.shape[1..].to_vec(),
+                    });
+                    origin.push((spec.name.clone(), Some(e)));
+                }
+            }
+            None => {
+                return Err(ZayaError::Input(format!(
+                    "tensor `{}` has no legacy equivalent",
+                    spec.name
+                )))
+            }
+        }
     }
-    save_checkpoint(dst, &cfg, &tensors, layout)
+    std::fs::create_dir_all(dst).map_err(|e| ZayaError::io(dst, e))?;
+    let config = match layout {
+        Layout::Native => cfg.to_json(),
+        Layout::Legacy => cfg.to_legacy_json(),
+    };
+    let text = serde_json::to_string_pretty(&config).expect("config serialises");
+    write_atomic(&dst.join("config.json"), text.as_bytes())?;
+    // The native tensor last read: the experts of one stacked tensor are written one after
+    // another, so it is read once.
+    let mut current: Option<(String, Tensor)> = None;
+    write_sharded(dst, &planned, max_shard_bytes, |i, p, sink| {
+        let (native, expert) = &origin[i];
+        if current.as_ref().is_none_or(|(n, _)| n != native) {
+            current = None; // free the previous tensor before reading the next
+            let t = ckpt.load(&cfg, native, p.dtype, &Device::Cpu)?;
+            current = Some((native.clone(), t));
+        }
+        let t = &current.as_ref().expect("just loaded").1;
+        let t = match expert {
+            Some(e) => t.get(*e)?,
+            None => t.clone(),
+        };
+        sink.write_bytes(&tensor_bytes(&t)?)
+    })?;
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The fit check of [`Checkpoint::check_fits`] on given numbers.
+pub fn check_fits_in(dir: &Path, dtype: DType, needed: u64, available: u64) -> Result<()> {
+    if needed <= available {
+        return Ok(());
+    }
+    const GIB: f64 = (1u64 << 30) as f64;
+    Err(ZayaError::InsufficientMemory {
+        dir: dir.to_path_buf(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        needed,
+        available,
+        needed_gib: needed as f64 / GIB,
+        available_gib: available as f64 / GIB,
+    })
 }
 
 #[cfg(test)]
@@ -749,6 +908,30 @@ mod tests {
             "moe_intermediate_size": 16, "num_experts": 16, "router_hidden_size": 8
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_fit_check_names_needed_and_available_memory() {
+        let dir = Path::new("/models/x");
+        assert!(check_fits_in(dir, DType::BF16, 10, 10).is_ok());
+        let err = check_fits_in(dir, DType::BF16, 17_700_000_000, 6 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/models/x")
+                && err.contains("16.48 GiB in bf16")
+                && err.contains("6.00 GiB")
+                && err.contains("MemAvailable"),
+            "{err}"
+        );
+        let cfg: ZayaConfig = ZayaConfig::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../bench/configs/zaya1-8b.json"
+        ))
+        .unwrap();
+        let bytes = Checkpoint::required_bytes(&cfg, DType::BF16);
+        // 8.84 B parameters of 2 bytes (the 17.7 GB)
+        assert!((17.5e9..17.9e9).contains(&(bytes as f64)), "{bytes}");
     }
 
     #[test]

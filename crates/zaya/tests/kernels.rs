@@ -471,11 +471,13 @@ fn matmul_selection_follows_the_build() -> Result<()> {
             ImplId::Reference
         }
     );
-    // bf16 is never BLAS.
-    let sel_bf16 = with(Kernel::Matmul, Choice::Auto, || {
-        registry::select(Kernel::Matmul, a.device(), DType::BF16, a.shape())
-    })?;
-    assert_eq!(sel_bf16, ImplId::Reference);
+    // bf16 weights are never BLAS: the bf16-weight kernel at any number of rows.
+    for t in [&a, &big] {
+        let sel_bf16 = with(Kernel::Matmul, Choice::Auto, || {
+            registry::select(Kernel::Matmul, t.device(), DType::BF16, t.shape())
+        })?;
+        assert_eq!(sel_bf16, ImplId::Fused);
+    }
     // Naming BLAS is an error exactly when it is not built in.
     assert_eq!(
         registry::with_choice(Some(Kernel::Matmul), Choice::Impl(ImplId::Blas), || ()).is_ok(),
@@ -607,5 +609,97 @@ fn moe_experts_with_few_tokens_per_expert_match_the_reference() -> Result<()> {
     for (k, (a, b)) in gf.iter().zip(&gr).enumerate() {
         close(a, b, &format!("gradient {k}"))?;
     }
+    Ok(())
+}
+
+/// bf16 weights read in place (GEMV up to 8 rows, tiled GEMM above), with f32 and with bf16
+/// activations, against the reference: f32 activations must match `x · f32(W)ᵀ` to f32
+/// rounding; bf16 activations the reference's bf16 product to bf16 rounding.
+#[test]
+fn bf16_weight_matmul_matches_the_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(21);
+    for (m, k, n) in [
+        (1, 7, 5),
+        (1, 2048, 300),
+        (3, 64, 33),
+        (8, 130, 70),
+        (9, 33, 17),
+        (20, 64, 3),
+        (64, 300, 129),
+        (130, 1100, 600),
+    ] {
+        let w = rand_tensor(&mut rng, &[n, k], 1.0)?.to_dtype(DType::BF16)?;
+        for act in [DType::F32, DType::BF16] {
+            let a = rand_tensor(&mut rng, &[m, k], 1.0)?.to_dtype(act)?;
+            let fast = with(Kernel::Matmul, Choice::Auto, || {
+                kernels::matmul(&a, &w.t()?)
+            })?;
+            let slow = with(Kernel::Matmul, Choice::Reference, || {
+                kernels::matmul(&a, &w.t()?)
+            })?;
+            assert_eq!(fast.dims(), &[m, n]);
+            assert_eq!(fast.dtype(), act, "output in the activation dtype");
+            // the definition, in f64-free f32: x · f32(W)ᵀ
+            let exact = a
+                .to_dtype(DType::F32)?
+                .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            let tol = if act == DType::F32 { 1e-5 } else { 1e-2 };
+            let d_exact = rel_diff(&fast, &exact)?;
+            assert!(
+                d_exact <= tol,
+                "m={m} k={k} n={n} {act:?}: {d_exact} from x·f32(W)ᵀ"
+            );
+            let d = rel_diff(&fast, &slow)?;
+            assert!(
+                d <= tol,
+                "m={m} k={k} n={n} {act:?}: {d} from the reference"
+            );
+        }
+    }
+    // A call that records gradients takes the differentiable reference.
+    let a = candle_core::Var::from_tensor(
+        &rand_tensor(&mut rng, &[2, 9], 1.0)?.to_dtype(DType::BF16)?,
+    )?;
+    let w = rand_tensor(&mut rng, &[4, 9], 1.0)?.to_dtype(DType::BF16)?;
+    let y = with(Kernel::Matmul, Choice::Auto, || {
+        kernels::matmul(a.as_tensor(), &w.t()?)
+    })?;
+    let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+    assert!(
+        g.get(a.as_tensor()).is_some(),
+        "no gradient through the bf16 matmul"
+    );
+    Ok(())
+}
+
+/// bf16 experts read in place: buckets of a few tokens (GEMV) and of many (tiled GEMM)
+/// match the reference evaluated in f32 on the same (bf16-valued) numbers, to the one
+/// rounding of the output.
+#[test]
+fn bf16_experts_match_the_f32_evaluation_of_the_same_weights() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(22);
+    let (n, h, i, e) = (48usize, 96usize, 80usize, 3usize);
+    let x = rand_tensor(&mut rng, &[n, h], 1.0)?.to_dtype(DType::BF16)?;
+    let w = rand_tensor(&mut rng, &[n, 1], 1.0)?.to_dtype(DType::BF16)?;
+    let gu = rand_tensor(&mut rng, &[e, 2 * i, h], 0.2)?.to_dtype(DType::BF16)?;
+    let down = rand_tensor(&mut rng, &[e, h, i], 0.2)?.to_dtype(DType::BF16)?;
+    // expert 0: 2 tokens (GEMV), expert 1: most tokens (GEMM), expert 2: none, some skipped
+    let ids: Vec<u32> = (0..n)
+        .map(|t| match t {
+            0 | 7 => 0,
+            t if t % 5 == 0 => 3,
+            _ => 1,
+        })
+        .collect();
+    let fast = with(Kernel::MoeExperts, Choice::Impl(ImplId::Fused), || {
+        kernels::moe_experts(&x, &ids, &w, &gu, &down)
+    })?;
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+    let exact = with(Kernel::MoeExperts, Choice::Reference, || {
+        kernels::moe_experts(&f32s(&x)?, &ids, &f32s(&w)?, &f32s(&gu)?, &f32s(&down)?)
+    })?;
+    assert_eq!(fast.dtype(), DType::BF16);
+    let d = rel_diff(&fast, &exact)?;
+    assert!(d <= 1e-2, "bf16 experts differ by {d}");
     Ok(())
 }

@@ -256,3 +256,38 @@ pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })?;
     Tensor::from_vec(out, (m, n), a.device())
 }
+
+/// `a · b` with `b = Wᵀ` of a contiguous bf16 weight `W [N, K]` (`a` bf16 or f32) through
+/// [`super::bf16::linear`]: the weight is read in place, `a` is widened once, the product
+/// accumulates in f32 and is rounded once to `a`'s dtype. Inference only (no backward): calls
+/// that record gradients, and other layouts, take the reference.
+pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use candle_core::{backend::BackendStorage, CpuStorage, DType};
+    let w = b.t()?;
+    let fits = b.dtype() == DType::BF16
+        && matches!(a.dtype(), DType::F32 | DType::BF16)
+        && !a.track_op()
+        && !b.track_op()
+        && w.is_contiguous()
+        && a.device().is_cpu();
+    if !fits {
+        return super::reference::matmul(a, b);
+    }
+    let (m, k) = a.dims2()?;
+    let n = w.dim(0)?;
+    let xs = super::cpu::host_f32(a)?;
+    let mut out = vec![0f32; m * n];
+    super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
+        let CpuStorage::BF16(d) = s else {
+            return Err(candle_core::Error::Msg(format!(
+                "matmul: unexpected storage {:?}",
+                s.dtype()
+            )));
+        };
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
+        super::bf16::linear(&xs, m, k, &d[start..end], n, &mut out)
+    })?;
+    Tensor::from_vec(out, (m, n), a.device())?.to_dtype(a.dtype())
+}

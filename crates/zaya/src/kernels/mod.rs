@@ -19,10 +19,12 @@
 
 use candle_core::{DType, Result, Shape, Tensor};
 
+#[macro_use]
 pub(crate) mod cpu;
 pub mod reference;
 pub mod registry;
 
+mod bf16;
 mod cca_conv;
 pub(crate) mod matmul;
 mod moe;
@@ -185,24 +187,29 @@ pub fn moe_experts(
     }
 }
 
-/// `a · b` for linear layers. 2-D f32 operands may run on the system BLAS (feature
-/// `blas`); everything else is candle's matmul.
+/// `a · b` for linear layers (`b` is `Wᵀ` of a weight `W [N, K]`). 2-D f32 operands may run
+/// on the system BLAS (feature `blas`) and decode-sized f32 inputs on the fused GEMV.
+/// Dispatch is on the **weight's** dtype: a bf16 weight (with bf16 or f32 activations) runs
+/// the bf16-weight kernel, which reads the stored bf16 in place with f32 accumulation, at
+/// any number of rows. Everything else is candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.rank() != 2 || b.rank() != 2 {
         return reference::matmul(a, b);
     }
     let (m, k) = a.dims2()?;
-    // The registry sees the lhs shape; that the rhs is 2-D was checked above.
+    // The registry sees the weight's dtype and the lhs shape; that the rhs is 2-D was
+    // checked above.
     let id = registry::select(
         Kernel::Matmul,
         a.device(),
-        a.dtype(),
+        b.dtype(),
         &Shape::from_dims(&[m, k]),
     )?;
     match id {
         ImplId::Reference => reference::matmul(a, b),
         ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b),
         ImplId::Blas => reference::matmul(a, b),
+        ImplId::Fused if b.dtype() == DType::BF16 => matmul::bf16_weight(a, b),
         ImplId::Fused => matmul::small_rows(a, b),
     }
 }

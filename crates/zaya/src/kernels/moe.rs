@@ -1,8 +1,9 @@
 //! Fused top-1 MoE experts. Tokens are bucketed by expert; per expert, one gemm for the
 //! gate/up projection reading the stacked `[E, 2I, H]` weights in place (transposed view),
 //! a fused SwiGLU, one gemm for the down projection, and the rows written straight into the
-//! output. Only the experts that receive tokens are touched (bf16 weights are widened
-//! expert by expert). The routing weight is applied afterwards with a differentiable
+//! output. Only the experts that receive tokens are touched; bf16 experts are read in
+//! place by the bf16-weight kernel (GEMV for a few tokens, tiled GEMM for many), f32
+//! accumulation, without converting the expert to f32. The routing weight is applied afterwards with a differentiable
 //! multiply, so the router keeps its gradient; the op itself has a fused backward that
 //! recomputes the expert activations instead of storing them.
 
@@ -83,11 +84,39 @@ impl CustomOp3 for MoeExperts {
         let (h, i) = (self.h, self.i);
         let x = f32_view(xs, xl, OP)?;
         let mut y = vec![0f32; self.n * h];
+        // bf16 experts are read in place by the bf16-weight kernel (no f32 copy per call).
+        let bf16_weights = match (gs, ds) {
+            (CpuStorage::BF16(g), CpuStorage::BF16(d)) => {
+                let range = |l: &Layout| {
+                    l.contiguous_offsets().ok_or(KernelError::NotContiguous {
+                        op: OP,
+                        what: "weights",
+                    })
+                };
+                let ((g0, g1), (d0, d1)) = (range(gl)?, range(dl)?);
+                Some((&g[g0..g1], &d[d0..d1]))
+            }
+            _ => None,
+        };
         for (e, rows) in self.buckets().iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
             let r = rows.len();
+            if let Some((g, d)) = bf16_weights {
+                let xe = self.gather(&x, rows);
+                let mut gu = vec![0f32; r * 2 * i];
+                let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
+                super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
+                let act = swiglu::forward(&gu, None, i);
+                let mut ye = vec![0f32; r * h];
+                let dw = &d[e * h * i..(e + 1) * h * i];
+                super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
+                for (k, &row) in rows.iter().enumerate() {
+                    y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
+                }
+                continue;
+            }
             let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
             let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
             let xe = self.gather(&x, rows);

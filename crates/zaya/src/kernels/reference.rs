@@ -271,5 +271,10 @@ impl MoeShape {
 
 /// `a · b` (candle's matmul; batched and broadcasting as candle allows).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() != b.dtype() {
+        // A weight stored in another dtype (bf16 weights, f32 activations) is widened: the
+        // product is computed in the activation dtype.
+        return a.matmul(&b.to_dtype(a.dtype())?);
+    }
     a.matmul(b)
 }

@@ -277,13 +277,15 @@ pub static KERNELS: [KernelInfo; 8] = [
             },
             ImplInfo {
                 id: ImplId::Fused,
-                summary: "threaded GEMV for <= 8 rows (decode), f32, inference only",
+                summary: "bf16 weights read in place (GEMV <= 8 rows, tiled GEMM above, f32 \
+                          accumulation); f32: threaded GEMV for <= 8 rows; inference only",
                 available: always,
+                // `t` is the weight's dtype.
                 supports: |d, t, s| {
                     d.is_cpu()
-                        && t == DType::F32
                         && s.rank() == 2
-                        && s.dims()[0] <= super::matmul::SMALL_ROWS
+                        && (t == DType::BF16
+                            || (t == DType::F32 && s.dims()[0] <= super::matmul::SMALL_ROWS))
                 },
             },
         ],

@@ -1,0 +1,476 @@
+//! Safetensors files read and written one tensor at a time, so that an 8B checkpoint never
+//! has to exist in memory as a whole (or twice).
+//!
+//! Reading: only the JSON header of each file is parsed up front ([`read_header`]); a
+//! tensor's bytes are later read with one positioned read straight into the buffer that
+//! becomes the candle tensor ([`read_exact_at`]). No memory map stays alive, so the resident
+//! memory of a loaded model is its weight bytes, not weights plus mapped file pages.
+//!
+//! Writing: [`write_sharded`] plans the files from the tensor list (names, dtypes, shapes),
+//! writes each header first and then streams the data through a callback, into
+//! `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json` as
+//! transformers does (a single `model.safetensors` when everything fits in one shard).
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use half::{bf16, f16};
+
+use crate::error::{Result, ZayaError};
+
+/// Largest shard [`write_sharded`] writes by default (transformers' `max_shard_size="5GB"`).
+pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// Where one tensor's bytes lie in a safetensors file.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute offset of the first byte in the file.
+    pub offset: u64,
+    pub len: u64,
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> ZayaError {
+    ZayaError::BadWeightsFile {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn dtype_from_str(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        "F64" => DType::F64,
+        _ => return None,
+    })
+}
+
+fn dtype_str(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "F32",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F64 => "F64",
+        other => {
+            return Err(ZayaError::Input(format!(
+                "cannot store dtype {other:?} in a checkpoint"
+            )))
+        }
+    })
+}
+
+/// Parses the header of a safetensors file and checks every tensor's byte range against its
+/// dtype, shape and the file size (a truncated file fails here, naming the tensor).
+pub fn read_header(path: &Path) -> Result<Vec<StoredTensor>> {
+    let mut f = File::open(path).map_err(|e| ZayaError::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| ZayaError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad(path, "shorter than the 8-byte header length"))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > 100_000_000 || 8 + header_len > file_len {
+        return Err(bad(
+            path,
+            format!("header length {header_len} does not fit the file of {file_len} bytes"),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(path, format!("reading the header: {e}")))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(path, format!("header is not JSON: {e}")))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| bad(path, "header is not a JSON object"))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::with_capacity(obj.len());
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| bad(path, format!("tensor `{name}`: no `{k}` in the header")))
+        };
+        let dtype_s = field("dtype")?.as_str().unwrap_or("?");
+        let dtype = dtype_from_str(dtype_s).ok_or_else(|| ZayaError::UnsupportedDtype {
+            name: name.clone(),
+            dtype: dtype_s.to_string(),
+            file: path.to_path_buf(),
+        })?;
+        let ints = |k: &str| -> Result<Vec<u64>> {
+            field(k)?
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("tensor `{name}`: `{k}` is not a list of integers"),
+                    )
+                })
+        };
+        let shape: Vec<usize> = ints("shape")?.into_iter().map(|x| x as usize).collect();
+        let offs = ints("data_offsets")?;
+        let [begin, end] = offs[..] else {
+            return Err(bad(
+                path,
+                format!("tensor `{name}`: data_offsets must hold two integers"),
+            ));
+        };
+        let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        if end < begin || end - begin != want {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{name}`: data_offsets [{begin}, {end}] hold {} bytes, but shape \
+                     {shape:?} in {dtype_s} needs {want}",
+                    end.saturating_sub(begin)
+                ),
+            ));
+        }
+        if data_start + end > file_len {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{name}`: bytes [{}, {}) lie past the end of the file ({file_len} \
+                     bytes): the file is truncated",
+                    data_start + begin,
+                    data_start + end
+                ),
+            ));
+        }
+        out.push(StoredTensor {
+            name: name.clone(),
+            dtype,
+            shape,
+            offset: data_start + begin,
+            len: want,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads exactly `dst.len()` bytes at `offset`.
+pub fn read_exact_at(file: &File, path: &Path, offset: u64, dst: &mut [u8]) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(dst, offset)
+            .map_err(|e| ZayaError::io(path, e))
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| ZayaError::io(path, e))?;
+        f.read_exact(dst).map_err(|e| ZayaError::io(path, e))
+    }
+}
+
+/// A buffer of `numel` elements of `dtype`, filled by `fill` through its bytes, returned as a
+/// candle tensor of `shape` without another copy.
+pub fn tensor_from_bytes(
+    dtype: DType,
+    shape: &[usize],
+    fill: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<Tensor> {
+    fn typed<T: candle_core::WithDType + Copy>(
+        zero: T,
+        shape: &[usize],
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // Zeroed allocations come from fresh pages the read then writes once.
+        let mut v = vec![zero; n];
+        // SAFETY: T is a plain float type (f32, f64, bf16, f16) for which every bit pattern
+        // is a valid value; the byte view covers exactly the vector's initialised elements.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
+        };
+        fill(bytes)?;
+        if cfg!(target_endian = "big") {
+            return Err(ZayaError::Input(
+                "safetensors data is little-endian; big-endian hosts are not supported".into(),
+            ));
+        }
+        Ok(Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?)
+    }
+    match dtype {
+        DType::F32 => typed(0f32, shape, fill),
+        DType::F64 => typed(0f64, shape, fill),
+        DType::BF16 => typed(bf16::ZERO, shape, fill),
+        DType::F16 => typed(f16::ZERO, shape, fill),
+        other => Err(ZayaError::Input(format!(
+            "cannot load dtype {other:?} from a checkpoint"
+        ))),
+    }
+}
+
+/// The raw little-endian bytes of a float tensor (any layout), in logical order.
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    fn raw<T: Copy>(v: Vec<T>) -> Vec<u8> {
+        let n = v.len() * std::mem::size_of::<T>();
+        let mut out = vec![0u8; n];
+        // SAFETY: plain float values copied byte for byte into a buffer of the same size.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr() as *const u8, out.as_mut_ptr(), n) };
+        out
+    }
+    Ok(match t.dtype() {
+        DType::F32 => raw(t.to_vec1::<f32>()?),
+        DType::F64 => raw(t.to_vec1::<f64>()?),
+        DType::BF16 => raw(t.to_vec1::<bf16>()?),
+        DType::F16 => raw(t.to_vec1::<f16>()?),
+        other => {
+            return Err(ZayaError::Input(format!(
+                "cannot store dtype {other:?} in a checkpoint"
+            )))
+        }
+    })
+}
+
+/// One tensor a writer will emit.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl PlannedTensor {
+    pub fn bytes(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64 * self.dtype.size_in_bytes() as u64
+    }
+}
+
+/// Receives one tensor's data during [`write_sharded`]; checks that exactly the planned
+/// number of bytes arrives.
+pub struct TensorSink<'a> {
+    out: &'a mut BufWriter<File>,
+    path: &'a Path,
+    written: u64,
+}
+
+impl TensorSink<'_> {
+    /// Appends raw little-endian bytes of the tensor.
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| ZayaError::io(self.path, e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends f32 values rounded to `dtype`.
+    pub fn write_f32_as(&mut self, values: &[f32], dtype: DType) -> Result<()> {
+        let mut buf = Vec::with_capacity(values.len() * dtype.size_in_bytes());
+        match dtype {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            DType::F64 => values
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
+            other => {
+                return Err(ZayaError::Input(format!(
+                    "cannot store dtype {other:?} in a checkpoint"
+                )))
+            }
+        }
+        self.write_bytes(&buf)
+    }
+}
+
+/// The header of one file holding `tensors` back to back (padded to 8 bytes as the
+/// safetensors writers do).
+fn header_bytes(tensors: &[&PlannedTensor]) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    map.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut off = 0u64;
+    for t in tensors {
+        map.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": dtype_str(t.dtype)?,
+                "shape": t.shape,
+                "data_offsets": [off, off + t.bytes()],
+            }),
+        );
+        off += t.bytes();
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(map)).expect("header serialises");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    Ok(out)
+}
+
+/// Splits `tensors` (in order) into shards of at most `max_shard_bytes` (a tensor larger
+/// than that gets a shard of its own).
+fn plan_shards(tensors: &[PlannedTensor], max_shard_bytes: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![];
+    let mut size = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        match shards.last_mut() {
+            Some(cur) if size + t.bytes() <= max_shard_bytes => {
+                cur.push(i);
+                size += t.bytes();
+            }
+            _ => {
+                shards.push(vec![i]);
+                size = t.bytes();
+            }
+        }
+    }
+    shards
+}
+
+/// Writes `tensors` into `dir` as safetensors shards of at most `max_shard_bytes` each (plus
+/// the index when there is more than one), calling `fill(i, tensor, sink)` once per tensor in
+/// order to stream its data. Files appear under temporary names and are renamed once
+/// complete. Returns the weight files written.
+pub fn write_sharded(
+    dir: &Path,
+    tensors: &[PlannedTensor],
+    max_shard_bytes: u64,
+    mut fill: impl FnMut(usize, &PlannedTensor, &mut TensorSink) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| ZayaError::io(dir, e))?;
+    let shards = plan_shards(tensors, max_shard_bytes.max(1));
+    let n = shards.len();
+    let names: Vec<String> = if n <= 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
+    };
+    let index_path = dir.join("model.safetensors.index.json");
+    let mut weight_map = serde_json::Map::new();
+    let mut written = vec![];
+    for (shard, file_name) in shards.iter().zip(&names) {
+        let path = dir.join(file_name);
+        let tmp = dir.join(format!(".{file_name}.tmp"));
+        let planned: Vec<&PlannedTensor> = shard.iter().map(|&i| &tensors[i]).collect();
+        let file = File::create(&tmp).map_err(|e| ZayaError::io(&tmp, e))?;
+        let mut out = BufWriter::with_capacity(8 << 20, file);
+        out.write_all(&header_bytes(&planned)?)
+            .map_err(|e| ZayaError::io(&tmp, e))?;
+        for &i in shard {
+            let t = &tensors[i];
+            let mut sink = TensorSink {
+                out: &mut out,
+                path: &tmp,
+                written: 0,
+            };
+            fill(i, t, &mut sink)?;
+            if sink.written != t.bytes() {
+                return Err(ZayaError::Input(format!(
+                    "tensor `{}`: {} bytes were written, its dtype and shape {:?} need {}",
+                    t.name,
+                    sink.written,
+                    t.shape,
+                    t.bytes()
+                )));
+            }
+            weight_map.insert(t.name.clone(), serde_json::Value::from(file_name.clone()));
+        }
+        out.flush().map_err(|e| ZayaError::io(&tmp, e))?;
+        drop(out);
+        std::fs::rename(&tmp, &path).map_err(|e| ZayaError::io(&path, e))?;
+        written.push(path);
+    }
+    if n > 1 {
+        let total: u64 = tensors.iter().map(PlannedTensor::bytes).sum();
+        let index = serde_json::json!({
+            "metadata": { "total_size": total },
+            "weight_map": weight_map,
+        });
+        let text = serde_json::to_string_pretty(&index).expect("index serialises");
+        crate::weights::write_atomic(&index_path, text.as_bytes())?;
+    } else if index_path.exists() {
+        // A stale index from an earlier sharded write would shadow the new single file.
+        std::fs::remove_file(&index_path).map_err(|e| ZayaError::io(&index_path, e))?;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(name: &str, n: usize) -> PlannedTensor {
+        PlannedTensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![n],
+        }
+    }
+
+    #[test]
+    fn shards_split_at_the_limit_and_oversized_tensors_stand_alone() {
+        let t = [
+            planned("a", 2),
+            planned("b", 2),
+            planned("c", 10),
+            planned("d", 1),
+        ];
+        // 8-byte tensors a, b fit 16 bytes together; c (40 bytes) is alone; d starts anew.
+        assert_eq!(plan_shards(&t, 16), vec![vec![0, 1], vec![2], vec![3]]);
+        assert_eq!(plan_shards(&t, 1 << 20), vec![vec![0, 1, 2, 3]]);
+    }
+
+    #[test]
+    fn written_shards_read_back_and_a_short_fill_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("zaya-st-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = vec![planned("x", 3), planned("y", 5)];
+        let files = write_sharded(&dir, &t, 16, |i, p, sink| {
+            let vals: Vec<f32> = (0..p.shape[0]).map(|j| (10 * i + j) as f32).collect();
+            sink.write_f32_as(&vals, DType::F32)
+        })
+        .unwrap();
+        assert_eq!(files.len(), 2);
+        assert!(dir.join("model.safetensors.index.json").exists());
+        let h = read_header(&files[1]).unwrap();
+        assert_eq!(h[0].name, "y");
+        let file = File::open(&files[1]).unwrap();
+        let y = tensor_from_bytes(DType::F32, &[5], |b| {
+            read_exact_at(&file, &files[1], h[0].offset, b)
+        })
+        .unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), vec![10., 11., 12., 13., 14.]);
+        // the file is also valid for the safetensors crate
+        let bytes = std::fs::read(&files[0]).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("x").unwrap().shape(), &[3]);
+
+        let err =
+            write_sharded(&dir, &t, 1 << 20, |_, _, sink| sink.write_bytes(&[0u8; 4])).unwrap_err();
+        assert!(err.to_string().contains("tensor `x`"), "{err}");
+
+        // truncation is caught from the header, naming the tensor
+        let f = &files[1];
+        let len = std::fs::metadata(f).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+        file.set_len(len - 4).unwrap();
+        let err = read_header(f).unwrap_err().to_string();
+        assert!(err.contains("`y`") && err.contains("truncated"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
