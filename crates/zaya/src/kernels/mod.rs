@@ -26,6 +26,7 @@ pub mod registry;
 mod cca_conv;
 pub(crate) mod matmul;
 mod moe;
+pub mod quantized;
 mod rms_norm;
 mod rotary;
 mod softmax;
