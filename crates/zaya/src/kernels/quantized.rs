@@ -100,3 +100,65 @@ pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
         .apply_op1_no_bwd(q.as_ref())?;
     y.to_dtype(xs.dtype())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
+
+    /// Against its reference: the dense kernel over the dequantized weights. They differ by
+    /// the activation quantization (Q8) inside candle's quantized matmul only.
+    #[test]
+    fn quantized_experts_match_the_dense_reference_on_dequantized_weights() {
+        let dev = Device::Cpu;
+        let (n, h, i, e) = (11, 256, 256, 4);
+        let x = Tensor::randn(0f32, 1., (n, h), &dev).unwrap();
+        let gu = Tensor::randn(0f32, 0.05, (e, 2 * i, h), &dev).unwrap();
+        let dn = Tensor::randn(0f32, 0.05, (e, h, i), &dev).unwrap();
+        // every expert used, two skipped tokens (id e)
+        let ids: Vec<u32> = vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 1];
+        let w = Tensor::rand(0.2f32, 1., (n, 1), &dev).unwrap();
+        for d in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let qgu =
+                crate::quant::split_experts(&crate::quant::quantize(&gu, d).unwrap()).unwrap();
+            let qdn =
+                crate::quant::split_experts(&crate::quant::quantize(&dn, d).unwrap()).unwrap();
+            let deq = |qs: &[Arc<QTensor>]| {
+                let parts: Vec<Tensor> = qs.iter().map(|q| q.dequantize(&dev).unwrap()).collect();
+                Tensor::stack(&parts, 0).unwrap()
+            };
+            let want = crate::kernels::reference::moe_experts(&x, &ids, &w, &deq(&qgu), &deq(&qdn))
+                .unwrap();
+            let got = moe_experts(
+                &x,
+                &ids,
+                &w,
+                &ExpertMatrices::Quantized(qgu.clone()),
+                &ExpertMatrices::Quantized(qdn.clone()),
+            )
+            .unwrap();
+            let diff = (&got - &want).unwrap().sqr().unwrap().sum_all().unwrap();
+            let norm = want.sqr().unwrap().sum_all().unwrap();
+            let rel = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
+            assert!(rel < 0.02, "{d:?}: relative error {rel}");
+            // skipped tokens give exact zeros
+            for row in [4usize, 9] {
+                let r = got.get(row).unwrap().abs().unwrap().sum_all().unwrap();
+                assert_eq!(r.to_scalar::<f32>().unwrap(), 0.0);
+            }
+            // a mixed store (dense gate_up, quantized down) runs the same grouping
+            let mixed = moe_experts(
+                &x,
+                &ids,
+                &w,
+                &ExpertMatrices::Dense(deq(&qgu)),
+                &ExpertMatrices::Quantized(qdn),
+            )
+            .unwrap();
+            let diff = (&mixed - &want).unwrap().sqr().unwrap().sum_all().unwrap();
+            let rel = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
+            assert!(rel < 0.02, "{d:?} mixed: relative error {rel}");
+        }
+    }
+}
