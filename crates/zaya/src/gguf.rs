@@ -584,7 +584,7 @@ pub fn quantize_to_gguf(
         ),
     ] {
         if let Some(id) = id {
-            meta.push((key.into(), Value::U32(id as u32)));
+            meta.push((key.into(), Value::U32(id)));
         }
     }
 
