@@ -18,6 +18,7 @@ mod bench;
 mod chat;
 mod default_model;
 mod out;
+mod quant_cmds;
 mod text_cmds;
 mod train_cmds;
 mod train_run;
@@ -58,6 +59,11 @@ enum Command {
     Template(text_cmds::TemplateArgs),
     /// Split generated text into content, reasoning and tool calls.
     Parse(text_cmds::ParseArgs),
+    /// Write a checkpoint as one GGUF file with quantized weights (config, tokenizer and
+    /// chat template included); every `--model` option loads it.
+    Quantize(quant_cmds::QuantizeArgs),
+    /// Perplexity, KL divergence and top-1 agreement against a reference on held-out text.
+    Eval(quant_cmds::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -72,6 +78,10 @@ struct ModelArgs {
     /// Attention backend: eager, sdpa or flex.
     #[arg(long, default_value = "eager")]
     attn: String,
+    /// Quantize the projections, experts and embeddings while loading, for this run only
+    /// (a `zaya quantize` format: q8_0, q4_k, ...).
+    #[arg(long)]
+    quant: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -203,7 +213,16 @@ impl ModelArgs {
 
 fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
     let dtype = parse_dtype(&args.dtype)?;
-    Ok(ZayaModel::load(args.dir()?, dtype, &Device::Cpu)?)
+    let plan = match &args.quant {
+        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        None => None,
+    };
+    Ok(ZayaModel::load_quantized(
+        args.dir()?,
+        dtype,
+        &Device::Cpu,
+        plan.as_ref(),
+    )?)
 }
 
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
@@ -444,6 +463,8 @@ fn main() {
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
         Command::Template(a) => text_cmds::run_template(a),
         Command::Parse(a) => text_cmds::run_parse(a),
+        Command::Quantize(a) => quant_cmds::run_quantize(a),
+        Command::Eval(a) => quant_cmds::run_eval(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -132,8 +132,15 @@ fn token_ids(v: Option<&Json>, path: &Path, field: &str) -> Result<Vec<u32>> {
 
 impl ZayaTokenizer {
     /// Load a tokenizer directory (a model directory works: only the tokenizer files are read).
+    /// A GGUF model file works too: its embedded tokenizer files are read.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        let mut dir = dir.as_ref().to_path_buf();
+        if crate::gguf::is_gguf(&dir) {
+            dir = crate::gguf::unpack_text_files(&dir).map_err(|e| TextError::TokenizerLoad {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+        }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Err(TextError::MissingFile {
