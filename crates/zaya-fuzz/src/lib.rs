@@ -191,12 +191,18 @@ pub fn replay_dir(target: &dyn Target, dir: &Path) -> Vec<(String, String)> {
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
+    let msg = if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
         s.clone()
     } else {
         "non-string panic".into()
+    };
+    let at = LOCATION.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    if at.is_empty() {
+        msg
+    } else {
+        format!("{msg} at {at}")
     }
 }
 
@@ -223,6 +229,8 @@ struct QuietPanics {
 
 thread_local! {
     static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last silenced panic happened (reported with the crash).
+    static LOCATION: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 impl QuietPanics {
@@ -231,7 +239,10 @@ impl QuietPanics {
         HOOK.call_once(|| {
             let default = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
-                if !QUIET.with(std::cell::Cell::get) {
+                if QUIET.with(std::cell::Cell::get) {
+                    let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+                    LOCATION.with(|l| *l.borrow_mut() = at);
+                } else {
                     default(info);
                 }
             }));

@@ -424,8 +424,11 @@ impl ZayaConfig {
                 for i in 0..num_hidden_layers {
                     let field = format!("swa_layers[{}]", 2 * i);
                     let v = &items[2 * i];
-                    let prev = v.as_u64().ok_or_else(|| {
-                        ZayaError::config(&field, format!("expected an integer, found {v}"))
+                    let prev = v.as_u64().filter(|&x| x < MAX_CONFIG_INT).ok_or_else(|| {
+                        ZayaError::config(
+                            &field,
+                            format!("expected an integer below {MAX_CONFIG_INT}, found {v}"),
+                        )
                     })? as usize;
                     if prev == 0 {
                         types.push(LayerType::Hybrid);
