@@ -325,30 +325,29 @@ fn train_data(dir: &Path) -> PathBuf {
     p
 }
 
+/// `zaya train` on the fixture model with small settings; a flag in `extra` replaces the
+/// default of the same flag.
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
-    zaya()
-        .args(["train", "--model"])
+    let defaults = [
+        ("--seq-len", "12"),
+        ("--batch-size", "2"),
+        ("--epochs", "2"),
+        ("--save-every", "2"),
+        ("--lr", "1e-2"),
+    ];
+    let mut cmd = zaya();
+    cmd.args(["train", "--no-progress", "--model"])
         .arg(repo("tests/fixtures/models/gqa_sliding"))
         .arg("--data")
         .arg(data)
         .arg("--out")
-        .arg(out)
-        .args([
-            "--seq-len",
-            "12",
-            "--batch-size",
-            "2",
-            "--epochs",
-            "2",
-            "--save-every",
-            "2",
-            "--lr",
-            "1e-2",
-            "--no-progress",
-        ])
-        .args(extra)
-        .output()
-        .unwrap()
+        .arg(out);
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.args(extra).output().unwrap()
 }
 
 fn log_steps(run: &Path) -> Vec<u64> {

@@ -135,7 +135,6 @@ pub fn run_saving_to(target: &dyn Target, inputs: u64, seed: u64, crashes: &Path
         target: target.name().to_string(),
         ..Default::default()
     };
-    let _quiet = QuietPanics::install();
     // Each seed once as it is (they must parse), then mutants of random seeds.
     let mut queue: Vec<Input> = seeds.clone();
     let mut n = 0u64;
@@ -152,7 +151,10 @@ pub fn run_saving_to(target: &dyn Target, inputs: u64, seed: u64, crashes: &Path
             }
         };
         n += 1;
-        match catch_unwind(AssertUnwindSafe(|| target.run(&input))) {
+        let quiet = QuietPanics::install();
+        let outcome = catch_unwind(AssertUnwindSafe(|| target.run(&input)));
+        drop(quiet);
+        match outcome {
             Ok(Ok(())) => report.accepted += 1,
             Ok(Err(_)) => report.rejected += 1,
             Err(panic) => {
@@ -189,12 +191,18 @@ pub fn replay_dir(target: &dyn Target, dir: &Path) -> Vec<(String, String)> {
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
+    let msg = if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
         s.clone()
     } else {
         "non-string panic".into()
+    };
+    let at = LOCATION.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    if at.is_empty() {
+        msg
+    } else {
+        format!("{msg} at {at}")
     }
 }
 
@@ -213,29 +221,41 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Silences the default panic message (a fuzz run would print thousands) while alive;
-/// nested installs share one hook.
-struct QuietPanics;
+/// Silences the default panic message on this thread (a fuzz run would print thousands)
+/// while alive; panics of other threads (other tests) are printed as usual.
+struct QuietPanics {
+    was: bool,
+}
 
-static QUIET_DEPTH: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last silenced panic happened (reported with the crash).
+    static LOCATION: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
 
 impl QuietPanics {
     fn install() -> Self {
-        if QUIET_DEPTH.fetch_add(1, Ordering::SeqCst) == 0 {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
             let default = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
-                if QUIET_DEPTH.load(Ordering::SeqCst) == 0 {
+                if QUIET.with(std::cell::Cell::get) {
+                    let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+                    LOCATION.with(|l| *l.borrow_mut() = at);
+                } else {
                     default(info);
                 }
             }));
+        });
+        QuietPanics {
+            was: QUIET.with(|q| q.replace(true)),
         }
-        QuietPanics
     }
 }
 
 impl Drop for QuietPanics {
     fn drop(&mut self) {
-        QUIET_DEPTH.fetch_sub(1, Ordering::SeqCst);
+        QUIET.with(|q| q.set(self.was));
     }
 }
 

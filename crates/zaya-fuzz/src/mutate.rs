@@ -230,7 +230,7 @@ impl Mutator {
                         0 => n.wrapping_add(1),
                         1 => n.wrapping_sub(1),
                         2 => n.wrapping_mul(2),
-                        3 => -n,
+                        3 => n.wrapping_neg(),
                         _ => 0,
                     });
                 } else {

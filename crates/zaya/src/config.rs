@@ -134,9 +134,18 @@ impl<'a> Fields<'a> {
     fn usize(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.present(key) {
             None => default.ok_or_else(|| ZayaError::config(key, "is required")),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                ZayaError::config(key, format!("expected a non-negative integer, found {v}"))
-            }),
+            Some(v) => match v.as_u64() {
+                // far above any real model; keeps products of sizes and allocations sane
+                Some(x) if x <= MAX_CONFIG_INT => Ok(x as usize),
+                Some(x) => Err(ZayaError::config(
+                    key,
+                    format!("{x} is larger than the supported maximum {MAX_CONFIG_INT}"),
+                )),
+                None => Err(ZayaError::config(
+                    key,
+                    format!("expected a non-negative integer, found {v}"),
+                )),
+            },
         }
     }
 
@@ -260,6 +269,24 @@ fn parse_rope_entry(v: &Value, field: &str) -> Result<RopeParameters> {
     })
 }
 
+/// Largest integer a config field may hold (2^31 − 1): real sizes are far smaller, and the
+/// bound keeps products of sizes from overflowing.
+pub const MAX_CONFIG_INT: u64 = (1 << 31) - 1;
+
+/// Most decoder layers a config may declare (per-layer state is allocated up front; a fuzzed
+/// `num_hidden_layers` of 2^32 asked for 144 GiB).
+pub const MAX_LAYERS: usize = 4096;
+
+fn check_layer_count(n: usize) -> Result<()> {
+    if n > MAX_LAYERS {
+        return Err(ZayaError::config(
+            "num_hidden_layers",
+            format!("{n} is more than the supported {MAX_LAYERS} layers"),
+        ));
+    }
+    Ok(())
+}
+
 impl ZayaConfig {
     /// Reads `config.json` written by transformers for the native layout.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
@@ -282,6 +309,7 @@ impl ZayaConfig {
             }
         }
         let num_hidden_layers = f.usize("num_hidden_layers", Some(40))?;
+        check_layer_count(num_hidden_layers)?;
         let layer_types = match f.present("layer_types") {
             None => vec![LayerType::Hybrid; num_hidden_layers],
             Some(Value::Array(items)) => items
@@ -345,6 +373,7 @@ impl ZayaConfig {
             .ok_or_else(|| ZayaError::config("<root>", "config must be a JSON object"))?;
         let f = Fields { obj };
         let legacy_layers = f.usize("num_hidden_layers", Some(80))?;
+        check_layer_count(legacy_layers)?;
         if !legacy_layers.is_multiple_of(2) {
             return Err(ZayaError::config(
                 "num_hidden_layers",
@@ -395,8 +424,11 @@ impl ZayaConfig {
                 for i in 0..num_hidden_layers {
                     let field = format!("swa_layers[{}]", 2 * i);
                     let v = &items[2 * i];
-                    let prev = v.as_u64().ok_or_else(|| {
-                        ZayaError::config(&field, format!("expected an integer, found {v}"))
+                    let prev = v.as_u64().filter(|&x| x < MAX_CONFIG_INT).ok_or_else(|| {
+                        ZayaError::config(
+                            &field,
+                            format!("expected an integer below {MAX_CONFIG_INT}, found {v}"),
+                        )
                     })? as usize;
                     if prev == 0 {
                         types.push(LayerType::Hybrid);

@@ -130,6 +130,34 @@ fn token_ids(v: Option<&Json>, path: &Path, field: &str) -> Result<Vec<u32>> {
     }
 }
 
+/// Reads tokenizer.json. The JSON syntax is checked first, and a panic of the `tokenizers`
+/// crate on a malformed file (fuzzing found one: a nested deserializer unwraps a syntax
+/// error) becomes a typed error instead of ending the program.
+fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let load_error = |message: String| TextError::TokenizerLoad {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| TextError::io(path, e))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| load_error(format!("invalid JSON: {e}")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| load_error(e.to_string()))?;
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(load_error(e.to_string())),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown".into());
+            Err(load_error(format!(
+                "the tokenizers library failed on it: {why}"
+            )))
+        }
+    }
+}
+
 impl ZayaTokenizer {
     /// Load a tokenizer directory (a model directory works: only the tokenizer files are read).
     /// A GGUF model file works too: its embedded tokenizer files are read.
@@ -148,11 +176,7 @@ impl ZayaTokenizer {
                 file: "tokenizer.json".into(),
             });
         }
-        let inner =
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| TextError::TokenizerLoad {
-                path: tok_path.clone(),
-                message: e.to_string(),
-            })?;
+        let inner = load_tokenizer_json(&tok_path)?;
 
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg_json = read_json(&cfg_path)?;
