@@ -17,6 +17,8 @@ use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 mod bench;
 mod chat;
 mod default_model;
+mod out;
+mod quant_cmds;
 mod text_cmds;
 mod train_cmds;
 mod train_run;
@@ -57,6 +59,11 @@ enum Command {
     Template(text_cmds::TemplateArgs),
     /// Split generated text into content, reasoning and tool calls.
     Parse(text_cmds::ParseArgs),
+    /// Write a checkpoint as one GGUF file with quantized weights (config, tokenizer and
+    /// chat template included); every `--model` option loads it.
+    Quantize(quant_cmds::QuantizeArgs),
+    /// Perplexity, KL divergence and top-1 agreement against a reference on held-out text.
+    Eval(quant_cmds::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -71,6 +78,10 @@ struct ModelArgs {
     /// Attention backend: eager, sdpa or flex.
     #[arg(long, default_value = "eager")]
     attn: String,
+    /// Quantize the projections, experts and embeddings while loading, for this run only
+    /// (a `zaya quantize` format: q8_0, q4_k, ...).
+    #[arg(long)]
+    quant: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -202,7 +213,16 @@ impl ModelArgs {
 
 fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
     let dtype = parse_dtype(&args.dtype)?;
-    Ok(ZayaModel::load(args.dir()?, dtype, &Device::Cpu)?)
+    let plan = match &args.quant {
+        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        None => None,
+    };
+    Ok(ZayaModel::load_quantized(
+        args.dir()?,
+        dtype,
+        &Device::Cpu,
+        plan.as_ref(),
+    )?)
 }
 
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
@@ -331,7 +351,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         Box::new(|_, _| {}),
     )?;
     let out = generate(&model, &prompts, &opts, &mut chooser, &mut |_, _| {})?;
-    println!("{}", serde_json::json!({ "sequences": out.sequences }));
+    out::println(&serde_json::json!({ "sequences": out.sequences }).to_string())?;
     Ok(())
 }
 
@@ -361,7 +381,7 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
             "active_per_token_without_embedding": active - embed,
         },
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    out::println(&serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }
 
@@ -389,6 +409,23 @@ fn cmd_convert(args: ConvertArgs) -> Result<()> {
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
     weights::convert_with_dtype(&args.from, &args.to, layout, dtype)?;
     Ok(())
+}
+
+/// The error and its causes on one line, each said once: a library error that already
+/// prints its source (`path: cause`) is not followed by the cause again.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn main() {
@@ -419,13 +456,15 @@ fn main() {
         }),
         Command::Train(a) => train_run::run_train(a),
         Command::Kernels => {
-            print!("{}", zaya::kernels::registry::KernelTable::current());
-            Ok(())
+            out::print(&zaya::kernels::registry::KernelTable::current().to_string())
+                .map_err(Into::into)
         }
         Command::Tokenize(a) => text_cmds::run_tokenize(a),
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
         Command::Template(a) => text_cmds::run_template(a),
         Command::Parse(a) => text_cmds::run_parse(a),
+        Command::Quantize(a) => quant_cmds::run_quantize(a),
+        Command::Eval(a) => quant_cmds::run_eval(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }
@@ -435,7 +474,11 @@ fn main() {
         }),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        if out::is_closed_pipe(&e) {
+            // the reader has what it wanted (`| head`): a quiet, successful exit
+            std::process::exit(0);
+        }
+        eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
     }
 }

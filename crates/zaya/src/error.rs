@@ -93,6 +93,9 @@ pub enum ZayaError {
     Text(#[from] crate::text::TextError),
 
     #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

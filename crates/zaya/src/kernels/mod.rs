@@ -28,6 +28,7 @@ mod bf16;
 mod cca_conv;
 pub(crate) mod matmul;
 mod moe;
+pub mod quantized;
 mod rms_norm;
 mod rotary;
 mod softmax;

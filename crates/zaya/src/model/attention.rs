@@ -2,8 +2,8 @@
 //! mean residuals and current/delayed value streams, QK L2-norm with `temp`, partial RoPE,
 //! the attention core and `o_proj`.
 
+use super::linear::Weights;
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 use crate::attention::{self as core, MaskSpec};
@@ -39,7 +39,7 @@ pub struct Qkv {
 }
 
 impl CcaProjection {
-    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ZayaConfig, vb: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         let c = cfg.conv_channels();
         let bias = cfg.attention_bias;
@@ -262,7 +262,32 @@ pub struct AttentionInputs<'a> {
 }
 
 impl ZayaAttention {
-    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Bytes of every weight of the block.
+    pub fn weight_bytes(&self) -> usize {
+        let p = &self.qkv_proj;
+        [
+            &p.q_proj,
+            &p.k_proj,
+            &p.v_proj_current,
+            &p.v_proj_delayed,
+            &self.o_proj,
+        ]
+        .iter()
+        .map(|l| l.bytes())
+        .sum::<usize>()
+            + [
+                &p.conv_qk_depthwise_weight,
+                &p.conv_qk_depthwise_bias,
+                &p.conv_qk_grouped_weight,
+                &p.conv_qk_grouped_bias,
+                &self.temp,
+            ]
+            .iter()
+            .map(|t| super::tensor_bytes(t))
+            .sum::<usize>()
+    }
+
+    pub fn new(cfg: &ZayaConfig, vb: Weights) -> Result<Self> {
         Ok(ZayaAttention {
             qkv_proj: CcaProjection::new(cfg, vb.pp("qkv_proj"))?,
             temp: vb.pp("qk_norm").get(cfg.num_key_value_heads, "temp")?,

@@ -1,8 +1,8 @@
 //! One decoder layer: RMSNorm → CCA attention → scaled residual merge → RMSNorm → MoE →
 //! scaled residual merge, with the residual stream in f32.
 
+use super::linear::Weights;
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::attention::{AttentionInputs, ZayaAttention};
 use super::moe::{Routing, ZayaMoe};
@@ -21,7 +21,7 @@ pub struct ResidualScaling {
 }
 
 impl ResidualScaling {
-    pub fn new(h: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(h: usize, vb: Weights) -> Result<Self> {
         Ok(ResidualScaling {
             hidden_states_scale: vb.get(h, "hidden_states_scale")?,
             hidden_states_bias: vb.get(h, "hidden_states_bias")?,
@@ -65,7 +65,25 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+    /// Bytes of the layer's weights; with `one_expert`, only the largest single expert
+    /// counts (what a top-1 token reads).
+    pub fn weight_bytes(&self, one_expert: bool) -> usize {
+        let t = super::tensor_bytes;
+        let scales = |s: &ResidualScaling| {
+            t(&s.hidden_states_scale)
+                + t(&s.hidden_states_bias)
+                + t(&s.residual_scale)
+                + t(&s.residual_bias)
+        };
+        t(&self.input_layernorm)
+            + t(&self.post_attention_layernorm)
+            + scales(&self.post_attention_residual_scale)
+            + scales(&self.post_mlp_residual_scale)
+            + self.self_attn.weight_bytes()
+            + self.mlp.weight_bytes(one_expert)
+    }
+
+    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(DecoderLayer {
             layer_type: cfg.layer_types[layer_idx],

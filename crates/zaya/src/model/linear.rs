@@ -1,16 +1,155 @@
-use candle_core::{Result, Tensor};
+//! The weight seam: where a layer gets its weights from ([`Weights`]: a `VarBuilder` for
+//! dense tensors plus an optional source of quantized ones) and the linear layer whose
+//! weight is either form ([`Linear`]). A tensor-parallel shard would be a third form here.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
+
+/// Something that holds (or makes) quantized forms of a checkpoint's tensors: a GGUF file,
+/// or a dense checkpoint quantized while it loads (`--quant`).
+pub trait QuantizedSource: Send + Sync {
+    /// The quantized form of native tensor `name`, or `None` when it stays dense.
+    fn quantized(&self, name: &str) -> Result<Option<Arc<QTensor>>>;
+}
+
+/// What the model's constructors read their weights from. It mirrors the `VarBuilder`
+/// methods the layers use, and adds [`Weights::quantized`].
+#[derive(Clone)]
+pub struct Weights<'a> {
+    vb: VarBuilder<'a>,
+    quant: Option<Arc<dyn QuantizedSource + 'a>>,
+}
+
+impl<'a> From<VarBuilder<'a>> for Weights<'a> {
+    fn from(vb: VarBuilder<'a>) -> Self {
+        Weights { vb, quant: None }
+    }
+}
+
+impl<'a> Weights<'a> {
+    /// Dense tensors from `vb`, quantized ones from `quant` where it has them.
+    pub fn new(vb: VarBuilder<'a>, quant: Option<Arc<dyn QuantizedSource + 'a>>) -> Self {
+        Weights { vb, quant }
+    }
+
+    pub fn pp<S: ToString>(&self, s: S) -> Self {
+        Weights {
+            vb: self.vb.pp(s),
+            quant: self.quant.clone(),
+        }
+    }
+
+    pub fn get<S: Into<Shape>>(&self, s: S, name: &str) -> Result<Tensor> {
+        self.vb.get(s, name)
+    }
+
+    pub fn get_with_hints_dtype<S: Into<Shape>>(
+        &self,
+        s: S,
+        name: &str,
+        hints: candle_nn::Init,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.vb.get_with_hints_dtype(s, name, hints, dtype)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    /// The quantized form of `name` under the current prefix, checked against `shape`.
+    pub fn quantized<S: Into<Shape>>(&self, s: S, name: &str) -> Result<Option<Arc<QTensor>>> {
+        let Some(src) = &self.quant else {
+            return Ok(None);
+        };
+        let prefix = self.vb.prefix();
+        let full = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let Some(q) = src.quantized(&full)? else {
+            return Ok(None);
+        };
+        let s = s.into();
+        if q.shape() != &s {
+            candle_core::bail!(
+                "quantized tensor `{full}` has shape {:?}, expected {:?}",
+                q.shape().dims(),
+                s.dims()
+            );
+        }
+        Ok(Some(q))
+    }
+}
+
+/// A weight matrix `[out, in]` in one of its storage forms.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A tensor in its stored dtype (f32 / bf16 / f16); trainable when built from a VarMap.
+    Dense(Tensor),
+    /// Block-quantized rows (candle's Q8_0, k-quants, …); frozen.
+    Quantized(Arc<QTensor>),
+}
+
+impl LinearWeight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense(w) => w.dims2().unwrap_or((0, 0)),
+            LinearWeight::Quantized(q) => q.shape().dims2().unwrap_or((0, 0)),
+        }
+    }
+
+    /// Bytes the weight occupies (and a matmul over it reads).
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The quantized format, if any.
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        match self {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Quantized(q) => Some(q.dtype()),
+        }
+    }
+
+    /// `x · Wᵀ` for 2-D `x` `[rows, in]`.
+    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            // through the registry: decode-sized inputs take the threaded GEMV
+            LinearWeight::Dense(w) => crate::kernels::matmul(x, &w.t()?),
+            // candle's quantized matmul takes f32 rows (it quantizes them to the weight's
+            // dot-product partner format itself) and returns f32.
+            LinearWeight::Quantized(q) => crate::kernels::quantized::qmatmul_t(x, q),
+        }
+    }
+}
 
 /// `x · Wᵀ + b` over the last axis, weights stored `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+    /// Reads `weight` (quantized when the source has it quantized) and `bias`.
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: Weights) -> Result<Self> {
+        let weight = match vb.quantized((out_dim, in_dim), "weight")? {
+            Some(q) => LinearWeight::Quantized(q),
+            None => LinearWeight::Dense(vb.get((out_dim, in_dim), "weight")?),
+        };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
@@ -19,18 +158,42 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// A dense layer over `weight` `[out, in]`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// The dense weight, if the layer has one (training and gradient code need it).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    /// Bytes of weight and bias: what one forward reads from memory.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
+            + self
+                .bias
+                .as_ref()
+                .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a feature axis");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        // through the registry: decode-sized inputs take the threaded GEMV
-        let y = crate::kernels::matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
+        let y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.weight.dims().0;
         y.reshape(out_dims)
     }
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -19,11 +20,13 @@ use crate::attention::{AttnImplementation, MaskSpec};
 use crate::cache::HybridCache;
 use crate::config::{LayerType, ZayaConfig};
 use crate::error::{Result, ZayaError};
+use crate::gguf::{GgufCheckpoint, QuantizeOnLoad};
 use crate::kernels;
+use crate::quant::QuantPlan;
 use crate::weights::Checkpoint;
 pub use attention::AttentionInputs;
 pub use decoder::{DecoderLayer, LayerOutput};
-use linear::Linear;
+pub use linear::{Linear, LinearWeight, QuantizedSource, Weights};
 pub use moe::{Routing, SkipBehaviour};
 use rope::RotaryEmbedding;
 
@@ -93,7 +96,7 @@ pub struct ForwardContext {
 #[derive(Debug, Clone)]
 pub struct ZayaModel {
     cfg: ZayaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     input_hidden_states_scale: Tensor,
     input_hidden_states_bias: Tensor,
     layers: Vec<DecoderLayer>,
@@ -102,6 +105,26 @@ pub struct ZayaModel {
     rotary: BTreeMap<LayerType, RotaryEmbedding>,
     dtype: DType,
     device: Device,
+}
+
+/// The token embedding table, dense or quantized.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => tensor_bytes(t),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 fn host_2d(t: &Tensor, what: &str) -> Result<Vec<Vec<i64>>> {
@@ -116,21 +139,38 @@ fn host_2d(t: &Tensor, what: &str) -> Result<Vec<Vec<i64>>> {
 
 impl ZayaModel {
     pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::from_weights(cfg, Weights::from(vb))
+    }
+
+    /// Builds the model from a weight source that may hold quantized tensors.
+    pub fn from_weights(cfg: &ZayaConfig, vb: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         let m = vb.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let embed = m.pp("embed_tokens");
+        let embed_tokens = match embed.quantized((cfg.vocab_size, h), "weight")? {
+            Some(q) => Embedding::Quantized(q),
+            None => Embedding::Dense(embed.get((cfg.vocab_size, h), "weight")?),
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, m.pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let lm_weight = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            vb.pp("lm_head").get((cfg.vocab_size, h), "weight")?
-        };
         let lm_bias = if cfg.lm_head_bias {
             Some(vb.pp("lm_head").get(cfg.vocab_size, "bias")?)
         } else {
             None
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear {
+                weight: match &embed_tokens {
+                    Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+                    Embedding::Quantized(q) => LinearWeight::Quantized(Arc::clone(q)),
+                },
+                bias: lm_bias,
+            }
+        } else {
+            let mut head = Linear::new(h, cfg.vocab_size, false, vb.pp("lm_head"))?;
+            head.bias = lm_bias;
+            head
         };
         let rotary = cfg
             .rope_parameters
@@ -145,10 +185,7 @@ impl ZayaModel {
             embed_tokens,
             layers,
             norm: m.pp("norm").get(h, "weight")?,
-            lm_head: Linear {
-                weight: lm_weight,
-                bias: lm_bias,
-            },
+            lm_head,
             rotary,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -157,14 +194,50 @@ impl ZayaModel {
 
     /// Opens a checkpoint directory (either layout), validates every tensor and builds the
     /// model with its weights in `dtype`.
+    /// A GGUF file written by `zaya quantize` loads the same way (config from its metadata).
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        Self::load_quantized(dir, dtype, device, None)
+    }
+
+    /// [`ZayaModel::load`], quantizing the tensors `quant` selects while loading (tensors
+    /// already quantized in a GGUF stay as they are). Dense weights are in `dtype`.
+    pub fn load_quantized(
+        path: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        quant: Option<&QuantPlan>,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let quant = quant.filter(|p| p.quantizes());
+        if crate::gguf::is_gguf(path) {
+            let g = Arc::new(GgufCheckpoint::open(path)?);
+            g.validate()?;
+            let cfg = g.config().clone();
+            let vb = g.var_builder(dtype, device);
+            let src: Arc<dyn QuantizedSource> = match quant {
+                Some(plan) => Arc::new(QuantizeOnLoad::new(
+                    vb.clone(),
+                    &cfg,
+                    plan.clone(),
+                    Some(g as Arc<dyn QuantizedSource>),
+                )),
+                None => g,
+            };
+            return Self::from_weights(&cfg, Weights::new(vb, Some(src)));
+        }
+        let ckpt = Arc::new(Checkpoint::open(path)?);
         let cfg = ckpt.config()?;
         ckpt.validate(&cfg)?;
         // Before anything is allocated: a clear error instead of an OOM kill.
         ckpt.check_fits(&cfg, dtype)?;
         let vb = ckpt.var_builder(&cfg, dtype, device);
-        Self::new(&cfg, vb)
+        match quant {
+            None => Self::new(&cfg, vb),
+            Some(plan) => {
+                let src = Arc::new(QuantizeOnLoad::new(vb.clone(), &cfg, plan.clone(), None));
+                Self::from_weights(&cfg, Weights::new(vb, Some(src)))
+            }
+        }
     }
 
     pub fn config(&self) -> &ZayaConfig {
@@ -403,12 +476,25 @@ impl ZayaModel {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut e = self.embed_tokens.index_select(&ids, 0)?;
+        let table = match &self.embed_tokens {
+            Embedding::Dense(t) => t,
+            // Quantized rows are dequantized as they are looked up (f32), then given the
+            // dtype of the rest of the model.
+            Embedding::Quantized(q) => {
+                let e = q.embedding(&ids)?.to_dtype(self.dtype)?;
+                let e = e.reshape((b, t, self.cfg.hidden_size))?;
+                return Ok(e
+                    .broadcast_add(&self.input_hidden_states_bias)?
+                    .broadcast_mul(&self.input_hidden_states_scale)?
+                    .to_dtype(DType::F32)?);
+            }
+        };
+        let mut e = table.index_select(&ids, 0)?;
         // The reference embedding has `padding_idx = pad_token_id`: the lookup sends no
         // gradient to the pad row. Rows looked up for pad tokens are swapped for a detached
         // copy of themselves (same values, no gradient path). Only when a graph is recorded
         // (trainable weights); inference pays nothing.
-        if let (true, Some(pad)) = (self.embed_tokens.track_op(), self.cfg.pad_token_id) {
+        if let (true, Some(pad)) = (table.track_op(), self.cfg.pad_token_id) {
             let is_pad = ids
                 .eq(pad)?
                 .unsqueeze(1)?
@@ -460,8 +546,53 @@ impl ZayaModel {
         Ok(self.lm_head.forward(y)?)
     }
 
-    pub fn lm_head_weight(&self) -> &Tensor {
-        &self.lm_head.weight
+    /// The dense lm_head weight (tied: the embedding). Training reads it; a model whose
+    /// head is quantized is frozen and has none.
+    pub fn lm_head_weight(&self) -> Option<&Tensor> {
+        self.lm_head.dense_weight()
+    }
+
+    /// Bytes of every weight (embedding and head counted once when tied).
+    pub fn weight_bytes(&self) -> usize {
+        let mut total = self.embed_tokens.bytes();
+        if !self.cfg.tie_word_embeddings {
+            total += self.lm_head.weight.bytes();
+        }
+        total += self.lm_head.bias.as_ref().map_or(0, tensor_bytes);
+        for t in [
+            &self.input_hidden_states_scale,
+            &self.input_hidden_states_bias,
+            &self.norm,
+        ] {
+            total += tensor_bytes(t);
+        }
+        total
+            + self
+                .layers
+                .iter()
+                .map(|l| l.weight_bytes(false))
+                .sum::<usize>()
+    }
+
+    /// Bytes one decoded token reads at batch 1: every non-expert weight, one expert per
+    /// layer (top-1; the largest expert, as an upper bound), the lm_head, and one
+    /// embedding row.
+    pub fn bytes_per_token(&self) -> usize {
+        let emb_row = self.embed_tokens.bytes() / self.cfg.vocab_size.max(1);
+        let mut total = emb_row + self.lm_head.bytes();
+        for t in [
+            &self.input_hidden_states_scale,
+            &self.input_hidden_states_bias,
+            &self.norm,
+        ] {
+            total += tensor_bytes(t);
+        }
+        total
+            + self
+                .layers
+                .iter()
+                .map(|l| l.weight_bytes(true))
+                .sum::<usize>()
     }
     pub fn lm_head_bias(&self) -> Option<&Tensor> {
         self.lm_head.bias.as_ref()

@@ -2,8 +2,11 @@
 //! 3-layer GELU MLP, softmax over experts + skip, balancing biases for the choice only) and
 //! the top-1 SwiGLU experts.
 
+use std::sync::Arc;
+
+use super::linear::Weights;
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 use crate::config::ZayaConfig;
@@ -42,7 +45,19 @@ pub struct Routing {
 }
 
 impl ZayaRouter {
-    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+    /// Bytes of the router's weights.
+    pub fn weight_bytes(&self) -> usize {
+        let t = super::tensor_bytes;
+        self.down_proj.bytes()
+            + self.fc1.bytes()
+            + self.fc2.bytes()
+            + self.out_proj.bytes()
+            + self.router_states_scale.as_ref().map_or(0, t)
+            + t(&self.norm_weight)
+            + t(&self.balancing_biases)
+    }
+
+    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         let r = cfg.router_hidden_size;
         let e = cfg.num_experts;
@@ -132,39 +147,83 @@ impl ZayaRouter {
     }
 }
 
-/// `mlp.experts`: stacked SwiGLU experts.
+/// One projection of all experts, in any of the forms the MoE kernels read.
+#[derive(Debug, Clone)]
+pub enum ExpertMatrices {
+    /// Stacked `[E, R, C]` in the stored dtype.
+    Dense(Tensor),
+    /// One block-quantized `[R, C]` matrix per expert.
+    Quantized(Vec<Arc<QTensor>>),
+}
+
+impl ExpertMatrices {
+    fn load(vb: &Weights, shape: (usize, usize, usize), name: &str) -> Result<Self> {
+        Ok(match vb.quantized(shape, name)? {
+            Some(q) => ExpertMatrices::Quantized(split(&q)?),
+            None => ExpertMatrices::Dense(vb.get(shape, name)?),
+        })
+    }
+
+    /// Bytes of all experts' matrices.
+    pub fn bytes(&self) -> usize {
+        match self {
+            ExpertMatrices::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            ExpertMatrices::Quantized(qs) => qs.iter().map(|q| q.storage_size_in_bytes()).sum(),
+        }
+    }
+
+    /// Bytes of one expert's matrix (what a token routed to it reads).
+    pub fn bytes_per_expert(&self) -> usize {
+        match self {
+            ExpertMatrices::Dense(t) => self.bytes() / t.dim(0).unwrap_or(1).max(1),
+            ExpertMatrices::Quantized(qs) => self.bytes() / qs.len().max(1),
+        }
+    }
+}
+
+/// `mlp.experts`: top-1 SwiGLU experts; `gate_up` `[E, 2I, H]` (gate rows first), `down`
+/// `[E, H, I]`, each dense or quantized (a row length may fit a block format for one and
+/// not the other).
 #[derive(Debug, Clone)]
 pub struct ZayaExperts {
-    /// `[E, 2I, H]`, gate rows first.
-    gate_up_proj: Tensor,
-    /// `[E, H, I]`.
-    down_proj: Tensor,
+    pub gate_up: ExpertMatrices,
+    pub down: ExpertMatrices,
     num_experts: usize,
 }
 
 impl ZayaExperts {
-    pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ZayaConfig, vb: Weights) -> Result<Self> {
         let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
         Ok(ZayaExperts {
-            gate_up_proj: vb.get((e, 2 * i, h), "gate_up_proj")?,
-            down_proj: vb.get((e, h, i), "down_proj")?,
+            gate_up: ExpertMatrices::load(&vb, (e, 2 * i, h), "gate_up_proj")?,
+            down: ExpertMatrices::load(&vb, (e, h, i), "down_proj")?,
             num_experts: e,
         })
+    }
+
+    /// Bytes of all experts' weights.
+    pub fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
     }
 
     /// `x` `[N, H]`; each token goes to its chosen expert (one matmul per expert over the
     /// gathered tokens) and is scaled by its weight after the down projection. Skipped
     /// tokens produce exactly zero.
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        // The registry's grouped expert kernel (skip-class ids give zero rows).
-        kernels::moe_experts(
-            x,
-            &routing.choice,
-            &routing.weight,
-            &self.gate_up_proj,
-            &self.down_proj,
-        )
+        match (&self.gate_up, &self.down) {
+            // The registry's grouped expert kernel (skip-class ids give zero rows).
+            (ExpertMatrices::Dense(gate_up), ExpertMatrices::Dense(down)) => {
+                kernels::moe_experts(x, &routing.choice, &routing.weight, gate_up, down)
+            }
+            (gate_up, down) => {
+                kernels::quantized::moe_experts(x, &routing.choice, &routing.weight, gate_up, down)
+            }
+        }
     }
+}
+
+fn split(q: &QTensor) -> Result<Vec<Arc<QTensor>>> {
+    crate::quant::split_experts(q).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// What a token routed to the skip class contributes.
@@ -187,7 +246,17 @@ pub struct ZayaMoe {
 }
 
 impl ZayaMoe {
-    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+    /// Bytes of the router and experts; with `one_expert`, one expert's matrices only.
+    pub fn weight_bytes(&self, one_expert: bool) -> usize {
+        let experts = if one_expert {
+            self.experts.gate_up.bytes_per_expert() + self.experts.down.bytes_per_expert()
+        } else {
+            self.experts.bytes()
+        };
+        self.gate.weight_bytes() + experts
+    }
+
+    pub fn new(cfg: &ZayaConfig, layer_idx: usize, vb: Weights) -> Result<Self> {
         Ok(ZayaMoe {
             gate: ZayaRouter::new(cfg, layer_idx, vb.pp("gate"))?,
             experts: ZayaExperts::new(cfg, vb.pp("experts"))?,

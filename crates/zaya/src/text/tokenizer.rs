@@ -132,8 +132,15 @@ fn token_ids(v: Option<&Json>, path: &Path, field: &str) -> Result<Vec<u32>> {
 
 impl ZayaTokenizer {
     /// Load a tokenizer directory (a model directory works: only the tokenizer files are read).
+    /// A GGUF model file works too: its embedded tokenizer files are read.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        let mut dir = dir.as_ref().to_path_buf();
+        if crate::gguf::is_gguf(&dir) {
+            dir = crate::gguf::unpack_text_files(&dir).map_err(|e| TextError::TokenizerLoad {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+        }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Err(TextError::MissingFile {
@@ -388,6 +395,23 @@ impl ZayaTokenizer {
                 id: ids[position],
                 position,
                 vocab_size: self.vocab_size(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Error on the first id that a model with `model_vocab_size` logits cannot produce.
+    /// Ids below it without a token (the padded rows of an embedding larger than the
+    /// tokenizer's vocabulary) are accepted and decode to nothing, as transformers'
+    /// `decode` does.
+    pub fn check_ids_for_model(&self, ids: &[u32], model_vocab_size: usize) -> Result<()> {
+        match ids.iter().position(|&id| {
+            (id as usize) >= model_vocab_size && self.inner.id_to_token(id).is_none()
+        }) {
+            Some(position) => Err(TextError::UnknownTokenId {
+                id: ids[position],
+                position,
+                vocab_size: model_vocab_size.max(self.vocab_size()),
             }),
             None => Ok(()),
         }

@@ -140,7 +140,11 @@ pub fn chunked_lm_loss(
             if let Some(g) = gs.get(y.as_tensor()) {
                 *acc = acc.index_add(&rows, &g.detach().to_dtype(acc.dtype())?, 0)?;
             }
-            for w in std::iter::once(model.lm_head_weight()).chain(model.lm_head_bias()) {
+            for w in model
+                .lm_head_weight()
+                .into_iter()
+                .chain(model.lm_head_bias())
+            {
                 if let Some(g) = gs.get(w) {
                     let g = g.detach();
                     let sum = match grads.get(w) {

@@ -1,0 +1,249 @@
+//! `zaya quantize` (a checkpoint directory → one GGUF file) and `zaya eval` (perplexity,
+//! KL divergence and top-1 agreement against a reference model on held-out text).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use zaya::gguf;
+use zaya::quant::{QuantPlan, WeightFormat};
+use zaya::text::ZayaTokenizer;
+use zaya::{ForwardOptions, ZayaModel};
+
+/// Which format each class of tensor gets.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PlanArgs {
+    /// Format of every quantizable tensor (attention projections, experts, embedding,
+    /// lm_head): q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k, f16, bf16, f32
+    /// or keep. Norms, scales, biases, the router, CCA convolutions, `temp` and the
+    /// balancing biases always stay dense.
+    #[arg(long, default_value = "q8_0")]
+    pub format: String,
+    /// Format of the token embedding (default: --format).
+    #[arg(long)]
+    pub embed_format: Option<String>,
+    /// Format of an untied lm_head (default: --format).
+    #[arg(long)]
+    pub head_format: Option<String>,
+    /// Format of the experts (default: --format).
+    #[arg(long)]
+    pub expert_format: Option<String>,
+    /// Format of the attention projections (default: --format).
+    #[arg(long)]
+    pub attn_format: Option<String>,
+    /// Format of the router's linear layers (default: keep).
+    #[arg(long)]
+    pub router_format: Option<String>,
+    /// `PATTERN=FORMAT` on native tensor names (`*` wildcard), applied after the classes,
+    /// last match wins; repeatable. Example: `--rule 'model.layers.0.*=q8_0'`.
+    #[arg(long)]
+    pub rule: Vec<String>,
+}
+
+impl PlanArgs {
+    pub fn plan(&self) -> Result<QuantPlan> {
+        let base: WeightFormat = self.format.parse()?;
+        let mut plan = QuantPlan::uniform(base);
+        let pick = |o: &Option<String>, d: WeightFormat| -> Result<WeightFormat> {
+            Ok(match o {
+                Some(s) => s.parse()?,
+                None => d,
+            })
+        };
+        plan.embedding = pick(&self.embed_format, base)?;
+        plan.lm_head = pick(&self.head_format, base)?;
+        plan.expert = pick(&self.expert_format, base)?;
+        plan.attention = pick(&self.attn_format, base)?;
+        plan.router = pick(&self.router_format, WeightFormat::Keep)?;
+        for r in &self.rule {
+            plan.rules.push(QuantPlan::parse_rule(r)?);
+        }
+        Ok(plan)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct QuantizeArgs {
+    /// Checkpoint directory (either layout; tokenizer files are carried along).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The GGUF file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+}
+
+pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
+    let plan = args.plan.plan()?;
+    let t0 = Instant::now();
+    let report = gguf::quantize_to_gguf(&args.model, &args.out, &plan, None)?;
+    for (name, requested, got) in report.fallbacks() {
+        eprintln!(
+            "note: {name}: rows do not fit {requested} blocks, stored as {}",
+            zaya::quant::ggml_name(got)
+        );
+    }
+    let summary: serde_json::Map<String, serde_json::Value> = report
+        .summary()
+        .into_iter()
+        .map(|(k, (n, b))| (k, serde_json::json!({"tensors": n, "bytes": b})))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": args.out,
+            "bytes": report.bytes,
+            "seconds": t0.elapsed().as_secs_f64(),
+            "formats": summary,
+        })
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Model directory or GGUF file to evaluate (default: the embedded default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Quantize while loading (as `--format` of `zaya quantize`).
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Dense weight dtype of the evaluated model: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Held-out text (UTF-8).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Reference model (run in f32); default: `--model` itself in f32 without `--quant`
+    /// (a GGUF model needs an explicit reference).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Tokens per window (each window starts a fresh context; BOS first).
+    #[arg(long, default_value_t = 256)]
+    pub context: usize,
+    /// Stop after this many scored tokens (0: the whole text).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: usize,
+}
+
+/// Quality numbers of one evaluation.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct EvalReport {
+    pub tokens: usize,
+    pub perplexity: f64,
+    pub reference_perplexity: f64,
+    pub mean_kl: f64,
+    pub top1_agreement: f64,
+    pub weight_bytes: usize,
+    pub bytes_per_token: usize,
+}
+
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => crate::default_model::dir()?,
+    };
+    let dtype = crate::parse_dtype(&args.dtype)?;
+    let plan = match &args.quant {
+        Some(f) => Some(QuantPlan::uniform(f.parse()?)),
+        None => None,
+    };
+    let reference_path = match &args.reference {
+        Some(p) => p.clone(),
+        None if gguf::is_gguf(&model_path) => {
+            bail!("--reference DIR is needed to evaluate a GGUF file")
+        }
+        None => model_path.clone(),
+    };
+    let dev = Device::Cpu;
+    let model = ZayaModel::load_quantized(&model_path, dtype, &dev, plan.as_ref())?;
+    let reference = ZayaModel::load(&reference_path, DType::F32, &dev)?;
+    let tok = ZayaTokenizer::from_dir(&model_path)?;
+    let text =
+        std::fs::read_to_string(&args.text).with_context(|| format!("{}", args.text.display()))?;
+    let ids = tok.encode(&text, false)?;
+    if args.context < 2 {
+        bail!("--context must be at least 2");
+    }
+    let bos = tok.bos_token_id();
+    let t0 = Instant::now();
+    let report = evaluate(&model, &reference, &ids, bos, args.context, args.max_tokens)?;
+    let mut v = serde_json::to_value(&report)?;
+    v["model"] = serde_json::json!(model_path);
+    v["reference"] = serde_json::json!(reference_path);
+    v["quant"] = serde_json::json!(args.quant);
+    v["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+    println!("{v}");
+    Ok(())
+}
+
+/// Scores `ids` in windows of `context` tokens (BOS prepended when the tokenizer has one):
+/// perplexity of both models, mean KL(reference ‖ model) of the next-token distributions
+/// and how often their argmax agrees, over every predicted position.
+pub fn evaluate(
+    model: &ZayaModel,
+    reference: &ZayaModel,
+    ids: &[u32],
+    bos: Option<u32>,
+    context: usize,
+    max_tokens: usize,
+) -> Result<EvalReport> {
+    let body = context - usize::from(bos.is_some());
+    let (mut nll, mut ref_nll, mut kl, mut agree, mut n) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    for chunk in ids.chunks(body) {
+        if max_tokens > 0 && n >= max_tokens {
+            break;
+        }
+        let window: Vec<u32> = bos.into_iter().chain(chunk.iter().copied()).collect();
+        if window.len() < 2 {
+            continue;
+        }
+        let input = Tensor::new(window.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let logp = |m: &ZayaModel| -> Result<Tensor> {
+            let out = m.forward(&input, None, &ForwardOptions::default())?;
+            let logits = out
+                .logits
+                .context("no logits")?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?;
+            log_softmax(&logits)
+        };
+        let lq = logp(model)?;
+        let lp = logp(reference)?;
+        let t = window.len() - 1;
+        let lq = lq.narrow(0, 0, t)?;
+        let lp = lp.narrow(0, 0, t)?;
+        let target = Tensor::new(&window[1..], &Device::Cpu)?.unsqueeze(1)?;
+        nll -= lq.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        ref_nll -= lp.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        // KL(p ‖ q) = Σ p (log p − log q), per position, summed.
+        kl += (lp.exp()? * (&lp - &lq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let aq = lq.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let ap = lp.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        agree += aq.iter().zip(&ap).filter(|(a, b)| a == b).count();
+        n += t;
+    }
+    if n == 0 {
+        bail!("the text has no tokens to score");
+    }
+    let nf = n as f64;
+    Ok(EvalReport {
+        tokens: n,
+        perplexity: (nll / nf).exp(),
+        reference_perplexity: (ref_nll / nf).exp(),
+        mean_kl: kl / nf,
+        top1_agreement: agree as f64 / nf,
+        weight_bytes: model.weight_bytes(),
+        bytes_per_token: model.bytes_per_token(),
+    })
+}
+
+/// Row-wise `log softmax` of `[T, V]` f32 logits (max-shifted).
+fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}

@@ -1,0 +1,354 @@
+//! Quantized weights and GGUF: every format loads and runs, quantized logits stay within a
+//! stated distance of f32 (parity fixtures and a model whose rows fit the k-quant blocks),
+//! a GGUF written by zaya reloads to identical outputs, `--quant` at load equals loading
+//! the quantized file, and broken files get errors naming the tensor or key.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use common::{fixture_dir, inputs, reference, temp_dir, FIXTURES};
+use zaya::gguf::{quantize_to_gguf, GgufError};
+use zaya::quant::{QuantPlan, WeightFormat};
+use zaya::{ForwardOptions, ZayaConfig, ZayaError, ZayaModel};
+
+fn plan(f: &str) -> QuantPlan {
+    QuantPlan::uniform(f.parse().unwrap())
+}
+
+fn logits(model: &ZayaModel, ids: &[Vec<i64>]) -> Tensor {
+    let ids: Vec<Vec<u32>> = ids
+        .iter()
+        .map(|r| r.iter().map(|&i| i as u32).collect())
+        .collect();
+    let t = Tensor::new(ids, &Device::Cpu).unwrap();
+    model
+        .forward(&t, None, &ForwardOptions::default())
+        .unwrap()
+        .logits
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+}
+
+/// A random model (native layout, f32) whose rows fit every block size (256).
+fn blocky_model(tag: &str) -> PathBuf {
+    let cfg = ZayaConfig::from_json(&serde_json::json!({
+        "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "moe_intermediate_size": 256, "num_experts": 4, "router_hidden_size": 32,
+        "layer_types": ["hybrid", "hybrid_sliding"], "sliding_window": 16,
+        "tie_word_embeddings": false, "max_position_embeddings": 256
+    }))
+    .unwrap();
+    let weights = zaya::init::random_weights(&cfg, 7).unwrap();
+    let dir = temp_dir(tag);
+    zaya::weights::save_checkpoint(&dir, &cfg, &weights, zaya::weights::Layout::Native).unwrap();
+    dir
+}
+
+const PROMPT: [i64; 12] = [5, 100, 31, 7, 400, 2, 9, 256, 17, 88, 3, 60];
+
+#[test]
+fn every_format_loads_and_runs_within_its_tolerance() {
+    let dir = blocky_model("qfmt");
+    let dense = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let want = logits(&dense, &[PROMPT.to_vec()]);
+    let mut errs: Vec<(&str, f32, f32)> = Vec::new();
+    // Relative L2 error of the logits. Random weights (std 0.02) give near-uniform logits,
+    // so the relative error is large next to a trained model's (see `zaya eval`); the
+    // bounds are ~1.5x the measured error (seeded, deterministic) and ordered by precision.
+    for (f, tol) in [
+        ("q8_0", 0.03),
+        ("q6_k", 0.07),
+        ("q5_k", 0.13),
+        ("q5_1", 0.13),
+        ("q5_0", 0.17),
+        ("q4_k", 0.27),
+        ("q4_0", 0.28),
+        ("q4_1", 0.30),
+        ("q3_k", 0.60),
+        ("q2_k", 0.90),
+    ] {
+        let m = ZayaModel::load_quantized(&dir, DType::F32, &Device::Cpu, Some(&plan(f))).unwrap();
+        assert!(
+            m.weight_bytes() < dense.weight_bytes() / 3,
+            "{f}: {} bytes vs dense {}",
+            m.weight_bytes(),
+            dense.weight_bytes()
+        );
+        let got = logits(&m, &[PROMPT.to_vec()]);
+        let e = rel_err(&got, &want);
+        eprintln!("{f}: relative logit error {e}");
+        errs.push((f, e, tol));
+    }
+    for (f, e, tol) in errs {
+        assert!(
+            e.is_finite() && e <= tol,
+            "{f}: relative logit error {e} > {tol}"
+        );
+        assert!(
+            e > 0.0,
+            "{f}: no quantization error at all: were the weights quantized?"
+        );
+    }
+}
+
+#[test]
+fn quantized_fixture_logits_stay_near_the_reference() {
+    // The fixtures' rows (32, 40, 48 features) fit 32-blocks at most: Q8_0 quantizes the
+    // tensors whose rows are a multiple of 32 (mha_bias has none: it stays dense), the
+    // rest stays dense.
+    for name in FIXTURES {
+        let r = reference(name);
+        let want = &r["single.logits"];
+        let ids = inputs(name, "single").input_ids;
+        let m = ZayaModel::load_quantized(
+            fixture_dir(name),
+            DType::F32,
+            &Device::Cpu,
+            Some(&plan("q8_0")),
+        )
+        .unwrap();
+        let got = logits(&m, &ids);
+        // Relative L2 distance to the transformers f32 logits (|logit| reaches 35 here).
+        let e = rel_err(&got, want);
+        assert!(e <= 0.02, "{name}: q8_0 logits differ by {e} (relative)");
+        assert!(
+            e > 0.0 || name == "mha_bias",
+            "{name}: nothing was quantized"
+        );
+    }
+}
+
+fn write_gguf(src: &Path, out: &Path, p: &QuantPlan) {
+    quantize_to_gguf(src, out, p, None).unwrap();
+}
+
+#[test]
+fn gguf_round_trip_is_identical_and_equals_quant_at_load() {
+    let dir = blocky_model("qrt");
+    for f in ["q8_0", "q4_k", "q6_k"] {
+        let out = dir.join(format!("m-{f}.gguf"));
+        write_gguf(&dir, &out, &plan(f));
+        let from_file = ZayaModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let at_load =
+            ZayaModel::load_quantized(&dir, DType::F32, &Device::Cpu, Some(&plan(f))).unwrap();
+        let a = logits(
+            &from_file,
+            &[PROMPT.to_vec(), PROMPT.iter().rev().copied().collect()],
+        );
+        let b = logits(
+            &at_load,
+            &[PROMPT.to_vec(), PROMPT.iter().rev().copied().collect()],
+        );
+        assert_eq!(
+            common::max_abs_diff(&a, &b),
+            0.0,
+            "{f}: GGUF vs --quant at load"
+        );
+        assert_eq!(from_file.weight_bytes(), at_load.weight_bytes());
+    }
+    // Nothing quantized: the GGUF holds the f32 tensors and reloads bit for bit.
+    for name in FIXTURES {
+        let out = temp_dir(&format!("qrt-{name}")).join("m.gguf");
+        write_gguf(&fixture_dir(name), &out, &plan("keep"));
+        let a = ZayaModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let b = ZayaModel::load(fixture_dir(name), DType::F32, &Device::Cpu).unwrap();
+        let ids = inputs(name, "single").input_ids;
+        assert_eq!(
+            common::max_abs_diff(&logits(&a, &ids), &logits(&b, &ids)),
+            0.0,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn gguf_carries_the_tokenizer_and_template() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let out = temp_dir("qtok").join("default-q8.gguf");
+    write_gguf(&src, &out, &plan("q8_0"));
+    let a = zaya::text::ZayaTokenizer::from_dir(&out).unwrap();
+    let b = zaya::text::ZayaTokenizer::from_dir(&src).unwrap();
+    let text = "And God said, Let there be light: and there was light.";
+    assert_eq!(a.encode(text, true).unwrap(), b.encode(text, true).unwrap());
+    assert_eq!(a.eos_token_ids(), b.eos_token_ids());
+    let conv = zaya::text::ChatRequest::new(vec![serde_json::json!(
+        {"role": "user", "content": "hi"}
+    )]);
+    assert_eq!(
+        a.apply_chat_template(&conv).unwrap(),
+        b.apply_chat_template(&conv).unwrap()
+    );
+    let g = zaya::gguf::GgufCheckpoint::open(&out).unwrap();
+    assert!(g
+        .metadata_string("tokenizer.chat_template")
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        g.metadata_string("general.architecture")
+            .unwrap()
+            .as_deref(),
+        Some("zaya")
+    );
+    // Norms, biases, the router and the balancing biases stay f32.
+    for (name, d) in g.formats() {
+        let class = zaya::quant::TensorClass::of(&name);
+        if matches!(
+            class,
+            zaya::quant::TensorClass::Fixed | zaya::quant::TensorClass::Router
+        ) {
+            assert_eq!(d, GgmlDType::F32, "{name}");
+        }
+    }
+}
+
+/// Rewrites a GGUF through candle's writer after `edit` changed its metadata or tensors.
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, QTensor)>),
+) {
+    let mut f = std::fs::File::open(src).unwrap();
+    let c = Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, Value)> = c.metadata.into_iter().collect();
+    let mut names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|n| {
+            let t = c.tensor_infos[&n]
+                .read(&mut f, c.tensor_data_offset, &Device::Cpu)
+                .unwrap();
+            (n, t)
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let mut out = std::fs::File::create(dst).unwrap();
+    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &m, &t).unwrap();
+}
+
+fn load_err(p: &Path) -> ZayaError {
+    ZayaModel::load(p, DType::F32, &Device::Cpu).unwrap_err()
+}
+
+#[test]
+fn broken_gguf_files_get_errors_naming_the_tensor_or_key() {
+    let dir = temp_dir("qbad");
+    let good = dir.join("good.gguf");
+    write_gguf(&fixture_dir("gqa_sliding"), &good, &plan("q8_0"));
+    ZayaModel::load(&good, DType::F32, &Device::Cpu).unwrap();
+
+    // Truncated: the last tensor's data runs past the end.
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    match load_err(&cut) {
+        ZayaError::Gguf(GgufError::Truncated { name, .. }) => assert!(!name.is_empty()),
+        e => panic!("truncated: {e}"),
+    }
+    // Header cut: not readable.
+    let head = dir.join("head.gguf");
+    std::fs::write(&head, &bytes[..64]).unwrap();
+    assert!(matches!(
+        load_err(&head),
+        ZayaError::Gguf(GgufError::Header { .. })
+    ));
+
+    // Missing tensor.
+    let missing = dir.join("missing.gguf");
+    let gone = "model.layers.2.self_attn.o_proj.weight";
+    rewrite(&good, &missing, |_, t| t.retain(|(n, _)| n != gone));
+    match load_err(&missing) {
+        ZayaError::Gguf(GgufError::MissingTensor { name, .. }) => assert_eq!(name, gone),
+        e => panic!("missing: {e}"),
+    }
+    // Wrong shape.
+    let shaped = dir.join("shape.gguf");
+    let norm = "model.layers.1.input_layernorm.weight";
+    rewrite(&good, &shaped, |_, t| {
+        let slot = t.iter_mut().find(|(n, _)| n == norm).unwrap();
+        let short = Tensor::ones(47, DType::F32, &Device::Cpu).unwrap();
+        slot.1 = QTensor::quantize(&short, GgmlDType::F32).unwrap();
+    });
+    match load_err(&shaped) {
+        ZayaError::Gguf(GgufError::ShapeMismatch { name, found, .. }) => {
+            assert_eq!(name, norm);
+            assert_eq!(found, vec![47]);
+        }
+        e => panic!("shape: {e}"),
+    }
+    // Unexpected tensor.
+    let extra = dir.join("extra.gguf");
+    rewrite(&good, &extra, |_, t| {
+        let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        t.push((
+            "model.extra".into(),
+            QTensor::quantize(&x, GgmlDType::F32).unwrap(),
+        ));
+    });
+    assert!(matches!(
+        load_err(&extra),
+        ZayaError::Gguf(GgufError::UnexpectedTensor { name, .. }) if name == "model.extra"
+    ));
+    // Another architecture, a config that is not JSON, no config.
+    for (key, value, tag) in [
+        ("general.architecture", Some("llama"), "arch"),
+        ("zaya.config", Some("{not json"), "json"),
+        ("zaya.config", None, "noconfig"),
+    ] {
+        let p = dir.join(format!("{tag}.gguf"));
+        rewrite(&good, &p, |m, _| {
+            m.retain(|(k, _)| k != key);
+            if let Some(v) = value {
+                m.push((key.to_string(), Value::String(v.to_string())));
+            }
+        });
+        match load_err(&p) {
+            ZayaError::Gguf(GgufError::Metadata { key: k, .. }) => assert_eq!(k, key, "{tag}"),
+            e => panic!("{tag}: {e}"),
+        }
+    }
+    // A convolution bias stored quantized is refused (it must stay dense).
+    let qnorm = dir.join("qnorm.gguf");
+    let conv = "model.layers.0.self_attn.qkv_proj.conv_qk_depthwise.bias";
+    rewrite(&good, &qnorm, |_, t| {
+        let slot = t.iter_mut().find(|(n, _)| n == conv).unwrap();
+        let w = Tensor::ones(160, DType::F32, &Device::Cpu).unwrap();
+        slot.1 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+    });
+    assert!(matches!(
+        load_err(&qnorm),
+        ZayaError::Gguf(GgufError::BadFormat { name, .. }) if name == conv
+    ));
+}
+
+#[test]
+fn plan_keeps_what_must_stay_dense() {
+    let p = plan("q4_k");
+    assert_eq!(
+        p.format_for(
+            "model.layers.0.mlp.gate.router_mlp.out_proj.weight",
+            &[5, 256]
+        ),
+        WeightFormat::Keep
+    );
+    assert_eq!(
+        p.format_for("model.layers.0.mlp.experts.gate_up_proj", &[4, 512, 256]),
+        WeightFormat::Quant(GgmlDType::Q4K)
+    );
+}
