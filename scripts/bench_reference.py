@@ -115,7 +115,11 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     # Peak RSS is per process: with both backends in one run the second reports the max.
-    results = [(run_train if a.train else run)(a.model, attn, a) for attn in a.attn]
+    results = []
+    for attn in a.attn:
+        results.append((run_train if a.train else run)(a.model, attn, a))
+        # each backend's numbers as soon as they exist (a long run cut short keeps them)
+        print(json.dumps(results[-1]), flush=True)
     zaya = json.load(open(a.zaya_json)) if a.zaya_json else None
     keys = (["load_s", "train_step_s", "train_tokens_per_s", "peak_rss_bytes"] if a.train else
             ["load_s", "prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s", "peak_rss_bytes"])

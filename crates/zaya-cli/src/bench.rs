@@ -229,7 +229,7 @@ pub fn run(
     let decode_b8 = decode(8)?;
 
     // Memory-bandwidth floor of batch-1 decode: every weight a token touches is read once.
-    let bytes_per_token = model.bytes_read_per_token() as usize;
+    let bytes_per_token = model.bytes_per_token();
     let bw = read_bandwidth_gbs(threads);
     let limit = bw * 1e9 / bytes_per_token as f64;
 

@@ -244,30 +244,6 @@ impl ZayaModel {
         &self.cfg
     }
 
-    /// Weight bytes one batch-1 decode step reads: every non-expert weight except the
-    /// embedding table (of which one row is read), one expert per layer (top-1), and the whole
-    /// lm_head (the embedding table when tied). Divided by the machine's read bandwidth, this
-    /// is the batch-1 decode floor. Dense weights count their stored dtype (the balancing
-    /// biases are f32); a quantized weight format plugs in by reporting its own bytes here.
-    pub fn bytes_read_per_token(&self) -> u64 {
-        let tensor_bytes = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        let mut total = 0u64;
-        for spec in crate::weights::native_specs(&self.cfg) {
-            let numel = spec.shape.iter().product::<usize>() as u64;
-            let dtype = crate::init::stored_dtype(&spec.name, self.dtype);
-            let bytes = numel * dtype.size_in_bytes() as u64;
-            total += if spec.name == "model.embed_tokens.weight" || spec.name == "lm_head.weight" {
-                0 // counted below from the loaded tensors
-            } else if spec.expert {
-                bytes / self.cfg.num_experts as u64
-            } else {
-                bytes
-            };
-        }
-        let embed_row = tensor_bytes(&self.embed_tokens) / self.cfg.vocab_size as u64;
-        total + embed_row + tensor_bytes(&self.lm_head.weight)
-    }
-
     /// Chooses what skip-routed tokens contribute (see [`SkipBehaviour`]); the default
     /// follows transformers. Set it before sharing the model.
     pub fn set_skip_behaviour(&mut self, skip: SkipBehaviour) {
