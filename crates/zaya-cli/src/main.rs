@@ -15,6 +15,7 @@ use zaya::weights::{self, Checkpoint, Layout};
 use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
+mod bench_engine;
 mod chat;
 mod default_model;
 mod text_cmds;
@@ -57,6 +58,8 @@ enum Command {
     Template(text_cmds::TemplateArgs),
     /// Split generated text into content, reasoning and tool calls.
     Parse(text_cmds::ParseArgs),
+    /// Throughput and latency of the continuous-batching engine at several concurrencies.
+    BenchEngine(bench_engine::BenchEngineArgs),
 }
 
 #[derive(clap::Args)]
@@ -426,6 +429,10 @@ fn main() {
         Command::Bench(a) => parse_dtype(&a.dtype).and_then(|d| {
             let attn = parse_attn(&a.attn)?;
             bench::run(a, d, attn)
+        }),
+        Command::BenchEngine(a) => parse_dtype(&a.dtype).and_then(|d| {
+            let attn = parse_attn(&a.attn)?;
+            bench_engine::run(a, d, attn)
         }),
     };
     if let Err(e) = result {

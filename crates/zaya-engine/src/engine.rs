@@ -740,7 +740,10 @@ impl Worker {
         if self.prefix.enabled() && end.is_multiple_of(b) && end / b >= 1 {
             let h = a.hashes[end / b - 1];
             if !self.prefix.contains(h) {
-                self.prefix.insert(h, &a.prompt[..end], state.fork());
+                // a snapshot that cannot be copied is simply not cached
+                if let Ok(snapshot) = state.fork() {
+                    self.prefix.insert(h, &a.prompt[..end], snapshot);
+                }
             }
         }
         if end < a.prompt.len() {
@@ -749,8 +752,16 @@ impl Worker {
         // Prompt done: each choice gets its own copy of the state.
         let state = a.prefill.take().expect("prefilling");
         let n = a.slots.len();
-        for s in &mut a.slots[..n - 1] {
-            s.row = Some(state.fork());
+        for i in 0..n - 1 {
+            match state.fork() {
+                Ok(row) => a.slots[i].row = Some(row),
+                Err(e) => {
+                    a.fail(format!(
+                        "copying the prompt state for choice {i} failed: {e}"
+                    ));
+                    return 0;
+                }
+            }
         }
         a.slots[n - 1].row = Some(state);
         let mut generated = 0;

@@ -75,7 +75,10 @@ impl PrefixCache {
                 if e.tokens[..] == prompt[..len] {
                     self.clock += 1;
                     e.last_used = self.clock;
-                    return Some((len, e.state.fork()));
+                    // a copy that fails (out of memory) is a miss, not an error
+                    if let Ok(state) = e.state.fork() {
+                        return Some((len, state));
+                    }
                 }
             }
         }

@@ -21,12 +21,10 @@ impl RowState {
 
     /// An independent copy (what a snapshot or an `n > 1` fork needs): later updates of
     /// either never show in the other.
-    pub fn fork(&self) -> Self {
-        // HybridCache's updates build new tensors (never write in place), so sharing the
-        // current ones is a copy.
-        RowState {
-            cache: self.cache.clone(),
-        }
+    pub fn fork(&self) -> zaya::Result<Self> {
+        Ok(RowState {
+            cache: self.cache.fork()?,
+        })
     }
 
     /// Tokens processed.
@@ -36,13 +34,7 @@ impl RowState {
 
     /// Bytes of tensor data held.
     pub fn bytes(&self) -> usize {
-        self.cache
-            .layers
-            .iter()
-            .flat_map(|l| [&l.keys, &l.values, &l.conv_state, &l.recurrent_state])
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.cache.bytes()
     }
 }
 
@@ -73,16 +65,21 @@ pub fn prefill(
     last_logits(out.logits)
 }
 
-/// One token for each row; returns each row's logits.
+/// One token for each row; returns each row's logits. Rows run batched in groups of
+/// [`ZayaModel::INVARIANT_DECODE_ROWS`], the size up to which a row's result is bit-identical
+/// to running it alone (so what else is in the batch never changes a request's tokens).
 pub fn decode(
     model: &ZayaModel,
     states: &mut [&mut RowState],
     tokens: &[u32],
     attn: AttnImplementation,
 ) -> zaya::Result<Vec<Vec<f32>>> {
-    states
-        .iter_mut()
-        .zip(tokens)
-        .map(|(s, &t)| prefill(model, s, &[t], attn))
-        .collect()
+    let mut out = Vec::with_capacity(tokens.len());
+    let group = ZayaModel::INVARIANT_DECODE_ROWS.max(1);
+    for (rows, toks) in states.chunks_mut(group).zip(tokens.chunks(group)) {
+        let mut caches: Vec<&mut HybridCache> = rows.iter_mut().map(|r| &mut r.cache).collect();
+        let logits = model.decode_rows(toks, &mut caches, attn)?;
+        out.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
 }
