@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use zaya::generation::{generate, GenerateOptions, Greedy};
@@ -47,20 +47,64 @@ pub struct BenchArgs {
     pub checkpointing: String,
 }
 
-/// Token `i` of row `r`: the same formula in the reference script.
+/// Token `i` of row `r`: the same formula in the reference script (ids 3.., or every id of
+/// a vocabulary of at most 3 tokens).
 pub fn bench_ids(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let (span, base) = if vocab > 3 {
+        (vocab - 3, 3)
+    } else {
+        (vocab.max(1), 0)
+    };
     (0..rows)
         .map(|r| {
             (0..len)
-                .map(|i| ((i * 7919 + r * 104_729 + 13) % (vocab - 3) + 3) as u32)
+                .map(|i| {
+                    let x = (i as u64)
+                        .wrapping_mul(7919)
+                        .wrapping_add((r as u64).wrapping_mul(104_729))
+                        .wrapping_add(13);
+                    (x % span as u64 + base) as u32
+                })
                 .collect()
         })
         .collect()
 }
 
+/// Rejects sizes the benchmark cannot run with (zero repeats, a decode of fewer than two
+/// tokens, a batch whose token count overflows) before any work, naming the flag.
+pub fn check_sizes(args: &BenchArgs) -> Result<()> {
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    if args.train {
+        if args.train_batch == 0 || args.train_seq_len < 2 {
+            bail!("--train-batch must be at least 1 and --train-seq-len at least 2");
+        }
+        if args.train_batch.checked_mul(args.train_seq_len).is_none() {
+            bail!(
+                "--train-batch {} x --train-seq-len {} overflows",
+                args.train_batch,
+                args.train_seq_len
+            );
+        }
+    } else {
+        if args.prefill_len == 0 || args.prompt_len == 0 {
+            bail!("--prefill-len and --prompt-len must be at least 1");
+        }
+        if args.new_tokens < 2 {
+            bail!("--new-tokens must be at least 2 (decode time is measured after the first)");
+        }
+        if args.prompt_len.checked_add(args.new_tokens).is_none() {
+            bail!("--prompt-len + --new-tokens overflows");
+        }
+    }
+    Ok(())
+}
+
+/// Median of the timings (`check_sizes` guarantees at least one repeat).
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn peak_rss_bytes() -> u64 {
@@ -82,11 +126,12 @@ fn mib(bytes: u64) -> String {
 }
 
 /// The result table: a title line, then one indented `name value` line per row.
-fn print_table(title: &str, rows: &[(String, String)]) {
-    println!("{title}");
+fn print_table(title: &str, rows: &[(String, String)]) -> Result<(), crate::out::OutputError> {
+    let mut text = format!("{title}\n");
     for (k, v) in rows {
-        println!("  {k:<36} {v}");
+        text.push_str(&format!("  {k:<36} {v}\n"));
     }
+    crate::out::print(&text)
 }
 
 /// Read bandwidth of this machine with the benchmark's thread count (GB/s): sums a buffer
@@ -117,6 +162,7 @@ pub fn run(
     dtype: candle_core::DType,
     attn: zaya::attention::AttnImplementation,
 ) -> Result<()> {
+    check_sizes(&args)?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -219,7 +265,7 @@ pub fn run(
             args.attn
         ),
         &rows,
-    );
+    )?;
     if let Some(path) = args.json {
         let j = serde_json::json!({
             "model": args.model.display().to_string(),
@@ -247,6 +293,7 @@ pub fn run(
 /// position a target), timed as the reference script times `zero_grad + forward(labels) +
 /// backward + AdamW.step`. Run in its own process so peak RSS is the training peak alone.
 pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> Result<()> {
+    check_sizes(&args)?;
     use zaya::train::optim::{AdamW, AdamWConfig};
     use zaya::train::{Batch, LossScale, TrainOptions, TrainableModel};
     let threads = args
@@ -300,7 +347,7 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
             args.checkpointing
         ),
         &rows,
-    );
+    )?;
     if let Some(path) = args.json {
         let j = serde_json::json!({
             "model": args.model.display().to_string(),

@@ -1,6 +1,6 @@
 //! Text in, text out: `zaya generate --prompt` and the interactive `zaya chat`.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use std::time::Instant;
 
@@ -13,6 +13,8 @@ use zaya::generation::{generate, GenerateOptions, TextChooser, TokenChooser};
 use zaya::sampling::{Sampler, SamplingParams};
 use zaya::text::{ChatRequest, OutputParser, StreamDecoder, ZayaTokenizer};
 use zaya::ZayaModel;
+
+use crate::out;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -90,46 +92,52 @@ pub fn run_generate_text(
         .collect::<Result<Vec<_>>>()?;
     opts.eos_token_ids = tok.stop_token_ids(&model.config().eos_token_id);
     let stream = prompts.len() == 1 && !as_json;
-    let mut stdout = std::io::stdout();
+    let sink = out::Sink::default();
     let start = Instant::now();
-    let mut chooser = TextChooser::new(
+    let chooser = TextChooser::new(
         prompts.len(),
         &sampling.params(),
         Some(&tok),
         &sampling.stop,
         Box::new(|_, text: &str| {
             if stream {
-                let mut out = std::io::stdout();
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
+                sink.write(text);
             }
         }),
     )?;
     if stream {
-        print!("{}", prompts[0]);
-        stdout.flush()?;
+        out::print(&prompts[0])?;
     }
-    let out = generate(model, &ids, &opts, &mut chooser, &mut |_, _| {})?;
+    let mut chooser = out::StopOnOutputFailure {
+        inner: chooser,
+        sink: &sink,
+    };
+    let result = generate(model, &ids, &opts, &mut chooser, &mut |_, _| {});
+    // a closed or full stdout ended generation early: that is the error to report
+    sink.check()?;
+    let out = result?;
+    let mut chooser = chooser.inner;
     chooser.finish()?;
+    sink.check()?;
     let secs = start.elapsed().as_secs_f64();
     let n: usize = out.sequences.iter().map(Vec::len).sum();
     let texts: Vec<String> = (0..prompts.len())
         .map(|r| chooser.text(r).to_string())
         .collect();
     if as_json {
-        println!(
-            "{}",
-            json!({
+        out::println(
+            &json!({
                 "texts": texts,
                 "sequences": out.sequences,
                 "finish_reasons": out.finish_reasons.iter().map(|f| format!("{f:?}").to_lowercase()).collect::<Vec<_>>(),
             })
-        );
+            .to_string(),
+        )?;
     } else if stream {
-        println!();
+        out::println("")?;
     } else {
         for (p, t) in prompts.iter().zip(&texts) {
-            println!("{p}{t}\n");
+            out::println(&format!("{p}{t}\n"))?;
         }
     }
     eprintln!(
@@ -179,6 +187,7 @@ struct ChatChooser<'a> {
     dim: bool,
     quiet: bool,
     started: bool,
+    sink: &'a out::Sink,
 }
 
 impl TokenChooser for ChatChooser<'_> {
@@ -199,27 +208,117 @@ impl TokenChooser for ChatChooser<'_> {
         if self.stop_ids.contains(&token) {
             return Ok((token, false));
         }
-        let mut out = std::io::stdout();
         if Some(token) == self.think_open {
             self.in_thinking = true;
             if self.dim && self.show_thinking && !self.quiet {
-                let _ = out.write_all(b"\x1b[2m");
+                self.sink.write("\x1b[2m");
             }
         }
         let text = self.stream.step(self.tok, token)?;
         if let Some(text) = text {
             if !self.quiet && (self.show_thinking || !self.in_thinking) {
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
+                self.sink.write(&text);
             }
         }
         if Some(token) == self.think_close {
             self.in_thinking = false;
             if self.dim && self.show_thinking && !self.quiet {
-                let _ = out.write_all(b"\x1b[0m");
+                self.sink.write("\x1b[0m");
             }
         }
-        Ok((token, false))
+        // stdout gone: stop generating (the session ends with the output error)
+        Ok((token, self.sink.has_failed()))
+    }
+}
+
+/// Reads one line of stdin. `Ok(None)` at end of input; `Ok(Some(Err(why)))` for a line
+/// that is not UTF-8 (consumed, so the session can go on).
+fn read_line(input: &mut impl BufRead) -> Result<Option<std::result::Result<String, String>>> {
+    let mut bytes = Vec::new();
+    if input.read_until(b'\n', &mut bytes)? == 0 {
+        return Ok(None);
+    }
+    while bytes.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+        bytes.pop();
+    }
+    Ok(Some(String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "the line is not valid UTF-8 (byte {}); it was ignored",
+            e.utf8_error().valid_up_to()
+        )
+    })))
+}
+
+/// The prompt of one chat turn and the reply length it leaves room for.
+struct TurnPrompt {
+    ids: Vec<u32>,
+    max_new_tokens: usize,
+    /// Oldest turns (a user message and the answers after it) dropped to make room.
+    dropped_turns: usize,
+}
+
+/// The part of the context kept free for the reply before old turns are dropped: the asked
+/// length, but at most a quarter of the context (so a long `--max-new-tokens` does not
+/// empty the history), and at least one token.
+fn reply_reserve(max_new_tokens: usize, context: usize) -> usize {
+    max_new_tokens.min(context / 4).max(1)
+}
+
+/// Removes the oldest turn of `history`: its first message and every message up to the
+/// next user message.
+fn drop_oldest_turn(history: &mut Vec<Value>) {
+    let end = history
+        .iter()
+        .skip(1)
+        .position(|m| m["role"] == "user")
+        .map_or(history.len(), |p| p + 1);
+    history.drain(..end);
+}
+
+/// Renders `system` + `history` (whose last message is the new user message) and drops the
+/// oldest turns from `history` until the prompt leaves room for the reply. The reply gets
+/// what is left of the context, up to `max_new_tokens`. A new message that alone does not
+/// fit is an error (and `history` is left as it was).
+fn fit_history(
+    tok: &ZayaTokenizer,
+    system: Option<&str>,
+    history: &mut Vec<Value>,
+    enable_thinking: Option<bool>,
+    max_new_tokens: usize,
+    context: usize,
+) -> Result<TurnPrompt> {
+    let reserve = reply_reserve(max_new_tokens, context);
+    let render = |history: &[Value]| -> Result<Vec<u32>> {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.extend(history.iter().cloned());
+        let mut req = ChatRequest::new(messages);
+        req.add_generation_prompt = true;
+        req.enable_thinking = enable_thinking;
+        Ok(tok.encode_chat(&req)?)
+    };
+    let mut kept = history.clone();
+    let mut dropped = 0;
+    loop {
+        let ids = render(&kept)?;
+        if ids.len() + reserve <= context {
+            *history = kept;
+            return Ok(TurnPrompt {
+                max_new_tokens: max_new_tokens.min(context - ids.len()),
+                ids,
+                dropped_turns: dropped,
+            });
+        }
+        if kept.len() <= 1 {
+            bail!(
+                "the message is too long: its prompt has {} tokens, the model's context is {context} and {reserve} are kept for the reply",
+                ids.len()
+            );
+        }
+        drop_oldest_turn(&mut kept);
+        dropped += 1;
     }
 }
 
@@ -236,21 +335,27 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
     let mut system = args.system.clone();
     let mut history: Vec<Value> = Vec::new();
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut input = stdin.lock();
     if interactive && !args.json {
         eprintln!(
             "zaya chat: {} — /reset clears the conversation, /system TEXT sets the system prompt, /quit exits",
             model_dir.display()
         );
     }
+    let sink = out::Sink::default();
     loop {
         if interactive {
-            print!("> ");
-            std::io::stdout().flush()?;
+            out::print("> ")?;
         }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
-        let line = line.trim_end_matches(['\r', '\n']);
+        let line = match read_line(&mut input)? {
+            None => break,
+            Some(Ok(line)) => line,
+            Some(Err(why)) => {
+                eprintln!("error: {why}");
+                continue;
+            }
+        };
+        let line = line.as_str();
         if line.trim().is_empty() {
             continue;
         }
@@ -281,85 +386,134 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
             }
             _ => {}
         }
-        history.push(json!({"role": "user", "content": line}));
-        let mut messages = Vec::new();
-        if let Some(s) = &system {
-            messages.push(json!({"role": "system", "content": s}));
-        }
-        messages.extend(history.iter().cloned());
-        let mut req = ChatRequest::new(messages);
-        req.add_generation_prompt = true;
-        req.enable_thinking = args.enable_thinking;
-        let prompt = tok.encode_chat(&req)?;
-        let opts = GenerateOptions {
-            max_new_tokens: args.max_new_tokens,
-            eos_token_ids: stop_ids.clone(),
-            attn,
-            ..Default::default()
-        };
-        let mut chooser = ChatChooser {
-            tok: &tok,
-            sampler: Sampler::new(&args.sampling.params()).map_err(|e| anyhow::anyhow!("{e}"))?,
-            stream: StreamDecoder::new(false),
-            stop_ids: stop_ids.clone(),
-            think_open: tok.token_to_id("<think>"),
-            think_close: tok.token_to_id("</think>"),
-            in_thinking: false,
-            show_thinking: !args.hide_thinking,
-            dim: colour,
-            quiet: args.json,
-            started: false,
-        };
-        let start = Instant::now();
-        let out = generate(&model, &[prompt], &opts, &mut chooser, &mut |_, _| {})?;
-        let secs = start.elapsed().as_secs_f64();
-        if chooser.in_thinking && colour && !args.json {
-            print!("\x1b[0m");
-        }
-        let mut tokens = out.sequences[0].clone();
-        if tokens.last().is_some_and(|t| stop_ids.contains(t)) {
-            tokens.pop();
-        }
-        let parsed = OutputParser::new().parse(&decode_answer(&tok, &tokens)?);
-        let n = out.sequences[0].len();
-        let tps = n as f64 / secs.max(1e-9);
-        let mut msg = json!({"role": "assistant", "content": parsed.content});
-        if let Some(r) = &parsed.reasoning {
-            msg["reasoning_content"] = json!(r);
-        }
-        if !parsed.tool_calls.is_empty() {
-            msg["tool_calls"] = json!(parsed
-                .tool_calls
-                .iter()
-                .map(|c| json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                .collect::<Vec<_>>());
-        }
-        if args.json {
-            println!(
-                "{}",
-                json!({"content": parsed.content, "reasoning": parsed.reasoning, "tool_calls": parsed.tool_calls,
-                       "warnings": parsed.warnings, "tokens": n, "tokens_per_s": tps})
-            );
-        } else {
-            println!();
-            for call in &parsed.tool_calls {
-                println!(
-                    "[tool call] {}({})",
-                    call.name,
-                    Value::Object(call.arguments.clone())
+        let mut turn_history = history.clone();
+        turn_history.push(json!({"role": "user", "content": line}));
+        let answer = fit_history(
+            &tok,
+            system.as_deref(),
+            &mut turn_history,
+            args.enable_thinking,
+            args.max_new_tokens,
+            model.config().max_position_embeddings,
+        )
+        .and_then(|prompt| {
+            if prompt.dropped_turns > 0 {
+                eprintln!(
+                    "(context full: the oldest {} turn(s) of the conversation were dropped)",
+                    prompt.dropped_turns
                 );
             }
-            let (dim, reset) = if colour {
-                ("\x1b[2m", "\x1b[0m")
-            } else {
-                ("", "")
+            if prompt.max_new_tokens < args.max_new_tokens {
+                eprintln!(
+                    "(the reply is limited to {} tokens by the context)",
+                    prompt.max_new_tokens
+                );
+            }
+            let opts = GenerateOptions {
+                max_new_tokens: prompt.max_new_tokens,
+                eos_token_ids: stop_ids.clone(),
+                attn,
+                ..Default::default()
             };
-            eprintln!("{dim}[{n} tokens, {tps:.1} tokens/s]{reset}");
+            answer_turn(&model, &tok, &args, &sink, colour, &prompt.ids, &opts)
+        });
+        // the terminal is gone: nothing more can be shown, end the session
+        sink.check()?;
+        match answer {
+            Ok(msg) => {
+                history = turn_history;
+                history.push(msg);
+            }
+            // the conversation is kept as it was before this message
+            Err(e) => {
+                eprintln!("error: {e:#} (the message was not added; the conversation is kept)")
+            }
         }
-        std::io::stdout().flush()?;
-        history.push(msg);
     }
     Ok(())
+}
+
+/// Generates, streams and prints one answer; returns the assistant message for the history.
+fn answer_turn(
+    model: &ZayaModel,
+    tok: &ZayaTokenizer,
+    args: &ChatArgs,
+    sink: &out::Sink,
+    colour: bool,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<Value> {
+    let mut chooser = ChatChooser {
+        tok,
+        sampler: Sampler::new(&args.sampling.params()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        stream: StreamDecoder::new(false),
+        stop_ids: opts.eos_token_ids.clone(),
+        think_open: tok.token_to_id("<think>"),
+        think_close: tok.token_to_id("</think>"),
+        in_thinking: false,
+        show_thinking: !args.hide_thinking,
+        dim: colour,
+        quiet: args.json,
+        started: false,
+        sink,
+    };
+    let start = Instant::now();
+    let out = generate(
+        model,
+        &[prompt.to_vec()],
+        opts,
+        &mut chooser,
+        &mut |_, _| {},
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    if chooser.in_thinking && colour && !args.json {
+        sink.write("\x1b[0m");
+    }
+    let mut tokens = out.sequences[0].clone();
+    if tokens
+        .last()
+        .is_some_and(|t| opts.eos_token_ids.contains(t))
+    {
+        tokens.pop();
+    }
+    let parsed = OutputParser::new().parse(&decode_answer(tok, &tokens)?);
+    let n = out.sequences[0].len();
+    let tps = n as f64 / secs.max(1e-9);
+    let mut msg = json!({"role": "assistant", "content": parsed.content});
+    if let Some(r) = &parsed.reasoning {
+        msg["reasoning_content"] = json!(r);
+    }
+    if !parsed.tool_calls.is_empty() {
+        msg["tool_calls"] = json!(parsed
+            .tool_calls
+            .iter()
+            .map(|c| json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect::<Vec<_>>());
+    }
+    if args.json {
+        sink.write(
+            &(json!({"content": parsed.content, "reasoning": parsed.reasoning, "tool_calls": parsed.tool_calls,
+                   "warnings": parsed.warnings, "tokens": n, "tokens_per_s": tps})
+            .to_string()
+                + "\n"),
+        );
+    } else {
+        sink.write("\n");
+        for call in &parsed.tool_calls {
+            sink.write(&format!(
+                "[tool call] {}({})\n",
+                call.name,
+                Value::Object(call.arguments.clone())
+            ));
+        }
+        let (dim, reset) = if colour {
+            ("\x1b[2m", "\x1b[0m")
+        } else {
+            ("", "")
+        };
+        eprintln!("{dim}[{n} tokens, {tps:.1} tokens/s]{reset}");
+    }
+    Ok(msg)
 }
 
 /// Decodes an answer keeping the thinking and tool-call markup (special tokens the output
@@ -387,4 +541,88 @@ pub fn check_prompts(prompts: &[String]) -> Result<()> {
         bail!("--prompt must not be empty");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> ZayaTokenizer {
+        ZayaTokenizer::from_dir(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/text/tokenizer"),
+        )
+        .unwrap()
+    }
+
+    fn turn(i: usize) -> [Value; 2] {
+        [
+            json!({"role": "user", "content": format!("question number {i} about the garden")}),
+            json!({"role": "assistant", "content": format!("answer {i}: ").repeat(20)}),
+        ]
+    }
+
+    #[test]
+    fn oldest_turns_are_dropped_until_the_reply_fits() {
+        let tok = tokenizer();
+        let mut history: Vec<Value> = (0..8).flat_map(turn).collect();
+        history.push(json!({"role": "user", "content": "and now?"}));
+        let full = fit_history(
+            &tok,
+            Some("Be brief."),
+            &mut history.clone(),
+            None,
+            64,
+            100_000,
+        )
+        .unwrap();
+        assert_eq!(full.dropped_turns, 0);
+        assert_eq!(full.max_new_tokens, 64);
+        // a context that holds about half of the conversation
+        let context = full.ids.len() / 2 + 64;
+        let fitted =
+            fit_history(&tok, Some("Be brief."), &mut history, None, 512, context).unwrap();
+        assert!(fitted.dropped_turns > 0);
+        assert!(fitted.ids.len() + reply_reserve(512, context) <= context);
+        assert_eq!(fitted.max_new_tokens, 512.min(context - fitted.ids.len()));
+        // whole turns went, oldest first; the new message stays last
+        assert_eq!(history.len(), 17 - 2 * fitted.dropped_turns);
+        assert_eq!(history[0]["role"], "user");
+        assert_eq!(history.last().unwrap()["content"], "and now?");
+        assert!(history[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("number {}", fitted.dropped_turns)));
+    }
+
+    #[test]
+    fn a_message_that_alone_does_not_fit_is_an_error_and_changes_nothing() {
+        let tok = tokenizer();
+        let mut history: Vec<Value> = turn(0).into();
+        history.push(json!({"role": "user", "content": "word ".repeat(400)}));
+        let before = history.clone();
+        let err = fit_history(&tok, None, &mut history, None, 32, 128)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("too long") && err.contains("128"), "{err}");
+        assert_eq!(history, before);
+    }
+
+    #[test]
+    fn replies_keep_at_least_one_token_and_at_most_a_quarter_of_the_context() {
+        assert_eq!(reply_reserve(512, 2048), 512);
+        assert_eq!(reply_reserve(4096, 2048), 512);
+        assert_eq!(reply_reserve(0, 2048), 1);
+        assert_eq!(reply_reserve(usize::MAX, 3), 1);
+    }
+
+    #[test]
+    fn lines_that_are_not_utf8_are_reported_and_skipped() {
+        let mut input: &[u8] = b"hello\r\nbad \xff line\nlast";
+        assert_eq!(read_line(&mut input).unwrap(), Some(Ok("hello".into())));
+        let bad = read_line(&mut input).unwrap().unwrap().unwrap_err();
+        assert!(bad.contains("byte 4"), "{bad}");
+        assert_eq!(read_line(&mut input).unwrap(), Some(Ok("last".into())));
+        assert_eq!(read_line(&mut input).unwrap(), None);
+    }
 }

@@ -18,6 +18,7 @@ mod bench;
 mod bench_engine;
 mod chat;
 mod default_model;
+mod out;
 mod text_cmds;
 mod train_cmds;
 mod train_run;
@@ -334,7 +335,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         Box::new(|_, _| {}),
     )?;
     let out = generate(&model, &prompts, &opts, &mut chooser, &mut |_, _| {})?;
-    println!("{}", serde_json::json!({ "sequences": out.sequences }));
+    out::println(&serde_json::json!({ "sequences": out.sequences }).to_string())?;
     Ok(())
 }
 
@@ -364,7 +365,7 @@ fn cmd_inspect(dir: PathBuf) -> Result<()> {
             "active_per_token_without_embedding": active - embed,
         },
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    out::println(&serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }
 
@@ -386,6 +387,23 @@ fn cmd_convert(args: ConvertArgs) -> Result<()> {
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
     weights::convert_with_dtype(&args.from, &args.to, layout, dtype)?;
     Ok(())
+}
+
+/// The error and its causes on one line, each said once: a library error that already
+/// prints its source (`path: cause`) is not followed by the cause again.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn main() {
@@ -416,8 +434,8 @@ fn main() {
         }),
         Command::Train(a) => train_run::run_train(a),
         Command::Kernels => {
-            print!("{}", zaya::kernels::registry::KernelTable::current());
-            Ok(())
+            out::print(&zaya::kernels::registry::KernelTable::current().to_string())
+                .map_err(Into::into)
         }
         Command::Tokenize(a) => text_cmds::run_tokenize(a),
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
@@ -436,7 +454,11 @@ fn main() {
         }),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        if out::is_closed_pipe(&e) {
+            // the reader has what it wanted (`| head`): a quiet, successful exit
+            std::process::exit(0);
+        }
+        eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
     }
 }

@@ -11,7 +11,6 @@
 //! `Detokenize(text_cmds::DetokenizeArgs)`, `Template(text_cmds::TemplateArgs)`,
 //! `Parse(text_cmds::ParseArgs)`, each dispatched to the `run_*` function of the same name.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -33,7 +32,7 @@ pub struct TokenizeArgs {
 pub fn run_tokenize(args: TokenizeArgs) -> Result<()> {
     let tok = ZayaTokenizer::from_dir(&args.model)?;
     let ids = tok.encode(&args.text, !args.no_special)?;
-    println!("{}", json!({ "ids": ids }));
+    crate::out::println(&json!({ "ids": ids }).to_string())?;
     Ok(())
 }
 
@@ -51,9 +50,17 @@ pub struct DetokenizeArgs {
 
 pub fn run_detokenize(args: DetokenizeArgs) -> Result<()> {
     let tok = ZayaTokenizer::from_dir(&args.model)?;
-    tok.check_ids(&args.ids)?;
+    // The model's padded vocabulary rows (ids past the tokenizer's) decode to nothing, as
+    // in transformers and in `generate` / `chat`; only ids the model cannot produce fail.
+    let config = args.model.join("config.json");
+    let model_vocab = if config.exists() {
+        zaya::ZayaConfig::from_file(&config)?.vocab_size
+    } else {
+        tok.vocab_size()
+    };
+    tok.check_ids_for_model(&args.ids, model_vocab)?;
     let text = tok.decode(&args.ids, args.skip_special)?;
-    println!("{}", json!({ "text": text }));
+    crate::out::println(&json!({ "text": text }).to_string())?;
     Ok(())
 }
 
@@ -83,9 +90,7 @@ pub fn run_template(args: TemplateArgs) -> Result<()> {
         req.enable_thinking = Some(t);
     }
     let prompt = tok.apply_chat_template(&req)?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(prompt.as_bytes())?;
-    out.flush()?;
+    crate::out::print(&prompt)?;
     Ok(())
 }
 
@@ -111,6 +116,6 @@ pub fn run_parse(args: ParseArgs) -> Result<()> {
             .with_context(|| format!("{}: expected a JSON list of tool schemas", path.display()))?;
         parser = parser.with_tools(&tools);
     }
-    println!("{}", serde_json::to_string(&parser.parse(&args.text))?);
+    crate::out::println(&serde_json::to_string(&parser.parse(&args.text))?)?;
     Ok(())
 }

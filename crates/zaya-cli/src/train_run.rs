@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
-use zaya::data::{pack, read_jsonl, Encoder, PackedRow, PretokenizedOnly};
+use zaya::data::{pack, parse_jsonl, Encoder, PackedRow, PretokenizedOnly};
 use zaya::text::ZayaTokenizer;
 use zaya::train::schedule::CosineSchedule;
 use zaya::train::trainer::{Trainer, TrainerConfig};
@@ -82,27 +82,265 @@ pub(crate) fn parse_checkpointing(s: &str) -> Result<Checkpointing> {
     })
 }
 
-/// Every micro-batch of the whole run, in order: rows shuffled per epoch with the seed.
-fn schedule_batches(rows: &[PackedRow], args: &TrainArgs) -> Vec<Batch> {
-    let mut out = Vec::new();
-    for epoch in 0..args.epochs {
-        let mut order: Vec<usize> = (0..rows.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            args.seed.wrapping_add(epoch as u64),
-        ));
-        for chunk in order.chunks(args.batch_size) {
-            let pick = |f: &dyn Fn(&PackedRow) -> Vec<u32>| {
-                chunk.iter().map(|&i| f(&rows[i])).collect::<Vec<_>>()
-            };
-            out.push(Batch {
-                input_ids: pick(&|r| r.input_ids.clone()),
-                labels: chunk.iter().map(|&i| rows[i].labels.clone()).collect(),
-                attention_mask: Some(pick(&|r| r.attention_mask.clone())),
-                document_ids: Some(pick(&|r| r.document_ids.clone())),
-            });
+/// The run's micro-batches in order, built on demand (a huge `--epochs` costs no memory):
+/// rows shuffled per epoch with the seed, cut into `--batch-size` chunks.
+struct BatchPlan<'a> {
+    rows: &'a [PackedRow],
+    batch_size: usize,
+    seed: u64,
+    per_epoch: u64,
+    /// Micro-batches of the whole run.
+    total: u64,
+    /// The row order of the epoch last asked for.
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl<'a> BatchPlan<'a> {
+    fn new(rows: &'a [PackedRow], args: &TrainArgs) -> Result<Self> {
+        let per_epoch = rows.len().div_ceil(args.batch_size) as u64;
+        let total = per_epoch.checked_mul(args.epochs as u64).with_context(|| {
+            format!(
+                "--epochs {}: {per_epoch} batches per epoch overflow the step count",
+                args.epochs
+            )
+        })?;
+        Ok(BatchPlan {
+            rows,
+            batch_size: args.batch_size,
+            seed: args.seed,
+            per_epoch,
+            total,
+            order: None,
+        })
+    }
+
+    /// Micro-batch `k` of the run (`k < total`).
+    fn get(&mut self, k: u64) -> Batch {
+        let epoch = k / self.per_epoch;
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..self.rows.len()).collect();
+            order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(epoch)));
+            self.order = Some((epoch, order));
+        }
+        let order = &self.order.as_ref().expect("set above").1;
+        let start = (k % self.per_epoch) as usize * self.batch_size;
+        let chunk = &order[start..(start + self.batch_size).min(order.len())];
+        let rows = self.rows;
+        let pick = |f: &dyn Fn(&PackedRow) -> Vec<u32>| {
+            chunk.iter().map(|&i| f(&rows[i])).collect::<Vec<_>>()
+        };
+        Batch {
+            input_ids: pick(&|r| r.input_ids.clone()),
+            labels: chunk.iter().map(|&i| rows[i].labels.clone()).collect(),
+            attention_mask: Some(pick(&|r| r.attention_mask.clone())),
+            document_ids: Some(pick(&|r| r.document_ids.clone())),
         }
     }
+}
+
+/// Rejects sizes that are zero or whose products overflow, naming the flags.
+fn check_sizes(args: &TrainArgs) -> Result<usize> {
+    if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 || args.seq_len < 2 {
+        bail!("--batch-size, --grad-accum and --epochs must be at least 1, --seq-len at least 2");
+    }
+    if args.save_every == 0 {
+        bail!("--save-every must be at least 1");
+    }
+    if args.max_steps == Some(0) {
+        bail!("--max-steps must be at least 1");
+    }
+    args.batch_size
+        .checked_mul(args.grad_accum)
+        .and_then(|n| n.checked_mul(args.seq_len))
+        .with_context(|| {
+            format!(
+                "--batch-size {} x --grad-accum {} x --seq-len {} tokens per step overflows",
+                args.batch_size, args.grad_accum, args.seq_len
+            )
+        })
+}
+
+/// 64-bit FNV-1a of the data file: resume refuses data that changed under the run.
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// What a checkpoint's rows and batches depend on: a resume with other values would train
+/// on different batches than the checkpoint's steps did, so it is refused.
+fn run_facts(args: &TrainArgs, data: &[u8]) -> serde_json::Value {
+    serde_json::json!({
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "data_bytes": data.len(),
+        "data_fnv1a64": fingerprint(data),
+    })
+}
+
+/// The differences between the saved run facts and this command's, as flag messages.
+fn fact_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (key, flag) in [
+        ("seq_len", "--seq-len"),
+        ("batch_size", "--batch-size"),
+        ("grad_accum", "--grad-accum"),
+        ("epochs", "--epochs"),
+        ("seed", "--seed"),
+    ] {
+        if saved.get(key) != now.get(key) {
+            out.push(format!(
+                "{flag} {} (the checkpoint was trained with {})",
+                now[key],
+                saved.get(key).unwrap_or(&serde_json::Value::Null)
+            ));
+        }
+    }
+    if saved.get("data_bytes") != now.get("data_bytes")
+        || saved.get("data_fnv1a64") != now.get("data_fnv1a64")
+    {
+        out.push("--data: the file differs from the one the checkpoint was trained on".into());
+    }
     out
+}
+
+/// The trainer settings the flags ask for; `total` steps in the schedule.
+fn trainer_config(model: &TrainableModel, args: &TrainArgs, total: u64) -> Result<TrainerConfig> {
+    let mut cfg = TrainerConfig::new(model, args.lr);
+    cfg.schedule = CosineSchedule {
+        peak_lr: args.lr,
+        warmup_steps: args.warmup_steps.min(total),
+        total_steps: total,
+        min_lr_ratio: args.min_lr_ratio,
+    };
+    cfg.adamw.weight_decay = args.weight_decay;
+    cfg.max_grad_norm = Some(args.max_grad_norm);
+    cfg.checkpointing = parse_checkpointing(&args.checkpointing)?;
+    if let Some(c) = args.aux_loss_coef {
+        cfg.aux_loss_coef = c;
+    }
+    cfg.balance_bias_lr = args.balance_bias_lr;
+    Ok(cfg)
+}
+
+/// Settings that may change on resume (they apply from the next step): what changed, as
+/// `name: old -> new` lines.
+fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut diff = |name: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{name}: {a} -> {b}"));
+        }
+    };
+    diff(
+        "--lr",
+        old.schedule.peak_lr.to_string(),
+        new.schedule.peak_lr.to_string(),
+    );
+    diff(
+        "total steps (--max-steps)",
+        old.schedule.total_steps.to_string(),
+        new.schedule.total_steps.to_string(),
+    );
+    diff(
+        "--warmup-steps",
+        old.schedule.warmup_steps.to_string(),
+        new.schedule.warmup_steps.to_string(),
+    );
+    diff(
+        "--min-lr-ratio",
+        old.schedule.min_lr_ratio.to_string(),
+        new.schedule.min_lr_ratio.to_string(),
+    );
+    diff(
+        "--weight-decay",
+        old.adamw.weight_decay.to_string(),
+        new.adamw.weight_decay.to_string(),
+    );
+    diff(
+        "--max-grad-norm",
+        format!("{:?}", old.max_grad_norm),
+        format!("{:?}", new.max_grad_norm),
+    );
+    diff(
+        "--checkpointing",
+        format!("{:?}", old.checkpointing),
+        format!("{:?}", new.checkpointing),
+    );
+    diff(
+        "--aux-loss-coef",
+        old.aux_loss_coef.to_string(),
+        new.aux_loss_coef.to_string(),
+    );
+    diff(
+        "--balance-bias-lr",
+        old.balance_bias_lr.to_string(),
+        new.balance_bias_lr.to_string(),
+    );
+    out
+}
+
+/// Resumes the run in `out`: checks that the data and row shape are the checkpoint's
+/// (refused otherwise), applies changed settings (and says which), and trims `loss.csv` to
+/// the checkpoint's step. `None` when `out` holds no checkpoint.
+fn resume_run(
+    args: &TrainArgs,
+    facts: &serde_json::Value,
+    total: u64,
+    log: &Path,
+) -> Result<Option<Trainer>> {
+    let Some(dir) = Trainer::find_checkpoint(&args.out)? else {
+        return Ok(None);
+    };
+    if !args.out.join("latest").exists() {
+        eprintln!(
+            "{}: `latest` is missing; resuming from the newest complete checkpoint, {}",
+            args.out.display(),
+            dir.display()
+        );
+    }
+    let mut trainer = Trainer::resume(&dir)?;
+    match trainer.run_facts() {
+        Some(saved) => {
+            let changes = fact_changes(saved, facts);
+            if !changes.is_empty() {
+                bail!(
+                    "cannot resume {}: {} (these change which batches the steps see; start a new run with another --out)",
+                    dir.display(),
+                    changes.join("; ")
+                );
+            }
+        }
+        None => eprintln!(
+            "warning: {} records no data or row shape (older checkpoint); they are not checked",
+            dir.display()
+        ),
+    }
+    let step = trainer.steps();
+    let wanted = trainer_config(trainer.model(), args, total.max(step))?;
+    let changes = setting_changes(trainer.config(), &wanted);
+    if !changes.is_empty() {
+        eprintln!(
+            "resume: applying changed settings from step {} on: {}",
+            step + 1,
+            changes.join(", ")
+        );
+        trainer.set_config(wanted)?;
+    }
+    let trimmed = zaya::train::trainer::trim_log(log, step)?;
+    if trimmed > 0 {
+        eprintln!(
+            "resume: removed {trimmed} row(s) after step {step} from {}",
+            log.display()
+        );
+    }
+    Ok(Some(trainer.with_run_facts(facts.clone())))
 }
 
 /// A small SVG line chart of the loss per step.
@@ -162,9 +400,7 @@ fn read_log(path: &Path) -> Result<Vec<(u64, f64)>> {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
-    if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 || args.seq_len < 2 {
-        bail!("--batch-size, --grad-accum and --epochs must be at least 1, --seq-len at least 2");
-    }
+    let tokens_per_step = check_sizes(&args)?;
     // Without tokenizer files only pre-tokenized data can be read.
     let tok = if args.model.join("tokenizer.json").exists() {
         let t = ZayaTokenizer::from_dir(&args.model)
@@ -180,48 +416,44 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let log = args.out.join("loss.csv");
-    let mut trainer = if args.resume && args.out.join("latest").exists() {
-        let t = Trainer::resume(&args.out)?.with_log(&log)?;
-        eprintln!("resuming at step {}", t.steps());
-        t
+    let data =
+        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let facts = run_facts(&args, &data);
+    let model_cfg = zaya::ZayaConfig::from_file(args.model.join("config.json"))?;
+    let examples = parse_jsonl(&args.data, &data, encoder, model_cfg.vocab_size)?;
+    drop(data);
+    let rows = pack(&examples, args.seq_len, model_cfg.pad_token_id.unwrap_or(0))?;
+    let mut plan = BatchPlan::new(&rows, &args)?;
+    let steps = plan.total / args.grad_accum as u64;
+    let total = args.max_steps.map_or(steps, |m| m.min(steps)).max(1);
+    let resumed = if args.resume {
+        resume_run(&args, &facts, total, &log)?
     } else {
-        let model = TrainableModel::load(&args.model)?;
-        let examples = read_jsonl(&args.data, encoder, model.config().vocab_size)?;
-        let rows = pack(
-            &examples,
-            args.seq_len,
-            model.config().pad_token_id.unwrap_or(0),
-        );
-        let steps = (schedule_batches(&rows, &args).len() / args.grad_accum) as u64;
-        let total = args.max_steps.map_or(steps, |m| m.min(steps)).max(1);
-        let mut cfg = TrainerConfig::new(&model, args.lr);
-        cfg.schedule = CosineSchedule {
-            peak_lr: args.lr,
-            warmup_steps: args.warmup_steps.min(total),
-            total_steps: total,
-            min_lr_ratio: args.min_lr_ratio,
-        };
-        cfg.adamw.weight_decay = args.weight_decay;
-        cfg.max_grad_norm = Some(args.max_grad_norm);
-        cfg.checkpointing = parse_checkpointing(&args.checkpointing)?;
-        if let Some(c) = args.aux_loss_coef {
-            cfg.aux_loss_coef = c;
-        }
-        cfg.balance_bias_lr = args.balance_bias_lr;
-        if log.exists() {
-            std::fs::remove_file(&log)?;
-        }
-        Trainer::new(model, cfg)?.with_log(&log)?
+        None
     };
-    let examples = read_jsonl(&args.data, encoder, trainer.model().config().vocab_size)?;
-    let rows = pack(
-        &examples,
-        args.seq_len,
-        trainer.model().config().pad_token_id.unwrap_or(0),
-    );
-    let batches = schedule_batches(&rows, &args);
+    let mut trainer = match resumed {
+        Some(t) => {
+            eprintln!("resuming at step {}", t.steps());
+            t.with_log(&log)?
+        }
+        None => {
+            if args.resume {
+                eprintln!(
+                    "{}: no checkpoint to resume from; starting at step 0",
+                    args.out.display()
+                );
+            }
+            let model = TrainableModel::load(&args.model)?;
+            let cfg = trainer_config(&model, &args, total)?;
+            if log.exists() {
+                std::fs::remove_file(&log)?;
+            }
+            Trainer::new(model, cfg)?
+                .with_run_facts(facts)
+                .with_log(&log)?
+        }
+    };
     let total = trainer.config().schedule.total_steps;
-    let tokens_per_step: usize = args.batch_size * args.grad_accum * args.seq_len;
     eprintln!(
         "{} examples -> {} packed rows of {}; {} steps of {} micro-batches",
         examples.len(),
@@ -243,12 +475,15 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     );
     bar.set_position(trainer.steps());
     while trainer.steps() < total {
-        let s = trainer.steps() as usize;
-        let micro = &batches[s * args.grad_accum..((s + 1) * args.grad_accum).min(batches.len())];
-        if micro.is_empty() {
+        let ga = args.grad_accum as u64;
+        let first = trainer.steps() * ga;
+        if first >= plan.total {
             break;
         }
-        let r = trainer.step(micro)?;
+        let micro: Vec<Batch> = (first..(first + ga).min(plan.total))
+            .map(|k| plan.get(k))
+            .collect();
+        let r = trainer.step(&micro)?;
         let tps = tokens_per_step as f64 / r.seconds.max(1e-9);
         let msg = format!(
             "loss {:.4} aux {:.4} skip {:.1}% lr {:.2e} {:.0} tok/s",
@@ -272,6 +507,8 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let points = read_log(&log)?;
     zaya::weights::write_atomic(&args.out.join("loss.svg"), loss_svg(&points).as_bytes())?;
     let final_dir = args.out.join("final");
+    // an export killed half-way leaves temporaries (up to the model's size) behind
+    zaya::durable::remove_stale_temps(&final_dir)?;
     trainer.model().save(&final_dir)?;
     for f in [
         "tokenizer.json",
@@ -282,8 +519,9 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     ] {
         let src = args.model.join(f);
         if src.exists() {
-            std::fs::copy(&src, final_dir.join(f))
-                .with_context(|| format!("copying {}", src.display()))?;
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            zaya::durable::write_atomic(&final_dir.join(f), &bytes)?;
         }
     }
     eprintln!(

@@ -107,6 +107,7 @@ pub fn parse_example(
         }
     } else if let Some(text) = obj.get("text") {
         let text = text.as_str().ok_or("text must be a string")?;
+        check_text_size("text", text.len()).map_err(|e| e.to_string())?;
         let ids = encoder.encode_text(text).map_err(|e| e.to_string())?;
         Example {
             labels: ids.iter().map(|&x| x as i64).collect(),
@@ -123,9 +124,31 @@ pub fn parse_example(
 
 /// Reads a JSONL file; errors name the file and line.
 pub fn read_jsonl(path: &Path, encoder: &dyn Encoder, vocab_size: usize) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|e| ZayaError::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| ZayaError::io(path, e))?;
+    parse_jsonl(path, &bytes, encoder, vocab_size)
+}
+
+/// Parses the bytes of a JSONL file (`path` names it in errors): one example per non-empty
+/// line; a line that is not UTF-8 or not a valid example is an error naming the line.
+pub fn parse_jsonl(
+    path: &Path,
+    bytes: &[u8],
+    encoder: &dyn Encoder,
+    vocab_size: usize,
+) -> Result<Vec<Example>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(line).map_err(|e| {
+            line_error(
+                path,
+                i + 1,
+                format!(
+                    "not valid UTF-8 (at byte {} of the line)",
+                    e.valid_up_to() + 1
+                ),
+            )
+        })?;
+        let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
@@ -136,6 +159,24 @@ pub fn read_jsonl(path: &Path, encoder: &dyn Encoder, vocab_size: usize) -> Resu
         return Err(ZayaError::Input(format!("{}: no examples", path.display())));
     }
     Ok(out)
+}
+
+/// Largest text (UTF-8 bytes) tokenized as one example. Byte-pair encoding works on a
+/// "word" at a time, and the ZAYA1 tokenizer does not split text into words (spaces become
+/// `▁` inside one word), so an example's whole text is one BPE word costing ~200 bytes of
+/// memory per byte: 1 MiB keeps that near 200 MB. Longer documents must be split into
+/// several examples (packing cuts them into `seq_len` rows anyway).
+pub const MAX_EXAMPLE_TEXT_BYTES: usize = 1 << 20;
+
+/// Refuses text longer than [`MAX_EXAMPLE_TEXT_BYTES`] before it reaches the tokenizer.
+pub fn check_text_size(what: &str, len: usize) -> Result<()> {
+    if len > MAX_EXAMPLE_TEXT_BYTES {
+        return Err(ZayaError::Input(format!(
+            "{what} has {len} bytes, more than the {MAX_EXAMPLE_TEXT_BYTES} one example may have \
+             (tokenizing it would need ~200 bytes of memory per byte); split it into several examples"
+        )));
+    }
+    Ok(())
 }
 
 /// A packed training row: several documents back to back, then padding.
@@ -154,8 +195,23 @@ pub struct PackedRow {
 
 /// Packs examples into rows of `seq_len` tokens, first-fit in the given order; an example
 /// longer than `seq_len` is cut into `seq_len` pieces.
-pub fn pack(examples: &[Example], seq_len: usize, pad_id: u32) -> Vec<PackedRow> {
-    assert!(seq_len >= 2, "seq_len must be at least 2");
+pub fn pack(examples: &[Example], seq_len: usize, pad_id: u32) -> Result<Vec<PackedRow>> {
+    if seq_len < 2 {
+        return Err(ZayaError::Input(format!(
+            "seq_len must be at least 2, got {seq_len}"
+        )));
+    }
+    if let Some((i, ex)) = examples
+        .iter()
+        .enumerate()
+        .find(|(_, ex)| ex.labels.len() != ex.input_ids.len())
+    {
+        return Err(ZayaError::Input(format!(
+            "example {i}: {} labels for {} input ids",
+            ex.labels.len(),
+            ex.input_ids.len()
+        )));
+    }
     let mut pieces: Vec<Example> = Vec::new();
     for ex in examples {
         for start in (0..ex.input_ids.len()).step_by(seq_len) {
@@ -183,7 +239,8 @@ pub fn pack(examples: &[Example], seq_len: usize, pad_id: u32) -> Vec<PackedRow>
             }
         }
     }
-    rows.into_iter()
+    Ok(rows
+        .into_iter()
         .map(|docs| {
             let mut row = PackedRow {
                 input_ids: Vec::with_capacity(seq_len),
@@ -208,7 +265,7 @@ pub fn pack(examples: &[Example], seq_len: usize, pad_id: u32) -> Vec<PackedRow>
             }
             row
         })
-        .collect()
+        .collect())
 }
 
 /// Convenience for tests and pre-tokenized data: an encoder that refuses text.
@@ -262,6 +319,7 @@ impl Encoder for crate::text::ZayaTokenizer {
             Ok(self.apply_chat_template(&req)?)
         };
         let full = render(msgs.len(), false)?;
+        check_text_size("the rendered conversation", full.len())?;
         let mut spans = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
             if m.get("role").and_then(Value::as_str) != Some("assistant") {
@@ -350,7 +408,7 @@ mod tests {
             input_ids: (0..n as u32).map(|i| base + i).collect(),
             labels: (0..n as i64).map(|i| base as i64 + i).collect(),
         };
-        let rows = pack(&[ex(5, 10), ex(6, 20), ex(3, 30), ex(12, 40)], 8, 0);
+        let rows = pack(&[ex(5, 10), ex(6, 20), ex(3, 30), ex(12, 40)], 8, 0).unwrap();
         // first fit: 5+3 fill row 0, 6 opens row 1, 12 is cut into 8 (row 2) and 4 (6+4 > 8: row 3)
         assert_eq!(rows.len(), 4);
         assert_eq!(rows[0].input_ids, vec![10, 11, 12, 13, 14, 30, 31, 32]);

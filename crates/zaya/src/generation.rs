@@ -246,10 +246,12 @@ pub fn generate(
     let (ids, mut mask) = left_pad(prompts, pad_id);
     let b = ids.len();
     let t = ids[0].len();
-    if t + opts.max_new_tokens > cfg.max_position_embeddings {
+    // checked: a huge max_new_tokens must not wrap around and pass the check
+    let total = t.checked_add(opts.max_new_tokens);
+    if total.is_none_or(|n| n > cfg.max_position_embeddings) {
         return Err(ZayaError::ContextTooLong {
             row: 0,
-            length: t + opts.max_new_tokens,
+            length: total.unwrap_or(usize::MAX),
             limit: cfg.max_position_embeddings,
         });
     }

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod data;
+pub mod durable;
 pub mod error;
 pub mod generation;
 pub mod init;

@@ -691,16 +691,11 @@ pub fn save_checkpoint(
         path: tmp.clone(),
         message: e.to_string(),
     })?;
-    std::fs::rename(&tmp, &weights_path).map_err(|e| ZayaError::io(&weights_path, e))?;
-    Ok(())
+    crate::durable::rename_synced(&tmp, &weights_path)
 }
 
-/// Writes a file so that a crash leaves either the old or the new content.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).map_err(|e| ZayaError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ZayaError::io(path, e))
-}
+/// Writes a file so that a crash or power loss leaves either the old or the new content.
+pub use crate::durable::write_atomic;
 
 /// Loads every native tensor of a checkpoint (for conversion and export).
 pub fn load_all(

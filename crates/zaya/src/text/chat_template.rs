@@ -148,6 +148,9 @@ impl std::error::Error for Raised {}
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Default work limit of one render (minijinja fuel, about one unit per instruction).
+pub const DEFAULT_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Compile `source`; `name` is only used in error messages.
     pub fn new(name: &str, source: &str) -> Result<Self> {
@@ -160,6 +163,10 @@ impl ChatTemplate {
             out.write_str(&py_str(value))
                 .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write template output"))
         });
+        // A template comes from a model directory (outside input): bound the work of one
+        // render so `{% for i in range(100000) %}{% for j in range(100000) %}` ends with an
+        // error instead of hanging. Real templates use a tiny fraction of this.
+        env.set_fuel(Some(DEFAULT_FUEL));
         env.add_filter("tojson", tojson);
         env.add_filter("string", |v: Value| py_str(&v));
         env.add_function("raise_exception", raise_exception);
@@ -181,6 +188,12 @@ impl ChatTemplate {
     /// transformers passes `tokenizer.special_tokens_map`.
     pub fn with_special_tokens(mut self, tokens: Vec<(String, String)>) -> Self {
         self.special_tokens = tokens;
+        self
+    }
+
+    /// Limits the work (minijinja instructions) of one render; past it the render fails.
+    pub fn with_fuel(mut self, fuel: u64) -> Self {
+        self.env.set_fuel(Some(fuel));
         self
     }
 

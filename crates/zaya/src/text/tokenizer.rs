@@ -393,6 +393,23 @@ impl ZayaTokenizer {
         }
     }
 
+    /// Error on the first id that a model with `model_vocab_size` logits cannot produce.
+    /// Ids below it without a token (the padded rows of an embedding larger than the
+    /// tokenizer's vocabulary) are accepted and decode to nothing, as transformers'
+    /// `decode` does.
+    pub fn check_ids_for_model(&self, ids: &[u32], model_vocab_size: usize) -> Result<()> {
+        match ids.iter().position(|&id| {
+            (id as usize) >= model_vocab_size && self.inner.id_to_token(id).is_none()
+        }) {
+            Some(position) => Err(TextError::UnknownTokenId {
+                id: ids[position],
+                position,
+                vocab_size: model_vocab_size.max(self.vocab_size()),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -79,6 +79,13 @@ impl AdamW {
         &self.cfg
     }
 
+    /// New hyper-parameters from the next step on (the moments are kept).
+    pub fn set_config(&mut self, cfg: AdamWConfig) -> Result<()> {
+        cfg.validate()?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
     /// Steps taken by parameter `i` (parameters that got no gradient are not stepped, as in
     /// torch).
     pub fn steps(&self, i: usize) -> u64 {
@@ -145,7 +152,7 @@ impl AdamW {
             path: tmp.clone(),
             message: e.to_string(),
         })?;
-        std::fs::rename(&tmp, path).map_err(|e| ZayaError::io(path, e))
+        crate::durable::rename_synced(&tmp, path)
     }
 
     /// Reads a state written by [`AdamW::save`] for the same parameter list.

@@ -111,6 +111,9 @@ pub struct StepReport {
 struct TrainerState {
     step: u64,
     config: TrainerConfig,
+    /// What the caller says defines the run (data, row shape, ...), checked on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run: Option<serde_json::Value>,
 }
 
 const CSV_HEADER: &str = "step,lr,loss,aux_loss,total_loss,grad_norm,skip_fraction,targets,seconds";
@@ -121,6 +124,7 @@ pub struct Trainer {
     cfg: TrainerConfig,
     step: u64,
     log: Option<PathBuf>,
+    run: Option<serde_json::Value>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -146,6 +150,7 @@ impl Trainer {
             cfg,
             step: 0,
             log: None,
+            run: None,
         })
     }
 
@@ -157,6 +162,27 @@ impl Trainer {
         }
         self.log = Some(path);
         Ok(self)
+    }
+
+    /// Records what defines the run for the caller (saved with every checkpoint, so a
+    /// resume can refuse data or shapes that differ from the checkpoint's).
+    pub fn with_run_facts(mut self, facts: serde_json::Value) -> Self {
+        self.run = Some(facts);
+        self
+    }
+
+    /// The facts saved by [`Trainer::with_run_facts`] (None for an older checkpoint).
+    pub fn run_facts(&self) -> Option<&serde_json::Value> {
+        self.run.as_ref()
+    }
+
+    /// Replaces the settings (e.g. a new learning rate or length on resume); they apply
+    /// from the next step. The optimizer keeps its moments.
+    pub fn set_config(&mut self, cfg: TrainerConfig) -> Result<()> {
+        cfg.validate()?;
+        self.opt.set_config(cfg.adamw)?;
+        self.cfg = cfg;
+        Ok(())
     }
 
     pub fn model(&self) -> &TrainableModel {
@@ -265,19 +291,22 @@ impl Trainer {
 
     /// Writes `root/step-NNNNNNNN/` (model, optimizer, trainer state) and points
     /// `root/latest` at it. Returns the checkpoint directory.
+    ///
+    /// Every file is fsynced before its rename and the directories after, so a power loss
+    /// cannot leave `latest` naming a checkpoint whose files are empty; temporaries of an
+    /// interrupted save are removed first.
     pub fn save(&self, root: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(root).map_err(|e| ZayaError::io(root, e))?;
+        crate::durable::remove_stale_temps(root)?;
         let name = checkpoint_name(self.step);
         let tmp = root.join(format!(".tmp-{name}"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| ZayaError::io(&tmp, e))?;
-        }
         self.model.save(&tmp)?;
         self.opt
             .save(self.model.params(), &tmp.join("optimizer.safetensors"))?;
         let state = TrainerState {
             step: self.step,
             config: self.cfg.clone(),
+            run: self.run.clone(),
         };
         let text = serde_json::to_string_pretty(&state)
             .map_err(|e| ZayaError::Input(format!("trainer state does not serialise: {e}")))?;
@@ -286,20 +315,63 @@ impl Trainer {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| ZayaError::io(&dir, e))?;
         }
-        std::fs::rename(&tmp, &dir).map_err(|e| ZayaError::io(&dir, e))?;
+        crate::durable::rename_synced(&tmp, &dir)?;
         write_atomic(&root.join("latest"), name.as_bytes())?;
         Ok(dir)
     }
 
-    /// Resumes from the checkpoint `root/latest` points at (or from `root` itself when it
-    /// is a checkpoint directory).
-    pub fn resume(root: &Path) -> Result<Self> {
+    /// The checkpoint a resume of `root` starts from: the one `root/latest` names; without
+    /// `latest`, the newest complete `step-*` directory (a save interrupted before `latest`
+    /// was written, or `latest` deleted). `None` when `root` has no checkpoint at all. A
+    /// `latest` naming a missing or incomplete checkpoint is an error, not a silent restart.
+    pub fn find_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
         let latest = root.join("latest");
-        let dir = if latest.exists() {
+        if latest.exists() {
             let name = std::fs::read_to_string(&latest).map_err(|e| ZayaError::io(&latest, e))?;
-            root.join(name.trim())
-        } else {
+            let dir = root.join(name.trim());
+            if !is_complete_checkpoint(&dir) {
+                return Err(ZayaError::Input(format!(
+                    "{} names `{}`, which is not a complete checkpoint (trainer_state.json, model.safetensors, optimizer.safetensors); remove `latest` to resume from the newest complete one",
+                    latest.display(),
+                    name.trim()
+                )));
+            }
+            return Ok(Some(dir));
+        }
+        let entries = match std::fs::read_dir(root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ZayaError::io(root, e)),
+        };
+        let mut best: Option<(u64, PathBuf)> = None;
+        for entry in entries {
+            let entry = entry.map_err(|e| ZayaError::io(root, e))?;
+            let name = entry.file_name();
+            let Some(step) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("step-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            if is_complete_checkpoint(&path) && best.as_ref().is_none_or(|(s, _)| step > *s) {
+                best = Some((step, path));
+            }
+        }
+        Ok(best.map(|(_, p)| p))
+    }
+
+    /// Resumes from the checkpoint `root/latest` points at, the newest complete one when
+    /// `latest` is missing (see [`Trainer::find_checkpoint`]), or from `root` itself when it
+    /// is a checkpoint directory.
+    pub fn resume(root: &Path) -> Result<Self> {
+        let dir = if is_complete_checkpoint(root) {
             root.to_path_buf()
+        } else {
+            Self::find_checkpoint(root)?.ok_or_else(|| {
+                ZayaError::Input(format!("{}: no checkpoint to resume from", root.display()))
+            })?
         };
         let state_path = dir.join("trainer_state.json");
         let text =
@@ -322,6 +394,49 @@ impl Trainer {
             cfg: state.config,
             step: state.step,
             log: None,
+            run: state.run,
         })
     }
+}
+
+/// A checkpoint directory with all three parts written (the rename into place makes them
+/// appear together; this also rejects directories damaged by hand).
+fn is_complete_checkpoint(dir: &Path) -> bool {
+    [
+        "trainer_state.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.json",
+    ]
+    .iter()
+    .all(|f| dir.join(f).is_file())
+}
+
+/// Keeps the header and the rows of steps `<= step` of a loss log written by
+/// [`Trainer::with_log`] (rows of steps re-run after a resume would be duplicates).
+/// Returns how many rows were removed. A missing file is left missing.
+pub fn trim_log(path: &Path, step: u64) -> Result<usize> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ZayaError::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut removed = 0;
+    for (i, line) in text.lines().enumerate() {
+        let row_step = line.split(',').next().and_then(|f| f.parse::<u64>().ok());
+        // the header (first line) stays; a row stays if its step is within the checkpoint;
+        // a torn last line of a killed run (no parsable step) goes
+        let keep = i == 0 || row_step.is_some_and(|s| s <= step);
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        } else {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(removed)
 }
