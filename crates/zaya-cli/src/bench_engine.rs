@@ -50,6 +50,19 @@ struct Run {
     itl_p50: f64,
     itl_p99: f64,
     reference_seconds: Option<f64>,
+    cpu_seconds: Option<f64>,
+    reference_cpu_seconds: Option<f64>,
+}
+
+/// CPU time (user + system) this process has used, from `/proc/self/stat` (Linux; clock
+/// ticks of 10 ms). On a shared machine wall time includes time spent waiting for a CPU;
+/// CPU time per token compares runs fairly.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -141,7 +154,11 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
 
     let mut runs = Vec::new();
     for &c in &concurrencies {
+        let cpu0 = process_cpu_seconds();
         let (seconds, tokens, ttft, itl) = one_run(&model, attn, c, &prompts, args.new_tokens)?;
+        let cpu1 = process_cpu_seconds();
+        let cpu_seconds = cpu0.zip(cpu1).map(|(a, b)| b - a);
+        let mut reference_cpu_seconds = None;
         let reference_seconds = if args.no_reference {
             None
         } else {
@@ -152,7 +169,9 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
                 ..Default::default()
             };
             let t = Instant::now();
+            let c0 = process_cpu_seconds();
             generate_greedy(&model, &prompts[..c], &opts)?;
+            reference_cpu_seconds = c0.zip(process_cpu_seconds()).map(|(a, b)| b - a);
             Some(t.elapsed().as_secs_f64())
         };
         runs.push(Run {
@@ -164,6 +183,8 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
             itl_p50: percentile(itl.clone(), 0.5),
             itl_p99: percentile(itl, 0.99),
             reference_seconds,
+            cpu_seconds,
+            reference_cpu_seconds,
         });
     }
 
@@ -177,9 +198,21 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
         attn.as_str()
     );
     println!(
-        "  {:>4} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>13}",
-        "conc", "tok/s", "x conc1", "ttft p50", "ttft p99", "itl p50", "itl p99", "x generate"
+        "  {:>4} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10} {:>10}",
+        "conc",
+        "tok/s",
+        "x conc1",
+        "ttft p50",
+        "ttft p99",
+        "itl p50",
+        "itl p99",
+        "x generate",
+        "tok/cpu-s",
+        "x conc1 cpu",
+        "x gen cpu"
     );
+    let cpu_rate = |r: &Run| r.cpu_seconds.map(|c| r.tokens as f64 / c.max(0.01));
+    let base_cpu = runs.first().and_then(cpu_rate);
     let mut json_runs = Vec::new();
     for r in &runs {
         let tps = r.tokens as f64 / r.seconds;
@@ -187,8 +220,14 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
             .reference_seconds
             .map(|s| format!("{:.2}", s / r.seconds))
             .unwrap_or_else(|| "-".into());
+        let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+        let cpu_tps = cpu_rate(r);
+        let vs_generate_cpu = r
+            .reference_cpu_seconds
+            .zip(r.cpu_seconds)
+            .map(|(g, e)| g.max(0.01) / e.max(0.01));
         println!(
-            "  {:>4} {:>10.1} {:>9.2} {:>9.1}ms {:>9.1}ms {:>9.2}ms {:>9.2}ms {:>13}",
+            "  {:>4} {:>9.1} {:>8.2} {:>7.1}ms {:>7.1}ms {:>7.2}ms {:>7.2}ms {:>9} {:>11} {:>10} {:>10}",
             r.concurrency,
             tps,
             tps / base.unwrap_or(tps),
@@ -196,7 +235,10 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
             r.ttft_p99 * 1e3,
             r.itl_p50 * 1e3,
             r.itl_p99 * 1e3,
-            vs_generate
+            vs_generate,
+            cpu_tps.map_or_else(|| "-".to_string(), |v| format!("{v:.1}")),
+            fmt(cpu_tps.zip(base_cpu).map(|(a, b)| a / b)),
+            fmt(vs_generate_cpu)
         );
         json_runs.push(serde_json::json!({
             "concurrency": r.concurrency,
@@ -208,6 +250,8 @@ pub fn run(args: BenchEngineArgs, dtype: DType, attn: AttnImplementation) -> Res
             "itl_p50_s": r.itl_p50,
             "itl_p99_s": r.itl_p99,
             "generate_seconds": r.reference_seconds,
+            "cpu_seconds": r.cpu_seconds,
+            "generate_cpu_seconds": r.reference_cpu_seconds,
         }));
     }
     let json = serde_json::json!({
