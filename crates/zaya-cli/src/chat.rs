@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -9,10 +10,11 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use zaya::attention::AttnImplementation;
-use zaya::generation::{generate, GenerateOptions, TextChooser, TokenChooser};
-use zaya::sampling::{Sampler, SamplingParams};
-use zaya::text::{ChatRequest, OutputParser, StreamDecoder, ZayaTokenizer};
+use zaya::generation::{generate, GenerateOptions, TextChooser};
+use zaya::sampling::SamplingParams;
+use zaya::text::{ChatRequest, OutputParser, ZayaTokenizer};
 use zaya::ZayaModel;
+use zaya_engine::{Engine, EngineConfig, Event, GenerationRequest};
 
 use crate::out;
 
@@ -174,60 +176,39 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
-/// Streams an answer to the terminal: thinking dimmed (or hidden), stop tokens not shown.
-struct ChatChooser<'a> {
-    tok: &'a ZayaTokenizer,
-    sampler: Sampler,
-    stream: StreamDecoder,
-    stop_ids: Vec<u32>,
+/// Prints an answer as the engine's events arrive: thinking dimmed (or hidden); stop tokens
+/// carry no text.
+struct AnswerPrinter<'a> {
     think_open: Option<u32>,
     think_close: Option<u32>,
     in_thinking: bool,
     show_thinking: bool,
     dim: bool,
     quiet: bool,
-    started: bool,
     sink: &'a out::Sink,
 }
 
-impl TokenChooser for ChatChooser<'_> {
-    fn choose(
-        &mut self,
-        _row: usize,
-        logits: &[f32],
-        context: &[u32],
-    ) -> zaya::Result<(u32, bool)> {
-        if !self.started {
-            self.sampler.begin(context.len());
-            self.started = true;
-        }
-        let token = self
-            .sampler
-            .sample(logits, context)
-            .map_err(|e| zaya::ZayaError::Input(e.to_string()))?;
-        if self.stop_ids.contains(&token) {
-            return Ok((token, false));
-        }
+impl AnswerPrinter<'_> {
+    fn token(&mut self, token: u32, text: &str) {
         if Some(token) == self.think_open {
             self.in_thinking = true;
             if self.dim && self.show_thinking && !self.quiet {
                 self.sink.write("\x1b[2m");
             }
         }
-        let text = self.stream.step(self.tok, token)?;
-        if let Some(text) = text {
-            if !self.quiet && (self.show_thinking || !self.in_thinking) {
-                self.sink.write(&text);
-            }
-        }
+        self.text(text);
         if Some(token) == self.think_close {
             self.in_thinking = false;
             if self.dim && self.show_thinking && !self.quiet {
                 self.sink.write("\x1b[0m");
             }
         }
-        // stdout gone: stop generating (the session ends with the output error)
-        Ok((token, self.sink.has_failed()))
+    }
+
+    fn text(&mut self, text: &str) {
+        if !text.is_empty() && !self.quiet && (self.show_thinking || !self.in_thinking) {
+            self.sink.write(text);
+        }
     }
 }
 
@@ -327,9 +308,20 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
         Some(d) => d.clone(),
         None => crate::default_model::dir()?,
     };
-    let model = ZayaModel::load(&model_dir, dtype, &Device::Cpu)?;
-    let tok = ZayaTokenizer::from_dir(&model_dir)?;
+    let model = Arc::new(ZayaModel::load(&model_dir, dtype, &Device::Cpu)?);
+    let tok = Arc::new(ZayaTokenizer::from_dir(&model_dir)?);
     let stop_ids = tok.stop_token_ids(&model.config().eos_token_id);
+    // The conversation runs on the engine so that each turn reuses the earlier turns' prompt
+    // state from its prefix cache instead of computing the whole history again.
+    let engine = Engine::start(
+        model.clone(),
+        Some(tok.clone()),
+        EngineConfig {
+            max_running: 1,
+            attn,
+            ..Default::default()
+        },
+    )?;
     let interactive = std::io::stdin().is_terminal();
     let colour = std::io::stdout().is_terminal();
     let mut system = args.system.clone();
@@ -409,13 +401,14 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
                     prompt.max_new_tokens
                 );
             }
-            let opts = GenerateOptions {
-                max_new_tokens: prompt.max_new_tokens,
-                eos_token_ids: stop_ids.clone(),
-                attn,
-                ..Default::default()
+            let request = GenerationRequest {
+                sampling: args.sampling.params(),
+                stop_token_ids: stop_ids.clone(),
+                stop_strings: args.sampling.stop.clone(),
+                skip_special_tokens: false,
+                ..GenerationRequest::new(prompt.ids, prompt.max_new_tokens)
             };
-            answer_turn(&model, &tok, &args, &sink, colour, &prompt.ids, &opts)
+            answer_turn(&engine, &tok, &args, &sink, colour, request)
         });
         // the terminal is gone: nothing more can be shown, end the session
         sink.check()?;
@@ -435,49 +428,52 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
 
 /// Generates, streams and prints one answer; returns the assistant message for the history.
 fn answer_turn(
-    model: &ZayaModel,
+    engine: &Engine,
     tok: &ZayaTokenizer,
     args: &ChatArgs,
     sink: &out::Sink,
     colour: bool,
-    prompt: &[u32],
-    opts: &GenerateOptions,
+    request: GenerationRequest,
 ) -> Result<Value> {
-    let mut chooser = ChatChooser {
-        tok,
-        sampler: Sampler::new(&args.sampling.params()).map_err(|e| anyhow::anyhow!("{e}"))?,
-        stream: StreamDecoder::new(false),
-        stop_ids: opts.eos_token_ids.clone(),
+    let stop_ids = request.stop_token_ids.clone();
+    let mut printer = AnswerPrinter {
         think_open: tok.token_to_id("<think>"),
         think_close: tok.token_to_id("</think>"),
         in_thinking: false,
         show_thinking: !args.hide_thinking,
         dim: colour,
         quiet: args.json,
-        started: false,
         sink,
     };
     let start = Instant::now();
-    let out = generate(
-        model,
-        &[prompt.to_vec()],
-        opts,
-        &mut chooser,
-        &mut |_, _| {},
-    )?;
+    let handle = engine.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut generated = Vec::new();
+    let mut cached = 0;
+    while let Some(event) = handle.recv() {
+        match event {
+            Event::Token { token, text, .. } => {
+                generated.push(token);
+                printer.token(token, &text);
+                // stdout gone: stop generating (the session ends with the output error)
+                if sink.has_failed() {
+                    handle.cancel();
+                }
+            }
+            Event::Finished { text, .. } => printer.text(&text),
+            Event::Done { usage } => cached = usage.cached_tokens,
+            Event::Error { message } => bail!("generation failed: {message}"),
+        }
+    }
     let secs = start.elapsed().as_secs_f64();
-    if chooser.in_thinking && colour && !args.json {
+    if printer.in_thinking && colour && !args.json {
         sink.write("\x1b[0m");
     }
-    let mut tokens = out.sequences[0].clone();
-    if tokens
-        .last()
-        .is_some_and(|t| opts.eos_token_ids.contains(t))
-    {
+    let n = generated.len();
+    let mut tokens = generated;
+    if tokens.last().is_some_and(|t| stop_ids.contains(t)) {
         tokens.pop();
     }
     let parsed = OutputParser::new().parse(&decode_answer(tok, &tokens)?);
-    let n = out.sequences[0].len();
     let tps = n as f64 / secs.max(1e-9);
     let mut msg = json!({"role": "assistant", "content": parsed.content});
     if let Some(r) = &parsed.reasoning {
@@ -493,7 +489,8 @@ fn answer_turn(
     if args.json {
         sink.write(
             &(json!({"content": parsed.content, "reasoning": parsed.reasoning, "tool_calls": parsed.tool_calls,
-                   "warnings": parsed.warnings, "tokens": n, "tokens_per_s": tps})
+                   "warnings": parsed.warnings, "tokens": n, "tokens_per_s": tps,
+                   "cached_prompt_tokens": cached})
             .to_string()
                 + "\n"),
         );
@@ -511,7 +508,7 @@ fn answer_turn(
         } else {
             ("", "")
         };
-        eprintln!("{dim}[{n} tokens, {tps:.1} tokens/s]{reset}");
+        eprintln!("{dim}[{n} tokens, {tps:.1} tokens/s, {cached} prompt tokens cached]{reset}");
     }
     Ok(msg)
 }

@@ -15,6 +15,7 @@ use zaya::weights::{self, Checkpoint, Layout};
 use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
+mod bench_engine;
 mod chat;
 mod default_model;
 mod out;
@@ -64,6 +65,8 @@ enum Command {
     Quantize(quant_cmds::QuantizeArgs),
     /// Perplexity, KL divergence and top-1 agreement against a reference on held-out text.
     Eval(quant_cmds::EvalArgs),
+    /// Throughput and latency of the continuous-batching engine at several concurrencies.
+    BenchEngine(bench_engine::BenchEngineArgs),
 }
 
 #[derive(clap::Args)]
@@ -471,6 +474,10 @@ fn main() {
         Command::Bench(a) => parse_dtype(&a.dtype).and_then(|d| {
             let attn = parse_attn(&a.attn)?;
             bench::run(a, d, attn)
+        }),
+        Command::BenchEngine(a) => parse_dtype(&a.dtype).and_then(|d| {
+            let attn = parse_attn(&a.attn)?;
+            bench_engine::run(a, d, attn)
         }),
     };
     if let Err(e) = result {

@@ -410,6 +410,15 @@ impl Sampler {
         result
     }
 
+    /// Next token id for logits that already went through [`process`](Self::process) (a
+    /// caller that also reports log-probabilities of the processed logits processes once).
+    pub fn sample_processed(&mut self, processed: &[f32]) -> Result<u32, SamplingError> {
+        if processed.is_empty() {
+            return Err(SamplingError::EmptyLogits);
+        }
+        self.pick(processed)
+    }
+
     fn pick(&mut self, l: &[f32]) -> Result<u32, SamplingError> {
         // First maximum, as torch.argmax.
         let mut best = None::<(usize, f32)>;

@@ -403,8 +403,12 @@ pub(crate) fn gemm(
     }
     // A few rows against a matrix whose columns are contiguous (a linear weight seen as
     // `Wᵀ`): a GEMV that reads each weight row once for all rows of `lhs` is bandwidth-bound
-    // where the general GEMM spends its time packing (decode: experts at 1–8 tokens).
-    if m <= GEMV_ROWS && rhs.rs == 1 && lhs.cs == 1 && n * k >= 1 << 12 {
+    // where the general GEMM spends its time packing (decode: experts at 1–8 tokens). Taken
+    // for every size, small ones too (just not threaded): each output is one dot product, so
+    // a row's result does not depend on how many rows run together — the batch invariance
+    // the engine's decode relies on (a GEMM's blocking depends on M).
+    if m <= GEMV_ROWS && rhs.rs == 1 && lhs.cs == 1 {
+        let parallel = parallel && n * k >= 1 << 12;
         let (l, r) = (&lhs, &rhs);
         let mut by_col = vec![0f32; n * m];
         let cols = |col: usize, c: &mut [f32]| {

@@ -21,6 +21,8 @@ use candle_core::{DType, Result, Shape, Tensor};
 
 #[macro_use]
 pub(crate) mod cpu;
+/// Most rows for which the fused matmul takes its row-wise GEMV path (decode batches).
+pub const GEMV_ROWS: usize = cpu::GEMV_ROWS;
 pub mod reference;
 pub mod registry;
 

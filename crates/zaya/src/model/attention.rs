@@ -70,6 +70,46 @@ impl CcaProjection {
         same_document: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Qkv> {
+        // History columns: the cached raw projections, or zeros at a sequence start.
+        let (history, prev_rec) = match &cache {
+            Some(cache) if cache.has_previous_state() => (
+                cache.conv_state().cloned(),
+                cache.recurrent_state().cloned(),
+            ),
+            _ => (None, None),
+        };
+        let (qkv, conv, rec) = self.project(a, conv_mask, same_document, history, prev_rec)?;
+        if let Some(cache) = cache {
+            cache.set_cca_state(conv, rec);
+        }
+        Ok(qkv)
+    }
+
+    /// The delayed value a sequence starts from (`v_proj_delayed` of a zero input), `[B, Hv]`.
+    pub fn start_delayed_value(&self, b: usize, a: &Tensor) -> Result<Tensor> {
+        self.v_proj_delayed
+            .forward(&Tensor::zeros((b, 1, a.dim(2)?), a.dtype(), a.device())?)?
+            .squeeze(1)
+    }
+
+    /// Zero conv history `[B, S, C]` of a sequence start.
+    pub fn start_history(&self, b: usize, a: &Tensor) -> Result<Tensor> {
+        let s = self.k0 + self.k1 - 2;
+        let c = (self.num_heads + self.num_kv_heads) * self.head_dim;
+        Tensor::zeros((b, s, c), a.dtype(), a.device())
+    }
+
+    /// The projection from explicit state: `history` `[B, S, C]` and `prev_rec` `[B, Hv]`
+    /// (both `None` at a sequence start). Returns the queries/keys/values and the state after
+    /// the call (conv history, delayed value of the last token).
+    pub fn project(
+        &self,
+        a: &Tensor,
+        conv_mask: Option<&Tensor>,
+        same_document: Option<&Tensor>,
+        history: Option<Tensor>,
+        prev_rec: Option<Tensor>,
+    ) -> Result<(Qkv, Tensor, Tensor)> {
         let a = match conv_mask {
             Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
             None => a.clone(),
@@ -93,13 +133,6 @@ impl CcaProjection {
         let mq = ((q4 + k_rep)? * 0.5)?;
         let mk = mq.reshape((b, t, nkv, groups, d))?.mean(3)?;
 
-        // History columns: the cached raw projections, or zeros at a sequence start.
-        let (history, prev_rec) = match &cache {
-            Some(cache) if cache.has_previous_state() => {
-                (cache.conv_state.clone(), cache.recurrent_state.clone())
-            }
-            _ => (None, None),
-        };
         let history = match history {
             Some(h) => h,
             None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
@@ -152,15 +185,13 @@ impl CcaProjection {
         };
         let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
 
-        if let Some(cache) = cache {
-            if s > 0 {
-                cache.conv_state = Some(x.narrow(1, x.dim(1)? - s, s)?.contiguous()?);
-            } else {
-                cache.conv_state = Some(Tensor::zeros((b, 0, c), u.dtype(), u.device())?);
-            }
-            cache.recurrent_state = Some(vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?);
-        }
-        Ok(Qkv { q, k, v })
+        let conv = if s > 0 {
+            x.narrow(1, x.dim(1)? - s, s)?.contiguous()?
+        } else {
+            Tensor::zeros((b, 0, c), u.dtype(), u.device())?
+        };
+        let rec = vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+        Ok((Qkv { q, k, v }, conv, rec))
     }
 
     /// Both causal convolutions over `x` = `[history ; u]` (`[B, S+T, C]`), accumulating in
@@ -321,6 +352,99 @@ impl ZayaAttention {
             .sqrt()?;
         let factor = (norm.recip()? * (self.head_dim as f64).sqrt())?;
         x.broadcast_mul(&factor)
+    }
+
+    /// One decode token for each of `B` independent rows (`a` is `[B, 1, H]`), each row with
+    /// its own cache (batch 1) at its own position: the projections run batched, attention
+    /// per row over that row's keys exactly as a single-row decode does. `cos`/`sin` are the
+    /// rows' RoPE tables (`[B, 1, R]`).
+    pub fn forward_rows(
+        &self,
+        a: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        window: Option<usize>,
+        backend: core::AttnImplementation,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (b, t, _) = a.dims3()?;
+        if t != 1 || caches.len() != b {
+            candle_core::bail!(
+                "forward_rows takes one token per row: input [{b}, {t}], {} caches",
+                caches.len()
+            );
+        }
+        let mut history = Vec::with_capacity(b);
+        let mut prev = Vec::with_capacity(b);
+        for c in caches.iter() {
+            match (c.conv_state(), c.recurrent_state()) {
+                (Some(h), Some(r)) if c.has_previous_state() => {
+                    history.push(h.clone());
+                    prev.push(r.clone());
+                }
+                _ => {
+                    history.push(self.qkv_proj.start_history(1, a)?);
+                    prev.push(self.qkv_proj.start_delayed_value(1, a)?);
+                }
+            }
+        }
+        let (Qkv { q, k, v }, conv, rec) = self.qkv_proj.project(
+            a,
+            None,
+            None,
+            Some(Tensor::cat(&history, 0)?),
+            Some(Tensor::cat(&prev, 0)?),
+        )?;
+        let q = self.l2_to_sqrt_d(&q)?;
+        let k = self.l2_to_sqrt_d(&k)?.broadcast_mul(&self.temp.reshape((
+            1,
+            1,
+            self.num_kv_heads,
+            1,
+        ))?)?;
+        let q = kernels::rotary(&q.transpose(1, 2)?, cos, sin)?;
+        let k = kernels::rotary(&k.transpose(1, 2)?, cos, sin)?;
+        let v = v.transpose(1, 2)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut outs = Vec::with_capacity(b);
+        for (row, cache) in caches.iter_mut().enumerate() {
+            cache.set_cca_state(
+                conv.narrow(0, row, 1)?.contiguous()?,
+                rec.narrow(0, row, 1)?.contiguous()?,
+            );
+            let past = cache.seen();
+            let held = cache.kv_len();
+            let (k_all, v_all) = cache.update_kv(
+                &k.narrow(0, row, 1)?.contiguous()?,
+                &v.narrow(0, row, 1)?.contiguous()?,
+            )?;
+            let mask = MaskSpec {
+                batch: 1,
+                q_start: past,
+                q_len: 1,
+                kv_start: past - held,
+                kv_len: held + 1,
+                window,
+                key_padding: None,
+                documents: None,
+            };
+            let (o, _) = core::attend(
+                backend,
+                &q.narrow(0, row, 1)?,
+                &k_all,
+                &v_all,
+                &mask,
+                scale,
+                false,
+            )?;
+            outs.push(o);
+        }
+        let o = Tensor::cat(&outs, 0)?.transpose(1, 2)?.reshape((
+            b,
+            1,
+            self.num_heads * self.head_dim,
+        ))?;
+        self.o_proj.forward(&o)
     }
 
     /// Returns the output `[B,T,H]` and the attention probabilities when asked.

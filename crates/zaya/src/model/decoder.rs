@@ -101,6 +101,33 @@ impl DecoderLayer {
         })
     }
 
+    /// One decode token for each of `B` rows with their own caches (see
+    /// [`ZayaAttention::forward_rows`]); returns the new residual stream and the router state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_rows(
+        &self,
+        h: &Tensor,
+        router_state: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        window: Option<usize>,
+        backend: crate::attention::AttnImplementation,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<(Tensor, Tensor)> {
+        let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.input_layernorm, self.eps)?;
+        let attn = self
+            .self_attn
+            .forward_rows(&a, cos, sin, window, backend, caches)?;
+        let r = self.post_attention_residual_scale.forward(&attn, h)?;
+        let n = kernels::rms_norm(
+            &r.to_dtype(self.dtype)?,
+            &self.post_attention_layernorm,
+            self.eps,
+        )?;
+        let (m, routing) = self.mlp.forward(&n, router_state)?;
+        Ok((self.post_mlp_residual_scale.forward(&m, &r)?, routing.state))
+    }
+
     /// `h` is the f32 residual stream, `router_state` the previous layer's `ρ` (none for
     /// layer 0). The new `ρ` is `output.routing.state`.
     pub fn forward(

@@ -505,7 +505,15 @@ impl ZayaModel {
             want_probs,
             backend: ctx.attn,
         };
-        Ok(layer.forward(h, router_state, &inputs, cache.map(|c| &mut c.layers[idx]))?)
+        let layer_cache = match cache {
+            None => None,
+            Some(c) => Some(c.layer_mut(idx).ok_or_else(|| {
+                ZayaError::Input(format!(
+                    "cache has no layer {idx}: it was made for another config"
+                ))
+            })?),
+        };
+        Ok(layer.forward(h, router_state, &inputs, layer_cache)?)
     }
 
     /// Final RMSNorm of the f32 residual stream, in the parameter dtype.
@@ -574,6 +582,87 @@ impl ZayaModel {
         self.lm_head.bias.as_ref()
     }
 
+    /// Most rows a [`decode_rows`](Self::decode_rows) call should take for its results not
+    /// to depend on how many rows run together: up to this many rows, every linear layer and
+    /// expert runs the row-wise GEMV kernel, whose result for a row does not depend on the
+    /// other rows (a general GEMM's blocking could change the last bits). Larger batches are
+    /// correct too, just not bit-identical to a single-row run.
+    pub const INVARIANT_DECODE_ROWS: usize = kernels::GEMV_ROWS;
+
+    /// One decode step for independent sequences at different positions: `tokens[i]` is fed
+    /// after the state in `caches[i]` (each a batch-1 cache, possibly empty). Projections,
+    /// router and experts run batched over the rows; attention runs per row over that row's
+    /// keys. Returns the logits `[B, V]` (parameter dtype) and updates every cache.
+    pub fn decode_rows(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut HybridCache],
+        attn: AttnImplementation,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(ZayaError::Input(format!(
+                "decode_rows needs one token per cache and at least one row: {} tokens, {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        let mut positions = Vec::with_capacity(tokens.len());
+        for (row, (c, &id)) in caches.iter().zip(tokens).enumerate() {
+            c.check(&self.cfg)?;
+            if c.layers().iter().any(|l| l.batch() > 1) {
+                return Err(ZayaError::Input(format!(
+                    "decode_rows: cache of row {row} holds a batch of {} sequences; each row needs its own",
+                    c.layers().iter().map(|l| l.batch()).max().unwrap_or(0)
+                )));
+            }
+            if id as usize >= vocab {
+                return Err(ZayaError::TokenOutOfRange {
+                    id: id as i64,
+                    row,
+                    position: c.seq_len(),
+                    vocab_size: vocab,
+                });
+            }
+            if c.seq_len() + 1 > self.cfg.max_position_embeddings {
+                return Err(ZayaError::ContextTooLong {
+                    row,
+                    length: c.seq_len() + 1,
+                    limit: self.cfg.max_position_embeddings,
+                });
+            }
+            positions.push(vec![c.seq_len() as i64]);
+        }
+        let b = tokens.len();
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+        let mut rope = BTreeMap::new();
+        for (lt, rot) in &self.rotary {
+            rope.insert(*lt, rot.cos_sin(&positions, self.dtype, &self.device)?);
+        }
+        let mut h = self.embed(&ids)?;
+        let mut state: Option<Tensor> = None;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = &rope[&layer.layer_type];
+            let window = match layer.layer_type {
+                LayerType::Hybrid => None,
+                LayerType::HybridSliding => self.cfg.sliding_window,
+            };
+            let mut rows: Vec<&mut crate::cache::LayerCache> = caches
+                .iter_mut()
+                .map(|c| {
+                    c.layer_mut(idx)
+                        .ok_or_else(|| ZayaError::Input(format!("cache has no layer {idx}")))
+                })
+                .collect::<Result<_>>()?;
+            let (next, st) =
+                layer.forward_rows(&h, state.as_ref(), cos, sin, window, attn, &mut rows)?;
+            h = next;
+            state = Some(st);
+        }
+        let y = self.final_norm(&h)?;
+        Ok(self.lm_head(&y)?.squeeze(1)?)
+    }
+
     /// The full forward pass. With a cache, this call continues after its `P` tokens
     /// (prefill, chunked prefill or decode) and updates it.
     pub fn forward(
@@ -582,6 +671,9 @@ impl ZayaModel {
         mut cache: Option<&mut HybridCache>,
         opts: &ForwardOptions,
     ) -> Result<ModelOutput> {
+        if let Some(c) = cache.as_deref() {
+            c.check(&self.cfg)?;
+        }
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let ids = self.check_input_ids(input_ids, past)?;
         let (b, t) = (ids.len(), ids[0].len());
