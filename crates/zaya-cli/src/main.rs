@@ -17,6 +17,7 @@ use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 mod bench;
 mod chat;
 mod default_model;
+mod serve;
 mod text_cmds;
 mod train_cmds;
 mod train_run;
@@ -57,6 +58,8 @@ enum Command {
     Template(text_cmds::TemplateArgs),
     /// Split generated text into content, reasoning and tool calls.
     Parse(text_cmds::ParseArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -420,6 +423,7 @@ fn main() {
         Command::Detokenize(a) => text_cmds::run_detokenize(a),
         Command::Template(a) => text_cmds::run_template(a),
         Command::Parse(a) => text_cmds::run_parse(a),
+        Command::Serve(a) => serve::run_serve(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }
