@@ -63,8 +63,23 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
+    /// What the server wrote on stderr, without terminal colour codes.
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        let raw = self.log.lock().unwrap().clone();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 }
 

@@ -123,12 +123,12 @@ impl Tracker {
         self.usage.completion_tokens += usage.completion_tokens;
         self.usage.cached_tokens += usage.cached_tokens;
         self.remaining = self.remaining.saturating_sub(1);
-        if self.remaining == 0 {
-            self.log("done");
-            true
-        } else {
-            false
-        }
+        self.remaining == 0
+    }
+
+    /// The answer is complete (finish reasons recorded): write the request's log line.
+    pub fn complete(&mut self) {
+        self.log("done");
     }
 
     pub fn on_error(&mut self) {

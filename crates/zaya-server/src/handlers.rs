@@ -542,6 +542,7 @@ async fn chat_whole(
             json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish}),
         );
     }
+    tracker.complete();
     Ok(AxumJson(json!({
         "id": tracker.id,
         "object": "chat.completion",
@@ -643,6 +644,7 @@ fn chat_stream(
                 }
                 Event::Done { usage } => {
                     if tracker.on_done(&usage) {
+                        tracker.complete();
                         if include_usage {
                             let mut c = base.clone();
                             c["choices"] = json!([]);
@@ -796,6 +798,7 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes, start: Instant) -> Ap
                 json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
             })
             .collect();
+        tracker.complete();
         Ok(AxumJson(json!({
             "id": tracker.id,
             "object": "text_completion",
@@ -891,6 +894,7 @@ fn completion_stream(
                 }
                 Event::Done { usage } => {
                     if tracker.on_done(&usage) {
+                        tracker.complete();
                         if include_usage {
                             let mut c = base.clone();
                             c["choices"] = json!([]);
