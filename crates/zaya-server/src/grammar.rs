@@ -23,7 +23,7 @@ use zaya::text::ZayaTokenizer;
 use crate::error::ApiError;
 
 /// Reasoning allowed before a constrained answer when the prompt opened thinking.
-pub const MAX_THINKING_CHARS: usize = 1024;
+pub const MAX_THINKING_CHARS: usize = 512;
 
 /// Shared, per-tokenizer state: the token trie and the parser factory.
 pub struct GrammarCompiler {
@@ -127,9 +127,10 @@ impl GrammarCompiler {
     /// up to [`MAX_THINKING_CHARS`] of reasoning, `</think>`, then the constrained answer. Errors are the request's fault (400).
     pub fn compile(&self, spec: &GrammarSpec, close_thinking: bool) -> Result<Grammar, ApiError> {
         let (body, param) = match spec {
-            GrammarSpec::JsonSchema(schema) => {
-                (format!("%json {}", compact(schema)), "response_format")
-            }
+            GrammarSpec::JsonSchema(schema) => (
+                format!("%json {}", compact(&strict_json(schema))),
+                "response_format",
+            ),
             GrammarSpec::ToolCalls { tools, parallel } => {
                 (self.tool_rules(tools, *parallel)?, "tools")
             }
@@ -256,10 +257,21 @@ impl GrammarCompiler {
                         .join(" | ")
                 );
             }
-            // Non-empty, no '<', not starting or ending with a newline (the markup's own). The
-            // closing markup is part of the same lexeme: llguidance's lexer matches greedily
-            // and would otherwise take the newline before `</parameter>` into the value.
-            return "/[^<\\n]([^<]*[^<\\n])?\\n<\\/parameter>\\n/".to_string();
+            // Non-empty, no '<', not starting or ending with a newline (the markup's own), at
+            // most `maxLength` (default MAX_STRING_CHARS) characters. The closing markup is part
+            // of the same lexeme: llguidance's lexer matches greedily and would otherwise take
+            // the newline before `</parameter>` into the value.
+            let max = schema
+                .get("maxLength")
+                .and_then(Json::as_u64)
+                .map_or(MAX_STRING_CHARS, |m| m as usize)
+                .max(1);
+            let inner = if max >= 2 {
+                format!("([^<]{{0,{}}}[^<\\n])?", max - 2)
+            } else {
+                String::new()
+            };
+            return format!("/[^<\\n]{inner}\\n<\\/parameter>\\n/");
         }
         let mut s = schema.clone();
         if let Some(obj) = s.as_object_mut() {
@@ -267,8 +279,25 @@ impl GrammarCompiler {
                 obj.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        format!("%json {} {}", compact(&s), lit(PARAM_CLOSE))
+        format!("%json {} {}", compact(&strict_json(&s)), lit(PARAM_CLOSE))
     }
+}
+
+/// Longest verbatim string parameter without a `maxLength` (keeps a rambling model from
+/// filling `max_tokens` inside one value).
+pub const MAX_STRING_CHARS: usize = 256;
+
+/// JSON as ZAYA1's template writes it (`json.dumps` separators), without the free whitespace
+/// llguidance allows by default: a small model can otherwise emit blank lines until
+/// `max_tokens`.
+fn strict_json(schema: &Json) -> Json {
+    let mut s = schema.clone();
+    if let Some(obj) = s.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(
+            || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    s
 }
 
 /// What follows every parameter value.

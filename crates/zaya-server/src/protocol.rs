@@ -287,12 +287,14 @@ impl ChatCompletionRequest {
                 "auto" => ToolChoice::Auto,
                 "none" => ToolChoice::None,
                 "required" => ToolChoice::Required,
-                other => return Err(ApiError::invalid(
-                    "tool_choice",
-                    format!(
+                other => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        format!(
                         "unknown tool_choice `{other}` (auto, none, required or a named function)"
                     ),
-                )),
+                    ))
+                }
             },
             Some(obj) => match obj.pointer("/function/name").and_then(Json::as_str) {
                 Some(name) => ToolChoice::Named(name.to_string()),
