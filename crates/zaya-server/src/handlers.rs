@@ -642,17 +642,16 @@ fn chat_stream(
                     tracker.on_finish(choice, finish);
                     out.push_back(chunk(choice, json!({}), Json::Null, Some(finish)));
                 }
-                Event::Done { usage } => {
-                    if tracker.on_done(&usage) {
-                        tracker.complete();
-                        if include_usage {
-                            let mut c = base.clone();
-                            c["choices"] = json!([]);
-                            c["usage"] = usage_json(&tracker.usage);
-                            out.push_back(sse(&c));
-                        }
-                        out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                // The last engine request of this HTTP request is done.
+                Event::Done { usage } if tracker.on_done(&usage) => {
+                    tracker.complete();
+                    if include_usage {
+                        let mut c = base.clone();
+                        c["choices"] = json!([]);
+                        c["usage"] = usage_json(&tracker.usage);
+                        out.push_back(sse(&c));
                     }
+                    out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 }
                 Event::Error { message } => {
                     tracker.on_error();
