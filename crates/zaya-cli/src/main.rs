@@ -20,6 +20,7 @@ mod chat;
 mod default_model;
 mod out;
 mod quant_cmds;
+mod serve;
 mod text_cmds;
 mod train_cmds;
 mod train_run;
@@ -67,6 +68,8 @@ enum Command {
     Eval(quant_cmds::EvalArgs),
     /// Throughput and latency of the continuous-batching engine at several concurrencies.
     BenchEngine(bench_engine::BenchEngineArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -468,6 +471,7 @@ fn main() {
         Command::Parse(a) => text_cmds::run_parse(a),
         Command::Quantize(a) => quant_cmds::run_quantize(a),
         Command::Eval(a) => quant_cmds::run_eval(a),
+        Command::Serve(a) => serve::run_serve(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -1,0 +1,104 @@
+//! `zaya serve`: loads the model, starts the engine thread and runs the OpenAI-compatible
+//! HTTP server until SIGTERM / ctrl-c.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use zaya::text::ZayaTokenizer;
+use zaya::ZayaModel;
+use zaya_engine::{Engine, EngineConfig};
+use zaya_server::{AppState, ServerConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Model directory (weights, config and tokenizer files); default: the embedded model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` (also read from ZAYA_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// The model name clients use; default: the model directory's name.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Rows decoding at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// Queued requests beyond which the server answers 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Weight dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Attention backend: eager, sdpa or flex.
+    #[arg(long, default_value = "eager")]
+    pub attn: String,
+    /// Prefix cache bound in MiB (0 turns it off).
+    #[arg(long)]
+    pub prefix_cache_mib: Option<usize>,
+    /// Seconds in-flight requests may run after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let dtype = crate::parse_dtype(&args.dtype)?;
+    let attn = crate::parse_attn(&args.attn)?;
+    let dir = match &args.model {
+        Some(d) => d.clone(),
+        None => crate::default_model::dir()?,
+    };
+    let name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| match &args.model {
+            Some(d) => d
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "zaya".into()),
+            None => "zaya-default".into(),
+        });
+    let model = Arc::new(ZayaModel::load(&dir, dtype, &Device::Cpu)?);
+    let tokenizer = Arc::new(ZayaTokenizer::from_dir(&dir).with_context(|| {
+        format!(
+            "loading the tokenizer of {} (the server needs tokenizer files)",
+            dir.display()
+        )
+    })?);
+    let mut cfg = EngineConfig {
+        max_running: args.max_running,
+        max_waiting: args.max_waiting,
+        attn,
+        ..Default::default()
+    };
+    if let Some(mib) = args.prefix_cache_mib {
+        cfg.prefix_cache_bytes = mib << 20;
+    }
+    let engine = Engine::start(model, Some(tokenizer.clone()), cfg)?;
+    let config = ServerConfig {
+        host: args.host,
+        port: args.port,
+        api_key: args
+            .api_key
+            .or_else(|| std::env::var("ZAYA_API_KEY").ok().filter(|k| !k.is_empty())),
+        served_model_name: name,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let state = Arc::new(AppState::new(engine, tokenizer, config));
+        zaya_server::serve(state, zaya_server::shutdown_signal()).await
+    })
+}

@@ -1,0 +1,486 @@
+//! `zaya serve` driven over HTTP on 127.0.0.1: raw HTTP for the error cases, SSE framing,
+//! queue limits and shutdown; the official `openai` Python client for the API surface
+//! (tests/serve/openai_checks.py, run with the interpreter named by ZAYA_TEST_PYTHON, which
+//! .ci/run sets up).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const KEY: &str = "test-key";
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_zaya"))
+            .args(["serve", "--port", "0", "--api-key", KEY])
+            .args(extra)
+            .env("ZAYA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn zaya serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What the server wrote on stderr, without terminal colour codes.
+    fn log(&self) -> String {
+        let raw = self.log.lock().unwrap().clone();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the body is read to the end (chunked
+/// transfer decoded).
+fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let headers = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut payload = raw[split + 4..].to_vec();
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &payload[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+            rest = &rest[nl + 2 + n + 2..];
+        }
+        payload = out;
+    }
+    let status = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // Every byte the server sends is UTF-8: a split character would fail here.
+    let body = String::from_utf8(payload).expect("UTF-8 body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn post(addr: &str, path: &str, body: Value) -> Reply {
+    http(addr, "POST", path, Some(KEY), Some(&body.to_string()))
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+fn error_of(r: &Reply) -> Value {
+    let v = r.json();
+    let e = v["error"].clone();
+    assert!(
+        e["message"].is_string()
+            && e.get("type").is_some()
+            && e.get("param").is_some()
+            && e.get("code").is_some(),
+        "{v}"
+    );
+    e
+}
+
+#[test]
+fn serve_routes_errors_and_streaming_over_raw_http() {
+    let srv = Server::start(&[]);
+    let a = &srv.addr;
+    assert_eq!(http(a, "GET", "/health", None, None).status, 200);
+    let models = http(a, "GET", "/v1/models", Some(KEY), None).json();
+    assert_eq!(models["data"][0]["id"], "zaya-default");
+
+    // Authentication.
+    let r = http(a, "GET", "/v1/models", None, None);
+    assert_eq!(r.status, 401);
+    assert_eq!(error_of(&r)["type"], "authentication_error");
+    assert_eq!(
+        http(a, "POST", "/v1/chat/completions", Some("nope"), Some("{}")).status,
+        401
+    );
+
+    // Bad requests: each a 400 (or 404) with OpenAI's error object, naming the field.
+    let user = json!([{"role": "user", "content": "And God said"}]);
+    let cases: Vec<(Value, u16, Option<&str>)> = vec![
+        (json!({"model": "zaya-default"}), 400, None),
+        (
+            json!({"model": "other", "messages": user}),
+            404,
+            Some("model"),
+        ),
+        (json!({"messages": user, "temperature": "hot"}), 400, None),
+        (
+            json!({"messages": user, "temperature": 9}),
+            400,
+            Some("temperature"),
+        ),
+        (json!({"messages": user, "top_p": 0}), 400, Some("top_p")),
+        (json!({"messages": user, "n": 0}), 400, Some("n")),
+        (
+            json!({"messages": user, "logprobs": true, "top_logprobs": 50}),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            json!({"messages": [{"role": "user"}]}),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            json!({"messages": user, "max_tokens": 100000}),
+            400,
+            Some("messages"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x ".repeat(4000)}]}),
+            400,
+            Some("messages"),
+        ),
+        (
+            json!({"messages": user, "tool_choice": "required"}),
+            400,
+            Some("tool_choice"),
+        ),
+        (
+            json!({"messages": user, "response_format": {"type": "xml"}}),
+            400,
+            Some("response_format.type"),
+        ),
+    ];
+    for (body, status, param) in cases {
+        let r = post(a, "/v1/chat/completions", body.clone());
+        assert_eq!(r.status, status, "{body} -> {}", r.body);
+        let e = error_of(&r);
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{body} -> {}", r.body);
+        }
+    }
+    let r = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        Some("{not json"),
+    );
+    assert_eq!(r.status, 400);
+    assert!(error_of(&r)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    let r = post(a, "/v1/completions", json!({"prompt": [5000000]}));
+    assert_eq!(
+        (r.status, error_of(&r)["param"].clone()),
+        (400, json!("prompt"))
+    );
+    assert_eq!(http(a, "GET", "/v2/nothing", Some(KEY), None).status, 404);
+
+    // Tokenizer routes.
+    let t = post(a, "/tokenize", json!({"prompt": "And God said"})).json();
+    let ids = t["tokens"].clone();
+    assert_eq!(t["count"], ids.as_array().unwrap().len());
+    assert_eq!(ids[0], 2, "BOS first");
+    let d = post(a, "/detokenize", json!({"tokens": ids})).json();
+    assert_eq!(d["prompt"], "<bos>And God said");
+    let chat_ids = post(a, "/tokenize", json!({"messages": user})).json();
+    assert!(chat_ids["count"].as_u64().unwrap() > t["count"].as_u64().unwrap());
+
+    // A non-streamed and a streamed answer: the SSE chunks concatenate to the same text.
+    let body = json!({"messages": user, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    let whole = post(a, "/v1/chat/completions", body.clone()).json();
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(whole["usage"]["completion_tokens"], 24);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = post(a, "/v1/chat/completions", sbody);
+    assert!(
+        r.headers
+            .to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{}",
+        r.headers
+    );
+    let events = sse_events(&r.body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(chunks.last().unwrap()["choices"], json!([]));
+    assert_eq!(usage["completion_tokens"], 24);
+    assert!(usage["prompt_tokens_details"]["cached_tokens"].is_u64());
+    let finishes: Vec<_> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .collect();
+    assert_eq!(finishes, ["length"]);
+
+    // Metrics name what the issue asks for, and count the work done.
+    let m = http(a, "GET", "/metrics", None, None).body;
+    for name in [
+        "zaya_requests_running ",
+        "zaya_requests_waiting ",
+        "zaya_prompt_tokens_total ",
+        "zaya_generation_tokens_total ",
+        "zaya_prefix_cache_hit_tokens_total ",
+        "zaya_time_to_first_token_seconds_bucket",
+        "zaya_inter_token_latency_seconds_bucket",
+        "zaya_request_duration_seconds_count ",
+    ] {
+        assert!(m.contains(name), "{name} missing:\n{m}");
+    }
+    let gen: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("zaya_generation_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(gen >= 48.0, "{gen}");
+    // One log line per request, with its numbers.
+    let log = srv.log();
+    assert!(
+        log.lines().any(|l| l.contains("request")
+            && l.contains("ttft_ms")
+            && l.contains("finish=length")
+            && l.contains("completion_tokens=24")),
+        "{log}"
+    );
+    // Still serving after all of that.
+    assert_eq!(
+        post(
+            a,
+            "/v1/completions",
+            json!({"prompt": "And", "max_tokens": 2})
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn serve_queue_full_then_sigterm_drains_and_exits_zero() {
+    let mut srv = Server::start(&["--max-running", "1", "--max-waiting", "1"]);
+    let addr = srv.addr.clone();
+    let long = json!({"prompt": "And God said", "max_tokens": 400, "ignore_eos": true, "temperature": 0, "stream": true});
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let addr = addr.clone();
+                let long = long.clone();
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(30 * i));
+                    post(&addr, "/v1/completions", long).status
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let r = post(
+        &addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(
+        r.status, 200,
+        "serving again once the queue drained: {}",
+        r.body
+    );
+
+    // SIGTERM while a stream runs: it finishes ([DONE]) and the process exits 0.
+    let streaming = {
+        let addr = addr.clone();
+        let body =
+            json!({"prompt": "And God said", "max_tokens": 60, "ignore_eos": true, "stream": true});
+        std::thread::spawn(move || post(&addr, "/v1/completions", body))
+    };
+    let t0 = Instant::now();
+    while !srv.log().contains("zaya_server") && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    unsafe {
+        libc::kill(srv.child.id() as i32, libc::SIGTERM);
+    }
+    let r = streaming.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.trim_end().ends_with("data: [DONE]"), "{}", r.body);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = srv.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", srv.log());
+    assert!(TcpStream::connect(&addr).is_err(), "no longer accepting");
+}
+
+#[test]
+fn serve_through_the_openai_python_client() {
+    let Some(python) = std::env::var_os("ZAYA_TEST_PYTHON") else {
+        eprintln!(
+            "SKIPPED serve_through_the_openai_python_client: set ZAYA_TEST_PYTHON to a python with the `openai` package (.ci/run does)"
+        );
+        return;
+    };
+    let srv = Server::start(&[]);
+    let cold = Server::start(&["--prefix-cache-mib", "0"]);
+    let prompt = "And God said";
+    let max_tokens = 12;
+    let out = Command::new(env!("CARGO_BIN_EXE_zaya"))
+        .args([
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &max_tokens.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = json!({
+        "base": srv.url(),
+        "cold": cold.url(),
+        "key": KEY,
+        "model": "zaya-default",
+        "generate": {"prompt": prompt, "max_tokens": max_tokens, "text": gen["texts"][0]},
+    });
+    let cfg_path =
+        std::env::temp_dir().join(format!("zaya-serve-checks-{}.json", std::process::id()));
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/serve/openai_checks.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script).arg(&cfg_path);
+    if let Ok(only) = std::env::var("ZAYA_SERVE_CHECKS") {
+        cmd.args(only.split(','));
+    }
+    let status = cmd.status().unwrap();
+    assert!(
+        status.success(),
+        "openai client checks failed; server log:\n{}",
+        srv.log()
+    );
+}
