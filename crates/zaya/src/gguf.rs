@@ -692,7 +692,7 @@ fn tensor_bytes(
                             w.len()
                         )));
                     }
-                    QTensor::quantize_imatrix(t, w, d)?
+                    quant::quantize_weighted(t, d, w)?
                 }
                 None => quant::quantize(t, d)?,
             };
@@ -826,7 +826,9 @@ impl QuantizedSource for QuantizeOnLoad {
         match self.plan.format_for(name, shape) {
             WeightFormat::Quant(d) => {
                 let t = self.dense.get_unchecked_dtype(name, DType::F32)?;
-                Ok(Some(Arc::new(QTensor::quantize(&t, d)?)))
+                let q = quant::quantize(&t, d)
+                    .map_err(|e| candle_core::Error::Msg(format!("quantizing `{name}`: {e}")))?;
+                Ok(Some(Arc::new(q)))
             }
             _ => Ok(None),
         }

@@ -266,7 +266,22 @@ pub fn fallback(d: GgmlDType, shape: &[usize]) -> WeightFormat {
 
 /// Quantizes `t` (any float dtype) row by row into `d`.
 pub fn quantize(t: &Tensor, d: GgmlDType) -> Result<QTensor> {
-    Ok(QTensor::quantize(&t.to_dtype(DType::F32)?, d)?)
+    Ok(QTensor::quantize(&owned_f32(t)?, d)?)
+}
+
+/// [`quantize`] with per-feature importance weights (the last axis).
+pub fn quantize_weighted(t: &Tensor, d: GgmlDType, importance: &[f32]) -> Result<QTensor> {
+    Ok(QTensor::quantize_imatrix(&owned_f32(t)?, importance, d)?)
+}
+
+/// `t` in f32 in storage of its own. candle 0.11's `QTensor::quantize` reads the whole
+/// storage buffer and ignores the layout's offset, so a view (`t.get(e)`, a narrow)
+/// would quantize its parent's first rows instead (a debug assertion catches it, a
+/// release build does not): always hand it a fresh buffer.
+fn owned_f32(t: &Tensor) -> Result<Tensor> {
+    // (`Tensor::copy` clones the whole parent buffer too; going through a Vec does not.)
+    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Tensor::from_vec(data, t.shape(), t.device())?)
 }
 
 /// Splits a stacked `[E, R, C]` quantized tensor into `E` quantized `[R, C]` matrices (the
