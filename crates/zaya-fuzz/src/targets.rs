@@ -522,7 +522,10 @@ impl Target for TrainingData {
                 .collect::<String>()
                 .into_bytes()
         };
-        let mut seeds: Vec<Input> = lines.iter().map(|l| vec![jsonl(&[l.clone()])]).collect();
+        let mut seeds: Vec<Input> = lines
+            .iter()
+            .map(|l| vec![jsonl(std::slice::from_ref(l))])
+            .collect();
         seeds.push(vec![jsonl(&lines)]);
         seeds
     }

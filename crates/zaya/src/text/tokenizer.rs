@@ -142,7 +142,14 @@ fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
         .map_err(|e| load_error(format!("invalid JSON: {e}")))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| load_error(e.to_string()))?;
-    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+    // The post-processor's template is only looked at when encoding: a template naming a
+    // special token missing from its map panics there (fuzzing found it), so probe once.
+    let parse_and_probe = || {
+        let t = text.parse::<tokenizers::Tokenizer>()?;
+        t.encode("a", true)?;
+        Ok::<_, tokenizers::Error>(t)
+    };
+    match std::panic::catch_unwind(parse_and_probe) {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(load_error(e.to_string())),
         Err(panic) => {
