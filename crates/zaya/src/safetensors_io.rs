@@ -123,7 +123,18 @@ pub fn read_header(path: &Path) -> Result<Vec<StoredTensor>> {
                 format!("tensor `{name}`: data_offsets must hold two integers"),
             ));
         };
-        let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        // Checked: a hostile header can name dimensions whose product overflows.
+        let want = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!("tensor `{name}`: shape {shape:?} in {dtype_s} overflows a byte count"),
+                )
+            })?;
         if end < begin || end - begin != want {
             return Err(bad(
                 path,
@@ -134,14 +145,17 @@ pub fn read_header(path: &Path) -> Result<Vec<StoredTensor>> {
                 ),
             ));
         }
-        if data_start + end > file_len {
+        if data_start
+            .checked_add(end)
+            .is_none_or(|stop| stop > file_len)
+        {
             return Err(bad(
                 path,
                 format!(
                     "tensor `{name}`: bytes [{}, {}) lie past the end of the file ({file_len} \
                      bytes): the file is truncated",
-                    data_start + begin,
-                    data_start + end
+                    data_start.saturating_add(begin),
+                    data_start.saturating_add(end)
                 ),
             ));
         }
