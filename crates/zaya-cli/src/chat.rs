@@ -58,22 +58,6 @@ impl SamplingArgs {
     }
 }
 
-/// Encodes a plain prompt. The ZAYA1 tokenizer's post-processor appends `<end_of_turn>`
-/// after BOS + text (as the reference's integration test shows); a prompt to continue must
-/// not end with an end-of-turn, so trailing EOS ids added by the post-processor are removed.
-pub fn encode_prompt(tok: &ZayaTokenizer, text: &str) -> Result<Vec<u32>> {
-    let mut ids = tok.encode(text, true)?;
-    let plain = tok.encode(text, false)?;
-    let eos = tok.eos_token_ids();
-    while ids.len() > plain.len()
-        && ids.last().is_some_and(|l| eos.contains(l))
-        && !plain.ends_with(&ids[ids.len() - 1..])
-    {
-        ids.pop();
-    }
-    Ok(ids)
-}
-
 /// `zaya generate --prompt ...`: streams the text of a single prompt as it is generated;
 /// several prompts are generated as one batch and printed at the end.
 /// `opts` carries the length, EOS handling and attention backend; the stop ids come from
@@ -90,7 +74,7 @@ pub fn run_generate_text(
         .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
     let ids = prompts
         .iter()
-        .map(|p| encode_prompt(&tok, p))
+        .map(|p| tok.encode_prompt(p).map_err(Into::into))
         .collect::<Result<Vec<_>>>()?;
     opts.eos_token_ids = tok.stop_token_ids(&model.config().eos_token_id);
     let stream = prompts.len() == 1 && !as_json;

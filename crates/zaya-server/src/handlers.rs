@@ -135,22 +135,6 @@ fn text_error(param: &str, e: TextError) -> ApiError {
     }
 }
 
-/// Encodes a plain prompt to continue: BOS as the tokenizer's post-processor adds it, but no
-/// trailing end-of-turn (the ZAYA1 post-processor appends one, and a text to continue must not
-/// end its turn). `zaya generate --prompt` encodes the same way.
-pub fn encode_prompt(tok: &ZayaTokenizer, text: &str) -> zaya::text::Result<Vec<u32>> {
-    let mut ids = tok.encode(text, true)?;
-    let plain = tok.encode(text, false)?;
-    let eos = tok.eos_token_ids();
-    while ids.len() > plain.len()
-        && ids.last().is_some_and(|l| eos.contains(l))
-        && !plain.ends_with(&ids[ids.len() - 1..])
-    {
-        ids.pop();
-    }
-    Ok(ids)
-}
-
 /// `max_tokens` checked against the context: the default fills it.
 fn max_new_tokens(
     st: &AppState,
@@ -712,9 +696,9 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes, start: Instant) -> Ap
     let mut echoes = Vec::new();
     for p in &prompts {
         let ids = match p {
-            Prompt::Text(t) => {
-                encode_prompt(&tok, t).map_err(|e| ApiError::internal(e.to_string()))?
-            }
+            Prompt::Text(t) => tok
+                .encode_prompt(t)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
             Prompt::Tokens(ids) => {
                 if let Some(pos) = ids.iter().position(|&i| i as usize >= st.vocab_size) {
                     return Err(ApiError::invalid(
@@ -949,7 +933,7 @@ async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let tok = &st.tokenizer;
         let ids = match (req.prompt, req.messages) {
             (Some(p), None) => if req.add_special_tokens {
-                encode_prompt(tok, &p)
+                tok.encode_prompt(&p)
             } else {
                 tok.encode(&p, false)
             }

@@ -25,7 +25,6 @@ use zaya::text::ZayaTokenizer;
 use zaya_engine::Engine;
 
 pub use error::ApiError;
-pub use handlers::encode_prompt;
 
 /// What `zaya serve` was asked for, apart from the engine.
 #[derive(Debug, Clone)]

@@ -399,6 +399,22 @@ impl ZayaTokenizer {
             })
     }
 
+    /// Ids of a plain prompt to continue. The ZAYA1 post-processor appends `<end_of_turn>`
+    /// after BOS + text (as the reference's integration test shows); a prompt to continue must
+    /// not end with an end-of-turn, so trailing EOS ids added by the post-processor are removed.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text, true)?;
+        let plain = self.encode(text, false)?;
+        let eos = self.eos_token_ids();
+        while ids.len() > plain.len()
+            && ids.last().is_some_and(|l| eos.contains(l))
+            && !plain.ends_with(&ids[ids.len() - 1..])
+        {
+            ids.pop();
+        }
+        Ok(ids)
+    }
+
     /// Text of `ids`, as transformers' `tokenizer.decode`. Like transformers, ids that are not
     /// in the vocabulary are skipped; call [`check_ids`](Self::check_ids) first to reject them.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
