@@ -1,7 +1,7 @@
 //! Fuzzing of every parser of outside input, on stable Rust.
 //!
 //! A [`Target`] wraps one parser (config.json, a safetensors file, a shard index, the
-//! tokenizer files, a chat template with its context, training data). Its input is a list
+//! tokenizer files, a chat template with its context, training data, a GGUF file). Its input is a list
 //! of parts (the files it reads). The driver ([`run`]) starts from the target's valid seeds
 //! (the shipped configs, the fixtures' weights, the tokenizer files, templates, JSONL) and
 //! mutates them with a seeded generator: byte-level edits and, for parts that are JSON,
@@ -9,7 +9,7 @@
 //! keys), so inputs stay valid enough to reach the code behind the first parse. Every input
 //! must end in `Ok` or a typed error; a panic is a crash, recorded with its input.
 //!
-//! Adding a parser (GGUF, server request bodies, ...): implement [`Target`] next to it and
+//! Adding a parser (as the server's request bodies do): implement [`Target`] next to it and
 //! call [`run`] from a test (see `tests/fuzz.rs`); [`targets::all`] is the registry of
 //! this crate's targets.
 

@@ -21,6 +21,7 @@ pub fn all() -> Vec<Box<dyn Target>> {
         Box::new(TokenizerFiles::new()),
         Box::new(ChatTemplateRender),
         Box::new(TrainingData::new()),
+        Box::new(GgufFile::new()),
     ]
 }
 
@@ -554,6 +555,79 @@ impl Target for TrainingData {
         let path = std::path::Path::new("fuzz.jsonl");
         let examples = zaya::data::parse_jsonl(path, &input[0], &self.tok, 2000)?;
         zaya::data::pack(&examples, 16, 0)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A GGUF file as `zaya quantize` writes it (q8_0): the header, the metadata (ZAYA config,
+/// text files), the tensor infos checked against the config, the data ranges; then the
+/// whole model is built from it, as `--model FILE.gguf` does.
+pub struct GgufFile {
+    scratch: Scratch,
+}
+
+impl GgufFile {
+    pub fn new() -> Self {
+        GgufFile {
+            scratch: Scratch::new("gguf"),
+        }
+    }
+}
+
+impl Default for GgufFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Target for GgufFile {
+    fn name(&self) -> &'static str {
+        "gguf_file"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        use candle_core::quantized::GgmlDType;
+        use zaya::quant::{QuantPlan, WeightFormat};
+        // Rows 32 wide, so that q8_0 blocks apply (the tiny config's 8-wide rows stay dense).
+        let mut cfg = tiny_config();
+        cfg["hidden_size"] = json!(32);
+        cfg["head_dim"] = json!(16);
+        cfg["moe_intermediate_size"] = json!(32);
+        cfg["vocab_size"] = json!(32);
+        let cfg = ZayaConfig::from_json(&cfg).expect("gguf seed config is valid");
+        let tensors = zaya::init::random_weights(&cfg, 0).expect("random weights");
+        let scratch = Scratch::new("gguf-seed");
+        weights::save_checkpoint(scratch.path(), &cfg, &tensors, Layout::Native)
+            .expect("save the seed model");
+        let out = scratch.path().join("model.gguf");
+        let plan = QuantPlan::uniform(WeightFormat::Quant(GgmlDType::Q8_0));
+        zaya::gguf::quantize_to_gguf(scratch.path(), &out, &plan, None).expect("quantize seed");
+        vec![vec![std::fs::read(&out).expect("gguf written")]]
+    }
+
+    fn mutate(&self, input: &mut Input, m: &mut Mutator) {
+        use rand::Rng;
+        // The header, metadata and tensor infos come first; edits there reach the parser.
+        let part = &mut input[0];
+        let cut = part.len().min(4096);
+        let mut head = part[..cut].to_vec();
+        m.mutate_bytes(&mut head, &[]);
+        part.splice(..cut, head);
+        if m.rng().random_bool(0.1) {
+            let keep = m.rng().random_range(0..=part.len());
+            part.truncate(keep);
+        }
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        self.scratch.reset(&[("model.gguf", &input[0])]);
+        let path = self.scratch.path().join("model.gguf");
+        let g = zaya::gguf::GgufCheckpoint::open(&path)?;
+        g.validate()?;
+        g.text_files()?;
+        zaya::ZayaModel::load(&path, DType::F32, &Device::Cpu)?;
         Ok(())
     }
 }

@@ -73,6 +73,7 @@ fuzz_tests! {
     fuzz_tokenizer_files, fuzz_long_tokenizer_files => "tokenizer_files";
     fuzz_chat_template, fuzz_long_chat_template => "chat_template";
     fuzz_training_data, fuzz_long_training_data => "training_data";
+    fuzz_gguf_file, fuzz_long_gguf_file => "gguf_file";
 }
 
 /// Every registered target has a test above (a new target must be added to the list).
@@ -87,7 +88,8 @@ fn every_target_is_fuzzed() {
             "shard_index",
             "tokenizer_files",
             "chat_template",
-            "training_data"
+            "training_data",
+            "gguf_file"
         ]
     );
 }

@@ -233,6 +233,20 @@ impl GgufCheckpoint {
     pub fn validate(&self) -> Result<()> {
         let specs = native_specs(&self.config);
         let file_len = self.map.len() as u64;
+        // GGUF requires tensor data offsets aligned to `general.alignment` (a multiple of 8);
+        // candle reads blocks in place and needs at least the block type's alignment.
+        let alignment = match self.content.metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => v.to_u32().map(u64::from).unwrap_or(0),
+        };
+        if alignment == 0 || alignment % 8 != 0 {
+            return Err(GgufError::Metadata {
+                path: self.path.clone(),
+                key: "general.alignment".into(),
+                message: format!("must be a positive multiple of 8, found {alignment}"),
+            }
+            .into());
+        }
         for spec in &specs {
             let Some(info) = self.content.tensor_infos.get(&spec.name) else {
                 return Err(GgufError::MissingTensor {
@@ -277,8 +291,21 @@ impl GgufCheckpoint {
                 }
                 .into());
             }
-            let start = self.content.tensor_data_offset + info.offset;
-            let end = start + quant::storage_bytes(d, spec.shape.iter().product()) as u64;
+            if info.offset % alignment != 0 {
+                return Err(GgufError::BadFormat {
+                    path: self.path.clone(),
+                    name: spec.name.clone(),
+                    format: ggml_name(d).to_string(),
+                    message: format!(
+                        "data offset {} is not a multiple of the file's alignment {alignment}",
+                        info.offset
+                    ),
+                }
+                .into());
+            }
+            let start = self.content.tensor_data_offset.saturating_add(info.offset);
+            let end =
+                start.saturating_add(quant::storage_bytes(d, spec.shape.iter().product()) as u64);
             if end > file_len {
                 return Err(GgufError::Truncated {
                     path: self.path.clone(),
@@ -314,12 +341,15 @@ impl GgufCheckpoint {
         })?;
         let start = (self.content.tensor_data_offset + info.offset) as usize;
         let len = quant::storage_bytes(info.ggml_dtype, info.shape.elem_count());
-        let bytes = self.map.get(start..start + len).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{}: tensor `{name}` runs past the end of the file",
-                self.path.display()
-            ))
-        })?;
+        let bytes = self
+            .map
+            .get(start..start.saturating_add(len))
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}` runs past the end of the file",
+                    self.path.display()
+                ))
+            })?;
         Ok((bytes, info.ggml_dtype, info.shape.clone()))
     }
 
