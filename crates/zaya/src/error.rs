@@ -116,3 +116,13 @@ impl ZayaError {
         }
     }
 }
+
+/// The message of a caught panic (a third-party parser that panics on bad input is turned
+/// into a typed error by its caller).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -156,7 +156,15 @@ impl GgufCheckpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let mut file = File::open(&path).map_err(|e| ZayaError::io(&path, e))?;
-        let content = Content::read(&mut file).map_err(|e| header_err(&path, e))?;
+        // candle's reader panics on some malformed headers (a zero `general.alignment`
+        // divides by zero): such a file is a header error like any other.
+        let content =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut file)))
+                .map_err(|panic| {
+                    let why = crate::error::panic_message(panic.as_ref());
+                    header_err(&path, format!("candle's GGUF reader failed on it: {why}"))
+                })?
+                .map_err(|e| header_err(&path, e))?;
         // SAFETY: mapped read-only; changing a model file while it is loaded is unsupported.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ZayaError::io(&path, e))?;
         let arch = content

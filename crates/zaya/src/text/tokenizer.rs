@@ -153,11 +153,7 @@ fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(load_error(e.to_string())),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown".into());
+            let why = crate::error::panic_message(panic.as_ref());
             Err(load_error(format!(
                 "the tokenizers library failed on it: {why}"
             )))
