@@ -124,6 +124,36 @@ pub fn run(target: &dyn Target, inputs: u64, seed: u64) -> Report {
     run_saving_to(target, inputs, seed, &crash_dir())
 }
 
+/// The test every fuzz test runs: [`run`] with `ZAYA_FUZZ_INPUTS` / `ZAYA_FUZZ_SEED` (or the
+/// given defaults), the counts printed, and a failure when an input panicked, or when no
+/// mutant was accepted or none rejected (a target whose mutants all die at the first parse,
+/// or all pass, tests nothing behind it).
+pub fn check(target: &dyn Target, default_inputs: u64, default_seed: u64) {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let inputs = env("ZAYA_FUZZ_INPUTS").unwrap_or(default_inputs);
+    let seed = env("ZAYA_FUZZ_SEED").unwrap_or(default_seed);
+    let report = run(target, inputs, seed);
+    eprintln!("fuzz {report} (seed {seed})");
+    assert!(report.inputs > inputs, "every input ran");
+    assert!(
+        report.crashes.is_empty(),
+        "{}: {} panics, e.g. {:?}",
+        target.name(),
+        report.crashes.len(),
+        &report.crashes[..report.crashes.len().min(3)]
+    );
+    assert!(
+        report.accepted > 0,
+        "{}: no mutant was accepted",
+        target.name()
+    );
+    assert!(
+        report.rejected > 0,
+        "{}: no mutant was rejected",
+        target.name()
+    );
+}
+
 /// [`run`], writing crashing inputs under `crashes` instead of [`crash_dir`].
 pub fn run_saving_to(target: &dyn Target, inputs: u64, seed: u64, crashes: &Path) -> Report {
     let start = std::time::Instant::now();

@@ -9,44 +9,19 @@
 //! A crash writes its input to `target/fuzz-crashes/<target>/`; after the fix, copy the
 //! file to `crates/zaya-fuzz/regressions/<target>/` so it stays a test.
 
-use zaya_fuzz::{replay_dir, run, targets, Target};
+use zaya_fuzz::{check, replay_dir, targets, Target};
 
 const SHORT: u64 = 10_000;
 const LONG: u64 = 1_000_000;
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-fn fuzz(target: &dyn Target, default_inputs: u64, default_seed: u64) {
-    let inputs = env_u64("ZAYA_FUZZ_INPUTS").unwrap_or(default_inputs);
-    let seed = env_u64("ZAYA_FUZZ_SEED").unwrap_or(default_seed);
-    let report = run(target, inputs, seed);
-    eprintln!("fuzz {report} (seed {seed})");
-    assert!(report.inputs > inputs, "every input ran");
-    assert!(
-        report.crashes.is_empty(),
-        "{}: {} panics, e.g. {:?}",
-        target.name(),
-        report.crashes.len(),
-        &report.crashes[..report.crashes.len().min(3)]
-    );
-    // a fuzzer whose every input is rejected at the first parse would test nothing
-    assert!(
-        report.accepted > 0,
-        "{}: no mutant was accepted",
-        target.name()
-    );
-}
-
 fn short(name: &str) {
     let t = targets::by_name(name).expect("registered target");
-    fuzz(t.as_ref(), SHORT, 1);
+    check(t.as_ref(), SHORT, 1);
 }
 
 fn long(name: &str) {
     let t = targets::by_name(name).expect("registered target");
-    fuzz(t.as_ref(), LONG, 2);
+    check(t.as_ref(), LONG, 2);
 }
 
 macro_rules! fuzz_tests {
