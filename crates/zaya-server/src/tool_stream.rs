@@ -11,15 +11,10 @@
 //! pieces concatenate to exactly what [`OutputParser::parse`] returns for the whole text.
 
 use serde_json::{Map, Value as Json};
+use zaya::text::tool_calls::{
+    CALL_CLOSE, CALL_OPEN, FUNCTION_CLOSE, FUNCTION_OPEN, PARAM_CLOSE, THINK_CLOSE, THINK_OPEN,
+};
 use zaya::text::OutputParser;
-
-const THINK_OPEN: &str = "<think>";
-const THINK_CLOSE: &str = "</think>";
-const CALL_OPEN: &str = "<zyphra_tool_call>";
-const CALL_CLOSE: &str = "</zyphra_tool_call>";
-const FUNCTION_OPEN: &str = "<function=";
-const FUNCTION_CLOSE: &str = "</function>";
-const PARAM_CLOSE: &str = "</parameter>";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delta {

@@ -29,14 +29,15 @@
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
-const THINK_OPEN: &str = "<think>";
-const THINK_CLOSE: &str = "</think>";
-const CALL_OPEN: &str = "<zyphra_tool_call>";
-const CALL_CLOSE: &str = "</zyphra_tool_call>";
-const FUNCTION_OPEN: &str = "<function=";
-const FUNCTION_CLOSE: &str = "</function>";
-const PARAM_OPEN: &str = "<parameter=";
-const PARAM_CLOSE: &str = "</parameter>";
+// ZAYA1's thinking and tool-call markup (the streaming parser of the server reads the same).
+pub const THINK_OPEN: &str = "<think>";
+pub const THINK_CLOSE: &str = "</think>";
+pub const CALL_OPEN: &str = "<zyphra_tool_call>";
+pub const CALL_CLOSE: &str = "</zyphra_tool_call>";
+pub const FUNCTION_OPEN: &str = "<function=";
+pub const FUNCTION_CLOSE: &str = "</function>";
+pub const PARAM_OPEN: &str = "<parameter=";
+pub const PARAM_CLOSE: &str = "</parameter>";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ToolCall {
