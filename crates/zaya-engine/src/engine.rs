@@ -513,11 +513,11 @@ impl Worker {
                     a.cancel(tok.as_deref());
                 }
                 self.retire();
-                self.publish(0);
+                self.publish();
                 return;
             }
             if drain_now {
-                self.publish(0);
+                self.publish();
                 return;
             }
             self.step();
@@ -656,18 +656,17 @@ impl Worker {
             }
         }
 
-        let mut generated = 0u64;
         if !decode.is_empty() {
-            generated += self.run_decode(&decode, tok.as_deref());
+            self.run_decode(&decode, tok.as_deref());
         }
         for (ai, start, end) in pieces {
-            generated += self.run_piece(ai, start, end, tok.as_deref());
+            self.run_piece(ai, start, end, tok.as_deref());
         }
         self.retire();
-        self.publish(generated);
+        self.publish();
     }
 
-    fn run_decode(&mut self, decode: &[(usize, usize)], tok: Option<&ZayaTokenizer>) -> u64 {
+    fn run_decode(&mut self, decode: &[(usize, usize)], tok: Option<&ZayaTokenizer>) {
         let tokens: Vec<u32> = decode
             .iter()
             .map(|&(ai, si)| {
@@ -690,7 +689,6 @@ impl Worker {
             let mut refs: Vec<&mut RowState> = states.iter_mut().collect();
             rows::decode(&self.model, &mut refs, &tokens, self.cfg.attn)
         };
-        let mut generated = 0;
         match result {
             Err(e) => {
                 for &(ai, _) in decode {
@@ -706,25 +704,18 @@ impl Worker {
                         continue;
                     }
                     a.slots[si].row = Some(state);
-                    generated += Self::advance(a, si, l, tok);
+                    Self::advance(a, si, l, tok, &self.shared.counters.generation_tokens_total);
                 }
             }
         }
-        generated
     }
 
     /// Runs one prompt piece of request `ai`; at the prompt's end forks the state into the
     /// choices and samples their first tokens.
-    fn run_piece(
-        &mut self,
-        ai: usize,
-        start: usize,
-        end: usize,
-        tok: Option<&ZayaTokenizer>,
-    ) -> u64 {
+    fn run_piece(&mut self, ai: usize, start: usize, end: usize, tok: Option<&ZayaTokenizer>) {
         let a = &mut self.active[ai];
         let Some(state) = a.prefill.as_mut() else {
-            return 0;
+            return;
         };
         debug_assert_eq!(state.len(), start);
         let logits = match rows::prefill(&self.model, state, &a.prompt[start..end], self.cfg.attn) {
@@ -733,7 +724,7 @@ impl Worker {
                 a.fail(format!(
                     "prefill of prompt tokens {start}..{end} failed: {e}"
                 ));
-                return 0;
+                return;
             }
         };
         let b = self.cfg.prefix_block;
@@ -747,7 +738,7 @@ impl Worker {
             }
         }
         if end < a.prompt.len() {
-            return 0;
+            return;
         }
         // Prompt done: each choice gets its own copy of the state.
         let state = a.prefill.take().expect("prefilling");
@@ -759,24 +750,34 @@ impl Worker {
                     a.fail(format!(
                         "copying the prompt state for choice {i} failed: {e}"
                     ));
-                    return 0;
+                    return;
                 }
             }
         }
         a.slots[n - 1].row = Some(state);
-        let mut generated = 0;
         for si in 0..n {
             if a.failed {
                 break;
             }
-            generated += Self::advance(a, si, logits.clone(), tok);
+            Self::advance(
+                a,
+                si,
+                logits.clone(),
+                tok,
+                &self.shared.counters.generation_tokens_total,
+            );
         }
-        generated
     }
 
-    /// Samples choice `si` of `a` from `logits` and sends its events; returns 1 (a token was
-    /// generated) or 0.
-    fn advance(a: &mut Active, si: usize, logits: Vec<f32>, tok: Option<&ZayaTokenizer>) -> u64 {
+    /// Samples choice `si` of `a` from `logits`, counts the token in `generated_total` and
+    /// sends its events.
+    fn advance(
+        a: &mut Active,
+        si: usize,
+        logits: Vec<f32>,
+        tok: Option<&ZayaTokenizer>,
+        generated_total: &AtomicU64,
+    ) {
         let mut events = Vec::new();
         let slot = &mut a.slots[si];
         match slot.choice.step(logits, tok, &mut events) {
@@ -785,7 +786,6 @@ impl Worker {
                     a.send(e);
                 }
                 a.fail(message);
-                0
             }
             Ok(outcome) => {
                 match outcome {
@@ -797,10 +797,12 @@ impl Worker {
                     }
                 }
                 a.usage.completion_tokens += 1;
+                // Counted before the events go out: a client that has its answer sees it
+                // in the metrics.
+                generated_total.fetch_add(1, Ordering::Relaxed);
                 for e in events {
                     a.send(e);
                 }
-                1
             }
         }
     }
@@ -823,7 +825,7 @@ impl Worker {
         self.active.sort_by_key(|a| a.id);
     }
 
-    fn publish(&self, generated: u64) {
+    fn publish(&self) {
         let c = &self.shared.counters;
         c.running.store(self.active.len(), Ordering::Relaxed);
         c.running_rows.store(
@@ -834,8 +836,6 @@ impl Worker {
                 .count(),
             Ordering::Relaxed,
         );
-        c.generation_tokens_total
-            .fetch_add(generated, Ordering::Relaxed);
         c.prefix_cache_bytes
             .store(self.prefix.bytes(), Ordering::Relaxed);
         c.steps_total.fetch_add(1, Ordering::Relaxed);
