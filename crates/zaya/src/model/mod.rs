@@ -543,13 +543,7 @@ impl ZayaModel {
             total += self.lm_head.weight.bytes();
         }
         total += self.lm_head.bias.as_ref().map_or(0, tensor_bytes);
-        for t in [
-            &self.input_hidden_states_scale,
-            &self.input_hidden_states_bias,
-            &self.norm,
-        ] {
-            total += tensor_bytes(t);
-        }
+        total += self.input_and_final_bytes();
         total
             + self
                 .layers
@@ -558,19 +552,24 @@ impl ZayaModel {
                 .sum::<usize>()
     }
 
+    /// Bytes of the input scale and bias and the final norm (read whole by every token).
+    fn input_and_final_bytes(&self) -> usize {
+        [
+            &self.input_hidden_states_scale,
+            &self.input_hidden_states_bias,
+            &self.norm,
+        ]
+        .into_iter()
+        .map(tensor_bytes)
+        .sum()
+    }
+
     /// Bytes one decoded token reads at batch 1: every non-expert weight, one expert per
     /// layer (top-1; the largest expert, as an upper bound), the lm_head, and one
     /// embedding row.
     pub fn bytes_per_token(&self) -> usize {
         let emb_row = self.embed_tokens.bytes() / self.cfg.vocab_size.max(1);
-        let mut total = emb_row + self.lm_head.bytes();
-        for t in [
-            &self.input_hidden_states_scale,
-            &self.input_hidden_states_bias,
-            &self.norm,
-        ] {
-            total += tensor_bytes(t);
-        }
+        let total = emb_row + self.lm_head.bytes() + self.input_and_final_bytes();
         total
             + self
                 .layers
