@@ -36,9 +36,10 @@ if [ ! -f "$MODEL/config.json" ]; then
 fi
 
 # Both runs need the weights in memory once; say so up front rather than be OOM-killed.
-need=$(du -sb "$MODEL" | cut -f1)
-avail=$(awk '/MemAvailable/ {printf "%d", $2 * 1024}' /proc/meminfo)
-echo "== weights on disk: $((need >> 20)) MiB, MemAvailable: $((avail >> 20)) MiB"
+# In KiB: awk's printf "%d" saturates at 2^31 - 1 under mawk, so bytes would read as 2 GiB.
+need=$(du -sk "$MODEL" | cut -f1)
+avail=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+echo "== weights on disk: $((need >> 10)) MiB, MemAvailable: $((avail >> 10)) MiB"
 if [ "$avail" -lt "$need" ]; then
     echo "not enough memory for the weights; stopping (zaya would refuse to load too)" >&2
     exit 2
