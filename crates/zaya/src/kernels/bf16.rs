@@ -16,11 +16,9 @@
 //! The reference is the f32 product with the widened operands (`f32(x) · f32(W)ᵀ`); the
 //! results differ only by summation order (and `vdpbf16ps` flushing subnormals).
 
-use std::cell::RefCell;
-
 use half::bf16;
 
-use super::cpu::{self, par_chunks_mut, simd_level, MatMut, MatRef, SimdLevel, GEMV_ROWS};
+use super::cpu::{self, simd_level, SimdLevel, GEMV_ROWS};
 use candle_core::Result;
 
 const LANES: usize = 16;
@@ -73,15 +71,6 @@ simd_dispatch! {
     pub(crate) fn widen_into(src: &[bf16], dst: &mut [f32]) => widen_into_body
 }
 
-/// Elements of a weight tile widened at once in the GEMM path (about 2 MB of f32).
-const TILE_ELEMS: usize = 1 << 19;
-
-thread_local! {
-    /// The widened weight tile, reused across calls so large products do not page in fresh
-    /// memory every time.
-    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ`, `x` and `out` row-major f32, `W` row-major bf16.
 pub(crate) fn linear(
     x: &[f32],
@@ -108,34 +97,8 @@ pub(crate) fn linear(
         gemv(x, m, k, w, n, out);
         return Ok(());
     }
-    // at least 16 rows per tile (gemm efficiency), at most the whole weight
-    let rows_per_tile = (TILE_ELEMS / k).max(16);
-    let rows_per_tile = if rows_per_tile > n { n } else { rows_per_tile };
-    TILE.with(|tile| {
-        let mut tile = tile.borrow_mut();
-        if tile.len() < rows_per_tile * k {
-            tile.resize(rows_per_tile * k, 0.0);
-        }
-        let mut j0 = 0;
-        while j0 < n {
-            let rows = rows_per_tile.min(n - j0);
-            let buf = &mut tile[..rows * k];
-            let src = &w[j0 * k..(j0 + rows) * k];
-            par_chunks_mut(buf, k, |r, d| widen_into(&src[r * k..(r + 1) * k], d));
-            cpu::gemm(
-                m,
-                rows,
-                k,
-                MatMut::new(out, j0, n),
-                false,
-                MatRef::rows(x, 0, k),
-                MatRef::rows(buf, 0, k).t(),
-                1.0,
-                true,
-            )?;
-            j0 += rows;
-        }
-        Ok(())
+    cpu::widened_gemm(x, m, k, n, out, |j, row| {
+        widen_into(&w[j * k..(j + 1) * k], row)
     })
 }
 

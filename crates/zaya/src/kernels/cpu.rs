@@ -308,6 +308,57 @@ pub(crate) fn par_chunks_mut(
     }
 }
 
+/// Elements of a weight tile widened at once by [`widened_gemm`] (about 2 MB of f32).
+const TILE_ELEMS: usize = 1 << 19;
+
+thread_local! {
+    /// The widened weight tile, reused across calls so large products do not page in fresh
+    /// memory every time.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out[m×n] = x[m×k] · W[n×k]ᵀ` for a weight stored in a compact form (bf16, quantized
+/// blocks): `widen(j, row)` writes weight row `j` as f32 into `row` (`k` long). The weight
+/// is widened a tile of rows at a time (in parallel) into a buffer that stays allocated for
+/// the thread, and each tile goes through the f32 gemm — never an f32 copy of the whole
+/// matrix.
+pub(crate) fn widened_gemm(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    widen: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Result<()> {
+    // at least 16 rows per tile (gemm efficiency), at most the whole weight
+    let rows_per_tile = (TILE_ELEMS / k.max(1)).max(16).min(n);
+    TILE.with(|tile| {
+        let mut tile = tile.borrow_mut();
+        if tile.len() < rows_per_tile * k {
+            tile.resize(rows_per_tile * k, 0.0);
+        }
+        let mut j0 = 0;
+        while j0 < n {
+            let rows = rows_per_tile.min(n - j0);
+            let buf = &mut tile[..rows * k];
+            par_chunks_mut(buf, k, |r, d| widen(j0 + r, d));
+            gemm(
+                m,
+                rows,
+                k,
+                MatMut::new(out, j0, n),
+                false,
+                MatRef::rows(x, 0, k),
+                MatRef::rows(buf, 0, k).t(),
+                1.0,
+                true,
+            )?;
+            j0 += rows;
+        }
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // gemm on strided views
 

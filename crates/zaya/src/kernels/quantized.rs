@@ -2,16 +2,17 @@
 //! as the dense kernel: tokens bucketed by expert, per expert one matmul for gate/up over
 //! the gathered rows, SwiGLU, one matmul for down, rows scattered back and scaled by the
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
-//! weights themselves are frozen). Each matmul is candle's quantized CPU matmul (it
-//! quantizes the activations to the weight's dot-product partner format, Q8_0 / Q8_K, and
-//! runs AVX-512 VNNI / AVX2 dot products where the CPU has them).
+//! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations);
+//! the other formats on candle's quantized CPU matmul (it quantizes the activations to the
+//! weight's dot-product partner format, Q8_0 / Q8_K, and runs AVX-512 VNNI / AVX2 dot
+//! products where the CPU has them).
 //!
-//! Its reference is the dense kernel over the dequantized weights; the two differ by the
-//! activation quantization only (tested in `tests/quantized.rs`).
+//! Its reference is the dense kernel over the dequantized weights; the two differ by
+//! summation order (Q8_0) or by the activation quantization (tested in `tests/quantized.rs`).
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 use super::KernelError;
@@ -92,19 +93,26 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     }
 }
 
-/// `xs · Qᵀ` through candle's quantized CPU matmul (f32 in, f32 out).
+/// `xs · Qᵀ` in f32: Q8_0 weights through our kernel with f32 activations
+/// ([`super::q8_0`]), the other formats through candle's quantized CPU matmul.
 pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
-    let y = xs
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .apply_op1_no_bwd(q.as_ref())?;
+    let x = xs.to_dtype(DType::F32)?.contiguous()?;
+    let y = match (q.dtype(), q.shape().dims2()) {
+        (GgmlDType::Q8_0, Ok((n, k))) if x.rank() == 2 && x.dim(1)? == k => {
+            let m = x.dim(0)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; m * n];
+            super::q8_0::linear(&xv, m, k, &q.data()?, n, &mut out)?;
+            Tensor::from_vec(out, (m, n), x.device())?
+        }
+        _ => x.apply_op1_no_bwd(q.as_ref())?,
+    };
     y.to_dtype(xs.dtype())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
     use candle_core::Device;
 
     /// Against its reference: the dense kernel over the dequantized weights. They differ by
