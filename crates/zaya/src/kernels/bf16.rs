@@ -21,7 +21,9 @@ use half::bf16;
 use super::cpu::{self, simd_level, SimdLevel, GEMV_ROWS};
 use candle_core::Result;
 
-const LANES: usize = 16;
+/// Accumulator lanes: four 16-lane vectors, four independent add chains per row (one chain
+/// would wait on the add latency instead of the memory).
+const LANES: usize = 64;
 
 #[inline(always)]
 fn widen(w: bf16) -> f32 {
@@ -35,7 +37,7 @@ fn dot_bf16_body(x: &[f32], w: &[bf16]) -> f32 {
     let mut cw = w.chunks_exact(LANES);
     for (a, b) in (&mut cx).zip(&mut cw) {
         for ((s, u), v) in acc.iter_mut().zip(a).zip(b) {
-            *s += u * widen(*v);
+            *s = u.mul_add(widen(*v), *s);
         }
     }
     acc.iter().sum::<f32>()
