@@ -19,6 +19,7 @@ mod bench_engine;
 mod chat;
 mod default_model;
 mod out;
+mod parallel_cmds;
 mod quant_cmds;
 mod serve;
 mod text_cmds;
@@ -70,6 +71,12 @@ enum Command {
     BenchEngine(bench_engine::BenchEngineArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Print how a model splits over a --tp × --pp × --ep × --dp mesh: what each rank holds
+    /// and its memory.
+    Plan(parallel_cmds::PlanArgs),
+    /// Start a command on several ranks: `zaya launch --nproc 4 [--backend mpi|local] --
+    /// forward --tp 4 ...` (the torchrun of zaya).
+    Launch(parallel_cmds::LaunchArgs),
 }
 
 #[derive(clap::Args)]
@@ -111,6 +118,8 @@ struct ForwardArgs {
     /// Compute the gradients with gradient checkpointing (every layer).
     #[arg(long)]
     checkpointing: bool,
+    #[command(flatten)]
+    parallel: parallel_cmds::ParallelArgs,
 }
 
 #[derive(clap::Args)]
@@ -233,6 +242,31 @@ fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
 
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs)?;
+    if args.parallel.is_parallel() {
+        if args.hidden_states || args.attentions || args.router_logits || args.grads {
+            bail!("zaya forward with parallel ranks writes logits only in this version (no --hidden-states, --attentions, --router-logits, --grads)");
+        }
+        if args.model.quant.is_some() {
+            bail!("--quant cannot be combined with parallel ranks");
+        }
+        let dev = Device::Cpu;
+        let opts = ForwardOptions {
+            attention_mask: inputs
+                .attention_mask
+                .map(|m| Tensor::new(m, &dev))
+                .transpose()?,
+            attn: parse_attn(&args.model.attn)?,
+            ..Default::default()
+        };
+        return parallel_cmds::forward_parallel(
+            &args.model.dir()?,
+            &args.parallel,
+            parse_dtype(&args.model.dtype)?,
+            &Tensor::new(inputs.input_ids, &dev)?,
+            &opts,
+            &args.out,
+        );
+    }
     let model = load_model(&args.model)?;
     let dev = Device::Cpu;
     let ids = Tensor::new(inputs.input_ids.clone(), &dev)?;
@@ -472,6 +506,8 @@ fn main() {
         Command::Quantize(a) => quant_cmds::run_quantize(a),
         Command::Eval(a) => quant_cmds::run_eval(a),
         Command::Serve(a) => serve::run_serve(a),
+        Command::Plan(a) => parallel_cmds::run_plan(a),
+        Command::Launch(a) => parallel_cmds::run_launch(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

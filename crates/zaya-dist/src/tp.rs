@@ -1,0 +1,702 @@
+//! Tensor parallelism for ZAYA1: one rank's slice of the model and its forward pass.
+//!
+//! Per decoder layer, TP rank `t` of `N`:
+//! - CCA: its `Nq/N` query heads (rows of `q_proj`, their conv channels), the KV heads
+//!   those heads use (rows of `k_proj`, conv channels, `temp`, and the value heads of those
+//!   KV heads from `v_proj_current` / `v_proj_delayed`) — replicated on several ranks when
+//!   `N > Nkv`. The key's q/k mean residual needs the mean of the *whole* group's raw
+//!   queries; since the projection is linear, the rank holds the group mean of the `q_proj`
+//!   rows (`[D, H]` per KV head, built at load) instead of the group's rows.
+//! - `o_proj` row-parallel: each rank multiplies its heads' columns, the partial outputs
+//!   are all-reduced, the bias is added once after.
+//! - Router replicated (every rank takes the same top-1 decision from bit-identical input).
+//! - Experts: `gate_up` rows (gate and up halves each) and `down` columns split by the
+//!   inner axis; the weighted partial outputs are all-reduced.
+//! - Embedding and lm_head vocab-parallel: each rank looks up the ids of its rows (zero
+//!   elsewhere) and the lookups are all-reduced; logits are gathered along the vocabulary.
+//!
+//! Norms, residual scales and the router run replicated; the residual stream is identical
+//! on every rank after each all-reduce.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use zaya::attention::{self as core, AttnImplementation};
+use zaya::cache::LayerCache;
+use zaya::config::LayerType;
+use zaya::model::attention::l2_to_sqrt_d;
+use zaya::model::decoder::ResidualScaling;
+use zaya::model::moe::ZayaRouter;
+use zaya::model::rope::RotaryEmbedding;
+use zaya::model::{check_input_ids, forward_context, rotary_tables, Linear, Weights};
+use zaya::weights::{native_specs, Checkpoint, TensorSpec};
+use zaya::{kernels, ForwardOptions, HybridCache, ZayaConfig};
+
+use crate::comm::Comm;
+use crate::error::{ParallelError, ParallelResult};
+use crate::mesh::Coords;
+use crate::plan::{HeadShare, ParallelPlan};
+use crate::tensor::{all_gather_last, all_reduce};
+
+/// Reads one rank's slices of a checkpoint, as the plan says.
+struct ShardReader<'a> {
+    ckpt: &'a Arc<Checkpoint>,
+    plan: &'a ParallelPlan,
+    coords: Coords,
+    specs: HashMap<String, TensorSpec>,
+    dtype: DType,
+    device: Device,
+}
+
+impl ShardReader<'_> {
+    fn spec(&self, name: &str) -> ParallelResult<&TensorSpec> {
+        self.specs.get(name).ok_or_else(|| {
+            ParallelError::Unsupported(format!("tensor `{name}` is not part of this config"))
+        })
+    }
+
+    /// This rank's selection of `name`.
+    fn get(&self, name: &str) -> ParallelResult<Tensor> {
+        let spec = self.spec(name)?;
+        let sel = self.plan.selection(self.coords, spec);
+        self.rows(name, &sel.ranges(&spec.shape))
+    }
+
+    /// Explicit ranges of `name`.
+    fn rows(&self, name: &str, ranges: &[Vec<std::ops::Range<usize>>]) -> ParallelResult<Tensor> {
+        let cfg = &self.plan.cfg;
+        Ok(self
+            .ckpt
+            .load_selection(cfg, name, ranges, self.dtype, &self.device)?)
+    }
+
+    fn linear(&self, prefix: &str, bias: bool) -> ParallelResult<Linear> {
+        let w = self.get(&format!("{prefix}.weight"))?;
+        let b = if bias {
+            Some(self.get(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear::dense(w, b))
+    }
+
+    /// A value projection restricted to this rank's value heads of one half (`None` when
+    /// the rank has none there).
+    fn value_linear(&self, prefix: &str, bias: bool) -> ParallelResult<Option<Linear>> {
+        let l = self.linear(prefix, bias)?;
+        Ok(match l.weight.dims().0 {
+            0 => None,
+            _ => Some(l),
+        })
+    }
+}
+
+/// A rank's CCA block.
+#[derive(Debug, Clone)]
+struct TpAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    /// Mean of the `q_proj` rows of each local KV head's whole group, `[Nkv_l·D, H]`.
+    q_group_mean: Linear,
+    v_current: Option<Linear>,
+    v_delayed: Option<Linear>,
+    conv_w0: Tensor,
+    conv_b0: Tensor,
+    conv_w1: Tensor,
+    conv_b1: Tensor,
+    temp: Tensor,
+    o_proj: Linear,
+    o_bias: Option<Tensor>,
+    heads: HeadShare,
+    head_dim: usize,
+    conv_history: usize,
+}
+
+impl TpAttention {
+    fn load(r: &ShardReader, i: usize) -> ParallelResult<Self> {
+        let cfg = &r.plan.cfg;
+        let p = format!("model.layers.{i}.self_attn");
+        let q = format!("{p}.qkv_proj");
+        let bias = cfg.attention_bias;
+        let heads = r.plan.heads(r.coords.tp);
+        let d = cfg.head_dim;
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        let nkv_l = heads.kv.len();
+        // The group rows of the local KV heads, averaged per group (f32, then the model dtype).
+        let group_rows = heads.kv.start * group * d..heads.kv.end * group * d;
+        let mean_rows = |t: Tensor, inner: &[usize]| -> ParallelResult<Tensor> {
+            let mut shape = vec![nkv_l, group, d];
+            shape.extend_from_slice(inner);
+            let mut out = vec![nkv_l * d];
+            out.extend_from_slice(inner);
+            Ok(t.to_dtype(DType::F32)?
+                .reshape(shape)?
+                .mean(1)?
+                .reshape(out)?
+                .to_dtype(r.dtype)?)
+        };
+        let qw = r.rows(
+            &format!("{q}.q_proj.weight"),
+            &[vec![group_rows.clone()], vec![0..cfg.hidden_size]],
+        )?;
+        let qb = if bias {
+            Some(mean_rows(
+                r.rows(&format!("{q}.q_proj.bias"), &[vec![group_rows]])?,
+                &[],
+            )?)
+        } else {
+            None
+        };
+        let q_group_mean = Linear::dense(mean_rows(qw, &[cfg.hidden_size])?, qb);
+        let o_bias = if bias {
+            Some(r.get(&format!("{p}.o_proj.bias"))?)
+        } else {
+            None
+        };
+        Ok(TpAttention {
+            q_proj: r.linear(&format!("{q}.q_proj"), bias)?,
+            k_proj: r.linear(&format!("{q}.k_proj"), bias)?,
+            q_group_mean,
+            v_current: r.value_linear(&format!("{q}.v_proj_current"), bias)?,
+            v_delayed: r.value_linear(&format!("{q}.v_proj_delayed"), bias)?,
+            conv_w0: r.get(&format!("{q}.conv_qk_depthwise.weight"))?,
+            conv_b0: r.get(&format!("{q}.conv_qk_depthwise.bias"))?,
+            conv_w1: r.get(&format!("{q}.conv_qk_grouped.weight"))?,
+            conv_b1: r.get(&format!("{q}.conv_qk_grouped.bias"))?,
+            temp: r.get(&format!("{p}.qk_norm.temp"))?,
+            o_proj: r.linear(&format!("{p}.o_proj"), false)?,
+            o_bias,
+            heads,
+            head_dim: d,
+            conv_history: cfg.conv_state_len(),
+        })
+    }
+
+    fn forward(
+        &self,
+        comm: &dyn Comm,
+        a: &Tensor,
+        inputs: &zaya::model::AttentionInputs,
+        cache: Option<&mut LayerCache>,
+    ) -> ParallelResult<Tensor> {
+        let a = match inputs.conv_mask {
+            Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
+            None => a.clone(),
+        };
+        let (b, t, _) = a.dims3()?;
+        let d = self.head_dim;
+        let (nq, nkv) = (self.heads.query.len(), self.heads.kv.len());
+        let per_kv = nq / nkv;
+        let s = self.conv_history;
+
+        let q_raw = self.q_proj.forward(&a)?;
+        let k_raw = self.k_proj.forward(&a)?;
+        let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?;
+        let c = u.dim(2)?;
+        let k_rep = k_raw
+            .reshape((b, t, nkv, 1, d))?
+            .broadcast_as((b, t, nkv, per_kv, d))?
+            .reshape((b, t, nq, d))?;
+        let mq = ((q_raw.reshape((b, t, nq, d))? + k_rep)? * 0.5)?;
+        let mk = ((self.q_group_mean.forward(&a)? + &k_raw)? * 0.5)?.reshape((b, t, nkv, d))?;
+
+        let (history, prev_rec) = match &cache {
+            Some(c) if c.has_previous_state() => {
+                (c.conv_state().cloned(), c.recurrent_state().cloned())
+            }
+            _ => (None, None),
+        };
+        let history = match history {
+            Some(h) => h,
+            None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
+        };
+        let x = if s > 0 {
+            Tensor::cat(&[&history, &u], 1)?
+        } else {
+            u.clone()
+        };
+        let z = kernels::cca_conv(
+            &x,
+            &self.conv_w0,
+            &self.conv_b0,
+            &self.conv_w1,
+            &self.conv_b1,
+            nq + nkv,
+        )?;
+        let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
+        let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
+
+        // Values: this rank's current heads, then its delayed heads (the previous token's).
+        let mut parts = Vec::with_capacity(2);
+        if let Some(vc) = &self.v_current {
+            parts.push(vc.forward(&a)?);
+        }
+        let rec = match &self.v_delayed {
+            Some(vdl) => {
+                let vd = vdl.forward(&a)?;
+                let first = match prev_rec {
+                    Some(r) => r.unsqueeze(1)?,
+                    None => {
+                        vdl.forward(&Tensor::zeros((b, 1, a.dim(2)?), a.dtype(), a.device())?)?
+                    }
+                };
+                let vdel = if t > 1 {
+                    Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
+                } else {
+                    first
+                };
+                parts.push(vdel);
+                vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?
+            }
+            None => Tensor::zeros((b, 0), a.dtype(), a.device())?,
+        };
+        let v = Tensor::cat(&parts, D::Minus1)?.reshape((b, t, nkv, d))?;
+
+        let q = l2_to_sqrt_d(&q, d)?;
+        let k = l2_to_sqrt_d(&k, d)?.broadcast_mul(&self.temp.reshape((1, 1, nkv, 1))?)?;
+        let q = kernels::rotary(&q.transpose(1, 2)?, inputs.cos, inputs.sin)?;
+        let k = kernels::rotary(&k.transpose(1, 2)?, inputs.cos, inputs.sin)?;
+        let v = v.transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some(cache) => {
+                let conv = if s > 0 {
+                    x.narrow(1, x.dim(1)? - s, s)?.contiguous()?
+                } else {
+                    Tensor::zeros((b, 0, c), u.dtype(), u.device())?
+                };
+                cache.set_cca_state(conv, rec);
+                cache.update_kv(&k.contiguous()?, &v.contiguous()?)?
+            }
+            None => (k, v),
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let (o, _) = core::attend(inputs.backend, &q, &k, &v, inputs.mask, scale, false)?;
+        let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
+        let partial = self.o_proj.forward(&o)?;
+        let out = all_reduce(comm, &partial)?;
+        Ok(match &self.o_bias {
+            Some(bias) => out.broadcast_add(bias)?,
+            None => out,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TpLayer {
+    layer_type: LayerType,
+    input_layernorm: Tensor,
+    attn: TpAttention,
+    post_attention_residual_scale: ResidualScaling,
+    post_attention_layernorm: Tensor,
+    router: ZayaRouter,
+    /// `[E, 2·I/N, H]`, gate rows first.
+    gate_up: Tensor,
+    /// `[E, H, I/N]`.
+    down: Tensor,
+    post_mlp_residual_scale: ResidualScaling,
+}
+
+/// The router's choice per token of each layer (the same on every rank).
+pub type Choices = Vec<Vec<u32>>;
+
+/// One TP rank of a ZAYA1 model. The model is `&self`; the cache (holding this rank's
+/// heads) and the router state are values, as in [`zaya::ZayaModel`].
+#[derive(Debug, Clone)]
+pub struct TpModel {
+    cfg: ZayaConfig,
+    plan: ParallelPlan,
+    tp_rank: usize,
+    /// `[V/N, H]` rows `vocab_start..vocab_start + V/N`.
+    embed: Tensor,
+    vocab_start: usize,
+    input_scale: Tensor,
+    input_bias: Tensor,
+    layers: Vec<TpLayer>,
+    norm: Tensor,
+    /// Rows of this rank's vocabulary slice (the embedding slice when tied).
+    lm_head: Linear,
+    rotary: BTreeMap<LayerType, RotaryEmbedding>,
+    dtype: DType,
+    device: Device,
+}
+
+impl TpModel {
+    /// Opens a checkpoint and reads the slices of TP rank `tp_rank` under `plan` (only
+    /// those bytes are read from the files).
+    pub fn load(
+        dir: impl AsRef<Path>,
+        plan: &ParallelPlan,
+        tp_rank: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> ParallelResult<Self> {
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let cfg = ckpt.config()?;
+        if cfg != plan.cfg {
+            return Err(ParallelError::Unsupported(
+                "the plan was made for another config than this checkpoint's".into(),
+            ));
+        }
+        ckpt.validate(&cfg)?;
+        Self::from_checkpoint(&ckpt, plan, tp_rank, dtype, device)
+    }
+
+    pub fn from_checkpoint(
+        ckpt: &Arc<Checkpoint>,
+        plan: &ParallelPlan,
+        tp_rank: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> ParallelResult<Self> {
+        let m = plan.mesh;
+        if m.pp != 1 || m.ep != 1 || m.dp != 1 {
+            return Err(ParallelError::Unsupported(format!(
+                "the forward pass runs tensor parallelism only in this version (asked: {})",
+                m.label()
+            )));
+        }
+        if dtype != DType::F32 {
+            return Err(ParallelError::Unsupported(format!(
+                "tensor-parallel ranks run in f32 in this version (asked: {dtype:?})"
+            )));
+        }
+        if tp_rank >= m.tp {
+            return Err(ParallelError::Unsupported(format!(
+                "TP rank {tp_rank} outside --tp {}",
+                m.tp
+            )));
+        }
+        let cfg = plan.cfg.clone();
+        let coords = Coords {
+            tp: tp_rank,
+            pp: 0,
+            ep: 0,
+            dp: 0,
+        };
+        let r = ShardReader {
+            ckpt,
+            plan,
+            coords,
+            specs: native_specs(&cfg)
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+            dtype,
+            device: device.clone(),
+        };
+        // Replicated tensors go through the model's own constructors.
+        let vb = Weights::from(ckpt.var_builder(&cfg, dtype, device));
+        let h = cfg.hidden_size;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let lv = vb.pp("model.layers").pp(i);
+            let p = format!("model.layers.{i}");
+            layers.push(TpLayer {
+                layer_type: cfg.layer_types[i],
+                input_layernorm: r.get(&format!("{p}.input_layernorm.weight"))?,
+                attn: TpAttention::load(&r, i)?,
+                post_attention_residual_scale: ResidualScaling::new(
+                    h,
+                    lv.pp("post_attention_residual_scale"),
+                )?,
+                post_attention_layernorm: r.get(&format!("{p}.post_attention_layernorm.weight"))?,
+                router: ZayaRouter::new(&cfg, i, lv.pp("mlp").pp("gate"))?,
+                gate_up: r.get(&format!("{p}.mlp.experts.gate_up_proj"))?,
+                down: r.get(&format!("{p}.mlp.experts.down_proj"))?,
+                post_mlp_residual_scale: ResidualScaling::new(h, lv.pp("post_mlp_residual_scale"))?,
+            });
+        }
+        let embed = r.get("model.embed_tokens.weight")?;
+        let vocab_start = tp_rank * (cfg.vocab_size / m.tp);
+        let lm_bias = if cfg.lm_head_bias {
+            Some(r.get("lm_head.bias")?)
+        } else {
+            None
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::dense(embed.clone(), lm_bias)
+        } else {
+            Linear::dense(r.get("lm_head.weight")?, lm_bias)
+        };
+        Ok(TpModel {
+            rotary: rotary_tables(&cfg),
+            input_scale: r.get("model.input_hidden_states_scale")?,
+            input_bias: r.get("model.input_hidden_states_bias")?,
+            norm: r.get("model.norm.weight")?,
+            embed,
+            vocab_start,
+            layers,
+            lm_head,
+            plan: plan.clone(),
+            tp_rank,
+            cfg,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ZayaConfig {
+        &self.cfg
+    }
+
+    pub fn plan(&self) -> &ParallelPlan {
+        &self.plan
+    }
+
+    pub fn tp_rank(&self) -> usize {
+        self.tp_rank
+    }
+
+    /// Bytes of the weights this rank holds.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let lin = |l: &Linear| l.bytes();
+        let mut total = t(&self.embed) + t(&self.input_scale) + t(&self.input_bias) + t(&self.norm);
+        if !self.cfg.tie_word_embeddings {
+            total += lin(&self.lm_head);
+        }
+        for l in &self.layers {
+            let a = &l.attn;
+            total += t(&l.input_layernorm)
+                + t(&l.post_attention_layernorm)
+                + lin(&a.q_proj)
+                + lin(&a.k_proj)
+                + lin(&a.q_group_mean)
+                + a.v_current.as_ref().map_or(0, lin)
+                + a.v_delayed.as_ref().map_or(0, lin)
+                + [&a.conv_w0, &a.conv_b0, &a.conv_w1, &a.conv_b1, &a.temp]
+                    .into_iter()
+                    .map(t)
+                    .sum::<usize>()
+                + lin(&a.o_proj)
+                + l.router.weight_bytes()
+                + t(&l.gate_up)
+                + t(&l.down);
+        }
+        total
+    }
+
+    /// Vocab-parallel lookup: rows of this rank's slice, zero for the other ids, summed
+    /// over the group; then the input scale and bias into the f32 stream.
+    fn embed(&self, comm: &dyn Comm, ids: &[Vec<i64>]) -> ParallelResult<Tensor> {
+        let (b, t) = (ids.len(), ids[0].len());
+        let per = self.embed.dim(0)?;
+        let mut local = Vec::with_capacity(b * t);
+        let mut keep = Vec::with_capacity(b * t);
+        for &id in ids.iter().flatten() {
+            let id = id as usize;
+            let mine = id >= self.vocab_start && id < self.vocab_start + per;
+            local.push(if mine {
+                (id - self.vocab_start) as u32
+            } else {
+                0
+            });
+            keep.push(if mine { 1f32 } else { 0f32 });
+        }
+        let local = Tensor::from_vec(local, b * t, &self.device)?;
+        let keep = Tensor::from_vec(keep, (b * t, 1), &self.device)?.to_dtype(self.dtype)?;
+        let e = self.embed.index_select(&local, 0)?.broadcast_mul(&keep)?;
+        let e = all_reduce(comm, &e)?.reshape((b, t, self.cfg.hidden_size))?;
+        Ok(e.broadcast_add(&self.input_bias)?
+            .broadcast_mul(&self.input_scale)?
+            .to_dtype(DType::F32)?)
+    }
+
+    fn layer_forward(
+        &self,
+        comm: &dyn Comm,
+        idx: usize,
+        h: &Tensor,
+        state: Option<&Tensor>,
+        ctx: &zaya::model::ForwardContext,
+        cache: Option<&mut LayerCache>,
+    ) -> ParallelResult<(Tensor, zaya::model::Routing)> {
+        let l = &self.layers[idx];
+        let eps = self.cfg.rms_norm_eps;
+        let (cos, sin) = &ctx.rope[&l.layer_type];
+        let inputs = zaya::model::AttentionInputs {
+            mask: &ctx.masks[&l.layer_type],
+            cos,
+            sin,
+            conv_mask: ctx.conv_mask.as_ref(),
+            same_document: None,
+            want_probs: false,
+            backend: ctx.attn,
+        };
+        let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &l.input_layernorm, eps)?;
+        let attn = l.attn.forward(comm, &a, &inputs, cache)?;
+        let r = l.post_attention_residual_scale.forward(&attn, h)?;
+        let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &l.post_attention_layernorm, eps)?;
+        let (b, t, hd) = n.dims3()?;
+        let routing = l.router.forward(&n, state)?;
+        let flat = n.reshape((b * t, hd))?;
+        let partial =
+            kernels::moe_experts(&flat, &routing.choice, &routing.weight, &l.gate_up, &l.down)?;
+        let m = all_reduce(comm, &partial)?.reshape((b, t, hd))?;
+        Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing))
+    }
+
+    /// The forward pass of this rank (every rank of the TP group calls it with the same
+    /// inputs). Returns the full logits `[B, T', V]` (gathered; the same on every rank) and
+    /// the router's choices per layer. With a cache, continues after its tokens.
+    pub fn forward(
+        &self,
+        comm: &dyn Comm,
+        input_ids: &Tensor,
+        mut cache: Option<&mut HybridCache>,
+        opts: &ForwardOptions,
+    ) -> ParallelResult<(Tensor, Choices)> {
+        if comm.size() != self.plan.mesh.tp || comm.rank() != self.tp_rank {
+            return Err(ParallelError::Unsupported(format!(
+                "rank {} of a group of {} drives TP rank {} of --tp {}",
+                comm.rank(),
+                comm.size(),
+                self.tp_rank,
+                self.plan.mesh.tp
+            )));
+        }
+        if opts.document_ids.is_some() || opts.capture.attentions || opts.capture.hidden_states {
+            return Err(ParallelError::Unsupported(
+                "packed documents and captures (hidden states, attentions) under tensor parallelism"
+                    .into(),
+            ));
+        }
+        if let Some(c) = cache.as_deref() {
+            c.check(&self.cfg)?;
+        }
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let ids = check_input_ids(&self.cfg, input_ids, past)?;
+        let (b, t) = (ids.len(), ids[0].len());
+        let ctx = forward_context(
+            &self.cfg,
+            &self.rotary,
+            self.dtype,
+            &self.device,
+            b,
+            t,
+            cache.as_deref(),
+            opts,
+        )?;
+        let mut h = self.embed(comm, &ids)?;
+        let mut state: Option<Tensor> = None;
+        let mut choices = Vec::with_capacity(self.layers.len());
+        for idx in 0..self.layers.len() {
+            let layer_cache = match cache.as_deref_mut() {
+                None => None,
+                Some(c) => Some(c.layer_mut(idx).ok_or_else(|| {
+                    ParallelError::Unsupported(format!("cache has no layer {idx}"))
+                })?),
+            };
+            let (next, routing) =
+                self.layer_forward(comm, idx, &h, state.as_ref(), &ctx, layer_cache)?;
+            h = next;
+            choices.push(routing.choice);
+            state = Some(routing.state);
+        }
+        let y = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.norm, self.cfg.rms_norm_eps)?;
+        let keep = opts.logits_to_keep;
+        let y = if keep > 0 && keep < t {
+            y.narrow(1, t - keep, keep)?
+        } else {
+            y
+        };
+        let local = self.lm_head.forward(&y)?;
+        Ok((all_gather_last(comm, &local)?, choices))
+    }
+
+    /// Greedy decoding from `prompt` `[1, T]` with this rank's cache: a prefill, then one
+    /// cached step per token (stops after `eos` when given). Every rank returns the same ids.
+    pub fn generate_greedy(
+        &self,
+        comm: &dyn Comm,
+        prompt: &Tensor,
+        max_new_tokens: usize,
+        eos: &[u32],
+        attn: AttnImplementation,
+    ) -> ParallelResult<Vec<u32>> {
+        let mut cache = HybridCache::new(&self.cfg);
+        let opts = ForwardOptions {
+            attn,
+            logits_to_keep: 1,
+            ..Default::default()
+        };
+        let mut input = prompt.clone();
+        let mut out = Vec::with_capacity(max_new_tokens);
+        for _ in 0..max_new_tokens {
+            let (logits, _) = self.forward(comm, &input, Some(&mut cache), &opts)?;
+            let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            // the first maximum, as the single-rank greedy decoder (and torch.argmax)
+            let next = zaya::generation::argmax(&row);
+            out.push(next);
+            if eos.contains(&next) {
+                break;
+            }
+            input = Tensor::new(&[[next]], &self.device)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `tp` local ranks (threads of this process), each loading only its slices of the
+/// checkpoint in `dir`, and returns rank 0's full logits and router choices. The first
+/// rank error is returned (an error of its own rather than a peer's "has exited").
+pub fn forward_on_local_ranks(
+    dir: &Path,
+    tp: usize,
+    input_ids: &Tensor,
+    opts: &ForwardOptions,
+    timeout: std::time::Duration,
+) -> ParallelResult<(Tensor, Choices)> {
+    let ckpt = Arc::new(Checkpoint::open(dir)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, crate::mesh::MeshShape::new(tp, 1, 1, 1)?)?;
+    let world = crate::local::LocalWorld::new(tp, timeout)?;
+    let outs = world.run(|comm| {
+        let model = TpModel::from_checkpoint(&ckpt, &plan, comm.rank(), DType::F32, &Device::Cpu)?;
+        model.forward(&comm, input_ids, None, opts)
+    });
+    first_of(outs)
+}
+
+/// Rank 0's value, or the most telling error of the ranks.
+pub fn first_of<T>(
+    outs: Vec<Result<T, crate::local::RankFailed<ParallelError>>>,
+) -> ParallelResult<T> {
+    use crate::local::RankFailed;
+    let mut first_err = None;
+    let mut own_err = None;
+    let mut value = None;
+    for (rank, o) in outs.into_iter().enumerate() {
+        match o {
+            Ok(v) if rank == 0 => value = Some(v),
+            Ok(_) => {}
+            Err(RankFailed::Error { error, .. }) => {
+                let peer = matches!(
+                    error,
+                    ParallelError::Dist(crate::comm::DistError::PeerGone { .. })
+                );
+                if !peer && own_err.is_none() {
+                    own_err = Some(error);
+                } else if first_err.is_none() {
+                    first_err = Some(error);
+                }
+            }
+            Err(RankFailed::Panicked { rank, message }) => {
+                if own_err.is_none() {
+                    own_err = Some(ParallelError::Unsupported(format!(
+                        "rank {rank} panicked: {message}"
+                    )));
+                }
+            }
+        }
+    }
+    match (own_err.or(first_err), value) {
+        (Some(e), _) => Err(e),
+        (None, Some(v)) => Ok(v),
+        (None, None) => Err(ParallelError::Unsupported("rank 0 returned nothing".into())),
+    }
+}
