@@ -190,6 +190,8 @@ pub struct HeadShare {
     pub query: Range<usize>,
     /// KV heads `k0..k1` the query heads use.
     pub kv: Range<usize>,
+    /// KV heads of the whole model.
+    pub kv_total: usize,
 }
 
 /// A model split over a mesh: the plan's rules plus the model's sizes, checked once.
@@ -271,7 +273,11 @@ impl ParallelPlan {
         let group = nq / nkv;
         let query = even(nq, self.mesh.tp, t);
         let kv = query.start / group..(query.end - 1) / group + 1;
-        HeadShare { query, kv }
+        HeadShare {
+            query,
+            kv,
+            kv_total: nkv,
+        }
     }
 
     /// Decoder layers of pipeline stage `p`.

@@ -99,8 +99,8 @@ impl ShardReader<'_> {
 struct TpAttention {
     q_proj: Linear,
     k_proj: Linear,
-    /// Mean of the `q_proj` rows of each local KV head's whole group, `[Nkv_l·D, H]`.
-    q_group_mean: Linear,
+    /// Query heads per KV head in the model (`Nq / Nkv`).
+    group: usize,
     v_current: Option<Linear>,
     v_delayed: Option<Linear>,
     conv_w0: Tensor,
@@ -124,33 +124,6 @@ impl TpAttention {
         let heads = r.plan.heads(r.coords.tp);
         let d = cfg.head_dim;
         let group = cfg.num_attention_heads / cfg.num_key_value_heads;
-        let nkv_l = heads.kv.len();
-        // The group rows of the local KV heads, averaged per group (f32, then the model dtype).
-        let group_rows = heads.kv.start * group * d..heads.kv.end * group * d;
-        let mean_rows = |t: Tensor, inner: &[usize]| -> ParallelResult<Tensor> {
-            let mut shape = vec![nkv_l, group, d];
-            shape.extend_from_slice(inner);
-            let mut out = vec![nkv_l * d];
-            out.extend_from_slice(inner);
-            Ok(t.to_dtype(DType::F32)?
-                .reshape(shape)?
-                .mean(1)?
-                .reshape(out)?
-                .to_dtype(r.dtype)?)
-        };
-        let qw = r.rows(
-            &format!("{q}.q_proj.weight"),
-            &[vec![group_rows.clone()], vec![0..cfg.hidden_size]],
-        )?;
-        let qb = if bias {
-            Some(mean_rows(
-                r.rows(&format!("{q}.q_proj.bias"), &[vec![group_rows]])?,
-                &[],
-            )?)
-        } else {
-            None
-        };
-        let q_group_mean = Linear::dense(mean_rows(qw, &[cfg.hidden_size])?, qb);
         let o_bias = if bias {
             Some(r.get(&format!("{p}.o_proj.bias"))?)
         } else {
@@ -159,7 +132,7 @@ impl TpAttention {
         Ok(TpAttention {
             q_proj: r.linear(&format!("{q}.q_proj"), bias)?,
             k_proj: r.linear(&format!("{q}.k_proj"), bias)?,
-            q_group_mean,
+            group,
             v_current: r.value_linear(&format!("{q}.v_proj_current"), bias)?,
             v_delayed: r.value_linear(&format!("{q}.v_proj_delayed"), bias)?,
             conv_w0: r.get(&format!("{q}.conv_qk_depthwise.weight"))?,
@@ -201,7 +174,27 @@ impl TpAttention {
             .broadcast_as((b, t, nkv, per_kv, d))?
             .reshape((b, t, nq, d))?;
         let mq = ((q_raw.reshape((b, t, nq, d))? + k_rep)? * 0.5)?;
-        let mk = ((self.q_group_mean.forward(&a)? + &k_raw)? * 0.5)?.reshape((b, t, nkv, d))?;
+        let mk = if per_kv == self.group {
+            // whole groups on this rank: the mean as one rank takes it
+            mq.reshape((b, t, nkv, per_kv, d))?.mean(3)?
+        } else {
+            // A group spread over several ranks (more ranks than KV heads): each rank puts
+            // the sum of its query heads into its KV head's slot, the slots are summed over
+            // the TP group (every query head counted once, in rank order as one rank would
+            // add them), then divided by the group size.
+            let nkv_all = self.heads.kv_total;
+            let local = mq.reshape((b, t, nkv, per_kv, d))?.sum(3)?;
+            let mut slots = Vec::with_capacity(nkv_all);
+            for j in 0..nkv_all {
+                if self.heads.kv.contains(&j) {
+                    slots.push(local.narrow(2, j - self.heads.kv.start, 1)?);
+                } else {
+                    slots.push(Tensor::zeros((b, t, 1, d), local.dtype(), local.device())?);
+                }
+            }
+            let summed = all_reduce(comm, &Tensor::cat(&slots, 2)?)?;
+            (summed.narrow(2, self.heads.kv.start, nkv)? / self.group as f64)?
+        };
 
         let (history, prev_rec) = match &cache {
             Some(c) if c.has_previous_state() => {
@@ -464,7 +457,6 @@ impl TpModel {
                 + t(&l.post_attention_layernorm)
                 + lin(&a.q_proj)
                 + lin(&a.k_proj)
-                + lin(&a.q_group_mean)
                 + a.v_current.as_ref().map_or(0, lin)
                 + a.v_delayed.as_ref().map_or(0, lin)
                 + [&a.conv_w0, &a.conv_b0, &a.conv_w1, &a.conv_b1, &a.temp]

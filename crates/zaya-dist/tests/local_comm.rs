@@ -161,7 +161,7 @@ fn a_rank_that_panics_is_reported_and_does_not_hang_the_others() {
             panic!("rank zero exploded");
         }
         c.barrier()?;
-        Ok(())
+        Ok::<(), DistError>(())
     });
     assert!(
         matches!(&out[0], Err(RankFailed::Panicked { rank: 0, message }) if message.contains("exploded"))
@@ -183,7 +183,7 @@ fn a_rank_that_never_arrives_times_out_with_both_names() {
         } else {
             std::thread::sleep(Duration::from_secs(2));
         }
-        Ok(())
+        Ok::<(), DistError>(())
     });
     let e = out[0].as_ref().unwrap_err().to_string();
     assert!(
