@@ -295,22 +295,41 @@ struct TpLayer {
 /// The router's choice per token of each layer (the same on every rank).
 pub type Choices = Vec<Vec<u32>>;
 
+#[derive(Debug, Clone)]
+struct InputPart {
+    embed: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct OutputPart {
+    norm: Tensor,
+    lm_head: Linear,
+}
+
+/// Message tags between pipeline stages.
+const TAG_HIDDEN: u32 = 1;
+const TAG_ROUTER_STATE: u32 = 2;
+
 /// One TP rank of a ZAYA1 model. The model is `&self`; the cache (holding this rank's
 /// heads) and the router state are values, as in [`zaya::ZayaModel`].
 #[derive(Debug, Clone)]
 pub struct TpModel {
     cfg: ZayaConfig,
+    /// `cfg` restricted to this stage's layers (what its cache and masks are built from).
+    stage_cfg: ZayaConfig,
     plan: ParallelPlan,
+    coords: Coords,
     tp_rank: usize,
-    /// `[V/N, H]` rows `vocab_start..vocab_start + V/N`.
-    embed: Tensor,
+    /// Global indices of this stage's decoder layers.
+    layer_range: std::ops::Range<usize>,
+    /// First stage: the embedding slice `[V/N, H]` (rows `vocab_start..`), input scale, bias.
+    input: Option<InputPart>,
     vocab_start: usize,
-    input_scale: Tensor,
-    input_bias: Tensor,
     layers: Vec<TpLayer>,
-    norm: Tensor,
-    /// Rows of this rank's vocabulary slice (the embedding slice when tied).
-    lm_head: Linear,
+    /// Last stage: the final norm and the lm_head rows of this rank's vocabulary slice.
+    output: Option<OutputPart>,
     rotary: BTreeMap<LayerType, RotaryEmbedding>,
     dtype: DType,
     device: Device,
@@ -337,6 +356,7 @@ impl TpModel {
         Self::from_checkpoint(&ckpt, plan, tp_rank, dtype, device)
     }
 
+    /// TP rank `tp_rank` of a tensor-parallel plan (one pipeline stage).
     pub fn from_checkpoint(
         ckpt: &Arc<Checkpoint>,
         plan: &ParallelPlan,
@@ -344,10 +364,28 @@ impl TpModel {
         dtype: DType,
         device: &Device,
     ) -> ParallelResult<Self> {
+        let coords = Coords {
+            tp: tp_rank,
+            pp: 0,
+            ep: 0,
+            dp: 0,
+        };
+        Self::at(ckpt, plan, coords, dtype, device)
+    }
+
+    /// The rank at `coords` of the mesh: its TP slices of its pipeline stage's layers (the
+    /// embedding on the first stage, the final norm and lm_head on the last).
+    pub fn at(
+        ckpt: &Arc<Checkpoint>,
+        plan: &ParallelPlan,
+        coords: Coords,
+        dtype: DType,
+        device: &Device,
+    ) -> ParallelResult<Self> {
         let m = plan.mesh;
-        if m.pp != 1 || m.ep != 1 || m.dp != 1 {
+        if m.ep != 1 {
             return Err(ParallelError::Unsupported(format!(
-                "the forward pass runs tensor parallelism only in this version (asked: {})",
+                "the forward pass runs tensor and pipeline parallelism in this version, not expert parallelism (asked: {})",
                 m.label()
             )));
         }
@@ -356,19 +394,14 @@ impl TpModel {
                 "tensor-parallel ranks run in f32 in this version (asked: {dtype:?})"
             )));
         }
-        if tp_rank >= m.tp {
+        if coords.tp >= m.tp || coords.pp >= m.pp {
             return Err(ParallelError::Unsupported(format!(
-                "TP rank {tp_rank} outside --tp {}",
-                m.tp
+                "rank {coords:?} outside the mesh {}",
+                m.label()
             )));
         }
+        let tp_rank = coords.tp;
         let cfg = plan.cfg.clone();
-        let coords = Coords {
-            tp: tp_rank,
-            pp: 0,
-            ep: 0,
-            dp: 0,
-        };
         let r = ShardReader {
             ckpt,
             plan,
@@ -383,8 +416,9 @@ impl TpModel {
         // Replicated tensors go through the model's own constructors.
         let vb = Weights::from(ckpt.var_builder(&cfg, dtype, device));
         let h = cfg.hidden_size;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let layer_range = plan.stage_layers(coords.pp);
+        let mut layers = Vec::with_capacity(layer_range.len());
+        for i in layer_range.clone() {
             let lv = vb.pp("model.layers").pp(i);
             let p = format!("model.layers.{i}");
             layers.push(TpLayer {
@@ -402,33 +436,63 @@ impl TpModel {
                 post_mlp_residual_scale: ResidualScaling::new(h, lv.pp("post_mlp_residual_scale"))?,
             });
         }
-        let embed = r.get("model.embed_tokens.weight")?;
-        let vocab_start = tp_rank * (cfg.vocab_size / m.tp);
-        let lm_bias = if cfg.lm_head_bias {
-            Some(r.get("lm_head.bias")?)
+        let first = coords.pp == 0;
+        let last = coords.pp + 1 == m.pp;
+        let input = if first {
+            Some(InputPart {
+                embed: r.get("model.embed_tokens.weight")?,
+                scale: r.get("model.input_hidden_states_scale")?,
+                bias: r.get("model.input_hidden_states_bias")?,
+            })
         } else {
             None
         };
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::dense(embed.clone(), lm_bias)
+        let output = if last {
+            let lm_bias = if cfg.lm_head_bias {
+                Some(r.get("lm_head.bias")?)
+            } else {
+                None
+            };
+            let weight = match (&input, cfg.tie_word_embeddings) {
+                (Some(i), true) => i.embed.clone(),
+                (None, true) => r.get("model.embed_tokens.weight")?,
+                (_, false) => r.get("lm_head.weight")?,
+            };
+            Some(OutputPart {
+                norm: r.get("model.norm.weight")?,
+                lm_head: Linear::dense(weight, lm_bias),
+            })
         } else {
-            Linear::dense(r.get("lm_head.weight")?, lm_bias)
+            None
         };
+        let mut stage_cfg = cfg.clone();
+        stage_cfg.num_hidden_layers = layer_range.len();
+        stage_cfg.layer_types = cfg.layer_types[layer_range.clone()].to_vec();
         Ok(TpModel {
-            rotary: rotary_tables(&cfg),
-            input_scale: r.get("model.input_hidden_states_scale")?,
-            input_bias: r.get("model.input_hidden_states_bias")?,
-            norm: r.get("model.norm.weight")?,
-            embed,
-            vocab_start,
+            rotary: rotary_tables(&stage_cfg),
+            vocab_start: tp_rank * (cfg.vocab_size / m.tp),
+            input,
+            output,
             layers,
-            lm_head,
+            layer_range,
             plan: plan.clone(),
+            coords,
             tp_rank,
+            stage_cfg,
             cfg,
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// An empty cache for this rank: its stage's layers, its heads.
+    pub fn new_cache(&self) -> HybridCache {
+        HybridCache::new(&self.stage_cfg)
+    }
+
+    /// Global indices of this rank's decoder layers.
+    pub fn layer_range(&self) -> std::ops::Range<usize> {
+        self.layer_range.clone()
     }
 
     pub fn config(&self) -> &ZayaConfig {
@@ -447,9 +511,15 @@ impl TpModel {
     pub fn weight_bytes(&self) -> usize {
         let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
         let lin = |l: &Linear| l.bytes();
-        let mut total = t(&self.embed) + t(&self.input_scale) + t(&self.input_bias) + t(&self.norm);
-        if !self.cfg.tie_word_embeddings {
-            total += lin(&self.lm_head);
+        let mut total = 0;
+        if let Some(i) = &self.input {
+            total += t(&i.embed) + t(&i.scale) + t(&i.bias);
+        }
+        if let Some(o) = &self.output {
+            total += t(&o.norm);
+            if !self.cfg.tie_word_embeddings || self.input.is_none() {
+                total += lin(&o.lm_head);
+            }
         }
         for l in &self.layers {
             let a = &l.attn;
@@ -473,9 +543,14 @@ impl TpModel {
 
     /// Vocab-parallel lookup: rows of this rank's slice, zero for the other ids, summed
     /// over the group; then the input scale and bias into the f32 stream.
-    fn embed(&self, comm: &dyn Comm, ids: &[Vec<i64>]) -> ParallelResult<Tensor> {
+    fn embed(
+        &self,
+        comm: &dyn Comm,
+        input: &InputPart,
+        ids: &[Vec<i64>],
+    ) -> ParallelResult<Tensor> {
         let (b, t) = (ids.len(), ids[0].len());
-        let per = self.embed.dim(0)?;
+        let per = input.embed.dim(0)?;
         let mut local = Vec::with_capacity(b * t);
         let mut keep = Vec::with_capacity(b * t);
         for &id in ids.iter().flatten() {
@@ -490,10 +565,10 @@ impl TpModel {
         }
         let local = Tensor::from_vec(local, b * t, &self.device)?;
         let keep = Tensor::from_vec(keep, (b * t, 1), &self.device)?.to_dtype(self.dtype)?;
-        let e = self.embed.index_select(&local, 0)?.broadcast_mul(&keep)?;
+        let e = input.embed.index_select(&local, 0)?.broadcast_mul(&keep)?;
         let e = all_reduce(comm, &e)?.reshape((b, t, self.cfg.hidden_size))?;
-        Ok(e.broadcast_add(&self.input_bias)?
-            .broadcast_mul(&self.input_scale)?
+        Ok(e.broadcast_add(&input.bias)?
+            .broadcast_mul(&input.scale)?
             .to_dtype(DType::F32)?)
     }
 
@@ -531,23 +606,49 @@ impl TpModel {
         Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing))
     }
 
-    /// The forward pass of this rank (every rank of the TP group calls it with the same
-    /// inputs). Returns the full logits `[B, T', V]` (gathered; the same on every rank) and
-    /// the router's choices per layer. With a cache, continues after its tokens.
+    /// The forward pass of a tensor-parallel rank (one stage; every rank of the TP group
+    /// calls it with the same inputs). Returns the full logits `[B, T', V]` (gathered; the
+    /// same on every rank) and the router's choices per layer. With a cache (from
+    /// [`TpModel::new_cache`]), continues after its tokens.
     pub fn forward(
         &self,
         comm: &dyn Comm,
         input_ids: &Tensor,
+        cache: Option<&mut HybridCache>,
+        opts: &ForwardOptions,
+    ) -> ParallelResult<(Tensor, Choices)> {
+        let solo = crate::local::LocalWorld::new(1, crate::comm::DEFAULT_TIMEOUT)?.comm(0);
+        self.forward_mesh(comm, &solo, input_ids, cache, opts)
+    }
+
+    /// The forward pass of the rank at this model's coordinates: `tp` is its TP group, `pp`
+    /// its pipeline group (the ranks of the other stages with the same TP coordinate).
+    /// Stage 0 embeds; each stage runs its layers and sends the residual stream **and the
+    /// router state** (EDA) to the next; the last stage computes the logits, which are
+    /// broadcast back over the pipeline group, so every rank returns the full logits. The
+    /// choices are those of this stage's layers.
+    pub fn forward_mesh(
+        &self,
+        tp: &dyn Comm,
+        pp: &dyn Comm,
+        input_ids: &Tensor,
         mut cache: Option<&mut HybridCache>,
         opts: &ForwardOptions,
     ) -> ParallelResult<(Tensor, Choices)> {
-        if comm.size() != self.plan.mesh.tp || comm.rank() != self.tp_rank {
+        let m = self.plan.mesh;
+        if tp.size() != m.tp
+            || tp.rank() != self.coords.tp
+            || pp.size() != m.pp
+            || pp.rank() != self.coords.pp
+        {
             return Err(ParallelError::Unsupported(format!(
-                "rank {} of a group of {} drives TP rank {} of --tp {}",
-                comm.rank(),
-                comm.size(),
-                self.tp_rank,
-                self.plan.mesh.tp
+                "groups of {} (rank {}) and {} (rank {}) drive the rank at {:?} of {}",
+                tp.size(),
+                tp.rank(),
+                pp.size(),
+                pp.rank(),
+                self.coords,
+                m.label()
             )));
         }
         if opts.document_ids.is_some() || opts.capture.attentions || opts.capture.hidden_states {
@@ -557,13 +658,14 @@ impl TpModel {
             ));
         }
         if let Some(c) = cache.as_deref() {
-            c.check(&self.cfg)?;
+            c.check(&self.stage_cfg)?;
         }
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let ids = check_input_ids(&self.cfg, input_ids, past)?;
         let (b, t) = (ids.len(), ids[0].len());
+        let (h_dim, r_dim) = (self.cfg.hidden_size, self.cfg.router_hidden_size);
         let ctx = forward_context(
-            &self.cfg,
+            &self.stage_cfg,
             &self.rotary,
             self.dtype,
             &self.device,
@@ -572,8 +674,30 @@ impl TpModel {
             cache.as_deref(),
             opts,
         )?;
-        let mut h = self.embed(comm, &ids)?;
-        let mut state: Option<Tensor> = None;
+        let (mut h, mut state) = match &self.input {
+            Some(input) => (self.embed(tp, input, &ids)?, None),
+            None => {
+                let from = self.coords.pp - 1;
+                let h = pp.recv(from, TAG_HIDDEN)?;
+                let st = pp.recv(from, TAG_ROUTER_STATE)?;
+                let shape_err = |what: &str, n: usize, want: usize| {
+                    ParallelError::Unsupported(format!(
+                        "stage {} received {n} values of {what} from stage {from}, expected {want}",
+                        self.coords.pp
+                    ))
+                };
+                if h.len() != b * t * h_dim {
+                    return Err(shape_err("hidden state", h.len(), b * t * h_dim));
+                }
+                if st.len() != b * t * r_dim {
+                    return Err(shape_err("router state", st.len(), b * t * r_dim));
+                }
+                (
+                    Tensor::from_vec(h, (b, t, h_dim), &self.device)?,
+                    Some(Tensor::from_vec(st, (b, t, r_dim), &self.device)?.to_dtype(self.dtype)?),
+                )
+            }
+        };
         let mut choices = Vec::with_capacity(self.layers.len());
         for idx in 0..self.layers.len() {
             let layer_cache = match cache.as_deref_mut() {
@@ -583,20 +707,49 @@ impl TpModel {
                 })?),
             };
             let (next, routing) =
-                self.layer_forward(comm, idx, &h, state.as_ref(), &ctx, layer_cache)?;
+                self.layer_forward(tp, idx, &h, state.as_ref(), &ctx, layer_cache)?;
             h = next;
             choices.push(routing.choice);
             state = Some(routing.state);
         }
-        let y = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.norm, self.cfg.rms_norm_eps)?;
         let keep = opts.logits_to_keep;
-        let y = if keep > 0 && keep < t {
-            y.narrow(1, t - keep, keep)?
-        } else {
-            y
+        let kept = if keep > 0 && keep < t { keep } else { t };
+        let vocab = self.cfg.vocab_size;
+        let logits = match &self.output {
+            None => {
+                let to = self.coords.pp + 1;
+                pp.send(to, TAG_HIDDEN, &h.flatten_all()?.to_vec1::<f32>()?)?;
+                let st = state.as_ref().expect("a stage has at least one layer");
+                pp.send(
+                    to,
+                    TAG_ROUTER_STATE,
+                    &st.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                )?;
+                None
+            }
+            Some(out) => {
+                let y =
+                    kernels::rms_norm(&h.to_dtype(self.dtype)?, &out.norm, self.cfg.rms_norm_eps)?;
+                let y = if kept < t {
+                    y.narrow(1, t - kept, kept)?
+                } else {
+                    y
+                };
+                let local = out.lm_head.forward(&y)?;
+                Some(all_gather_last(tp, &local)?)
+            }
         };
-        let local = self.lm_head.forward(&y)?;
-        Ok((all_gather_last(comm, &local)?, choices))
+        if m.pp == 1 {
+            return Ok((logits.expect("the only stage is the last"), choices));
+        }
+        // every stage returns the logits (stage 0 feeds the next token when decoding)
+        let mut buf = match &logits {
+            Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; b * kept * vocab],
+        };
+        pp.broadcast(m.pp - 1, &mut buf)?;
+        let logits = Tensor::from_vec(buf, (b, kept, vocab), &self.device)?.to_dtype(self.dtype)?;
+        Ok((logits, choices))
     }
 
     /// Greedy decoding from `prompt` `[1, T]` with this rank's cache: a prefill, then one
@@ -609,7 +762,22 @@ impl TpModel {
         eos: &[u32],
         attn: AttnImplementation,
     ) -> ParallelResult<Vec<u32>> {
-        let mut cache = HybridCache::new(&self.cfg);
+        let solo = crate::local::LocalWorld::new(1, crate::comm::DEFAULT_TIMEOUT)?.comm(0);
+        self.generate_greedy_mesh(comm, &solo, prompt, max_new_tokens, eos, attn)
+    }
+
+    /// [`TpModel::generate_greedy`] on a TP × PP mesh: each stage keeps the cache of its
+    /// own layers and heads.
+    pub fn generate_greedy_mesh(
+        &self,
+        tp: &dyn Comm,
+        pp: &dyn Comm,
+        prompt: &Tensor,
+        max_new_tokens: usize,
+        eos: &[u32],
+        attn: AttnImplementation,
+    ) -> ParallelResult<Vec<u32>> {
+        let mut cache = self.new_cache();
         let opts = ForwardOptions {
             attn,
             logits_to_keep: 1,
@@ -618,7 +786,7 @@ impl TpModel {
         let mut input = prompt.clone();
         let mut out = Vec::with_capacity(max_new_tokens);
         for _ in 0..max_new_tokens {
-            let (logits, _) = self.forward(comm, &input, Some(&mut cache), &opts)?;
+            let (logits, _) = self.forward_mesh(tp, pp, &input, Some(&mut cache), &opts)?;
             let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             // the first maximum, as the single-rank greedy decoder (and torch.argmax)
             let next = zaya::generation::argmax(&row);
@@ -642,14 +810,33 @@ pub fn forward_on_local_ranks(
     opts: &ForwardOptions,
     timeout: std::time::Duration,
 ) -> ParallelResult<(Tensor, Choices)> {
+    forward_mesh_on_local_ranks(
+        dir,
+        crate::mesh::MeshShape::new(tp, 1, 1, 1)?,
+        input_ids,
+        opts,
+        timeout,
+    )
+}
+
+/// [`forward_on_local_ranks`] on a TP × PP mesh (`dp` replicas run the same input).
+/// Returns rank 0's logits and the choices of the first stage's layers.
+pub fn forward_mesh_on_local_ranks(
+    dir: &Path,
+    shape: crate::mesh::MeshShape,
+    input_ids: &Tensor,
+    opts: &ForwardOptions,
+    timeout: std::time::Duration,
+) -> ParallelResult<(Tensor, Choices)> {
     let ckpt = Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
-    let plan = ParallelPlan::new(&cfg, crate::mesh::MeshShape::new(tp, 1, 1, 1)?)?;
-    let world = crate::local::LocalWorld::new(tp, timeout)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    let world = crate::local::LocalWorld::new(shape.world(), timeout)?;
     let outs = world.run(|comm| {
-        let model = TpModel::from_checkpoint(&ckpt, &plan, comm.rank(), DType::F32, &Device::Cpu)?;
-        model.forward(&comm, input_ids, None, opts)
+        let mesh = crate::mesh::Mesh::new(Box::new(comm), shape)?;
+        let model = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
+        model.forward_mesh(mesh.tp.as_ref(), mesh.pp.as_ref(), input_ids, None, opts)
     });
     first_of(outs)
 }

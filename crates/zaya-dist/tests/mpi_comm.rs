@@ -131,7 +131,10 @@ fn a_rank_that_dies_ends_the_job_with_an_error() {
     assert!(!out.status.success(), "{text}");
     assert!(!text.contains("MPI-WORKER-OK"), "{text}");
     // mpirun names the process that died (rank 2 of the job) and its status
-    assert!(text.contains(",2]") && text.contains("Exit code:    9"), "{text}");
+    assert!(
+        text.contains(",2]") && text.contains("Exit code:    9"),
+        "{text}"
+    );
 }
 
 #[test]

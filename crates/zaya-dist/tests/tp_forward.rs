@@ -315,10 +315,10 @@ fn plans_that_cannot_split_fail_before_any_work() {
         "{e}"
     );
     // the forward refuses meshes it does not run yet, with a clear message
-    let plan = ParallelPlan::new(&cfg, MeshShape::new(1, 2, 1, 1).unwrap()).unwrap();
+    let plan = ParallelPlan::new(&cfg, MeshShape::new(1, 1, 2, 1).unwrap()).unwrap();
     let ckpt = Arc::new(Checkpoint::open(dir("gqa_sliding")).unwrap());
     let e = TpModel::from_checkpoint(&ckpt, &plan, 0, DType::F32, &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("tensor parallelism only"), "{e}");
+    assert!(e.to_string().contains("not expert parallelism"), "{e}");
     let (ids, opts) = inputs("gqa_sliding", "single");
     let e = forward_on_local_ranks(&dir("gqa_sliding"), 3, &ids, &opts, TIMEOUT).unwrap_err();
     assert!(e.to_string().contains("--tp 3"), "{e}");
@@ -352,4 +352,98 @@ fn the_8b_plan_fits_eight_24_gib_devices_for_training() {
     }
     // replication (norms, routers, the KV heads on 4 ranks each) costs little
     assert!(sum < total + total / 20, "{sum} vs {total}");
+}
+
+/// Runs `f` on every rank of `shape` over the fixture `name`; rank 0's value.
+fn on_mesh<T: Send>(
+    name: &str,
+    shape: MeshShape,
+    f: impl Fn(&TpModel, &zaya_dist::Mesh) -> Result<T, ParallelError> + Sync,
+) -> T {
+    let ckpt = Arc::new(Checkpoint::open(dir(name)).unwrap());
+    let cfg = ckpt.config().unwrap();
+    let plan = ParallelPlan::new(&cfg, shape).unwrap();
+    let world = LocalWorld::new(shape.world(), TIMEOUT).unwrap();
+    first_of(world.run(|comm| {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let m = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
+        f(&m, &mesh)
+    }))
+    .unwrap()
+}
+
+#[test]
+fn pipeline_stages_carry_the_hidden_state_and_the_router_state() {
+    let name = "gqa_sliding"; // 6 layers: the EDA router state crosses every stage boundary
+    let single = ZayaModel::load(dir(name), DType::F32, &Device::Cpu).unwrap();
+    for which in ["single", "batch"] {
+        let (ids, opts) = inputs(name, which);
+        let want = single.forward(&ids, None, &opts).unwrap();
+        let want_logits = want.logits.as_ref().unwrap();
+        for (tp, pp, dp) in [
+            (1, 2, 1),
+            (1, 3, 1),
+            (1, 6, 1),
+            (2, 2, 1),
+            (2, 3, 1),
+            (1, 2, 2),
+        ] {
+            let shape = MeshShape::new(tp, pp, 1, dp).unwrap();
+            // every rank checks its own stage's router choices against one rank's
+            let all_choices_match = on_mesh(name, shape, |m, mesh| {
+                let (logits, choices) =
+                    m.forward_mesh(mesh.tp.as_ref(), mesh.pp.as_ref(), &ids, None, &opts)?;
+                let ok = m
+                    .layer_range()
+                    .zip(&choices)
+                    .all(|(l, c)| c == &want.routing[l].choice);
+                let mut flag = [if ok { 0.0 } else { 1.0 }];
+                mesh.world.all_reduce_sum(&mut flag)?;
+                Ok((logits, flag[0] == 0.0))
+            });
+            let (logits, ok) = all_choices_match;
+            assert!(ok, "{which} tp {tp} pp {pp} dp {dp}: router choices differ");
+            let d = max_diff(&logits, want_logits);
+            eprintln!("{which} tp {tp} pp {pp} dp {dp}: max |Δ| = {d:.3e}");
+            if tp == 1 {
+                // stages alone do not change a single operation
+                assert_eq!(d, 0.0, "{which} pp {pp}");
+            } else {
+                assert_tp_close(&format!("{which} tp {tp} pp {pp}"), d, want_logits);
+            }
+        }
+    }
+}
+
+#[test]
+fn pipeline_greedy_decoding_with_caches_split_by_stage() {
+    let name = "gqa_sliding";
+    let reference = reference(name);
+    let want: Vec<u32> = reference["gen_single_ignore_eos.sequences"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let (ids, _) = inputs(name, "single");
+    for (tp, pp) in [(1, 3), (2, 2)] {
+        let shape = MeshShape::new(tp, pp, 1, 1).unwrap();
+        let got = on_mesh(name, shape, |m, mesh| {
+            // each stage's cache holds only its own layers
+            assert_eq!(m.new_cache().layers().len(), 6 / pp);
+            m.generate_greedy_mesh(
+                mesh.tp.as_ref(),
+                mesh.pp.as_ref(),
+                &ids,
+                want.len(),
+                &[],
+                AttnImplementation::Sdpa,
+            )
+        });
+        assert_eq!(got, want, "tp {tp} pp {pp}");
+    }
 }
