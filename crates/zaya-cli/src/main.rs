@@ -77,6 +77,9 @@ enum Command {
     /// Start a command on several ranks: `zaya launch --nproc 4 [--backend mpi|local] --
     /// forward --tp 4 ...` (the torchrun of zaya).
     Launch(parallel_cmds::LaunchArgs),
+    /// Prefill and decode throughput and per-rank weight memory of a --tp/--pp/--ep mesh on
+    /// local ranks, against one rank in the same run.
+    BenchParallel(parallel_cmds::BenchParallelArgs),
 }
 
 #[derive(clap::Args)]
@@ -142,6 +145,8 @@ struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     sampling: chat::SamplingArgs,
+    #[command(flatten)]
+    parallel: parallel_cmds::ParallelArgs,
 }
 
 #[derive(clap::Args)]
@@ -323,6 +328,25 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
 }
 
 fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    if args.parallel.is_parallel() {
+        let Some(inputs_path) = &args.inputs else {
+            bail!("generation with parallel ranks takes token ids (--inputs) in this version, not --prompt");
+        };
+        if args.sampling.params().temperature > 0.0 {
+            bail!("generation with parallel ranks is greedy in this version (no --temperature)");
+        }
+        let inputs = read_inputs(inputs_path)?;
+        return parallel_cmds::generate_parallel(
+            &args.model.dir()?,
+            &args.parallel,
+            parse_dtype(&args.model.dtype)?,
+            &inputs.input_ids,
+            inputs.attention_mask.as_deref(),
+            args.max_new_tokens,
+            args.ignore_eos,
+            parse_attn(&args.model.attn)?,
+        );
+    }
     let model = load_model(&args.model)?;
     let Some(inputs_path) = &args.inputs else {
         chat::check_prompts(&args.prompt)?;
@@ -508,6 +532,7 @@ fn main() {
         Command::Serve(a) => serve::run_serve(a),
         Command::Plan(a) => parallel_cmds::run_plan(a),
         Command::Launch(a) => parallel_cmds::run_launch(a),
+        Command::BenchParallel(a) => parallel_cmds::run_bench_parallel(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -254,9 +254,9 @@ pub fn forward_parallel(
 ) -> Result<()> {
     let mesh = parallel.mesh()?;
     #[cfg(feature = "mpi")]
-    if zaya_dist::mpi_backend::launched_by_mpi() && mesh.pp * mesh.ep * mesh.dp == 1 {
+    if zaya_dist::mpi_backend::launched_by_mpi() {
         if dtype != DType::F32 {
-            bail!("zaya forward --tp runs in f32 in this version (asked --dtype {dtype:?})");
+            bail!("zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})");
         }
         return forward_mpi(dir, parallel, ids, opts, out);
     }
@@ -287,30 +287,29 @@ pub fn forward_mpi(
     opts: &ForwardOptions,
     out: &Path,
 ) -> Result<()> {
-    use zaya_dist::Comm;
-    let mesh = parallel.mesh()?;
+    let shape = parallel.mesh()?;
     let world = zaya_dist::mpi_backend::MpiWorld::init()?;
     let comm = world.comm(zaya_dist::DEFAULT_TIMEOUT);
-    mesh.check_world(comm.size())?;
+    let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
     let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
-    let plan = ParallelPlan::new(&cfg, mesh)?;
-    let model = zaya_dist::TpModel::from_checkpoint(
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    let model = zaya_dist::TpModel::at(
         &ckpt,
         &plan,
-        comm.rank(),
+        mesh.coords,
         DType::F32,
         &candle_core::Device::Cpu,
     )?;
-    let (logits, _) = model.forward(&comm, ids, None, opts)?;
-    if comm.rank() == 0 {
+    let (logits, _) = model.forward_mesh(mesh.groups(), ids, None, opts)?;
+    if mesh.world.rank() == 0 {
         let tensors =
             std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
         candle_core::safetensors::save(&tensors, out)
             .with_context(|| format!("writing {}", out.display()))?;
     }
-    comm.barrier()?;
+    mesh.world.barrier()?;
     Ok(())
 }
 
@@ -378,4 +377,217 @@ pub fn run_launch(args: LaunchArgs) -> Result<()> {
         bail!("the ranks failed ({status})");
     }
     Ok(())
+}
+
+/// `zaya generate --inputs IN.json --tp/--pp/--ep N`: greedy decoding on local ranks, each
+/// prompt (padding removed) on its own with caches split by stage and head; prints
+/// `{"sequences": [[new ids], ...]}` like the single-rank command.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_parallel(
+    dir: &Path,
+    parallel: &ParallelArgs,
+    dtype: DType,
+    input_ids: &[Vec<i64>],
+    attention_mask: Option<&[Vec<i64>]>,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    attn: zaya::attention::AttnImplementation,
+) -> Result<()> {
+    if dtype != DType::F32 {
+        bail!(
+            "generation with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
+        );
+    }
+    let shape = parallel.mesh()?;
+    let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    let mut prompts = Vec::with_capacity(input_ids.len());
+    for (row, ids) in input_ids.iter().enumerate() {
+        let mut p = Vec::with_capacity(ids.len());
+        for (pos, &id) in ids.iter().enumerate() {
+            if attention_mask.is_some_and(|m| m[row][pos] == 0) {
+                continue;
+            }
+            if id < 0 || id as usize >= cfg.vocab_size {
+                return Err(zaya::ZayaError::TokenOutOfRange {
+                    id,
+                    row,
+                    position: pos,
+                    vocab_size: cfg.vocab_size,
+                }
+                .into());
+            }
+            p.push(id as u32);
+        }
+        if p.is_empty() {
+            bail!("row {row} of input_ids has no token to continue");
+        }
+        prompts.push(p);
+    }
+    let eos: Vec<u32> = if ignore_eos {
+        vec![]
+    } else {
+        cfg.eos_token_id.clone()
+    };
+    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
+    let outs = world.run(|comm| {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let model = zaya_dist::TpModel::at(
+            &ckpt,
+            &plan,
+            mesh.coords,
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        prompts
+            .iter()
+            .map(|p| {
+                let prompt = Tensor::new(p.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+                model.generate_greedy_mesh(mesh.groups(), &prompt, max_new_tokens, &eos, attn)
+            })
+            .collect::<zaya_dist::ParallelResult<Vec<Vec<u32>>>>()
+    });
+    let sequences = zaya_dist::tp::first_of(outs)?;
+    crate::out::println(&serde_json::json!({ "sequences": sequences }).to_string())?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchParallelArgs {
+    /// Model directory (f32 is used).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+    /// Prompt length of the prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Decoded tokens (greedy, cached).
+    #[arg(long, default_value_t = 16)]
+    pub new_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `zaya bench-parallel`: one rank and the mesh on local ranks in the same run: prefill and
+/// cached decode throughput, and the weight bytes each rank holds.
+pub fn run_bench_parallel(args: BenchParallelArgs) -> Result<()> {
+    use std::time::Instant;
+    let shape = args.parallel.mesh()?;
+    let dev = candle_core::Device::Cpu;
+    let ckpt = std::sync::Arc::new(Checkpoint::open(&args.model)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    if args.prompt_len == 0 || args.prompt_len + args.new_tokens > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-len {} + --new-tokens {} must be between 1 and max_position_embeddings = {}",
+            args.prompt_len,
+            args.new_tokens,
+            cfg.max_position_embeddings
+        );
+    }
+    let ids: Vec<u32> = (0..args.prompt_len)
+        .map(|i| (i * 7919 % cfg.vocab_size) as u32)
+        .collect();
+    let prompt = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+    let attn = zaya::attention::AttnImplementation::Sdpa;
+
+    // one rank
+    let single = zaya::ZayaModel::load(&args.model, DType::F32, &dev)?;
+    let t0 = Instant::now();
+    let mut cache = zaya::HybridCache::new(&cfg);
+    let opts = ForwardOptions {
+        attn,
+        logits_to_keep: 1,
+        ..Default::default()
+    };
+    let first = single.forward(&prompt, Some(&mut cache), &opts)?;
+    let single_prefill = t0.elapsed().as_secs_f64();
+    let mut next =
+        zaya::generation::argmax(&first.logits.expect("logits").flatten_all()?.to_vec1()?);
+    let mut single_tokens = vec![next];
+    let t1 = Instant::now();
+    for _ in 1..args.new_tokens {
+        let out = single.forward(&Tensor::new(&[[next]], &dev)?, Some(&mut cache), &opts)?;
+        next = zaya::generation::argmax(&out.logits.expect("logits").flatten_all()?.to_vec1()?);
+        single_tokens.push(next);
+    }
+    let single_decode = t1.elapsed().as_secs_f64();
+    let single_bytes = single.weight_bytes();
+    drop(single);
+
+    // the mesh
+    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
+    let outs = world.run(|comm| {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let model = zaya_dist::TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &dev)?;
+        let bytes = model.weight_bytes();
+        let mut cache = model.new_cache();
+        mesh.world.barrier()?;
+        let t0 = Instant::now();
+        let (logits, _) = model.forward_mesh(mesh.groups(), &prompt, Some(&mut cache), &opts)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+        let mut tokens = vec![next];
+        let t1 = Instant::now();
+        for _ in 1..args.new_tokens {
+            let step = Tensor::new(&[[next]], &candle_core::Device::Cpu)?;
+            let (logits, _) = model.forward_mesh(mesh.groups(), &step, Some(&mut cache), &opts)?;
+            next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+            tokens.push(next);
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        let all_bytes = mesh.world.all_gather(&[bytes as f32])?;
+        Ok::<_, zaya_dist::ParallelError>((prefill, decode, tokens, all_bytes))
+    });
+    let (prefill, decode, tokens, rank_bytes) = zaya_dist::tp::first_of(outs)?;
+    let steps = args.new_tokens.saturating_sub(1).max(1) as f64;
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let v = serde_json::json!({
+        "mesh": shape,
+        "threads": zaya::kernels::num_threads(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "single": {
+            "prefill_tok_s": args.prompt_len as f64 / single_prefill,
+            "decode_tok_s": steps / single_decode,
+            "weight_mib": mib(single_bytes as f64),
+        },
+        "parallel": {
+            "prefill_tok_s": args.prompt_len as f64 / prefill,
+            "decode_tok_s": steps / decode,
+            "rank_weight_mib": rank_bytes.iter().map(|&b| mib(b as f64)).collect::<Vec<_>>(),
+        },
+        "same_tokens": tokens == single_tokens,
+    });
+    if args.json {
+        return crate::out::println(&v.to_string()).map_err(Into::into);
+    }
+    let text = format!(
+        "{} on local ranks vs one rank (prompt {}, {} new tokens, same greedy tokens: {})\n\
+         prefill tok/s: {:.1} vs {:.1} ({:.2}x)\n\
+         decode tok/s:  {:.2} vs {:.2} ({:.2}x)\n\
+         weights per rank (MiB): {} vs {:.1}\n",
+        shape.label(),
+        args.prompt_len,
+        args.new_tokens,
+        tokens == single_tokens,
+        args.prompt_len as f64 / prefill,
+        args.prompt_len as f64 / single_prefill,
+        single_prefill / prefill,
+        steps / decode,
+        steps / single_decode,
+        single_decode / decode,
+        rank_bytes
+            .iter()
+            .map(|&b| format!("{:.1}", mib(b as f64)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        mib(single_bytes as f64),
+    );
+    crate::out::print(&text).map_err(Into::into)
 }

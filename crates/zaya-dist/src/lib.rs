@@ -25,4 +25,4 @@ pub use error::{ParallelError, ParallelResult};
 pub use local::{LocalComm, LocalWorld, RankFailed};
 pub use mesh::{Coords, Mesh, MeshShape};
 pub use plan::{ParallelPlan, Placement, PlanError, Rule, ZAYA_PLAN};
-pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, TpModel};
+pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, Groups, TpModel};

@@ -308,6 +308,25 @@ struct OutputPart {
     lm_head: Linear,
 }
 
+/// The groups one rank computes with: its TP group, its pipeline group (the ranks of the
+/// other stages with the same TP and EP coordinates) and its EP group.
+#[derive(Clone, Copy)]
+pub struct Groups<'a> {
+    pub tp: &'a dyn Comm,
+    pub pp: &'a dyn Comm,
+    pub ep: &'a dyn Comm,
+}
+
+impl crate::mesh::Mesh {
+    pub fn groups(&self) -> Groups<'_> {
+        Groups {
+            tp: self.tp.as_ref(),
+            pp: self.pp.as_ref(),
+            ep: self.ep.as_ref(),
+        }
+    }
+}
+
 /// Message tags between pipeline stages.
 const TAG_HIDDEN: u32 = 1;
 const TAG_ROUTER_STATE: u32 = 2;
@@ -383,18 +402,12 @@ impl TpModel {
         device: &Device,
     ) -> ParallelResult<Self> {
         let m = plan.mesh;
-        if m.ep != 1 {
-            return Err(ParallelError::Unsupported(format!(
-                "the forward pass runs tensor and pipeline parallelism in this version, not expert parallelism (asked: {})",
-                m.label()
-            )));
-        }
         if dtype != DType::F32 {
             return Err(ParallelError::Unsupported(format!(
                 "tensor-parallel ranks run in f32 in this version (asked: {dtype:?})"
             )));
         }
-        if coords.tp >= m.tp || coords.pp >= m.pp {
+        if coords.tp >= m.tp || coords.pp >= m.pp || coords.ep >= m.ep {
             return Err(ParallelError::Unsupported(format!(
                 "rank {coords:?} outside the mesh {}",
                 m.label()
@@ -574,7 +587,7 @@ impl TpModel {
 
     fn layer_forward(
         &self,
-        comm: &dyn Comm,
+        g: Groups,
         idx: usize,
         h: &Tensor,
         state: Option<&Tensor>,
@@ -594,16 +607,121 @@ impl TpModel {
             backend: ctx.attn,
         };
         let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &l.input_layernorm, eps)?;
-        let attn = l.attn.forward(comm, &a, &inputs, cache)?;
+        let attn = l.attn.forward(g.tp, &a, &inputs, cache)?;
         let r = l.post_attention_residual_scale.forward(&attn, h)?;
         let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &l.post_attention_layernorm, eps)?;
         let (b, t, hd) = n.dims3()?;
         let routing = l.router.forward(&n, state)?;
         let flat = n.reshape((b * t, hd))?;
-        let partial =
-            kernels::moe_experts(&flat, &routing.choice, &routing.weight, &l.gate_up, &l.down)?;
-        let m = all_reduce(comm, &partial)?.reshape((b, t, hd))?;
+        let partial = if g.ep.size() > 1 {
+            self.ep_experts(g.ep, l, &flat, &routing)?
+        } else {
+            kernels::moe_experts(&flat, &routing.choice, &routing.weight, &l.gate_up, &l.down)?
+        };
+        let m = all_reduce(g.tp, &partial)?.reshape((b, t, hd))?;
         Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing))
+    }
+
+    /// Expert parallelism: the router (replicated) has chosen an expert for every token;
+    /// this EP rank takes its contiguous share of the tokens, sends each token routed to
+    /// an expert (with the expert's local index and the routing weight) to the rank holding
+    /// it by an all-to-all, computes the tokens it received with its experts, returns the
+    /// outputs by the inverse all-to-all and places them back in token order. Skip-routed
+    /// tokens never leave their rank (their output is zero). The shares are then gathered
+    /// so every EP rank holds all `[N, H]` outputs (attention runs replicated over EP).
+    fn ep_experts(
+        &self,
+        ep: &dyn Comm,
+        l: &TpLayer,
+        flat: &Tensor,
+        routing: &zaya::model::Routing,
+    ) -> ParallelResult<Tensor> {
+        let (n, h) = flat.dims2()?;
+        let (p, q) = (ep.size(), ep.rank());
+        let experts = self.cfg.num_experts;
+        let per = experts / p;
+        let share = n.div_ceil(p);
+        let mine = (q * share).min(n)..((q + 1) * share).min(n);
+        let x: Vec<f32> = flat
+            .narrow(0, mine.start, mine.len())?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let w: Vec<f32> = routing
+            .weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut send = vec![Vec::new(); p];
+        let mut order: Vec<Vec<usize>> = vec![Vec::new(); p];
+        for (k, i) in mine.clone().enumerate() {
+            let c = routing.choice[i] as usize;
+            if c >= experts {
+                continue; // skip class: stays here, contributes zero
+            }
+            let dest = c / per;
+            send[dest].push((c - dest * per) as f32);
+            send[dest].push(w[i]);
+            send[dest].extend_from_slice(&x[k * h..(k + 1) * h]);
+            order[dest].push(k);
+        }
+        let recv = ep.all_to_all_v(&send)?;
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        let mut ws = Vec::new();
+        let mut counts = Vec::with_capacity(p);
+        for (src, r) in recv.iter().enumerate() {
+            if r.len() % (h + 2) != 0 {
+                return Err(ParallelError::Unsupported(format!(
+                    "EP rank {q} received {} values from EP rank {src}: not whole tokens of {h} + 2",
+                    r.len()
+                )));
+            }
+            let m = r.len() / (h + 2);
+            for rec in r.chunks(h + 2) {
+                ids.push(rec[0] as u32);
+                ws.push(rec[1]);
+                rows.extend_from_slice(&rec[2..]);
+            }
+            counts.push(m);
+        }
+        let total: usize = counts.iter().sum();
+        let out: Vec<f32> = if total > 0 {
+            let xs = Tensor::from_vec(rows, (total, h), &self.device)?.to_dtype(flat.dtype())?;
+            let wt =
+                Tensor::from_vec(ws, (total, 1), &self.device)?.to_dtype(routing.weight.dtype())?;
+            kernels::moe_experts(&xs, &ids, &wt, &l.gate_up, &l.down)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?
+        } else {
+            Vec::new()
+        };
+        let mut back = Vec::with_capacity(p);
+        let mut at = 0;
+        for &m in &counts {
+            back.push(out[at * h..(at + m) * h].to_vec());
+            at += m;
+        }
+        let results = ep.all_to_all_v(&back)?;
+        let mut local = vec![0f32; share * h];
+        for (dest, res) in results.iter().enumerate() {
+            if res.len() != order[dest].len() * h {
+                return Err(ParallelError::Unsupported(format!(
+                    "EP rank {q} got {} values back from EP rank {dest} for {} tokens",
+                    res.len(),
+                    order[dest].len()
+                )));
+            }
+            for (j, &k) in order[dest].iter().enumerate() {
+                local[k * h..(k + 1) * h].copy_from_slice(&res[j * h..(j + 1) * h]);
+            }
+        }
+        let all = ep.all_gather(&local)?;
+        Ok(
+            Tensor::from_vec(all[..n * h].to_vec(), (n, h), &self.device)?
+                .to_dtype(flat.dtype())?,
+        )
     }
 
     /// The forward pass of a tensor-parallel rank (one stage; every rank of the TP group
@@ -618,7 +736,12 @@ impl TpModel {
         opts: &ForwardOptions,
     ) -> ParallelResult<(Tensor, Choices)> {
         let solo = crate::local::LocalWorld::new(1, crate::comm::DEFAULT_TIMEOUT)?.comm(0);
-        self.forward_mesh(comm, &solo, input_ids, cache, opts)
+        let g = Groups {
+            tp: comm,
+            pp: &solo,
+            ep: &solo,
+        };
+        self.forward_mesh(g, input_ids, cache, opts)
     }
 
     /// The forward pass of the rank at this model's coordinates: `tp` is its TP group, `pp`
@@ -629,8 +752,7 @@ impl TpModel {
     /// choices are those of this stage's layers.
     pub fn forward_mesh(
         &self,
-        tp: &dyn Comm,
-        pp: &dyn Comm,
+        g: Groups,
         input_ids: &Tensor,
         mut cache: Option<&mut HybridCache>,
         opts: &ForwardOptions,
@@ -707,7 +829,7 @@ impl TpModel {
                 })?),
             };
             let (next, routing) =
-                self.layer_forward(tp, idx, &h, state.as_ref(), &ctx, layer_cache)?;
+                self.layer_forward(g, idx, &h, state.as_ref(), &ctx, layer_cache)?;
             h = next;
             choices.push(routing.choice);
             state = Some(routing.state);
@@ -763,15 +885,19 @@ impl TpModel {
         attn: AttnImplementation,
     ) -> ParallelResult<Vec<u32>> {
         let solo = crate::local::LocalWorld::new(1, crate::comm::DEFAULT_TIMEOUT)?.comm(0);
-        self.generate_greedy_mesh(comm, &solo, prompt, max_new_tokens, eos, attn)
+        let g = Groups {
+            tp: comm,
+            pp: &solo,
+            ep: &solo,
+        };
+        self.generate_greedy_mesh(g, prompt, max_new_tokens, eos, attn)
     }
 
     /// [`TpModel::generate_greedy`] on a TP × PP mesh: each stage keeps the cache of its
     /// own layers and heads.
     pub fn generate_greedy_mesh(
         &self,
-        tp: &dyn Comm,
-        pp: &dyn Comm,
+        g: Groups,
         prompt: &Tensor,
         max_new_tokens: usize,
         eos: &[u32],
@@ -786,7 +912,7 @@ impl TpModel {
         let mut input = prompt.clone();
         let mut out = Vec::with_capacity(max_new_tokens);
         for _ in 0..max_new_tokens {
-            let (logits, _) = self.forward_mesh(tp, pp, &input, Some(&mut cache), &opts)?;
+            let (logits, _) = self.forward_mesh(g, &input, Some(&mut cache), &opts)?;
             let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             // the first maximum, as the single-rank greedy decoder (and torch.argmax)
             let next = zaya::generation::argmax(&row);
@@ -819,7 +945,7 @@ pub fn forward_on_local_ranks(
     )
 }
 
-/// [`forward_on_local_ranks`] on a TP × PP mesh (`dp` replicas run the same input).
+/// [`forward_on_local_ranks`] on a TP × PP × EP mesh (`dp` replicas run the same input).
 /// Returns rank 0's logits and the choices of the first stage's layers.
 pub fn forward_mesh_on_local_ranks(
     dir: &Path,
@@ -836,7 +962,7 @@ pub fn forward_mesh_on_local_ranks(
     let outs = world.run(|comm| {
         let mesh = crate::mesh::Mesh::new(Box::new(comm), shape)?;
         let model = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
-        model.forward_mesh(mesh.tp.as_ref(), mesh.pp.as_ref(), input_ids, None, opts)
+        model.forward_mesh(mesh.groups(), input_ids, None, opts)
     });
     first_of(outs)
 }
