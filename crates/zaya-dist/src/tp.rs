@@ -758,17 +758,20 @@ impl TpModel {
         opts: &ForwardOptions,
     ) -> ParallelResult<(Tensor, Choices)> {
         let m = self.plan.mesh;
-        if tp.size() != m.tp
-            || tp.rank() != self.coords.tp
-            || pp.size() != m.pp
-            || pp.rank() != self.coords.pp
+        let (tp, pp) = (g.tp, g.pp);
+        let fits = |c: &dyn Comm, size: usize, rank: usize| c.size() == size && c.rank() == rank;
+        if !fits(tp, m.tp, self.coords.tp)
+            || !fits(pp, m.pp, self.coords.pp)
+            || !fits(g.ep, m.ep, self.coords.ep)
         {
             return Err(ParallelError::Unsupported(format!(
-                "groups of {} (rank {}) and {} (rank {}) drive the rank at {:?} of {}",
-                tp.size(),
+                "groups tp {}/{}, pp {}/{}, ep {}/{} (rank/size) drive the rank at {:?} of {}",
                 tp.rank(),
-                pp.size(),
+                tp.size(),
                 pp.rank(),
+                pp.size(),
+                g.ep.rank(),
+                g.ep.size(),
                 self.coords,
                 m.label()
             )));

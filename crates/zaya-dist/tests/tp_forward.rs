@@ -376,15 +376,20 @@ fn pipeline_and_expert_parallel_meshes_equal_one_rank() {
         let (ids, opts) = inputs(name, which);
         let want = single.forward(&ids, None, &opts).unwrap();
         let want_logits = want.logits.as_ref().unwrap();
-        for (tp, pp, dp) in [
-            (1, 2, 1),
-            (1, 3, 1),
-            (1, 6, 1),
-            (2, 2, 1),
-            (2, 3, 1),
-            (1, 2, 2),
+        for (tp, pp, ep, dp) in [
+            (1, 2, 1, 1),
+            (1, 3, 1, 1),
+            (1, 6, 1, 1),
+            (2, 2, 1, 1),
+            (2, 3, 1, 1),
+            (1, 2, 1, 2),
+            (1, 1, 2, 1),
+            (1, 1, 4, 1),
+            (2, 1, 2, 1),
+            (1, 2, 2, 1),
+            (2, 2, 2, 1),
         ] {
-            let shape = MeshShape::new(tp, pp, 1, dp).unwrap();
+            let shape = MeshShape::new(tp, pp, ep, dp).unwrap();
             // every rank checks its own stage's router choices against one rank's
             let all_choices_match = on_mesh(name, shape, |m, mesh| {
                 let (logits, choices) = m.forward_mesh(mesh.groups(), &ids, None, &opts)?;
