@@ -260,16 +260,13 @@ pub fn forward_parallel(
         }
         return forward_mpi(dir, parallel, ids, opts, out);
     }
-    if mesh.pp * mesh.ep * mesh.dp > 1 {
+    if dtype != DType::F32 {
         bail!(
-            "zaya forward runs tensor parallelism (--tp) in this version; --pp, --ep and --dp are planned (`zaya plan`) but not executed yet"
+            "zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
         );
     }
-    if dtype != DType::F32 {
-        bail!("zaya forward --tp runs in f32 in this version (asked --dtype {dtype:?})");
-    }
     let (logits, _) =
-        zaya_dist::forward_on_local_ranks(dir, mesh.tp, ids, opts, zaya_dist::DEFAULT_TIMEOUT)?;
+        zaya_dist::forward_mesh_on_local_ranks(dir, mesh, ids, opts, zaya_dist::DEFAULT_TIMEOUT)?;
     let tensors =
         std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
     candle_core::safetensors::save(&tensors, out)

@@ -406,8 +406,9 @@ fn pipeline_and_expert_parallel_meshes_equal_one_rank() {
             assert!(ok, "{what}: router choices differ");
             let d = max_diff(&logits, want_logits);
             eprintln!("{what}: max |Δ| = {d:.3e}");
-            if tp == 1 && ep == 1 {
-                // stages alone do not change a single operation
+            if tp == 1 {
+                // stages and expert dispatch do not change a single operation (each token's
+                // expert rows are computed by the same kernel, only on another rank)
                 assert_eq!(d, 0.0, "{what}");
             } else {
                 assert_tp_close(&what, d, want_logits);
