@@ -105,9 +105,9 @@ fn read_config(path: &Path) -> Result<ZayaConfig> {
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    Ok(ZayaConfig::from_json(&v)
+    ZayaConfig::from_json(&v)
         .or_else(|_| ZayaConfig::from_legacy_json(&v))
-        .with_context(|| format!("reading {}", file.display()))?)
+        .with_context(|| format!("reading {}", file.display()))
 }
 
 fn dtype_bytes(s: &str) -> Result<usize> {

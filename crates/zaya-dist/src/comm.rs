@@ -94,7 +94,7 @@ pub(crate) fn check_peer(comm: &dyn Comm, op: &'static str, peer: usize) -> Dist
 
 /// `send.len()` must be a multiple of the group size for a reduce-scatter.
 pub(crate) fn check_chunks(comm: &dyn Comm, op: &'static str, len: usize) -> DistResult<usize> {
-    if len % comm.size() != 0 {
+    if !len.is_multiple_of(comm.size()) {
         return Err(DistError::Invalid {
             rank: comm.world_rank(),
             op,

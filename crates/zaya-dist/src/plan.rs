@@ -166,10 +166,10 @@ impl Selection {
     pub fn ranges(&self, shape: &[usize]) -> Vec<Vec<Range<usize>>> {
         (0..shape.len())
             .map(|a| {
-                self.axes
-                    .iter()
-                    .find(|(ax, _)| *ax == a)
-                    .map_or_else(|| vec![0..shape[a]], |(_, r)| r.clone())
+                self.axes.iter().find(|(ax, _)| *ax == a).map_or_else(
+                    || std::iter::once(0..shape[a]).collect(),
+                    |(_, r)| r.clone(),
+                )
             })
             .collect()
     }
@@ -219,42 +219,42 @@ impl ParallelPlan {
         };
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let tp = mesh.tp;
-        if nq % tp != 0 {
+        if !nq.is_multiple_of(tp) {
             return Err(fail(format!(
                 "num_attention_heads = {nq} is not divisible by --tp {tp}"
             )));
         }
         let per = nq / tp;
         let group = nq / nkv;
-        if per % group != 0 && group % per != 0 {
+        if !per.is_multiple_of(group) && !group.is_multiple_of(per) {
             return Err(fail(format!(
                 "each TP rank would hold {per} query heads, which split the GQA groups of {group} query heads per KV head"
             )));
         }
-        if nkv % 2 != 0 && tp > 1 {
+        if !nkv.is_multiple_of(2) && tp > 1 {
             return Err(fail(format!(
                 "num_key_value_heads = {nkv} is odd: the current/delayed value halves cannot be assigned to heads"
             )));
         }
-        if cfg.moe_intermediate_size % tp != 0 {
+        if !cfg.moe_intermediate_size.is_multiple_of(tp) {
             return Err(fail(format!(
                 "moe_intermediate_size = {} is not divisible by --tp {tp}",
                 cfg.moe_intermediate_size
             )));
         }
-        if cfg.vocab_size % tp != 0 {
+        if !cfg.vocab_size.is_multiple_of(tp) {
             return Err(fail(format!(
                 "vocab_size = {} is not divisible by --tp {tp} (vocab-parallel embedding and lm_head)",
                 cfg.vocab_size
             )));
         }
-        if cfg.num_experts % mesh.ep != 0 {
+        if !cfg.num_experts.is_multiple_of(mesh.ep) {
             return Err(fail(format!(
                 "num_experts = {} is not divisible by --ep {}",
                 cfg.num_experts, mesh.ep
             )));
         }
-        if cfg.num_hidden_layers % mesh.pp != 0 {
+        if !cfg.num_hidden_layers.is_multiple_of(mesh.pp) {
             return Err(fail(format!(
                 "num_hidden_layers = {} is not divisible by --pp {} (equal pipeline stages)",
                 cfg.num_hidden_layers, mesh.pp

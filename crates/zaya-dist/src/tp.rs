@@ -671,7 +671,7 @@ impl TpModel {
         let mut ws = Vec::new();
         let mut counts = Vec::with_capacity(p);
         for (src, r) in recv.iter().enumerate() {
-            if r.len() % (h + 2) != 0 {
+            if !r.len().is_multiple_of(h + 2) {
                 return Err(ParallelError::Unsupported(format!(
                     "EP rank {q} received {} values from EP rank {src}: not whole tokens of {h} + 2",
                     r.len()

@@ -673,7 +673,7 @@ pub fn forward_context(
     let mut masks = BTreeMap::new();
     let mut rope = BTreeMap::new();
     for (lt, rot) in rotary {
-        let held = cache.map_or(0, |c| c.kv_len_of(&cfg, *lt));
+        let held = cache.map_or(0, |c| c.kv_len_of(cfg, *lt));
         masks.insert(
             *lt,
             MaskSpec {
