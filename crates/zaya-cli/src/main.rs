@@ -19,6 +19,7 @@ mod bench_engine;
 mod chat;
 mod default_model;
 mod out;
+mod parallel_cmds;
 mod quant_cmds;
 mod serve;
 mod text_cmds;
@@ -70,6 +71,15 @@ enum Command {
     BenchEngine(bench_engine::BenchEngineArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Print how a model splits over a --tp × --pp × --ep × --dp mesh: what each rank holds
+    /// and its memory.
+    Plan(parallel_cmds::PlanArgs),
+    /// Start a command on several ranks: `zaya launch --nproc 4 [--backend mpi|local] --
+    /// forward --tp 4 ...` (the torchrun of zaya).
+    Launch(parallel_cmds::LaunchArgs),
+    /// Prefill and decode throughput and per-rank weight memory of a --tp/--pp/--ep mesh on
+    /// local ranks, against one rank in the same run.
+    BenchParallel(parallel_cmds::BenchParallelArgs),
 }
 
 #[derive(clap::Args)]
@@ -111,6 +121,8 @@ struct ForwardArgs {
     /// Compute the gradients with gradient checkpointing (every layer).
     #[arg(long)]
     checkpointing: bool,
+    #[command(flatten)]
+    parallel: parallel_cmds::ParallelArgs,
 }
 
 #[derive(clap::Args)]
@@ -133,6 +145,8 @@ struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     sampling: chat::SamplingArgs,
+    #[command(flatten)]
+    parallel: parallel_cmds::ParallelArgs,
 }
 
 #[derive(clap::Args)]
@@ -233,6 +247,31 @@ fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
 
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs)?;
+    if args.parallel.is_parallel() {
+        if args.hidden_states || args.attentions || args.router_logits || args.grads {
+            bail!("zaya forward with parallel ranks writes logits only in this version (no --hidden-states, --attentions, --router-logits, --grads)");
+        }
+        if args.model.quant.is_some() {
+            bail!("--quant cannot be combined with parallel ranks");
+        }
+        let dev = Device::Cpu;
+        let opts = ForwardOptions {
+            attention_mask: inputs
+                .attention_mask
+                .map(|m| Tensor::new(m, &dev))
+                .transpose()?,
+            attn: parse_attn(&args.model.attn)?,
+            ..Default::default()
+        };
+        return parallel_cmds::forward_parallel(
+            &args.model.dir()?,
+            &args.parallel,
+            parse_dtype(&args.model.dtype)?,
+            &Tensor::new(inputs.input_ids, &dev)?,
+            &opts,
+            &args.out,
+        );
+    }
     let model = load_model(&args.model)?;
     let dev = Device::Cpu;
     let ids = Tensor::new(inputs.input_ids.clone(), &dev)?;
@@ -289,6 +328,25 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
 }
 
 fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    if args.parallel.is_parallel() {
+        let Some(inputs_path) = &args.inputs else {
+            bail!("generation with parallel ranks takes token ids (--inputs) in this version, not --prompt");
+        };
+        if args.sampling.params().temperature > 0.0 {
+            bail!("generation with parallel ranks is greedy in this version (no --temperature)");
+        }
+        let inputs = read_inputs(inputs_path)?;
+        return parallel_cmds::generate_parallel(
+            &args.model.dir()?,
+            &args.parallel,
+            parse_dtype(&args.model.dtype)?,
+            &inputs.input_ids,
+            inputs.attention_mask.as_deref(),
+            args.max_new_tokens,
+            args.ignore_eos,
+            parse_attn(&args.model.attn)?,
+        );
+    }
     let model = load_model(&args.model)?;
     let Some(inputs_path) = &args.inputs else {
         chat::check_prompts(&args.prompt)?;
@@ -489,6 +547,9 @@ fn main() {
         Command::Quantize(a) => quant_cmds::run_quantize(a),
         Command::Eval(a) => quant_cmds::run_eval(a),
         Command::Serve(a) => serve::run_serve(a),
+        Command::Plan(a) => parallel_cmds::run_plan(a),
+        Command::Launch(a) => parallel_cmds::run_launch(a),
+        Command::BenchParallel(a) => parallel_cmds::run_bench_parallel(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -130,8 +130,9 @@ impl LayerCache {
         self.recurrent_state.as_ref()
     }
 
-    /// Stores the CCA state after a call (the projection owns its layout).
-    pub(crate) fn set_cca_state(&mut self, conv: Tensor, recurrent: Tensor) {
+    /// Stores the CCA state after a call (the projection owns its layout; a tensor-parallel
+    /// rank stores the channels and delayed values of its own heads).
+    pub fn set_cca_state(&mut self, conv: Tensor, recurrent: Tensor) {
         self.conv_state = Some(conv);
         self.recurrent_state = Some(recurrent);
     }
@@ -291,7 +292,8 @@ impl HybridCache {
         &self.layers
     }
 
-    pub(crate) fn layer_mut(&mut self, idx: usize) -> Option<&mut LayerCache> {
+    /// Layer `idx`'s cache (rank-sharded layers drive their caches themselves).
+    pub fn layer_mut(&mut self, idx: usize) -> Option<&mut LayerCache> {
         self.layers.get_mut(idx)
     }
 

@@ -611,6 +611,98 @@ impl Checkpoint {
         Ok(if dev.is_cpu() { t } else { t.to_device(dev)? })
     }
 
+    /// Loads part of native tensor `name`: per axis, the index ranges to take (concatenated
+    /// in order; `ranges[a]` covers axis `a`). A rank of a parallel run reads its slice this
+    /// way: in the native layout only the selected bytes are read, one positioned read per
+    /// contiguous run; legacy checkpoints are read whole and then sliced.
+    pub fn load_selection(
+        &self,
+        cfg: &ZayaConfig,
+        name: &str,
+        ranges: &[Vec<std::ops::Range<usize>>],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let src = match self.sources(cfg, &Self::spec_named(name))? {
+            LegacySource::One(src) => src,
+            LegacySource::Stack(_) => {
+                let whole = self.load(cfg, name, dtype, dev)?;
+                return Ok(select_ranges(&whole, ranges)?);
+            }
+        };
+        let e = self.entry(&src)?;
+        let bad = |message: String| ZayaError::BadWeightsFile {
+            path: self.files[e.file].clone(),
+            message: format!("tensor `{src}` {:?}: {message}", e.shape),
+        };
+        if ranges.len() != e.shape.len() {
+            return Err(bad(format!("a selection over {} axes", ranges.len())));
+        }
+        for (a, rs) in ranges.iter().enumerate() {
+            if let Some(r) = rs.iter().find(|r| r.start > r.end || r.end > e.shape[a]) {
+                return Err(bad(format!("range {r:?} outside axis {a}")));
+            }
+        }
+        let out_shape: Vec<usize> = ranges
+            .iter()
+            .map(|rs| rs.iter().map(|r| r.len()).sum())
+            .collect();
+        // Contiguous runs in element units: (source offset, length), in output order.
+        let mut strides = vec![1usize; e.shape.len()];
+        for a in (0..e.shape.len().saturating_sub(1)).rev() {
+            strides[a] = strides[a + 1] * e.shape[a + 1];
+        }
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        fn walk(
+            a: usize,
+            base: usize,
+            ranges: &[Vec<std::ops::Range<usize>>],
+            strides: &[usize],
+            runs: &mut Vec<(usize, usize)>,
+        ) {
+            if a + 1 == ranges.len() {
+                for r in &ranges[a] {
+                    let (off, len) = (base + r.start, r.len());
+                    match runs.last_mut() {
+                        Some(last) if last.0 + last.1 == off => last.1 += len,
+                        _ => runs.push((off, len)),
+                    }
+                }
+                return;
+            }
+            for r in &ranges[a] {
+                for i in r.clone() {
+                    walk(a + 1, base + i * strides[a], ranges, strides, runs);
+                }
+            }
+        }
+        if !e.shape.is_empty() {
+            walk(0, 0, ranges, &strides, &mut runs);
+        }
+        let elem = e.dtype.size_in_bytes();
+        let path = &self.files[e.file];
+        let t = crate::safetensors_io::tensor_from_bytes(e.dtype, &out_shape, |bytes| {
+            let mut at = 0usize;
+            for (off, len) in &runs {
+                let n = len * elem;
+                crate::safetensors_io::read_exact_at(
+                    &self.shards[e.file],
+                    path,
+                    e.offset + (off * elem) as u64,
+                    &mut bytes[at..at + n],
+                )
+                .map_err(|err| ZayaError::BadWeightsFile {
+                    path: path.clone(),
+                    message: format!("tensor `{src}`: {err}"),
+                })?;
+                at += n;
+            }
+            Ok(())
+        })?;
+        let t = t.to_dtype(dtype)?;
+        Ok(if dev.is_cpu() { t } else { t.to_device(dev)? })
+    }
+
     /// Bytes the weights of `cfg` take once loaded with `dtype` (the balancing biases stay
     /// f32), from the tensor list alone.
     pub fn required_bytes(cfg: &ZayaConfig, dtype: DType) -> u64 {
@@ -695,6 +787,25 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend {
             Err(_) => false,
         }
     }
+}
+
+/// `t` restricted to `ranges` (per axis, ranges concatenated in order).
+pub fn select_ranges(
+    t: &Tensor,
+    ranges: &[Vec<std::ops::Range<usize>>],
+) -> candle_core::Result<Tensor> {
+    let mut out = t.clone();
+    for (a, rs) in ranges.iter().enumerate() {
+        if rs.len() == 1 && rs[0].start == 0 && rs[0].end == out.dim(a)? {
+            continue;
+        }
+        let parts = rs
+            .iter()
+            .map(|r| out.narrow(a, r.start, r.len()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        out = Tensor::cat(&parts, a)?;
+    }
+    out.contiguous()
 }
 
 /// Writes `tensors` (native names) as a checkpoint directory in `layout`, with its config.

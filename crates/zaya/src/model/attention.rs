@@ -253,6 +253,27 @@ impl CcaProjection {
     }
 }
 
+/// The QK-norm: scales each head of `x` (last axis `head_dim`) to length √D, the norm
+/// clamped at the dtype's machine epsilon as the reference does.
+pub fn l2_to_sqrt_d(x: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let eps = match x.dtype() {
+        DType::BF16 => 0.0078125,
+        DType::F16 => 9.765625e-4,
+        DType::F64 => f64::EPSILON,
+        _ => f32::EPSILON as f64,
+    };
+    // max(√s, ε) computed as √max(s, ε²): the same value (ε² is exact in every dtype
+    // here), but the backward never divides by √0 for an all-zero head (e.g. a padding
+    // token whose embedding row is zero), which would turn the gradient into NaN.
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .maximum(eps * eps)?
+        .sqrt()?;
+    let factor = (norm.recip()? * (head_dim as f64).sqrt())?;
+    x.broadcast_mul(&factor)
+}
+
 /// `self_attn`.
 #[derive(Debug, Clone)]
 pub struct ZayaAttention {
@@ -319,24 +340,9 @@ impl ZayaAttention {
         })
     }
 
-    /// Scales each head to length √D (norm clamped at the dtype's machine epsilon).
+    /// Scales each head to length √D (see [`l2_to_sqrt_d`]).
     fn l2_to_sqrt_d(&self, x: &Tensor) -> Result<Tensor> {
-        let eps = match x.dtype() {
-            DType::BF16 => 0.0078125,
-            DType::F16 => 9.765625e-4,
-            DType::F64 => f64::EPSILON,
-            _ => f32::EPSILON as f64,
-        };
-        // max(√s, ε) computed as √max(s, ε²): the same value (ε² is exact in every dtype
-        // here), but the backward never divides by √0 for an all-zero head (e.g. a padding
-        // token whose embedding row is zero), which would turn the gradient into NaN.
-        let norm = x
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .maximum(eps * eps)?
-            .sqrt()?;
-        let factor = (norm.recip()? * (self.head_dim as f64).sqrt())?;
-        x.broadcast_mul(&factor)
+        l2_to_sqrt_d(x, self.head_dim)
     }
 
     /// One decode token for each of `B` independent rows (`a` is `[B, 1, H]`), each row with

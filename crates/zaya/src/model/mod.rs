@@ -172,12 +172,7 @@ impl ZayaModel {
             head.bias = lm_bias;
             head
         };
-        let rotary = cfg
-            .rope_parameters
-            .iter()
-            .filter(|(t, _)| cfg.layer_types.contains(t))
-            .map(|(t, rp)| (*t, RotaryEmbedding::new(rp, cfg.head_dim)))
-            .collect();
+        let rotary = rotary_tables(cfg);
         Ok(ZayaModel {
             cfg: cfg.clone(),
             input_hidden_states_scale: m.get(h, "input_hidden_states_scale")?,
@@ -263,33 +258,7 @@ impl ZayaModel {
 
     /// Checks token ids and the context length; returns the ids on the host.
     pub fn check_input_ids(&self, input_ids: &Tensor, past: usize) -> Result<Vec<Vec<i64>>> {
-        let ids = host_2d(input_ids, "input_ids")?;
-        let vocab = self.cfg.vocab_size;
-        for (row, r) in ids.iter().enumerate() {
-            for (position, &id) in r.iter().enumerate() {
-                if id < 0 || id as usize >= vocab {
-                    return Err(ZayaError::TokenOutOfRange {
-                        id,
-                        row,
-                        position,
-                        vocab_size: vocab,
-                    });
-                }
-            }
-            if past + r.len() > self.cfg.max_position_embeddings {
-                return Err(ZayaError::ContextTooLong {
-                    row,
-                    length: past + r.len(),
-                    limit: self.cfg.max_position_embeddings,
-                });
-            }
-        }
-        if ids.is_empty() || ids[0].is_empty() {
-            return Err(ZayaError::Input(
-                "input_ids must hold at least one token".into(),
-            ));
-        }
-        Ok(ids)
+        check_input_ids(&self.cfg, input_ids, past)
     }
 
     /// Builds masks, RoPE tables and the conv mask for a call of `[batch, t]` tokens after
@@ -301,151 +270,16 @@ impl ZayaModel {
         cache: Option<&HybridCache>,
         opts: &ForwardOptions,
     ) -> Result<ForwardContext> {
-        let past = cache.map_or(0, |c| c.seq_len());
-        let mask = match &opts.attention_mask {
-            None => None,
-            Some(m) => {
-                let m = host_2d(m, "attention_mask")?;
-                if m.len() != batch || m.iter().any(|r| r.len() != past + t) {
-                    return Err(ZayaError::Input(format!(
-                        "attention_mask must be [{batch}, {}] (cached + new tokens), found [{}, {}]",
-                        past + t,
-                        m.len(),
-                        m.first().map_or(0, |r| r.len())
-                    )));
-                }
-                Some(m)
-            }
-        };
-        let documents = match &opts.document_ids {
-            None => None,
-            Some(d) => {
-                if past > 0 {
-                    return Err(ZayaError::Input(
-                        "document_ids cannot continue from a cache holding tokens".into(),
-                    ));
-                }
-                let d = host_2d(d, "document_ids")?;
-                if d.len() != batch || d.iter().any(|r| r.len() != t) {
-                    return Err(ZayaError::Input(format!(
-                        "document_ids must be [{batch}, {t}]"
-                    )));
-                }
-                let d: Vec<Vec<u32>> = d
-                    .iter()
-                    .map(|r| r.iter().map(|&x| x as u32).collect())
-                    .collect();
-                for (row, r) in d.iter().enumerate() {
-                    let mut seen = std::collections::HashSet::new();
-                    for (i, &x) in r.iter().enumerate() {
-                        if (i == 0 || r[i - 1] != x) && !seen.insert(x) {
-                            return Err(ZayaError::Input(format!(
-                                "document_ids row {row}: document {x} is not contiguous (again at position {i})"
-                            )));
-                        }
-                    }
-                }
-                Some(d)
-            }
-        };
-        let positions: Vec<Vec<i64>> = match &opts.position_ids {
-            Some(p) => {
-                let p = host_2d(p, "position_ids")?;
-                if (p.len() != batch && p.len() != 1) || p.iter().any(|r| r.len() != t) {
-                    return Err(ZayaError::Input(format!(
-                        "position_ids must be [{batch} or 1, {t}], found [{}, {}]",
-                        p.len(),
-                        p.first().map_or(0, |r| r.len())
-                    )));
-                }
-                p
-            }
-            None => match &documents {
-                // positions restart at every document
-                Some(d) => d
-                    .iter()
-                    .map(|r| {
-                        let mut start = 0;
-                        (0..t)
-                            .map(|i| {
-                                if i > 0 && r[i] != r[i - 1] {
-                                    start = i;
-                                }
-                                (i - start) as i64
-                            })
-                            .collect()
-                    })
-                    .collect(),
-                None => vec![(past..past + t).map(|x| x as i64).collect()],
-            },
-        };
-        let key_padding: Option<Vec<Vec<bool>>> = mask.as_ref().map(|m| {
-            m.iter()
-                .map(|r| r.iter().map(|&x| x != 0).collect())
-                .collect()
-        });
-        let mut masks = BTreeMap::new();
-        let mut rope = BTreeMap::new();
-        for (lt, rot) in &self.rotary {
-            let held = cache.map_or(0, |c| c.kv_len_of(&self.cfg, *lt));
-            masks.insert(
-                *lt,
-                MaskSpec {
-                    batch,
-                    q_start: past,
-                    q_len: t,
-                    kv_start: past - held,
-                    kv_len: held + t,
-                    window: match lt {
-                        LayerType::Hybrid => None,
-                        LayerType::HybridSliding => self.cfg.sliding_window,
-                    },
-                    key_padding: key_padding.clone(),
-                    documents: documents.clone(),
-                },
-            );
-            rope.insert(*lt, rot.cos_sin(&positions, self.dtype, &self.device)?);
-        }
-        let conv_mask = match &mask {
-            Some(m) if t > 1 && m.iter().any(|r| r.contains(&0)) => {
-                let data: Vec<f32> = m
-                    .iter()
-                    .flat_map(|r| r[past..].iter().map(|&x| x as f32))
-                    .collect();
-                Some(Tensor::from_vec(data, (batch, t), &self.device)?)
-            }
-            _ => None,
-        };
-        let s_len = self.cfg.conv_state_len();
-        let same_document = match &documents {
-            None => None,
-            Some(d) => {
-                // at least two columns: column 1 (previous token) drives the delayed value
-                let cols = s_len.max(1) + 1;
-                let mut data = Vec::with_capacity(batch * t * cols);
-                for r in d {
-                    for i in 0..t {
-                        for back in 0..cols {
-                            data.push(if i >= back && r[i - back] == r[i] {
-                                1f32
-                            } else {
-                                0f32
-                            });
-                        }
-                    }
-                }
-                Some(Tensor::from_vec(data, (batch, t, cols), &self.device)?)
-            }
-        };
-        Ok(ForwardContext {
-            masks,
-            rope,
-            conv_mask,
-            same_document,
-            attn: opts.attn,
+        forward_context(
+            &self.cfg,
+            &self.rotary,
+            self.dtype,
+            &self.device,
             batch,
-            seq_len: t,
-        })
+            t,
+            cache,
+            opts,
+        )
     }
 
     /// Scaled token embedding, in f32: `f32((e + β_in) ⊙ γ_in)`.
@@ -728,4 +562,206 @@ impl ZayaModel {
             routing,
         })
     }
+}
+
+/// The RoPE table of every layer type `cfg` uses.
+pub fn rotary_tables(cfg: &ZayaConfig) -> BTreeMap<LayerType, RotaryEmbedding> {
+    cfg.rope_parameters
+        .iter()
+        .filter(|(t, _)| cfg.layer_types.contains(t))
+        .map(|(t, rp)| (*t, RotaryEmbedding::new(rp, cfg.head_dim)))
+        .collect()
+}
+
+/// Masks, RoPE tables and the conv mask for a call of `[batch, t]` tokens after the
+/// cache's `P` tokens: what [`ZayaModel::context`] builds, for any holder of the config and
+/// the RoPE tables (a rank of a parallel model holds no `ZayaModel`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_context(
+    cfg: &ZayaConfig,
+    rotary: &BTreeMap<LayerType, RotaryEmbedding>,
+    dtype: DType,
+    device: &Device,
+    batch: usize,
+    t: usize,
+    cache: Option<&HybridCache>,
+    opts: &ForwardOptions,
+) -> Result<ForwardContext> {
+    let past = cache.map_or(0, |c| c.seq_len());
+    let mask = match &opts.attention_mask {
+        None => None,
+        Some(m) => {
+            let m = host_2d(m, "attention_mask")?;
+            if m.len() != batch || m.iter().any(|r| r.len() != past + t) {
+                return Err(ZayaError::Input(format!(
+                    "attention_mask must be [{batch}, {}] (cached + new tokens), found [{}, {}]",
+                    past + t,
+                    m.len(),
+                    m.first().map_or(0, |r| r.len())
+                )));
+            }
+            Some(m)
+        }
+    };
+    let documents = match &opts.document_ids {
+        None => None,
+        Some(d) => {
+            if past > 0 {
+                return Err(ZayaError::Input(
+                    "document_ids cannot continue from a cache holding tokens".into(),
+                ));
+            }
+            let d = host_2d(d, "document_ids")?;
+            if d.len() != batch || d.iter().any(|r| r.len() != t) {
+                return Err(ZayaError::Input(format!(
+                    "document_ids must be [{batch}, {t}]"
+                )));
+            }
+            let d: Vec<Vec<u32>> = d
+                .iter()
+                .map(|r| r.iter().map(|&x| x as u32).collect())
+                .collect();
+            for (row, r) in d.iter().enumerate() {
+                let mut seen = std::collections::HashSet::new();
+                for (i, &x) in r.iter().enumerate() {
+                    if (i == 0 || r[i - 1] != x) && !seen.insert(x) {
+                        return Err(ZayaError::Input(format!(
+                            "document_ids row {row}: document {x} is not contiguous (again at position {i})"
+                        )));
+                    }
+                }
+            }
+            Some(d)
+        }
+    };
+    let positions: Vec<Vec<i64>> = match &opts.position_ids {
+        Some(p) => {
+            let p = host_2d(p, "position_ids")?;
+            if (p.len() != batch && p.len() != 1) || p.iter().any(|r| r.len() != t) {
+                return Err(ZayaError::Input(format!(
+                    "position_ids must be [{batch} or 1, {t}], found [{}, {}]",
+                    p.len(),
+                    p.first().map_or(0, |r| r.len())
+                )));
+            }
+            p
+        }
+        None => match &documents {
+            // positions restart at every document
+            Some(d) => d
+                .iter()
+                .map(|r| {
+                    let mut start = 0;
+                    (0..t)
+                        .map(|i| {
+                            if i > 0 && r[i] != r[i - 1] {
+                                start = i;
+                            }
+                            (i - start) as i64
+                        })
+                        .collect()
+                })
+                .collect(),
+            None => vec![(past..past + t).map(|x| x as i64).collect()],
+        },
+    };
+    let key_padding: Option<Vec<Vec<bool>>> = mask.as_ref().map(|m| {
+        m.iter()
+            .map(|r| r.iter().map(|&x| x != 0).collect())
+            .collect()
+    });
+    let mut masks = BTreeMap::new();
+    let mut rope = BTreeMap::new();
+    for (lt, rot) in rotary {
+        let held = cache.map_or(0, |c| c.kv_len_of(cfg, *lt));
+        masks.insert(
+            *lt,
+            MaskSpec {
+                batch,
+                q_start: past,
+                q_len: t,
+                kv_start: past - held,
+                kv_len: held + t,
+                window: match lt {
+                    LayerType::Hybrid => None,
+                    LayerType::HybridSliding => cfg.sliding_window,
+                },
+                key_padding: key_padding.clone(),
+                documents: documents.clone(),
+            },
+        );
+        rope.insert(*lt, rot.cos_sin(&positions, dtype, device)?);
+    }
+    let conv_mask = match &mask {
+        Some(m) if t > 1 && m.iter().any(|r| r.contains(&0)) => {
+            let data: Vec<f32> = m
+                .iter()
+                .flat_map(|r| r[past..].iter().map(|&x| x as f32))
+                .collect();
+            Some(Tensor::from_vec(data, (batch, t), device)?)
+        }
+        _ => None,
+    };
+    let s_len = cfg.conv_state_len();
+    let same_document = match &documents {
+        None => None,
+        Some(d) => {
+            // at least two columns: column 1 (previous token) drives the delayed value
+            let cols = s_len.max(1) + 1;
+            let mut data = Vec::with_capacity(batch * t * cols);
+            for r in d {
+                for i in 0..t {
+                    for back in 0..cols {
+                        data.push(if i >= back && r[i - back] == r[i] {
+                            1f32
+                        } else {
+                            0f32
+                        });
+                    }
+                }
+            }
+            Some(Tensor::from_vec(data, (batch, t, cols), device)?)
+        }
+    };
+    Ok(ForwardContext {
+        masks,
+        rope,
+        conv_mask,
+        same_document,
+        attn: opts.attn,
+        batch,
+        seq_len: t,
+    })
+}
+
+/// Checks token ids against `cfg` (vocabulary, context length after `past` cached tokens);
+/// returns the ids on the host.
+pub fn check_input_ids(cfg: &ZayaConfig, input_ids: &Tensor, past: usize) -> Result<Vec<Vec<i64>>> {
+    let ids = host_2d(input_ids, "input_ids")?;
+    let vocab = cfg.vocab_size;
+    for (row, r) in ids.iter().enumerate() {
+        for (position, &id) in r.iter().enumerate() {
+            if id < 0 || id as usize >= vocab {
+                return Err(ZayaError::TokenOutOfRange {
+                    id,
+                    row,
+                    position,
+                    vocab_size: vocab,
+                });
+            }
+        }
+        if past + r.len() > cfg.max_position_embeddings {
+            return Err(ZayaError::ContextTooLong {
+                row,
+                length: past + r.len(),
+                limit: cfg.max_position_embeddings,
+            });
+        }
+    }
+    if ids.is_empty() || ids[0].is_empty() {
+        return Err(ZayaError::Input(
+            "input_ids must hold at least one token".into(),
+        ));
+    }
+    Ok(ids)
 }

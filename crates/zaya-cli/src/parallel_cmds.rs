@@ -1,0 +1,590 @@
+//! `zaya plan` and the parallel flags of `zaya forward` (`--tp N` on local ranks).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+
+use zaya::weights::Checkpoint;
+use zaya::{ForwardOptions, ZayaConfig};
+use zaya_dist::plan::{bytes_per_param, placement_of, Placement};
+use zaya_dist::{MeshShape, ParallelPlan};
+
+/// `--tp N --pp N --ep N --dp N`: the rank mesh of a run.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ParallelArgs {
+    /// Tensor-parallel ranks (query heads, experts' inner axis, vocabulary).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline stages (decoder layers).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Expert-parallel ranks (experts).
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Data-parallel replicas (training).
+    #[arg(long, default_value_t = 1)]
+    pub dp: usize,
+}
+
+impl ParallelArgs {
+    pub fn mesh(&self) -> Result<MeshShape> {
+        Ok(MeshShape::new(self.tp, self.pp, self.ep, self.dp)?)
+    }
+
+    pub fn is_parallel(&self) -> bool {
+        self.tp * self.pp * self.ep * self.dp > 1
+    }
+}
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// Model directory, or a config.json (nothing is loaded: sizes come from the config).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+    /// Bytes per weight element: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Count training state too: f32 gradients, f32 master weights (unless f32) and AdamW's
+    /// two f32 moments per parameter.
+    #[arg(long)]
+    pub training: bool,
+    /// Memory of one device in GiB: each rank is checked against it.
+    #[arg(long)]
+    pub device_gib: Option<f64>,
+    /// Print every tensor each rank holds (name, placement, shape held).
+    #[arg(long)]
+    pub tensors: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct RankRow {
+    rank: usize,
+    tp: usize,
+    pp: usize,
+    ep: usize,
+    dp: usize,
+    layers: String,
+    query_heads: String,
+    kv_heads: String,
+    experts: String,
+    params: u64,
+    bytes: u64,
+    fits: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tensors: Vec<TensorRow>,
+}
+
+#[derive(Serialize)]
+struct TensorRow {
+    name: String,
+    placement: Placement,
+    full: Vec<usize>,
+    held: Vec<usize>,
+}
+
+fn read_config(path: &Path) -> Result<ZayaConfig> {
+    if path.is_dir()
+        && (path.join("model.safetensors").exists()
+            || path.join("model.safetensors.index.json").exists())
+    {
+        return Ok(Checkpoint::open(path)?.config()?);
+    }
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    ZayaConfig::from_json(&v)
+        .or_else(|_| ZayaConfig::from_legacy_json(&v))
+        .with_context(|| format!("reading {}", file.display()))
+}
+
+fn dtype_bytes(s: &str) -> Result<usize> {
+    Ok(match s {
+        "f32" | "float32" => 4,
+        "bf16" | "bfloat16" | "f16" | "float16" => 2,
+        other => bail!("unknown dtype `{other}` (expected f32, bf16 or f16)"),
+    })
+}
+
+fn range_text(r: std::ops::Range<usize>) -> String {
+    if r.len() == 1 {
+        r.start.to_string()
+    } else {
+        format!("{}-{}", r.start, r.end - 1)
+    }
+}
+
+pub fn run_plan(args: PlanArgs) -> Result<()> {
+    let cfg = read_config(&args.model)?;
+    let mesh = args.parallel.mesh()?;
+    let plan = ParallelPlan::new(&cfg, mesh)?;
+    let per_param = bytes_per_param(dtype_bytes(&args.dtype)?, args.training);
+    let limit = args.device_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
+    let mut rows = Vec::new();
+    for rank in 0..mesh.world() {
+        let c = mesh.coords(rank);
+        let heads = plan.heads(c.tp);
+        let params = plan.rank_params(rank);
+        let bytes = params * per_param;
+        let tensors = if args.tensors {
+            plan.holdings(rank)
+                .into_iter()
+                .map(|(spec, _, held)| TensorRow {
+                    placement: placement_of(&plan.rules, &spec.name),
+                    name: spec.name,
+                    full: spec.shape,
+                    held,
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        rows.push(RankRow {
+            rank,
+            tp: c.tp,
+            pp: c.pp,
+            ep: c.ep,
+            dp: c.dp,
+            layers: range_text(plan.stage_layers(c.pp)),
+            query_heads: range_text(heads.query),
+            kv_heads: range_text(heads.kv),
+            experts: range_text(plan.experts(c.ep)),
+            params,
+            bytes,
+            fits: limit.map(|l| bytes <= l),
+            tensors,
+        });
+    }
+    let total: u64 = zaya::weights::native_specs(&cfg)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum();
+    if args.json {
+        let v = serde_json::json!({
+            "mesh": mesh,
+            "world": mesh.world(),
+            "model_params": total,
+            "bytes_per_param": per_param,
+            "training": args.training,
+            "rules": plan.rules,
+            "ranks": rows,
+        });
+        return crate::out::print(&serde_json::to_string_pretty(&v)?).map_err(Into::into);
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut text = format!(
+        "plan {} ({} ranks): {} parameters, {} bytes each ({})\n",
+        mesh.label(),
+        mesh.world(),
+        total,
+        per_param,
+        if args.training {
+            "weights + f32 grads + f32 master + AdamW moments; activations not counted"
+        } else {
+            "weights only"
+        }
+    );
+    text.push_str("rank  tp pp ep dp  layers  q-heads kv-heads experts      params     GiB");
+    if limit.is_some() {
+        text.push_str("  fits");
+    }
+    text.push('\n');
+    for r in &rows {
+        text.push_str(&format!(
+            "{:>4} {:>3} {:>2} {:>2} {:>2} {:>7} {:>8} {:>8} {:>7} {:>11} {:>7.2}",
+            r.rank,
+            r.tp,
+            r.pp,
+            r.ep,
+            r.dp,
+            r.layers,
+            r.query_heads,
+            r.kv_heads,
+            r.experts,
+            r.params,
+            gib(r.bytes)
+        ));
+        if let Some(f) = r.fits {
+            text.push_str(if f { "   yes" } else { "    NO" });
+        }
+        text.push('\n');
+        for t in &r.tensors {
+            text.push_str(&format!(
+                "        {:<60} {:<16} {:?} of {:?}\n",
+                t.name,
+                format!("{:?}", t.placement),
+                t.held,
+                t.full
+            ));
+        }
+    }
+    let max = rows.iter().map(|r| r.bytes).max().unwrap_or(0);
+    text.push_str(&format!("largest rank: {:.2} GiB", gib(max)));
+    if let Some(l) = limit {
+        text.push_str(&format!(
+            " of {:.2} GiB per device: {}",
+            gib(l),
+            if max <= l { "fits" } else { "does NOT fit" }
+        ));
+    }
+    text.push('\n');
+    crate::out::print(&text).map_err(Into::into)
+}
+
+/// `zaya forward --tp N`: local ranks in this process, rank 0's outputs written.
+pub fn forward_parallel(
+    dir: &Path,
+    parallel: &ParallelArgs,
+    dtype: DType,
+    ids: &Tensor,
+    opts: &ForwardOptions,
+    out: &Path,
+) -> Result<()> {
+    let mesh = parallel.mesh()?;
+    #[cfg(feature = "mpi")]
+    if zaya_dist::mpi_backend::launched_by_mpi() {
+        if dtype != DType::F32 {
+            bail!("zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})");
+        }
+        return forward_mpi(dir, parallel, ids, opts, out);
+    }
+    if dtype != DType::F32 {
+        bail!(
+            "zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
+        );
+    }
+    let (logits, _) =
+        zaya_dist::forward_mesh_on_local_ranks(dir, mesh, ids, opts, zaya_dist::DEFAULT_TIMEOUT)?;
+    let tensors =
+        std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+    candle_core::safetensors::save(&tensors, out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// `zaya forward --tp N` as one of `N` MPI processes (`mpirun -n N zaya forward ...`):
+/// this process loads its slices; rank 0 writes the outputs.
+#[cfg(feature = "mpi")]
+pub fn forward_mpi(
+    dir: &Path,
+    parallel: &ParallelArgs,
+    ids: &Tensor,
+    opts: &ForwardOptions,
+    out: &Path,
+) -> Result<()> {
+    let shape = parallel.mesh()?;
+    let world = zaya_dist::mpi_backend::MpiWorld::init()?;
+    let comm = world.comm(zaya_dist::DEFAULT_TIMEOUT);
+    let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+    let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    let model = zaya_dist::TpModel::at(
+        &ckpt,
+        &plan,
+        mesh.coords,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let (logits, _) = model.forward_mesh(mesh.groups(), ids, None, opts)?;
+    if mesh.world.rank() == 0 {
+        let tensors =
+            std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+        candle_core::safetensors::save(&tensors, out)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    mesh.world.barrier()?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct LaunchArgs {
+    /// Number of ranks.
+    #[arg(long)]
+    pub nproc: usize,
+    /// `mpi`: `nproc` processes under `mpirun`; `local`: one process whose command runs
+    /// `nproc` local ranks (threads).
+    #[arg(long, default_value = "local")]
+    pub backend: String,
+    /// The zaya command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// The mesh size a command line asks for (`--tp/--pp/--ep/--dp`, default 1).
+fn mesh_world(args: &[String]) -> Result<usize> {
+    let mut world = 1usize;
+    for flag in ["--tp", "--pp", "--ep", "--dp"] {
+        let mut v = None;
+        for (i, a) in args.iter().enumerate() {
+            if a == flag {
+                v = args.get(i + 1).cloned();
+            } else if let Some(x) = a.strip_prefix(&format!("{flag}=")) {
+                v = Some(x.to_string());
+            }
+        }
+        if let Some(v) = v {
+            world *= v
+                .parse::<usize>()
+                .with_context(|| format!("{flag} {v}: not a number"))?;
+        }
+    }
+    Ok(world)
+}
+
+/// `zaya launch --nproc N [--backend mpi|local] -- <zaya command>`.
+pub fn run_launch(args: LaunchArgs) -> Result<()> {
+    let world = mesh_world(&args.command)?;
+    if world != args.nproc {
+        bail!(
+            "--nproc {} but the command's --tp × --pp × --ep × --dp is {world}",
+            args.nproc
+        );
+    }
+    let exe = std::env::current_exe().context("finding the zaya executable")?;
+    let status = match args.backend.as_str() {
+        "local" => std::process::Command::new(&exe).args(&args.command).status(),
+        "mpi" => {
+            if !cfg!(feature = "mpi") {
+                bail!("this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
+            }
+            std::process::Command::new("mpirun")
+                .args(["-n", &args.nproc.to_string()])
+                .arg(&exe)
+                .args(&args.command)
+                .status()
+        }
+        other => bail!("unknown backend `{other}` (expected mpi or local)"),
+    }
+    .with_context(|| format!("starting the {} ranks", args.backend))?;
+    if !status.success() {
+        bail!("the ranks failed ({status})");
+    }
+    Ok(())
+}
+
+/// `zaya generate --inputs IN.json --tp/--pp/--ep N`: greedy decoding on local ranks, each
+/// prompt (padding removed) on its own with caches split by stage and head; prints
+/// `{"sequences": [[new ids], ...]}` like the single-rank command.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_parallel(
+    dir: &Path,
+    parallel: &ParallelArgs,
+    dtype: DType,
+    input_ids: &[Vec<i64>],
+    attention_mask: Option<&[Vec<i64>]>,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    attn: zaya::attention::AttnImplementation,
+) -> Result<()> {
+    if dtype != DType::F32 {
+        bail!(
+            "generation with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
+        );
+    }
+    let shape = parallel.mesh()?;
+    let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    let mut prompts = Vec::with_capacity(input_ids.len());
+    for (row, ids) in input_ids.iter().enumerate() {
+        let mut p = Vec::with_capacity(ids.len());
+        for (pos, &id) in ids.iter().enumerate() {
+            if attention_mask.is_some_and(|m| m[row][pos] == 0) {
+                continue;
+            }
+            if id < 0 || id as usize >= cfg.vocab_size {
+                return Err(zaya::ZayaError::TokenOutOfRange {
+                    id,
+                    row,
+                    position: pos,
+                    vocab_size: cfg.vocab_size,
+                }
+                .into());
+            }
+            p.push(id as u32);
+        }
+        if p.is_empty() {
+            bail!("row {row} of input_ids has no token to continue");
+        }
+        prompts.push(p);
+    }
+    let eos: Vec<u32> = if ignore_eos {
+        vec![]
+    } else {
+        cfg.eos_token_id.clone()
+    };
+    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
+    let outs = world.run(|comm| {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let model = zaya_dist::TpModel::at(
+            &ckpt,
+            &plan,
+            mesh.coords,
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        prompts
+            .iter()
+            .map(|p| {
+                let prompt = Tensor::new(p.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+                model.generate_greedy_mesh(mesh.groups(), &prompt, max_new_tokens, &eos, attn)
+            })
+            .collect::<zaya_dist::ParallelResult<Vec<Vec<u32>>>>()
+    });
+    let sequences = zaya_dist::tp::first_of(outs)?;
+    crate::out::println(&serde_json::json!({ "sequences": sequences }).to_string())?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchParallelArgs {
+    /// Model directory (f32 is used).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+    /// Prompt length of the prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Decoded tokens (greedy, cached).
+    #[arg(long, default_value_t = 16)]
+    pub new_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `zaya bench-parallel`: one rank and the mesh on local ranks in the same run: prefill and
+/// cached decode throughput, and the weight bytes each rank holds.
+pub fn run_bench_parallel(args: BenchParallelArgs) -> Result<()> {
+    use std::time::Instant;
+    let shape = args.parallel.mesh()?;
+    let dev = candle_core::Device::Cpu;
+    let ckpt = std::sync::Arc::new(Checkpoint::open(&args.model)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    if args.prompt_len == 0 || args.prompt_len + args.new_tokens > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-len {} + --new-tokens {} must be between 1 and max_position_embeddings = {}",
+            args.prompt_len,
+            args.new_tokens,
+            cfg.max_position_embeddings
+        );
+    }
+    let ids: Vec<u32> = (0..args.prompt_len)
+        .map(|i| (i * 7919 % cfg.vocab_size) as u32)
+        .collect();
+    let prompt = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+    let attn = zaya::attention::AttnImplementation::Sdpa;
+
+    // one rank
+    let single = zaya::ZayaModel::load(&args.model, DType::F32, &dev)?;
+    let t0 = Instant::now();
+    let mut cache = zaya::HybridCache::new(&cfg);
+    let opts = ForwardOptions {
+        attn,
+        logits_to_keep: 1,
+        ..Default::default()
+    };
+    let first = single.forward(&prompt, Some(&mut cache), &opts)?;
+    let single_prefill = t0.elapsed().as_secs_f64();
+    let mut next =
+        zaya::generation::argmax(&first.logits.expect("logits").flatten_all()?.to_vec1()?);
+    let mut single_tokens = vec![next];
+    let t1 = Instant::now();
+    for _ in 1..args.new_tokens {
+        let out = single.forward(&Tensor::new(&[[next]], &dev)?, Some(&mut cache), &opts)?;
+        next = zaya::generation::argmax(&out.logits.expect("logits").flatten_all()?.to_vec1()?);
+        single_tokens.push(next);
+    }
+    let single_decode = t1.elapsed().as_secs_f64();
+    let single_bytes = single.weight_bytes();
+    drop(single);
+
+    // the mesh
+    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
+    let outs = world.run(|comm| {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let model = zaya_dist::TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &dev)?;
+        let bytes = model.weight_bytes();
+        let mut cache = model.new_cache();
+        mesh.world.barrier()?;
+        let t0 = Instant::now();
+        let (logits, _) = model.forward_mesh(mesh.groups(), &prompt, Some(&mut cache), &opts)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+        let mut tokens = vec![next];
+        let t1 = Instant::now();
+        for _ in 1..args.new_tokens {
+            let step = Tensor::new(&[[next]], &candle_core::Device::Cpu)?;
+            let (logits, _) = model.forward_mesh(mesh.groups(), &step, Some(&mut cache), &opts)?;
+            next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+            tokens.push(next);
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        let all_bytes = mesh.world.all_gather(&[bytes as f32])?;
+        Ok::<_, zaya_dist::ParallelError>((prefill, decode, tokens, all_bytes))
+    });
+    let (prefill, decode, tokens, rank_bytes) = zaya_dist::tp::first_of(outs)?;
+    let steps = args.new_tokens.saturating_sub(1).max(1) as f64;
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let v = serde_json::json!({
+        "mesh": shape,
+        "threads": zaya::kernels::num_threads(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "single": {
+            "prefill_tok_s": args.prompt_len as f64 / single_prefill,
+            "decode_tok_s": steps / single_decode,
+            "weight_mib": mib(single_bytes as f64),
+        },
+        "parallel": {
+            "prefill_tok_s": args.prompt_len as f64 / prefill,
+            "decode_tok_s": steps / decode,
+            "rank_weight_mib": rank_bytes.iter().map(|&b| mib(b as f64)).collect::<Vec<_>>(),
+        },
+        "same_tokens": tokens == single_tokens,
+    });
+    if args.json {
+        return crate::out::println(&v.to_string()).map_err(Into::into);
+    }
+    let text = format!(
+        "{} on local ranks vs one rank (prompt {}, {} new tokens, same greedy tokens: {})\n\
+         prefill tok/s: {:.1} vs {:.1} ({:.2}x)\n\
+         decode tok/s:  {:.2} vs {:.2} ({:.2}x)\n\
+         weights per rank (MiB): {} vs {:.1}\n",
+        shape.label(),
+        args.prompt_len,
+        args.new_tokens,
+        tokens == single_tokens,
+        args.prompt_len as f64 / prefill,
+        args.prompt_len as f64 / single_prefill,
+        single_prefill / prefill,
+        steps / decode,
+        steps / single_decode,
+        single_decode / decode,
+        rank_bytes
+            .iter()
+            .map(|&b| format!("{:.1}", mib(b as f64)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        mib(single_bytes as f64),
+    );
+    crate::out::print(&text).map_err(Into::into)
+}

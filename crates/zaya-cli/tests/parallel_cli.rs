@@ -1,0 +1,311 @@
+//! `zaya plan`, `zaya forward --tp/--pp` on local ranks, `zaya launch` (local, and MPI when
+//! built with `--features mpi`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+
+fn zaya() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zaya"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures/models").join(name)
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zaya-parallel-cli-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn logits(path: &Path) -> Tensor {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()["logits"].clone()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn forward(extra: &[&str], out: &Path) -> (bool, String) {
+    let m = fixture("gqa_sliding");
+    run(zaya()
+        .args(["forward", "--model"])
+        .arg(&m)
+        .arg("--inputs")
+        .arg(m.join("batch.json"))
+        .arg("--out")
+        .arg(out)
+        .args(extra))
+}
+
+#[test]
+fn forward_on_tp_and_pp_local_ranks_writes_the_single_rank_logits() {
+    let d = tmp("forward");
+    let (ok, text) = forward(&[], &d.join("single.safetensors"));
+    assert!(ok, "{text}");
+    let single = logits(&d.join("single.safetensors"));
+    let reference = candle_core::safetensors::load(
+        fixture("gqa_sliding").join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for flags in [
+        &["--tp", "2"][..],
+        &["--tp", "8"],
+        &["--pp", "3"],
+        &["--tp", "2", "--pp", "2"],
+        &["--ep", "2"],
+        &["--tp", "2", "--ep", "2"],
+    ] {
+        let out = d.join(format!("{}.safetensors", flags.join("")));
+        let (ok, text) = forward(flags, &out);
+        assert!(ok, "{flags:?}: {text}");
+        let got = logits(&out);
+        // a few ulp of logits up to 35 (row-parallel sums are reassociated)
+        let diff = max_diff(&got, &single);
+        assert!(diff <= 3.6e-5, "{flags:?}: {diff}");
+        assert!(
+            max_diff(&got, &reference["batch.logits"]) <= 1e-4,
+            "{flags:?}"
+        );
+    }
+    // bad meshes fail before any work, with the reason
+    let (ok, text) = forward(&["--tp", "3"], &d.join("x.safetensors"));
+    assert!(!ok);
+    assert!(
+        text.contains("num_attention_heads = 8 is not divisible by --tp 3"),
+        "{text}"
+    );
+    let (ok, text) = forward(&["--tp", "2", "--hidden-states"], &d.join("x.safetensors"));
+    assert!(!ok);
+    assert!(text.contains("writes logits only"), "{text}");
+    let (ok, text) = forward(&["--ep", "3"], &d.join("x.safetensors"));
+    assert!(!ok);
+    assert!(
+        text.contains("num_experts = 4 is not divisible by --ep 3"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn plan_prints_what_each_rank_holds_and_the_8b_training_fit() {
+    let cfg = root().join("bench/configs/zaya1-8b.json");
+    let (ok, text) = run(zaya().args(["plan", "--model"]).arg(&cfg).args([
+        "--tp",
+        "8",
+        "--training",
+        "--device-gib",
+        "24",
+    ]));
+    assert!(ok, "{text}");
+    assert!(text.contains("plan tp8 (8 ranks)"), "{text}");
+    assert!(text.contains("fits"), "{text}");
+    assert!(!text.contains("NO"), "{text}");
+    let (ok, json) = run(zaya().args(["plan", "--model"]).arg(&cfg).args([
+        "--tp",
+        "8",
+        "--training",
+        "--device-gib",
+        "24",
+        "--json",
+    ]));
+    assert!(ok, "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 8);
+    for r in ranks {
+        assert_eq!(r["fits"], true, "{r}");
+        // 1 query head each; the 2 KV heads replicated over 4 ranks each
+        assert_eq!(r["query_heads"].as_str().unwrap(), r["rank"].to_string());
+    }
+    assert_eq!(ranks[3]["kv_heads"], "0");
+    assert_eq!(ranks[4]["kv_heads"], "1");
+    // one device does not fit the training state of 8B
+    let (ok, text) =
+        run(zaya()
+            .args(["plan", "--model"])
+            .arg(&cfg)
+            .args(["--training", "--device-gib", "24"]));
+    assert!(ok, "{text}");
+    assert!(text.contains("does NOT fit"), "{text}");
+    // per-tensor listing of a fixture under tp 2 x pp 3
+    let (ok, text) = run(zaya()
+        .args(["plan", "--model"])
+        .arg(fixture("gqa_sliding"))
+        .args(["--tp", "2", "--pp", "3", "--tensors"]));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("model.layers.0.self_attn.qkv_proj.q_proj.weight"),
+        "{text}"
+    );
+    assert!(text.contains("ExpertGateUp"), "{text}");
+    let (ok, text) = run(zaya()
+        .args(["plan", "--model"])
+        .arg(fixture("gqa_sliding"))
+        .args(["--pp", "4"]));
+    assert!(!ok);
+    assert!(
+        text.contains("num_hidden_layers = 6 is not divisible by --pp 4"),
+        "{text}"
+    );
+}
+
+#[test]
+fn launch_runs_a_command_on_local_ranks_and_checks_the_rank_count() {
+    let d = tmp("launch");
+    let m = fixture("gqa_sliding");
+    let out = d.join("l.safetensors");
+    let (ok, text) = run(zaya()
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--backend",
+            "local",
+            "--",
+            "forward",
+            "--model",
+        ])
+        .arg(&m)
+        .arg("--inputs")
+        .arg(m.join("single.json"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--tp", "2"]));
+    assert!(ok, "{text}");
+    assert_eq!(logits(&out).dims(), &[1, 12, 96]);
+    let (ok, text) = run(zaya().args(["launch", "--nproc", "3", "--", "forward", "--tp", "2"]));
+    assert!(!ok);
+    assert!(
+        text.contains("--nproc 3 but the command's --tp × --pp × --ep × --dp is 2"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `zaya launch --backend mpi` (= `mpirun -n 4 zaya forward --tp 2 --pp 2 ...`): four
+/// processes, rank 0 writes the logits; equal to the same mesh on local ranks.
+#[cfg(feature = "mpi")]
+#[test]
+fn launch_on_mpi_processes_equals_local_ranks() {
+    let d = tmp("mpi");
+    let m = fixture("gqa_sliding");
+    let (ok, text) = forward(&["--tp", "2", "--pp", "2"], &d.join("local.safetensors"));
+    assert!(ok, "{text}");
+    let (ok, text) = run(zaya()
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .args([
+            "launch",
+            "--nproc",
+            "4",
+            "--backend",
+            "mpi",
+            "--",
+            "forward",
+            "--model",
+        ])
+        .arg(&m)
+        .arg("--inputs")
+        .arg(m.join("batch.json"))
+        .arg("--out")
+        .arg(d.join("mpi.safetensors"))
+        .args(["--tp", "2", "--pp", "2"]));
+    assert!(ok, "{text}");
+    assert_eq!(
+        max_diff(
+            &logits(&d.join("mpi.safetensors")),
+            &logits(&d.join("local.safetensors"))
+        ),
+        0.0
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn generate_on_parallel_ranks_prints_the_single_rank_tokens() {
+    let m = fixture("gqa_sliding");
+    let gen = |extra: &[&str]| {
+        run(zaya()
+            .args(["generate", "--model"])
+            .arg(&m)
+            .arg("--inputs")
+            .arg(m.join("batch.json"))
+            .args(["--max-new-tokens", "6", "--attn", "sdpa"])
+            .args(extra))
+    };
+    let (ok, single) = gen(&[]);
+    assert!(ok, "{single}");
+    for flags in [
+        &["--tp", "2", "--pp", "3"][..],
+        &["--ep", "2"],
+        &["--tp", "8"],
+    ] {
+        let (ok, text) = gen(flags);
+        assert!(ok, "{flags:?}: {text}");
+        assert_eq!(text, single, "{flags:?}");
+    }
+    let (ok, text) = gen(&["--tp", "2", "--ignore-eos"]);
+    assert!(ok, "{text}");
+    let (ok2, single) = gen(&["--ignore-eos"]);
+    assert!(ok2);
+    assert_eq!(text, single);
+}
+
+#[test]
+fn bench_parallel_reports_throughput_and_per_rank_memory() {
+    let (ok, text) = run(zaya()
+        .args(["bench-parallel", "--model"])
+        .arg(fixture("gqa_sliding"))
+        .args([
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "3",
+            "--json",
+        ]));
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["same_tokens"], true, "{v}");
+    let ranks = v["parallel"]["rank_weight_mib"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    let single = v["single"]["weight_mib"].as_f64().unwrap();
+    for r in ranks {
+        assert!(r.as_f64().unwrap() < single, "{v}");
+    }
+    assert!(v["parallel"]["decode_tok_s"].as_f64().unwrap() > 0.0);
+}

@@ -1,0 +1,28 @@
+//! zaya-dist: splitting a ZAYA1 model over ranks.
+//!
+//! - [`comm`]: the [`Comm`] collective interface and its backends: [`local`] (threads of one
+//!   process), [`mpi`](crate::mpi_backend) (feature `mpi`, rsmpi over the system MPI) and
+//!   `nccl` (feature `nccl`, cudarc with NCCL loaded at run time).
+//! - [`mesh`]: the `dp × pp × ep × tp` rank mesh and its per-axis groups.
+//! - [`plan`]: placements as data (name pattern → column / row / replicated /
+//!   expert-sharded / vocab-parallel) and what each rank holds.
+//! - [`tp`]: one tensor-parallel rank of the model, loading only its slices.
+
+pub mod comm;
+pub mod error;
+pub mod local;
+pub mod mesh;
+#[cfg(feature = "mpi")]
+pub mod mpi_backend;
+#[cfg(feature = "nccl")]
+pub mod nccl_backend;
+pub mod plan;
+pub mod tensor;
+pub mod tp;
+
+pub use comm::{Comm, DistError, DistResult, DEFAULT_TIMEOUT};
+pub use error::{ParallelError, ParallelResult};
+pub use local::{LocalComm, LocalWorld, RankFailed};
+pub use mesh::{Coords, Mesh, MeshShape};
+pub use plan::{ParallelPlan, Placement, PlanError, Rule, ZAYA_PLAN};
+pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, Groups, TpModel};

@@ -1,0 +1,1010 @@
+//! Tensor parallelism for ZAYA1: one rank's slice of the model and its forward pass.
+//!
+//! Per decoder layer, TP rank `t` of `N`:
+//! - CCA: its `Nq/N` query heads (rows of `q_proj`, their conv channels), the KV heads
+//!   those heads use (rows of `k_proj`, conv channels, `temp`, and the value heads of those
+//!   KV heads from `v_proj_current` / `v_proj_delayed`) — replicated on several ranks when
+//!   `N > Nkv`. The key's q/k mean residual needs the mean of the *whole* group's raw
+//!   queries; since the projection is linear, the rank holds the group mean of the `q_proj`
+//!   rows (`[D, H]` per KV head, built at load) instead of the group's rows.
+//! - `o_proj` row-parallel: each rank multiplies its heads' columns, the partial outputs
+//!   are all-reduced, the bias is added once after.
+//! - Router replicated (every rank takes the same top-1 decision from bit-identical input).
+//! - Experts: `gate_up` rows (gate and up halves each) and `down` columns split by the
+//!   inner axis; the weighted partial outputs are all-reduced.
+//! - Embedding and lm_head vocab-parallel: each rank looks up the ids of its rows (zero
+//!   elsewhere) and the lookups are all-reduced; logits are gathered along the vocabulary.
+//!
+//! Norms, residual scales and the router run replicated; the residual stream is identical
+//! on every rank after each all-reduce.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use zaya::attention::{self as core, AttnImplementation};
+use zaya::cache::LayerCache;
+use zaya::config::LayerType;
+use zaya::model::attention::l2_to_sqrt_d;
+use zaya::model::decoder::ResidualScaling;
+use zaya::model::moe::ZayaRouter;
+use zaya::model::rope::RotaryEmbedding;
+use zaya::model::{check_input_ids, forward_context, rotary_tables, Linear, Weights};
+use zaya::weights::{native_specs, Checkpoint, TensorSpec};
+use zaya::{kernels, ForwardOptions, HybridCache, ZayaConfig};
+
+use crate::comm::Comm;
+use crate::error::{ParallelError, ParallelResult};
+use crate::mesh::Coords;
+use crate::plan::{HeadShare, ParallelPlan};
+use crate::tensor::{all_gather_last, all_reduce};
+
+/// Reads one rank's slices of a checkpoint, as the plan says.
+struct ShardReader<'a> {
+    ckpt: &'a Arc<Checkpoint>,
+    plan: &'a ParallelPlan,
+    coords: Coords,
+    specs: HashMap<String, TensorSpec>,
+    dtype: DType,
+    device: Device,
+}
+
+impl ShardReader<'_> {
+    fn spec(&self, name: &str) -> ParallelResult<&TensorSpec> {
+        self.specs.get(name).ok_or_else(|| {
+            ParallelError::Unsupported(format!("tensor `{name}` is not part of this config"))
+        })
+    }
+
+    /// This rank's selection of `name`.
+    fn get(&self, name: &str) -> ParallelResult<Tensor> {
+        let spec = self.spec(name)?;
+        let sel = self.plan.selection(self.coords, spec);
+        self.rows(name, &sel.ranges(&spec.shape))
+    }
+
+    /// Explicit ranges of `name`.
+    fn rows(&self, name: &str, ranges: &[Vec<std::ops::Range<usize>>]) -> ParallelResult<Tensor> {
+        let cfg = &self.plan.cfg;
+        Ok(self
+            .ckpt
+            .load_selection(cfg, name, ranges, self.dtype, &self.device)?)
+    }
+
+    fn linear(&self, prefix: &str, bias: bool) -> ParallelResult<Linear> {
+        let w = self.get(&format!("{prefix}.weight"))?;
+        let b = if bias {
+            Some(self.get(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear::dense(w, b))
+    }
+
+    /// A value projection restricted to this rank's value heads of one half (`None` when
+    /// the rank has none there).
+    fn value_linear(&self, prefix: &str, bias: bool) -> ParallelResult<Option<Linear>> {
+        let l = self.linear(prefix, bias)?;
+        Ok(match l.weight.dims().0 {
+            0 => None,
+            _ => Some(l),
+        })
+    }
+}
+
+/// A rank's CCA block.
+#[derive(Debug, Clone)]
+struct TpAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    /// Query heads per KV head in the model (`Nq / Nkv`).
+    group: usize,
+    v_current: Option<Linear>,
+    v_delayed: Option<Linear>,
+    conv_w0: Tensor,
+    conv_b0: Tensor,
+    conv_w1: Tensor,
+    conv_b1: Tensor,
+    temp: Tensor,
+    o_proj: Linear,
+    o_bias: Option<Tensor>,
+    heads: HeadShare,
+    head_dim: usize,
+    conv_history: usize,
+}
+
+impl TpAttention {
+    fn load(r: &ShardReader, i: usize) -> ParallelResult<Self> {
+        let cfg = &r.plan.cfg;
+        let p = format!("model.layers.{i}.self_attn");
+        let q = format!("{p}.qkv_proj");
+        let bias = cfg.attention_bias;
+        let heads = r.plan.heads(r.coords.tp);
+        let d = cfg.head_dim;
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        let o_bias = if bias {
+            Some(r.get(&format!("{p}.o_proj.bias"))?)
+        } else {
+            None
+        };
+        Ok(TpAttention {
+            q_proj: r.linear(&format!("{q}.q_proj"), bias)?,
+            k_proj: r.linear(&format!("{q}.k_proj"), bias)?,
+            group,
+            v_current: r.value_linear(&format!("{q}.v_proj_current"), bias)?,
+            v_delayed: r.value_linear(&format!("{q}.v_proj_delayed"), bias)?,
+            conv_w0: r.get(&format!("{q}.conv_qk_depthwise.weight"))?,
+            conv_b0: r.get(&format!("{q}.conv_qk_depthwise.bias"))?,
+            conv_w1: r.get(&format!("{q}.conv_qk_grouped.weight"))?,
+            conv_b1: r.get(&format!("{q}.conv_qk_grouped.bias"))?,
+            temp: r.get(&format!("{p}.qk_norm.temp"))?,
+            o_proj: r.linear(&format!("{p}.o_proj"), false)?,
+            o_bias,
+            heads,
+            head_dim: d,
+            conv_history: cfg.conv_state_len(),
+        })
+    }
+
+    fn forward(
+        &self,
+        comm: &dyn Comm,
+        a: &Tensor,
+        inputs: &zaya::model::AttentionInputs,
+        cache: Option<&mut LayerCache>,
+    ) -> ParallelResult<Tensor> {
+        let a = match inputs.conv_mask {
+            Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
+            None => a.clone(),
+        };
+        let (b, t, _) = a.dims3()?;
+        let d = self.head_dim;
+        let (nq, nkv) = (self.heads.query.len(), self.heads.kv.len());
+        let per_kv = nq / nkv;
+        let s = self.conv_history;
+
+        let q_raw = self.q_proj.forward(&a)?;
+        let k_raw = self.k_proj.forward(&a)?;
+        let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?;
+        let c = u.dim(2)?;
+        let k_rep = k_raw
+            .reshape((b, t, nkv, 1, d))?
+            .broadcast_as((b, t, nkv, per_kv, d))?
+            .reshape((b, t, nq, d))?;
+        let mq = ((q_raw.reshape((b, t, nq, d))? + k_rep)? * 0.5)?;
+        let mk = if per_kv == self.group {
+            // whole groups on this rank: the mean as one rank takes it
+            mq.reshape((b, t, nkv, per_kv, d))?.mean(3)?
+        } else {
+            // A group spread over several ranks (more ranks than KV heads): each rank puts
+            // the sum of its query heads into its KV head's slot, the slots are summed over
+            // the TP group (every query head counted once, in rank order as one rank would
+            // add them), then divided by the group size.
+            let nkv_all = self.heads.kv_total;
+            let local = mq.reshape((b, t, nkv, per_kv, d))?.sum(3)?;
+            let mut slots = Vec::with_capacity(nkv_all);
+            for j in 0..nkv_all {
+                if self.heads.kv.contains(&j) {
+                    slots.push(local.narrow(2, j - self.heads.kv.start, 1)?);
+                } else {
+                    slots.push(Tensor::zeros((b, t, 1, d), local.dtype(), local.device())?);
+                }
+            }
+            let summed = all_reduce(comm, &Tensor::cat(&slots, 2)?)?;
+            (summed.narrow(2, self.heads.kv.start, nkv)? / self.group as f64)?
+        };
+
+        let (history, prev_rec) = match &cache {
+            Some(c) if c.has_previous_state() => {
+                (c.conv_state().cloned(), c.recurrent_state().cloned())
+            }
+            _ => (None, None),
+        };
+        let history = match history {
+            Some(h) => h,
+            None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
+        };
+        let x = if s > 0 {
+            Tensor::cat(&[&history, &u], 1)?
+        } else {
+            u.clone()
+        };
+        let z = kernels::cca_conv(
+            &x,
+            &self.conv_w0,
+            &self.conv_b0,
+            &self.conv_w1,
+            &self.conv_b1,
+            nq + nkv,
+        )?;
+        let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
+        let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
+
+        // Values: this rank's current heads, then its delayed heads (the previous token's).
+        let mut parts = Vec::with_capacity(2);
+        if let Some(vc) = &self.v_current {
+            parts.push(vc.forward(&a)?);
+        }
+        let rec = match &self.v_delayed {
+            Some(vdl) => {
+                let vd = vdl.forward(&a)?;
+                let first = match prev_rec {
+                    Some(r) => r.unsqueeze(1)?,
+                    None => {
+                        vdl.forward(&Tensor::zeros((b, 1, a.dim(2)?), a.dtype(), a.device())?)?
+                    }
+                };
+                let vdel = if t > 1 {
+                    Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
+                } else {
+                    first
+                };
+                parts.push(vdel);
+                vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?
+            }
+            None => Tensor::zeros((b, 0), a.dtype(), a.device())?,
+        };
+        let v = Tensor::cat(&parts, D::Minus1)?.reshape((b, t, nkv, d))?;
+
+        let q = l2_to_sqrt_d(&q, d)?;
+        let k = l2_to_sqrt_d(&k, d)?.broadcast_mul(&self.temp.reshape((1, 1, nkv, 1))?)?;
+        let q = kernels::rotary(&q.transpose(1, 2)?, inputs.cos, inputs.sin)?;
+        let k = kernels::rotary(&k.transpose(1, 2)?, inputs.cos, inputs.sin)?;
+        let v = v.transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some(cache) => {
+                let conv = if s > 0 {
+                    x.narrow(1, x.dim(1)? - s, s)?.contiguous()?
+                } else {
+                    Tensor::zeros((b, 0, c), u.dtype(), u.device())?
+                };
+                cache.set_cca_state(conv, rec);
+                cache.update_kv(&k.contiguous()?, &v.contiguous()?)?
+            }
+            None => (k, v),
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let (o, _) = core::attend(inputs.backend, &q, &k, &v, inputs.mask, scale, false)?;
+        let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
+        let partial = self.o_proj.forward(&o)?;
+        let out = all_reduce(comm, &partial)?;
+        Ok(match &self.o_bias {
+            Some(bias) => out.broadcast_add(bias)?,
+            None => out,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TpLayer {
+    layer_type: LayerType,
+    input_layernorm: Tensor,
+    attn: TpAttention,
+    post_attention_residual_scale: ResidualScaling,
+    post_attention_layernorm: Tensor,
+    router: ZayaRouter,
+    /// `[E, 2·I/N, H]`, gate rows first.
+    gate_up: Tensor,
+    /// `[E, H, I/N]`.
+    down: Tensor,
+    post_mlp_residual_scale: ResidualScaling,
+}
+
+/// The router's choice per token of each layer (the same on every rank).
+pub type Choices = Vec<Vec<u32>>;
+
+#[derive(Debug, Clone)]
+struct InputPart {
+    embed: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct OutputPart {
+    norm: Tensor,
+    lm_head: Linear,
+}
+
+/// The groups one rank computes with: its TP group, its pipeline group (the ranks of the
+/// other stages with the same TP and EP coordinates) and its EP group.
+#[derive(Clone, Copy)]
+pub struct Groups<'a> {
+    pub tp: &'a dyn Comm,
+    pub pp: &'a dyn Comm,
+    pub ep: &'a dyn Comm,
+}
+
+impl crate::mesh::Mesh {
+    pub fn groups(&self) -> Groups<'_> {
+        Groups {
+            tp: self.tp.as_ref(),
+            pp: self.pp.as_ref(),
+            ep: self.ep.as_ref(),
+        }
+    }
+}
+
+/// Message tags between pipeline stages.
+const TAG_HIDDEN: u32 = 1;
+const TAG_ROUTER_STATE: u32 = 2;
+
+/// One TP rank of a ZAYA1 model. The model is `&self`; the cache (holding this rank's
+/// heads) and the router state are values, as in [`zaya::ZayaModel`].
+#[derive(Debug, Clone)]
+pub struct TpModel {
+    cfg: ZayaConfig,
+    /// `cfg` restricted to this stage's layers (what its cache and masks are built from).
+    stage_cfg: ZayaConfig,
+    plan: ParallelPlan,
+    coords: Coords,
+    tp_rank: usize,
+    /// Global indices of this stage's decoder layers.
+    layer_range: std::ops::Range<usize>,
+    /// First stage: the embedding slice `[V/N, H]` (rows `vocab_start..`), input scale, bias.
+    input: Option<InputPart>,
+    vocab_start: usize,
+    layers: Vec<TpLayer>,
+    /// Last stage: the final norm and the lm_head rows of this rank's vocabulary slice.
+    output: Option<OutputPart>,
+    rotary: BTreeMap<LayerType, RotaryEmbedding>,
+    dtype: DType,
+    device: Device,
+}
+
+impl TpModel {
+    /// Opens a checkpoint and reads the slices of TP rank `tp_rank` under `plan` (only
+    /// those bytes are read from the files).
+    pub fn load(
+        dir: impl AsRef<Path>,
+        plan: &ParallelPlan,
+        tp_rank: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> ParallelResult<Self> {
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let cfg = ckpt.config()?;
+        if cfg != plan.cfg {
+            return Err(ParallelError::Unsupported(
+                "the plan was made for another config than this checkpoint's".into(),
+            ));
+        }
+        ckpt.validate(&cfg)?;
+        Self::from_checkpoint(&ckpt, plan, tp_rank, dtype, device)
+    }
+
+    /// TP rank `tp_rank` of a tensor-parallel plan (one pipeline stage).
+    pub fn from_checkpoint(
+        ckpt: &Arc<Checkpoint>,
+        plan: &ParallelPlan,
+        tp_rank: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> ParallelResult<Self> {
+        let coords = Coords {
+            tp: tp_rank,
+            pp: 0,
+            ep: 0,
+            dp: 0,
+        };
+        Self::at(ckpt, plan, coords, dtype, device)
+    }
+
+    /// The rank at `coords` of the mesh: its TP slices of its pipeline stage's layers (the
+    /// embedding on the first stage, the final norm and lm_head on the last).
+    pub fn at(
+        ckpt: &Arc<Checkpoint>,
+        plan: &ParallelPlan,
+        coords: Coords,
+        dtype: DType,
+        device: &Device,
+    ) -> ParallelResult<Self> {
+        let m = plan.mesh;
+        if dtype != DType::F32 {
+            return Err(ParallelError::Unsupported(format!(
+                "tensor-parallel ranks run in f32 in this version (asked: {dtype:?})"
+            )));
+        }
+        if coords.tp >= m.tp || coords.pp >= m.pp || coords.ep >= m.ep {
+            return Err(ParallelError::Unsupported(format!(
+                "rank {coords:?} outside the mesh {}",
+                m.label()
+            )));
+        }
+        let tp_rank = coords.tp;
+        let cfg = plan.cfg.clone();
+        let r = ShardReader {
+            ckpt,
+            plan,
+            coords,
+            specs: native_specs(&cfg)
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+            dtype,
+            device: device.clone(),
+        };
+        // Replicated tensors go through the model's own constructors.
+        let vb = Weights::from(ckpt.var_builder(&cfg, dtype, device));
+        let h = cfg.hidden_size;
+        let layer_range = plan.stage_layers(coords.pp);
+        let mut layers = Vec::with_capacity(layer_range.len());
+        for i in layer_range.clone() {
+            let lv = vb.pp("model.layers").pp(i);
+            let p = format!("model.layers.{i}");
+            layers.push(TpLayer {
+                layer_type: cfg.layer_types[i],
+                input_layernorm: r.get(&format!("{p}.input_layernorm.weight"))?,
+                attn: TpAttention::load(&r, i)?,
+                post_attention_residual_scale: ResidualScaling::new(
+                    h,
+                    lv.pp("post_attention_residual_scale"),
+                )?,
+                post_attention_layernorm: r.get(&format!("{p}.post_attention_layernorm.weight"))?,
+                router: ZayaRouter::new(&cfg, i, lv.pp("mlp").pp("gate"))?,
+                gate_up: r.get(&format!("{p}.mlp.experts.gate_up_proj"))?,
+                down: r.get(&format!("{p}.mlp.experts.down_proj"))?,
+                post_mlp_residual_scale: ResidualScaling::new(h, lv.pp("post_mlp_residual_scale"))?,
+            });
+        }
+        let first = coords.pp == 0;
+        let last = coords.pp + 1 == m.pp;
+        let input = if first {
+            Some(InputPart {
+                embed: r.get("model.embed_tokens.weight")?,
+                scale: r.get("model.input_hidden_states_scale")?,
+                bias: r.get("model.input_hidden_states_bias")?,
+            })
+        } else {
+            None
+        };
+        let output = if last {
+            let lm_bias = if cfg.lm_head_bias {
+                Some(r.get("lm_head.bias")?)
+            } else {
+                None
+            };
+            let weight = match (&input, cfg.tie_word_embeddings) {
+                (Some(i), true) => i.embed.clone(),
+                (None, true) => r.get("model.embed_tokens.weight")?,
+                (_, false) => r.get("lm_head.weight")?,
+            };
+            Some(OutputPart {
+                norm: r.get("model.norm.weight")?,
+                lm_head: Linear::dense(weight, lm_bias),
+            })
+        } else {
+            None
+        };
+        let mut stage_cfg = cfg.clone();
+        stage_cfg.num_hidden_layers = layer_range.len();
+        stage_cfg.layer_types = cfg.layer_types[layer_range.clone()].to_vec();
+        Ok(TpModel {
+            rotary: rotary_tables(&stage_cfg),
+            vocab_start: tp_rank * (cfg.vocab_size / m.tp),
+            input,
+            output,
+            layers,
+            layer_range,
+            plan: plan.clone(),
+            coords,
+            tp_rank,
+            stage_cfg,
+            cfg,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// An empty cache for this rank: its stage's layers, its heads.
+    pub fn new_cache(&self) -> HybridCache {
+        HybridCache::new(&self.stage_cfg)
+    }
+
+    /// Global indices of this rank's decoder layers.
+    pub fn layer_range(&self) -> std::ops::Range<usize> {
+        self.layer_range.clone()
+    }
+
+    pub fn config(&self) -> &ZayaConfig {
+        &self.cfg
+    }
+
+    pub fn plan(&self) -> &ParallelPlan {
+        &self.plan
+    }
+
+    pub fn tp_rank(&self) -> usize {
+        self.tp_rank
+    }
+
+    /// Bytes of the weights this rank holds.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let lin = |l: &Linear| l.bytes();
+        let mut total = 0;
+        if let Some(i) = &self.input {
+            total += t(&i.embed) + t(&i.scale) + t(&i.bias);
+        }
+        if let Some(o) = &self.output {
+            total += t(&o.norm);
+            if !self.cfg.tie_word_embeddings || self.input.is_none() {
+                total += lin(&o.lm_head);
+            }
+        }
+        for l in &self.layers {
+            let a = &l.attn;
+            total += t(&l.input_layernorm)
+                + t(&l.post_attention_layernorm)
+                + lin(&a.q_proj)
+                + lin(&a.k_proj)
+                + a.v_current.as_ref().map_or(0, lin)
+                + a.v_delayed.as_ref().map_or(0, lin)
+                + [&a.conv_w0, &a.conv_b0, &a.conv_w1, &a.conv_b1, &a.temp]
+                    .into_iter()
+                    .map(t)
+                    .sum::<usize>()
+                + lin(&a.o_proj)
+                + l.router.weight_bytes()
+                + t(&l.gate_up)
+                + t(&l.down);
+        }
+        total
+    }
+
+    /// Vocab-parallel lookup: rows of this rank's slice, zero for the other ids, summed
+    /// over the group; then the input scale and bias into the f32 stream.
+    fn embed(
+        &self,
+        comm: &dyn Comm,
+        input: &InputPart,
+        ids: &[Vec<i64>],
+    ) -> ParallelResult<Tensor> {
+        let (b, t) = (ids.len(), ids[0].len());
+        let per = input.embed.dim(0)?;
+        let mut local = Vec::with_capacity(b * t);
+        let mut keep = Vec::with_capacity(b * t);
+        for &id in ids.iter().flatten() {
+            let id = id as usize;
+            let mine = id >= self.vocab_start && id < self.vocab_start + per;
+            local.push(if mine {
+                (id - self.vocab_start) as u32
+            } else {
+                0
+            });
+            keep.push(if mine { 1f32 } else { 0f32 });
+        }
+        let local = Tensor::from_vec(local, b * t, &self.device)?;
+        let keep = Tensor::from_vec(keep, (b * t, 1), &self.device)?.to_dtype(self.dtype)?;
+        let e = input.embed.index_select(&local, 0)?.broadcast_mul(&keep)?;
+        let e = all_reduce(comm, &e)?.reshape((b, t, self.cfg.hidden_size))?;
+        Ok(e.broadcast_add(&input.bias)?
+            .broadcast_mul(&input.scale)?
+            .to_dtype(DType::F32)?)
+    }
+
+    fn layer_forward(
+        &self,
+        g: Groups,
+        idx: usize,
+        h: &Tensor,
+        state: Option<&Tensor>,
+        ctx: &zaya::model::ForwardContext,
+        cache: Option<&mut LayerCache>,
+    ) -> ParallelResult<(Tensor, zaya::model::Routing)> {
+        let l = &self.layers[idx];
+        let eps = self.cfg.rms_norm_eps;
+        let (cos, sin) = &ctx.rope[&l.layer_type];
+        let inputs = zaya::model::AttentionInputs {
+            mask: &ctx.masks[&l.layer_type],
+            cos,
+            sin,
+            conv_mask: ctx.conv_mask.as_ref(),
+            same_document: None,
+            want_probs: false,
+            backend: ctx.attn,
+        };
+        let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &l.input_layernorm, eps)?;
+        let attn = l.attn.forward(g.tp, &a, &inputs, cache)?;
+        let r = l.post_attention_residual_scale.forward(&attn, h)?;
+        let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &l.post_attention_layernorm, eps)?;
+        let (b, t, hd) = n.dims3()?;
+        let routing = l.router.forward(&n, state)?;
+        let flat = n.reshape((b * t, hd))?;
+        let partial = if g.ep.size() > 1 {
+            self.ep_experts(g.ep, l, &flat, &routing)?
+        } else {
+            kernels::moe_experts(&flat, &routing.choice, &routing.weight, &l.gate_up, &l.down)?
+        };
+        let m = all_reduce(g.tp, &partial)?.reshape((b, t, hd))?;
+        Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing))
+    }
+
+    /// Expert parallelism: the router (replicated) has chosen an expert for every token;
+    /// this EP rank takes its contiguous share of the tokens, sends each token routed to
+    /// an expert (with the expert's local index and the routing weight) to the rank holding
+    /// it by an all-to-all, computes the tokens it received with its experts, returns the
+    /// outputs by the inverse all-to-all and places them back in token order. Skip-routed
+    /// tokens never leave their rank (their output is zero). The shares are then gathered
+    /// so every EP rank holds all `[N, H]` outputs (attention runs replicated over EP).
+    fn ep_experts(
+        &self,
+        ep: &dyn Comm,
+        l: &TpLayer,
+        flat: &Tensor,
+        routing: &zaya::model::Routing,
+    ) -> ParallelResult<Tensor> {
+        let (n, h) = flat.dims2()?;
+        let (p, q) = (ep.size(), ep.rank());
+        let experts = self.cfg.num_experts;
+        let per = experts / p;
+        let share = n.div_ceil(p);
+        let mine = (q * share).min(n)..((q + 1) * share).min(n);
+        let x: Vec<f32> = flat
+            .narrow(0, mine.start, mine.len())?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let w: Vec<f32> = routing
+            .weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut send = vec![Vec::new(); p];
+        let mut order: Vec<Vec<usize>> = vec![Vec::new(); p];
+        for (k, i) in mine.clone().enumerate() {
+            let c = routing.choice[i] as usize;
+            if c >= experts {
+                continue; // skip class: stays here, contributes zero
+            }
+            let dest = c / per;
+            send[dest].push((c - dest * per) as f32);
+            send[dest].push(w[i]);
+            send[dest].extend_from_slice(&x[k * h..(k + 1) * h]);
+            order[dest].push(k);
+        }
+        let recv = ep.all_to_all_v(&send)?;
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        let mut ws = Vec::new();
+        let mut counts = Vec::with_capacity(p);
+        for (src, r) in recv.iter().enumerate() {
+            if !r.len().is_multiple_of(h + 2) {
+                return Err(ParallelError::Unsupported(format!(
+                    "EP rank {q} received {} values from EP rank {src}: not whole tokens of {h} + 2",
+                    r.len()
+                )));
+            }
+            let m = r.len() / (h + 2);
+            for rec in r.chunks(h + 2) {
+                ids.push(rec[0] as u32);
+                ws.push(rec[1]);
+                rows.extend_from_slice(&rec[2..]);
+            }
+            counts.push(m);
+        }
+        let total: usize = counts.iter().sum();
+        let out: Vec<f32> = if total > 0 {
+            let xs = Tensor::from_vec(rows, (total, h), &self.device)?.to_dtype(flat.dtype())?;
+            let wt =
+                Tensor::from_vec(ws, (total, 1), &self.device)?.to_dtype(routing.weight.dtype())?;
+            kernels::moe_experts(&xs, &ids, &wt, &l.gate_up, &l.down)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?
+        } else {
+            Vec::new()
+        };
+        let mut back = Vec::with_capacity(p);
+        let mut at = 0;
+        for &m in &counts {
+            back.push(out[at * h..(at + m) * h].to_vec());
+            at += m;
+        }
+        let results = ep.all_to_all_v(&back)?;
+        let mut local = vec![0f32; share * h];
+        for (dest, res) in results.iter().enumerate() {
+            if res.len() != order[dest].len() * h {
+                return Err(ParallelError::Unsupported(format!(
+                    "EP rank {q} got {} values back from EP rank {dest} for {} tokens",
+                    res.len(),
+                    order[dest].len()
+                )));
+            }
+            for (j, &k) in order[dest].iter().enumerate() {
+                local[k * h..(k + 1) * h].copy_from_slice(&res[j * h..(j + 1) * h]);
+            }
+        }
+        let all = ep.all_gather(&local)?;
+        Ok(
+            Tensor::from_vec(all[..n * h].to_vec(), (n, h), &self.device)?
+                .to_dtype(flat.dtype())?,
+        )
+    }
+
+    /// The forward pass of a tensor-parallel rank (one stage; every rank of the TP group
+    /// calls it with the same inputs). Returns the full logits `[B, T', V]` (gathered; the
+    /// same on every rank) and the router's choices per layer. With a cache (from
+    /// [`TpModel::new_cache`]), continues after its tokens.
+    pub fn forward(
+        &self,
+        comm: &dyn Comm,
+        input_ids: &Tensor,
+        cache: Option<&mut HybridCache>,
+        opts: &ForwardOptions,
+    ) -> ParallelResult<(Tensor, Choices)> {
+        let solo = crate::local::LocalWorld::new(1, crate::comm::DEFAULT_TIMEOUT)?.comm(0);
+        let g = Groups {
+            tp: comm,
+            pp: &solo,
+            ep: &solo,
+        };
+        self.forward_mesh(g, input_ids, cache, opts)
+    }
+
+    /// The forward pass of the rank at this model's coordinates: `tp` is its TP group, `pp`
+    /// its pipeline group (the ranks of the other stages with the same TP coordinate).
+    /// Stage 0 embeds; each stage runs its layers and sends the residual stream **and the
+    /// router state** (EDA) to the next; the last stage computes the logits, which are
+    /// broadcast back over the pipeline group, so every rank returns the full logits. The
+    /// choices are those of this stage's layers.
+    pub fn forward_mesh(
+        &self,
+        g: Groups,
+        input_ids: &Tensor,
+        mut cache: Option<&mut HybridCache>,
+        opts: &ForwardOptions,
+    ) -> ParallelResult<(Tensor, Choices)> {
+        let m = self.plan.mesh;
+        let (tp, pp) = (g.tp, g.pp);
+        let fits = |c: &dyn Comm, size: usize, rank: usize| c.size() == size && c.rank() == rank;
+        if !fits(tp, m.tp, self.coords.tp)
+            || !fits(pp, m.pp, self.coords.pp)
+            || !fits(g.ep, m.ep, self.coords.ep)
+        {
+            return Err(ParallelError::Unsupported(format!(
+                "groups tp {}/{}, pp {}/{}, ep {}/{} (rank/size) drive the rank at {:?} of {}",
+                tp.rank(),
+                tp.size(),
+                pp.rank(),
+                pp.size(),
+                g.ep.rank(),
+                g.ep.size(),
+                self.coords,
+                m.label()
+            )));
+        }
+        if opts.document_ids.is_some() || opts.capture.attentions || opts.capture.hidden_states {
+            return Err(ParallelError::Unsupported(
+                "packed documents and captures (hidden states, attentions) under tensor parallelism"
+                    .into(),
+            ));
+        }
+        if let Some(c) = cache.as_deref() {
+            c.check(&self.stage_cfg)?;
+        }
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let ids = check_input_ids(&self.cfg, input_ids, past)?;
+        let (b, t) = (ids.len(), ids[0].len());
+        let (h_dim, r_dim) = (self.cfg.hidden_size, self.cfg.router_hidden_size);
+        let ctx = forward_context(
+            &self.stage_cfg,
+            &self.rotary,
+            self.dtype,
+            &self.device,
+            b,
+            t,
+            cache.as_deref(),
+            opts,
+        )?;
+        let (mut h, mut state) = match &self.input {
+            Some(input) => (self.embed(tp, input, &ids)?, None),
+            None => {
+                let from = self.coords.pp - 1;
+                let h = pp.recv(from, TAG_HIDDEN)?;
+                let st = pp.recv(from, TAG_ROUTER_STATE)?;
+                let shape_err = |what: &str, n: usize, want: usize| {
+                    ParallelError::Unsupported(format!(
+                        "stage {} received {n} values of {what} from stage {from}, expected {want}",
+                        self.coords.pp
+                    ))
+                };
+                if h.len() != b * t * h_dim {
+                    return Err(shape_err("hidden state", h.len(), b * t * h_dim));
+                }
+                if st.len() != b * t * r_dim {
+                    return Err(shape_err("router state", st.len(), b * t * r_dim));
+                }
+                (
+                    Tensor::from_vec(h, (b, t, h_dim), &self.device)?,
+                    Some(Tensor::from_vec(st, (b, t, r_dim), &self.device)?.to_dtype(self.dtype)?),
+                )
+            }
+        };
+        let mut choices = Vec::with_capacity(self.layers.len());
+        for idx in 0..self.layers.len() {
+            let layer_cache = match cache.as_deref_mut() {
+                None => None,
+                Some(c) => Some(c.layer_mut(idx).ok_or_else(|| {
+                    ParallelError::Unsupported(format!("cache has no layer {idx}"))
+                })?),
+            };
+            let (next, routing) =
+                self.layer_forward(g, idx, &h, state.as_ref(), &ctx, layer_cache)?;
+            h = next;
+            choices.push(routing.choice);
+            state = Some(routing.state);
+        }
+        let keep = opts.logits_to_keep;
+        let kept = if keep > 0 && keep < t { keep } else { t };
+        let vocab = self.cfg.vocab_size;
+        let logits = match &self.output {
+            None => {
+                let to = self.coords.pp + 1;
+                pp.send(to, TAG_HIDDEN, &h.flatten_all()?.to_vec1::<f32>()?)?;
+                let st = state.as_ref().expect("a stage has at least one layer");
+                pp.send(
+                    to,
+                    TAG_ROUTER_STATE,
+                    &st.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                )?;
+                None
+            }
+            Some(out) => {
+                let y =
+                    kernels::rms_norm(&h.to_dtype(self.dtype)?, &out.norm, self.cfg.rms_norm_eps)?;
+                let y = if kept < t {
+                    y.narrow(1, t - kept, kept)?
+                } else {
+                    y
+                };
+                let local = out.lm_head.forward(&y)?;
+                Some(all_gather_last(tp, &local)?)
+            }
+        };
+        if m.pp == 1 {
+            return Ok((logits.expect("the only stage is the last"), choices));
+        }
+        // every stage returns the logits (stage 0 feeds the next token when decoding)
+        let mut buf = match &logits {
+            Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; b * kept * vocab],
+        };
+        pp.broadcast(m.pp - 1, &mut buf)?;
+        let logits = Tensor::from_vec(buf, (b, kept, vocab), &self.device)?.to_dtype(self.dtype)?;
+        Ok((logits, choices))
+    }
+
+    /// Greedy decoding from `prompt` `[1, T]` with this rank's cache: a prefill, then one
+    /// cached step per token (stops after `eos` when given). Every rank returns the same ids.
+    pub fn generate_greedy(
+        &self,
+        comm: &dyn Comm,
+        prompt: &Tensor,
+        max_new_tokens: usize,
+        eos: &[u32],
+        attn: AttnImplementation,
+    ) -> ParallelResult<Vec<u32>> {
+        let solo = crate::local::LocalWorld::new(1, crate::comm::DEFAULT_TIMEOUT)?.comm(0);
+        let g = Groups {
+            tp: comm,
+            pp: &solo,
+            ep: &solo,
+        };
+        self.generate_greedy_mesh(g, prompt, max_new_tokens, eos, attn)
+    }
+
+    /// [`TpModel::generate_greedy`] on a TP × PP mesh: each stage keeps the cache of its
+    /// own layers and heads.
+    pub fn generate_greedy_mesh(
+        &self,
+        g: Groups,
+        prompt: &Tensor,
+        max_new_tokens: usize,
+        eos: &[u32],
+        attn: AttnImplementation,
+    ) -> ParallelResult<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let opts = ForwardOptions {
+            attn,
+            logits_to_keep: 1,
+            ..Default::default()
+        };
+        let mut input = prompt.clone();
+        let mut out = Vec::with_capacity(max_new_tokens);
+        for _ in 0..max_new_tokens {
+            let (logits, _) = self.forward_mesh(g, &input, Some(&mut cache), &opts)?;
+            let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            // the first maximum, as the single-rank greedy decoder (and torch.argmax)
+            let next = zaya::generation::argmax(&row);
+            out.push(next);
+            if eos.contains(&next) {
+                break;
+            }
+            input = Tensor::new(&[[next]], &self.device)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `tp` local ranks (threads of this process), each loading only its slices of the
+/// checkpoint in `dir`, and returns rank 0's full logits and router choices. The first
+/// rank error is returned (an error of its own rather than a peer's "has exited").
+pub fn forward_on_local_ranks(
+    dir: &Path,
+    tp: usize,
+    input_ids: &Tensor,
+    opts: &ForwardOptions,
+    timeout: std::time::Duration,
+) -> ParallelResult<(Tensor, Choices)> {
+    forward_mesh_on_local_ranks(
+        dir,
+        crate::mesh::MeshShape::new(tp, 1, 1, 1)?,
+        input_ids,
+        opts,
+        timeout,
+    )
+}
+
+/// [`forward_on_local_ranks`] on a TP × PP × EP mesh (`dp` replicas run the same input).
+/// Returns rank 0's logits and the choices of the first stage's layers.
+pub fn forward_mesh_on_local_ranks(
+    dir: &Path,
+    shape: crate::mesh::MeshShape,
+    input_ids: &Tensor,
+    opts: &ForwardOptions,
+    timeout: std::time::Duration,
+) -> ParallelResult<(Tensor, Choices)> {
+    let ckpt = Arc::new(Checkpoint::open(dir)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let plan = ParallelPlan::new(&cfg, shape)?;
+    let world = crate::local::LocalWorld::new(shape.world(), timeout)?;
+    let outs = world.run(|comm| {
+        let mesh = crate::mesh::Mesh::new(Box::new(comm), shape)?;
+        let model = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
+        model.forward_mesh(mesh.groups(), input_ids, None, opts)
+    });
+    first_of(outs)
+}
+
+/// Rank 0's value, or the most telling error of the ranks.
+pub fn first_of<T>(
+    outs: Vec<Result<T, crate::local::RankFailed<ParallelError>>>,
+) -> ParallelResult<T> {
+    use crate::local::RankFailed;
+    let mut first_err = None;
+    let mut own_err = None;
+    let mut value = None;
+    for (rank, o) in outs.into_iter().enumerate() {
+        match o {
+            Ok(v) if rank == 0 => value = Some(v),
+            Ok(_) => {}
+            Err(RankFailed::Error { error, .. }) => {
+                let peer = matches!(
+                    error,
+                    ParallelError::Dist(crate::comm::DistError::PeerGone { .. })
+                );
+                if !peer && own_err.is_none() {
+                    own_err = Some(error);
+                } else if first_err.is_none() {
+                    first_err = Some(error);
+                }
+            }
+            Err(RankFailed::Panicked { rank, message }) => {
+                if own_err.is_none() {
+                    own_err = Some(ParallelError::Unsupported(format!(
+                        "rank {rank} panicked: {message}"
+                    )));
+                }
+            }
+        }
+    }
+    match (own_err.or(first_err), value) {
+        (Some(e), _) => Err(e),
+        (None, Some(v)) => Ok(v),
+        (None, None) => Err(ParallelError::Unsupported("rank 0 returned nothing".into())),
+    }
+}
