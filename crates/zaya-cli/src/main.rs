@@ -18,6 +18,7 @@ mod bench;
 mod bench_engine;
 mod chat;
 mod default_model;
+mod lora_cmds;
 mod out;
 mod quant_cmds;
 mod serve;
@@ -70,6 +71,8 @@ enum Command {
     BenchEngine(bench_engine::BenchEngineArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Merge a LoRA adapter (PEFT format) into a model: W + scale · B A, written as a model.
+    Merge(lora_cmds::MergeArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,6 +91,10 @@ struct ModelArgs {
     /// (a `zaya quantize` format: q8_0, q4_k, ...).
     #[arg(long)]
     quant: Option<String>,
+    /// A LoRA adapter directory in PEFT's format (adapter_config.json +
+    /// adapter_model.safetensors), run on top of the base without merging.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -105,7 +112,8 @@ struct ForwardArgs {
     attentions: bool,
     #[arg(long)]
     router_logits: bool,
-    /// With "labels" in IN.json: also write `grad.<hf parameter name>` for every parameter.
+    /// With "labels" in IN.json: also write `grad.<hf parameter name>` for every parameter
+    /// (with --adapter: `grad.<PEFT key>` for every adapter weight, the base frozen).
     #[arg(long)]
     grads: bool,
     /// Compute the gradients with gradient checkpointing (every layer).
@@ -217,7 +225,13 @@ impl ModelArgs {
     }
 }
 
+/// The model the flags ask for, with its adapter attached when `--adapter` is given.
 fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
+    lora_cmds::with_adapter(load_base(args)?, args.adapter.as_deref())
+}
+
+/// The model without its adapter.
+fn load_base(args: &ModelArgs) -> Result<ZayaModel> {
     let dtype = parse_dtype(&args.dtype)?;
     let plan = match &args.quant {
         Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
@@ -233,7 +247,8 @@ fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
 
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs)?;
-    let model = load_model(&args.model)?;
+    let base = load_base(&args.model)?;
+    let model = lora_cmds::with_adapter(base.clone(), args.model.adapter.as_deref())?;
     let dev = Device::Cpu;
     let ids = Tensor::new(inputs.input_ids.clone(), &dev)?;
     let opts = ForwardOptions {
@@ -272,7 +287,20 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             tensors.insert(format!("expert_choice.{i}"), Tensor::new(choice, &dev)?);
         }
     }
-    if train_cmds::has_labels(&args.inputs)? {
+    if let (true, Some(adapter)) = (
+        train_cmds::has_labels(&args.inputs)?,
+        args.model.adapter.as_deref(),
+    ) {
+        // adapter gradients over the frozen base as loaded (--dtype / --quant)
+        let batch = train_cmds::read_batch(&args.inputs)?;
+        tensors.extend(lora_cmds::forward_with_labels(
+            &base,
+            adapter,
+            &batch,
+            args.grads,
+            args.checkpointing,
+        )?);
+    } else if train_cmds::has_labels(&args.inputs)? {
         // loss (and, with --grads, gradients) computed on f32 master weights
         tensors.extend(train_cmds::forward_with_labels(
             &args.model.dir()?,
@@ -472,6 +500,7 @@ fn main() {
         Command::Quantize(a) => quant_cmds::run_quantize(a),
         Command::Eval(a) => quant_cmds::run_eval(a),
         Command::Serve(a) => serve::run_serve(a),
+        Command::Merge(a) => lora_cmds::run_merge(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

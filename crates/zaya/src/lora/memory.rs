@@ -85,6 +85,39 @@ impl MemoryReport {
     }
 }
 
+/// Bytes a model of `cfg` holds when loaded in `dtype`, quantized as `plan` says (before
+/// loading it: the check runs before the base takes any memory).
+pub fn base_bytes(
+    cfg: &ZayaConfig,
+    dtype: candle_core::DType,
+    plan: Option<&crate::quant::QuantPlan>,
+) -> u64 {
+    use crate::quant::WeightFormat;
+    crate::weights::native_specs(cfg)
+        .iter()
+        .map(|s| {
+            let elems: usize = s.shape.iter().product();
+            let dense = if s.name.ends_with("balancing_biases") {
+                4
+            } else {
+                dtype.size_in_bytes()
+            };
+            match plan.map(|p| p.format_for(&s.name, &s.shape)) {
+                Some(WeightFormat::Quant(d)) => crate::quant::storage_bytes(d, elems) as u64,
+                _ => (elems * dense) as u64,
+            }
+        })
+        .sum()
+}
+
+/// Trainable weights of an adapter of `lora` on a model of `cfg`.
+pub fn adapter_parameters(cfg: &ZayaConfig, lora: &super::LoraConfig) -> Result<u64> {
+    Ok(super::plan(cfg, lora)?
+        .iter()
+        .map(|s| (s.shape_a[0] * s.shape_a[1] + s.shape_b[0] * s.shape_b[1]) as u64)
+        .sum())
+}
+
 /// Activation bytes per token of one decoder layer while its graph is alive.
 fn layer_bytes_per_token(cfg: &ZayaConfig, s: usize, seq_len: usize) -> u64 {
     let h = cfg.hidden_size as u64;
