@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draws several `loss.csv` logs of `zaya train` (step, lr, loss, ...) as one SVG chart.
 
-    python3 scripts/plot_loss_curves.py OUT.svg "full fine-tuning=RUN1/loss.csv" "LoRA r=8=RUN2/loss.csv"
+    python3 scripts/plot_loss_curves.py OUT.svg "full fine-tuning=RUN1/loss.csv" "LoRA r=8=RUN2/loss.csv"   (label = all before the last =)
 
 Standard library only (no torch, no matplotlib).
 """
@@ -19,7 +19,7 @@ def read(path):
 def main(out, specs):
     series = []
     for spec in specs:
-        label, path = spec.split("=", 1) if "=" in spec else (spec, spec)
+        label, path = spec.rsplit("=", 1) if "=" in spec else (spec, spec)
         series.append((label, read(path)))
     w, h, pad = 640.0, 360.0, 48.0
     max_step = max(s for _, pts in series for s, _ in pts)
