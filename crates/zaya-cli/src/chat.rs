@@ -142,6 +142,9 @@ pub struct ChatArgs {
     pub dtype: String,
     #[arg(long, default_value = "eager")]
     pub attn: String,
+    /// A LoRA adapter directory (PEFT format), run on top of the model without merging.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -292,7 +295,10 @@ pub fn run_chat(args: ChatArgs, dtype: DType, attn: AttnImplementation) -> Resul
         Some(d) => d.clone(),
         None => crate::default_model::dir()?,
     };
-    let model = Arc::new(ZayaModel::load(&model_dir, dtype, &Device::Cpu)?);
+    let model = Arc::new(crate::lora_cmds::with_adapter(
+        ZayaModel::load(&model_dir, dtype, &Device::Cpu)?,
+        args.adapter.as_deref(),
+    )?);
     let tok = Arc::new(ZayaTokenizer::from_dir(&model_dir)?);
     let stop_ids = tok.stop_token_ids(&model.config().eos_token_id);
     // The conversation runs on the engine so that each turn reuses the earlier turns' prompt

@@ -18,6 +18,7 @@ mod bench;
 mod bench_engine;
 mod chat;
 mod default_model;
+mod lora_cmds;
 mod out;
 mod parallel_cmds;
 mod quant_cmds;
@@ -80,6 +81,8 @@ enum Command {
     /// Prefill and decode throughput and per-rank weight memory of a --tp/--pp/--ep mesh on
     /// local ranks, against one rank in the same run.
     BenchParallel(parallel_cmds::BenchParallelArgs),
+    /// Merge a LoRA adapter (PEFT format) into a model: W + scale · B A, written as a model.
+    Merge(lora_cmds::MergeArgs),
 }
 
 #[derive(clap::Args)]
@@ -98,6 +101,10 @@ struct ModelArgs {
     /// (a `zaya quantize` format: q8_0, q4_k, ...).
     #[arg(long)]
     quant: Option<String>,
+    /// A LoRA adapter directory in PEFT's format (adapter_config.json +
+    /// adapter_model.safetensors), run on top of the base without merging.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -115,7 +122,8 @@ struct ForwardArgs {
     attentions: bool,
     #[arg(long)]
     router_logits: bool,
-    /// With "labels" in IN.json: also write `grad.<hf parameter name>` for every parameter.
+    /// With "labels" in IN.json: also write `grad.<hf parameter name>` for every parameter
+    /// (with --adapter: `grad.<PEFT key>` for every adapter weight, the base frozen).
     #[arg(long)]
     grads: bool,
     /// Compute the gradients with gradient checkpointing (every layer).
@@ -231,7 +239,13 @@ impl ModelArgs {
     }
 }
 
+/// The model the flags ask for, with its adapter attached when `--adapter` is given.
 fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
+    lora_cmds::with_adapter(load_base(args)?, args.adapter.as_deref())
+}
+
+/// The model without its adapter.
+fn load_base(args: &ModelArgs) -> Result<ZayaModel> {
     let dtype = parse_dtype(&args.dtype)?;
     let plan = match &args.quant {
         Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
@@ -251,8 +265,8 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
         if args.hidden_states || args.attentions || args.router_logits || args.grads {
             bail!("zaya forward with parallel ranks writes logits only in this version (no --hidden-states, --attentions, --router-logits, --grads)");
         }
-        if args.model.quant.is_some() {
-            bail!("--quant cannot be combined with parallel ranks");
+        if args.model.quant.is_some() || args.model.adapter.is_some() {
+            bail!("--quant and --adapter cannot be combined with parallel ranks");
         }
         let dev = Device::Cpu;
         let opts = ForwardOptions {
@@ -272,7 +286,8 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             &args.out,
         );
     }
-    let model = load_model(&args.model)?;
+    let base = load_base(&args.model)?;
+    let model = lora_cmds::with_adapter(base.clone(), args.model.adapter.as_deref())?;
     let dev = Device::Cpu;
     let ids = Tensor::new(inputs.input_ids.clone(), &dev)?;
     let opts = ForwardOptions {
@@ -311,7 +326,20 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             tensors.insert(format!("expert_choice.{i}"), Tensor::new(choice, &dev)?);
         }
     }
-    if train_cmds::has_labels(&args.inputs)? {
+    if let (true, Some(adapter)) = (
+        train_cmds::has_labels(&args.inputs)?,
+        args.model.adapter.as_deref(),
+    ) {
+        // adapter gradients over the frozen base as loaded (--dtype / --quant)
+        let batch = train_cmds::read_batch(&args.inputs)?;
+        tensors.extend(lora_cmds::forward_with_labels(
+            &base,
+            adapter,
+            &batch,
+            args.grads,
+            args.checkpointing,
+        )?);
+    } else if train_cmds::has_labels(&args.inputs)? {
         // loss (and, with --grads, gradients) computed on f32 master weights
         tensors.extend(train_cmds::forward_with_labels(
             &args.model.dir()?,
@@ -550,6 +578,7 @@ fn main() {
         Command::Plan(a) => parallel_cmds::run_plan(a),
         Command::Launch(a) => parallel_cmds::run_launch(a),
         Command::BenchParallel(a) => parallel_cmds::run_bench_parallel(a),
+        Command::Merge(a) => lora_cmds::run_merge(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Attention backend: eager, sdpa or flex.
     #[arg(long, default_value = "eager")]
     pub attn: String,
+    /// A LoRA adapter directory (PEFT format), served on top of the model without merging.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Prefix cache bound in MiB (0 turns it off).
     #[arg(long)]
     pub prefix_cache_mib: Option<usize>,
@@ -66,7 +69,10 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|| "zaya".into()),
             None => "zaya-default".into(),
         });
-    let model = Arc::new(ZayaModel::load(&dir, dtype, &Device::Cpu)?);
+    let model = Arc::new(crate::lora_cmds::with_adapter(
+        ZayaModel::load(&dir, dtype, &Device::Cpu)?,
+        args.adapter.as_deref(),
+    )?);
     let tokenizer = Arc::new(ZayaTokenizer::from_dir(&dir).with_context(|| {
         format!(
             "loading the tokenizer of {} (the server needs tokenizer files)",

@@ -11,10 +11,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use zaya::data::{pack, parse_jsonl, Encoder, PackedRow, PretokenizedOnly};
+use zaya::lora::memory::{adapter_parameters, base_bytes, RunShape};
+use zaya::lora::{attach_lora, LoraAdapter, LoraConfig, LoraModel};
 use zaya::text::ZayaTokenizer;
 use zaya::train::schedule::CosineSchedule;
 use zaya::train::trainer::{Trainer, TrainerConfig};
-use zaya::train::{Batch, Checkpointing, TrainableModel};
+use zaya::train::{Batch, Checkpointing, Trainable, TrainableModel};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -69,6 +71,22 @@ pub struct TrainArgs {
     /// No progress bar (log lines instead).
     #[arg(long)]
     pub no_progress: bool,
+    /// Train a LoRA adapter instead of every weight:
+    /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,...,experts,rslora`. The base stays
+    /// frozen in `--dtype` (or `--quant`: QLoRA); checkpoints and `final/` hold the adapter in
+    /// PEFT's format.
+    #[arg(long)]
+    pub lora: Option<String>,
+    /// With --lora: dtype the frozen base is held in (f32, bf16, f16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// With --lora: quantize the frozen base while loading (q8_0, q4_k, ...): QLoRA.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Refuse the run when the memory estimate exceeds this many GiB (default: the memory
+    /// available now, MemAvailable).
+    #[arg(long)]
+    pub memory_budget_gib: Option<f64>,
 }
 
 pub(crate) fn parse_checkpointing(s: &str) -> Result<Checkpointing> {
@@ -193,6 +211,7 @@ fn fact_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<Strin
         ("grad_accum", "--grad-accum"),
         ("epochs", "--epochs"),
         ("seed", "--seed"),
+        ("lora", "--lora"),
     ] {
         if saved.get(key) != now.get(key) {
             out.push(format!(
@@ -211,7 +230,7 @@ fn fact_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<Strin
 }
 
 /// The trainer settings the flags ask for; `total` steps in the schedule.
-fn trainer_config(model: &TrainableModel, args: &TrainArgs, total: u64) -> Result<TrainerConfig> {
+fn trainer_config<M: Trainable>(model: &M, args: &TrainArgs, total: u64) -> Result<TrainerConfig> {
     let mut cfg = TrainerConfig::new(model, args.lr);
     cfg.schedule = CosineSchedule {
         peak_lr: args.lr,
@@ -289,13 +308,14 @@ fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
 /// Resumes the run in `out`: checks that the data and row shape are the checkpoint's
 /// (refused otherwise), applies changed settings (and says which), and trims `loss.csv` to
 /// the checkpoint's step. `None` when `out` holds no checkpoint.
-fn resume_run(
+fn resume_run<M: Trainable>(
     args: &TrainArgs,
     facts: &serde_json::Value,
     total: u64,
     log: &Path,
-) -> Result<Option<Trainer>> {
-    let Some(dir) = Trainer::find_checkpoint(&args.out)? else {
+    load: impl FnOnce(&Path) -> zaya::Result<M>,
+) -> Result<Option<Trainer<M>>> {
+    let Some(dir) = Trainer::<M>::find_checkpoint_of(&args.out)? else {
         return Ok(None);
     };
     if !args.out.join("latest").exists() {
@@ -305,7 +325,7 @@ fn resume_run(
             dir.display()
         );
     }
-    let mut trainer = Trainer::resume(&dir)?;
+    let mut trainer = Trainer::resume_with(&dir, load)?;
     match trainer.run_facts() {
         Some(saved) => {
             let changes = fact_changes(saved, facts);
@@ -399,8 +419,19 @@ fn read_log(path: &Path) -> Result<Vec<(u64, f64)>> {
         .collect())
 }
 
-pub fn run_train(args: TrainArgs) -> Result<()> {
-    let tokens_per_step = check_sizes(&args)?;
+/// What the data and the flags give before any model is loaded.
+struct RunPlan {
+    rows: Vec<PackedRow>,
+    examples: usize,
+    facts: serde_json::Value,
+    log: PathBuf,
+    tokens_per_step: usize,
+    total: u64,
+    model_cfg: zaya::ZayaConfig,
+}
+
+fn plan_run(args: &TrainArgs) -> Result<RunPlan> {
+    let tokens_per_step = check_sizes(args)?;
     // Without tokenizer files only pre-tokenized data can be read.
     let tok = if args.model.join("tokenizer.json").exists() {
         let t = ZayaTokenizer::from_dir(&args.model)
@@ -418,46 +449,40 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let log = args.out.join("loss.csv");
     let data =
         std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
-    let facts = run_facts(&args, &data);
+    let mut facts = run_facts(args, &data);
+    if let Some(spec) = &args.lora {
+        facts["lora"] = serde_json::json!(spec);
+    }
     let model_cfg = zaya::ZayaConfig::from_file(args.model.join("config.json"))?;
     let examples = parse_jsonl(&args.data, &data, encoder, model_cfg.vocab_size)?;
     drop(data);
     let rows = pack(&examples, args.seq_len, model_cfg.pad_token_id.unwrap_or(0))?;
-    let mut plan = BatchPlan::new(&rows, &args)?;
-    let steps = plan.total / args.grad_accum as u64;
+    let steps = BatchPlan::new(&rows, args)?.total / args.grad_accum as u64;
     let total = args.max_steps.map_or(steps, |m| m.min(steps)).max(1);
-    let resumed = if args.resume {
-        resume_run(&args, &facts, total, &log)?
-    } else {
-        None
-    };
-    let mut trainer = match resumed {
-        Some(t) => {
-            eprintln!("resuming at step {}", t.steps());
-            t.with_log(&log)?
-        }
-        None => {
-            if args.resume {
-                eprintln!(
-                    "{}: no checkpoint to resume from; starting at step 0",
-                    args.out.display()
-                );
-            }
-            let model = TrainableModel::load(&args.model)?;
-            let cfg = trainer_config(&model, &args, total)?;
-            if log.exists() {
-                std::fs::remove_file(&log)?;
-            }
-            Trainer::new(model, cfg)?
-                .with_run_facts(facts)
-                .with_log(&log)?
-        }
-    };
+    Ok(RunPlan {
+        examples: examples.len(),
+        rows,
+        facts,
+        log,
+        tokens_per_step,
+        total,
+        model_cfg,
+    })
+}
+
+/// The steps of a run, from the trainer's current step to the schedule's end, with
+/// checkpoints every `--save-every` steps and at the end.
+fn run_steps<M: Trainable>(
+    trainer: &mut Trainer<M>,
+    run: &RunPlan,
+    args: &TrainArgs,
+) -> Result<()> {
+    let mut plan = BatchPlan::new(&run.rows, args)?;
     let total = trainer.config().schedule.total_steps;
     eprintln!(
         "{} examples -> {} packed rows of {}; {} steps of {} micro-batches",
-        examples.len(),
-        rows.len(),
+        run.examples,
+        run.rows.len(),
         args.seq_len,
         total,
         args.grad_accum
@@ -484,7 +509,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             .map(|k| plan.get(k))
             .collect();
         let r = trainer.step(&micro)?;
-        let tps = tokens_per_step as f64 / r.seconds.max(1e-9);
+        let tps = run.tokens_per_step as f64 / r.seconds.max(1e-9);
         let msg = format!(
             "loss {:.4} aux {:.4} skip {:.1}% lr {:.2e} {:.0} tok/s",
             r.loss,
@@ -504,31 +529,161 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     }
     bar.finish();
     trainer.save(&args.out)?;
-    let points = read_log(&log)?;
+    let points = read_log(&run.log)?;
     zaya::weights::write_atomic(&args.out.join("loss.svg"), loss_svg(&points).as_bytes())?;
+    Ok(())
+}
+
+/// A new trainer or the resumed one.
+fn start_trainer<M: Trainable>(
+    args: &TrainArgs,
+    run: &RunPlan,
+    load: impl FnOnce(&Path) -> zaya::Result<M>,
+    fresh: impl FnOnce() -> Result<M>,
+) -> Result<Trainer<M>> {
+    let resumed = if args.resume {
+        resume_run(args, &run.facts, run.total, &run.log, load)?
+    } else {
+        None
+    };
+    Ok(match resumed {
+        Some(t) => {
+            eprintln!("resuming at step {}", t.steps());
+            t.with_log(&run.log)?
+        }
+        None => {
+            if args.resume {
+                eprintln!(
+                    "{}: no checkpoint to resume from; starting at step 0",
+                    args.out.display()
+                );
+            }
+            let model = fresh()?;
+            let cfg = trainer_config(&model, args, run.total)?;
+            if run.log.exists() {
+                std::fs::remove_file(&run.log)?;
+            }
+            Trainer::new(model, cfg)?
+                .with_run_facts(run.facts.clone())
+                .with_log(&run.log)?
+        }
+    })
+}
+
+fn run_shape(args: &TrainArgs, cfg: &zaya::ZayaConfig, act_bytes: usize) -> Result<RunShape> {
+    Ok(RunShape {
+        batch: args.batch_size,
+        seq_len: args.seq_len,
+        checkpointing: parse_checkpointing(&args.checkpointing)?,
+        act_bytes,
+        loss_chunk: zaya::train::TrainOptions::for_config(cfg).loss_chunk,
+    })
+}
+
+pub fn run_train(args: TrainArgs) -> Result<()> {
+    let run = plan_run(&args)?;
+    if let Some(spec) = args.lora.clone() {
+        return run_train_lora(&args, &run, &spec);
+    }
+    if args.quant.is_some() || args.dtype != "f32" {
+        bail!("--dtype and --quant choose how the frozen base of a --lora run is held; full fine-tuning keeps f32 master weights");
+    }
+    let cfg = &run.model_cfg;
+    let params: u64 = zaya::weights::native_specs(cfg)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum();
+    crate::lora_cmds::memory_check(
+        cfg,
+        0,
+        params as usize,
+        run_shape(&args, cfg, 4)?,
+        "full fine-tuning, f32",
+        args.memory_budget_gib,
+    )?;
+    let mut trainer = start_trainer(
+        &args,
+        &run,
+        |d| TrainableModel::load(d),
+        || Ok(TrainableModel::load(&args.model)?),
+    )?;
+    run_steps(&mut trainer, &run, &args)?;
     let final_dir = args.out.join("final");
     // an export killed half-way leaves temporaries (up to the model's size) behind
     zaya::durable::remove_stale_temps(&final_dir)?;
     trainer.model().save(&final_dir)?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-        "chat_template.jinja",
-    ] {
-        let src = args.model.join(f);
-        if src.exists() {
-            let bytes =
-                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-            zaya::durable::write_atomic(&final_dir.join(f), &bytes)?;
-        }
-    }
+    crate::lora_cmds::copy_side_files(&args.model, &final_dir)?;
     eprintln!(
         "done: {} steps; model in {}, loss log {}, curve {}",
         trainer.steps(),
         final_dir.display(),
-        log.display(),
+        run.log.display(),
+        args.out.join("loss.svg").display()
+    );
+    Ok(())
+}
+
+/// LoRA / QLoRA: the base loaded frozen as `--dtype` / `--quant` says, adapter vars trained.
+fn run_train_lora(args: &TrainArgs, run: &RunPlan, spec: &str) -> Result<()> {
+    let mut lora = LoraConfig::parse_spec(spec)?;
+    lora.base_model = Some(args.model.display().to_string());
+    if args.balance_bias_lr != 0.0 {
+        bail!("--balance-bias-lr changes the base model; a --lora run keeps it frozen");
+    }
+    let dtype = crate::parse_dtype(&args.dtype)?;
+    let plan = match &args.quant {
+        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        None => None,
+    };
+    let cfg = &run.model_cfg;
+    let base_est = base_bytes(cfg, dtype, plan.as_ref());
+    let trainable = adapter_parameters(cfg, &lora)?;
+    let label = format!(
+        "LoRA r={} over a {} base",
+        lora.r,
+        args.quant.clone().unwrap_or_else(|| args.dtype.clone())
+    );
+    // Before the base is loaded: a clear refusal instead of an OOM kill half-way.
+    crate::lora_cmds::memory_check(
+        cfg,
+        base_est as usize,
+        trainable as usize,
+        run_shape(args, cfg, crate::lora_cmds::act_bytes(dtype))?,
+        &label,
+        args.memory_budget_gib,
+    )?;
+    let base = zaya::ZayaModel::load_quantized(
+        &args.model,
+        dtype,
+        &candle_core::Device::Cpu,
+        plan.as_ref(),
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    eprintln!(
+        "base: {:.2} GiB held; adapter: {} sites, {} trainable weights",
+        base.weight_bytes() as f64 / (1u64 << 30) as f64,
+        zaya::lora::plan(base.config(), &lora)?.len(),
+        trainable
+    );
+    let seed = args.seed;
+    let mut trainer = start_trainer(
+        args,
+        run,
+        |d| {
+            let adapter = LoraAdapter::load(d, base.config())?;
+            LoraModel::from_adapter(&base, &adapter, seed)
+        },
+        || Ok(attach_lora(&base, &lora, seed)?),
+    )?;
+    run_steps(&mut trainer, run, args)?;
+    let final_dir = args.out.join("final");
+    zaya::durable::remove_stale_temps(&final_dir).ok();
+    trainer.model().save(&final_dir)?;
+    eprintln!(
+        "done: {} steps; adapter (PEFT format) in {}, loss log {}, curve {}",
+        trainer.steps(),
+        final_dir.display(),
+        run.log.display(),
         args.out.join("loss.svg").display()
     );
     Ok(())

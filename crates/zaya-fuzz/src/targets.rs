@@ -22,6 +22,8 @@ pub fn all() -> Vec<Box<dyn Target>> {
         Box::new(ChatTemplateRender),
         Box::new(TrainingData::new()),
         Box::new(GgufFile::new()),
+        Box::new(LoraSpec),
+        Box::new(LoraAdapterDir::new()),
     ]
 }
 
@@ -628,6 +630,113 @@ impl Target for GgufFile {
         g.validate()?;
         g.text_files()?;
         zaya::ZayaModel::load(&path, DType::F32, &Device::Cpu)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// The `--lora` command-line spec (`r=16,alpha=32,targets=q_proj,experts,rslora`), then the
+/// adapter plan it gives on the tiny model (target matching, PEFT key names, shapes).
+pub struct LoraSpec;
+
+impl Target for LoraSpec {
+    fn name(&self) -> &'static str {
+        "lora_spec"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        [
+            "r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,rslora",
+            "r=4,targets=all-linear,experts",
+            "r=2,alpha=4,targets=o_proj,experts.gate_up_proj,gaussian",
+            "targets=fc1,fc2,out_proj,down_proj,mlp.experts.down_proj",
+        ]
+        .iter()
+        .map(|s| vec![s.as_bytes().to_vec()])
+        .collect()
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        let text = std::str::from_utf8(&input[0])?;
+        let lora = zaya::lora::LoraConfig::parse_spec(text)?;
+        let cfg = ZayaConfig::from_json(&tiny_config()).expect("tiny config is valid");
+        let sites = zaya::lora::plan(&cfg, &lora)?;
+        // the PEFT JSON of a parsed spec reads back to the same config
+        let back = zaya::lora::LoraConfig::from_peft_json(&lora.to_peft_json().to_string(), "x")?;
+        if back != lora {
+            return Err(format!("round trip changed the config: {lora:?} -> {back:?}").into());
+        }
+        let _ = sites;
+        Ok(())
+    }
+}
+
+/// A PEFT adapter directory for the tiny model: `adapter_config.json` (fields, targets,
+/// refusals) + `adapter_model.safetensors` (keys, shapes, dtypes against the plan).
+pub struct LoraAdapterDir {
+    scratch: Scratch,
+}
+
+impl LoraAdapterDir {
+    pub fn new() -> Self {
+        LoraAdapterDir {
+            scratch: Scratch::new("lora-adapter"),
+        }
+    }
+}
+
+impl Default for LoraAdapterDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Target for LoraAdapterDir {
+    fn name(&self) -> &'static str {
+        "lora_adapter"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        let (config, weights) = tiny_checkpoint(Layout::Native);
+        let dir = Scratch::new("lora-base");
+        dir.reset(&[("config.json", &config), ("model.safetensors", &weights)]);
+        let model =
+            zaya::ZayaModel::load(dir.path(), DType::F32, &Device::Cpu).expect("tiny model");
+        let mut seeds = Vec::new();
+        for spec in [
+            "r=2,alpha=4,targets=all-linear,experts",
+            "r=1,targets=q_proj,experts.down_proj,rslora",
+        ] {
+            let lora = zaya::lora::LoraConfig::parse_spec(spec).expect("valid spec");
+            let lm = zaya::lora::attach_lora(&model, &lora, 0).expect("adapter");
+            let scratch = Scratch::new("lora-seed");
+            lm.save(scratch.path()).expect("adapter saved");
+            seeds.push(vec![
+                std::fs::read(scratch.path().join("adapter_config.json")).expect("written"),
+                std::fs::read(scratch.path().join("adapter_model.safetensors")).expect("written"),
+            ]);
+        }
+        seeds
+    }
+
+    fn mutate(&self, input: &mut Input, m: &mut Mutator) {
+        use rand::Rng;
+        if m.rng().random_bool(0.5) {
+            mutate_safetensors(&mut input[1], m);
+        } else {
+            m.mutate_part(input, 0);
+        }
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        self.scratch.reset(&[
+            ("adapter_config.json", &input[0]),
+            ("adapter_model.safetensors", &input[1]),
+        ]);
+        let cfg = ZayaConfig::from_json(&tiny_config()).expect("tiny config is valid");
+        let adapter = zaya::lora::LoraAdapter::load(self.scratch.path(), &cfg)?;
+        let _ = adapter.deltas()?;
         Ok(())
     }
 }

@@ -49,6 +49,8 @@ fuzz_tests! {
     fuzz_chat_template, fuzz_long_chat_template => "chat_template";
     fuzz_training_data, fuzz_long_training_data => "training_data";
     fuzz_gguf_file, fuzz_long_gguf_file => "gguf_file";
+    fuzz_lora_spec, fuzz_long_lora_spec => "lora_spec";
+    fuzz_lora_adapter, fuzz_long_lora_adapter => "lora_adapter";
 }
 
 /// Every registered target has a test above (a new target must be added to the list).
@@ -64,7 +66,9 @@ fn every_target_is_fuzzed() {
             "tokenizer_files",
             "chat_template",
             "training_data",
-            "gguf_file"
+            "gguf_file",
+            "lora_spec",
+            "lora_adapter"
         ]
     );
 }

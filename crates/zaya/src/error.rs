@@ -60,6 +60,25 @@ pub enum ZayaError {
     #[error("invalid input: {0}")]
     Input(String),
 
+    #[error("LoRA config {field}: {message}")]
+    LoraConfig { field: String, message: String },
+
+    #[error("LoRA adapter {location}: {message}")]
+    Adapter { location: PathBuf, message: String },
+
+    #[error(
+        "this run needs about {needed_gib:.2} GiB but only {available_gib:.2} GiB is available \
+         (MemAvailable in /proc/meminfo): {report}; use checkpointing, a smaller batch or \
+         sequence length, or a quantized base"
+    )]
+    TrainingMemory {
+        report: String,
+        needed: u64,
+        available: u64,
+        needed_gib: f64,
+        available_gib: f64,
+    },
+
     #[error(
         "the weights of {dir} need {needed_gib:.2} GiB in {dtype} ({needed} bytes) but only \
          {available_gib:.2} GiB ({available} bytes) is available (MemAvailable in /proc/meminfo); \

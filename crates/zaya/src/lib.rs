@@ -23,6 +23,7 @@ pub mod generation;
 pub mod gguf;
 pub mod init;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod safetensors_io;

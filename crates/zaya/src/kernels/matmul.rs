@@ -266,12 +266,16 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let w = b.t()?;
     let fits = b.dtype() == DType::BF16
         && matches!(a.dtype(), DType::F32 | DType::BF16)
-        && !a.track_op()
         && !b.track_op()
         && w.is_contiguous()
         && a.device().is_cpu();
     if !fits {
         return super::reference::matmul(a, b);
+    }
+    if a.track_op() {
+        // A frozen weight under a graph (adapters over a bf16 base): the same kernel
+        // forward, and a backward for the input only.
+        return a.apply_op1(FrozenBf16Linear { w });
     }
     let (m, k) = a.dims2()?;
     let n = w.dim(0)?;
@@ -304,4 +308,142 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
     })?;
     Tensor::from_vec(out, (m, n), a.device())?.to_dtype(a.dtype())
+}
+
+/// `x · Wᵀ` for a frozen contiguous bf16 `W [N, K]` with a backward for `x` only: forward
+/// through [`super::bf16::linear`] (weight read in place), backward `dx = dy · W` with `W`
+/// widened to f32 a tile of rows at a time (no f32 copy of the weight is kept).
+struct FrozenBf16Linear {
+    w: Tensor,
+}
+
+/// Rows of `W` widened at once in the backward (≤ 4 Mi f32 = 16 MiB).
+const FROZEN_TILE_ELEMS: usize = 1 << 22;
+
+impl candle_core::CustomOp1 for FrozenBf16Linear {
+    fn name(&self) -> &'static str {
+        "zaya-frozen-bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::CpuStorage;
+        let (m, k) = l.shape().dims2()?;
+        let n = self.w.dim(0)?;
+        let xs = super::cpu::f32_view(s, l, "matmul")?;
+        let mut out = vec![0f32; m * n];
+        super::cpu::with_cpu_storage(&self.w, "matmul", |ws, wl| {
+            let CpuStorage::BF16(d) = ws else {
+                return Err(candle_core::Error::Msg(format!(
+                    "matmul: unexpected storage {:?}",
+                    ws.dtype()
+                )));
+            };
+            let (start, end) = wl.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("matmul: weight is not contiguous".into())
+            })?;
+            super::bf16::linear(&xs, m, k, &d[start..end], n, &mut out)
+        })?;
+        Ok((
+            super::cpu::storage_from_f32(out, s.dtype(), "matmul")?,
+            candle_core::Shape::from_dims(&[m, n]),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        use super::cpu::{MatMut, MatRef};
+        use candle_core::CpuStorage;
+        let (m, k) = x.dims2()?;
+        let n = self.w.dim(0)?;
+        let gh = super::cpu::host_f32(g)?;
+        let mut dx = vec![0f32; m * k];
+        let rows = (FROZEN_TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
+        let mut tile = vec![0f32; rows * k];
+        super::cpu::with_cpu_storage(&self.w, "matmul", |ws, wl| {
+            let CpuStorage::BF16(d) = ws else {
+                return Err(candle_core::Error::Msg("matmul: weight is not bf16".into()));
+            };
+            let (start, _) = wl.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("matmul: weight is not contiguous".into())
+            })?;
+            for r0 in (0..n).step_by(rows) {
+                let r = rows.min(n - r0);
+                let src = &d[start + r0 * k..start + (r0 + r) * k];
+                super::bf16::widen_into(src, &mut tile[..r * k]);
+                // dx[m×k] += g[:, r0..r0+r] · W[r0..r0+r, :]
+                super::cpu::gemm(
+                    m,
+                    k,
+                    r,
+                    MatMut::new(&mut dx, 0, k),
+                    r0 > 0,
+                    MatRef::new(&gh, r0, n, 1),
+                    MatRef::rows(&tile, 0, k),
+                    1.0,
+                    true,
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(Some(super::cpu::tensor_from_f32(
+            dx,
+            x.shape(),
+            x.dtype(),
+            x,
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod frozen_tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// The frozen bf16 linear's gradient equals the reference matmul's over the widened
+    /// weight (several row tiles).
+    #[test]
+    fn frozen_bf16_linear_gradient_matches_the_reference() {
+        let dev = Device::Cpu;
+        let (m, k, n) = (5, 1 << 12, 3000); // 3000 rows of 4096: three backward tiles
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x = Var::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+        let y = super::bf16_weight(x.as_tensor(), &w.t().unwrap()).unwrap();
+        let dx = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = dx.get(x.as_tensor()).unwrap();
+        let want = g.matmul(&w.to_dtype(DType::F32).unwrap()).unwrap();
+        let err = (dx - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(1)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-3, "{err}");
+        let yref = x
+            .as_tensor()
+            .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+            .unwrap();
+        let y = super::bf16_weight(x.as_tensor(), &w.t().unwrap()).unwrap();
+        let e = (y - yref)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(e.to_scalar::<f32>().unwrap() < 1e-3);
+    }
 }

@@ -94,20 +94,89 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
 }
 
 /// `xs · Qᵀ` in f32: Q8_0 weights through our kernel with f32 activations
-/// ([`super::q8_0`]), the other formats through candle's quantized CPU matmul.
+/// ([`super::q8_0`]), the other formats through candle's quantized CPU matmul. The weight
+/// is frozen; the input gets a gradient (QLoRA trains adapters on top of a quantized base),
+/// computed against the dequantized weight a block of rows at a time.
 pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
     let x = xs.to_dtype(DType::F32)?.contiguous()?;
-    let y = match (q.dtype(), q.shape().dims2()) {
-        (GgmlDType::Q8_0, Ok((n, k))) if x.rank() == 2 && x.dim(1)? == k => {
-            let m = x.dim(0)?;
-            let xv = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut out = vec![0f32; m * n];
-            super::q8_0::linear(&xv, m, k, &q.data()?, n, &mut out)?;
-            Tensor::from_vec(out, (m, n), x.device())?
-        }
-        _ => x.apply_op1_no_bwd(q.as_ref())?,
+    let y = if x.track_op() {
+        x.apply_op1(FrozenQMatMul(Arc::clone(q)))?
+    } else {
+        x.apply_op1_no_bwd(&FrozenQMatMul(Arc::clone(q)))?
     };
     y.to_dtype(xs.dtype())
+}
+
+/// candle's quantized matmul with a backward for its input only.
+struct FrozenQMatMul(Arc<QTensor>);
+
+/// Dequantized rows held at once by the backward (16 Mi f32 = 64 MiB).
+const DEQUANT_CHUNK_ELEMS: usize = 1 << 24;
+
+impl candle_core::CustomOp1 for FrozenQMatMul {
+    fn name(&self) -> &'static str {
+        "zaya-frozen-qmatmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let q = self.0.as_ref();
+        let (n, k) = q.shape().dims2()?;
+        let dims = l.dims();
+        match (q.dtype(), s, l.contiguous_offsets()) {
+            (GgmlDType::Q8_0, candle_core::CpuStorage::F32(x), Some((a, b)))
+                if dims.last() == Some(&k) =>
+            {
+                let m = (b - a) / k.max(1);
+                let mut out = vec![0f32; m * n];
+                super::q8_0::linear(&x[a..b], m, k, &q.data()?, n, &mut out)?;
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("rank >= 1") = n;
+                Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
+            }
+            _ => candle_core::CustomOp1::cpu_fwd(q, s, l),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_times_dequantized(grad, &self.0)?))
+    }
+}
+
+/// `g · W` for `g` `[.., out]` and the quantized `W` `[out, in]`, dequantizing at most
+/// [`DEQUANT_CHUNK_ELEMS`] weights at a time (no full f32 copy of a large matrix).
+pub(crate) fn grad_times_dequantized(g: &Tensor, q: &QTensor) -> Result<Tensor> {
+    use candle_core::quantized::QStorage;
+    let (out, inp) = q.shape().dims2()?;
+    let dims = g.dims().to_vec();
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let g = g.to_dtype(DType::F32)?.reshape((rows, out))?;
+    let dev = candle_core::Device::Cpu;
+    let data = q.data()?;
+    let row_bytes = data.len() / out.max(1);
+    let chunk = (DEQUANT_CHUNK_ELEMS / inp.max(1)).max(1);
+    let mut acc: Option<Tensor> = None;
+    for start in (0..out).step_by(chunk) {
+        let n = chunk.min(out - start);
+        let w = if n == out {
+            q.dequantize(&dev)?
+        } else {
+            let bytes = &data[start * row_bytes..(start + n) * row_bytes];
+            let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &dev, q.dtype())?;
+            QTensor::new(storage, (n, inp))?.dequantize(&dev)?
+        };
+        let part = g.narrow(1, start, n)?.contiguous()?.matmul(&w)?;
+        acc = Some(match acc {
+            None => part,
+            Some(a) => (a + part)?,
+        });
+    }
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = inp;
+    acc.expect("out >= 1").reshape(out_dims)
 }
 
 #[cfg(test)]

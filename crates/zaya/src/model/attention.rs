@@ -14,10 +14,10 @@ use crate::kernels;
 /// `self_attn.qkv_proj`: raw projections, causal convs, mean residuals and values.
 #[derive(Debug, Clone)]
 pub struct CcaProjection {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj_current: Linear,
-    v_proj_delayed: Linear,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj_current: Linear,
+    pub(crate) v_proj_delayed: Linear,
     /// `[C, 1, K0]`
     conv_qk_depthwise_weight: Tensor,
     conv_qk_depthwise_bias: Tensor,
@@ -280,7 +280,7 @@ pub struct ZayaAttention {
     pub qkv_proj: CcaProjection,
     /// `qk_norm.temp`, `[Nkv]`.
     temp: Tensor,
-    o_proj: Linear,
+    pub(crate) o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,

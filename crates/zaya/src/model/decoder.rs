@@ -101,6 +101,43 @@ impl DecoderLayer {
         })
     }
 
+    /// The linear module an adapter target names.
+    pub fn linear(&self, target: crate::lora::Target) -> Option<&super::Linear> {
+        use crate::lora::Target as T;
+        let (p, g) = (&self.self_attn.qkv_proj, &self.mlp.gate);
+        Some(match target {
+            T::QProj => &p.q_proj,
+            T::KProj => &p.k_proj,
+            T::VProjCurrent => &p.v_proj_current,
+            T::VProjDelayed => &p.v_proj_delayed,
+            T::OProj => &self.self_attn.o_proj,
+            T::RouterDownProj => &g.down_proj,
+            T::RouterFc1 => &g.fc1,
+            T::RouterFc2 => &g.fc2,
+            T::RouterOutProj => &g.out_proj,
+            T::ExpertsGateUp | T::ExpertsDown => return None,
+        })
+    }
+
+    /// Mutable access for attaching an adapter (`None` for the expert stacks, which are not
+    /// linear modules).
+    pub(crate) fn linear_mut(&mut self, target: crate::lora::Target) -> Option<&mut super::Linear> {
+        use crate::lora::Target as T;
+        let (p, g) = (&mut self.self_attn.qkv_proj, &mut self.mlp.gate);
+        Some(match target {
+            T::QProj => &mut p.q_proj,
+            T::KProj => &mut p.k_proj,
+            T::VProjCurrent => &mut p.v_proj_current,
+            T::VProjDelayed => &mut p.v_proj_delayed,
+            T::RouterDownProj => &mut g.down_proj,
+            T::RouterFc1 => &mut g.fc1,
+            T::RouterFc2 => &mut g.fc2,
+            T::RouterOutProj => &mut g.out_proj,
+            T::OProj => &mut self.self_attn.o_proj,
+            T::ExpertsGateUp | T::ExpertsDown => return None,
+        })
+    }
+
     /// One decode token for each of `B` rows with their own caches (see
     /// [`ZayaAttention::forward_rows`]); returns the new residual stream and the router state.
     #[allow(clippy::too_many_arguments)]

@@ -136,11 +136,96 @@ impl LinearWeight {
     }
 }
 
-/// `x · Wᵀ + b` over the last axis, weights stored `[out, in]` as in PyTorch.
+/// `x · Wᵀ + b` over the last axis, weights stored `[out, in]` as in PyTorch, plus an
+/// optional low-rank adapter (LoRA) added to the output; the weight itself is never changed
+/// by the adapter (it stays in its stored form, frozen).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
+    pub adapter: Option<LowRank>,
+}
+
+/// A LoRA addition `scale · B (A · dropout(x))` to a layer's output, computed in the
+/// adapter's dtype (the input is cast to it and the sum cast back to the layer's output
+/// dtype, as PEFT does). `a` is `[r, in]`, `b` `[out, r]`: PEFT's `lora_A` / `lora_B`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    /// Training only: inverted dropout on the adapter's input.
+    pub dropout: Option<Dropout>,
+}
+
+/// Inverted dropout whose mask is a pure function of `(key, element index)`: recomputing a
+/// layer (gradient checkpointing) draws the same mask, and no state changes between calls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    /// Differs per layer, module and micro-batch.
+    pub key: u64,
+}
+
+impl Dropout {
+    /// `[rows, cols]` mask of 0 and `1 / (1 − p)`.
+    pub fn mask(&self, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let keep = 1.0 / (1.0 - self.p);
+        // the top 53 bits of a splitmix64 draw, as a uniform in [0, 1)
+        let threshold = self.p;
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let u = (splitmix64(self.key ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    >> 11) as f64
+                    / (1u64 << 53) as f64;
+                if u < threshold {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
+            .collect();
+        Tensor::from_vec(data, (rows, cols), device)?.to_dtype(dtype)
+    }
+}
+
+/// A 64-bit mixing function (splitmix64's finaliser).
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl LowRank {
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.dim(0).unwrap_or(0)
+    }
+
+    /// `scale · B (A x)` for 2-D `x` `[rows, in]`, in the adapter's dtype.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(self.a.dtype())?;
+        let x = match &self.dropout {
+            Some(d) if d.p > 0.0 => {
+                let (rows, cols) = x.dims2()?;
+                x.mul(&d.mask(rows, cols, x.dtype(), x.device())?)?
+            }
+            _ => x,
+        };
+        x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+    }
+
+    /// `y + delta(x)` computed in the adapter's dtype, returned in `y`'s dtype.
+    pub fn add_to(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let out = y.dtype();
+        (y.to_dtype(self.a.dtype())? + self.delta(x)?)?.to_dtype(out)
+    }
+
+    /// `scale · B A` `[out, in]` (what merging adds to the weight).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
 }
 
 impl Linear {
@@ -155,7 +240,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            adapter: None,
+        })
     }
 
     /// A dense layer over `weight` `[out, in]`.
@@ -163,6 +252,7 @@ impl Linear {
         Linear {
             weight: LinearWeight::Dense(weight),
             bias,
+            adapter: None,
         }
     }
 
@@ -190,6 +280,10 @@ impl Linear {
         let y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.adapter {
+            Some(ad) => ad.add_to(&y, &x.reshape((rows, in_dim))?)?,
             None => y,
         };
         let mut out_dims = dims;

@@ -26,7 +26,7 @@ use crate::quant::QuantPlan;
 use crate::weights::Checkpoint;
 pub use attention::AttentionInputs;
 pub use decoder::{DecoderLayer, LayerOutput};
-pub use linear::{Linear, LinearWeight, QuantizedSource, Weights};
+pub use linear::{Dropout, Linear, LinearWeight, LowRank, QuantizedSource, Weights};
 pub use moe::{Routing, SkipBehaviour};
 use rope::RotaryEmbedding;
 
@@ -166,6 +166,7 @@ impl ZayaModel {
                     Embedding::Quantized(q) => LinearWeight::Quantized(Arc::clone(q)),
                 },
                 bias: lm_bias,
+                adapter: None,
             }
         } else {
             let mut head = Linear::new(h, cfg.vocab_size, false, vb.pp("lm_head"))?;
@@ -254,6 +255,11 @@ impl ZayaModel {
     }
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
+    }
+
+    /// A layer to attach adapters to (on a copy of the model; see `lora::attach`).
+    pub(crate) fn layer_mut(&mut self, idx: usize) -> Option<&mut DecoderLayer> {
+        self.layers.get_mut(idx)
     }
 
     /// Checks token ids and the context length; returns the ids on the host.

@@ -15,13 +15,13 @@ use crate::kernels;
 /// `mlp.gate`.
 #[derive(Debug, Clone)]
 pub struct ZayaRouter {
-    down_proj: Linear,
+    pub(crate) down_proj: Linear,
     /// EDA decay; absent on layer 0.
     router_states_scale: Option<Tensor>,
     norm_weight: Tensor,
-    fc1: Linear,
-    fc2: Linear,
-    out_proj: Linear,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+    pub(crate) out_proj: Linear,
     /// `[E+1]`, f32; added to the probabilities for the choice only.
     balancing_biases: Tensor,
     balancing_biases_host: Vec<f32>,
@@ -181,13 +181,58 @@ impl ExpertMatrices {
     }
 }
 
+/// A LoRA adapter on one stacked expert projection, in PEFT's `target_parameters` layout
+/// (`ParamWrapper` over an `[E, out, in]` parameter): `a` is `lora_A.weight` `[E·r, in]`
+/// (expert-major rows: expert `e` owns rows `e·r .. (e+1)·r`) and `b` is `lora_B.weight`
+/// `[out, r·E]` (rank-major columns: column `k·E + e` is rank `k` of expert `e`). Expert
+/// `e` adds `scale · B_e A_e` to its matrix.
+#[derive(Debug, Clone)]
+pub struct ExpertLowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl ExpertLowRank {
+    /// Per-expert factors `A` `[E, r, in]` and `B` `[E, out, r]` (differentiable views of
+    /// the PEFT-layout tensors).
+    pub fn factors(&self, experts: usize) -> Result<(Tensor, Tensor)> {
+        let (er, inp) = self.a.dims2()?;
+        let out = self.b.dim(0)?;
+        let r = er / experts.max(1);
+        let a = self.a.reshape((experts, r, inp))?;
+        let b = self.b.reshape((out, r, experts))?.permute((2, 0, 1))?;
+        Ok((a, b))
+    }
+
+    /// `scale · B_e A_e` for every expert, `[E, out, in]` (what merging adds).
+    pub fn delta_weight(&self, experts: usize) -> Result<Tensor> {
+        let (a, b) = self.factors(experts)?;
+        b.contiguous()?.matmul(&a.contiguous()?)? * self.scale
+    }
+}
+
+/// Adapters of the expert stacks (either or both).
+#[derive(Debug, Clone, Default)]
+pub struct ExpertAdapters {
+    pub gate_up: Option<ExpertLowRank>,
+    pub down: Option<ExpertLowRank>,
+}
+
+impl ExpertAdapters {
+    pub fn is_empty(&self) -> bool {
+        self.gate_up.is_none() && self.down.is_none()
+    }
+}
+
 /// `mlp.experts`: top-1 SwiGLU experts; `gate_up` `[E, 2I, H]` (gate rows first), `down`
 /// `[E, H, I]`, each dense or quantized (a row length may fit a block format for one and
-/// not the other).
+/// not the other), plus optional LoRA adapters on either stack.
 #[derive(Debug, Clone)]
 pub struct ZayaExperts {
     pub gate_up: ExpertMatrices,
     pub down: ExpertMatrices,
+    pub adapters: ExpertAdapters,
     num_experts: usize,
 }
 
@@ -197,8 +242,13 @@ impl ZayaExperts {
         Ok(ZayaExperts {
             gate_up: ExpertMatrices::load(&vb, (e, 2 * i, h), "gate_up_proj")?,
             down: ExpertMatrices::load(&vb, (e, h, i), "down_proj")?,
+            adapters: ExpertAdapters::default(),
             num_experts: e,
         })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
     }
 
     /// Bytes of all experts' weights.
@@ -210,6 +260,9 @@ impl ZayaExperts {
     /// gathered tokens) and is scaled by its weight after the down projection. Skipped
     /// tokens produce exactly zero.
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        if !self.adapters.is_empty() {
+            return self.forward_adapted(x, routing);
+        }
         match (&self.gate_up, &self.down) {
             // The registry's grouped expert kernel (skip-class ids give zero rows).
             (ExpertMatrices::Dense(gate_up), ExpertMatrices::Dense(down)) => {
@@ -219,6 +272,81 @@ impl ZayaExperts {
                 kernels::quantized::moe_experts(x, &routing.choice, &routing.weight, gate_up, down)
             }
         }
+    }
+}
+
+impl ZayaExperts {
+    /// The experts with adapters: tokens grouped per expert as in the kernels, each expert's
+    /// frozen matrices read in their stored form (dense in place, or quantized) plus the
+    /// expert's low-rank terms, from differentiable ops (gradients reach the adapters, the
+    /// routing weights and the input; never the base matrices).
+    fn forward_adapted(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        let e = self.num_experts;
+        let weights = routing.weight.reshape((n, 1))?;
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); e];
+        for (tok, &c) in routing.choice.iter().enumerate() {
+            if (c as usize) < e {
+                buckets[c as usize].push(tok as u32);
+            }
+        }
+        let gu_factors = match &self.adapters.gate_up {
+            Some(l) => Some((l.factors(e)?, l.scale)),
+            None => None,
+        };
+        let down_factors = match &self.adapters.down {
+            Some(l) => Some((l.factors(e)?, l.scale)),
+            None => None,
+        };
+        let mut out = x.zeros_like()?;
+        for (ex, rows) in buckets.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(rows.as_slice(), x.device())?;
+            let xs = x.index_select(&idx, 0)?;
+            let gu = expert_matmul_t(&xs, &self.gate_up, ex)?;
+            let gu = match &gu_factors {
+                Some(((a, b), scale)) => expert_low_rank(&gu, &xs, a, b, *scale, ex)?,
+                None => gu,
+            };
+            let hidden = kernels::swiglu(&gu)?;
+            let y = expert_matmul_t(&hidden, &self.down, ex)?;
+            let y = match &down_factors {
+                Some(((a, b), scale)) => expert_low_rank(&y, &hidden, a, b, *scale, ex)?,
+                None => y,
+            };
+            let w = weights.index_select(&idx, 0)?;
+            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// `y + scale · B_e (A_e x)` in the adapter's dtype, returned in `y`'s dtype.
+fn expert_low_rank(
+    y: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    e: usize,
+) -> Result<Tensor> {
+    let dt = a.dtype();
+    let d = (x
+        .to_dtype(dt)?
+        .matmul(&a.get(e)?.t()?)?
+        .matmul(&b.get(e)?.t()?)?
+        * scale)?;
+    (y.to_dtype(dt)? + d)?.to_dtype(y.dtype())
+}
+
+/// `xs · W_eᵀ` for expert `e` of a stack, reading the stored form (bf16 in place through the
+/// registry's matmul when nothing records gradients; quantized through candle's kernel).
+fn expert_matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
+    match w {
+        ExpertMatrices::Dense(t) => kernels::matmul(xs, &t.get(e)?.t()?),
+        ExpertMatrices::Quantized(qs) => kernels::quantized::qmatmul_t(xs, &qs[e]),
     }
 }
 

@@ -23,9 +23,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::aux_loss::{layer_balance_loss, LayerRoutingStats};
 use super::loss::{chunked_lm_loss, Targets};
-use super::{
-    BackwardOutput, Batch, EvalOutput, Gradients, LossScale, TrainOptions, TrainableModel,
-};
+use super::{BackwardOutput, Batch, EvalOutput, Gradients, LossScale, Param, TrainOptions};
 use crate::attention::AttnImplementation;
 use crate::error::{Result, ZayaError};
 use crate::model::{ForwardContext, ForwardOptions, ZayaModel};
@@ -113,14 +111,13 @@ fn segment_input(inputs: &Option<(Var, Option<Var>)>) -> SegmentInput<'_> {
 }
 
 fn prepare<'a>(
-    tm: &'a TrainableModel,
+    model: &'a ZayaModel,
     batch: &Batch,
     attn: AttnImplementation,
     aux_weight: f64,
 ) -> Result<Prepared<'a>> {
     let (b, t) = batch.shape()?;
-    let model = tm.model();
-    let dev = tm.device();
+    let dev = model.device();
     let flat: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
     let ids = Tensor::from_vec(flat, (b, t), dev)?;
     model.check_input_ids(&ids, 0)?;
@@ -222,8 +219,8 @@ impl Prepared<'_> {
 /// (`d(a·b)/da = g·b` keeps `b`'s graph, and `b` may be another `Var`), so every gradient
 /// taken out of a `GradStore` is detached: otherwise it would keep the segment's graph alive
 /// and a later backward through it would count parameters twice.
-fn accumulate(acc: &mut GradStore, tm: &TrainableModel, gs: &GradStore) -> Result<()> {
-    for p in tm.params() {
+fn accumulate(acc: &mut GradStore, params: &[Param], gs: &GradStore) -> Result<()> {
+    for p in params {
         let t = p.var.as_tensor();
         if let Some(g) = gs.get(t) {
             let g = g.detach();
@@ -242,16 +239,19 @@ fn contract(out: &Tensor, g: &Tensor) -> Result<Tensor> {
     Ok(out.mul(&g.to_dtype(out.dtype())?)?.sum_all()?)
 }
 
-pub(crate) fn forward_backward(
-    tm: &TrainableModel,
+/// Loss and the gradients of `params` (the `Var`s the model reads: every weight for full
+/// fine-tuning, the adapter factors for LoRA) for `batch`.
+pub fn forward_backward_of(
+    model: &ZayaModel,
+    params: &[Param],
     batch: &Batch,
     opts: &TrainOptions,
     scale: &LossScale,
 ) -> Result<BackwardOutput> {
     opts.validate()?;
-    let num_layers = tm.config().num_hidden_layers;
+    let num_layers = model.config().num_hidden_layers;
     let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
-    let p = prepare(tm, batch, opts.attn, aux_weight)?;
+    let p = prepare(model, batch, opts.attn, aux_weight)?;
     let normalizer = match scale.normalizer {
         Some(n) => n,
         None if p.targets.is_empty() => {
@@ -315,13 +315,13 @@ pub(crate) fn forward_backward(
     // Backward, last segment first.
     let mut seed = match &head.grad_hidden {
         Some(g) => contract(normed, g)?,
-        None => Tensor::zeros((), DType::F32, tm.device())?,
+        None => Tensor::zeros((), DType::F32, model.device())?,
     };
     for a in &run.aux_terms {
         seed = (seed + a)?;
     }
     let gs = seed.backward()?;
-    accumulate(&mut acc, tm, &gs)?;
+    accumulate(&mut acc, params, &gs)?;
     let mut upstream = input_grads(&gs, inputs.as_ref())?;
     // The seed (and the run) hold the last segment's whole graph: free it before the
     // earlier segments are recomputed, or checkpointing would save nothing for it.
@@ -341,7 +341,7 @@ pub(crate) fn forward_backward(
             seed = (seed + a)?;
         }
         let gs = seed.backward()?;
-        accumulate(&mut acc, tm, &gs)?;
+        accumulate(&mut acc, params, &gs)?;
         upstream = input_grads(&gs, inputs.as_ref())?;
     }
 
@@ -351,7 +351,7 @@ pub(crate) fn forward_backward(
         aux_loss: aux_values.iter().sum::<f64>() / num,
         targets: head.count,
         routing: stats,
-        grads: Gradients::from_store(tm.params(), &acc),
+        grads: Gradients::from_store(params, &acc),
     })
 }
 
@@ -374,14 +374,11 @@ fn input_grads(gs: &GradStore, inputs: Option<&(Var, Option<Var>)>) -> Result<Bo
     Ok(Some((g_h, g_s)))
 }
 
-pub(crate) fn evaluate(
-    tm: &TrainableModel,
-    batch: &Batch,
-    opts: &TrainOptions,
-) -> Result<EvalOutput> {
+/// Loss without gradients (layer by layer, no graph kept beyond one layer).
+pub fn evaluate_of(model: &ZayaModel, batch: &Batch, opts: &TrainOptions) -> Result<EvalOutput> {
     opts.validate()?;
-    let num_layers = tm.config().num_hidden_layers;
-    let p = prepare(tm, batch, opts.attn, 0.0)?;
+    let num_layers = model.config().num_hidden_layers;
+    let p = prepare(model, batch, opts.attn, 0.0)?;
     if p.targets.is_empty() {
         return Err(ZayaError::Input(
             "the batch has no counted label (every target is -100)".into(),

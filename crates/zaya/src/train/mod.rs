@@ -501,12 +501,12 @@ impl TrainableModel {
         opts: &TrainOptions,
         scale: &LossScale,
     ) -> Result<BackwardOutput> {
-        checkpointing::forward_backward(self, batch, opts, scale)
+        checkpointing::forward_backward_of(&self.model, &self.params, batch, opts, scale)
     }
 
     /// Loss without gradients (layer by layer, no graph kept beyond one layer).
     pub fn evaluate(&self, batch: &Batch, opts: &TrainOptions) -> Result<EvalOutput> {
-        checkpointing::evaluate(self, batch, opts)
+        checkpointing::evaluate_of(&self.model, batch, opts)
     }
 
     /// Loads tensors by native name into the parameters and biases (exact resume and tests).
@@ -535,12 +535,73 @@ impl TrainableModel {
     }
 }
 
+/// What a [`trainer::Trainer`] trains: full fine-tuning ([`TrainableModel`]) or an adapter
+/// over a frozen base ([`crate::lora::LoraModel`]).
+pub trait Trainable {
+    /// Files a complete checkpoint directory holds besides the trainer's own.
+    const CHECKPOINT_FILES: &'static [&'static str];
+    fn config(&self) -> &ZayaConfig;
+    /// What the optimizer updates.
+    fn params(&self) -> &[Param];
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+    ) -> Result<BackwardOutput>;
+    /// The balancing-bias rule after a step.
+    fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> Result<()>;
+    /// Called before each micro-batch's forward (LoRA draws its dropout masks from it).
+    fn before_micro_batch(&mut self, _step: u64, _micro: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Writes the trained weights into a checkpoint directory.
+    fn save_weights(&self, dir: &Path) -> Result<()>;
+}
+
+impl Trainable for TrainableModel {
+    const CHECKPOINT_FILES: &'static [&'static str] = &["model.safetensors", "config.json"];
+
+    fn config(&self) -> &ZayaConfig {
+        &self.cfg
+    }
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+    ) -> Result<BackwardOutput> {
+        TrainableModel::forward_backward(self, batch, opts, scale)
+    }
+    fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> Result<()> {
+        TrainableModel::apply_bias_balancing(self, routing, lr)
+    }
+    fn save_weights(&self, dir: &Path) -> Result<()> {
+        self.save(dir)
+    }
+}
+
 /// `loss` (and with `grads`, `grad.<HF name>` for every parameter) for a labelled batch, as
 /// the reference `ZayaForCausalLM(input_ids, labels=…)` computes them: cross-entropy only
 /// (the reference has no auxiliary loss). `aux_loss` (the balance loss, unweighted) is
 /// reported beside it.
 pub fn labelled_outputs(
     model: &TrainableModel,
+    batch: &Batch,
+    grads: bool,
+    checkpointing: Checkpointing,
+) -> Result<BTreeMap<String, Tensor>> {
+    labelled_outputs_of(model.model(), model.params(), batch, grads, checkpointing)
+}
+
+/// [`labelled_outputs`] for any model and parameter list (a LoRA model's adapter factors:
+/// `grad.<PEFT key>`).
+pub fn labelled_outputs_of(
+    model: &ZayaModel,
+    params: &[Param],
     batch: &Batch,
     grads: bool,
     checkpointing: Checkpointing,
@@ -552,13 +613,14 @@ pub fn labelled_outputs(
     };
     let mut out = BTreeMap::new();
     let (loss, aux) = if grads {
-        let r = model.forward_backward(batch, &opts, &LossScale::default())?;
-        for (name, g) in r.grads.named(model.params()) {
+        let r =
+            checkpointing::forward_backward_of(model, params, batch, &opts, &LossScale::default())?;
+        for (name, g) in r.grads.named(params) {
             out.insert(format!("grad.{name}"), g);
         }
         (r.loss, r.aux_loss)
     } else {
-        let r = model.evaluate(batch, &opts)?;
+        let r = checkpointing::evaluate_of(model, batch, &opts)?;
         (r.loss, r.aux_loss)
     };
     out.insert("loss".into(), Tensor::new(&[loss as f32], model.device())?);

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::CosineSchedule;
 use super::{
-    Batch, Checkpointing, Gradients, LayerRoutingStats, LossScale, TrainOptions, TrainableModel,
+    Batch, Checkpointing, Gradients, LayerRoutingStats, LossScale, TrainOptions, Trainable,
+    TrainableModel,
 };
 use crate::error::{Result, ZayaError};
 use crate::weights::write_atomic;
@@ -42,7 +43,7 @@ pub struct TrainerConfig {
 impl TrainerConfig {
     /// Defaults for `model`: constant `lr`, torch AdamW settings, clipping at 1.0, the
     /// config's `router_aux_loss_coef`, no bias balancing.
-    pub fn new(model: &TrainableModel, lr: f64) -> Self {
+    pub fn new<M: Trainable>(model: &M, lr: f64) -> Self {
         let opts = TrainOptions::for_config(model.config());
         TrainerConfig {
             schedule: CosineSchedule::constant(lr),
@@ -118,8 +119,8 @@ struct TrainerState {
 
 const CSV_HEADER: &str = "step,lr,loss,aux_loss,total_loss,grad_norm,skip_fraction,targets,seconds";
 
-pub struct Trainer {
-    model: TrainableModel,
+pub struct Trainer<M: Trainable = TrainableModel> {
+    model: M,
     opt: AdamW,
     cfg: TrainerConfig,
     step: u64,
@@ -127,7 +128,7 @@ pub struct Trainer {
     run: Option<serde_json::Value>,
 }
 
-impl std::fmt::Debug for Trainer {
+impl<M: Trainable> std::fmt::Debug for Trainer<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("step", &self.step)
@@ -140,8 +141,8 @@ fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-impl Trainer {
-    pub fn new(model: TrainableModel, cfg: TrainerConfig) -> Result<Self> {
+impl<M: Trainable> Trainer<M> {
+    pub fn new(model: M, cfg: TrainerConfig) -> Result<Self> {
         cfg.validate()?;
         let opt = AdamW::new(model.params(), cfg.adamw)?;
         Ok(Trainer {
@@ -185,7 +186,7 @@ impl Trainer {
         Ok(())
     }
 
-    pub fn model(&self) -> &TrainableModel {
+    pub fn model(&self) -> &M {
         &self.model
     }
     pub fn config(&self) -> &TrainerConfig {
@@ -218,7 +219,8 @@ impl Trainer {
         let mut grads = Gradients::default();
         let mut routing: Vec<LayerRoutingStats> = Vec::new();
         let (mut loss, mut aux) = (0.0, 0.0);
-        for mb in micro_batches {
+        for (k, mb) in micro_batches.iter().enumerate() {
+            self.model.before_micro_batch(self.step, k as u64)?;
             let out = self.model.forward_backward(mb, &opts, &scale)?;
             grads.accumulate(&out.grads)?;
             loss += out.loss;
@@ -300,7 +302,7 @@ impl Trainer {
         crate::durable::remove_stale_temps(root)?;
         let name = checkpoint_name(self.step);
         let tmp = root.join(format!(".tmp-{name}"));
-        self.model.save(&tmp)?;
+        self.model.save_weights(&tmp)?;
         self.opt
             .save(self.model.params(), &tmp.join("optimizer.safetensors"))?;
         let state = TrainerState {
@@ -324,12 +326,12 @@ impl Trainer {
     /// `latest`, the newest complete `step-*` directory (a save interrupted before `latest`
     /// was written, or `latest` deleted). `None` when `root` has no checkpoint at all. A
     /// `latest` naming a missing or incomplete checkpoint is an error, not a silent restart.
-    pub fn find_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+    pub fn find_checkpoint_of(root: &Path) -> Result<Option<PathBuf>> {
         let latest = root.join("latest");
         if latest.exists() {
             let name = std::fs::read_to_string(&latest).map_err(|e| ZayaError::io(&latest, e))?;
             let dir = root.join(name.trim());
-            if !is_complete_checkpoint(&dir) {
+            if !is_complete_checkpoint::<M>(&dir) {
                 return Err(ZayaError::Input(format!(
                     "{} names `{}`, which is not a complete checkpoint (trainer_state.json, model.safetensors, optimizer.safetensors); remove `latest` to resume from the newest complete one",
                     latest.display(),
@@ -355,7 +357,7 @@ impl Trainer {
                 continue;
             };
             let path = entry.path();
-            if is_complete_checkpoint(&path) && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            if is_complete_checkpoint::<M>(&path) && best.as_ref().is_none_or(|(s, _)| step > *s) {
                 best = Some((step, path));
             }
         }
@@ -365,11 +367,11 @@ impl Trainer {
     /// Resumes from the checkpoint `root/latest` points at, the newest complete one when
     /// `latest` is missing (see [`Trainer::find_checkpoint`]), or from `root` itself when it
     /// is a checkpoint directory.
-    pub fn resume(root: &Path) -> Result<Self> {
-        let dir = if is_complete_checkpoint(root) {
+    pub fn resume_with(root: &Path, load: impl FnOnce(&Path) -> Result<M>) -> Result<Self> {
+        let dir = if is_complete_checkpoint::<M>(root) {
             root.to_path_buf()
         } else {
-            Self::find_checkpoint(root)?.ok_or_else(|| {
+            Self::find_checkpoint_of(root)?.ok_or_else(|| {
                 ZayaError::Input(format!("{}: no checkpoint to resume from", root.display()))
             })?
         };
@@ -382,7 +384,7 @@ impl Trainer {
                 source,
             })?;
         state.config.validate()?;
-        let model = TrainableModel::load(&dir)?;
+        let model = load(&dir)?;
         let opt = AdamW::load(
             model.params(),
             &dir.join("optimizer.safetensors"),
@@ -399,17 +401,25 @@ impl Trainer {
     }
 }
 
+impl Trainer {
+    /// The checkpoint a resume of `root` starts from (see [`Trainer::find_checkpoint_of`]).
+    pub fn find_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+        Self::find_checkpoint_of(root)
+    }
+
+    /// Resumes a full fine-tuning run (see [`Trainer::resume_with`]).
+    pub fn resume(root: &Path) -> Result<Self> {
+        Self::resume_with(root, |dir| TrainableModel::load(dir))
+    }
+}
+
 /// A checkpoint directory with all three parts written (the rename into place makes them
 /// appear together; this also rejects directories damaged by hand).
-fn is_complete_checkpoint(dir: &Path) -> bool {
-    [
-        "trainer_state.json",
-        "model.safetensors",
-        "optimizer.safetensors",
-        "config.json",
-    ]
-    .iter()
-    .all(|f| dir.join(f).is_file())
+fn is_complete_checkpoint<M: Trainable>(dir: &Path) -> bool {
+    ["trainer_state.json", "optimizer.safetensors"]
+        .iter()
+        .chain(M::CHECKPOINT_FILES)
+        .all(|f| dir.join(f).is_file())
 }
 
 /// Keeps the header and the rows of steps `<= step` of a loss log written by
