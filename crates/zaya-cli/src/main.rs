@@ -18,6 +18,7 @@ mod bench;
 mod bench_engine;
 mod chat;
 mod default_model;
+mod grpo_cmds;
 mod out;
 mod quant_cmds;
 mod serve;
@@ -70,6 +71,12 @@ enum Command {
     BenchEngine(bench_engine::BenchEngineArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// TRL's GRPO policy loss (and with --grads every parameter's gradient) for given
+    /// prompts, completions and advantages.
+    GrpoLoss(grpo_cmds::GrpoLossArgs),
+    /// Reinforcement fine-tuning with GRPO: rollouts on the same weights, rewards (built-in
+    /// or a process), tool environments, TRL's loss.
+    Grpo(Box<grpo_cmds::GrpoArgs>),
 }
 
 #[derive(clap::Args)]
@@ -472,6 +479,8 @@ fn main() {
         Command::Quantize(a) => quant_cmds::run_quantize(a),
         Command::Eval(a) => quant_cmds::run_eval(a),
         Command::Serve(a) => serve::run_serve(a),
+        Command::GrpoLoss(a) => grpo_cmds::run_grpo_loss(a),
+        Command::Grpo(a) => grpo_cmds::run_grpo(*a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -49,6 +49,9 @@ fuzz_tests! {
     fuzz_chat_template, fuzz_long_chat_template => "chat_template";
     fuzz_training_data, fuzz_long_training_data => "training_data";
     fuzz_gguf_file, fuzz_long_gguf_file => "gguf_file";
+    fuzz_grpo_inputs, fuzz_long_grpo_inputs => "grpo_inputs";
+    fuzz_grpo_process_answers, fuzz_long_grpo_process_answers => "grpo_process_answers";
+    fuzz_grpo_data, fuzz_long_grpo_data => "grpo_data";
 }
 
 /// Every registered target has a test above (a new target must be added to the list).
@@ -64,7 +67,10 @@ fn every_target_is_fuzzed() {
             "tokenizer_files",
             "chat_template",
             "training_data",
-            "gguf_file"
+            "gguf_file",
+            "grpo_inputs",
+            "grpo_process_answers",
+            "grpo_data"
         ]
     );
 }

@@ -22,7 +22,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::aux_loss::{layer_balance_loss, LayerRoutingStats};
-use super::loss::{chunked_lm_loss, Targets};
+use super::loss::{chunked_lm_loss, token_logps, weighted_logp_backward, Targets, TokenLogps};
 use super::{
     BackwardOutput, Batch, EvalOutput, Gradients, LossScale, TrainOptions, TrainableModel,
 };
@@ -242,11 +242,26 @@ fn contract(out: &Tensor, g: &Tensor) -> Result<Tensor> {
     Ok(out.mul(&g.to_dtype(out.dtype())?)?.sum_all()?)
 }
 
+/// What the LM head computes at the end of the forward pass.
+pub enum LossHead<'o> {
+    /// Causal-LM cross-entropy, `nll_sum / normalizer` (see [`LossScale`]).
+    CrossEntropy,
+    /// Any objective of the counted targets' log-probabilities under
+    /// `softmax(logits / temperature)`: `objective` receives their [`TokenLogps`] (in the
+    /// order of [`Targets::from_labels`]) and returns `dL / dlogp` for each; the model is
+    /// differentiated through `Σ w · logp`, which has exactly the gradient of `L`.
+    TokenObjective {
+        temperature: f64,
+        objective: &'o mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    },
+}
+
 pub(crate) fn forward_backward(
     tm: &TrainableModel,
     batch: &Batch,
     opts: &TrainOptions,
     scale: &LossScale,
+    loss_head: LossHead<'_>,
 ) -> Result<BackwardOutput> {
     opts.validate()?;
     let num_layers = tm.config().num_hidden_layers;
@@ -302,14 +317,31 @@ pub(crate) fn forward_backward(
         .as_ref()
         .ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
 
-    let head = chunked_lm_loss(
-        p.model,
-        normed,
-        &p.targets,
-        normalizer,
-        opts.loss_chunk,
-        true,
-    )?;
+    let head = match loss_head {
+        LossHead::CrossEntropy => chunked_lm_loss(
+            p.model,
+            normed,
+            &p.targets,
+            normalizer,
+            opts.loss_chunk,
+            true,
+        )?,
+        LossHead::TokenObjective {
+            temperature,
+            objective,
+        } => {
+            let lp = token_logps(p.model, normed, &p.targets, temperature, opts.loss_chunk)?;
+            let w = objective(&lp)?;
+            weighted_logp_backward(
+                p.model,
+                normed,
+                &p.targets,
+                temperature,
+                &w,
+                opts.loss_chunk,
+            )?
+        }
+    };
     let mut acc = head.grads;
 
     // Backward, last segment first.
@@ -374,20 +406,12 @@ fn input_grads(gs: &GradStore, inputs: Option<&(Var, Option<Var>)>) -> Result<Bo
     Ok(Some((g_h, g_s)))
 }
 
-pub(crate) fn evaluate(
-    tm: &TrainableModel,
-    batch: &Batch,
-    opts: &TrainOptions,
-) -> Result<EvalOutput> {
-    opts.validate()?;
-    let num_layers = tm.config().num_hidden_layers;
-    let p = prepare(tm, batch, opts.attn, 0.0)?;
-    if p.targets.is_empty() {
-        return Err(ZayaError::Input(
-            "the batch has no counted label (every target is -100)".into(),
-        ));
-    }
-    // One layer at a time, detaching in between: no graph outlives a layer.
+/// Runs every layer without keeping a graph beyond one layer; returns the detached
+/// final-norm output, the routing stats and the balance-loss values per layer.
+fn forward_no_grad(
+    p: &Prepared<'_>,
+    num_layers: usize,
+) -> Result<(Tensor, Vec<LayerRoutingStats>, Vec<f64>)> {
     let mut stats = Vec::with_capacity(num_layers);
     let mut aux_values = Vec::with_capacity(num_layers);
     let mut carry: Option<(Tensor, Option<Tensor>)> = None;
@@ -407,6 +431,36 @@ pub(crate) fn evaluate(
         carry = Some((run.hidden.detach(), run.state.map(|s| s.detach())));
     }
     let normed = normed.ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
+    Ok((normed, stats, aux_values))
+}
+
+pub(crate) fn token_logps_only(
+    tm: &TrainableModel,
+    batch: &Batch,
+    opts: &TrainOptions,
+    temperature: f64,
+) -> Result<TokenLogps> {
+    opts.validate()?;
+    let p = prepare(tm, batch, opts.attn, 0.0)?;
+    let (normed, _, _) = forward_no_grad(&p, tm.config().num_hidden_layers)?;
+    token_logps(p.model, &normed, &p.targets, temperature, opts.loss_chunk)
+}
+
+pub(crate) fn evaluate(
+    tm: &TrainableModel,
+    batch: &Batch,
+    opts: &TrainOptions,
+) -> Result<EvalOutput> {
+    opts.validate()?;
+    let num_layers = tm.config().num_hidden_layers;
+    let p = prepare(tm, batch, opts.attn, 0.0)?;
+    if p.targets.is_empty() {
+        return Err(ZayaError::Input(
+            "the batch has no counted label (every target is -100)".into(),
+        ));
+    }
+    // One layer at a time, detaching in between: no graph outlives a layer.
+    let (normed, stats, aux_values) = forward_no_grad(&p, num_layers)?;
     let head = chunked_lm_loss(
         p.model,
         &normed,
