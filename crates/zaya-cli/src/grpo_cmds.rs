@@ -223,7 +223,10 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
         rewards.push((builtin(&name, args.regex.as_deref())?, w));
     }
     if let Some(cmd) = &args.reward_cmd {
-        rewards.push((Box::new(ProcessReward::start(cmd, timeout)?), args.reward_cmd_weight));
+        rewards.push((
+            Box::new(ProcessReward::start(cmd, timeout)?),
+            args.reward_cmd_weight,
+        ));
     }
     let env = args
         .env_cmd
@@ -231,7 +234,9 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
         .map(|c| zaya_train::process::JsonLinesProcess::start("environment", c, timeout))
         .transpose()?;
     let cfg = GrpoConfig {
-        loss: args.loss.config(args.max_completion_length, args.temperature)?,
+        loss: args
+            .loss
+            .config(args.max_completion_length, args.temperature)?,
         num_generations: args.num_generations,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
@@ -242,7 +247,11 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
         top_k: args.top_k,
         min_p: args.min_p,
         repetition_penalty: args.repetition_penalty,
-        max_tool_turns: if args.env_cmd.is_some() { args.max_tool_turns } else { 0 },
+        max_tool_turns: if args.env_cmd.is_some() {
+            args.max_tool_turns
+        } else {
+            0
+        },
         seed: args.seed,
         aux_loss_coef: args.aux_loss_coef,
         attn: args.attn.clone(),
@@ -290,7 +299,10 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
                 Some(t)
             }
             None => {
-                eprintln!("{}: no checkpoint to resume from; starting at step 0", args.out.display());
+                eprintln!(
+                    "{}: no checkpoint to resume from; starting at step 0",
+                    args.out.display()
+                );
                 None
             }
         }
@@ -328,7 +340,11 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
         out: args.out.clone(),
         save_every: args.save_every,
     };
-    let names: Vec<String> = run.rewards.iter().map(|(r, _)| r.name().to_string()).collect();
+    let names: Vec<String> = run
+        .rewards
+        .iter()
+        .map(|(r, _)| r.name().to_string())
+        .collect();
     run.run(args.max_steps, |r| {
         let per: Vec<String> = names
             .iter()
@@ -369,7 +385,8 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
     ] {
         let src = model_dir.join(f);
         if src.exists() {
-            let bytes = std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
             zaya::durable::write_atomic(&final_dir.join(f), &bytes)?;
         }
     }

@@ -9,7 +9,9 @@ fn zaya() -> Command {
 }
 
 fn repo(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }
 
 fn temp(tag: &str) -> PathBuf {
@@ -82,13 +84,22 @@ fn grpo_loss_cli_matches_trl() {
         .arg(repo("tests/fixtures/models/mha_bias"))
         .arg("--inputs")
         .arg(repo("tests/fixtures/grpo/dr_grpo.json"))
-        .args(["--loss-type", "dr_grpo", "--max-completion-length", "16", "--grads", "--out"])
+        .args([
+            "--loss-type",
+            "dr_grpo",
+            "--max-completion-length",
+            "16",
+            "--grads",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap());
     let dev = candle_core::Device::Cpu;
     let got = candle_core::safetensors::load(&out, &dev).unwrap();
-    let want = candle_core::safetensors::load(repo("tests/fixtures/grpo/dr_grpo.safetensors"), &dev).unwrap();
+    let want =
+        candle_core::safetensors::load(repo("tests/fixtures/grpo/dr_grpo.safetensors"), &dev)
+            .unwrap();
     let v = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!((v(&got["loss"])[0] - v(&want["loss"])[0]).abs() <= 1e-5);
     assert_eq!(
@@ -125,7 +136,10 @@ fn grpo_raises_the_reward_on_the_default_model() {
     let (first, last) = (mean(&r[..10]), mean(&r[20..]));
     eprintln!("reward: first 10 steps {first:.3}, last 10 steps {last:.3}");
     assert!(first < 0.35, "the task is not already solved: {first}");
-    assert!(last > first + 0.3, "reward did not rise: {first:.3} -> {last:.3}");
+    assert!(
+        last > first + 0.3,
+        "reward did not rise: {first:.3} -> {last:.3}"
+    );
     assert!(run.join("reward.svg").exists());
     assert!(run.join("final/model.safetensors").exists());
     assert!(run.join("final/tokenizer.json").exists());
@@ -136,18 +150,29 @@ fn grpo_resumes_from_its_checkpoint() {
     let dir = temp("resume");
     let data = task(&dir);
     let run = dir.join("run");
-    ok(grpo(&data, &run, 3, &["--save-every", "2", "--num-iterations", "1"]).output().unwrap());
+    ok(grpo(
+        &data,
+        &run,
+        3,
+        &["--save-every", "2", "--num-iterations", "1"],
+    )
+    .output()
+    .unwrap());
     assert!(run.join("step-00000002").exists() && run.join("step-00000003").exists());
     // the last checkpoint is step 3; pretend the run died after step 2
     std::fs::remove_dir_all(run.join("step-00000003")).unwrap();
     std::fs::write(run.join("latest"), "step-00000002").unwrap();
-    let o = ok(grpo(&data, &run, 4, &["--save-every", "2", "--resume"]).output().unwrap());
+    let o = ok(grpo(&data, &run, 4, &["--save-every", "2", "--resume"])
+        .output()
+        .unwrap());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("resuming at step 2"), "{e}");
     let steps: Vec<u64> = rewards(&run).iter().map(|r| r.0).collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
     // a different seed changes which prompts and samples the steps see: refused
-    let o = grpo(&data, &run, 5, &["--resume", "--seed", "7"]).output().unwrap();
+    let o = grpo(&data, &run, 5, &["--resume", "--seed", "7"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot resume"));
 }
@@ -170,11 +195,28 @@ fn grpo_with_process_reward_and_tool_environment() {
         .arg(&run)
         .args(["--reward", "tool_call:0.5", "--reward", "format:0.1"])
         .arg("--reward-cmd")
-        .arg(format!("python3 {}", scripts.join("length_reward.py").display()))
+        .arg(format!(
+            "python3 {}",
+            scripts.join("length_reward.py").display()
+        ))
         .arg("--env-cmd")
         .arg(format!("sh {}", scripts.join("echo_env.sh").display()))
-        .args(["--max-tool-turns", "2", "--num-generations", "4", "--batch-size", "4"])
-        .args(["--max-completion-length", "12", "--max-steps", "2", "--beta", "0.04"])
+        .args([
+            "--max-tool-turns",
+            "2",
+            "--num-generations",
+            "4",
+            "--batch-size",
+            "4",
+        ])
+        .args([
+            "--max-completion-length",
+            "12",
+            "--max-steps",
+            "2",
+            "--beta",
+            "0.04",
+        ])
         .output()
         .unwrap());
     let e = String::from_utf8_lossy(&o.stderr);
@@ -193,11 +235,23 @@ fn grpo_with_process_reward_and_tool_environment() {
             .arg("--out")
             .arg(dir.join("bad"))
             .args(["--reward-cmd", cmd, "--process-timeout", "0.5"])
-            .args(["--num-generations", "2", "--batch-size", "2", "--max-completion-length", "4", "--max-steps", "1"])
+            .args([
+                "--num-generations",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-completion-length",
+                "4",
+                "--max-steps",
+                "1",
+            ])
             .output()
             .unwrap();
         assert!(!o.status.success(), "{cmd}");
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(e.contains("reward process") && e.contains(want), "{cmd}: {e}");
+        assert!(
+            e.contains("reward process") && e.contains(want),
+            "{cmd}: {e}"
+        );
     }
 }

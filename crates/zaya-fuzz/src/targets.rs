@@ -647,10 +647,15 @@ impl Target for GrpoInputs {
     }
 
     fn seeds(&self) -> Vec<Input> {
-        ["dapo", "bnpo_tool_mask", "grpo_sequence_beta", "dapo_beta_on_policy"]
-            .iter()
-            .map(|c| vec![repo_file(&format!("tests/fixtures/grpo/{c}.json"))])
-            .collect()
+        [
+            "dapo",
+            "bnpo_tool_mask",
+            "grpo_sequence_beta",
+            "dapo_beta_on_policy",
+        ]
+        .iter()
+        .map(|c| vec![repo_file(&format!("tests/fixtures/grpo/{c}.json"))])
+        .collect()
     }
 
     fn run(&self, input: &Input) -> Result<(), ParseError> {
@@ -736,7 +741,9 @@ impl Target for GrpoData {
             }
             rows.push(ex);
         }
-        rows.iter().map(|r| vec![r.to_string().into_bytes()]).collect()
+        rows.iter()
+            .map(|r| vec![r.to_string().into_bytes()])
+            .collect()
     }
 
     fn run(&self, input: &Input) -> Result<(), ParseError> {

@@ -404,6 +404,7 @@ impl GrpoRun {
             },
             stop_token_ids: self.stop_token_ids.clone(),
             max_tool_turns: cfg.max_tool_turns,
+            first_turn_constraint: None,
         };
         let tok = self.tokenizer.clone();
         let gen_seed = splitmix(cfg.seed ^ g.wrapping_mul(0x5851_F42D_4C95_7F2D));

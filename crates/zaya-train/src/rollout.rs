@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use zaya::sampling::SamplingParams;
 use zaya::text::tool_calls::{parse_output, ToolCall};
 use zaya::text::{ChatRequest, ZayaTokenizer};
-use zaya_engine::{Engine, Event, FinishReason, GenerationRequest};
+use zaya_engine::{ConstraintFactory, Engine, Event, FinishReason, GenerationRequest};
 
 use crate::error::{GrpoError, Result};
 use crate::process::JsonLinesProcess;
@@ -24,13 +24,16 @@ pub struct Prompt {
     pub columns: Map<String, Value>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RolloutConfig {
     pub num_generations: usize,
     pub max_completion_length: usize,
     pub sampling: SamplingParams,
     pub stop_token_ids: Vec<u32>,
     pub max_tool_turns: usize,
+    /// A grammar for the first turn of every completion (the engine masks the tokens it
+    /// forbids; the recorded log-probabilities are those of the masked distribution).
+    pub first_turn_constraint: Option<Arc<dyn ConstraintFactory>>,
 }
 
 /// A sampled completion (every turn, tool results included).
@@ -188,12 +191,14 @@ pub fn rollout(
         .iter()
         .enumerate()
         .map(|(p, pr)| {
-            request(
+            let mut r = request(
                 pr.ids.clone(),
                 cfg.max_completion_length,
                 n,
                 seed.wrapping_add((p * n) as u64),
-            )
+            );
+            r.constraint = cfg.first_turn_constraint.clone();
+            r
         })
         .collect();
     let first = run_requests(engine, reqs)?;
@@ -212,6 +217,16 @@ pub fn rollout(
                 .collect()
         })
         .collect();
+    // Special tokens are kept (ZAYA1's tool-call and thinking markers are special tokens);
+    // stop tokens are left out.
+    let decode = |ids: &[u32]| -> Result<String> {
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|t| !cfg.stop_token_ids.contains(t))
+            .collect();
+        Ok(tok.decode(&kept, false)?)
+    };
     let text_of = |ids: &[u32], mask: &[u32]| -> Result<String> {
         // the model's tokens only; tool results are not the model's text
         let mut text = String::new();
@@ -220,11 +235,11 @@ pub fn rollout(
             if m == 1 {
                 run.push(id);
             } else if !run.is_empty() {
-                text.push_str(&tok.decode(&run, true)?);
+                text.push_str(&decode(&run)?);
                 run.clear();
             }
         }
-        text.push_str(&tok.decode(&run, true)?);
+        text.push_str(&decode(&run)?);
         Ok(text)
     };
     for turn in 0..cfg.max_tool_turns {
@@ -243,7 +258,7 @@ pub fn rollout(
                     .iter()
                     .rposition(|&m| m == 0)
                     .map_or(0, |x| x + 1);
-                let last_text = tok.decode(&c.ids[last_start..], true)?;
+                let last_text = decode(&c.ids[last_start..])?;
                 let calls = parse_output(&last_text).tool_calls;
                 if calls.is_empty() {
                     continue;

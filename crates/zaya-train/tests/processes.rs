@@ -17,7 +17,11 @@ fn columns(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
 }
 
-fn score(cmd: &str, completions: &[&str], cols: &Map<String, Value>) -> zaya_train::Result<Vec<Option<f64>>> {
+fn score(
+    cmd: &str,
+    completions: &[&str],
+    cols: &Map<String, Value>,
+) -> zaya_train::Result<Vec<Option<f64>>> {
     let mut r = ProcessReward::start(cmd, Duration::from_secs(5))?;
     let items: Vec<Scored> = completions
         .iter()
@@ -46,7 +50,12 @@ fn python_reward_process_scores_each_completion() {
 fn shell_reward_process_scores_each_completion() {
     let cmd = format!("sh {}", script("count_reward.sh"));
     let cols = Map::new();
-    let s = score(&cmd, &["a", "a much longer completion than the first"], &cols).unwrap();
+    let s = score(
+        &cmd,
+        &["a", "a much longer completion than the first"],
+        &cols,
+    )
+    .unwrap();
     let (a, b) = (s[0].unwrap(), s[1].unwrap());
     assert!(a > 0.0 && b > a, "{s:?}");
 }
