@@ -274,7 +274,7 @@ fn masked_mean(grid: &[Vec<f32>], mask: &[Vec<f32>]) -> f64 {
 }
 
 fn pad_id(model: &TrainableModel) -> u32 {
-    model.config().pad_token_id.unwrap_or(0) as u32
+    model.config().pad_token_id.unwrap_or(0)
 }
 
 /// The GRPO loss of `inputs` and the gradient of every parameter (plus
@@ -320,13 +320,16 @@ pub fn grpo_backward(
     })
 }
 
+/// A `[B][C]` grid of per-token values.
+pub type Grid = Vec<Vec<f32>>;
+
 /// `[B][C]` completion log-probabilities (and entropies) without gradients.
 pub fn completion_logps(
     model: &TrainableModel,
     inputs: &GrpoInputs,
     opts: &TrainOptions,
     temperature: f64,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> Result<(Grid, Grid)> {
     let (batch, positions) = inputs.to_batch(pad_id(model));
     let (b, c) = (inputs.rows(), inputs.width());
     if positions.is_empty() {

@@ -149,7 +149,7 @@ impl GrpoConfig {
                 "--batch-size, --grad-accum and --num-iterations must be at least 1".into(),
             ));
         }
-        if (self.batch_size * self.grad_accum) % self.num_generations != 0 {
+        if !(self.batch_size * self.grad_accum).is_multiple_of(self.num_generations) {
             return Err(GrpoError::Input(format!(
                 "the generation batch (--batch-size {} × --grad-accum {}) must be a multiple of --num-generations {}",
                 self.batch_size, self.grad_accum, self.num_generations
@@ -367,7 +367,7 @@ impl GrpoRun {
                 reports.push(r);
                 let gens = self.trainer.steps() / iters;
                 if self.save_every > 0
-                    && gens % self.save_every == 0
+                    && gens.is_multiple_of(self.save_every)
                     && self.trainer.steps() < max_steps
                 {
                     self.trainer.save(&self.out)?;
@@ -432,7 +432,7 @@ impl GrpoRun {
             .max()
             .unwrap_or(0)
             .max(1);
-        let pad = self.trainer.model().config().pad_token_id.unwrap_or(0) as u32;
+        let pad = self.trainer.model().config().pad_token_id.unwrap_or(0);
         let mut inputs = GrpoInputs {
             advantages: adv.iter().map(|&a| a as f32).collect(),
             tool_mask: Some(Vec::new()),
