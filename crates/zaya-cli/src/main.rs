@@ -18,6 +18,7 @@ mod bench;
 mod bench_engine;
 mod chat;
 mod default_model;
+mod grpo_cmds;
 mod lora_cmds;
 mod out;
 mod parallel_cmds;
@@ -83,6 +84,12 @@ enum Command {
     BenchParallel(parallel_cmds::BenchParallelArgs),
     /// Merge a LoRA adapter (PEFT format) into a model: W + scale · B A, written as a model.
     Merge(lora_cmds::MergeArgs),
+    /// TRL's GRPO policy loss (and with --grads every parameter's gradient) for given
+    /// prompts, completions and advantages.
+    GrpoLoss(grpo_cmds::GrpoLossArgs),
+    /// Reinforcement fine-tuning with GRPO: rollouts on the same weights, rewards (built-in
+    /// or a process), tool environments, TRL's loss.
+    Grpo(Box<grpo_cmds::GrpoArgs>),
 }
 
 #[derive(clap::Args)]
@@ -579,6 +586,8 @@ fn main() {
         Command::Launch(a) => parallel_cmds::run_launch(a),
         Command::BenchParallel(a) => parallel_cmds::run_bench_parallel(a),
         Command::Merge(a) => lora_cmds::run_merge(a),
+        Command::GrpoLoss(a) => grpo_cmds::run_grpo_loss(a),
+        Command::Grpo(a) => grpo_cmds::run_grpo(*a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -365,6 +365,11 @@ fn resume_run<M: Trainable>(
 
 /// A small SVG line chart of the loss per step.
 pub fn loss_svg(points: &[(u64, f64)]) -> String {
+    curve_svg(points, "loss")
+}
+
+/// A small SVG line chart of `label` per step.
+pub fn curve_svg(points: &[(u64, f64)], label: &str) -> String {
     let (w, h, pad) = (640.0, 360.0, 40.0);
     let max_step = points.iter().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
     let (lo, hi) = points
@@ -390,7 +395,7 @@ pub fn loss_svg(points: &[(u64, f64)]) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
 <line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
-<text x="{pad}" y="{t}">loss {hi:.3}</text><text x="{pad}" y="{bl}">{lo:.3}</text><text x="{r}" y="{bl}" text-anchor="end">step {ms}</text>
+<text x="{pad}" y="{t}">{label} {hi:.3}</text><text x="{pad}" y="{bl}">{lo:.3}</text><text x="{r}" y="{bl}" text-anchor="end">step {ms}</text>
 <polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{pts}"/>
 </svg>
 "##,

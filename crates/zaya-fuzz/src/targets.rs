@@ -24,6 +24,9 @@ pub fn all() -> Vec<Box<dyn Target>> {
         Box::new(GgufFile::new()),
         Box::new(LoraSpec),
         Box::new(LoraAdapterDir::new()),
+        Box::new(GrpoInputs),
+        Box::new(GrpoProcessAnswers),
+        Box::new(GrpoData::new()),
     ]
 }
 
@@ -737,6 +740,125 @@ impl Target for LoraAdapterDir {
         let cfg = ZayaConfig::from_json(&tiny_config()).expect("tiny config is valid");
         let adapter = zaya::lora::LoraAdapter::load(self.scratch.path(), &cfg)?;
         let _ = adapter.deltas()?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// `zaya grpo-loss --inputs` documents (`prompt_ids`, `completion_ids`, masks, advantages,
+/// old / reference log-probabilities), parsed and validated against a vocabulary of 80.
+pub struct GrpoInputs;
+
+impl Target for GrpoInputs {
+    fn name(&self) -> &'static str {
+        "grpo_inputs"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        [
+            "dapo",
+            "bnpo_tool_mask",
+            "grpo_sequence_beta",
+            "dapo_beta_on_policy",
+        ]
+        .iter()
+        .map(|c| vec![repo_file(&format!("tests/fixtures/grpo/{c}.json"))])
+        .collect()
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        let text = std::str::from_utf8(&input[0])?;
+        let doc = zaya_train::GrpoInputs::from_json(text, 80)?;
+        // what the loss does with an accepted document must not panic either
+        let _ = doc.to_batch(0);
+        let _ = doc.loss_mask();
+        Ok(())
+    }
+}
+
+/// The JSON lines of `zaya grpo` processes: a reward process's answer (a number or null)
+/// and an environment's answer (`{"tool_results": [...]}` for two calls).
+pub struct GrpoProcessAnswers;
+
+impl Target for GrpoProcessAnswers {
+    fn name(&self) -> &'static str {
+        "grpo_process_answers"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        [
+            "0.5",
+            "null",
+            "-3",
+            r#"{"tool_results": ["ok", {"temperature": 21}]}"#,
+        ]
+        .iter()
+        .map(|s| vec![s.as_bytes().to_vec()])
+        .collect()
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        let v: Value = serde_json::from_slice(&input[0])?;
+        let reward = zaya_train::rewards::parse_reward_answer(&v);
+        let env = zaya_train::rollout::parse_env_answer(&v, 2);
+        match (reward, env) {
+            (Err(a), Err(b)) => Err(format!("{a}; {b}").into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `zaya grpo --data` rows (`prompt` or `messages` + `tools`, extra columns), tokenized
+/// and rendered with the fixture tokenizer and template.
+pub struct GrpoData {
+    tok: ZayaTokenizer,
+}
+
+impl GrpoData {
+    pub fn new() -> Self {
+        GrpoData {
+            tok: ZayaTokenizer::from_dir(crate::repo_root().join("tests/fixtures/text/tokenizer"))
+                .expect("fixture tokenizer loads"),
+        }
+    }
+}
+
+impl Default for GrpoData {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Target for GrpoData {
+    fn name(&self) -> &'static str {
+        "grpo_data"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        let fixture: Value =
+            serde_json::from_slice(&repo_file("tests/fixtures/text/templates.json"))
+                .expect("templates.json parses");
+        let mut rows = vec![
+            json!({"prompt": "In the beginning", "answer": "God"}),
+            json!({"prompt": "x", "regex": "^a", "expected_tool_calls": [{"name": "f", "arguments": {"a": 1}}]}),
+        ];
+        for c in fixture["conversations"].as_array().into_iter().flatten() {
+            let mut ex = json!({"messages": c["messages"], "answer": 4});
+            if let Some(tools) = c.get("tools") {
+                ex["tools"] = tools.clone();
+            }
+            rows.push(ex);
+        }
+        rows.iter()
+            .map(|r| vec![r.to_string().into_bytes()])
+            .collect()
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        let text = std::str::from_utf8(&input[0])?;
+        let path = std::path::Path::new("fuzz.jsonl");
+        zaya_train::grpo::read_prompts(path, text, &self.tok)?;
         Ok(())
     }
 }

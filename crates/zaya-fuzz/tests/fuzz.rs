@@ -51,6 +51,9 @@ fuzz_tests! {
     fuzz_gguf_file, fuzz_long_gguf_file => "gguf_file";
     fuzz_lora_spec, fuzz_long_lora_spec => "lora_spec";
     fuzz_lora_adapter, fuzz_long_lora_adapter => "lora_adapter";
+    fuzz_grpo_inputs, fuzz_long_grpo_inputs => "grpo_inputs";
+    fuzz_grpo_process_answers, fuzz_long_grpo_process_answers => "grpo_process_answers";
+    fuzz_grpo_data, fuzz_long_grpo_data => "grpo_data";
 }
 
 /// Every registered target has a test above (a new target must be added to the list).
@@ -68,7 +71,10 @@ fn every_target_is_fuzzed() {
             "training_data",
             "gguf_file",
             "lora_spec",
-            "lora_adapter"
+            "lora_adapter",
+            "grpo_inputs",
+            "grpo_process_answers",
+            "grpo_data"
         ]
     );
 }

@@ -229,7 +229,14 @@ impl LoraModel {
         opts: &TrainOptions,
         scale: &LossScale,
     ) -> Result<BackwardOutput> {
-        checkpointing::forward_backward_of(&self.model, &self.params, batch, opts, scale)
+        checkpointing::forward_backward_of(
+            &self.model,
+            &self.params,
+            batch,
+            opts,
+            scale,
+            checkpointing::LossHead::CrossEntropy,
+        )
     }
 
     /// Loss without gradients.

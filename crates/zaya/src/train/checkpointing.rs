@@ -22,7 +22,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::aux_loss::{layer_balance_loss, LayerRoutingStats};
-use super::loss::{chunked_lm_loss, Targets};
+use super::loss::{chunked_lm_loss, token_logps, weighted_logp_backward, Targets, TokenLogps};
 use super::{BackwardOutput, Batch, EvalOutput, Gradients, LossScale, Param, TrainOptions};
 use crate::attention::AttnImplementation;
 use crate::error::{Result, ZayaError};
@@ -235,18 +235,38 @@ fn accumulate(acc: &mut GradStore, params: &[Param], gs: &GradStore) -> Result<(
 }
 
 /// `Σ out ⊙ g` as a differentiable scalar (its gradient with respect to `out` is `g`).
+/// The scalar is f32 whatever `out`'s dtype (a bf16 model's segment outputs are summed with
+/// f32 balance-loss terms).
 fn contract(out: &Tensor, g: &Tensor) -> Result<Tensor> {
-    Ok(out.mul(&g.to_dtype(out.dtype())?)?.sum_all()?)
+    Ok(out
+        .mul(&g.to_dtype(out.dtype())?)?
+        .sum_all()?
+        .to_dtype(DType::F32)?)
+}
+
+/// What the LM head computes at the end of the forward pass.
+pub enum LossHead<'o> {
+    /// Causal-LM cross-entropy, `nll_sum / normalizer` (see [`LossScale`]).
+    CrossEntropy,
+    /// Any objective of the counted targets' log-probabilities under
+    /// `softmax(logits / temperature)`: `objective` receives their [`TokenLogps`] (in the
+    /// order of [`Targets::from_labels`]) and returns `dL / dlogp` for each; the model is
+    /// differentiated through `Σ w · logp`, which has exactly the gradient of `L`.
+    TokenObjective {
+        temperature: f64,
+        objective: &'o mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    },
 }
 
 /// Loss and the gradients of `params` (the `Var`s the model reads: every weight for full
-/// fine-tuning, the adapter factors for LoRA) for `batch`.
+/// fine-tuning, the adapter factors for LoRA) for `batch`, with the head `loss_head`.
 pub fn forward_backward_of(
     model: &ZayaModel,
     params: &[Param],
     batch: &Batch,
     opts: &TrainOptions,
     scale: &LossScale,
+    loss_head: LossHead<'_>,
 ) -> Result<BackwardOutput> {
     opts.validate()?;
     let num_layers = model.config().num_hidden_layers;
@@ -302,14 +322,31 @@ pub fn forward_backward_of(
         .as_ref()
         .ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
 
-    let head = chunked_lm_loss(
-        p.model,
-        normed,
-        &p.targets,
-        normalizer,
-        opts.loss_chunk,
-        true,
-    )?;
+    let head = match loss_head {
+        LossHead::CrossEntropy => chunked_lm_loss(
+            p.model,
+            normed,
+            &p.targets,
+            normalizer,
+            opts.loss_chunk,
+            true,
+        )?,
+        LossHead::TokenObjective {
+            temperature,
+            objective,
+        } => {
+            let lp = token_logps(p.model, normed, &p.targets, temperature, opts.loss_chunk)?;
+            let w = objective(&lp)?;
+            weighted_logp_backward(
+                p.model,
+                normed,
+                &p.targets,
+                temperature,
+                &w,
+                opts.loss_chunk,
+            )?
+        }
+    };
     let mut acc = head.grads;
 
     // Backward, last segment first.
@@ -318,7 +355,7 @@ pub fn forward_backward_of(
         None => Tensor::zeros((), DType::F32, model.device())?,
     };
     for a in &run.aux_terms {
-        seed = (seed + a)?;
+        seed = (seed + a.to_dtype(DType::F32)?)?;
     }
     let gs = seed.backward()?;
     accumulate(&mut acc, params, &gs)?;
@@ -338,7 +375,7 @@ pub fn forward_backward_of(
             seed = (seed + contract(s, g)?)?;
         }
         for a in &run.aux_terms {
-            seed = (seed + a)?;
+            seed = (seed + a.to_dtype(DType::F32)?)?;
         }
         let gs = seed.backward()?;
         accumulate(&mut acc, params, &gs)?;
@@ -374,17 +411,12 @@ fn input_grads(gs: &GradStore, inputs: Option<&(Var, Option<Var>)>) -> Result<Bo
     Ok(Some((g_h, g_s)))
 }
 
-/// Loss without gradients (layer by layer, no graph kept beyond one layer).
-pub fn evaluate_of(model: &ZayaModel, batch: &Batch, opts: &TrainOptions) -> Result<EvalOutput> {
-    opts.validate()?;
-    let num_layers = model.config().num_hidden_layers;
-    let p = prepare(model, batch, opts.attn, 0.0)?;
-    if p.targets.is_empty() {
-        return Err(ZayaError::Input(
-            "the batch has no counted label (every target is -100)".into(),
-        ));
-    }
-    // One layer at a time, detaching in between: no graph outlives a layer.
+/// Runs every layer without keeping a graph beyond one layer; returns the detached
+/// final-norm output, the routing stats and the balance-loss values per layer.
+fn forward_no_grad(
+    p: &Prepared<'_>,
+    num_layers: usize,
+) -> Result<(Tensor, Vec<LayerRoutingStats>, Vec<f64>)> {
     let mut stats = Vec::with_capacity(num_layers);
     let mut aux_values = Vec::with_capacity(num_layers);
     let mut carry: Option<(Tensor, Option<Tensor>)> = None;
@@ -404,6 +436,33 @@ pub fn evaluate_of(model: &ZayaModel, batch: &Batch, opts: &TrainOptions) -> Res
         carry = Some((run.hidden.detach(), run.state.map(|s| s.detach())));
     }
     let normed = normed.ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
+    Ok((normed, stats, aux_values))
+}
+
+pub(crate) fn token_logps_only(
+    model: &ZayaModel,
+    batch: &Batch,
+    opts: &TrainOptions,
+    temperature: f64,
+) -> Result<TokenLogps> {
+    opts.validate()?;
+    let p = prepare(model, batch, opts.attn, 0.0)?;
+    let (normed, _, _) = forward_no_grad(&p, model.config().num_hidden_layers)?;
+    token_logps(p.model, &normed, &p.targets, temperature, opts.loss_chunk)
+}
+
+/// Loss without gradients (layer by layer, no graph kept beyond one layer).
+pub fn evaluate_of(model: &ZayaModel, batch: &Batch, opts: &TrainOptions) -> Result<EvalOutput> {
+    opts.validate()?;
+    let num_layers = model.config().num_hidden_layers;
+    let p = prepare(model, batch, opts.attn, 0.0)?;
+    if p.targets.is_empty() {
+        return Err(ZayaError::Input(
+            "the batch has no counted label (every target is -100)".into(),
+        ));
+    }
+    // One layer at a time, detaching in between: no graph outlives a layer.
+    let (normed, stats, aux_values) = forward_no_grad(&p, num_layers)?;
     let head = chunked_lm_loss(
         p.model,
         &normed,

@@ -164,6 +164,144 @@ pub fn chunked_lm_loss(
     })
 }
 
+/// Log-probability and entropy of every counted target under the temperature-scaled
+/// next-token distribution `softmax(logits / temperature)` (what TRL's fused LM head returns
+/// for GRPO), in the order of `targets`. No gradient is recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogps {
+    pub logps: Vec<f32>,
+    pub entropies: Vec<f32>,
+}
+
+fn check_temperature(temperature: f64) -> Result<()> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(ZayaError::Input(format!(
+            "temperature must be positive and finite, got {temperature}"
+        )));
+    }
+    Ok(())
+}
+
+/// `logits · (1 / temperature)`, up-cast to f32 (TRL multiplies by the inverse).
+fn scaled_logits(model: &ZayaModel, y: &Tensor, temperature: f64) -> Result<Tensor> {
+    let logits = model.lm_head(y)?.to_dtype(DType::F32)?;
+    Ok(if temperature == 1.0 {
+        logits
+    } else {
+        (logits * (1.0 / temperature))?
+    })
+}
+
+/// [`TokenLogps`] of `targets` over `hidden` (`[B, T, H]`, the final-norm output), `chunk`
+/// targets at a time.
+pub fn token_logps(
+    model: &ZayaModel,
+    hidden: &Tensor,
+    targets: &Targets,
+    temperature: f64,
+    chunk: usize,
+) -> Result<TokenLogps> {
+    check_temperature(temperature)?;
+    if chunk == 0 {
+        return Err(ZayaError::Input(
+            "loss chunk size must be at least 1".into(),
+        ));
+    }
+    let (b, t, h) = hidden.dims3()?;
+    let dev = hidden.device();
+    let flat = hidden.detach().reshape((b * t, h))?;
+    let mut out = TokenLogps::default();
+    for start in (0..targets.len()).step_by(chunk) {
+        let n = chunk.min(targets.len() - start);
+        let rows = Tensor::new(&targets.rows[start..start + n], dev)?;
+        let ids = Tensor::new(&targets.ids[start..start + n], dev)?.unsqueeze(1)?;
+        let logits = scaled_logits(model, &flat.index_select(&rows, 0)?, temperature)?;
+        let lp = log_softmax(&logits)?;
+        out.logps
+            .extend(lp.gather(&ids, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+        // H = −Σ p log p
+        let ent = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
+        out.entropies.extend(ent.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// The backward of `Σ_k weights[k] · logp_k` (logp under `softmax(logits / temperature)`,
+/// targets in the order of `targets`): the gradient with respect to `hidden` and the LM head
+/// gradients. Any objective `L(logp)` is differentiated through the model by passing
+/// `weights = dL / dlogp` — so a policy-gradient loss is a function of the per-token
+/// log-probabilities, not a second trainer.
+pub fn weighted_logp_backward(
+    model: &ZayaModel,
+    hidden: &Tensor,
+    targets: &Targets,
+    temperature: f64,
+    weights: &[f32],
+    chunk: usize,
+) -> Result<LossHeadOutput> {
+    check_temperature(temperature)?;
+    if chunk == 0 {
+        return Err(ZayaError::Input(
+            "loss chunk size must be at least 1".into(),
+        ));
+    }
+    if weights.len() != targets.len() {
+        return Err(ZayaError::Input(format!(
+            "{} per-token weights for {} counted targets",
+            weights.len(),
+            targets.len()
+        )));
+    }
+    if let Some(k) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(ZayaError::Input(format!(
+            "per-token weight {k} is {} (not finite)",
+            weights[k]
+        )));
+    }
+    let (b, t, h) = hidden.dims3()?;
+    let dev = hidden.device();
+    let flat = hidden.detach().reshape((b * t, h))?;
+    let mut grads = GradStore::default();
+    let mut acc = Tensor::zeros((b * t, h), hidden.dtype(), dev)?;
+    for start in (0..targets.len()).step_by(chunk) {
+        let n = chunk.min(targets.len() - start);
+        let w = &weights[start..start + n];
+        if w.iter().all(|&x| x == 0.0) {
+            continue;
+        }
+        let rows = Tensor::new(&targets.rows[start..start + n], dev)?;
+        let ids = Tensor::new(&targets.ids[start..start + n], dev)?.unsqueeze(1)?;
+        let y = Var::from_tensor(&flat.index_select(&rows, 0)?)?;
+        let logits = scaled_logits(model, y.as_tensor(), temperature)?;
+        let picked = log_softmax(&logits)?.gather(&ids, 1)?.squeeze(1)?;
+        let seed = (picked * Tensor::new(w, dev)?)?.sum_all()?;
+        let gs = seed.backward()?;
+        if let Some(g) = gs.get(y.as_tensor()) {
+            acc = acc.index_add(&rows, &g.detach().to_dtype(acc.dtype())?, 0)?;
+        }
+        for p in model
+            .lm_head_weight()
+            .into_iter()
+            .chain(model.lm_head_bias())
+        {
+            if let Some(g) = gs.get(p) {
+                let g = g.detach();
+                let sum = match grads.get(p) {
+                    Some(old) => (old + g)?,
+                    None => g,
+                };
+                grads.insert(p, sum);
+            }
+        }
+    }
+    Ok(LossHeadOutput {
+        nll_sum: 0.0,
+        count: targets.len(),
+        grad_hidden: Some(acc.reshape((b, t, h))?),
+        grads,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,8 +31,8 @@ use crate::error::{Result, ZayaError};
 use crate::model::ZayaModel;
 use crate::weights::{native_specs, save_checkpoint, Checkpoint, Layout};
 pub use aux_loss::LayerRoutingStats;
-pub use checkpointing::Checkpointing;
-pub use loss::{Targets, IGNORE_INDEX};
+pub use checkpointing::{Checkpointing, LossHead};
+pub use loss::{Targets, TokenLogps, IGNORE_INDEX};
 
 /// Where tensors handed over in memory come from, for error messages.
 const IN_MEMORY: &str = "<in-memory tensors>";
@@ -501,7 +501,73 @@ impl TrainableModel {
         opts: &TrainOptions,
         scale: &LossScale,
     ) -> Result<BackwardOutput> {
-        checkpointing::forward_backward_of(&self.model, &self.params, batch, opts, scale)
+        checkpointing::forward_backward_of(
+            &self.model,
+            &self.params,
+            batch,
+            opts,
+            scale,
+            LossHead::CrossEntropy,
+        )
+    }
+
+    /// Gradients of a per-token objective of the targets' log-probabilities (see
+    /// [`LossHead::TokenObjective`]) plus `aux_loss_coef · aux_weight ·` the balance loss.
+    /// The returned `loss` is 0 (the objective knows its own value); `targets` counts the
+    /// scored tokens.
+    pub fn forward_backward_objective(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        aux_weight: f64,
+        temperature: f64,
+        objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    ) -> Result<BackwardOutput> {
+        let scale = LossScale {
+            normalizer: Some(1.0),
+            aux_weight,
+        };
+        checkpointing::forward_backward_of(
+            &self.model,
+            &self.params,
+            batch,
+            opts,
+            &scale,
+            LossHead::TokenObjective {
+                temperature,
+                objective,
+            },
+        )
+    }
+
+    /// Log-probabilities and entropies of the counted targets under
+    /// `softmax(logits / temperature)`, without gradients (layer by layer).
+    pub fn token_logps(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        temperature: f64,
+    ) -> Result<TokenLogps> {
+        checkpointing::token_logps_only(&self.model, batch, opts, temperature)
+    }
+
+    /// A model for inference that reads the same weight storage as the trainable `Var`s
+    /// (no copy): optimizer updates are written in place and seen by the view at once. Its
+    /// tensors are detached, so nothing it runs records a graph and the fast inference
+    /// kernels are used. Rebuild the view after [`TrainableModel::set_balancing_biases`],
+    /// [`TrainableModel::apply_bias_balancing`] or [`TrainableModel::load_tensors`] (the
+    /// router keeps a host copy of its biases).
+    pub fn inference_view(&self) -> Result<ZayaModel> {
+        let tensors: std::collections::HashMap<String, Tensor> = {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            data.iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect()
+        };
+        ZayaModel::new(
+            &self.cfg,
+            VarBuilder::from_tensors(tensors, DType::F32, &self.device),
+        )
     }
 
     /// Loss without gradients (layer by layer, no graph kept beyond one layer).
@@ -613,8 +679,14 @@ pub fn labelled_outputs_of(
     };
     let mut out = BTreeMap::new();
     let (loss, aux) = if grads {
-        let r =
-            checkpointing::forward_backward_of(model, params, batch, &opts, &LossScale::default())?;
+        let r = checkpointing::forward_backward_of(
+            model,
+            params,
+            batch,
+            &opts,
+            &LossScale::default(),
+            LossHead::CrossEntropy,
+        )?;
         for (name, g) in r.grads.named(params) {
             out.insert(format!("grad.{name}"), g);
         }

@@ -233,24 +233,11 @@ impl<M: Trainable> Trainer<M> {
                 }
             }
         }
-        let grad_norm = match self.cfg.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => grads.global_norm()?,
-        };
-        // Never apply a NaN/inf update: the weights stay as they were and the caller sees why.
-        if !grad_norm.is_finite() || !loss.is_finite() {
-            return Err(ZayaError::Input(format!(
-                "step {}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped",
-                self.step + 1
-            )));
-        }
-        let lr = self.cfg.schedule.lr(self.step);
-        self.opt.step(self.model.params(), &grads, lr)?;
+        let (lr, grad_norm) = self.update(grads, loss)?;
         if self.cfg.balance_bias_lr > 0.0 {
             self.model
                 .apply_bias_balancing(&routing, self.cfg.balance_bias_lr)?;
         }
-        self.step += 1;
         let skip_fraction = routing
             .iter()
             .map(LayerRoutingStats::skip_fraction)
@@ -289,6 +276,27 @@ impl<M: Trainable> Trainer<M> {
             .map_err(|e| ZayaError::io(path, e))?;
         }
         Ok(report)
+    }
+
+    /// Clipping, the schedule's learning rate and AdamW for gradients computed elsewhere
+    /// (a policy-gradient objective, for instance); `loss` is only checked to be finite.
+    /// Counts the step. Returns `(lr, gradient norm before clipping)`.
+    pub fn update(&mut self, mut grads: Gradients, loss: f64) -> Result<(f64, f64)> {
+        let grad_norm = match self.cfg.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => grads.global_norm()?,
+        };
+        // Never apply a NaN/inf update: the weights stay as they were and the caller sees why.
+        if !grad_norm.is_finite() || !loss.is_finite() {
+            return Err(ZayaError::Input(format!(
+                "step {}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped",
+                self.step + 1
+            )));
+        }
+        let lr = self.cfg.schedule.lr(self.step);
+        self.opt.step(self.model.params(), &grads, lr)?;
+        self.step += 1;
+        Ok((lr, grad_norm))
     }
 
     /// Writes `root/step-NNNNNNNN/` (model, optimizer, trainer state) and points
