@@ -214,3 +214,16 @@ fn bad_arguments_are_typed_errors() {
     assert!(e3.contains("1 send buffers for a group of 2"), "{e3}");
     assert!(e4.contains("rank 1 sent 2 values, this rank 1"), "{e4}");
 }
+
+#[test]
+fn meshes_whose_size_overflows_are_refused() {
+    let e = MeshShape::new(1 << 40, 1 << 40, 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is more than 1048576 ranks"), "{e}");
+    assert!(MeshShape::new(1 << 20, 2, 1, 1).is_err());
+    assert_eq!(
+        MeshShape::new(1 << 10, 1 << 10, 1, 1).unwrap().world(),
+        1 << 20
+    );
+}

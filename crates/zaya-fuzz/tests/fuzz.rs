@@ -49,6 +49,7 @@ fuzz_tests! {
     fuzz_chat_template, fuzz_long_chat_template => "chat_template";
     fuzz_training_data, fuzz_long_training_data => "training_data";
     fuzz_gguf_file, fuzz_long_gguf_file => "gguf_file";
+    fuzz_parallel_plan, fuzz_long_parallel_plan => "parallel_plan";
 }
 
 /// Every registered target has a test above (a new target must be added to the list).
@@ -64,7 +65,8 @@ fn every_target_is_fuzzed() {
             "tokenizer_files",
             "chat_template",
             "training_data",
-            "gguf_file"
+            "gguf_file",
+            "parallel_plan"
         ]
     );
 }
