@@ -253,6 +253,11 @@ pub fn forward_parallel(
     out: &Path,
 ) -> Result<()> {
     let mesh = parallel.mesh()?;
+    #[cfg(not(feature = "mpi"))]
+    if zaya_dist::comm::launched_by_mpi() {
+        // every copy would run all the ranks itself and write the same file
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
+    }
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
         if dtype != DType::F32 {

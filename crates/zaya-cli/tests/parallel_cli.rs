@@ -309,3 +309,29 @@ fn bench_parallel_reports_throughput_and_per_rank_memory() {
     }
     assert!(v["parallel"]["decode_tok_s"].as_f64().unwrap() > 0.0);
 }
+
+/// A build without MPI started by `mpirun` would run every rank in every copy: refused.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_under_mpirun() {
+    let d = tmp("nompi");
+    let (ok, text) = run(forward_cmd(&d.join("x.safetensors"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .args(["--tp", "2"]));
+    assert!(!ok);
+    assert!(text.contains("built without MPI"), "{text}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[cfg(not(feature = "mpi"))]
+fn forward_cmd(out: &Path) -> Command {
+    let m = fixture("gqa_sliding");
+    let mut c = zaya();
+    c.args(["forward", "--model"])
+        .arg(&m)
+        .arg("--inputs")
+        .arg(m.join("single.json"))
+        .arg("--out")
+        .arg(out);
+    c
+}

@@ -119,3 +119,16 @@ pub(crate) fn split_members(colors_keys: &[(usize, usize)], color: usize) -> Vec
     m.sort();
     m.into_iter().map(|(_, r)| r).collect()
 }
+
+/// True when this process was started by an MPI launcher (`mpirun`, `mpiexec`, `srun`):
+/// known in every build, so a build without MPI can refuse to run as one of many copies.
+pub fn launched_by_mpi() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}

@@ -10,6 +10,7 @@
 
 pub mod comm;
 pub mod error;
+pub mod grad;
 pub mod local;
 pub mod mesh;
 #[cfg(feature = "mpi")]

@@ -3,6 +3,10 @@
 
 use crate::comm::{Comm, DistError, DistResult};
 
+/// Most ranks a mesh may have (far beyond any run; keeps every product of the degrees
+/// inside `usize`).
+pub const MAX_WORLD: usize = 1 << 20;
+
 /// Degrees of each kind of parallelism.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MeshShape {
@@ -42,6 +46,20 @@ impl MeshShape {
                     message: format!("--{name} must be at least 1"),
                 });
             }
+        }
+        // checked: `--tp 4294967296 --pp 4294967296` must be an error, not an overflow
+        if [tp, pp, ep, dp]
+            .iter()
+            .try_fold(1usize, |acc, &v| acc.checked_mul(v))
+            .is_none_or(|w| w > MAX_WORLD)
+        {
+            return Err(DistError::Invalid {
+                rank: 0,
+                op: "mesh",
+                message: format!(
+                    "--tp {tp} --pp {pp} --ep {ep} --dp {dp} is more than {MAX_WORLD} ranks"
+                ),
+            });
         }
         Ok(MeshShape { tp, pp, ep, dp })
     }

@@ -24,17 +24,7 @@ pub struct MpiWorld {
     universe: mpi::environment::Universe,
 }
 
-/// True when this process was started by an MPI launcher (`mpirun`, `mpiexec`, `srun`).
-pub fn launched_by_mpi() -> bool {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_RANK",
-        "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some())
-}
+pub use crate::comm::launched_by_mpi;
 
 impl MpiWorld {
     /// Initialises MPI (once per process).

@@ -214,3 +214,68 @@ fn bad_arguments_are_typed_errors() {
     assert!(e3.contains("1 send buffers for a group of 2"), "{e3}");
     assert!(e4.contains("rank 1 sent 2 values, this rank 1"), "{e4}");
 }
+
+#[test]
+fn meshes_whose_size_overflows_are_refused() {
+    let e = MeshShape::new(1 << 40, 1 << 40, 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is more than 1048576 ranks"), "{e}");
+    assert!(MeshShape::new(1 << 20, 2, 1, 1).is_err());
+    assert_eq!(
+        MeshShape::new(1 << 10, 1 << 10, 1, 1).unwrap().world(),
+        1 << 20
+    );
+}
+
+#[test]
+fn bucketed_gradient_averaging_equals_the_mean_whatever_the_buckets() {
+    use candle_core::{Device, Tensor};
+    let shapes: [&[usize]; 4] = [&[3, 4], &[5], &[2, 2, 2], &[7]];
+    let grads_of = |rank: usize| -> Vec<Tensor> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let n: usize = s.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|i| ((i * 31 + k * 7 + rank * 13) as f32).sin() * (rank + 1) as f32)
+                    .collect();
+                Tensor::from_vec(v, *s, &Device::Cpu).unwrap()
+            })
+            .collect()
+    };
+    let results = ok(world(3).run(|c| {
+        let mine = grads_of(c.rank());
+        let mut per_bucket = Vec::new();
+        for bucket in [1, 8, 13, 1000] {
+            let g = zaya_dist::grad::all_reduce_mean(&c, &mine, bucket).map_err(|e| {
+                DistError::Invalid {
+                    rank: c.rank(),
+                    op: "test",
+                    message: e.to_string(),
+                }
+            })?;
+            per_bucket.push(
+                g.iter()
+                    .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Ok(per_bucket)
+    }));
+    for (k, s) in shapes.iter().enumerate() {
+        let n: usize = s.iter().product();
+        let all: Vec<Vec<f32>> = (0..3)
+            .map(|r| grads_of(r)[k].flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        for i in 0..n {
+            let want = (all[0][i] + all[1][i] + all[2][i]) / 3.0;
+            for rank in &results {
+                for bucketing in rank {
+                    assert_eq!(bucketing[k][i], want, "grad {k} value {i}");
+                }
+            }
+        }
+    }
+}

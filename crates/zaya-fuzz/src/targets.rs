@@ -27,6 +27,7 @@ pub fn all() -> Vec<Box<dyn Target>> {
         Box::new(GrpoInputs),
         Box::new(GrpoProcessAnswers),
         Box::new(GrpoData::new()),
+        Box::new(ParallelPlanTarget),
     ]
 }
 
@@ -859,6 +860,66 @@ impl Target for GrpoData {
         let text = std::str::from_utf8(&input[0])?;
         let path = std::path::Path::new("fuzz.jsonl");
         zaya_train::grpo::read_prompts(path, text, &self.tok)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A parallel plan from a config and `--tp --pp --ep --dp` (the mesh as text, `"2 1 1 1"`):
+/// the plan's checks and what every rank holds must end in a plan or a typed error.
+pub struct ParallelPlanTarget;
+
+impl Target for ParallelPlanTarget {
+    fn name(&self) -> &'static str {
+        "parallel_plan"
+    }
+
+    fn seeds(&self) -> Vec<Input> {
+        let configs = [
+            "bench/configs/small.json",
+            "bench/configs/zaya1-8b.json",
+            "tests/fixtures/models/gqa_sliding/config.json",
+            "tests/fixtures/models/mha_bias/config.json",
+            "tests/fixtures/models/conv_k3/config.json",
+        ];
+        let meshes = [
+            "2 1 1 1", "8 1 1 1", "2 2 1 1", "1 2 2 1", "4 1 2 2", "3 1 1 1",
+        ];
+        configs
+            .iter()
+            .flat_map(|c| {
+                meshes
+                    .iter()
+                    .map(move |m| vec![repo_file(c), m.as_bytes().to_vec()])
+            })
+            .collect()
+    }
+
+    fn run(&self, input: &Input) -> Result<(), ParseError> {
+        let value: Value = serde_json::from_slice(&input[0])?;
+        let cfg = ZayaConfig::from_json(&value)?;
+        let text = std::str::from_utf8(input.get(1).map_or(&[][..], |v| v.as_slice()))?;
+        let dims = text
+            .split_whitespace()
+            .map(|s| s.parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let [tp, pp, ep, dp] = dims[..] else {
+            return Err(format!("mesh `{text}` is not four numbers").into());
+        };
+        let shape = zaya_dist::MeshShape::new(tp, pp, ep, dp)?;
+        // bounded work: a mesh is at most a few thousand ranks in practice
+        if shape.world() > 4096 || tp > 1024 || pp > 1024 || ep > 1024 || dp > 1024 {
+            return Err(format!(
+                "mesh of {} ranks is larger than the fuzz bound",
+                shape.world()
+            )
+            .into());
+        }
+        let plan = zaya_dist::ParallelPlan::new(&cfg, shape)?;
+        for rank in [0, shape.world() / 2, shape.world() - 1] {
+            let _ = plan.rank_params(rank);
+        }
         Ok(())
     }
 }

@@ -54,6 +54,7 @@ fuzz_tests! {
     fuzz_grpo_inputs, fuzz_long_grpo_inputs => "grpo_inputs";
     fuzz_grpo_process_answers, fuzz_long_grpo_process_answers => "grpo_process_answers";
     fuzz_grpo_data, fuzz_long_grpo_data => "grpo_data";
+    fuzz_parallel_plan, fuzz_long_parallel_plan => "parallel_plan";
 }
 
 /// Every registered target has a test above (a new target must be added to the list).
@@ -74,7 +75,8 @@ fn every_target_is_fuzzed() {
             "lora_adapter",
             "grpo_inputs",
             "grpo_process_answers",
-            "grpo_data"
+            "grpo_data",
+            "parallel_plan"
         ]
     );
 }
