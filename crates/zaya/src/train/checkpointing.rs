@@ -235,8 +235,13 @@ fn accumulate(acc: &mut GradStore, params: &[Param], gs: &GradStore) -> Result<(
 }
 
 /// `Σ out ⊙ g` as a differentiable scalar (its gradient with respect to `out` is `g`).
+/// The scalar is f32 whatever `out`'s dtype (a bf16 model's segment outputs are summed with
+/// f32 balance-loss terms).
 fn contract(out: &Tensor, g: &Tensor) -> Result<Tensor> {
-    Ok(out.mul(&g.to_dtype(out.dtype())?)?.sum_all()?)
+    Ok(out
+        .mul(&g.to_dtype(out.dtype())?)?
+        .sum_all()?
+        .to_dtype(DType::F32)?)
 }
 
 /// Loss and the gradients of `params` (the `Var`s the model reads: every weight for full
@@ -318,7 +323,7 @@ pub fn forward_backward_of(
         None => Tensor::zeros((), DType::F32, model.device())?,
     };
     for a in &run.aux_terms {
-        seed = (seed + a)?;
+        seed = (seed + a.to_dtype(DType::F32)?)?;
     }
     let gs = seed.backward()?;
     accumulate(&mut acc, params, &gs)?;
@@ -338,7 +343,7 @@ pub fn forward_backward_of(
             seed = (seed + contract(s, g)?)?;
         }
         for a in &run.aux_terms {
-            seed = (seed + a)?;
+            seed = (seed + a.to_dtype(DType::F32)?)?;
         }
         let gs = seed.backward()?;
         accumulate(&mut acc, params, &gs)?;
