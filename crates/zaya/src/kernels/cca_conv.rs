@@ -2,7 +2,8 @@
 //! depthwise stage is one pass over `[B, T+K1−1, C]`; the grouped stage is, per batch row,
 //! group and tap, one gemm reading the intermediate and the weights through strided views
 //! (no tap concatenation, no weight permutation copies). Work is spread over (batch,
-//! group). The backward is fused the same way.
+//! group). The backward is fused the same way. Any float input: accumulation is f32, and
+//! below f32 the depthwise output is rounded to the input dtype, as in the reference.
 //!
 //! Candle custom ops take at most three tensors, so the biases travel one of two ways:
 //! when neither bias needs a gradient (inference, frozen convs) they are held by the op
@@ -11,7 +12,7 @@
 //! gradients in the packed layout, which the `cat` splits back.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 use super::cpu::{self, f32_view, host_f32, storage_from_f32, tensor_from_f32, MatMut, MatRef};
 use super::reference::CcaShape;
@@ -56,6 +57,9 @@ struct CcaConv {
     k0: usize,
     k1: usize,
     biases: Biases,
+    /// The input dtype: below f32, the depthwise output is rounded to it between the two
+    /// convolutions (accumulation stays f32), as the reference does.
+    dtype: DType,
 }
 
 impl CcaConv {
@@ -104,8 +108,9 @@ impl CcaConv {
     }
 }
 
-/// Depthwise stage for one batch row: `mid[j, c] = b0[c] + Σ_i w0[c, i]·x[j+i, c]`.
-fn depthwise(g: &Geometry, p: &Params, x: &[f32]) -> Vec<f32> {
+/// Depthwise stage for one batch row: `mid[j, c] = b0[c] + Σ_i w0[c, i]·x[j+i, c]`,
+/// rounded to `dtype`.
+fn depthwise(g: &Geometry, p: &Params, x: &[f32], dtype: DType) -> Vec<f32> {
     let mut mid = vec![0f32; g.m * g.c];
     for (j, row) in mid.chunks_mut(g.c).enumerate() {
         row.copy_from_slice(&p.b0);
@@ -114,6 +119,11 @@ fn depthwise(g: &Geometry, p: &Params, x: &[f32]) -> Vec<f32> {
             for (c, (o, &xv)) in row.iter_mut().zip(xr).enumerate() {
                 *o += p.w0[c * g.w0_rs + i] * xv;
             }
+        }
+    }
+    if dtype != DType::F32 {
+        for v in mid.iter_mut() {
+            *v = cpu::round_to(dtype, *v);
         }
     }
     mid
@@ -140,7 +150,7 @@ fn forward(op: &CcaConv, g: &Geometry, x: &[f32], w0: &[f32], w1: &[f32]) -> Res
     let row_len = g.len * g.c;
     // Depthwise per batch row (cheap: K0 MACs per element).
     let mids = cpu::par_map(g.b, g.b * g.m * g.c * g.k0, |b| {
-        depthwise(g, &p, &x[b * row_len..(b + 1) * row_len])
+        depthwise(g, &p, &x[b * row_len..(b + 1) * row_len], op.dtype)
     });
     // Grouped stage: item (b, group) → its [T, D] output block.
     let blocks = cpu::par_map(
@@ -208,7 +218,7 @@ fn backward(
     let p = op.params(g, w0, w1);
     let row_len = g.len * g.c;
     let mids = cpu::par_map(g.b, g.b * g.m * g.c * g.k0, |b| {
-        depthwise(g, &p, &x[b * row_len..(b + 1) * row_len])
+        depthwise(g, &p, &x[b * row_len..(b + 1) * row_len], op.dtype)
     });
     let (d, c) = (g.d, g.c);
     let items = cpu::par_map(
@@ -425,6 +435,7 @@ pub(super) fn fused(
             k0,
             k1,
             biases: Biases::Packed,
+            dtype,
         };
         x.apply_op3(&p0, &p1, op)
     } else {
@@ -436,6 +447,7 @@ pub(super) fn fused(
                 b0: host_f32(b0)?,
                 b1: host_f32(b1)?,
             },
+            dtype,
         };
         x.apply_op3(w0, w1, op)
     }

@@ -308,6 +308,57 @@ pub(crate) fn par_chunks_mut(
     }
 }
 
+/// Elements of a weight tile widened at once by [`widened_gemm`] (about 2 MB of f32).
+const TILE_ELEMS: usize = 1 << 19;
+
+thread_local! {
+    /// The widened weight tile, reused across calls so large products do not page in fresh
+    /// memory every time.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out[m×n] = x[m×k] · W[n×k]ᵀ` for a weight stored in a compact form (bf16, quantized
+/// blocks): `widen(j, row)` writes weight row `j` as f32 into `row` (`k` long). The weight
+/// is widened a tile of rows at a time (in parallel) into a buffer that stays allocated for
+/// the thread, and each tile goes through the f32 gemm — never an f32 copy of the whole
+/// matrix.
+pub(crate) fn widened_gemm(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    widen: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Result<()> {
+    // at least 16 rows per tile (gemm efficiency), at most the whole weight
+    let rows_per_tile = (TILE_ELEMS / k.max(1)).max(16).min(n);
+    TILE.with(|tile| {
+        let mut tile = tile.borrow_mut();
+        if tile.len() < rows_per_tile * k {
+            tile.resize(rows_per_tile * k, 0.0);
+        }
+        let mut j0 = 0;
+        while j0 < n {
+            let rows = rows_per_tile.min(n - j0);
+            let buf = &mut tile[..rows * k];
+            par_chunks_mut(buf, k, |r, d| widen(j0 + r, d));
+            gemm(
+                m,
+                rows,
+                k,
+                MatMut::new(out, j0, n),
+                false,
+                MatRef::rows(x, 0, k),
+                MatRef::rows(buf, 0, k).t(),
+                1.0,
+                true,
+            )?;
+            j0 += rows;
+        }
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // gemm on strided views
 
@@ -411,11 +462,10 @@ pub(crate) fn gemm(
         let parallel = parallel && n * k >= 1 << 12;
         let (l, r) = (&lhs, &rhs);
         let mut by_col = vec![0f32; n * m];
+        let xs = &l.data[l.off..l.off + (m - 1) * l.rs + k];
         let cols = |col: usize, c: &mut [f32]| {
             let w = &r.data[r.off + col * r.cs..r.off + col * r.cs + k];
-            for (i, o) in c.iter_mut().enumerate() {
-                *o = dot(&l.data[l.off + i * l.rs..l.off + i * l.rs + k], w);
-            }
+            dots(xs, l.rs, k, w, c);
         };
         if parallel {
             par_chunks_mut(&mut by_col, m, cols);
@@ -608,27 +658,73 @@ simd_dispatch! {
     pub(crate) fn sum_sq(x: &[f32]) -> f32 => sum_sq_body
 }
 
+/// Lanes of a dot product's accumulator: four 16-lane vectors, so a single dot product
+/// runs four independent add chains instead of waiting on one (decode's one-row GEMVs are
+/// bound by that latency otherwise).
+const DOT_LANES: usize = 4 * LANES;
+
 #[inline(always)]
 fn dot_body(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
-            *s += u * v;
-        }
-    }
-    acc.iter().sum::<f32>()
-        + ca.remainder()
-            .iter()
-            .zip(cb.remainder())
-            .map(|(u, v)| u * v)
-            .sum::<f32>()
+    let k = a.len().min(b.len());
+    let mut out = [0f32];
+    dots_rows::<1>(a, k, k, b, &mut out);
+    out[0]
 }
 
 simd_dispatch! {
     /// `Σ a·b` over the common length.
     pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
+}
+
+/// The dot product of [`dot`] for `R` rows of `xs` (row stride `stride`) against one `w`
+/// of length `k`, interleaved: each chunk of `w` is loaded once for the `R` rows. Every
+/// row's arithmetic is the same — same lanes, same order, same final sums — so a row's
+/// result does not depend on how many rows run with it.
+#[inline(always)]
+fn dots_rows<const R: usize>(xs: &[f32], stride: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    let mut acc = [[0f32; DOT_LANES]; R];
+    let chunks = k / DOT_LANES;
+    for c in 0..chunks {
+        let wc = &w[c * DOT_LANES..(c + 1) * DOT_LANES];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xc = &xs[r * stride + c * DOT_LANES..r * stride + (c + 1) * DOT_LANES];
+            for ((s, u), v) in a.iter_mut().zip(xc).zip(wc) {
+                // fused: one rounding, one instruction where the CPU has FMA (every SIMD
+                // level this is compiled for), the same value on every level
+                *s = u.mul_add(*v, *s);
+            }
+        }
+    }
+    let tail = chunks * DOT_LANES;
+    for (r, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+        *o = a.iter().sum::<f32>()
+            + xs[r * stride + tail..r * stride + k]
+                .iter()
+                .zip(&w[tail..k])
+                .map(|(u, v)| u * v)
+                .sum::<f32>();
+    }
+}
+
+/// Rows four at a time (4 rows × 4 accumulator vectors fill 16 of the 32 registers; the
+/// weight row is re-read from L1 by the next group).
+#[inline(always)]
+fn dots_body(xs: &[f32], stride: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    for (g, o) in out.chunks_mut(4).enumerate() {
+        let x = &xs[g * 4 * stride..];
+        match o.len() {
+            1 => dots_rows::<1>(x, stride, k, w, o),
+            2 => dots_rows::<2>(x, stride, k, w, o),
+            3 => dots_rows::<3>(x, stride, k, w, o),
+            _ => dots_rows::<4>(x, stride, k, w, o),
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `out[r] = xs[r·stride .. r·stride + k] · w[..k]` for each `r < out.len()`, each equal
+    /// to [`dot`] of that row.
+    pub(crate) fn dots(xs: &[f32], stride: usize, k: usize, w: &[f32], out: &mut [f32]) => dots_body
 }
 
 #[inline(always)]
@@ -666,6 +762,27 @@ simd_dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The interleaved multi-row dot products are bit-identical to one `dot` per row, for
+    /// every row count and for lengths with and without a tail (the engine's batch
+    /// invariance rests on this).
+    #[test]
+    fn multi_row_dots_equal_single_dots_bit_for_bit() {
+        let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) % 2001) as f32 / 997.0 - 1.0;
+        for k in [1, 15, 16, 33, 512, 517] {
+            let stride = k + 3;
+            let xs: Vec<f32> = (0..9 * stride).map(val).collect();
+            let w: Vec<f32> = (0..k).map(|i| val(i * 7 + 5)).collect();
+            for rows in 1..=9 {
+                let mut out = vec![f32::NAN; rows];
+                dots(&xs, stride, k, &w, &mut out);
+                for (r, o) in out.iter().enumerate() {
+                    let single = dot(&xs[r * stride..r * stride + k], &w);
+                    assert_eq!(o.to_bits(), single.to_bits(), "k={k} rows={rows} row {r}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_approx_is_within_two_ulp_of_libm() {

@@ -258,8 +258,8 @@ pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `a · b` with `b = Wᵀ` of a contiguous bf16 weight `W [N, K]` (`a` bf16 or f32) through
-/// [`super::bf16::linear`]: the weight is read in place, `a` is widened once, the product
-/// accumulates in f32 and is rounded once to `a`'s dtype. Inference only (no backward): calls
+/// [`super::bf16::linear`] / [`super::bf16::linear_bf16`]: the weight is read in place, the
+/// product accumulates in f32 and is rounded once to `a`'s dtype. Inference only (no backward): calls
 /// that record gradients, and other layouts, take the reference.
 pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     use candle_core::{backend::BackendStorage, CpuStorage, DType};
@@ -279,7 +279,17 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let (m, k) = a.dims2()?;
     let n = w.dim(0)?;
-    let xs = super::cpu::host_f32(a)?;
+    // bf16 activations stay bf16 (exact in either form; the bf16 × bf16 kernel uses the
+    // CPU's bf16 dot products for prefill-sized products), f32 ones are read as they are.
+    enum Lhs {
+        Bf16(Vec<half::bf16>),
+        F32(Vec<f32>),
+    }
+    let xs = if a.dtype() == DType::BF16 {
+        Lhs::Bf16(a.flatten_all()?.to_vec1::<half::bf16>()?)
+    } else {
+        Lhs::F32(super::cpu::host_f32(a)?)
+    };
     let mut out = vec![0f32; m * n];
     super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
         let CpuStorage::BF16(d) = s else {
@@ -291,7 +301,11 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (start, end) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
-        super::bf16::linear(&xs, m, k, &d[start..end], n, &mut out)
+        let w = &d[start..end];
+        match &xs {
+            Lhs::Bf16(x) => super::bf16::linear_bf16(x, m, k, w, n, &mut out),
+            Lhs::F32(x) => super::bf16::linear(x, m, k, w, n, &mut out),
+        }
     })?;
     Tensor::from_vec(out, (m, n), a.device())?.to_dtype(a.dtype())
 }

@@ -30,6 +30,7 @@ mod bf16;
 mod cca_conv;
 pub(crate) mod matmul;
 mod moe;
+mod q8_0;
 pub mod quantized;
 mod rms_norm;
 mod rotary;

@@ -2,8 +2,9 @@
 //! gate/up projection reading the stacked `[E, 2I, H]` weights in place (transposed view),
 //! a fused SwiGLU, one gemm for the down projection, and the rows written straight into the
 //! output. Only the experts that receive tokens are touched; bf16 experts are read in
-//! place by the bf16-weight kernel (GEMV for a few tokens, tiled GEMM for many), f32
-//! accumulation, without converting the expert to f32. The routing weight is applied afterwards with a differentiable
+//! place by the bf16-weight kernel (GEMV for a few tokens, GEMM for many), f32
+//! accumulation, without converting the expert to f32; with bf16 activations the gate/up
+//! output and the activation are rounded to bf16, as the reference's bf16 products are. The routing weight is applied afterwards with a differentiable
 //! multiply, so the router keeps its gradient; the op itself has a fused backward that
 //! recomputes the expert activations instead of storing them.
 
@@ -98,20 +99,45 @@ impl CustomOp3 for MoeExperts {
             }
             _ => None,
         };
+        let x_bf16 = match xs {
+            CpuStorage::BF16(v) => xl.contiguous_offsets().map(|(a, b)| &v[a..b]),
+            _ => None,
+        };
         for (e, rows) in self.buckets().iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
             let r = rows.len();
             if let Some((g, d)) = bf16_weights {
-                let xe = self.gather(&x, rows);
                 let mut gu = vec![0f32; r * 2 * i];
                 let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-                super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
-                let act = swiglu::forward(&gu, None, i);
                 let mut ye = vec![0f32; r * h];
                 let dw = &d[e * h * i..(e + 1) * h * i];
-                super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
+                match x_bf16 {
+                    Some(xb) => {
+                        // A bf16 model, as the reference runs it: the gate/up output and
+                        // the activation are bf16 values; products accumulate in f32.
+                        let mut xe = Vec::with_capacity(r * h);
+                        for &row in rows {
+                            xe.extend_from_slice(&xb[row * h..(row + 1) * h]);
+                        }
+                        super::bf16::linear_bf16(&xe, r, h, gw, 2 * i, &mut gu)?;
+                        for v in gu.iter_mut() {
+                            *v = cpu::round_to(candle_core::DType::BF16, *v);
+                        }
+                        let act: Vec<half::bf16> = swiglu::forward(&gu, None, i)
+                            .into_iter()
+                            .map(half::bf16::from_f32)
+                            .collect();
+                        super::bf16::linear_bf16(&act, r, i, dw, h, &mut ye)?;
+                    }
+                    None => {
+                        let xe = self.gather(&x, rows);
+                        super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
+                        let act = swiglu::forward(&gu, None, i);
+                        super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
+                    }
+                }
                 for (k, &row) in rows.iter().enumerate() {
                     y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
                 }

@@ -2,16 +2,17 @@
 //! as the dense kernel: tokens bucketed by expert, per expert one matmul for gate/up over
 //! the gathered rows, SwiGLU, one matmul for down, rows scattered back and scaled by the
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
-//! weights themselves are frozen). Each matmul is candle's quantized CPU matmul (it
-//! quantizes the activations to the weight's dot-product partner format, Q8_0 / Q8_K, and
-//! runs AVX-512 VNNI / AVX2 dot products where the CPU has them).
+//! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations);
+//! the other formats on candle's quantized CPU matmul (it quantizes the activations to the
+//! weight's dot-product partner format, Q8_0 / Q8_K, and runs AVX-512 VNNI / AVX2 dot
+//! products where the CPU has them).
 //!
-//! Its reference is the dense kernel over the dequantized weights; the two differ by the
-//! activation quantization only (tested in `tests/quantized.rs`).
+//! Its reference is the dense kernel over the dequantized weights; the two differ by
+//! summation order (Q8_0) or by the activation quantization (tested in `tests/quantized.rs`).
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 use super::KernelError;
@@ -92,15 +93,16 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     }
 }
 
-/// `xs · Qᵀ` through candle's quantized CPU matmul (f32 in, f32 out). The weight is frozen;
-/// the input gets a gradient (QLoRA trains adapters on top of a quantized base), computed
-/// against the dequantized weight a block of rows at a time.
+/// `xs · Qᵀ` in f32: Q8_0 weights through our kernel with f32 activations
+/// ([`super::q8_0`]), the other formats through candle's quantized CPU matmul. The weight
+/// is frozen; the input gets a gradient (QLoRA trains adapters on top of a quantized base),
+/// computed against the dequantized weight a block of rows at a time.
 pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
     let x = xs.to_dtype(DType::F32)?.contiguous()?;
     let y = if x.track_op() {
         x.apply_op1(FrozenQMatMul(Arc::clone(q)))?
     } else {
-        x.apply_op1_no_bwd(q.as_ref())?
+        x.apply_op1_no_bwd(&FrozenQMatMul(Arc::clone(q)))?
     };
     y.to_dtype(xs.dtype())
 }
@@ -121,7 +123,22 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::CustomOp1::cpu_fwd(self.0.as_ref(), s, l)
+        let q = self.0.as_ref();
+        let (n, k) = q.shape().dims2()?;
+        let dims = l.dims();
+        match (q.dtype(), s, l.contiguous_offsets()) {
+            (GgmlDType::Q8_0, candle_core::CpuStorage::F32(x), Some((a, b)))
+                if dims.last() == Some(&k) =>
+            {
+                let m = (b - a) / k.max(1);
+                let mut out = vec![0f32; m * n];
+                super::q8_0::linear(&x[a..b], m, k, &q.data()?, n, &mut out)?;
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("rank >= 1") = n;
+                Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
+            }
+            _ => candle_core::CustomOp1::cpu_fwd(q, s, l),
+        }
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -165,7 +182,6 @@ pub(crate) fn grad_times_dequantized(g: &Tensor, q: &QTensor) -> Result<Tensor> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
     use candle_core::Device;
 
     /// Against its reference: the dense kernel over the dequantized weights. They differ by

@@ -86,6 +86,11 @@ pub fn cca_conv(
     let (b, len, c) = x.dims3()?;
     let shape = CcaShape::check(len, c, w0, b0, w1, b1, groups)?;
     let (t, k0, k1, d) = (shape.t, shape.k0, shape.k1, shape.d);
+    // In reduced precision the reference accumulates both convolutions in f32 and rounds
+    // the depthwise output to the input dtype between them, and the result once.
+    let dtype = x.dtype();
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+    let (x, w0, b0, w1, b1) = (f32s(x)?, f32s(w0)?, f32s(b0)?, f32s(w1)?, f32s(b1)?);
     // Depthwise conv: mid_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
     let t_mid = t + k1 - 1;
     let mut mid = b0
@@ -96,6 +101,7 @@ pub fn cca_conv(
         let w = w0.narrow(2, i, 1)?.reshape((1, 1, c))?;
         mid = (mid + x.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
     }
+    let mid = mid.to_dtype(dtype)?.to_dtype(DType::F32)?;
     // Grouped conv: per group a [D, K1·D] mixing of K1 consecutive taps, as one batched
     // matmul over the groups.
     let taps = (0..k1)
@@ -107,7 +113,7 @@ pub fn cca_conv(
         .permute((0, 3, 2, 1))? // [G, K1, in, out]
         .reshape((groups, k1 * d, d))?;
     let z = taps.matmul(&w)?.transpose(0, 1)?.reshape((b, t, c))?;
-    z.broadcast_add(&b1.reshape((1, 1, c))?)
+    z.broadcast_add(&b1.reshape((1, 1, c))?)?.to_dtype(dtype)
 }
 
 /// Validated geometry of a [`cca_conv`] call.

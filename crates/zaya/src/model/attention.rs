@@ -143,8 +143,8 @@ impl CcaProjection {
             u.clone()
         }; // [B, S+T, C]
         let z = match same_document {
-            // The fused kernel of the registry runs both convolutions in one pass (f32).
-            None if x.dtype() == DType::F32 => kernels::cca_conv(
+            // The registry's op (fused kernel or its reference) runs both convolutions.
+            None => kernels::cca_conv(
                 &x,
                 &self.conv_qk_depthwise_weight,
                 &self.conv_qk_depthwise_bias,
@@ -152,7 +152,7 @@ impl CcaProjection {
                 &self.conv_qk_grouped_bias,
                 nq + nkv,
             )?,
-            _ => self.convolve(&x, same_document)?,
+            Some(same) => self.convolve_documents(&x, same)?,
         };
 
         let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
@@ -194,10 +194,11 @@ impl CcaProjection {
         Ok((Qkv { q, k, v }, conv, rec))
     }
 
-    /// Both causal convolutions over `x` = `[history ; u]` (`[B, S+T, C]`), accumulating in
-    /// f32 and rounding the depthwise output to the parameter dtype between them, as the
-    /// reference does in reduced precision; with packed documents, per document.
-    fn convolve(&self, x: &Tensor, same_document: Option<&Tensor>) -> Result<Tensor> {
+    /// Both causal convolutions over `x` = `[history ; u]` (`[B, S+T, C]`) of packed
+    /// documents: each token sees its own document's history only. Otherwise as
+    /// [`kernels::cca_conv`]'s reference: f32 accumulation, the depthwise output rounded to
+    /// the parameter dtype between the two convolutions.
+    fn convolve_documents(&self, x: &Tensor, same: &Tensor) -> Result<Tensor> {
         let (b, len, c) = x.dims3()?;
         let s = self.k0 + self.k1 - 2;
         let t = len - s;
@@ -213,37 +214,21 @@ impl CcaProjection {
         // Grouped tap i reads the depthwise output K1-1-i tokens back; with packed documents
         // each token sees its own document's history only (other documents' inputs count as
         // the zero history of a sequence start), so the depthwise output is per (token, tap).
-        let taps = match same_document {
-            None => {
-                // Depthwise conv: d_j = b0 + Σ_i w0[:, i] ⊙ x_{j+i}, over T + K1 − 1 positions.
-                let t_mid = t + self.k1 - 1;
-                let mut mid = b0.broadcast_as((b, t_mid, c))?.contiguous()?;
-                for i in 0..self.k0 {
-                    let w = w0.narrow(2, i, 1)?.reshape((1, 1, c))?;
-                    mid = (mid + xf.narrow(1, i, t_mid)?.broadcast_mul(&w)?)?;
+        let taps = (0..self.k1)
+            .map(|i| {
+                let mut acc = b0.broadcast_as((b, t, c))?.contiguous()?;
+                for k in 0..self.k0 {
+                    let back = s - i - k;
+                    let w = w0.narrow(2, k, 1)?.reshape((1, 1, c))?;
+                    let keep = same.narrow(2, back, 1)?;
+                    acc = (acc
+                        + xf.narrow(1, i + k, t)?
+                            .broadcast_mul(&w)?
+                            .broadcast_mul(&keep)?)?;
                 }
-                // The reference rounds the depthwise output to the parameter dtype between the convs.
-                let mid = mid.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
-                (0..self.k1)
-                    .map(|i| mid.narrow(1, i, t))
-                    .collect::<Result<Vec<_>>>()?
-            }
-            Some(same) => (0..self.k1)
-                .map(|i| {
-                    let mut acc = b0.broadcast_as((b, t, c))?.contiguous()?;
-                    for k in 0..self.k0 {
-                        let back = s - i - k;
-                        let w = w0.narrow(2, k, 1)?.reshape((1, 1, c))?;
-                        let keep = same.narrow(2, back, 1)?;
-                        acc = (acc
-                            + xf.narrow(1, i + k, t)?
-                                .broadcast_mul(&w)?
-                                .broadcast_mul(&keep)?)?;
-                    }
-                    acc.to_dtype(x.dtype())?.to_dtype(DType::F32)
-                })
-                .collect::<Result<Vec<_>>>()?,
-        };
+                acc.to_dtype(x.dtype())?.to_dtype(DType::F32)
+            })
+            .collect::<Result<Vec<_>>>()?;
         // Grouped conv: per head a [D, K1·D] mixing of K1 consecutive taps, as one batched
         // matmul over the Nq + Nkv groups.
         let taps = taps
