@@ -343,3 +343,33 @@ fn qlora_gradients_follow_the_dequantized_base() {
     eprintln!("QLoRA q8_0: worst relative gradient error against the f32 base {worst}");
     assert!(worst < 0.15, "{worst}");
 }
+
+/// Adapters over a bf16 base (read in place, the frozen bf16 linear op): the training path
+/// runs in bf16 with f32 adapters and stays near the f32 result (bf16 rounding only).
+#[test]
+fn bf16_base_gradients_follow_the_f32_base() {
+    let dir = fixture_dir("gqa_sliding");
+    let base16 = ZayaModel::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+    let adapter = LoraAdapter::load(lora_dir("full").join("adapter"), base16.config()).unwrap();
+    let lm = LoraModel::from_adapter(&base16, &adapter, 0).unwrap();
+    let b = batch("gqa_sliding", "train_pad");
+    let r = lora_reference("full");
+    let want = r["train_pad.loss"].to_vec1::<f32>().unwrap()[0];
+    for ckpt in [Checkpointing::Off, Checkpointing::EveryLayer] {
+        let out = labelled_outputs_of(lm.model(), lm.params(), &b, true, ckpt).unwrap();
+        let loss = out["loss"].to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (loss - want).abs() / want < 0.05,
+            "{ckpt:?}: loss {loss} vs f32 {want}"
+        );
+        let mut worst = 0f64;
+        for p in lm.params() {
+            let g = &out[&format!("grad.{}", p.name)];
+            assert_eq!(g.dtype(), DType::F32, "{}", p.name);
+            let e = rel_err(g, &r[&format!("train_pad.grad.{}", p.name)]);
+            worst = worst.max(e);
+        }
+        eprintln!("bf16 base, {ckpt:?}: worst relative gradient error against f32 {worst}");
+        assert!(worst < 0.25, "{ckpt:?}: {worst}");
+    }
+}

@@ -68,6 +68,9 @@ impl Default for LoraConfig {
     }
 }
 
+/// Largest rank accepted.
+pub const MAX_RANK: usize = 1 << 16;
+
 /// Targets when the spec names none: every attention projection.
 pub const DEFAULT_TARGETS: [&str; 5] = [
     "q_proj",
@@ -99,6 +102,17 @@ impl LoraConfig {
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(err("r", "must be a positive integer"));
+        }
+        // Far above any useful rank (ranks are below the layer widths); bounds the shapes a
+        // config can ask for before anything is allocated.
+        if self.r > MAX_RANK {
+            return Err(err(
+                "r",
+                format!(
+                    "{} is above the largest rank zaya accepts, {MAX_RANK}",
+                    self.r
+                ),
+            ));
         }
         if !(self.alpha.is_finite()) {
             return Err(err(

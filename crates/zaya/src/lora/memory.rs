@@ -103,7 +103,9 @@ pub fn base_bytes(
                 dtype.size_in_bytes()
             };
             match plan.map(|p| p.format_for(&s.name, &s.shape)) {
-                Some(WeightFormat::Quant(d)) => crate::quant::storage_bytes(d, elems) as u64,
+                // candle's quantized matmul keeps a repacked copy of each matrix beside the
+                // original once it has been used (README, Quantized weights)
+                Some(WeightFormat::Quant(d)) => 2 * crate::quant::storage_bytes(d, elems) as u64,
                 _ => (elems * dense) as u64,
             }
         })

@@ -223,13 +223,16 @@ pub fn plan(cfg: &ZayaConfig, lora: &LoraConfig) -> Result<Vec<Site>> {
             let depth = chosen.len() - 1 - i;
             let prefix = format!("base_model.model.{module}{}", ".base_layer".repeat(depth));
             let (inp, out) = t.dims(cfg);
+            let re = r
+                .checked_mul(e)
+                .ok_or_else(|| bad(format!("rank {r} times {e} experts overflows")))?;
             sites.push(Site {
                 layer,
                 target: *t,
                 key_a: format!("{prefix}.lora_A.weight"),
                 key_b: format!("{prefix}.lora_B.weight"),
-                shape_a: [r * e, inp],
-                shape_b: [out, r * e],
+                shape_a: [re, inp],
+                shape_b: [out, re],
                 experts: e,
             });
         }
