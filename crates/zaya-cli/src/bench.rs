@@ -175,7 +175,8 @@ pub fn run(
     let model = ZayaModel::load(&args.model, dtype, &dev)?;
     let load_s = t0.elapsed().as_secs_f64();
     let rss_after_load = status_bytes("VmRSS:");
-    let weight_bytes = zaya::weights::Checkpoint::required_bytes(model.config(), dtype);
+    // what the loaded model holds, in its formats (a GGUF's quantized blocks, not f32)
+    let weight_bytes = model.weight_bytes();
     let cfg = model.config().clone();
     let v = cfg.vocab_size;
 
