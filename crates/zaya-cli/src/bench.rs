@@ -176,7 +176,7 @@ pub fn run(
     let load_s = t0.elapsed().as_secs_f64();
     let rss_after_load = status_bytes("VmRSS:");
     // what the loaded model holds, in its formats (a GGUF's quantized blocks, not f32)
-    let weight_bytes = model.weight_bytes();
+    let weight_bytes = model.weight_bytes() as u64;
     let cfg = model.config().clone();
     let v = cfg.vocab_size;
 
