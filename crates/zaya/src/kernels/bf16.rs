@@ -104,45 +104,11 @@ pub(crate) fn linear(
     })
 }
 
-/// The GEMV path of [`linear`]: `out[m×n]` from the column-major products of [`gemv_cols`].
+/// The GEMV path of [`linear`]: each weight row read once for all rows of `x`.
 fn gemv(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
-    if m == 1 {
-        gemv_cols(x, 1, k, w, n, &mut out[..n]);
-        return;
-    }
-    let mut by_col = vec![0f32; n * m];
-    gemv_cols(x, m, k, w, n, &mut by_col);
-    for i in 0..m {
-        for (j, d) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
-            *d = by_col[j * m + i];
-        }
-    }
-}
-
-/// `by_col[j·m + i] = x_i · w_j`: weight rows split into a few blocks per pool thread (the
-/// split follows the weight bytes, not the output length: a 2048-row projection is worth
-/// every core), each weight row read once for all rows of `x`.
-fn gemv_cols(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, by_col: &mut [f32]) {
-    use rayon::prelude::*;
-    const MIN_PARALLEL_WORK: usize = 1 << 16;
-    let block = |j0: usize, o: &mut [f32]| {
-        for (r, c) in o.chunks_mut(m).enumerate() {
-            let j = j0 + r;
-            dots_bf16(&x[..m * k], k, &w[j * k..(j + 1) * k], c);
-        }
-    };
-    let threads = cpu::num_threads();
-    if threads > 1 && n > 1 && n * k * m >= MIN_PARALLEL_WORK {
-        let rows = n.div_ceil(4 * threads);
-        cpu::in_pool(|| {
-            by_col
-                .par_chunks_mut(rows * m)
-                .enumerate()
-                .for_each(|(b, o)| block(b * rows, o))
-        });
-    } else {
-        block(0, by_col);
-    }
+    cpu::gemv_by_weight_rows(m, n, k, out, |j, c| {
+        dots_bf16(&x[..m * k], k, &w[j * k..(j + 1) * k], c)
+    });
 }
 
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ` with **both** operands bf16 (the activations of a bf16

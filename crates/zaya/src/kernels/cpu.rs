@@ -308,6 +308,53 @@ pub(crate) fn par_chunks_mut(
     }
 }
 
+/// `out[m×n]` (row-major) of a GEMV against a weight stored row by row in a compact form:
+/// `dots(j, c)` writes `x_i · w_j` for the `m` rows of `x` into `c` (`m` long). Weight rows
+/// are split into a few blocks per pool thread (the split follows the weight, `n · k`, not
+/// the output length: a 2048-row projection is worth every core), and each weight row is
+/// read once for all rows of `x`.
+pub(crate) fn gemv_by_weight_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    dots: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    const MIN_PARALLEL_WORK: usize = 1 << 16;
+    let block = |j0: usize, o: &mut [f32]| {
+        for (r, c) in o.chunks_mut(m).enumerate() {
+            dots(j0 + r, c);
+        }
+    };
+    let by_weight_row = |by_col: &mut [f32]| {
+        let threads = num_threads();
+        if threads > 1 && n > 1 && n * k * m >= MIN_PARALLEL_WORK {
+            let rows = n.div_ceil(4 * threads);
+            in_pool(|| {
+                by_col
+                    .par_chunks_mut(rows * m)
+                    .enumerate()
+                    .for_each(|(b, o)| block(b * rows, o))
+            });
+        } else {
+            block(0, by_col);
+        }
+    };
+    if m == 1 {
+        // one row: the column order is the row order
+        by_weight_row(&mut out[..n]);
+        return;
+    }
+    let mut by_col = vec![0f32; n * m];
+    by_weight_row(&mut by_col);
+    for i in 0..m {
+        for (j, d) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
+            *d = by_col[j * m + i];
+        }
+    }
+}
+
 /// Elements of a weight tile widened at once by [`widened_gemm`] (about 2 MB of f32).
 const TILE_ELEMS: usize = 1 << 19;
 

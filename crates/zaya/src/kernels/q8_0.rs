@@ -109,32 +109,10 @@ pub(crate) fn linear(
             dequantize_row(&w[j * row_bytes..(j + 1) * row_bytes], row)
         });
     }
-    // GEMV: weight rows in a few blocks per pool thread, each read once for all x rows.
-    let mut by_col = vec![0f32; n * m];
-    let block = |j0: usize, o: &mut [f32]| {
-        for (r, c) in o.chunks_mut(m).enumerate() {
-            let j = j0 + r;
-            dots(&x[..m * k], k, &w[j * row_bytes..(j + 1) * row_bytes], c);
-        }
-    };
-    let threads = cpu::num_threads();
-    if threads > 1 && n > 1 && n * k * m >= 1 << 16 {
-        use rayon::prelude::*;
-        let rows = n.div_ceil(4 * threads);
-        cpu::in_pool(|| {
-            by_col
-                .par_chunks_mut(rows * m)
-                .enumerate()
-                .for_each(|(b, o)| block(b * rows, o))
-        });
-    } else {
-        block(0, &mut by_col);
-    }
-    for i in 0..m {
-        for (j, d) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
-            *d = by_col[j * m + i];
-        }
-    }
+    // GEMV: each weight row decoded once for all x rows.
+    cpu::gemv_by_weight_rows(m, n, k, out, |j, c| {
+        dots(&x[..m * k], k, &w[j * row_bytes..(j + 1) * row_bytes], c)
+    });
     Ok(())
 }
 
