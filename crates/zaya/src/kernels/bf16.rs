@@ -73,6 +73,17 @@ simd_dispatch! {
     pub(crate) fn widen_into(src: &[bf16], dst: &mut [f32]) => widen_into_body
 }
 
+/// The buffers of an `[m×k] · [n×k]ᵀ → [m×n]` product hold at least what it reads and writes.
+fn check_sizes(x: usize, m: usize, k: usize, w: usize, n: usize, out: usize) -> Result<()> {
+    if x < m * k || w < n * k || out < m * n {
+        return Err(super::KernelError::Internal(format!(
+            "bf16 linear: buffers too small for m={m}, n={n}, k={k}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ`, `x` and `out` row-major f32, `W` row-major bf16.
 pub(crate) fn linear(
     x: &[f32],
@@ -82,12 +93,7 @@ pub(crate) fn linear(
     n: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    if x.len() < m * k || w.len() < n * k || out.len() < m * n {
-        return Err(super::KernelError::Internal(format!(
-            "bf16 linear: buffers too small for m={m}, n={n}, k={k}"
-        ))
-        .into());
-    }
+    check_sizes(x.len(), m, k, w.len(), n, out.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -125,12 +131,7 @@ pub(crate) fn linear_bf16(
     n: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    if x.len() < m * k || w.len() < n * k || out.len() < m * n {
-        return Err(super::KernelError::Internal(format!(
-            "bf16 linear: buffers too small for m={m}, n={n}, k={k}"
-        ))
-        .into());
-    }
+    check_sizes(x.len(), m, k, w.len(), n, out.len())?;
     #[cfg(target_arch = "x86_64")]
     if m > GEMV_ROWS && n > 0 && k > 0 && dot::available() {
         dot::gemm(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
