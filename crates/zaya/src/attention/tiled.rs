@@ -123,6 +123,65 @@ impl Dims {
     }
 }
 
+/// Keys or values `[B, H, N, width]` as the forward reads them: each head's `N` rows
+/// contiguous (row stride `width`), heads and batch rows at any stride. A cache's K/V (a
+/// `[.., len, width]` view of a longer buffer) is read in place instead of being copied to a
+/// packed tensor for every decoded token.
+pub(crate) struct Heads<'a> {
+    data: std::borrow::Cow<'a, [f32]>,
+    start: usize,
+    batch_stride: usize,
+    head_stride: usize,
+}
+
+impl<'a> Heads<'a> {
+    /// A packed `[B, H, N, width]` buffer.
+    pub fn packed(data: &'a [f32], h: usize, n: usize, width: usize) -> Self {
+        Heads {
+            data: std::borrow::Cow::Borrowed(data),
+            start: 0,
+            batch_stride: h * n * width,
+            head_stride: n * width,
+        }
+    }
+
+    /// The storage seen through `layout`: borrowed when it is f32 with contiguous head rows,
+    /// copied (packed, f32) otherwise.
+    fn from_storage(storage: &'a CpuStorage, layout: &Layout, op: &'static str) -> Result<Self> {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        if let (CpuStorage::F32(d), [_, h, n, w], [sb, sh, sn, sw]) = (storage, dims, stride) {
+            let rows_packed = (*w <= 1 || *sw == 1) && (*n <= 1 || *sn == *w);
+            if rows_packed {
+                return Ok(Heads {
+                    data: std::borrow::Cow::Borrowed(d.as_slice()),
+                    start: layout.start_offset(),
+                    batch_stride: *sb,
+                    head_stride: if *h <= 1 { n * w } else { *sh },
+                });
+            }
+        }
+        let packed = f32_view(storage, layout, op)?;
+        let [_, h, n, w] = dims else {
+            return Err(KernelError::Internal(format!("{op}: expected 4-D keys/values")).into());
+        };
+        Ok(Heads {
+            batch_stride: h * n * w,
+            head_stride: n * w,
+            start: 0,
+            data: packed,
+        })
+    }
+
+    /// Offset of head `h` of batch row `b` in [`Self::data`].
+    fn at(&self, b: usize, h: usize) -> usize {
+        self.start + b * self.batch_stride + h * self.head_stride
+    }
+
+    fn data(&self) -> &[f32] {
+        &self.data
+    }
+}
+
 /// One fused attention problem.
 pub(crate) struct Problem<'a> {
     pub dims: Dims,
@@ -201,14 +260,14 @@ impl Problem<'_> {
     }
 
     /// Mean of the values of KV head `kvh` over all keys (the output of a fully masked row).
-    fn mean_v(&self, v: &[f32], b: usize, kvh: usize) -> Vec<f32> {
-        let Dims { nkv, n, dv, .. } = self.dims;
+    fn mean_v(&self, v: &Heads, b: usize, kvh: usize) -> Vec<f32> {
+        let Dims { n, dv, .. } = self.dims;
         let mut m = vec![0f32; dv];
         if n == 0 {
             return m;
         }
-        let base = (b * nkv + kvh) * n * dv;
-        for row in v[base..base + n * dv].chunks(dv) {
+        let base = v.at(b, kvh);
+        for row in v.data()[base..base + n * dv].chunks(dv) {
             for (a, x) in m.iter_mut().zip(row) {
                 *a += x;
             }
@@ -244,8 +303,8 @@ impl Problem<'_> {
 pub(crate) fn forward(
     p: &Problem,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &Heads,
+    v: &Heads,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let dims = p.dims;
     let Dims {
@@ -269,7 +328,7 @@ pub(crate) fn forward(
         let tq = TILE.min(t - t0);
         let r = g * tq;
         let qb = p.gather_rows(q, d, b, kvh, t0, tq);
-        let (kbase, vbase) = ((b * nkv + kvh) * n * d, (b * nkv + kvh) * n * dv);
+        let (kbase, vbase) = (k.at(b, kvh), v.at(b, kvh));
         let mut m = vec![f32::NEG_INFINITY; r];
         let mut l = vec![0f32; r];
         let mut acc = vec![0f32; r * dv];
@@ -290,7 +349,7 @@ pub(crate) fn forward(
                 MatMut::new(s, 0, tk),
                 false,
                 MatRef::rows(&qb, 0, d),
-                MatRef::new(k, kbase + k0 * d, 1, d),
+                MatRef::new(k.data(), kbase + k0 * d, 1, d),
                 p.scale,
                 false,
             )?;
@@ -321,7 +380,7 @@ pub(crate) fn forward(
                 MatMut::new(&mut acc, 0, dv),
                 true,
                 MatRef::rows(s, 0, tk),
-                MatRef::new(v, vbase + k0 * dv, dv, 1),
+                MatRef::new(v.data(), vbase + k0 * dv, dv, 1),
                 1.0,
                 false,
             )?;
@@ -637,8 +696,8 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::from_shapes(ql.dims(), kl.dims(), vl.dims())?;
         let q = f32_view(qs, ql, self.name)?;
-        let k = f32_view(ks, kl, self.name)?;
-        let v = f32_view(vs, vl, self.name)?;
+        let k = Heads::from_storage(ks, kl, self.name)?;
+        let v = Heads::from_storage(vs, vl, self.name)?;
         let (out, lse) = forward(&self.problem(dims), &q, &k, &v)?;
         if self.keep_lse {
             *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
@@ -662,7 +721,12 @@ impl CustomOp3 for FusedAttention {
         let (oh, lse) = match lse {
             Some(lse) => (host_f32(out)?, lse),
             // Not kept (the op was built for inference): recompute.
-            None => forward(&p, &qh, &kh, &vh)?,
+            None => forward(
+                &p,
+                &qh,
+                &Heads::packed(&kh, dims.nkv, dims.n, dims.d),
+                &Heads::packed(&vh, dims.nkv, dims.n, dims.dv),
+            )?,
         };
         let (dq, dk, dv) = backward(&p, &qh, &kh, &vh, &oh, &lse, &host_f32(grad)?)?;
         let dq = q

@@ -40,7 +40,7 @@ fn dot_bf16_body(x: &[f32], w: &[bf16]) -> f32 {
             *s = u.mul_add(widen(*v), *s);
         }
     }
-    acc.iter().sum::<f32>()
+    cpu::hsum(&acc)
         + cx.remainder()
             .iter()
             .zip(cw.remainder())

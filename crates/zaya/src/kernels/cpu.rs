@@ -54,51 +54,67 @@ pub(crate) fn is_kernel_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
-/// Storage offsets of a (possibly strided) layout's elements in logical row-major order
-/// (candle keeps its own iterator crate-private).
-fn strided_offsets(layout: &Layout) -> Vec<usize> {
+/// Calls `run(start, len)` for each maximal contiguous run of a strided layout, in logical
+/// (row-major) order: the innermost axes whose strides are row-major form one run (a
+/// cache's `[B, H, len, D]` view of a longer buffer is `B·H` runs of `len·D` values), so a
+/// copy is a few `memcpy`s instead of one index per element.
+fn for_each_run(layout: &Layout, mut run: impl FnMut(usize, usize)) {
     let dims = layout.dims();
     let stride = layout.stride();
-    let n: usize = dims.iter().product();
-    let mut out = Vec::with_capacity(n);
-    if n == 0 {
-        return out;
+    if dims.iter().product::<usize>() == 0 {
+        return;
     }
-    let mut idx = vec![0usize; dims.len()];
+    // inner axes [inner..] are contiguous among themselves (size-1 axes never break a run)
+    let mut inner = dims.len();
+    let mut len = 1usize;
+    while inner > 0 && (dims[inner - 1] == 1 || stride[inner - 1] == len) {
+        inner -= 1;
+        len *= dims[inner];
+    }
+    let outer = &dims[..inner];
+    let mut idx = vec![0usize; outer.len()];
     let mut off = layout.start_offset();
-    for _ in 0..n {
-        out.push(off);
-        // Odometer increment from the innermost axis.
-        for ax in (0..dims.len()).rev() {
+    loop {
+        run(off, len);
+        // odometer over the outer axes, innermost first
+        let mut ax = outer.len();
+        loop {
+            if ax == 0 {
+                return;
+            }
+            ax -= 1;
             idx[ax] += 1;
             off += stride[ax];
-            if idx[ax] < dims[ax] {
+            if idx[ax] < outer[ax] {
                 break;
             }
-            off -= stride[ax] * dims[ax];
+            off -= stride[ax] * outer[ax];
             idx[ax] = 0;
         }
     }
-    out
 }
 
 fn gather<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
     match layout.contiguous_offsets() {
         Some((a, b)) => data[a..b].to_vec(),
-        None => strided_offsets(layout)
-            .into_iter()
-            .map(|i| data[i])
-            .collect(),
+        None => {
+            let mut out = Vec::with_capacity(layout.shape().elem_count());
+            for_each_run(layout, |a, n| out.extend_from_slice(&data[a..a + n]));
+            out
+        }
     }
 }
 
 fn widen<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
     match layout.contiguous_offsets() {
         Some((a, b)) => data[a..b].iter().map(|x| x.to_f32()).collect(),
-        None => strided_offsets(layout)
-            .into_iter()
-            .map(|i| data[i].to_f32())
-            .collect(),
+        None => {
+            let mut out = Vec::with_capacity(layout.shape().elem_count());
+            for_each_run(layout, |a, n| {
+                out.extend(data[a..a + n].iter().map(|x| x.to_f32()))
+            });
+            out
+        }
     }
 }
 
@@ -462,7 +478,7 @@ impl<'a> MatMut<'a> {
 }
 
 /// Most rows of `lhs` for which [`gemm`] takes its GEMV path.
-pub(crate) const GEMV_ROWS: usize = 8;
+pub(crate) const GEMV_ROWS: usize = 32;
 
 /// `dst[m×n] = (accumulate ? dst : 0) + beta · lhs[m×k] · rhs[k×n]`.
 ///
@@ -510,17 +526,20 @@ pub(crate) fn gemm(
         let (l, r) = (&lhs, &rhs);
         let mut by_col = vec![0f32; n * m];
         let xs = &l.data[l.off..l.off + (m - 1) * l.rs + k];
-        let cols = |col: usize, c: &mut [f32]| {
-            let w = &r.data[r.off + col * r.cs..r.off + col * r.cs + k];
-            dots(xs, l.rs, k, w, c);
+        // blocks of 8 columns (the widest tile), a few blocks per task
+        const BLOCK: usize = 8;
+        let cols = |blk: usize, c: &mut [f32]| {
+            let (j0, cols) = (blk * BLOCK, c.len() / m);
+            let w = &r.data[r.off + j0 * r.cs..r.off + (j0 + cols - 1) * r.cs + k];
+            dots_block(xs, l.rs, m, w, r.cs, cols, k, c);
         };
         if parallel {
-            par_chunks_mut(&mut by_col, m, cols);
+            par_chunks_mut(&mut by_col, m * BLOCK, cols);
         } else {
             by_col
-                .chunks_mut(m)
+                .chunks_mut(m * BLOCK)
                 .enumerate()
-                .for_each(|(col, c)| cols(col, c));
+                .for_each(|(blk, c)| cols(blk, c));
         }
         for i in 0..m {
             let row = &mut dst.data[dst.off + i * dst.rs..dst.off + i * dst.rs + n];
@@ -617,12 +636,15 @@ pub(crate) fn silu(x: f32) -> f32 {
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
                 match simd_level() {
                     // SAFETY: the level was detected on this CPU.
@@ -705,16 +727,28 @@ simd_dispatch! {
     pub(crate) fn sum_sq(x: &[f32]) -> f32 => sum_sq_body
 }
 
-/// Lanes of a dot product's accumulator: four 16-lane vectors, so a single dot product
-/// runs four independent add chains instead of waiting on one (decode's one-row GEMVs are
-/// bound by that latency otherwise).
-const DOT_LANES: usize = 4 * LANES;
+/// `Σ a[i]` over a power-of-two number of lanes as a fixed tree (halves added lane-wise
+/// until one is left): vectorises, and needs `log2 N` dependent adds instead of `N`. The
+/// order is fixed, so the result is the same wherever it is called.
+#[inline(always)]
+pub(crate) fn hsum<const N: usize>(a: &[f32; N]) -> f32 {
+    debug_assert!(N.is_power_of_two());
+    let mut v = *a;
+    let mut w = N;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            v[i] += v[i + w];
+        }
+    }
+    v[0]
+}
 
 #[inline(always)]
 fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
     let mut out = [0f32];
-    dots_rows::<1>(a, k, k, b, &mut out);
+    dots_tile::<1, 1>(a, k, b, k, k, &mut out, 1);
     out[0]
 }
 
@@ -723,55 +757,203 @@ simd_dispatch! {
     pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
 }
 
-/// The dot product of [`dot`] for `R` rows of `xs` (row stride `stride`) against one `w`
-/// of length `k`, interleaved: each chunk of `w` is loaded once for the `R` rows. Every
-/// row's arithmetic is the same — same lanes, same order, same final sums — so a row's
-/// result does not depend on how many rows run with it.
+/// `R` rows of `xs` (row stride `xs_stride`) against `C` rows of `ws` (stride `ws_stride`),
+/// length `k`: `out[j·out_stride + i] = x_i · w_j`. Register-tiled (`R × C` accumulators of
+/// 16 lanes; each loaded vector feeds `C` or `R` FMAs), but every output's arithmetic is the
+/// same whatever the tile: one 16-lane FMA chain over `k` in order, the lanes summed by
+/// [`hsum`], then the tail (`k mod 16`) in order. So a row's result never depends on how
+/// many rows or columns run with it (the engine's batch invariance rests on this).
 #[inline(always)]
-fn dots_rows<const R: usize>(xs: &[f32], stride: usize, k: usize, w: &[f32], out: &mut [f32]) {
-    let mut acc = [[0f32; DOT_LANES]; R];
-    let chunks = k / DOT_LANES;
+fn dots_tile<const R: usize, const C: usize>(
+    xs: &[f32],
+    xs_stride: usize,
+    ws: &[f32],
+    ws_stride: usize,
+    k: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let mut acc = [[[0f32; LANES]; C]; R];
+    let chunks = k / LANES;
     for c in 0..chunks {
-        let wc = &w[c * DOT_LANES..(c + 1) * DOT_LANES];
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xc = &xs[r * stride + c * DOT_LANES..r * stride + (c + 1) * DOT_LANES];
-            for ((s, u), v) in a.iter_mut().zip(xc).zip(wc) {
-                // fused: one rounding, one instruction where the CPU has FMA (every SIMD
-                // level this is compiled for), the same value on every level
-                *s = u.mul_add(*v, *s);
+        let o = c * LANES;
+        let mut w = [[0f32; LANES]; C];
+        for (j, wj) in w.iter_mut().enumerate() {
+            wj.copy_from_slice(&ws[j * ws_stride + o..j * ws_stride + o + LANES]);
+        }
+        for (i, ai) in acc.iter_mut().enumerate() {
+            let x = &xs[i * xs_stride + o..i * xs_stride + o + LANES];
+            for (aij, wj) in ai.iter_mut().zip(&w) {
+                for l in 0..LANES {
+                    // fused: one rounding, one instruction where the CPU has FMA (every
+                    // SIMD level this is compiled for), the same value on every level
+                    aij[l] = x[l].mul_add(wj[l], aij[l]);
+                }
             }
         }
     }
-    let tail = chunks * DOT_LANES;
-    for (r, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
-        *o = a.iter().sum::<f32>()
-            + xs[r * stride + tail..r * stride + k]
-                .iter()
-                .zip(&w[tail..k])
-                .map(|(u, v)| u * v)
-                .sum::<f32>();
-    }
-}
-
-/// Rows four at a time (4 rows × 4 accumulator vectors fill 16 of the 32 registers; the
-/// weight row is re-read from L1 by the next group).
-#[inline(always)]
-fn dots_body(xs: &[f32], stride: usize, k: usize, w: &[f32], out: &mut [f32]) {
-    for (g, o) in out.chunks_mut(4).enumerate() {
-        let x = &xs[g * 4 * stride..];
-        match o.len() {
-            1 => dots_rows::<1>(x, stride, k, w, o),
-            2 => dots_rows::<2>(x, stride, k, w, o),
-            3 => dots_rows::<3>(x, stride, k, w, o),
-            _ => dots_rows::<4>(x, stride, k, w, o),
+    let tail = chunks * LANES;
+    for (i, ai) in acc.iter().enumerate() {
+        let x = &xs[i * xs_stride + tail..i * xs_stride + k];
+        for (j, aij) in ai.iter().enumerate() {
+            let w = &ws[j * ws_stride + tail..j * ws_stride + k];
+            out[j * out_stride + i] = hsum(aij) + x.iter().zip(w).map(|(u, v)| u * v).sum::<f32>();
         }
     }
 }
 
+/// The AVX-512 form of [`dots_tile`]: the same lanes, FMAs, order and final sums (so the
+/// same bits), with the accumulators pinned in registers.
+///
+/// # Safety
+/// AVX-512F must be available; the slices must hold `R` rows of `xs` and `C` rows of `ws`
+/// of length `k` at their strides, and `out` the `(C − 1)·out_stride + R` outputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn dots_tile_avx512<const R: usize, const C: usize>(
+    xs: &[f32],
+    xs_stride: usize,
+    ws: &[f32],
+    ws_stride: usize,
+    k: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(xs.len() >= (R - 1) * xs_stride + k && ws.len() >= (C - 1) * ws_stride + k);
+    let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let chunks = k / LANES;
+    for c in 0..chunks {
+        let o = c * LANES;
+        let mut w = [_mm512_setzero_ps(); C];
+        for (j, wj) in w.iter_mut().enumerate() {
+            *wj = _mm512_loadu_ps(wp.add(j * ws_stride + o));
+        }
+        for (i, ai) in acc.iter_mut().enumerate() {
+            let x = _mm512_loadu_ps(xp.add(i * xs_stride + o));
+            for (aij, wj) in ai.iter_mut().zip(&w) {
+                *aij = _mm512_fmadd_ps(x, *wj, *aij);
+            }
+        }
+    }
+    let tail = chunks * LANES;
+    for (i, ai) in acc.iter().enumerate() {
+        let x = &xs[i * xs_stride + tail..i * xs_stride + k];
+        for (j, aij) in ai.iter().enumerate() {
+            let mut lanes = [0f32; LANES];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *aij);
+            let w = &ws[j * ws_stride + tail..j * ws_stride + k];
+            out[j * out_stride + i] =
+                hsum(&lanes) + x.iter().zip(w).map(|(u, v)| u * v).sum::<f32>();
+        }
+    }
+}
+
+/// All `m × n` dot products of a tile function in tiles: 4 rows × 4 weight rows (16
+/// accumulators, 8 loads per 16 FMAs), or 1–2 rows × 8 weight rows when there are few rows.
+macro_rules! dots_in_tiles {
+    ($tile:ident, $xs:expr, $xs_stride:expr, $m:expr, $ws:expr, $ws_stride:expr, $n:expr, $k:expr, $out:expr) => {{
+        let (xs, xs_stride, m, ws, ws_stride, n, k, out) =
+            ($xs, $xs_stride, $m, $ws, $ws_stride, $n, $k, $out);
+        macro_rules! row_tiles {
+            ($r:literal, $cw:literal, $i0:expr) => {{
+                let x = &xs[$i0 * xs_stride..];
+                let mut j0 = 0;
+                while j0 < n {
+                    let w = &ws[j0 * ws_stride..];
+                    let o = &mut out[j0 * m + $i0..];
+                    match (n - j0).min($cw) {
+                        1 => $tile::<$r, 1>(x, xs_stride, w, ws_stride, k, o, m),
+                        2 => $tile::<$r, 2>(x, xs_stride, w, ws_stride, k, o, m),
+                        3 => $tile::<$r, 3>(x, xs_stride, w, ws_stride, k, o, m),
+                        4 => $tile::<$r, 4>(x, xs_stride, w, ws_stride, k, o, m),
+                        5 => $tile::<$r, 5>(x, xs_stride, w, ws_stride, k, o, m),
+                        6 => $tile::<$r, 6>(x, xs_stride, w, ws_stride, k, o, m),
+                        7 => $tile::<$r, 7>(x, xs_stride, w, ws_stride, k, o, m),
+                        _ => $tile::<$r, 8>(x, xs_stride, w, ws_stride, k, o, m),
+                    }
+                    j0 += $cw;
+                }
+            }};
+        }
+        let mut i0 = 0;
+        while i0 < m {
+            match m - i0 {
+                1 => row_tiles!(1, 8, i0),
+                2 => row_tiles!(2, 8, i0),
+                3 => row_tiles!(3, 4, i0),
+                _ => row_tiles!(4, 4, i0),
+            }
+            i0 += 4;
+        }
+    }};
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dots_block_body(
+    xs: &[f32],
+    xs_stride: usize,
+    m: usize,
+    ws: &[f32],
+    ws_stride: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    dots_in_tiles!(dots_tile, xs, xs_stride, m, ws, ws_stride, n, k, out)
+}
+
 simd_dispatch! {
-    /// `out[r] = xs[r·stride .. r·stride + k] · w[..k]` for each `r < out.len()`, each equal
-    /// to [`dot`] of that row.
-    pub(crate) fn dots(xs: &[f32], stride: usize, k: usize, w: &[f32], out: &mut [f32]) => dots_body
+    fn dots_block_portable(xs: &[f32], xs_stride: usize, m: usize, ws: &[f32], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => dots_block_body
+}
+
+/// `out[j·m + i] = x_i · w_j` (by weight row) for the `m` rows of `xs` (stride
+/// `xs_stride`) and the `n` rows of `ws` (stride `ws_stride`), each equal to [`dot`] of
+/// that pair, bit for bit, on every SIMD level.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dots_block(
+    xs: &[f32],
+    xs_stride: usize,
+    m: usize,
+    ws: &[f32],
+    ws_stride: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        xs.len() >= (m - 1) * xs_stride + k
+            && ws.len() >= (n - 1) * ws_stride + k
+            && out.len() >= n * m,
+        "dots_block: buffers too small for m={m}, n={n}, k={k}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx512 {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run(
+            xs: &[f32],
+            xs_stride: usize,
+            m: usize,
+            ws: &[f32],
+            ws_stride: usize,
+            n: usize,
+            k: usize,
+            out: &mut [f32],
+        ) {
+            dots_in_tiles!(dots_tile_avx512, xs, xs_stride, m, ws, ws_stride, n, k, out)
+        }
+        // SAFETY: AVX-512 was detected on this CPU; the sizes were checked above, and every
+        // tile reads inside them.
+        unsafe { run(xs, xs_stride, m, ws, ws_stride, n, k, out) };
+        return;
+    }
+    dots_block_portable(xs, xs_stride, m, ws, ws_stride, n, k, out)
 }
 
 #[inline(always)]
@@ -810,25 +992,81 @@ simd_dispatch! {
 mod tests {
     use super::*;
 
-    /// The interleaved multi-row dot products are bit-identical to one `dot` per row, for
-    /// every row count and for lengths with and without a tail (the engine's batch
-    /// invariance rests on this).
+    /// Strided reads copy whole runs and give the elements in logical order: narrowed
+    /// (a cache view), transposed, broadcast and size-1 axes, against an element-by-element
+    /// odometer.
     #[test]
-    fn multi_row_dots_equal_single_dots_bit_for_bit() {
+    fn strided_gather_follows_the_layout() {
+        fn naive(data: &[f32], l: &Layout) -> Vec<f32> {
+            let (dims, stride) = (l.dims(), l.stride());
+            let n: usize = dims.iter().product();
+            (0..n)
+                .map(|mut i| {
+                    let mut off = l.start_offset();
+                    for ax in (0..dims.len()).rev() {
+                        off += (i % dims[ax]) * stride[ax];
+                        i /= dims[ax];
+                    }
+                    data[off]
+                })
+                .collect()
+        }
+        let data: Vec<f32> = (0..2 * 3 * 8 * 5).map(|i| i as f32).collect();
+        let base = Layout::contiguous((2, 3, 8, 5));
+        let layouts = [
+            base.narrow(2, 0, 4).unwrap(),
+            base.narrow(2, 3, 5).unwrap(),
+            base.narrow(3, 1, 2).unwrap(),
+            base.transpose(1, 2).unwrap(),
+            base.narrow(0, 1, 1).unwrap().narrow(2, 2, 3).unwrap(),
+            Layout::contiguous((1, 5)).broadcast_as((4, 5)).unwrap(),
+            Layout::contiguous((3, 1)).broadcast_as((3, 6)).unwrap(),
+        ];
+        for l in &layouts {
+            assert_eq!(gather(&data, l), naive(&data, l), "{l:?}");
+            assert_eq!(widen(&data, l), naive(&data, l), "{l:?}");
+        }
+    }
+
+    /// The tiled dot products are bit-identical to one `dot` per pair, for every row and
+    /// weight-row count (every tile shape and edge) and for lengths with and without a tail
+    /// (the engine's batch invariance rests on this).
+    #[test]
+    fn tiled_dots_equal_single_dots_bit_for_bit() {
         let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) % 2001) as f32 / 997.0 - 1.0;
         for k in [1, 15, 16, 33, 512, 517] {
             let stride = k + 3;
             let xs: Vec<f32> = (0..9 * stride).map(val).collect();
-            let w: Vec<f32> = (0..k).map(|i| val(i * 7 + 5)).collect();
+            let wstride = k + 5;
+            let ws: Vec<f32> = (0..11 * wstride).map(|i| val(i * 7 + 5)).collect();
             for rows in 1..=9 {
-                let mut out = vec![f32::NAN; rows];
-                dots(&xs, stride, k, &w, &mut out);
-                for (r, o) in out.iter().enumerate() {
-                    let single = dot(&xs[r * stride..r * stride + k], &w);
-                    assert_eq!(o.to_bits(), single.to_bits(), "k={k} rows={rows} row {r}");
+                for cols in 1..=11 {
+                    let mut out = vec![f32::NAN; rows * cols];
+                    dots_block(&xs, stride, rows, &ws, wstride, cols, k, &mut out);
+                    for j in 0..cols {
+                        let w = &ws[j * wstride..j * wstride + k];
+                        for i in 0..rows {
+                            let single = dot(&xs[i * stride..i * stride + k], w);
+                            let got = out[j * rows + i];
+                            assert_eq!(
+                                got.to_bits(),
+                                single.to_bits(),
+                                "k={k} rows={rows} cols={cols} ({i}, {j})"
+                            );
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// The tree sum is the exact sum where every partial sum is exact.
+    #[test]
+    fn tree_sum_adds_every_lane() {
+        let a: [f32; 16] = std::array::from_fn(|i| i as f32);
+        assert_eq!(hsum(&a), 120.0);
+        let b: [f32; 64] = std::array::from_fn(|i| (i % 7) as f32);
+        assert_eq!(hsum(&b), (0..64).map(|i| (i % 7) as f32).sum::<f32>());
     }
 
     #[test]

@@ -205,41 +205,62 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Most rows a [`small_rows`] call takes: decode steps (batch ≤ 8).
+/// Most rows a [`small_rows`] call takes: decode steps (batch ≤ 32).
 pub const SMALL_ROWS: usize = super::cpu::GEMV_ROWS;
 
-/// `a · b` for a few rows of `a` (`[M, K]`, M ≤ 8) against `b` = `Wᵀ` of a contiguous
+/// `a · b` for a few rows of `a` (`[M, K]`, M ≤ 32) against `b` = `Wᵀ` of a contiguous
 /// `W [N, K]` (the linear-layer layout), f32, through the fused [`super::cpu::gemm`], whose
 /// GEMV path reads each row of `W` once for all rows of `a`, rows of `W` split across the
 /// threads. Decode is bound by reading the weights, and a general GEMM spends most of its
-/// time packing at this size. Without a backward of its own it only runs when nothing
-/// records gradients; other calls take the reference.
+/// time packing at this size. A custom op with a backward (through the dispatcher), so it
+/// runs whether or not gradients are recorded: a checkpointed layer's first, untracked pass
+/// and its tracked recompute use the same numerics. Other shapes take the reference.
 pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    use super::cpu::{MatMut, MatRef};
-    use candle_core::{backend::BackendStorage, CpuStorage, DType};
-    let w = b.t()?;
+    use candle_core::DType;
     let fits = a.dtype() == DType::F32
         && b.dtype() == DType::F32
-        && !a.track_op()
-        && !b.track_op()
-        && w.is_contiguous()
+        && b.t()?.is_contiguous()
         && a.dim(0)? <= SMALL_ROWS;
     if !fits {
         return super::reference::matmul(a, b);
     }
-    let (m, k) = a.dims2()?;
-    let n = w.dim(0)?;
-    let xs: Vec<f32> = a.contiguous()?.flatten_all()?.to_vec1()?;
-    let out = super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
-        let CpuStorage::F32(d) = s else {
-            return Err(candle_core::Error::Msg(format!(
-                "matmul: unexpected storage {:?}",
-                s.dtype()
-            )));
+    a.apply_op2(b, SmallRows)
+}
+
+/// The op of [`small_rows`]: `a [M, K] · Wᵀ` for a contiguous `W [N, K]`.
+struct SmallRows;
+
+impl candle_core::CustomOp2 for SmallRows {
+    fn name(&self) -> &'static str {
+        "matmul-small-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a_s: &candle_core::CpuStorage,
+        a_l: &candle_core::Layout,
+        b_s: &candle_core::CpuStorage,
+        b_l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use super::cpu::{f32_view, MatMut, MatRef};
+        let (m, k) = a_l.shape().dims2()?;
+        let (kb, n) = b_l.shape().dims2()?;
+        let bad = |what: &str| -> candle_core::Error {
+            super::KernelError::Internal(format!("matmul-small-rows: {what}")).into()
         };
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
+        if kb != k {
+            return Err(bad(&format!("[{m}, {k}] · [{kb}, {n}]")));
+        }
+        let candle_core::CpuStorage::F32(w) = b_s else {
+            return Err(bad("the weight is not f32"));
+        };
+        // b = Wᵀ: W's rows are contiguous, `k` apart
+        if n > 1 && b_l.stride()[1] != k || k > 1 && b_l.stride()[0] != 1 {
+            return Err(bad("the weight is not a transposed contiguous matrix"));
+        }
+        let x = f32_view(a_s, a_l, "matmul")?;
+        let start = b_l.start_offset();
+        let w = &w[start..start + n * k];
         let mut out = vec![0f32; m * n];
         super::cpu::gemm(
             m,
@@ -247,14 +268,34 @@ pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             k,
             MatMut::new(&mut out, 0, n),
             false,
-            MatRef::rows(&xs, 0, k),
-            MatRef::rows(&d[start..end], 0, k).t(),
+            MatRef::rows(&x, 0, k),
+            MatRef::rows(w, 0, k).t(),
             1.0,
             true,
         )?;
-        Ok(out)
-    })?;
-    Tensor::from_vec(out, (m, n), a.device())
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from_dims(&[m, n]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let da = a
+            .track_op()
+            .then(|| super::matmul(grad, &b.t()?))
+            .transpose()?;
+        let db = b
+            .track_op()
+            .then(|| super::matmul(&a.t()?, grad))
+            .transpose()?;
+        Ok((da, db))
+    }
 }
 
 /// `a · b` with `b = Wᵀ` of a contiguous bf16 weight `W [N, K]` (`a` bf16 or f32) through

@@ -66,7 +66,7 @@ fn dots_body(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
         }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
-        *o = a.iter().sum();
+        *o = cpu::hsum(a);
     }
 }
 

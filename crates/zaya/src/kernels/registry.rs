@@ -277,8 +277,8 @@ pub static KERNELS: [KernelInfo; 8] = [
             },
             ImplInfo {
                 id: ImplId::Fused,
-                summary: "bf16 weights read in place (GEMV <= 8 rows, tiled GEMM above, f32 \
-                          accumulation); f32: threaded GEMV for <= 8 rows; inference only",
+                summary: "bf16 weights read in place (GEMV <= 32 rows, tiled GEMM above, f32 \
+                          accumulation; inference only); f32: threaded GEMV for <= 32 rows, with backward",
                 available: always,
                 // `t` is the weight's dtype.
                 supports: |d, t, s| {
