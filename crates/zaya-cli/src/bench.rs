@@ -17,7 +17,9 @@ pub struct BenchArgs {
     pub model: PathBuf,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    #[arg(long, default_value = "eager")]
+    /// Attention backend: sdpa (fused, the fastest), flex or eager (the reference,
+    /// used wherever attention probabilities are asked for).
+    #[arg(long, default_value = "sdpa")]
     pub attn: String,
     /// Compute threads (sets CANDLE_NUM_THREADS / RAYON_NUM_THREADS before any work).
     #[arg(long)]

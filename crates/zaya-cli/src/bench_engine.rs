@@ -24,7 +24,9 @@ pub struct BenchEngineArgs {
     pub model: Option<PathBuf>,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    #[arg(long, default_value = "eager")]
+    /// Attention backend: sdpa (fused, the fastest), flex or eager (the reference,
+    /// used wherever attention probabilities are asked for).
+    #[arg(long, default_value = "sdpa")]
     pub attn: String,
     /// Comma-separated concurrencies.
     #[arg(long, default_value = "1,8,32")]

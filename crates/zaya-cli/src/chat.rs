@@ -140,7 +140,9 @@ pub struct ChatArgs {
     pub model: Option<std::path::PathBuf>,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    #[arg(long, default_value = "eager")]
+    /// Attention backend: sdpa (fused, the fastest), flex or eager (the reference,
+    /// used wherever attention probabilities are asked for).
+    #[arg(long, default_value = "sdpa")]
     pub attn: String,
     /// A LoRA adapter directory (PEFT format), run on top of the model without merging.
     #[arg(long)]

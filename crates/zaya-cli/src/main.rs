@@ -101,8 +101,9 @@ struct ModelArgs {
     /// Weight dtype: f32, bf16 or f16 (the residual stream stays f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Attention backend: eager, sdpa or flex.
-    #[arg(long, default_value = "eager")]
+    /// Attention backend: sdpa (fused, the fastest), flex or eager (the reference,
+    /// used wherever attention probabilities are asked for).
+    #[arg(long, default_value = "sdpa")]
     attn: String,
     /// Quantize the projections, experts and embeddings while loading, for this run only
     /// (a `zaya quantize` format: q8_0, q4_k, ...).
@@ -543,6 +544,23 @@ fn keep_freed_memory_for_reuse() {
     }
 }
 
+/// Writes the thread count into `RAYON_NUM_THREADS` when nothing set it. candle 0.11 asks
+/// for its thread count on every matmul, and without the variable it counts the physical
+/// cores by parsing `/proc/cpuinfo` each time (perf: ~5 % of a decode step in the kernel's
+/// `show_cpuinfo`). The value is what candle would have found: `CANDLE_NUM_THREADS`, else
+/// the CPUs this process may run on. Runs before any thread starts.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let n = std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+}
+
 fn main() {
     keep_freed_memory_for_reuse();
     tracing_subscriber::fmt()
@@ -560,6 +578,7 @@ fn main() {
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
     }
+    pin_thread_count();
     let result = match cli.command {
         Command::Forward(a) => cmd_forward(a),
         Command::Generate(a) => cmd_generate(a),

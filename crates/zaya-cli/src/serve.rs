@@ -37,8 +37,9 @@ pub struct ServeArgs {
     /// Weight dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Attention backend: eager, sdpa or flex.
-    #[arg(long, default_value = "eager")]
+    /// Attention backend: sdpa (fused, the fastest), flex or eager (the reference,
+    /// used wherever attention probabilities are asked for).
+    #[arg(long, default_value = "sdpa")]
     pub attn: String,
     /// A LoRA adapter directory (PEFT format), served on top of the model without merging.
     #[arg(long)]

@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// Gradient checkpointing: off, every (each layer) or K (every K layers).
     #[arg(long, default_value = "off")]
     pub checkpointing: String,
+    /// Attention backend of the training forward: sdpa (fused forward and backward, the
+    /// fastest), flex or eager (the reference).
+    #[arg(long, default_value = "sdpa")]
+    pub attn: String,
     /// Router balance loss weight (default: the config's router_aux_loss_coef).
     #[arg(long)]
     pub aux_loss_coef: Option<f64>,
@@ -245,6 +249,8 @@ fn trainer_config<M: Trainable>(model: &M, args: &TrainArgs, total: u64) -> Resu
         cfg.aux_loss_coef = c;
     }
     cfg.balance_bias_lr = args.balance_bias_lr;
+    cfg.attn = zaya::attention::AttnImplementation::parse(&args.attn)
+        .with_context(|| format!("--attn: `{}` is not eager, sdpa or flex", args.attn))?;
     Ok(cfg)
 }
 
@@ -302,6 +308,7 @@ fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
         old.balance_bias_lr.to_string(),
         new.balance_bias_lr.to_string(),
     );
+    diff("--attn", old.attn.as_str().into(), new.attn.as_str().into());
     out
 }
 

@@ -19,13 +19,16 @@ pub use sdpa::sdpa;
 pub use tiled::{TileKind, TILE};
 
 /// Which attention backend computes the core (`attn_implementation`). All compute the same
-/// function; only `eager` returns the probabilities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// function; only `eager` returns the probabilities (asking another backend for them runs
+/// `eager` for that call). The default is `sdpa`, the fastest: 5–6× eager's forward and
+/// backward at 256–512 tokens, within a few microseconds of it at one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttnImplementation {
     /// Reference: materialises scores and probabilities.
-    #[default]
     Eager,
     /// Fused, memory-efficient (tiled online softmax).
+    #[default]
     Sdpa,
     /// FlexAttention-style block-sparse backend.
     Flex,

@@ -142,7 +142,7 @@ impl Default for TrainOptions {
             checkpointing: Checkpointing::Off,
             aux_loss_coef: 0.001,
             loss_chunk: 512,
-            attn: AttnImplementation::Eager,
+            attn: AttnImplementation::default(),
         }
     }
 }

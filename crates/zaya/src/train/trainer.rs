@@ -21,6 +21,7 @@ use super::{
     Batch, Checkpointing, Gradients, LayerRoutingStats, LossScale, TrainOptions, Trainable,
     TrainableModel,
 };
+use crate::attention::AttnImplementation;
 use crate::error::{Result, ZayaError};
 use crate::weights::write_atomic;
 
@@ -38,6 +39,10 @@ pub struct TrainerConfig {
     pub loss_chunk: usize,
     /// Step of the bias-balancing rule (0 = off).
     pub balance_bias_lr: f64,
+    /// Attention backend of the training forward (checkpoints written before this field
+    /// existed load with the default).
+    #[serde(default)]
+    pub attn: AttnImplementation,
 }
 
 impl TrainerConfig {
@@ -53,6 +58,7 @@ impl TrainerConfig {
             aux_loss_coef: opts.aux_loss_coef,
             loss_chunk: opts.loss_chunk,
             balance_bias_lr: 0.0,
+            attn: opts.attn,
         }
     }
 
@@ -61,7 +67,7 @@ impl TrainerConfig {
             checkpointing: self.checkpointing,
             aux_loss_coef: self.aux_loss_coef,
             loss_chunk: self.loss_chunk,
-            ..Default::default()
+            attn: self.attn,
         }
     }
 
