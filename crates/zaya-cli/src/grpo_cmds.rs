@@ -321,8 +321,13 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
         }
     }
     .with_run_facts(facts);
+    // the starting weights, frozen (f32 as the trained copy)
     let reference = if args.loss.beta > 0.0 {
-        Some(TrainableModel::load(&model_dir)?)
+        Some(zaya::ZayaModel::load(
+            &model_dir,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?)
     } else {
         None
     };
