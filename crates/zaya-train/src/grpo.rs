@@ -1,7 +1,8 @@
 //! The GRPO loop, one code path for full fine-tuning and LoRA (generic over
 //! [`Trainable`]): sample a generation batch on the engine (over the trained weights — for
-//! LoRA the base with the live adapters attached — no copy, no merge), score it, turn rewards into group-normalised advantages, and take
-//! `num_iterations` optimizer steps on it with TRL's loss; log, checkpoint, resume.
+//! LoRA the base with the live adapters attached — no copy, no merge), score it, turn
+//! rewards into group-normalised advantages, and take `num_iterations` optimizer steps on it
+//! with TRL's loss; log, checkpoint, resume.
 //!
 //! Batch bookkeeping follows TRL's defaults: a micro-batch holds `batch_size` completions
 //! (`per_device_train_batch_size`), an optimizer step accumulates `grad_accum` of them, and
