@@ -1,11 +1,20 @@
 //! `zaya grpo-loss` (TRL's GRPO policy loss and gradients for given token ids) and
 //! `zaya grpo` (reinforcement fine-tuning; the loop lives in the `zaya-train` crate).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use candle_core::{DType, Device};
 
-use zaya::train::TrainableModel;
+use zaya::text::ZayaTokenizer;
+use zaya::train::schedule::CosineSchedule;
+use zaya::train::trainer::{Trainer, TrainerConfig};
+use zaya::train::{Trainable, TrainableModel};
+use zaya::ZayaModel;
+use zaya_train::grpo::{read_prompts, GrpoConfig, GrpoRun};
+use zaya_train::rewards::{builtin, parse_reward_spec, ProcessReward, Reward};
 use zaya_train::{grpo_loss_outputs, GrpoInputs, LossConfig};
 
 /// The loss settings shared by `grpo` and `grpo-loss` (defaults of TRL 1.16 `GRPOConfig`).
@@ -181,10 +190,27 @@ pub struct GrpoArgs {
     pub seed: u64,
     #[arg(long)]
     pub resume: bool,
+    /// Train a LoRA adapter instead of every weight, as `zaya train --lora`:
+    /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,...,experts,rslora`. The base stays
+    /// frozen in `--dtype` (or `--quant`: QLoRA) and is also the KL reference (adapters
+    /// disabled); rollouts run on the base with the live adapter attached; checkpoints and
+    /// `final/` hold the adapter in PEFT's format.
+    #[arg(long)]
+    pub lora: Option<String>,
+    /// With --lora: dtype the frozen base is held in (f32, bf16, f16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// With --lora: quantize the frozen base while loading (q8_0, q4_k, ...): QLoRA.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// With --lora: refuse the run when the memory estimate exceeds this many GiB (default:
+    /// the memory available now, MemAvailable).
+    #[arg(long)]
+    pub memory_budget_gib: Option<f64>,
 }
 
 fn run_facts(args: &GrpoArgs, data: &[u8]) -> serde_json::Value {
-    serde_json::json!({
+    let mut facts = serde_json::json!({
         "data_bytes": data.len(),
         "data_hash": format!("{:016x}", data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))),
         "num_generations": args.num_generations,
@@ -192,23 +218,48 @@ fn run_facts(args: &GrpoArgs, data: &[u8]) -> serde_json::Value {
         "grad_accum": args.grad_accum,
         "num_iterations": args.num_iterations,
         "seed": args.seed,
-    })
+    });
+    if let Some(spec) = &args.lora {
+        facts["lora"] = serde_json::json!(spec);
+    }
+    facts
 }
 
-pub fn run_grpo(args: GrpoArgs) -> Result<()> {
-    use std::sync::Arc;
-    use std::time::Duration;
-    use zaya::train::schedule::CosineSchedule;
-    use zaya::train::trainer::{Trainer, TrainerConfig};
-    use zaya_train::grpo::{read_prompts, GrpoConfig, GrpoRun};
-    use zaya_train::rewards::{builtin, parse_reward_spec, ProcessReward, Reward};
+/// The trainer settings the flags ask for.
+fn trainer_config<M: Trainable>(model: &M, args: &GrpoArgs) -> Result<TrainerConfig> {
+    let mut c = TrainerConfig::new(model, args.lr);
+    c.schedule = CosineSchedule {
+        peak_lr: args.lr,
+        warmup_steps: args.warmup_steps,
+        total_steps: args.max_steps,
+        min_lr_ratio: args.min_lr_ratio,
+    };
+    c.adamw.weight_decay = args.weight_decay;
+    c.max_grad_norm = Some(args.max_grad_norm);
+    c.checkpointing = crate::train_run::parse_checkpointing(&args.checkpointing)?;
+    c.aux_loss_coef = args.aux_loss_coef;
+    Ok(c)
+}
 
+/// What every GRPO run needs before a model is loaded.
+struct Setup {
+    model_dir: PathBuf,
+    cfg: GrpoConfig,
+    tok: Arc<ZayaTokenizer>,
+    prompts: Vec<zaya_train::rollout::Prompt>,
+    rewards: Vec<(Box<dyn Reward>, f64)>,
+    env: Option<zaya_train::process::JsonLinesProcess>,
+    facts: serde_json::Value,
+    log: PathBuf,
+}
+
+fn setup(args: &GrpoArgs) -> Result<Setup> {
     let model_dir = match &args.model {
         Some(d) => d.clone(),
         None => crate::default_model::dir()?,
     };
     let tok = Arc::new(
-        zaya::text::ZayaTokenizer::from_dir(&model_dir)
+        ZayaTokenizer::from_dir(&model_dir)
             .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?,
     );
     let data =
@@ -259,84 +310,184 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let log = args.out.join("grpo.csv");
-    let facts = run_facts(&args, &data);
-    let schedule = CosineSchedule {
-        peak_lr: args.lr,
-        warmup_steps: args.warmup_steps,
-        total_steps: args.max_steps,
-        min_lr_ratio: args.min_lr_ratio,
-    };
-    let trainer_cfg = |model: &TrainableModel| -> Result<TrainerConfig> {
-        let mut c = TrainerConfig::new(model, args.lr);
-        c.schedule = schedule;
-        c.adamw.weight_decay = args.weight_decay;
-        c.max_grad_norm = Some(args.max_grad_norm);
-        c.checkpointing = crate::train_run::parse_checkpointing(&args.checkpointing)?;
-        c.aux_loss_coef = args.aux_loss_coef;
-        Ok(c)
-    };
-    let resumed = if args.resume {
-        match Trainer::find_checkpoint(&args.out)? {
-            Some(dir) => {
-                let mut t = Trainer::resume(&dir)?;
-                if let Some(saved) = t.run_facts() {
-                    if saved != &facts {
-                        anyhow::bail!(
-                            "cannot resume {}: the data, group/batch sizes, iterations or seed differ from the checkpoint's ({saved} vs {facts})",
-                            dir.display()
-                        );
-                    }
-                }
-                let c = trainer_cfg(t.model())?;
-                t.set_config(c)?;
-                let trimmed = zaya::train::trainer::trim_log(&log, t.steps())?;
-                eprintln!(
-                    "resuming at step {} from {} ({trimmed} log row(s) after it removed)",
-                    t.steps(),
-                    dir.display()
-                );
-                Some(t)
-            }
-            None => {
-                eprintln!(
-                    "{}: no checkpoint to resume from; starting at step 0",
-                    args.out.display()
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let trainer = match resumed {
-        Some(t) => t,
-        None => {
-            if log.exists() {
-                std::fs::remove_file(&log)?;
-            }
-            let model = TrainableModel::load(&model_dir)?;
-            let c = trainer_cfg(&model)?;
-            Trainer::new(model, c)?
-        }
-    }
-    .with_run_facts(facts);
-    let reference = if args.loss.beta > 0.0 {
-        Some(TrainableModel::load(&model_dir)?)
-    } else {
-        None
-    };
-    let cfg_model = trainer.model().config().clone();
-    let eos = cfg_model.eos_token_id.clone();
-    let mut run = GrpoRun {
+    Ok(Setup {
+        facts: run_facts(args, &data),
+        log: args.out.join("grpo.csv"),
+        model_dir,
         cfg,
-        trainer,
-        reference,
-        stop_token_ids: tok.stop_token_ids(&eos),
-        tokenizer: tok,
+        tok,
         prompts,
         rewards,
         env,
+    })
+}
+
+/// The resumed trainer (`--resume` and a checkpoint in `--out`) or a new one.
+fn start_trainer<M: Trainable>(
+    args: &GrpoArgs,
+    s: &Setup,
+    load: impl FnOnce(&Path) -> zaya::Result<M>,
+    fresh: impl FnOnce() -> Result<M>,
+) -> Result<Trainer<M>> {
+    let found = if args.resume {
+        let found = Trainer::<M>::find_checkpoint_of(&args.out)?;
+        if found.is_none() {
+            eprintln!(
+                "{}: no checkpoint to resume from; starting at step 0",
+                args.out.display()
+            );
+        }
+        found
+    } else {
+        None
+    };
+    let trainer = match found {
+        Some(dir) => {
+            let mut t = Trainer::resume_with(&dir, load)?;
+            if let Some(saved) = t.run_facts() {
+                if saved != &s.facts {
+                    anyhow::bail!(
+                        "cannot resume {}: the data, group/batch sizes, iterations, seed or --lora differ from the checkpoint's ({saved} vs {})",
+                        dir.display(),
+                        s.facts
+                    );
+                }
+            }
+            let c = trainer_config(t.model(), args)?;
+            t.set_config(c)?;
+            let trimmed = zaya::train::trainer::trim_log(&s.log, t.steps())?;
+            eprintln!(
+                "resuming at step {} from {} ({trimmed} log row(s) after it removed)",
+                t.steps(),
+                dir.display()
+            );
+            t
+        }
+        None => {
+            if s.log.exists() {
+                std::fs::remove_file(&s.log)?;
+            }
+            let model = fresh()?;
+            let c = trainer_config(&model, args)?;
+            Trainer::new(model, c)?
+        }
+    };
+    Ok(trainer.with_run_facts(s.facts.clone()))
+}
+
+pub fn run_grpo(args: GrpoArgs) -> Result<()> {
+    if args.lora.is_none() && (args.quant.is_some() || args.dtype != "f32") {
+        anyhow::bail!("--dtype and --quant choose how the frozen base of a --lora run is held; full fine-tuning keeps f32 master weights");
+    }
+    let s = setup(&args)?;
+    if let Some(spec) = args.lora.clone() {
+        return run_grpo_lora(&args, s, &spec);
+    }
+    let trainer = start_trainer(
+        &args,
+        &s,
+        |d| TrainableModel::load(d),
+        || Ok(TrainableModel::load(&s.model_dir)?),
+    )?;
+    // the starting weights, frozen (f32 as the trained copy)
+    let reference = if args.loss.beta > 0.0 {
+        Some(ZayaModel::load(&s.model_dir, DType::F32, &Device::Cpu)?)
+    } else {
+        None
+    };
+    let (steps, final_dir) = drive(&args, s, trainer, reference)?;
+    eprintln!(
+        "done: {steps} steps; model in {}, log {}, curve {}",
+        final_dir.display(),
+        args.out.join("grpo.csv").display(),
+        args.out.join("reward.svg").display()
+    );
+    Ok(())
+}
+
+/// `--lora`: the base loaded frozen as `--dtype` / `--quant` say, the adapter trained. The KL
+/// reference is the base itself (adapters disabled); nothing of the base is copied.
+fn run_grpo_lora(args: &GrpoArgs, s: Setup, spec: &str) -> Result<()> {
+    use zaya::lora::memory::{adapter_parameters, base_bytes, RunShape};
+    use zaya::lora::{attach_lora, LoraAdapter, LoraConfig, LoraModel};
+
+    let mut lora = LoraConfig::parse_spec(spec)?;
+    lora.base_model = Some(s.model_dir.display().to_string());
+    let dtype = crate::parse_dtype(&args.dtype)?;
+    let plan = match &args.quant {
+        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        None => None,
+    };
+    let model_cfg = zaya::ZayaConfig::from_file(s.model_dir.join("config.json"))?;
+    let trainable = adapter_parameters(&model_cfg, &lora)?;
+    let longest_prompt = s.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let shape = RunShape {
+        batch: args.batch_size,
+        seq_len: longest_prompt + args.max_completion_length,
+        checkpointing: crate::train_run::parse_checkpointing(&args.checkpointing)?,
+        act_bytes: crate::lora_cmds::act_bytes(dtype),
+        loss_chunk: zaya::train::TrainOptions::for_config(&model_cfg).loss_chunk,
+    };
+    let label = format!(
+        "GRPO, LoRA r={} over a {} base",
+        lora.r,
+        args.quant.clone().unwrap_or_else(|| args.dtype.clone())
+    );
+    // Before the base is loaded: a clear refusal instead of an OOM kill half-way.
+    crate::lora_cmds::memory_check(
+        &model_cfg,
+        base_bytes(&model_cfg, dtype, plan.as_ref()) as usize,
+        trainable as usize,
+        shape,
+        &label,
+        args.memory_budget_gib,
+    )?;
+    let base = ZayaModel::load_quantized(&s.model_dir, dtype, &Device::Cpu, plan.as_ref())
+        .with_context(|| format!("loading {}", s.model_dir.display()))?;
+    eprintln!(
+        "base: {:.2} GiB held (also the KL reference, adapters disabled); adapter: {} sites, {} trainable weights",
+        base.weight_bytes() as f64 / (1u64 << 30) as f64,
+        zaya::lora::plan(base.config(), &lora)?.len(),
+        trainable
+    );
+    let seed = args.seed;
+    let trainer = start_trainer(
+        args,
+        &s,
+        |d| {
+            let adapter = LoraAdapter::load(d, base.config())?;
+            LoraModel::from_adapter(&base, &adapter, seed)
+        },
+        || Ok(attach_lora(&base, &lora, seed)?),
+    )?;
+    let (steps, final_dir) = drive(args, s, trainer, None)?;
+    eprintln!(
+        "done: {steps} steps; adapter (PEFT format) in {}, log {}, curve {}",
+        final_dir.display(),
+        args.out.join("grpo.csv").display(),
+        args.out.join("reward.svg").display()
+    );
+    Ok(())
+}
+
+/// The GRPO loop, the last checkpoint, the reward curve and the export to `final/` (the model
+/// with its tokenizer files, or the adapter); returns the steps taken and `final/`.
+fn drive<M: Trainable>(
+    args: &GrpoArgs,
+    s: Setup,
+    trainer: Trainer<M>,
+    reference: Option<ZayaModel>,
+) -> Result<(u64, PathBuf)> {
+    let eos = trainer.model().config().eos_token_id.clone();
+    let mut run = GrpoRun {
+        cfg: s.cfg,
+        trainer,
+        reference,
+        stop_token_ids: s.tok.stop_token_ids(&eos),
+        tokenizer: s.tok,
+        prompts: s.prompts,
+        rewards: s.rewards,
+        env: s.env,
         out: args.out.clone(),
         save_every: args.save_every,
     };
@@ -368,36 +519,18 @@ pub fn run_grpo(args: GrpoArgs) -> Result<()> {
         );
     })?;
     run.trainer.save(&args.out)?;
-    let points = read_rewards(&log)?;
+    let points = read_rewards(&s.log)?;
     zaya::weights::write_atomic(
         &args.out.join("reward.svg"),
         crate::train_run::curve_svg(&points, "reward").as_bytes(),
     )?;
     let final_dir = args.out.join("final");
     zaya::durable::remove_stale_temps(&final_dir)?;
-    run.trainer.model().save(&final_dir)?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-        "chat_template.jinja",
-    ] {
-        let src = model_dir.join(f);
-        if src.exists() {
-            let bytes =
-                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-            zaya::durable::write_atomic(&final_dir.join(f), &bytes)?;
-        }
+    run.trainer.model().save_weights(&final_dir)?;
+    if args.lora.is_none() {
+        crate::lora_cmds::copy_side_files(&s.model_dir, &final_dir)?;
     }
-    eprintln!(
-        "done: {} steps; model in {}, log {}, curve {}",
-        run.trainer.steps(),
-        final_dir.display(),
-        log.display(),
-        args.out.join("reward.svg").display()
-    );
-    Ok(())
+    Ok((run.trainer.steps(), final_dir))
 }
 
 /// `(step, reward)` of a grpo.csv log.

@@ -1,12 +1,13 @@
 //! A batch of scored completions as TRL's `_compute_loss` receives it, its conversion to the
 //! model's labelled batch (left-padded prompts, right-padded completions) and the GRPO
-//! forward/backward on a [`TrainableModel`].
+//! forward/backward on any [`Trainable`] (full fine-tuning or a LoRA adapter).
 
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use serde::Deserialize;
-use zaya::train::{Batch, Gradients, TokenLogps, TrainOptions, TrainableModel, IGNORE_INDEX};
+use zaya::train::{Batch, Gradients, TokenLogps, TrainOptions, Trainable, IGNORE_INDEX};
+use zaya::ZayaModel;
 
 use crate::error::{GrpoError, Result};
 use crate::loss::{policy_loss, Accumulation, LossConfig, LossInputs, LossOutput};
@@ -273,14 +274,15 @@ fn masked_mean(grid: &[Vec<f32>], mask: &[Vec<f32>]) -> f64 {
     s / n.max(1.0)
 }
 
-fn pad_id(model: &TrainableModel) -> u32 {
-    model.config().pad_token_id.unwrap_or(0)
+fn pad_id(cfg: &zaya::ZayaConfig) -> u32 {
+    cfg.pad_token_id.unwrap_or(0)
 }
 
-/// The GRPO loss of `inputs` and the gradient of every parameter (plus
-/// `aux_weight · aux_loss_coef ·` the router balance loss when `opts.aux_loss_coef > 0`).
-pub fn grpo_backward(
-    model: &TrainableModel,
+/// The GRPO loss of `inputs` and the gradient of every trained parameter (every weight, or
+/// the adapter factors) plus `aux_weight · aux_loss_coef ·` the router balance loss when
+/// `opts.aux_loss_coef > 0`.
+pub fn grpo_backward<M: Trainable>(
+    model: &M,
     inputs: &GrpoInputs,
     cfg: &LossConfig,
     acc: &Accumulation,
@@ -288,7 +290,7 @@ pub fn grpo_backward(
     aux_weight: f64,
 ) -> Result<GrpoBackward> {
     inputs.validate(model.config().vocab_size)?;
-    let (batch, positions) = inputs.to_batch(pad_id(model));
+    let (batch, positions) = inputs.to_batch(pad_id(model.config()));
     let (b, c) = (inputs.rows(), inputs.width());
     let li = inputs.loss_inputs();
     let mut seen: Option<(LossOutput, Vec<Vec<f32>>, f64)> = None;
@@ -323,30 +325,53 @@ pub fn grpo_backward(
 /// A `[B][C]` grid of per-token values.
 pub type Grid = Vec<Vec<f32>>;
 
-/// `[B][C]` completion log-probabilities (and entropies) without gradients.
-pub fn completion_logps(
-    model: &TrainableModel,
+/// `[B][C]` completion log-probabilities (and entropies) under the trained model's current
+/// weights, without gradients.
+pub fn completion_logps<M: Trainable>(
+    model: &M,
     inputs: &GrpoInputs,
     opts: &TrainOptions,
     temperature: f64,
 ) -> Result<(Grid, Grid)> {
-    let (batch, positions) = inputs.to_batch(pad_id(model));
+    grid_logps(model.config(), inputs, |batch| {
+        model.token_logps(batch, opts, temperature)
+    })
+}
+
+/// [`completion_logps`] under a frozen model (GRPO's reference policy).
+pub fn reference_logps(
+    model: &ZayaModel,
+    inputs: &GrpoInputs,
+    opts: &TrainOptions,
+    temperature: f64,
+) -> Result<(Grid, Grid)> {
+    grid_logps(model.config(), inputs, |batch| {
+        zaya::train::token_logps_of(model, batch, opts, temperature)
+    })
+}
+
+fn grid_logps(
+    cfg: &zaya::ZayaConfig,
+    inputs: &GrpoInputs,
+    logps: impl FnOnce(&Batch) -> zaya::Result<TokenLogps>,
+) -> Result<(Grid, Grid)> {
+    let (batch, positions) = inputs.to_batch(pad_id(cfg));
     let (b, c) = (inputs.rows(), inputs.width());
     if positions.is_empty() {
         return Ok((vec![vec![0.0; c]; b], vec![vec![0.0; c]; b]));
     }
-    let lp = model.token_logps(&batch, opts, temperature)?;
+    let lp = logps(&batch)?;
     Ok((
         to_grid(&lp.logps, &positions, b, c),
         to_grid(&lp.entropies, &positions, b, c),
     ))
 }
 
-/// `zaya grpo-loss`: `loss`, `per_token_logps` `[B, C]` and, with `grads`, `grad.<HF name>`
-/// for every parameter — TRL's policy loss for one batch (one micro-batch = the whole
-/// generation batch; no router balance term).
-pub fn grpo_loss_outputs(
-    model: &TrainableModel,
+/// `zaya grpo-loss`: `loss`, `per_token_logps` `[B, C]` and, with `grads`, `grad.<name>`
+/// for every trained parameter (HF names; PEFT keys for a LoRA adapter) — TRL's policy loss
+/// for one batch (one micro-batch = the whole generation batch; no router balance term).
+pub fn grpo_loss_outputs<M: Trainable>(
+    model: &M,
     inputs: &GrpoInputs,
     cfg: &LossConfig,
     grads: bool,

@@ -1,6 +1,8 @@
-//! The GRPO loop: sample a generation batch on the engine (over the trained weights, no
-//! copy), score it, turn rewards into group-normalised advantages, and take
-//! `num_iterations` optimizer steps on it with TRL's loss; log, checkpoint, resume.
+//! The GRPO loop, one code path for full fine-tuning and LoRA (generic over
+//! [`Trainable`]): sample a generation batch on the engine (over the trained weights — for
+//! LoRA the base with the live adapters attached — no copy, no merge), score it, turn
+//! rewards into group-normalised advantages, and take `num_iterations` optimizer steps on it
+//! with TRL's loss; log, checkpoint, resume.
 //!
 //! Batch bookkeeping follows TRL's defaults: a micro-batch holds `batch_size` completions
 //! (`per_device_train_batch_size`), an optimizer step accumulates `grad_accum` of them, and
@@ -19,10 +21,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use zaya::text::ZayaTokenizer;
 use zaya::train::trainer::Trainer;
-use zaya::train::{Gradients, TrainOptions, TrainableModel};
+use zaya::train::{Gradients, TrainOptions, Trainable, TrainableModel};
+use zaya::ZayaModel;
 use zaya_engine::{Engine, EngineConfig};
 
-use crate::batch::{completion_logps, grpo_backward, GrpoInputs};
+use crate::batch::{completion_logps, grpo_backward, reference_logps, GrpoInputs};
 use crate::error::{GrpoError, Result};
 use crate::loss::{Accumulation, LossConfig};
 use crate::process::JsonLinesProcess;
@@ -169,11 +172,15 @@ impl GrpoConfig {
     }
 }
 
-/// What the loop needs besides the trainer.
-pub struct GrpoRun {
+/// What the loop needs besides the trainer. `M`: what is trained (every weight, or a LoRA
+/// adapter over a frozen base).
+pub struct GrpoRun<M: Trainable = TrainableModel> {
     pub cfg: GrpoConfig,
-    pub trainer: Trainer,
-    pub reference: Option<TrainableModel>,
+    pub trainer: Trainer<M>,
+    /// The policy of the KL term (`beta > 0`), frozen. `None`: the model's own
+    /// [`Trainable::frozen_reference`] (LoRA: the base with the adapters disabled, no second
+    /// copy of the base).
+    pub reference: Option<ZayaModel>,
     pub tokenizer: Arc<ZayaTokenizer>,
     pub prompts: Vec<Prompt>,
     pub rewards: Vec<(Box<dyn Reward>, f64)>,
@@ -281,7 +288,7 @@ impl GenerationReport {
     }
 }
 
-impl GrpoRun {
+impl<M: Trainable> GrpoRun<M> {
     fn engine(&self) -> Result<Engine> {
         let view = self.trainer.model().inference_view()?;
         let cfg = EngineConfig {
@@ -483,12 +490,18 @@ impl GrpoRun {
             });
         }
         if cfg.loss.beta > 0.0 {
-            let reference = self
-                .reference
-                .as_ref()
-                .ok_or_else(|| GrpoError::Input("beta > 0 needs a reference model".into()))?;
+            let own;
+            let reference = match &self.reference {
+                Some(r) => r,
+                None => {
+                    own = self.trainer.model().frozen_reference().ok_or_else(|| {
+                        GrpoError::Input("beta > 0 needs a reference model".into())
+                    })?;
+                    &own
+                }
+            };
             inputs.ref_logps =
-                Some(completion_logps(reference, &inputs, &opts, cfg.loss.temperature)?.0);
+                Some(reference_logps(reference, &inputs, &opts, cfg.loss.temperature)?.0);
         }
         let rows = inputs.rows();
         let acc = Accumulation {
@@ -503,8 +516,9 @@ impl GrpoRun {
         for it in 0..cfg.num_iterations {
             let mut grads = Gradients::default();
             let mut loss = 0.0;
-            for start in (0..rows).step_by(cfg.batch_size) {
+            for (micro, start) in (0..rows).step_by(cfg.batch_size).enumerate() {
                 let end = (start + cfg.batch_size).min(rows);
+                self.trainer.before_micro_batch(micro as u64)?;
                 let mb = slice_inputs(&inputs, start, end);
                 let out = grpo_backward(
                     self.trainer.model(),

@@ -17,6 +17,8 @@ pub mod process;
 pub mod rewards;
 pub mod rollout;
 
-pub use batch::{grpo_backward, grpo_loss_outputs, GrpoBackward, GrpoInputs};
+pub use batch::{
+    completion_logps, grpo_backward, grpo_loss_outputs, reference_logps, GrpoBackward, GrpoInputs,
+};
 pub use error::{GrpoError, Result};
 pub use loss::{policy_loss, Accumulation, ImportanceSampling, LossConfig, LossType};

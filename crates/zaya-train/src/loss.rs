@@ -4,7 +4,7 @@
 //! [`policy_loss`] builds TRL's expression with candle ops on a `[B, C]` leaf of the
 //! completion log-probabilities (same operations, same order, f32 like torch), and its
 //! backward gives `dL / dlogp` per token. The model is then differentiated through
-//! `Σ (dL/dlogp) · logp` by [`zaya::train::TrainableModel::forward_backward_objective`]: by
+//! `Σ (dL/dlogp) · logp` by [`zaya::train::Trainable::forward_backward_objective`]: by
 //! the chain rule that is exactly the gradient of the loss, and the trainer needs no
 //! GRPO-specific code.
 

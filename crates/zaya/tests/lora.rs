@@ -373,3 +373,45 @@ fn bf16_base_gradients_follow_the_f32_base() {
         assert!(worst < 0.25, "{ckpt:?}: {worst}");
     }
 }
+
+/// GRPO's view of a LoRA model: the inference view is the base with the live adapter attached
+/// (PEFT's logits), reads the adapter vars' storage (an in-place update, as AdamW writes,
+/// shows at once, without rebuilding the view), has no dropout and records no graph; the
+/// frozen reference is the base without the adapter.
+#[test]
+fn inference_view_follows_the_adapter_vars_and_reference_is_the_base() {
+    use zaya::train::Trainable;
+    let (name, model) = ("full", "gqa_sliding");
+    let base = base(model);
+    let mut adapter = LoraAdapter::load(lora_dir(name).join("adapter"), base.config()).unwrap();
+    adapter.config.dropout = 0.3;
+    let mut lm = LoraModel::from_adapter(&base, &adapter, 0).unwrap();
+    lm.set_dropout_key(1, 0).unwrap();
+    let view = Trainable::inference_view(&lm).unwrap();
+    let r = lora_reference(name);
+    let got = logits(&view, model, "single");
+    assert_close("view logits", &got, &r["single.logits"], 1e-4);
+    assert!(!got.track_op(), "the view records no graph");
+    // AdamW writes the vars in place: the same view sees the new factors
+    let p = &lm.params()[1];
+    assert!(p.name.ends_with("lora_B.weight"), "{}", p.name);
+    let moved = (p.var.as_tensor().detach() * 3.0).unwrap();
+    p.var.set(&moved).unwrap();
+    let after = logits(&view, model, "single");
+    let want = logits(&lm.eval_model().unwrap(), model, "single");
+    assert!(
+        max_abs_diff(&after, &got) > 1e-4,
+        "the view did not follow the update"
+    );
+    // (the vars record a graph, so that model runs the differentiable reference kernels)
+    let d = max_abs_diff(&after, &want);
+    assert!(d <= 1e-4, "view vs adapted model after the update: {d}");
+    // the KL reference: the base, adapters disabled
+    let reference = lm.frozen_reference().unwrap();
+    assert!(
+        max_abs_diff(
+            &logits(&reference, model, "single"),
+            &logits(&base, model, "single")
+        ) == 0.0
+    );
+}

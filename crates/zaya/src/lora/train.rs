@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
@@ -20,7 +20,7 @@ use crate::error::{Result, ZayaError};
 use crate::model::ZayaModel;
 use crate::train::{
     checkpointing, BackwardOutput, Batch, EvalOutput, LayerRoutingStats, LossScale, Param,
-    TrainOptions, Trainable,
+    TokenLogps, TrainOptions, Trainable,
 };
 
 /// A frozen base model with trainable LoRA factors.
@@ -178,29 +178,59 @@ impl LoraModel {
         }
         use crate::model::linear::splitmix64;
         let key = splitmix64(splitmix64(self.seed ^ step.rotate_left(17)) ^ micro);
-        let live: Vec<SiteWeights> = self
-            .vars
-            .iter()
-            .map(|(a, b)| SiteWeights {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-            })
-            .collect();
+        let live = self.live_weights(false);
         self.model = attach(&self.base, &self.config, &self.sites, &live, Some(key))?;
         Ok(())
     }
 
+    /// The factors as the model reads them: the vars themselves (`detached = false`: the
+    /// training forward records a graph to them) or detached tensors over the same storage.
+    fn live_weights(&self, detached: bool) -> Vec<SiteWeights> {
+        let t = |v: &Var| {
+            if detached {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            }
+        };
+        self.vars
+            .iter()
+            .map(|(a, b)| SiteWeights { a: t(a), b: t(b) })
+            .collect()
+    }
+
     /// The model without dropout (evaluation, sampling rollouts).
     pub fn eval_model(&self) -> Result<ZayaModel> {
-        let live: Vec<SiteWeights> = self
-            .vars
-            .iter()
-            .map(|(a, b)| SiteWeights {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-            })
-            .collect();
-        attach(&self.base, &self.config, &self.sites, &live, None)
+        attach(
+            &self.base,
+            &self.config,
+            &self.sites,
+            &self.live_weights(false),
+            None,
+        )
+    }
+
+    /// The frozen base with the live adapter factors attached, detached and without dropout:
+    /// what the engine samples rollouts from. It reads the vars' storage (the optimizer writes
+    /// it in place, so the view follows every step) and shares every base tensor; nothing is
+    /// merged or copied.
+    pub fn inference_view(&self) -> Result<ZayaModel> {
+        attach(
+            &self.base,
+            &self.config,
+            &self.sites,
+            &self.live_weights(true),
+            None,
+        )
+    }
+
+    /// The model the no-gradient passes run: the training model, or without its dropout.
+    fn no_dropout_model(&self) -> Result<std::borrow::Cow<'_, ZayaModel>> {
+        Ok(if self.config.dropout > 0.0 {
+            std::borrow::Cow::Owned(self.eval_model()?)
+        } else {
+            std::borrow::Cow::Borrowed(&self.model)
+        })
     }
 
     /// A detached snapshot of the adapter (for saving).
@@ -237,6 +267,40 @@ impl LoraModel {
             scale,
             checkpointing::LossHead::CrossEntropy,
         )
+    }
+
+    /// Gradients of the adapter factors for a per-token objective of the targets'
+    /// log-probabilities (GRPO; see [`checkpointing::objective_backward_of`]), through the
+    /// same forward/backward (and gradient checkpointing) as [`LoraModel::forward_backward`].
+    pub fn forward_backward_objective(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        aux_weight: f64,
+        temperature: f64,
+        objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    ) -> Result<BackwardOutput> {
+        checkpointing::objective_backward_of(
+            &self.model,
+            &self.params,
+            batch,
+            opts,
+            aux_weight,
+            temperature,
+            objective,
+        )
+    }
+
+    /// Log-probabilities of the counted targets under base + adapter, without gradients and
+    /// without dropout.
+    pub fn token_logps(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        temperature: f64,
+    ) -> Result<TokenLogps> {
+        let model = self.no_dropout_model()?;
+        checkpointing::token_logps_of(&model, batch, opts, temperature)
     }
 
     /// Loss without gradients.
@@ -283,5 +347,39 @@ impl Trainable for LoraModel {
 
     fn save_weights(&self, dir: &Path) -> Result<()> {
         self.save(dir)
+    }
+
+    fn device(&self) -> &Device {
+        self.base.device()
+    }
+
+    fn forward_backward_objective(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        aux_weight: f64,
+        temperature: f64,
+        objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    ) -> Result<BackwardOutput> {
+        LoraModel::forward_backward_objective(self, batch, opts, aux_weight, temperature, objective)
+    }
+
+    fn token_logps(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        temperature: f64,
+    ) -> Result<TokenLogps> {
+        LoraModel::token_logps(self, batch, opts, temperature)
+    }
+
+    fn inference_view(&self) -> Result<ZayaModel> {
+        LoraModel::inference_view(self)
+    }
+
+    /// The base with the adapters disabled: TRL's reference for a new PEFT adapter (the
+    /// adapter starts at `B = 0`, so this is the starting policy, also after a resume).
+    fn frozen_reference(&self) -> Option<ZayaModel> {
+        Some(self.base.clone())
     }
 }

@@ -439,7 +439,41 @@ fn forward_no_grad(
     Ok((normed, stats, aux_values))
 }
 
-pub(crate) fn token_logps_only(
+/// Gradients of a per-token objective of the targets' log-probabilities (see
+/// [`LossHead::TokenObjective`]) plus `aux_loss_coef · aux_weight ·` the balance loss, for
+/// the `Var`s in `params`: the GRPO backward of full fine-tuning and of LoRA alike. The
+/// returned `loss` is 0 (the objective knows its own value); `targets` counts the scored
+/// tokens.
+pub fn objective_backward_of(
+    model: &ZayaModel,
+    params: &[Param],
+    batch: &Batch,
+    opts: &TrainOptions,
+    aux_weight: f64,
+    temperature: f64,
+    objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+) -> Result<BackwardOutput> {
+    let scale = LossScale {
+        normalizer: Some(1.0),
+        aux_weight,
+    };
+    forward_backward_of(
+        model,
+        params,
+        batch,
+        opts,
+        &scale,
+        LossHead::TokenObjective {
+            temperature,
+            objective,
+        },
+    )
+}
+
+/// Log-probabilities and entropies of the counted targets of `batch` under
+/// `softmax(logits / temperature)`, without gradients (layer by layer): any model, e.g. the
+/// frozen reference policy of GRPO's KL term.
+pub fn token_logps_of(
     model: &ZayaModel,
     batch: &Batch,
     opts: &TrainOptions,

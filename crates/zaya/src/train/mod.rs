@@ -31,7 +31,7 @@ use crate::error::{Result, ZayaError};
 use crate::model::ZayaModel;
 use crate::weights::{native_specs, save_checkpoint, Checkpoint, Layout};
 pub use aux_loss::LayerRoutingStats;
-pub use checkpointing::{Checkpointing, LossHead};
+pub use checkpointing::{token_logps_of, Checkpointing, LossHead};
 pub use loss::{Targets, TokenLogps, IGNORE_INDEX};
 
 /// Where tensors handed over in memory come from, for error messages.
@@ -523,20 +523,14 @@ impl TrainableModel {
         temperature: f64,
         objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
     ) -> Result<BackwardOutput> {
-        let scale = LossScale {
-            normalizer: Some(1.0),
-            aux_weight,
-        };
-        checkpointing::forward_backward_of(
+        checkpointing::objective_backward_of(
             &self.model,
             &self.params,
             batch,
             opts,
-            &scale,
-            LossHead::TokenObjective {
-                temperature,
-                objective,
-            },
+            aux_weight,
+            temperature,
+            objective,
         )
     }
 
@@ -548,7 +542,7 @@ impl TrainableModel {
         opts: &TrainOptions,
         temperature: f64,
     ) -> Result<TokenLogps> {
-        checkpointing::token_logps_only(&self.model, batch, opts, temperature)
+        checkpointing::token_logps_of(&self.model, batch, opts, temperature)
     }
 
     /// A model for inference that reads the same weight storage as the trainable `Var`s
@@ -621,8 +615,40 @@ pub trait Trainable {
     fn before_micro_batch(&mut self, _step: u64, _micro: u64) -> Result<()> {
         Ok(())
     }
-    /// Writes the trained weights into a checkpoint directory.
+    /// Writes the trained weights into a checkpoint directory (full fine-tuning: the model;
+    /// LoRA: the adapter in PEFT's format).
     fn save_weights(&self, dir: &Path) -> Result<()>;
+    fn device(&self) -> &Device;
+    /// Gradients of [`Trainable::params`] for a per-token objective of the targets'
+    /// log-probabilities (GRPO's loss; see [`checkpointing::objective_backward_of`]).
+    fn forward_backward_objective(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        aux_weight: f64,
+        temperature: f64,
+        objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    ) -> Result<BackwardOutput>;
+    /// Log-probabilities and entropies of the counted targets under the current weights,
+    /// without gradients (and without dropout).
+    fn token_logps(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        temperature: f64,
+    ) -> Result<TokenLogps>;
+    /// A detached model for inference (the engine's rollouts) that reads the trained storage
+    /// itself: optimizer updates, written in place, are seen at once, nothing is copied, no
+    /// graph is recorded. LoRA: the frozen base with the live adapter factors attached (not
+    /// merged), without dropout.
+    fn inference_view(&self) -> Result<ZayaModel>;
+    /// The policy GRPO's KL term compares against when the model holds it already: LoRA's
+    /// frozen base with the adapters disabled (TRL + PEFT's `disable_adapter()`), sharing the
+    /// base's storage. `None` for full fine-tuning, whose starting weights are overwritten
+    /// (the caller loads a separate reference).
+    fn frozen_reference(&self) -> Option<ZayaModel> {
+        None
+    }
 }
 
 impl Trainable for TrainableModel {
@@ -647,6 +673,37 @@ impl Trainable for TrainableModel {
     }
     fn save_weights(&self, dir: &Path) -> Result<()> {
         self.save(dir)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn forward_backward_objective(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        aux_weight: f64,
+        temperature: f64,
+        objective: &mut dyn FnMut(&TokenLogps) -> Result<Vec<f32>>,
+    ) -> Result<BackwardOutput> {
+        TrainableModel::forward_backward_objective(
+            self,
+            batch,
+            opts,
+            aux_weight,
+            temperature,
+            objective,
+        )
+    }
+    fn token_logps(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        temperature: f64,
+    ) -> Result<TokenLogps> {
+        TrainableModel::token_logps(self, batch, opts, temperature)
+    }
+    fn inference_view(&self) -> Result<ZayaModel> {
+        TrainableModel::inference_view(self)
     }
 }
 

@@ -284,6 +284,13 @@ impl<M: Trainable> Trainer<M> {
         Ok(report)
     }
 
+    /// Prepares the model for micro-batch `micro` of the next step, as [`Trainer::step`]
+    /// does before each forward (LoRA draws its dropout masks from `(step, micro)`): for
+    /// callers that run their own backward passes and then call [`Trainer::update`].
+    pub fn before_micro_batch(&mut self, micro: u64) -> Result<()> {
+        self.model.before_micro_batch(self.step, micro)
+    }
+
     /// Clipping, the schedule's learning rate and AdamW for gradients computed elsewhere
     /// (a policy-gradient objective, for instance); `loss` is only checked to be finite.
     /// Counts the step. Returns `(lr, gradient norm before clipping)`.
