@@ -53,7 +53,7 @@ impl Default for EngineConfig {
             prefill_chunk: 256,
             prefix_block: 64,
             prefix_cache_bytes: 1 << 30,
-            attn: AttnImplementation::Eager,
+            attn: AttnImplementation::default(),
         }
     }
 }

@@ -463,7 +463,7 @@ impl<M: Trainable> GrpoRun<M> {
         let total_items = inputs.num_loss_tokens() as f64;
         let opts = TrainOptions {
             aux_loss_coef: cfg.aux_loss_coef,
-            attn: zaya::attention::AttnImplementation::Eager,
+            attn: self.trainer.config().attn,
             ..TrainOptions::for_config(self.trainer.model().config())
         };
         let sampler_grid: Vec<Vec<f32>> = completions
