@@ -271,7 +271,7 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs)?;
     if args.parallel.is_parallel() {
         if args.hidden_states || args.attentions || args.router_logits {
-            bail!("zaya forward with parallel ranks writes logits (and with labels the loss and --grads) only in this version (no --hidden-states, --attentions, --router-logits)");
+            bail!("zaya forward with parallel ranks writes logits only in this version, with labels also the loss and --grads (no --hidden-states, --attentions, --router-logits)");
         }
         let labels = train_cmds::has_labels(&args.inputs)?;
         if args.grads && !labels {
