@@ -16,6 +16,7 @@ use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
 mod bench_engine;
+mod bench_mesh;
 mod chat;
 mod default_model;
 mod grpo_cmds;
@@ -610,6 +611,7 @@ fn main() {
         Command::Merge(a) => lora_cmds::run_merge(a),
         Command::GrpoLoss(a) => grpo_cmds::run_grpo_loss(a),
         Command::Grpo(a) => grpo_cmds::run_grpo(*a),
+        Command::Bench(a) if a.parallel.is_parallel() => bench_mesh::run(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

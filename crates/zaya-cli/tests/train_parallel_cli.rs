@@ -299,3 +299,48 @@ fn pp2_dp2_mpi_processes_reproduce_the_single_process_run() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `zaya bench --pp/--dp --train` and `zaya bench --tp/--pp` (the `bench-parallel`
+/// measurement) write their JSON: tokens/s beside one rank, bytes per rank, same results.
+#[test]
+fn bench_with_parallel_degrees_reports_throughput_and_bytes_per_rank() {
+    let d = tmp("bench");
+    let m = fixture("gqa_sliding");
+    let o = zaya()
+        .args(["bench", "--train", "--pp", "2", "--dp", "2", "--model"])
+        .arg(&m)
+        .args([
+            "--train-batch",
+            "4",
+            "--train-seq-len",
+            "8",
+            "--repeats",
+            "1",
+        ])
+        .args(["--checkpointing", "every", "--json"])
+        .arg(d.join("train.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("train.json")).unwrap()).unwrap();
+    assert_eq!(v["same_losses"], true, "{v}");
+    assert_eq!(v["parallel"]["rank_state_mib"].as_array().unwrap().len(), 4);
+    assert!(v["parallel"]["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let o = zaya()
+        .args(["bench", "--pp", "2", "--tp", "2", "--model"])
+        .arg(&m)
+        .args(["--prefill-len", "8", "--new-tokens", "3", "--json"])
+        .arg(d.join("infer.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("infer.json")).unwrap()).unwrap();
+    assert_eq!(v["same_tokens"], true, "{v}");
+    assert_eq!(
+        v["parallel"]["rank_weight_mib"].as_array().unwrap().len(),
+        4
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
