@@ -5,7 +5,8 @@
 //! ones it differentiates and updates. One optimizer step:
 //!
 //! 1. the step's micro-batches are dealt round-robin to the data-parallel replicas
-//!    (micro-batch `k` to replica `k mod dp`); each replica runs them through its pipeline
+//!    (micro-batch `k` to replica `k mod dp`; a replica left without one contributes zero
+//!    gradients and still takes part in every exchange); each replica runs them through its pipeline
 //!    with 1F1B, every loss divided by the **global** target count of the step (as the
 //!    single-device step with gradient accumulation does);
 //! 2. the stage's gradients are summed over the replicas, in buckets ([`crate::grad`]);
@@ -271,13 +272,6 @@ impl ParallelTrainer {
         let c = self.mesh.coords;
         if micro_batches.is_empty() {
             return Err(ZayaError::Input("a step needs at least one batch".into()).into());
-        }
-        if micro_batches.len() < shape.dp {
-            return Err(unsupported(format!(
-                "{} micro-batches for {} data-parallel replicas: each replica needs at least one (raise --grad-accum)",
-                micro_batches.len(),
-                shape.dp
-            )));
         }
         let total: usize = micro_batches.iter().map(Batch::num_targets).sum();
         if total == 0 {
