@@ -24,10 +24,15 @@
 //! ones (rank 0 gathers the full tensors and optimizer state and writes them with
 //! [`write_checkpoint`]), so a parallel run resumes on one rank and the other way round.
 //!
-//! Tensor-parallel or expert-parallel stages plug in at [`crate::pipeline::Stage`]: a stage
-//! is "something that, given the boundary from the stage before, runs its layers forward and
-//! backward and returns the gradients of the parameters it holds"; see the module docs of
-//! `pipeline` and the report in the branch history.
+//! Tensor- or expert-parallel stages would plug in where [`crate::pipeline::Stage`] calls
+//! [`zaya::train::StageBatch`]: a stage is whatever, given a micro-batch and the boundary
+//! `(hidden, router state)` from the stage before (replicated over its TP group), runs its
+//! layers forward (+ head and loss on the last stage) and backward from the boundary's
+//! gradient, and returns the gradients of the parameters this rank holds. The `pp` group
+//! already pairs ranks with the same TP/EP coordinates, so the boundary messages need no
+//! change; what would change is [`Layout`] (per-rank shards), the norm (replicated tensors
+//! counted on one TP rank only) and [`ParallelTrainer::gather`] (shards concatenated as the
+//! plan's selection says).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
