@@ -91,17 +91,25 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
         || Ok(TrainableModel::load(&args.model)?),
     )?
     .into_parts();
-    let tensors = parts.model.tensors()?;
-    let cfg = parts.model.config().clone();
+    let TrainerParts {
+        model,
+        opt,
+        cfg: tcfg,
+        step,
+        run: facts,
+    } = parts;
+    let tensors = model.tensors()?;
+    let cfg = model.config().clone();
+    drop(model);
     let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
     let outs = world.run(|comm| -> Result<()> {
         let mesh = Mesh::new(Box::new(comm), shape)?;
         let parts = TrainerParts {
             model: TrainableModel::from_tensors(&cfg, &tensors)?,
-            opt: parts.opt.clone(),
-            cfg: parts.cfg.clone(),
-            step: parts.step,
-            run: parts.run.clone(),
+            opt: opt.clone(),
+            cfg: tcfg.clone(),
+            step,
+            run: facts.clone(),
         };
         rank_main(args, run, mesh, parts)
     });
