@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// Gradient checkpointing in `--train`: off, every (each layer) or K (every K layers).
     #[arg(long, default_value = "off")]
     pub checkpointing: String,
+    /// With any degree above 1 the mesh runs on local ranks beside one rank: inference as
+    /// `zaya bench-parallel` (`--tp/--pp/--ep`, prefill of --prefill-len, --new-tokens
+    /// decoded), `--train` as pipeline × data-parallel steps (`--pp/--dp`); tokens/s and
+    /// bytes per rank.
+    #[command(flatten)]
+    pub parallel: crate::parallel_cmds::ParallelArgs,
 }
 
 /// Token `i` of row `r`: the same formula in the reference script (ids 3.., or every id of

@@ -16,6 +16,7 @@ use zaya::{Capture, ForwardOptions, ZayaConfig, ZayaModel};
 
 mod bench;
 mod bench_engine;
+mod bench_mesh;
 mod chat;
 mod default_model;
 mod grpo_cmds;
@@ -26,6 +27,7 @@ mod quant_cmds;
 mod serve;
 mod text_cmds;
 mod train_cmds;
+mod train_parallel;
 mod train_run;
 
 #[derive(Parser)]
@@ -270,8 +272,12 @@ fn load_base(args: &ModelArgs) -> Result<ZayaModel> {
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs)?;
     if args.parallel.is_parallel() {
-        if args.hidden_states || args.attentions || args.router_logits || args.grads {
-            bail!("zaya forward with parallel ranks writes logits only in this version (no --hidden-states, --attentions, --router-logits, --grads)");
+        if args.hidden_states || args.attentions || args.router_logits {
+            bail!("zaya forward with parallel ranks writes logits only in this version, with labels also the loss and --grads (no --hidden-states, --attentions, --router-logits)");
+        }
+        let labels = train_cmds::has_labels(&args.inputs)?;
+        if args.grads && !labels {
+            bail!("--grads needs \"labels\" in {}", args.inputs.display());
         }
         if args.model.quant.is_some() || args.model.adapter.is_some() {
             bail!("--quant and --adapter cannot be combined with parallel ranks");
@@ -285,14 +291,31 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             attn: parse_attn(&args.model.attn)?,
             ..Default::default()
         };
-        return parallel_cmds::forward_parallel(
+        parallel_cmds::forward_parallel(
             &args.model.dir()?,
             &args.parallel,
             parse_dtype(&args.model.dtype)?,
             &Tensor::new(inputs.input_ids, &dev)?,
             &opts,
             &args.out,
-        );
+        )?;
+        if labels {
+            // loss (and gradients) by pipeline stages, added to the logits file
+            let mut tensors: BTreeMap<String, Tensor> =
+                candle_core::safetensors::load(&args.out, &dev)?
+                    .into_iter()
+                    .collect();
+            tensors.extend(train_parallel::labelled_outputs_on_stages(
+                &args.model.dir()?,
+                &args.inputs,
+                &args.parallel,
+                args.grads,
+                args.checkpointing,
+            )?);
+            candle_core::safetensors::save(&tensors.into_iter().collect(), &args.out)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+        }
+        return Ok(());
     }
     let base = load_base(&args.model)?;
     let model = lora_cmds::with_adapter(base.clone(), args.model.adapter.as_deref())?;
@@ -607,6 +630,7 @@ fn main() {
         Command::Merge(a) => lora_cmds::run_merge(a),
         Command::GrpoLoss(a) => grpo_cmds::run_grpo_loss(a),
         Command::Grpo(a) => grpo_cmds::run_grpo(*a),
+        Command::Bench(a) if a.parallel.is_parallel() => bench_mesh::run(a),
         Command::Bench(a) if a.train => {
             parse_attn(&a.attn).and_then(|attn| bench::run_train(a, attn))
         }

@@ -477,6 +477,16 @@ pub struct BenchParallelArgs {
 /// `zaya bench-parallel`: one rank and the mesh on local ranks in the same run: prefill and
 /// cached decode throughput, and the weight bytes each rank holds.
 pub fn run_bench_parallel(args: BenchParallelArgs) -> Result<()> {
+    let (v, text) = measure_bench_parallel(&args)?;
+    if args.json {
+        return crate::out::println(&v.to_string()).map_err(Into::into);
+    }
+    crate::out::print(&text).map_err(Into::into)
+}
+
+/// The measurement of `zaya bench-parallel` (also `zaya bench --tp/--pp/--ep`): the JSON
+/// value and the text report.
+pub fn measure_bench_parallel(args: &BenchParallelArgs) -> Result<(serde_json::Value, String)> {
     use std::time::Instant;
     let shape = args.parallel.mesh()?;
     let dev = candle_core::Device::Cpu;
@@ -566,9 +576,6 @@ pub fn run_bench_parallel(args: BenchParallelArgs) -> Result<()> {
         },
         "same_tokens": tokens == single_tokens,
     });
-    if args.json {
-        return crate::out::println(&v.to_string()).map_err(Into::into);
-    }
     let text = format!(
         "{} on local ranks vs one rank (prompt {}, {} new tokens, same greedy tokens: {})\n\
          prefill tok/s: {:.1} vs {:.1} ({:.2}x)\n\
@@ -591,5 +598,5 @@ pub fn run_bench_parallel(args: BenchParallelArgs) -> Result<()> {
             .join(" "),
         mib(single_bytes as f64),
     );
-    crate::out::print(&text).map_err(Into::into)
+    Ok((v, text))
 }

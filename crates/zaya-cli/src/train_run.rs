@@ -91,6 +91,19 @@ pub struct TrainArgs {
     /// available now, MemAvailable).
     #[arg(long)]
     pub memory_budget_gib: Option<f64>,
+    /// Pipeline stages (`--pp`) and data-parallel replicas (`--dp`): local ranks in this
+    /// process, or one rank per process under `mpirun` (MPI build). The step's
+    /// `--grad-accum` micro-batches are dealt to the replicas and run through the pipeline
+    /// (1F1B); losses and checkpoints are the single-process run's.
+    #[command(flatten)]
+    pub parallel: crate::parallel_cmds::ParallelArgs,
+    /// With --dp: keep every AdamW moment on every replica instead of sharding them over
+    /// the replicas (ZeRO-1, the default).
+    #[arg(long)]
+    pub no_zero: bool,
+    /// Seconds a rank waits for a peer before the run fails naming it.
+    #[arg(long, default_value_t = 300)]
+    pub dist_timeout: u64,
 }
 
 pub(crate) fn parse_checkpointing(s: &str) -> Result<Checkpointing> {
@@ -106,19 +119,19 @@ pub(crate) fn parse_checkpointing(s: &str) -> Result<Checkpointing> {
 
 /// The run's micro-batches in order, built on demand (a huge `--epochs` costs no memory):
 /// rows shuffled per epoch with the seed, cut into `--batch-size` chunks.
-struct BatchPlan<'a> {
+pub(crate) struct BatchPlan<'a> {
     rows: &'a [PackedRow],
     batch_size: usize,
     seed: u64,
     per_epoch: u64,
     /// Micro-batches of the whole run.
-    total: u64,
+    pub(crate) total: u64,
     /// The row order of the epoch last asked for.
     order: Option<(u64, Vec<usize>)>,
 }
 
 impl<'a> BatchPlan<'a> {
-    fn new(rows: &'a [PackedRow], args: &TrainArgs) -> Result<Self> {
+    pub(crate) fn new(rows: &'a [PackedRow], args: &TrainArgs) -> Result<Self> {
         let per_epoch = rows.len().div_ceil(args.batch_size) as u64;
         let total = per_epoch.checked_mul(args.epochs as u64).with_context(|| {
             format!(
@@ -137,7 +150,7 @@ impl<'a> BatchPlan<'a> {
     }
 
     /// Micro-batch `k` of the run (`k < total`).
-    fn get(&mut self, k: u64) -> Batch {
+    pub(crate) fn get(&mut self, k: u64) -> Batch {
         let epoch = k / self.per_epoch;
         if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let mut order: Vec<usize> = (0..self.rows.len()).collect();
@@ -317,6 +330,7 @@ fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
 /// the checkpoint's step. `None` when `out` holds no checkpoint.
 fn resume_run<M: Trainable>(
     args: &TrainArgs,
+    primary: bool,
     facts: &serde_json::Value,
     total: u64,
     log: &Path,
@@ -325,7 +339,7 @@ fn resume_run<M: Trainable>(
     let Some(dir) = Trainer::<M>::find_checkpoint_of(&args.out)? else {
         return Ok(None);
     };
-    if !args.out.join("latest").exists() {
+    if primary && !args.out.join("latest").exists() {
         eprintln!(
             "{}: `latest` is missing; resuming from the newest complete checkpoint, {}",
             args.out.display(),
@@ -344,21 +358,28 @@ fn resume_run<M: Trainable>(
                 );
             }
         }
-        None => eprintln!(
+        None if primary => eprintln!(
             "warning: {} records no data or row shape (older checkpoint); they are not checked",
             dir.display()
         ),
+        None => {}
     }
     let step = trainer.steps();
     let wanted = trainer_config(trainer.model(), args, total.max(step))?;
     let changes = setting_changes(trainer.config(), &wanted);
     if !changes.is_empty() {
-        eprintln!(
-            "resume: applying changed settings from step {} on: {}",
-            step + 1,
-            changes.join(", ")
-        );
+        if primary {
+            eprintln!(
+                "resume: applying changed settings from step {} on: {}",
+                step + 1,
+                changes.join(", ")
+            );
+        }
         trainer.set_config(wanted)?;
+    }
+    if !primary {
+        // the other ranks of a parallel run leave the run's files to rank 0
+        return Ok(Some(trainer.with_run_facts(facts.clone())));
     }
     let trimmed = zaya::train::trainer::trim_log(log, step)?;
     if trimmed > 0 {
@@ -415,7 +436,7 @@ pub fn curve_svg(points: &[(u64, f64)], label: &str) -> String {
     )
 }
 
-fn read_log(path: &Path) -> Result<Vec<(u64, f64)>> {
+pub(crate) fn read_log(path: &Path) -> Result<Vec<(u64, f64)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text
@@ -432,17 +453,17 @@ fn read_log(path: &Path) -> Result<Vec<(u64, f64)>> {
 }
 
 /// What the data and the flags give before any model is loaded.
-struct RunPlan {
-    rows: Vec<PackedRow>,
-    examples: usize,
-    facts: serde_json::Value,
-    log: PathBuf,
-    tokens_per_step: usize,
-    total: u64,
-    model_cfg: zaya::ZayaConfig,
+pub(crate) struct RunPlan {
+    pub(crate) rows: Vec<PackedRow>,
+    pub(crate) examples: usize,
+    pub(crate) facts: serde_json::Value,
+    pub(crate) log: PathBuf,
+    pub(crate) tokens_per_step: usize,
+    pub(crate) total: u64,
+    pub(crate) model_cfg: zaya::ZayaConfig,
 }
 
-fn plan_run(args: &TrainArgs) -> Result<RunPlan> {
+pub(crate) fn plan_run(args: &TrainArgs) -> Result<RunPlan> {
     let tokens_per_step = check_sizes(args)?;
     // Without tokenizer files only pre-tokenized data can be read.
     let tok = if args.model.join("tokenizer.json").exists() {
@@ -547,21 +568,28 @@ fn run_steps<M: Trainable>(
 }
 
 /// A new trainer or the resumed one.
-fn start_trainer<M: Trainable>(
+pub(crate) fn start_trainer<M: Trainable>(
     args: &TrainArgs,
+    primary: bool,
     run: &RunPlan,
     load: impl FnOnce(&Path) -> zaya::Result<M>,
     fresh: impl FnOnce() -> Result<M>,
 ) -> Result<Trainer<M>> {
     let resumed = if args.resume {
-        resume_run(args, &run.facts, run.total, &run.log, load)?
+        resume_run(args, primary, &run.facts, run.total, &run.log, load)?
     } else {
         None
     };
     Ok(match resumed {
+        Some(t) if !primary => t,
         Some(t) => {
             eprintln!("resuming at step {}", t.steps());
             t.with_log(&run.log)?
+        }
+        None if !primary => {
+            let model = fresh()?;
+            let cfg = trainer_config(&model, args, run.total)?;
+            Trainer::new(model, cfg)?.with_run_facts(run.facts.clone())
         }
         None => {
             if args.resume {
@@ -594,6 +622,12 @@ fn run_shape(args: &TrainArgs, cfg: &zaya::ZayaConfig, act_bytes: usize) -> Resu
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
     let run = plan_run(&args)?;
+    if args.parallel.is_parallel() || zaya_dist::comm::launched_by_mpi() {
+        if args.lora.is_some() {
+            bail!("--lora trains on one rank in this version (no --tp/--pp/--ep/--dp)");
+        }
+        return crate::train_parallel::run(&args, &run);
+    }
     if let Some(spec) = args.lora.clone() {
         return run_train_lora(&args, &run, &spec);
     }
@@ -615,6 +649,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     )?;
     let mut trainer = start_trainer(
         &args,
+        true,
         &run,
         |d| TrainableModel::load(d),
         || Ok(TrainableModel::load(&args.model)?),
@@ -680,6 +715,7 @@ fn run_train_lora(args: &TrainArgs, run: &RunPlan, spec: &str) -> Result<()> {
     let seed = args.seed;
     let mut trainer = start_trainer(
         args,
+        true,
         run,
         |d| {
             let adapter = LoraAdapter::load(d, base.config())?;

@@ -75,6 +75,21 @@ pub trait Comm: Send + Sync {
     fn barrier(&self) -> DistResult<()>;
     fn send(&self, dst: usize, tag: u32, data: &[f32]) -> DistResult<()>;
     fn recv(&self, src: usize, tag: u32) -> DistResult<Vec<f32>>;
+    /// Sends `data` to `dst` and receives from `src` as one exchange, neither waiting for
+    /// the other to finish first: two neighbours that both send before they receive (the
+    /// pipeline's send-forward / receive-backward pairs) would deadlock on sends that wait
+    /// for their receiver. The default suits backends whose sends never wait (local ranks).
+    fn send_recv(
+        &self,
+        dst: usize,
+        send_tag: u32,
+        data: &[f32],
+        src: usize,
+        recv_tag: u32,
+    ) -> DistResult<Vec<f32>> {
+        self.send(dst, send_tag, data)?;
+        self.recv(src, recv_tag)
+    }
     /// Collective over this group: members with the same `color` form a new group, ordered
     /// by `(key, rank)` (MPI's `Comm_split`).
     fn split(&self, color: usize, key: usize) -> DistResult<Box<dyn Comm>>;

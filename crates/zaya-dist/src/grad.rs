@@ -1,6 +1,8 @@
 //! Data-parallel gradient averaging: gradients packed into buckets of a bounded size (one
 //! collective per bucket instead of one per parameter, as DDP does), all-reduced, divided by
-//! the number of replicas and unpacked to their shapes. Not yet called by `zaya train`.
+//! the number of replicas (or left as sums) and unpacked to their shapes. `zaya train --dp N`
+//! sums its replicas' gradients with [`all_reduce_sum`] (each replica's loss is already
+//! divided by the step's global target count).
 
 use candle_core::{DType, Tensor};
 
@@ -16,7 +18,24 @@ pub fn all_reduce_mean(
     grads: &[Tensor],
     bucket_elems: usize,
 ) -> ParallelResult<Vec<Tensor>> {
-    let n = comm.size() as f32;
+    reduce_in_buckets(comm, grads, bucket_elems, Some(comm.size() as f32))
+}
+
+/// The sum over the group of each gradient, in buckets as [`all_reduce_mean`].
+pub fn all_reduce_sum(
+    comm: &dyn Comm,
+    grads: &[Tensor],
+    bucket_elems: usize,
+) -> ParallelResult<Vec<Tensor>> {
+    reduce_in_buckets(comm, grads, bucket_elems, None)
+}
+
+fn reduce_in_buckets(
+    comm: &dyn Comm,
+    grads: &[Tensor],
+    bucket_elems: usize,
+    divide_by: Option<f32>,
+) -> ParallelResult<Vec<Tensor>> {
     let mut out: Vec<Option<Tensor>> = vec![None; grads.len()];
     let mut start = 0;
     while start < grads.len() {
@@ -36,7 +55,10 @@ pub fn all_reduce_mean(
         let mut at = 0;
         for (i, g) in grads[start..end].iter().enumerate() {
             let k = g.elem_count();
-            let mean: Vec<f32> = buf[at..at + k].iter().map(|v| v / n).collect();
+            let mean: Vec<f32> = match divide_by {
+                Some(n) => buf[at..at + k].iter().map(|v| v / n).collect(),
+                None => buf[at..at + k].to_vec(),
+            };
             out[start + i] =
                 Some(Tensor::from_vec(mean, g.shape(), g.device())?.to_dtype(g.dtype())?);
             at += k;

@@ -7,6 +7,10 @@
 //! - [`plan`]: placements as data (name pattern → column / row / replicated /
 //!   expert-sharded / vocab-parallel) and what each rank holds.
 //! - [`tp`]: one tensor-parallel rank of the model, loading only its slices.
+//! - [`pipeline`]: pipeline-parallel training stages (layer ranges of the trainable model,
+//!   hidden and router state sent between stages, 1F1B over micro-batches).
+//! - [`train_driver`]: the pipeline × data-parallel training step (bucketed gradient
+//!   all-reduce, ZeRO-1, checkpoints gathered on rank 0).
 
 pub mod comm;
 pub mod error;
@@ -17,9 +21,11 @@ pub mod mesh;
 pub mod mpi_backend;
 #[cfg(feature = "nccl")]
 pub mod nccl_backend;
+pub mod pipeline;
 pub mod plan;
 pub mod tensor;
 pub mod tp;
+pub mod train_driver;
 
 pub use comm::{Comm, DistError, DistResult, DEFAULT_TIMEOUT};
 pub use error::{ParallelError, ParallelResult};
@@ -27,3 +33,4 @@ pub use local::{LocalComm, LocalWorld, RankFailed};
 pub use mesh::{Coords, Mesh, MeshShape};
 pub use plan::{ParallelPlan, Placement, PlanError, Rule, ZAYA_PLAN};
 pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, Groups, TpModel};
+pub use train_driver::{DriverOptions, ParallelTrainer};

@@ -87,6 +87,30 @@ impl MpiComm {
         }
     }
 
+    /// Receives the next message from `src` with `tag`; past the deadline, reports and
+    /// aborts the job.
+    fn probe_recv(&self, src: usize, tag: u32) -> Vec<f32> {
+        let deadline = Instant::now() + self.timeout;
+        let process = self.comm.process_at_rank(src as i32);
+        loop {
+            if let Some(probed) = process.immediate_matched_probe_with_tag(tag as i32) {
+                let (v, _) = probed.matched_receive_vec::<f32>();
+                return v;
+            }
+            if Instant::now() >= deadline {
+                let e = DistError::Timeout {
+                    rank: self.world_rank,
+                    op: "recv",
+                    peer: src,
+                    after: self.timeout,
+                };
+                eprintln!("error: {e}; aborting the MPI job");
+                self.comm.abort(3);
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
     fn gather_parts(&self, data: &[f32], op: &'static str) -> Vec<f32> {
         let mut out = vec![0f32; data.len() * self.size()];
         mpi::request::scope(|scope| {
@@ -244,25 +268,29 @@ impl Comm for MpiComm {
 
     fn recv(&self, src: usize, tag: u32) -> DistResult<Vec<f32>> {
         check_peer(self, "recv", src)?;
-        let deadline = Instant::now() + self.timeout;
-        let process = self.comm.process_at_rank(src as i32);
-        loop {
-            if let Some(probed) = process.immediate_matched_probe_with_tag(tag as i32) {
-                let (v, _) = probed.matched_receive_vec::<f32>();
-                return Ok(v);
-            }
-            if Instant::now() >= deadline {
-                let e = DistError::Timeout {
-                    rank: self.world_rank,
-                    op: "recv",
-                    peer: src,
-                    after: self.timeout,
-                };
-                eprintln!("error: {e}; aborting the MPI job");
-                self.comm.abort(3);
-            }
-            std::thread::sleep(Duration::from_micros(20));
-        }
+        Ok(self.probe_recv(src, tag))
+    }
+
+    fn send_recv(
+        &self,
+        dst: usize,
+        send_tag: u32,
+        data: &[f32],
+        src: usize,
+        recv_tag: u32,
+    ) -> DistResult<Vec<f32>> {
+        check_peer(self, "send_recv", dst)?;
+        check_peer(self, "send_recv", src)?;
+        // The send is posted first and completed last: the receive progresses meanwhile.
+        Ok(mpi::request::scope(|scope| {
+            let req = self
+                .comm
+                .process_at_rank(dst as i32)
+                .immediate_send_with_tag(scope, data, send_tag as i32);
+            let got = self.probe_recv(src, recv_tag);
+            self.wait(req, "send_recv");
+            got
+        }))
     }
 
     fn split(&self, color: usize, key: usize) -> DistResult<Box<dyn Comm>> {

@@ -78,6 +78,14 @@ fn mpi_worker_collectives() {
         c.recv((r + n - 1) % n, 7).unwrap(),
         vec![((r + n - 1) % n) as f32]
     );
+    // every rank sends first: 8 MiB messages go by rendezvous, where blocking sends in a
+    // ring would deadlock; send_recv posts the send and receives before waiting on it
+    let big = vec![r as f32; 1 << 21];
+    let got = c
+        .send_recv((r + 1) % n, 8, &big, (r + n - 1) % n, 8)
+        .unwrap();
+    assert_eq!(got.len(), 1 << 21);
+    assert!(got.iter().all(|&v| v == ((r + n - 1) % n) as f32));
     c.barrier().unwrap();
 
     // tp 2 × dp 2: each TP pair runs the fixture's forward; both equal one rank

@@ -22,7 +22,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::aux_loss::{layer_balance_loss, LayerRoutingStats};
-use super::loss::{chunked_lm_loss, token_logps, weighted_logp_backward, Targets, TokenLogps};
+use super::loss::{
+    chunked_lm_loss, token_logps, weighted_logp_backward, LossHeadOutput, Targets, TokenLogps,
+};
 use super::{BackwardOutput, Batch, EvalOutput, Gradients, LossScale, Param, TrainOptions};
 use crate::attention::AttnImplementation;
 use crate::error::{Result, ZayaError};
@@ -259,7 +261,8 @@ pub enum LossHead<'o> {
 }
 
 /// Loss and the gradients of `params` (the `Var`s the model reads: every weight for full
-/// fine-tuning, the adapter factors for LoRA) for `batch`, with the head `loss_head`.
+/// fine-tuning, the adapter factors for LoRA) for `batch`, with the head `loss_head`: the
+/// whole layer range of [`StageBatch`] on one device.
 pub fn forward_backward_of(
     model: &ZayaModel,
     params: &[Param],
@@ -268,131 +271,304 @@ pub fn forward_backward_of(
     scale: &LossScale,
     loss_head: LossHead<'_>,
 ) -> Result<BackwardOutput> {
-    opts.validate()?;
     let num_layers = model.config().num_hidden_layers;
-    let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
-    let p = prepare(model, batch, opts.attn, aux_weight)?;
+    let p = StageBatch::new(model, batch, opts, scale)?;
     let normalizer = match scale.normalizer {
         Some(n) => n,
-        None if p.targets.is_empty() => {
+        None if p.targets().is_empty() => {
             return Err(ZayaError::Input(
                 "the batch has no counted label (every target is -100)".into(),
             ))
         }
-        None => p.targets.len() as f64,
+        None => p.targets().len() as f64,
     };
-    let segments = opts.checkpointing.segments(num_layers)?;
-    let last = segments.len() - 1;
+    let fwd = p.forward(0..num_layers, StageInput::Embed, opts.checkpointing)?;
+    let head = p.head(&fwd, normalizer, loss_head, opts.loss_chunk)?;
+    let stats = fwd.stats.clone();
+    let num = fwd.aux_values.len().max(1) as f64;
+    let aux_loss = fwd.aux_values.iter().sum::<f64>() / num;
+    let (grads, _) = p.backward(
+        params,
+        fwd,
+        StageUpstream::Normed(head.grad_hidden),
+        head.grads,
+    )?;
+    Ok(BackwardOutput {
+        loss: head.nll_sum / normalizer,
+        aux_loss,
+        targets: head.count,
+        routing: stats,
+        grads,
+    })
+}
 
-    // Forward: every segment but the last runs without keeping its graph; its outputs
-    // become the (detached) input boundary of the next segment.
-    let mut boundaries: Vec<(Tensor, Option<Tensor>)> = Vec::with_capacity(last);
-    let mut stats = Vec::with_capacity(num_layers);
-    let mut aux_values = Vec::with_capacity(num_layers);
-    for seg in &segments[..last] {
-        let input = match boundaries.last() {
-            None => SegmentInput::Embed,
-            Some((h, s)) => SegmentInput::Boundary {
-                hidden: h,
-                state: s.as_ref(),
-            },
-        };
-        let run = p.run(seg.clone(), input)?;
-        stats.extend(run.stats);
-        aux_values.extend(run.aux_values);
-        boundaries.push((run.hidden.detach(), run.state.map(|s| s.detach())));
+/// What a layer range starts from.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// The token embedding (the range starts at layer 0).
+    Embed,
+    /// The residual stream `[B, T, H]` and router state `[B, T, R]` handed over by the range
+    /// before (detached; the state is absent only before layer 0).
+    Boundary {
+        hidden: Tensor,
+        state: Option<Tensor>,
+    },
+}
+
+/// The gradient arriving at the end of a layer range.
+#[derive(Debug, Clone)]
+pub enum StageUpstream {
+    /// The range ends with the last layer and the LM head ran on it:
+    /// `d loss / d final-norm output` (`None`: the head gave no gradient).
+    Normed(Option<Tensor>),
+    /// `d loss / d (hidden, router state)` at the range's output, from the range after it.
+    Boundary {
+        hidden: Tensor,
+        state: Option<Tensor>,
+    },
+}
+
+/// A micro-batch prepared once (ids, masks, RoPE tables, targets, the real-token mask) for
+/// running any range of layers forward and backward: the single-device step runs the
+/// whole range, a pipeline stage its own layers, handing the boundary (residual stream
+/// **and** EDA router state) and its gradient to the neighbouring stages.
+pub struct StageBatch<'a> {
+    p: Prepared<'a>,
+}
+
+/// A layer range run forward: the detached input of every checkpointing segment, and the
+/// last segment's graph (needed first by the backward).
+pub struct StageForward {
+    segments: Vec<Range<usize>>,
+    /// Detached input of each segment but the last (`None` = the embedding).
+    inputs: Vec<Option<(Tensor, Option<Tensor>)>>,
+    /// The last segment's input leaves (`None` = the embedding).
+    last_inputs: Option<(Var, Option<Var>)>,
+    last: SegmentRun,
+    /// Routing counts of the range's layers, in layer order.
+    pub stats: Vec<LayerRoutingStats>,
+    /// Balance-loss values (unweighted) of the range's layers.
+    pub aux_values: Vec<f64>,
+}
+
+impl StageForward {
+    /// The range's output (residual stream, router state), detached: what the next stage
+    /// receives.
+    pub fn output(&self) -> (Tensor, Option<Tensor>) {
+        (
+            self.last.hidden.detach(),
+            self.last.state.as_ref().map(Tensor::detach),
+        )
     }
-    // The last segment keeps its graph; its inputs are leaves so their gradients come out.
-    let boundary_vars = |i: usize| -> Result<Option<(Var, Option<Var>)>> {
-        if i == 0 {
-            return Ok(None);
-        }
-        let (h, s) = &boundaries[i - 1];
-        Ok(Some((
-            Var::from_tensor(h)?,
-            s.as_ref().map(Var::from_tensor).transpose()?,
-        )))
-    };
-    let inputs = boundary_vars(last)?;
-    let run = p.run(segments[last].clone(), segment_input(&inputs))?;
-    stats.extend(run.stats.iter().cloned());
-    aux_values.extend(run.aux_values.iter().copied());
-    let normed = run
-        .normed
-        .as_ref()
-        .ok_or_else(|| ZayaError::Input("the model has no layers".into()))?;
 
-    let head = match loss_head {
-        LossHead::CrossEntropy => chunked_lm_loss(
-            p.model,
-            normed,
-            &p.targets,
-            normalizer,
-            opts.loss_chunk,
-            true,
-        )?,
-        LossHead::TokenObjective {
-            temperature,
-            objective,
-        } => {
-            let lp = token_logps(p.model, normed, &p.targets, temperature, opts.loss_chunk)?;
-            let w = objective(&lp)?;
-            weighted_logp_backward(
-                p.model,
-                normed,
-                &p.targets,
+    /// The final-norm output (with its graph), when the range ends with the last layer.
+    pub fn normed(&self) -> Option<&Tensor> {
+        self.last.normed.as_ref()
+    }
+}
+
+impl<'a> StageBatch<'a> {
+    /// Prepares `batch`; each layer's balance loss enters the objective with weight
+    /// `aux_loss_coef · scale.aux_weight / num_hidden_layers` (the same per layer whatever
+    /// range runs it).
+    pub fn new(
+        model: &'a ZayaModel,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+    ) -> Result<Self> {
+        opts.validate()?;
+        let num_layers = model.config().num_hidden_layers;
+        let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
+        Ok(StageBatch {
+            p: prepare(model, batch, opts.attn, aux_weight)?,
+        })
+    }
+
+    /// The counted targets of the batch (after the causal shift).
+    pub fn targets(&self) -> &Targets {
+        &self.p.targets
+    }
+
+    /// Runs `layers` from `input`; with checkpointing, only segment boundaries are kept for
+    /// all but the last segment (recomputed by [`StageBatch::backward`]).
+    pub fn forward(
+        &self,
+        layers: Range<usize>,
+        input: StageInput,
+        checkpointing: Checkpointing,
+    ) -> Result<StageForward> {
+        let num_layers = self.p.model.config().num_hidden_layers;
+        if layers.is_empty() || layers.end > num_layers {
+            return Err(ZayaError::Input(format!(
+                "layer range {layers:?} is empty or beyond the model's {num_layers} layers"
+            )));
+        }
+        if matches!(input, StageInput::Embed) != (layers.start == 0) {
+            return Err(ZayaError::Input(format!(
+                "layer range {layers:?}: the embedding is the input of layer 0 and only of it"
+            )));
+        }
+        let segments: Vec<Range<usize>> = checkpointing
+            .segments(layers.len())?
+            .into_iter()
+            .map(|s| s.start + layers.start..s.end + layers.start)
+            .collect();
+        let last = segments.len() - 1;
+        let mut stats = Vec::with_capacity(layers.len());
+        let mut aux_values = Vec::with_capacity(layers.len());
+        // Forward: every segment but the last runs without keeping its graph; its outputs
+        // become the (detached) input boundary of the next segment.
+        let mut inputs: Vec<Option<(Tensor, Option<Tensor>)>> = Vec::with_capacity(last + 1);
+        inputs.push(match input {
+            StageInput::Embed => None,
+            StageInput::Boundary { hidden, state } => Some((hidden, state)),
+        });
+        for seg in &segments[..last] {
+            let run = self
+                .p
+                .run(seg.clone(), boundary_input(inputs.last().unwrap()))?;
+            stats.extend(run.stats);
+            aux_values.extend(run.aux_values);
+            inputs.push(Some((run.hidden.detach(), run.state.map(|s| s.detach()))));
+        }
+        // The last segment keeps its graph; its inputs are leaves so their gradients come out.
+        let last_inputs = leaves(inputs.pop().expect("one input per segment").as_ref())?;
+        let run = self
+            .p
+            .run(segments[last].clone(), segment_input(&last_inputs))?;
+        stats.extend(run.stats.iter().cloned());
+        aux_values.extend(run.aux_values.iter().copied());
+        Ok(StageForward {
+            segments,
+            inputs,
+            last_inputs,
+            last: run,
+            stats,
+            aux_values,
+        })
+    }
+
+    /// The LM head on the range's final-norm output: `nll_sum / normalizer` (or a token
+    /// objective), its gradient with respect to that output and the head's parameter
+    /// gradients. Fails unless the range ended with the last layer.
+    pub fn head(
+        &self,
+        fwd: &StageForward,
+        normalizer: f64,
+        loss_head: LossHead<'_>,
+        loss_chunk: usize,
+    ) -> Result<LossHeadOutput> {
+        let normed = fwd
+            .normed()
+            .ok_or_else(|| ZayaError::Input("the LM head runs after the last layer only".into()))?;
+        let p = &self.p;
+        match loss_head {
+            LossHead::CrossEntropy => {
+                chunked_lm_loss(p.model, normed, &p.targets, normalizer, loss_chunk, true)
+            }
+            LossHead::TokenObjective {
                 temperature,
-                &w,
-                opts.loss_chunk,
-            )?
+                objective,
+            } => {
+                let lp = token_logps(p.model, normed, &p.targets, temperature, loss_chunk)?;
+                let w = objective(&lp)?;
+                weighted_logp_backward(p.model, normed, &p.targets, temperature, &w, loss_chunk)
+            }
         }
-    };
-    let mut acc = head.grads;
-
-    // Backward, last segment first.
-    let mut seed = match &head.grad_hidden {
-        Some(g) => contract(normed, g)?,
-        None => Tensor::zeros((), DType::F32, model.device())?,
-    };
-    for a in &run.aux_terms {
-        seed = (seed + a.to_dtype(DType::F32)?)?;
     }
-    let gs = seed.backward()?;
-    accumulate(&mut acc, params, &gs)?;
-    let mut upstream = input_grads(&gs, inputs.as_ref())?;
-    // The seed (and the run) hold the last segment's whole graph: free it before the
-    // earlier segments are recomputed, or checkpointing would save nothing for it.
-    drop((gs, seed, run));
 
-    for i in (0..last).rev() {
-        let inputs = boundary_vars(i)?;
-        let run = p.run(segments[i].clone(), segment_input(&inputs))?;
-        let (g_h, g_s) = upstream.take().ok_or_else(|| {
-            ZayaError::Input("checkpointing: no gradient reached a segment boundary".into())
-        })?;
-        let mut seed = contract(&run.hidden, &g_h)?;
-        if let (Some(s), Some(g)) = (&run.state, &g_s) {
-            seed = (seed + contract(s, g)?)?;
-        }
+    /// The backward of a range run by [`StageBatch::forward`], last segment first, seeded
+    /// with `upstream`; the parameter gradients of `params` are added to `acc` (e.g. the
+    /// head's). Returns them with the gradients of the range's input boundary (`None` when
+    /// the range starts from the embedding).
+    pub fn backward(
+        &self,
+        params: &[Param],
+        fwd: StageForward,
+        upstream: StageUpstream,
+        mut acc: GradStore,
+    ) -> Result<(Gradients, BoundaryGrads)> {
+        let StageForward {
+            segments,
+            inputs,
+            last_inputs,
+            last: run,
+            ..
+        } = fwd;
+        let dev = self.p.model.device();
+        let mut seed = match &upstream {
+            StageUpstream::Normed(Some(g)) => {
+                let normed = run.normed.as_ref().ok_or_else(|| {
+                    ZayaError::Input("a head gradient for a range that has no final norm".into())
+                })?;
+                contract(normed, g)?
+            }
+            StageUpstream::Normed(None) => Tensor::zeros((), DType::F32, dev)?,
+            StageUpstream::Boundary { hidden, state } => {
+                let mut seed = contract(&run.hidden, hidden)?;
+                if let (Some(s), Some(g)) = (&run.state, state) {
+                    seed = (seed + contract(s, g)?)?;
+                }
+                seed
+            }
+        };
         for a in &run.aux_terms {
             seed = (seed + a.to_dtype(DType::F32)?)?;
         }
         let gs = seed.backward()?;
         accumulate(&mut acc, params, &gs)?;
-        upstream = input_grads(&gs, inputs.as_ref())?;
-    }
+        let mut upstream = input_grads(&gs, last_inputs.as_ref())?;
+        // The seed (and the run) hold the last segment's whole graph: free it before the
+        // earlier segments are recomputed, or checkpointing would save nothing for it.
+        drop((gs, seed, run));
 
-    let num = aux_values.len().max(1) as f64;
-    Ok(BackwardOutput {
-        loss: head.nll_sum / normalizer,
-        aux_loss: aux_values.iter().sum::<f64>() / num,
-        targets: head.count,
-        routing: stats,
-        grads: Gradients::from_store(params, &acc),
-    })
+        for i in (0..segments.len() - 1).rev() {
+            let inputs = leaves(inputs[i].as_ref())?;
+            let run = self.p.run(segments[i].clone(), segment_input(&inputs))?;
+            let (g_h, g_s) = upstream.take().ok_or_else(|| {
+                ZayaError::Input("checkpointing: no gradient reached a segment boundary".into())
+            })?;
+            let mut seed = contract(&run.hidden, &g_h)?;
+            if let (Some(s), Some(g)) = (&run.state, &g_s) {
+                seed = (seed + contract(s, g)?)?;
+            }
+            for a in &run.aux_terms {
+                seed = (seed + a.to_dtype(DType::F32)?)?;
+            }
+            let gs = seed.backward()?;
+            accumulate(&mut acc, params, &gs)?;
+            upstream = input_grads(&gs, inputs.as_ref())?;
+        }
+        Ok((Gradients::from_store(params, &acc), upstream))
+    }
 }
 
-type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
+/// A detached boundary as the input of a segment run without a graph to its inputs.
+fn boundary_input(b: &Option<(Tensor, Option<Tensor>)>) -> SegmentInput<'_> {
+    match b {
+        None => SegmentInput::Embed,
+        Some((h, s)) => SegmentInput::Boundary {
+            hidden: h,
+            state: s.as_ref(),
+        },
+    }
+}
+
+/// Fresh leaves for a detached boundary, so its gradients come out of the backward.
+fn leaves(b: Option<&(Tensor, Option<Tensor>)>) -> Result<Option<(Var, Option<Var>)>> {
+    b.map(|(h, s)| {
+        Ok((
+            Var::from_tensor(h)?,
+            s.as_ref().map(Var::from_tensor).transpose()?,
+        ))
+    })
+    .transpose()
+}
+
+/// Gradients of a range's input boundary (residual stream, router state); `None` for a
+/// range that starts from the embedding.
+pub type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
 
 /// Gradients of a segment's boundary inputs (none for the embedding segment).
 fn input_grads(gs: &GradStore, inputs: Option<&(Var, Option<Var>)>) -> Result<BoundaryGrads> {

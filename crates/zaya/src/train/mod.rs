@@ -31,7 +31,10 @@ use crate::error::{Result, ZayaError};
 use crate::model::ZayaModel;
 use crate::weights::{native_specs, save_checkpoint, Checkpoint, Layout};
 pub use aux_loss::LayerRoutingStats;
-pub use checkpointing::{token_logps_of, Checkpointing, LossHead};
+pub use checkpointing::{
+    token_logps_of, BoundaryGrads, Checkpointing, LossHead, StageBatch, StageForward, StageInput,
+    StageUpstream,
+};
 pub use loss::{Targets, TokenLogps, IGNORE_INDEX};
 
 /// Where tensors handed over in memory come from, for error messages.

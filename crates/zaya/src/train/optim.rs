@@ -135,9 +135,16 @@ impl AdamW {
         Ok(())
     }
 
-    /// Writes the state as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`,
-    /// `step.<name>`), atomically (temporary file, then rename).
-    pub fn save(&self, params: &[Param], path: &Path) -> Result<()> {
+    /// The state by name (`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>` as a one-element
+    /// i64): what [`AdamW::save`] writes; sharded optimizers gather it from these maps.
+    pub fn export(&self, params: &[Param]) -> Result<HashMap<String, Tensor>> {
+        if params.len() != self.steps.len() {
+            return Err(ZayaError::Input(format!(
+                "optimizer holds {} parameters, asked to export {}",
+                self.steps.len(),
+                params.len()
+            )));
+        }
         let mut out: HashMap<String, Tensor> = HashMap::new();
         for (i, p) in params.iter().enumerate() {
             out.insert(format!("exp_avg.{}", p.name), self.exp_avg[i].clone());
@@ -147,6 +154,33 @@ impl AdamW {
                 Tensor::new(&[self.steps[i] as i64], &Device::Cpu)?,
             );
         }
+        Ok(out)
+    }
+
+    /// The state of the parameters at `indices` only (in that order): one shard of a
+    /// ZeRO-1 optimizer.
+    pub fn select(&self, indices: &[usize]) -> Result<Self> {
+        let n = self.steps.len();
+        if let Some(&i) = indices.iter().find(|&&i| i >= n) {
+            return Err(ZayaError::Input(format!(
+                "optimizer parameter {i} out of range ({n} parameters)"
+            )));
+        }
+        Ok(AdamW {
+            cfg: self.cfg,
+            exp_avg: indices.iter().map(|&i| self.exp_avg[i].clone()).collect(),
+            exp_avg_sq: indices
+                .iter()
+                .map(|&i| self.exp_avg_sq[i].clone())
+                .collect(),
+            steps: indices.iter().map(|&i| self.steps[i]).collect(),
+        })
+    }
+
+    /// Writes the state as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`,
+    /// `step.<name>`), atomically (temporary file, then rename).
+    pub fn save(&self, params: &[Param], path: &Path) -> Result<()> {
+        let out = self.export(params)?;
         let tmp = path.with_extension("tmp-write");
         candle_core::safetensors::save(&out, &tmp).map_err(|e| ZayaError::BadWeightsFile {
             path: tmp.clone(),
@@ -157,15 +191,27 @@ impl AdamW {
 
     /// Reads a state written by [`AdamW::save`] for the same parameter list.
     pub fn load(params: &[Param], path: &Path, cfg: AdamWConfig) -> Result<Self> {
-        cfg.validate()?;
         let dev = params
             .first()
             .map_or(Device::Cpu, |p| p.var.device().clone());
-        let mut stored =
+        let stored =
             candle_core::safetensors::load(path, &dev).map_err(|e| ZayaError::BadWeightsFile {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        Self::import(params, stored, cfg, path)
+    }
+
+    /// The state of `params` from a map as [`AdamW::export`] gives it; every entry must be
+    /// used (`origin` names where the map came from in errors).
+    pub fn import(
+        params: &[Param],
+        mut stored: HashMap<String, Tensor>,
+        cfg: AdamWConfig,
+        origin: &Path,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let path = origin;
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
             let t = stored
                 .remove(&name)
@@ -191,7 +237,9 @@ impl AdamW {
             let shape = p.var.dims();
             exp_avg.push(take(format!("exp_avg.{}", p.name), shape)?.to_dtype(DType::F32)?);
             exp_avg_sq.push(take(format!("exp_avg_sq.{}", p.name), shape)?.to_dtype(DType::F32)?);
-            let s = take(format!("step.{}", p.name), &[1])?.to_vec1::<i64>()?[0];
+            let s = take(format!("step.{}", p.name), &[1])?
+                .to_dtype(DType::I64)?
+                .to_vec1::<i64>()?[0];
             steps.push(u64::try_from(s).map_err(|_| ZayaError::BadWeightsFile {
                 path: path.to_path_buf(),
                 message: format!("negative step count for `{}`", p.name),

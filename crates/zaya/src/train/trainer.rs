@@ -164,9 +164,7 @@ impl<M: Trainable> Trainer<M> {
     /// Appends one CSV line per step to `path` (header written when the file is new).
     pub fn with_log(mut self, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        if !path.exists() {
-            write_atomic(&path, format!("{CSV_HEADER}\n").as_bytes())?;
-        }
+        start_log(&path)?;
         self.log = Some(path);
         Ok(self)
     }
@@ -262,24 +260,7 @@ impl<M: Trainable> Trainer<M> {
             seconds: start.elapsed().as_secs_f64(),
         };
         if let Some(path) = &self.log {
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(path)
-                .map_err(|e| ZayaError::io(path, e))?;
-            writeln!(
-                f,
-                "{},{:e},{},{},{},{},{},{},{:.3}",
-                report.step,
-                report.lr,
-                report.loss,
-                report.aux_loss,
-                report.total_loss,
-                report.grad_norm,
-                report.skip_fraction,
-                report.targets,
-                report.seconds
-            )
-            .map_err(|e| ZayaError::io(path, e))?;
+            append_log(path, &report)?;
         }
         Ok(report)
     }
@@ -319,28 +300,30 @@ impl<M: Trainable> Trainer<M> {
     /// cannot leave `latest` naming a checkpoint whose files are empty; temporaries of an
     /// interrupted save are removed first.
     pub fn save(&self, root: &Path) -> Result<PathBuf> {
-        std::fs::create_dir_all(root).map_err(|e| ZayaError::io(root, e))?;
-        crate::durable::remove_stale_temps(root)?;
-        let name = checkpoint_name(self.step);
-        let tmp = root.join(format!(".tmp-{name}"));
-        self.model.save_weights(&tmp)?;
-        self.opt
-            .save(self.model.params(), &tmp.join("optimizer.safetensors"))?;
-        let state = TrainerState {
+        write_checkpoint(
+            root,
+            &self.model,
+            &self.opt,
+            &self.cfg,
+            self.step,
+            self.run.as_ref(),
+        )
+    }
+
+    /// The optimizer (its state is what `optimizer.safetensors` holds).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// Takes the trainer apart (a parallel driver shards the model and the optimizer).
+    pub fn into_parts(self) -> TrainerParts<M> {
+        TrainerParts {
+            model: self.model,
+            opt: self.opt,
+            cfg: self.cfg,
             step: self.step,
-            config: self.cfg.clone(),
-            run: self.run.clone(),
-        };
-        let text = serde_json::to_string_pretty(&state)
-            .map_err(|e| ZayaError::Input(format!("trainer state does not serialise: {e}")))?;
-        write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
-        let dir = root.join(&name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| ZayaError::io(&dir, e))?;
+            run: self.run,
         }
-        crate::durable::rename_synced(&tmp, &dir)?;
-        write_atomic(&root.join("latest"), name.as_bytes())?;
-        Ok(dir)
     }
 
     /// The checkpoint a resume of `root` starts from: the one `root/latest` names; without
@@ -420,6 +403,81 @@ impl<M: Trainable> Trainer<M> {
             run: state.run,
         })
     }
+}
+
+/// What a [`Trainer`] is made of (see [`Trainer::into_parts`]).
+pub struct TrainerParts<M> {
+    pub model: M,
+    pub opt: AdamW,
+    pub cfg: TrainerConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The run facts saved with every checkpoint.
+    pub run: Option<serde_json::Value>,
+}
+
+/// Creates the CSV loss log with its header unless it exists.
+pub fn start_log(path: &Path) -> Result<()> {
+    if !path.exists() {
+        write_atomic(path, format!("{CSV_HEADER}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Appends the row of one step to a loss log made by [`start_log`].
+pub fn append_log(path: &Path, report: &StepReport) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| ZayaError::io(path, e))?;
+    writeln!(
+        f,
+        "{},{:e},{},{},{},{},{},{},{:.3}",
+        report.step,
+        report.lr,
+        report.loss,
+        report.aux_loss,
+        report.total_loss,
+        report.grad_norm,
+        report.skip_fraction,
+        report.targets,
+        report.seconds
+    )
+    .map_err(|e| ZayaError::io(path, e))
+}
+
+/// Writes `root/step-NNNNNNNN/` (model, optimizer, trainer state) and points `root/latest`
+/// at it (see [`Trainer::save`]); a parallel run writes the gathered full tensors with it,
+/// so its checkpoints are the single-process ones.
+pub fn write_checkpoint<M: Trainable>(
+    root: &Path,
+    model: &M,
+    opt: &AdamW,
+    cfg: &TrainerConfig,
+    step: u64,
+    run: Option<&serde_json::Value>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(|e| ZayaError::io(root, e))?;
+    crate::durable::remove_stale_temps(root)?;
+    let name = checkpoint_name(step);
+    let tmp = root.join(format!(".tmp-{name}"));
+    model.save_weights(&tmp)?;
+    opt.save(model.params(), &tmp.join("optimizer.safetensors"))?;
+    let state = TrainerState {
+        step,
+        config: cfg.clone(),
+        run: run.cloned(),
+    };
+    let text = serde_json::to_string_pretty(&state)
+        .map_err(|e| ZayaError::Input(format!("trainer state does not serialise: {e}")))?;
+    write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
+    let dir = root.join(&name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| ZayaError::io(&dir, e))?;
+    }
+    crate::durable::rename_synced(&tmp, &dir)?;
+    write_atomic(&root.join("latest"), name.as_bytes())?;
+    Ok(dir)
 }
 
 impl Trainer {

@@ -1,0 +1,200 @@
+//! `zaya bench --tp/--pp/--ep/--dp`: the parallel measurements beside one rank, on local
+//! ranks. Inference reuses `zaya bench-parallel` (prefill of `--prefill-len` tokens and
+//! `--new-tokens` cached greedy decode, weight bytes per rank); `--train` times pipeline ×
+//! data-parallel optimizer steps ([`zaya_dist::ParallelTrainer`]: 1F1B over one-row
+//! micro-batches, bucketed gradient sums, ZeRO-1) against the single-rank step on the same
+//! batch, and reports each rank's training-state bytes (f32 weights and gradients of its
+//! stage, AdamW moments of its ZeRO share). Local ranks are threads of one process: the
+//! peak RSS is the whole process's, not a rank's.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use zaya::train::optim::{AdamW, AdamWConfig};
+use zaya::train::trainer::{Trainer, TrainerConfig};
+use zaya::train::{Batch, LossScale, TrainOptions, TrainableModel};
+use zaya_dist::train_driver::{check_setup, DriverOptions, Layout, ParallelTrainer};
+use zaya_dist::Mesh;
+
+use crate::bench::{bench_ids, check_sizes, BenchArgs};
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    check_sizes(&args)?;
+    if args.train {
+        return run_train(args);
+    }
+    if args.parallel.dp > 1 {
+        bail!("--dp is a training degree: use it with --train");
+    }
+    let (v, text) =
+        crate::parallel_cmds::measure_bench_parallel(&crate::parallel_cmds::BenchParallelArgs {
+            model: args.model.clone(),
+            parallel: args.parallel.clone(),
+            prompt_len: args.prefill_len,
+            new_tokens: args.new_tokens,
+            json: false,
+        })?;
+    crate::out::print(&text)?;
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run_train(args: BenchArgs) -> Result<()> {
+    let shape = args.parallel.mesh()?;
+    let model = TrainableModel::load(&args.model)?;
+    let cfg = model.config().clone();
+    check_setup(&cfg, shape)?;
+    if args.train_batch < shape.dp {
+        bail!(
+            "--train-batch {} < --dp {}: each replica needs at least one row (one micro-batch per row)",
+            args.train_batch,
+            shape.dp
+        );
+    }
+    let attn = crate::parse_attn(&args.attn)?;
+    let checkpointing = crate::train_run::parse_checkpointing(&args.checkpointing)?;
+    let rows = bench_ids(args.train_batch, args.train_seq_len, cfg.vocab_size);
+    let micro: Vec<Batch> = rows
+        .iter()
+        .map(|r| Batch::language_modelling(vec![r.clone()]))
+        .collect();
+    let tokens = (args.train_batch * args.train_seq_len) as f64;
+    let opts = TrainOptions {
+        checkpointing,
+        attn,
+        ..TrainOptions::for_config(&cfg)
+    };
+
+    // one rank, the same micro-batches accumulated
+    let total: usize = micro.iter().map(Batch::num_targets).sum();
+    let scale = LossScale {
+        normalizer: Some(total as f64),
+        aux_weight: 1.0 / micro.len() as f64,
+    };
+    let mut adamw = AdamW::new(model.params(), AdamWConfig::default())?;
+    let mut single_times = Vec::new();
+    let mut single_losses = Vec::new();
+    let tensors = model.tensors()?;
+    for i in 0..=args.repeats {
+        let s = Instant::now();
+        let mut grads = zaya::train::Gradients::default();
+        let mut loss = 0.0;
+        for mb in &micro {
+            let out = model.forward_backward(mb, &opts, &scale)?;
+            grads.accumulate(&out.grads)?;
+            loss += out.loss;
+        }
+        adamw.step(model.params(), &grads, 1e-4)?;
+        if i > 0 {
+            single_times.push(s.elapsed().as_secs_f64());
+        }
+        single_losses.push(loss);
+    }
+    drop(model);
+
+    // the mesh
+    let mut tcfg = TrainerConfig::new(&TrainableModel::from_tensors(&cfg, &tensors)?, 1e-4);
+    tcfg.checkpointing = checkpointing;
+    tcfg.max_grad_norm = None;
+    let world = zaya_dist::LocalWorld::new(shape.world(), Duration::from_secs(600))?;
+    let outs = world.run(|comm| -> Result<_> {
+        let mesh = Mesh::new(Box::new(comm), shape)?;
+        let m = TrainableModel::from_tensors(&cfg, &tensors)?;
+        let parts = Trainer::new(m, tcfg.clone())?.into_parts();
+        let mut t = ParallelTrainer::from_parts(mesh, parts, DriverOptions::default())?;
+        let mut times = Vec::new();
+        let mut losses = Vec::new();
+        for i in 0..=args.repeats {
+            t.mesh().world.barrier()?;
+            let s = Instant::now();
+            let r = t.step(&micro)?;
+            t.mesh().world.barrier()?;
+            if i > 0 {
+                times.push(s.elapsed().as_secs_f64());
+            }
+            losses.push(r.loss);
+        }
+        // training state per rank: weights + gradients of the stage, moments of its share
+        let c = t.coords();
+        let layout = Layout::of(&cfg, t.model().params(), shape, c.pp, true);
+        let elems = |ks: &[usize]| -> u64 {
+            ks.iter()
+                .map(|&k| t.model().params()[layout.stage[k]].var.elem_count() as u64)
+                .sum()
+        };
+        let all: Vec<usize> = (0..layout.stage.len()).collect();
+        let bytes = 8 * elems(&all) + 8 * elems(&layout.owned_by(c.dp));
+        let rank_bytes = t.mesh().world.all_gather(&[bytes as f32])?;
+        Ok((times, losses, rank_bytes))
+    });
+    let mut rank0 = None;
+    for (rank, o) in outs.into_iter().enumerate() {
+        match o {
+            Ok(v) if rank == 0 => rank0 = Some(v),
+            Ok(_) => {}
+            Err(e) => bail!("{e}"),
+        }
+    }
+    let (times, losses, rank_bytes) = rank0.expect("rank 0 ran");
+    let params: u64 = tensors.values().map(|t| t.elem_count() as u64).sum();
+    let single_state = 16 * params;
+    let single_step = median(single_times);
+    let step = median(times);
+    let same = losses
+        .iter()
+        .zip(&single_losses)
+        .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs());
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let v = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "mesh": shape,
+        "train_batch": args.train_batch,
+        "train_seq_len": args.train_seq_len,
+        "micro_batches": micro.len(),
+        "checkpointing": args.checkpointing,
+        "single": {
+            "train_step_s": single_step,
+            "train_tokens_per_s": tokens / single_step,
+            "state_mib": mib(single_state as f64),
+            "losses": single_losses,
+        },
+        "parallel": {
+            "train_step_s": step,
+            "train_tokens_per_s": tokens / step,
+            "rank_state_mib": rank_bytes.iter().map(|&b| mib(f64::from(b))).collect::<Vec<_>>(),
+            "losses": losses,
+        },
+        "same_losses": same,
+    });
+    let text = format!(
+        "zaya bench --train {} on local ranks vs one rank ({} one-row micro-batches of {} tokens, checkpointing {}, same losses: {same})\n\
+         train tok/s: {:.1} vs {:.1} ({:.2}x)\n\
+         training state per rank (MiB: f32 weights + grads + AdamW moments): {} vs {:.1}\n",
+        shape.label(),
+        micro.len(),
+        args.train_seq_len,
+        args.checkpointing,
+        tokens / step,
+        tokens / single_step,
+        single_step / step,
+        rank_bytes
+            .iter()
+            .map(|&b| format!("{:.1}", mib(f64::from(b))))
+            .collect::<Vec<_>>()
+            .join(" "),
+        mib(single_state as f64),
+    );
+    crate::out::print(&text)?;
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}

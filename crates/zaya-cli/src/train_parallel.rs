@@ -1,0 +1,302 @@
+//! `zaya train --pp N --dp N`: the pipeline × data-parallel driver
+//! ([`zaya_dist::ParallelTrainer`]) on local ranks (threads of this process) or as one rank
+//! per process under `mpirun` / `zaya launch --backend mpi` (MPI build).
+//!
+//! Every rank reads the data and plans the same batches; the step's `--grad-accum`
+//! micro-batches are dealt to the replicas. Rank 0 alone writes `loss.csv`, the
+//! checkpoints (gathered full tensors under their HF names, the single-process format: a
+//! parallel run resumes on one rank and the other way round), `loss.svg` and `final/`.
+//! The setup (mesh size, tensor/expert parallel degrees, layers per stage, micro-batches
+//! per replica) is checked before any model is loaded.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use zaya::train::trainer::TrainerParts;
+use zaya::train::{Batch, TrainableModel};
+use zaya_dist::train_driver::{check_setup, DriverOptions, ParallelTrainer};
+use zaya_dist::{Mesh, MeshShape, RankFailed};
+
+use crate::train_run::{read_log, start_trainer, BatchPlan, RunPlan, TrainArgs};
+
+/// Fails on a setup the driver cannot run, before anything is loaded.
+fn check(args: &TrainArgs, run: &RunPlan) -> Result<MeshShape> {
+    let shape = args.parallel.mesh()?;
+    check_setup(&run.model_cfg, shape)?;
+    if args.grad_accum < shape.dp {
+        bail!(
+            "--grad-accum {} < --dp {}: each data-parallel replica needs at least one micro-batch per step (the step's micro-batches are dealt to the replicas)",
+            args.grad_accum,
+            shape.dp
+        );
+    }
+    if args.dist_timeout == 0 {
+        bail!("--dist-timeout must be at least 1 second");
+    }
+    Ok(shape)
+}
+
+fn driver_options(args: &TrainArgs) -> DriverOptions {
+    DriverOptions {
+        zero1: !args.no_zero,
+        ..Default::default()
+    }
+}
+
+pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
+    let shape = check(args, run)?;
+    let timeout = Duration::from_secs(args.dist_timeout);
+    #[cfg(not(feature = "mpi"))]
+    if zaya_dist::comm::launched_by_mpi() {
+        // every copy would run all the ranks itself and write the same files
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
+    }
+    #[cfg(feature = "mpi")]
+    if zaya_dist::mpi_backend::launched_by_mpi() {
+        use zaya_dist::Comm;
+        let world = zaya_dist::mpi_backend::MpiWorld::init()?;
+        let comm = world.comm(timeout);
+        if comm.size() != shape.world() {
+            bail!(
+                "rank {}: {} processes were started but --tp {} --pp {} --ep {} --dp {} needs {}",
+                comm.world_rank(),
+                comm.size(),
+                shape.tp,
+                shape.pp,
+                shape.ep,
+                shape.dp,
+                shape.world()
+            );
+        }
+        let primary = comm.rank() == 0;
+        let parts = start_trainer(
+            args,
+            primary,
+            run,
+            |d| TrainableModel::load(d),
+            || Ok(TrainableModel::load(&args.model)?),
+        )?
+        .into_parts();
+        let mesh = Mesh::new(Box::new(comm), shape)?;
+        return rank_main(args, run, mesh, parts);
+    }
+    // local ranks: the run is loaded once, each rank gets its own copy of the weights
+    let parts = start_trainer(
+        args,
+        true,
+        run,
+        |d| TrainableModel::load(d),
+        || Ok(TrainableModel::load(&args.model)?),
+    )?
+    .into_parts();
+    let TrainerParts {
+        model,
+        opt,
+        cfg: tcfg,
+        step,
+        run: facts,
+    } = parts;
+    let tensors = model.tensors()?;
+    let cfg = model.config().clone();
+    drop(model);
+    let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
+    let outs = world.run(|comm| -> Result<()> {
+        let mesh = Mesh::new(Box::new(comm), shape)?;
+        let parts = TrainerParts {
+            model: TrainableModel::from_tensors(&cfg, &tensors)?,
+            opt: opt.clone(),
+            cfg: tcfg.clone(),
+            step,
+            run: facts.clone(),
+        };
+        rank_main(args, run, mesh, parts)
+    });
+    first_failure(outs)
+}
+
+/// The run's outcome from every local rank: the first failure that is a cause (a rank's own
+/// error), not a peer reporting that another rank has gone.
+fn first_failure(outs: Vec<Result<(), RankFailed<anyhow::Error>>>) -> Result<()> {
+    let mut consequence = None;
+    for o in outs {
+        match o {
+            Ok(()) => {}
+            Err(RankFailed::Error { rank, error }) => {
+                let peer_gone = error.chain().any(|e| {
+                    matches!(
+                        e.downcast_ref::<zaya_dist::ParallelError>(),
+                        Some(zaya_dist::ParallelError::Dist(
+                            zaya_dist::DistError::PeerGone { .. }
+                        ))
+                    ) || matches!(
+                        e.downcast_ref::<zaya_dist::DistError>(),
+                        Some(zaya_dist::DistError::PeerGone { .. })
+                    )
+                });
+                let e = error.context(format!("rank {rank} failed"));
+                if !peer_gone {
+                    return Err(e);
+                }
+                consequence.get_or_insert(e);
+            }
+            Err(e @ RankFailed::Panicked { .. }) => return Err(anyhow::anyhow!("{e}")),
+        }
+    }
+    consequence.map_or(Ok(()), Err)
+}
+
+/// One rank's run: the steps, the collective checkpoints, and on rank 0 the log, the curve
+/// and the final export.
+fn rank_main(
+    args: &TrainArgs,
+    run: &RunPlan,
+    mesh: Mesh,
+    parts: TrainerParts<TrainableModel>,
+) -> Result<()> {
+    let primary = mesh.world.rank() == 0;
+    let mut trainer =
+        ParallelTrainer::from_parts(mesh, parts, driver_options(args))?.with_log(&run.log)?;
+    let mut plan = BatchPlan::new(&run.rows, args)?;
+    let total = trainer.config().schedule.total_steps;
+    let shape = trainer.mesh().shape;
+    if primary {
+        eprintln!(
+            "{} examples -> {} packed rows of {}; {} steps of {} micro-batches on {} ({} ranks: {} pipeline stages of {} layers, {} data-parallel replicas{})",
+            run.examples,
+            run.rows.len(),
+            args.seq_len,
+            total,
+            args.grad_accum,
+            shape.label(),
+            shape.world(),
+            shape.pp,
+            trainer.layers().len(),
+            shape.dp,
+            if shape.dp > 1 && !args.no_zero { ", ZeRO-1" } else { "" }
+        );
+    }
+    let bar = if args.no_progress || !primary {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(trainer.steps());
+    while trainer.steps() < total {
+        let ga = args.grad_accum as u64;
+        let first = trainer.steps() * ga;
+        if first >= plan.total {
+            break;
+        }
+        let micro: Vec<Batch> = (first..(first + ga).min(plan.total))
+            .map(|k| plan.get(k))
+            .collect();
+        let r = trainer
+            .step(&micro)
+            .with_context(|| format!("step {}", trainer.steps() + 1))?;
+        if primary {
+            let tps = run.tokens_per_step as f64 / r.seconds.max(1e-9);
+            let msg = format!(
+                "loss {:.4} aux {:.4} skip {:.1}% lr {:.2e} {:.0} tok/s",
+                r.loss,
+                r.aux_loss,
+                100.0 * r.skip_fraction,
+                r.lr,
+                tps
+            );
+            if args.no_progress {
+                eprintln!("step {}/{}: {msg}", r.step, total);
+            }
+            bar.set_message(msg);
+            bar.set_position(r.step);
+        }
+        if r.step % args.save_every == 0 && r.step < total {
+            trainer.save(&args.out)?;
+        }
+    }
+    bar.finish();
+    trainer.save(&args.out)?;
+    if !primary {
+        return Ok(());
+    }
+    let points = read_log(&run.log)?;
+    zaya::weights::write_atomic(
+        &args.out.join("loss.svg"),
+        crate::train_run::loss_svg(&points).as_bytes(),
+    )?;
+    let final_dir = args.out.join("final");
+    zaya::durable::remove_stale_temps(&final_dir)?;
+    // `save` gathered every stage's weights into rank 0's model
+    trainer.model().save(&final_dir)?;
+    crate::lora_cmds::copy_side_files(&args.model, &final_dir)?;
+    eprintln!(
+        "done: {} steps on {}; model in {}, loss log {}, curve {}",
+        trainer.steps(),
+        shape.label(),
+        final_dir.display(),
+        run.log.display(),
+        args.out.join("loss.svg").display()
+    );
+    Ok(())
+}
+
+/// `zaya forward --pp N` with `labels` in IN.json: `loss`, `aux_loss` and (with `grads`)
+/// `grad.<HF name>` of every parameter, computed by pipeline stages on local ranks and
+/// gathered on rank 0 — the values one rank writes (f32 master weights, cross-entropy only).
+pub fn labelled_outputs_on_stages(
+    model_dir: &std::path::Path,
+    inputs_json: &std::path::Path,
+    parallel: &crate::parallel_cmds::ParallelArgs,
+    grads: bool,
+    checkpointing: bool,
+) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let shape = parallel.mesh()?;
+    if shape.tp > 1 || shape.ep > 1 || shape.dp > 1 {
+        bail!("loss and gradients with parallel ranks use pipeline stages only in this version (--pp; not --tp, --ep or --dp)");
+    }
+    if zaya_dist::comm::launched_by_mpi() {
+        bail!("zaya forward with labels runs its pipeline stages as local ranks (not under mpirun) in this version");
+    }
+    let batch = crate::train_cmds::read_batch(inputs_json)?;
+    let model = TrainableModel::load(model_dir)
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    check_setup(model.config(), shape)?;
+    let tensors = model.tensors()?;
+    let cfg = model.config().clone();
+    let cp = if checkpointing {
+        zaya::train::Checkpointing::EveryLayer
+    } else {
+        zaya::train::Checkpointing::Off
+    };
+    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
+    let outs = world.run(|comm| -> Result<_> {
+        let mesh = Mesh::new(Box::new(comm), shape)?;
+        let model = TrainableModel::from_tensors(&cfg, &tensors)?;
+        let tcfg = zaya::train::trainer::TrainerConfig::new(&model, 1e-3);
+        let parts = zaya::train::trainer::Trainer::new(model, tcfg)?.into_parts();
+        let t = ParallelTrainer::from_parts(mesh, parts, DriverOptions::default())?;
+        Ok(t.labelled_gradients(std::slice::from_ref(&batch), cp)?)
+    });
+    let mut out = None;
+    let mut failures = Vec::new();
+    for (rank, o) in outs.into_iter().enumerate() {
+        match o {
+            Ok(v) if rank == 0 => out = v,
+            Ok(_) => {}
+            Err(e) => failures.push(Err(e)),
+        }
+    }
+    first_failure(failures)?;
+    let mut out = out.context("rank 0 gathered no gradients")?;
+    if !grads {
+        out.retain(|k, _| !k.starts_with("grad."));
+    }
+    Ok(out)
+}

@@ -1,0 +1,708 @@
+//! The pipeline × data-parallel training driver behind `zaya train --pp N --dp N`.
+//!
+//! Every rank holds the single-device [`TrainableModel`] (f32 master weights) and computes
+//! only its pipeline stage ([`crate::pipeline::Stage`]); its stage's parameters are the only
+//! ones it differentiates and updates. One optimizer step:
+//!
+//! 1. the step's micro-batches are dealt round-robin to the data-parallel replicas
+//!    (micro-batch `k` to replica `k mod dp`; a replica left without one contributes zero
+//!    gradients and still takes part in every exchange); each replica runs them through its pipeline
+//!    with 1F1B, every loss divided by the **global** target count of the step (as the
+//!    single-device step with gradient accumulation does);
+//! 2. the stage's gradients are summed over the replicas, in buckets ([`crate::grad`]);
+//! 3. a tied embedding's two halves (lookup on the first stage, LM head on the last) are
+//!    summed between those two stages;
+//! 4. the global gradient norm, loss, balance loss and routing counts are summed over the
+//!    world in one small all-reduce; clipping uses the global norm;
+//! 5. AdamW updates the parameters — with **ZeRO-1** each replica holds the moments of
+//!    only its share of the stage's parameters (whole tensors, balanced by size), steps
+//!    those, and the updated parameters are all-gathered over the replicas;
+//! 6. the balancing-bias rule runs on every rank with the world's routing counts.
+//!
+//! The result equals the single-process [`zaya::train::trainer::Trainer`] step on the same
+//! micro-batches up to the order of floating-point sums. Checkpoints are the single-process
+//! ones (rank 0 gathers the full tensors and optimizer state and writes them with
+//! [`write_checkpoint`]), so a parallel run resumes on one rank and the other way round.
+//!
+//! Tensor- or expert-parallel stages would plug in where [`crate::pipeline::Stage`] calls
+//! [`zaya::train::StageBatch`]: a stage is whatever, given a micro-batch and the boundary
+//! `(hidden, router state)` from the stage before (replicated over its TP group), runs its
+//! layers forward (+ head and loss on the last stage) and backward from the boundary's
+//! gradient, and returns the gradients of the parameters this rank holds. The `pp` group
+//! already pairs ranks with the same TP/EP coordinates, so the boundary messages need no
+//! change; what would change is [`Layout`] (per-rank shards), the norm (replicated tensors
+//! counted on one TP rank only) and [`ParallelTrainer::gather`] (shards concatenated as the
+//! plan's selection says).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use zaya::train::optim::AdamW;
+use zaya::train::trainer::{append_log, write_checkpoint, StepReport, TrainerConfig, TrainerParts};
+use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Param, TrainableModel};
+use zaya::{ZayaConfig, ZayaError};
+
+use crate::error::{ParallelError, ParallelResult};
+use crate::mesh::{Coords, Mesh, MeshShape};
+use crate::pipeline::{stage_holds, stage_layers, Stage};
+
+/// Tags of the driver's point-to-point messages (pipeline tags are per micro-batch, in
+/// their own group).
+const TAG_TIED: u32 = 1 << 30;
+const TAG_GATHER: u32 = (1 << 30) + 1;
+
+/// How the driver reduces and stores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DriverOptions {
+    /// Shard AdamW's moments over the data-parallel replicas (ZeRO stage 1).
+    pub zero1: bool,
+    /// Values per gradient all-reduce bucket.
+    pub bucket_elems: usize,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions {
+            zero1: true,
+            bucket_elems: 1 << 22,
+        }
+    }
+}
+
+/// Which parameters a rank's stage holds and which replica keeps each one's optimizer
+/// state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// Indices into [`TrainableModel::params`] of the stage's parameters.
+    pub stage: Vec<usize>,
+    /// Per stage parameter: the data-parallel replica that keeps its AdamW state (`None`:
+    /// every replica, without ZeRO).
+    pub owner: Vec<Option<usize>>,
+}
+
+impl Layout {
+    /// The layout of pipeline stage `pp` in `shape`.
+    pub fn of(
+        cfg: &ZayaConfig,
+        params: &[Param],
+        shape: MeshShape,
+        pp: usize,
+        zero1: bool,
+    ) -> Self {
+        let stage: Vec<usize> = params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| stage_holds(cfg, shape.pp, pp, &p.name))
+            .map(|(i, _)| i)
+            .collect();
+        let owner = if zero1 && shape.dp > 1 {
+            // largest first to the least-loaded replica (ties: lowest index)
+            let mut order: Vec<usize> = (0..stage.len()).collect();
+            order.sort_by_key(|&k| std::cmp::Reverse(params[stage[k]].var.elem_count()));
+            let mut load = vec![0usize; shape.dp];
+            let mut owner = vec![None; stage.len()];
+            for k in order {
+                let d = (0..shape.dp).min_by_key(|&d| (load[d], d)).unwrap_or(0);
+                load[d] += params[stage[k]].var.elem_count();
+                owner[k] = Some(d);
+            }
+            owner
+        } else {
+            vec![None; stage.len()]
+        };
+        Layout { stage, owner }
+    }
+
+    /// Positions (in the stage's list) whose optimizer state replica `dp` keeps.
+    pub fn owned_by(&self, dp: usize) -> Vec<usize> {
+        (0..self.stage.len())
+            .filter(|&k| self.owner[k].is_none_or(|d| d == dp))
+            .collect()
+    }
+}
+
+/// One rank of a pipeline × data-parallel training run.
+pub struct ParallelTrainer {
+    mesh: Mesh,
+    model: TrainableModel,
+    layers: Range<usize>,
+    layout: Layout,
+    /// Positions of the stage parameters whose AdamW state this rank keeps.
+    owned: Vec<usize>,
+    opt: AdamW,
+    cfg: TrainerConfig,
+    step: u64,
+    run: Option<serde_json::Value>,
+    opts: DriverOptions,
+    log: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ParallelTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParallelTrainer")
+            .field("coords", &self.mesh.coords)
+            .field("layers", &self.layers)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+fn unsupported(msg: impl Into<String>) -> ParallelError {
+    ParallelError::Unsupported(msg.into())
+}
+
+/// Fails unless `shape` is a mesh this driver trains and `cfg` splits into its stages.
+pub fn check_setup(cfg: &ZayaConfig, shape: MeshShape) -> ParallelResult<()> {
+    if shape.tp > 1 || shape.ep > 1 {
+        return Err(unsupported(format!(
+            "training with --tp {} --ep {}: this driver trains pipeline (--pp) and data (--dp) parallel meshes only",
+            shape.tp, shape.ep
+        )));
+    }
+    stage_layers(cfg, shape.pp, 0)?;
+    Ok(())
+}
+
+fn host(t: &Tensor) -> ParallelResult<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// `x` as two f32 (value and rounding error), so sums over ranks keep f64-like precision.
+fn split_f64(x: f64) -> [f32; 2] {
+    let hi = x as f32;
+    [hi, (x - f64::from(hi)) as f32]
+}
+fn join_f64(v: &[f32]) -> f64 {
+    f64::from(v[0]) + f64::from(v[1])
+}
+
+impl ParallelTrainer {
+    /// A rank of the run from a single-process trainer's parts (fresh or resumed: the full
+    /// model and the full optimizer state); this rank keeps its stage and its ZeRO shard.
+    pub fn from_parts(
+        mesh: Mesh,
+        parts: TrainerParts<TrainableModel>,
+        opts: DriverOptions,
+    ) -> ParallelResult<Self> {
+        let TrainerParts {
+            model,
+            opt,
+            cfg,
+            step,
+            run,
+        } = parts;
+        check_setup(model.config(), mesh.shape)?;
+        let c = mesh.coords;
+        let layers = stage_layers(model.config(), mesh.shape.pp, c.pp)?;
+        let layout = Layout::of(model.config(), model.params(), mesh.shape, c.pp, opts.zero1);
+        let owned = layout.owned_by(c.dp);
+        let global: Vec<usize> = owned.iter().map(|&k| layout.stage[k]).collect();
+        let opt = opt.select(&global)?;
+        Ok(ParallelTrainer {
+            mesh,
+            model,
+            layers,
+            layout,
+            owned,
+            opt,
+            cfg,
+            step,
+            run,
+            opts,
+            log: None,
+        })
+    }
+
+    /// Rank 0 appends one CSV row per step to `path` (created with its header if new).
+    pub fn with_log(mut self, path: impl Into<PathBuf>) -> ParallelResult<Self> {
+        let path = path.into();
+        if self.mesh.world.rank() == 0 {
+            zaya::train::trainer::start_log(&path)?;
+            self.log = Some(path);
+        }
+        Ok(self)
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+    pub fn coords(&self) -> Coords {
+        self.mesh.coords
+    }
+    /// This rank's model: its own stage is current; after [`ParallelTrainer::gather`] rank
+    /// 0's is current everywhere.
+    pub fn model(&self) -> &TrainableModel {
+        &self.model
+    }
+    pub fn config(&self) -> &TrainerConfig {
+        &self.cfg
+    }
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+    /// Decoder layers of this rank's stage.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    fn stage_params(&self) -> Vec<Param> {
+        let all = self.model.params();
+        self.layout.stage.iter().map(|&i| all[i].clone()).collect()
+    }
+
+    fn tied_position(&self) -> Option<usize> {
+        let shape = self.mesh.shape;
+        if !(self.model.config().tie_word_embeddings && shape.pp > 1) {
+            return None;
+        }
+        let all = self.model.params();
+        self.layout
+            .stage
+            .iter()
+            .position(|&i| all[i].name == "model.embed_tokens.weight")
+    }
+
+    /// Gradients of the stage's parameters for `micro_batches` (all of the step's; this
+    /// replica takes its share), summed over the replicas and the tied-embedding halves,
+    /// plus the world's sums: `(grads, has_grad, loss, aux, targets, routing, norm)`.
+    fn gradients(
+        &self,
+        micro_batches: &[Batch],
+        opts: &zaya::train::TrainOptions,
+    ) -> ParallelResult<Computed> {
+        let shape = self.mesh.shape;
+        let c = self.mesh.coords;
+        if micro_batches.is_empty() {
+            return Err(ZayaError::Input("a step needs at least one batch".into()).into());
+        }
+        let total: usize = micro_batches.iter().map(Batch::num_targets).sum();
+        if total == 0 {
+            return Err(ZayaError::Input(
+                "no counted label in the step's batches (every target is -100)".into(),
+            )
+            .into());
+        }
+        let scale = LossScale {
+            normalizer: Some(total as f64),
+            aux_weight: 1.0 / micro_batches.len() as f64,
+        };
+        let mine: Vec<Batch> = micro_batches
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % shape.dp == c.dp)
+            .map(|(_, b)| b.clone())
+            .collect();
+        let params = self.stage_params();
+        let stage = Stage {
+            model: self.model.model(),
+            params: params.clone(),
+            layers: self.layers.clone(),
+            stage: c.pp,
+            stages: shape.pp,
+        };
+        let out = stage.run_1f1b(self.mesh.pp.as_ref(), &mine, opts, &scale)?;
+
+        let mut grads = Vec::with_capacity(params.len());
+        let mut has = Vec::with_capacity(params.len());
+        for (p, g) in params.iter().zip(&out.grads.grads) {
+            match g {
+                Some(g) => {
+                    grads.push(g.clone());
+                    has.push(1f32);
+                }
+                None => {
+                    grads.push(Tensor::zeros(p.var.shape(), DType::F32, &Device::Cpu)?);
+                    has.push(0f32);
+                }
+            }
+        }
+        if shape.dp > 1 {
+            grads =
+                crate::grad::all_reduce_sum(self.mesh.dp.as_ref(), &grads, self.opts.bucket_elems)?;
+            self.mesh.dp.all_reduce_sum(&mut has)?;
+        }
+        // The tied embedding: first stage (lookup) + last stage (head), the same sum on both.
+        let tied = self.tied_position();
+        if let Some(k) = tied {
+            let pp = self.mesh.pp.as_ref();
+            let last = shape.pp - 1;
+            let g = &grads[k];
+            let mut mine = host(g)?;
+            mine.push(has[k]);
+            if c.pp == 0 {
+                pp.send(last, TAG_TIED, &mine)?;
+                let mut sum = pp.recv(last, TAG_TIED)?;
+                has[k] = sum.pop().unwrap_or(0.0);
+                grads[k] = Tensor::from_vec(sum, g.shape(), g.device())?;
+            } else {
+                let mut first = pp.recv(0, TAG_TIED)?;
+                let first_has = first.pop().unwrap_or(0.0);
+                let g0 = Tensor::from_vec(first, g.shape(), g.device())?;
+                let sum = (g0 + g)?;
+                has[k] += first_has;
+                let mut back = host(&sum)?;
+                back.push(has[k]);
+                pp.send(0, TAG_TIED, &back)?;
+                grads[k] = sum;
+            }
+        }
+
+        // One world all-reduce: [norm² (2), loss (2), aux (2), targets, counts per layer].
+        let cfg = self.model.config();
+        let (nl, e1) = (cfg.num_hidden_layers, cfg.num_experts + 1);
+        let mut buf = vec![0f32; 7 + nl * e1];
+        if c.dp == 0 {
+            let mut sq = 0f64;
+            for (k, g) in grads.iter().enumerate() {
+                // the tied embedding is counted once (on the first stage)
+                if has[k] > 0.0 && !(tied == Some(k) && c.pp != 0) {
+                    sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                }
+            }
+            buf[..2].copy_from_slice(&split_f64(sq));
+        }
+        buf[2..4].copy_from_slice(&split_f64(out.loss));
+        buf[4..6].copy_from_slice(&split_f64(out.aux));
+        buf[6] = out.targets as f32;
+        for (j, st) in out.routing.iter().enumerate() {
+            let layer = self.layers.start + j;
+            for (e, &n) in st.counts.iter().enumerate() {
+                buf[7 + layer * e1 + e] = n as f32;
+            }
+        }
+        self.mesh.world.all_reduce_sum(&mut buf)?;
+        let routing = (0..nl)
+            .map(|l| {
+                let counts: Vec<u64> = buf[7 + l * e1..7 + (l + 1) * e1]
+                    .iter()
+                    .map(|&v| v as u64)
+                    .collect();
+                LayerRoutingStats {
+                    tokens: counts.iter().sum(),
+                    counts,
+                }
+            })
+            .collect();
+        Ok(Computed {
+            params,
+            grads,
+            has: has.iter().map(|&h| h > 0.0).collect(),
+            loss: join_f64(&buf[2..4]),
+            aux: join_f64(&buf[4..6]),
+            targets: total,
+            routing,
+            norm: join_f64(&buf[..2]).max(0.0).sqrt(),
+        })
+    }
+
+    /// One optimizer step over the step's micro-batches (identical on every rank): equal to
+    /// [`zaya::train::trainer::Trainer::step`] on the same micro-batches.
+    pub fn step(&mut self, micro_batches: &[Batch]) -> ParallelResult<StepReport> {
+        let start = Instant::now();
+        let opts = self.cfg.train_options();
+        let mut cmp = self.gradients(micro_batches, &opts)?;
+        if !cmp.norm.is_finite() || !cmp.loss.is_finite() {
+            return Err(ZayaError::Input(format!(
+                "step {}: loss {}, gradient norm {}: not finite, update skipped",
+                self.step + 1,
+                cmp.loss,
+                cmp.norm
+            ))
+            .into());
+        }
+        if let Some(max) = self.cfg.max_grad_norm {
+            let coef = max / (cmp.norm + 1e-6);
+            if coef < 1.0 {
+                for g in cmp.grads.iter_mut() {
+                    *g = (&*g * coef)?;
+                }
+            }
+        }
+        let lr = self.cfg.schedule.lr(self.step);
+        let owned_params: Vec<Param> = self.owned.iter().map(|&k| cmp.params[k].clone()).collect();
+        let grads = Gradients {
+            grads: self
+                .owned
+                .iter()
+                .map(|&k| cmp.has[k].then(|| cmp.grads[k].clone()))
+                .collect(),
+        };
+        self.opt.step(&owned_params, &grads, lr)?;
+        if self.opts.zero1 && self.mesh.shape.dp > 1 {
+            self.all_gather_params(&cmp.params)?;
+        }
+        self.step += 1;
+        if self.cfg.balance_bias_lr > 0.0 {
+            self.model
+                .apply_bias_balancing(&cmp.routing, self.cfg.balance_bias_lr)?;
+        }
+        let skip_fraction = cmp
+            .routing
+            .iter()
+            .map(LayerRoutingStats::skip_fraction)
+            .sum::<f64>()
+            / cmp.routing.len().max(1) as f64;
+        let report = StepReport {
+            step: self.step,
+            lr,
+            loss: cmp.loss,
+            aux_loss: cmp.aux,
+            total_loss: cmp.loss + self.cfg.aux_loss_coef * cmp.aux,
+            grad_norm: cmp.norm,
+            targets: cmp.targets,
+            routing: cmp.routing,
+            skip_fraction,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        if let Some(path) = &self.log {
+            append_log(path, &report)?;
+        }
+        Ok(report)
+    }
+
+    /// ZeRO-1: each replica's updated parameters to the other replicas of its stage.
+    fn all_gather_params(&self, params: &[Param]) -> ParallelResult<()> {
+        let dp = self.mesh.shape.dp;
+        let sizes: Vec<usize> = (0..dp)
+            .map(|d| {
+                self.layout
+                    .owned_by(d)
+                    .iter()
+                    .map(|&k| params[k].var.elem_count())
+                    .sum()
+            })
+            .collect();
+        let width = sizes.iter().copied().max().unwrap_or(0);
+        let mut mine = Vec::with_capacity(width);
+        for &k in &self.owned {
+            mine.extend(host(params[k].var.as_tensor())?);
+        }
+        mine.resize(width, 0.0);
+        let all = self.mesh.dp.all_gather(&mine)?;
+        for d in (0..dp).filter(|&d| d != self.mesh.coords.dp) {
+            let mut at = d * width;
+            for k in self.layout.owned_by(d) {
+                let v = &params[k].var;
+                let n = v.elem_count();
+                v.set(&Tensor::from_slice(
+                    &all[at..at + n],
+                    v.shape(),
+                    v.device(),
+                )?)?;
+                at += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Collective: rank 0 receives every stage's parameters (into its model) and the full
+    /// optimizer state; returns that state on rank 0, `None` elsewhere.
+    pub fn gather(&mut self) -> ParallelResult<Option<AdamW>> {
+        let world = self.mesh.world.as_ref();
+        let shape = self.mesh.shape;
+        let me = world.rank();
+        let cfg = self.model.config().clone();
+        let all = self.model.params().to_vec();
+        let state = self.opt.export(
+            &self
+                .owned
+                .iter()
+                .map(|&k| all[self.layout.stage[k]].clone())
+                .collect::<Vec<_>>(),
+        )?;
+        if me != 0 {
+            let c = self.mesh.coords;
+            let mut buf = Vec::new();
+            if c.dp == 0 {
+                for &i in &self.layout.stage {
+                    buf.extend(host(all[i].var.as_tensor())?);
+                }
+            }
+            for &k in &self.owned {
+                let name = &all[self.layout.stage[k]].name;
+                buf.extend(host(&state[&format!("exp_avg.{name}")])?);
+                buf.extend(host(&state[&format!("exp_avg_sq.{name}")])?);
+                buf.extend(host(&state[&format!("step.{name}")])?);
+            }
+            world.send(0, TAG_GATHER, &buf)?;
+            world.barrier()?;
+            return Ok(None);
+        }
+        let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut moments: HashMap<String, Tensor> = state;
+        let dev = Device::Cpu;
+        for r in 1..shape.world() {
+            let c = shape.coords(r);
+            let layout = Layout::of(&cfg, &all, shape, c.pp, self.opts.zero1);
+            let buf = world.recv(r, TAG_GATHER)?;
+            let mut at = 0usize;
+            let mut take = |n: usize| -> ParallelResult<&[f32]> {
+                let s = buf.get(at..at + n).ok_or_else(|| {
+                    unsupported(format!(
+                        "rank {r} sent {} values, fewer than its stage holds",
+                        buf.len()
+                    ))
+                })?;
+                at += n;
+                Ok(s)
+            };
+            if c.dp == 0 {
+                for &i in &layout.stage {
+                    let v = &all[i].var;
+                    let t = Tensor::from_slice(take(v.elem_count())?, v.shape(), &dev)?;
+                    values.insert(all[i].name.clone(), t);
+                }
+            }
+            for k in layout.owned_by(c.dp) {
+                let p = &all[layout.stage[k]];
+                let n = p.var.elem_count();
+                let m = Tensor::from_slice(take(n)?, p.var.shape(), &dev)?;
+                let v = Tensor::from_slice(take(n)?, p.var.shape(), &dev)?;
+                let s = take(1)?[0] as i64;
+                moments.insert(format!("exp_avg.{}", p.name), m);
+                moments.insert(format!("exp_avg_sq.{}", p.name), v);
+                moments.insert(format!("step.{}", p.name), Tensor::new(&[s], &dev)?);
+            }
+        }
+        // the first stage's own tensors are current on rank 0: only the others are loaded
+        let own: std::collections::HashSet<usize> = self.layout.stage.iter().copied().collect();
+        values.retain(|name, _| {
+            all.iter()
+                .position(|p| &p.name == name)
+                .is_none_or(|i| !own.contains(&i))
+        });
+        self.model.load_tensors(&values)?;
+        let opt = AdamW::import(
+            self.model.params(),
+            moments,
+            self.cfg.adamw,
+            Path::new("<optimizer state gathered from the ranks>"),
+        )?;
+        world.barrier()?;
+        Ok(Some(opt))
+    }
+
+    /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
+    /// full tensors under their HF names); returns the directory on rank 0.
+    pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
+        let opt = self.gather()?;
+        let out = match opt {
+            Some(opt) => Some(write_checkpoint(
+                root,
+                &self.model,
+                &opt,
+                &self.cfg,
+                self.step,
+                self.run.as_ref(),
+            )?),
+            None => None,
+        };
+        // nobody reads a checkpoint before rank 0 has written it
+        self.mesh.world.barrier()?;
+        Ok(out)
+    }
+
+    /// Collective: `loss`, `aux_loss` and `grad.<HF name>` of every parameter for a labelled
+    /// batch, as [`zaya::train::labelled_outputs`] computes them on one rank (cross-entropy
+    /// only); on rank 0, `None` elsewhere. Nothing is updated.
+    pub fn labelled_gradients(
+        &self,
+        micro_batches: &[Batch],
+        checkpointing: zaya::train::Checkpointing,
+    ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
+        let opts = zaya::train::TrainOptions {
+            checkpointing,
+            aux_loss_coef: 0.0,
+            ..Default::default()
+        };
+        self.gathered_gradients(micro_batches, &opts)
+    }
+
+    /// Collective: the step's objective's gradients (`grad.<HF name>`, full tensors, summed
+    /// over replicas, before clipping), `loss` and `aux_loss` (mean over layers and
+    /// micro-batches) on rank 0; `None` elsewhere. Nothing is updated.
+    pub fn gathered_gradients(
+        &self,
+        micro_batches: &[Batch],
+        opts: &zaya::train::TrainOptions,
+    ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
+        let cmp = self.gradients(micro_batches, opts)?;
+        let world = self.mesh.world.as_ref();
+        let shape = self.mesh.shape;
+        let all = self.model.params();
+        let cfg = self.model.config();
+        let pack = |grads: &[Tensor], has: &[bool]| -> ParallelResult<Vec<f32>> {
+            let mut buf = Vec::new();
+            for (g, &h) in grads.iter().zip(has) {
+                buf.push(if h { 1.0 } else { 0.0 });
+                buf.extend(host(g)?);
+            }
+            Ok(buf)
+        };
+        // the balance loss, mean over layers and micro-batches (reported, not differentiated)
+        let aux = cmp.aux;
+        if world.rank() != 0 {
+            if self.mesh.coords.dp == 0 {
+                world.send(0, TAG_GATHER, &pack(&cmp.grads, &cmp.has)?)?;
+            }
+            world.barrier()?;
+            return Ok(None);
+        }
+        let mut out = BTreeMap::new();
+        let mut put = |stage: &[usize], buf: &[f32]| -> ParallelResult<()> {
+            let mut at = 0;
+            for &i in stage {
+                let p = &all[i];
+                let n = p.var.elem_count();
+                let h = buf.get(at).copied().unwrap_or(0.0) > 0.0;
+                let vals = buf.get(at + 1..at + 1 + n).ok_or_else(|| {
+                    unsupported("a stage sent fewer gradient values than it holds")
+                })?;
+                at += 1 + n;
+                if h {
+                    out.insert(
+                        format!("grad.{}", p.name),
+                        Tensor::from_slice(vals, p.var.shape(), &Device::Cpu)?,
+                    );
+                }
+            }
+            Ok(())
+        };
+        put(&self.layout.stage, &pack(&cmp.grads, &cmp.has)?)?;
+        for pp in 1..shape.pp {
+            let r = shape.rank_of(Coords {
+                tp: 0,
+                pp,
+                ep: 0,
+                dp: 0,
+            });
+            let layout = Layout::of(cfg, all, shape, pp, false);
+            let buf = world.recv(r, TAG_GATHER)?;
+            put(&layout.stage, &buf)?;
+        }
+        out.insert(
+            "loss".into(),
+            Tensor::new(&[cmp.loss as f32], &Device::Cpu)?,
+        );
+        out.insert("aux_loss".into(), Tensor::new(&[aux as f32], &Device::Cpu)?);
+        world.barrier()?;
+        Ok(Some(out))
+    }
+}
+
+/// What [`ParallelTrainer::gradients`] gives.
+struct Computed {
+    /// The stage's parameters.
+    params: Vec<Param>,
+    /// Their gradients, summed over replicas (and tied halves).
+    grads: Vec<Tensor>,
+    has: Vec<bool>,
+    loss: f64,
+    aux: f64,
+    targets: usize,
+    routing: Vec<LayerRoutingStats>,
+    norm: f64,
+}
