@@ -18,7 +18,7 @@
 
 use half::bf16;
 
-use super::cpu::{self, simd_level, SimdLevel, GEMV_ROWS};
+use super::cpu::{self, GEMV_ROWS};
 use candle_core::Result;
 
 /// Accumulator lanes: four 16-lane vectors, four independent add chains per row (one chain

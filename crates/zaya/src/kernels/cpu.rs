@@ -646,17 +646,18 @@ macro_rules! simd_dispatch {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
-                match simd_level() {
+                match $crate::kernels::cpu::simd_level() {
                     // SAFETY: the level was detected on this CPU.
-                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
-                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
-                    SimdLevel::Baseline => {}
+                    $crate::kernels::cpu::SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::kernels::cpu::SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::kernels::cpu::SimdLevel::Baseline => {}
                 }
             }
             $body($($arg),*)
         }
     };
 }
+pub(crate) use simd_dispatch;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum SimdLevel {

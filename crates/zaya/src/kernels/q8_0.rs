@@ -16,7 +16,7 @@
 
 use half::f16;
 
-use super::cpu::{self, simd_level, SimdLevel, GEMV_ROWS};
+use super::cpu::{self, GEMV_ROWS};
 use super::KernelError;
 use candle_core::Result;
 

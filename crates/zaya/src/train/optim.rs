@@ -52,7 +52,9 @@ impl AdamWConfig {
 }
 
 /// AdamW state: first and second moments (f32) and the step count of every parameter.
-#[derive(Debug, Clone)]
+/// The moments are updated in place by the fused step, so every moment tensor owns its
+/// storage (cloning, exporting and selecting copy them).
+#[derive(Debug)]
 pub struct AdamW {
     cfg: AdamWConfig,
     exp_avg: Vec<Tensor>,
@@ -60,17 +62,35 @@ pub struct AdamW {
     steps: Vec<u64>,
 }
 
+impl Clone for AdamW {
+    fn clone(&self) -> Self {
+        let copy = |ts: &[Tensor]| {
+            ts.iter()
+                .map(|t| t.copy().expect("copying a host tensor"))
+                .collect()
+        };
+        AdamW {
+            cfg: self.cfg,
+            exp_avg: copy(&self.exp_avg),
+            exp_avg_sq: copy(&self.exp_avg_sq),
+            steps: self.steps.clone(),
+        }
+    }
+}
+
 impl AdamW {
     pub fn new(params: &[Param], cfg: AdamWConfig) -> Result<Self> {
         cfg.validate()?;
-        let zeros = params
-            .iter()
-            .map(|p| Tensor::zeros(p.var.shape(), DType::F32, p.var.device()))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let zeros = || {
+            params
+                .iter()
+                .map(|p| Tensor::zeros(p.var.shape(), DType::F32, p.var.device()))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
         Ok(AdamW {
             cfg,
-            exp_avg_sq: zeros.clone(),
-            exp_avg: zeros,
+            exp_avg: zeros()?,
+            exp_avg_sq: zeros()?,
             steps: vec![0; params.len()],
         })
     }
@@ -107,30 +127,17 @@ impl AdamW {
         if !lr.is_finite() || lr < 0.0 {
             return Err(ZayaError::Input(format!("learning rate {lr} is invalid")));
         }
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
         for (i, (p, g)) in params.iter().zip(&grads.grads).enumerate() {
             let Some(g) = g else { continue };
             let g = g.to_dtype(DType::F32)?;
             self.steps[i] += 1;
-            let t = self.steps[i] as i32;
-            let m = ((&self.exp_avg[i] * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&self.exp_avg_sq[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let bc1 = 1.0 - beta1.powi(t);
-            let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
-            let mut w = p.var.as_tensor().detach();
-            if p.decay && weight_decay != 0.0 {
-                w = (w * (1.0 - lr * weight_decay))?;
+            let c = StepConstants::new(&self.cfg, self.steps[i], lr, p.decay);
+            let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
+            if !fused_step(p.var.as_tensor(), m, v, &g, &c)? {
+                let (m, v) = reference_step(p, m, v, &g, &c)?;
+                self.exp_avg[i] = m;
+                self.exp_avg_sq[i] = v;
             }
-            let w = (w - (m.div(&denom)? * (lr / bc1))?)?;
-            p.var.set(&w)?;
-            self.exp_avg[i] = m;
-            self.exp_avg_sq[i] = v;
         }
         Ok(())
     }
@@ -147,8 +154,8 @@ impl AdamW {
         }
         let mut out: HashMap<String, Tensor> = HashMap::new();
         for (i, p) in params.iter().enumerate() {
-            out.insert(format!("exp_avg.{}", p.name), self.exp_avg[i].clone());
-            out.insert(format!("exp_avg_sq.{}", p.name), self.exp_avg_sq[i].clone());
+            out.insert(format!("exp_avg.{}", p.name), self.exp_avg[i].copy()?);
+            out.insert(format!("exp_avg_sq.{}", p.name), self.exp_avg_sq[i].copy()?);
             out.insert(
                 format!("step.{}", p.name),
                 Tensor::new(&[self.steps[i] as i64], &Device::Cpu)?,
@@ -166,13 +173,16 @@ impl AdamW {
                 "optimizer parameter {i} out of range ({n} parameters)"
             )));
         }
+        let copy = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+            Ok(indices
+                .iter()
+                .map(|&i| ts[i].copy())
+                .collect::<candle_core::Result<_>>()?)
+        };
         Ok(AdamW {
             cfg: self.cfg,
-            exp_avg: indices.iter().map(|&i| self.exp_avg[i].clone()).collect(),
-            exp_avg_sq: indices
-                .iter()
-                .map(|&i| self.exp_avg_sq[i].clone())
-                .collect(),
+            exp_avg: copy(&self.exp_avg)?,
+            exp_avg_sq: copy(&self.exp_avg_sq)?,
             steps: indices.iter().map(|&i| self.steps[i]).collect(),
         })
     }
@@ -235,8 +245,9 @@ impl AdamW {
         let mut steps = Vec::with_capacity(params.len());
         for p in params {
             let shape = p.var.dims();
-            exp_avg.push(take(format!("exp_avg.{}", p.name), shape)?.to_dtype(DType::F32)?);
-            exp_avg_sq.push(take(format!("exp_avg_sq.{}", p.name), shape)?.to_dtype(DType::F32)?);
+            // owned copies: the fused step writes them in place
+            exp_avg.push(owned_f32(take(format!("exp_avg.{}", p.name), shape)?)?);
+            exp_avg_sq.push(owned_f32(take(format!("exp_avg_sq.{}", p.name), shape)?)?);
             let s = take(format!("step.{}", p.name), &[1])?
                 .to_dtype(DType::I64)?
                 .to_vec1::<i64>()?[0];
@@ -259,6 +270,164 @@ impl AdamW {
             steps,
         })
     }
+}
+
+/// `t` as an f32 tensor with storage of its own.
+fn owned_f32(t: Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::F32 {
+        t.copy()?
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
+
+/// The scalars of one parameter's update, as f32 exactly as candle's affine ops round
+/// them (the reference step multiplies by these f32 values).
+struct StepConstants {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// `1 / √(1 − β₂ᵗ)`
+    inv_bc2_sqrt: f32,
+    eps: f32,
+    /// `1 − lr·wd` when the parameter decays.
+    decay: Option<f32>,
+    /// `lr / (1 − β₁ᵗ)`
+    step_size: f32,
+    // the f64 values the reference step hands to candle
+    f64s: [f64; 7],
+}
+
+impl StepConstants {
+    fn new(cfg: &AdamWConfig, step: u64, lr: f64, decays: bool) -> Self {
+        let t = step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - cfg.beta1.powi(t);
+        let bc2_sqrt = (1.0 - cfg.beta2.powi(t)).sqrt();
+        let decay = (decays && cfg.weight_decay != 0.0).then(|| 1.0 - lr * cfg.weight_decay);
+        StepConstants {
+            beta1: cfg.beta1 as f32,
+            one_minus_beta1: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: cfg.eps as f32,
+            decay: decay.map(|d| d as f32),
+            step_size: (lr / bc1) as f32,
+            f64s: [
+                cfg.beta1,
+                1.0 - cfg.beta1,
+                cfg.beta2,
+                1.0 - cfg.beta2,
+                bc2_sqrt,
+                cfg.eps,
+                lr / bc1,
+            ],
+        }
+    }
+}
+
+/// The update from candle tensor ops (any device or dtype): `m`, `v` new, the parameter
+/// set through its `Var`.
+fn reference_step(
+    p: &Param,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    c: &StepConstants,
+) -> Result<(Tensor, Tensor)> {
+    let [beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, step_size] = c.f64s;
+    let m = ((m * beta1)? + (g * one_minus_beta1)?)?;
+    let v = ((v * beta2)? + (g.sqr()? * one_minus_beta2)?)?;
+    let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+    let mut w = p.var.as_tensor().detach();
+    if let Some(d) = c.decay {
+        // the reference multiplies by the f64 `1 − lr·wd`; candle rounds it to this f32
+        w = (w * d as f64)?;
+    }
+    let w = (w - (m.div(&denom)? * step_size)?)?;
+    p.var.set(&w)?;
+    Ok((m, v))
+}
+
+/// One element of the update, in the reference's operations and order (each candle affine
+/// op is `x·a + b` in f32; the `+ 0` ones are dropped, which changes no value).
+#[inline(always)]
+fn update_body(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &StepConstants) {
+    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        *m = *m * c.beta1 + g * c.one_minus_beta1;
+        *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
+        let denom = (v.sqrt() * c.inv_bc2_sqrt) * 1.0 + c.eps;
+        let mut x = *w;
+        if let Some(d) = c.decay {
+            x *= d;
+        }
+        *w = x - (*m / denom) * c.step_size;
+    }
+}
+
+/// The update in one pass over the parameter, its moments and its gradient, in place (no
+/// temporaries: the reference allocates a dozen parameter-sized tensors), split over the
+/// kernel pool. Bit-identical to [`reference_step`]. `false` (nothing done) when a tensor
+/// is not a contiguous f32 CPU tensor.
+fn fused_step(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: &StepConstants) -> Result<bool> {
+    use candle_core::{CpuStorage, InplaceOp1, Layout};
+    use std::cell::RefCell;
+    let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    let shared = |a: &Tensor, b: &Tensor| {
+        let (sa, _) = a.storage_and_layout();
+        let (sb, _) = b.storage_and_layout();
+        std::ptr::eq(&*sa, &*sb)
+    };
+    if !(fits(w) && fits(m) && fits(v) && fits(g)) || shared(w, m) || shared(w, v) || shared(m, v) {
+        return Ok(false);
+    }
+    /// Runs `f` on the tensor's values, mutably.
+    struct Values<F>(F);
+    impl<F: Fn(&mut [f32]) -> candle_core::Result<()>> InplaceOp1 for Values<F> {
+        fn name(&self) -> &'static str {
+            "adamw"
+        }
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+            let (CpuStorage::F32(d), Some((a, b))) = (s, l.contiguous_offsets()) else {
+                candle_core::bail!("adamw: expected a contiguous f32 tensor");
+            };
+            (self.0)(&mut d[a..b])
+        }
+    }
+    let g = g.flatten_all()?.to_vec1::<f32>()?;
+    m.inplace_op1(&Values(|m: &mut [f32]| {
+        let m = RefCell::new(m);
+        v.inplace_op1(&Values(|v: &mut [f32]| {
+            let v = RefCell::new(v);
+            w.inplace_op1(&Values(|w: &mut [f32]| {
+                let (mut m, mut v) = (m.borrow_mut(), v.borrow_mut());
+                update_in_pool(w, &mut m, &mut v, &g, c);
+                Ok(())
+            }))
+        }))
+    }))?;
+    Ok(true)
+}
+
+fn update_in_pool(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &StepConstants) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    if w.len() < 2 * CHUNK {
+        return update(w, m, v, g, c);
+    }
+    crate::kernels::cpu::in_pool(|| {
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((w, m), v), g)| update(w, m, v, g, c))
+    })
+}
+
+crate::kernels::cpu::simd_dispatch! {
+    /// [`update_body`] at the machine's SIMD level (the same values on every level).
+    fn update(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &StepConstants) => update_body
 }
 
 /// Scales the gradients so that their global norm is at most `max_norm` (as
@@ -294,6 +463,90 @@ mod tests {
             var: Var::new(v, &Device::Cpu).unwrap(),
             decay,
         }
+    }
+
+    /// The fused in-place step gives the reference step's bits (parameter and both
+    /// moments) over several steps, with and without decay, on the pool path and the
+    /// single-thread path, with zero and large gradients.
+    #[test]
+    fn fused_step_equals_the_reference_bit_for_bit() {
+        let val = |i: usize, s: u32| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(s.wrapping_mul(97));
+            ((x >> 8) % 20001) as f32 / 10000.0 - 1.0
+        };
+        let cfg = AdamWConfig {
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        for (n, decay) in [(37usize, true), (100_003, false), (70_001, true)] {
+            let init: Vec<f32> = (0..n).map(|i| val(i, 1)).collect();
+            let fused = vec![param("w", &init, decay)];
+            let reference = param("w", &init, decay);
+            let mut opt = AdamW::new(&fused, cfg).unwrap();
+            let (mut m, mut v) = (
+                Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap(),
+            );
+            for step in 1..=3u64 {
+                let g: Vec<f32> = (0..n)
+                    .map(|i| match i % 11 {
+                        0 => 0.0,
+                        1 => 300.0 * val(i, step as u32),
+                        _ => val(i, step as u32 + 7),
+                    })
+                    .collect();
+                let g = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+                let lr = 1e-3 * step as f64;
+                let grads = Gradients {
+                    grads: vec![Some(g.clone())],
+                };
+                opt.step(&fused, &grads, lr).unwrap();
+                let c = StepConstants::new(&cfg, step, lr, decay);
+                (m, v) = reference_step(&reference, &m, &v, &g, &c).unwrap();
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect()
+                };
+                assert_eq!(
+                    bits(fused[0].var.as_tensor()),
+                    bits(reference.var.as_tensor()),
+                    "n={n} step {step}: weights"
+                );
+                assert_eq!(
+                    bits(&opt.exp_avg[0]),
+                    bits(&m),
+                    "n={n} step {step}: exp_avg"
+                );
+                assert_eq!(
+                    bits(&opt.exp_avg_sq[0]),
+                    bits(&v),
+                    "n={n} step {step}: exp_avg_sq"
+                );
+            }
+        }
+    }
+
+    /// Exported and cloned state is a snapshot: later steps do not change it.
+    #[test]
+    fn exported_state_does_not_follow_later_steps() {
+        let params = vec![param("w", &[0.5, -1.0], true)];
+        let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+        let grads = Gradients {
+            grads: vec![Some(Tensor::new(&[0.2f32, -0.4], &Device::Cpu).unwrap())],
+        };
+        opt.step(&params, &grads, 0.1).unwrap();
+        let saved = opt.export(&params).unwrap();
+        let copy = opt.clone();
+        let before = saved["exp_avg.w"].to_vec1::<f32>().unwrap();
+        opt.step(&params, &grads, 0.1).unwrap();
+        assert_eq!(saved["exp_avg.w"].to_vec1::<f32>().unwrap(), before);
+        assert_eq!(copy.exp_avg[0].to_vec1::<f32>().unwrap(), before);
+        assert_ne!(opt.exp_avg[0].to_vec1::<f32>().unwrap(), before);
     }
 
     #[test]
