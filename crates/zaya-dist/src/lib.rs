@@ -12,6 +12,7 @@
 //! - [`train_driver`]: the pipeline × data-parallel training step (bucketed gradient
 //!   all-reduce, ZeRO-1, checkpoints gathered on rank 0).
 
+pub mod autograd;
 pub mod comm;
 pub mod error;
 pub mod grad;
