@@ -757,7 +757,10 @@ impl TpModel {
             .map(|&i| (i - mine.start) as u32)
             .collect();
         let local = if at.is_empty() {
-            local
+            // Every token of this share is skip-routed: nothing comes back, but the return
+            // trip must stay in the graph (its backward is a collective the other members
+            // run too).
+            local.broadcast_add(&back.sum_keepdim(0)?)?
         } else {
             local.index_add(&Tensor::from_vec(at, back.dim(0)?, &self.device)?, &back, 0)?
         };

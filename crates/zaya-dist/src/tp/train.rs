@@ -47,6 +47,7 @@ pub struct ShardParam {
     pub selection: Selection,
     /// Shape of the full tensor.
     pub full_shape: Vec<usize>,
+    spec: zaya::weights::TensorSpec,
 }
 
 /// Result of [`TpTrainModel::forward_backward`]: as [`zaya::train::BackwardOutput`], with
@@ -64,11 +65,15 @@ pub struct TpBackward {
 pub struct TpTrainModel {
     model: TpModel,
     params: Vec<ShardParam>,
+    /// The same parameters as the optimizer sees them.
+    plain: Vec<Param>,
     /// Every tensor the rank reads, by HF name (the parameters' `Var`s and the buffers).
     tensors: HashMap<String, Tensor>,
     ckpt: Arc<Checkpoint>,
     tp: SharedComm,
     ep: SharedComm,
+    /// The whole mesh (gradient norm, saving), when given ([`TpTrainModel::with_world`]).
+    world: Option<SharedComm>,
 }
 
 impl std::fmt::Debug for TpTrainModel {
@@ -92,6 +97,17 @@ fn contributes(c: Coords, name: &str, sel: &Selection) -> bool {
 
 /// Adds `local` (the selected part, row-major) into `full` (row-major `shape`).
 fn add_selected(full: &mut [f32], shape: &[usize], ranges: &[Vec<Range<usize>>], local: &[f32]) {
+    for_each_offset(shape, ranges, local.len(), |k, off| full[off] += local[k]);
+}
+
+/// Calls `f(k, offset)` for the first `count` elements of a selection, in row-major order:
+/// `k` counts the selected elements, `offset` is the element's place in the full tensor.
+fn for_each_offset(
+    shape: &[usize],
+    ranges: &[Vec<Range<usize>>],
+    count: usize,
+    mut f: impl FnMut(usize, usize),
+) {
     let idx: Vec<Vec<usize>> = ranges
         .iter()
         .map(|rs| rs.iter().flat_map(|r| r.clone()).collect())
@@ -102,13 +118,13 @@ fn add_selected(full: &mut [f32], shape: &[usize], ranges: &[Vec<Range<usize>>],
         strides[a] = strides[a + 1] * shape[a + 1];
     }
     let mut pos = vec![0usize; dims.len()];
-    for &v in local {
+    for k in 0..count {
         let off: usize = pos
             .iter()
             .enumerate()
             .map(|(a, &p)| idx[a][p] * strides[a])
             .sum();
-        full[off] += v;
+        f(k, off);
         for a in (0..pos.len()).rev() {
             pos[a] += 1;
             if pos[a] < dims[a] {
@@ -225,17 +241,32 @@ impl TpTrainModel {
                 },
                 selection: sel,
                 full_shape: spec.shape.clone(),
+                spec: spec.clone(),
             });
         }
         let model = TpModel::build(ckpt, plan, coords, DType::F32, &dev, Some(&tensors))?;
         Ok(TpTrainModel {
             model,
+            plain: params.iter().map(|p| p.param.clone()).collect(),
             params,
             tensors,
             ckpt: Arc::clone(ckpt),
             tp: shared(g.tp)?,
             ep: shared(g.ep)?,
+            world: None,
         })
+    }
+
+    /// The rank of `mesh` ([`TpTrainModel::at`] with the mesh's world kept for the
+    /// gradient norm and saving, as [`zaya::train::Trainable`] needs). Collective.
+    pub fn on_mesh(
+        ckpt: &Arc<Checkpoint>,
+        plan: &ParallelPlan,
+        mesh: &crate::mesh::Mesh,
+    ) -> ParallelResult<Self> {
+        let mut m = Self::at(ckpt, plan, mesh.coords, mesh.groups())?;
+        m.world = Some(shared(mesh.world.as_ref())?);
+        Ok(m)
     }
 
     /// The rank's model (reads the live `Var`s).
@@ -811,6 +842,8 @@ pub fn labelled_grads_on_mesh(
         out
     }))
 }
+
+mod trainable;
 
 #[cfg(test)]
 mod tests {
