@@ -476,3 +476,79 @@ fn trainer_on_tp_ranks_reproduces_the_single_process_steps() {
         }
     }
 }
+
+/// The stage API a pipeline schedule drives: TP 2 × PP 2, stage 0 embeds and runs its
+/// layers, hands (hidden, router state) to stage 1, which runs the rest, the vocab-parallel
+/// head and the backward, and hands the boundary's gradients back. Loss and every gathered
+/// gradient (the tied embedding's lookup and head parts summed) equal one rank.
+#[test]
+fn tp_stages_of_a_pipeline_equal_one_rank() {
+    use candle_core::backprop::GradStore;
+    use zaya_dist::tp::train::{TpStageInput, TpStageUpstream};
+    let name = "gqa_sliding";
+    let which = "train_pad";
+    let want = single(name, which, Checkpointing::Off);
+    let b = batch(name, which);
+    let shape = MeshShape::new(2, 2, 1, 1).unwrap();
+    let ckpt = Arc::new(Checkpoint::open(dir(name)).unwrap());
+    let cfg = ckpt.config().unwrap();
+    let plan = ParallelPlan::new(&cfg, shape).unwrap();
+    let world = LocalWorld::new(shape.world(), TIMEOUT).unwrap();
+    let (bs, ts) = (b.input_ids.len(), b.input_ids[0].len());
+    let (hd, rd) = (cfg.hidden_size, cfg.router_hidden_size);
+    let (loss, grads) = first_of(world.run(|comm| {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let model = TpTrainModel::at(&ckpt, &plan, mesh.coords, mesh.groups())?;
+        let opts = TrainOptions {
+            aux_loss_coef: 0.0,
+            checkpointing: Checkpointing::EveryLayer,
+            ..Default::default()
+        };
+        let sb = model.stage_batch(&b, &opts, &LossScale::default())?;
+        let n = sb.targets().len() as f64;
+        let pp = mesh.pp.as_ref();
+        let (grads, loss) = if mesh.coords.pp == 0 {
+            let fwd = sb.forward(TpStageInput::Embed, opts.checkpointing)?;
+            let (h, s) = fwd.output();
+            pp.send(1, 1, &host(&h))?;
+            pp.send(1, 2, &host(s.as_ref().unwrap()))?;
+            let gh = t(pp.recv(1, 3)?, &[bs, ts, hd]);
+            let gs = t(pp.recv(1, 4)?, &[bs, ts, rd]);
+            let up = TpStageUpstream::Boundary {
+                hidden: gh,
+                state: Some(gs),
+            };
+            (sb.backward(fwd, up, GradStore::default())?.0, 0.0)
+        } else {
+            let input = TpStageInput::Boundary {
+                hidden: t(pp.recv(0, 1)?, &[bs, ts, hd]),
+                state: Some(t(pp.recv(0, 2)?, &[bs, ts, rd])),
+            };
+            let fwd = sb.forward(input, opts.checkpointing)?;
+            let head = sb.head(&fwd, n, opts.loss_chunk)?;
+            let nll = head.nll_sum;
+            let (g, up) =
+                sb.backward(fwd, TpStageUpstream::Normed(head.grad_hidden), head.grads)?;
+            let (gh, gs) = up.unwrap();
+            pp.send(0, 3, &host(&gh))?;
+            pp.send(0, 4, &host(&gs.unwrap()))?;
+            (g, nll / n)
+        };
+        let mut l = [loss as f32];
+        pp.broadcast(1, &mut l)?;
+        Ok((l[0], model.gather(mesh.world.as_ref(), &grads)?))
+    }))
+    .unwrap();
+    assert_rel(
+        "loss",
+        &Tensor::new(&[loss], &Device::Cpu).unwrap(),
+        &want["loss"],
+        1e-5,
+    );
+    let grads = grads.unwrap();
+    for (k, w) in &want {
+        if let Some(name) = k.strip_prefix("grad.") {
+            assert_rel(k, &grads[name], w, 1e-4);
+        }
+    }
+}

@@ -188,8 +188,9 @@ struct HeadOutput {
 }
 
 impl TpTrainModel {
-    /// The rank at `coords` of `plan` (pipeline and data parallel degrees 1), reading its
-    /// slices of `ckpt` into `Var`s. Collective over `g.tp` and `g.ep` (each is duplicated
+    /// The rank at `coords` of `plan`, reading its slices of its stage into `Var`s (with
+    /// `pp > 1` the stage runs through [`TpTrainModel::stage_batch`]; the pipeline schedule
+    /// and the sums over data-parallel replicas are the caller's). Collective over `g.tp` and `g.ep` (each is duplicated
     /// for the graphs' backward passes).
     pub fn at(
         ckpt: &Arc<Checkpoint>,
@@ -198,13 +199,6 @@ impl TpTrainModel {
         g: Groups,
     ) -> ParallelResult<Self> {
         let m = plan.mesh;
-        if m.pp != 1 || m.dp != 1 {
-            return Err(ParallelError::Unsupported(format!(
-                "TP/EP training runs one stage and one replica here (asked {}): pipeline and \
-                 data parallel training combine stages of this model from outside",
-                m.label()
-            )));
-        }
         let fits = |c: &dyn Comm, size: usize, rank: usize| c.size() == size && c.rank() == rank;
         if !fits(g.tp, m.tp, coords.tp) || !fits(g.ep, m.ep, coords.ep) {
             return Err(ParallelError::Unsupported(format!(
@@ -542,124 +536,62 @@ impl TpTrainModel {
             grads,
         })
     }
+    /// A micro-batch prepared for this rank's stage (see [`TpStageBatch`]). Each layer's
+    /// balance loss enters the objective with weight `aux_loss_coef · scale.aux_weight /
+    /// num_hidden_layers` (the whole model's layer count, whatever stage runs it).
+    pub fn stage_batch(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+    ) -> ParallelResult<TpStageBatch<'_>> {
+        opts.validate()?;
+        let num_layers = self.model.cfg.num_hidden_layers;
+        let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
+        Ok(TpStageBatch {
+            model: self,
+            p: self.prepare(batch, opts, aux_weight)?,
+        })
+    }
 
     /// Loss and this rank's gradients for `batch` (every rank of the mesh calls it with the
     /// same batch): `nll_sum / normalizer + aux_loss_coef · aux_weight · aux`, as
-    /// [`zaya::train::TrainableModel::forward_backward`].
+    /// [`zaya::train::TrainableModel::forward_backward`]. One pipeline stage only.
     pub fn forward_backward(
         &self,
         batch: &Batch,
         opts: &TrainOptions,
         scale: &LossScale,
     ) -> ParallelResult<TpBackward> {
-        opts.validate()?;
-        let num_layers = self.model.layers.len();
-        let aux_weight = opts.aux_loss_coef * scale.aux_weight / num_layers.max(1) as f64;
-        let p = self.prepare(batch, opts, aux_weight)?;
+        if self.model.plan.mesh.pp != 1 {
+            return Err(ParallelError::Unsupported(
+                "a pipeline stage runs its part of a step through TpTrainModel::stage_batch".into(),
+            ));
+        }
+        let sb = self.stage_batch(batch, opts, scale)?;
         let normalizer = match scale.normalizer {
             Some(n) => n,
-            None if p.targets.is_empty() => {
+            None if sb.p.targets.is_empty() => {
                 return Err(ParallelError::Unsupported(
                     "the batch has no counted label (every target is -100)".into(),
                 ))
             }
-            None => p.targets.len() as f64,
+            None => sb.p.targets.len() as f64,
         };
-        let segments = opts.checkpointing.segments(num_layers)?;
-        let last = segments.len() - 1;
-        let mut boundaries: Vec<Boundary> = Vec::with_capacity(last);
-        let mut stats = Vec::with_capacity(num_layers);
-        let mut aux_values = Vec::with_capacity(num_layers);
-        for seg in &segments[..last] {
-            let input = boundaries.last().map(|(h, s)| (h, s.as_ref()));
-            let run = self.run(&p, seg.clone(), input)?;
-            stats.extend(run.stats);
-            aux_values.extend(run.aux_values);
-            boundaries.push((run.hidden.detach(), run.state.map(|s| s.detach())));
-        }
-        let boundary_vars = |i: usize| -> ParallelResult<Option<(Var, Option<Var>)>> {
-            if i == 0 {
-                return Ok(None);
-            }
-            let (h, s) = &boundaries[i - 1];
-            Ok(Some((
-                Var::from_tensor(h)?,
-                s.as_ref().map(Var::from_tensor).transpose()?,
-            )))
-        };
-        let as_input = |v: &Option<(Var, Option<Var>)>| -> Option<(Tensor, Option<Tensor>)> {
-            v.as_ref().map(|(h, s)| {
-                (
-                    h.as_tensor().clone(),
-                    s.as_ref().map(|s| s.as_tensor().clone()),
-                )
-            })
-        };
-        let inputs = boundary_vars(last)?;
-        let inp = as_input(&inputs);
-        let run = self.run(
-            &p,
-            segments[last].clone(),
-            inp.as_ref().map(|(h, s)| (h, s.as_ref())),
-        )?;
-        stats.extend(run.stats.iter().cloned());
-        aux_values.extend(run.aux_values.iter().copied());
-        let normed = run
-            .normed
-            .as_ref()
-            .ok_or_else(|| ParallelError::Unsupported("the model has no layers".into()))?;
-        let head =
-            self.vocab_parallel_head(normed, &p.targets, normalizer, opts.loss_chunk, true)?;
-        let mut acc = head.grads;
-        let mut seed = match &head.grad_hidden {
-            Some(g) => contract(normed, g)?,
-            None => Tensor::zeros((), DType::F32, &self.model.device)?,
-        };
-        for a in &run.aux_terms {
-            seed = (seed + a.to_dtype(DType::F32)?)?;
-        }
-        let gs = seed.backward()?;
-        accumulate(&mut acc, &self.params, &gs)?;
-        let mut upstream = input_grads(&gs, inputs.as_ref())?;
-        drop((gs, seed, run));
-        for i in (0..last).rev() {
-            let inputs = boundary_vars(i)?;
-            let inp = as_input(&inputs);
-            let run = self.run(
-                &p,
-                segments[i].clone(),
-                inp.as_ref().map(|(h, s)| (h, s.as_ref())),
-            )?;
-            let (g_h, g_s) = upstream.take().ok_or_else(|| {
-                ParallelError::Unsupported(
-                    "checkpointing: no gradient reached a segment boundary".into(),
-                )
-            })?;
-            let mut seed = contract(&run.hidden, &g_h)?;
-            if let (Some(s), Some(g)) = (&run.state, &g_s) {
-                seed = (seed + contract(s, g)?)?;
-            }
-            for a in &run.aux_terms {
-                seed = (seed + a.to_dtype(DType::F32)?)?;
-            }
-            let gs = seed.backward()?;
-            accumulate(&mut acc, &self.params, &gs)?;
-            upstream = input_grads(&gs, inputs.as_ref())?;
-        }
+        let fwd = sb.forward(TpStageInput::Embed, opts.checkpointing)?;
+        let head = sb.head(&fwd, normalizer, opts.loss_chunk)?;
+        let stats = fwd.stats.clone();
+        let aux_values = fwd.aux_values.clone();
+        let (grads, _) = sb.backward(fwd, TpStageUpstream::Normed(head.grad_hidden), head.grads)?;
         let num = aux_values.len().max(1) as f64;
         Ok(TpBackward {
             loss: head.nll_sum / normalizer,
             aux_loss: aux_values.iter().sum::<f64>() / num,
-            targets: p.targets.len(),
+            targets: sb.p.targets.len(),
             routing: stats,
-            grads: self
-                .params
-                .iter()
-                .map(|sp| acc.get(sp.param.var.as_tensor()).map(Tensor::detach))
-                .collect(),
+            grads,
         })
     }
-
     /// Mean NLL over the counted targets, without gradients.
     pub fn evaluate(&self, batch: &Batch, opts: &TrainOptions) -> ParallelResult<f64> {
         opts.validate()?;
@@ -766,7 +698,245 @@ impl TpTrainModel {
     }
 }
 
-type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
+/// What this rank's layer range starts from.
+#[derive(Debug, Clone)]
+pub enum TpStageInput {
+    /// The token embedding (the first stage).
+    Embed,
+    /// The residual stream `[B, T, H]` and router state `[B, T, R]` from the stage before
+    /// (detached, the same on every rank of the TP group; the state is absent only before
+    /// layer 0).
+    Boundary {
+        hidden: Tensor,
+        state: Option<Tensor>,
+    },
+}
+
+/// The gradient arriving at the end of this rank's layer range.
+#[derive(Debug, Clone)]
+pub enum TpStageUpstream {
+    /// The range ends with the last layer and the head ran: `d loss / d final-norm output`
+    /// (whole, the same on every rank of the TP group).
+    Normed(Option<Tensor>),
+    /// `d loss / d (hidden, router state)` at the range's output, from the stage after (the
+    /// same on every rank of the TP group).
+    Boundary {
+        hidden: Tensor,
+        state: Option<Tensor>,
+    },
+}
+
+/// The head's result on the last stage.
+pub struct TpHeadOutput {
+    /// Σ −log p(target) over the counted targets (the same on every rank).
+    pub nll_sum: f64,
+    /// `d(nll_sum / normalizer) / d final-norm output`, whole on every rank.
+    pub grad_hidden: Option<Tensor>,
+    /// This rank's lm_head slice gradients (the embedding slice when tied).
+    pub grads: GradStore,
+}
+
+/// A micro-batch prepared once for a TP rank's stage: [`TpStageBatch::forward`] runs the
+/// stage's layers from the embedding or a boundary, [`TpStageBatch::head`] the
+/// vocab-parallel cross-entropy on the last stage, [`TpStageBatch::backward`] the layers'
+/// backward from the upstream gradient. Every rank of the TP × EP group calls each of them
+/// in the same order (their collectives pair up); the pipeline schedule (1F1B) may hold
+/// several micro-batches' forwards before their backwards.
+pub struct TpStageBatch<'m> {
+    model: &'m TpTrainModel,
+    p: Prepared,
+}
+
+/// A stage run forward: the detached input of every checkpointing segment, and the last
+/// segment's graph (needed first by the backward).
+pub struct TpStageForward {
+    segments: Vec<Range<usize>>,
+    inputs: Vec<Option<Boundary>>,
+    last_inputs: Option<(Var, Option<Var>)>,
+    last: SegmentRun,
+    /// Routing counts of the stage's layers (over the whole batch: every rank has them).
+    pub stats: Vec<LayerRoutingStats>,
+    /// Balance-loss values (unweighted) of the stage's layers.
+    pub aux_values: Vec<f64>,
+}
+
+impl TpStageForward {
+    /// The stage's output (residual stream, router state), detached: what the next stage
+    /// receives.
+    pub fn output(&self) -> Boundary {
+        (
+            self.last.hidden.detach(),
+            self.last.state.as_ref().map(Tensor::detach),
+        )
+    }
+
+    /// The final-norm output (with its graph) on the last stage.
+    pub fn normed(&self) -> Option<&Tensor> {
+        self.last.normed.as_ref()
+    }
+}
+
+fn leaves(b: Option<&Boundary>) -> ParallelResult<Option<(Var, Option<Var>)>> {
+    b.map(|(h, s)| {
+        Ok((
+            Var::from_tensor(h)?,
+            s.as_ref().map(Var::from_tensor).transpose()?,
+        ))
+    })
+    .transpose()
+}
+
+fn as_input(v: &Option<(Var, Option<Var>)>) -> Option<(&Tensor, Option<&Tensor>)> {
+    v.as_ref()
+        .map(|(h, s)| (h.as_tensor(), s.as_ref().map(|s| s.as_tensor())))
+}
+
+impl TpStageBatch<'_> {
+    /// The counted targets of the batch (after the causal shift).
+    pub fn targets(&self) -> &Targets {
+        &self.p.targets
+    }
+
+    /// Runs this rank's layers from `input`; with checkpointing only the segment
+    /// boundaries are kept for all but the last segment.
+    pub fn forward(
+        &self,
+        input: TpStageInput,
+        checkpointing: Checkpointing,
+    ) -> ParallelResult<TpStageForward> {
+        let m = self.model;
+        let first = m.model.input.is_some();
+        if matches!(input, TpStageInput::Embed) != first {
+            return Err(ParallelError::Unsupported(
+                "the embedding is the input of the first stage and only of it".into(),
+            ));
+        }
+        let segments = checkpointing.segments(m.model.layers.len())?;
+        let last = segments.len() - 1;
+        let mut stats = Vec::new();
+        let mut aux_values = Vec::new();
+        let mut inputs: Vec<Option<Boundary>> = Vec::with_capacity(last + 1);
+        inputs.push(match input {
+            TpStageInput::Embed => None,
+            TpStageInput::Boundary { hidden, state } => Some((hidden, state)),
+        });
+        for seg in &segments[..last] {
+            let inp = inputs.last().expect("one input per segment").as_ref();
+            let run = m.run(&self.p, seg.clone(), inp.map(|(h, s)| (h, s.as_ref())))?;
+            stats.extend(run.stats);
+            aux_values.extend(run.aux_values);
+            inputs.push(Some((run.hidden.detach(), run.state.map(|s| s.detach()))));
+        }
+        let last_inputs = leaves(inputs.pop().expect("one input per segment").as_ref())?;
+        let run = m.run(&self.p, segments[last].clone(), as_input(&last_inputs))?;
+        stats.extend(run.stats.iter().cloned());
+        aux_values.extend(run.aux_values.iter().copied());
+        Ok(TpStageForward {
+            segments,
+            inputs,
+            last_inputs,
+            last: run,
+            stats,
+            aux_values,
+        })
+    }
+
+    /// The vocab-parallel cross-entropy on the last stage: `nll_sum / normalizer`, its
+    /// gradient with respect to the final-norm output and this rank's head gradients.
+    pub fn head(
+        &self,
+        fwd: &TpStageForward,
+        normalizer: f64,
+        chunk: usize,
+    ) -> ParallelResult<TpHeadOutput> {
+        let normed = fwd.normed().ok_or_else(|| {
+            ParallelError::Unsupported("the head runs after the last layer only".into())
+        })?;
+        let h = self
+            .model
+            .vocab_parallel_head(normed, &self.p.targets, normalizer, chunk, true)?;
+        Ok(TpHeadOutput {
+            nll_sum: h.nll_sum,
+            grad_hidden: h.grad_hidden,
+            grads: h.grads,
+        })
+    }
+
+    /// The backward of [`TpStageBatch::forward`], last segment first, seeded with
+    /// `upstream`; parameter gradients are added to `acc` (the head's). Returns this rank's
+    /// gradients (aligned with [`TpTrainModel::params`]; shared KV heads hold each holder's
+    /// part, see the module docs) and the gradients of the stage's input boundary (`None`
+    /// on the first stage), whole on every rank of the TP group.
+    pub fn backward(
+        &self,
+        fwd: TpStageForward,
+        upstream: TpStageUpstream,
+        mut acc: GradStore,
+    ) -> ParallelResult<(Vec<Option<Tensor>>, BoundaryGrads)> {
+        let m = self.model;
+        let TpStageForward {
+            segments,
+            inputs,
+            last_inputs,
+            last: run,
+            ..
+        } = fwd;
+        let mut seed = match &upstream {
+            TpStageUpstream::Normed(Some(g)) => {
+                let normed = run.normed.as_ref().ok_or_else(|| {
+                    ParallelError::Unsupported(
+                        "a head gradient for a stage without the final norm".into(),
+                    )
+                })?;
+                contract(normed, g)?
+            }
+            TpStageUpstream::Normed(None) => Tensor::zeros((), DType::F32, &m.model.device)?,
+            TpStageUpstream::Boundary { hidden, state } => {
+                let mut seed = contract(&run.hidden, hidden)?;
+                if let (Some(s), Some(g)) = (&run.state, state) {
+                    seed = (seed + contract(s, g)?)?;
+                }
+                seed
+            }
+        };
+        for a in &run.aux_terms {
+            seed = (seed + a.to_dtype(DType::F32)?)?;
+        }
+        let gs = seed.backward()?;
+        accumulate(&mut acc, &m.params, &gs)?;
+        let mut upstream = input_grads(&gs, last_inputs.as_ref())?;
+        // free the last segment's graph before the earlier ones are recomputed
+        drop((gs, seed, run, last_inputs));
+        for i in (0..segments.len() - 1).rev() {
+            let vars = leaves(inputs[i].as_ref())?;
+            let run = m.run(&self.p, segments[i].clone(), as_input(&vars))?;
+            let (g_h, g_s) = upstream.take().ok_or_else(|| {
+                ParallelError::Unsupported(
+                    "checkpointing: no gradient reached a segment boundary".into(),
+                )
+            })?;
+            let mut seed = contract(&run.hidden, &g_h)?;
+            if let (Some(s), Some(g)) = (&run.state, &g_s) {
+                seed = (seed + contract(s, g)?)?;
+            }
+            for a in &run.aux_terms {
+                seed = (seed + a.to_dtype(DType::F32)?)?;
+            }
+            let gs = seed.backward()?;
+            accumulate(&mut acc, &m.params, &gs)?;
+            upstream = input_grads(&gs, vars.as_ref())?;
+        }
+        let grads = m
+            .params
+            .iter()
+            .map(|sp| acc.get(sp.param.var.as_tensor()).map(Tensor::detach))
+            .collect();
+        Ok((grads, upstream))
+    }
+}
+
+/// Gradients of a stage's input boundary (`None` on the first stage).
+pub type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
 
 fn input_grads(
     gs: &GradStore,

@@ -67,7 +67,11 @@ impl TpTrainModel {
         if is_expert(name) {
             return Ok(Owned::All);
         }
-        if c.ep != 0 || (sp.selection.is_whole() && c.tp != 0) {
+        if c.ep != 0 || c.dp != 0 || (sp.selection.is_whole() && c.tp != 0) {
+            return Ok(Owned::Nothing);
+        }
+        // a tied embedding is held by the first and the last stage: counted on the first
+        if name == "model.embed_tokens.weight" && c.pp != 0 {
             return Ok(Owned::Nothing);
         }
         if !self.shared_placement(name) {
