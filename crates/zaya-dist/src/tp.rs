@@ -17,6 +17,10 @@
 //!
 //! Norms, residual scales and the router run replicated; the residual stream is identical
 //! on every rank after each all-reduce.
+//!
+//! The layers take their collectives as a parameter ([`crate::autograd::Coll`]): host
+//! collectives for inference, the same collectives with their backward for training
+//! ([`train`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
