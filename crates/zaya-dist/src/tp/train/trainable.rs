@@ -90,9 +90,12 @@ impl TpTrainModel {
         Ok(Owned::Mask(Tensor::from_vec(mask, t.shape(), t.device())?))
     }
 
-    /// Sums the gradients of elements several TP ranks hold over those ranks (collective
-    /// over TP, in the order of the model's tensors on every rank).
-    fn complete_shared(&self, grads: &mut [Option<Tensor>]) -> ParallelResult<()> {
+    /// Sums the gradients of elements several TP ranks hold (a KV head shared when
+    /// `tp > num_key_value_heads`) over those ranks, so every rank holds the whole gradient
+    /// of each element it has: what an optimizer on the slices needs after
+    /// [`TpStageBatch::backward`] (collective over TP, in the order of the model's tensors on
+    /// every rank; `grads` aligned with [`TpTrainModel::params`]).
+    pub fn complete_shared(&self, grads: &mut [Option<Tensor>]) -> ParallelResult<()> {
         let plan = &self.model.plan;
         let c = self.model.coords;
         for spec in native_specs(&plan.cfg) {
