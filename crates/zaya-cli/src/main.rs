@@ -279,6 +279,22 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
         if args.grads && !labels {
             bail!("--grads needs \"labels\" in {}", args.inputs.display());
         }
+        // TP / EP meshes (one stage, one replica): the loss and gradients of the TP ranks;
+        // pipeline meshes: by the pipeline stages (below)
+        let shape = args.parallel.mesh()?;
+        let tp_labels = if labels && shape.pp == 1 && shape.dp == 1 {
+            Some(parallel_cmds::Labelled {
+                batch: train_cmds::read_batch(&args.inputs)?,
+                grads: args.grads,
+                checkpointing: if args.checkpointing {
+                    zaya::train::Checkpointing::EveryLayer
+                } else {
+                    zaya::train::Checkpointing::Off
+                },
+            })
+        } else {
+            None
+        };
         if args.model.quant.is_some() || args.model.adapter.is_some() {
             bail!("--quant and --adapter cannot be combined with parallel ranks");
         }
@@ -297,9 +313,10 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             parse_dtype(&args.model.dtype)?,
             &Tensor::new(inputs.input_ids, &dev)?,
             &opts,
+            tp_labels.as_ref(),
             &args.out,
         )?;
-        if labels {
+        if labels && tp_labels.is_none() {
             // loss (and gradients) by pipeline stages, added to the logits file
             let mut tensors: BTreeMap<String, Tensor> =
                 candle_core::safetensors::load(&args.out, &dev)?

@@ -243,6 +243,25 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
     crate::out::print(&text).map_err(Into::into)
 }
 
+/// A labelled batch for `zaya forward --tp N` (writes `loss`, `aux_loss` and, with
+/// `grads`, `grad.<HF name>` of every parameter gathered to its full tensor).
+pub struct Labelled {
+    pub batch: zaya::train::Batch,
+    pub grads: bool,
+    pub checkpointing: zaya::train::Checkpointing,
+}
+
+/// Keeps the gradients only when they were asked for.
+fn labelled_entries(
+    mut t: std::collections::BTreeMap<String, Tensor>,
+    l: &Labelled,
+) -> std::collections::BTreeMap<String, Tensor> {
+    if !l.grads {
+        t.retain(|k, _| !k.starts_with("grad."));
+    }
+    t
+}
+
 /// `zaya forward --tp N`: local ranks in this process, rank 0's outputs written.
 pub fn forward_parallel(
     dir: &Path,
@@ -250,6 +269,7 @@ pub fn forward_parallel(
     dtype: DType,
     ids: &Tensor,
     opts: &ForwardOptions,
+    labels: Option<&Labelled>,
     out: &Path,
 ) -> Result<()> {
     let mesh = parallel.mesh()?;
@@ -263,7 +283,7 @@ pub fn forward_parallel(
         if dtype != DType::F32 {
             bail!("zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})");
         }
-        return forward_mpi(dir, parallel, ids, opts, out);
+        return forward_mpi(dir, parallel, ids, opts, labels, out);
     }
     if dtype != DType::F32 {
         bail!(
@@ -272,8 +292,18 @@ pub fn forward_parallel(
     }
     let (logits, _) =
         zaya_dist::forward_mesh_on_local_ranks(dir, mesh, ids, opts, zaya_dist::DEFAULT_TIMEOUT)?;
-    let tensors =
+    let mut tensors =
         std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+    if let Some(l) = labels {
+        let got = zaya_dist::tp::train::labelled_grads_on_local_ranks(
+            dir,
+            mesh,
+            &l.batch,
+            l.checkpointing,
+            zaya_dist::DEFAULT_TIMEOUT,
+        )?;
+        tensors.extend(labelled_entries(got, l));
+    }
     candle_core::safetensors::save(&tensors, out)
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
@@ -287,6 +317,7 @@ pub fn forward_mpi(
     parallel: &ParallelArgs,
     ids: &Tensor,
     opts: &ForwardOptions,
+    labels: Option<&Labelled>,
     out: &Path,
 ) -> Result<()> {
     let shape = parallel.mesh()?;
@@ -305,9 +336,21 @@ pub fn forward_mpi(
         &candle_core::Device::Cpu,
     )?;
     let (logits, _) = model.forward_mesh(mesh.groups(), ids, None, opts)?;
+    let grads = match labels {
+        Some(l) => zaya_dist::tp::train::labelled_grads_on_mesh(
+            &ckpt,
+            &plan,
+            &mesh,
+            &l.batch,
+            l.checkpointing,
+        )?
+        .map(|g| labelled_entries(g, l)),
+        None => None,
+    };
     if mesh.world.rank() == 0 {
-        let tensors =
+        let mut tensors =
             std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+        tensors.extend(grads.into_iter().flatten());
         candle_core::safetensors::save(&tensors, out)
             .with_context(|| format!("writing {}", out.display()))?;
     }

@@ -6,12 +6,15 @@
 //! - [`mesh`]: the `dp × pp × ep × tp` rank mesh and its per-axis groups.
 //! - [`plan`]: placements as data (name pattern → column / row / replicated /
 //!   expert-sharded / vocab-parallel) and what each rank holds.
-//! - [`tp`]: one tensor-parallel rank of the model, loading only its slices.
+//! - [`tp`]: one tensor-parallel rank of the model, loading only its slices; [`tp::train`]:
+//!   training it (TP × EP, vocab-parallel cross-entropy, a `Trainable` rank, a stage API).
+//! - [`autograd`]: collectives with a backward pass (Megatron's conjugate pairs).
 //! - [`pipeline`]: pipeline-parallel training stages (layer ranges of the trainable model,
 //!   hidden and router state sent between stages, 1F1B over micro-batches).
 //! - [`train_driver`]: the pipeline × data-parallel training step (bucketed gradient
 //!   all-reduce, ZeRO-1, checkpoints gathered on rank 0).
 
+pub mod autograd;
 pub mod comm;
 pub mod error;
 pub mod grad;

@@ -17,6 +17,10 @@
 //!
 //! Norms, residual scales and the router run replicated; the residual stream is identical
 //! on every rank after each all-reduce.
+//!
+//! The layers take their collectives as a parameter ([`crate::autograd::Coll`]): host
+//! collectives for inference, the same collectives with their backward for training
+//! ([`train`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -35,11 +39,14 @@ use zaya::model::{check_input_ids, forward_context, rotary_tables, Linear, Weigh
 use zaya::weights::{native_specs, Checkpoint, TensorSpec};
 use zaya::{kernels, ForwardOptions, HybridCache, ZayaConfig};
 
+use crate::autograd::{Coll, GatherBackward};
 use crate::comm::Comm;
 use crate::error::{ParallelError, ParallelResult};
 use crate::mesh::Coords;
 use crate::plan::{HeadShare, ParallelPlan};
-use crate::tensor::{all_gather_last, all_reduce};
+use crate::tensor::all_gather_last;
+
+pub mod train;
 
 /// Reads one rank's slices of a checkpoint, as the plan says.
 struct ShardReader<'a> {
@@ -49,6 +56,9 @@ struct ShardReader<'a> {
     specs: HashMap<String, TensorSpec>,
     dtype: DType,
     device: Device,
+    /// This rank's tensors given in memory (by HF name, already sliced: the trainable
+    /// `Var`s of [`train`]); read instead of the checkpoint.
+    given: Option<&'a HashMap<String, Tensor>>,
 }
 
 impl ShardReader<'_> {
@@ -60,6 +70,11 @@ impl ShardReader<'_> {
 
     /// This rank's selection of `name`.
     fn get(&self, name: &str) -> ParallelResult<Tensor> {
+        if let Some(given) = self.given {
+            return given.get(name).cloned().ok_or_else(|| {
+                ParallelError::Unsupported(format!("tensor `{name}` was not given to this rank"))
+            });
+        }
         let spec = self.spec(name)?;
         let sel = self.plan.selection(self.coords, spec);
         self.rows(name, &sel.ranges(&spec.shape))
@@ -150,7 +165,7 @@ impl TpAttention {
 
     fn forward(
         &self,
-        comm: &dyn Comm,
+        tp: &Coll,
         a: &Tensor,
         inputs: &zaya::model::AttentionInputs,
         cache: Option<&mut LayerCache>,
@@ -159,6 +174,8 @@ impl TpAttention {
             Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
             None => a.clone(),
         };
+        // the (replicated) normed input enters this rank's heads
+        let a = tp.copy(&a)?;
         let (b, t, _) = a.dims3()?;
         let d = self.head_dim;
         let (nq, nkv) = (self.heads.query.len(), self.heads.kv.len());
@@ -192,7 +209,8 @@ impl TpAttention {
                     slots.push(Tensor::zeros((b, t, 1, d), local.dtype(), local.device())?);
                 }
             }
-            let summed = all_reduce(comm, &Tensor::cat(&slots, 2)?)?;
+            // each rank then uses its own KV heads of the sum: the backward sums those uses
+            let summed = tp.reduce_both(&Tensor::cat(&slots, 2)?)?;
             (summed.narrow(2, self.heads.kv.start, nkv)? / self.group as f64)?
         };
 
@@ -269,7 +287,7 @@ impl TpAttention {
         let (o, _) = core::attend(inputs.backend, &q, &k, &v, inputs.mask, scale, false)?;
         let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
         let partial = self.o_proj.forward(&o)?;
-        let out = all_reduce(comm, &partial)?;
+        let out = tp.reduce(&partial)?;
         Ok(match &self.o_bias {
             Some(bias) => out.broadcast_add(bias)?,
             None => out,
@@ -315,6 +333,23 @@ pub struct Groups<'a> {
     pub tp: &'a dyn Comm,
     pub pp: &'a dyn Comm,
     pub ep: &'a dyn Comm,
+}
+
+/// The collectives a layer runs with (inference: borrowed, no graph; training: owned,
+/// recorded with their backward).
+#[derive(Clone)]
+pub(crate) struct Colls<'a> {
+    pub(crate) tp: Coll<'a>,
+    pub(crate) ep: Coll<'a>,
+}
+
+impl<'a> Colls<'a> {
+    fn host(g: &Groups<'a>) -> Self {
+        Colls {
+            tp: Coll::Host(g.tp),
+            ep: Coll::Host(g.ep),
+        }
+    }
 }
 
 impl crate::mesh::Mesh {
@@ -401,6 +436,19 @@ impl TpModel {
         dtype: DType,
         device: &Device,
     ) -> ParallelResult<Self> {
+        Self::build(ckpt, plan, coords, dtype, device, None)
+    }
+
+    /// [`TpModel::at`] reading the rank's tensors from `given` (HF name → this rank's
+    /// slice) instead of the checkpoint; `ckpt` only names the config.
+    fn build(
+        ckpt: &Arc<Checkpoint>,
+        plan: &ParallelPlan,
+        coords: Coords,
+        dtype: DType,
+        device: &Device,
+        given: Option<&HashMap<String, Tensor>>,
+    ) -> ParallelResult<Self> {
         let m = plan.mesh;
         if dtype != DType::F32 {
             return Err(ParallelError::Unsupported(format!(
@@ -425,9 +473,17 @@ impl TpModel {
                 .collect(),
             dtype,
             device: device.clone(),
+            given,
         };
         // Replicated tensors go through the model's own constructors.
-        let vb = Weights::from(ckpt.var_builder(&cfg, dtype, device));
+        let vb = match given {
+            Some(g) => Weights::from(candle_nn::VarBuilder::from_tensors(
+                g.clone(),
+                dtype,
+                device,
+            )),
+            None => Weights::from(ckpt.var_builder(&cfg, dtype, device)),
+        };
         let h = cfg.hidden_size;
         let layer_range = plan.stage_layers(coords.pp);
         let mut layers = Vec::with_capacity(layer_range.len());
@@ -556,30 +612,37 @@ impl TpModel {
 
     /// Vocab-parallel lookup: rows of this rank's slice, zero for the other ids, summed
     /// over the group; then the input scale and bias into the f32 stream.
-    fn embed(
-        &self,
-        comm: &dyn Comm,
-        input: &InputPart,
-        ids: &[Vec<i64>],
-    ) -> ParallelResult<Tensor> {
+    fn embed(&self, tp: &Coll, input: &InputPart, ids: &[Vec<i64>]) -> ParallelResult<Tensor> {
         let (b, t) = (ids.len(), ids[0].len());
         let per = input.embed.dim(0)?;
+        let pad = self.cfg.pad_token_id.map(|p| p as i64);
         let mut local = Vec::with_capacity(b * t);
         let mut keep = Vec::with_capacity(b * t);
+        let mut pads = Vec::with_capacity(b * t);
         for &id in ids.iter().flatten() {
-            let id = id as usize;
-            let mine = id >= self.vocab_start && id < self.vocab_start + per;
+            let i = id as usize;
+            let mine = i >= self.vocab_start && i < self.vocab_start + per;
             local.push(if mine {
-                (id - self.vocab_start) as u32
+                (i - self.vocab_start) as u32
             } else {
                 0
             });
             keep.push(if mine { 1f32 } else { 0f32 });
+            pads.push(u8::from(Some(id) == pad));
         }
         let local = Tensor::from_vec(local, b * t, &self.device)?;
         let keep = Tensor::from_vec(keep, (b * t, 1), &self.device)?.to_dtype(self.dtype)?;
-        let e = input.embed.index_select(&local, 0)?.broadcast_mul(&keep)?;
-        let e = all_reduce(comm, &e)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut rows = input.embed.index_select(&local, 0)?;
+        // `padding_idx`: the pad row gets no gradient from the lookup (as the single-rank
+        // model; only when a graph is recorded).
+        if input.embed.track_op() && pads.contains(&1) {
+            let is_pad = Tensor::from_vec(pads, (b * t, 1), &self.device)?
+                .broadcast_as(rows.shape())?
+                .contiguous()?;
+            rows = is_pad.where_cond(&rows.detach(), &rows)?;
+        }
+        let e = rows.broadcast_mul(&keep)?;
+        let e = tp.reduce(&e)?.reshape((b, t, self.cfg.hidden_size))?;
         Ok(e.broadcast_add(&input.bias)?
             .broadcast_mul(&input.scale)?
             .to_dtype(DType::F32)?)
@@ -587,7 +650,7 @@ impl TpModel {
 
     fn layer_forward(
         &self,
-        g: Groups,
+        g: &Colls,
         idx: usize,
         h: &Tensor,
         state: Option<&Tensor>,
@@ -607,121 +670,106 @@ impl TpModel {
             backend: ctx.attn,
         };
         let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &l.input_layernorm, eps)?;
-        let attn = l.attn.forward(g.tp, &a, &inputs, cache)?;
+        let attn = l.attn.forward(&g.tp, &a, &inputs, cache)?;
         let r = l.post_attention_residual_scale.forward(&attn, h)?;
         let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &l.post_attention_layernorm, eps)?;
         let (b, t, hd) = n.dims3()?;
         let routing = l.router.forward(&n, state)?;
         let flat = n.reshape((b * t, hd))?;
+        // The tokens and their routing weights (replicated) enter this rank's expert slices.
+        let xw = Tensor::cat(&[&flat, &routing.weight.to_dtype(flat.dtype())?], 1)?;
+        let xw = g.tp.copy(&xw)?;
         let partial = if g.ep.size() > 1 {
-            self.ep_experts(g.ep, l, &flat, &routing)?
+            self.ep_experts(&g.ep, l, &xw, &routing.choice)?
         } else {
-            kernels::moe_experts(&flat, &routing.choice, &routing.weight, &l.gate_up, &l.down)?
+            let x = xw.narrow(1, 0, hd)?;
+            let w = xw.narrow(1, hd, 1)?.to_dtype(routing.weight.dtype())?;
+            kernels::moe_experts(&x, &routing.choice, &w, &l.gate_up, &l.down)?
         };
-        let m = all_reduce(g.tp, &partial)?.reshape((b, t, hd))?;
+        let m = g.tp.reduce(&partial)?.reshape((b, t, hd))?;
         Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing))
     }
 
     /// Expert parallelism: the router (replicated) has chosen an expert for every token;
     /// this EP rank takes its contiguous share of the tokens, sends each token routed to
-    /// an expert (with the expert's local index and the routing weight) to the rank holding
-    /// it by an all-to-all, computes the tokens it received with its experts, returns the
-    /// outputs by the inverse all-to-all and places them back in token order. Skip-routed
-    /// tokens never leave their rank (their output is zero). The shares are then gathered
-    /// so every EP rank holds all `[N, H]` outputs (attention runs replicated over EP).
+    /// an expert (with its routing weight; the expert's local index travels beside) to the
+    /// rank holding it by an all-to-all, computes the tokens it received with its experts,
+    /// returns the outputs by the inverse all-to-all and places them back in token order.
+    /// Skip-routed tokens never leave their rank (their output is zero). The shares are then
+    /// gathered so every EP rank holds all `[N, H]` outputs (attention runs replicated over
+    /// EP). `xw` is `[N, H + 1]`: the tokens and their routing weights. With [`Coll::Grad`]
+    /// every step has its backward (the inverse all-to-all, the own rows of the gather).
     fn ep_experts(
         &self,
-        ep: &dyn Comm,
+        ep: &Coll,
         l: &TpLayer,
-        flat: &Tensor,
-        routing: &zaya::model::Routing,
+        xw: &Tensor,
+        choice: &[u32],
     ) -> ParallelResult<Tensor> {
-        let (n, h) = flat.dims2()?;
+        let (n, h1) = xw.dims2()?;
+        let h = h1 - 1;
         let (p, q) = (ep.size(), ep.rank());
         let experts = self.cfg.num_experts;
         let per = experts / p;
         let share = n.div_ceil(p);
         let mine = (q * share).min(n)..((q + 1) * share).min(n);
-        let x: Vec<f32> = flat
-            .narrow(0, mine.start, mine.len())?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let w: Vec<f32> = routing
-            .weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let mut send = vec![Vec::new(); p];
+        // this rank's routed tokens, grouped by destination (token order inside a group)
         let mut order: Vec<Vec<usize>> = vec![Vec::new(); p];
-        for (k, i) in mine.clone().enumerate() {
-            let c = routing.choice[i] as usize;
+        let mut local_ids: Vec<Vec<f32>> = vec![Vec::new(); p];
+        for i in mine.clone() {
+            let c = choice[i] as usize;
             if c >= experts {
                 continue; // skip class: stays here, contributes zero
             }
             let dest = c / per;
-            send[dest].push((c - dest * per) as f32);
-            send[dest].push(w[i]);
-            send[dest].extend_from_slice(&x[k * h..(k + 1) * h]);
-            order[dest].push(k);
+            order[dest].push(i);
+            local_ids[dest].push((c - dest * per) as f32);
         }
-        let recv = ep.all_to_all_v(&send)?;
-        let mut rows = Vec::new();
-        let mut ids = Vec::new();
-        let mut ws = Vec::new();
-        let mut counts = Vec::with_capacity(p);
-        for (src, r) in recv.iter().enumerate() {
-            if !r.len().is_multiple_of(h + 2) {
-                return Err(ParallelError::Unsupported(format!(
-                    "EP rank {q} received {} values from EP rank {src}: not whole tokens of {h} + 2",
-                    r.len()
-                )));
-            }
-            let m = r.len() / (h + 2);
-            for rec in r.chunks(h + 2) {
-                ids.push(rec[0] as u32);
-                ws.push(rec[1]);
-                rows.extend_from_slice(&rec[2..]);
-            }
-            counts.push(m);
+        let counts: Vec<usize> = order.iter().map(Vec::len).collect();
+        let sel: Vec<u32> = order.iter().flatten().map(|&i| i as u32).collect();
+        let sel = Tensor::from_vec(sel, counts.iter().sum::<usize>(), &self.device)?;
+        let xw = ep.copy(xw)?;
+        let sent = xw.index_select(&sel, 0)?;
+        let (got, recv) = ep.all_to_all_rows(&sent, &counts)?;
+        let ids: Vec<u32> = ep
+            .comm()
+            .all_to_all_v(&local_ids)?
+            .into_iter()
+            .flatten()
+            .map(|v| v as u32)
+            .collect();
+        let total: usize = recv.iter().sum();
+        if ids.len() != total {
+            return Err(ParallelError::Unsupported(format!(
+                "EP rank {q} received {total} tokens but {} expert indices",
+                ids.len()
+            )));
         }
-        let total: usize = counts.iter().sum();
-        let out: Vec<f32> = if total > 0 {
-            let xs = Tensor::from_vec(rows, (total, h), &self.device)?.to_dtype(flat.dtype())?;
-            let wt =
-                Tensor::from_vec(ws, (total, 1), &self.device)?.to_dtype(routing.weight.dtype())?;
-            kernels::moe_experts(&xs, &ids, &wt, &l.gate_up, &l.down)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?
+        let x = got.narrow(1, 0, h)?;
+        let out = if total > 0 {
+            let w = got.narrow(1, h, 1)?;
+            kernels::moe_experts(&x, &ids, &w, &l.gate_up, &l.down)?
         } else {
-            Vec::new()
+            // nothing to compute, but the return trip (and its backward) still runs
+            x.affine(0.0, 0.0)?
         };
-        let mut back = Vec::with_capacity(p);
-        let mut at = 0;
-        for &m in &counts {
-            back.push(out[at * h..(at + m) * h].to_vec());
-            at += m;
-        }
-        let results = ep.all_to_all_v(&back)?;
-        let mut local = vec![0f32; share * h];
-        for (dest, res) in results.iter().enumerate() {
-            if res.len() != order[dest].len() * h {
-                return Err(ParallelError::Unsupported(format!(
-                    "EP rank {q} got {} values back from EP rank {dest} for {} tokens",
-                    res.len(),
-                    order[dest].len()
-                )));
-            }
-            for (j, &k) in order[dest].iter().enumerate() {
-                local[k * h..(k + 1) * h].copy_from_slice(&res[j * h..(j + 1) * h]);
-            }
-        }
-        let all = ep.all_gather(&local)?;
-        Ok(
-            Tensor::from_vec(all[..n * h].to_vec(), (n, h), &self.device)?
-                .to_dtype(flat.dtype())?,
-        )
+        let (back, _) = ep.all_to_all_rows(&out.contiguous()?, &recv)?;
+        let local = Tensor::zeros((share, h), back.dtype(), &self.device)?;
+        let at: Vec<u32> = order
+            .iter()
+            .flatten()
+            .map(|&i| (i - mine.start) as u32)
+            .collect();
+        let local = if at.is_empty() {
+            // Every token of this share is skip-routed: nothing comes back, but the return
+            // trip must stay in the graph (its backward is a collective the other members
+            // run too).
+            local.broadcast_add(&back.sum_keepdim(0)?)?
+        } else {
+            local.index_add(&Tensor::from_vec(at, back.dim(0)?, &self.device)?, &back, 0)?
+        };
+        let all = ep.all_gather_rows(&local, GatherBackward::OwnRows)?;
+        Ok(all.narrow(0, 0, n)?)
     }
 
     /// The forward pass of a tensor-parallel rank (one stage; every rank of the TP group
@@ -759,6 +807,7 @@ impl TpModel {
     ) -> ParallelResult<(Tensor, Choices)> {
         let m = self.plan.mesh;
         let (tp, pp) = (g.tp, g.pp);
+        let colls = Colls::host(&g);
         let fits = |c: &dyn Comm, size: usize, rank: usize| c.size() == size && c.rank() == rank;
         if !fits(tp, m.tp, self.coords.tp)
             || !fits(pp, m.pp, self.coords.pp)
@@ -800,7 +849,7 @@ impl TpModel {
             opts,
         )?;
         let (mut h, mut state) = match &self.input {
-            Some(input) => (self.embed(tp, input, &ids)?, None),
+            Some(input) => (self.embed(&colls.tp, input, &ids)?, None),
             None => {
                 let from = self.coords.pp - 1;
                 let h = pp.recv(from, TAG_HIDDEN)?;
@@ -832,7 +881,7 @@ impl TpModel {
                 })?),
             };
             let (next, routing) =
-                self.layer_forward(g, idx, &h, state.as_ref(), &ctx, layer_cache)?;
+                self.layer_forward(&colls, idx, &h, state.as_ref(), &ctx, layer_cache)?;
             h = next;
             choices.push(routing.choice);
             state = Some(routing.state);

@@ -652,6 +652,11 @@ pub trait Trainable {
     fn frozen_reference(&self) -> Option<ZayaModel> {
         None
     }
+    /// The global norm of `grads` (this model's gradients). A model sharded over ranks sums
+    /// every rank's share (each element counted once).
+    fn grad_norm(&self, grads: &Gradients) -> Result<f64> {
+        grads.global_norm()
+    }
 }
 
 impl Trainable for TrainableModel {

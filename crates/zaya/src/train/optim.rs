@@ -440,6 +440,18 @@ pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
         )));
     }
     let norm = grads.global_norm()?;
+    clip_to_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// [`clip_grad_norm`] with the global norm computed elsewhere (a model whose parameters
+/// are spread over ranks sums the shares of every rank: [`super::Trainable::grad_norm`]).
+pub fn clip_to_norm(grads: &mut Gradients, norm: f64, max_norm: f64) -> Result<()> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(ZayaError::Input(format!(
+            "max_grad_norm must be positive, got {max_norm}"
+        )));
+    }
     if !norm.is_finite() {
         return Err(ZayaError::Input(format!(
             "gradient norm is {norm}: the loss diverged"
@@ -449,7 +461,7 @@ pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
     if coef < 1.0 {
         grads.scale(coef)?;
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(test)]

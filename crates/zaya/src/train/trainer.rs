@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_to_norm, AdamW, AdamWConfig};
 use super::schedule::CosineSchedule;
 use super::{
     Batch, Checkpointing, Gradients, LayerRoutingStats, LossScale, TrainOptions, Trainable,
@@ -276,10 +276,10 @@ impl<M: Trainable> Trainer<M> {
     /// (a policy-gradient objective, for instance); `loss` is only checked to be finite.
     /// Counts the step. Returns `(lr, gradient norm before clipping)`.
     pub fn update(&mut self, mut grads: Gradients, loss: f64) -> Result<(f64, f64)> {
-        let grad_norm = match self.cfg.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => grads.global_norm()?,
-        };
+        let grad_norm = self.model.grad_norm(&grads)?;
+        if let Some(max) = self.cfg.max_grad_norm {
+            clip_to_norm(&mut grads, grad_norm, max)?;
+        }
         // Never apply a NaN/inf update: the weights stay as they were and the caller sees why.
         if !grad_norm.is_finite() || !loss.is_finite() {
             return Err(ZayaError::Input(format!(

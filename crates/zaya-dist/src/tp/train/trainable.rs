@@ -1,0 +1,284 @@
+//! [`Trainable`] for a TP × EP rank, so [`zaya::train::trainer::Trainer`] trains it: every
+//! rank runs its own trainer on its slices (AdamW is elementwise, so slices of the
+//! single-process update are exactly the sharded updates) once the rank's gradients are
+//! whole for every element it holds and the clipping norm is the norm over the mesh.
+//!
+//! - Gradients of a KV head shared by several TP ranks are summed over its holders
+//!   ([`TpTrainModel::forward_backward`] returns each holder's part).
+//! - The gradient norm counts every element once: a replicated tensor on TP rank 0 of EP
+//!   rank 0, a shared KV head on its first holder, summed over the world.
+//! - The balancing-bias rule runs on every rank from the same (replicated) routing counts.
+//! - `save_weights` gathers the full model to world rank 0, which writes it. The optimizer
+//!   state stays per rank: [`zaya::train::trainer::Trainer::save`] would have every rank
+//!   write its own `optimizer.safetensors` into the same directory, so saving and resuming
+//!   a TP run is not supported yet.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use zaya::train::aux_loss::balance_bias_update;
+use zaya::train::{BackwardOutput, Gradients, LayerRoutingStats, TokenLogps, Trainable};
+use zaya::weights::{save_checkpoint, Layout, TensorSpec};
+use zaya::{ZayaConfig, ZayaError, ZayaModel};
+
+use super::*;
+use crate::plan::{placement_of, Placement};
+
+/// Which of a rank's elements of a parameter count as its own (each element of the model
+/// is owned by exactly one rank).
+enum Owned {
+    All,
+    Nothing,
+    /// 1 where owned, shaped like the rank's slice.
+    Mask(Tensor),
+}
+
+fn z(e: ParallelError) -> ZayaError {
+    match e {
+        ParallelError::Model(e) => e,
+        other => ZayaError::Input(other.to_string()),
+    }
+}
+
+impl TpTrainModel {
+    /// Whether TP ranks may hold the same elements of `name` (more TP ranks than KV heads).
+    fn shared_placement(&self, name: &str) -> bool {
+        let plan = &self.model.plan;
+        plan.mesh.tp > plan.cfg.num_key_value_heads
+            && matches!(
+                placement_of(&plan.rules, name),
+                Placement::KvHeads | Placement::ValueHeads { .. } | Placement::ConvChannels
+            )
+    }
+
+    fn offsets(&self, c: Coords, spec: &TensorSpec) -> Vec<usize> {
+        let sel = self.model.plan.selection(c, spec);
+        let count = sel.shape(&spec.shape).iter().product();
+        let mut out = Vec::with_capacity(count);
+        for_each_offset(&spec.shape, &sel.ranges(&spec.shape), count, |_, o| {
+            out.push(o)
+        });
+        out
+    }
+
+    fn owned(&self, sp: &ShardParam) -> ParallelResult<Owned> {
+        let c = self.model.coords;
+        let name = &sp.param.name;
+        if is_expert(name) {
+            return Ok(Owned::All);
+        }
+        if c.ep != 0 || c.dp != 0 || (sp.selection.is_whole() && c.tp != 0) {
+            return Ok(Owned::Nothing);
+        }
+        // a tied embedding is held by the first and the last stage: counted on the first
+        if name == "model.embed_tokens.weight" && c.pp != 0 {
+            return Ok(Owned::Nothing);
+        }
+        if !self.shared_placement(name) {
+            return Ok(Owned::All);
+        }
+        let spec = &sp.spec;
+        let lower: HashSet<usize> = (0..c.tp)
+            .flat_map(|t| self.offsets(Coords { tp: t, ..c }, spec))
+            .collect();
+        let mask: Vec<f32> = self
+            .offsets(c, spec)
+            .into_iter()
+            .map(|o| if lower.contains(&o) { 0.0 } else { 1.0 })
+            .collect();
+        let t = sp.param.var.as_tensor();
+        Ok(Owned::Mask(Tensor::from_vec(mask, t.shape(), t.device())?))
+    }
+
+    /// Sums the gradients of elements several TP ranks hold (a KV head shared when
+    /// `tp > num_key_value_heads`) over those ranks, so every rank holds the whole gradient
+    /// of each element it has: what an optimizer on the slices needs after
+    /// [`TpStageBatch::backward`] (collective over TP, in the order of the model's tensors on
+    /// every rank; `grads` aligned with [`TpTrainModel::params`]).
+    pub fn complete_shared(&self, grads: &mut [Option<Tensor>]) -> ParallelResult<()> {
+        let plan = &self.model.plan;
+        let c = self.model.coords;
+        for spec in native_specs(&plan.cfg) {
+            if !plan.holds(c, &spec.name) || !self.shared_placement(&spec.name) {
+                continue;
+            }
+            let mine = self.params.iter().position(|p| p.param.name == spec.name);
+            let mut full = vec![0f32; spec.shape.iter().product()];
+            let offsets = self.offsets(c, &spec);
+            if let Some(i) = mine {
+                let g = match &grads[i] {
+                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0f32; offsets.len()],
+                };
+                for (k, &o) in offsets.iter().enumerate() {
+                    full[o] += g[k];
+                }
+            }
+            self.tp.all_reduce_sum(&mut full)?;
+            if let Some(i) = mine {
+                let v: Vec<f32> = offsets.iter().map(|&o| full[o]).collect();
+                let t = self.params[i].param.var.as_tensor();
+                grads[i] = Some(Tensor::from_vec(v, t.shape(), t.device())?);
+            }
+        }
+        Ok(())
+    }
+
+    fn world(&self) -> ParallelResult<&dyn Comm> {
+        self.world.as_deref().ok_or_else(|| {
+            ParallelError::Unsupported(
+                "training a TP rank needs the mesh's world: build it with TpTrainModel::on_mesh"
+                    .into(),
+            )
+        })
+    }
+
+    /// `sqrt(Σ g²)` over every element of the model once, from every rank's gradients.
+    /// Collective over the world.
+    pub fn global_grad_norm(&self, grads: &[Option<Tensor>]) -> ParallelResult<f64> {
+        let mut local = 0f64;
+        for (sp, g) in self.params.iter().zip(grads) {
+            let Some(g) = g else { continue };
+            let sq = g.to_dtype(DType::F32)?.sqr()?;
+            let s = match self.owned(sp)? {
+                Owned::All => sq.sum_all()?,
+                Owned::Nothing => continue,
+                Owned::Mask(m) => sq.mul(&m)?.sum_all()?,
+            };
+            local += f64::from(s.to_scalar::<f32>()?);
+        }
+        let mut buf = [local as f32];
+        self.world()?.all_reduce_sum(&mut buf)?;
+        Ok(f64::from(buf[0]).sqrt())
+    }
+
+    /// The full model on world rank 0 (`None` elsewhere): every parameter gathered once,
+    /// the balancing biases as rank 0 holds them. Collective over the world.
+    pub fn gather_weights(&self) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
+        let world = self.world()?;
+        let mut mine = Vec::with_capacity(self.params.len());
+        for sp in &self.params {
+            let v = sp.param.var.as_tensor().detach();
+            mine.push(Some(match self.owned(sp)? {
+                Owned::Mask(m) => v.mul(&m)?,
+                _ => v,
+            }));
+        }
+        let Some(mut full) = self.gather(world, &mine)? else {
+            return Ok(None);
+        };
+        for (name, t) in &self.tensors {
+            if name.ends_with(".balancing_biases") {
+                full.insert(name.clone(), t.copy()?);
+            }
+        }
+        Ok(Some(full))
+    }
+
+    fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
+        let range = self.model.layer_range();
+        if routing.len() != range.len() {
+            return Err(ParallelError::Unsupported(format!(
+                "routing counts for {} layers, this rank has {}",
+                routing.len(),
+                range.len()
+            )));
+        }
+        for (i, stats) in range.zip(routing) {
+            let name = format!("model.layers.{i}.mlp.gate.balancing_biases");
+            let cur: Vec<f32> = self.tensors[&name].to_vec1()?;
+            let new = balance_bias_update(&cur, &stats.counts, lr)?;
+            let t = Tensor::new(new.as_slice(), &self.model.device)?;
+            self.tensors.insert(name, t);
+        }
+        self.model = TpModel::build(
+            &self.ckpt,
+            &self.model.plan,
+            self.model.coords,
+            DType::F32,
+            &Device::Cpu,
+            Some(&self.tensors),
+        )?;
+        Ok(())
+    }
+}
+
+impl Trainable for TpTrainModel {
+    const CHECKPOINT_FILES: &'static [&'static str] = &["model.safetensors", "config.json"];
+
+    fn config(&self) -> &ZayaConfig {
+        &self.model.cfg
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.plain
+    }
+
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+    ) -> zaya::Result<BackwardOutput> {
+        let mut r = TpTrainModel::forward_backward(self, batch, opts, scale).map_err(z)?;
+        self.complete_shared(&mut r.grads).map_err(z)?;
+        Ok(BackwardOutput {
+            loss: r.loss,
+            aux_loss: r.aux_loss,
+            targets: r.targets,
+            routing: r.routing,
+            grads: Gradients { grads: r.grads },
+        })
+    }
+
+    fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> zaya::Result<()> {
+        self.bias_balancing(routing, lr).map_err(z)
+    }
+
+    fn save_weights(&self, dir: &Path) -> zaya::Result<()> {
+        if let Some(full) = self.gather_weights().map_err(z)? {
+            save_checkpoint(dir, &self.model.cfg, &full, Layout::Native)?;
+        }
+        Ok(())
+    }
+
+    fn grad_norm(&self, grads: &Gradients) -> zaya::Result<f64> {
+        self.global_grad_norm(&grads.grads).map_err(z)
+    }
+
+    fn device(&self) -> &Device {
+        &self.model.device
+    }
+
+    fn forward_backward_objective(
+        &self,
+        _batch: &Batch,
+        _opts: &TrainOptions,
+        _aux_weight: f64,
+        _temperature: f64,
+        _objective: &mut dyn FnMut(&TokenLogps) -> zaya::Result<Vec<f32>>,
+    ) -> zaya::Result<BackwardOutput> {
+        Err(unsupported("per-token objectives (GRPO)"))
+    }
+
+    fn token_logps(
+        &self,
+        _batch: &Batch,
+        _opts: &TrainOptions,
+        _temperature: f64,
+    ) -> zaya::Result<TokenLogps> {
+        Err(unsupported("token log-probabilities (GRPO)"))
+    }
+
+    fn inference_view(&self) -> zaya::Result<ZayaModel> {
+        Err(unsupported(
+            "a single-device inference view (the rank holds slices)",
+        ))
+    }
+}
+
+fn unsupported(what: &str) -> ZayaError {
+    ZayaError::Input(format!(
+        "{what} under tensor/expert parallelism: not in this version"
+    ))
+}
