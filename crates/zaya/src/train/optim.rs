@@ -304,7 +304,7 @@ impl StepConstants {
         let t = step.min(i32::MAX as u64) as i32;
         let bc1 = 1.0 - cfg.beta1.powi(t);
         let bc2_sqrt = (1.0 - cfg.beta2.powi(t)).sqrt();
-        let decay = (decays && cfg.weight_decay != 0.0).then(|| 1.0 - lr * cfg.weight_decay);
+        let decay = (decays && cfg.weight_decay != 0.0).then_some(1.0 - lr * cfg.weight_decay);
         StepConstants {
             beta1: cfg.beta1 as f32,
             one_minus_beta1: (1.0 - cfg.beta1) as f32,
