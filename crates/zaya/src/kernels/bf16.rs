@@ -21,39 +21,9 @@ use half::bf16;
 use super::cpu::{self, GEMV_ROWS};
 use candle_core::Result;
 
-/// Accumulator lanes: four 16-lane vectors, four independent add chains per row (one chain
-/// would wait on the add latency instead of the memory).
-const LANES: usize = 64;
-
 #[inline(always)]
 fn widen(w: bf16) -> f32 {
     f32::from_bits((w.to_bits() as u32) << 16)
-}
-
-#[inline(always)]
-fn dot_bf16_body(x: &[f32], w: &[bf16]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut cx = x.chunks_exact(LANES);
-    let mut cw = w.chunks_exact(LANES);
-    for (a, b) in (&mut cx).zip(&mut cw) {
-        for ((s, u), v) in acc.iter_mut().zip(a).zip(b) {
-            *s = u.mul_add(widen(*v), *s);
-        }
-    }
-    cpu::hsum(&acc)
-        + cx.remainder()
-            .iter()
-            .zip(cw.remainder())
-            .map(|(u, v)| u * widen(*v))
-            .sum::<f32>()
-}
-
-/// `Σ x·w` for up to [`GEMV_ROWS`] rows of `x` against one weight row; one pass over `w`.
-#[inline(always)]
-fn dots_bf16_body(xs: &[f32], k: usize, w: &[bf16], out: &mut [f32]) {
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = dot_bf16_body(&xs[i * k..(i + 1) * k], w);
-    }
 }
 
 #[inline(always)]
@@ -61,11 +31,6 @@ fn widen_into_body(src: &[bf16], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = widen(*s);
     }
-}
-
-simd_dispatch! {
-    /// `out[i] = x_i · w` for the `out.len()` rows of `xs` (row length `k`).
-    pub(crate) fn dots_bf16(xs: &[f32], k: usize, w: &[bf16], out: &mut [f32]) => dots_bf16_body
 }
 
 simd_dispatch! {
@@ -112,9 +77,12 @@ pub(crate) fn linear(
 
 /// The GEMV path of [`linear`]: each weight row read once for all rows of `x`.
 fn gemv(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
-    cpu::gemv_by_weight_rows(m, n, k, out, |j, c| {
-        dots_bf16(&x[..m * k], k, &w[j * k..(j + 1) * k], c)
-    });
+    let by_col = cpu::gemv_by_col(&x[..m * k], k, m, &w[..n * k], k, n, k, true);
+    for (i, row) in out[..m * n].chunks_mut(n).enumerate() {
+        for (j, d) in row.iter_mut().enumerate() {
+            *d = by_col[j * m + i];
+        }
+    }
 }
 
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ` with **both** operands bf16 (the activations of a bf16

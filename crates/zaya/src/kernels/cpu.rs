@@ -524,23 +524,9 @@ pub(crate) fn gemm(
     if m <= GEMV_ROWS && rhs.rs == 1 && lhs.cs == 1 {
         let parallel = parallel && n * k >= 1 << 12;
         let (l, r) = (&lhs, &rhs);
-        let mut by_col = vec![0f32; n * m];
         let xs = &l.data[l.off..l.off + (m - 1) * l.rs + k];
-        // blocks of 8 columns (the widest tile), a few blocks per task
-        const BLOCK: usize = 8;
-        let cols = |blk: usize, c: &mut [f32]| {
-            let (j0, cols) = (blk * BLOCK, c.len() / m);
-            let w = &r.data[r.off + j0 * r.cs..r.off + (j0 + cols - 1) * r.cs + k];
-            dots_block(xs, l.rs, m, w, r.cs, cols, k, c);
-        };
-        if parallel {
-            par_chunks_mut(&mut by_col, m * BLOCK, cols);
-        } else {
-            by_col
-                .chunks_mut(m * BLOCK)
-                .enumerate()
-                .for_each(|(blk, c)| cols(blk, c));
-        }
+        let ws = &r.data[r.off..r.off + (n - 1) * r.cs + k];
+        let by_col = gemv_by_col(xs, l.rs, m, ws, r.cs, n, k, parallel);
         for i in 0..m {
             let row = &mut dst.data[dst.off + i * dst.rs..dst.off + i * dst.rs + n];
             for (col, d) in row.iter_mut().enumerate() {
@@ -749,13 +735,52 @@ pub(crate) fn hsum<const N: usize>(a: &[f32; N]) -> f32 {
 fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
     let mut out = [0f32];
-    dots_tile::<1, 1>(a, k, b, k, k, &mut out, 1);
+    dots_tile::<1, 1, f32>(a, k, b, k, k, &mut out, 1);
     out[0]
 }
 
 simd_dispatch! {
     /// `Σ a·b` over the common length.
     pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
+}
+
+/// A stored weight element the dot-product tiles read: f32, or bf16 widened exactly (its
+/// bits are the high half of an f32).
+pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// 16 consecutive elements at `p`, widened.
+    ///
+    /// # Safety
+    /// AVX-512F must be available (call only from code compiled for it) and `p` must point
+    /// at 16 readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
 }
 
 /// `R` rows of `xs` (row stride `xs_stride`) against `C` rows of `ws` (stride `ws_stride`),
@@ -765,10 +790,10 @@ simd_dispatch! {
 /// [`hsum`], then the tail (`k mod 16`) in order. So a row's result never depends on how
 /// many rows or columns run with it (the engine's batch invariance rests on this).
 #[inline(always)]
-fn dots_tile<const R: usize, const C: usize>(
+fn dots_tile<const R: usize, const C: usize, W: WeightElem>(
     xs: &[f32],
     xs_stride: usize,
-    ws: &[f32],
+    ws: &[W],
     ws_stride: usize,
     k: usize,
     out: &mut [f32],
@@ -780,7 +805,12 @@ fn dots_tile<const R: usize, const C: usize>(
         let o = c * LANES;
         let mut w = [[0f32; LANES]; C];
         for (j, wj) in w.iter_mut().enumerate() {
-            wj.copy_from_slice(&ws[j * ws_stride + o..j * ws_stride + o + LANES]);
+            for (d, s) in wj
+                .iter_mut()
+                .zip(&ws[j * ws_stride + o..j * ws_stride + o + LANES])
+            {
+                *d = s.to_f32();
+            }
         }
         for (i, ai) in acc.iter_mut().enumerate() {
             let x = &xs[i * xs_stride + o..i * xs_stride + o + LANES];
@@ -798,7 +828,8 @@ fn dots_tile<const R: usize, const C: usize>(
         let x = &xs[i * xs_stride + tail..i * xs_stride + k];
         for (j, aij) in ai.iter().enumerate() {
             let w = &ws[j * ws_stride + tail..j * ws_stride + k];
-            out[j * out_stride + i] = hsum(aij) + x.iter().zip(w).map(|(u, v)| u * v).sum::<f32>();
+            out[j * out_stride + i] =
+                hsum(aij) + x.iter().zip(w).map(|(u, v)| u * v.to_f32()).sum::<f32>();
         }
     }
 }
@@ -811,10 +842,10 @@ fn dots_tile<const R: usize, const C: usize>(
 /// of length `k` at their strides, and `out` the `(C − 1)·out_stride + R` outputs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn dots_tile_avx512<const R: usize, const C: usize>(
+unsafe fn dots_tile_avx512<const R: usize, const C: usize, W: WeightElem>(
     xs: &[f32],
     xs_stride: usize,
-    ws: &[f32],
+    ws: &[W],
     ws_stride: usize,
     k: usize,
     out: &mut [f32],
@@ -829,7 +860,7 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize>(
         let o = c * LANES;
         let mut w = [_mm512_setzero_ps(); C];
         for (j, wj) in w.iter_mut().enumerate() {
-            *wj = _mm512_loadu_ps(wp.add(j * ws_stride + o));
+            *wj = W::load16(wp.add(j * ws_stride + o));
         }
         for (i, ai) in acc.iter_mut().enumerate() {
             let x = _mm512_loadu_ps(xp.add(i * xs_stride + o));
@@ -846,7 +877,7 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize>(
             _mm512_storeu_ps(lanes.as_mut_ptr(), *aij);
             let w = &ws[j * ws_stride + tail..j * ws_stride + k];
             out[j * out_stride + i] =
-                hsum(&lanes) + x.iter().zip(w).map(|(u, v)| u * v).sum::<f32>();
+                hsum(&lanes) + x.iter().zip(w).map(|(u, v)| u * v.to_f32()).sum::<f32>();
         }
     }
 }
@@ -854,7 +885,7 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize>(
 /// All `m × n` dot products of a tile function in tiles: 4 rows × 4 weight rows (16
 /// accumulators, 8 loads per 16 FMAs), or 1–2 rows × 8 weight rows when there are few rows.
 macro_rules! dots_in_tiles {
-    ($tile:ident, $xs:expr, $xs_stride:expr, $m:expr, $ws:expr, $ws_stride:expr, $n:expr, $k:expr, $out:expr) => {{
+    ($tile:ident, $w:ty, $xs:expr, $xs_stride:expr, $m:expr, $ws:expr, $ws_stride:expr, $n:expr, $k:expr, $out:expr) => {{
         let (xs, xs_stride, m, ws, ws_stride, n, k, out) =
             ($xs, $xs_stride, $m, $ws, $ws_stride, $n, $k, $out);
         macro_rules! row_tiles {
@@ -865,14 +896,14 @@ macro_rules! dots_in_tiles {
                     let w = &ws[j0 * ws_stride..];
                     let o = &mut out[j0 * m + $i0..];
                     match (n - j0).min($cw) {
-                        1 => $tile::<$r, 1>(x, xs_stride, w, ws_stride, k, o, m),
-                        2 => $tile::<$r, 2>(x, xs_stride, w, ws_stride, k, o, m),
-                        3 => $tile::<$r, 3>(x, xs_stride, w, ws_stride, k, o, m),
-                        4 => $tile::<$r, 4>(x, xs_stride, w, ws_stride, k, o, m),
-                        5 => $tile::<$r, 5>(x, xs_stride, w, ws_stride, k, o, m),
-                        6 => $tile::<$r, 6>(x, xs_stride, w, ws_stride, k, o, m),
-                        7 => $tile::<$r, 7>(x, xs_stride, w, ws_stride, k, o, m),
-                        _ => $tile::<$r, 8>(x, xs_stride, w, ws_stride, k, o, m),
+                        1 => $tile::<$r, 1, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        2 => $tile::<$r, 2, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        3 => $tile::<$r, 3, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        4 => $tile::<$r, 4, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        5 => $tile::<$r, 5, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        6 => $tile::<$r, 6, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        7 => $tile::<$r, 7, $w>(x, xs_stride, w, ws_stride, k, o, m),
+                        _ => $tile::<$r, 8, $w>(x, xs_stride, w, ws_stride, k, o, m),
                     }
                     j0 += $cw;
                 }
@@ -893,7 +924,7 @@ macro_rules! dots_in_tiles {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dots_block_body(
+fn dots_block_f32_body(
     xs: &[f32],
     xs_stride: usize,
     m: usize,
@@ -903,22 +934,86 @@ fn dots_block_body(
     k: usize,
     out: &mut [f32],
 ) {
-    dots_in_tiles!(dots_tile, xs, xs_stride, m, ws, ws_stride, n, k, out)
+    dots_in_tiles!(dots_tile, f32, xs, xs_stride, m, ws, ws_stride, n, k, out)
 }
 
-simd_dispatch! {
-    fn dots_block_portable(xs: &[f32], xs_stride: usize, m: usize, ws: &[f32], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => dots_block_body
-}
-
-/// `out[j·m + i] = x_i · w_j` (by weight row) for the `m` rows of `xs` (stride
-/// `xs_stride`) and the `n` rows of `ws` (stride `ws_stride`), each equal to [`dot`] of
-/// that pair, bit for bit, on every SIMD level.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dots_block(
+fn dots_block_bf16_body(
     xs: &[f32],
     xs_stride: usize,
     m: usize,
-    ws: &[f32],
+    ws: &[bf16],
+    ws_stride: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    dots_in_tiles!(dots_tile, bf16, xs, xs_stride, m, ws, ws_stride, n, k, out)
+}
+
+simd_dispatch! {
+    fn dots_block_portable_f32(xs: &[f32], xs_stride: usize, m: usize, ws: &[f32], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => dots_block_f32_body
+}
+
+simd_dispatch! {
+    fn dots_block_portable_bf16(xs: &[f32], xs_stride: usize, m: usize, ws: &[bf16], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => dots_block_bf16_body
+}
+
+/// Weight types with a portable tiled dot-product block.
+pub(crate) trait DotsBlock: WeightElem {
+    #[allow(clippy::too_many_arguments)]
+    fn portable(
+        xs: &[f32],
+        xs_stride: usize,
+        m: usize,
+        ws: &[Self],
+        ws_stride: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+    );
+}
+
+impl DotsBlock for f32 {
+    fn portable(
+        xs: &[f32],
+        xs_stride: usize,
+        m: usize,
+        ws: &[f32],
+        ws_stride: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        dots_block_portable_f32(xs, xs_stride, m, ws, ws_stride, n, k, out)
+    }
+}
+
+impl DotsBlock for bf16 {
+    fn portable(
+        xs: &[f32],
+        xs_stride: usize,
+        m: usize,
+        ws: &[bf16],
+        ws_stride: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        dots_block_portable_bf16(xs, xs_stride, m, ws, ws_stride, n, k, out)
+    }
+}
+
+/// `out[j·m + i] = x_i · w_j` (by weight row) for the `m` rows of `xs` (stride
+/// `xs_stride`) and the `n` rows of `ws` (stride `ws_stride`, f32 or bf16), each equal to a
+/// single-pair call, bit for bit, on every SIMD level.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dots_block<W: DotsBlock>(
+    xs: &[f32],
+    xs_stride: usize,
+    m: usize,
+    ws: &[W],
     ws_stride: usize,
     n: usize,
     k: usize,
@@ -937,24 +1032,80 @@ pub(crate) fn dots_block(
     if simd_level() == SimdLevel::Avx512 {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn run(
+        unsafe fn run<W: WeightElem>(
             xs: &[f32],
             xs_stride: usize,
             m: usize,
-            ws: &[f32],
+            ws: &[W],
             ws_stride: usize,
             n: usize,
             k: usize,
             out: &mut [f32],
         ) {
-            dots_in_tiles!(dots_tile_avx512, xs, xs_stride, m, ws, ws_stride, n, k, out)
+            dots_in_tiles!(
+                dots_tile_avx512,
+                W,
+                xs,
+                xs_stride,
+                m,
+                ws,
+                ws_stride,
+                n,
+                k,
+                out
+            )
         }
         // SAFETY: AVX-512 was detected on this CPU; the sizes were checked above, and every
         // tile reads inside them.
         unsafe { run(xs, xs_stride, m, ws, ws_stride, n, k, out) };
         return;
     }
-    dots_block_portable(xs, xs_stride, m, ws, ws_stride, n, k, out)
+    W::portable(xs, xs_stride, m, ws, ws_stride, n, k, out)
+}
+
+/// The GEMV of `m` rows of `xs` (stride `xs_stride`) against the `n` rows of `ws` (stride
+/// `ws_stride`), by weight row (`[n × m]`): blocks of 8 weight rows (the widest tile), a
+/// few blocks per task of the kernel pool when `parallel`. Each weight row is read once for
+/// all rows of `xs`, and each output is the batch-invariant dot of [`dots_block`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemv_by_col<W: DotsBlock>(
+    xs: &[f32],
+    xs_stride: usize,
+    m: usize,
+    ws: &[W],
+    ws_stride: usize,
+    n: usize,
+    k: usize,
+    parallel: bool,
+) -> Vec<f32> {
+    const BLOCK: usize = 8;
+    let mut by_col = vec![0f32; n * m];
+    if m == 0 || n == 0 {
+        return by_col;
+    }
+    // `c` holds the outputs of weight rows j0.. (whole blocks of m)
+    let cols = |j0: usize, c: &mut [f32]| {
+        let cols = c.len() / m;
+        let w = &ws[j0 * ws_stride..(j0 + cols - 1) * ws_stride + k];
+        dots_block(xs, xs_stride, m, w, ws_stride, cols, k, c);
+    };
+    let threads = num_threads();
+    // The split follows the weight (n·k), not the output length: a 2048-row projection at
+    // one row of x is worth every core. A few tasks per thread, whole tiles each.
+    const MIN_PARALLEL_WORK: usize = 1 << 16;
+    if parallel && threads > 1 && n > BLOCK && n * k * m >= MIN_PARALLEL_WORK {
+        use rayon::prelude::*;
+        let rows = n.div_ceil(4 * threads).next_multiple_of(BLOCK);
+        in_pool(|| {
+            by_col
+                .par_chunks_mut(rows * m)
+                .enumerate()
+                .for_each(|(t, c)| cols(t * rows, c))
+        });
+    } else {
+        cols(0, &mut by_col);
+    }
+    by_col
 }
 
 #[inline(always)]
@@ -1044,15 +1195,36 @@ mod tests {
                 for cols in 1..=11 {
                     let mut out = vec![f32::NAN; rows * cols];
                     dots_block(&xs, stride, rows, &ws, wstride, cols, k, &mut out);
+                    let wb: Vec<bf16> = ws.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let mut out_b = vec![f32::NAN; rows * cols];
+                    dots_block(&xs, stride, rows, &wb, wstride, cols, k, &mut out_b);
                     for j in 0..cols {
                         let w = &ws[j * wstride..j * wstride + k];
                         for i in 0..rows {
-                            let single = dot(&xs[i * stride..i * stride + k], w);
+                            let x = &xs[i * stride..i * stride + k];
+                            let single = dot(x, w);
                             let got = out[j * rows + i];
                             assert_eq!(
                                 got.to_bits(),
                                 single.to_bits(),
                                 "k={k} rows={rows} cols={cols} ({i}, {j})"
+                            );
+                            // bf16 weights: the same against a one-pair call
+                            let mut one = [f32::NAN];
+                            dots_block(x, k, 1, &wb[j * wstride..], wstride, 1, k, &mut one);
+                            assert_eq!(
+                                out_b[j * rows + i].to_bits(),
+                                one[0].to_bits(),
+                                "bf16 k={k} rows={rows} cols={cols} ({i}, {j})"
+                            );
+                            let widened: Vec<f32> = wb[j * wstride..j * wstride + k]
+                                .iter()
+                                .map(|v| v.to_f32())
+                                .collect();
+                            assert_eq!(
+                                one[0].to_bits(),
+                                dot(x, &widened).to_bits(),
+                                "bf16 = widened"
                             );
                         }
                     }
