@@ -1,7 +1,7 @@
-//! `zaya train --pp N --dp N` (local ranks, and MPI processes when built with
-//! `--features mpi`) against the single-process run: the same losses step by step, the same
-//! weights, checkpoints that resume across layouts; bad setups refused before work;
-//! `zaya forward --pp N --grads` against one rank.
+//! `zaya train --pp N --dp N` and `zaya train --tp N --ep N --dp N` (local ranks, and MPI
+//! processes when built with `--features mpi`) against the single-process run: the same
+//! losses step by step, the same weights, checkpoints that resume across layouts; bad setups
+//! refused before work; `zaya forward --pp N --grads` against one rank.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -381,6 +381,36 @@ fn pp2_dp2_mpi_processes_reproduce_the_single_process_run() {
         !o.status.success() && text.contains("2 processes were started"),
         "{text}"
     );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `zaya launch --nproc 2 --backend mpi -- zaya train --tp 2` (= `mpirun -n 2`): two
+/// processes reproduce the single-process losses; rank 0 writes the single-process
+/// checkpoint.
+#[cfg(feature = "mpi")]
+#[test]
+fn tp2_mpi_processes_reproduce_the_single_process_run() {
+    let d = tmp("mpi-tp");
+    let data = data(&d);
+    let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
+    assert!(ok, "{err}");
+    let (ok, err) = train(
+        &["launch", "--nproc", "2", "--backend", "mpi", "--"],
+        &data,
+        &d.join("mpi"),
+        &with_eps(&["--tp", "2"]),
+    );
+    assert!(ok, "{err}");
+    assert_same_losses(&losses(&d.join("mpi")), &losses(&d.join("single")));
+    assert_close_weights(&d.join("mpi/final"), &d.join("single/final"));
+    let last = losses(&d.join("single")).last().unwrap().0;
+    let ck = format!("step-{last:08}");
+    assert_close_weights(&d.join("mpi").join(&ck), &d.join("single").join(&ck));
+    assert!(d
+        .join("mpi")
+        .join(&ck)
+        .join("optimizer.safetensors")
+        .exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
 
