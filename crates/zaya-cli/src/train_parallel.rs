@@ -1,6 +1,8 @@
 //! `zaya train --pp N --dp N`: the pipeline × data-parallel driver
-//! ([`zaya_dist::ParallelTrainer`]) on local ranks (threads of this process) or as one rank
-//! per process under `mpirun` / `zaya launch --backend mpi` (MPI build).
+//! ([`zaya_dist::ParallelTrainer`]), and `zaya train --tp N --ep N --dp N`: the tensor ×
+//! expert × data-parallel one ([`zaya_dist::TpParallelTrainer`], one pipeline stage), on
+//! local ranks (threads of this process) or as one rank per process under `mpirun` /
+//! `zaya launch --backend mpi` (MPI build).
 //!
 //! Every rank reads the data and plans the same batches; the step's `--grad-accum`
 //! micro-batches are dealt to the replicas. Rank 0 alone writes `loss.csv`, the

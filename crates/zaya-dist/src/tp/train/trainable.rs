@@ -11,7 +11,8 @@
 //! - `save_weights` gathers the full model to world rank 0, which writes it. The optimizer
 //!   state stays per rank: [`zaya::train::trainer::Trainer::save`] would have every rank
 //!   write its own `optimizer.safetensors` into the same directory, so saving and resuming
-//!   a TP run is not supported yet.
+//!   a `Trainer<TpTrainModel>` is not supported; [`crate::tp_driver`] (the CLI's TP
+//!   training) gathers the moments with [`TpTrainModel::gather_full`] instead.
 
 use std::collections::HashSet;
 use std::path::Path;
