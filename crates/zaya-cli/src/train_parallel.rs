@@ -1,6 +1,8 @@
 //! `zaya train --pp N --dp N`: the pipeline × data-parallel driver
-//! ([`zaya_dist::ParallelTrainer`]) on local ranks (threads of this process) or as one rank
-//! per process under `mpirun` / `zaya launch --backend mpi` (MPI build).
+//! ([`zaya_dist::ParallelTrainer`]), and `zaya train --tp N --ep N --dp N`: the tensor ×
+//! expert × data-parallel one ([`zaya_dist::TpParallelTrainer`], one pipeline stage), on
+//! local ranks (threads of this process) or as one rank per process under `mpirun` /
+//! `zaya launch --backend mpi` (MPI build).
 //!
 //! Every rank reads the data and plans the same batches; the step's `--grad-accum`
 //! micro-batches are dealt to the replicas. Rank 0 alone writes `loss.csv`, the
@@ -15,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use zaya::train::trainer::TrainerParts;
+use zaya::train::trainer::{StepReport, TrainerConfig};
 use zaya::train::{Batch, TrainableModel};
+use zaya_dist::tp_driver::{check_tp_setup, TpParallelTrainer};
 use zaya_dist::train_driver::{check_setup, DriverOptions, ParallelTrainer};
 use zaya_dist::{Mesh, MeshShape, RankFailed};
 
@@ -24,7 +28,11 @@ use crate::train_run::{read_log, start_trainer, BatchPlan, RunPlan, TrainArgs};
 /// Fails on a setup the driver cannot run, before anything is loaded.
 fn check(args: &TrainArgs, run: &RunPlan) -> Result<MeshShape> {
     let shape = args.parallel.mesh()?;
-    check_setup(&run.model_cfg, shape)?;
+    if is_tp(shape) {
+        check_tp_setup(&run.model_cfg, shape)?;
+    } else {
+        check_setup(&run.model_cfg, shape)?;
+    }
     if args.grad_accum < shape.dp {
         bail!(
             "--grad-accum {} < --dp {}: each data-parallel replica needs at least one micro-batch per step (the step's micro-batches are dealt to the replicas)",
@@ -36,6 +44,116 @@ fn check(args: &TrainArgs, run: &RunPlan) -> Result<MeshShape> {
         bail!("--dist-timeout must be at least 1 second");
     }
     Ok(shape)
+}
+
+/// Tensor or expert parallel: the TP driver (one pipeline stage).
+fn is_tp(shape: MeshShape) -> bool {
+    shape.tp > 1 || shape.ep > 1
+}
+
+/// What [`rank_main`] needs of a rank's trainer (the pipeline × data-parallel driver or
+/// the tensor × expert × data-parallel one).
+trait RankTrainer {
+    fn mesh(&self) -> &Mesh;
+    fn steps(&self) -> u64;
+    fn config(&self) -> &TrainerConfig;
+    fn step(&mut self, micro: &[Batch]) -> zaya_dist::ParallelResult<StepReport>;
+    /// Collective: the single-process checkpoint, written by rank 0.
+    fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()>;
+    /// Rank 0 after `save`: the full model.
+    fn full_model(&self) -> Option<&TrainableModel>;
+    /// How the rank's share of the run is split (for the start line).
+    fn split(&self) -> String;
+}
+
+impl RankTrainer for ParallelTrainer {
+    fn mesh(&self) -> &Mesh {
+        ParallelTrainer::mesh(self)
+    }
+    fn steps(&self) -> u64 {
+        ParallelTrainer::steps(self)
+    }
+    fn config(&self) -> &TrainerConfig {
+        ParallelTrainer::config(self)
+    }
+    fn step(&mut self, micro: &[Batch]) -> zaya_dist::ParallelResult<StepReport> {
+        ParallelTrainer::step(self, micro)
+    }
+    fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()> {
+        ParallelTrainer::save(self, root).map(|_| ())
+    }
+    fn full_model(&self) -> Option<&TrainableModel> {
+        // `save` gathered every stage's weights into rank 0's model
+        (self.mesh().world.rank() == 0).then(|| self.model())
+    }
+    fn split(&self) -> String {
+        let shape = self.mesh().shape;
+        format!(
+            "{} pipeline stages of {} layers, {} data-parallel replicas",
+            shape.pp,
+            self.layers().len(),
+            shape.dp
+        )
+    }
+}
+
+impl RankTrainer for TpParallelTrainer {
+    fn mesh(&self) -> &Mesh {
+        TpParallelTrainer::mesh(self)
+    }
+    fn steps(&self) -> u64 {
+        TpParallelTrainer::steps(self)
+    }
+    fn config(&self) -> &TrainerConfig {
+        TpParallelTrainer::config(self)
+    }
+    fn step(&mut self, micro: &[Batch]) -> zaya_dist::ParallelResult<StepReport> {
+        TpParallelTrainer::step(self, micro)
+    }
+    fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()> {
+        TpParallelTrainer::save(self, root).map(|_| ())
+    }
+    fn full_model(&self) -> Option<&TrainableModel> {
+        self.gathered_model()
+    }
+    fn split(&self) -> String {
+        let shape = self.mesh().shape;
+        format!(
+            "{} tensor-parallel x {} expert-parallel ranks, {} data-parallel replicas",
+            shape.tp, shape.ep, shape.dp
+        )
+    }
+}
+
+/// The rank's trainer for `mesh` from the single-process parts.
+fn rank_trainer(
+    args: &TrainArgs,
+    run: &RunPlan,
+    mesh: Mesh,
+    parts: TrainerParts<TrainableModel>,
+    ckpt: Option<&std::sync::Arc<zaya::weights::Checkpoint>>,
+) -> Result<Box<dyn RankTrainer>> {
+    Ok(match ckpt {
+        Some(ckpt) => {
+            Box::new(TpParallelTrainer::from_parts(mesh, ckpt, parts)?.with_log(&run.log)?)
+        }
+        None => Box::new(
+            ParallelTrainer::from_parts(mesh, parts, driver_options(args))?.with_log(&run.log)?,
+        ),
+    })
+}
+
+/// The model's checkpoint the TP ranks read their buffers from (TP runs only).
+fn tp_checkpoint(
+    args: &TrainArgs,
+    shape: MeshShape,
+) -> Result<Option<std::sync::Arc<zaya::weights::Checkpoint>>> {
+    if !is_tp(shape) {
+        return Ok(None);
+    }
+    let ckpt = zaya::weights::Checkpoint::open(&args.model)
+        .with_context(|| format!("opening {}", args.model.display()))?;
+    Ok(Some(std::sync::Arc::new(ckpt)))
 }
 
 fn driver_options(args: &TrainArgs) -> DriverOptions {
@@ -80,7 +198,9 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
         )?
         .into_parts();
         let mesh = Mesh::new(Box::new(comm), shape)?;
-        return rank_main(args, run, mesh, parts);
+        let ckpt = tp_checkpoint(args, shape)?;
+        let trainer = rank_trainer(args, run, mesh, parts, ckpt.as_ref())?;
+        return rank_main(args, run, trainer);
     }
     // local ranks: the run is loaded once, each rank gets its own copy of the weights
     let parts = start_trainer(
@@ -101,6 +221,7 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
     let tensors = model.tensors()?;
     let cfg = model.config().clone();
     drop(model);
+    let ckpt = tp_checkpoint(args, shape)?;
     let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
     let outs = world.run(|comm| -> Result<()> {
         let mesh = Mesh::new(Box::new(comm), shape)?;
@@ -111,7 +232,8 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
             step,
             run: facts.clone(),
         };
-        rank_main(args, run, mesh, parts)
+        let trainer = rank_trainer(args, run, mesh, parts, ckpt.as_ref())?;
+        rank_main(args, run, trainer)
     });
     first_failure(outs)
 }
@@ -149,21 +271,14 @@ fn first_failure(outs: Vec<Result<(), RankFailed<anyhow::Error>>>) -> Result<()>
 
 /// One rank's run: the steps, the collective checkpoints, and on rank 0 the log, the curve
 /// and the final export.
-fn rank_main(
-    args: &TrainArgs,
-    run: &RunPlan,
-    mesh: Mesh,
-    parts: TrainerParts<TrainableModel>,
-) -> Result<()> {
-    let primary = mesh.world.rank() == 0;
-    let mut trainer =
-        ParallelTrainer::from_parts(mesh, parts, driver_options(args))?.with_log(&run.log)?;
+fn rank_main(args: &TrainArgs, run: &RunPlan, mut trainer: Box<dyn RankTrainer>) -> Result<()> {
+    let shape = trainer.mesh().shape;
+    let primary = trainer.mesh().world.rank() == 0;
     let mut plan = BatchPlan::new(&run.rows, args)?;
     let total = trainer.config().schedule.total_steps;
-    let shape = trainer.mesh().shape;
     if primary {
         eprintln!(
-            "{} examples -> {} packed rows of {}; {} steps of {} micro-batches on {} ({} ranks: {} pipeline stages of {} layers, {} data-parallel replicas{})",
+            "{} examples -> {} packed rows of {}; {} steps of {} micro-batches on {} ({} ranks: {}{})",
             run.examples,
             run.rows.len(),
             args.seq_len,
@@ -171,10 +286,8 @@ fn rank_main(
             args.grad_accum,
             shape.label(),
             shape.world(),
-            shape.pp,
-            trainer.layers().len(),
-            shape.dp,
-            if shape.dp > 1 && !args.no_zero { ", ZeRO-1" } else { "" }
+            trainer.split(),
+            if shape.dp > 1 && !args.no_zero && !is_tp(shape) { ", ZeRO-1" } else { "" }
         );
     }
     let bar = if args.no_progress || !primary {
@@ -233,8 +346,10 @@ fn rank_main(
     )?;
     let final_dir = args.out.join("final");
     zaya::durable::remove_stale_temps(&final_dir)?;
-    // `save` gathered every stage's weights into rank 0's model
-    trainer.model().save(&final_dir)?;
+    trainer
+        .full_model()
+        .context("rank 0 holds no gathered model after saving")?
+        .save(&final_dir)?;
     crate::lora_cmds::copy_side_files(&args.model, &final_dir)?;
     eprintln!(
         "done: {} steps on {}; model in {}, loss log {}, curve {}",

@@ -50,6 +50,11 @@ pub struct TrainArgs {
     pub min_lr_ratio: f64,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// AdamW's epsilon (torch's default 1e-8). A larger one keeps updates proportional to
+    /// small gradients (tensor-parallel runs compare with single-process ones at 0.1: an
+    /// element whose gradient is rounding noise otherwise moves by ±lr).
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     /// Gradient checkpointing: off, every (each layer) or K (every K layers).
@@ -256,6 +261,7 @@ fn trainer_config<M: Trainable>(model: &M, args: &TrainArgs, total: u64) -> Resu
         min_lr_ratio: args.min_lr_ratio,
     };
     cfg.adamw.weight_decay = args.weight_decay;
+    cfg.adamw.eps = args.adam_eps;
     cfg.max_grad_norm = Some(args.max_grad_norm);
     cfg.checkpointing = parse_checkpointing(&args.checkpointing)?;
     if let Some(c) = args.aux_loss_coef {
@@ -300,6 +306,11 @@ fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
         "--weight-decay",
         old.adamw.weight_decay.to_string(),
         new.adamw.weight_decay.to_string(),
+    );
+    diff(
+        "--adam-eps",
+        old.adamw.eps.to_string(),
+        new.adamw.eps.to_string(),
     );
     diff(
         "--max-grad-norm",

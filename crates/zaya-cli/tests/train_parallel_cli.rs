@@ -1,7 +1,7 @@
-//! `zaya train --pp N --dp N` (local ranks, and MPI processes when built with
-//! `--features mpi`) against the single-process run: the same losses step by step, the same
-//! weights, checkpoints that resume across layouts; bad setups refused before work;
-//! `zaya forward --pp N --grads` against one rank.
+//! `zaya train --pp N --dp N` and `zaya train --tp N --ep N --dp N` (local ranks, and MPI
+//! processes when built with `--features mpi`) against the single-process run: the same
+//! losses step by step, the same weights, checkpoints that resume across layouts; bad setups
+//! refused before work; `zaya forward --pp N --grads` against one rank.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -189,6 +189,88 @@ fn pp2_dp2_local_ranks_reproduce_the_single_process_run_and_resume_across_layout
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// AdamW's epsilon for comparing tensor-parallel runs with one process: TP sums the same
+/// products in another order, and at torch's 1e-8 an element whose gradient is rounding
+/// noise moves by ±lr (the weights drift by 1e-3 while the gradients agree to 1e-6).
+const TP_EPS: &[&str] = &["--adam-eps", "0.1"];
+
+fn with_eps<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    TP_EPS
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect()
+}
+
+#[test]
+fn tp_ep_dp_local_ranks_reproduce_the_single_process_run_and_resume_across_layouts() {
+    let d = tmp("tp");
+    let data = data(&d);
+    let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
+    assert!(ok, "{err}");
+    let want = losses(&d.join("single"));
+    assert!(want.len() >= 3, "{want:?}");
+    let last = want.last().unwrap().0;
+    for (tag, extra) in [
+        ("tp2", &["--tp", "2"][..]),
+        ("tp2dp2", &["--tp", "2", "--dp", "2"][..]),
+        ("tp2ep2", &["--tp", "2", "--ep", "2"][..]),
+    ] {
+        let (ok, err) = train(&[], &data, &d.join(tag), &with_eps(extra));
+        assert!(ok, "{tag}: {err}");
+        assert!(err.contains("tensor-parallel"), "{tag}: {err}");
+        assert_same_losses(&losses(&d.join(tag)), &want);
+        assert_close_weights(&d.join(tag).join("final"), &d.join("single/final"));
+        for f in ["loss.svg", "final/config.json", "latest"] {
+            assert!(d.join(tag).join(f).exists(), "{tag}: {f} missing");
+        }
+        // the single-process checkpoint: every tensor under its HF name, the AdamW state
+        let ck = format!("step-{last:08}");
+        assert_close_weights(&d.join(tag).join(&ck), &d.join("single").join(&ck));
+        let opt = |dir: &Path| {
+            candle_core::safetensors::load(
+                dir.join(&ck).join("optimizer.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (g, w) = (opt(&d.join(tag)), opt(&d.join("single")));
+        assert_eq!(g.len(), w.len(), "{tag}");
+        for (k, t) in &w {
+            if k.starts_with("step.") {
+                let s = |t: &Tensor| t.to_vec1::<i64>().unwrap();
+                assert_eq!(s(&g[k]), s(t), "{tag} {k}");
+            } else {
+                let diff = max_rel_diff(&g[k], t);
+                assert!(diff <= 1e-3, "{tag} {k}: relative difference {diff}");
+            }
+        }
+    }
+
+    // a single-process checkpoint resumed on TP × EP ranks
+    interrupted_copy(&d.join("single"), &d.join("resume_tp"), 2);
+    let (ok, err) = train(
+        &[],
+        &data,
+        &d.join("resume_tp"),
+        &with_eps(&["--tp", "2", "--ep", "2", "--resume"]),
+    );
+    assert!(ok, "{err}");
+    assert_same_losses(&losses(&d.join("resume_tp")), &want);
+
+    // a TP × DP checkpoint resumed on one rank
+    interrupted_copy(&d.join("tp2dp2"), &d.join("resume_single"), 2);
+    let (ok, err) = train(
+        &[],
+        &data,
+        &d.join("resume_single"),
+        &with_eps(&["--resume"]),
+    );
+    assert!(ok, "{err}");
+    assert_same_losses(&losses(&d.join("resume_single")), &want);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn bad_parallel_setups_are_refused_before_work() {
     let d = tmp("bad");
@@ -197,9 +279,11 @@ fn bad_parallel_setups_are_refused_before_work() {
         (&["--pp", "4"][..], "6 decoder layers do not divide into 4"),
         (&["--dp", "3"][..], "--grad-accum 2 < --dp 3"),
         (
-            &["--tp", "2"][..],
-            "pipeline (--pp) and data (--dp) parallel meshes only",
+            &["--tp", "2", "--pp", "2"][..],
+            "tensor/expert-parallel training runs one pipeline stage",
         ),
+        (&["--tp", "3"][..], "not divisible by --tp 3"),
+        (&["--tp", "2", "--dp", "3"][..], "--grad-accum 2 < --dp 3"),
         (
             &["--pp", "2", "--lora", "r=2"][..],
             "--lora trains on one rank",
@@ -297,6 +381,36 @@ fn pp2_dp2_mpi_processes_reproduce_the_single_process_run() {
         !o.status.success() && text.contains("2 processes were started"),
         "{text}"
     );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `zaya launch --nproc 2 --backend mpi -- zaya train --tp 2` (= `mpirun -n 2`): two
+/// processes reproduce the single-process losses; rank 0 writes the single-process
+/// checkpoint.
+#[cfg(feature = "mpi")]
+#[test]
+fn tp2_mpi_processes_reproduce_the_single_process_run() {
+    let d = tmp("mpi-tp");
+    let data = data(&d);
+    let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
+    assert!(ok, "{err}");
+    let (ok, err) = train(
+        &["launch", "--nproc", "2", "--backend", "mpi", "--"],
+        &data,
+        &d.join("mpi"),
+        &with_eps(&["--tp", "2"]),
+    );
+    assert!(ok, "{err}");
+    assert_same_losses(&losses(&d.join("mpi")), &losses(&d.join("single")));
+    assert_close_weights(&d.join("mpi/final"), &d.join("single/final"));
+    let last = losses(&d.join("single")).last().unwrap().0;
+    let ck = format!("step-{last:08}");
+    assert_close_weights(&d.join("mpi").join(&ck), &d.join("single").join(&ck));
+    assert!(d
+        .join("mpi")
+        .join(&ck)
+        .join("optimizer.safetensors")
+        .exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
 

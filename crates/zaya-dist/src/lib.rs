@@ -12,7 +12,8 @@
 //! - [`pipeline`]: pipeline-parallel training stages (layer ranges of the trainable model,
 //!   hidden and router state sent between stages, 1F1B over micro-batches).
 //! - [`train_driver`]: the pipeline × data-parallel training step (bucketed gradient
-//!   all-reduce, ZeRO-1, checkpoints gathered on rank 0).
+//!   all-reduce, ZeRO-1, checkpoints gathered on rank 0); [`tp_driver`]: the tensor ×
+//!   expert × data-parallel step on one pipeline stage.
 
 pub mod autograd;
 pub mod comm;
@@ -28,6 +29,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod tensor;
 pub mod tp;
+pub mod tp_driver;
 pub mod train_driver;
 
 pub use comm::{Comm, DistError, DistResult, DEFAULT_TIMEOUT};
@@ -36,4 +38,5 @@ pub use local::{LocalComm, LocalWorld, RankFailed};
 pub use mesh::{Coords, Mesh, MeshShape};
 pub use plan::{ParallelPlan, Placement, PlanError, Rule, ZAYA_PLAN};
 pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, Groups, TpModel};
+pub use tp_driver::TpParallelTrainer;
 pub use train_driver::{DriverOptions, ParallelTrainer};

@@ -11,7 +11,8 @@
 //! - `save_weights` gathers the full model to world rank 0, which writes it. The optimizer
 //!   state stays per rank: [`zaya::train::trainer::Trainer::save`] would have every rank
 //!   write its own `optimizer.safetensors` into the same directory, so saving and resuming
-//!   a TP run is not supported yet.
+//!   a `Trainer<TpTrainModel>` is not supported; [`crate::tp_driver`] (the CLI's TP
+//!   training) gathers the moments with [`TpTrainModel::gather_full`] instead.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -64,10 +65,14 @@ impl TpTrainModel {
     fn owned(&self, sp: &ShardParam) -> ParallelResult<Owned> {
         let c = self.model.coords;
         let name = &sp.param.name;
+        // data-parallel replicas hold the same values: replica 0 counts them
+        if c.dp != 0 {
+            return Ok(Owned::Nothing);
+        }
         if is_expert(name) {
             return Ok(Owned::All);
         }
-        if c.ep != 0 || c.dp != 0 || (sp.selection.is_whole() && c.tp != 0) {
+        if c.ep != 0 || (sp.selection.is_whole() && c.tp != 0) {
             return Ok(Owned::Nothing);
         }
         // a tied embedding is held by the first and the last stage: counted on the first
@@ -155,16 +160,12 @@ impl TpTrainModel {
     /// The full model on world rank 0 (`None` elsewhere): every parameter gathered once,
     /// the balancing biases as rank 0 holds them. Collective over the world.
     pub fn gather_weights(&self) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
-        let world = self.world()?;
-        let mut mine = Vec::with_capacity(self.params.len());
-        for sp in &self.params {
-            let v = sp.param.var.as_tensor().detach();
-            mine.push(Some(match self.owned(sp)? {
-                Owned::Mask(m) => v.mul(&m)?,
-                _ => v,
-            }));
-        }
-        let Some(mut full) = self.gather(world, &mine)? else {
+        let values: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|sp| sp.param.var.as_tensor().detach())
+            .collect();
+        let Some(mut full) = self.gather_full(&values)? else {
             return Ok(None);
         };
         for (name, t) in &self.tensors {
@@ -173,6 +174,90 @@ impl TpTrainModel {
             }
         }
         Ok(Some(full))
+    }
+
+    /// Full tensors on world rank 0 (`None` elsewhere) from per-rank values shaped like
+    /// this rank's slices (aligned with [`TpTrainModel::params`]) whose copies agree
+    /// wherever ranks hold the same element (weights, AdamW moments): every element taken
+    /// once. Collective over the world.
+    pub fn gather_full(
+        &self,
+        values: &[Tensor],
+    ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
+        let world = self.world()?;
+        if values.len() != self.params.len() {
+            return Err(ParallelError::Unsupported(format!(
+                "{} values for {} parameters",
+                values.len(),
+                self.params.len()
+            )));
+        }
+        let mut mine = Vec::with_capacity(self.params.len());
+        for (sp, v) in self.params.iter().zip(values) {
+            let v = v.to_dtype(DType::F32)?;
+            mine.push(Some(match self.owned(sp)? {
+                Owned::Mask(m) => v.mul(&m)?,
+                _ => v,
+            }));
+        }
+        self.gather(world, &mine)
+    }
+
+    /// This rank's slice of parameter `i` (of [`TpTrainModel::params`]) cut from the full
+    /// tensor.
+    pub fn slice_of(&self, i: usize, full: &Tensor) -> ParallelResult<Tensor> {
+        let sp = &self.params[i];
+        if full.dims() != sp.full_shape.as_slice() {
+            return Err(ParallelError::Unsupported(format!(
+                "`{}` is {:?}, got {:?}",
+                sp.param.name,
+                sp.full_shape,
+                full.dims()
+            )));
+        }
+        Ok(zaya::weights::select_ranges(
+            &full.to_dtype(DType::F32)?,
+            &sp.selection.ranges(&sp.full_shape),
+        )?)
+    }
+
+    /// Sets every slice this rank holds (parameters and buffers such as the balancing
+    /// biases) from the full tensors by HF name (a single-process model's
+    /// [`zaya::train::TrainableModel::tensors`]); every held tensor must be there.
+    pub fn load_full(&mut self, full: &BTreeMap<String, Tensor>) -> ParallelResult<()> {
+        let missing = |name: &str| {
+            ParallelError::Unsupported(format!("no tensor `{name}` to load this rank from"))
+        };
+        for i in 0..self.params.len() {
+            let name = &self.params[i].param.name;
+            let t = full.get(name).ok_or_else(|| missing(name))?;
+            let slice = self.slice_of(i, t)?;
+            self.params[i].param.var.set(&slice)?;
+        }
+        let plan = self.model.plan.clone();
+        let c = self.model.coords;
+        for spec in native_specs(&plan.cfg) {
+            if !plan.holds(c, &spec.name) || self.params.iter().any(|p| p.param.name == spec.name) {
+                continue;
+            }
+            if !self.tensors.contains_key(&spec.name) {
+                continue;
+            }
+            let t = full.get(&spec.name).ok_or_else(|| missing(&spec.name))?;
+            let sel = plan.selection(c, &spec);
+            let slice =
+                zaya::weights::select_ranges(&t.to_dtype(DType::F32)?, &sel.ranges(&spec.shape))?;
+            self.tensors.insert(spec.name.clone(), slice);
+        }
+        self.model = TpModel::build(
+            &self.ckpt,
+            &plan,
+            c,
+            DType::F32,
+            &Device::Cpu,
+            Some(&self.tensors),
+        )?;
+        Ok(())
     }
 
     fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
