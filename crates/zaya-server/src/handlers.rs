@@ -25,7 +25,7 @@ use zaya_engine::{
 };
 
 use crate::error::{ApiError, ApiResult};
-use crate::events::{forward, Tagged, Tracker};
+use crate::events::{forward, Events, Tracker};
 use crate::grammar::GrammarSpec;
 use crate::metrics::EngineNumbers;
 use crate::protocol::{
@@ -408,7 +408,7 @@ struct ChoiceAcc {
 /// Runs the events to the end; `Err` on an engine error.
 async fn gather(
     tracker: &mut Tracker,
-    mut events: mpsc::UnboundedReceiver<Tagged>,
+    mut events: Events,
     choices_per_request: usize,
     total: usize,
 ) -> ApiResult<Vec<ChoiceAcc>> {
@@ -463,7 +463,7 @@ fn tool_call_id(request_id: &str, choice: usize, index: usize) -> String {
 async fn chat_whole(
     st: Arc<AppState>,
     mut tracker: Tracker,
-    events: mpsc::UnboundedReceiver<Tagged>,
+    events: Events,
     plan: ChatPlan,
     n: usize,
 ) -> ApiResult<Response> {
@@ -541,7 +541,7 @@ async fn chat_whole(
 fn chat_stream(
     st: Arc<AppState>,
     mut tracker: Tracker,
-    mut events: mpsc::UnboundedReceiver<Tagged>,
+    mut events: Events,
     plan: ChatPlan,
     n: usize,
     include_usage: bool,
@@ -573,7 +573,11 @@ fn chat_stream(
             }
         };
         let mut out: VecDeque<Bytes> = VecDeque::new();
-        while let Some((_, ev)) = events.recv().await {
+        // Also ends when the client goes away while no event comes (a queued request).
+        while let Some((_, ev)) = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tx.closed() => None,
+        } {
             match ev {
                 Event::Token {
                     choice,
@@ -820,7 +824,7 @@ fn completion_logprobs(tok: &ZayaTokenizer, lps: &[TokenLogprob]) -> Json {
 fn completion_stream(
     st: Arc<AppState>,
     mut tracker: Tracker,
-    mut events: mpsc::UnboundedReceiver<Tagged>,
+    mut events: Events,
     n: usize,
     total: usize,
     echo: Option<Vec<String>>,
@@ -845,7 +849,10 @@ fn completion_stream(
                 out.push_back(chunk(c, &e[c / n], Json::Null, None));
             }
         }
-        while let Some((req, ev)) = events.recv().await {
+        while let Some((req, ev)) = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tx.closed() => None,
+        } {
             match ev {
                 Event::Token {
                     choice,
