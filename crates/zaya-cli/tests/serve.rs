@@ -326,6 +326,36 @@ fn serve_routes_errors_and_streaming_over_raw_http() {
         .collect();
     assert_eq!(finishes, ["length"]);
 
+    // tool_choice `none`: the tools are in the prompt (as with `auto`, as /tokenize renders
+    // them), and no call comes back.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast for a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let prompt_tokens = |extra: Value| {
+        let mut b = json!({"messages": user, "max_tokens": 16, "temperature": 0});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = post(a, "/v1/chat/completions", b).json();
+        assert!(
+            r["choices"][0]["message"].get("tool_calls").is_none(),
+            "{r}"
+        );
+        assert_ne!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+        r["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let without = prompt_tokens(json!({}));
+    let none = prompt_tokens(json!({"tools": tools, "tool_choice": "none"}));
+    let rendered = post(a, "/tokenize", json!({"messages": user, "tools": tools})).json();
+    assert_eq!(Some(none), rendered["count"].as_u64(), "{rendered}");
+    assert!(none > without + 10, "{none} vs {without} without tools");
+    let sbody = json!({"messages": user, "tools": tools, "tool_choice": "none", "max_tokens": 16, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let events = sse_events(&post(a, "/v1/chat/completions", sbody).body);
+    assert!(
+        !events.iter().any(|e| e.contains("tool_calls")),
+        "{events:?}"
+    );
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"].as_u64(), Some(none));
+
     // Metrics name what the issue asks for, and count the work done.
     let m = http(a, "GET", "/metrics", None, None).body;
     for name in [
