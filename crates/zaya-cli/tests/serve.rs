@@ -326,6 +326,36 @@ fn serve_routes_errors_and_streaming_over_raw_http() {
         .collect();
     assert_eq!(finishes, ["length"]);
 
+    // tool_choice `none`: the tools are in the prompt (as with `auto`, as /tokenize renders
+    // them), and no call comes back.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast for a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let prompt_tokens = |extra: Value| {
+        let mut b = json!({"messages": user, "max_tokens": 16, "temperature": 0});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = post(a, "/v1/chat/completions", b).json();
+        assert!(
+            r["choices"][0]["message"].get("tool_calls").is_none(),
+            "{r}"
+        );
+        assert_ne!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+        r["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let without = prompt_tokens(json!({}));
+    let none = prompt_tokens(json!({"tools": tools, "tool_choice": "none"}));
+    let rendered = post(a, "/tokenize", json!({"messages": user, "tools": tools})).json();
+    assert_eq!(Some(none), rendered["count"].as_u64(), "{rendered}");
+    assert!(none > without + 10, "{none} vs {without} without tools");
+    let sbody = json!({"messages": user, "tools": tools, "tool_choice": "none", "max_tokens": 16, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let events = sse_events(&post(a, "/v1/chat/completions", sbody).body);
+    assert!(
+        !events.iter().any(|e| e.contains("tool_calls")),
+        "{events:?}"
+    );
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"].as_u64(), Some(none));
+
     // Metrics name what the issue asks for, and count the work done.
     let m = http(a, "GET", "/metrics", None, None).body;
     for name in [
@@ -366,6 +396,128 @@ fn serve_routes_errors_and_streaming_over_raw_http() {
         .status,
         200
     );
+}
+
+/// A value of the server's `/metrics`.
+fn metric(addr: &str, name: &str) -> f64 {
+    let m = http(addr, "GET", "/metrics", None, None).body;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+        .parse()
+        .unwrap()
+}
+
+/// Polls `cond` every 20 ms for at most `limit`; whether it became true.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[test]
+fn serve_cancels_non_streaming_requests_of_disconnected_clients() {
+    let srv = Server::start(&[]);
+    let a = &srv.addr;
+    let user = json!([{"role": "user", "content": "And God said"}]);
+    let max_tokens = 1500;
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "max_tokens": max_tokens, "ignore_eos": true, "temperature": 0}),
+            "keep-alive",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["And God said", "In the beginning"], "n": 2, "max_tokens": max_tokens, "ignore_eos": true, "temperature": 0}),
+            "close",
+        ),
+    ];
+    for (i, (path, body, connection)) in cases.into_iter().enumerate() {
+        assert_eq!(metric(a, "zaya_requests_running"), 0.0);
+        let body = body.to_string();
+        let mut s = TcpStream::connect(a).unwrap();
+        s.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {a}\r\nConnection: {connection}\r\n\
+                 Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        // Running and generating: then the client goes away without reading an answer.
+        let gen0 = metric(a, "zaya_generation_tokens_total");
+        assert!(
+            wait_until(Duration::from_secs(60), || metric(
+                a,
+                "zaya_requests_running"
+            ) > 0.0
+                && metric(a, "zaya_generation_tokens_total") >= gen0 + 8.0),
+            "{path}: the request did not start\n{}",
+            srv.log()
+        );
+        drop(s);
+        let closed = Instant::now();
+        let gen_at_close = metric(a, "zaya_generation_tokens_total");
+        assert!(
+            wait_until(Duration::from_secs(10), || metric(
+                a,
+                "zaya_requests_running"
+            ) == 0.0),
+            "{path}: the disconnected client's request still runs after 10 s\n{}",
+            srv.log()
+        );
+        let gone_after = closed.elapsed();
+        let gen1 = metric(a, "zaya_generation_tokens_total");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            metric(a, "zaya_generation_tokens_total"),
+            gen1,
+            "{path}: tokens still generated after the cancel"
+        );
+        eprintln!(
+            "{path}: {} tokens when the client closed, {} when its rows had left ({gone_after:?} later)",
+            gen_at_close - gen0,
+            gen1 - gen0
+        );
+        let rows = if i == 0 { 1.0 } else { 4.0 };
+        assert!(
+            gen1 - gen0 < rows * max_tokens as f64 / 2.0,
+            "{path}: {} tokens generated before the rows left (closed after {}, gone after {gone_after:?})",
+            gen1 - gen0,
+            gen_at_close - gen0
+        );
+        // Its log line says so, each choice finished `abort`.
+        let finish = if i == 0 {
+            "finish=abort"
+        } else {
+            "finish=abort,abort,abort,abort"
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || srv
+                .log()
+                .lines()
+                .any(|l| l.contains("client disconnected")
+                    && l.contains(finish)
+                    && l.contains(if i == 0 { "chatcmpl-" } else { "cmpl-" }))),
+            "{path}: no cancelled request line\n{}",
+            srv.log()
+        );
+    }
+    // Still serving.
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        json!({"messages": user, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[test]

@@ -17,6 +17,6 @@ pub use choice::logprobs as log_softmax_top;
 pub use engine::{Engine, EngineConfig, EngineMetrics};
 pub use prefix_cache::block_hashes;
 pub use request::{
-    ConstraintFactory, Event, FinishReason, GenerationRequest, RequestHandle, SubmitError,
-    TokenConstraint, TokenLogprob, Usage, MAX_TOP_LOGPROBS,
+    Canceller, ConstraintFactory, Event, FinishReason, GenerationRequest, RequestHandle,
+    SubmitError, TokenConstraint, TokenLogprob, Usage, MAX_TOP_LOGPROBS,
 };

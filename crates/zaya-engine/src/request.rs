@@ -198,6 +198,15 @@ impl RequestHandle {
         }
     }
 
+    /// A handle that cancels this request from elsewhere (another thread, a drop guard)
+    /// while this one is busy receiving.
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            cancelled: self.cancelled.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
     /// Drains the events until the last one (convenience for tests and simple callers).
     pub fn collect(&self) -> Vec<Event> {
         let mut out = Vec::new();
@@ -205,6 +214,29 @@ impl RequestHandle {
             out.push(e);
         }
         out
+    }
+}
+
+/// Cancels one request, as [`RequestHandle::cancel`] does; cheap to clone and `Send + Sync`.
+#[derive(Clone)]
+pub struct Canceller {
+    cancelled: Arc<AtomicBool>,
+    waker: Waker,
+}
+
+impl Canceller {
+    pub fn cancel(&self) {
+        if !self.cancelled.swap(true, Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller")
+            .field("cancelled", &self.cancelled.load(Ordering::SeqCst))
+            .finish()
     }
 }
 

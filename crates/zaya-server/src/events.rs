@@ -1,15 +1,23 @@
 //! From the engine's blocking event channel to the async handlers, with the per-request
 //! bookkeeping: latency histograms, the request's log line, and cancellation when the
-//! consumer goes away (a disconnected client drops the receiver; the forwarding thread
-//! notices within its poll interval and cancels the request, whose rows leave the batch at
-//! the next step).
+//! consumer goes away.
+//!
+//! Cancellation: the consumer of a request's events holds an [`Events`]; dropping it before
+//! the last event cancels the engine requests at once (their rows leave the batch at the
+//! engine's next step). A non-streamed answer's `Events` lives in the handler future, which
+//! hyper drops when the client closes the connection: while a handler is pending, hyper's
+//! HTTP/1 dispatcher keeps reading the socket and treats EOF or a reset as the end of the
+//! connection (half-close is off, axum's default). A streamed answer's `Events` lives in the
+//! task feeding the SSE body, which ends when the body (dropped with the connection) stops
+//! taking chunks. The forwarding threads also cancel when their channel closes (checked
+//! every [`POLL`]), a second line of defence.
 
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use zaya_engine::{Event, RequestHandle, Usage};
+use zaya_engine::{Canceller, Event, RequestHandle, Usage};
 
 use crate::AppState;
 
@@ -20,10 +28,39 @@ const POLL: Duration = Duration::from_millis(50);
 /// several prompts submits several).
 pub type Tagged = (usize, Event);
 
+/// The events of one HTTP request's engine requests, in arrival order. Dropping it before
+/// each engine request's last event (`Done` or `Error`) cancels the unfinished ones.
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<Tagged>,
+    /// `None` once that engine request has sent its last event.
+    running: Vec<Option<Canceller>>,
+}
+
+impl Events {
+    pub async fn recv(&mut self) -> Option<Tagged> {
+        let ev = self.rx.recv().await?;
+        if matches!(ev.1, Event::Done { .. } | Event::Error { .. }) {
+            if let Some(slot) = self.running.get_mut(ev.0) {
+                *slot = None;
+            }
+        }
+        Some(ev)
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        for c in self.running.iter().flatten() {
+            c.cancel();
+        }
+    }
+}
+
 /// Moves each handle's events onto one async channel (a blocking thread per handle, so the
 /// engine's std channel never blocks the runtime).
-pub fn forward(handles: Vec<RequestHandle>) -> mpsc::UnboundedReceiver<Tagged> {
+pub fn forward(handles: Vec<RequestHandle>) -> Events {
     let (tx, rx) = mpsc::unbounded_channel();
+    let running = handles.iter().map(|h| Some(h.canceller())).collect();
     for (i, handle) in handles.into_iter().enumerate() {
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || loop {
@@ -49,7 +86,7 @@ pub fn forward(handles: Vec<RequestHandle>) -> mpsc::UnboundedReceiver<Tagged> {
             }
         });
     }
-    rx
+    Events { rx, running }
 }
 
 /// Timing and totals of one HTTP request (possibly several engine requests); logs one line
@@ -163,7 +200,14 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        // The client went away before the end: the forwarding threads cancel the requests.
+        if self.logged {
+            return;
+        }
+        // The client went away before the end (dropping `Events` cancelled the engine
+        // requests): the unfinished choices are aborted.
+        for f in self.finish.iter_mut().filter(|f| f.is_none()) {
+            *f = Some("abort");
+        }
         self.log("client disconnected");
     }
 }

@@ -25,7 +25,7 @@ use zaya_engine::{
 };
 
 use crate::error::{ApiError, ApiResult};
-use crate::events::{forward, Tagged, Tracker};
+use crate::events::{forward, Events, Tracker};
 use crate::grammar::GrammarSpec;
 use crate::metrics::EngineNumbers;
 use crate::protocol::{
@@ -249,6 +249,12 @@ impl ChatPlan {
     }
 }
 
+/// Whether the answer is parsed for tool calls: when tools were given, unless `tool_choice`
+/// is `none` (vLLM applies no tool parser then; the tools are still in the prompt).
+fn parses_tool_calls(tools: &[Json], choice: &ToolChoice) -> bool {
+    !tools.is_empty() && *choice != ToolChoice::None
+}
+
 async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let start = Instant::now();
     match chat_inner(st, body, start).await {
@@ -305,10 +311,12 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes, start: Instant) -> ApiResult
 
     let mut creq = ChatRequest::new(messages);
     creq.add_generation_prompt = true;
-    let offer_tools = !tools.is_empty() && choice != ToolChoice::None;
-    if offer_tools {
+    // As OpenAI and vLLM: the model sees the tools whatever `tool_choice` says; with `none`
+    // its output is not parsed for calls (any markup stays in `content`, as vLLM returns it).
+    if !tools.is_empty() {
         creq.tools = Some(tools.clone());
     }
+    let parse_tools = parses_tool_calls(&tools, &choice);
     for (k, v) in req.chat_template_kwargs.clone().unwrap_or_default() {
         match (k.as_str(), v) {
             ("enable_thinking", Json::Bool(b)) => creq.enable_thinking = Some(b),
@@ -358,7 +366,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes, start: Instant) -> ApiResult
 
     let plan = ChatPlan {
         tools,
-        parse_tools: offer_tools,
+        parse_tools,
         max_calls: if parallel { None } else { Some(1) },
         thinking_opened,
         logprobs: top_logprobs.is_some(),
@@ -408,7 +416,7 @@ struct ChoiceAcc {
 /// Runs the events to the end; `Err` on an engine error.
 async fn gather(
     tracker: &mut Tracker,
-    mut events: mpsc::UnboundedReceiver<Tagged>,
+    mut events: Events,
     choices_per_request: usize,
     total: usize,
 ) -> ApiResult<Vec<ChoiceAcc>> {
@@ -463,7 +471,7 @@ fn tool_call_id(request_id: &str, choice: usize, index: usize) -> String {
 async fn chat_whole(
     st: Arc<AppState>,
     mut tracker: Tracker,
-    events: mpsc::UnboundedReceiver<Tagged>,
+    events: Events,
     plan: ChatPlan,
     n: usize,
 ) -> ApiResult<Response> {
@@ -541,7 +549,7 @@ async fn chat_whole(
 fn chat_stream(
     st: Arc<AppState>,
     mut tracker: Tracker,
-    mut events: mpsc::UnboundedReceiver<Tagged>,
+    mut events: Events,
     plan: ChatPlan,
     n: usize,
     include_usage: bool,
@@ -573,7 +581,11 @@ fn chat_stream(
             }
         };
         let mut out: VecDeque<Bytes> = VecDeque::new();
-        while let Some((_, ev)) = events.recv().await {
+        // Also ends when the client goes away while no event comes (a queued request).
+        while let Some((_, ev)) = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tx.closed() => None,
+        } {
             match ev {
                 Event::Token {
                     choice,
@@ -820,7 +832,7 @@ fn completion_logprobs(tok: &ZayaTokenizer, lps: &[TokenLogprob]) -> Json {
 fn completion_stream(
     st: Arc<AppState>,
     mut tracker: Tracker,
-    mut events: mpsc::UnboundedReceiver<Tagged>,
+    mut events: Events,
     n: usize,
     total: usize,
     echo: Option<Vec<String>>,
@@ -845,7 +857,10 @@ fn completion_stream(
                 out.push_back(chunk(c, &e[c / n], Json::Null, None));
             }
         }
-        while let Some((req, ev)) = events.recv().await {
+        while let Some((req, ev)) = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tx.closed() => None,
+        } {
             match ev {
                 Event::Token {
                     choice,
@@ -997,5 +1012,49 @@ async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match run() {
         Ok(v) => AxumJson(v).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(plan: &ChatPlan, text: &str) -> (String, usize) {
+        let mut p = plan.parser();
+        // In pieces, as the engine streams it.
+        let mut deltas = Vec::new();
+        for piece in text.as_bytes().chunks(7) {
+            deltas.extend(p.push(std::str::from_utf8(piece).unwrap()));
+        }
+        deltas.extend(p.finish());
+        let content = deltas
+            .iter()
+            .filter_map(|d| match d {
+                Delta::Content(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect();
+        (content, p.tool_calls())
+    }
+
+    #[test]
+    fn tool_choice_none_returns_call_markup_as_text() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+        ];
+        let text = "Let me look.\n<zyphra_tool_call>\n<function=get_weather>\n<parameter=city>\nEden\n</parameter>\n</function>\n</zyphra_tool_call>";
+        let plan = |choice: ToolChoice| ChatPlan {
+            tools: tools.clone(),
+            parse_tools: parses_tool_calls(&tools, &choice),
+            max_calls: None,
+            thinking_opened: false,
+            logprobs: false,
+        };
+        assert_eq!(answer(&plan(ToolChoice::None), text), (text.to_string(), 0));
+        assert_eq!(
+            answer(&plan(ToolChoice::Auto), text),
+            ("Let me look.".to_string(), 1)
+        );
+        assert!(!parses_tool_calls(&[], &ToolChoice::Auto));
     }
 }

@@ -257,6 +257,28 @@ def tool_history_roundtrip():
     assert not r.choices[0].message.tool_calls
 
 
+def tokenize(body):
+    req = urllib.request.Request(CFG["base"] + "/tokenize", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer " + CFG["key"]})
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+
+@check
+def tool_choice_none_keeps_the_tools_in_the_prompt():
+    # OpenAI / vLLM semantics: the model is told about the tools but calls none.
+    plain = chat(max_tokens=1).usage.prompt_tokens
+    auto = chat(tools=[WEATHER, NOW], tool_choice="auto", max_tokens=1).usage.prompt_tokens
+    r = chat(tools=[WEATHER, NOW], tool_choice="none", max_tokens=40, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert r.usage.prompt_tokens == auto > plain, (r.usage.prompt_tokens, auto, plain)
+    assert r.usage.prompt_tokens == tokenize({"messages": USER, "tools": [WEATHER, NOW]})["count"]
+    assert not c.message.tool_calls and c.finish_reason == "length", c
+    content, _, calls, finish, usage, _ = stream_chat(tools=[WEATHER, NOW], tool_choice="none", max_tokens=40,
+                                                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    assert not calls and finish == {0: "length"}, (calls, finish)
+    assert content == (c.message.content or "") and usage.prompt_tokens == auto
+
+
 @check
 def response_format_json():
     # Free-form objects: this small model may ramble inside a string until max_tokens; what
