@@ -931,44 +931,6 @@ macro_rules! dots_in_tiles {
     }};
 }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn dots_block_f32_body(
-    xs: &[f32],
-    xs_stride: usize,
-    m: usize,
-    ws: &[f32],
-    ws_stride: usize,
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-) {
-    dots_in_tiles!(dots_tile, f32, xs, xs_stride, m, ws, ws_stride, n, k, out)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn dots_block_bf16_body(
-    xs: &[f32],
-    xs_stride: usize,
-    m: usize,
-    ws: &[bf16],
-    ws_stride: usize,
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-) {
-    dots_in_tiles!(dots_tile, bf16, xs, xs_stride, m, ws, ws_stride, n, k, out)
-}
-
-simd_dispatch! {
-    fn dots_block_portable_f32(xs: &[f32], xs_stride: usize, m: usize, ws: &[f32], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => dots_block_f32_body
-}
-
-simd_dispatch! {
-    fn dots_block_portable_bf16(xs: &[f32], xs_stride: usize, m: usize, ws: &[bf16], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => dots_block_bf16_body
-}
-
 /// Weight types with a portable tiled dot-product block.
 pub(crate) trait DotsBlock: WeightElem {
     #[allow(clippy::too_many_arguments)]
@@ -984,35 +946,46 @@ pub(crate) trait DotsBlock: WeightElem {
     );
 }
 
-impl DotsBlock for f32 {
-    fn portable(
-        xs: &[f32],
-        xs_stride: usize,
-        m: usize,
-        ws: &[f32],
-        ws_stride: usize,
-        n: usize,
-        k: usize,
-        out: &mut [f32],
-    ) {
-        dots_block_portable_f32(xs, xs_stride, m, ws, ws_stride, n, k, out)
-    }
+/// [`DotsBlock`] for a weight type: the tiles at each SIMD level through `simd_dispatch!`
+/// (which takes no generics, hence one expansion per type).
+macro_rules! dots_block_for {
+    ($w:ty) => {
+        impl DotsBlock for $w {
+            fn portable(
+                xs: &[f32],
+                xs_stride: usize,
+                m: usize,
+                ws: &[$w],
+                ws_stride: usize,
+                n: usize,
+                k: usize,
+                out: &mut [f32],
+            ) {
+                #[inline(always)]
+                #[allow(clippy::too_many_arguments)]
+                fn body(
+                    xs: &[f32],
+                    xs_stride: usize,
+                    m: usize,
+                    ws: &[$w],
+                    ws_stride: usize,
+                    n: usize,
+                    k: usize,
+                    out: &mut [f32],
+                ) {
+                    dots_in_tiles!(dots_tile, $w, xs, xs_stride, m, ws, ws_stride, n, k, out)
+                }
+                simd_dispatch! {
+                    fn run(xs: &[f32], xs_stride: usize, m: usize, ws: &[$w], ws_stride: usize, n: usize, k: usize, out: &mut [f32]) => body
+                }
+                run(xs, xs_stride, m, ws, ws_stride, n, k, out)
+            }
+        }
+    };
 }
 
-impl DotsBlock for bf16 {
-    fn portable(
-        xs: &[f32],
-        xs_stride: usize,
-        m: usize,
-        ws: &[bf16],
-        ws_stride: usize,
-        n: usize,
-        k: usize,
-        out: &mut [f32],
-    ) {
-        dots_block_portable_bf16(xs, xs_stride, m, ws, ws_stride, n, k, out)
-    }
-}
+dots_block_for!(f32);
+dots_block_for!(bf16);
 
 /// `out[j·m + i] = x_i · w_j` (by weight row) for the `m` rows of `xs` (stride
 /// `xs_stride`) and the `n` rows of `ws` (stride `ws_stride`, f32 or bf16), each equal to a
