@@ -77,12 +77,8 @@ pub(crate) fn linear(
 
 /// The GEMV path of [`linear`]: each weight row read once for all rows of `x`.
 fn gemv(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
-    let by_col = cpu::gemv_by_col(&x[..m * k], k, m, &w[..n * k], k, n, k, true);
-    for (i, row) in out[..m * n].chunks_mut(n).enumerate() {
-        for (j, d) in row.iter_mut().enumerate() {
-            *d = by_col[j * m + i];
-        }
-    }
+    let block = cpu::dots_block_of(&x[..m * k], k, m, &w[..n * k], k, k);
+    cpu::gemv_by_weight_rows(m, n, k, cpu::TILE_COLS, out, block);
 }
 
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ` with **both** operands bf16 (the activations of a bf16

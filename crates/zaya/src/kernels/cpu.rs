@@ -324,46 +324,55 @@ pub(crate) fn par_chunks_mut(
     }
 }
 
-/// `out[m×n]` (row-major) of a GEMV against a weight stored row by row in a compact form:
-/// `dots(j, c)` writes `x_i · w_j` for the `m` rows of `x` into `c` (`m` long). Weight rows
-/// are split into a few blocks per pool thread (the split follows the weight, `n · k`, not
-/// the output length: a 2048-row projection is worth every core), and each weight row is
-/// read once for all rows of `x`.
+/// Runs `block(j0, c)` over the `n` weight rows of a GEMV, `c` holding the by-weight-row
+/// outputs (`m` per weight row) of rows `j0..j0 + c.len() / m`. With `parallel`, the rows
+/// are split into a few blocks per pool thread, each a multiple of `align` rows: the split
+/// follows the weight (`n · k`), not the output length, so a 2048-row projection at one row
+/// of x is worth every core.
+fn split_weight_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    align: usize,
+    parallel: bool,
+    by_col: &mut [f32],
+    block: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    const MIN_PARALLEL_WORK: usize = 1 << 16;
+    let threads = num_threads();
+    if parallel && threads > 1 && n > align && n * k * m >= MIN_PARALLEL_WORK {
+        let rows = n.div_ceil(4 * threads).next_multiple_of(align);
+        in_pool(|| {
+            by_col
+                .par_chunks_mut(rows * m)
+                .enumerate()
+                .for_each(|(t, o)| block(t * rows, o))
+        });
+    } else {
+        block(0, by_col);
+    }
+}
+
+/// `out[m×n]` (row-major) of a GEMV against a weight stored row by row (f32 or a compact
+/// form): `block(j0, c)` writes `x_i · w_j` by weight row (`c[(j − j0)·m + i]`) for weight
+/// rows `j0..j0 + c.len() / m`, which [`split_weight_rows`] hands out in multiples of
+/// `align` over the pool. Each weight row is read once for all rows of `x`.
 pub(crate) fn gemv_by_weight_rows(
     m: usize,
     n: usize,
     k: usize,
+    align: usize,
     out: &mut [f32],
-    dots: impl Fn(usize, &mut [f32]) + Sync + Send,
+    block: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
-    use rayon::prelude::*;
-    const MIN_PARALLEL_WORK: usize = 1 << 16;
-    let block = |j0: usize, o: &mut [f32]| {
-        for (r, c) in o.chunks_mut(m).enumerate() {
-            dots(j0 + r, c);
-        }
-    };
-    let by_weight_row = |by_col: &mut [f32]| {
-        let threads = num_threads();
-        if threads > 1 && n > 1 && n * k * m >= MIN_PARALLEL_WORK {
-            let rows = n.div_ceil(4 * threads);
-            in_pool(|| {
-                by_col
-                    .par_chunks_mut(rows * m)
-                    .enumerate()
-                    .for_each(|(b, o)| block(b * rows, o))
-            });
-        } else {
-            block(0, by_col);
-        }
-    };
     if m == 1 {
         // one row: the column order is the row order
-        by_weight_row(&mut out[..n]);
+        split_weight_rows(m, n, k, align, true, &mut out[..n], block);
         return;
     }
     let mut by_col = vec![0f32; n * m];
-    by_weight_row(&mut by_col);
+    split_weight_rows(m, n, k, align, true, &mut by_col, block);
     for i in 0..m {
         for (j, d) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
             *d = by_col[j * m + i];
@@ -1046,11 +1055,11 @@ pub(crate) fn dots_block<W: DotsBlock>(
 }
 
 /// The GEMV of `m` rows of `xs` (stride `xs_stride`) against the `n` rows of `ws` (stride
-/// `ws_stride`), by weight row (`[n × m]`): blocks of 8 weight rows (the widest tile), a
-/// few blocks per task of the kernel pool when `parallel`. Each weight row is read once for
+/// `ws_stride`), by weight row (`[n × m]`), split over the kernel pool in whole tiles when
+/// `parallel`. Each weight row is read once for
 /// all rows of `xs`, and each output is the batch-invariant dot of [`dots_block`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemv_by_col<W: DotsBlock>(
+fn gemv_by_col<W: DotsBlock>(
     xs: &[f32],
     xs_stride: usize,
     m: usize,
@@ -1060,34 +1069,32 @@ pub(crate) fn gemv_by_col<W: DotsBlock>(
     k: usize,
     parallel: bool,
 ) -> Vec<f32> {
-    const BLOCK: usize = 8;
     let mut by_col = vec![0f32; n * m];
     if m == 0 || n == 0 {
         return by_col;
     }
-    // `c` holds the outputs of weight rows j0.. (whole blocks of m)
-    let cols = |j0: usize, c: &mut [f32]| {
+    let block = dots_block_of(xs, xs_stride, m, ws, ws_stride, k);
+    split_weight_rows(m, n, k, TILE_COLS, parallel, &mut by_col, block);
+    by_col
+}
+
+/// The widest tile, in weight rows: the unit [`split_weight_rows`] hands out.
+pub(crate) const TILE_COLS: usize = 8;
+
+/// The `block(j0, c)` of [`split_weight_rows`] for the tiled dot products of [`dots_block`].
+pub(crate) fn dots_block_of<'a, W: DotsBlock>(
+    xs: &'a [f32],
+    xs_stride: usize,
+    m: usize,
+    ws: &'a [W],
+    ws_stride: usize,
+    k: usize,
+) -> impl Fn(usize, &mut [f32]) + Sync + Send + 'a {
+    move |j0, c| {
         let cols = c.len() / m;
         let w = &ws[j0 * ws_stride..(j0 + cols - 1) * ws_stride + k];
         dots_block(xs, xs_stride, m, w, ws_stride, cols, k, c);
-    };
-    let threads = num_threads();
-    // The split follows the weight (n·k), not the output length: a 2048-row projection at
-    // one row of x is worth every core. A few tasks per thread, whole tiles each.
-    const MIN_PARALLEL_WORK: usize = 1 << 16;
-    if parallel && threads > 1 && n > BLOCK && n * k * m >= MIN_PARALLEL_WORK {
-        use rayon::prelude::*;
-        let rows = n.div_ceil(4 * threads).next_multiple_of(BLOCK);
-        in_pool(|| {
-            by_col
-                .par_chunks_mut(rows * m)
-                .enumerate()
-                .for_each(|(t, c)| cols(t * rows, c))
-        });
-    } else {
-        cols(0, &mut by_col);
     }
-    by_col
 }
 
 #[inline(always)]

@@ -110,8 +110,11 @@ pub(crate) fn linear(
         });
     }
     // GEMV: each weight row decoded once for all x rows.
-    cpu::gemv_by_weight_rows(m, n, k, out, |j, c| {
-        dots(&x[..m * k], k, &w[j * row_bytes..(j + 1) * row_bytes], c)
+    cpu::gemv_by_weight_rows(m, n, k, 1, out, |j0, o| {
+        for (r, c) in o.chunks_mut(m).enumerate() {
+            let j = j0 + r;
+            dots(&x[..m * k], k, &w[j * row_bytes..(j + 1) * row_bytes], c)
+        }
     });
     Ok(())
 }
