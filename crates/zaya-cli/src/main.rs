@@ -587,18 +587,15 @@ fn keep_freed_memory_for_reuse() {
 /// Writes the thread count into `RAYON_NUM_THREADS` when nothing set it. candle 0.11 asks
 /// for its thread count on every matmul, and without the variable it counts the physical
 /// cores by parsing `/proc/cpuinfo` each time (perf: ~5 % of a decode step in the kernel's
-/// `show_cpuinfo`). The value is what candle would have found: `CANDLE_NUM_THREADS`, else
-/// the CPUs this process may run on. Runs before any thread starts.
+/// `show_cpuinfo`). The value is the kernels' own count (`CANDLE_NUM_THREADS`, else the
+/// CPUs this process may run on). Runs before any thread starts.
 fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return;
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            zaya::kernels::num_threads().to_string(),
+        );
     }
-    let n = std::env::var("CANDLE_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
 
 fn main() {

@@ -137,8 +137,12 @@ pub(crate) struct Heads<'a> {
 impl<'a> Heads<'a> {
     /// A packed `[B, H, N, width]` buffer.
     pub fn packed(data: &'a [f32], h: usize, n: usize, width: usize) -> Self {
+        Self::packed_in(std::borrow::Cow::Borrowed(data), h, n, width)
+    }
+
+    fn packed_in(data: std::borrow::Cow<'a, [f32]>, h: usize, n: usize, width: usize) -> Self {
         Heads {
-            data: std::borrow::Cow::Borrowed(data),
+            data,
             start: 0,
             batch_stride: h * n * width,
             head_stride: n * width,
@@ -164,12 +168,7 @@ impl<'a> Heads<'a> {
         let [_, h, n, w] = dims else {
             return Err(KernelError::Internal(format!("{op}: expected 4-D keys/values")).into());
         };
-        Ok(Heads {
-            batch_stride: h * n * w,
-            head_stride: n * w,
-            start: 0,
-            data: packed,
-        })
+        Ok(Self::packed_in(packed, *h, *n, *w))
     }
 
     /// Offset of head `h` of batch row `b` in [`Self::data`].
