@@ -315,7 +315,8 @@ fn cca_conv_fused_matches_reference() -> Result<()> {
             let groups = rng.random_range(1..4);
             let d = [1, 3, 8][rng.random_range(0..3)];
             let (k0, k1) = (rng.random_range(1..4), rng.random_range(1..4));
-            let t = rng.random_range(1..6);
+            // both grouped-stage paths: few positions (decode) and the gemm one
+            let t = rng.random_range(1..10);
             let c = groups * d;
             let len = t + k0 + k1 - 2;
             let x = rand_var(&mut rng, &[b, len, c], 1.0, dtype)?;

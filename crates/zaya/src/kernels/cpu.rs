@@ -1090,12 +1090,38 @@ pub(crate) fn dots_block_of<'a, W: DotsBlock>(
     ws_stride: usize,
     k: usize,
 ) -> impl Fn(usize, &mut [f32]) + Sync + Send + 'a {
+    // The tiles sweep the weight rows once per group of 4 rows of `xs`: above 4 rows the
+    // block goes a cache-sized chunk of weight rows at a time, so the later sweeps read
+    // it from L2 and not from memory (a 4000-row lm_head block was read 8 times at 32 rows).
+    let chunk = if m <= 4 {
+        usize::MAX
+    } else {
+        (DOTS_CHUNK_BYTES / (k * std::mem::size_of::<W>()).max(1)).next_multiple_of(TILE_COLS)
+    };
     move |j0, c| {
         let cols = c.len() / m;
-        let w = &ws[j0 * ws_stride..(j0 + cols - 1) * ws_stride + k];
-        dots_block(xs, xs_stride, m, w, ws_stride, cols, k, c);
+        let mut s = 0;
+        while s < cols {
+            let e = cols.min(s.saturating_add(chunk));
+            let w = &ws[(j0 + s) * ws_stride..(j0 + e - 1) * ws_stride + k];
+            dots_block(
+                xs,
+                xs_stride,
+                m,
+                w,
+                ws_stride,
+                e - s,
+                k,
+                &mut c[s * m..e * m],
+            );
+            s = e;
+        }
     }
 }
+
+/// Weight bytes a [`dots_block_of`] chunk holds: well inside a core's L2 (1 MB on Zen 4,
+/// 2 MB on recent Xeons) beside the activation rows.
+const DOTS_CHUNK_BYTES: usize = 256 << 10;
 
 #[inline(always)]
 fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
