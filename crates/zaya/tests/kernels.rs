@@ -713,3 +713,23 @@ fn bf16_experts_match_the_f32_evaluation_of_the_same_weights() -> Result<()> {
     );
     Ok(())
 }
+
+/// A forward handed to the kernel pool keeps the caller's scoped kernel choices (the
+/// engine runs its steps there; the parity suites choose kernels by scope).
+#[test]
+fn run_in_pool_carries_the_scoped_choices() -> Result<()> {
+    let shape = candle_core::Shape::from_dims(&[4, 64]);
+    let pick = || registry::select(Kernel::Softmax, &Device::Cpu, DType::F32, &shape);
+    let (thread, inside) = with(Kernel::Softmax, Choice::Reference, || {
+        kernels::run_in_pool(|| (std::thread::current().name().map(str::to_owned), pick()))
+    });
+    assert_eq!(inside?, ImplId::Reference);
+    if kernels::num_threads() > 1 {
+        // it did run on a pool thread, whose own scope is empty
+        assert!(thread.is_some_and(|n| n.starts_with("zaya-kernel-")));
+    }
+    // and the pool thread's scope is left as it was
+    let after = kernels::run_in_pool(pick)?;
+    assert_eq!(after, pick()?);
+    Ok(())
+}

@@ -38,6 +38,16 @@ mod softmax;
 mod swiglu;
 
 pub use cpu::num_threads;
+
+/// Runs `f` on a thread of the kernels' pool: every kernel it calls then splits its work
+/// with the pool's other threads (the caller takes part), where a call from outside hands
+/// each kernel to the pool and waits. For loops of many small forwards (the engine's step
+/// loop), whose thread would otherwise compete with the pool's threads for the cores.
+/// The caller's scoped kernel choices ([`registry::with_choice`]) hold inside `f`.
+pub fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let choices = registry::scoped_choices();
+    cpu::in_pool(move || registry::with_scoped(choices, f))
+}
 pub use matmul::blas_available;
 use registry::{ImplId, Kernel};
 

@@ -538,6 +538,28 @@ pub fn with_choice<R>(
     Ok(f())
 }
 
+/// This thread's scoped choices ([`with_choice`]), innermost last: what a forward handed to
+/// another thread must carry along (see [`with_scoped`]).
+pub(crate) fn scoped_choices() -> Vec<(Option<Kernel>, Choice)> {
+    SCOPED.with(|s| s.borrow().clone())
+}
+
+/// Runs `f` with `choices` as this thread's scoped choices, restoring its own afterwards
+/// (also when `f` panics).
+pub(crate) fn with_scoped<R>(choices: Vec<(Option<Kernel>, Choice)>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Vec<(Option<Kernel>, Choice)>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(own) = self.0.take() {
+                SCOPED.with(|s| *s.borrow_mut() = own);
+            }
+        }
+    }
+    let own = SCOPED.with(|s| std::mem::replace(&mut *s.borrow_mut(), choices));
+    let _restore = Restore(Some(own));
+    f()
+}
+
 /// Where the choice in force for a kernel comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChoiceSource {
