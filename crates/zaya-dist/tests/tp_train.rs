@@ -552,3 +552,135 @@ fn tp_stages_of_a_pipeline_equal_one_rank() {
         }
     }
 }
+
+/// `zaya train --tp 2 --pp 2 --dp 2` resuming a single-process checkpoint, rank by rank:
+/// every rank reads from the weights exactly the bytes of the slices its plan gives it
+/// (never the whole model) and from `optimizer.safetensors` exactly the moments and step
+/// counts of the slices it keeps (ZeRO-1: the two replicas keep disjoint shares covering
+/// every slice once); the resumed steps (1F1B over the TP stages, the tied embedding summed
+/// between the first and last stage, clipping, bias balancing) give the single-process
+/// losses and norms.
+#[test]
+fn tp_pp_dp_ranks_read_only_their_slices_and_resume_the_single_process_steps() {
+    use zaya::train::trainer::{Trainer, TrainerConfig};
+    use zaya_dist::tp_driver::{RunState, TpParallelTrainer};
+    use zaya_dist::DriverOptions;
+    let name = "gqa_sliding";
+    let steps: Vec<Vec<Batch>> = vec![
+        vec![batch(name, "train"), batch(name, "train_pad")],
+        vec![batch(name, "train_pad"), batch(name, "train")],
+        vec![batch(name, "train"), batch(name, "train")],
+    ];
+    let model = TrainableModel::load(dir(name)).unwrap();
+    let mut cfg = TrainerConfig::new(&model, 2e-2);
+    cfg.max_grad_norm = Some(0.5);
+    cfg.balance_bias_lr = 1e-2;
+    cfg.aux_loss_coef = 0.01;
+    cfg.checkpointing = Checkpointing::EveryLayer;
+    cfg.adamw.eps = 0.1; // see trainer_on_tp_ranks_reproduces_the_single_process_steps
+    let mut single = Trainer::new(model, cfg.clone()).unwrap();
+    single.step(&steps[0]).unwrap();
+    let root = std::env::temp_dir().join(format!("zaya-tp-slices-{}", std::process::id()));
+    let ck = single.save(&root).unwrap();
+    let want: Vec<(f64, f64)> = steps[1..]
+        .iter()
+        .map(|mb| {
+            let r = single.step(mb).unwrap();
+            (r.total_loss, r.grad_norm)
+        })
+        .collect();
+
+    let shape = MeshShape::new(2, 2, 1, 2).unwrap();
+    let mcfg = Checkpoint::open(&ck).unwrap().config().unwrap();
+    let plan = ParallelPlan::new(&mcfg, shape).unwrap();
+    let specs = zaya::weights::native_specs(&mcfg);
+    let whole: usize = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
+    let world = LocalWorld::new(shape.world(), TIMEOUT).unwrap();
+    let outs = world.run(|comm| -> Result<_, ParallelError> {
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let c = mesh.coords;
+        let weights = Arc::new(Checkpoint::open(&ck)?);
+        let state = Checkpoint::open_file(ck.join("optimizer.safetensors"))?;
+        let at = RunState {
+            cfg: cfg.clone(),
+            step: 1,
+            run: None,
+        };
+        let mut t =
+            TpParallelTrainer::open(mesh, &weights, Some(&state), at, DriverOptions::default())?;
+        let read = (weights.bytes_read(), state.bytes_read());
+        let params = t.model().params();
+        let owned: Vec<(String, usize)> = t
+            .owned()
+            .iter()
+            .map(|&k| {
+                let p = &params[k].param;
+                (p.name.clone(), p.var.elem_count())
+            })
+            .collect();
+        let all: Vec<String> = params.iter().map(|p| p.param.name.clone()).collect();
+        let mut got = Vec::new();
+        for mb in &steps[1..] {
+            let r = t.step(mb)?;
+            got.push((r.total_loss, r.grad_norm));
+        }
+        Ok((c, read, owned, all, got))
+    });
+    let mut shares: BTreeMap<(usize, usize), Vec<Vec<String>>> = BTreeMap::new();
+    let mut alls: BTreeMap<(usize, usize), Vec<String>> = BTreeMap::new();
+    for out in outs {
+        let (c, (w_read, s_read), owned, all, got) = out.unwrap_or_else(|e| panic!("{e:?}"));
+        // the weights: the rank's selections of the tensors its stage holds, f32
+        let share: usize = specs
+            .iter()
+            .filter(|s| plan.holds(c, &s.name))
+            .map(|s| {
+                plan.selection(c, s)
+                    .shape(&s.shape)
+                    .iter()
+                    .product::<usize>()
+            })
+            .sum();
+        assert_eq!(w_read, 4 * share as u64, "{c:?}: weight bytes read");
+        assert!(
+            2 * share < whole,
+            "{c:?}: a share of {share} of {whole} elements"
+        );
+        // the optimizer: exp_avg and exp_avg_sq (f32) and step (i64) of the kept slices
+        let kept: usize = owned.iter().map(|(_, n)| n).sum();
+        assert_eq!(
+            s_read,
+            (8 * kept + 8 * owned.len()) as u64,
+            "{c:?}: optimizer bytes read"
+        );
+        shares
+            .entry((c.tp, c.pp))
+            .or_default()
+            .push(owned.into_iter().map(|(n, _)| n).collect());
+        alls.insert((c.tp, c.pp), all);
+        for (s, ((l, n), (wl, wn))) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (l - wl).abs() <= 1e-5 * wl.abs(),
+                "{c:?} step {s}: loss {l} vs {wl}"
+            );
+            assert!(
+                (n - wn).abs() <= 1e-4 * wn.abs(),
+                "{c:?} step {s}: norm {n} vs {wn}"
+            );
+        }
+    }
+    // ZeRO-1: the replicas of a mesh position keep disjoint shares covering every slice
+    for (pos, reps) in &shares {
+        assert_eq!(reps.len(), 2, "{pos:?}");
+        assert!(reps.iter().all(|r| !r.is_empty()), "{pos:?}: {reps:?}");
+        let mut both: Vec<String> = reps.concat();
+        both.sort();
+        let mut all = alls[pos].clone();
+        all.sort();
+        assert_eq!(both, all, "{pos:?}");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
