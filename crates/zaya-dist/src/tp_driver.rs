@@ -242,120 +242,16 @@ impl TpParallelTrainer {
         self.step
     }
 
-    /// The stage's part of one step over this replica's `micro` batches with 1F1B (one
-    /// stage: forward, head and backward per micro-batch): this rank's gradients summed
-    /// over the micro-batches (aligned with [`TpTrainModel::params`]), and the stage's
-    /// loss, balance-loss share and routing counts.
-    fn run_1f1b(
+    /// This rank's gradients for the step's micro-batches (every rank is given all of them;
+    /// its replica takes its share), whole for every element it holds: shared KV heads
+    /// summed over their holders, summed over the replicas and the tied embedding's halves;
+    /// with the world's loss, balance loss, routing counts and the gradient norm (each
+    /// element of the model counted once).
+    fn gradients(
         &self,
-        micro: &[Batch],
+        micro_batches: &[Batch],
         opts: &zaya::train::TrainOptions,
-        scale: &LossScale,
-    ) -> ParallelResult<StageSums> {
-        struct InFlight<'a> {
-            batch: TpStageBatch<'a>,
-            fwd: TpStageForward,
-            head: Option<(Option<Tensor>, candle_core::backprop::GradStore)>,
-        }
-        let shape = self.mesh.shape;
-        let stage = self.mesh.coords.pp;
-        let (first, last) = (stage == 0, stage + 1 == shape.pp);
-        let comm = self.mesh.pp.as_ref();
-        let normalizer = scale.normalizer.ok_or_else(|| {
-            unsupported("a training step needs the step's global target count as its normaliser")
-        })?;
-        let cfg = self.model.config();
-        let hidden = cfg.hidden_size;
-        let num_layers = cfg.num_hidden_layers.max(1) as f64;
-        let mut sums = StageSums {
-            grads: vec![None; self.model.params().len()],
-            loss: 0.0,
-            aux: 0.0,
-            routing: Vec::new(),
-        };
-        let mut inflight: HashMap<usize, InFlight<'_>> = HashMap::new();
-        let mut pending: Pending = None;
-        for op in one_f_one_b(shape.pp, stage, micro.len()) {
-            match op {
-                PipeOp::Forward(i) => {
-                    let batch = self.model.stage_batch(&micro[i], opts, scale)?;
-                    let input = if first {
-                        flush(comm, &mut pending)?;
-                        TpStageInput::Embed
-                    } else {
-                        let buf = receive(comm, &mut pending, stage - 1, tag_forward(i))?;
-                        let (hidden, state) =
-                            unpack(buf, micro[i].shape()?, hidden, "pipeline forward")?;
-                        TpStageInput::Boundary { hidden, state }
-                    };
-                    let fwd = batch.forward(input, opts.checkpointing)?;
-                    for (k, s) in fwd.stats.iter().enumerate() {
-                        if sums.routing.len() <= k {
-                            sums.routing.push(s.clone());
-                        } else {
-                            sums.routing[k].merge(s)?;
-                        }
-                    }
-                    sums.aux += scale.aux_weight * fwd.aux_values.iter().sum::<f64>() / num_layers;
-                    let head = if last {
-                        let out = batch.head(&fwd, normalizer, opts.loss_chunk)?;
-                        sums.loss += out.nll_sum / normalizer;
-                        Some((out.grad_hidden, out.grads))
-                    } else {
-                        let (h, s) = fwd.output();
-                        pending = Some((stage + 1, tag_forward(i), pack(&h, s.as_ref())?));
-                        None
-                    };
-                    inflight.insert(i, InFlight { batch, fwd, head });
-                }
-                PipeOp::Backward(i) => {
-                    let InFlight { batch, fwd, head } = inflight.remove(&i).ok_or_else(|| {
-                        unsupported(format!(
-                            "1F1B: backward of micro-batch {i} before its forward"
-                        ))
-                    })?;
-                    let (upstream, acc) = match head {
-                        Some((g, acc)) => {
-                            flush(comm, &mut pending)?;
-                            (TpStageUpstream::Normed(g), acc)
-                        }
-                        None => {
-                            let buf = receive(comm, &mut pending, stage + 1, tag_backward(i))?;
-                            let (hidden, state) =
-                                unpack(buf, micro[i].shape()?, hidden, "pipeline backward")?;
-                            (
-                                TpStageUpstream::Boundary { hidden, state },
-                                Default::default(),
-                            )
-                        }
-                    };
-                    let (grads, up): (Vec<Option<Tensor>>, BoundaryGrads) =
-                        batch.backward(fwd, upstream, acc)?;
-                    for (a, g) in sums.grads.iter_mut().zip(grads) {
-                        if let Some(g) = g {
-                            *a = Some(match a.take() {
-                                Some(old) => (old + g)?,
-                                None => g,
-                            });
-                        }
-                    }
-                    if !first {
-                        let (g_h, g_s) =
-                            up.ok_or_else(|| unsupported("no gradient reached the stage's input"))?;
-                        pending = Some((stage - 1, tag_backward(i), pack(&g_h, g_s.as_ref())?));
-                    }
-                }
-            }
-        }
-        flush(comm, &mut pending)?;
-        Ok(sums)
-    }
-
-    /// One optimizer step over the step's micro-batches (identical on every rank): equal to
-    /// [`zaya::train::trainer::Trainer::step`] on the same micro-batches up to the order of
-    /// floating-point sums.
-    pub fn step(&mut self, micro_batches: &[Batch]) -> ParallelResult<StepReport> {
-        let start = Instant::now();
+    ) -> ParallelResult<Computed> {
         let shape = self.mesh.shape;
         let c = self.mesh.coords;
         if micro_batches.is_empty() {
@@ -368,7 +264,6 @@ impl TpParallelTrainer {
             )
             .into());
         }
-        let opts = self.cfg.train_options();
         let scale = LossScale {
             normalizer: Some(total as f64),
             aux_weight: 1.0 / micro_batches.len() as f64,
@@ -384,7 +279,7 @@ impl TpParallelTrainer {
             loss,
             aux,
             routing: stage_routing,
-        } = self.run_1f1b(&mine, &opts, &scale)?;
+        } = run_1f1b(&self.model, self.mesh.pp.as_ref(), &mine, opts, &scale)?;
         self.model.complete_shared(&mut acc)?;
 
         // gradients (and which exist) summed over the replicas
@@ -454,12 +349,72 @@ impl TpParallelTrainer {
                 }
             })
             .collect();
-        let mut grads: Vec<Option<Tensor>> = grads
+        let grads: Vec<Option<Tensor>> = grads
             .into_iter()
             .zip(&has)
             .map(|(g, &h)| (h > 0.0).then_some(g))
             .collect();
         let norm = self.model.global_grad_norm(&grads)?;
+        Ok(Computed {
+            grads,
+            loss,
+            aux,
+            targets: total,
+            routing,
+            norm,
+        })
+    }
+
+    /// Collective: the step's objective's gradients (`grad.<HF name>`, full tensors, summed
+    /// over micro-batches and replicas, before clipping), `loss` and `aux_loss` (mean over
+    /// layers and micro-batches) on world rank 0, as the single-process step computes them
+    /// before its update; `None` elsewhere. Nothing is updated.
+    pub fn gathered_gradients(
+        &self,
+        micro_batches: &[Batch],
+        opts: &zaya::train::TrainOptions,
+    ) -> ParallelResult<Option<std::collections::BTreeMap<String, Tensor>>> {
+        let cmp = self.gradients(micro_batches, opts)?;
+        let values: Vec<Tensor> = self
+            .model
+            .params()
+            .iter()
+            .zip(&cmp.grads)
+            .map(|(sp, g)| match g {
+                Some(g) => Ok(g.clone()),
+                None => Ok(sp.param.var.zeros_like()?),
+            })
+            .collect::<ParallelResult<_>>()?;
+        let Some(full) = self.model.gather_values(&values, &|c, _| c.dp == 0)? else {
+            return Ok(None);
+        };
+        let dev = Device::Cpu;
+        let mut out: std::collections::BTreeMap<String, Tensor> = full
+            .into_iter()
+            .map(|(k, v)| (format!("grad.{k}"), v))
+            .collect();
+        out.insert("loss".into(), Tensor::new(&[cmp.loss as f32], &dev)?);
+        out.insert("aux_loss".into(), Tensor::new(&[cmp.aux as f32], &dev)?);
+        Ok(Some(out))
+    }
+
+    /// One optimizer step over the step's micro-batches (identical on every rank): equal to
+    /// [`zaya::train::trainer::Trainer::step`] on the same micro-batches up to the order of
+    /// floating-point sums.
+    pub fn step(&mut self, micro_batches: &[Batch]) -> ParallelResult<StepReport> {
+        let start = Instant::now();
+        let opts = self.cfg.train_options();
+        let Computed {
+            mut grads,
+            loss,
+            aux,
+            targets: total,
+            routing,
+            norm,
+        } = self.gradients(micro_batches, &opts)?;
+        let shape = self.mesh.shape;
+        let c = self.mesh.coords;
+        let layers = self.model.model().layer_range();
         if !norm.is_finite() || !loss.is_finite() {
             return Err(ZayaError::Input(format!(
                 "step {}: loss {loss}, gradient norm {norm}: not finite, update skipped",
@@ -636,16 +591,144 @@ impl TpParallelTrainer {
     }
 }
 
+/// The stage's part of one step over this replica's `micro` batches with 1F1B (one
+/// stage: forward, head and backward per micro-batch): this rank's gradients summed
+/// over the micro-batches (aligned with [`TpTrainModel::params`]), and the stage's
+/// loss, balance-loss share and routing counts.
+pub(crate) fn run_1f1b(
+    model: &TpTrainModel,
+    comm: &dyn crate::comm::Comm,
+    micro: &[Batch],
+    opts: &zaya::train::TrainOptions,
+    scale: &LossScale,
+) -> ParallelResult<StageSums> {
+    struct InFlight<'a> {
+        batch: TpStageBatch<'a>,
+        fwd: TpStageForward,
+        head: Option<(Option<Tensor>, candle_core::backprop::GradStore)>,
+    }
+    let stages = comm.size();
+    let stage = comm.rank();
+    if model.coords().pp != stage || model.plan().mesh.pp != stages {
+        return Err(unsupported(format!(
+            "stage {} of {} given pipeline group member {stage} of {stages}",
+            model.coords().pp,
+            model.plan().mesh.pp
+        )));
+    }
+    let (first, last) = (stage == 0, stage + 1 == stages);
+    let normalizer = scale.normalizer.ok_or_else(|| {
+        unsupported("a training step needs the step's global target count as its normaliser")
+    })?;
+    let cfg = model.config();
+    let hidden = cfg.hidden_size;
+    let num_layers = cfg.num_hidden_layers.max(1) as f64;
+    let mut sums = StageSums {
+        grads: vec![None; model.params().len()],
+        loss: 0.0,
+        aux: 0.0,
+        routing: Vec::new(),
+    };
+    let mut inflight: HashMap<usize, InFlight<'_>> = HashMap::new();
+    let mut pending: Pending = None;
+    for op in one_f_one_b(stages, stage, micro.len()) {
+        match op {
+            PipeOp::Forward(i) => {
+                let batch = model.stage_batch(&micro[i], opts, scale)?;
+                let input = if first {
+                    flush(comm, &mut pending)?;
+                    TpStageInput::Embed
+                } else {
+                    let buf = receive(comm, &mut pending, stage - 1, tag_forward(i))?;
+                    let (hidden, state) =
+                        unpack(buf, micro[i].shape()?, hidden, "pipeline forward")?;
+                    TpStageInput::Boundary { hidden, state }
+                };
+                let fwd = batch.forward(input, opts.checkpointing)?;
+                for (k, s) in fwd.stats.iter().enumerate() {
+                    if sums.routing.len() <= k {
+                        sums.routing.push(s.clone());
+                    } else {
+                        sums.routing[k].merge(s)?;
+                    }
+                }
+                sums.aux += scale.aux_weight * fwd.aux_values.iter().sum::<f64>() / num_layers;
+                let head = if last {
+                    let out = batch.head(&fwd, normalizer, opts.loss_chunk)?;
+                    sums.loss += out.nll_sum / normalizer;
+                    Some((out.grad_hidden, out.grads))
+                } else {
+                    let (h, s) = fwd.output();
+                    pending = Some((stage + 1, tag_forward(i), pack(&h, s.as_ref())?));
+                    None
+                };
+                inflight.insert(i, InFlight { batch, fwd, head });
+            }
+            PipeOp::Backward(i) => {
+                let InFlight { batch, fwd, head } = inflight.remove(&i).ok_or_else(|| {
+                    unsupported(format!(
+                        "1F1B: backward of micro-batch {i} before its forward"
+                    ))
+                })?;
+                let (upstream, acc) = match head {
+                    Some((g, acc)) => {
+                        flush(comm, &mut pending)?;
+                        (TpStageUpstream::Normed(g), acc)
+                    }
+                    None => {
+                        let buf = receive(comm, &mut pending, stage + 1, tag_backward(i))?;
+                        let (hidden, state) =
+                            unpack(buf, micro[i].shape()?, hidden, "pipeline backward")?;
+                        (
+                            TpStageUpstream::Boundary { hidden, state },
+                            Default::default(),
+                        )
+                    }
+                };
+                let (grads, up): (Vec<Option<Tensor>>, BoundaryGrads) =
+                    batch.backward(fwd, upstream, acc)?;
+                for (a, g) in sums.grads.iter_mut().zip(grads) {
+                    if let Some(g) = g {
+                        *a = Some(match a.take() {
+                            Some(old) => (old + g)?,
+                            None => g,
+                        });
+                    }
+                }
+                if !first {
+                    let (g_h, g_s) =
+                        up.ok_or_else(|| unsupported("no gradient reached the stage's input"))?;
+                    pending = Some((stage - 1, tag_backward(i), pack(&g_h, g_s.as_ref())?));
+                }
+            }
+        }
+    }
+    flush(comm, &mut pending)?;
+    Ok(sums)
+}
+
 /// The replica keeping the AdamW state of each slice of one mesh position, by name.
 type Owners = HashMap<String, Option<usize>>;
 
-/// What a stage computed over a replica's micro-batches.
-struct StageSums {
+/// What [`TpParallelTrainer::gradients`] gives.
+struct Computed {
+    /// Aligned with [`TpTrainModel::params`]; `None`: no gradient anywhere.
     grads: Vec<Option<Tensor>>,
-    /// Last stage: `Σ nll_sum / normalizer`; 0 elsewhere.
     loss: f64,
-    /// This stage's share of the step's balance loss.
     aux: f64,
-    /// Routing counts of the stage's layers, merged over the micro-batches.
+    targets: usize,
     routing: Vec<LayerRoutingStats>,
+    norm: f64,
+}
+
+/// What a stage computed over a replica's micro-batches.
+pub(crate) struct StageSums {
+    /// This rank's parameter gradients (shared KV heads: each holder's part).
+    pub(crate) grads: Vec<Option<Tensor>>,
+    /// Last stage: `Σ nll_sum / normalizer`; 0 elsewhere.
+    pub(crate) loss: f64,
+    /// This stage's share of the step's balance loss.
+    pub(crate) aux: f64,
+    /// Routing counts of the stage's layers, merged over the micro-batches.
+    pub(crate) routing: Vec<LayerRoutingStats>,
 }

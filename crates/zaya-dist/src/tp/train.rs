@@ -1048,7 +1048,38 @@ pub fn labelled_grads_on_mesh(
         aux_loss_coef: 0.0,
         ..Default::default()
     };
-    let r = model.forward_backward(batch, &opts, &LossScale::default())?;
+    let r = if plan.mesh.pp == 1 {
+        model.forward_backward(batch, &opts, &LossScale::default())?
+    } else {
+        // pipeline stages: the training driver's 1F1B over this stage; the loss comes from
+        // the last stage, the balance-loss shares from every stage (one rank per TP × EP
+        // group); `gather` sums the tied embedding's halves and shared KV heads' parts
+        let scale = LossScale {
+            normalizer: Some(batch.num_targets() as f64),
+            aux_weight: 1.0,
+        };
+        let s = crate::tp_driver::run_1f1b(
+            &model,
+            mesh.pp.as_ref(),
+            std::slice::from_ref(batch),
+            &opts,
+            &scale,
+        )?;
+        let c = mesh.coords;
+        let mut buf = [0f32; 4];
+        if c.tp == 0 && c.ep == 0 && c.dp == 0 {
+            buf[..2].copy_from_slice(&crate::train_driver::split_f64(s.loss));
+            buf[2..].copy_from_slice(&crate::train_driver::split_f64(s.aux));
+        }
+        mesh.world.all_reduce_sum(&mut buf)?;
+        TpBackward {
+            loss: crate::train_driver::join_f64(&buf[..2]),
+            aux_loss: crate::train_driver::join_f64(&buf[2..]),
+            targets: batch.num_targets(),
+            routing: s.routing,
+            grads: s.grads,
+        }
+    };
     let full = model.gather(mesh.world.as_ref(), &r.grads)?;
     Ok(full.map(|g| {
         let dev = Device::Cpu;
