@@ -256,63 +256,6 @@ impl TpTrainModel {
         })
     }
 
-    /// This rank's slice of parameter `i` (of [`TpTrainModel::params`]) cut from the full
-    /// tensor.
-    pub fn slice_of(&self, i: usize, full: &Tensor) -> ParallelResult<Tensor> {
-        let sp = &self.params[i];
-        if full.dims() != sp.full_shape.as_slice() {
-            return Err(ParallelError::Unsupported(format!(
-                "`{}` is {:?}, got {:?}",
-                sp.param.name,
-                sp.full_shape,
-                full.dims()
-            )));
-        }
-        Ok(zaya::weights::select_ranges(
-            &full.to_dtype(DType::F32)?,
-            &sp.selection.ranges(&sp.full_shape),
-        )?)
-    }
-
-    /// Sets every slice this rank holds (parameters and buffers such as the balancing
-    /// biases) from the full tensors by HF name (a single-process model's
-    /// [`zaya::train::TrainableModel::tensors`]); every held tensor must be there.
-    pub fn load_full(&mut self, full: &BTreeMap<String, Tensor>) -> ParallelResult<()> {
-        let missing = |name: &str| {
-            ParallelError::Unsupported(format!("no tensor `{name}` to load this rank from"))
-        };
-        for i in 0..self.params.len() {
-            let name = &self.params[i].param.name;
-            let t = full.get(name).ok_or_else(|| missing(name))?;
-            let slice = self.slice_of(i, t)?;
-            self.params[i].param.var.set(&slice)?;
-        }
-        let plan = self.model.plan.clone();
-        let c = self.model.coords;
-        for spec in native_specs(&plan.cfg) {
-            if !plan.holds(c, &spec.name) || self.params.iter().any(|p| p.param.name == spec.name) {
-                continue;
-            }
-            if !self.tensors.contains_key(&spec.name) {
-                continue;
-            }
-            let t = full.get(&spec.name).ok_or_else(|| missing(&spec.name))?;
-            let sel = plan.selection(c, &spec);
-            let slice =
-                zaya::weights::select_ranges(&t.to_dtype(DType::F32)?, &sel.ranges(&spec.shape))?;
-            self.tensors.insert(spec.name.clone(), slice);
-        }
-        self.model = TpModel::build(
-            &self.ckpt,
-            &plan,
-            c,
-            DType::F32,
-            &Device::Cpu,
-            Some(&self.tensors),
-        )?;
-        Ok(())
-    }
-
     fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
         let range = self.model.layer_range();
         if routing.len() != range.len() {
