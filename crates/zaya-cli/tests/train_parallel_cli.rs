@@ -216,6 +216,7 @@ fn tp_ep_dp_local_ranks_reproduce_the_single_process_run_and_resume_across_layou
         ("tp2dp2", &["--tp", "2", "--dp", "2"][..]),
         ("tp2ep2", &["--tp", "2", "--ep", "2"][..]),
         ("tp2pp2", &["--tp", "2", "--pp", "2"][..]),
+        ("tp2ep2dp2", &["--tp", "2", "--ep", "2", "--dp", "2"][..]),
         (
             "tp2pp2dp2-nozero",
             &["--tp", "2", "--pp", "2", "--dp", "2", "--no-zero"][..],
