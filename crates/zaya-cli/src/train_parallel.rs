@@ -65,8 +65,8 @@ trait RankTrainer {
     fn step(&mut self, micro: &[Batch]) -> zaya_dist::ParallelResult<StepReport>;
     /// Collective: the single-process checkpoint, written by rank 0.
     fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()>;
-    /// Rank 0 after `save`: the full model.
-    fn full_model(&self) -> Option<&TrainableModel>;
+    /// Collective: rank 0 writes the current weights as a model directory.
+    fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()>;
     /// How the rank's share of the run is split (for the start line).
     fn split(&self) -> String;
 }
@@ -87,9 +87,12 @@ impl RankTrainer for ParallelTrainer {
     fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()> {
         ParallelTrainer::save(self, root).map(|_| ())
     }
-    fn full_model(&self) -> Option<&TrainableModel> {
+    fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()> {
         // `save` gathered every stage's weights into rank 0's model
-        (self.mesh().world.rank() == 0).then(|| self.model())
+        if self.mesh().world.rank() == 0 {
+            self.model().save(dir)?;
+        }
+        Ok(())
     }
     fn split(&self) -> String {
         let shape = self.mesh().shape;
@@ -118,8 +121,8 @@ impl RankTrainer for TpParallelTrainer {
     fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()> {
         TpParallelTrainer::save(self, root).map(|_| ())
     }
-    fn full_model(&self) -> Option<&TrainableModel> {
-        self.gathered_model()
+    fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()> {
+        TpParallelTrainer::save_model(self, dir)
     }
     fn split(&self) -> String {
         let shape = self.mesh().shape;
@@ -427,6 +430,11 @@ fn rank_main(args: &TrainArgs, run: &RunPlan, mut trainer: Box<dyn RankTrainer>)
     }
     bar.finish();
     trainer.save(&args.out)?;
+    let final_dir = args.out.join("final");
+    if primary {
+        zaya::durable::remove_stale_temps(&final_dir)?;
+    }
+    trainer.save_model(&final_dir)?;
     if !primary {
         return Ok(());
     }
@@ -435,12 +443,6 @@ fn rank_main(args: &TrainArgs, run: &RunPlan, mut trainer: Box<dyn RankTrainer>)
         &args.out.join("loss.svg"),
         crate::train_run::loss_svg(&points).as_bytes(),
     )?;
-    let final_dir = args.out.join("final");
-    zaya::durable::remove_stale_temps(&final_dir)?;
-    trainer
-        .full_model()
-        .context("rank 0 holds no gathered model after saving")?
-        .save(&final_dir)?;
     crate::lora_cmds::copy_side_files(&args.model, &final_dir)?;
     eprintln!(
         "done: {} steps on {}; model in {}, loss log {}, curve {}",

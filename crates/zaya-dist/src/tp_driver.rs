@@ -31,7 +31,7 @@
 //! Checkpoints are the single-process ones: world rank 0 gathers the full weights
 //! ([`TpTrainModel::gather_weights`]) and the AdamW moments and step counts the same way
 //! (each element from the one rank that owns it), and writes them with
-//! [`write_checkpoint`], so a run resumes on any layout. A resumed rank reads its slices of
+//! [`write_checkpoint_with`], so a run resumes on any layout. A resumed rank reads its slices of
 //! the weights and of `exp_avg` / `exp_avg_sq` / `step` from the checkpoint's files by
 //! selection ([`TpParallelTrainer::open`]).
 
@@ -42,11 +42,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use zaya::train::optim::AdamW;
-use zaya::train::trainer::{append_log, write_checkpoint, StepReport, TrainerConfig};
-use zaya::train::{
-    Batch, Gradients, LayerRoutingStats, LossScale, Param, Trainable, TrainableModel,
-};
-use zaya::weights::Checkpoint;
+use zaya::train::trainer::{append_log, write_checkpoint_with, StepReport, TrainerConfig};
+use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Param, Trainable};
+use zaya::weights::{save_checkpoint, Checkpoint, Layout};
 use zaya::{ZayaConfig, ZayaError};
 
 use crate::error::{ParallelError, ParallelResult};
@@ -100,8 +98,6 @@ pub struct TpParallelTrainer {
     run: Option<serde_json::Value>,
     opts: DriverOptions,
     log: Option<PathBuf>,
-    /// Rank 0, after [`TpParallelTrainer::save`]: the gathered single-process model.
-    full: Option<TrainableModel>,
 }
 
 impl std::fmt::Debug for TpParallelTrainer {
@@ -215,7 +211,6 @@ impl TpParallelTrainer {
             run: at.run,
             opts,
             log: None,
-            full: None,
         })
     }
 
@@ -471,10 +466,11 @@ impl TpParallelTrainer {
         Ok(report)
     }
 
-    /// Collective: the full model and the full AdamW state on world rank 0 (`None`
-    /// elsewhere), as the single-process trainer holds them: each element from the one
-    /// rank that owns it (under ZeRO-1, the replica keeping its state).
-    pub fn gather(&self) -> ParallelResult<Option<(TrainableModel, AdamW)>> {
+    /// Collective: on world rank 0 (`None` elsewhere) the full weights by HF name and the
+    /// full AdamW state (`exp_avg.*`, `exp_avg_sq.*`, `step.*`), as the single-process
+    /// trainer saves them: each element from the one rank that owns it (under ZeRO-1, the
+    /// replica keeping its state).
+    pub fn gather(&self) -> ParallelResult<Option<GatheredState>> {
         let weights = self.model.gather_weights()?;
         let plan = self.model.plan();
         let zero1 = self.opts.zero1;
@@ -492,80 +488,85 @@ impl TpParallelTrainer {
         };
         let params = Trainable::params(&self.model);
         let owned_params: Vec<Param> = self.owned.iter().map(|&k| params[k].clone()).collect();
-        let state = self.opt.export(&owned_params)?;
+        let mut state = self.opt.export(&owned_params)?;
         // a slice this rank keeps no state for is never picked: zeros stand in
-        let pick = |prefix: &str| -> ParallelResult<Vec<Tensor>> {
+        let mut pick = |prefix: &str| -> ParallelResult<Vec<Tensor>> {
             params
                 .iter()
-                .map(|p| match state.get(&format!("{prefix}.{}", p.name)) {
-                    Some(t) => Ok(t.clone()),
+                .map(|p| match state.remove(&format!("{prefix}.{}", p.name)) {
+                    Some(t) => Ok(t),
                     None => Ok(p.var.zeros_like()?),
                 })
                 .collect()
         };
         let m = self.model.gather_values(&pick("exp_avg")?, &keeps)?;
         let v = self.model.gather_values(&pick("exp_avg_sq")?, &keeps)?;
-        // step counts as tensors of each slice's shape: every element of the model is owned
-        // by one rank, so the gathered tensor holds the count everywhere
-        let steps: Vec<Tensor> = params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let s = match self.owned.iter().position(|&k| k == i) {
-                    Some(j) => self.opt.steps(j) as f32,
-                    None => 0.0,
-                };
-                Ok(Tensor::full(s, p.var.shape(), &Device::Cpu)?)
-            })
-            .collect::<ParallelResult<_>>()?;
-        let s = self.model.gather_values(&steps, &keeps)?;
-        let (Some(weights), Some(m), Some(v), Some(s)) = (weights, m, v, s) else {
+        // step counts: every rank sends one per slice it holds (0 where it keeps no state);
+        // the slices of a tensor that keep state agree, so rank 0 takes the largest
+        let world = self.mesh.world.as_ref();
+        let mut mine: Vec<f32> = vec![0.0; params.len()];
+        for (j, &k) in self.owned.iter().enumerate() {
+            mine[k] = self.opt.steps(j) as f32;
+        }
+        let mut send = vec![Vec::new(); world.size()];
+        send[0] = mine;
+        let got = world.all_to_all_v(&send)?;
+        let (Some(weights), Some(m), Some(v)) = (weights, m, v) else {
             return Ok(None);
         };
-        let cfg = self.model.config().clone();
-        let full = TrainableModel::from_tensors(&cfg, &weights)?;
+        let mut steps: HashMap<String, f32> = HashMap::new();
+        for (r, data) in got.iter().enumerate() {
+            let held = held_params(plan, plan.mesh.coords(r));
+            if held.len() != data.len() {
+                return Err(unsupported(format!(
+                    "rank {r} sent {} step counts for {} slices",
+                    data.len(),
+                    held.len()
+                )));
+            }
+            for ((spec, _), &s) in held.iter().zip(data) {
+                let e = steps.entry(spec.name.clone()).or_insert(0.0);
+                *e = e.max(s);
+            }
+        }
         let dev = Device::Cpu;
         let mut moments = HashMap::new();
-        for p in full.params() {
-            let name = &p.name;
-            let (Some(mt), Some(vt), Some(st)) = (m.get(name), v.get(name), s.get(name)) else {
+        for (name, mt) in m {
+            let vt = v
+                .get(&name)
+                .ok_or_else(|| unsupported(format!("no gathered exp_avg_sq for `{name}`")))?
+                .clone();
+            let step = match steps.get(&name) {
+                Some(&s) => s as i64,
                 // a tensor no rank trains (no elements): a fresh state
-                moments.insert(format!("exp_avg.{name}"), p.var.zeros_like()?);
-                moments.insert(format!("exp_avg_sq.{name}"), p.var.zeros_like()?);
-                moments.insert(
-                    format!("step.{name}"),
-                    Tensor::new(&[self.step as i64], &dev)?,
-                );
-                continue;
+                None => self.step as i64,
             };
-            let step = st
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .first()
-                .copied()
-                .unwrap_or(0.0);
-            moments.insert(format!("exp_avg.{name}"), mt.clone());
-            moments.insert(format!("exp_avg_sq.{name}"), vt.clone());
-            moments.insert(format!("step.{name}"), Tensor::new(&[step as i64], &dev)?);
+            moments.insert(format!("exp_avg_sq.{name}"), vt);
+            moments.insert(format!("step.{name}"), Tensor::new(&[step], &dev)?);
+            moments.insert(format!("exp_avg.{name}"), mt);
         }
-        let opt = AdamW::import(
-            full.params(),
-            moments,
-            self.cfg.adamw,
-            Path::new("<optimizer state gathered from the ranks>"),
-        )?;
-        Ok(Some((full, opt)))
+        Ok(Some(GatheredState {
+            weights,
+            optimizer: moments,
+        }))
     }
 
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
     /// full tensors under their HF names); returns the directory on rank 0.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
         let out = match self.gather()? {
-            Some((full, opt)) => {
-                let dir =
-                    write_checkpoint(root, &full, &opt, &self.cfg, self.step, self.run.as_ref())?;
-                self.full = Some(full);
-                Some(dir)
+            Some(g) => {
+                let cfg = self.model.config().clone();
+                Some(write_checkpoint_with(
+                    root,
+                    &self.cfg,
+                    self.step,
+                    self.run.as_ref(),
+                    |tmp| {
+                        save_checkpoint(tmp, &cfg, &g.weights, Layout::Native)?;
+                        AdamW::save_state(&g.optimizer, &tmp.join("optimizer.safetensors"))
+                    },
+                )?)
             }
             None => None,
         };
@@ -574,9 +575,14 @@ impl TpParallelTrainer {
         Ok(out)
     }
 
-    /// Rank 0 after [`TpParallelTrainer::save`]: the gathered single-process model.
-    pub fn gathered_model(&self) -> Option<&TrainableModel> {
-        self.full.as_ref()
+    /// Collective: rank 0 writes the current weights as a model directory (`dir`, the
+    /// single-process layout); no rank keeps the gathered model.
+    pub fn save_model(&self, dir: &Path) -> ParallelResult<()> {
+        if let Some(w) = self.model.gather_weights()? {
+            save_checkpoint(dir, self.model.config(), &w, Layout::Native)?;
+        }
+        self.mesh.world.barrier()?;
+        Ok(())
     }
 
     /// Positions (in [`TpTrainModel::params`]) of the slices whose AdamW state this rank
@@ -705,6 +711,17 @@ pub(crate) fn run_1f1b(
     }
     flush(comm, &mut pending)?;
     Ok(sums)
+}
+
+/// What [`TpParallelTrainer::gather`] gives world rank 0: the single-process checkpoint's
+/// tensors.
+#[derive(Debug)]
+pub struct GatheredState {
+    /// Every tensor of the model by HF name (balancing biases included).
+    pub weights: std::collections::BTreeMap<String, Tensor>,
+    /// `exp_avg.<name>`, `exp_avg_sq.<name>` (f32) and `step.<name>` (one i64) of every
+    /// trainable tensor: what [`AdamW::save`] writes.
+    pub optimizer: HashMap<String, Tensor>,
 }
 
 /// The replica keeping the AdamW state of each slice of one mesh position, by name.

@@ -387,11 +387,7 @@ fn training_meshes_that_cannot_run_fail_before_work() {
         let e = labelled_grads_on_local_ranks(&dir(name), shape, &b, Checkpointing::Off, TIMEOUT)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("divisible"),
-            "{}: {e}",
-            shape.label()
-        );
+        assert!(e.contains("divisible"), "{}: {e}", shape.label());
     }
 }
 

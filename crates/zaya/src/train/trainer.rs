@@ -473,12 +473,27 @@ pub fn write_checkpoint<M: Trainable>(
     step: u64,
     run: Option<&serde_json::Value>,
 ) -> Result<PathBuf> {
+    write_checkpoint_with(root, cfg, step, run, |tmp| {
+        model.save_weights(tmp)?;
+        opt.save(model.params(), &tmp.join("optimizer.safetensors"))
+    })
+}
+
+/// [`write_checkpoint`] where `write(dir)` writes the weights and `optimizer.safetensors`
+/// into the (temporary) checkpoint directory: a sharded run writes the tensors it gathered
+/// without building a model or an optimizer around them.
+pub fn write_checkpoint_with(
+    root: &Path,
+    cfg: &TrainerConfig,
+    step: u64,
+    run: Option<&serde_json::Value>,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| ZayaError::io(root, e))?;
     crate::durable::remove_stale_temps(root)?;
     let name = checkpoint_name(step);
     let tmp = root.join(format!(".tmp-{name}"));
-    model.save_weights(&tmp)?;
-    opt.save(model.params(), &tmp.join("optimizer.safetensors"))?;
+    write(&tmp)?;
     let state = TrainerState {
         step,
         config: cfg.clone(),
