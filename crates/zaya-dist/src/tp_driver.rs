@@ -66,6 +66,13 @@ fn unsupported(msg: impl Into<String>) -> ParallelError {
     ParallelError::Unsupported(msg.into())
 }
 
+fn into_zaya(e: ParallelError) -> ZayaError {
+    match e {
+        ParallelError::Model(e) => e,
+        other => ZayaError::Input(other.to_string()),
+    }
+}
+
 /// Fails unless this driver trains `cfg` on `shape` (the plan's divisibility rules, layers
 /// that divide into the stages).
 pub fn check_tp_setup(cfg: &ZayaConfig, shape: MeshShape) -> ParallelResult<()> {
@@ -466,12 +473,11 @@ impl TpParallelTrainer {
         Ok(report)
     }
 
-    /// Collective: on world rank 0 (`None` elsewhere) the full weights by HF name and the
-    /// full AdamW state (`exp_avg.*`, `exp_avg_sq.*`, `step.*`), as the single-process
-    /// trainer saves them: each element from the one rank that owns it (under ZeRO-1, the
-    /// replica keeping its state).
-    pub fn gather(&self) -> ParallelResult<Option<GatheredState>> {
-        let weights = self.model.gather_weights()?;
+    /// Collective: the full AdamW state on world rank 0 (`None` elsewhere) as the
+    /// single-process `optimizer.safetensors` holds it (`exp_avg.<name>`,
+    /// `exp_avg_sq.<name>`, `step.<name>`): each element from the one rank that keeps it
+    /// (under ZeRO-1, its replica's owner).
+    pub fn gather_optimizer(&self) -> ParallelResult<Option<HashMap<String, Tensor>>> {
         let plan = self.model.plan();
         let zero1 = self.opts.zero1;
         // (coords with dp 0) → owners of that position's slices, by name
@@ -511,7 +517,7 @@ impl TpParallelTrainer {
         let mut send = vec![Vec::new(); world.size()];
         send[0] = mine;
         let got = world.all_to_all_v(&send)?;
-        let (Some(weights), Some(m), Some(v)) = (weights, m, v) else {
+        let (Some(m), Some(v)) = (m, v) else {
             return Ok(None);
         };
         let mut steps: HashMap<String, f32> = HashMap::new();
@@ -545,30 +551,38 @@ impl TpParallelTrainer {
             moments.insert(format!("step.{name}"), Tensor::new(&[step], &dev)?);
             moments.insert(format!("exp_avg.{name}"), mt);
         }
-        Ok(Some(GatheredState {
-            weights,
-            optimizer: moments,
-        }))
+        Ok(Some(moments))
     }
 
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
-    /// full tensors under their HF names); returns the directory on rank 0.
+    /// full tensors under their HF names); returns the directory on rank 0. The weights are
+    /// gathered and written before the optimizer state is gathered, so rank 0 never holds
+    /// both.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
-        let out = match self.gather()? {
-            Some(g) => {
+        let out = match self.model.gather_weights()? {
+            Some(w) => {
                 let cfg = self.model.config().clone();
+                let this = &*self;
                 Some(write_checkpoint_with(
                     root,
-                    &self.cfg,
-                    self.step,
-                    self.run.as_ref(),
-                    |tmp| {
-                        save_checkpoint(tmp, &cfg, &g.weights, Layout::Native)?;
-                        AdamW::save_state(&g.optimizer, &tmp.join("optimizer.safetensors"))
+                    &this.cfg,
+                    this.step,
+                    this.run.as_ref(),
+                    move |tmp| {
+                        save_checkpoint(tmp, &cfg, &w, Layout::Native)?;
+                        drop(w);
+                        let state =
+                            this.gather_optimizer().map_err(into_zaya)?.ok_or_else(|| {
+                                ZayaError::Input("world rank 0 gathered no optimizer state".into())
+                            })?;
+                        AdamW::save_state(&state, &tmp.join("optimizer.safetensors"))
                     },
                 )?)
             }
-            None => None,
+            None => {
+                self.gather_optimizer()?;
+                None
+            }
         };
         // nobody reads a checkpoint before rank 0 has written it
         self.mesh.world.barrier()?;
@@ -711,17 +725,6 @@ pub(crate) fn run_1f1b(
     }
     flush(comm, &mut pending)?;
     Ok(sums)
-}
-
-/// What [`TpParallelTrainer::gather`] gives world rank 0: the single-process checkpoint's
-/// tensors.
-#[derive(Debug)]
-pub struct GatheredState {
-    /// Every tensor of the model by HF name (balancing biases included).
-    pub weights: std::collections::BTreeMap<String, Tensor>,
-    /// `exp_avg.<name>`, `exp_avg_sq.<name>` (f32) and `step.<name>` (one i64) of every
-    /// trainable tensor: what [`AdamW::save`] writes.
-    pub optimizer: HashMap<String, Tensor>,
 }
 
 /// The replica keeping the AdamW state of each slice of one mesh position, by name.
