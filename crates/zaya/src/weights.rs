@@ -444,11 +444,6 @@ impl Checkpoint {
         self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether the files hold a tensor stored under `name`.
-    pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
     /// The stored shape of the tensor stored under `name`.
     pub fn stored_shape(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|e| e.shape.as_slice())
