@@ -279,22 +279,23 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
         if args.grads && !labels {
             bail!("--grads needs \"labels\" in {}", args.inputs.display());
         }
-        // TP / EP meshes (one stage, one replica): the loss and gradients of the TP ranks;
-        // pipeline meshes: by the pipeline stages (below)
+        // TP / EP meshes (one replica, any number of stages): the loss and gradients of the
+        // TP ranks; pipeline-only meshes: by the pipeline stages (below)
         let shape = args.parallel.mesh()?;
-        let tp_labels = if labels && shape.pp == 1 && shape.dp == 1 {
-            Some(parallel_cmds::Labelled {
-                batch: train_cmds::read_batch(&args.inputs)?,
-                grads: args.grads,
-                checkpointing: if args.checkpointing {
-                    zaya::train::Checkpointing::EveryLayer
-                } else {
-                    zaya::train::Checkpointing::Off
-                },
-            })
-        } else {
-            None
-        };
+        let tp_labels =
+            if labels && shape.dp == 1 && (shape.pp == 1 || shape.tp > 1 || shape.ep > 1) {
+                Some(parallel_cmds::Labelled {
+                    batch: train_cmds::read_batch(&args.inputs)?,
+                    grads: args.grads,
+                    checkpointing: if args.checkpointing {
+                        zaya::train::Checkpointing::EveryLayer
+                    } else {
+                        zaya::train::Checkpointing::Off
+                    },
+                })
+            } else {
+                None
+            };
         if args.model.quant.is_some() || args.model.adapter.is_some() {
             bail!("--quant and --adapter cannot be combined with parallel ranks");
         }

@@ -1,15 +1,18 @@
 //! `zaya train --pp N --dp N`: the pipeline × data-parallel driver
-//! ([`zaya_dist::ParallelTrainer`]), and `zaya train --tp N --ep N --dp N`: the tensor ×
-//! expert × data-parallel one ([`zaya_dist::TpParallelTrainer`], one pipeline stage), on
-//! local ranks (threads of this process) or as one rank per process under `mpirun` /
-//! `zaya launch --backend mpi` (MPI build).
+//! ([`zaya_dist::ParallelTrainer`]), and `zaya train --tp N --pp N --ep N --dp N` with
+//! `--tp` or `--ep` above 1: the tensor × pipeline × expert × data-parallel one
+//! ([`zaya_dist::TpParallelTrainer`]), on local ranks (threads of this process) or as one
+//! rank per process under `mpirun` / `zaya launch --backend mpi` (MPI build).
 //!
 //! Every rank reads the data and plans the same batches; the step's `--grad-accum`
 //! micro-batches are dealt to the replicas. Rank 0 alone writes `loss.csv`, the
 //! checkpoints (gathered full tensors under their HF names, the single-process format: a
 //! parallel run resumes on one rank and the other way round), `loss.svg` and `final/`.
-//! The setup (mesh size, tensor/expert parallel degrees, layers per stage, micro-batches
-//! per replica) is checked before any model is loaded.
+//! A tensor/expert-parallel rank reads only its own slices of the weights (and, resuming,
+//! of the AdamW state) from the files; the pipeline × data-parallel driver starts from the
+//! whole single-process trainer on every rank. The setup (mesh size, tensor/expert
+//! parallel degrees, layers per stage, micro-batches per replica) is checked before any
+//! model is loaded.
 
 use std::time::Duration;
 
@@ -19,11 +22,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use zaya::train::trainer::TrainerParts;
 use zaya::train::trainer::{StepReport, TrainerConfig};
 use zaya::train::{Batch, TrainableModel};
-use zaya_dist::tp_driver::{check_tp_setup, TpParallelTrainer};
+use zaya_dist::tp_driver::{check_tp_setup, RunState, TpParallelTrainer};
 use zaya_dist::train_driver::{check_setup, DriverOptions, ParallelTrainer};
 use zaya_dist::{Mesh, MeshShape, RankFailed};
 
-use crate::train_run::{read_log, start_trainer, BatchPlan, RunPlan, TrainArgs};
+use crate::train_run::{
+    read_log, resume_state, start_trainer, trainer_config, BatchPlan, RunPlan, TrainArgs,
+};
 
 /// Fails on a setup the driver cannot run, before anything is loaded.
 fn check(args: &TrainArgs, run: &RunPlan) -> Result<MeshShape> {
@@ -46,7 +51,7 @@ fn check(args: &TrainArgs, run: &RunPlan) -> Result<MeshShape> {
     Ok(shape)
 }
 
-/// Tensor or expert parallel: the TP driver (one pipeline stage).
+/// Tensor or expert parallel: the TP driver (with any number of pipeline stages).
 fn is_tp(shape: MeshShape) -> bool {
     shape.tp > 1 || shape.ep > 1
 }
@@ -60,8 +65,8 @@ trait RankTrainer {
     fn step(&mut self, micro: &[Batch]) -> zaya_dist::ParallelResult<StepReport>;
     /// Collective: the single-process checkpoint, written by rank 0.
     fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()>;
-    /// Rank 0 after `save`: the full model.
-    fn full_model(&self) -> Option<&TrainableModel>;
+    /// Collective: rank 0 writes the current weights as a model directory.
+    fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()>;
     /// How the rank's share of the run is split (for the start line).
     fn split(&self) -> String;
 }
@@ -82,9 +87,12 @@ impl RankTrainer for ParallelTrainer {
     fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()> {
         ParallelTrainer::save(self, root).map(|_| ())
     }
-    fn full_model(&self) -> Option<&TrainableModel> {
+    fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()> {
         // `save` gathered every stage's weights into rank 0's model
-        (self.mesh().world.rank() == 0).then(|| self.model())
+        if self.mesh().world.rank() == 0 {
+            self.model().save(dir)?;
+        }
+        Ok(())
     }
     fn split(&self) -> String {
         let shape = self.mesh().shape;
@@ -113,47 +121,122 @@ impl RankTrainer for TpParallelTrainer {
     fn save(&mut self, root: &std::path::Path) -> zaya_dist::ParallelResult<()> {
         TpParallelTrainer::save(self, root).map(|_| ())
     }
-    fn full_model(&self) -> Option<&TrainableModel> {
-        self.gathered_model()
+    fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()> {
+        TpParallelTrainer::save_model(self, dir)
     }
     fn split(&self) -> String {
         let shape = self.mesh().shape;
         format!(
-            "{} tensor-parallel x {} expert-parallel ranks, {} data-parallel replicas",
-            shape.tp, shape.ep, shape.dp
+            "{} tensor-parallel x {} expert-parallel ranks, {} pipeline stages of {} layers, {} data-parallel replicas",
+            shape.tp,
+            shape.ep,
+            shape.pp,
+            self.model().model().layer_range().len(),
+            shape.dp
         )
     }
 }
 
-/// The rank's trainer for `mesh` from the single-process parts.
-fn rank_trainer(
+/// The rank's pipeline × data-parallel trainer for `mesh` from the single-process parts.
+fn pp_trainer(
     args: &TrainArgs,
     run: &RunPlan,
     mesh: Mesh,
     parts: TrainerParts<TrainableModel>,
-    ckpt: Option<&std::sync::Arc<zaya::weights::Checkpoint>>,
 ) -> Result<Box<dyn RankTrainer>> {
-    Ok(match ckpt {
-        Some(ckpt) => {
-            Box::new(TpParallelTrainer::from_parts(mesh, ckpt, parts)?.with_log(&run.log)?)
+    Ok(Box::new(
+        ParallelTrainer::from_parts(mesh, parts, driver_options(args))?.with_log(&run.log)?,
+    ))
+}
+
+/// Where a tensor/expert-parallel run starts, before any weight is read: the weights
+/// (the model, or the checkpoint resumed from), the AdamW state file when resuming, and
+/// the step counter and settings (a resume's checks, messages and `loss.csv` trimming
+/// are the single-process ones; the data position follows from the step).
+struct TpStart {
+    weights: std::path::PathBuf,
+    optimizer: Option<std::path::PathBuf>,
+    state: RunState,
+}
+
+fn tp_start(args: &TrainArgs, run: &RunPlan, primary: bool) -> Result<TpStart> {
+    let resumed = if args.resume {
+        resume_state::<TrainableModel>(
+            args,
+            primary,
+            &run.facts,
+            run.total,
+            &run.log,
+            &run.model_cfg,
+        )?
+    } else {
+        None
+    };
+    Ok(match resumed {
+        Some((dir, st)) => {
+            if primary {
+                eprintln!("resuming at step {}", st.step);
+            }
+            TpStart {
+                optimizer: Some(dir.join("optimizer.safetensors")),
+                weights: dir,
+                state: RunState {
+                    cfg: st.config,
+                    step: st.step,
+                    run: st.run,
+                },
+            }
         }
-        None => Box::new(
-            ParallelTrainer::from_parts(mesh, parts, driver_options(args))?.with_log(&run.log)?,
-        ),
+        None => {
+            if primary {
+                if args.resume {
+                    eprintln!(
+                        "{}: no checkpoint to resume from; starting at step 0",
+                        args.out.display()
+                    );
+                }
+                if run.log.exists() {
+                    std::fs::remove_file(&run.log)?;
+                }
+            }
+            TpStart {
+                weights: args.model.clone(),
+                optimizer: None,
+                state: RunState {
+                    cfg: trainer_config(&run.model_cfg, args, run.total)?,
+                    step: 0,
+                    run: Some(run.facts.clone()),
+                },
+            }
+        }
     })
 }
 
-/// The model's checkpoint the TP ranks read their buffers from (TP runs only).
-fn tp_checkpoint(
+/// The rank's tensor/expert-parallel trainer: its slices read from the files.
+fn tp_trainer(
     args: &TrainArgs,
-    shape: MeshShape,
-) -> Result<Option<std::sync::Arc<zaya::weights::Checkpoint>>> {
-    if !is_tp(shape) {
-        return Ok(None);
-    }
-    let ckpt = zaya::weights::Checkpoint::open(&args.model)
-        .with_context(|| format!("opening {}", args.model.display()))?;
-    Ok(Some(std::sync::Arc::new(ckpt)))
+    run: &RunPlan,
+    mesh: Mesh,
+    start: &TpStart,
+) -> Result<Box<dyn RankTrainer>> {
+    let weights = zaya::weights::Checkpoint::open(&start.weights)
+        .with_context(|| format!("opening {}", start.weights.display()))?;
+    let state = start
+        .optimizer
+        .as_ref()
+        .map(|p| {
+            zaya::weights::Checkpoint::open_file(p)
+                .with_context(|| format!("opening {}", p.display()))
+        })
+        .transpose()?;
+    let t = TpParallelTrainer::open(
+        mesh,
+        &std::sync::Arc::new(weights),
+        state.as_ref(),
+        start.state.clone(),
+        driver_options(args),
+    )?;
+    Ok(Box::new(t.with_log(&run.log)?))
 }
 
 fn driver_options(args: &TrainArgs) -> DriverOptions {
@@ -189,6 +272,11 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
             );
         }
         let primary = comm.rank() == 0;
+        if is_tp(shape) {
+            let start = tp_start(args, run, primary)?;
+            let mesh = Mesh::new(Box::new(comm), shape)?;
+            return rank_main(args, run, tp_trainer(args, run, mesh, &start)?);
+        }
         let parts = start_trainer(
             args,
             primary,
@@ -198,9 +286,17 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
         )?
         .into_parts();
         let mesh = Mesh::new(Box::new(comm), shape)?;
-        let ckpt = tp_checkpoint(args, shape)?;
-        let trainer = rank_trainer(args, run, mesh, parts, ckpt.as_ref())?;
-        return rank_main(args, run, trainer);
+        return rank_main(args, run, pp_trainer(args, run, mesh, parts)?);
+    }
+    if is_tp(shape) {
+        // local ranks: each reads its own slices
+        let start = tp_start(args, run, true)?;
+        let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
+        let outs = world.run(|comm| -> Result<()> {
+            let mesh = Mesh::new(Box::new(comm), shape)?;
+            rank_main(args, run, tp_trainer(args, run, mesh, &start)?)
+        });
+        return first_failure(outs);
     }
     // local ranks: the run is loaded once, each rank gets its own copy of the weights
     let parts = start_trainer(
@@ -221,7 +317,6 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
     let tensors = model.tensors()?;
     let cfg = model.config().clone();
     drop(model);
-    let ckpt = tp_checkpoint(args, shape)?;
     let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
     let outs = world.run(|comm| -> Result<()> {
         let mesh = Mesh::new(Box::new(comm), shape)?;
@@ -232,8 +327,7 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
             step,
             run: facts.clone(),
         };
-        let trainer = rank_trainer(args, run, mesh, parts, ckpt.as_ref())?;
-        rank_main(args, run, trainer)
+        rank_main(args, run, pp_trainer(args, run, mesh, parts)?)
     });
     first_failure(outs)
 }
@@ -287,7 +381,7 @@ fn rank_main(args: &TrainArgs, run: &RunPlan, mut trainer: Box<dyn RankTrainer>)
             shape.label(),
             shape.world(),
             trainer.split(),
-            if shape.dp > 1 && !args.no_zero && !is_tp(shape) { ", ZeRO-1" } else { "" }
+            if shape.dp > 1 && !args.no_zero { ", ZeRO-1" } else { "" }
         );
     }
     let bar = if args.no_progress || !primary {
@@ -336,6 +430,11 @@ fn rank_main(args: &TrainArgs, run: &RunPlan, mut trainer: Box<dyn RankTrainer>)
     }
     bar.finish();
     trainer.save(&args.out)?;
+    let final_dir = args.out.join("final");
+    if primary {
+        zaya::durable::remove_stale_temps(&final_dir)?;
+    }
+    trainer.save_model(&final_dir)?;
     if !primary {
         return Ok(());
     }
@@ -344,12 +443,6 @@ fn rank_main(args: &TrainArgs, run: &RunPlan, mut trainer: Box<dyn RankTrainer>)
         &args.out.join("loss.svg"),
         crate::train_run::loss_svg(&points).as_bytes(),
     )?;
-    let final_dir = args.out.join("final");
-    zaya::durable::remove_stale_temps(&final_dir)?;
-    trainer
-        .full_model()
-        .context("rank 0 holds no gathered model after saving")?
-        .save(&final_dir)?;
     crate::lora_cmds::copy_side_files(&args.model, &final_dir)?;
     eprintln!(
         "done: {} steps on {}; model in {}, loss log {}, curve {}",

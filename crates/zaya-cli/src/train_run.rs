@@ -15,7 +15,7 @@ use zaya::lora::memory::{adapter_parameters, base_bytes, RunShape};
 use zaya::lora::{attach_lora, LoraAdapter, LoraConfig, LoraModel};
 use zaya::text::ZayaTokenizer;
 use zaya::train::schedule::CosineSchedule;
-use zaya::train::trainer::{Trainer, TrainerConfig};
+use zaya::train::trainer::{Trainer, TrainerConfig, TrainerState};
 use zaya::train::{Batch, Checkpointing, Trainable, TrainableModel};
 
 #[derive(clap::Args, Debug)]
@@ -252,8 +252,12 @@ fn fact_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<Strin
 }
 
 /// The trainer settings the flags ask for; `total` steps in the schedule.
-fn trainer_config<M: Trainable>(model: &M, args: &TrainArgs, total: u64) -> Result<TrainerConfig> {
-    let mut cfg = TrainerConfig::new(model, args.lr);
+pub(crate) fn trainer_config(
+    model: &zaya::ZayaConfig,
+    args: &TrainArgs,
+    total: u64,
+) -> Result<TrainerConfig> {
+    let mut cfg = TrainerConfig::for_config(model, args.lr);
     cfg.schedule = CosineSchedule {
         peak_lr: args.lr,
         warmup_steps: args.warmup_steps.min(total),
@@ -336,17 +340,19 @@ fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
     out
 }
 
-/// Resumes the run in `out`: checks that the data and row shape are the checkpoint's
-/// (refused otherwise), applies changed settings (and says which), and trims `loss.csv` to
-/// the checkpoint's step. `None` when `out` holds no checkpoint.
-fn resume_run<M: Trainable>(
+/// The checkpoint a resume of `out` starts from and its trainer state with the flags'
+/// settings applied: checks that the data and row shape are the checkpoint's (refused
+/// otherwise), says which settings changed (they apply from the next step), and on the
+/// primary rank trims `loss.csv` to the checkpoint's step. Reads no weights. `None` when
+/// `out` holds no checkpoint.
+pub(crate) fn resume_state<M: Trainable>(
     args: &TrainArgs,
     primary: bool,
     facts: &serde_json::Value,
     total: u64,
     log: &Path,
-    load: impl FnOnce(&Path) -> zaya::Result<M>,
-) -> Result<Option<Trainer<M>>> {
+    model_cfg: &zaya::ZayaConfig,
+) -> Result<Option<(PathBuf, TrainerState)>> {
     let Some(dir) = Trainer::<M>::find_checkpoint_of(&args.out)? else {
         return Ok(None);
     };
@@ -357,8 +363,8 @@ fn resume_run<M: Trainable>(
             dir.display()
         );
     }
-    let mut trainer = Trainer::resume_with(&dir, load)?;
-    match trainer.run_facts() {
+    let mut state = TrainerState::read(&dir)?;
+    match &state.run {
         Some(saved) => {
             let changes = fact_changes(saved, facts);
             if !changes.is_empty() {
@@ -375,9 +381,9 @@ fn resume_run<M: Trainable>(
         ),
         None => {}
     }
-    let step = trainer.steps();
-    let wanted = trainer_config(trainer.model(), args, total.max(step))?;
-    let changes = setting_changes(trainer.config(), &wanted);
+    let step = state.step;
+    let wanted = trainer_config(model_cfg, args, total.max(step))?;
+    let changes = setting_changes(&state.config, &wanted);
     if !changes.is_empty() {
         if primary {
             eprintln!(
@@ -386,20 +392,45 @@ fn resume_run<M: Trainable>(
                 changes.join(", ")
             );
         }
-        trainer.set_config(wanted)?;
+        state.config = wanted;
     }
-    if !primary {
-        // the other ranks of a parallel run leave the run's files to rank 0
-        return Ok(Some(trainer.with_run_facts(facts.clone())));
+    state.run = Some(facts.clone());
+    if primary {
+        let trimmed = zaya::train::trainer::trim_log(log, step)?;
+        if trimmed > 0 {
+            eprintln!(
+                "resume: removed {trimmed} row(s) after step {step} from {}",
+                log.display()
+            );
+        }
     }
-    let trimmed = zaya::train::trainer::trim_log(log, step)?;
-    if trimmed > 0 {
-        eprintln!(
-            "resume: removed {trimmed} row(s) after step {step} from {}",
-            log.display()
-        );
+    Ok(Some((dir, state)))
+}
+
+/// Resumes the run in `out` ([`resume_state`], then the checkpoint's model and optimizer).
+/// `None` when `out` holds no checkpoint.
+fn resume_run<M: Trainable>(
+    args: &TrainArgs,
+    primary: bool,
+    run: &RunPlan,
+    load: impl FnOnce(&Path) -> zaya::Result<M>,
+) -> Result<Option<Trainer<M>>> {
+    let Some((dir, state)) = resume_state::<M>(
+        args,
+        primary,
+        &run.facts,
+        run.total,
+        &run.log,
+        &run.model_cfg,
+    )?
+    else {
+        return Ok(None);
+    };
+    let mut trainer = Trainer::resume_with(&dir, load)?;
+    if trainer.config() != &state.config {
+        trainer.set_config(state.config)?;
     }
-    Ok(Some(trainer.with_run_facts(facts.clone())))
+    Ok(Some(trainer.with_run_facts(run.facts.clone())))
 }
 
 /// A small SVG line chart of the loss per step.
@@ -587,7 +618,7 @@ pub(crate) fn start_trainer<M: Trainable>(
     fresh: impl FnOnce() -> Result<M>,
 ) -> Result<Trainer<M>> {
     let resumed = if args.resume {
-        resume_run(args, primary, &run.facts, run.total, &run.log, load)?
+        resume_run(args, primary, run, load)?
     } else {
         None
     };
@@ -599,7 +630,7 @@ pub(crate) fn start_trainer<M: Trainable>(
         }
         None if !primary => {
             let model = fresh()?;
-            let cfg = trainer_config(&model, args, run.total)?;
+            let cfg = trainer_config(model.config(), args, run.total)?;
             Trainer::new(model, cfg)?.with_run_facts(run.facts.clone())
         }
         None => {
@@ -610,7 +641,7 @@ pub(crate) fn start_trainer<M: Trainable>(
                 );
             }
             let model = fresh()?;
-            let cfg = trainer_config(&model, args, run.total)?;
+            let cfg = trainer_config(model.config(), args, run.total)?;
             if run.log.exists() {
                 std::fs::remove_file(&run.log)?;
             }

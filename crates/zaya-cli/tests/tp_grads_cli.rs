@@ -97,6 +97,8 @@ fn forward_grads_on_local_tp_and_ep_ranks_equal_one_rank() {
     for (flags, tag) in [
         (&["--tp", "2"][..], "tp2"),
         (&["--tp", "4", "--ep", "2", "--checkpointing"][..], "tp4ep2"),
+        // pipeline stages of TP ranks (1F1B, the tied embedding's halves summed)
+        (&["--tp", "2", "--pp", "2", "--checkpointing"][..], "tp2pp2"),
     ] {
         let out = d.join(format!("{tag}.safetensors"));
         forward(&mut zaya(), flags, &out);

@@ -1,4 +1,4 @@
-//! `zaya train --pp N --dp N` and `zaya train --tp N --ep N --dp N` (local ranks, and MPI
+//! `zaya train --pp N --dp N` and `zaya train --tp N --pp N --ep N --dp N` (local ranks, and MPI
 //! processes when built with `--features mpi`) against the single-process run: the same
 //! losses step by step, the same weights, checkpoints that resume across layouts; bad setups
 //! refused before work; `zaya forward --pp N --grads` against one rank.
@@ -215,10 +215,19 @@ fn tp_ep_dp_local_ranks_reproduce_the_single_process_run_and_resume_across_layou
         ("tp2", &["--tp", "2"][..]),
         ("tp2dp2", &["--tp", "2", "--dp", "2"][..]),
         ("tp2ep2", &["--tp", "2", "--ep", "2"][..]),
+        ("tp2pp2", &["--tp", "2", "--pp", "2"][..]),
+        ("tp2ep2dp2", &["--tp", "2", "--ep", "2", "--dp", "2"][..]),
+        (
+            "tp2pp2dp2-nozero",
+            &["--tp", "2", "--pp", "2", "--dp", "2", "--no-zero"][..],
+        ),
     ] {
         let (ok, err) = train(&[], &data, &d.join(tag), &with_eps(extra));
         assert!(ok, "{tag}: {err}");
         assert!(err.contains("tensor-parallel"), "{tag}: {err}");
+        // ZeRO-1 (the default) shards the moments over the replicas
+        let zero = extra.contains(&"--dp") && !extra.contains(&"--no-zero");
+        assert_eq!(err.contains("ZeRO-1"), zero, "{tag}: {err}");
         assert_same_losses(&losses(&d.join(tag)), &want);
         assert_close_weights(&d.join(tag).join("final"), &d.join("single/final"));
         for f in ["loss.svg", "final/config.json", "latest"] {
@@ -258,16 +267,26 @@ fn tp_ep_dp_local_ranks_reproduce_the_single_process_run_and_resume_across_layou
     assert!(ok, "{err}");
     assert_same_losses(&losses(&d.join("resume_tp")), &want);
 
-    // a TP × DP checkpoint resumed on one rank
-    interrupted_copy(&d.join("tp2dp2"), &d.join("resume_single"), 2);
+    // a single-process checkpoint resumed on TP × PP ranks (each reads its slices of the
+    // weights and of the AdamW state)
+    interrupted_copy(&d.join("single"), &d.join("resume_tp_pp"), 2);
     let (ok, err) = train(
         &[],
         &data,
-        &d.join("resume_single"),
-        &with_eps(&["--resume"]),
+        &d.join("resume_tp_pp"),
+        &with_eps(&["--tp", "2", "--pp", "3", "--resume"]),
     );
     assert!(ok, "{err}");
-    assert_same_losses(&losses(&d.join("resume_single")), &want);
+    assert_same_losses(&losses(&d.join("resume_tp_pp")), &want);
+
+    // TP × DP (ZeRO-1) and TP × PP checkpoints resumed on one rank
+    for tag in ["tp2dp2", "tp2pp2"] {
+        let out = d.join(format!("resume_single_{tag}"));
+        interrupted_copy(&d.join(tag), &out, 2);
+        let (ok, err) = train(&[], &data, &out, &with_eps(&["--resume"]));
+        assert!(ok, "{tag}: {err}");
+        assert_same_losses(&losses(&out), &want);
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }
 
@@ -279,8 +298,8 @@ fn bad_parallel_setups_are_refused_before_work() {
         (&["--pp", "4"][..], "6 decoder layers do not divide into 4"),
         (&["--dp", "3"][..], "--grad-accum 2 < --dp 3"),
         (
-            &["--tp", "2", "--pp", "2"][..],
-            "tensor/expert-parallel training runs one pipeline stage",
+            &["--tp", "2", "--pp", "4"][..],
+            "num_hidden_layers = 6 is not divisible by --pp 4",
         ),
         (&["--tp", "3"][..], "not divisible by --tp 3"),
         (&["--tp", "2", "--dp", "3"][..], "--grad-accum 2 < --dp 3"),
@@ -411,6 +430,40 @@ fn tp2_mpi_processes_reproduce_the_single_process_run() {
         .join(&ck)
         .join("optimizer.safetensors")
         .exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `zaya launch --nproc 4 --backend mpi -- zaya train --tp 2 --pp 2` (= `mpirun -n 4`): four
+/// processes, each reading only its slices, reproduce the single-process losses step by
+/// step, and resume a single-process checkpoint (its AdamW state read by selection).
+#[cfg(feature = "mpi")]
+#[test]
+fn tp2_pp2_mpi_processes_reproduce_the_single_process_run_and_resume() {
+    let d = tmp("mpi-tp-pp");
+    let data = data(&d);
+    let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
+    assert!(ok, "{err}");
+    let want = losses(&d.join("single"));
+    let launch = ["launch", "--nproc", "4", "--backend", "mpi", "--"];
+    let (ok, err) = train(
+        &launch,
+        &data,
+        &d.join("mpi"),
+        &with_eps(&["--tp", "2", "--pp", "2"]),
+    );
+    assert!(ok, "{err}");
+    assert_same_losses(&losses(&d.join("mpi")), &want);
+    assert_close_weights(&d.join("mpi/final"), &d.join("single/final"));
+    interrupted_copy(&d.join("single"), &d.join("resume"), 2);
+    let (ok, err) = train(
+        &launch,
+        &data,
+        &d.join("resume"),
+        &with_eps(&["--tp", "2", "--pp", "2", "--resume"]),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming at step 2"), "{err}");
+    assert_same_losses(&losses(&d.join("resume")), &want);
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -217,8 +217,18 @@ impl Comm for MpiComm {
                 })
                 .collect()
         };
+        // Every block carries one leading pad value: Open MPI's non-blocking all-to-all-v
+        // on a member whose counts are all zero (a gather to one member, where the others
+        // send and receive nothing) leaves the communicator's next collective unmatched
+        // (it hung until the deadline; tests/mpi_comm.rs).
+        let send_counts: Vec<i32> = send_counts.iter().map(|&c| c + 1).collect();
+        let recv_counts: Vec<i32> = recv_counts.iter().map(|&c| c + 1).collect();
         let (sd, rd) = (displs(&send_counts), displs(&recv_counts));
-        let flat: Vec<f32> = send.concat();
+        let mut flat: Vec<f32> = Vec::with_capacity(send_counts.iter().sum::<i32>() as usize);
+        for s in send {
+            flat.push(0.0);
+            flat.extend_from_slice(s);
+        }
         let mut recv = vec![0f32; recv_counts.iter().map(|&c| c as usize).sum()];
         {
             let sp = Partition::new(&flat[..], &send_counts[..], &sd[..]);
@@ -231,7 +241,7 @@ impl Comm for MpiComm {
             });
         }
         Ok((0..n)
-            .map(|r| recv[rd[r] as usize..(rd[r] + recv_counts[r]) as usize].to_vec())
+            .map(|r| recv[rd[r] as usize + 1..(rd[r] + recv_counts[r]) as usize].to_vec())
             .collect())
     }
 

@@ -117,10 +117,10 @@ pub struct StageStep {
     pub routing: Vec<LayerRoutingStats>,
 }
 
-const fn tag_forward(mb: usize) -> u32 {
+pub(crate) const fn tag_forward(mb: usize) -> u32 {
     (2 * mb) as u32
 }
-const fn tag_backward(mb: usize) -> u32 {
+pub(crate) const fn tag_backward(mb: usize) -> u32 {
     (2 * mb + 1) as u32
 }
 
@@ -131,7 +131,7 @@ fn host(t: &Tensor) -> ParallelResult<Vec<f32>> {
 }
 
 /// `[hidden | state]` as one message.
-fn pack(hidden: &Tensor, state: Option<&Tensor>) -> ParallelResult<Vec<f32>> {
+pub(crate) fn pack(hidden: &Tensor, state: Option<&Tensor>) -> ParallelResult<Vec<f32>> {
     let mut buf = host(hidden)?;
     if let Some(s) = state {
         buf.extend(host(s)?);
@@ -141,7 +141,7 @@ fn pack(hidden: &Tensor, state: Option<&Tensor>) -> ParallelResult<Vec<f32>> {
 
 /// The inverse of [`pack`] for a `[b, t]` micro-batch: the state is whatever follows the
 /// `[b, t, hidden]` residual stream (nothing = no state).
-fn unpack(
+pub(crate) fn unpack(
     buf: Vec<f32>,
     (b, t): (usize, usize),
     hidden: usize,
@@ -166,16 +166,16 @@ fn unpack(
 }
 
 /// A send waiting to be fused with the next receive.
-type Pending = Option<(usize, u32, Vec<f32>)>;
+pub(crate) type Pending = Option<(usize, u32, Vec<f32>)>;
 
-fn flush(comm: &dyn Comm, pending: &mut Pending) -> ParallelResult<()> {
+pub(crate) fn flush(comm: &dyn Comm, pending: &mut Pending) -> ParallelResult<()> {
     if let Some((dst, tag, data)) = pending.take() {
         comm.send(dst, tag, &data)?;
     }
     Ok(())
 }
 
-fn receive(
+pub(crate) fn receive(
     comm: &dyn Comm,
     pending: &mut Pending,
     src: usize,

@@ -1,29 +1,39 @@
-//! The tensor × expert × data-parallel training driver behind `zaya train --tp N --ep N
-//! --dp N` (one pipeline stage).
+//! The tensor × pipeline × expert × data-parallel training driver behind `zaya train --tp N
+//! --pp N --ep N --dp N` (any mesh with `--tp` or `--ep` above 1).
 //!
-//! Every rank holds a [`TpTrainModel`] (its slices of the weights as f32 `Var`s) and the
-//! AdamW moments of exactly those slices (AdamW is elementwise, so the slices of the
+//! Every rank holds a [`TpTrainModel`] (its slices of its pipeline stage's weights as f32
+//! `Var`s, read from the checkpoint by selection: no rank reads or holds the whole model)
+//! and the AdamW moments of those slices (AdamW is elementwise, so the slices of the
 //! single-process update are the sharded updates). One optimizer step:
 //!
 //! 1. the step's micro-batches are dealt round-robin to the data-parallel replicas (as in
-//!    [`crate::train_driver`]); every rank of a replica's TP × EP group runs the same
-//!    micro-batches through [`TpTrainModel::forward_backward`], every loss divided by the
-//!    **global** target count of the step;
+//!    [`crate::train_driver`]); every rank of a replica runs them through its stage with
+//!    the 1F1B schedule of [`crate::pipeline`] over the TP stage API
+//!    ([`TpTrainModel::stage_batch`]; the residual stream and the router state travel
+//!    between stages, the `pp` group pairing ranks with equal TP/EP coordinates), every
+//!    loss divided by the **global** target count of the step; with one stage this is
+//!    forward, head and backward per micro-batch;
 //! 2. gradients of KV heads shared by several TP ranks are summed over their holders
-//!    ([`TpTrainModel::complete_shared`]), then every gradient is summed over the
-//!    replicas (bucketed all-reduce over the `dp` group);
-//! 3. loss, balance loss and routing counts are summed over the replicas (they are the same
-//!    on every rank of a TP × EP group); the clipping norm counts every element of the
-//!    model once ([`TpTrainModel::global_grad_norm`]);
-//! 4. AdamW updates the slices (an expert slice whose experts saw no token still steps
-//!    when another EP rank's slice of the same stacked tensor did, as the single tensor
-//!    does on one device); the balancing-bias rule runs on every rank.
+//!    ([`TpTrainModel::complete_shared`]), then every gradient over the replicas
+//!    (bucketed all-reduce over the `dp` group), then a tied embedding's lookup and head
+//!    halves between the first and the last stage;
+//! 3. loss, balance loss and routing counts are summed over the world from one rank per
+//!    TP × EP group (they are the same on all of its ranks); the clipping norm counts every
+//!    element of the model once ([`TpTrainModel::global_grad_norm`]);
+//! 4. AdamW updates the slices — with **ZeRO-1** each replica keeps the moments of only its
+//!    share of the rank's slices (whole slices, balanced by size:
+//!    [`crate::train_driver::zero_owners`]), steps those, and the updated slices are
+//!    all-gathered over the replicas (an expert slice whose experts saw no token still
+//!    steps when another EP rank's slice of the same stacked tensor did, as the single
+//!    tensor does on one device); the balancing-bias rule runs on every rank for its
+//!    stage's layers.
 //!
 //! Checkpoints are the single-process ones: world rank 0 gathers the full weights
-//! ([`TpTrainModel::gather_weights`]) and the AdamW moments the same way
-//! ([`TpTrainModel::gather_full`]) and writes them with [`write_checkpoint`], so a TP run
-//! resumes on one rank and the other way round. ZeRO-1 is not applied (every replica keeps
-//! the moments of its slices). Pipeline stages (`pp > 1`) with TP are not driven here.
+//! ([`TpTrainModel::gather_weights`]) and the AdamW moments and step counts the same way
+//! (each element from the one rank that owns it), and writes them with
+//! [`write_checkpoint_with`], so a run resumes on any layout. A resumed rank reads its slices of
+//! the weights and of `exp_avg` / `exp_avg_sq` / `step` from the checkpoint's files by
+//! selection ([`TpParallelTrainer::open`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,56 +42,69 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use zaya::train::optim::AdamW;
-use zaya::train::trainer::{append_log, write_checkpoint, StepReport, TrainerConfig, TrainerParts};
-use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Trainable, TrainableModel};
-use zaya::weights::Checkpoint;
+use zaya::train::trainer::{append_log, write_checkpoint_with, StepReport, TrainerConfig};
+use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Param, Trainable};
+use zaya::weights::{save_checkpoint, Checkpoint, Layout};
 use zaya::{ZayaConfig, ZayaError};
 
 use crate::error::{ParallelError, ParallelResult};
-use crate::mesh::{Mesh, MeshShape};
+use crate::mesh::{Coords, Mesh, MeshShape};
+use crate::pipeline::{
+    flush, one_f_one_b, pack, receive, stage_layers, tag_backward, tag_forward, unpack, Pending,
+    PipeOp,
+};
 use crate::plan::ParallelPlan;
-use crate::tp::train::TpTrainModel;
-
-/// Values per gradient all-reduce bucket over the replicas.
-const BUCKET_ELEMS: usize = 1 << 22;
+use crate::tp::train::{
+    held_params, BoundaryGrads, TpStageBatch, TpStageForward, TpStageInput, TpStageUpstream,
+    TpTrainModel,
+};
+use crate::train_driver::{
+    all_gather_owned, join_f64, split_f64, sum_tied, zero_owners, DriverOptions,
+};
 
 fn unsupported(msg: impl Into<String>) -> ParallelError {
     ParallelError::Unsupported(msg.into())
 }
 
-/// Fails unless this driver trains `cfg` on `shape` (tensor / expert parallel, one
-/// pipeline stage, the plan's divisibility rules).
-pub fn check_tp_setup(cfg: &ZayaConfig, shape: MeshShape) -> ParallelResult<()> {
-    if shape.pp > 1 {
-        return Err(unsupported(format!(
-            "training with --tp {} --ep {} and --pp {}: tensor/expert-parallel training runs one pipeline stage in this version (drop --pp, or train --pp with --dp only)",
-            shape.tp, shape.ep, shape.pp
-        )));
+fn into_zaya(e: ParallelError) -> ZayaError {
+    match e {
+        ParallelError::Model(e) => e,
+        other => ZayaError::Input(other.to_string()),
     }
+}
+
+/// Fails unless this driver trains `cfg` on `shape` (the plan's divisibility rules, layers
+/// that divide into the stages).
+pub fn check_tp_setup(cfg: &ZayaConfig, shape: MeshShape) -> ParallelResult<()> {
     ParallelPlan::new(cfg, shape).map_err(|e| unsupported(e.to_string()))?;
+    stage_layers(cfg, shape.pp, 0)?;
     Ok(())
 }
 
-/// `x` as two f32 (value and rounding error), so sums over ranks keep f64-like precision.
-fn split_f64(x: f64) -> [f32; 2] {
-    let hi = x as f32;
-    [hi, (x - f64::from(hi)) as f32]
-}
-fn join_f64(v: &[f32]) -> f64 {
-    f64::from(v[0]) + f64::from(v[1])
+/// Where a run stands when its ranks are built: the settings, the optimizer steps taken
+/// and the run facts saved with every checkpoint (a fresh run: step 0).
+#[derive(Debug, Clone)]
+pub struct RunState {
+    pub cfg: TrainerConfig,
+    pub step: u64,
+    pub run: Option<serde_json::Value>,
 }
 
-/// One rank of a TP × EP × DP training run.
+/// One rank of a TP × PP × EP × DP training run.
 pub struct TpParallelTrainer {
     mesh: Mesh,
     model: TpTrainModel,
+    /// Per parameter (of [`TpTrainModel::params`]): the replica keeping its AdamW state
+    /// (`None`: every replica, without ZeRO-1).
+    owner: Vec<Option<usize>>,
+    /// Positions of the parameters whose AdamW state this rank keeps.
+    owned: Vec<usize>,
     opt: AdamW,
     cfg: TrainerConfig,
     step: u64,
     run: Option<serde_json::Value>,
+    opts: DriverOptions,
     log: Option<PathBuf>,
-    /// Rank 0, after [`TpParallelTrainer::save`]: the gathered single-process model.
-    full: Option<TrainableModel>,
 }
 
 impl std::fmt::Debug for TpParallelTrainer {
@@ -93,59 +116,108 @@ impl std::fmt::Debug for TpParallelTrainer {
     }
 }
 
+/// Which replica keeps the AdamW state of each trainable slice of the rank at `c`
+/// (aligned with its [`TpTrainModel::params`]): the same on every replica of a mesh
+/// position, and computable by any rank for any other.
+fn owners_at(plan: &ParallelPlan, c: Coords, zero1: bool) -> Vec<(String, Option<usize>)> {
+    let held = held_params(plan, c);
+    let sizes: Vec<usize> = held
+        .iter()
+        .map(|(s, sel)| sel.shape(&s.shape).iter().product())
+        .collect();
+    held.into_iter()
+        .zip(zero_owners(&sizes, plan.mesh.dp, zero1))
+        .map(|((s, _), o)| (s.name, o))
+        .collect()
+}
+
+/// The file an optimizer state was read from (for errors).
+fn origin(st: &Checkpoint) -> PathBuf {
+    st.files()
+        .first()
+        .cloned()
+        .unwrap_or_else(|| st.dir().to_path_buf())
+}
+
 impl TpParallelTrainer {
-    /// A rank of the run from a single-process trainer's parts (fresh or resumed: the full
-    /// model and the full optimizer state): this rank keeps its slices of both. `ckpt` is
-    /// a checkpoint of the same architecture (the model's buffers are built from it, then
-    /// every tensor is set from `parts`). Collective over the mesh.
-    pub fn from_parts(
+    /// A rank of the run reading only its own slices: the weights from `weights` (the
+    /// model directory of a fresh run, or the checkpoint a run resumes from), the AdamW
+    /// state (`exp_avg.*`, `exp_avg_sq.*`, `step.*` of the single-process
+    /// `optimizer.safetensors`) from `state` when resuming (a fresh optimizer otherwise).
+    /// Collective over the mesh.
+    pub fn open(
         mesh: Mesh,
-        ckpt: &Arc<Checkpoint>,
-        parts: TrainerParts<TrainableModel>,
+        weights: &Arc<Checkpoint>,
+        state: Option<&Checkpoint>,
+        at: RunState,
+        opts: DriverOptions,
     ) -> ParallelResult<Self> {
-        let TrainerParts {
-            model: full,
-            opt: full_opt,
-            cfg,
-            step,
-            run,
-        } = parts;
-        check_tp_setup(full.config(), mesh.shape)?;
-        let plan =
-            ParallelPlan::new(full.config(), mesh.shape).map_err(|e| unsupported(e.to_string()))?;
-        let mut model = TpTrainModel::on_mesh(ckpt, &plan, &mesh)?;
-        model.load_full(&full.tensors()?)?;
-        let state = full_opt.export(full.params())?;
-        let mut mine = HashMap::new();
-        for (i, sp) in model.params().iter().enumerate() {
-            let name = &sp.param.name;
-            for key in [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")] {
-                let t = state
-                    .get(&key)
-                    .ok_or_else(|| unsupported(format!("no optimizer state `{key}`")))?;
-                mine.insert(key, model.slice_of(i, t)?);
-            }
-            let key = format!("step.{name}");
-            let s = state
-                .get(&key)
-                .ok_or_else(|| unsupported(format!("no optimizer state `{key}`")))?;
-            mine.insert(key, s.clone());
+        let cfg = weights.config()?;
+        weights.validate(&cfg)?;
+        check_tp_setup(&cfg, mesh.shape)?;
+        at.cfg.validate()?;
+        let plan = ParallelPlan::new(&cfg, mesh.shape).map_err(|e| unsupported(e.to_string()))?;
+        let model = TpTrainModel::on_mesh(weights, &plan, &mesh)?;
+        let owner: Vec<Option<usize>> = owners_at(&plan, mesh.coords, opts.zero1)
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect();
+        if owner.len() != model.params().len() {
+            return Err(unsupported(format!(
+                "the plan gives this rank {} trainable slices, its model holds {}",
+                owner.len(),
+                model.params().len()
+            )));
         }
-        let opt = AdamW::import(
-            Trainable::params(&model),
-            mine,
-            cfg.adamw,
-            Path::new("<optimizer state sliced for this rank>"),
-        )?;
+        let me = mesh.coords.dp;
+        let owned: Vec<usize> = (0..owner.len())
+            .filter(|&k| owner[k].is_none_or(|d| d == me))
+            .collect();
+        let params: Vec<Param> = owned
+            .iter()
+            .map(|&k| model.params()[k].param.clone())
+            .collect();
+        let opt = match state {
+            None => AdamW::new(&params, at.cfg.adamw)?,
+            Some(st) => {
+                let dev = Device::Cpu;
+                let mut mine = HashMap::new();
+                for &k in &owned {
+                    let sp = &model.params()[k];
+                    let name = &sp.param.name;
+                    let ranges = sp.selection.ranges(&sp.full_shape);
+                    for key in [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")] {
+                        match st.stored_shape(&key) {
+                            Some(s) if s == sp.full_shape.as_slice() => {}
+                            found => {
+                                return Err(ParallelError::Model(ZayaError::ShapeMismatch {
+                                    name: key,
+                                    expected: sp.full_shape.clone(),
+                                    found: found.map(<[usize]>::to_vec).unwrap_or_default(),
+                                    file: origin(st),
+                                }))
+                            }
+                        }
+                        let t = st.load_selection(&cfg, &key, &ranges, DType::F32, &dev)?;
+                        mine.insert(key, t);
+                    }
+                    let key = format!("step.{name}");
+                    mine.insert(key.clone(), st.load(&cfg, &key, DType::I64, &dev)?);
+                }
+                AdamW::import(&params, mine, at.cfg.adamw, &origin(st))?
+            }
+        };
         Ok(TpParallelTrainer {
             mesh,
             model,
+            owner,
+            owned,
             opt,
-            cfg,
-            step,
-            run,
+            cfg: at.cfg,
+            step: at.step,
+            run: at.run,
+            opts,
             log: None,
-            full: None,
         })
     }
 
@@ -172,11 +244,16 @@ impl TpParallelTrainer {
         self.step
     }
 
-    /// One optimizer step over the step's micro-batches (identical on every rank): equal to
-    /// [`zaya::train::trainer::Trainer::step`] on the same micro-batches up to the order of
-    /// floating-point sums.
-    pub fn step(&mut self, micro_batches: &[Batch]) -> ParallelResult<StepReport> {
-        let start = Instant::now();
+    /// This rank's gradients for the step's micro-batches (every rank is given all of them;
+    /// its replica takes its share), whole for every element it holds: shared KV heads
+    /// summed over their holders, summed over the replicas and the tied embedding's halves;
+    /// with the world's loss, balance loss, routing counts and the gradient norm (each
+    /// element of the model counted once).
+    fn gradients(
+        &self,
+        micro_batches: &[Batch],
+        opts: &zaya::train::TrainOptions,
+    ) -> ParallelResult<Computed> {
         let shape = self.mesh.shape;
         let c = self.mesh.coords;
         if micro_batches.is_empty() {
@@ -189,42 +266,26 @@ impl TpParallelTrainer {
             )
             .into());
         }
-        let opts = self.cfg.train_options();
         let scale = LossScale {
             normalizer: Some(total as f64),
             aux_weight: 1.0 / micro_batches.len() as f64,
         };
-        let n = self.model.params().len();
-        let mut acc: Vec<Option<Tensor>> = vec![None; n];
-        let mut routing: Vec<LayerRoutingStats> = Vec::new();
-        let (mut loss, mut aux) = (0f64, 0f64);
-        for (_, mb) in micro_batches
+        let mine: Vec<Batch> = micro_batches
             .iter()
             .enumerate()
             .filter(|(k, _)| k % shape.dp == c.dp)
-        {
-            let out = self.model.forward_backward(mb, &opts, &scale)?;
-            for (a, g) in acc.iter_mut().zip(out.grads) {
-                if let Some(g) = g {
-                    *a = Some(match a.take() {
-                        Some(old) => (old + g)?,
-                        None => g,
-                    });
-                }
-            }
-            loss += out.loss;
-            aux += out.aux_loss * scale.aux_weight;
-            if routing.is_empty() {
-                routing = out.routing;
-            } else {
-                for (a, b) in routing.iter_mut().zip(&out.routing) {
-                    a.merge(b)?;
-                }
-            }
-        }
+            .map(|(_, b)| b.clone())
+            .collect();
+        let StageSums {
+            grads: mut acc,
+            loss,
+            aux,
+            routing: stage_routing,
+        } = run_1f1b(&self.model, self.mesh.pp.as_ref(), &mine, opts, &scale)?;
         self.model.complete_shared(&mut acc)?;
 
         // gradients (and which exist) summed over the replicas
+        let n = acc.len();
         let mut has: Vec<f32> = acc
             .iter()
             .map(|g| if g.is_some() { 1.0 } else { 0.0 })
@@ -243,23 +304,39 @@ impl TpParallelTrainer {
         if shape.ep > 1 {
             self.mesh.ep.all_reduce_sum(&mut has)?;
         }
-        // loss (2), aux (2), routing counts per layer
-        let cfg = self.model.config();
-        let (nl, e1) = (cfg.num_hidden_layers, cfg.num_experts + 1);
-        let mut buf = vec![0f32; 4 + nl * e1];
-        buf[..2].copy_from_slice(&split_f64(loss));
-        buf[2..4].copy_from_slice(&split_f64(aux));
-        for (l, st) in routing.iter().enumerate().take(nl) {
-            for (e, &k) in st.counts.iter().enumerate().take(e1) {
-                buf[4 + l * e1 + e] = k as f32;
-            }
-        }
         if shape.dp > 1 {
             let dp = self.mesh.dp.as_ref();
-            grads = crate::grad::all_reduce_sum(dp, &grads, BUCKET_ELEMS)?;
+            grads = crate::grad::all_reduce_sum(dp, &grads, self.opts.bucket_elems)?;
             dp.all_reduce_sum(&mut has)?;
-            dp.all_reduce_sum(&mut buf)?;
         }
+        // a tied embedding: the first stage's lookup part + the last stage's head part
+        if self.model.config().tie_word_embeddings && shape.pp > 1 {
+            if let Some(k) = self
+                .model
+                .params()
+                .iter()
+                .position(|sp| sp.param.name == "model.embed_tokens.weight")
+            {
+                grads[k] = sum_tied(self.mesh.pp.as_ref(), c.pp == 0, &grads[k], &mut has[k])?;
+            }
+        }
+        // loss (2), aux (2), routing counts per layer: one rank of each TP × EP group
+        // (they all hold the same values) of every stage and replica
+        let cfg = self.model.config();
+        let (nl, e1) = (cfg.num_hidden_layers, cfg.num_experts + 1);
+        let layers = self.model.model().layer_range();
+        let mut buf = vec![0f32; 4 + nl * e1];
+        if c.tp == 0 && c.ep == 0 {
+            buf[..2].copy_from_slice(&split_f64(loss));
+            buf[2..4].copy_from_slice(&split_f64(aux));
+            for (j, st) in stage_routing.iter().enumerate() {
+                let l = layers.start + j;
+                for (e, &k) in st.counts.iter().enumerate().take(e1) {
+                    buf[4 + l * e1 + e] = k as f32;
+                }
+            }
+        }
+        self.mesh.world.all_reduce_sum(&mut buf)?;
         let loss = join_f64(&buf[..2]);
         let aux = join_f64(&buf[2..4]);
         let routing: Vec<LayerRoutingStats> = (0..nl)
@@ -274,12 +351,72 @@ impl TpParallelTrainer {
                 }
             })
             .collect();
-        let mut grads: Vec<Option<Tensor>> = grads
+        let grads: Vec<Option<Tensor>> = grads
             .into_iter()
             .zip(&has)
             .map(|(g, &h)| (h > 0.0).then_some(g))
             .collect();
         let norm = self.model.global_grad_norm(&grads)?;
+        Ok(Computed {
+            grads,
+            loss,
+            aux,
+            targets: total,
+            routing,
+            norm,
+        })
+    }
+
+    /// Collective: the step's objective's gradients (`grad.<HF name>`, full tensors, summed
+    /// over micro-batches and replicas, before clipping), `loss` and `aux_loss` (mean over
+    /// layers and micro-batches) on world rank 0, as the single-process step computes them
+    /// before its update; `None` elsewhere. Nothing is updated.
+    pub fn gathered_gradients(
+        &self,
+        micro_batches: &[Batch],
+        opts: &zaya::train::TrainOptions,
+    ) -> ParallelResult<Option<std::collections::BTreeMap<String, Tensor>>> {
+        let cmp = self.gradients(micro_batches, opts)?;
+        let values: Vec<Tensor> = self
+            .model
+            .params()
+            .iter()
+            .zip(&cmp.grads)
+            .map(|(sp, g)| match g {
+                Some(g) => Ok(g.clone()),
+                None => Ok(sp.param.var.zeros_like()?),
+            })
+            .collect::<ParallelResult<_>>()?;
+        let Some(full) = self.model.gather_values(&values, &|c, _| c.dp == 0)? else {
+            return Ok(None);
+        };
+        let dev = Device::Cpu;
+        let mut out: std::collections::BTreeMap<String, Tensor> = full
+            .into_iter()
+            .map(|(k, v)| (format!("grad.{k}"), v))
+            .collect();
+        out.insert("loss".into(), Tensor::new(&[cmp.loss as f32], &dev)?);
+        out.insert("aux_loss".into(), Tensor::new(&[cmp.aux as f32], &dev)?);
+        Ok(Some(out))
+    }
+
+    /// One optimizer step over the step's micro-batches (identical on every rank): equal to
+    /// [`zaya::train::trainer::Trainer::step`] on the same micro-batches up to the order of
+    /// floating-point sums.
+    pub fn step(&mut self, micro_batches: &[Batch]) -> ParallelResult<StepReport> {
+        let start = Instant::now();
+        let opts = self.cfg.train_options();
+        let Computed {
+            mut grads,
+            loss,
+            aux,
+            targets: total,
+            routing,
+            norm,
+        } = self.gradients(micro_batches, &opts)?;
+        let shape = self.mesh.shape;
+        let c = self.mesh.coords;
+        let layers = self.model.model().layer_range();
         if !norm.is_finite() || !loss.is_finite() {
             return Err(ZayaError::Input(format!(
                 "step {}: loss {loss}, gradient norm {norm}: not finite, update skipped",
@@ -296,11 +433,22 @@ impl TpParallelTrainer {
             }
         }
         let lr = self.cfg.schedule.lr(self.step);
-        self.opt
-            .step(Trainable::params(&self.model), &Gradients { grads }, lr)?;
+        let params = Trainable::params(&self.model);
+        let owned_params: Vec<Param> = self.owned.iter().map(|&k| params[k].clone()).collect();
+        let owned_grads = Gradients {
+            grads: self.owned.iter().map(|&k| grads[k].take()).collect(),
+        };
+        self.opt.step(&owned_params, &owned_grads, lr)?;
+        if shape.dp > 1 && self.owner.iter().any(Option::is_some) {
+            all_gather_owned(self.mesh.dp.as_ref(), c.dp, params, &self.owner)?;
+        }
         self.step += 1;
         if self.cfg.balance_bias_lr > 0.0 {
-            Trainable::apply_bias_balancing(&mut self.model, &routing, self.cfg.balance_bias_lr)?;
+            Trainable::apply_bias_balancing(
+                &mut self.model,
+                &routing[layers.clone()],
+                self.cfg.balance_bias_lr,
+            )?;
         }
         let skip_fraction = routing
             .iter()
@@ -325,93 +473,282 @@ impl TpParallelTrainer {
         Ok(report)
     }
 
-    /// Collective: the full model and the full AdamW state on world rank 0 (`None`
-    /// elsewhere), as the single-process trainer holds them.
-    pub fn gather(&self) -> ParallelResult<Option<(TrainableModel, AdamW)>> {
-        let weights = self.model.gather_weights()?;
+    /// Collective: the full AdamW state on world rank 0 (`None` elsewhere) as the
+    /// single-process `optimizer.safetensors` holds it (`exp_avg.<name>`,
+    /// `exp_avg_sq.<name>`, `step.<name>`): each element from the one rank that keeps it
+    /// (under ZeRO-1, its replica's owner).
+    pub fn gather_optimizer(&self) -> ParallelResult<Option<HashMap<String, Tensor>>> {
+        let plan = self.model.plan();
+        let zero1 = self.opts.zero1;
+        // (coords with dp 0) → owners of that position's slices, by name
+        let owners: std::cell::RefCell<HashMap<(usize, usize, usize), Owners>> = Default::default();
+        let keeps = |c: Coords, name: &str| -> bool {
+            let mut o = owners.borrow_mut();
+            let at = o
+                .entry((c.tp, c.pp, c.ep))
+                .or_insert_with(|| owners_at(plan, c, zero1).into_iter().collect());
+            match at.get(name) {
+                Some(Some(d)) => *d == c.dp,
+                _ => c.dp == 0,
+            }
+        };
         let params = Trainable::params(&self.model);
-        let state = self.opt.export(params)?;
-        let pick = |prefix: &str| -> ParallelResult<Vec<Tensor>> {
+        let owned_params: Vec<Param> = self.owned.iter().map(|&k| params[k].clone()).collect();
+        let mut state = self.opt.export(&owned_params)?;
+        // a slice this rank keeps no state for is never picked: zeros stand in
+        let mut pick = |prefix: &str| -> ParallelResult<Vec<Tensor>> {
             params
                 .iter()
-                .map(|p| {
-                    state
-                        .get(&format!("{prefix}.{}", p.name))
-                        .cloned()
-                        .ok_or_else(|| unsupported(format!("no optimizer state for `{}`", p.name)))
+                .map(|p| match state.remove(&format!("{prefix}.{}", p.name)) {
+                    Some(t) => Ok(t),
+                    None => Ok(p.var.zeros_like()?),
                 })
                 .collect()
         };
-        let m = self.model.gather_full(&pick("exp_avg")?)?;
-        let v = self.model.gather_full(&pick("exp_avg_sq")?)?;
-        // step counts as tensors of each slice's shape: every element of the model is owned
-        // by one rank, so the gathered tensor holds the count everywhere
-        let steps: Vec<Tensor> = params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let s = self.opt.steps(i) as f32;
-                Ok(Tensor::full(s, p.var.shape(), &Device::Cpu)?)
-            })
-            .collect::<ParallelResult<_>>()?;
-        let s = self.model.gather_full(&steps)?;
-        let (Some(weights), Some(m), Some(v), Some(s)) = (weights, m, v, s) else {
+        let m = self.model.gather_values(&pick("exp_avg")?, &keeps)?;
+        let v = self.model.gather_values(&pick("exp_avg_sq")?, &keeps)?;
+        // step counts: every rank sends one per slice it holds (0 where it keeps no state);
+        // the slices of a tensor that keep state agree, so rank 0 takes the largest
+        let world = self.mesh.world.as_ref();
+        let mut mine: Vec<f32> = vec![0.0; params.len()];
+        for (j, &k) in self.owned.iter().enumerate() {
+            mine[k] = self.opt.steps(j) as f32;
+        }
+        let mut send = vec![Vec::new(); world.size()];
+        send[0] = mine;
+        let got = world.all_to_all_v(&send)?;
+        let (Some(m), Some(v)) = (m, v) else {
             return Ok(None);
         };
-        let cfg = self.model.config().clone();
-        let full = TrainableModel::from_tensors(&cfg, &weights)?;
+        let mut steps: HashMap<String, f32> = HashMap::new();
+        for (r, data) in got.iter().enumerate() {
+            let held = held_params(plan, plan.mesh.coords(r));
+            if held.len() != data.len() {
+                return Err(unsupported(format!(
+                    "rank {r} sent {} step counts for {} slices",
+                    data.len(),
+                    held.len()
+                )));
+            }
+            for ((spec, _), &s) in held.iter().zip(data) {
+                let e = steps.entry(spec.name.clone()).or_insert(0.0);
+                *e = e.max(s);
+            }
+        }
         let dev = Device::Cpu;
         let mut moments = HashMap::new();
-        for p in full.params() {
-            let name = &p.name;
-            let (Some(mt), Some(vt), Some(st)) = (m.get(name), v.get(name), s.get(name)) else {
+        for (name, mt) in m {
+            let vt = v
+                .get(&name)
+                .ok_or_else(|| unsupported(format!("no gathered exp_avg_sq for `{name}`")))?
+                .clone();
+            let step = match steps.get(&name) {
+                Some(&s) => s as i64,
                 // a tensor no rank trains (no elements): a fresh state
-                moments.insert(format!("exp_avg.{name}"), p.var.zeros_like()?);
-                moments.insert(format!("exp_avg_sq.{name}"), p.var.zeros_like()?);
-                moments.insert(
-                    format!("step.{name}"),
-                    Tensor::new(&[self.step as i64], &dev)?,
-                );
-                continue;
+                None => self.step as i64,
             };
-            let step = st
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .first()
-                .copied()
-                .unwrap_or(0.0);
-            moments.insert(format!("exp_avg.{name}"), mt.clone());
-            moments.insert(format!("exp_avg_sq.{name}"), vt.clone());
-            moments.insert(format!("step.{name}"), Tensor::new(&[step as i64], &dev)?);
+            moments.insert(format!("exp_avg_sq.{name}"), vt);
+            moments.insert(format!("step.{name}"), Tensor::new(&[step], &dev)?);
+            moments.insert(format!("exp_avg.{name}"), mt);
         }
-        let opt = AdamW::import(
-            full.params(),
-            moments,
-            self.cfg.adamw,
-            Path::new("<optimizer state gathered from the ranks>"),
-        )?;
-        Ok(Some((full, opt)))
+        Ok(Some(moments))
     }
 
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
-    /// full tensors under their HF names); returns the directory on rank 0.
+    /// full tensors under their HF names); returns the directory on rank 0. The weights are
+    /// gathered and written before the optimizer state is gathered, so rank 0 never holds
+    /// both.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
-        let out = match self.gather()? {
-            Some((full, opt)) => {
-                let dir =
-                    write_checkpoint(root, &full, &opt, &self.cfg, self.step, self.run.as_ref())?;
-                self.full = Some(full);
-                Some(dir)
+        let out = match self.model.gather_weights()? {
+            Some(w) => {
+                let cfg = self.model.config().clone();
+                let this = &*self;
+                Some(write_checkpoint_with(
+                    root,
+                    &this.cfg,
+                    this.step,
+                    this.run.as_ref(),
+                    move |tmp| {
+                        save_checkpoint(tmp, &cfg, &w, Layout::Native)?;
+                        drop(w);
+                        let state =
+                            this.gather_optimizer().map_err(into_zaya)?.ok_or_else(|| {
+                                ZayaError::Input("world rank 0 gathered no optimizer state".into())
+                            })?;
+                        AdamW::save_state(&state, &tmp.join("optimizer.safetensors"))
+                    },
+                )?)
             }
-            None => None,
+            None => {
+                self.gather_optimizer()?;
+                None
+            }
         };
         // nobody reads a checkpoint before rank 0 has written it
         self.mesh.world.barrier()?;
         Ok(out)
     }
 
-    /// Rank 0 after [`TpParallelTrainer::save`]: the gathered single-process model.
-    pub fn gathered_model(&self) -> Option<&TrainableModel> {
-        self.full.as_ref()
+    /// Collective: rank 0 writes the current weights as a model directory (`dir`, the
+    /// single-process layout); no rank keeps the gathered model.
+    pub fn save_model(&self, dir: &Path) -> ParallelResult<()> {
+        if let Some(w) = self.model.gather_weights()? {
+            save_checkpoint(dir, self.model.config(), &w, Layout::Native)?;
+        }
+        self.mesh.world.barrier()?;
+        Ok(())
     }
+
+    /// Positions (in [`TpTrainModel::params`]) of the slices whose AdamW state this rank
+    /// keeps.
+    pub fn owned(&self) -> &[usize] {
+        &self.owned
+    }
+
+    /// The AdamW state this rank keeps (of the slices [`TpParallelTrainer::owned`] lists).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+}
+
+/// The stage's part of one step over this replica's `micro` batches with 1F1B (one
+/// stage: forward, head and backward per micro-batch): this rank's gradients summed
+/// over the micro-batches (aligned with [`TpTrainModel::params`]), and the stage's
+/// loss, balance-loss share and routing counts.
+pub(crate) fn run_1f1b(
+    model: &TpTrainModel,
+    comm: &dyn crate::comm::Comm,
+    micro: &[Batch],
+    opts: &zaya::train::TrainOptions,
+    scale: &LossScale,
+) -> ParallelResult<StageSums> {
+    struct InFlight<'a> {
+        batch: TpStageBatch<'a>,
+        fwd: TpStageForward,
+        head: Option<(Option<Tensor>, candle_core::backprop::GradStore)>,
+    }
+    let stages = comm.size();
+    let stage = comm.rank();
+    if model.coords().pp != stage || model.plan().mesh.pp != stages {
+        return Err(unsupported(format!(
+            "stage {} of {} given pipeline group member {stage} of {stages}",
+            model.coords().pp,
+            model.plan().mesh.pp
+        )));
+    }
+    let (first, last) = (stage == 0, stage + 1 == stages);
+    let normalizer = scale.normalizer.ok_or_else(|| {
+        unsupported("a training step needs the step's global target count as its normaliser")
+    })?;
+    let cfg = model.config();
+    let hidden = cfg.hidden_size;
+    let num_layers = cfg.num_hidden_layers.max(1) as f64;
+    let mut sums = StageSums {
+        grads: vec![None; model.params().len()],
+        loss: 0.0,
+        aux: 0.0,
+        routing: Vec::new(),
+    };
+    let mut inflight: HashMap<usize, InFlight<'_>> = HashMap::new();
+    let mut pending: Pending = None;
+    for op in one_f_one_b(stages, stage, micro.len()) {
+        match op {
+            PipeOp::Forward(i) => {
+                let batch = model.stage_batch(&micro[i], opts, scale)?;
+                let input = if first {
+                    flush(comm, &mut pending)?;
+                    TpStageInput::Embed
+                } else {
+                    let buf = receive(comm, &mut pending, stage - 1, tag_forward(i))?;
+                    let (hidden, state) =
+                        unpack(buf, micro[i].shape()?, hidden, "pipeline forward")?;
+                    TpStageInput::Boundary { hidden, state }
+                };
+                let fwd = batch.forward(input, opts.checkpointing)?;
+                for (k, s) in fwd.stats.iter().enumerate() {
+                    if sums.routing.len() <= k {
+                        sums.routing.push(s.clone());
+                    } else {
+                        sums.routing[k].merge(s)?;
+                    }
+                }
+                sums.aux += scale.aux_weight * fwd.aux_values.iter().sum::<f64>() / num_layers;
+                let head = if last {
+                    let out = batch.head(&fwd, normalizer, opts.loss_chunk)?;
+                    sums.loss += out.nll_sum / normalizer;
+                    Some((out.grad_hidden, out.grads))
+                } else {
+                    let (h, s) = fwd.output();
+                    pending = Some((stage + 1, tag_forward(i), pack(&h, s.as_ref())?));
+                    None
+                };
+                inflight.insert(i, InFlight { batch, fwd, head });
+            }
+            PipeOp::Backward(i) => {
+                let InFlight { batch, fwd, head } = inflight.remove(&i).ok_or_else(|| {
+                    unsupported(format!(
+                        "1F1B: backward of micro-batch {i} before its forward"
+                    ))
+                })?;
+                let (upstream, acc) = match head {
+                    Some((g, acc)) => {
+                        flush(comm, &mut pending)?;
+                        (TpStageUpstream::Normed(g), acc)
+                    }
+                    None => {
+                        let buf = receive(comm, &mut pending, stage + 1, tag_backward(i))?;
+                        let (hidden, state) =
+                            unpack(buf, micro[i].shape()?, hidden, "pipeline backward")?;
+                        (
+                            TpStageUpstream::Boundary { hidden, state },
+                            Default::default(),
+                        )
+                    }
+                };
+                let (grads, up): (Vec<Option<Tensor>>, BoundaryGrads) =
+                    batch.backward(fwd, upstream, acc)?;
+                for (a, g) in sums.grads.iter_mut().zip(grads) {
+                    if let Some(g) = g {
+                        *a = Some(match a.take() {
+                            Some(old) => (old + g)?,
+                            None => g,
+                        });
+                    }
+                }
+                if !first {
+                    let (g_h, g_s) =
+                        up.ok_or_else(|| unsupported("no gradient reached the stage's input"))?;
+                    pending = Some((stage - 1, tag_backward(i), pack(&g_h, g_s.as_ref())?));
+                }
+            }
+        }
+    }
+    flush(comm, &mut pending)?;
+    Ok(sums)
+}
+
+/// The replica keeping the AdamW state of each slice of one mesh position, by name.
+type Owners = HashMap<String, Option<usize>>;
+
+/// What [`TpParallelTrainer::gradients`] gives.
+struct Computed {
+    /// Aligned with [`TpTrainModel::params`]; `None`: no gradient anywhere.
+    grads: Vec<Option<Tensor>>,
+    loss: f64,
+    aux: f64,
+    targets: usize,
+    routing: Vec<LayerRoutingStats>,
+    norm: f64,
+}
+
+/// What a stage computed over a replica's micro-batches.
+pub(crate) struct StageSums {
+    /// This rank's parameter gradients (shared KV heads: each holder's part).
+    pub(crate) grads: Vec<Option<Tensor>>,
+    /// Last stage: `Σ nll_sum / normalizer`; 0 elsewhere.
+    pub(crate) loss: f64,
+    /// This stage's share of the step's balance loss.
+    pub(crate) aux: f64,
+    /// Routing counts of the stage's layers, merged over the micro-batches.
+    pub(crate) routing: Vec<LayerRoutingStats>,
 }

@@ -98,21 +98,8 @@ impl Layout {
             .filter(|(_, p)| stage_holds(cfg, shape.pp, pp, &p.name))
             .map(|(i, _)| i)
             .collect();
-        let owner = if zero1 && shape.dp > 1 {
-            // largest first to the least-loaded replica (ties: lowest index)
-            let mut order: Vec<usize> = (0..stage.len()).collect();
-            order.sort_by_key(|&k| std::cmp::Reverse(params[stage[k]].var.elem_count()));
-            let mut load = vec![0usize; shape.dp];
-            let mut owner = vec![None; stage.len()];
-            for k in order {
-                let d = (0..shape.dp).min_by_key(|&d| (load[d], d)).unwrap_or(0);
-                load[d] += params[stage[k]].var.elem_count();
-                owner[k] = Some(d);
-            }
-            owner
-        } else {
-            vec![None; stage.len()]
-        };
+        let sizes: Vec<usize> = stage.iter().map(|&i| params[i].var.elem_count()).collect();
+        let owner = zero_owners(&sizes, shape.dp, zero1);
         Layout { stage, owner }
     }
 
@@ -122,6 +109,91 @@ impl Layout {
             .filter(|&k| self.owner[k].is_none_or(|d| d == dp))
             .collect()
     }
+}
+
+/// ZeRO-1's assignment of tensors of `sizes` elements to `dp` replicas (whole tensors,
+/// largest first to the least-loaded replica, ties to the lowest index); `None` (every
+/// replica keeps the state) without ZeRO or with one replica.
+pub fn zero_owners(sizes: &[usize], dp: usize, zero1: bool) -> Vec<Option<usize>> {
+    if !(zero1 && dp > 1) {
+        return vec![None; sizes.len()];
+    }
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(sizes[k]));
+    let mut load = vec![0usize; dp];
+    let mut owner = vec![None; sizes.len()];
+    for k in order {
+        let d = (0..dp).min_by_key(|&d| (load[d], d)).unwrap_or(0);
+        load[d] += sizes[k];
+        owner[k] = Some(d);
+    }
+    owner
+}
+
+/// The tied embedding's gradient `g` on the first stage (lookup) and the last (head) made
+/// their sum on both, with `has` (whether a gradient exists) or-ed: collective between
+/// pipeline members 0 and `stages − 1` of `pp` (`first` says which one this is).
+pub(crate) fn sum_tied(
+    pp: &dyn crate::comm::Comm,
+    first: bool,
+    g: &Tensor,
+    has: &mut f32,
+) -> ParallelResult<Tensor> {
+    let last = pp.size() - 1;
+    let mut mine = host(g)?;
+    mine.push(*has);
+    if first {
+        pp.send(last, TAG_TIED, &mine)?;
+        let mut sum = pp.recv(last, TAG_TIED)?;
+        *has = sum.pop().unwrap_or(0.0);
+        Ok(Tensor::from_vec(sum, g.shape(), g.device())?)
+    } else {
+        let mut first = pp.recv(0, TAG_TIED)?;
+        let first_has = first.pop().unwrap_or(0.0);
+        let g0 = Tensor::from_vec(first, g.shape(), g.device())?;
+        let sum = (g0 + g)?;
+        *has += first_has;
+        let mut back = host(&sum)?;
+        back.push(*has);
+        pp.send(0, TAG_TIED, &back)?;
+        Ok(sum)
+    }
+}
+
+/// ZeRO-1: after each replica stepped the parameters it owns (`owner[k] == Some(replica)`),
+/// every replica's updated values to the others. Collective over `dp` (member `me`).
+pub(crate) fn all_gather_owned(
+    dp: &dyn crate::comm::Comm,
+    me: usize,
+    params: &[Param],
+    owner: &[Option<usize>],
+) -> ParallelResult<()> {
+    let n = dp.size();
+    let owned_by = |d: usize| (0..params.len()).filter(move |&k| owner[k] == Some(d));
+    let sizes: Vec<usize> = (0..n)
+        .map(|d| owned_by(d).map(|k| params[k].var.elem_count()).sum())
+        .collect();
+    let width = sizes.iter().copied().max().unwrap_or(0);
+    let mut mine = Vec::with_capacity(width);
+    for k in owned_by(me) {
+        mine.extend(host(params[k].var.as_tensor())?);
+    }
+    mine.resize(width, 0.0);
+    let all = dp.all_gather(&mine)?;
+    for d in (0..n).filter(|&d| d != me) {
+        let mut at = d * width;
+        for k in owned_by(d) {
+            let v = &params[k].var;
+            let c = v.elem_count();
+            v.set(&Tensor::from_slice(
+                &all[at..at + c],
+                v.shape(),
+                v.device(),
+            )?)?;
+            at += c;
+        }
+    }
+    Ok(())
 }
 
 /// One rank of a pipeline × data-parallel training run.
@@ -171,11 +243,11 @@ fn host(t: &Tensor) -> ParallelResult<Vec<f32>> {
 }
 
 /// `x` as two f32 (value and rounding error), so sums over ranks keep f64-like precision.
-fn split_f64(x: f64) -> [f32; 2] {
+pub(crate) fn split_f64(x: f64) -> [f32; 2] {
     let hi = x as f32;
     [hi, (x - f64::from(hi)) as f32]
 }
-fn join_f64(v: &[f32]) -> f64 {
+pub(crate) fn join_f64(v: &[f32]) -> f64 {
     f64::from(v[0]) + f64::from(v[1])
 }
 
@@ -327,27 +399,7 @@ impl ParallelTrainer {
         // The tied embedding: first stage (lookup) + last stage (head), the same sum on both.
         let tied = self.tied_position();
         if let Some(k) = tied {
-            let pp = self.mesh.pp.as_ref();
-            let last = shape.pp - 1;
-            let g = &grads[k];
-            let mut mine = host(g)?;
-            mine.push(has[k]);
-            if c.pp == 0 {
-                pp.send(last, TAG_TIED, &mine)?;
-                let mut sum = pp.recv(last, TAG_TIED)?;
-                has[k] = sum.pop().unwrap_or(0.0);
-                grads[k] = Tensor::from_vec(sum, g.shape(), g.device())?;
-            } else {
-                let mut first = pp.recv(0, TAG_TIED)?;
-                let first_has = first.pop().unwrap_or(0.0);
-                let g0 = Tensor::from_vec(first, g.shape(), g.device())?;
-                let sum = (g0 + g)?;
-                has[k] += first_has;
-                let mut back = host(&sum)?;
-                back.push(has[k]);
-                pp.send(0, TAG_TIED, &back)?;
-                grads[k] = sum;
-            }
+            grads[k] = sum_tied(self.mesh.pp.as_ref(), c.pp == 0, &grads[k], &mut has[k])?;
         }
 
         // One world all-reduce: [norm² (2), loss (2), aux (2), targets, counts per layer].
@@ -465,37 +517,12 @@ impl ParallelTrainer {
 
     /// ZeRO-1: each replica's updated parameters to the other replicas of its stage.
     fn all_gather_params(&self, params: &[Param]) -> ParallelResult<()> {
-        let dp = self.mesh.shape.dp;
-        let sizes: Vec<usize> = (0..dp)
-            .map(|d| {
-                self.layout
-                    .owned_by(d)
-                    .iter()
-                    .map(|&k| params[k].var.elem_count())
-                    .sum()
-            })
-            .collect();
-        let width = sizes.iter().copied().max().unwrap_or(0);
-        let mut mine = Vec::with_capacity(width);
-        for &k in &self.owned {
-            mine.extend(host(params[k].var.as_tensor())?);
-        }
-        mine.resize(width, 0.0);
-        let all = self.mesh.dp.all_gather(&mine)?;
-        for d in (0..dp).filter(|&d| d != self.mesh.coords.dp) {
-            let mut at = d * width;
-            for k in self.layout.owned_by(d) {
-                let v = &params[k].var;
-                let n = v.elem_count();
-                v.set(&Tensor::from_slice(
-                    &all[at..at + n],
-                    v.shape(),
-                    v.device(),
-                )?)?;
-                at += n;
-            }
-        }
-        Ok(())
+        all_gather_owned(
+            self.mesh.dp.as_ref(),
+            self.mesh.coords.dp,
+            params,
+            &self.layout.owner,
+        )
     }
 
     /// Collective: rank 0 receives every stage's parameters (into its model) and the full

@@ -53,7 +53,7 @@ fn mpi_worker_collectives() {
         return;
     }
     let world = MpiWorld::init().unwrap();
-    let c = world.comm(Duration::from_secs(60));
+    let c = world.comm(Duration::from_secs(30));
     let (r, n) = (c.rank(), c.size());
     assert_eq!(n, 4);
     let mut buf = vec![r as f32, 1.0];
@@ -66,6 +66,29 @@ fn mpi_worker_collectives() {
         vec![(6 + 4 * r) as f32]
     );
     let a2a: Vec<Vec<f32>> = (0..n).map(|d| vec![(10 * r + d) as f32; r + 1]).collect();
+    let got = c.all_to_all_v(&a2a).unwrap();
+    for (src, g) in got.iter().enumerate() {
+        assert_eq!(g, &vec![(10 * src + r) as f32; src + 1]);
+    }
+    // a gather to member 0 where the others neither send nor receive anything (member 1
+    // sends nothing at all), then the next all-to-all still pairs up
+    let mut to0 = vec![Vec::new(); n];
+    if r != 1 {
+        to0[0] = vec![r as f32; 2];
+    }
+    let got = c.all_to_all_v(&to0).unwrap();
+    if r == 0 {
+        for (src, g) in got.iter().enumerate() {
+            let want = if src == 1 {
+                vec![]
+            } else {
+                vec![src as f32; 2]
+            };
+            assert_eq!(g, &want);
+        }
+    } else {
+        assert!(got.iter().all(Vec::is_empty), "{got:?}");
+    }
     let got = c.all_to_all_v(&a2a).unwrap();
     for (src, g) in got.iter().enumerate() {
         assert_eq!(g, &vec![(10 * src + r) as f32; src + 1]);

@@ -47,6 +47,8 @@ fn dtype_from_str(s: &str) -> Option<DType> {
         "BF16" => DType::BF16,
         "F16" => DType::F16,
         "F64" => DType::F64,
+        // integer state such as AdamW's step counts (never weights: see `Checkpoint::open`)
+        "I64" => DType::I64,
         _ => return None,
     })
 }
@@ -203,7 +205,7 @@ pub fn tensor_from_bytes(
         let n: usize = shape.iter().product();
         // Zeroed allocations come from fresh pages the read then writes once.
         let mut v = vec![zero; n];
-        // SAFETY: T is a plain float type (f32, f64, bf16, f16) for which every bit pattern
+        // SAFETY: T is a plain numeric type (f32, f64, bf16, f16, i64) for which every bit pattern
         // is a valid value; the byte view covers exactly the vector's initialised elements.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
@@ -221,6 +223,7 @@ pub fn tensor_from_bytes(
         DType::F64 => typed(0f64, shape, fill),
         DType::BF16 => typed(bf16::ZERO, shape, fill),
         DType::F16 => typed(f16::ZERO, shape, fill),
+        DType::I64 => typed(0i64, shape, fill),
         other => Err(ZayaError::Input(format!(
             "cannot load dtype {other:?} from a checkpoint"
         ))),

@@ -320,6 +320,9 @@ pub struct Checkpoint {
     shards: Vec<File>,
     entries: BTreeMap<String, Entry>,
     layout: Layout,
+    /// Tensor bytes read from the files so far (headers not counted): what a rank of a
+    /// parallel run reads is its share, not the whole model.
+    bytes_read: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -329,6 +332,7 @@ impl std::fmt::Debug for Checkpoint {
             .field("files", &self.files)
             .field("tensors", &self.entries.len())
             .field("layout", &self.layout)
+            .field("bytes_read", &self.bytes_read())
             .finish()
     }
 }
@@ -368,6 +372,21 @@ impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let files = weight_files(&dir)?;
+        Self::open_files(dir, files, None)
+    }
+
+    /// One safetensors file of tensors under native names, such as a training checkpoint's
+    /// `optimizer.safetensors` (`exp_avg.<name>`, ...): read by name or by selection like
+    /// the weights, never whole unless asked.
+    pub fn open_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let dir = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Self::open_files(dir, vec![path], Some(Layout::Native))
+    }
+
+    fn open_files(dir: PathBuf, files: Vec<PathBuf>, layout: Option<Layout>) -> Result<Self> {
         let mut shards = Vec::with_capacity(files.len());
         let mut entries = BTreeMap::new();
         for (fi, path) in files.iter().enumerate() {
@@ -381,6 +400,14 @@ impl Checkpoint {
                 ));
             }
             for t in crate::safetensors_io::read_header(path)? {
+                // weights are floats; integer tensors are state files' (step counts)
+                if layout.is_none() && t.dtype == DType::I64 {
+                    return Err(ZayaError::UnsupportedDtype {
+                        name: t.name,
+                        dtype: "I64".into(),
+                        file: path.clone(),
+                    });
+                }
                 entries.insert(
                     t.name,
                     Entry {
@@ -403,12 +430,28 @@ impl Checkpoint {
             files,
             shards,
             entries,
-            layout: if legacy {
+            layout: layout.unwrap_or(if legacy {
                 Layout::Legacy
             } else {
                 Layout::Native
-            },
+            }),
+            bytes_read: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Tensor bytes read from the files since this checkpoint was opened.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The stored shape of the tensor stored under `name`.
+    pub fn stored_shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn count_read(&self, bytes: usize) {
+        self.bytes_read
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn layout(&self) -> Layout {
@@ -417,6 +460,11 @@ impl Checkpoint {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The safetensors files read.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
     }
 
     /// Stored dtypes and how many tensors use each.
@@ -577,6 +625,7 @@ impl Checkpoint {
                     path: path.clone(),
                     message: format!("tensor `{}`: {err}", names[k]),
                 })?;
+                self.count_read(part);
             }
             Ok(())
         })
@@ -695,6 +744,7 @@ impl Checkpoint {
                     path: path.clone(),
                     message: format!("tensor `{src}`: {err}"),
                 })?;
+                self.count_read(n);
                 at += n;
             }
             Ok(())

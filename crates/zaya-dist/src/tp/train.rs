@@ -91,8 +91,35 @@ fn is_expert(name: &str) -> bool {
 
 /// Whether the rank at `c` sends its gradient of `name` (held with `sel`) to the gather:
 /// one copy of each replicated value, every holder of a sharded or shared one.
+/// (A tied embedding's lookup and head gradients are parts of one gradient: both sent.)
 fn contributes(c: Coords, name: &str, sel: &Selection) -> bool {
     c.dp == 0 && (is_expert(name) || c.ep == 0) && (!sel.is_whole() || c.tp == 0)
+}
+
+/// Whether the rank at `c` holds the copy of `name` (held with `sel`) that counts among the
+/// ranks of one data-parallel replica: replicated values on TP rank 0 (of EP rank 0 for
+/// non-expert tensors), sharded or shared ones on every holder (a shared KV head's
+/// duplicate elements masked, see `shared_mask`), a tied embedding on the first stage.
+pub(crate) fn one_copy(c: Coords, name: &str, sel: &Selection) -> bool {
+    contributes(Coords { dp: 0, ..c }, name, sel)
+        && (c.pp == 0 || name != "model.embed_tokens.weight")
+}
+
+/// The trainable tensors the rank at `c` of `plan` holds, in module order, with its
+/// selection of each (balancing biases and empty slices are buffers, not parameters).
+pub(crate) fn held_params(
+    plan: &ParallelPlan,
+    c: Coords,
+) -> Vec<(zaya::weights::TensorSpec, Selection)> {
+    native_specs(&plan.cfg)
+        .into_iter()
+        .filter(|s| plan.holds(c, &s.name) && !s.name.ends_with(".balancing_biases"))
+        .map(|s| {
+            let sel = plan.selection(c, &s);
+            (s, sel)
+        })
+        .filter(|(s, sel)| sel.shape(&s.shape).iter().product::<usize>() > 0)
+        .collect()
 }
 
 /// Adds `local` (the selected part, row-major) into `full` (row-major `shape`).
@@ -214,6 +241,10 @@ impl TpTrainModel {
         let dev = Device::Cpu;
         let mut params = Vec::new();
         let mut tensors = HashMap::new();
+        let trained: std::collections::HashSet<String> = held_params(plan, coords)
+            .into_iter()
+            .map(|(s, _)| s.name)
+            .collect();
         for spec in native_specs(cfg) {
             if !plan.holds(coords, &spec.name) {
                 continue;
@@ -221,7 +252,7 @@ impl TpTrainModel {
             let sel = plan.selection(coords, &spec);
             let t =
                 ckpt.load_selection(cfg, &spec.name, &sel.ranges(&spec.shape), DType::F32, &dev)?;
-            if spec.name.ends_with(".balancing_biases") || t.elem_count() == 0 {
+            if !trained.contains(&spec.name) {
                 tensors.insert(spec.name.clone(), t);
                 continue;
             }
@@ -275,6 +306,11 @@ impl TpTrainModel {
 
     pub fn coords(&self) -> Coords {
         self.model.coords
+    }
+
+    /// The plan this rank was cut by.
+    pub fn plan(&self) -> &ParallelPlan {
+        &self.model.plan
     }
 
     /// Rebuilds the model from the tensors (after a buffer such as a balancing bias changed:
@@ -629,6 +665,18 @@ impl TpTrainModel {
         world: &dyn Comm,
         grads: &[Option<Tensor>],
     ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
+        self.gather_by(world, grads, &contributes)
+    }
+
+    /// [`TpTrainModel::gather`] where `pick(coords, name, selection)` says which ranks send
+    /// their values of a tensor (evaluated by every rank for itself and by rank 0 for all):
+    /// rank 0 adds up what the picked ranks send, element by element.
+    pub(crate) fn gather_by(
+        &self,
+        world: &dyn Comm,
+        grads: &[Option<Tensor>],
+        pick: &dyn Fn(Coords, &str, &Selection) -> bool,
+    ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
         let plan = &self.model.plan;
         if grads.len() != self.params.len() {
             return Err(ParallelError::Unsupported(format!(
@@ -640,7 +688,7 @@ impl TpTrainModel {
         let c = self.model.coords;
         let mut buf = Vec::new();
         for (sp, g) in self.params.iter().zip(grads) {
-            if !contributes(c, &sp.param.name, &sp.selection) {
+            if !pick(c, &sp.param.name, &sp.selection) {
                 continue;
             }
             match g {
@@ -672,7 +720,7 @@ impl TpTrainModel {
                 }
                 let sel = plan.selection(rc, s);
                 let k: usize = sel.shape(&s.shape).iter().product();
-                if k == 0 || !contributes(rc, &s.name, &sel) {
+                if k == 0 || !pick(rc, &s.name, &sel) {
                     continue;
                 }
                 if at + k > data.len() {
@@ -1000,7 +1048,38 @@ pub fn labelled_grads_on_mesh(
         aux_loss_coef: 0.0,
         ..Default::default()
     };
-    let r = model.forward_backward(batch, &opts, &LossScale::default())?;
+    let r = if plan.mesh.pp == 1 {
+        model.forward_backward(batch, &opts, &LossScale::default())?
+    } else {
+        // pipeline stages: the training driver's 1F1B over this stage; the loss comes from
+        // the last stage, the balance-loss shares from every stage (one rank per TP × EP
+        // group); `gather` sums the tied embedding's halves and shared KV heads' parts
+        let scale = LossScale {
+            normalizer: Some(batch.num_targets() as f64),
+            aux_weight: 1.0,
+        };
+        let s = crate::tp_driver::run_1f1b(
+            &model,
+            mesh.pp.as_ref(),
+            std::slice::from_ref(batch),
+            &opts,
+            &scale,
+        )?;
+        let c = mesh.coords;
+        let mut buf = [0f32; 4];
+        if c.tp == 0 && c.ep == 0 && c.dp == 0 {
+            buf[..2].copy_from_slice(&crate::train_driver::split_f64(s.loss));
+            buf[2..].copy_from_slice(&crate::train_driver::split_f64(s.aux));
+        }
+        mesh.world.all_reduce_sum(&mut buf)?;
+        TpBackward {
+            loss: crate::train_driver::join_f64(&buf[..2]),
+            aux_loss: crate::train_driver::join_f64(&buf[2..]),
+            targets: batch.num_targets(),
+            routing: s.routing,
+            grads: s.grads,
+        }
+    };
     let full = model.gather(mesh.world.as_ref(), &r.grads)?;
     Ok(full.map(|g| {
         let dev = Device::Cpu;

@@ -190,9 +190,14 @@ impl AdamW {
     /// Writes the state as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`,
     /// `step.<name>`), atomically (temporary file, then rename).
     pub fn save(&self, params: &[Param], path: &Path) -> Result<()> {
-        let out = self.export(params)?;
+        Self::save_state(&self.export(params)?, path)
+    }
+
+    /// Writes a state map as [`AdamW::export`] gives it (or a sharded optimizer gathers it)
+    /// the way [`AdamW::save`] does.
+    pub fn save_state(state: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         let tmp = path.with_extension("tmp-write");
-        candle_core::safetensors::save(&out, &tmp).map_err(|e| ZayaError::BadWeightsFile {
+        candle_core::safetensors::save(state, &tmp).map_err(|e| ZayaError::BadWeightsFile {
             path: tmp.clone(),
             message: e.to_string(),
         })?;

@@ -49,7 +49,13 @@ impl TrainerConfig {
     /// Defaults for `model`: constant `lr`, torch AdamW settings, clipping at 1.0, the
     /// config's `router_aux_loss_coef`, no bias balancing.
     pub fn new<M: Trainable>(model: &M, lr: f64) -> Self {
-        let opts = TrainOptions::for_config(model.config());
+        Self::for_config(model.config(), lr)
+    }
+
+    /// [`TrainerConfig::new`] from the model's configuration alone (a parallel rank holds
+    /// no whole model).
+    pub fn for_config(cfg: &crate::ZayaConfig, lr: f64) -> Self {
+        let opts = TrainOptions::for_config(cfg);
         TrainerConfig {
             schedule: CosineSchedule::constant(lr),
             adamw: AdamWConfig::default(),
@@ -114,13 +120,31 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct TrainerState {
-    step: u64,
-    config: TrainerConfig,
+/// `trainer_state.json` of a checkpoint: the step counter, the settings and the run facts
+/// (the data position follows from the step).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub config: TrainerConfig,
     /// What the caller says defines the run (data, row shape, ...), checked on resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    run: Option<serde_json::Value>,
+    pub run: Option<serde_json::Value>,
+}
+
+impl TrainerState {
+    /// Reads `dir/trainer_state.json` and validates its settings.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let state_path = dir.join("trainer_state.json");
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| ZayaError::io(&state_path, e))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|source| ZayaError::Json {
+                path: state_path.clone(),
+                source,
+            })?;
+        state.config.validate()?;
+        Ok(state)
+    }
 }
 
 const CSV_HEADER: &str = "step,lr,loss,aux_loss,total_loss,grad_norm,skip_fraction,targets,seconds";
@@ -379,15 +403,7 @@ impl<M: Trainable> Trainer<M> {
                 ZayaError::Input(format!("{}: no checkpoint to resume from", root.display()))
             })?
         };
-        let state_path = dir.join("trainer_state.json");
-        let text =
-            std::fs::read_to_string(&state_path).map_err(|e| ZayaError::io(&state_path, e))?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|source| ZayaError::Json {
-                path: state_path.clone(),
-                source,
-            })?;
-        state.config.validate()?;
+        let state = TrainerState::read(&dir)?;
         let model = load(&dir)?;
         let opt = AdamW::load(
             model.params(),
@@ -457,12 +473,27 @@ pub fn write_checkpoint<M: Trainable>(
     step: u64,
     run: Option<&serde_json::Value>,
 ) -> Result<PathBuf> {
+    write_checkpoint_with(root, cfg, step, run, |tmp| {
+        model.save_weights(tmp)?;
+        opt.save(model.params(), &tmp.join("optimizer.safetensors"))
+    })
+}
+
+/// [`write_checkpoint`] where `write(dir)` writes the weights and `optimizer.safetensors`
+/// into the (temporary) checkpoint directory: a sharded run writes the tensors it gathered
+/// without building a model or an optimizer around them.
+pub fn write_checkpoint_with(
+    root: &Path,
+    cfg: &TrainerConfig,
+    step: u64,
+    run: Option<&serde_json::Value>,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| ZayaError::io(root, e))?;
     crate::durable::remove_stale_temps(root)?;
     let name = checkpoint_name(step);
     let tmp = root.join(format!(".tmp-{name}"));
-    model.save_weights(&tmp)?;
-    opt.save(model.params(), &tmp.join("optimizer.safetensors"))?;
+    write(&tmp)?;
     let state = TrainerState {
         step,
         config: cfg.clone(),

@@ -64,23 +64,24 @@ impl TpTrainModel {
 
     fn owned(&self, sp: &ShardParam) -> ParallelResult<Owned> {
         let c = self.model.coords;
-        let name = &sp.param.name;
-        // data-parallel replicas hold the same values: replica 0 counts them
-        if c.dp != 0 {
+        // data-parallel replicas hold the same values: replica 0 counts them; a tied
+        // embedding is held by the first and the last stage: counted on the first
+        if c.dp != 0 || !one_copy(c, &sp.param.name, &sp.selection) {
             return Ok(Owned::Nothing);
         }
-        if is_expert(name) {
-            return Ok(Owned::All);
-        }
-        if c.ep != 0 || (sp.selection.is_whole() && c.tp != 0) {
-            return Ok(Owned::Nothing);
-        }
-        // a tied embedding is held by the first and the last stage: counted on the first
-        if name == "model.embed_tokens.weight" && c.pp != 0 {
-            return Ok(Owned::Nothing);
-        }
-        if !self.shared_placement(name) {
-            return Ok(Owned::All);
+        Ok(match self.shared_mask(sp)? {
+            Some(m) => Owned::Mask(m),
+            None => Owned::All,
+        })
+    }
+
+    /// For a KV head shared by several TP ranks: 1 on the elements this rank is the first
+    /// holder of, 0 on those a lower TP rank holds too (shaped like the slice); `None` for
+    /// any other tensor.
+    fn shared_mask(&self, sp: &ShardParam) -> ParallelResult<Option<Tensor>> {
+        let c = self.model.coords;
+        if is_expert(&sp.param.name) || !self.shared_placement(&sp.param.name) {
+            return Ok(None);
         }
         let spec = &sp.spec;
         let lower: HashSet<usize> = (0..c.tp)
@@ -92,7 +93,7 @@ impl TpTrainModel {
             .map(|o| if lower.contains(&o) { 0.0 } else { 1.0 })
             .collect();
         let t = sp.param.var.as_tensor();
-        Ok(Owned::Mask(Tensor::from_vec(mask, t.shape(), t.device())?))
+        Ok(Some(Tensor::from_vec(mask, t.shape(), t.device())?))
     }
 
     /// Sums the gradients of elements several TP ranks hold (a KV head shared when
@@ -165,12 +166,51 @@ impl TpTrainModel {
             .iter()
             .map(|sp| sp.param.var.as_tensor().detach())
             .collect();
-        let Some(mut full) = self.gather_full(&values)? else {
+        let full = self.gather_full(&values)?;
+        // the balancing biases (replicated buffers) of every stage, from its first rank
+        let world = self.world()?;
+        let plan = &self.model.plan;
+        let is_bias = |n: &str| n.ends_with(".balancing_biases");
+        let first = |c: Coords| c.tp == 0 && c.ep == 0 && c.dp == 0;
+        let specs: Vec<_> = native_specs(&plan.cfg)
+            .into_iter()
+            .filter(|s| is_bias(&s.name))
+            .collect();
+        let c = self.model.coords;
+        let mut mine = Vec::new();
+        if first(c) {
+            for s in specs.iter().filter(|s| plan.holds(c, &s.name)) {
+                let t = self.tensors.get(&s.name).ok_or_else(|| {
+                    ParallelError::Unsupported(format!("this rank holds no `{}`", s.name))
+                })?;
+                mine.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        let mut send = vec![Vec::new(); world.size()];
+        send[0] = mine;
+        let got = world.all_to_all_v(&send)?;
+        let Some(mut full) = full else {
             return Ok(None);
         };
-        for (name, t) in &self.tensors {
-            if name.ends_with(".balancing_biases") {
-                full.insert(name.clone(), t.copy()?);
+        for (r, data) in got.iter().enumerate() {
+            let rc = plan.mesh.coords(r);
+            if !first(rc) {
+                continue;
+            }
+            let mut at = 0;
+            for s in specs.iter().filter(|s| plan.holds(rc, &s.name)) {
+                let n: usize = s.shape.iter().product();
+                let v = data.get(at..at + n).ok_or_else(|| {
+                    ParallelError::Unsupported(format!(
+                        "rank {r} sent {} balancing-bias values, fewer than its stage holds",
+                        data.len()
+                    ))
+                })?;
+                full.insert(
+                    s.name.clone(),
+                    Tensor::from_slice(v, s.shape.clone(), &Device::Cpu)?,
+                );
+                at += n;
             }
         }
         Ok(Some(full))
@@ -184,6 +224,17 @@ impl TpTrainModel {
         &self,
         values: &[Tensor],
     ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
+        self.gather_values(values, &|c, _| c.dp == 0)
+    }
+
+    /// [`TpTrainModel::gather_full`] taking each tensor from the data-parallel replica that
+    /// `replica(coords, name)` accepts (exactly one per tensor: under ZeRO-1, the one that
+    /// keeps its optimizer state). Collective over the world.
+    pub(crate) fn gather_values(
+        &self,
+        values: &[Tensor],
+        replica: &dyn Fn(Coords, &str) -> bool,
+    ) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
         let world = self.world()?;
         if values.len() != self.params.len() {
             return Err(ParallelError::Unsupported(format!(
@@ -195,69 +246,14 @@ impl TpTrainModel {
         let mut mine = Vec::with_capacity(self.params.len());
         for (sp, v) in self.params.iter().zip(values) {
             let v = v.to_dtype(DType::F32)?;
-            mine.push(Some(match self.owned(sp)? {
-                Owned::Mask(m) => v.mul(&m)?,
-                _ => v,
+            mine.push(Some(match self.shared_mask(sp)? {
+                Some(m) => v.mul(&m)?,
+                None => v,
             }));
         }
-        self.gather(world, &mine)
-    }
-
-    /// This rank's slice of parameter `i` (of [`TpTrainModel::params`]) cut from the full
-    /// tensor.
-    pub fn slice_of(&self, i: usize, full: &Tensor) -> ParallelResult<Tensor> {
-        let sp = &self.params[i];
-        if full.dims() != sp.full_shape.as_slice() {
-            return Err(ParallelError::Unsupported(format!(
-                "`{}` is {:?}, got {:?}",
-                sp.param.name,
-                sp.full_shape,
-                full.dims()
-            )));
-        }
-        Ok(zaya::weights::select_ranges(
-            &full.to_dtype(DType::F32)?,
-            &sp.selection.ranges(&sp.full_shape),
-        )?)
-    }
-
-    /// Sets every slice this rank holds (parameters and buffers such as the balancing
-    /// biases) from the full tensors by HF name (a single-process model's
-    /// [`zaya::train::TrainableModel::tensors`]); every held tensor must be there.
-    pub fn load_full(&mut self, full: &BTreeMap<String, Tensor>) -> ParallelResult<()> {
-        let missing = |name: &str| {
-            ParallelError::Unsupported(format!("no tensor `{name}` to load this rank from"))
-        };
-        for i in 0..self.params.len() {
-            let name = &self.params[i].param.name;
-            let t = full.get(name).ok_or_else(|| missing(name))?;
-            let slice = self.slice_of(i, t)?;
-            self.params[i].param.var.set(&slice)?;
-        }
-        let plan = self.model.plan.clone();
-        let c = self.model.coords;
-        for spec in native_specs(&plan.cfg) {
-            if !plan.holds(c, &spec.name) || self.params.iter().any(|p| p.param.name == spec.name) {
-                continue;
-            }
-            if !self.tensors.contains_key(&spec.name) {
-                continue;
-            }
-            let t = full.get(&spec.name).ok_or_else(|| missing(&spec.name))?;
-            let sel = plan.selection(c, &spec);
-            let slice =
-                zaya::weights::select_ranges(&t.to_dtype(DType::F32)?, &sel.ranges(&spec.shape))?;
-            self.tensors.insert(spec.name.clone(), slice);
-        }
-        self.model = TpModel::build(
-            &self.ckpt,
-            &plan,
-            c,
-            DType::F32,
-            &Device::Cpu,
-            Some(&self.tensors),
-        )?;
-        Ok(())
+        self.gather_by(world, &mine, &|c, name, sel| {
+            replica(c, name) && one_copy(c, name, sel)
+        })
     }
 
     fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
