@@ -1,11 +1,12 @@
 //! `zaya serve`: loads the model, starts the engine thread and runs the OpenAI-compatible
-//! HTTP server until SIGTERM / ctrl-c.
+//! HTTP server until SIGTERM / ctrl-c. With `--tp/--pp/--ep` the engine's model is a mesh of
+//! local ranks (`zaya_dist::MeshModel`): rank 0 on the engine thread, the others following.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use zaya::text::ZayaTokenizer;
 use zaya::ZayaModel;
@@ -50,6 +51,13 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// `--tp/--pp/--ep N`: serve on a mesh of local ranks (threads of this process; f32,
+    /// no adapter). `--dp` is refused: run one server per replica.
+    #[command(flatten)]
+    pub parallel: crate::parallel_cmds::ParallelArgs,
+    /// With a mesh: seconds a rank waits for a peer before the request fails naming it.
+    #[arg(long, default_value_t = 300)]
+    pub dist_timeout: u64,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -70,10 +78,6 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|| "zaya".into()),
             None => "zaya-default".into(),
         });
-    let model = Arc::new(crate::lora_cmds::with_adapter(
-        ZayaModel::load(&dir, dtype, &Device::Cpu)?,
-        args.adapter.as_deref(),
-    )?);
     let tokenizer = Arc::new(ZayaTokenizer::from_dir(&dir).with_context(|| {
         format!(
             "loading the tokenizer of {} (the server needs tokenizer files)",
@@ -89,7 +93,15 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(mib) = args.prefix_cache_mib {
         cfg.prefix_cache_bytes = mib << 20;
     }
-    let engine = Engine::start(model, Some(tokenizer.clone()), cfg)?;
+    let engine = if args.parallel.is_parallel() {
+        start_mesh(&args, &dir, dtype, tokenizer.clone(), cfg)?
+    } else {
+        let model = Arc::new(crate::lora_cmds::with_adapter(
+            ZayaModel::load(&dir, dtype, &Device::Cpu)?,
+            args.adapter.as_deref(),
+        )?);
+        Engine::start(model, Some(tokenizer.clone()), cfg)?
+    };
     let config = ServerConfig {
         host: args.host,
         port: args.port,
@@ -108,4 +120,41 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         let state = Arc::new(AppState::new(engine, tokenizer, config));
         zaya_server::serve(state, zaya_server::shutdown_signal()).await
     })
+}
+
+/// The engine on a mesh of local ranks, each loading only its slices of `dir`.
+fn start_mesh(
+    args: &ServeArgs,
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+    tokenizer: Arc<ZayaTokenizer>,
+    cfg: EngineConfig,
+) -> Result<Engine> {
+    if zaya_dist::comm::launched_by_mpi() {
+        bail!("zaya serve was started by an MPI launcher: serving runs on local ranks only (drop mpirun; `zaya serve --tp/--pp/--ep N` starts the ranks as threads)");
+    }
+    if dtype != candle_core::DType::F32 {
+        bail!("serving on a mesh runs in f32 in this version (asked --dtype {dtype:?})");
+    }
+    if args.adapter.is_some() {
+        bail!("--adapter cannot be combined with --tp/--pp/--ep in this version");
+    }
+    if args.dist_timeout == 0 {
+        bail!("--dist-timeout must be at least 1 second");
+    }
+    let shape = args.parallel.mesh()?;
+    let mesh = zaya_dist::MeshModel::local(dir, shape, Duration::from_secs(args.dist_timeout))
+        .with_context(|| format!("starting the {} serving mesh", shape.label()))?;
+    let per_rank: Vec<String> = mesh
+        .weight_bytes()
+        .iter()
+        .map(|b| format!("{:.1}", *b as f64 / (1u64 << 20) as f64))
+        .collect();
+    eprintln!(
+        "serving on {} local ranks ({}); weights per rank (MiB): {}",
+        shape.world(),
+        shape.label(),
+        per_rank.join(" / ")
+    );
+    Ok(Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?)
 }

@@ -636,3 +636,153 @@ fn serve_through_the_openai_python_client() {
         srv.log()
     );
 }
+
+/// What a request answered, whole or streamed: per choice the text (chat: the reasoning and
+/// the content apart) and the finish reason; and the usage (prompt, completion, cached tokens).
+fn answer_of(r: &Reply, chat: bool, stream: bool) -> Value {
+    assert_eq!(r.status, 200, "{}", r.body);
+    // per choice: [reasoning, content or text], finish reason
+    let mut texts: Vec<[String; 2]> = Vec::new();
+    let mut finish: Vec<Value> = Vec::new();
+    let mut usage = Value::Null;
+    let mut take = |v: &Value| {
+        for c in v["choices"].as_array().into_iter().flatten() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if texts.len() <= i {
+                texts.resize(i + 1, Default::default());
+                finish.resize(i + 1, Value::Null);
+            }
+            let part = if chat && stream {
+                &c["delta"]
+            } else {
+                &c["message"]
+            };
+            let (reasoning, text) = if chat {
+                (&part["reasoning_content"], &part["content"])
+            } else {
+                (&Value::Null, &c["text"])
+            };
+            texts[i][0].push_str(reasoning.as_str().unwrap_or(""));
+            texts[i][1].push_str(text.as_str().unwrap_or(""));
+            if !c["finish_reason"].is_null() {
+                finish[i] = c["finish_reason"].clone();
+            }
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    };
+    if stream {
+        for e in sse_events(&r.body) {
+            if e != "[DONE]" {
+                take(&serde_json::from_str(&e).unwrap());
+            }
+        }
+    } else {
+        take(&r.json());
+    }
+    json!({"texts": texts, "finish": finish, "usage": usage})
+}
+
+/// `zaya serve --tp 2` / `--pp 2` / `--ep 2` (local ranks in the server process) answer
+/// greedy chat and completion requests — concurrent, streamed and not, `n = 2`, a prompt
+/// resumed from the prefix cache — exactly as the single-rank server does.
+#[test]
+fn serve_on_tp_pp_ep_meshes_answers_as_one_rank() {
+    let long: String = (0..40)
+        .map(|i| format!("In the beginning {i} God created the heaven and the earth. "))
+        .collect();
+    let requests: Vec<(&str, bool, Value)> = vec![
+        (
+            "/v1/chat/completions",
+            false,
+            json!({"messages": [{"role": "user", "content": "And God said"}], "max_tokens": 24, "temperature": 0}),
+        ),
+        (
+            "/v1/chat/completions",
+            true,
+            json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who was Abraham?"}], "max_tokens": 24, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/completions",
+            false,
+            json!({"prompt": "And God said", "max_tokens": 24, "temperature": 0, "n": 2, "ignore_eos": true}),
+        ),
+        (
+            "/v1/completions",
+            true,
+            json!({"prompt": "The LORD is my shepherd", "max_tokens": 24, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/completions",
+            false,
+            json!({"prompt": long.clone(), "max_tokens": 12, "temperature": 0}),
+        ),
+    ];
+    let second_turn = json!({"prompt": format!("{long} And"), "max_tokens": 12, "temperature": 0});
+    let run = |extra: &[&str]| -> Vec<Value> {
+        let srv = Server::start(extra);
+        let addr = srv.addr.clone();
+        // all at once: the engine batches them
+        let mut answers: Vec<Value> = std::thread::scope(|s| {
+            let hs: Vec<_> = requests
+                .iter()
+                .map(|(path, stream, body)| {
+                    let addr = addr.clone();
+                    s.spawn(move || {
+                        let chat = path.contains("chat");
+                        answer_of(&post(&addr, path, body.clone()), chat, *stream)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let again = answer_of(
+            &post(&addr, "/v1/completions", second_turn.clone()),
+            false,
+            false,
+        );
+        let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            cached >= 64,
+            "{extra:?}: the second turn reused {cached} tokens"
+        );
+        answers.push(again);
+        if !extra.is_empty() {
+            assert!(
+                srv.log().contains("local ranks"),
+                "{extra:?}: {}",
+                srv.log()
+            );
+        }
+        answers
+    };
+    let want = run(&[]);
+    assert_eq!(want[2]["texts"][0], want[2]["texts"][1]);
+    for mesh in [["--tp", "2"], ["--pp", "2"], ["--ep", "2"]] {
+        let got = run(&mesh);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{mesh:?}: request {i}");
+        }
+    }
+}
+
+#[test]
+fn serve_refuses_meshes_it_cannot_run() {
+    for (args, says) in [
+        (&["--tp", "3"][..], "3"),
+        (&["--dp", "2"][..], "--dp"),
+        (&["--tp", "2", "--dtype", "bf16"][..], "f32"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_zaya"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
