@@ -93,8 +93,16 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(mib) = args.prefix_cache_mib {
         cfg.prefix_cache_bytes = mib << 20;
     }
+    // Under MPI: keeps MPI initialised until the server is done (dropped last).
+    let mut _mpi: Option<Box<dyn std::any::Any>> = None;
     let engine = if args.parallel.is_parallel() {
-        start_mesh(&args, &dir, dtype, tokenizer.clone(), cfg)?
+        let (engine, keep) = start_mesh(&args, &dir, dtype, tokenizer.clone(), cfg)?;
+        _mpi = keep;
+        match engine {
+            Some(e) => e,
+            // a follower process: it served until rank 0 stopped the mesh
+            None => return Ok(()),
+        }
     } else {
         let model = Arc::new(crate::lora_cmds::with_adapter(
             ZayaModel::load(&dir, dtype, &Device::Cpu)?,
@@ -122,17 +130,18 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     })
 }
 
-/// The engine on a mesh of local ranks, each loading only its slices of `dir`.
+/// The engine on a mesh of local ranks, each loading only its slices of `dir`; under
+/// `mpirun` (MPI build) the ranks are the processes: rank 0 gets the engine, the others
+/// follow it and return `None` once it stopped the mesh. The second value keeps MPI
+/// initialised while the server runs.
+#[allow(clippy::type_complexity)]
 fn start_mesh(
     args: &ServeArgs,
     dir: &std::path::Path,
     dtype: candle_core::DType,
     tokenizer: Arc<ZayaTokenizer>,
     cfg: EngineConfig,
-) -> Result<Engine> {
-    if zaya_dist::comm::launched_by_mpi() {
-        bail!("zaya serve was started by an MPI launcher: serving runs on local ranks only (drop mpirun; `zaya serve --tp/--pp/--ep N` starts the ranks as threads)");
-    }
+) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
     if dtype != candle_core::DType::F32 {
         bail!("serving on a mesh runs in f32 in this version (asked --dtype {dtype:?})");
     }
@@ -143,18 +152,81 @@ fn start_mesh(
         bail!("--dist-timeout must be at least 1 second");
     }
     let shape = args.parallel.mesh()?;
-    let mesh = zaya_dist::MeshModel::local(dir, shape, Duration::from_secs(args.dist_timeout))
+    let timeout = Duration::from_secs(args.dist_timeout);
+    #[cfg(feature = "mpi")]
+    if zaya_dist::mpi_backend::launched_by_mpi() {
+        return start_mesh_mpi(dir, shape, timeout, tokenizer, cfg);
+    }
+    if zaya_dist::comm::launched_by_mpi() {
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev), or drop mpirun (`zaya serve --tp/--pp/--ep N` starts the ranks as threads)");
+    }
+    let mesh = zaya_dist::MeshModel::local(dir, shape, timeout)
         .with_context(|| format!("starting the {} serving mesh", shape.label()))?;
+    print_ranks(&mesh, "local ranks");
+    let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
+    Ok((Some(engine), None))
+}
+
+fn print_ranks(mesh: &zaya_dist::MeshModel, what: &str) {
+    let shape = mesh.shape();
     let per_rank: Vec<String> = mesh
         .weight_bytes()
         .iter()
         .map(|b| format!("{:.1}", *b as f64 / (1u64 << 20) as f64))
         .collect();
     eprintln!(
-        "serving on {} local ranks ({}); weights per rank (MiB): {}",
+        "serving on {} {what} ({}); weights per rank (MiB): {}",
         shape.world(),
         shape.label(),
         per_rank.join(" / ")
     );
-    Ok(Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?)
+}
+
+/// `mpirun -n N zaya serve --tp ...`: this process is one rank of the mesh.
+#[cfg(feature = "mpi")]
+#[allow(clippy::type_complexity)]
+fn start_mesh_mpi(
+    dir: &std::path::Path,
+    shape: zaya_dist::MeshShape,
+    timeout: Duration,
+    tokenizer: Arc<ZayaTokenizer>,
+    cfg: EngineConfig,
+) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
+    if shape.dp != 1 {
+        bail!("--dp {} cannot serve (data-parallel replicas are for training; run one server per replica)", shape.dp);
+    }
+    // rank 0 makes its MPI calls on the engine thread
+    let world = zaya_dist::mpi_backend::MpiWorld::init_serialized()?;
+    let mesh = zaya_dist::Mesh::new(Box::new(world.comm(timeout)), shape)?;
+    let ckpt = Arc::new(zaya::weights::Checkpoint::open(dir)?);
+    let model_cfg = ckpt.config()?;
+    ckpt.validate(&model_cfg)?;
+    let plan = zaya_dist::ParallelPlan::new(&model_cfg, shape)?;
+    let model = zaya_dist::TpModel::at(
+        &ckpt,
+        &plan,
+        mesh.coords,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    // A follower waits for rank 0's next command without a practical deadline: a server may
+    // be idle for as long as it likes (the forwards' collectives keep `timeout`).
+    let commands = world
+        .comm(Duration::from_secs(100 * 365 * 24 * 3600))
+        .with_idle_poll(Duration::from_millis(1));
+    if mesh.world.rank() != 0 {
+        // SIGTERM / ctrl-c reach every process of the job: rank 0 drains and then stops the
+        // followers, which must live until then.
+        // SAFETY: setting a signal disposition to SIG_IGN has no handler to run.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+        }
+        zaya_dist::follow_commands(&mesh, &model, &commands)?;
+        return Ok((None, Some(Box::new(world))));
+    }
+    let mesh = zaya_dist::MeshModel::with_remote_followers(mesh, model, Box::new(commands))?;
+    print_ranks(&mesh, "MPI ranks");
+    let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
+    Ok((Some(engine), Some(Box::new(world))))
 }

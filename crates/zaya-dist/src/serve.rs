@@ -18,6 +18,12 @@
 //! request fails with the first error (the server answers it), nothing hangs. Dropping the
 //! model (the engine shutting down) ends the followers and joins them.
 //!
+//! Under MPI (`mpirun -n N zaya serve --tp ...`) the followers are the other processes:
+//! rank 0 sends each command to them as a tagged message on a world communicator
+//! ([`MeshModel::with_remote_followers`]) and they run [`follow_commands`]; a rank that dies
+//! or stalls ends the job through the MPI backend's deadline (it names the rank and aborts),
+//! so nothing hangs there either. Shutdown sends them a stop command.
+//!
 //! Decode runs each row's token as its own forward (rows at different positions; the mesh
 //! forward takes rows of one length), so a row's logits never depend on the rest of the
 //! batch, as the engine requires.
@@ -36,6 +42,7 @@ use zaya::weights::Checkpoint;
 use zaya::{ForwardOptions, HybridCache, ZayaConfig};
 use zaya_engine::{EngineModel, EngineRow};
 
+use crate::comm::Comm;
 use crate::error::ParallelError;
 use crate::local::LocalWorld;
 use crate::mesh::{Mesh, MeshShape};
@@ -72,18 +79,155 @@ enum RowOp {
     Free(u64),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Work {
-    Prefill { row: u64, tokens: Vec<u32> },
-    Decode { rows: Vec<u64>, tokens: Vec<u32> },
+    Prefill {
+        row: u64,
+        tokens: Vec<u32>,
+    },
+    Decode {
+        rows: Vec<u64>,
+        tokens: Vec<u32>,
+    },
+    /// The end (remote followers; local ones see their channel close).
+    Stop,
 }
 
 /// One step's message from rank 0 to a follower.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Command {
     ops: Vec<RowOp>,
     work: Work,
     attn: AttnImplementation,
+}
+
+/// A byte count as two f32 values exact up to 2^48 (24-bit halves).
+fn bytes_message(bytes: usize) -> [f32; 2] {
+    [(bytes >> 24) as f32, (bytes & 0xFF_FFFF) as f32]
+}
+
+/// Message tag of commands to remote followers.
+const TAG_COMMAND: u32 = 0x5E2F;
+
+impl Command {
+    /// The command as `f32` values for a [`Comm`] message: every 32-bit word is sent as two
+    /// 16-bit halves (each exact in f32), a row id as two words.
+    fn encode(&self) -> Vec<f32> {
+        let mut w: Vec<u32> = Vec::new();
+        let id = |w: &mut Vec<u32>, id: u64| {
+            w.push((id >> 32) as u32);
+            w.push(id as u32);
+        };
+        w.push(match self.attn {
+            AttnImplementation::Eager => 0,
+            AttnImplementation::Sdpa => 1,
+            AttnImplementation::Flex => 2,
+        });
+        w.push(self.ops.len() as u32);
+        for op in &self.ops {
+            match *op {
+                RowOp::New(r) => {
+                    w.push(0);
+                    id(&mut w, r);
+                }
+                RowOp::Fork { src, dst } => {
+                    w.push(1);
+                    id(&mut w, src);
+                    id(&mut w, dst);
+                }
+                RowOp::Free(r) => {
+                    w.push(2);
+                    id(&mut w, r);
+                }
+            }
+        }
+        match &self.work {
+            Work::Prefill { row, tokens } => {
+                w.push(0);
+                id(&mut w, *row);
+                w.push(tokens.len() as u32);
+                w.extend(tokens);
+            }
+            Work::Decode { rows, tokens } => {
+                w.push(1);
+                w.push(rows.len() as u32);
+                for (&r, &t) in rows.iter().zip(tokens) {
+                    id(&mut w, r);
+                    w.push(t);
+                }
+            }
+            Work::Stop => w.push(2),
+        }
+        w.iter()
+            .flat_map(|&x| [(x >> 16) as f32, (x & 0xFFFF) as f32])
+            .collect()
+    }
+
+    /// The inverse of [`Command::encode`]; a malformed message is an error naming `rank`.
+    fn decode(rank: usize, buf: &[f32]) -> Result<Command> {
+        let bad = |what: &str| MeshServeError::Protocol {
+            rank,
+            message: format!("malformed command from rank 0 ({what})"),
+        };
+        if !buf.len().is_multiple_of(2) {
+            return Err(bad("odd length"));
+        }
+        let mut words = Vec::with_capacity(buf.len() / 2);
+        for h in buf.chunks_exact(2) {
+            let ok = |v: f32| (0.0..65536.0).contains(&v) && v.fract() == 0.0;
+            if !ok(h[0]) || !ok(h[1]) {
+                return Err(bad("a value that is not a 16-bit half"));
+            }
+            words.push(((h[0] as u32) << 16) | h[1] as u32);
+        }
+        let mut it = words.into_iter();
+        let mut next = || it.next().ok_or_else(|| bad("truncated"));
+        let id = |next: &mut dyn FnMut() -> Result<u32>| -> Result<u64> {
+            Ok(((next()? as u64) << 32) | next()? as u64)
+        };
+        let attn = match next()? {
+            0 => AttnImplementation::Eager,
+            1 => AttnImplementation::Sdpa,
+            2 => AttnImplementation::Flex,
+            _ => return Err(bad("attention backend")),
+        };
+        let n_ops = next()? as usize;
+        let mut ops = Vec::with_capacity(n_ops.min(1 << 16));
+        for _ in 0..n_ops {
+            ops.push(match next()? {
+                0 => RowOp::New(id(&mut next)?),
+                1 => RowOp::Fork {
+                    src: id(&mut next)?,
+                    dst: id(&mut next)?,
+                },
+                2 => RowOp::Free(id(&mut next)?),
+                _ => return Err(bad("row operation")),
+            });
+        }
+        let work = match next()? {
+            0 => {
+                let row = id(&mut next)?;
+                let n = next()? as usize;
+                let tokens = (0..n).map(|_| next()).collect::<Result<Vec<u32>>>()?;
+                Work::Prefill { row, tokens }
+            }
+            1 => {
+                let n = next()? as usize;
+                let (mut rows, mut tokens) = (Vec::new(), Vec::new());
+                for _ in 0..n {
+                    rows.push(id(&mut next)?);
+                    tokens.push(next()?);
+                }
+                Work::Decode { rows, tokens }
+            }
+            2 => Work::Stop,
+            _ => return Err(bad("work kind")),
+        };
+        if next().is_ok() {
+            return Err(bad("trailing values"));
+        }
+        Ok(Command { ops, work, attn })
+    }
 }
 
 /// Row ids and the row operations not yet sent (shared by rank 0's rows, whose `Drop`
@@ -194,12 +338,23 @@ impl FollowerHandle {
     }
 }
 
+/// The ranks following rank 0.
+enum Followers {
+    /// Threads of this process, one command channel each.
+    Local {
+        world: LocalWorld,
+        ranks: Vec<FollowerHandle>,
+    },
+    /// Processes (MPI): commands are tagged messages on `comm` (a world communicator, this
+    /// process rank 0).
+    Remote { comm: Box<dyn Comm> },
+}
+
 /// Rank 0's side, used only from the engine thread (behind a mutex for `Sync`).
 struct Rank0 {
     mesh: Mesh,
     model: TpModel,
-    world: LocalWorld,
-    followers: Vec<FollowerHandle>,
+    followers: Followers,
     /// The first failure; the mesh is down from then on.
     down: Option<String>,
 }
@@ -216,16 +371,27 @@ impl Rank0 {
     }
 
     fn dispatch(&mut self, cmd: Command) -> Result<()> {
-        for f in &self.followers {
-            let sent = f
-                .commands
-                .as_ref()
-                .is_some_and(|tx| tx.send(cmd.clone()).is_ok());
-            if !sent {
-                return Err(MeshServeError::RankExited {
-                    rank: f.rank,
-                    why: f.exit_reason(),
-                });
+        match &self.followers {
+            Followers::Local { ranks, .. } => {
+                for f in ranks {
+                    let sent = f
+                        .commands
+                        .as_ref()
+                        .is_some_and(|tx| tx.send(cmd.clone()).is_ok());
+                    if !sent {
+                        return Err(MeshServeError::RankExited {
+                            rank: f.rank,
+                            why: f.exit_reason(),
+                        });
+                    }
+                }
+            }
+            Followers::Remote { comm } => {
+                let buf = cmd.encode();
+                for r in 1..comm.size() {
+                    comm.send(r, TAG_COMMAND, &buf)
+                        .map_err(ParallelError::from)?;
+                }
             }
         }
         Ok(())
@@ -237,20 +403,30 @@ impl Rank0 {
         if let Err(e) = &r {
             tracing::error!("serving mesh failed: {e}");
             self.down = Some(e.to_string());
-            self.world.mark_gone(0, format!("failed: {e}"));
+            if let Followers::Local { world, .. } = &self.followers {
+                world.mark_gone(0, format!("failed: {e}"));
+            }
         }
         r
     }
 
     fn stop(&mut self) {
-        for f in &mut self.followers {
-            f.commands = None;
-        }
-        self.world.mark_gone(0, "shut down");
-        for f in &mut self.followers {
-            if let Some(t) = f.thread.take() {
-                if t.join().is_err() {
-                    tracing::error!("serving rank {} panicked", f.rank);
+        match &mut self.followers {
+            Followers::Local { world, ranks } => {
+                world.mark_gone(0, "shut down");
+                stop_followers(ranks);
+            }
+            Followers::Remote { comm } => {
+                let stop = Command {
+                    ops: Vec::new(),
+                    work: Work::Stop,
+                    attn: AttnImplementation::default(),
+                }
+                .encode();
+                for r in 1..comm.size() {
+                    if let Err(e) = comm.send(r, TAG_COMMAND, &stop) {
+                        tracing::error!("stopping serving rank {r}: {e}");
+                    }
                 }
             }
         }
@@ -344,8 +520,10 @@ impl MeshModel {
         let mut rank0 = Rank0 {
             mesh,
             model,
-            world,
-            followers,
+            followers: Followers::Local {
+                world,
+                ranks: followers,
+            },
             down: None,
         };
         for _ in 1..shape.world() {
@@ -378,6 +556,50 @@ impl MeshModel {
         })
     }
 
+    /// Rank 0 of a mesh whose other ranks are processes running [`follow_commands`]:
+    /// `mesh` and `model` are this process's (rank 0 of the mesh), `commands` a communicator
+    /// over the same ranks on which this process is rank 0.
+    pub fn with_remote_followers(
+        mesh: Mesh,
+        model: TpModel,
+        commands: Box<dyn Comm>,
+    ) -> Result<MeshModel> {
+        let shape = mesh.shape;
+        if shape.dp != 1 {
+            return Err(MeshServeError::Unsupported(format!(
+                "--dp {} (data-parallel replicas are for training; run one server per replica)",
+                shape.dp
+            )));
+        }
+        if commands.rank() != 0 || mesh.world.rank() != 0 || commands.size() != shape.world() {
+            return Err(MeshServeError::Unsupported(format!(
+                "rank 0 of the serving mesh must drive it (this process is rank {} of {}, mesh rank {}, mesh {})",
+                commands.rank(),
+                commands.size(),
+                mesh.world.rank(),
+                shape.label()
+            )));
+        }
+        let weight_bytes = commands
+            .all_gather(&bytes_message(model.weight_bytes()))
+            .map_err(ParallelError::from)?
+            .chunks_exact(2)
+            .map(|h| ((h[0] as usize) << 24) | h[1] as usize)
+            .collect();
+        Ok(MeshModel {
+            cfg: model.config().clone(),
+            shape,
+            ops: Arc::new(RowOps::default()),
+            rank0: Mutex::new(Rank0 {
+                mesh,
+                model,
+                followers: Followers::Remote { comm: commands },
+                down: None,
+            }),
+            weight_bytes,
+        })
+    }
+
     pub fn shape(&self) -> MeshShape {
         self.shape
     }
@@ -392,14 +614,15 @@ impl MeshModel {
     /// rank 0 cannot be stopped this way.
     pub fn stop_rank(&self, rank: usize) -> Result<()> {
         let mut r = self.lock();
-        let world = r.world.clone();
-        let f = r
-            .followers
-            .iter_mut()
-            .find(|f| f.rank == rank)
-            .ok_or_else(|| {
-                MeshServeError::Unsupported(format!("rank {rank} is not a follower of this mesh"))
-            })?;
+        let Followers::Local { world, ranks } = &mut r.followers else {
+            return Err(MeshServeError::Unsupported(
+                "stop_rank on a mesh of processes".into(),
+            ));
+        };
+        let world = world.clone();
+        let f = ranks.iter_mut().find(|f| f.rank == rank).ok_or_else(|| {
+            MeshServeError::Unsupported(format!("rank {rank} is not a follower of this mesh"))
+        })?;
         let why = "stopped by stop_rank";
         world.mark_gone(rank, why);
         *f.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
@@ -444,6 +667,7 @@ impl MeshModel {
                         row_logits(&l)
                     })
                     .collect(),
+                Work::Stop => Ok(Vec::new()),
             }
         });
         r.settle(out)
@@ -465,7 +689,9 @@ fn stop_followers(followers: &mut [FollowerHandle]) {
     }
     for f in followers.iter_mut() {
         if let Some(t) = f.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("serving rank {} panicked", f.rank);
+            }
         }
     }
 }
@@ -497,8 +723,9 @@ fn follow(
     };
     let _ = ready.send((rank, Ok(model.weight_bytes())));
     drop(ready);
+    // `recv` fails once rank 0 dropped its sender: the server is shutting down.
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        follower_loop(rank, &mesh, &model, &commands)
+        follower_loop(rank, &mesh, &model, || Ok(commands.recv().ok()))
     }));
     match run {
         Ok(Ok(())) => "finished".into(),
@@ -517,19 +744,20 @@ fn follow(
     }
 }
 
+/// A follower's work: applies each command from `next` (`None`: the end) with its own
+/// per-row caches.
 fn follower_loop(
     rank: usize,
     mesh: &Mesh,
     model: &TpModel,
-    commands: &Receiver<Command>,
+    mut next: impl FnMut() -> Result<Option<Command>>,
 ) -> Result<()> {
     let mut rows: HashMap<u64, HybridCache> = HashMap::new();
     let missing = |id: u64| MeshServeError::Protocol {
         rank,
         message: format!("no row {id} on this rank"),
     };
-    // `recv` fails once rank 0 dropped its sender: the server is shutting down.
-    while let Ok(cmd) = commands.recv() {
+    while let Some(cmd) = next()? {
         for op in cmd.ops {
             match op {
                 RowOp::New(id) => {
@@ -559,9 +787,27 @@ fn follower_loop(
                     forward_row(mesh, model, cache, &[t], cmd.attn)?;
                 }
             }
+            Work::Stop => return Ok(()),
         }
     }
     Ok(())
+}
+
+/// A follower process of a serving mesh (MPI): applies rank 0's commands, received on
+/// `commands` (a world communicator; rank 0 is [`MeshModel::with_remote_followers`]), until
+/// rank 0 stops the mesh. `commands` should wait without a practical deadline: a server may
+/// stay idle for as long as it likes. Collectives of the forwards use `mesh`.
+pub fn follow_commands(mesh: &Mesh, model: &TpModel, commands: &dyn Comm) -> Result<()> {
+    let rank = commands.rank();
+    // rank 0 learns what each rank holds
+    commands
+        .all_gather(&bytes_message(model.weight_bytes()))
+        .map_err(ParallelError::from)?;
+    follower_loop(rank, mesh, model, || {
+        let buf = commands.recv(0, TAG_COMMAND).map_err(ParallelError::from)?;
+        let cmd = Command::decode(rank, &buf)?;
+        Ok((cmd.work != Work::Stop).then_some(cmd))
+    })
 }
 
 impl EngineModel for MeshModel {
@@ -615,5 +861,62 @@ impl EngineModel for MeshModel {
             tokens: tokens.to_vec(),
         };
         self.run(work, attn, rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_survive_their_f32_encoding_and_bad_messages_are_errors() {
+        let big = (1u64 << 40) + 12345;
+        let cmds = [
+            Command {
+                ops: vec![
+                    RowOp::New(0),
+                    RowOp::Fork { src: 0, dst: big },
+                    RowOp::Free(u64::MAX),
+                ],
+                work: Work::Prefill {
+                    row: big,
+                    tokens: vec![0, 1, 65535, 65536, 262_143, u32::MAX],
+                },
+                attn: AttnImplementation::Eager,
+            },
+            Command {
+                ops: Vec::new(),
+                work: Work::Decode {
+                    rows: vec![3, big, 7],
+                    tokens: vec![5, 70_000, 0],
+                },
+                attn: AttnImplementation::Flex,
+            },
+            Command {
+                ops: vec![RowOp::Free(9)],
+                work: Work::Stop,
+                attn: AttnImplementation::Sdpa,
+            },
+        ];
+        for c in &cmds {
+            let buf = c.encode();
+            assert!(buf.iter().all(|v| v.fract() == 0.0 && *v < 65536.0));
+            assert_eq!(&Command::decode(1, &buf).unwrap(), c);
+        }
+        let buf = cmds[0].encode();
+        for bad in [
+            &buf[..buf.len() - 2],
+            &buf[..buf.len() - 1],
+            &[buf.as_slice(), &[0.0, 0.0]].concat(),
+            &[1.5, 0.0],
+            &[0.0, 70000.0],
+            &[0.0, 7.0],
+        ] {
+            let e = Command::decode(3, bad).unwrap_err();
+            assert!(
+                e.to_string().starts_with("rank 3: malformed command"),
+                "{e}"
+            );
+        }
     }
 }
