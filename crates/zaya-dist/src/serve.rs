@@ -30,7 +30,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -326,6 +326,15 @@ struct FollowerHandle {
     thread: Option<JoinHandle<()>>,
     /// Why the follower stopped (set when its loop ends).
     exit: Arc<Mutex<Option<String>>>,
+    /// Rows the follower holds after its last command.
+    held: Arc<AtomicUsize>,
+}
+
+/// A local follower's ends of its links with rank 0.
+struct FollowerLink {
+    commands: Receiver<Command>,
+    ready: Sender<(usize, std::result::Result<usize, String>)>,
+    held: Arc<AtomicUsize>,
 }
 
 impl FollowerHandle {
@@ -472,17 +481,18 @@ impl MeshModel {
         for rank in 1..shape.world() {
             let (tx, rx) = mpsc::channel::<Command>();
             let exit = Arc::new(Mutex::new(None));
-            let (world, ckpt, plan, ready, exit2) = (
-                world.clone(),
-                ckpt.clone(),
-                plan.clone(),
-                ready_tx.clone(),
-                exit.clone(),
-            );
+            let held = Arc::new(AtomicUsize::new(0));
+            let link = FollowerLink {
+                commands: rx,
+                ready: ready_tx.clone(),
+                held: held.clone(),
+            };
+            let (world, ckpt, plan, exit2) =
+                (world.clone(), ckpt.clone(), plan.clone(), exit.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("zaya-rank-{rank}"))
                 .spawn(move || {
-                    let why = follow(rank, &world, &ckpt, &plan, shape, rx, ready);
+                    let why = follow(rank, &world, &ckpt, &plan, shape, link);
                     exit2
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -498,6 +508,7 @@ impl MeshModel {
                 commands: Some(tx),
                 thread: Some(thread),
                 exit,
+                held,
             });
         }
         drop(ready_tx);
@@ -598,6 +609,21 @@ impl MeshModel {
             }),
             weight_bytes,
         })
+    }
+
+    /// Rows each local follower (ranks 1..) holds after its last command; `None` on a mesh
+    /// of processes. Frees reach the followers with the next command, so rows the engine
+    /// dropped since then still count.
+    pub fn follower_rows(&self) -> Option<Vec<usize>> {
+        match &self.lock().followers {
+            Followers::Local { ranks, .. } => Some(
+                ranks
+                    .iter()
+                    .map(|f| f.held.load(Ordering::SeqCst))
+                    .collect(),
+            ),
+            Followers::Remote { .. } => None,
+        }
     }
 
     pub fn shape(&self) -> MeshShape {
@@ -704,9 +730,13 @@ fn follow(
     ckpt: &Arc<Checkpoint>,
     plan: &ParallelPlan,
     shape: MeshShape,
-    commands: Receiver<Command>,
-    ready: Sender<(usize, std::result::Result<usize, String>)>,
+    link: FollowerLink,
 ) -> String {
+    let FollowerLink {
+        commands,
+        ready,
+        held,
+    } = link;
     let built = Mesh::new(Box::new(world.comm(rank)), shape)
         .map_err(ParallelError::from)
         .and_then(|mesh| {
@@ -725,7 +755,7 @@ fn follow(
     drop(ready);
     // `recv` fails once rank 0 dropped its sender: the server is shutting down.
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        follower_loop(rank, &mesh, &model, || Ok(commands.recv().ok()))
+        follower_loop(rank, &mesh, &model, &held, || Ok(commands.recv().ok()))
     }));
     match run {
         Ok(Ok(())) => "finished".into(),
@@ -750,6 +780,7 @@ fn follower_loop(
     rank: usize,
     mesh: &Mesh,
     model: &TpModel,
+    held: &AtomicUsize,
     mut next: impl FnMut() -> Result<Option<Command>>,
 ) -> Result<()> {
     let mut rows: HashMap<u64, HybridCache> = HashMap::new();
@@ -776,6 +807,8 @@ fn follower_loop(
                 }
             }
         }
+        // before the forward: rank 0 sees it once the forward's collectives have met
+        held.store(rows.len(), Ordering::SeqCst);
         match cmd.work {
             Work::Prefill { row, tokens } => {
                 let cache = rows.get_mut(&row).ok_or_else(|| missing(row))?;
@@ -803,7 +836,7 @@ pub fn follow_commands(mesh: &Mesh, model: &TpModel, commands: &dyn Comm) -> Res
     commands
         .all_gather(&bytes_message(model.weight_bytes()))
         .map_err(ParallelError::from)?;
-    follower_loop(rank, mesh, model, || {
+    follower_loop(rank, mesh, model, &AtomicUsize::new(0), || {
         let buf = commands.recv(0, TAG_COMMAND).map_err(ParallelError::from)?;
         let cmd = Command::decode(rank, &buf)?;
         Ok((cmd.work != Work::Stop).then_some(cmd))

@@ -244,3 +244,58 @@ fn a_stopped_rank_fails_requests_naming_it_and_never_hangs() {
     // shutdown joins the engine thread, which drops the mesh and joins the followers
     engine.shutdown(false);
 }
+
+/// Rows the engine drops (finished choices, evicted prefix-cache snapshots) are freed on the
+/// followers too, with the engine's next command.
+#[test]
+fn dropped_rows_are_freed_on_every_rank() {
+    let name = "gqa_sliding";
+    let shape = MeshShape::new(1, 2, 1, 1).unwrap();
+    let mesh = Arc::new(MeshModel::local(&dir(name), shape, TIMEOUT).unwrap());
+    let engine = Engine::start(
+        mesh.clone(),
+        None,
+        EngineConfig {
+            prefix_cache_bytes: 0,
+            ..small_blocks()
+        },
+    )
+    .unwrap();
+    let run = |seed, n| {
+        let req = GenerationRequest {
+            n,
+            ..GenerationRequest::new(prompt(seed, 9, 96), 3)
+        };
+        tokens_of(engine.submit(req).unwrap().collect(), n)
+    };
+    run(1, 3);
+    // the three choices of the first request held three rows on every rank
+    assert_eq!(mesh.follower_rows(), Some(vec![3]));
+    run(2, 1);
+    // its frees reached the follower with the second request's first command: only the
+    // second request's row (freed at the next command) is left
+    assert_eq!(mesh.follower_rows(), Some(vec![1]));
+
+    // with a prefix cache bounded to about one snapshot, evicted snapshots are freed too
+    let engine = Engine::start(
+        mesh.clone(),
+        None,
+        EngineConfig {
+            prefix_cache_bytes: 1,
+            ..small_blocks()
+        },
+    )
+    .unwrap();
+    for seed in 0..4 {
+        tokens_of(
+            engine
+                .submit(GenerationRequest::new(prompt(seed, 9, 96), 2))
+                .unwrap()
+                .collect(),
+            1,
+        );
+    }
+    // a 1-byte cache keeps nothing: every snapshot fork is dropped at once (as an evicted
+    // one is) and freed on the follower
+    assert_eq!(mesh.follower_rows(), Some(vec![1]));
+}
