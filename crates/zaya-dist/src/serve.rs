@@ -1,5 +1,5 @@
 //! Serving on a rank mesh: the continuous-batching engine of `zaya-engine` driving a model
-//! split over local ranks (TP × PP × EP), through the engine's model seam
+//! split over local ranks or MPI processes (TP × PP × EP), through the engine's model seam
 //! ([`zaya_engine::EngineModel`]).
 //!
 //! Rank 0 lives on the engine thread: its [`MeshModel`] is the engine's model. Every other
@@ -20,9 +20,10 @@
 //!
 //! Under MPI (`mpirun -n N zaya serve --tp ...`) the followers are the other processes:
 //! rank 0 sends each command to them as a tagged message on a world communicator
-//! ([`MeshModel::with_remote_followers`]) and they run [`follow_commands`]; a rank that dies
-//! or stalls ends the job through the MPI backend's deadline (it names the rank and aborts),
-//! so nothing hangs there either. Shutdown sends them a stop command.
+//! ([`MeshModel::with_remote_followers`]) and they run [`follow_commands`]. A process that
+//! dies ends the job (`mpirun` names it); one that stalls makes a collective miss its
+//! deadline, which aborts the job naming the operation, so nothing hangs there either.
+//! Shutdown sends the followers a stop command.
 //!
 //! Decode runs each row's token as its own forward (rows at different positions; the mesh
 //! forward takes rows of one length), so a row's logits never depend on the rest of the
