@@ -803,9 +803,12 @@ fn serve_on_mpi_processes_answers_as_one_rank() {
 #[test]
 fn serve_refuses_meshes_it_cannot_run() {
     for (args, says) in [
-        (&["--tp", "3"][..], "3"),
-        (&["--dp", "2"][..], "--dp"),
-        (&["--tp", "2", "--dtype", "bf16"][..], "f32"),
+        (&["--tp", "3"][..], "not divisible by --tp 3"),
+        (
+            &["--dp", "2"][..],
+            "data-parallel replicas are for training",
+        ),
+        (&["--tp", "2", "--dtype", "bf16"][..], "runs in f32"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_zaya"))
             .args(["serve", "--port", "0"])

@@ -199,7 +199,7 @@ fn bad_meshes_fail_before_serving() {
         TIMEOUT,
     )
     .unwrap_err();
-    assert!(e.to_string().contains("3"), "{e}");
+    assert!(e.to_string().contains("not divisible by --tp 3"), "{e}");
     let e = MeshModel::local(
         &dir("gqa_sliding"),
         MeshShape::new(1, 1, 1, 2).unwrap(),
