@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -61,7 +62,7 @@ def start_zaya(args, extra=()):
     port = free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), CANDLE_NUM_THREADS=str(args.threads), ZAYA_LOG="warn")
     cmd = [args.zaya, "serve", "--model", args.model, "--port", str(port), "--served-model-name", "bench",
-           "--attn", args.attn, "--max-running", "32", *extra]
+           "--attn", args.attn, "--max-running", "32", *shlex.split(args.zaya_args), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_health(url, proc)
@@ -199,6 +200,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--prefix-repeats", type=int, default=3)
+    ap.add_argument("--zaya-args", default="", help="more `zaya serve` arguments, e.g. '--tp 2' (a mesh of local ranks)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--reference-cb", action="store_true", help="transformers serve --continuous-batching (fails for ZAYA in 5.23)")
     ap.add_argument("--no-prefix", action="store_true")
@@ -209,7 +211,7 @@ def main():
     levels = [int(x) for x in args.levels.split(",")]
     prompts = prompts_of(args.prompt_tokens, 64)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    report = {"cpu": cpu, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "servers": {}}
+    report = {"cpu": cpu, "threads": args.threads, "zaya_args": args.zaya_args, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "servers": {}}
     servers = [("zaya", lambda: start_zaya(args))]
     if not args.no_reference:
         servers.append(("transformers", lambda: start_reference(args)))

@@ -1,11 +1,12 @@
 //! `zaya serve`: loads the model, starts the engine thread and runs the OpenAI-compatible
-//! HTTP server until SIGTERM / ctrl-c.
+//! HTTP server until SIGTERM / ctrl-c. With `--tp/--pp/--ep` the engine's model is a mesh of
+//! local ranks (`zaya_dist::MeshModel`): rank 0 on the engine thread, the others following.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use zaya::text::ZayaTokenizer;
 use zaya::ZayaModel;
@@ -50,6 +51,13 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// `--tp/--pp/--ep N`: serve on a mesh of local ranks (threads of this process; f32,
+    /// no adapter). `--dp` is refused: run one server per replica.
+    #[command(flatten)]
+    pub parallel: crate::parallel_cmds::ParallelArgs,
+    /// With a mesh: seconds a rank waits for a peer before the request fails naming it.
+    #[arg(long, default_value_t = 300)]
+    pub dist_timeout: u64,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -70,10 +78,6 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|| "zaya".into()),
             None => "zaya-default".into(),
         });
-    let model = Arc::new(crate::lora_cmds::with_adapter(
-        ZayaModel::load(&dir, dtype, &Device::Cpu)?,
-        args.adapter.as_deref(),
-    )?);
     let tokenizer = Arc::new(ZayaTokenizer::from_dir(&dir).with_context(|| {
         format!(
             "loading the tokenizer of {} (the server needs tokenizer files)",
@@ -89,7 +93,23 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(mib) = args.prefix_cache_mib {
         cfg.prefix_cache_bytes = mib << 20;
     }
-    let engine = Engine::start(model, Some(tokenizer.clone()), cfg)?;
+    // Under MPI: keeps MPI initialised until the server is done (dropped last).
+    let mut _mpi: Option<Box<dyn std::any::Any>> = None;
+    let engine = if args.parallel.is_parallel() {
+        let (engine, keep) = start_mesh(&args, &dir, dtype, tokenizer.clone(), cfg)?;
+        _mpi = keep;
+        match engine {
+            Some(e) => e,
+            // a follower process: it served until rank 0 stopped the mesh
+            None => return Ok(()),
+        }
+    } else {
+        let model = Arc::new(crate::lora_cmds::with_adapter(
+            ZayaModel::load(&dir, dtype, &Device::Cpu)?,
+            args.adapter.as_deref(),
+        )?);
+        Engine::start(model, Some(tokenizer.clone()), cfg)?
+    };
     let config = ServerConfig {
         host: args.host,
         port: args.port,
@@ -108,4 +128,105 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         let state = Arc::new(AppState::new(engine, tokenizer, config));
         zaya_server::serve(state, zaya_server::shutdown_signal()).await
     })
+}
+
+/// The engine on a mesh of local ranks, each loading only its slices of `dir`; under
+/// `mpirun` (MPI build) the ranks are the processes: rank 0 gets the engine, the others
+/// follow it and return `None` once it stopped the mesh. The second value keeps MPI
+/// initialised while the server runs.
+#[allow(clippy::type_complexity)]
+fn start_mesh(
+    args: &ServeArgs,
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+    tokenizer: Arc<ZayaTokenizer>,
+    cfg: EngineConfig,
+) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
+    if dtype != candle_core::DType::F32 {
+        bail!("serving on a mesh runs in f32 in this version (asked --dtype {dtype:?})");
+    }
+    if args.adapter.is_some() {
+        bail!("--adapter cannot be combined with --tp/--pp/--ep in this version");
+    }
+    if args.dist_timeout == 0 {
+        bail!("--dist-timeout must be at least 1 second");
+    }
+    let shape = args.parallel.mesh()?;
+    let timeout = Duration::from_secs(args.dist_timeout);
+    #[cfg(feature = "mpi")]
+    if zaya_dist::mpi_backend::launched_by_mpi() {
+        return start_mesh_mpi(dir, shape, timeout, tokenizer, cfg);
+    }
+    if zaya_dist::comm::launched_by_mpi() {
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev), or drop mpirun (`zaya serve --tp/--pp/--ep N` starts the ranks as threads)");
+    }
+    let mesh = zaya_dist::MeshModel::local(dir, shape, timeout)
+        .with_context(|| format!("starting the {} serving mesh", shape.label()))?;
+    print_ranks(&mesh, "local ranks");
+    let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
+    Ok((Some(engine), None))
+}
+
+fn print_ranks(mesh: &zaya_dist::MeshModel, what: &str) {
+    let shape = mesh.shape();
+    let per_rank: Vec<String> = mesh
+        .weight_bytes()
+        .iter()
+        .map(|b| format!("{:.1}", *b as f64 / (1u64 << 20) as f64))
+        .collect();
+    eprintln!(
+        "serving on {} {what} ({}); weights per rank (MiB): {}",
+        shape.world(),
+        shape.label(),
+        per_rank.join(" / ")
+    );
+}
+
+/// `mpirun -n N zaya serve --tp ...`: this process is one rank of the mesh.
+#[cfg(feature = "mpi")]
+#[allow(clippy::type_complexity)]
+fn start_mesh_mpi(
+    dir: &std::path::Path,
+    shape: zaya_dist::MeshShape,
+    timeout: Duration,
+    tokenizer: Arc<ZayaTokenizer>,
+    cfg: EngineConfig,
+) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
+    if shape.dp != 1 {
+        bail!("--dp {} cannot serve (data-parallel replicas are for training; run one server per replica)", shape.dp);
+    }
+    // rank 0 makes its MPI calls on the engine thread
+    let world = zaya_dist::mpi_backend::MpiWorld::init_serialized()?;
+    let mesh = zaya_dist::Mesh::new(Box::new(world.comm(timeout)), shape)?;
+    let ckpt = Arc::new(zaya::weights::Checkpoint::open(dir)?);
+    let model_cfg = ckpt.config()?;
+    ckpt.validate(&model_cfg)?;
+    let plan = zaya_dist::ParallelPlan::new(&model_cfg, shape)?;
+    let model = zaya_dist::TpModel::at(
+        &ckpt,
+        &plan,
+        mesh.coords,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    // A follower waits for rank 0's next command without a practical deadline: a server may
+    // be idle for as long as it likes (the forwards' collectives keep `timeout`).
+    let commands = world
+        .comm(Duration::from_secs(100 * 365 * 24 * 3600))
+        .with_idle_poll(Duration::from_millis(1));
+    if mesh.world.rank() != 0 {
+        // SIGTERM / ctrl-c reach every process of the job: rank 0 drains and then stops the
+        // followers, which must live until then.
+        // SAFETY: setting a signal disposition to SIG_IGN has no handler to run.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+        }
+        zaya_dist::follow_commands(&mesh, &model, &commands)?;
+        return Ok((None, Some(Box::new(world))));
+    }
+    let mesh = zaya_dist::MeshModel::with_remote_followers(mesh, model, Box::new(commands))?;
+    print_ranks(&mesh, "MPI ranks");
+    let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
+    Ok((Some(engine), Some(Box::new(world))))
 }

@@ -22,9 +22,16 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_zaya"))
-            .args(["serve", "--port", "0", "--api-key", KEY])
-            .args(extra)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zaya"));
+        cmd.args(["serve", "--port", "0", "--api-key", KEY])
+            .args(extra);
+        Server::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `zaya serve` command line, possibly behind a launcher) and waits for the
+    /// server's "listening on" line.
+    fn spawn(mut cmd: Command) -> Server {
+        let mut child = cmd
             .env("ZAYA_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -635,4 +642,181 @@ fn serve_through_the_openai_python_client() {
         "openai client checks failed; server log:\n{}",
         srv.log()
     );
+}
+
+/// What a request answered, whole or streamed: per choice the text (chat: the reasoning and
+/// the content apart) and the finish reason; and the usage (prompt, completion, cached tokens).
+fn answer_of(r: &Reply, chat: bool, stream: bool) -> Value {
+    assert_eq!(r.status, 200, "{}", r.body);
+    // per choice: [reasoning, content or text], finish reason
+    let mut texts: Vec<[String; 2]> = Vec::new();
+    let mut finish: Vec<Value> = Vec::new();
+    let mut usage = Value::Null;
+    let mut take = |v: &Value| {
+        for c in v["choices"].as_array().into_iter().flatten() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if texts.len() <= i {
+                texts.resize(i + 1, Default::default());
+                finish.resize(i + 1, Value::Null);
+            }
+            let part = if chat && stream {
+                &c["delta"]
+            } else {
+                &c["message"]
+            };
+            let (reasoning, text) = if chat {
+                (&part["reasoning_content"], &part["content"])
+            } else {
+                (&Value::Null, &c["text"])
+            };
+            texts[i][0].push_str(reasoning.as_str().unwrap_or(""));
+            texts[i][1].push_str(text.as_str().unwrap_or(""));
+            if !c["finish_reason"].is_null() {
+                finish[i] = c["finish_reason"].clone();
+            }
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    };
+    if stream {
+        for e in sse_events(&r.body) {
+            if e != "[DONE]" {
+                take(&serde_json::from_str(&e).unwrap());
+            }
+        }
+    } else {
+        take(&r.json());
+    }
+    json!({"texts": texts, "finish": finish, "usage": usage})
+}
+
+/// Greedy requests sent at once (chat and completions, streamed and not, `n = 2`, a long
+/// prompt), then a second turn extending the long prompt (a prefix-cache hit); the answers.
+fn mesh_answers(srv: &Server) -> Vec<Value> {
+    let long: String = (0..40)
+        .map(|i| format!("In the beginning {i} God created the heaven and the earth. "))
+        .collect();
+    let requests: Vec<(&str, bool, Value)> = vec![
+        (
+            "/v1/chat/completions",
+            false,
+            json!({"messages": [{"role": "user", "content": "And God said"}], "max_tokens": 24, "temperature": 0}),
+        ),
+        (
+            "/v1/chat/completions",
+            true,
+            json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who was Abraham?"}], "max_tokens": 24, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/completions",
+            false,
+            json!({"prompt": "And God said", "max_tokens": 24, "temperature": 0, "n": 2, "ignore_eos": true}),
+        ),
+        (
+            "/v1/completions",
+            true,
+            json!({"prompt": "The LORD is my shepherd", "max_tokens": 24, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "/v1/completions",
+            false,
+            json!({"prompt": long.clone(), "max_tokens": 12, "temperature": 0}),
+        ),
+    ];
+    let addr = srv.addr.clone();
+    // all at once: the engine batches them
+    let mut answers: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = requests
+            .iter()
+            .map(|(path, stream, body)| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let chat = path.contains("chat");
+                    answer_of(&post(&addr, path, body.clone()), chat, *stream)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let second_turn = json!({"prompt": format!("{long} And"), "max_tokens": 12, "temperature": 0});
+    let again = answer_of(&post(&addr, "/v1/completions", second_turn), false, false);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 64, "the second turn reused {cached} tokens");
+    answers.push(again);
+    answers
+}
+
+/// `zaya serve --tp 2` / `--pp 2` / `--ep 2` (local ranks in the server process) answer
+/// greedy chat and completion requests — concurrent, streamed and not, `n = 2`, a prompt
+/// resumed from the prefix cache — exactly as the single-rank server does.
+#[test]
+fn serve_on_tp_pp_ep_meshes_answers_as_one_rank() {
+    let want = mesh_answers(&Server::start(&[]));
+    assert_eq!(want[2]["texts"][0], want[2]["texts"][1]);
+    for mesh in [["--tp", "2"], ["--pp", "2"], ["--ep", "2"]] {
+        let srv = Server::start(&mesh);
+        let got = mesh_answers(&srv);
+        assert!(
+            srv.log().contains("2 local ranks"),
+            "{mesh:?}: {}",
+            srv.log()
+        );
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{mesh:?}: request {i}");
+        }
+    }
+}
+
+/// `mpirun -n 2 zaya serve --tp 2`: rank 0 serves HTTP, rank 1 follows its commands over
+/// MPI; the answers are the single-rank server's, and SIGTERM drains and stops both.
+#[cfg(feature = "mpi")]
+#[test]
+fn serve_on_mpi_processes_answers_as_one_rank() {
+    let want = mesh_answers(&Server::start(&[]));
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["-n", "2", "--oversubscribe"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .arg(env!("CARGO_BIN_EXE_zaya"))
+        .args(["serve", "--port", "0", "--api-key", KEY, "--tp", "2"]);
+    let mut srv = Server::spawn(cmd);
+    let got = mesh_answers(&srv);
+    assert!(srv.log().contains("2 MPI ranks"), "{}", srv.log());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "mpi tp 2: request {i}");
+    }
+    // SIGTERM to mpirun reaches both processes: rank 0 drains and stops rank 1 (which
+    // ignores the signal until then); the job ends
+    unsafe {
+        libc::kill(srv.child.id() as i32, libc::SIGTERM);
+    }
+    let ended = wait_until(Duration::from_secs(60), || {
+        matches!(srv.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(ended, "mpirun did not end: {}", srv.log());
+    assert!(srv.log().contains("zaya serve: stopped"), "{}", srv.log());
+}
+
+#[test]
+fn serve_refuses_meshes_it_cannot_run() {
+    for (args, says) in [
+        (&["--tp", "3"][..], "not divisible by --tp 3"),
+        (
+            &["--dp", "2"][..],
+            "data-parallel replicas are for training",
+        ),
+        (&["--tp", "2", "--dtype", "bf16"][..], "runs in f32"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_zaya"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }

@@ -14,6 +14,9 @@
 //! - [`train_driver`]: the pipeline × data-parallel training step (bucketed gradient
 //!   all-reduce, ZeRO-1, checkpoints gathered on rank 0); [`tp_driver`]: the tensor ×
 //!   expert × data-parallel step on one pipeline stage.
+//! - [`serve`]: the engine's model on a mesh of local ranks (`zaya serve --tp/--pp/--ep`):
+//!   rank 0 on the engine thread, the other ranks replaying its commands with their own
+//!   per-row caches.
 
 pub mod autograd;
 pub mod comm;
@@ -27,6 +30,7 @@ pub mod mpi_backend;
 pub mod nccl_backend;
 pub mod pipeline;
 pub mod plan;
+pub mod serve;
 pub mod tensor;
 pub mod tp;
 pub mod tp_driver;
@@ -37,6 +41,7 @@ pub use error::{ParallelError, ParallelResult};
 pub use local::{LocalComm, LocalWorld, RankFailed};
 pub use mesh::{Coords, Mesh, MeshShape};
 pub use plan::{ParallelPlan, Placement, PlanError, Rule, ZAYA_PLAN};
+pub use serve::{follow_commands, MeshModel, MeshRow, MeshServeError};
 pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, Groups, TpModel};
 pub use tp_driver::TpParallelTrainer;
 pub use train_driver::{DriverOptions, ParallelTrainer};

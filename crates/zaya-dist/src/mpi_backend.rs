@@ -36,6 +36,26 @@ impl MpiWorld {
         Ok(MpiWorld { universe })
     }
 
+    /// Initialises MPI (once per process) for a process where one thread other than the
+    /// main thread may make the MPI calls, one call at a time (`MPI_THREAD_SERIALIZED`):
+    /// `zaya serve` on MPI ranks, whose rank 0 computes on the engine thread.
+    pub fn init_serialized() -> DistResult<Self> {
+        let (universe, got) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| DistError::Backend {
+                backend: "mpi",
+                message: "MPI was already initialised in this process".into(),
+            })?;
+        if got < mpi::Threading::Serialized {
+            return Err(DistError::Backend {
+                backend: "mpi",
+                message: format!(
+                    "this MPI library provides thread level {got:?}; serving needs Serialized"
+                ),
+            });
+        }
+        Ok(MpiWorld { universe })
+    }
+
     /// The world communicator; collectives give up after `timeout`.
     pub fn comm(&self, timeout: Duration) -> MpiComm {
         let world = self.universe.world();
@@ -44,6 +64,7 @@ impl MpiWorld {
             comm: world,
             world_rank,
             timeout,
+            max_poll: POLL,
         }
     }
 }
@@ -53,15 +74,31 @@ pub struct MpiComm {
     comm: SimpleCommunicator,
     world_rank: usize,
     timeout: Duration,
+    /// Longest pause between two probes of a `recv` (the pause doubles from [`POLL`] up to
+    /// this while nothing arrives).
+    max_poll: Duration,
 }
 
+/// Pause between two tests of a pending operation.
+const POLL: Duration = Duration::from_micros(20);
+
 // SAFETY: an `MpiComm` is used by the one thread that drives its rank (MPI is initialised
-// with the default threading level and no other thread of the process calls MPI); the
-// handle itself is an integer/pointer owned by the MPI library.
+// with the default threading level and no other thread of the process calls MPI, or with
+// `MpiWorld::init_serialized` when that thread is not the main thread); the handle itself is
+// an integer/pointer owned by the MPI library.
 unsafe impl Send for MpiComm {}
 unsafe impl Sync for MpiComm {}
 
 impl MpiComm {
+    /// Lets a `recv` that keeps waiting probe less often: the pause between probes doubles
+    /// from 20 µs up to `max` (a server's follower waiting for its next command uses a
+    /// millisecond, so an idle rank costs no CPU; a message that arrives soon after the
+    /// previous one is still seen within microseconds).
+    pub fn with_idle_poll(mut self, max: Duration) -> Self {
+        self.max_poll = max.max(POLL);
+        self
+    }
+
     /// Polls `req` until it completes; past the deadline, reports and aborts the job.
     fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, mut req: Request<'a, D, S>, op: &'static str) {
         let deadline = Instant::now() + self.timeout;
@@ -83,7 +120,7 @@ impl MpiComm {
                 );
                 self.comm.abort(3);
             }
-            std::thread::sleep(Duration::from_micros(20));
+            std::thread::sleep(POLL);
         }
     }
 
@@ -91,6 +128,7 @@ impl MpiComm {
     /// aborts the job.
     fn probe_recv(&self, src: usize, tag: u32) -> Vec<f32> {
         let deadline = Instant::now() + self.timeout;
+        let mut pause = POLL;
         let process = self.comm.process_at_rank(src as i32);
         loop {
             if let Some(probed) = process.immediate_matched_probe_with_tag(tag as i32) {
@@ -107,7 +145,8 @@ impl MpiComm {
                 eprintln!("error: {e}; aborting the MPI job");
                 self.comm.abort(3);
             }
-            std::thread::sleep(Duration::from_micros(20));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(self.max_poll);
         }
     }
 
@@ -318,6 +357,7 @@ impl Comm for MpiComm {
             comm,
             world_rank: self.world_rank,
             timeout: self.timeout,
+            max_poll: self.max_poll,
         }))
     }
 }

@@ -17,14 +17,14 @@ use std::thread::JoinHandle;
 use zaya::attention::AttnImplementation;
 use zaya::sampling::{Sampler, StopChecker};
 use zaya::text::ZayaTokenizer;
-use zaya::{ZayaError, ZayaModel};
+use zaya::{ZayaConfig, ZayaError};
 
 use crate::choice::{Choice, Outcome};
 use crate::prefix_cache::{block_hashes, PrefixCache};
 use crate::request::{
     Event, FinishReason, GenerationRequest, RequestHandle, SubmitError, Usage, MAX_TOP_LOGPROBS,
 };
-use crate::rows::{self, RowState};
+use crate::rows::{EngineModel, EngineRow};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -159,7 +159,8 @@ impl Waker {
 
 struct Inner {
     shared: Arc<Shared>,
-    model: Arc<ZayaModel>,
+    /// The config of the engine's model (what requests are checked against).
+    model_cfg: ZayaConfig,
     tokenizer: Option<Arc<ZayaTokenizer>>,
     cfg: EngineConfig,
     next_id: AtomicU64,
@@ -197,9 +198,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread; the model is shared, never copied.
-    pub fn start(
-        model: Arc<ZayaModel>,
+    /// Starts the engine thread; the model is shared, never copied. The model is any
+    /// [`EngineModel`]: a [`zaya::ZayaModel`] on this process, or a model split over ranks.
+    pub fn start<M: EngineModel>(
+        model: Arc<M>,
         tokenizer: Option<Arc<ZayaTokenizer>>,
         cfg: EngineConfig,
     ) -> zaya::Result<Engine> {
@@ -209,9 +211,10 @@ impl Engine {
             wake: Condvar::new(),
             counters: Counters::default(),
         });
+        let model_cfg = model.model_config().clone();
         let worker = Worker {
             shared: shared.clone(),
-            model: model.clone(),
+            model,
             tokenizer: tokenizer.clone(),
             prefix: PrefixCache::new(cfg.prefix_block, cfg.prefix_cache_bytes),
             cfg: cfg.clone(),
@@ -227,7 +230,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 shared,
-                model,
+                model_cfg,
                 tokenizer,
                 cfg,
                 next_id: AtomicU64::new(1),
@@ -236,8 +239,9 @@ impl Engine {
         })
     }
 
-    pub fn model(&self) -> &Arc<ZayaModel> {
-        &self.inner.model
+    /// The config of the engine's model.
+    pub fn model_config(&self) -> &ZayaConfig {
+        &self.inner.model_cfg
     }
 
     pub fn tokenizer(&self) -> Option<&Arc<ZayaTokenizer>> {
@@ -294,7 +298,7 @@ impl Engine {
 
     fn build_choices(&self, req: &GenerationRequest) -> Result<Vec<Choice>, SubmitError> {
         let invalid = |m: String| Err(SubmitError::InvalidRequest(m));
-        let cfg = self.inner.model.config();
+        let cfg = &self.inner.model_cfg;
         if req.prompt.is_empty() {
             return invalid("prompt: must hold at least one token".into());
         }
@@ -385,32 +389,32 @@ impl Engine {
     }
 }
 
-/// One choice's place in the batch.
-struct Slot {
+/// One choice's place in the batch (`R`: the model's row state).
+struct Slot<R> {
     choice: Choice,
     /// The row's model state; dropped the moment the choice ends.
-    row: Option<RowState>,
+    row: Option<R>,
     /// Token to feed next step.
     pending: Option<u32>,
     done: bool,
 }
 
 /// A request on the engine thread.
-struct Active {
+struct Active<R> {
     id: u64,
     prompt: Vec<u32>,
     events: Sender<Event>,
     cancelled: Arc<AtomicBool>,
     /// While prefilling: the shared state of all choices.
-    prefill: Option<RowState>,
+    prefill: Option<R>,
     /// Chain hashes of the prompt's blocks (for the prefix cache).
     hashes: Vec<u64>,
-    slots: Vec<Slot>,
+    slots: Vec<Slot<R>>,
     usage: Usage,
     failed: bool,
 }
 
-impl Active {
+impl<R: EngineRow> Active<R> {
     fn send(&self, e: Event) {
         if self.events.send(e).is_err() {
             // nobody listens any more: same as a cancel
@@ -462,16 +466,16 @@ impl Active {
     }
 }
 
-struct Worker {
+struct Worker<M: EngineModel> {
     shared: Arc<Shared>,
-    model: Arc<ZayaModel>,
+    model: Arc<M>,
     tokenizer: Option<Arc<ZayaTokenizer>>,
     cfg: EngineConfig,
-    prefix: PrefixCache,
-    active: Vec<Active>,
+    prefix: PrefixCache<M::Row>,
+    active: Vec<Active<M::Row>>,
 }
 
-impl Worker {
+impl<M: EngineModel> Worker<M> {
     fn run(mut self) {
         let shared = self.shared.clone();
         loop {
@@ -561,7 +565,7 @@ impl Worker {
             let s = q.waiting.pop_front().expect("front exists");
             let (cached, state) = match self.prefix.lookup(&s.prompt) {
                 Some((len, state)) => (len, state),
-                None => (0, RowState::new(&self.model)),
+                None => (0, self.model.new_row()),
             };
             let _ = s.cached.set(cached);
             let c = &self.shared.counters;
@@ -679,7 +683,7 @@ impl Worker {
             })
             .collect();
         // Take the rows out so the forward can borrow them together.
-        let mut states: Vec<RowState> = decode
+        let mut states: Vec<M::Row> = decode
             .iter()
             .map(|&(ai, si)| {
                 self.active[ai].slots[si]
@@ -689,8 +693,8 @@ impl Worker {
             })
             .collect();
         let result = {
-            let mut refs: Vec<&mut RowState> = states.iter_mut().collect();
-            rows::decode(&self.model, &mut refs, &tokens, self.cfg.attn)
+            let mut refs: Vec<&mut M::Row> = states.iter_mut().collect();
+            self.model.decode(&mut refs, &tokens, self.cfg.attn)
         };
         match result {
             Err(e) => {
@@ -721,7 +725,10 @@ impl Worker {
             return;
         };
         debug_assert_eq!(state.len(), start);
-        let logits = match rows::prefill(&self.model, state, &a.prompt[start..end], self.cfg.attn) {
+        let logits = match self
+            .model
+            .prefill(state, &a.prompt[start..end], self.cfg.attn)
+        {
             Ok(l) => l,
             Err(e) => {
                 a.fail(format!(
@@ -775,7 +782,7 @@ impl Worker {
     /// Samples choice `si` of `a` from `logits`, counts the token in `generated_total` and
     /// sends its events.
     fn advance(
-        a: &mut Active,
+        a: &mut Active<M::Row>,
         si: usize,
         logits: Vec<f32>,
         tok: Option<&ZayaTokenizer>,

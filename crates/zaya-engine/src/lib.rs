@@ -20,3 +20,4 @@ pub use request::{
     Canceller, ConstraintFactory, Event, FinishReason, GenerationRequest, RequestHandle,
     SubmitError, TokenConstraint, TokenLogprob, Usage, MAX_TOP_LOGPROBS,
 };
+pub use rows::{last_logits, EngineModel, EngineRow, RowState};

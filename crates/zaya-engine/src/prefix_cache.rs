@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::rows::RowState;
+use crate::rows::EngineRow;
 
 /// Chain hashes of the full blocks of `tokens`: element `k − 1` keys the prefix of `k·block`
 /// tokens.
@@ -26,22 +26,24 @@ pub fn block_hashes(tokens: &[u32], block: usize) -> Vec<u64> {
     out
 }
 
-struct Entry {
+struct Entry<R> {
     tokens: Vec<u32>,
-    state: RowState,
+    state: R,
     bytes: usize,
     last_used: u64,
 }
 
-pub struct PrefixCache {
+/// Row states of type `R` (the engine model's [`EngineRow`]); an evicted entry's state is
+/// dropped, which frees it wherever it lives.
+pub struct PrefixCache<R> {
     block: usize,
     capacity: usize,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry<R>>,
     bytes: usize,
     clock: u64,
 }
 
-impl PrefixCache {
+impl<R: EngineRow> PrefixCache<R> {
     /// `capacity` bytes (0 disables the cache), `block` tokens per block (> 0).
     pub fn new(block: usize, capacity: usize) -> Self {
         PrefixCache {
@@ -63,7 +65,7 @@ impl PrefixCache {
 
     /// The longest cached prefix of `prompt` that leaves at least one prompt token to compute
     /// (the logits of the last prompt token are needed): its length and a copy of its state.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, RowState)> {
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, R)> {
         if !self.enabled() || prompt.len() < 2 {
             return None;
         }
@@ -93,7 +95,7 @@ impl PrefixCache {
     /// Keeps `state`, the row state after `prefix` (a whole number of blocks), then evicts the
     /// least recently used entries until the bytes fit. A state larger than the whole
     /// capacity is not kept.
-    pub fn insert(&mut self, hash: u64, prefix: &[u32], state: RowState) {
+    pub fn insert(&mut self, hash: u64, prefix: &[u32], state: R) {
         if !self.enabled() || self.entries.contains_key(&hash) {
             return;
         }

@@ -1,44 +1,79 @@
-//! The model side of the engine: a row's state and the forwards the step loop runs over
-//! rows (prompt pieces and one-token decodes).
+//! The model side of the engine: what the step loop needs from a model ([`EngineModel`]: a
+//! row's state and the forwards over rows, prompt pieces and one-token decodes), and its
+//! implementation for one [`ZayaModel`] on this process. A model split over ranks
+//! (`zaya_dist::serve::MeshModel`) implements the same trait, so the engine, its scheduler and
+//! its prefix cache do not know how many ranks compute a row.
 
 use candle_core::{DType, Tensor};
 use zaya::attention::AttnImplementation;
-use zaya::{ForwardOptions, HybridCache, ZayaModel};
+use zaya::{ForwardOptions, HybridCache, ZayaConfig, ZayaModel};
 
-/// The model state of one sequence (one row of the running batch).
-#[derive(Debug)]
+/// The model state of one sequence (one row of the running batch), as the engine holds it:
+/// the engine forks it (prefix-cache snapshots, `n > 1` choices) and drops it when the row
+/// ends or a snapshot is evicted; an implementation that keeps state elsewhere (other ranks)
+/// frees it there when the row is dropped.
 #[allow(clippy::len_without_is_empty)]
+pub trait EngineRow: Send + Sized + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// An independent copy: later updates of either never show in the other.
+    fn fork(&self) -> Result<Self, Self::Error>;
+    /// Tokens processed.
+    fn len(&self) -> usize;
+    /// Bytes of tensor data held (on this process).
+    fn bytes(&self) -> usize;
+}
+
+/// What the engine's step loop runs a model with. `prefill` and `decode` must be
+/// deterministic per row: a row's logits may not depend on the other rows of a `decode` call
+/// (the engine's batch invariance and prefix-cache exactness rest on it).
+pub trait EngineModel: Send + Sync + 'static {
+    type Row: EngineRow;
+    /// The model's config (vocabulary and context bound the requests).
+    fn model_config(&self) -> &ZayaConfig;
+    /// An empty row.
+    fn new_row(&self) -> Self::Row;
+    /// Feeds `tokens` after the row's state; returns the logits of the last one.
+    fn prefill(
+        &self,
+        row: &mut Self::Row,
+        tokens: &[u32],
+        attn: AttnImplementation,
+    ) -> Result<Vec<f32>, <Self::Row as EngineRow>::Error>;
+    /// One token for each row; returns each row's logits.
+    fn decode(
+        &self,
+        rows: &mut [&mut Self::Row],
+        tokens: &[u32],
+        attn: AttnImplementation,
+    ) -> Result<Vec<Vec<f32>>, <Self::Row as EngineRow>::Error>;
+}
+
+/// The model state of one sequence on a single [`ZayaModel`].
+#[derive(Debug)]
 pub struct RowState {
     cache: HybridCache,
 }
 
-impl RowState {
-    pub fn new(model: &ZayaModel) -> Self {
-        RowState {
-            cache: HybridCache::new(model.config()),
-        }
-    }
+impl EngineRow for RowState {
+    type Error = zaya::ZayaError;
 
-    /// An independent copy (what a snapshot or an `n > 1` fork needs): later updates of
-    /// either never show in the other.
-    pub fn fork(&self) -> zaya::Result<Self> {
+    fn fork(&self) -> zaya::Result<Self> {
         Ok(RowState {
             cache: self.cache.fork()?,
         })
     }
 
-    /// Tokens processed.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.cache.seq_len()
     }
 
-    /// Bytes of tensor data held.
-    pub fn bytes(&self) -> usize {
+    fn bytes(&self) -> usize {
         self.cache.bytes()
     }
 }
 
-fn last_logits(logits: Option<Tensor>) -> zaya::Result<Vec<f32>> {
+/// The logits of the last position of `[B, T, V]` logits, as f32.
+pub fn last_logits(logits: Option<Tensor>) -> zaya::Result<Vec<f32>> {
     let l =
         logits.ok_or_else(|| zaya::ZayaError::Input("the forward returned no logits".into()))?;
     let (_, t, _) = l.dims3()?;
@@ -48,38 +83,51 @@ fn last_logits(logits: Option<Tensor>) -> zaya::Result<Vec<f32>> {
         .to_vec1()?)
 }
 
-/// Feeds `tokens` after the row's state; returns the logits of the last one.
-pub fn prefill(
-    model: &ZayaModel,
-    state: &mut RowState,
-    tokens: &[u32],
-    attn: AttnImplementation,
-) -> zaya::Result<Vec<f32>> {
-    let ids = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
-    let opts = ForwardOptions {
-        logits_to_keep: 1,
-        attn,
-        ..Default::default()
-    };
-    let out = model.forward(&ids, Some(&mut state.cache), &opts)?;
-    last_logits(out.logits)
-}
+impl EngineModel for ZayaModel {
+    type Row = RowState;
 
-/// One token for each row; returns each row's logits. Rows run batched in groups of
-/// [`ZayaModel::INVARIANT_DECODE_ROWS`], the size up to which a row's result is bit-identical
-/// to running it alone (so what else is in the batch never changes a request's tokens).
-pub fn decode(
-    model: &ZayaModel,
-    states: &mut [&mut RowState],
-    tokens: &[u32],
-    attn: AttnImplementation,
-) -> zaya::Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(tokens.len());
-    let group = ZayaModel::INVARIANT_DECODE_ROWS.max(1);
-    for (rows, toks) in states.chunks_mut(group).zip(tokens.chunks(group)) {
-        let mut caches: Vec<&mut HybridCache> = rows.iter_mut().map(|r| &mut r.cache).collect();
-        let logits = model.decode_rows(toks, &mut caches, attn)?;
-        out.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    fn model_config(&self) -> &ZayaConfig {
+        self.config()
     }
-    Ok(out)
+
+    fn new_row(&self) -> RowState {
+        RowState {
+            cache: HybridCache::new(self.config()),
+        }
+    }
+
+    fn prefill(
+        &self,
+        row: &mut RowState,
+        tokens: &[u32],
+        attn: AttnImplementation,
+    ) -> zaya::Result<Vec<f32>> {
+        let ids = Tensor::new(tokens, self.device())?.unsqueeze(0)?;
+        let opts = ForwardOptions {
+            logits_to_keep: 1,
+            attn,
+            ..Default::default()
+        };
+        let out = self.forward(&ids, Some(&mut row.cache), &opts)?;
+        last_logits(out.logits)
+    }
+
+    /// Rows run batched in groups of [`ZayaModel::INVARIANT_DECODE_ROWS`], the size up to
+    /// which a row's result is bit-identical to running it alone (so what else is in the
+    /// batch never changes a request's tokens).
+    fn decode(
+        &self,
+        rows: &mut [&mut RowState],
+        tokens: &[u32],
+        attn: AttnImplementation,
+    ) -> zaya::Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(tokens.len());
+        let group = ZayaModel::INVARIANT_DECODE_ROWS.max(1);
+        for (rows, toks) in rows.chunks_mut(group).zip(tokens.chunks(group)) {
+            let mut caches: Vec<&mut HybridCache> = rows.iter_mut().map(|r| &mut r.cache).collect();
+            let logits = self.decode_rows(toks, &mut caches, attn)?;
+            out.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
 }

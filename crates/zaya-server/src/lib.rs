@@ -60,8 +60,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(engine: Engine, tokenizer: Arc<ZayaTokenizer>, config: ServerConfig) -> Self {
-        let model = engine.model().clone();
-        let cfg = model.config();
+        let cfg = engine.model_config().clone();
         let stop_ids = tokenizer.stop_token_ids(&cfg.eos_token_id);
         let eos = tokenizer
             .eos_token_id()
