@@ -200,7 +200,8 @@ pub fn run(
     for i in 0..=args.repeats {
         let mut cache = HybridCache::new(&cfg);
         let s = Instant::now();
-        model.forward(&ids, Some(&mut cache), &opts)?;
+        // as `generate` runs its forwards: one hand-off to the kernel pool per forward
+        zaya::kernels::run_in_pool(|| model.forward(&ids, Some(&mut cache), &opts))?;
         if i > 0 {
             prefill.push(s.elapsed().as_secs_f64());
         }

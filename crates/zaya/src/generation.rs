@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use crate::attention::AttnImplementation;
 use crate::cache::HybridCache;
 use crate::error::{Result, ZayaError};
+use crate::kernels;
 use crate::model::{ForwardOptions, ZayaModel};
 use crate::sampling::{Sampler, SamplingParams, StopChecker, StopReason};
 use crate::text::{StreamDecoder, ZayaTokenizer};
@@ -300,7 +301,9 @@ pub fn generate(
             attn: opts.attn,
             ..Default::default()
         };
-        let out = model.forward(&tensor2(&piece, dev)?, Some(&mut cache), &fopts)?;
+        let ids = tensor2(&piece, dev)?;
+        // one hand-off to the kernel pool per forward, not one per kernel
+        let out = kernels::run_in_pool(|| model.forward(&ids, Some(&mut cache), &fopts))?;
         logits = out.logits;
         start += len;
     }
@@ -345,7 +348,8 @@ pub fn generate(
             ..Default::default()
         };
         let step_ids: Vec<Vec<u32>> = next.iter().map(|&x| vec![x]).collect();
-        let out = model.forward(&tensor2(&step_ids, dev)?, Some(&mut cache), &fopts)?;
+        let ids = tensor2(&step_ids, dev)?;
+        let out = kernels::run_in_pool(|| model.forward(&ids, Some(&mut cache), &fopts))?;
         logits = out.logits.expect("lm head ran");
     }
     let finish_reasons = finish
