@@ -261,11 +261,13 @@ fn single(name: &str, which: &str, ckpt: Checkpointing) -> BTreeMap<String, Tens
     labelled_outputs(&m, &batch(name, which), true, ckpt).unwrap()
 }
 
-fn check_grads(name: &str, which: &str, shape: MeshShape, ckpt: Checkpointing) {
-    let want = single(name, which, ckpt);
-    let got = labelled_grads_on_local_ranks(&dir(name), shape, &batch(name, which), ckpt, TIMEOUT)
-        .unwrap_or_else(|e| panic!("{name} {which} {}: {e}", shape.label()));
-    let label = format!("{name} {which} {}", shape.label());
+/// The same names, loss and balance loss within 1e-5 and every gradient within 1e-4
+/// (relative) as one rank.
+fn assert_same_outputs(
+    label: &str,
+    got: &BTreeMap<String, Tensor>,
+    want: &BTreeMap<String, Tensor>,
+) {
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         want.keys().collect::<Vec<_>>(),
@@ -278,9 +280,17 @@ fn check_grads(name: &str, which: &str, shape: MeshShape, ckpt: Checkpointing) {
         &want["aux_loss"],
         1e-5,
     );
-    for (k, w) in &want {
+    for (k, w) in want {
         assert_rel(&format!("{label} {k}"), &got[k], w, 1e-4);
     }
+}
+
+fn check_grads(name: &str, which: &str, shape: MeshShape, ckpt: Checkpointing) {
+    let want = single(name, which, ckpt);
+    let got = labelled_grads_on_local_ranks(&dir(name), shape, &batch(name, which), ckpt, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{name} {which} {}: {e}", shape.label()));
+    let label = format!("{name} {which} {}", shape.label());
+    assert_same_outputs(&label, &got, &want);
     eprintln!(
         "{label}: loss and {} gradients equal one rank",
         want.len() - 2
@@ -721,20 +731,6 @@ fn tp_pp_driver_gradients_equal_one_rank() {
         }))
         .unwrap()
         .unwrap();
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            want.keys().collect::<Vec<_>>(),
-            "{label}: names"
-        );
-        assert_rel(&format!("{label} loss"), &got["loss"], &want["loss"], 1e-5);
-        assert_rel(
-            &format!("{label} aux"),
-            &got["aux_loss"],
-            &want["aux_loss"],
-            1e-5,
-        );
-        for (k, w) in &want {
-            assert_rel(&format!("{label} {k}"), &got[k], w, 1e-4);
-        }
+        assert_same_outputs(&label, &got, &want);
     }
 }
