@@ -407,7 +407,17 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
 fn cmd_generate(args: GenerateArgs) -> Result<()> {
     if args.parallel.is_parallel() {
         let Some(inputs_path) = &args.inputs else {
-            bail!("generation with parallel ranks takes token ids (--inputs) in this version, not --prompt");
+            return parallel_cmds::generate_text_on_mesh(
+                &args.model.dir()?,
+                &args.parallel,
+                parse_dtype(&args.model.dtype)?,
+                parse_attn(&args.model.attn)?,
+                &args.prompt,
+                args.max_new_tokens,
+                args.ignore_eos,
+                &args.sampling,
+                args.json,
+            );
         };
         if args.sampling.params().temperature > 0.0 {
             bail!("generation with parallel ranks is greedy in this version (no --temperature)");

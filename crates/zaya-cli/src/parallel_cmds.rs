@@ -643,3 +643,133 @@ pub fn measure_bench_parallel(args: &BenchParallelArgs) -> Result<(serde_json::V
     );
     Ok((v, text))
 }
+
+/// `zaya generate --prompt TEXT --tp/--pp/--ep N`: text prompts on a mesh of local ranks,
+/// through the engine `zaya serve --tp ...` runs (each rank loads only its slices), with
+/// the single-rank command's sampling (prompt `i` draws with seed `seed + i`, as a batch of
+/// rows does there), stop strings, streaming and output. Greedy output equals the
+/// single-rank command's.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_text_on_mesh(
+    dir: &Path,
+    parallel: &ParallelArgs,
+    dtype: DType,
+    attn: zaya::attention::AttnImplementation,
+    prompts: &[String],
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    sampling: &crate::chat::SamplingArgs,
+    as_json: bool,
+) -> Result<()> {
+    use zaya_engine::{Engine, EngineConfig, EngineModel, Event, FinishReason, GenerationRequest};
+    if dtype != DType::F32 {
+        bail!(
+            "generation with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
+        );
+    }
+    if zaya_dist::comm::launched_by_mpi() {
+        bail!("text prompts with parallel ranks run on local ranks in this version: drop mpirun (`zaya generate --prompt ... --tp N` starts the ranks as threads), or give token ids with --inputs");
+    }
+    crate::chat::check_prompts(prompts)?;
+    let shape = parallel.mesh()?;
+    let tok = std::sync::Arc::new(
+        zaya::text::ZayaTokenizer::from_dir(dir)
+            .with_context(|| format!("loading the tokenizer of {}", dir.display()))?,
+    );
+    let ids = prompts
+        .iter()
+        .map(|p| tok.encode_prompt(p).map_err(Into::into))
+        .collect::<Result<Vec<Vec<u32>>>>()?;
+    let mesh = zaya_dist::MeshModel::local(dir, shape, zaya_dist::DEFAULT_TIMEOUT)
+        .with_context(|| format!("starting the {} mesh", shape.label()))?;
+    let eos = tok.stop_token_ids(&mesh.model_config().eos_token_id);
+    let cfg = EngineConfig {
+        max_running: prompts.len().max(1),
+        attn,
+        ..Default::default()
+    };
+    let engine = Engine::start(std::sync::Arc::new(mesh), Some(tok.clone()), cfg)?;
+    let stream = prompts.len() == 1 && !as_json;
+    let start = std::time::Instant::now();
+    let base = sampling.params();
+    let handles = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let mut params = base.clone();
+            params.seed = base.seed.wrapping_add(i as u64);
+            let request = GenerationRequest {
+                sampling: params,
+                stop_token_ids: if ignore_eos { Vec::new() } else { eos.clone() },
+                stop_strings: sampling.stop.clone(),
+                ..GenerationRequest::new(prompt, max_new_tokens)
+            };
+            engine.submit(request).map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if stream {
+        crate::out::print(&prompts[0])?;
+    }
+    let (mut texts, mut sequences, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, handle) in handles.into_iter().enumerate() {
+        let (mut text, mut seq, mut reason) = (String::new(), Vec::new(), None);
+        while let Some(event) = handle.recv() {
+            match event {
+                Event::Token { token, text: t, .. } => {
+                    seq.push(token);
+                    if stream {
+                        crate::out::print(&t)?;
+                    }
+                    text.push_str(&t);
+                }
+                Event::Finished {
+                    reason: r, text: t, ..
+                } => {
+                    if stream {
+                        crate::out::print(&t)?;
+                    }
+                    text.push_str(&t);
+                    reason = Some(r);
+                }
+                Event::Done { .. } => break,
+                Event::Error { message } => bail!("prompt {i}: {message}"),
+            }
+        }
+        // the engine's `stop` covers EOS and stop strings; the single-rank command tells
+        // them apart
+        let reason = match reason {
+            Some(FinishReason::Stop) if seq.last().is_some_and(|t| eos.contains(t)) => "eos",
+            Some(FinishReason::Stop) => "stop",
+            Some(FinishReason::Length) => "length",
+            Some(FinishReason::Cancelled) | None => bail!("prompt {i}: generation was cancelled"),
+        };
+        texts.push(text);
+        sequences.push(seq);
+        reasons.push(reason);
+    }
+    engine.shutdown(true);
+    let secs = start.elapsed().as_secs_f64();
+    let n: usize = sequences.iter().map(Vec::len).sum();
+    if as_json {
+        crate::out::println(
+            &serde_json::json!({
+                "texts": texts,
+                "sequences": sequences,
+                "finish_reasons": reasons,
+            })
+            .to_string(),
+        )?;
+    } else if stream {
+        crate::out::println("")?;
+    } else {
+        for (p, t) in prompts.iter().zip(&texts) {
+            crate::out::println(&format!("{p}{t}\n"))?;
+        }
+    }
+    eprintln!(
+        "[{n} tokens in {secs:.2} s, {:.1} tokens/s, {} ranks]",
+        n as f64 / secs.max(1e-9),
+        shape.world()
+    );
+    Ok(())
+}

@@ -282,6 +282,56 @@ fn generate_on_parallel_ranks_prints_the_single_rank_tokens() {
     assert_eq!(text, single);
 }
 
+/// Text prompts on a mesh (the serving engine on local ranks) print what one rank prints:
+/// greedy and seeded sampling, several prompts, a stop string.
+#[test]
+fn generate_text_on_parallel_ranks_prints_the_single_rank_output() {
+    let gen = |extra: &[&str]| {
+        let out = zaya()
+            .args([
+                "generate",
+                "--prompt",
+                "In the beginning",
+                "--prompt",
+                "And God said",
+            ])
+            .args(["--max-new-tokens", "10", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json
+    };
+    for sampling in [
+        &[][..],
+        &["--temperature", "0.8", "--top-k", "50", "--seed", "7"],
+        &["--stop", "the"],
+    ] {
+        let single = gen(sampling);
+        assert_eq!(single["sequences"].as_array().unwrap().len(), 2);
+        for mesh in [&["--tp", "2"][..], &["--pp", "2", "--ep", "2"]] {
+            let got = gen(&[sampling, mesh].concat());
+            assert_eq!(got, single, "{sampling:?} on {mesh:?}");
+        }
+    }
+    // a stop string ends the text before it, on the mesh as alone
+    let stopped = gen(&["--stop", "the", "--tp", "2"]);
+    for (text, reason) in stopped["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(stopped["finish_reasons"].as_array().unwrap())
+    {
+        assert!(!text.as_str().unwrap().contains("the"), "{text}");
+        assert!(["stop", "eos", "length"].contains(&reason.as_str().unwrap()));
+    }
+}
+
 #[test]
 fn bench_parallel_reports_throughput_and_per_rank_memory() {
     let (ok, text) = run(zaya()
