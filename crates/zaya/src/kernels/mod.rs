@@ -28,10 +28,13 @@ pub mod registry;
 
 mod bf16;
 mod cca_conv;
+mod gelu;
 pub(crate) mod matmul;
 mod moe;
 mod q8_0;
+mod qk_norm;
 pub mod quantized;
+mod residual_scale;
 mod rms_norm;
 mod rotary;
 mod softmax;
@@ -171,6 +174,56 @@ pub fn cca_conv(
         ImplId::Reference => reference::cca_conv(x, w0, b0, w1, b1, groups),
         ImplId::Fused => cca_conv::fused(x, w0, b0, w1, b1, groups),
         id => Err(not_an_impl(Kernel::CcaConv, id)),
+    }
+}
+
+/// The decoder layer's residual-scale merge,
+/// `f32((sub + sub_bias) ⊙ sub_scale) + (residual + res_bias) ⊙ res_scale` with `residual`
+/// the f32 residual stream and `[H]` parameters. See [`reference::residual_scale`].
+pub fn residual_scale(
+    sub: &Tensor,
+    residual: &Tensor,
+    sub_bias: &Tensor,
+    sub_scale: &Tensor,
+    res_bias: &Tensor,
+    res_scale: &Tensor,
+) -> Result<Tensor> {
+    match pick(Kernel::ResidualScale, sub)? {
+        ImplId::Reference => {
+            reference::residual_scale(sub, residual, sub_bias, sub_scale, res_bias, res_scale)
+        }
+        ImplId::Fused => {
+            residual_scale::fused(sub, residual, sub_bias, sub_scale, res_bias, res_scale)
+        }
+        id => Err(not_an_impl(Kernel::ResidualScale, id)),
+    }
+}
+
+/// The CCA query/key tail: mean residuals of the raw projections `u`, added to the
+/// convolution output `z` (both `[B, T, (Nq + Nkv)·D]`), QK-norm to √D and the keys' `temp`
+/// `[Nkv]`. Returns queries `[B, T, Nq, D]` and keys `[B, T, Nkv, D]`. See
+/// [`reference::cca_qk_norm`].
+pub fn cca_qk_norm(
+    z: &Tensor,
+    u: &Tensor,
+    temp: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    qk_norm::check(z, u, temp, num_heads, num_kv_heads)?;
+    match pick(Kernel::CcaQkNorm, z)? {
+        ImplId::Reference => reference::cca_qk_norm(z, u, temp, num_heads, num_kv_heads),
+        ImplId::Fused => qk_norm::fused(z, u, temp, num_heads, num_kv_heads),
+        id => Err(not_an_impl(Kernel::CcaQkNorm, id)),
+    }
+}
+
+/// The exact GELU `½ x (1 + erf(x / √2))` (the router MLP's activation).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::GeluErf, x)? {
+        ImplId::Reference => reference::gelu_erf(x),
+        ImplId::Fused => gelu::fused(x),
+        id => Err(not_an_impl(Kernel::GeluErf, id)),
     }
 }
 

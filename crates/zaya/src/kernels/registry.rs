@@ -36,10 +36,13 @@ pub enum Kernel {
     CcaConv,
     MoeExperts,
     Matmul,
+    ResidualScale,
+    CcaQkNorm,
+    GeluErf,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::RmsNorm,
         Kernel::Rotary,
         Kernel::Swiglu,
@@ -48,6 +51,9 @@ impl Kernel {
         Kernel::CcaConv,
         Kernel::MoeExperts,
         Kernel::Matmul,
+        Kernel::ResidualScale,
+        Kernel::CcaQkNorm,
+        Kernel::GeluErf,
     ];
 
     /// The kernel's name (lower snake case, as in `ZAYA_KERNEL_<NAME>` uppercased).
@@ -170,7 +176,7 @@ const fn reference(summary: &'static str) -> ImplInfo {
 }
 
 /// The capability table, in [`Kernel::ALL`] order.
-pub static KERNELS: [KernelInfo; 8] = [
+pub static KERNELS: [KernelInfo; 11] = [
     KernelInfo {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -290,6 +296,48 @@ pub static KERNELS: [KernelInfo; 8] = [
             },
         ],
         example_shape: &[512, 2048],
+    },
+    KernelInfo {
+        kernel: Kernel::ResidualScale,
+        name: "residual_scale",
+        summary: "f32((sub + b_h) * s_h) + (res + b_r) * s_r, the decoder's residual merges",
+        reference: reference("broadcast add/mul candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per row; fused backward with the parameter row sums",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[1, 512, 2048],
+    },
+    KernelInfo {
+        kernel: Kernel::CcaQkNorm,
+        name: "cca_qk_norm",
+        summary: "CCA q/k mean residuals + L2 norm to sqrt(D) + key temp over [B, T, C]",
+        reference: reference("reshape/broadcast/mean/sqr/sum candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per token, heads recomputed in the fused backward (f32 only: \
+                      in bf16/f16 the reference's per-op rounding decides greedy tokens)",
+            available: always,
+            supports: |d, t, s| {
+                d.is_cpu() && t == DType::F32 && s.rank() == 3 && s.elem_count() > 0
+            },
+        }],
+        example_shape: &[1, 512, 1280],
+    },
+    KernelInfo {
+        kernel: Kernel::GeluErf,
+        name: "gelu_erf",
+        summary: "exact GELU 0.5 x (1 + erf(x / sqrt 2)), the router MLP's activation",
+        reference: reference("candle gelu_erf (a dozen ops in its backward)"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass forward, one pass backward",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[512, 256],
     },
 ];
 

@@ -98,8 +98,8 @@ impl ZayaRouter {
             rho = (rho + prev.broadcast_mul(scale)?)?;
         }
         let x = kernels::rms_norm(&rho, &self.norm_weight, self.eps)?;
-        let x = self.fc1.forward(&x)?.gelu_erf()?;
-        let x = self.fc2.forward(&x)?.gelu_erf()?;
+        let x = kernels::gelu_erf(&self.fc1.forward(&x)?)?;
+        let x = kernels::gelu_erf(&self.fc2.forward(&x)?)?;
         let logits = self.out_proj.forward(&x)?;
         let classes = self.num_experts + 1;
         let logits = logits.reshape(((), classes))?;
