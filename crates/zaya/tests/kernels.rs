@@ -894,3 +894,45 @@ fn gelu_erf_fused_matches_reference() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn router_eda_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(27);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..9);
+            let r = [1, 6, 32, 129][rng.random_range(0..4)];
+            let dims = if case % 2 == 0 {
+                vec![rows, r]
+            } else {
+                vec![2, rows, r]
+            };
+            let x = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let prev = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let scale = rand_var(&mut rng, &[r], 1.0, dtype)?;
+            check(
+                Kernel::RouterEda,
+                dtype,
+                &[&x, &prev, &scale],
+                &dims,
+                &mut rng,
+                &format!("router_eda {dims:?} {dtype:?}"),
+                &|| {
+                    Ok(kernels::router_eda(
+                        x.as_tensor(),
+                        prev.as_tensor(),
+                        scale.as_tensor(),
+                    )?)
+                },
+            )?;
+        }
+    }
+    // A state of another shape is a typed error, not a panic.
+    let x = rand_tensor(&mut rng, &[2, 4], 1.0)?;
+    let short = rand_tensor(&mut rng, &[3], 1.0)?;
+    with(Kernel::RouterEda, Choice::Impl(ImplId::Fused), || {
+        assert!(kernels::router_eda(&x, &x, &short).is_err());
+        assert!(kernels::router_eda(&x, &x.t().unwrap(), &short).is_err());
+    });
+    Ok(())
+}

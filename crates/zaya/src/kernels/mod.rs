@@ -37,6 +37,7 @@ pub mod quantized;
 mod residual_scale;
 mod rms_norm;
 mod rotary;
+mod router_eda;
 mod softmax;
 mod swiglu;
 
@@ -215,6 +216,15 @@ pub fn cca_qk_norm(
         ImplId::Reference => reference::cca_qk_norm(z, u, temp, num_heads, num_kv_heads),
         ImplId::Fused => qk_norm::fused(z, u, temp, num_heads, num_kv_heads),
         id => Err(not_an_impl(Kernel::CcaQkNorm, id)),
+    }
+}
+
+/// The router's EDA step `state + prev ⊙ scale` (`scale` `[R]`, `router_states_scale`).
+pub fn router_eda(state: &Tensor, prev: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::RouterEda, state)? {
+        ImplId::Reference => reference::router_eda(state, prev, scale),
+        ImplId::Fused => router_eda::fused(state, prev, scale),
+        id => Err(not_an_impl(Kernel::RouterEda, id)),
     }
 }
 

@@ -147,6 +147,12 @@ pub fn cca_qk_norm(
     Ok((q, k))
 }
 
+/// The router's EDA step (exponential depth averaging): `state + prev ⊙ scale`, `scale`
+/// `[R]` the layer's `router_states_scale`.
+pub fn router_eda(state: &Tensor, prev: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    state + prev.broadcast_mul(scale)?
+}
+
 /// The exact (erf) GELU, `½ x (1 + erf(x / √2))`: candle's differentiable `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()

@@ -39,10 +39,11 @@ pub enum Kernel {
     ResidualScale,
     CcaQkNorm,
     GeluErf,
+    RouterEda,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::RmsNorm,
         Kernel::Rotary,
         Kernel::Swiglu,
@@ -54,6 +55,7 @@ impl Kernel {
         Kernel::ResidualScale,
         Kernel::CcaQkNorm,
         Kernel::GeluErf,
+        Kernel::RouterEda,
     ];
 
     /// The kernel's name (lower snake case, as in `ZAYA_KERNEL_<NAME>` uppercased).
@@ -176,7 +178,7 @@ const fn reference(summary: &'static str) -> ImplInfo {
 }
 
 /// The capability table, in [`Kernel::ALL`] order.
-pub static KERNELS: [KernelInfo; 11] = [
+pub static KERNELS: [KernelInfo; 12] = [
     KernelInfo {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -338,6 +340,19 @@ pub static KERNELS: [KernelInfo; 11] = [
             supports: cpu_float_nonempty,
         }],
         example_shape: &[512, 256],
+    },
+    KernelInfo {
+        kernel: Kernel::RouterEda,
+        name: "router_eda",
+        summary: "the router's EDA step state + prev * router_states_scale",
+        reference: reference("broadcast_mul + add candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per row; fused backward with the scale's row sum",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[1, 512, 256],
     },
 ];
 
