@@ -936,3 +936,41 @@ fn router_eda_fused_matches_reference() -> Result<()> {
     });
     Ok(())
 }
+
+#[test]
+fn log_prob_gather_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(28);
+    for _ in 0..CASES {
+        for dtype in dtypes() {
+            let n = rng.random_range(1..9);
+            let v = [1, 5, 100, 1000][rng.random_range(0..4)];
+            let logits = rand_var(&mut rng, &[n, v], 12.0, dtype)?;
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+            let ids = Tensor::from_vec(ids, (n, 1), &Device::Cpu)?;
+            check(
+                Kernel::LogProbGather,
+                dtype,
+                &[&logits],
+                &[n, 1],
+                &mut rng,
+                &format!("log_prob_gather [{n}, {v}] {dtype:?}"),
+                &|| Ok(kernels::log_prob_gather(logits.as_tensor(), &ids)?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn log_prob_gather_rejects_bad_targets() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(29);
+    let logits = rand_tensor(&mut rng, &[3, 10], 1.0)?;
+    let outside = Tensor::new(&[[1u32], [10], [2]], &Device::Cpu)?;
+    let short = Tensor::new(&[[1u32], [2]], &Device::Cpu)?;
+    with(Kernel::LogProbGather, Choice::Impl(ImplId::Fused), || {
+        assert!(kernels::log_prob_gather(&logits, &outside).is_err());
+        assert!(kernels::log_prob_gather(&logits, &short).is_err());
+        assert!(kernels::log_prob_gather(&logits.unsqueeze(0).unwrap(), &short).is_err());
+    });
+    Ok(())
+}

@@ -29,6 +29,7 @@ pub mod registry;
 mod bf16;
 mod cca_conv;
 mod gelu;
+mod log_prob;
 pub(crate) mod matmul;
 mod moe;
 mod q8_0;
@@ -225,6 +226,17 @@ pub fn router_eda(state: &Tensor, prev: &Tensor, scale: &Tensor) -> Result<Tenso
         ImplId::Reference => reference::router_eda(state, prev, scale),
         ImplId::Fused => router_eda::fused(state, prev, scale),
         id => Err(not_an_impl(Kernel::RouterEda, id)),
+    }
+}
+
+/// The log-probability of each row's target class, `log_softmax(logits)[n, ids[n]]`
+/// (`logits` `[N, V]`, `ids` `[N, 1]` u32) → `[N, 1]`: the loss head's cross-entropy term.
+pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    log_prob::check(logits, ids)?;
+    match pick(Kernel::LogProbGather, logits)? {
+        ImplId::Reference => reference::log_prob_gather(logits, ids),
+        ImplId::Fused => log_prob::fused(logits, ids),
+        id => Err(not_an_impl(Kernel::LogProbGather, id)),
     }
 }
 

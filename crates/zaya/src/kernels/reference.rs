@@ -153,6 +153,22 @@ pub fn router_eda(state: &Tensor, prev: &Tensor, scale: &Tensor) -> Result<Tenso
     state + prev.broadcast_mul(scale)?
 }
 
+/// Numerically stable log-softmax over the last axis, built only from ops that have a
+/// backward pass (candle's fused `softmax_last_dim` would silently drop the gradient). The
+/// row maximum is detached: it cancels exactly in the value, so its gradient is zero anyway.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// The log-probability of each row's target class: `log_softmax(logits)` gathered at
+/// `ids` (`logits` `[N, V]`, `ids` `[N, 1]` u32) → `[N, 1]`.
+pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    log_softmax(logits)?.gather(ids, 1)
+}
+
 /// The exact (erf) GELU, `½ x (1 + erf(x / √2))`: candle's differentiable `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()

@@ -40,10 +40,11 @@ pub enum Kernel {
     CcaQkNorm,
     GeluErf,
     RouterEda,
+    LogProbGather,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::RmsNorm,
         Kernel::Rotary,
         Kernel::Swiglu,
@@ -56,6 +57,7 @@ impl Kernel {
         Kernel::CcaQkNorm,
         Kernel::GeluErf,
         Kernel::RouterEda,
+        Kernel::LogProbGather,
     ];
 
     /// The kernel's name (lower snake case, as in `ZAYA_KERNEL_<NAME>` uppercased).
@@ -178,7 +180,7 @@ const fn reference(summary: &'static str) -> ImplInfo {
 }
 
 /// The capability table, in [`Kernel::ALL`] order.
-pub static KERNELS: [KernelInfo; 12] = [
+pub static KERNELS: [KernelInfo; 13] = [
     KernelInfo {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -353,6 +355,19 @@ pub static KERNELS: [KernelInfo; 12] = [
             supports: cpu_float_nonempty,
         }],
         example_shape: &[1, 512, 256],
+    },
+    KernelInfo {
+        kernel: Kernel::LogProbGather,
+        name: "log_prob_gather",
+        summary: "log_softmax(logits)[n, id_n] over [rows, vocab]: the loss head's term",
+        reference: reference("max/sub/exp/sum/log/sub/gather candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per row each way, vectorised exp; fused backward",
+            available: always,
+            supports: |d, t, s| cpu_float_rank(d, t, s, 2) && s.elem_count() > 0,
+        }],
+        example_shape: &[512, 32000],
     },
 ];
 
