@@ -974,3 +974,40 @@ fn log_prob_gather_rejects_bad_targets() -> Result<()> {
     });
     Ok(())
 }
+
+#[test]
+fn bias_add_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(30);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..40);
+            let n = [1, 7, 128, 300][rng.random_range(0..4)];
+            let dims = if case % 2 == 0 {
+                vec![rows, n]
+            } else {
+                vec![2, rows, n]
+            };
+            let y = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let b = rand_var(&mut rng, &[n], 1.0, dtype)?;
+            check(
+                Kernel::BiasAdd,
+                dtype,
+                &[&y, &b],
+                &dims,
+                &mut rng,
+                &format!("bias_add {dims:?} {dtype:?}"),
+                &|| Ok(kernels::bias_add(y.as_tensor(), b.as_tensor())?),
+            )?;
+        }
+    }
+    // Operands the fused op does not take behave as the reference: a wrong length is an
+    // error either way.
+    let y = rand_tensor(&mut rng, &[3, 8], 1.0)?;
+    let short = rand_tensor(&mut rng, &[7], 1.0)?;
+    for choice in [Choice::Reference, Choice::Impl(ImplId::Fused)] {
+        with(Kernel::BiasAdd, choice, || {
+            assert!(kernels::bias_add(&y, &short).is_err());
+        });
+    }
+    Ok(())
+}

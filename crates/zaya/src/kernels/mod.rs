@@ -27,6 +27,7 @@ pub mod reference;
 pub mod registry;
 
 mod bf16;
+mod bias_add;
 mod cca_conv;
 mod gelu;
 mod log_prob;
@@ -237,6 +238,15 @@ pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         ImplId::Reference => reference::log_prob_gather(logits, ids),
         ImplId::Fused => log_prob::fused(logits, ids),
         id => Err(not_an_impl(Kernel::LogProbGather, id)),
+    }
+}
+
+/// A linear layer's bias, `y + bias` over the last axis (`bias` `[N]`).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::BiasAdd, y)? {
+        ImplId::Reference => reference::bias_add(y, bias),
+        ImplId::Fused => bias_add::fused(y, bias),
+        id => Err(not_an_impl(Kernel::BiasAdd, id)),
     }
 }
 

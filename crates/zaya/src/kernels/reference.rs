@@ -169,6 +169,11 @@ pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     log_softmax(logits)?.gather(ids, 1)
 }
 
+/// A linear layer's bias, `y + bias` over the last axis (`bias` `[N]`).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    y.broadcast_add(bias)
+}
+
 /// The exact (erf) GELU, `½ x (1 + erf(x / √2))`: candle's differentiable `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()

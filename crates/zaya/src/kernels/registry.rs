@@ -41,10 +41,11 @@ pub enum Kernel {
     GeluErf,
     RouterEda,
     LogProbGather,
+    BiasAdd,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::RmsNorm,
         Kernel::Rotary,
         Kernel::Swiglu,
@@ -58,6 +59,7 @@ impl Kernel {
         Kernel::GeluErf,
         Kernel::RouterEda,
         Kernel::LogProbGather,
+        Kernel::BiasAdd,
     ];
 
     /// The kernel's name (lower snake case, as in `ZAYA_KERNEL_<NAME>` uppercased).
@@ -180,7 +182,7 @@ const fn reference(summary: &'static str) -> ImplInfo {
 }
 
 /// The capability table, in [`Kernel::ALL`] order.
-pub static KERNELS: [KernelInfo; 13] = [
+pub static KERNELS: [KernelInfo; 14] = [
     KernelInfo {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -368,6 +370,19 @@ pub static KERNELS: [KernelInfo; 13] = [
             supports: |d, t, s| cpu_float_rank(d, t, s, 2) && s.elem_count() > 0,
         }],
         example_shape: &[512, 32000],
+    },
+    KernelInfo {
+        kernel: Kernel::BiasAdd,
+        name: "bias_add",
+        summary: "y + bias over the last axis (the linear layers' bias)",
+        reference: reference("candle broadcast_add"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass on the kernel pool; backward row sum in one pass",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[512, 128],
     },
 ];
 
