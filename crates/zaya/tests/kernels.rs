@@ -733,3 +733,302 @@ fn run_in_pool_carries_the_scoped_choices() -> Result<()> {
     assert_eq!(after, pick()?);
     Ok(())
 }
+
+#[test]
+fn residual_scale_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(21);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..9);
+            let h = [1, 5, 16, 67, 130][rng.random_range(0..5)];
+            let dims = if case % 2 == 0 {
+                vec![rows, h]
+            } else {
+                vec![2, rows, h]
+            };
+            let sub = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            // The residual stream is f32 whatever the parameter dtype.
+            let res = rand_var(&mut rng, &dims, 5.0, DType::F32)?;
+            let p: Vec<Var> = (0..4)
+                .map(|_| rand_var(&mut rng, &[h], 1.5, dtype))
+                .collect::<Result<_>>()?;
+            check(
+                Kernel::ResidualScale,
+                dtype,
+                &[&sub, &res, &p[0], &p[1], &p[2], &p[3]],
+                &dims,
+                &mut rng,
+                &format!("residual_scale {dims:?} {dtype:?}"),
+                &|| {
+                    Ok(kernels::residual_scale(
+                        sub.as_tensor(),
+                        res.as_tensor(),
+                        p[0].as_tensor(),
+                        p[1].as_tensor(),
+                        p[2].as_tensor(),
+                        p[3].as_tensor(),
+                    )?)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn residual_scale_is_bit_identical_to_the_reference_in_f32() -> Result<()> {
+    // Same ops in the same order in f32: the forward must not differ at all (the decoder's
+    // residual stream goes through it twice per layer).
+    let mut rng = StdRng::seed_from_u64(22);
+    let sub = rand_tensor(&mut rng, &[3, 40, 96], 2.0)?;
+    let res = rand_tensor(&mut rng, &[3, 40, 96], 7.0)?;
+    let p: Vec<Tensor> = (0..4)
+        .map(|_| rand_tensor(&mut rng, &[96], 1.3))
+        .collect::<Result<_>>()?;
+    let f = |c| {
+        with(Kernel::ResidualScale, c, || {
+            kernels::residual_scale(&sub, &res, &p[0], &p[1], &p[2], &p[3])
+        })
+    };
+    let a: Vec<f32> = f(Choice::Reference)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = f(Choice::Impl(ImplId::Fused))?.flatten_all()?.to_vec1()?;
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    Ok(())
+}
+
+#[test]
+fn residual_scale_rejects_bad_operands() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(23);
+    let sub = rand_tensor(&mut rng, &[2, 8], 1.0)?;
+    let p = rand_tensor(&mut rng, &[8], 1.0)?;
+    let short = rand_tensor(&mut rng, &[7], 1.0)?;
+    with(Kernel::ResidualScale, Choice::Impl(ImplId::Fused), || {
+        // a parameter of the wrong length
+        assert!(kernels::residual_scale(&sub, &sub, &p, &short, &p, &p).is_err());
+        // a residual of another shape
+        let res = rand_tensor(&mut rng, &[3, 8], 1.0).unwrap();
+        assert!(kernels::residual_scale(&sub, &res, &p, &p, &p, &p).is_err());
+        // a residual stream that is not f32
+        let res16 = sub.to_dtype(DType::BF16).unwrap();
+        assert!(kernels::residual_scale(&sub, &res16, &p, &p, &p, &p).is_err());
+    });
+    Ok(())
+}
+
+#[test]
+fn cca_qk_norm_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(24);
+    // f32 only: in bf16 the reference's rounding after every op is what the transformers
+    // fixtures' greedy tokens follow, so the registry keeps the reference there.
+    let sel = with(Kernel::CcaQkNorm, Choice::Auto, || {
+        registry::select(
+            Kernel::CcaQkNorm,
+            &Device::Cpu,
+            DType::BF16,
+            &candle_core::Shape::from_dims(&[1, 4, 24]),
+        )
+    })?;
+    assert_eq!(sel, ImplId::Reference);
+    for case in 0..CASES {
+        let dtype = DType::F32;
+        let b = rng.random_range(1..3);
+        let t = rng.random_range(1..7);
+        let nkv = rng.random_range(1..3);
+        let nq = nkv * [1, 2, 4][rng.random_range(0..3)];
+        let d = [2, 8, 13, 32][rng.random_range(0..4)];
+        let c = (nq + nkv) * d;
+        let z = rand_var(&mut rng, &[b, t, c], 2.0, dtype)?;
+        let u = rand_var(&mut rng, &[b, t, c], 2.0, dtype)?;
+        let temp = rand_var(&mut rng, &[nkv], 2.0, dtype)?;
+        if case == 0 {
+            // An all-zero head (a padding token): the norm is clamped, the gradient finite.
+            let zeros = Tensor::zeros((b, t, c), dtype, &Device::Cpu)?;
+            z.set(&zeros)?;
+            u.set(&zeros)?;
+        }
+        // One output for the harness: queries and keys side by side again.
+        let f = || -> Result<Tensor> {
+            let (q, k) =
+                kernels::cca_qk_norm(z.as_tensor(), u.as_tensor(), temp.as_tensor(), nq, nkv)?;
+            assert_eq!(q.dims(), [b, t, nq, d]);
+            assert_eq!(k.dims(), [b, t, nkv, d]);
+            Ok(Tensor::cat(&[&q, &k], 2)?)
+        };
+        check(
+            Kernel::CcaQkNorm,
+            dtype,
+            &[&z, &u, &temp],
+            &[b, t, nq + nkv, d],
+            &mut rng,
+            &format!("cca_qk_norm b{b} t{t} nq{nq} nkv{nkv} d{d} {dtype:?}"),
+            &f,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cca_qk_norm_rejects_inconsistent_heads() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(25);
+    let z = rand_tensor(&mut rng, &[1, 2, 24], 1.0)?;
+    let temp = rand_tensor(&mut rng, &[2], 1.0)?;
+    for choice in [Choice::Reference, Choice::Impl(ImplId::Fused)] {
+        with(Kernel::CcaQkNorm, choice, || {
+            // 3 query heads over 2 key heads
+            assert!(kernels::cca_qk_norm(&z, &z, &temp, 3, 2).is_err());
+            // temp [2] for one key head (2 + 1 heads of 8 channels)
+            assert!(kernels::cca_qk_norm(&z, &z, &temp, 2, 1).is_err());
+            // u of another shape (4 + 2 heads of 4 channels)
+            assert!(kernels::cca_qk_norm(&z, &z, &temp, 4, 2).is_ok());
+            let u = rand_tensor(&mut rng, &[1, 3, 24], 1.0).unwrap();
+            assert!(kernels::cca_qk_norm(&z, &u, &temp, 4, 2).is_err());
+            // 24 channels are not 8 + 2 heads of equal size
+            assert!(kernels::cca_qk_norm(&z, &z, &temp, 8, 2).is_err());
+        });
+    }
+    Ok(())
+}
+
+#[test]
+fn gelu_erf_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(26);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..9);
+            let n = [1, 7, 64, 129][rng.random_range(0..4)];
+            let dims = if case % 2 == 0 {
+                vec![rows, n]
+            } else {
+                vec![2, rows, n]
+            };
+            let x = rand_var(&mut rng, &dims, 5.0, dtype)?;
+            check(
+                Kernel::GeluErf,
+                dtype,
+                &[&x],
+                &dims,
+                &mut rng,
+                &format!("gelu_erf {dims:?} {dtype:?}"),
+                &|| Ok(kernels::gelu_erf(x.as_tensor())?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn router_eda_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(27);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..9);
+            let r = [1, 6, 32, 129][rng.random_range(0..4)];
+            let dims = if case % 2 == 0 {
+                vec![rows, r]
+            } else {
+                vec![2, rows, r]
+            };
+            let x = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let prev = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let scale = rand_var(&mut rng, &[r], 1.0, dtype)?;
+            check(
+                Kernel::RouterEda,
+                dtype,
+                &[&x, &prev, &scale],
+                &dims,
+                &mut rng,
+                &format!("router_eda {dims:?} {dtype:?}"),
+                &|| {
+                    Ok(kernels::router_eda(
+                        x.as_tensor(),
+                        prev.as_tensor(),
+                        scale.as_tensor(),
+                    )?)
+                },
+            )?;
+        }
+    }
+    // A state of another shape is a typed error, not a panic.
+    let x = rand_tensor(&mut rng, &[2, 4], 1.0)?;
+    let short = rand_tensor(&mut rng, &[3], 1.0)?;
+    with(Kernel::RouterEda, Choice::Impl(ImplId::Fused), || {
+        assert!(kernels::router_eda(&x, &x, &short).is_err());
+        assert!(kernels::router_eda(&x, &x.t().unwrap(), &short).is_err());
+    });
+    Ok(())
+}
+
+#[test]
+fn log_prob_gather_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(28);
+    for _ in 0..CASES {
+        for dtype in dtypes() {
+            let n = rng.random_range(1..9);
+            let v = [1, 5, 100, 1000][rng.random_range(0..4)];
+            let logits = rand_var(&mut rng, &[n, v], 12.0, dtype)?;
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+            let ids = Tensor::from_vec(ids, (n, 1), &Device::Cpu)?;
+            check(
+                Kernel::LogProbGather,
+                dtype,
+                &[&logits],
+                &[n, 1],
+                &mut rng,
+                &format!("log_prob_gather [{n}, {v}] {dtype:?}"),
+                &|| Ok(kernels::log_prob_gather(logits.as_tensor(), &ids)?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn log_prob_gather_rejects_bad_targets() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(29);
+    let logits = rand_tensor(&mut rng, &[3, 10], 1.0)?;
+    let outside = Tensor::new(&[[1u32], [10], [2]], &Device::Cpu)?;
+    let short = Tensor::new(&[[1u32], [2]], &Device::Cpu)?;
+    with(Kernel::LogProbGather, Choice::Impl(ImplId::Fused), || {
+        assert!(kernels::log_prob_gather(&logits, &outside).is_err());
+        assert!(kernels::log_prob_gather(&logits, &short).is_err());
+        assert!(kernels::log_prob_gather(&logits.unsqueeze(0).unwrap(), &short).is_err());
+    });
+    Ok(())
+}
+
+#[test]
+fn bias_add_fused_matches_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(30);
+    for case in 0..CASES {
+        for dtype in dtypes() {
+            let rows = rng.random_range(1..40);
+            let n = [1, 7, 128, 300][rng.random_range(0..4)];
+            let dims = if case % 2 == 0 {
+                vec![rows, n]
+            } else {
+                vec![2, rows, n]
+            };
+            let y = rand_var(&mut rng, &dims, 3.0, dtype)?;
+            let b = rand_var(&mut rng, &[n], 1.0, dtype)?;
+            check(
+                Kernel::BiasAdd,
+                dtype,
+                &[&y, &b],
+                &dims,
+                &mut rng,
+                &format!("bias_add {dims:?} {dtype:?}"),
+                &|| Ok(kernels::bias_add(y.as_tensor(), b.as_tensor())?),
+            )?;
+        }
+    }
+    // Operands the fused op does not take behave as the reference: a wrong length is an
+    // error either way.
+    let y = rand_tensor(&mut rng, &[3, 8], 1.0)?;
+    let short = rand_tensor(&mut rng, &[7], 1.0)?;
+    for choice in [Choice::Reference, Choice::Impl(ImplId::Fused)] {
+        with(Kernel::BiasAdd, choice, || {
+            assert!(kernels::bias_add(&y, &short).is_err());
+        });
+    }
+    Ok(())
+}

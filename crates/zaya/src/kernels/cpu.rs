@@ -707,6 +707,40 @@ simd_dispatch! {
 }
 
 #[inline(always)]
+fn sum_exp_sub_body(row: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += exp_approx(*x - m);
+        }
+    }
+    acc.iter().sum::<f32>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|x| exp_approx(*x - m))
+            .sum::<f32>()
+}
+
+simd_dispatch! {
+    /// `Σ exp(row[j] − m)`, the row left as it is.
+    pub(crate) fn sum_exp_sub(row: &[f32], m: f32) -> f32 => sum_exp_sub_body
+}
+
+#[inline(always)]
+fn neg_softmax_scaled_body(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(row) {
+        *o = -g * exp_approx(*x - lse);
+    }
+}
+
+simd_dispatch! {
+    /// `out[j] = −g · exp(row[j] − lse)` (`lse` the row's log-sum-exp: `−g · softmax`).
+    pub(crate) fn neg_softmax_scaled(row: &[f32], lse: f32, g: f32, out: &mut [f32]) => neg_softmax_scaled_body
+}
+
+#[inline(always)]
 fn sum_sq_body(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -1290,6 +1324,13 @@ mod tests {
             assert!((g - w).abs() < 1e-6);
         }
         assert!((total - want.iter().sum::<f32>()).abs() < 1e-5);
+        // the non-mutating sum agrees with the mutating one
+        assert!((sum_exp_sub(&a, 0.5) - total).abs() < 1e-6);
+        let mut neg = vec![0f32; 37];
+        neg_softmax_scaled(&a, 0.5, 2.0, &mut neg);
+        for (g, w) in neg.iter().zip(&want) {
+            assert!((g + 2.0 * w).abs() < 1e-6);
+        }
         let mut out = vec![0f32; 37];
         silu_mul(&a, &b, &mut out);
         for i in 0..37 {

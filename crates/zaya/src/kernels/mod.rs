@@ -27,13 +27,19 @@ pub mod reference;
 pub mod registry;
 
 mod bf16;
+mod bias_add;
 mod cca_conv;
+mod gelu;
+mod log_prob;
 pub(crate) mod matmul;
 mod moe;
 mod q8_0;
+mod qk_norm;
 pub mod quantized;
+mod residual_scale;
 mod rms_norm;
 mod rotary;
+mod router_eda;
 mod softmax;
 mod swiglu;
 
@@ -181,6 +187,85 @@ pub fn cca_conv(
         ImplId::Reference => reference::cca_conv(x, w0, b0, w1, b1, groups),
         ImplId::Fused => cca_conv::fused(x, w0, b0, w1, b1, groups),
         id => Err(not_an_impl(Kernel::CcaConv, id)),
+    }
+}
+
+/// The decoder layer's residual-scale merge,
+/// `f32((sub + sub_bias) ⊙ sub_scale) + (residual + res_bias) ⊙ res_scale` with `residual`
+/// the f32 residual stream and `[H]` parameters. See [`reference::residual_scale`].
+pub fn residual_scale(
+    sub: &Tensor,
+    residual: &Tensor,
+    sub_bias: &Tensor,
+    sub_scale: &Tensor,
+    res_bias: &Tensor,
+    res_scale: &Tensor,
+) -> Result<Tensor> {
+    match pick(Kernel::ResidualScale, sub)? {
+        ImplId::Reference => {
+            reference::residual_scale(sub, residual, sub_bias, sub_scale, res_bias, res_scale)
+        }
+        ImplId::Fused => {
+            residual_scale::fused(sub, residual, sub_bias, sub_scale, res_bias, res_scale)
+        }
+        id => Err(not_an_impl(Kernel::ResidualScale, id)),
+    }
+}
+
+/// The CCA query/key tail: mean residuals of the raw projections `u`, added to the
+/// convolution output `z` (both `[B, T, (Nq + Nkv)·D]`), QK-norm to √D and the keys' `temp`
+/// `[Nkv]`. Returns queries `[B, T, Nq, D]` and keys `[B, T, Nkv, D]`. See
+/// [`reference::cca_qk_norm`].
+pub fn cca_qk_norm(
+    z: &Tensor,
+    u: &Tensor,
+    temp: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    qk_norm::check(z, u, temp, num_heads, num_kv_heads)?;
+    match pick(Kernel::CcaQkNorm, z)? {
+        ImplId::Reference => reference::cca_qk_norm(z, u, temp, num_heads, num_kv_heads),
+        ImplId::Fused => qk_norm::fused(z, u, temp, num_heads, num_kv_heads),
+        id => Err(not_an_impl(Kernel::CcaQkNorm, id)),
+    }
+}
+
+/// The router's EDA step `state + prev ⊙ scale` (`scale` `[R]`, `router_states_scale`).
+pub fn router_eda(state: &Tensor, prev: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::RouterEda, state)? {
+        ImplId::Reference => reference::router_eda(state, prev, scale),
+        ImplId::Fused => router_eda::fused(state, prev, scale),
+        id => Err(not_an_impl(Kernel::RouterEda, id)),
+    }
+}
+
+/// The log-probability of each row's target class, `log_softmax(logits)[n, ids[n]]`
+/// (`logits` `[N, V]`, `ids` `[N, 1]` u32) → `[N, 1]`: the loss head's cross-entropy term.
+pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    log_prob::check(logits, ids)?;
+    match pick(Kernel::LogProbGather, logits)? {
+        ImplId::Reference => reference::log_prob_gather(logits, ids),
+        ImplId::Fused => log_prob::fused(logits, ids),
+        id => Err(not_an_impl(Kernel::LogProbGather, id)),
+    }
+}
+
+/// A linear layer's bias, `y + bias` over the last axis (`bias` `[N]`).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::BiasAdd, y)? {
+        ImplId::Reference => reference::bias_add(y, bias),
+        ImplId::Fused => bias_add::fused(y, bias),
+        id => Err(not_an_impl(Kernel::BiasAdd, id)),
+    }
+}
+
+/// The exact GELU `½ x (1 + erf(x / √2))` (the router MLP's activation).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    match pick(Kernel::GeluErf, x)? {
+        ImplId::Reference => reference::gelu_erf(x),
+        ImplId::Fused => gelu::fused(x),
+        id => Err(not_an_impl(Kernel::GeluErf, id)),
     }
 }
 

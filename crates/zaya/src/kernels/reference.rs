@@ -67,6 +67,118 @@ pub fn bias_swiglu(gate_up: &Tensor, bias: &Tensor) -> Result<Tensor> {
     swiglu(&gate_up.broadcast_add(bias)?)
 }
 
+/// The decoder layer's residual-scale merge:
+/// `f32((sub + sub_bias) ⊙ sub_scale) + (residual + res_bias) ⊙ res_scale`. Bias first, then
+/// scale; the sublayer term in the parameter dtype, the residual term and the sum in f32
+/// (`residual` is the f32 residual stream, the parameters are `[H]`).
+pub fn residual_scale(
+    sub: &Tensor,
+    residual: &Tensor,
+    sub_bias: &Tensor,
+    sub_scale: &Tensor,
+    res_bias: &Tensor,
+    res_scale: &Tensor,
+) -> Result<Tensor> {
+    let sub = sub
+        .broadcast_add(sub_bias)?
+        .broadcast_mul(sub_scale)?
+        .to_dtype(DType::F32)?;
+    let res = residual
+        .broadcast_add(&res_bias.to_dtype(DType::F32)?)?
+        .broadcast_mul(&res_scale.to_dtype(DType::F32)?)?;
+    sub + res
+}
+
+/// The clamp of the QK-norm's head norm: the dtype's machine epsilon, as the reference.
+pub fn qk_norm_eps(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 0.0078125,
+        DType::F16 => 9.765625e-4,
+        DType::F64 => f64::EPSILON,
+        _ => f32::EPSILON as f64,
+    }
+}
+
+/// The QK-norm: scales each head of `x` (last axis `head_dim`) to length √D, the norm
+/// clamped at the dtype's machine epsilon as the reference does.
+pub fn l2_to_sqrt_d(x: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let eps = qk_norm_eps(x.dtype());
+    // max(√s, ε) computed as √max(s, ε²): the same value (ε² is exact in every dtype
+    // here), but the backward never divides by √0 for an all-zero head (e.g. a padding
+    // token whose embedding row is zero), which would turn the gradient into NaN.
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .maximum(eps * eps)?
+        .sqrt()?;
+    let factor = (norm.recip()? * (head_dim as f64).sqrt())?;
+    x.broadcast_mul(&factor)
+}
+
+/// The CCA query/key tail (architecture §5.4): from the convolution output `z` and the raw
+/// projections `u` (both `[B, T, C]`, the `Nq` query heads first, then the `Nkv` key heads,
+/// `C = (Nq + Nkv)·D`), the q/k mean residuals (`½(q_raw + k_raw)` per query head with its
+/// key head repeated, and its mean over each key head's group for the keys), then the
+/// QK-norm to length √D, and the keys scaled by `temp` `[Nkv]`. Returns queries
+/// `[B, T, Nq, D]` and keys `[B, T, Nkv, D]`.
+pub fn cca_qk_norm(
+    z: &Tensor,
+    u: &Tensor,
+    temp: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, c) = z.dims3()?;
+    let (nq, nkv) = (num_heads, num_kv_heads);
+    let d = c / (nq + nkv);
+    let groups = nq / nkv;
+    let q4 = u.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))?;
+    let k_rep = u
+        .narrow(2, nq * d, nkv * d)?
+        .reshape((b, t, nkv, 1, d))?
+        .broadcast_as((b, t, nkv, groups, d))?
+        .reshape((b, t, nq, d))?;
+    let mq = ((q4 + k_rep)? * 0.5)?;
+    let mk = mq.reshape((b, t, nkv, groups, d))?.mean(3)?;
+    let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
+    let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
+    let q = l2_to_sqrt_d(&q, d)?;
+    let k = l2_to_sqrt_d(&k, d)?.broadcast_mul(&temp.reshape((1, 1, nkv, 1))?)?;
+    Ok((q, k))
+}
+
+/// The router's EDA step (exponential depth averaging): `state + prev ⊙ scale`, `scale`
+/// `[R]` the layer's `router_states_scale`.
+pub fn router_eda(state: &Tensor, prev: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    state + prev.broadcast_mul(scale)?
+}
+
+/// Numerically stable log-softmax over the last axis, built only from ops that have a
+/// backward pass (candle's fused `softmax_last_dim` would silently drop the gradient). The
+/// row maximum is detached: it cancels exactly in the value, so its gradient is zero anyway.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// The log-probability of each row's target class: `log_softmax(logits)` gathered at
+/// `ids` (`logits` `[N, V]`, `ids` `[N, 1]` u32) → `[N, 1]`.
+pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    log_softmax(logits)?.gather(ids, 1)
+}
+
+/// A linear layer's bias, `y + bias` over the last axis (`bias` `[N]`).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    y.broadcast_add(bias)
+}
+
+/// The exact (erf) GELU, `½ x (1 + erf(x / √2))`: candle's differentiable `gelu_erf`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
 /// The two causal convolutions of the CCA projection (architecture §5.4).
 ///
 /// `x` `[B, S+T, C]` is the conv input already padded on the left with the `S = K0+K1−2`

@@ -36,10 +36,16 @@ pub enum Kernel {
     CcaConv,
     MoeExperts,
     Matmul,
+    ResidualScale,
+    CcaQkNorm,
+    GeluErf,
+    RouterEda,
+    LogProbGather,
+    BiasAdd,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::RmsNorm,
         Kernel::Rotary,
         Kernel::Swiglu,
@@ -48,6 +54,12 @@ impl Kernel {
         Kernel::CcaConv,
         Kernel::MoeExperts,
         Kernel::Matmul,
+        Kernel::ResidualScale,
+        Kernel::CcaQkNorm,
+        Kernel::GeluErf,
+        Kernel::RouterEda,
+        Kernel::LogProbGather,
+        Kernel::BiasAdd,
     ];
 
     /// The kernel's name (lower snake case, as in `ZAYA_KERNEL_<NAME>` uppercased).
@@ -170,7 +182,7 @@ const fn reference(summary: &'static str) -> ImplInfo {
 }
 
 /// The capability table, in [`Kernel::ALL`] order.
-pub static KERNELS: [KernelInfo; 8] = [
+pub static KERNELS: [KernelInfo; 14] = [
     KernelInfo {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -290,6 +302,87 @@ pub static KERNELS: [KernelInfo; 8] = [
             },
         ],
         example_shape: &[512, 2048],
+    },
+    KernelInfo {
+        kernel: Kernel::ResidualScale,
+        name: "residual_scale",
+        summary: "f32((sub + b_h) * s_h) + (res + b_r) * s_r, the decoder's residual merges",
+        reference: reference("broadcast add/mul candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per row; fused backward with the parameter row sums",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[1, 512, 2048],
+    },
+    KernelInfo {
+        kernel: Kernel::CcaQkNorm,
+        name: "cca_qk_norm",
+        summary: "CCA q/k mean residuals + L2 norm to sqrt(D) + key temp over [B, T, C]",
+        reference: reference("reshape/broadcast/mean/sqr/sum candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per token, heads recomputed in the fused backward (f32 only: \
+                      in bf16/f16 the reference's per-op rounding decides greedy tokens)",
+            available: always,
+            supports: |d, t, s| {
+                d.is_cpu() && t == DType::F32 && s.rank() == 3 && s.elem_count() > 0
+            },
+        }],
+        example_shape: &[1, 512, 1280],
+    },
+    KernelInfo {
+        kernel: Kernel::GeluErf,
+        name: "gelu_erf",
+        summary: "exact GELU 0.5 x (1 + erf(x / sqrt 2)), the router MLP's activation",
+        reference: reference("candle gelu_erf (a dozen ops in its backward)"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass forward, one pass backward",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[512, 256],
+    },
+    KernelInfo {
+        kernel: Kernel::RouterEda,
+        name: "router_eda",
+        summary: "the router's EDA step state + prev * router_states_scale",
+        reference: reference("broadcast_mul + add candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per row; fused backward with the scale's row sum",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[1, 512, 256],
+    },
+    KernelInfo {
+        kernel: Kernel::LogProbGather,
+        name: "log_prob_gather",
+        summary: "log_softmax(logits)[n, id_n] over [rows, vocab]: the loss head's term",
+        reference: reference("max/sub/exp/sum/log/sub/gather candle ops"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass per row each way, vectorised exp; fused backward",
+            available: always,
+            supports: |d, t, s| cpu_float_rank(d, t, s, 2) && s.elem_count() > 0,
+        }],
+        example_shape: &[512, 32000],
+    },
+    KernelInfo {
+        kernel: Kernel::BiasAdd,
+        name: "bias_add",
+        summary: "y + bias over the last axis (the linear layers' bias)",
+        reference: reference("candle broadcast_add"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one pass on the kernel pool; backward row sum in one pass",
+            available: always,
+            supports: cpu_float_nonempty,
+        }],
+        example_shape: &[512, 128],
     },
 ];
 

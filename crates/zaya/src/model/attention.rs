@@ -31,7 +31,8 @@ pub struct CcaProjection {
     k1: usize,
 }
 
-/// Queries `[B,T,Nq,D]`, keys and values `[B,T,Nkv,D]` before normalisation.
+/// Queries `[B,T,Nq,D]`, keys and values `[B,T,Nkv,D]`: queries and keys after the
+/// mean residuals, the QK-norm and (keys) `temp`, before RoPE.
 pub struct Qkv {
     pub q: Tensor,
     pub k: Tensor,
@@ -62,10 +63,12 @@ impl CcaProjection {
     }
 
     /// `a` is the input-normed hidden state `[B,T,H]`; `conv_mask` `[B,T]` zeroes padding
-    /// before the projections. Reads and updates the conv and delayed-value states.
+    /// before the projections; `temp` `[Nkv]` is `qk_norm.temp`. Reads and updates the conv
+    /// and delayed-value states.
     pub fn forward(
         &self,
         a: &Tensor,
+        temp: &Tensor,
         conv_mask: Option<&Tensor>,
         same_document: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
@@ -78,7 +81,8 @@ impl CcaProjection {
             ),
             _ => (None, None),
         };
-        let (qkv, conv, rec) = self.project(a, conv_mask, same_document, history, prev_rec)?;
+        let (qkv, conv, rec) =
+            self.project(a, temp, conv_mask, same_document, history, prev_rec)?;
         if let Some(cache) = cache {
             cache.set_cca_state(conv, rec);
         }
@@ -105,6 +109,7 @@ impl CcaProjection {
     pub fn project(
         &self,
         a: &Tensor,
+        temp: &Tensor,
         conv_mask: Option<&Tensor>,
         same_document: Option<&Tensor>,
         history: Option<Tensor>,
@@ -115,23 +120,13 @@ impl CcaProjection {
             None => a.clone(),
         };
         let (b, t, _) = a.dims3()?;
-        let (nq, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let groups = nq / nkv;
+        let (nq, nkv) = (self.num_heads, self.num_kv_heads);
         let s = self.k0 + self.k1 - 2;
 
         let q_raw = self.q_proj.forward(&a)?;
         let k_raw = self.k_proj.forward(&a)?;
         let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?; // [B,T,C], queries first
         let c = u.dim(2)?;
-
-        // q/k mean residuals from the raw projections (sum, halve, then group mean).
-        let q4 = q_raw.reshape((b, t, nq, d))?;
-        let k_rep = k_raw
-            .reshape((b, t, nkv, 1, d))?
-            .broadcast_as((b, t, nkv, groups, d))?
-            .reshape((b, t, nq, d))?;
-        let mq = ((q4 + k_rep)? * 0.5)?;
-        let mk = mq.reshape((b, t, nkv, groups, d))?.mean(3)?;
 
         let history = match history {
             Some(h) => h,
@@ -155,8 +150,8 @@ impl CcaProjection {
             Some(same) => self.convolve_documents(&x, same)?,
         };
 
-        let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
-        let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
+        // q/k mean residuals from the raw projections, QK-norm and the keys' temp.
+        let (q, k) = kernels::cca_qk_norm(&z, &u, temp, nq, nkv)?;
 
         // Values: current half from this token, delayed half from the previous one.
         let vc = self.v_proj_current.forward(&a)?;
@@ -183,7 +178,7 @@ impl CcaProjection {
             }
             None => vdel,
         };
-        let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, d))?;
+        let v = Tensor::cat(&[&vc, &vdel], D::Minus1)?.reshape((b, t, nkv, self.head_dim))?;
 
         let conv = if s > 0 {
             x.narrow(1, x.dim(1)? - s, s)?.contiguous()?
@@ -253,26 +248,9 @@ impl CcaProjection {
     }
 }
 
-/// The QK-norm: scales each head of `x` (last axis `head_dim`) to length √D, the norm
-/// clamped at the dtype's machine epsilon as the reference does.
-pub fn l2_to_sqrt_d(x: &Tensor, head_dim: usize) -> Result<Tensor> {
-    let eps = match x.dtype() {
-        DType::BF16 => 0.0078125,
-        DType::F16 => 9.765625e-4,
-        DType::F64 => f64::EPSILON,
-        _ => f32::EPSILON as f64,
-    };
-    // max(√s, ε) computed as √max(s, ε²): the same value (ε² is exact in every dtype
-    // here), but the backward never divides by √0 for an all-zero head (e.g. a padding
-    // token whose embedding row is zero), which would turn the gradient into NaN.
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .maximum(eps * eps)?
-        .sqrt()?;
-    let factor = (norm.recip()? * (head_dim as f64).sqrt())?;
-    x.broadcast_mul(&factor)
-}
+/// The QK-norm (the registry's reference definition, also used by the tensor-parallel
+/// layer).
+pub use crate::kernels::reference::l2_to_sqrt_d;
 
 /// `self_attn`.
 #[derive(Debug, Clone)]
@@ -282,7 +260,6 @@ pub struct ZayaAttention {
     temp: Tensor,
     pub(crate) o_proj: Linear,
     num_heads: usize,
-    num_kv_heads: usize,
     head_dim: usize,
 }
 
@@ -335,14 +312,8 @@ impl ZayaAttention {
                 vb.pp("o_proj"),
             )?,
             num_heads: cfg.num_attention_heads,
-            num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         })
-    }
-
-    /// Scales each head to length √D (see [`l2_to_sqrt_d`]).
-    fn l2_to_sqrt_d(&self, x: &Tensor) -> Result<Tensor> {
-        l2_to_sqrt_d(x, self.head_dim)
     }
 
     /// One decode token for each of `B` independent rows (`a` is `[B, 1, H]`), each row with
@@ -381,18 +352,12 @@ impl ZayaAttention {
         }
         let (Qkv { q, k, v }, conv, rec) = self.qkv_proj.project(
             a,
+            &self.temp,
             None,
             None,
             Some(Tensor::cat(&history, 0)?),
             Some(Tensor::cat(&prev, 0)?),
         )?;
-        let q = self.l2_to_sqrt_d(&q)?;
-        let k = self.l2_to_sqrt_d(&k)?.broadcast_mul(&self.temp.reshape((
-            1,
-            1,
-            self.num_kv_heads,
-            1,
-        ))?)?;
         let q = kernels::rotary(&q.transpose(1, 2)?, cos, sin)?;
         let k = kernels::rotary(&k.transpose(1, 2)?, cos, sin)?;
         let v = v.transpose(1, 2)?;
@@ -448,17 +413,11 @@ impl ZayaAttention {
         let (b, t, _) = a.dims3()?;
         let Qkv { q, k, v } = self.qkv_proj.forward(
             a,
+            &self.temp,
             inputs.conv_mask,
             inputs.same_document,
             cache.as_deref_mut(),
         )?;
-        let q = self.l2_to_sqrt_d(&q)?;
-        let k = self.l2_to_sqrt_d(&k)?.broadcast_mul(&self.temp.reshape((
-            1,
-            1,
-            self.num_kv_heads,
-            1,
-        ))?)?;
         let q = kernels::rotary(&q.transpose(1, 2)?, inputs.cos, inputs.sin)?;
         let k = kernels::rotary(&k.transpose(1, 2)?, inputs.cos, inputs.sin)?;
         let v = v.transpose(1, 2)?;

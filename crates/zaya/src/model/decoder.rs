@@ -30,15 +30,16 @@ impl ResidualScaling {
         })
     }
 
+    /// The merge through the registry's `residual_scale` kernel (fused or its reference).
     pub fn forward(&self, sub: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let sub = sub
-            .broadcast_add(&self.hidden_states_bias)?
-            .broadcast_mul(&self.hidden_states_scale)?
-            .to_dtype(DType::F32)?;
-        let res = residual
-            .broadcast_add(&self.residual_bias.to_dtype(DType::F32)?)?
-            .broadcast_mul(&self.residual_scale.to_dtype(DType::F32)?)?;
-        sub + res
+        kernels::residual_scale(
+            sub,
+            residual,
+            &self.hidden_states_bias,
+            &self.hidden_states_scale,
+            &self.residual_bias,
+            &self.residual_scale,
+        )
     }
 }
 

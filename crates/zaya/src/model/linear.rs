@@ -279,7 +279,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => crate::kernels::bias_add(&y, b)?,
             None => y,
         };
         let y = match &self.adapter {

@@ -95,11 +95,11 @@ impl ZayaRouter {
     pub fn forward(&self, n: &Tensor, state: Option<&Tensor>) -> Result<Routing> {
         let mut rho = self.down_proj.forward(n)?;
         if let (Some(scale), Some(prev)) = (&self.router_states_scale, state) {
-            rho = (rho + prev.broadcast_mul(scale)?)?;
+            rho = kernels::router_eda(&rho, prev, scale)?;
         }
         let x = kernels::rms_norm(&rho, &self.norm_weight, self.eps)?;
-        let x = self.fc1.forward(&x)?.gelu_erf()?;
-        let x = self.fc2.forward(&x)?.gelu_erf()?;
+        let x = kernels::gelu_erf(&self.fc1.forward(&x)?)?;
+        let x = kernels::gelu_erf(&self.fc2.forward(&x)?)?;
         let logits = self.out_proj.forward(&x)?;
         let classes = self.num_experts + 1;
         let logits = logits.reshape(((), classes))?;

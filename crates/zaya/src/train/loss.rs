@@ -69,15 +69,9 @@ impl Targets {
     }
 }
 
-/// Numerically stable log-softmax over the last axis, built only from ops that have a
-/// backward pass (candle's fused `softmax_last_dim` would silently drop the gradient). The
-/// row maximum is detached: it cancels exactly in the value, so its gradient is zero anyway.
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
-}
+/// Numerically stable log-softmax over the last axis (defined beside the loss head's
+/// kernel, [`crate::kernels::log_prob_gather`]).
+pub use crate::kernels::reference::log_softmax;
 
 /// What the LM head and the loss produced for one batch.
 #[derive(Debug)]
@@ -130,7 +124,7 @@ pub fn chunked_lm_loss(
         let y = Var::from_tensor(&flat.index_select(&rows, 0)?)?;
         // The reference up-casts the logits to f32 before the loss.
         let logits = model.lm_head(y.as_tensor())?.to_dtype(DType::F32)?;
-        let picked = log_softmax(&logits)?.gather(&ids, 1)?;
+        let picked = crate::kernels::log_prob_gather(&logits, &ids)?;
         let nll = picked.sum_all()?.neg()?;
         nll_sum += f64::from(nll.to_scalar::<f32>()?);
         if let Some(acc) = grad_flat.as_mut() {
@@ -273,7 +267,7 @@ pub fn weighted_logp_backward(
         let ids = Tensor::new(&targets.ids[start..start + n], dev)?.unsqueeze(1)?;
         let y = Var::from_tensor(&flat.index_select(&rows, 0)?)?;
         let logits = scaled_logits(model, y.as_tensor(), temperature)?;
-        let picked = log_softmax(&logits)?.gather(&ids, 1)?.squeeze(1)?;
+        let picked = crate::kernels::log_prob_gather(&logits, &ids)?.squeeze(1)?;
         let seed = (picked * Tensor::new(w, dev)?)?.sum_all()?;
         let gs = seed.backward()?;
         if let Some(g) = gs.get(y.as_tensor()) {

@@ -1,0 +1,194 @@
+//! Fused residual-scale merge of a decoder layer:
+//! `y = f32((sub + b_h) ⊙ s_h) + (res + b_r) ⊙ s_r`, one pass per row. The sublayer term is
+//! rounded to the parameter dtype after each op as the reference does, the residual term and
+//! the sum are f32. The backward computes the two input gradients and the four parameter
+//! gradients (row sums) in one pass.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu::{self, f32_view, round_to, tensor_from_f32, with_cpu_storage};
+use super::KernelError;
+
+const OP: &str = "residual_scale";
+
+/// Rows per parallel task of the backward (its parameter partial sums are per task).
+fn rows_per_task(rows: usize, h: usize) -> usize {
+    let threads = cpu::num_threads().max(1);
+    // At least ~16k elements per task, at most one task per thread.
+    rows.div_ceil(threads).max((1 << 14) / h.max(1)).max(1)
+}
+
+/// `sub` `[.., H]` (parameter dtype), `res` `[.., H]` f32, `params` `[4, H]` (parameter dtype):
+/// rows `b_h`, `s_h`, `b_r`, `s_r`.
+struct ResidualScale;
+
+impl CustomOp3 for ResidualScale {
+    fn name(&self) -> &'static str {
+        "zaya-residual-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ss: &CpuStorage,
+        sl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dtype = ss.dtype();
+        let h = sl.dims().last().copied().unwrap_or(0);
+        let sub = f32_view(ss, sl, OP)?;
+        let res = f32_view(rs, rl, OP)?;
+        let p = f32_view(ps, pl, OP)?;
+        let (bh, sh, br, sr) = (&p[..h], &p[h..2 * h], &p[2 * h..3 * h], &p[3 * h..]);
+        let mut out = vec![0f32; sub.len()];
+        cpu::par_chunks_mut(&mut out, h, |r, o| {
+            let s = &sub[r * h..(r + 1) * h];
+            let x = &res[r * h..(r + 1) * h];
+            for j in 0..h {
+                let a = round_to(dtype, round_to(dtype, s[j] + bh[j]) * sh[j]);
+                o[j] = a + (x[j] + br[j]) * sr[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), sl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        sub: &Tensor,
+        res: &Tensor,
+        params: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dtype = sub.dtype();
+        let h = sub.dim(D::Minus1)?;
+        let rows = sub.elem_count().checked_div(h).unwrap_or(0);
+        let per = rows_per_task(rows, h);
+        let mut dsub = vec![0f32; rows * h];
+        let mut dres = vec![0f32; rows * h];
+        let partials: Vec<Vec<f32>> = with_cpu_storage(sub, OP, |ss, sl| {
+            with_cpu_storage(res, OP, |rs, rl| {
+                with_cpu_storage(params, OP, |ps, pl| {
+                    with_cpu_storage(grad, OP, |gs, gl| {
+                        let sub = f32_view(ss, sl, OP)?;
+                        let res = f32_view(rs, rl, OP)?;
+                        let p = f32_view(ps, pl, OP)?;
+                        let g = f32_view(gs, gl, OP)?;
+                        let (bh, sh, br, sr) =
+                            (&p[..h], &p[h..2 * h], &p[2 * h..3 * h], &p[3 * h..]);
+                        let task = |(t, (ds, dr)): (usize, (&mut [f32], &mut [f32]))| {
+                            // d b_h, d s_h, d b_r, d s_r of this task's rows.
+                            let mut acc = vec![0f32; 4 * h];
+                            let (abh, rest) = acc.split_at_mut(h);
+                            let (ash, rest) = rest.split_at_mut(h);
+                            let (abr, asr) = rest.split_at_mut(h);
+                            let r0 = t * per;
+                            for (i, (dsr, drr)) in
+                                ds.chunks_mut(h).zip(dr.chunks_mut(h)).enumerate()
+                            {
+                                let r = r0 + i;
+                                let s = &sub[r * h..(r + 1) * h];
+                                let x = &res[r * h..(r + 1) * h];
+                                let gr = &g[r * h..(r + 1) * h];
+                                for j in 0..h {
+                                    let gj = gr[j];
+                                    let gs = round_to(dtype, gj) * sh[j];
+                                    dsr[j] = gs;
+                                    abh[j] += gs;
+                                    ash[j] += gj * round_to(dtype, s[j] + bh[j]);
+                                    let gr_ = gj * sr[j];
+                                    drr[j] = gr_;
+                                    abr[j] += gr_;
+                                    asr[j] += gj * (x[j] + br[j]);
+                                }
+                            }
+                            acc
+                        };
+                        let chunk = per * h;
+                        Ok(if rows > per {
+                            cpu::in_pool(|| {
+                                dsub.par_chunks_mut(chunk)
+                                    .zip(dres.par_chunks_mut(chunk))
+                                    .enumerate()
+                                    .map(task)
+                                    .collect()
+                            })
+                        } else {
+                            vec![task((0, (&mut dsub[..], &mut dres[..])))]
+                        })
+                    })
+                })
+            })
+        })?;
+        let mut dp = vec![0f32; 4 * h];
+        for part in &partials {
+            for (a, b) in dp.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+        let dsub = sub
+            .track_op()
+            .then(|| tensor_from_f32(dsub, sub.shape(), dtype, sub))
+            .transpose()?;
+        let dres = res
+            .track_op()
+            .then(|| tensor_from_f32(dres, res.shape(), DType::F32, res))
+            .transpose()?;
+        let dp = params
+            .track_op()
+            .then(|| tensor_from_f32(dp, params.shape(), params.dtype(), params))
+            .transpose()?;
+        Ok((dsub, dres, dp))
+    }
+}
+
+pub(super) fn fused(
+    sub: &Tensor,
+    residual: &Tensor,
+    sub_bias: &Tensor,
+    sub_scale: &Tensor,
+    res_bias: &Tensor,
+    res_scale: &Tensor,
+) -> Result<Tensor> {
+    let h = sub.dim(D::Minus1)?;
+    let bad =
+        |message: String| -> candle_core::Error { KernelError::Shape { op: OP, message }.into() };
+    if h == 0 {
+        return Err(bad(format!("empty hidden axis in {:?}", sub.dims())));
+    }
+    if residual.dims() != sub.dims() {
+        return Err(bad(format!(
+            "residual {:?} and sublayer output {:?} differ in shape",
+            residual.dims(),
+            sub.dims()
+        )));
+    }
+    if residual.dtype() != DType::F32 {
+        return Err(bad(format!(
+            "the residual stream must be f32, got {:?}",
+            residual.dtype()
+        )));
+    }
+    for (name, p) in [
+        ("hidden_states_bias", sub_bias),
+        ("hidden_states_scale", sub_scale),
+        ("residual_bias", res_bias),
+        ("residual_scale", res_scale),
+    ] {
+        if p.dims() != [h] || p.dtype() != sub.dtype() {
+            return Err(bad(format!(
+                "{name} must be [{h}] of {:?}, got {:?} of {:?}",
+                sub.dtype(),
+                p.dims(),
+                p.dtype()
+            )));
+        }
+    }
+    // One [4, H] operand (a differentiable stack) so the op has three inputs.
+    let params = Tensor::stack(&[sub_bias, sub_scale, res_bias, res_scale], 0)?;
+    sub.apply_op3(residual, &params, ResidualScale)
+}
