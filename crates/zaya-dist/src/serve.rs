@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -365,13 +365,14 @@ struct Rank0 {
     mesh: Mesh,
     model: TpModel,
     followers: Followers,
-    /// The first failure; the mesh is down from then on.
-    down: Option<String>,
+    /// The first failure; the mesh is down from then on (shared with [`MeshModel`], which
+    /// reports it without waiting for the engine thread's lock).
+    down: Arc<OnceLock<String>>,
 }
 
 impl Rank0 {
     fn check(&self, label: &str) -> Result<()> {
-        match &self.down {
+        match self.down.get() {
             Some(why) => Err(MeshServeError::Down {
                 mesh: label.into(),
                 why: why.clone(),
@@ -412,7 +413,7 @@ impl Rank0 {
     fn settle<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             tracing::error!("serving mesh failed: {e}");
-            self.down = Some(e.to_string());
+            let _ = self.down.set(e.to_string());
             if let Followers::Local { world, .. } = &self.followers {
                 world.mark_gone(0, format!("failed: {e}"));
             }
@@ -451,6 +452,7 @@ pub struct MeshModel {
     ops: Arc<RowOps>,
     rank0: Mutex<Rank0>,
     weight_bytes: Vec<usize>,
+    down: Arc<OnceLock<String>>,
 }
 
 impl std::fmt::Debug for MeshModel {
@@ -529,6 +531,7 @@ impl MeshModel {
         };
         let mut weight_bytes = vec![0; shape.world()];
         weight_bytes[0] = model.weight_bytes();
+        let down = Arc::new(OnceLock::new());
         let mut rank0 = Rank0 {
             mesh,
             model,
@@ -536,7 +539,7 @@ impl MeshModel {
                 world,
                 ranks: followers,
             },
-            down: None,
+            down: Arc::clone(&down),
         };
         for _ in 1..shape.world() {
             let failure = match ready_rx.recv() {
@@ -565,6 +568,7 @@ impl MeshModel {
             ops: Arc::new(RowOps::default()),
             rank0: Mutex::new(rank0),
             weight_bytes,
+            down,
         })
     }
 
@@ -598,6 +602,7 @@ impl MeshModel {
             .chunks_exact(2)
             .map(|h| ((h[0] as usize) << 24) | h[1] as usize)
             .collect();
+        let down = Arc::new(OnceLock::new());
         Ok(MeshModel {
             cfg: model.config().clone(),
             shape,
@@ -606,9 +611,10 @@ impl MeshModel {
                 mesh,
                 model,
                 followers: Followers::Remote { comm: commands },
-                down: None,
+                down: Arc::clone(&down),
             }),
             weight_bytes,
+            down,
         })
     }
 
@@ -849,6 +855,12 @@ impl EngineModel for MeshModel {
 
     fn model_config(&self) -> &ZayaConfig {
         &self.cfg
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.down
+            .get()
+            .map(|why| format!("the serving mesh {} is down: {why}", self.shape.label()))
     }
 
     fn new_row(&self) -> MeshRow {

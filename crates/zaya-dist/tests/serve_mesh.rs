@@ -224,6 +224,7 @@ fn a_stopped_rank_fails_requests_naming_it_and_never_hangs() {
         1,
     );
     assert_eq!(ok.0[0].len(), 4);
+    assert_eq!(engine.unavailable(), None, "a working mesh is available");
     mesh.stop_rank(1).unwrap();
     assert!(mesh.stop_rank(0).is_err());
     for _ in 0..2 {
@@ -240,6 +241,9 @@ fn a_stopped_rank_fails_requests_naming_it_and_never_hangs() {
             .expect("an error event");
         assert!(msg.contains("rank 1") && msg.contains("stop_rank"), "{msg}");
     }
+    // what /health reports from then on (503 with this message)
+    let why = engine.unavailable().expect("a failed mesh is unavailable");
+    assert!(why.contains("down") && why.contains("rank 1"), "{why}");
     drop(mesh);
     // shutdown joins the engine thread, which drops the mesh and joins the followers
     engine.shutdown(false);

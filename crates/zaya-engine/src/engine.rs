@@ -165,6 +165,8 @@ struct Inner {
     cfg: EngineConfig,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// [`EngineModel::unavailable`] of the model the worker runs.
+    unavailable: Box<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 impl Inner {
@@ -212,6 +214,7 @@ impl Engine {
             counters: Counters::default(),
         });
         let model_cfg = model.model_config().clone();
+        let health = Arc::clone(&model);
         let worker = Worker {
             shared: shared.clone(),
             model,
@@ -235,8 +238,15 @@ impl Engine {
                 cfg,
                 next_id: AtomicU64::new(1),
                 thread: Mutex::new(Some(thread)),
+                unavailable: Box::new(move || health.unavailable()),
             }),
         })
+    }
+
+    /// Why the engine's model can no longer run (e.g. a failed rank of a serving mesh);
+    /// `None` while it can. Never waits for a step.
+    pub fn unavailable(&self) -> Option<String> {
+        (self.inner.unavailable)()
     }
 
     /// The config of the engine's model.

@@ -30,6 +30,11 @@ pub trait EngineModel: Send + Sync + 'static {
     type Row: EngineRow;
     /// The model's config (vocabulary and context bound the requests).
     fn model_config(&self) -> &ZayaConfig;
+    /// Why the model can no longer run (a failed rank of a split model), if so: what a
+    /// health check reports. Must not wait for a running step.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
     /// An empty row.
     fn new_row(&self) -> Self::Row;
     /// Feeds `tokens` after the row's state; returns the logits of the last one.

@@ -76,6 +76,9 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
     if st.shutting_down.load(Ordering::SeqCst) {
         return ApiError::unavailable("shutting down").into_response();
     }
+    if let Some(why) = st.engine.unavailable() {
+        return ApiError::unavailable(&why).into_response();
+    }
     StatusCode::OK.into_response()
 }
 
