@@ -124,12 +124,8 @@ fn run_train(args: BenchArgs) -> Result<()> {
         }
         // training state per rank: weights + gradients of the stage, moments of its share
         let c = t.coords();
-        let layout = Layout::of(&cfg, t.model().params(), shape, c.pp, true);
-        let elems = |ks: &[usize]| -> u64 {
-            ks.iter()
-                .map(|&k| t.model().params()[layout.stage[k]].var.elem_count() as u64)
-                .sum()
-        };
+        let layout = Layout::of(&cfg, shape, c.pp, true);
+        let elems = |ks: &[usize]| -> u64 { ks.iter().map(|&k| layout.sizes[k] as u64).sum() };
         let all: Vec<usize> = (0..layout.stage.len()).collect();
         let bytes = 8 * elems(&all) + 8 * elems(&layout.owned_by(c.dp));
         let rank_bytes = t.mesh().world.all_gather(&[bytes as f32])?;

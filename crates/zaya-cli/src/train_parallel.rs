@@ -8,27 +8,24 @@
 //! micro-batches are dealt to the replicas. Rank 0 alone writes `loss.csv`, the
 //! checkpoints (gathered full tensors under their HF names, the single-process format: a
 //! parallel run resumes on one rank and the other way round), `loss.svg` and `final/`.
-//! A tensor/expert-parallel rank reads only its own slices of the weights (and, resuming,
-//! of the AdamW state) from the files; the pipeline × data-parallel driver starts from the
-//! whole single-process trainer on every rank. The setup (mesh size, tensor/expert
-//! parallel degrees, layers per stage, micro-batches per replica) is checked before any
-//! model is loaded.
+//! Every rank reads only its own part of the weights (and, resuming, of the AdamW state)
+//! from the files: a tensor/expert-parallel rank its slices, a pipeline × data-parallel
+//! rank its stage's tensors; no rank loads the whole model. The setup (mesh size,
+//! tensor/expert parallel degrees, layers per stage, micro-batches per replica) is checked
+//! before any model is loaded.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use zaya::train::trainer::TrainerParts;
 use zaya::train::trainer::{StepReport, TrainerConfig};
 use zaya::train::{Batch, TrainableModel};
 use zaya_dist::tp_driver::{check_tp_setup, RunState, TpParallelTrainer};
 use zaya_dist::train_driver::{check_setup, DriverOptions, ParallelTrainer};
 use zaya_dist::{Mesh, MeshShape, RankFailed};
 
-use crate::train_run::{
-    read_log, resume_state, start_trainer, trainer_config, BatchPlan, RunPlan, TrainArgs,
-};
+use crate::train_run::{read_log, resume_state, trainer_config, BatchPlan, RunPlan, TrainArgs};
 
 /// Fails on a setup the driver cannot run, before anything is loaded.
 fn check(args: &TrainArgs, run: &RunPlan) -> Result<MeshShape> {
@@ -88,11 +85,7 @@ impl RankTrainer for ParallelTrainer {
         ParallelTrainer::save(self, root).map(|_| ())
     }
     fn save_model(&mut self, dir: &std::path::Path) -> zaya_dist::ParallelResult<()> {
-        // `save` gathered every stage's weights into rank 0's model
-        if self.mesh().world.rank() == 0 {
-            self.model().save(dir)?;
-        }
-        Ok(())
+        ParallelTrainer::save_model(self, dir)
     }
     fn split(&self) -> String {
         let shape = self.mesh().shape;
@@ -137,29 +130,53 @@ impl RankTrainer for TpParallelTrainer {
     }
 }
 
-/// The rank's pipeline × data-parallel trainer for `mesh` from the single-process parts.
+/// The rank's pipeline × data-parallel trainer: its stage's tensors read from the files.
 fn pp_trainer(
     args: &TrainArgs,
     run: &RunPlan,
     mesh: Mesh,
-    parts: TrainerParts<TrainableModel>,
+    start: &RankStart,
 ) -> Result<Box<dyn RankTrainer>> {
-    Ok(Box::new(
-        ParallelTrainer::from_parts(mesh, parts, driver_options(args))?.with_log(&run.log)?,
-    ))
+    let (weights, state) = start.open()?;
+    let t = ParallelTrainer::open(
+        mesh,
+        &weights,
+        state.as_ref(),
+        start.state.clone(),
+        driver_options(args),
+    )?;
+    Ok(Box::new(t.with_log(&run.log)?))
 }
 
-/// Where a tensor/expert-parallel run starts, before any weight is read: the weights
-/// (the model, or the checkpoint resumed from), the AdamW state file when resuming, and
-/// the step counter and settings (a resume's checks, messages and `loss.csv` trimming
-/// are the single-process ones; the data position follows from the step).
-struct TpStart {
+/// Where a parallel run starts, before any weight is read: the weights (the model, or the
+/// checkpoint resumed from), the AdamW state file when resuming, and the step counter and
+/// settings (a resume's checks, messages and `loss.csv` trimming are the single-process
+/// ones; the data position follows from the step).
+struct RankStart {
     weights: std::path::PathBuf,
     optimizer: Option<std::path::PathBuf>,
     state: RunState,
 }
 
-fn tp_start(args: &TrainArgs, run: &RunPlan, primary: bool) -> Result<TpStart> {
+impl RankStart {
+    /// The weights and (resuming) the optimizer state, opened (memory maps: a rank reads
+    /// only what it asks for).
+    fn open(&self) -> Result<(zaya::weights::Checkpoint, Option<zaya::weights::Checkpoint>)> {
+        let weights = zaya::weights::Checkpoint::open(&self.weights)
+            .with_context(|| format!("opening {}", self.weights.display()))?;
+        let state = self
+            .optimizer
+            .as_ref()
+            .map(|p| {
+                zaya::weights::Checkpoint::open_file(p)
+                    .with_context(|| format!("opening {}", p.display()))
+            })
+            .transpose()?;
+        Ok((weights, state))
+    }
+}
+
+fn rank_start(args: &TrainArgs, run: &RunPlan, primary: bool) -> Result<RankStart> {
     let resumed = if args.resume {
         resume_state::<TrainableModel>(
             args,
@@ -177,7 +194,7 @@ fn tp_start(args: &TrainArgs, run: &RunPlan, primary: bool) -> Result<TpStart> {
             if primary {
                 eprintln!("resuming at step {}", st.step);
             }
-            TpStart {
+            RankStart {
                 optimizer: Some(dir.join("optimizer.safetensors")),
                 weights: dir,
                 state: RunState {
@@ -199,7 +216,7 @@ fn tp_start(args: &TrainArgs, run: &RunPlan, primary: bool) -> Result<TpStart> {
                     std::fs::remove_file(&run.log)?;
                 }
             }
-            TpStart {
+            RankStart {
                 weights: args.model.clone(),
                 optimizer: None,
                 state: RunState {
@@ -217,18 +234,9 @@ fn tp_trainer(
     args: &TrainArgs,
     run: &RunPlan,
     mesh: Mesh,
-    start: &TpStart,
+    start: &RankStart,
 ) -> Result<Box<dyn RankTrainer>> {
-    let weights = zaya::weights::Checkpoint::open(&start.weights)
-        .with_context(|| format!("opening {}", start.weights.display()))?;
-    let state = start
-        .optimizer
-        .as_ref()
-        .map(|p| {
-            zaya::weights::Checkpoint::open_file(p)
-                .with_context(|| format!("opening {}", p.display()))
-        })
-        .transpose()?;
+    let (weights, state) = start.open()?;
     let t = TpParallelTrainer::open(
         mesh,
         &std::sync::Arc::new(weights),
@@ -272,62 +280,26 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
             );
         }
         let primary = comm.rank() == 0;
-        if is_tp(shape) {
-            let start = tp_start(args, run, primary)?;
-            let mesh = Mesh::new(Box::new(comm), shape)?;
-            return rank_main(args, run, tp_trainer(args, run, mesh, &start)?);
-        }
-        let parts = start_trainer(
-            args,
-            primary,
-            run,
-            |d| TrainableModel::load(d),
-            || Ok(TrainableModel::load(&args.model)?),
-        )?
-        .into_parts();
+        let start = rank_start(args, run, primary)?;
         let mesh = Mesh::new(Box::new(comm), shape)?;
-        return rank_main(args, run, pp_trainer(args, run, mesh, parts)?);
+        let trainer = if is_tp(shape) {
+            tp_trainer(args, run, mesh, &start)?
+        } else {
+            pp_trainer(args, run, mesh, &start)?
+        };
+        return rank_main(args, run, trainer);
     }
-    if is_tp(shape) {
-        // local ranks: each reads its own slices
-        let start = tp_start(args, run, true)?;
-        let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
-        let outs = world.run(|comm| -> Result<()> {
-            let mesh = Mesh::new(Box::new(comm), shape)?;
-            rank_main(args, run, tp_trainer(args, run, mesh, &start)?)
-        });
-        return first_failure(outs);
-    }
-    // local ranks: the run is loaded once, each rank gets its own copy of the weights
-    let parts = start_trainer(
-        args,
-        true,
-        run,
-        |d| TrainableModel::load(d),
-        || Ok(TrainableModel::load(&args.model)?),
-    )?
-    .into_parts();
-    let TrainerParts {
-        model,
-        opt,
-        cfg: tcfg,
-        step,
-        run: facts,
-    } = parts;
-    let tensors = model.tensors()?;
-    let cfg = model.config().clone();
-    drop(model);
+    // local ranks: each reads its own part of the files
+    let start = rank_start(args, run, true)?;
     let world = zaya_dist::LocalWorld::new(shape.world(), timeout)?;
     let outs = world.run(|comm| -> Result<()> {
         let mesh = Mesh::new(Box::new(comm), shape)?;
-        let parts = TrainerParts {
-            model: TrainableModel::from_tensors(&cfg, &tensors)?,
-            opt: opt.clone(),
-            cfg: tcfg.clone(),
-            step,
-            run: facts.clone(),
+        let trainer = if is_tp(shape) {
+            tp_trainer(args, run, mesh, &start)?
+        } else {
+            pp_trainer(args, run, mesh, &start)?
         };
-        rank_main(args, run, pp_trainer(args, run, mesh, parts)?)
+        rank_main(args, run, trainer)
     });
     first_failure(outs)
 }
@@ -473,11 +445,12 @@ pub fn labelled_outputs_on_stages(
         bail!("zaya forward with labels runs its pipeline stages as local ranks (not under mpirun) in this version");
     }
     let batch = crate::train_cmds::read_batch(inputs_json)?;
-    let model = TrainableModel::load(model_dir)
-        .with_context(|| format!("loading {}", model_dir.display()))?;
-    check_setup(model.config(), shape)?;
-    let tensors = model.tensors()?;
-    let cfg = model.config().clone();
+    let open = || {
+        zaya::weights::Checkpoint::open(model_dir)
+            .with_context(|| format!("opening {}", model_dir.display()))
+    };
+    let cfg = open()?.config()?;
+    check_setup(&cfg, shape)?;
     let cp = if checkpointing {
         zaya::train::Checkpointing::EveryLayer
     } else {
@@ -486,10 +459,13 @@ pub fn labelled_outputs_on_stages(
     let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
     let outs = world.run(|comm| -> Result<_> {
         let mesh = Mesh::new(Box::new(comm), shape)?;
-        let model = TrainableModel::from_tensors(&cfg, &tensors)?;
-        let tcfg = zaya::train::trainer::TrainerConfig::new(&model, 1e-3);
-        let parts = zaya::train::trainer::Trainer::new(model, tcfg)?.into_parts();
-        let t = ParallelTrainer::from_parts(mesh, parts, DriverOptions::default())?;
+        // each stage reads only its own tensors
+        let at = RunState {
+            cfg: TrainerConfig::for_config(&cfg, 1e-3),
+            step: 0,
+            run: None,
+        };
+        let t = ParallelTrainer::open(mesh, &open()?, None, at, DriverOptions::default())?;
         Ok(t.labelled_gradients(std::slice::from_ref(&batch), cp)?)
     });
     let mut out = None;

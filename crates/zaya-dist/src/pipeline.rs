@@ -29,7 +29,7 @@ use zaya::train::{
     Batch, BoundaryGrads, Gradients, LayerRoutingStats, LossHead, LossScale, Param, StageBatch,
     StageForward, StageInput, StageUpstream, TrainOptions,
 };
-use zaya::{ZayaConfig, ZayaModel};
+use zaya::{ModelPart, ZayaConfig, ZayaModel};
 
 use crate::comm::Comm;
 use crate::error::{ParallelError, ParallelResult};
@@ -74,24 +74,25 @@ pub fn stage_layers(cfg: &ZayaConfig, stages: usize, stage: usize) -> ParallelRe
     Ok(stage * per..(stage + 1) * per)
 }
 
-/// Whether stage `stage` of `stages` holds (reads and updates) the tensor `name`: its
-/// layers, the embedding and input scaling on the first stage, the final norm and LM head
-/// on the last (a tied embedding on both, its gradient summed between them).
-pub fn stage_holds(cfg: &ZayaConfig, stages: usize, stage: usize, name: &str) -> bool {
-    let last = stages - 1;
-    if let Some(rest) = name.strip_prefix("model.layers.") {
-        let idx: Option<usize> = rest.split('.').next().and_then(|s| s.parse().ok());
-        let per = cfg.num_hidden_layers / stages;
-        return idx.is_some_and(|i| i / per == stage);
-    }
-    match name {
-        "model.embed_tokens.weight" => stage == 0 || (stage == last && cfg.tie_word_embeddings),
-        "model.input_hidden_states_scale" | "model.input_hidden_states_bias" => stage == 0,
-        _ => stage == last,
-    }
+/// The part of the model stage `stage` of `stages` holds: its layers, the embedding and
+/// input scaling on the first stage, the final norm and LM head on the last (a tied
+/// embedding on both, its gradient summed between them).
+pub fn stage_part(cfg: &ZayaConfig, stages: usize, stage: usize) -> ParallelResult<ModelPart> {
+    Ok(ModelPart {
+        layers: stage_layers(cfg, stages, stage)?,
+        input: stage == 0,
+        output: stage + 1 == stages,
+    })
 }
 
-/// One pipeline stage of a (full, single-device) model: it runs only `layers`, and only
+/// Whether stage `stage` of `stages` holds (reads and updates) the tensor `name`
+/// ([`stage_part`]; false for a stage that does not exist).
+pub fn stage_holds(cfg: &ZayaConfig, stages: usize, stage: usize, name: &str) -> bool {
+    stage_part(cfg, stages, stage).is_ok_and(|p| p.holds(cfg, name))
+}
+
+/// One pipeline stage of a single-device model (the whole model, or only the stage's part:
+/// [`stage_part`]): it runs only `layers`, and only
 /// `params` (the parameters it holds) get gradients.
 pub struct Stage<'m> {
     pub model: &'m ZayaModel,

@@ -1,8 +1,10 @@
 //! The pipeline × data-parallel training driver behind `zaya train --pp N --dp N`.
 //!
-//! Every rank holds the single-device [`TrainableModel`] (f32 master weights) and computes
-//! only its pipeline stage ([`crate::pipeline::Stage`]); its stage's parameters are the only
-//! ones it differentiates and updates. One optimizer step:
+//! Every rank holds only its pipeline stage of the single-device [`TrainableModel`] (f32
+//! master weights of the stage's layers, the embedding on the first stage, the final norm
+//! and head on the last: [`crate::pipeline::stage_part`]), read from the checkpoint by
+//! [`ParallelTrainer::open`] (no rank reads the whole model), and runs it through the
+//! single-device layer code ([`crate::pipeline::Stage`]). One optimizer step:
 //!
 //! 1. the step's micro-batches are dealt round-robin to the data-parallel replicas
 //!    (micro-batch `k` to replica `k mod dp`; a replica left without one contributes zero
@@ -21,8 +23,10 @@
 //!
 //! The result equals the single-process [`zaya::train::trainer::Trainer`] step on the same
 //! micro-batches up to the order of floating-point sums. Checkpoints are the single-process
-//! ones (rank 0 gathers the full tensors and optimizer state and writes them with
-//! [`write_checkpoint`]), so a parallel run resumes on one rank and the other way round.
+//! ones (rank 0 gathers the full tensors, then the optimizer state, and writes them with
+//! [`write_checkpoint_with`]), so a parallel run resumes on one rank and the other way
+//! round; a resumed rank reads its stage's weights and its share of `exp_avg` /
+//! `exp_avg_sq` / `step` from the checkpoint's files.
 //!
 //! Tensor- or expert-parallel stages would plug in where [`crate::pipeline::Stage`] calls
 //! [`zaya::train::StageBatch`]: a stage is whatever, given a micro-batch and the boundary
@@ -41,13 +45,17 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use zaya::train::optim::AdamW;
-use zaya::train::trainer::{append_log, write_checkpoint, StepReport, TrainerConfig, TrainerParts};
+use zaya::train::trainer::{
+    append_log, write_checkpoint_with, StepReport, TrainerConfig, TrainerParts,
+};
 use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Param, TrainableModel};
+use zaya::weights::{native_specs, save_checkpoint, Checkpoint, TensorSpec};
 use zaya::{ZayaConfig, ZayaError};
 
 use crate::error::{ParallelError, ParallelResult};
 use crate::mesh::{Coords, Mesh, MeshShape};
-use crate::pipeline::{stage_holds, stage_layers, Stage};
+use crate::pipeline::{stage_holds, stage_layers, stage_part, Stage};
+use crate::tp_driver::RunState;
 
 /// Tags of the driver's point-to-point messages (pipeline tags are per micro-batch, in
 /// their own group).
@@ -76,31 +84,46 @@ impl Default for DriverOptions {
 /// state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
-    /// Indices into [`TrainableModel::params`] of the stage's parameters.
+    /// Indices into [`param_specs`] (the whole model's parameters, in the order of
+    /// [`TrainableModel::params`]) of the stage's parameters: the stage's model holds
+    /// exactly these, in this order.
     pub stage: Vec<usize>,
+    /// Elements of each stage parameter.
+    pub sizes: Vec<usize>,
     /// Per stage parameter: the data-parallel replica that keeps its AdamW state (`None`:
     /// every replica, without ZeRO).
     pub owner: Vec<Option<usize>>,
 }
 
+/// The trainable parameters of `cfg` (every native tensor but the balancing biases), in
+/// the order of a whole [`TrainableModel::params`].
+pub fn param_specs(cfg: &ZayaConfig) -> Vec<TensorSpec> {
+    native_specs(cfg)
+        .into_iter()
+        .filter(|s| !s.name.ends_with(".balancing_biases"))
+        .collect()
+}
+
 impl Layout {
-    /// The layout of pipeline stage `pp` in `shape`.
-    pub fn of(
-        cfg: &ZayaConfig,
-        params: &[Param],
-        shape: MeshShape,
-        pp: usize,
-        zero1: bool,
-    ) -> Self {
-        let stage: Vec<usize> = params
+    /// The layout of pipeline stage `pp` in `shape` (computable by any rank for any stage).
+    pub fn of(cfg: &ZayaConfig, shape: MeshShape, pp: usize, zero1: bool) -> Self {
+        let specs = param_specs(cfg);
+        let stage: Vec<usize> = specs
             .iter()
             .enumerate()
-            .filter(|(_, p)| stage_holds(cfg, shape.pp, pp, &p.name))
+            .filter(|(_, s)| stage_holds(cfg, shape.pp, pp, &s.name))
             .map(|(i, _)| i)
             .collect();
-        let sizes: Vec<usize> = stage.iter().map(|&i| params[i].var.elem_count()).collect();
+        let sizes: Vec<usize> = stage
+            .iter()
+            .map(|&i| specs[i].shape.iter().product())
+            .collect();
         let owner = zero_owners(&sizes, shape.dp, zero1);
-        Layout { stage, owner }
+        Layout {
+            stage,
+            sizes,
+            owner,
+        }
     }
 
     /// Positions (in the stage's list) whose optimizer state replica `dp` keeps.
@@ -199,6 +222,7 @@ pub(crate) fn all_gather_owned(
 /// One rank of a pipeline × data-parallel training run.
 pub struct ParallelTrainer {
     mesh: Mesh,
+    /// The stage's part of the model (its parameters are `layout.stage`, in order).
     model: TrainableModel,
     layers: Range<usize>,
     layout: Layout,
@@ -251,9 +275,71 @@ pub(crate) fn join_f64(v: &[f32]) -> f64 {
     f64::from(v[0]) + f64::from(v[1])
 }
 
+/// The file an optimizer state was read from (for errors).
+fn origin(st: &Checkpoint) -> PathBuf {
+    st.files()
+        .first()
+        .cloned()
+        .unwrap_or_else(|| st.dir().to_path_buf())
+}
+
 impl ParallelTrainer {
+    /// A rank of the run reading only its stage: the stage's weights from `weights` (the
+    /// model directory of a fresh run, or the checkpoint a run resumes from), its share of
+    /// the AdamW state (`exp_avg.*`, `exp_avg_sq.*`, `step.*` of the single-process
+    /// `optimizer.safetensors`, by name) from `state` when resuming (a fresh optimizer
+    /// otherwise). Nothing else of the files is read.
+    pub fn open(
+        mesh: Mesh,
+        weights: &Checkpoint,
+        state: Option<&Checkpoint>,
+        at: RunState,
+        opts: DriverOptions,
+    ) -> ParallelResult<Self> {
+        let cfg = weights.config()?;
+        weights.validate(&cfg)?;
+        check_setup(&cfg, mesh.shape)?;
+        at.cfg.validate()?;
+        let c = mesh.coords;
+        let part = stage_part(&cfg, mesh.shape.pp, c.pp)?;
+        let model = TrainableModel::load_part(weights, &cfg, &part)?;
+        let layout = Layout::of(&cfg, mesh.shape, c.pp, opts.zero1);
+        let owned = layout.owned_by(c.dp);
+        let params: Vec<Param> = owned.iter().map(|&k| model.params()[k].clone()).collect();
+        let opt = match state {
+            None => AdamW::new(&params, at.cfg.adamw)?,
+            Some(st) => {
+                let dev = Device::Cpu;
+                let mut mine = HashMap::new();
+                for p in &params {
+                    let name = &p.name;
+                    for key in [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")] {
+                        match st.stored_shape(&key) {
+                            Some(s) if s == p.var.dims() => {}
+                            found => {
+                                return Err(ParallelError::Model(ZayaError::ShapeMismatch {
+                                    name: key,
+                                    expected: p.var.dims().to_vec(),
+                                    found: found.map(<[usize]>::to_vec).unwrap_or_default(),
+                                    file: origin(st),
+                                }))
+                            }
+                        }
+                        let t = st.load(&cfg, &key, DType::F32, &dev)?;
+                        mine.insert(key, t);
+                    }
+                    let key = format!("step.{name}");
+                    mine.insert(key.clone(), st.load(&cfg, &key, DType::I64, &dev)?);
+                }
+                AdamW::import(&params, mine, at.cfg.adamw, &origin(st))?
+            }
+        };
+        Self::assemble(mesh, model, layout, opt, at, opts)
+    }
+
     /// A rank of the run from a single-process trainer's parts (fresh or resumed: the full
-    /// model and the full optimizer state); this rank keeps its stage and its ZeRO shard.
+    /// model and the full optimizer state); this rank keeps its stage's part of the model
+    /// and its ZeRO shard of the state, and drops the rest.
     pub fn from_parts(
         mesh: Mesh,
         parts: TrainerParts<TrainableModel>,
@@ -266,13 +352,49 @@ impl ParallelTrainer {
             step,
             run,
         } = parts;
-        check_setup(model.config(), mesh.shape)?;
+        let mcfg = model.config().clone();
+        check_setup(&mcfg, mesh.shape)?;
         let c = mesh.coords;
-        let layers = stage_layers(model.config(), mesh.shape.pp, c.pp)?;
-        let layout = Layout::of(model.config(), model.params(), mesh.shape, c.pp, opts.zero1);
-        let owned = layout.owned_by(c.dp);
-        let global: Vec<usize> = owned.iter().map(|&k| layout.stage[k]).collect();
+        let part = stage_part(&mcfg, mesh.shape.pp, c.pp)?;
+        let layout = Layout::of(&mcfg, mesh.shape, c.pp, opts.zero1);
+        let global: Vec<usize> = layout
+            .owned_by(c.dp)
+            .iter()
+            .map(|&k| layout.stage[k])
+            .collect();
         let opt = opt.select(&global)?;
+        let mut tensors = model.tensors()?;
+        drop(model);
+        tensors.retain(|name, _| part.holds(&mcfg, name));
+        let model = TrainableModel::part_from_tensors(&mcfg, &part, &tensors)?;
+        drop(tensors);
+        Self::assemble(mesh, model, layout, opt, RunState { cfg, step, run }, opts)
+    }
+
+    fn assemble(
+        mesh: Mesh,
+        model: TrainableModel,
+        layout: Layout,
+        opt: AdamW,
+        at: RunState,
+        opts: DriverOptions,
+    ) -> ParallelResult<Self> {
+        let names: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
+        let specs = param_specs(model.config());
+        let want: Vec<&str> = layout
+            .stage
+            .iter()
+            .map(|&i| specs[i].name.as_str())
+            .collect();
+        if names != want {
+            return Err(unsupported(format!(
+                "the stage's model holds {} parameters, its layout {}: they must be the same, in order",
+                names.len(),
+                want.len()
+            )));
+        }
+        let layers = model.part().layers.clone();
+        let owned = layout.owned_by(mesh.coords.dp);
         Ok(ParallelTrainer {
             mesh,
             model,
@@ -280,9 +402,9 @@ impl ParallelTrainer {
             layout,
             owned,
             opt,
-            cfg,
-            step,
-            run,
+            cfg: at.cfg,
+            step: at.step,
+            run: at.run,
             opts,
             log: None,
         })
@@ -304,8 +426,7 @@ impl ParallelTrainer {
     pub fn coords(&self) -> Coords {
         self.mesh.coords
     }
-    /// This rank's model: its own stage is current; after [`ParallelTrainer::gather`] rank
-    /// 0's is current everywhere.
+    /// This rank's part of the model: its pipeline stage.
     pub fn model(&self) -> &TrainableModel {
         &self.model
     }
@@ -320,9 +441,13 @@ impl ParallelTrainer {
         self.layers.clone()
     }
 
+    /// The layout of this rank's stage.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
     fn stage_params(&self) -> Vec<Param> {
-        let all = self.model.params();
-        self.layout.stage.iter().map(|&i| all[i].clone()).collect()
+        self.model.params().to_vec()
     }
 
     fn tied_position(&self) -> Option<usize> {
@@ -330,11 +455,10 @@ impl ParallelTrainer {
         if !(self.model.config().tie_word_embeddings && shape.pp > 1) {
             return None;
         }
-        let all = self.model.params();
-        self.layout
-            .stage
+        self.model
+            .params()
             .iter()
-            .position(|&i| all[i].name == "model.embed_tokens.weight")
+            .position(|p| p.name == "model.embed_tokens.weight")
     }
 
     /// Gradients of the stage's parameters for `micro_batches` (all of the step's; this
@@ -488,8 +612,11 @@ impl ParallelTrainer {
         }
         self.step += 1;
         if self.cfg.balance_bias_lr > 0.0 {
-            self.model
-                .apply_bias_balancing(&cmp.routing, self.cfg.balance_bias_lr)?;
+            // the world's counts of this stage's layers
+            self.model.apply_bias_balancing(
+                &cmp.routing[self.layers.clone()],
+                self.cfg.balance_bias_lr,
+            )?;
         }
         let skip_fraction = cmp
             .routing
@@ -525,45 +652,36 @@ impl ParallelTrainer {
         )
     }
 
-    /// Collective: rank 0 receives every stage's parameters (into its model) and the full
-    /// optimizer state; returns that state on rank 0, `None` elsewhere.
-    pub fn gather(&mut self) -> ParallelResult<Option<AdamW>> {
+    /// Collective: every native tensor of the model (each stage's parameters and balancing
+    /// biases, from the stage's first replica) on rank 0, `None` elsewhere.
+    pub fn gather_weights(&self) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
         let world = self.mesh.world.as_ref();
         let shape = self.mesh.shape;
-        let me = world.rank();
         let cfg = self.model.config().clone();
-        let all = self.model.params().to_vec();
-        let state = self.opt.export(
-            &self
-                .owned
-                .iter()
-                .map(|&k| all[self.layout.stage[k]].clone())
-                .collect::<Vec<_>>(),
-        )?;
-        if me != 0 {
-            let c = self.mesh.coords;
-            let mut buf = Vec::new();
-            if c.dp == 0 {
-                for &i in &self.layout.stage {
-                    buf.extend(host(all[i].var.as_tensor())?);
+        if world.rank() != 0 {
+            if self.mesh.coords.dp == 0 {
+                // parameters then biases, in the stage model's order
+                let mut buf = Vec::new();
+                for p in self.model.params() {
+                    buf.extend(host(p.var.as_tensor())?);
                 }
+                for b in self.model.balancing_biases()? {
+                    buf.extend(b);
+                }
+                world.send(0, TAG_GATHER, &buf)?;
             }
-            for &k in &self.owned {
-                let name = &all[self.layout.stage[k]].name;
-                buf.extend(host(&state[&format!("exp_avg.{name}")])?);
-                buf.extend(host(&state[&format!("exp_avg_sq.{name}")])?);
-                buf.extend(host(&state[&format!("step.{name}")])?);
-            }
-            world.send(0, TAG_GATHER, &buf)?;
             world.barrier()?;
             return Ok(None);
         }
-        let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut moments: HashMap<String, Tensor> = state;
+        let specs = param_specs(&cfg);
         let dev = Device::Cpu;
+        let mut values = self.model.tensors()?;
         for r in 1..shape.world() {
             let c = shape.coords(r);
-            let layout = Layout::of(&cfg, &all, shape, c.pp, self.opts.zero1);
+            if c.dp != 0 {
+                continue;
+            }
+            let layout = Layout::of(&cfg, shape, c.pp, self.opts.zero1);
             let buf = world.recv(r, TAG_GATHER)?;
             let mut at = 0usize;
             let mut take = |n: usize| -> ParallelResult<&[f32]> {
@@ -576,60 +694,127 @@ impl ParallelTrainer {
                 at += n;
                 Ok(s)
             };
-            if c.dp == 0 {
-                for &i in &layout.stage {
-                    let v = &all[i].var;
-                    let t = Tensor::from_slice(take(v.elem_count())?, v.shape(), &dev)?;
-                    values.insert(all[i].name.clone(), t);
-                }
+            for &i in &layout.stage {
+                let s = &specs[i];
+                let n = s.shape.iter().product();
+                values.insert(
+                    s.name.clone(),
+                    Tensor::from_slice(take(n)?, s.shape.as_slice(), &dev)?,
+                );
             }
-            for k in layout.owned_by(c.dp) {
-                let p = &all[layout.stage[k]];
-                let n = p.var.elem_count();
-                let m = Tensor::from_slice(take(n)?, p.var.shape(), &dev)?;
-                let v = Tensor::from_slice(take(n)?, p.var.shape(), &dev)?;
-                let s = take(1)?[0] as i64;
-                moments.insert(format!("exp_avg.{}", p.name), m);
-                moments.insert(format!("exp_avg_sq.{}", p.name), v);
-                moments.insert(format!("step.{}", p.name), Tensor::new(&[s], &dev)?);
+            for l in stage_layers(&cfg, shape.pp, c.pp)? {
+                let n = cfg.num_experts + 1;
+                values.insert(
+                    format!("model.layers.{l}.mlp.gate.balancing_biases"),
+                    Tensor::from_slice(take(n)?, n, &dev)?,
+                );
             }
         }
-        // the first stage's own tensors are current on rank 0: only the others are loaded
-        let own: std::collections::HashSet<usize> = self.layout.stage.iter().copied().collect();
-        values.retain(|name, _| {
-            all.iter()
-                .position(|p| &p.name == name)
-                .is_none_or(|i| !own.contains(&i))
-        });
-        self.model.load_tensors(&values)?;
-        let opt = AdamW::import(
-            self.model.params(),
-            moments,
-            self.cfg.adamw,
-            Path::new("<optimizer state gathered from the ranks>"),
-        )?;
         world.barrier()?;
-        Ok(Some(opt))
+        Ok(Some(values))
+    }
+
+    /// Collective: the full AdamW state (`exp_avg.*`, `exp_avg_sq.*`, `step.*` of every
+    /// parameter, each from the replica that keeps it) on rank 0, `None` elsewhere.
+    pub fn gather_optimizer(&self) -> ParallelResult<Option<HashMap<String, Tensor>>> {
+        let world = self.mesh.world.as_ref();
+        let shape = self.mesh.shape;
+        let cfg = self.model.config().clone();
+        let all = self.model.params();
+        let owned: Vec<Param> = self.owned.iter().map(|&k| all[k].clone()).collect();
+        let state = self.opt.export(&owned)?;
+        if world.rank() != 0 {
+            let mut buf = Vec::new();
+            for p in &owned {
+                let name = &p.name;
+                buf.extend(host(&state[&format!("exp_avg.{name}")])?);
+                buf.extend(host(&state[&format!("exp_avg_sq.{name}")])?);
+                buf.extend(host(&state[&format!("step.{name}")])?);
+            }
+            world.send(0, TAG_GATHER, &buf)?;
+            world.barrier()?;
+            return Ok(None);
+        }
+        let specs = param_specs(&cfg);
+        let dev = Device::Cpu;
+        let mut moments: HashMap<String, Tensor> = state;
+        for r in 1..shape.world() {
+            let c = shape.coords(r);
+            let layout = Layout::of(&cfg, shape, c.pp, self.opts.zero1);
+            let buf = world.recv(r, TAG_GATHER)?;
+            let mut at = 0usize;
+            let mut take = |n: usize| -> ParallelResult<&[f32]> {
+                let s = buf.get(at..at + n).ok_or_else(|| {
+                    unsupported(format!(
+                        "rank {r} sent {} optimizer values, fewer than it keeps",
+                        buf.len()
+                    ))
+                })?;
+                at += n;
+                Ok(s)
+            };
+            for k in layout.owned_by(c.dp) {
+                let s = &specs[layout.stage[k]];
+                let n = layout.sizes[k];
+                let m = Tensor::from_slice(take(n)?, s.shape.as_slice(), &dev)?;
+                let v = Tensor::from_slice(take(n)?, s.shape.as_slice(), &dev)?;
+                let st = take(1)?[0] as i64;
+                moments.insert(format!("exp_avg.{}", s.name), m);
+                moments.insert(format!("exp_avg_sq.{}", s.name), v);
+                moments.insert(format!("step.{}", s.name), Tensor::new(&[st], &dev)?);
+            }
+        }
+        world.barrier()?;
+        Ok(Some(moments))
     }
 
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
-    /// full tensors under their HF names); returns the directory on rank 0.
+    /// full tensors under their HF names; the weights are written before the optimizer
+    /// state is gathered, so rank 0 never holds both); returns the directory on rank 0.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
-        let opt = self.gather()?;
-        let out = match opt {
-            Some(opt) => Some(write_checkpoint(
-                root,
-                &self.model,
-                &opt,
-                &self.cfg,
-                self.step,
-                self.run.as_ref(),
-            )?),
-            None => None,
+        let out = match self.gather_weights()? {
+            Some(w) => {
+                let mcfg = self.model.config().clone();
+                let this = &*self;
+                Some(write_checkpoint_with(
+                    root,
+                    &this.cfg,
+                    this.step,
+                    this.run.as_ref(),
+                    move |tmp| {
+                        save_checkpoint(tmp, &mcfg, &w, zaya::weights::Layout::Native)?;
+                        drop(w);
+                        let state = this
+                            .gather_optimizer()
+                            .map_err(|e| match e {
+                                ParallelError::Model(e) => e,
+                                other => ZayaError::Input(other.to_string()),
+                            })?
+                            .ok_or_else(|| {
+                                ZayaError::Input("world rank 0 gathered no optimizer state".into())
+                            })?;
+                        AdamW::save_state(&state, &tmp.join("optimizer.safetensors"))
+                    },
+                )?)
+            }
+            None => {
+                self.gather_optimizer()?;
+                None
+            }
         };
         // nobody reads a checkpoint before rank 0 has written it
         self.mesh.world.barrier()?;
         Ok(out)
+    }
+
+    /// Collective: rank 0 writes the current weights as a model directory (`dir`, the
+    /// single-process layout); no rank keeps the gathered model.
+    pub fn save_model(&self, dir: &Path) -> ParallelResult<()> {
+        if let Some(w) = self.gather_weights()? {
+            save_checkpoint(dir, self.model.config(), &w, zaya::weights::Layout::Native)?;
+        }
+        self.mesh.world.barrier()?;
+        Ok(())
     }
 
     /// Collective: `loss`, `aux_loss` and `grad.<HF name>` of every parameter for a labelled
@@ -659,8 +844,8 @@ impl ParallelTrainer {
         let cmp = self.gradients(micro_batches, opts)?;
         let world = self.mesh.world.as_ref();
         let shape = self.mesh.shape;
-        let all = self.model.params();
         let cfg = self.model.config();
+        let specs = param_specs(cfg);
         let pack = |grads: &[Tensor], has: &[bool]| -> ParallelResult<Vec<f32>> {
             let mut buf = Vec::new();
             for (g, &h) in grads.iter().zip(has) {
@@ -682,8 +867,8 @@ impl ParallelTrainer {
         let mut put = |stage: &[usize], buf: &[f32]| -> ParallelResult<()> {
             let mut at = 0;
             for &i in stage {
-                let p = &all[i];
-                let n = p.var.elem_count();
+                let p = &specs[i];
+                let n: usize = p.shape.iter().product();
                 let h = buf.get(at).copied().unwrap_or(0.0) > 0.0;
                 let vals = buf.get(at + 1..at + 1 + n).ok_or_else(|| {
                     unsupported("a stage sent fewer gradient values than it holds")
@@ -692,7 +877,7 @@ impl ParallelTrainer {
                 if h {
                     out.insert(
                         format!("grad.{}", p.name),
-                        Tensor::from_slice(vals, p.var.shape(), &Device::Cpu)?,
+                        Tensor::from_slice(vals, p.shape.as_slice(), &Device::Cpu)?,
                     );
                 }
             }
@@ -706,7 +891,7 @@ impl ParallelTrainer {
                 ep: 0,
                 dp: 0,
             });
-            let layout = Layout::of(cfg, all, shape, pp, false);
+            let layout = Layout::of(cfg, shape, pp, false);
             let buf = world.recv(r, TAG_GATHER)?;
             put(&layout.stage, &buf)?;
         }

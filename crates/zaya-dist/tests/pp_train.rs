@@ -230,11 +230,10 @@ fn check_steps(
         }
         if let Some(root) = root {
             t.save(root)?;
-        } else {
-            t.gather()?;
         }
-        Ok((reports, t.model().tensors()?))
+        Ok((reports, t.gather_weights()?))
     });
+    let tensors = tensors.expect("rank 0 gathers the weights");
     let mut losses = Vec::new();
     for (g, w) in got.iter().zip(&want) {
         assert!(
@@ -340,4 +339,120 @@ fn bad_setups_fail_before_work() {
         Ok(_) => panic!("rank 0 cannot finish without stage 1"),
     };
     assert!(e.contains("rank 1"), "{e}");
+}
+
+/// `--pp 2 --dp 2` resumed from a single-process checkpoint: each rank reads from the files
+/// only its stage's tensors (the bytes the checkpoint reader counts are exactly those of
+/// the tensors the stage holds, f32, less than the whole model) and, from
+/// `optimizer.safetensors`, only `exp_avg` / `exp_avg_sq` / `step` of the parameters whose
+/// state its replica keeps (ZeRO-1: the two replicas keep disjoint shares covering the
+/// stage); the resumed steps give the single-process losses, norms and routing counts.
+#[test]
+fn pp_dp_ranks_read_only_their_stage_and_resume_the_single_process_steps() {
+    use zaya::weights::Checkpoint;
+    use zaya_dist::pipeline::stage_holds;
+    use zaya_dist::tp_driver::RunState;
+    let model = TrainableModel::load(fixture("conv_k3")).unwrap();
+    let vocab = model.config().vocab_size;
+    let mut cfg = TrainerConfig::new(&model, 5e-3);
+    cfg.aux_loss_coef = 0.01;
+    cfg.balance_bias_lr = 1e-3;
+    cfg.max_grad_norm = Some(0.5);
+    let steps: Vec<Vec<Batch>> = (0..3).map(|s| micro_batches(vocab, 2 + s, 2, 6)).collect();
+    let mut single = Trainer::new(model, cfg.clone()).unwrap();
+    single.step(&steps[0]).unwrap();
+    let root = std::env::temp_dir().join(format!("zaya-pp-stage-read-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let ck = single.save(&root).unwrap();
+    let want: Vec<_> = steps[1..]
+        .iter()
+        .map(|mb| single.step(mb).unwrap())
+        .collect();
+
+    let shape = MeshShape::new(1, 2, 1, 2).unwrap();
+    let mcfg = Checkpoint::open(&ck).unwrap().config().unwrap();
+    let specs = zaya::weights::native_specs(&mcfg);
+    let whole: usize = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
+    let world = LocalWorld::new(shape.world(), Duration::from_secs(120)).unwrap();
+    let outs = world.run(|comm| -> Result<_, ParallelError> {
+        let mesh = Mesh::new(Box::new(comm), shape)?;
+        let c = mesh.coords;
+        let weights = Checkpoint::open(&ck)?;
+        let state = Checkpoint::open_file(ck.join("optimizer.safetensors"))?;
+        let at = RunState {
+            cfg: cfg.clone(),
+            step: 1,
+            run: None,
+        };
+        let mut t =
+            ParallelTrainer::open(mesh, &weights, Some(&state), at, DriverOptions::default())?;
+        let read = (weights.bytes_read(), state.bytes_read());
+        let params = t.model().params();
+        let owned: Vec<(String, usize)> = t
+            .layout()
+            .owned_by(c.dp)
+            .into_iter()
+            .map(|k| (params[k].name.clone(), params[k].var.elem_count()))
+            .collect();
+        let all: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+        let mut got = Vec::new();
+        for mb in &steps[1..] {
+            got.push(t.step(mb)?);
+        }
+        Ok((c, read, owned, all, got))
+    });
+    let mut shares: BTreeMap<usize, Vec<Vec<String>>> = BTreeMap::new();
+    let mut alls: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for out in outs {
+        let (c, (w_read, s_read), owned, all, got) = out.unwrap_or_else(|e| panic!("{e:?}"));
+        let share: usize = specs
+            .iter()
+            .filter(|s| stage_holds(&mcfg, shape.pp, c.pp, &s.name))
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(w_read, 4 * share as u64, "{c:?}: weight bytes read");
+        assert!(
+            share < whole,
+            "{c:?}: a share of {share} of {whole} elements"
+        );
+        let kept: usize = owned.iter().map(|(_, n)| n).sum();
+        assert_eq!(
+            s_read,
+            (8 * kept + 8 * owned.len()) as u64,
+            "{c:?}: optimizer bytes read"
+        );
+        shares
+            .entry(c.pp)
+            .or_default()
+            .push(owned.into_iter().map(|(n, _)| n).collect());
+        alls.insert(c.pp, all);
+        for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g.loss - w.loss).abs() <= 1e-5 * w.loss,
+                "{c:?} step {s}: loss {} vs {}",
+                g.loss,
+                w.loss
+            );
+            assert!(
+                (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
+                "{c:?} step {s}: norm {} vs {}",
+                g.grad_norm,
+                w.grad_norm
+            );
+            assert_eq!(g.routing, w.routing, "{c:?} step {s}");
+        }
+    }
+    for (pp, reps) in &shares {
+        assert_eq!(reps.len(), 2, "stage {pp}");
+        assert!(reps.iter().all(|r| !r.is_empty()), "stage {pp}: {reps:?}");
+        let mut both: Vec<String> = reps.concat();
+        both.sort();
+        let mut all = alls[pp].clone();
+        all.sort();
+        assert_eq!(both, all, "stage {pp}");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }

@@ -35,4 +35,4 @@ pub mod weights;
 pub use cache::HybridCache;
 pub use config::{LayerType, ZayaConfig};
 pub use error::{Result, ZayaError};
-pub use model::{Capture, ForwardOptions, ModelOutput, ZayaModel};
+pub use model::{Capture, ForwardOptions, ModelOutput, ModelPart, ZayaModel};

@@ -9,6 +9,7 @@ pub mod moe;
 pub mod rope;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -96,12 +97,16 @@ pub struct ForwardContext {
 #[derive(Debug, Clone)]
 pub struct ZayaModel {
     cfg: ZayaConfig,
-    embed_tokens: Embedding,
-    input_hidden_states_scale: Tensor,
-    input_hidden_states_bias: Tensor,
+    /// `None` on a part without the lookup or the (tied) head.
+    embed_tokens: Option<Embedding>,
+    input_hidden_states_scale: Option<Tensor>,
+    input_hidden_states_bias: Option<Tensor>,
+    /// The decoder layers `first_layer..first_layer + layers.len()` (all of them for a whole
+    /// model).
     layers: Vec<DecoderLayer>,
-    norm: Tensor,
-    lm_head: Linear,
+    first_layer: usize,
+    norm: Option<Tensor>,
+    lm_head: Option<Linear>,
     rotary: BTreeMap<LayerType, RotaryEmbedding>,
     dtype: DType,
     device: Device,
@@ -137,6 +142,59 @@ fn host_2d(t: &Tensor, what: &str) -> Result<Vec<Vec<i64>>> {
     Ok(t.to_dtype(DType::I64)?.to_vec2::<i64>()?)
 }
 
+/// Which part of the model a [`ZayaModel`] holds: a range of decoder layers, the input side
+/// (embedding lookup and input scaling) and the output side (final norm and LM head; a tied
+/// head is the embedding table). A pipeline stage is such a part; the whole model holds
+/// everything. Only the tensors of its part are read from the weight source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPart {
+    pub layers: Range<usize>,
+    /// The embedding lookup and the input scaling.
+    pub input: bool,
+    /// The final norm and the LM head.
+    pub output: bool,
+}
+
+impl ModelPart {
+    /// Every tensor of `cfg`.
+    pub fn whole(cfg: &ZayaConfig) -> Self {
+        ModelPart {
+            layers: 0..cfg.num_hidden_layers,
+            input: true,
+            output: true,
+        }
+    }
+
+    /// Whether this part holds the native tensor `name` (a tied embedding is held by the
+    /// input side and by the output side).
+    pub fn holds(&self, cfg: &ZayaConfig, name: &str) -> bool {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let idx: Option<usize> = rest.split('.').next().and_then(|s| s.parse().ok());
+            return idx.is_some_and(|i| self.layers.contains(&i));
+        }
+        match name {
+            "model.embed_tokens.weight" => self.input || (self.output && cfg.tie_word_embeddings),
+            "model.input_hidden_states_scale" | "model.input_hidden_states_bias" => self.input,
+            _ => self.output,
+        }
+    }
+
+    /// Fails unless the part is a valid range of `cfg`'s layers.
+    pub fn check(&self, cfg: &ZayaConfig) -> Result<()> {
+        let n = cfg.num_hidden_layers;
+        if self.layers.start > self.layers.end || self.layers.end > n {
+            return Err(ZayaError::Input(format!(
+                "model part: layer range {:?} is not within the model's {n} layers",
+                self.layers
+            )));
+        }
+        if self.layers.is_empty() && !self.input && !self.output {
+            return Err(ZayaError::Input("model part: holds nothing".into()));
+        }
+        Ok(())
+    }
+}
+
 impl ZayaModel {
     pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
         Self::from_weights(cfg, Weights::from(vb))
@@ -144,48 +202,117 @@ impl ZayaModel {
 
     /// Builds the model from a weight source that may hold quantized tensors.
     pub fn from_weights(cfg: &ZayaConfig, vb: Weights) -> Result<Self> {
+        Self::part_from_weights(cfg, vb, &ModelPart::whole(cfg))
+    }
+
+    /// Builds the part `part` of the model (a pipeline stage): only its tensors are asked
+    /// of `vb`. Running what the part does not hold (the embedding on a later stage, a
+    /// layer of another stage, the head before the last) is a typed error.
+    pub fn part_from_weights(cfg: &ZayaConfig, vb: Weights, part: &ModelPart) -> Result<Self> {
+        part.check(cfg)?;
         let h = cfg.hidden_size;
         let m = vb.pp("model");
         let embed = m.pp("embed_tokens");
-        let embed_tokens = match embed.quantized((cfg.vocab_size, h), "weight")? {
-            Some(q) => Embedding::Quantized(q),
-            None => Embedding::Dense(embed.get((cfg.vocab_size, h), "weight")?),
-        };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, m.pp("layers").pp(i)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let lm_bias = if cfg.lm_head_bias {
-            Some(vb.pp("lm_head").get(cfg.vocab_size, "bias")?)
+        let embed_tokens = if part.holds(cfg, "model.embed_tokens.weight") {
+            Some(match embed.quantized((cfg.vocab_size, h), "weight")? {
+                Some(q) => Embedding::Quantized(q),
+                None => Embedding::Dense(embed.get((cfg.vocab_size, h), "weight")?),
+            })
         } else {
             None
         };
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear {
-                weight: match &embed_tokens {
-                    Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
-                    Embedding::Quantized(q) => LinearWeight::Quantized(Arc::clone(q)),
+        let layers = part
+            .layers
+            .clone()
+            .map(|i| DecoderLayer::new(cfg, i, m.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let lm_head = if part.output {
+            let lm_bias = if cfg.lm_head_bias {
+                Some(vb.pp("lm_head").get(cfg.vocab_size, "bias")?)
+            } else {
+                None
+            };
+            Some(match (&embed_tokens, cfg.tie_word_embeddings) {
+                (Some(e), true) => Linear {
+                    weight: match e {
+                        Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+                        Embedding::Quantized(q) => LinearWeight::Quantized(Arc::clone(q)),
+                    },
+                    bias: lm_bias,
+                    adapter: None,
                 },
-                bias: lm_bias,
-                adapter: None,
-            }
+                _ => {
+                    let mut head = Linear::new(h, cfg.vocab_size, false, vb.pp("lm_head"))?;
+                    head.bias = lm_bias;
+                    head
+                }
+            })
         } else {
-            let mut head = Linear::new(h, cfg.vocab_size, false, vb.pp("lm_head"))?;
-            head.bias = lm_bias;
-            head
+            None
+        };
+        let (scale, bias) = if part.input {
+            (
+                Some(m.get(h, "input_hidden_states_scale")?),
+                Some(m.get(h, "input_hidden_states_bias")?),
+            )
+        } else {
+            (None, None)
         };
         let rotary = rotary_tables(cfg);
         Ok(ZayaModel {
             cfg: cfg.clone(),
-            input_hidden_states_scale: m.get(h, "input_hidden_states_scale")?,
-            input_hidden_states_bias: m.get(h, "input_hidden_states_bias")?,
+            input_hidden_states_scale: scale,
+            input_hidden_states_bias: bias,
             embed_tokens,
             layers,
-            norm: m.pp("norm").get(h, "weight")?,
+            first_layer: part.layers.start,
+            norm: if part.output {
+                Some(m.pp("norm").get(h, "weight")?)
+            } else {
+                None
+            },
             lm_head,
             rotary,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
+    }
+
+    /// The part of the model this holds.
+    pub fn part(&self) -> ModelPart {
+        ModelPart {
+            layers: self.layer_range(),
+            input: self.input_hidden_states_scale.is_some(),
+            output: self.lm_head.is_some(),
+        }
+    }
+
+    /// The decoder layers this holds (`0..num_hidden_layers` for a whole model).
+    pub fn layer_range(&self) -> Range<usize> {
+        self.first_layer..self.first_layer + self.layers.len()
+    }
+
+    fn lacks(&self, what: &str) -> ZayaError {
+        ZayaError::Input(format!(
+            "this model is a part (layers {:?}) without {what}",
+            self.layer_range()
+        ))
+    }
+
+    /// Fails unless this is the whole model (a part runs only through the layer API).
+    fn check_whole(&self) -> Result<()> {
+        if self.part() != ModelPart::whole(&self.cfg) {
+            return Err(self.lacks(
+                "the rest of the model: a full pass needs every layer, the embedding and the head",
+            ));
+        }
+        Ok(())
+    }
+
+    fn head(&self) -> Result<&Linear> {
+        self.lm_head
+            .as_ref()
+            .ok_or_else(|| self.lacks("the final norm and LM head"))
     }
 
     /// Opens a checkpoint directory (either layout), validates every tensor and builds the
@@ -292,7 +419,14 @@ impl ZayaModel {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let table = match &self.embed_tokens {
+        let (Some(embed_tokens), Some(in_scale), Some(in_bias)) = (
+            &self.embed_tokens,
+            &self.input_hidden_states_scale,
+            &self.input_hidden_states_bias,
+        ) else {
+            return Err(self.lacks("the embedding"));
+        };
+        let table = match embed_tokens {
             Embedding::Dense(t) => t,
             // Quantized rows are dequantized as they are looked up (f32), then given the
             // dtype of the rest of the model.
@@ -300,8 +434,8 @@ impl ZayaModel {
                 let e = q.embedding(&ids)?.to_dtype(self.dtype)?;
                 let e = e.reshape((b, t, self.cfg.hidden_size))?;
                 return Ok(e
-                    .broadcast_add(&self.input_hidden_states_bias)?
-                    .broadcast_mul(&self.input_hidden_states_scale)?
+                    .broadcast_add(in_bias)?
+                    .broadcast_mul(in_scale)?
                     .to_dtype(DType::F32)?);
             }
         };
@@ -319,8 +453,8 @@ impl ZayaModel {
             e = is_pad.where_cond(&e.detach(), &e)?;
         }
         let e = e.reshape((b, t, self.cfg.hidden_size))?;
-        Ok(e.broadcast_add(&self.input_hidden_states_bias)?
-            .broadcast_mul(&self.input_hidden_states_scale)?
+        Ok(e.broadcast_add(in_bias)?
+            .broadcast_mul(in_scale)?
             .to_dtype(DType::F32)?)
     }
 
@@ -334,7 +468,10 @@ impl ZayaModel {
         cache: Option<&mut HybridCache>,
         want_probs: bool,
     ) -> Result<LayerOutput> {
-        let layer = &self.layers[idx];
+        let layer = idx
+            .checked_sub(self.first_layer)
+            .and_then(|i| self.layers.get(i))
+            .ok_or_else(|| self.lacks(&format!("layer {idx}")))?;
         let (cos, sin) = &ctx.rope[&layer.layer_type];
         let inputs = AttentionInputs {
             mask: &ctx.masks[&layer.layer_type],
@@ -358,31 +495,37 @@ impl ZayaModel {
 
     /// Final RMSNorm of the f32 residual stream, in the parameter dtype.
     pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        let norm = self
+            .norm
+            .as_ref()
+            .ok_or_else(|| self.lacks("the final norm"))?;
         Ok(kernels::rms_norm(
             &h.to_dtype(self.dtype)?,
-            &self.norm,
+            norm,
             self.cfg.rms_norm_eps,
         )?)
     }
 
     /// `[.., H]` → `[.., V]`.
     pub fn lm_head(&self, y: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(y)?)
+        Ok(self.head()?.forward(y)?)
     }
 
     /// The dense lm_head weight (tied: the embedding). Training reads it; a model whose
     /// head is quantized is frozen and has none.
     pub fn lm_head_weight(&self) -> Option<&Tensor> {
-        self.lm_head.dense_weight()
+        self.lm_head.as_ref().and_then(Linear::dense_weight)
     }
 
-    /// Bytes of every weight (embedding and head counted once when tied).
+    /// Bytes of every weight held (embedding and head counted once when tied).
     pub fn weight_bytes(&self) -> usize {
-        let mut total = self.embed_tokens.bytes();
-        if !self.cfg.tie_word_embeddings {
-            total += self.lm_head.weight.bytes();
+        let mut total = self.embed_tokens.as_ref().map_or(0, Embedding::bytes);
+        if let Some(head) = &self.lm_head {
+            if !self.cfg.tie_word_embeddings || self.embed_tokens.is_none() {
+                total += head.weight.bytes();
+            }
+            total += head.bias.as_ref().map_or(0, tensor_bytes);
         }
-        total += self.lm_head.bias.as_ref().map_or(0, tensor_bytes);
         total += self.input_and_final_bytes();
         total
             + self
@@ -400,6 +543,7 @@ impl ZayaModel {
             &self.norm,
         ]
         .into_iter()
+        .flatten()
         .map(tensor_bytes)
         .sum()
     }
@@ -408,8 +552,10 @@ impl ZayaModel {
     /// layer (top-1; the largest expert, as an upper bound), the lm_head, and one
     /// embedding row.
     pub fn bytes_per_token(&self) -> usize {
-        let emb_row = self.embed_tokens.bytes() / self.cfg.vocab_size.max(1);
-        let total = emb_row + self.lm_head.bytes() + self.input_and_final_bytes();
+        let emb_row =
+            self.embed_tokens.as_ref().map_or(0, Embedding::bytes) / self.cfg.vocab_size.max(1);
+        let head = self.lm_head.as_ref().map_or(0, Linear::bytes);
+        let total = emb_row + head + self.input_and_final_bytes();
         total
             + self
                 .layers
@@ -418,7 +564,7 @@ impl ZayaModel {
                 .sum::<usize>()
     }
     pub fn lm_head_bias(&self) -> Option<&Tensor> {
-        self.lm_head.bias.as_ref()
+        self.lm_head.as_ref().and_then(|h| h.bias.as_ref())
     }
 
     /// Most rows a [`decode_rows`](Self::decode_rows) call should take for its results not
@@ -445,6 +591,7 @@ impl ZayaModel {
                 caches.len()
             )));
         }
+        self.check_whole()?;
         let vocab = self.cfg.vocab_size;
         let mut positions = Vec::with_capacity(tokens.len());
         for (row, (c, &id)) in caches.iter().zip(tokens).enumerate() {
@@ -510,6 +657,7 @@ impl ZayaModel {
         mut cache: Option<&mut HybridCache>,
         opts: &ForwardOptions,
     ) -> Result<ModelOutput> {
+        self.check_whole()?;
         if let Some(c) = cache.as_deref() {
             c.check(&self.cfg)?;
         }

@@ -28,7 +28,8 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::attention::AttnImplementation;
 use crate::config::ZayaConfig;
 use crate::error::{Result, ZayaError};
-use crate::model::ZayaModel;
+use crate::model::linear::Weights;
+use crate::model::{ModelPart, ZayaModel};
 use crate::weights::{native_specs, save_checkpoint, Checkpoint, Layout};
 pub use aux_loss::LayerRoutingStats;
 pub use checkpointing::{
@@ -300,8 +301,10 @@ pub struct TrainableModel {
     varmap: VarMap,
     model: ZayaModel,
     params: Vec<Param>,
-    /// `model.layers.{i}.mlp.gate.balancing_biases`, per layer.
+    /// `model.layers.{i}.mlp.gate.balancing_biases`, per layer held.
     biases: Vec<Var>,
+    /// What of the model this holds (a pipeline stage, or the whole model).
+    part: ModelPart,
     device: Device,
 }
 
@@ -324,17 +327,41 @@ impl TrainableModel {
         let ckpt = Checkpoint::open(dir)?;
         let cfg = ckpt.config()?;
         ckpt.validate(&cfg)?;
+        Self::load_part(&ckpt, &cfg, &ModelPart::whole(&cfg))
+    }
+
+    /// Reads only the tensors of `part` (a pipeline stage: its layers, the embedding on the
+    /// input side, the final norm and head on the output side) from `ckpt` into f32 `Var`s;
+    /// nothing else of the checkpoint is read. `ckpt` should have been validated against
+    /// `cfg`.
+    pub fn load_part(ckpt: &Checkpoint, cfg: &ZayaConfig, part: &ModelPart) -> Result<Self> {
+        part.check(cfg)?;
         let dev = Device::Cpu;
-        let tensors = native_specs(&cfg)
+        let tensors = native_specs(cfg)
             .into_iter()
-            .map(|s| Ok((s.name.clone(), ckpt.load(&cfg, &s.name, DType::F32, &dev)?)))
+            .filter(|s| part.holds(cfg, &s.name))
+            .map(|s| Ok((s.name.clone(), ckpt.load(cfg, &s.name, DType::F32, &dev)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        Self::from_tensors(&cfg, &tensors)
+        Self::part_from_tensors(cfg, part, &tensors)
     }
 
     /// Builds from every native tensor (names and shapes as [`native_specs`]), copied to f32.
     pub fn from_tensors(cfg: &ZayaConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
-        let specs = native_specs(cfg);
+        Self::part_from_tensors(cfg, &ModelPart::whole(cfg), tensors)
+    }
+
+    /// Builds the part `part` of the model from exactly its native tensors (those
+    /// [`ModelPart::holds`]), copied to f32. Its parameters are the part's, in module order.
+    pub fn part_from_tensors(
+        cfg: &ZayaConfig,
+        part: &ModelPart,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        part.check(cfg)?;
+        let specs: Vec<_> = native_specs(cfg)
+            .into_iter()
+            .filter(|s| part.holds(cfg, &s.name))
+            .collect();
         for (name, t) in tensors {
             if !specs.iter().any(|s| &s.name == name) {
                 return Err(ZayaError::UnexpectedTensor {
@@ -380,20 +407,32 @@ impl TrainableModel {
             }
         }
         let device = Device::Cpu;
-        let model = Self::build(cfg, &varmap, &device)?;
+        let model = Self::build(cfg, part, &varmap, &device)?;
         Ok(TrainableModel {
             cfg: cfg.clone(),
             varmap,
             model,
             params,
             biases,
+            part: part.clone(),
             device,
         })
     }
 
-    fn build(cfg: &ZayaConfig, varmap: &VarMap, device: &Device) -> Result<ZayaModel> {
+    /// What of the model this holds.
+    pub fn part(&self) -> &ModelPart {
+        &self.part
+    }
+
+    fn build(
+        cfg: &ZayaConfig,
+        part: &ModelPart,
+        varmap: &VarMap,
+        device: &Device,
+    ) -> Result<ZayaModel> {
         let before = varmap.all_vars().len();
-        let model = ZayaModel::new(cfg, VarBuilder::from_varmap(varmap, DType::F32, device))?;
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
+        let model = ZayaModel::part_from_weights(cfg, Weights::from(vb), part)?;
         // A name the model asks for that is not in the map would be silently created (with
         // a default init) by the VarMap backend: that would be a bug, not a user error.
         let after = varmap.all_vars().len();
@@ -438,6 +477,12 @@ impl TrainableModel {
 
     /// Writes a native-layout f32 checkpoint directory (config + weights).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.part != ModelPart::whole(&self.cfg) {
+            return Err(ZayaError::Input(format!(
+                "a model part (layers {:?}) is not a checkpoint: gather the whole model to save it",
+                self.part.layers
+            )));
+        }
         save_checkpoint(dir, &self.cfg, &self.tensors()?, Layout::Native)
     }
 
@@ -454,17 +499,20 @@ impl TrainableModel {
     /// `Var` storage; nothing is copied).
     pub fn set_balancing_biases(&mut self, layer: usize, values: &[f32]) -> Result<()> {
         self.write_bias(layer, values)?;
-        self.model = Self::build(&self.cfg, &self.varmap, &self.device)?;
+        self.model = Self::build(&self.cfg, &self.part, &self.varmap, &self.device)?;
         Ok(())
     }
 
     fn write_bias(&self, layer: usize, values: &[f32]) -> Result<()> {
-        let var = self.biases.get(layer).ok_or_else(|| {
-            ZayaError::Input(format!(
-                "layer {layer} out of range ({} layers)",
-                self.biases.len()
-            ))
-        })?;
+        let var = layer
+            .checked_sub(self.part.layers.start)
+            .and_then(|i| self.biases.get(i))
+            .ok_or_else(|| {
+                ZayaError::Input(format!(
+                    "layer {layer} out of range (this model holds layers {:?})",
+                    self.part.layers
+                ))
+            })?;
         if values.len() != self.cfg.num_experts + 1 {
             return Err(ZayaError::ShapeMismatch {
                 name: bias_name(layer),
@@ -477,22 +525,25 @@ impl TrainableModel {
         Ok(())
     }
 
-    /// The bias-balancing rule on every layer from that layer's routing counts of the step:
+    /// The bias-balancing rule on every layer held (a part: its layers, `routing` given for
+    /// those only) from that layer's routing counts of the step:
     /// `b_e += lr · sign(mean_count − count_e)` for real experts, skip untouched.
     pub fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> Result<()> {
         if routing.len() != self.biases.len() {
             return Err(ZayaError::Input(format!(
-                "routing counts for {} layers, the model has {}",
+                "routing counts for {} layers, the model holds {}",
                 routing.len(),
                 self.biases.len()
             )));
         }
         let current = self.balancing_biases()?;
-        for (layer, (b, stats)) in current.iter().zip(routing).enumerate() {
+        let first = self.part.layers.start;
+        for (j, (b, stats)) in current.iter().zip(routing).enumerate() {
+            let layer = first + j;
             let new = aux_loss::balance_bias_update(b, &stats.counts, lr)?;
             self.write_bias(layer, &new)?;
         }
-        self.model = Self::build(&self.cfg, &self.varmap, &self.device)?;
+        self.model = Self::build(&self.cfg, &self.part, &self.varmap, &self.device)?;
         Ok(())
     }
 
@@ -561,9 +612,10 @@ impl TrainableModel {
                 .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
                 .collect()
         };
-        ZayaModel::new(
+        ZayaModel::part_from_weights(
             &self.cfg,
-            VarBuilder::from_tensors(tensors, DType::F32, &self.device),
+            Weights::from(VarBuilder::from_tensors(tensors, DType::F32, &self.device)),
+            &self.part,
         )
     }
 
@@ -593,7 +645,7 @@ impl TrainableModel {
                 var.set(&t.to_dtype(DType::F32)?)?;
             }
         }
-        self.model = Self::build(&self.cfg, &self.varmap, &self.device)?;
+        self.model = Self::build(&self.cfg, &self.part, &self.varmap, &self.device)?;
         Ok(())
     }
 }
