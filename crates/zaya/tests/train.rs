@@ -416,3 +416,103 @@ fn gradients_stay_finite_for_all_zero_heads() {
     let norm = out.grads.global_norm().unwrap();
     assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
 }
+
+/// A part of the model (a pipeline stage) reads from the checkpoint only the tensors it
+/// holds, its parameters are exactly those (in the whole model's order), its layers give
+/// the whole model's outputs bit for bit, and what it does not hold is a typed error.
+#[test]
+fn a_model_part_reads_only_its_tensors_and_runs_its_layers_as_the_whole_model() {
+    use zaya::weights::Checkpoint;
+    use zaya::ModelPart;
+    let dir = fixture_dir("gqa_sliding");
+    let whole_ck = Checkpoint::open(&dir).unwrap();
+    let cfg = whole_ck.config().unwrap();
+    let whole = TrainableModel::load_part(&whole_ck, &cfg, &ModelPart::whole(&cfg)).unwrap();
+    let part = ModelPart {
+        layers: 2..4,
+        input: false,
+        output: true,
+    };
+    let ck = Checkpoint::open(&dir).unwrap();
+    let model = TrainableModel::load_part(&ck, &cfg, &part).unwrap();
+    assert!(
+        0 < ck.bytes_read() && ck.bytes_read() < whole_ck.bytes_read(),
+        "part read {} bytes, the whole model {}",
+        ck.bytes_read(),
+        whole_ck.bytes_read()
+    );
+    let want: Vec<&str> = whole
+        .params()
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|n| part.holds(&cfg, n))
+        .collect();
+    let got: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(got, want);
+    assert!(got.contains(&"model.layers.2.self_attn.o_proj.weight"));
+    assert!(!got.iter().any(|n| n.starts_with("model.layers.1.")));
+    assert_eq!(model.model().layer_range(), 2..4);
+    assert_eq!(model.balancing_biases().unwrap().len(), 2);
+
+    // layers 2 and 3 on the whole model's boundary after layer 1: the same bits
+    let b = batch("gqa_sliding", "train");
+    let ids = Tensor::new(b.input_ids.clone(), whole.device()).unwrap();
+    let (rows, t) = ids.dims2().unwrap();
+    let fopts = ForwardOptions::default();
+    let wm = whole.model();
+    let ctx = wm.context(rows, t, None, &fopts).unwrap();
+    let mut h = wm.embed(&ids).unwrap();
+    let mut state = None;
+    for idx in 0..2 {
+        let out = wm
+            .layer_forward(idx, &h, state.as_ref(), &ctx, None, false)
+            .unwrap();
+        h = out.hidden;
+        state = Some(out.routing.state);
+    }
+    let (mut hw, mut hp) = (h.clone(), h);
+    let (mut sw, mut sp) = (state.clone(), state);
+    let pm = model.model();
+    let pctx = pm.context(rows, t, None, &fopts).unwrap();
+    for idx in 2..4 {
+        let a = wm
+            .layer_forward(idx, &hw, sw.as_ref(), &ctx, None, false)
+            .unwrap();
+        let p = pm
+            .layer_forward(idx, &hp, sp.as_ref(), &pctx, None, false)
+            .unwrap();
+        (hw, sw) = (a.hidden, Some(a.routing.state));
+        (hp, sp) = (p.hidden, Some(p.routing.state));
+    }
+    let lw = wm.lm_head(&wm.final_norm(&hw).unwrap()).unwrap();
+    let lp = pm.lm_head(&pm.final_norm(&hp).unwrap()).unwrap();
+    let bits = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        bits(&lp),
+        bits(&lw),
+        "logits of the part vs the whole model"
+    );
+
+    // what the part does not hold
+    for e in [
+        pm.embed(&ids).map(|_| ()).unwrap_err(),
+        pm.layer_forward(1, &hp, None, &pctx, None, false)
+            .map(|_| ())
+            .unwrap_err(),
+        pm.forward(&ids, None, &fopts).map(|_| ()).unwrap_err(),
+    ] {
+        let e = e.to_string();
+        assert!(e.contains("layers 2..4"), "{e}");
+    }
+    let e = model.save(&temp_dir("part-save")).unwrap_err().to_string();
+    assert!(e.contains("not a checkpoint"), "{e}");
+    let bad = ModelPart {
+        layers: 3..9,
+        input: true,
+        output: false,
+    };
+    let e = TrainableModel::load_part(&ck, &cfg, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3..9"), "{e}");
+}
