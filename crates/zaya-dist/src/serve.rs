@@ -857,6 +857,11 @@ impl EngineModel for MeshModel {
         &self.cfg
     }
 
+    fn steps_in_kernel_pool(&self) -> bool {
+        // rank 0's forward waits for the other ranks, whose kernels run on the same pool
+        false
+    }
+
     fn unavailable(&self) -> Option<String> {
         self.down
             .get()

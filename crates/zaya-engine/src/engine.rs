@@ -537,7 +537,11 @@ impl<M: EngineModel> Worker<M> {
             // One hand-off to the kernel pool per step (its kernels then split their work
             // with the pool's other threads from inside it) instead of one per kernel: a
             // 32-row decode step spent a quarter of its time switching threads.
-            zaya::kernels::run_in_pool(|| self.step());
+            if self.model.steps_in_kernel_pool() {
+                zaya::kernels::run_in_pool(|| self.step());
+            } else {
+                self.step();
+            }
         }
     }
 

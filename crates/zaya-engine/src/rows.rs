@@ -35,6 +35,14 @@ pub trait EngineModel: Send + Sync + 'static {
     fn unavailable(&self) -> Option<String> {
         None
     }
+    /// Whether the engine may run its steps on the kernel pool
+    /// ([`zaya::kernels::run_in_pool`]). `false` for a model whose forward waits on other
+    /// threads that use the pool too (ranks of a local mesh in collectives): a step started
+    /// by a pool thread in the middle of another rank's kernel sits on top of that kernel,
+    /// which then cannot finish while the step waits for its rank — a deadlock.
+    fn steps_in_kernel_pool(&self) -> bool {
+        true
+    }
     /// An empty row.
     fn new_row(&self) -> Self::Row;
     /// Feeds `tokens` after the row's state; returns the logits of the last one.
