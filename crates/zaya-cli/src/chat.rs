@@ -105,29 +105,57 @@ pub fn run_generate_text(
     let mut chooser = chooser.inner;
     chooser.finish()?;
     sink.check()?;
-    let secs = start.elapsed().as_secs_f64();
-    let n: usize = out.sequences.iter().map(Vec::len).sum();
     let texts: Vec<String> = (0..prompts.len())
         .map(|r| chooser.text(r).to_string())
         .collect();
+    let reasons: Vec<String> = out
+        .finish_reasons
+        .iter()
+        .map(|f| format!("{f:?}").to_lowercase())
+        .collect();
+    print_generation(
+        prompts,
+        &texts,
+        &out.sequences,
+        &reasons,
+        as_json,
+        start.elapsed().as_secs_f64(),
+        "",
+    )
+}
+
+/// The output of `zaya generate --prompt`: `{"texts", "sequences", "finish_reasons"}` with
+/// `--json`; otherwise a newline after the streamed single answer, or each prompt with its
+/// answer; then the token rate on stderr (`extra` is appended inside its brackets).
+pub(crate) fn print_generation(
+    prompts: &[String],
+    texts: &[String],
+    sequences: &[Vec<u32>],
+    reasons: &[impl serde::Serialize],
+    as_json: bool,
+    secs: f64,
+    extra: &str,
+) -> Result<()> {
+    let stream = prompts.len() == 1 && !as_json;
     if as_json {
         out::println(
             &json!({
                 "texts": texts,
-                "sequences": out.sequences,
-                "finish_reasons": out.finish_reasons.iter().map(|f| format!("{f:?}").to_lowercase()).collect::<Vec<_>>(),
+                "sequences": sequences,
+                "finish_reasons": reasons,
             })
             .to_string(),
         )?;
     } else if stream {
         out::println("")?;
     } else {
-        for (p, t) in prompts.iter().zip(&texts) {
+        for (p, t) in prompts.iter().zip(texts) {
             out::println(&format!("{p}{t}\n"))?;
         }
     }
+    let n: usize = sequences.iter().map(Vec::len).sum();
     eprintln!(
-        "[{n} tokens in {secs:.2} s, {:.1} tokens/s]",
+        "[{n} tokens in {secs:.2} s, {:.1} tokens/s{extra}]",
         n as f64 / secs.max(1e-9)
     );
     Ok(())

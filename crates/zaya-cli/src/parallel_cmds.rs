@@ -748,28 +748,13 @@ pub fn generate_text_on_mesh(
         reasons.push(reason);
     }
     engine.shutdown(true);
-    let secs = start.elapsed().as_secs_f64();
-    let n: usize = sequences.iter().map(Vec::len).sum();
-    if as_json {
-        crate::out::println(
-            &serde_json::json!({
-                "texts": texts,
-                "sequences": sequences,
-                "finish_reasons": reasons,
-            })
-            .to_string(),
-        )?;
-    } else if stream {
-        crate::out::println("")?;
-    } else {
-        for (p, t) in prompts.iter().zip(&texts) {
-            crate::out::println(&format!("{p}{t}\n"))?;
-        }
-    }
-    eprintln!(
-        "[{n} tokens in {secs:.2} s, {:.1} tokens/s, {} ranks]",
-        n as f64 / secs.max(1e-9),
-        shape.world()
-    );
-    Ok(())
+    crate::chat::print_generation(
+        prompts,
+        &texts,
+        &sequences,
+        &reasons,
+        as_json,
+        start.elapsed().as_secs_f64(),
+        &format!(", {} ranks", shape.world()),
+    )
 }
