@@ -1,6 +1,7 @@
-//! `zaya bench --tp/--pp/--ep/--dp`: the parallel measurements beside one rank, on local
-//! ranks. Inference reuses `zaya bench-parallel` (prefill of `--prefill-len` tokens and
-//! `--new-tokens` cached greedy decode, weight bytes per rank); `--train` times pipeline ×
+//! `zaya bench --tp/--pp/--ep/--dp`: the parallel measurements beside one rank. Inference
+//! reuses `zaya bench-parallel` (prefill of `--prefill-len` tokens and `--new-tokens` cached
+//! greedy decode, weight bytes per rank; on local ranks, or one rank per process under
+//! `mpirun`, where each rank's peak RSS is its own); `--train` (local ranks) times pipeline ×
 //! data-parallel optimizer steps ([`zaya_dist::ParallelTrainer`]: 1F1B over one-row
 //! micro-batches, bucketed gradient sums, ZeRO-1) against the single-rank step on the same
 //! batch, and reports each rank's training-state bytes (f32 weights and gradients of its
@@ -22,12 +23,16 @@ use crate::bench::{bench_ids, check_sizes, BenchArgs};
 pub fn run(args: BenchArgs) -> Result<()> {
     check_sizes(&args)?;
     if args.train {
+        if zaya_dist::comm::launched_by_mpi() {
+            // every process would run the whole mesh of local ranks itself
+            bail!("zaya bench --train with parallel ranks runs them as local ranks in one process: start it without mpirun (`zaya train` runs under mpirun)");
+        }
         return run_train(args);
     }
     if args.parallel.dp > 1 {
         bail!("--dp is a training degree: use it with --train");
     }
-    let (v, text) =
+    let measured =
         crate::parallel_cmds::measure_bench_parallel(&crate::parallel_cmds::BenchParallelArgs {
             model: args.model.clone(),
             parallel: args.parallel.clone(),
@@ -35,6 +40,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             new_tokens: args.new_tokens,
             json: false,
         })?;
+    let Some((v, text)) = measured else {
+        return Ok(()); // an MPI rank other than 0: rank 0 reports
+    };
     crate::out::print(&text)?;
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;

@@ -517,20 +517,113 @@ pub struct BenchParallelArgs {
     pub json: bool,
 }
 
-/// `zaya bench-parallel`: one rank and the mesh on local ranks in the same run: prefill and
-/// cached decode throughput, and the weight bytes each rank holds.
+/// `zaya bench-parallel`: one rank and the mesh in the same run (local ranks, or MPI
+/// processes under `mpirun`): prefill and cached decode throughput, and each rank's weight
+/// bytes (and, on processes, its peak RSS).
 pub fn run_bench_parallel(args: BenchParallelArgs) -> Result<()> {
-    let (v, text) = measure_bench_parallel(&args)?;
+    let Some((v, text)) = measure_bench_parallel(&args)? else {
+        return Ok(()); // an MPI rank other than 0: rank 0 reports
+    };
     if args.json {
         return crate::out::println(&v.to_string()).map_err(Into::into);
     }
     crate::out::print(&text).map_err(Into::into)
 }
 
-/// The measurement of `zaya bench-parallel` (also `zaya bench --tp/--pp/--ep`): the JSON
-/// value and the text report.
-pub fn measure_bench_parallel(args: &BenchParallelArgs) -> Result<(serde_json::Value, String)> {
+/// What one mesh rank measured in [`bench_on_mesh`] (the per-rank lists are gathered, in
+/// rank order, on every rank).
+struct MeshRun {
+    prefill_s: f64,
+    decode_s: f64,
+    tokens: Vec<u32>,
+    rank_weight_mib: Vec<f32>,
+    rank_peak_rss_mib: Vec<f32>,
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// One rank's part of the benchmark: loads only its slices, then (all ranks starting
+/// together) prefill of `prompt` and `new_tokens - 1` cached greedy decode steps.
+fn bench_on_mesh(
+    mesh: &zaya_dist::Mesh,
+    ckpt: &std::sync::Arc<Checkpoint>,
+    plan: &ParallelPlan,
+    prompt: &Tensor,
+    new_tokens: usize,
+    opts: &ForwardOptions,
+) -> Result<MeshRun, zaya_dist::ParallelError> {
     use std::time::Instant;
+    let dev = candle_core::Device::Cpu;
+    let model = zaya_dist::TpModel::at(ckpt, plan, mesh.coords, DType::F32, &dev)?;
+    let bytes = model.weight_bytes();
+    let mut cache = model.new_cache();
+    mesh.world.barrier()?;
+    let t0 = Instant::now();
+    let (logits, _) = model.forward_mesh(mesh.groups(), prompt, Some(&mut cache), opts)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+    let mut tokens = vec![next];
+    let t1 = Instant::now();
+    for _ in 1..new_tokens {
+        let step = Tensor::new(&[[next]], &dev)?;
+        let (logits, _) = model.forward_mesh(mesh.groups(), &step, Some(&mut cache), opts)?;
+        next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+        tokens.push(next);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let rank_weight_mib = mesh.world.all_gather(&[(bytes as f64 / MIB) as f32])?;
+    let rss = crate::bench::peak_rss_bytes() as f64 / MIB;
+    let rank_peak_rss_mib = mesh.world.all_gather(&[rss as f32])?;
+    Ok(MeshRun {
+        prefill_s,
+        decode_s,
+        tokens,
+        rank_weight_mib,
+        rank_peak_rss_mib,
+    })
+}
+
+/// The single-rank baseline: `(prefill s, decode s, greedy tokens, weight bytes)`.
+fn bench_single(
+    dir: &Path,
+    cfg: &ZayaConfig,
+    prompt: &Tensor,
+    new_tokens: usize,
+    opts: &ForwardOptions,
+) -> Result<(f64, f64, Vec<u32>, usize)> {
+    use std::time::Instant;
+    let dev = candle_core::Device::Cpu;
+    let single = zaya::ZayaModel::load(dir, DType::F32, &dev)?;
+    let t0 = Instant::now();
+    let mut cache = zaya::HybridCache::new(cfg);
+    let first = single.forward(prompt, Some(&mut cache), opts)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let logits = first.logits.context("the forward returned no logits")?;
+    let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+    let mut tokens = vec![next];
+    let t1 = Instant::now();
+    for _ in 1..new_tokens {
+        let out = single.forward(&Tensor::new(&[[next]], &dev)?, Some(&mut cache), opts)?;
+        let logits = out.logits.context("the forward returned no logits")?;
+        next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+        tokens.push(next);
+    }
+    Ok((
+        prefill,
+        t1.elapsed().as_secs_f64(),
+        tokens,
+        single.weight_bytes(),
+    ))
+}
+
+/// The measurement of `zaya bench-parallel` (also `zaya bench --tp/--pp/--ep`): the JSON
+/// value and the text report. On local ranks the mesh runs as threads of this process
+/// (whose peak RSS is the whole mesh's); under `mpirun` each process is one rank (its
+/// own peak RSS is reported), the mesh runs first and rank 0 then measures one rank alone
+/// (the other ranks wait) and returns the report; the other ranks return `None`.
+pub fn measure_bench_parallel(
+    args: &BenchParallelArgs,
+) -> Result<Option<(serde_json::Value, String)>> {
     let shape = args.parallel.mesh()?;
     let dev = candle_core::Device::Cpu;
     let ckpt = std::sync::Arc::new(Checkpoint::open(&args.model)?);
@@ -549,99 +642,117 @@ pub fn measure_bench_parallel(args: &BenchParallelArgs) -> Result<(serde_json::V
         .map(|i| (i * 7919 % cfg.vocab_size) as u32)
         .collect();
     let prompt = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
-    let attn = zaya::attention::AttnImplementation::Sdpa;
-
-    // one rank
-    let single = zaya::ZayaModel::load(&args.model, DType::F32, &dev)?;
-    let t0 = Instant::now();
-    let mut cache = zaya::HybridCache::new(&cfg);
     let opts = ForwardOptions {
-        attn,
+        attn: zaya::attention::AttnImplementation::Sdpa,
         logits_to_keep: 1,
         ..Default::default()
     };
-    let first = single.forward(&prompt, Some(&mut cache), &opts)?;
-    let single_prefill = t0.elapsed().as_secs_f64();
-    let mut next =
-        zaya::generation::argmax(&first.logits.expect("logits").flatten_all()?.to_vec1()?);
-    let mut single_tokens = vec![next];
-    let t1 = Instant::now();
-    for _ in 1..args.new_tokens {
-        let out = single.forward(&Tensor::new(&[[next]], &dev)?, Some(&mut cache), &opts)?;
-        next = zaya::generation::argmax(&out.logits.expect("logits").flatten_all()?.to_vec1()?);
-        single_tokens.push(next);
-    }
-    let single_decode = t1.elapsed().as_secs_f64();
-    let single_bytes = single.weight_bytes();
-    drop(single);
 
-    // the mesh
+    #[cfg(feature = "mpi")]
+    if zaya_dist::mpi_backend::launched_by_mpi() {
+        let world = zaya_dist::mpi_backend::MpiWorld::init()?;
+        let comm = world.comm(zaya_dist::DEFAULT_TIMEOUT);
+        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let run = bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, &opts)?;
+        // the baseline on rank 0 alone, after every rank has freed its slices
+        let single = if mesh.world.rank() == 0 {
+            Some(bench_single(
+                &args.model,
+                &cfg,
+                &prompt,
+                args.new_tokens,
+                &opts,
+            ))
+        } else {
+            None
+        };
+        mesh.world.barrier()?;
+        return match single {
+            Some(single) => Ok(Some(bench_report(args, shape, "mpi", &run, single?))),
+            None => Ok(None),
+        };
+    }
+    #[cfg(not(feature = "mpi"))]
+    if zaya_dist::comm::launched_by_mpi() {
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
+    }
+
+    let single = bench_single(&args.model, &cfg, &prompt, args.new_tokens, &opts)?;
     let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
     let outs = world.run(|comm| {
         let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
-        let model = zaya_dist::TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &dev)?;
-        let bytes = model.weight_bytes();
-        let mut cache = model.new_cache();
-        mesh.world.barrier()?;
-        let t0 = Instant::now();
-        let (logits, _) = model.forward_mesh(mesh.groups(), &prompt, Some(&mut cache), &opts)?;
-        let prefill = t0.elapsed().as_secs_f64();
-        let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
-        let mut tokens = vec![next];
-        let t1 = Instant::now();
-        for _ in 1..args.new_tokens {
-            let step = Tensor::new(&[[next]], &candle_core::Device::Cpu)?;
-            let (logits, _) = model.forward_mesh(mesh.groups(), &step, Some(&mut cache), &opts)?;
-            next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
-            tokens.push(next);
-        }
-        let decode = t1.elapsed().as_secs_f64();
-        let all_bytes = mesh.world.all_gather(&[bytes as f32])?;
-        Ok::<_, zaya_dist::ParallelError>((prefill, decode, tokens, all_bytes))
+        bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, &opts)
     });
-    let (prefill, decode, tokens, rank_bytes) = zaya_dist::tp::first_of(outs)?;
+    let run = zaya_dist::tp::first_of(outs)?;
+    Ok(Some(bench_report(args, shape, "local", &run, single)))
+}
+
+/// The JSON value and text of the parallel benchmark.
+fn bench_report(
+    args: &BenchParallelArgs,
+    shape: zaya_dist::MeshShape,
+    backend: &str,
+    run: &MeshRun,
+    (single_prefill, single_decode, single_tokens, single_bytes): (f64, f64, Vec<u32>, usize),
+) -> (serde_json::Value, String) {
     let steps = args.new_tokens.saturating_sub(1).max(1) as f64;
-    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let same = run.tokens == single_tokens;
+    let processes = backend == "mpi";
     let v = serde_json::json!({
         "mesh": shape,
+        "backend": backend,
         "threads": zaya::kernels::num_threads(),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "single": {
             "prefill_tok_s": args.prompt_len as f64 / single_prefill,
             "decode_tok_s": steps / single_decode,
-            "weight_mib": mib(single_bytes as f64),
+            "weight_mib": single_bytes as f64 / MIB,
         },
         "parallel": {
-            "prefill_tok_s": args.prompt_len as f64 / prefill,
-            "decode_tok_s": steps / decode,
-            "rank_weight_mib": rank_bytes.iter().map(|&b| mib(b as f64)).collect::<Vec<_>>(),
+            "prefill_tok_s": args.prompt_len as f64 / run.prefill_s,
+            "decode_tok_s": steps / run.decode_s,
+            "rank_weight_mib": run.rank_weight_mib,
+            // threads of one process share one peak: only processes have their own
+            "rank_peak_rss_mib": if processes { Some(&run.rank_peak_rss_mib) } else { None },
         },
-        "same_tokens": tokens == single_tokens,
+        "same_tokens": same,
     });
-    let text = format!(
-        "{} on local ranks vs one rank (prompt {}, {} new tokens, same greedy tokens: {})\n\
+    let list = |v: &[f32]| {
+        v.iter()
+            .map(|b| format!("{b:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut text = format!(
+        "{} on {} vs one rank (prompt {}, {} new tokens, same greedy tokens: {same})\n\
          prefill tok/s: {:.1} vs {:.1} ({:.2}x)\n\
          decode tok/s:  {:.2} vs {:.2} ({:.2}x)\n\
          weights per rank (MiB): {} vs {:.1}\n",
         shape.label(),
+        if processes {
+            "MPI processes"
+        } else {
+            "local ranks"
+        },
         args.prompt_len,
         args.new_tokens,
-        tokens == single_tokens,
-        args.prompt_len as f64 / prefill,
+        args.prompt_len as f64 / run.prefill_s,
         args.prompt_len as f64 / single_prefill,
-        single_prefill / prefill,
-        steps / decode,
+        single_prefill / run.prefill_s,
+        steps / run.decode_s,
         steps / single_decode,
-        single_decode / decode,
-        rank_bytes
-            .iter()
-            .map(|&b| format!("{:.1}", mib(b as f64)))
-            .collect::<Vec<_>>()
-            .join(" "),
-        mib(single_bytes as f64),
+        single_decode / run.decode_s,
+        list(&run.rank_weight_mib),
+        single_bytes as f64 / MIB,
     );
-    Ok((v, text))
+    if processes {
+        text.push_str(&format!(
+            "peak RSS per rank (MiB): {}\n",
+            list(&run.rank_peak_rss_mib)
+        ));
+    }
+    (v, text)
 }
 
 /// `zaya generate --prompt TEXT --tp/--pp/--ep N`: text prompts on a mesh of local ranks,

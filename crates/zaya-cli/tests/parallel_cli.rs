@@ -358,6 +358,60 @@ fn bench_parallel_reports_throughput_and_per_rank_memory() {
         assert!(r.as_f64().unwrap() < single, "{v}");
     }
     assert!(v["parallel"]["decode_tok_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["backend"], "local", "{v}");
+    // threads of one process have no peak RSS of their own
+    assert!(v["parallel"]["rank_peak_rss_mib"].is_null(), "{v}");
+}
+
+/// `zaya bench --tp 2 --pp 2` as four MPI processes: rank 0 alone reports (one JSON line),
+/// the mesh gives the single rank's greedy tokens, and each process's own peak RSS covers
+/// its slices of the weights but stays below the whole model.
+#[cfg(feature = "mpi")]
+#[test]
+fn bench_on_mpi_processes_reports_each_ranks_own_memory() {
+    let (ok, text) = run(zaya()
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .args(["launch", "--nproc", "4", "--backend", "mpi", "--"])
+        .args(["bench-parallel", "--model"])
+        .arg(fixture("gqa_sliding"))
+        .args([
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "3",
+            "--json",
+        ]));
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "one report, from rank 0: {text}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["backend"], "mpi", "{v}");
+    assert_eq!(v["same_tokens"], true, "{v}");
+    let weights = v["parallel"]["rank_weight_mib"].as_array().unwrap();
+    let rss = v["parallel"]["rank_peak_rss_mib"].as_array().unwrap();
+    assert_eq!((weights.len(), rss.len()), (4, 4), "{v}");
+    for (w, r) in weights.iter().zip(rss) {
+        assert!(r.as_f64().unwrap() >= w.as_f64().unwrap(), "{v}");
+    }
+}
+
+/// `zaya bench --train` with parallel flags runs its ranks as threads: under an MPI
+/// launcher every process would run the whole mesh, so it is refused.
+#[test]
+fn bench_train_with_parallel_ranks_refuses_to_run_under_mpirun() {
+    let (ok, text) = run(zaya()
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .args(["bench", "--train", "--model"])
+        .arg(fixture("gqa_sliding"))
+        .args(["--pp", "2", "--train-seq-len", "8"]));
+    assert!(!ok, "{text}");
+    assert!(text.contains("local ranks in one process"), "{text}");
 }
 
 /// A build without MPI started by `mpirun` would run every rank in every copy: refused.
