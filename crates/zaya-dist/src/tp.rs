@@ -450,9 +450,11 @@ impl TpModel {
         given: Option<&HashMap<String, Tensor>>,
     ) -> ParallelResult<Self> {
         let m = plan.mesh;
-        if dtype != DType::F32 {
+        // bf16 runs the single-rank model's bf16 semantics (bf16 weights and activations
+        // between ops, f32 residual stream, f32 on the wire); f16 is not tested on ranks.
+        if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(ParallelError::Unsupported(format!(
-                "tensor-parallel ranks run in f32 in this version (asked: {dtype:?})"
+                "ranks run in f32 or bf16 (asked: {dtype:?})"
             )));
         }
         if coords.tp >= m.tp || coords.pp >= m.pp || coords.ep >= m.ep {
