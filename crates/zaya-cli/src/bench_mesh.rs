@@ -38,6 +38,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             parallel: args.parallel.clone(),
             prompt_len: args.prefill_len,
             new_tokens: args.new_tokens,
+            dtype: args.dtype.clone(),
             json: false,
         })?;
     let Some((v, text)) = measured else {

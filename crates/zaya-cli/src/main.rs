@@ -200,7 +200,7 @@ struct Inputs {
     attention_mask: Option<Vec<Vec<i64>>>,
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
+pub(crate) fn parse_dtype(s: &str) -> Result<DType> {
     Ok(match s {
         "f32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,

@@ -438,10 +438,8 @@ pub fn generate_parallel(
     ignore_eos: bool,
     attn: zaya::attention::AttnImplementation,
 ) -> Result<()> {
-    if dtype != DType::F32 {
-        bail!(
-            "generation with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
-        );
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        bail!("generation with parallel ranks runs in f32 or bf16 (asked --dtype {dtype:?})");
     }
     let shape = parallel.mesh()?;
     let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
@@ -476,26 +474,41 @@ pub fn generate_parallel(
     } else {
         cfg.eos_token_id.clone()
     };
-    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
-    let outs = world.run(|comm| {
-        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
-        let model = zaya_dist::TpModel::at(
-            &ckpt,
-            &plan,
-            mesh.coords,
-            DType::F32,
-            &candle_core::Device::Cpu,
-        )?;
+    // One rank's work: its slices, then every prompt greedily (all ranks in step).
+    let on_rank = |mesh: &zaya_dist::Mesh| -> zaya_dist::ParallelResult<Vec<Vec<u32>>> {
+        let model =
+            zaya_dist::TpModel::at(&ckpt, &plan, mesh.coords, dtype, &candle_core::Device::Cpu)?;
         prompts
             .iter()
             .map(|p| {
                 let prompt = Tensor::new(p.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
                 model.generate_greedy_mesh(mesh.groups(), &prompt, max_new_tokens, &eos, attn)
             })
-            .collect::<zaya_dist::ParallelResult<Vec<Vec<u32>>>>()
-    });
-    let sequences = zaya_dist::tp::first_of(outs)?;
-    crate::out::println(&serde_json::json!({ "sequences": sequences }).to_string())?;
+            .collect()
+    };
+    let print = |sequences: Vec<Vec<u32>>| {
+        crate::out::println(&serde_json::json!({ "sequences": sequences }).to_string())
+    };
+    // `mpirun -n N zaya generate --inputs ...`: this process is one rank; rank 0 prints
+    #[cfg(feature = "mpi")]
+    if zaya_dist::mpi_backend::launched_by_mpi() {
+        let world = zaya_dist::mpi_backend::MpiWorld::init()?;
+        let mesh = zaya_dist::Mesh::new(Box::new(world.comm(zaya_dist::DEFAULT_TIMEOUT)), shape)?;
+        let sequences = on_rank(&mesh)?;
+        if mesh.world.rank() == 0 {
+            print(sequences)?;
+        }
+        mesh.world.barrier()?;
+        return Ok(());
+    }
+    #[cfg(not(feature = "mpi"))]
+    if zaya_dist::comm::launched_by_mpi() {
+        // every copy would run all the ranks itself and print the same answer
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
+    }
+    let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
+    let outs = world.run(|comm| on_rank(&zaya_dist::Mesh::new(Box::new(comm), shape)?));
+    print(zaya_dist::tp::first_of(outs)?)?;
     Ok(())
 }
 
@@ -512,6 +525,9 @@ pub struct BenchParallelArgs {
     /// Decoded tokens (greedy, cached).
     #[arg(long, default_value_t = 16)]
     pub new_tokens: usize,
+    /// Weights and activations: f32 or bf16 (the single rank runs the same dtype).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -550,24 +566,26 @@ fn bench_on_mesh(
     plan: &ParallelPlan,
     prompt: &Tensor,
     new_tokens: usize,
+    dtype: DType,
     opts: &ForwardOptions,
 ) -> Result<MeshRun, zaya_dist::ParallelError> {
     use std::time::Instant;
     let dev = candle_core::Device::Cpu;
-    let model = zaya_dist::TpModel::at(ckpt, plan, mesh.coords, DType::F32, &dev)?;
+    let model = zaya_dist::TpModel::at(ckpt, plan, mesh.coords, dtype, &dev)?;
     let bytes = model.weight_bytes();
     let mut cache = model.new_cache();
     mesh.world.barrier()?;
     let t0 = Instant::now();
     let (logits, _) = model.forward_mesh(mesh.groups(), prompt, Some(&mut cache), opts)?;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+    let mut next =
+        zaya::generation::argmax(&logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
     let mut tokens = vec![next];
     let t1 = Instant::now();
     for _ in 1..new_tokens {
         let step = Tensor::new(&[[next]], &dev)?;
         let (logits, _) = model.forward_mesh(mesh.groups(), &step, Some(&mut cache), opts)?;
-        next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+        next = zaya::generation::argmax(&logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
         tokens.push(next);
     }
     let decode_s = t1.elapsed().as_secs_f64();
@@ -589,23 +607,25 @@ fn bench_single(
     cfg: &ZayaConfig,
     prompt: &Tensor,
     new_tokens: usize,
+    dtype: DType,
     opts: &ForwardOptions,
 ) -> Result<(f64, f64, Vec<u32>, usize)> {
     use std::time::Instant;
     let dev = candle_core::Device::Cpu;
-    let single = zaya::ZayaModel::load(dir, DType::F32, &dev)?;
+    let single = zaya::ZayaModel::load(dir, dtype, &dev)?;
     let t0 = Instant::now();
     let mut cache = zaya::HybridCache::new(cfg);
     let first = single.forward(prompt, Some(&mut cache), opts)?;
     let prefill = t0.elapsed().as_secs_f64();
     let logits = first.logits.context("the forward returned no logits")?;
-    let mut next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+    let mut next =
+        zaya::generation::argmax(&logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
     let mut tokens = vec![next];
     let t1 = Instant::now();
     for _ in 1..new_tokens {
         let out = single.forward(&Tensor::new(&[[next]], &dev)?, Some(&mut cache), opts)?;
         let logits = out.logits.context("the forward returned no logits")?;
-        next = zaya::generation::argmax(&logits.flatten_all()?.to_vec1()?);
+        next = zaya::generation::argmax(&logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
         tokens.push(next);
     }
     Ok((
@@ -630,6 +650,13 @@ pub fn measure_bench_parallel(
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
     let plan = ParallelPlan::new(&cfg, shape)?;
+    let dtype = crate::parse_dtype(&args.dtype)?;
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        bail!(
+            "parallel ranks run in f32 or bf16 (asked --dtype {})",
+            args.dtype
+        );
+    }
     if args.prompt_len == 0 || args.prompt_len + args.new_tokens > cfg.max_position_embeddings {
         bail!(
             "--prompt-len {} + --new-tokens {} must be between 1 and max_position_embeddings = {}",
@@ -653,7 +680,7 @@ pub fn measure_bench_parallel(
         let world = zaya_dist::mpi_backend::MpiWorld::init()?;
         let comm = world.comm(zaya_dist::DEFAULT_TIMEOUT);
         let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
-        let run = bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, &opts)?;
+        let run = bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, dtype, &opts)?;
         // the baseline on rank 0 alone, after every rank has freed its slices
         let single = if mesh.world.rank() == 0 {
             Some(bench_single(
@@ -661,6 +688,7 @@ pub fn measure_bench_parallel(
                 &cfg,
                 &prompt,
                 args.new_tokens,
+                dtype,
                 &opts,
             ))
         } else {
@@ -677,11 +705,11 @@ pub fn measure_bench_parallel(
         bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
     }
 
-    let single = bench_single(&args.model, &cfg, &prompt, args.new_tokens, &opts)?;
+    let single = bench_single(&args.model, &cfg, &prompt, args.new_tokens, dtype, &opts)?;
     let world = zaya_dist::LocalWorld::new(shape.world(), zaya_dist::DEFAULT_TIMEOUT)?;
     let outs = world.run(|comm| {
         let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
-        bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, &opts)
+        bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, dtype, &opts)
     });
     let run = zaya_dist::tp::first_of(outs)?;
     Ok(Some(bench_report(args, shape, "local", &run, single)))
@@ -701,6 +729,7 @@ fn bench_report(
     let v = serde_json::json!({
         "mesh": shape,
         "backend": backend,
+        "dtype": args.dtype,
         "threads": zaya::kernels::num_threads(),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
@@ -725,7 +754,7 @@ fn bench_report(
             .join(" ")
     };
     let mut text = format!(
-        "{} on {} vs one rank (prompt {}, {} new tokens, same greedy tokens: {same})\n\
+        "{} on {} vs one rank ({}, prompt {}, {} new tokens, same greedy tokens: {same})\n\
          prefill tok/s: {:.1} vs {:.1} ({:.2}x)\n\
          decode tok/s:  {:.2} vs {:.2} ({:.2}x)\n\
          weights per rank (MiB): {} vs {:.1}\n",
@@ -735,6 +764,7 @@ fn bench_report(
         } else {
             "local ranks"
         },
+        args.dtype,
         args.prompt_len,
         args.new_tokens,
         args.prompt_len as f64 / run.prefill_s,
@@ -773,10 +803,8 @@ pub fn generate_text_on_mesh(
     as_json: bool,
 ) -> Result<()> {
     use zaya_engine::{Engine, EngineConfig, EngineModel, Event, FinishReason, GenerationRequest};
-    if dtype != DType::F32 {
-        bail!(
-            "generation with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
-        );
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        bail!("generation with parallel ranks runs in f32 or bf16 (asked --dtype {dtype:?})");
     }
     if zaya_dist::comm::launched_by_mpi() {
         bail!("text prompts with parallel ranks run on local ranks in this version: drop mpirun (`zaya generate --prompt ... --tp N` starts the ranks as threads), or give token ids with --inputs");
@@ -791,7 +819,7 @@ pub fn generate_text_on_mesh(
         .iter()
         .map(|p| tok.encode_prompt(p).map_err(Into::into))
         .collect::<Result<Vec<Vec<u32>>>>()?;
-    let mesh = zaya_dist::MeshModel::local(dir, shape, zaya_dist::DEFAULT_TIMEOUT)
+    let mesh = zaya_dist::MeshModel::local(dir, shape, dtype, zaya_dist::DEFAULT_TIMEOUT)
         .with_context(|| format!("starting the {} mesh", shape.label()))?;
     let eos = tok.stop_token_ids(&mesh.model_config().eos_token_id);
     let cfg = EngineConfig {

@@ -142,8 +142,8 @@ fn start_mesh(
     tokenizer: Arc<ZayaTokenizer>,
     cfg: EngineConfig,
 ) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
-    if dtype != candle_core::DType::F32 {
-        bail!("serving on a mesh runs in f32 in this version (asked --dtype {dtype:?})");
+    if !matches!(dtype, candle_core::DType::F32 | candle_core::DType::BF16) {
+        bail!("serving on a mesh runs in f32 or bf16 (asked --dtype {dtype:?})");
     }
     if args.adapter.is_some() {
         bail!("--adapter cannot be combined with --tp/--pp/--ep in this version");
@@ -155,12 +155,12 @@ fn start_mesh(
     let timeout = Duration::from_secs(args.dist_timeout);
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
-        return start_mesh_mpi(dir, shape, timeout, tokenizer, cfg);
+        return start_mesh_mpi(dir, shape, dtype, timeout, tokenizer, cfg);
     }
     if zaya_dist::comm::launched_by_mpi() {
         bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev), or drop mpirun (`zaya serve --tp/--pp/--ep N` starts the ranks as threads)");
     }
-    let mesh = zaya_dist::MeshModel::local(dir, shape, timeout)
+    let mesh = zaya_dist::MeshModel::local(dir, shape, dtype, timeout)
         .with_context(|| format!("starting the {} serving mesh", shape.label()))?;
     print_ranks(&mesh, "local ranks");
     let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
@@ -188,6 +188,7 @@ fn print_ranks(mesh: &zaya_dist::MeshModel, what: &str) {
 fn start_mesh_mpi(
     dir: &std::path::Path,
     shape: zaya_dist::MeshShape,
+    dtype: candle_core::DType,
     timeout: Duration,
     tokenizer: Arc<ZayaTokenizer>,
     cfg: EngineConfig,
@@ -202,13 +203,7 @@ fn start_mesh_mpi(
     let model_cfg = ckpt.config()?;
     ckpt.validate(&model_cfg)?;
     let plan = zaya_dist::ParallelPlan::new(&model_cfg, shape)?;
-    let model = zaya_dist::TpModel::at(
-        &ckpt,
-        &plan,
-        mesh.coords,
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )?;
+    let model = zaya_dist::TpModel::at(&ckpt, &plan, mesh.coords, dtype, &Device::Cpu)?;
     // A follower waits for rank 0's next command without a practical deadline: a server may
     // be idle for as long as it likes (the forwards' collectives keep `timeout`).
     let commands = world

@@ -282,6 +282,124 @@ fn generate_on_parallel_ranks_prints_the_single_rank_tokens() {
     assert_eq!(text, single);
 }
 
+/// `mpirun -n N zaya generate --inputs ...`: one rank per process, rank 0 alone prints the
+/// single rank's greedy tokens (f32 on TP 2 × PP 2; bf16 on TP 2).
+#[cfg(feature = "mpi")]
+#[test]
+fn generate_on_mpi_processes_prints_the_single_rank_tokens_once() {
+    let m = fixture("gqa_sliding");
+    let gen = |launch: Option<&str>, extra: &[&str]| {
+        let mut c = zaya();
+        if let Some(n) = launch {
+            c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+                .args(["launch", "--nproc", n, "--backend", "mpi", "--"]);
+        }
+        let (ok, text) = run(c
+            .args(["generate", "--model"])
+            .arg(&m)
+            .arg("--inputs")
+            .arg(m.join("batch.json"))
+            .args(["--max-new-tokens", "6"])
+            .args(extra));
+        assert!(ok, "{launch:?} {extra:?}: {text}");
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(String::from)
+            .collect();
+        assert_eq!(lines.len(), 1, "one answer, from rank 0: {text}");
+        lines[0].clone()
+    };
+    assert_eq!(gen(Some("4"), &["--tp", "2", "--pp", "2"]), gen(None, &[]));
+    assert_eq!(
+        gen(Some("2"), &["--tp", "2", "--dtype", "bf16"]),
+        gen(None, &["--dtype", "bf16"])
+    );
+}
+
+/// bf16 ranks: `zaya generate --dtype bf16 --tp/--pp/--ep` (token ids on a fixture, text
+/// prompts on the serving engine with the default model) prints what one bf16 rank prints; `bench-parallel --dtype bf16`
+/// loads half the bytes per rank of the f32 run.
+#[test]
+fn bf16_ranks_generate_what_one_bf16_rank_generates() {
+    let m = fixture("gqa_sliding");
+    let gen = |extra: &[&str]| {
+        run(zaya()
+            .args(["generate", "--model"])
+            .arg(&m)
+            .arg("--inputs")
+            .arg(m.join("batch.json"))
+            .args(["--max-new-tokens", "6", "--dtype", "bf16"])
+            .args(extra))
+    };
+    let (ok, single) = gen(&[]);
+    assert!(ok, "{single}");
+    for flags in [&["--tp", "2", "--pp", "3"][..], &["--ep", "2"]] {
+        let (ok, text) = gen(flags);
+        assert!(ok, "{flags:?}: {text}");
+        assert_eq!(text, single, "{flags:?}");
+    }
+    let text_gen = |extra: &[&str]| {
+        // the embedded default model (it has a tokenizer)
+        let out = zaya()
+            .args([
+                "generate",
+                "--prompt",
+                "In the beginning",
+                "--max-new-tokens",
+                "8",
+            ])
+            .args(["--dtype", "bf16", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["sequences"].clone()
+    };
+    assert_eq!(text_gen(&["--tp", "2"]), text_gen(&[]));
+
+    let bench = |dtype: &str| {
+        let (ok, text) = run(zaya()
+            .args(["bench-parallel", "--model"])
+            .arg(&m)
+            .args([
+                "--tp",
+                "2",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "3",
+                "--json",
+            ])
+            .args(["--dtype", dtype]));
+        assert!(ok, "{text}");
+        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+    };
+    let (b, f) = (bench("bf16"), bench("f32"));
+    assert_eq!(b["dtype"], "bf16", "{b}");
+    let ranks = |v: &serde_json::Value| -> Vec<f64> {
+        v["parallel"]["rank_weight_mib"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (bw, fw) in ranks(&b).into_iter().zip(ranks(&f)) {
+        assert!(
+            (bw * 2.0 - fw).abs() <= 1e-3 * fw,
+            "bf16 {bw} MiB vs f32 {fw} MiB"
+        );
+    }
+}
+
 /// Text prompts on a mesh (the serving engine on local ranks) print what one rank prints:
 /// greedy and seeded sampling, several prompts, a stop string.
 #[test]

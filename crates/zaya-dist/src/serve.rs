@@ -465,9 +465,14 @@ impl std::fmt::Debug for MeshModel {
 
 impl MeshModel {
     /// Starts the ranks of `shape` on local threads, each reading only its slices of the
-    /// checkpoint in `dir` (f32); every collective gives up after `timeout`. Data-parallel
-    /// replicas are refused (run several servers).
-    pub fn local(dir: &Path, shape: MeshShape, timeout: Duration) -> Result<MeshModel> {
+    /// checkpoint in `dir` in `dtype` (f32 or bf16); every collective gives up after
+    /// `timeout`. Data-parallel replicas are refused (run several servers).
+    pub fn local(
+        dir: &Path,
+        shape: MeshShape,
+        dtype: DType,
+        timeout: Duration,
+    ) -> Result<MeshModel> {
         if shape.dp != 1 {
             return Err(MeshServeError::Unsupported(format!(
                 "--dp {} (data-parallel replicas are for training; run one server per replica)",
@@ -495,7 +500,7 @@ impl MeshModel {
             let thread = std::thread::Builder::new()
                 .name(format!("zaya-rank-{rank}"))
                 .spawn(move || {
-                    let why = follow(rank, &world, &ckpt, &plan, shape, link);
+                    let why = follow(rank, &world, &ckpt, &plan, shape, dtype, link);
                     exit2
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -518,7 +523,7 @@ impl MeshModel {
         let own = Mesh::new(Box::new(world.comm(0)), shape)
             .map_err(ParallelError::from)
             .and_then(|mesh| {
-                let model = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
+                let model = TpModel::at(&ckpt, &plan, mesh.coords, dtype, &Device::Cpu)?;
                 Ok((mesh, model))
             });
         let (mesh, model) = match own {
@@ -737,6 +742,7 @@ fn follow(
     ckpt: &Arc<Checkpoint>,
     plan: &ParallelPlan,
     shape: MeshShape,
+    dtype: DType,
     link: FollowerLink,
 ) -> String {
     let FollowerLink {
@@ -747,7 +753,7 @@ fn follow(
     let built = Mesh::new(Box::new(world.comm(rank)), shape)
         .map_err(ParallelError::from)
         .and_then(|mesh| {
-            let model = TpModel::at(ckpt, plan, mesh.coords, DType::F32, &Device::Cpu)?;
+            let model = TpModel::at(ckpt, plan, mesh.coords, dtype, &Device::Cpu)?;
             Ok((mesh, model))
         });
     let (mesh, model) = match built {

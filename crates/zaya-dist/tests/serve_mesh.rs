@@ -55,7 +55,7 @@ const ATTN: AttnImplementation = AttnImplementation::Sdpa;
 fn check_rows(shape: MeshShape) {
     let name = "gqa_sliding";
     let single = ZayaModel::load(dir(name), DType::F32, &Device::Cpu).unwrap();
-    let mesh = MeshModel::local(&dir(name), shape, TIMEOUT).unwrap();
+    let mesh = MeshModel::local(&dir(name), shape, DType::F32, TIMEOUT).unwrap();
     let vocab = single.config().vocab_size;
     let label = shape.label();
     let (pa, pb) = (prompt(1, 7, vocab), prompt(2, 3, vocab));
@@ -142,7 +142,7 @@ fn check_engine(shape: MeshShape) {
     let name = "gqa_sliding";
     let single = Arc::new(ZayaModel::load(dir(name), DType::F32, &Device::Cpu).unwrap());
     let vocab = single.config().vocab_size;
-    let mesh = Arc::new(MeshModel::local(&dir(name), shape, TIMEOUT).unwrap());
+    let mesh = Arc::new(MeshModel::local(&dir(name), shape, DType::F32, TIMEOUT).unwrap());
     let one = Engine::start(single, None, small_blocks()).unwrap();
     let many = Engine::start(mesh, None, small_blocks()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..4)
@@ -196,6 +196,7 @@ fn bad_meshes_fail_before_serving() {
     let e = MeshModel::local(
         &dir("gqa_sliding"),
         MeshShape::new(3, 1, 1, 1).unwrap(),
+        DType::F32,
         TIMEOUT,
     )
     .unwrap_err();
@@ -203,6 +204,7 @@ fn bad_meshes_fail_before_serving() {
     let e = MeshModel::local(
         &dir("gqa_sliding"),
         MeshShape::new(1, 1, 1, 2).unwrap(),
+        DType::F32,
         TIMEOUT,
     )
     .unwrap_err();
@@ -213,7 +215,7 @@ fn bad_meshes_fail_before_serving() {
 fn a_stopped_rank_fails_requests_naming_it_and_never_hangs() {
     let name = "gqa_sliding";
     let shape = MeshShape::new(2, 1, 1, 1).unwrap();
-    let mesh = Arc::new(MeshModel::local(&dir(name), shape, TIMEOUT).unwrap());
+    let mesh = Arc::new(MeshModel::local(&dir(name), shape, DType::F32, TIMEOUT).unwrap());
     let engine = Engine::start(mesh.clone(), None, small_blocks()).unwrap();
     let p = prompt(5, 9, 96);
     let ok = tokens_of(
@@ -255,7 +257,7 @@ fn a_stopped_rank_fails_requests_naming_it_and_never_hangs() {
 fn dropped_rows_are_freed_on_every_rank() {
     let name = "gqa_sliding";
     let shape = MeshShape::new(1, 2, 1, 1).unwrap();
-    let mesh = Arc::new(MeshModel::local(&dir(name), shape, TIMEOUT).unwrap());
+    let mesh = Arc::new(MeshModel::local(&dir(name), shape, DType::F32, TIMEOUT).unwrap());
     let engine = Engine::start(
         mesh.clone(),
         None,
@@ -302,4 +304,42 @@ fn dropped_rows_are_freed_on_every_rank() {
     // a 1-byte cache keeps nothing: every snapshot fork is dropped at once (as an evicted
     // one is) and freed on the follower
     assert_eq!(mesh.follower_rows(), Some(vec![1]));
+}
+
+/// bf16 serving ranks: prefill and cached decode logits of a row stay within a few bf16
+/// units in the last place (of the largest logit) of one bf16 rank's. The row-parallel sums
+/// and stage boundaries round at other points than one rank, so they are close, not equal.
+#[test]
+fn bf16_mesh_rows_stay_close_to_one_bf16_rank() {
+    let name = "gqa_sliding";
+    let single = ZayaModel::load(dir(name), DType::BF16, &Device::Cpu).unwrap();
+    let vocab = single.config().vocab_size;
+    for (tp, pp, ep) in [(2, 1, 1), (1, 2, 1), (1, 1, 2)] {
+        let shape = MeshShape::new(tp, pp, ep, 1).unwrap();
+        let mesh = MeshModel::local(&dir(name), shape, DType::BF16, TIMEOUT).unwrap();
+        let label = shape.label();
+        let p = prompt(3, 9, vocab);
+        let (mut s, mut m) = (single.new_row(), mesh.new_row());
+        let mut pairs = vec![(
+            mesh.prefill(&mut m, &p, ATTN).unwrap(),
+            single.prefill(&mut s, &p, ATTN).unwrap(),
+        )];
+        for step in 0..4u32 {
+            let tok = [5 + 3 * step];
+            pairs.push((
+                mesh.decode(&mut [&mut m], &tok, ATTN).unwrap().remove(0),
+                single.decode(&mut [&mut s], &tok, ATTN).unwrap().remove(0),
+            ));
+        }
+        for (i, (got, want)) in pairs.iter().enumerate() {
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = got
+                .iter()
+                .zip(want)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            eprintln!("{label} step {i}: max |Δ| {d} (largest {scale})");
+            // bf16 keeps 8 significant bits: one unit in the last place is scale / 128
+            assert!(d <= 4.0 * scale / 128.0, "{label} step {i}: {d} vs {scale}");
+        }
+    }
 }
