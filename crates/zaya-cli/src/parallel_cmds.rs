@@ -589,8 +589,12 @@ fn bench_on_mesh(
         tokens.push(next);
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    let rank_weight_mib = mesh.world.all_gather(&[(bytes as f64 / MIB) as f32])?;
     let rss = crate::bench::peak_rss_bytes() as f64 / MIB;
+    // before the gathers, so that every rank has let go of its slices once rank 0 goes on
+    // to load the whole model for the baseline (processes on one machine)
+    drop((cache, model));
+    release_freed_memory();
+    let rank_weight_mib = mesh.world.all_gather(&[(bytes as f64 / MIB) as f32])?;
     let rank_peak_rss_mib = mesh.world.all_gather(&[rss as f32])?;
     Ok(MeshRun {
         prefill_s,
@@ -599,6 +603,17 @@ fn bench_on_mesh(
         rank_weight_mib,
         rank_peak_rss_mib,
     })
+}
+
+/// Hands the heap's free pages back to the system. `zaya` keeps freed blocks for reuse
+/// (`keep_freed_memory_for_reuse` in main.rs), so a dropped model would otherwise stay
+/// resident and the next load on the same machine could be refused for lack of memory.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The single-rank baseline: `(prefill s, decode s, greedy tokens, weight bytes)`.
@@ -628,12 +643,10 @@ fn bench_single(
         next = zaya::generation::argmax(&logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
         tokens.push(next);
     }
-    Ok((
-        prefill,
-        t1.elapsed().as_secs_f64(),
-        tokens,
-        single.weight_bytes(),
-    ))
+    let (decode, bytes) = (t1.elapsed().as_secs_f64(), single.weight_bytes());
+    drop((cache, single));
+    release_freed_memory();
+    Ok((prefill, decode, tokens, bytes))
 }
 
 /// The measurement of `zaya bench-parallel` (also `zaya bench --tp/--pp/--ep`): the JSON
