@@ -262,13 +262,39 @@ fn labelled_entries(
     t
 }
 
+/// The logits and captures of a mesh forward under the names a single-rank `zaya forward`
+/// writes (`hidden_states.{i}`, `attentions.{i}`, `router_logits.{i}`, `expert_choice.{i}`).
+fn mesh_entries(out: &zaya_dist::MeshOutput) -> Result<std::collections::HashMap<String, Tensor>> {
+    let mut t =
+        std::collections::HashMap::from([("logits".to_string(), out.logits.to_dtype(DType::F32)?)]);
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        t.insert(format!("hidden_states.{i}"), h.to_dtype(DType::F32)?);
+    }
+    for (i, a) in out.attentions.iter().enumerate() {
+        t.insert(format!("attentions.{i}"), a.to_dtype(DType::F32)?);
+    }
+    for (i, r) in out.router_logits.iter().enumerate() {
+        t.insert(format!("router_logits.{i}"), r.to_dtype(DType::F32)?);
+    }
+    for (i, c) in out.expert_choices.iter().enumerate() {
+        let choice: Vec<i64> = c.iter().map(|&c| i64::from(c)).collect();
+        t.insert(
+            format!("expert_choice.{i}"),
+            Tensor::new(choice, out.logits.device())?,
+        );
+    }
+    Ok(t)
+}
+
 /// `zaya forward --tp N`: local ranks in this process, rank 0's outputs written.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_parallel(
     dir: &Path,
     parallel: &ParallelArgs,
     dtype: DType,
     ids: &Tensor,
     opts: &ForwardOptions,
+    extra: zaya_dist::MeshCapture,
     labels: Option<&Labelled>,
     out: &Path,
 ) -> Result<()> {
@@ -283,17 +309,22 @@ pub fn forward_parallel(
         if dtype != DType::F32 {
             bail!("zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})");
         }
-        return forward_mpi(dir, parallel, ids, opts, labels, out);
+        return forward_mpi(dir, parallel, ids, opts, extra, labels, out);
     }
     if dtype != DType::F32 {
         bail!(
             "zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
         );
     }
-    let (logits, _) =
-        zaya_dist::forward_mesh_on_local_ranks(dir, mesh, ids, opts, zaya_dist::DEFAULT_TIMEOUT)?;
-    let mut tensors =
-        std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+    let got = zaya_dist::forward_mesh_captured_on_local_ranks(
+        dir,
+        mesh,
+        ids,
+        opts,
+        extra,
+        zaya_dist::DEFAULT_TIMEOUT,
+    )?;
+    let mut tensors = mesh_entries(&got)?;
     if let Some(l) = labels {
         let got = zaya_dist::tp::train::labelled_grads_on_local_ranks(
             dir,
@@ -317,6 +348,7 @@ pub fn forward_mpi(
     parallel: &ParallelArgs,
     ids: &Tensor,
     opts: &ForwardOptions,
+    extra: zaya_dist::MeshCapture,
     labels: Option<&Labelled>,
     out: &Path,
 ) -> Result<()> {
@@ -335,7 +367,7 @@ pub fn forward_mpi(
         DType::F32,
         &candle_core::Device::Cpu,
     )?;
-    let (logits, _) = model.forward_mesh(mesh.groups(), ids, None, opts)?;
+    let got = model.forward_mesh_captured(mesh.groups(), ids, None, opts, extra)?;
     let grads = match labels {
         Some(l) => zaya_dist::tp::train::labelled_grads_on_mesh(
             &ckpt,
@@ -348,8 +380,7 @@ pub fn forward_mpi(
         None => None,
     };
     if mesh.world.rank() == 0 {
-        let mut tensors =
-            std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+        let mut tensors = mesh_entries(&got)?;
         tensors.extend(grads.into_iter().flatten());
         candle_core::safetensors::save(&tensors, out)
             .with_context(|| format!("writing {}", out.display()))?;
