@@ -688,6 +688,7 @@ impl TpModel {
             .to_dtype(DType::F32)?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         g: &Colls,
