@@ -698,11 +698,27 @@ pub fn generate_text_on_mesh(
             "generation with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
         );
     }
-    if zaya_dist::comm::launched_by_mpi() {
-        bail!("text prompts with parallel ranks run on local ranks in this version: drop mpirun (`zaya generate --prompt ... --tp N` starts the ranks as threads), or give token ids with --inputs");
-    }
-    crate::chat::check_prompts(prompts)?;
     let shape = parallel.mesh()?;
+    // Under MPI (`mpirun -n N zaya generate --prompt ...`): every process loads its rank;
+    // rank 0 tokenizes, drives the engine and prints, the others follow its commands and
+    // print nothing. Declared before the engine: MPI stays initialised until it is dropped.
+    #[cfg(feature = "mpi")]
+    let (mesh, _mpi) = if zaya_dist::mpi_backend::launched_by_mpi() {
+        match crate::serve::mesh_on_mpi(dir, shape, zaya_dist::DEFAULT_TIMEOUT, false)? {
+            (Some(mesh), world) => (Some(mesh), Some(world)),
+            // a follower: rank 0 stopped the mesh after the last prompt
+            (None, _) => return Ok(()),
+        }
+    } else {
+        (None, None)
+    };
+    #[cfg(not(feature = "mpi"))]
+    let mesh: Option<zaya_dist::MeshModel> = if zaya_dist::comm::launched_by_mpi() {
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev), or drop mpirun (`zaya generate --prompt ... --tp N` starts the ranks as threads)");
+    } else {
+        None
+    };
+    crate::chat::check_prompts(prompts)?;
     let tok = std::sync::Arc::new(
         zaya::text::ZayaTokenizer::from_dir(dir)
             .with_context(|| format!("loading the tokenizer of {}", dir.display()))?,
@@ -711,8 +727,11 @@ pub fn generate_text_on_mesh(
         .iter()
         .map(|p| tok.encode_prompt(p).map_err(Into::into))
         .collect::<Result<Vec<Vec<u32>>>>()?;
-    let mesh = zaya_dist::MeshModel::local(dir, shape, zaya_dist::DEFAULT_TIMEOUT)
-        .with_context(|| format!("starting the {} mesh", shape.label()))?;
+    let mesh = match mesh {
+        Some(m) => m,
+        None => zaya_dist::MeshModel::local(dir, shape, zaya_dist::DEFAULT_TIMEOUT)
+            .with_context(|| format!("starting the {} mesh", shape.label()))?,
+    };
     let eos = tok.stop_token_ids(&mesh.model_config().eos_token_id);
     let cfg = EngineConfig {
         max_running: prompts.len().max(1),

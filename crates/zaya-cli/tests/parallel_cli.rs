@@ -418,6 +418,61 @@ fn generate_text_on_parallel_ranks_prints_the_single_rank_output() {
     }
 }
 
+/// `mpirun -n N zaya generate --prompt TEXT --tp/--pp ...` (through `zaya launch --backend
+/// mpi`): rank 0 tokenizes, drives the engine and prints; the other processes follow and
+/// print nothing. The output equals the single-rank command's (greedy and seeded sampling).
+#[cfg(feature = "mpi")]
+#[test]
+fn generate_text_on_mpi_processes_prints_the_single_rank_output() {
+    let gen = |launch: Option<&str>, extra: &[&str]| {
+        let mut cmd = zaya();
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        if let Some(n) = launch {
+            cmd.args(["launch", "--nproc", n, "--backend", "mpi", "--"]);
+        }
+        let out = cmd
+            .args([
+                "generate",
+                "--prompt",
+                "In the beginning",
+                "--prompt",
+                "And God said",
+            ])
+            .args(["--max-new-tokens", "10", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{launch:?} {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{launch:?} {extra:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        json
+    };
+    for sampling in [
+        &[][..],
+        &["--temperature", "0.8", "--top-k", "50", "--seed", "7"],
+    ] {
+        let single = gen(None, sampling);
+        assert_eq!(single["sequences"].as_array().unwrap().len(), 2);
+        for (n, mesh) in [
+            ("2", &["--tp", "2"][..]),
+            ("4", &["--tp", "2", "--pp", "2"]),
+        ] {
+            let got = gen(Some(n), &[sampling, mesh].concat());
+            assert_eq!(got, single, "{sampling:?} on {mesh:?} (MPI)");
+        }
+    }
+}
+
 #[test]
 fn bench_parallel_reports_throughput_and_per_rank_memory() {
     let (ok, text) = run(zaya()
