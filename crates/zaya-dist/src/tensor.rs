@@ -119,3 +119,36 @@ pub fn unpack_tensors(msg: &[f32], device: &candle_core::Device) -> ParallelResu
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn packed_tensors_round_trip_and_malformed_messages_are_errors() {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::new(&[7f32], &dev).unwrap();
+        let empty = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
+        let msg = pack_tensors(&[a.clone(), b.clone(), empty]).unwrap();
+        let got = unpack_tensors(&msg, &dev).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[0].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(got[1].to_vec1::<f32>().unwrap(), vec![7.0]);
+        assert_eq!(got[2].dims(), &[0, 4]);
+        // truncated, trailing, negative and fractional headers: errors, never panics
+        assert!(unpack_tensors(&msg[..msg.len() - 1], &dev).is_err());
+        assert!(unpack_tensors(&[msg.as_slice(), &[1.0]].concat(), &dev).is_err());
+        assert!(unpack_tensors(&[-1.0], &dev).is_err());
+        assert!(unpack_tensors(&[1.5], &dev).is_err());
+        assert!(unpack_tensors(&[1.0, 2.0, 1e7, 1e7], &dev).is_err());
+        assert!(unpack_tensors(&[], &dev).is_err());
+    }
+}
