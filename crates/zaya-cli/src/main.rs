@@ -272,9 +272,6 @@ fn load_base(args: &ModelArgs) -> Result<ZayaModel> {
 fn cmd_forward(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs)?;
     if args.parallel.is_parallel() {
-        if args.hidden_states || args.attentions || args.router_logits {
-            bail!("zaya forward with parallel ranks writes logits only in this version, with labels also the loss and --grads (no --hidden-states, --attentions, --router-logits)");
-        }
         let labels = train_cmds::has_labels(&args.inputs)?;
         if args.grads && !labels {
             bail!("--grads needs \"labels\" in {}", args.inputs.display());
@@ -305,7 +302,16 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
                 .attention_mask
                 .map(|m| Tensor::new(m, &dev))
                 .transpose()?,
-            attn: parse_attn(&args.model.attn)?,
+            capture: Capture {
+                hidden_states: args.hidden_states,
+                attentions: args.attentions,
+            },
+            // attention probabilities come from the eager attention (as on one rank)
+            attn: if args.attentions {
+                AttnImplementation::Eager
+            } else {
+                parse_attn(&args.model.attn)?
+            },
             ..Default::default()
         };
         parallel_cmds::forward_parallel(
@@ -314,6 +320,9 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
             parse_dtype(&args.model.dtype)?,
             &Tensor::new(inputs.input_ids, &dev)?,
             &opts,
+            zaya_dist::MeshCapture {
+                router_logits: args.router_logits,
+            },
             tp_labels.as_ref(),
             &args.out,
         )?;

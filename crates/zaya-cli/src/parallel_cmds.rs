@@ -262,13 +262,39 @@ fn labelled_entries(
     t
 }
 
+/// The logits and captures of a mesh forward under the names a single-rank `zaya forward`
+/// writes (`hidden_states.{i}`, `attentions.{i}`, `router_logits.{i}`, `expert_choice.{i}`).
+fn mesh_entries(out: &zaya_dist::MeshOutput) -> Result<std::collections::HashMap<String, Tensor>> {
+    let mut t =
+        std::collections::HashMap::from([("logits".to_string(), out.logits.to_dtype(DType::F32)?)]);
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        t.insert(format!("hidden_states.{i}"), h.to_dtype(DType::F32)?);
+    }
+    for (i, a) in out.attentions.iter().enumerate() {
+        t.insert(format!("attentions.{i}"), a.to_dtype(DType::F32)?);
+    }
+    for (i, r) in out.router_logits.iter().enumerate() {
+        t.insert(format!("router_logits.{i}"), r.to_dtype(DType::F32)?);
+    }
+    for (i, c) in out.expert_choices.iter().enumerate() {
+        let choice: Vec<i64> = c.iter().map(|&c| i64::from(c)).collect();
+        t.insert(
+            format!("expert_choice.{i}"),
+            Tensor::new(choice, out.logits.device())?,
+        );
+    }
+    Ok(t)
+}
+
 /// `zaya forward --tp N`: local ranks in this process, rank 0's outputs written.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_parallel(
     dir: &Path,
     parallel: &ParallelArgs,
     dtype: DType,
     ids: &Tensor,
     opts: &ForwardOptions,
+    extra: zaya_dist::MeshCapture,
     labels: Option<&Labelled>,
     out: &Path,
 ) -> Result<()> {
@@ -283,17 +309,22 @@ pub fn forward_parallel(
         if dtype != DType::F32 {
             bail!("zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})");
         }
-        return forward_mpi(dir, parallel, ids, opts, labels, out);
+        return forward_mpi(dir, parallel, ids, opts, extra, labels, out);
     }
     if dtype != DType::F32 {
         bail!(
             "zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
         );
     }
-    let (logits, _) =
-        zaya_dist::forward_mesh_on_local_ranks(dir, mesh, ids, opts, zaya_dist::DEFAULT_TIMEOUT)?;
-    let mut tensors =
-        std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+    let got = zaya_dist::forward_mesh_captured_on_local_ranks(
+        dir,
+        mesh,
+        ids,
+        opts,
+        extra,
+        zaya_dist::DEFAULT_TIMEOUT,
+    )?;
+    let mut tensors = mesh_entries(&got)?;
     if let Some(l) = labels {
         let got = zaya_dist::tp::train::labelled_grads_on_local_ranks(
             dir,
@@ -317,6 +348,7 @@ pub fn forward_mpi(
     parallel: &ParallelArgs,
     ids: &Tensor,
     opts: &ForwardOptions,
+    extra: zaya_dist::MeshCapture,
     labels: Option<&Labelled>,
     out: &Path,
 ) -> Result<()> {
@@ -335,7 +367,7 @@ pub fn forward_mpi(
         DType::F32,
         &candle_core::Device::Cpu,
     )?;
-    let (logits, _) = model.forward_mesh(mesh.groups(), ids, None, opts)?;
+    let got = model.forward_mesh_captured(mesh.groups(), ids, None, opts, extra)?;
     let grads = match labels {
         Some(l) => zaya_dist::tp::train::labelled_grads_on_mesh(
             &ckpt,
@@ -348,8 +380,7 @@ pub fn forward_mpi(
         None => None,
     };
     if mesh.world.rank() == 0 {
-        let mut tensors =
-            std::collections::HashMap::from([("logits".to_string(), logits.to_dtype(DType::F32)?)]);
+        let mut tensors = mesh_entries(&got)?;
         tensors.extend(grads.into_iter().flatten());
         candle_core::safetensors::save(&tensors, out)
             .with_context(|| format!("writing {}", out.display()))?;
@@ -819,11 +850,27 @@ pub fn generate_text_on_mesh(
     if !matches!(dtype, DType::F32 | DType::BF16) {
         bail!("generation with parallel ranks runs in f32 or bf16 (asked --dtype {dtype:?})");
     }
-    if zaya_dist::comm::launched_by_mpi() {
-        bail!("text prompts with parallel ranks run on local ranks in this version: drop mpirun (`zaya generate --prompt ... --tp N` starts the ranks as threads), or give token ids with --inputs");
-    }
-    crate::chat::check_prompts(prompts)?;
     let shape = parallel.mesh()?;
+    // Under MPI (`mpirun -n N zaya generate --prompt ...`): every process loads its rank;
+    // rank 0 tokenizes, drives the engine and prints, the others follow its commands and
+    // print nothing. Declared before the engine: MPI stays initialised until it is dropped.
+    #[cfg(feature = "mpi")]
+    let (mesh, _mpi) = if zaya_dist::mpi_backend::launched_by_mpi() {
+        match crate::serve::mesh_on_mpi(dir, shape, dtype, zaya_dist::DEFAULT_TIMEOUT, false)? {
+            (Some(mesh), world) => (Some(mesh), Some(world)),
+            // a follower: rank 0 stopped the mesh after the last prompt
+            (None, _) => return Ok(()),
+        }
+    } else {
+        (None, None)
+    };
+    #[cfg(not(feature = "mpi"))]
+    let mesh: Option<zaya_dist::MeshModel> = if zaya_dist::comm::launched_by_mpi() {
+        bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev), or drop mpirun (`zaya generate --prompt ... --tp N` starts the ranks as threads)");
+    } else {
+        None
+    };
+    crate::chat::check_prompts(prompts)?;
     let tok = std::sync::Arc::new(
         zaya::text::ZayaTokenizer::from_dir(dir)
             .with_context(|| format!("loading the tokenizer of {}", dir.display()))?,
@@ -832,8 +879,11 @@ pub fn generate_text_on_mesh(
         .iter()
         .map(|p| tok.encode_prompt(p).map_err(Into::into))
         .collect::<Result<Vec<Vec<u32>>>>()?;
-    let mesh = zaya_dist::MeshModel::local(dir, shape, dtype, zaya_dist::DEFAULT_TIMEOUT)
-        .with_context(|| format!("starting the {} mesh", shape.label()))?;
+    let mesh = match mesh {
+        Some(m) => m,
+        None => zaya_dist::MeshModel::local(dir, shape, dtype, zaya_dist::DEFAULT_TIMEOUT)
+            .with_context(|| format!("starting the {} mesh", shape.label()))?,
+    };
     let eos = tok.stop_token_ids(&mesh.model_config().eos_token_id);
     let cfg = EngineConfig {
         max_running: prompts.len().max(1),

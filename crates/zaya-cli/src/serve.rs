@@ -193,6 +193,28 @@ fn start_mesh_mpi(
     tokenizer: Arc<ZayaTokenizer>,
     cfg: EngineConfig,
 ) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
+    let (mesh, world) = mesh_on_mpi(dir, shape, dtype, timeout, true)?;
+    let Some(mesh) = mesh else {
+        return Ok((None, Some(world)));
+    };
+    print_ranks(&mesh, "MPI ranks");
+    let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
+    Ok((Some(engine), Some(world)))
+}
+
+/// This process's rank of a mesh of MPI processes driven by rank 0's engine: rank 0 gets
+/// the [`zaya_dist::MeshModel`]; every other rank follows rank 0's commands (ignoring
+/// SIGTERM / SIGINT while it does when `followers_outlive_signals`, so a server can drain)
+/// and gets `None` once rank 0 stopped the mesh. The second value keeps MPI initialised:
+/// drop it after the mesh model.
+#[cfg(feature = "mpi")]
+pub(crate) fn mesh_on_mpi(
+    dir: &std::path::Path,
+    shape: zaya_dist::MeshShape,
+    dtype: candle_core::DType,
+    timeout: Duration,
+    followers_outlive_signals: bool,
+) -> Result<(Option<zaya_dist::MeshModel>, Box<dyn std::any::Any>)> {
     if shape.dp != 1 {
         bail!("--dp {} cannot serve (data-parallel replicas are for training; run one server per replica)", shape.dp);
     }
@@ -210,18 +232,18 @@ fn start_mesh_mpi(
         .comm(Duration::from_secs(100 * 365 * 24 * 3600))
         .with_idle_poll(Duration::from_millis(1));
     if mesh.world.rank() != 0 {
-        // SIGTERM / ctrl-c reach every process of the job: rank 0 drains and then stops the
-        // followers, which must live until then.
-        // SAFETY: setting a signal disposition to SIG_IGN has no handler to run.
-        unsafe {
-            libc::signal(libc::SIGTERM, libc::SIG_IGN);
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
+        if followers_outlive_signals {
+            // SIGTERM / ctrl-c reach every process of the job: rank 0 drains and then stops
+            // the followers, which must live until then.
+            // SAFETY: setting a signal disposition to SIG_IGN has no handler to run.
+            unsafe {
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+            }
         }
         zaya_dist::follow_commands(&mesh, &model, &commands)?;
-        return Ok((None, Some(Box::new(world))));
+        return Ok((None, Box::new(world)));
     }
     let mesh = zaya_dist::MeshModel::with_remote_followers(mesh, model, Box::new(commands))?;
-    print_ranks(&mesh, "MPI ranks");
-    let engine = Engine::start(Arc::new(mesh), Some(tokenizer), cfg)?;
-    Ok((Some(engine), Some(Box::new(world))))
+    Ok((Some(mesh), Box::new(world)))
 }

@@ -42,6 +42,9 @@ pub use local::{LocalComm, LocalWorld, RankFailed};
 pub use mesh::{Coords, Mesh, MeshShape};
 pub use plan::{ParallelPlan, Placement, PlanError, Rule, ZAYA_PLAN};
 pub use serve::{follow_commands, MeshModel, MeshRow, MeshServeError};
-pub use tp::{forward_mesh_on_local_ranks, forward_on_local_ranks, Groups, TpModel};
+pub use tp::{
+    forward_mesh_captured_on_local_ranks, forward_mesh_on_local_ranks, forward_on_local_ranks,
+    Groups, MeshCapture, MeshOutput, TpModel,
+};
 pub use tp_driver::TpParallelTrainer;
 pub use train_driver::{DriverOptions, ParallelTrainer};

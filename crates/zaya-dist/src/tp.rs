@@ -169,7 +169,7 @@ impl TpAttention {
         a: &Tensor,
         inputs: &zaya::model::AttentionInputs,
         cache: Option<&mut LayerCache>,
-    ) -> ParallelResult<Tensor> {
+    ) -> ParallelResult<(Tensor, Option<Tensor>)> {
         let a = match inputs.conv_mask {
             Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
             None => a.clone(),
@@ -284,14 +284,24 @@ impl TpAttention {
             None => (k, v),
         };
         let scale = 1.0 / (d as f64).sqrt();
-        let (o, _) = core::attend(inputs.backend, &q, &k, &v, inputs.mask, scale, false)?;
+        // with `want_probs`, the eager path and this rank's heads' probabilities
+        let (o, probs) = core::attend(
+            inputs.backend,
+            &q,
+            &k,
+            &v,
+            inputs.mask,
+            scale,
+            inputs.want_probs,
+        )?;
         let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
         let partial = self.o_proj.forward(&o)?;
         let out = tp.reduce(&partial)?;
-        Ok(match &self.o_bias {
+        let out = match &self.o_bias {
             Some(bias) => out.broadcast_add(bias)?,
             None => out,
-        })
+        };
+        Ok((out, probs))
     }
 }
 
@@ -365,6 +375,36 @@ impl crate::mesh::Mesh {
 /// Message tags between pipeline stages.
 const TAG_HIDDEN: u32 = 1;
 const TAG_ROUTER_STATE: u32 = 2;
+/// A later stage's captures, sent to the first stage.
+const TAG_CAPTURES: u32 = 3;
+
+/// What a mesh forward records besides the logits: `opts.capture` (hidden states,
+/// attention probabilities) and, here, the router logits and choices of every layer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeshCapture {
+    pub router_logits: bool,
+}
+
+/// A mesh forward's outputs. The captures are those of the whole model (every layer, the
+/// same names, shapes and order as [`zaya::ModelOutput`]) on the ranks of the first
+/// pipeline stage — each later stage sends its layers' captures there — and those of its
+/// own layers on the other ranks.
+#[derive(Debug, Clone)]
+pub struct MeshOutput {
+    /// `[B, T', V]`, full (the same on every rank).
+    pub logits: Tensor,
+    /// The router's choices of this stage's layers.
+    pub choices: Choices,
+    /// `L + 1` tensors `[B, T, H]` (f32): the scaled embedding, the inputs of layers
+    /// 1..L, the final-norm output.
+    pub hidden_states: Vec<Tensor>,
+    /// Per layer `[B, Nq, T, N]`: every query head, in the model's head order.
+    pub attentions: Vec<Tensor>,
+    /// Per layer `[B·T, E+1]` raw router logits.
+    pub router_logits: Vec<Tensor>,
+    /// Per layer, the chosen class per token (`E` = skip), with `router_logits`.
+    pub expert_choices: Choices,
+}
 
 /// One TP rank of a ZAYA1 model. The model is `&self`; the cache (holding this rank's
 /// heads) and the router state are values, as in [`zaya::ZayaModel`].
@@ -650,6 +690,7 @@ impl TpModel {
             .to_dtype(DType::F32)?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         g: &Colls,
@@ -658,7 +699,8 @@ impl TpModel {
         state: Option<&Tensor>,
         ctx: &zaya::model::ForwardContext,
         cache: Option<&mut LayerCache>,
-    ) -> ParallelResult<(Tensor, zaya::model::Routing)> {
+        want_probs: bool,
+    ) -> ParallelResult<(Tensor, zaya::model::Routing, Option<Tensor>)> {
         let l = &self.layers[idx];
         let eps = self.cfg.rms_norm_eps;
         let (cos, sin) = &ctx.rope[&l.layer_type];
@@ -668,11 +710,11 @@ impl TpModel {
             sin,
             conv_mask: ctx.conv_mask.as_ref(),
             same_document: None,
-            want_probs: false,
+            want_probs,
             backend: ctx.attn,
         };
         let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &l.input_layernorm, eps)?;
-        let attn = l.attn.forward(&g.tp, &a, &inputs, cache)?;
+        let (attn, probs) = l.attn.forward(&g.tp, &a, &inputs, cache)?;
         let r = l.post_attention_residual_scale.forward(&attn, h)?;
         let n = kernels::rms_norm(&r.to_dtype(self.dtype)?, &l.post_attention_layernorm, eps)?;
         let (b, t, hd) = n.dims3()?;
@@ -689,7 +731,7 @@ impl TpModel {
             kernels::moe_experts(&x, &routing.choice, &w, &l.gate_up, &l.down)?
         };
         let m = g.tp.reduce(&partial)?.reshape((b, t, hd))?;
-        Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing))
+        Ok((l.post_mlp_residual_scale.forward(&m, &r)?, routing, probs))
     }
 
     /// Expert parallelism: the router (replicated) has chosen an expert for every token;
@@ -804,9 +846,27 @@ impl TpModel {
         &self,
         g: Groups,
         input_ids: &Tensor,
-        mut cache: Option<&mut HybridCache>,
+        cache: Option<&mut HybridCache>,
         opts: &ForwardOptions,
     ) -> ParallelResult<(Tensor, Choices)> {
+        let out = self.forward_mesh_captured(g, input_ids, cache, opts, MeshCapture::default())?;
+        Ok((out.logits, out.choices))
+    }
+
+    /// [`TpModel::forward_mesh`] with the captures `opts.capture` and `extra` ask for:
+    /// hidden states (replicated over TP and EP), attention probabilities (this rank's query
+    /// heads gathered over the TP group; the eager attention computes them), router logits
+    /// and choices (the router is replicated). A later pipeline stage sends its captures
+    /// to the first stage after the logits, so the first stage's ranks return the whole
+    /// model's.
+    pub fn forward_mesh_captured(
+        &self,
+        g: Groups,
+        input_ids: &Tensor,
+        mut cache: Option<&mut HybridCache>,
+        opts: &ForwardOptions,
+        extra: MeshCapture,
+    ) -> ParallelResult<MeshOutput> {
         let m = self.plan.mesh;
         let (tp, pp) = (g.tp, g.pp);
         let colls = Colls::host(&g);
@@ -827,12 +887,12 @@ impl TpModel {
                 m.label()
             )));
         }
-        if opts.document_ids.is_some() || opts.capture.attentions || opts.capture.hidden_states {
+        if opts.document_ids.is_some() {
             return Err(ParallelError::Unsupported(
-                "packed documents and captures (hidden states, attentions) under tensor parallelism"
-                    .into(),
+                "packed documents (document_ids) on a parallel mesh".into(),
             ));
         }
+        let cap = opts.capture;
         if let Some(c) = cache.as_deref() {
             c.check(&self.stage_cfg)?;
         }
@@ -875,6 +935,9 @@ impl TpModel {
             }
         };
         let mut choices = Vec::with_capacity(self.layers.len());
+        let mut hidden_states = Vec::new();
+        let mut attentions = Vec::new();
+        let mut router_logits = Vec::new();
         for idx in 0..self.layers.len() {
             let layer_cache = match cache.as_deref_mut() {
                 None => None,
@@ -882,8 +945,31 @@ impl TpModel {
                     ParallelError::Unsupported(format!("cache has no layer {idx}"))
                 })?),
             };
-            let (next, routing) =
-                self.layer_forward(&colls, idx, &h, state.as_ref(), &ctx, layer_cache)?;
+            if cap.hidden_states {
+                hidden_states.push(h.clone());
+            }
+            let (next, routing, probs) = self.layer_forward(
+                &colls,
+                idx,
+                &h,
+                state.as_ref(),
+                &ctx,
+                layer_cache,
+                cap.attentions,
+            )?;
+            if cap.attentions {
+                let p = probs.ok_or_else(|| {
+                    ParallelError::Unsupported(format!(
+                        "layer {} gave no attention probabilities",
+                        self.layer_range.start + idx
+                    ))
+                })?;
+                // this rank's query heads (a contiguous range, in rank order) to all heads
+                attentions.push(crate::tensor::all_gather_axis(tp, &p, 1)?);
+            }
+            if extra.router_logits {
+                router_logits.push(routing.logits.clone());
+            }
             h = next;
             choices.push(routing.choice);
             state = Some(routing.state);
@@ -906,6 +992,9 @@ impl TpModel {
             Some(out) => {
                 let y =
                     kernels::rms_norm(&h.to_dtype(self.dtype)?, &out.norm, self.cfg.rms_norm_eps)?;
+                if cap.hidden_states {
+                    hidden_states.push(y.clone());
+                }
                 let y = if kept < t {
                     y.narrow(1, t - kept, kept)?
                 } else {
@@ -915,17 +1004,130 @@ impl TpModel {
                 Some(all_gather_last(tp, &local)?)
             }
         };
-        if m.pp == 1 {
-            return Ok((logits.expect("the only stage is the last"), choices));
-        }
-        // every stage returns the logits (stage 0 feeds the next token when decoding)
-        let mut buf = match &logits {
-            Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; b * kept * vocab],
+        let mut expert_choices = if extra.router_logits {
+            choices.clone()
+        } else {
+            Vec::new()
         };
-        pp.broadcast(m.pp - 1, &mut buf)?;
-        let logits = Tensor::from_vec(buf, (b, kept, vocab), &self.device)?.to_dtype(self.dtype)?;
-        Ok((logits, choices))
+        let logits = if m.pp == 1 {
+            logits.ok_or_else(|| {
+                ParallelError::Unsupported("the only stage computed no logits".into())
+            })?
+        } else {
+            // every stage returns the logits (stage 0 feeds the next token when decoding)
+            let mut buf = match &logits {
+                Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                None => vec![0f32; b * kept * vocab],
+            };
+            pp.broadcast(m.pp - 1, &mut buf)?;
+            Tensor::from_vec(buf, (b, kept, vocab), &self.device)?.to_dtype(self.dtype)?
+        };
+        if m.pp > 1 && (cap.hidden_states || cap.attentions || extra.router_logits) {
+            self.gather_captures(
+                pp,
+                &mut hidden_states,
+                &mut attentions,
+                &mut router_logits,
+                &mut expert_choices,
+            )?;
+        }
+        Ok(MeshOutput {
+            logits,
+            choices,
+            hidden_states,
+            attentions,
+            router_logits,
+            expert_choices,
+        })
+    }
+
+    /// Pipeline: each later stage sends its captures to the first stage, which appends
+    /// them in stage order (so it holds the whole model's); the other stages keep theirs.
+    fn gather_captures(
+        &self,
+        pp: &dyn Comm,
+        hidden_states: &mut Vec<Tensor>,
+        attentions: &mut Vec<Tensor>,
+        router_logits: &mut Vec<Tensor>,
+        expert_choices: &mut Choices,
+    ) -> ParallelResult<()> {
+        use crate::tensor::{pack_tensors, unpack_tensors};
+        let stage = self.coords.pp;
+        if stage > 0 {
+            // [counts] then the hidden states, attentions, router logits, choices
+            let mut msg = vec![Tensor::new(
+                &[
+                    hidden_states.len() as f32,
+                    attentions.len() as f32,
+                    router_logits.len() as f32,
+                    expert_choices.len() as f32,
+                ],
+                &self.device,
+            )?];
+            msg.extend(
+                hidden_states
+                    .iter()
+                    .map(|t| t.to_dtype(DType::F32))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            msg.extend(
+                attentions
+                    .iter()
+                    .map(|t| t.to_dtype(DType::F32))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            msg.extend(
+                router_logits
+                    .iter()
+                    .map(|t| t.to_dtype(DType::F32))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            for c in expert_choices.iter() {
+                let v: Vec<f32> = c.iter().map(|&x| x as f32).collect();
+                let n = v.len();
+                msg.push(Tensor::from_vec(v, n, &self.device)?);
+            }
+            pp.send(0, TAG_CAPTURES, &pack_tensors(&msg)?)?;
+            return Ok(());
+        }
+        for from in 1..pp.size() {
+            let got = unpack_tensors(&pp.recv(from, TAG_CAPTURES)?, &self.device)?;
+            let bad = || {
+                ParallelError::Unsupported(format!(
+                    "stage {from} sent captures that do not describe themselves"
+                ))
+            };
+            let counts: Vec<usize> = got
+                .first()
+                .ok_or_else(bad)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(|c| c as usize)
+                .collect();
+            if counts.len() != 4 || 1 + counts.iter().sum::<usize>() != got.len() {
+                return Err(bad());
+            }
+            let mut rest = got.into_iter().skip(1);
+            let mut take = |n: usize| -> Vec<Tensor> { rest.by_ref().take(n).collect() };
+            let hs = take(counts[0]);
+            hidden_states.extend(hs);
+            let at = take(counts[1]);
+            attentions.extend(
+                at.into_iter()
+                    .map(|t| t.to_dtype(self.dtype))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            let rl = take(counts[2]);
+            router_logits.extend(
+                rl.into_iter()
+                    .map(|t| t.to_dtype(self.dtype))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            for c in take(counts[3]) {
+                expert_choices.push(c.to_vec1::<f32>()?.into_iter().map(|x| x as u32).collect());
+            }
+        }
+        Ok(())
     }
 
     /// Greedy decoding from `prompt` `[1, T]` with this rank's cache: a prefill, then one
@@ -1008,6 +1210,27 @@ pub fn forward_mesh_on_local_ranks(
     opts: &ForwardOptions,
     timeout: std::time::Duration,
 ) -> ParallelResult<(Tensor, Choices)> {
+    let out = forward_mesh_captured_on_local_ranks(
+        dir,
+        shape,
+        input_ids,
+        opts,
+        MeshCapture::default(),
+        timeout,
+    )?;
+    Ok((out.logits, out.choices))
+}
+
+/// [`forward_mesh_on_local_ranks`] with captures ([`TpModel::forward_mesh_captured`]):
+/// rank 0's outputs, which hold the whole model's captures.
+pub fn forward_mesh_captured_on_local_ranks(
+    dir: &Path,
+    shape: crate::mesh::MeshShape,
+    input_ids: &Tensor,
+    opts: &ForwardOptions,
+    extra: MeshCapture,
+    timeout: std::time::Duration,
+) -> ParallelResult<MeshOutput> {
     let ckpt = Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
@@ -1016,7 +1239,7 @@ pub fn forward_mesh_on_local_ranks(
     let outs = world.run(|comm| {
         let mesh = crate::mesh::Mesh::new(Box::new(comm), shape)?;
         let model = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
-        model.forward_mesh(mesh.groups(), input_ids, None, opts)
+        model.forward_mesh_captured(mesh.groups(), input_ids, None, opts, extra)
     });
     first_of(outs)
 }

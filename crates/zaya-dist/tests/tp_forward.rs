@@ -563,3 +563,75 @@ fn on_mesh_as<T: Send>(
     }))
     .unwrap()
 }
+
+/// Captures on a mesh (hidden states, attention probabilities of every head, router logits
+/// and choices of every layer) reach rank 0 and equal one rank's, name for name, under TP,
+/// PP, EP and their combinations, for the prompt and the left-padded batch.
+#[test]
+fn captures_on_meshes_equal_one_rank() {
+    use zaya::model::Capture;
+    use zaya_dist::{forward_mesh_captured_on_local_ranks, MeshCapture};
+    for name in ["gqa_sliding", "mha_bias"] {
+        let single = ZayaModel::load(dir(name), DType::F32, &Device::Cpu).unwrap();
+        let layers = single.config().num_hidden_layers;
+        for which in ["single", "batch"] {
+            let (ids, mut opts) = inputs(name, which);
+            opts.capture = Capture {
+                hidden_states: true,
+                attentions: true,
+            };
+            opts.attn = AttnImplementation::Eager;
+            let want = single.forward(&ids, None, &opts).unwrap();
+            assert_eq!(want.hidden_states.len(), layers + 1);
+            assert_eq!(want.attentions.len(), layers);
+            let meshes: &[(usize, usize, usize)] = if name == "gqa_sliding" {
+                &[
+                    (2, 1, 1),
+                    (1, 2, 1),
+                    (1, 1, 2),
+                    (2, 2, 1),
+                    (2, 3, 2),
+                    (4, 1, 1),
+                ]
+            } else {
+                &[(2, 3, 1), (4, 1, 1)]
+            };
+            for &(tp, pp, ep) in meshes {
+                let what = format!("{name} {which} tp {tp} pp {pp} ep {ep}");
+                let shape = MeshShape::new(tp, pp, ep, 1).unwrap();
+                let got = forward_mesh_captured_on_local_ranks(
+                    &dir(name),
+                    shape,
+                    &ids,
+                    &opts,
+                    MeshCapture {
+                        router_logits: true,
+                    },
+                    TIMEOUT,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let d = max_diff(&got.logits, want.logits.as_ref().unwrap());
+                assert_tp_close(&format!("{what} logits"), d, want.logits.as_ref().unwrap());
+                let pairs = [
+                    ("hidden_states", &got.hidden_states, &want.hidden_states),
+                    ("attentions", &got.attentions, &want.attentions),
+                ];
+                for (kind, g, w) in pairs {
+                    assert_eq!(g.len(), w.len(), "{what}: {kind} count");
+                    for (i, (g, w)) in g.iter().zip(w.iter()).enumerate() {
+                        let d = max_diff(g, w);
+                        assert!(d <= 1e-5, "{what}: {kind}.{i} max |Δ| = {d:.3e}");
+                    }
+                }
+                assert_eq!(got.router_logits.len(), layers, "{what}: router logits");
+                assert_eq!(got.expert_choices.len(), layers, "{what}: choices");
+                for (i, r) in want.routing.iter().enumerate() {
+                    let d = max_diff(&got.router_logits[i], &r.logits);
+                    assert!(d <= 1e-5, "{what}: router_logits.{i} max |Δ| = {d:.3e}");
+                    assert_eq!(got.expert_choices[i], r.choice, "{what}: choices {i}");
+                }
+                eprintln!("{what}: captures match");
+            }
+        }
+    }
+}
