@@ -276,6 +276,13 @@ fn cmd_forward(args: ForwardArgs) -> Result<()> {
         if args.grads && !labels {
             bail!("--grads needs \"labels\" in {}", args.inputs.display());
         }
+        if labels && parse_dtype(&args.model.dtype)? != DType::F32 {
+            // the loss and gradients come from the training code, which keeps f32 weights
+            bail!(
+                "inputs with \"labels\" (loss, --grads) run in f32 with parallel ranks (asked --dtype {})",
+                args.model.dtype
+            );
+        }
         // TP / EP meshes (one replica, any number of stages): the loss and gradients of the
         // TP ranks; pipeline-only meshes: by the pipeline stages (below)
         let shape = args.parallel.mesh()?;

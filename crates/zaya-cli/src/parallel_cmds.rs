@@ -304,17 +304,12 @@ pub fn forward_parallel(
         // every copy would run all the ranks itself and write the same file
         bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev)");
     }
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        bail!("zaya forward with parallel ranks runs in f32 or bf16 (asked --dtype {dtype:?})");
+    }
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
-        if dtype != DType::F32 {
-            bail!("zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})");
-        }
-        return forward_mpi(dir, parallel, ids, opts, extra, labels, out);
-    }
-    if dtype != DType::F32 {
-        bail!(
-            "zaya forward with parallel ranks runs in f32 in this version (asked --dtype {dtype:?})"
-        );
+        return forward_mpi(dir, parallel, dtype, ids, opts, extra, labels, out);
     }
     let got = zaya_dist::forward_mesh_captured_on_local_ranks(
         dir,
@@ -322,6 +317,7 @@ pub fn forward_parallel(
         ids,
         opts,
         extra,
+        dtype,
         zaya_dist::DEFAULT_TIMEOUT,
     )?;
     let mut tensors = mesh_entries(&got)?;
@@ -343,9 +339,11 @@ pub fn forward_parallel(
 /// `zaya forward --tp N` as one of `N` MPI processes (`mpirun -n N zaya forward ...`):
 /// this process loads its slices; rank 0 writes the outputs.
 #[cfg(feature = "mpi")]
+#[allow(clippy::too_many_arguments)]
 pub fn forward_mpi(
     dir: &Path,
     parallel: &ParallelArgs,
+    dtype: DType,
     ids: &Tensor,
     opts: &ForwardOptions,
     extra: zaya_dist::MeshCapture,
@@ -360,13 +358,8 @@ pub fn forward_mpi(
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
     let plan = ParallelPlan::new(&cfg, shape)?;
-    let model = zaya_dist::TpModel::at(
-        &ckpt,
-        &plan,
-        mesh.coords,
-        DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
+    let model =
+        zaya_dist::TpModel::at(&ckpt, &plan, mesh.coords, dtype, &candle_core::Device::Cpu)?;
     let got = model.forward_mesh_captured(mesh.groups(), ids, None, opts, extra)?;
     let grads = match labels {
         Some(l) => zaya_dist::tp::train::labelled_grads_on_mesh(

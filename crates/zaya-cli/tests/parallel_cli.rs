@@ -405,6 +405,64 @@ fn generate_on_mpi_processes_prints_the_single_rank_tokens_once() {
     );
 }
 
+/// `zaya forward --dtype bf16` on ranks: logits and captured hidden states within a few
+/// bf16 units in the last place of one bf16 rank's (the row-parallel sums round elsewhere);
+/// inputs with labels (loss, gradients: f32 training code) are refused in bf16.
+#[test]
+fn bf16_forward_on_ranks_stays_close_to_one_bf16_rank() {
+    let d = tmp("bf16fwd");
+    // the one-prompt input: in the padded batch, bf16 rounding flips a near-tied router
+    // choice at one position (a different expert there, legitimately)
+    let m = fixture("gqa_sliding");
+    let forward = |extra: &[&str], out: &Path| {
+        run(zaya()
+            .args(["forward", "--model"])
+            .arg(&m)
+            .arg("--inputs")
+            .arg(m.join("single.json"))
+            .arg("--out")
+            .arg(out)
+            .args(extra))
+    };
+    let (ok, text) = forward(
+        &["--dtype", "bf16", "--hidden-states"],
+        &d.join("single.safetensors"),
+    );
+    assert!(ok, "{text}");
+    let load = |f: &str| candle_core::safetensors::load(d.join(f), &Device::Cpu).unwrap();
+    let single = load("single.safetensors");
+    for flags in [&["--tp", "2"][..], &["--pp", "2", "--ep", "2"]] {
+        let out = d.join("mesh.safetensors");
+        let mut args = vec!["--dtype", "bf16", "--hidden-states"];
+        args.extend_from_slice(flags);
+        let (ok, text) = forward(&args, &out);
+        assert!(ok, "{flags:?}: {text}");
+        let mesh = load("mesh.safetensors");
+        assert_eq!(mesh.len(), single.len(), "{flags:?}");
+        for (name, want) in &single {
+            let got = &mesh[name];
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            let diff = max_diff(got, want);
+            // bf16 keeps 8 significant bits: one unit in the last place is scale / 128
+            assert!(
+                diff <= 4.0 * scale / 128.0,
+                "{flags:?} {name}: {diff} (largest {scale})"
+            );
+        }
+    }
+    let (ok, text) = run(zaya()
+        .args(["forward", "--model"])
+        .arg(&m)
+        .arg("--inputs")
+        .arg(m.join("train.json"))
+        .arg("--out")
+        .arg(d.join("x.safetensors"))
+        .args(["--tp", "2", "--dtype", "bf16"]));
+    assert!(!ok && text.contains("run in f32"), "{text}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// bf16 ranks: `zaya generate --dtype bf16 --tp/--pp/--ep` (token ids on a fixture, text
 /// prompts on the serving engine with the default model) prints what one bf16 rank prints; `bench-parallel --dtype bf16`
 /// loads half the bytes per rank of the f32 run.

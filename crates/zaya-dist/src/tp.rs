@@ -1216,6 +1216,7 @@ pub fn forward_mesh_on_local_ranks(
         input_ids,
         opts,
         MeshCapture::default(),
+        DType::F32,
         timeout,
     )?;
     Ok((out.logits, out.choices))
@@ -1229,6 +1230,7 @@ pub fn forward_mesh_captured_on_local_ranks(
     input_ids: &Tensor,
     opts: &ForwardOptions,
     extra: MeshCapture,
+    dtype: DType,
     timeout: std::time::Duration,
 ) -> ParallelResult<MeshOutput> {
     let ckpt = Arc::new(Checkpoint::open(dir)?);
@@ -1238,7 +1240,7 @@ pub fn forward_mesh_captured_on_local_ranks(
     let world = crate::local::LocalWorld::new(shape.world(), timeout)?;
     let outs = world.run(|comm| {
         let mesh = crate::mesh::Mesh::new(Box::new(comm), shape)?;
-        let model = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
+        let model = TpModel::at(&ckpt, &plan, mesh.coords, dtype, &Device::Cpu)?;
         model.forward_mesh_captured(mesh.groups(), input_ids, None, opts, extra)
     });
     first_of(outs)

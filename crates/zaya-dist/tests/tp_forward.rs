@@ -607,6 +607,7 @@ fn captures_on_meshes_equal_one_rank() {
                     MeshCapture {
                         router_logits: true,
                     },
+                    DType::F32,
                     TIMEOUT,
                 )
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
