@@ -25,9 +25,10 @@
 //! deadline, which aborts the job naming the operation, so nothing hangs there either.
 //! Shutdown sends the followers a stop command.
 //!
-//! Decode runs each row's token as its own forward (rows at different positions; the mesh
-//! forward takes rows of one length), so a row's logits never depend on the rest of the
-//! batch, as the engine requires.
+//! Decode runs the rows of a step together ([`TpModel::decode_rows_mesh`]: projections,
+//! router, experts and their collectives once per layer for all rows, attention per row over
+//! its own keys), in groups of at most `ZayaModel::INVARIANT_DECODE_ROWS` rows, within which
+//! a row's logits do not depend on the rest of the batch, as the engine requires.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -315,6 +316,30 @@ fn forward_row(
     };
     let (logits, _) = model.forward_mesh(mesh.groups(), &ids, Some(cache), &opts)?;
     Ok(logits)
+}
+
+/// One decode token for each row, batched over the rows in groups of at most
+/// [`ZayaModel::INVARIANT_DECODE_ROWS`](zaya::ZayaModel::INVARIANT_DECODE_ROWS) (within a
+/// group a row's logits do not depend on the others, as the engine requires); every rank
+/// groups the rows the same way, so their collectives meet. Each row's f32 logits.
+fn decode_rows(
+    mesh: &Mesh,
+    model: &TpModel,
+    caches: &mut [&mut HybridCache],
+    tokens: &[u32],
+    attn: AttnImplementation,
+) -> Result<Vec<Vec<f32>>> {
+    let group = zaya::ZayaModel::INVARIANT_DECODE_ROWS.max(1);
+    let mut out = Vec::with_capacity(tokens.len());
+    for (rows, toks) in caches.chunks_mut(group).zip(tokens.chunks(group)) {
+        let logits = model.decode_rows_mesh(mesh.groups(), toks, rows, attn)?;
+        let rows: Vec<Vec<f32>> = logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_vec2())
+            .map_err(ParallelError::from)?;
+        out.extend(rows);
+    }
+    Ok(out)
 }
 
 fn row_logits(logits: &Tensor) -> Result<Vec<f32>> {
@@ -697,14 +722,11 @@ impl MeshModel {
                     let l = forward_row(mesh, model, &mut rows[0].cache, tokens, attn)?;
                     Ok(vec![row_logits(&l)?])
                 }
-                Work::Decode { tokens, .. } => rows
-                    .iter_mut()
-                    .zip(tokens)
-                    .map(|(row, &t)| {
-                        let l = forward_row(mesh, model, &mut row.cache, &[t], attn)?;
-                        row_logits(&l)
-                    })
-                    .collect(),
+                Work::Decode { tokens, .. } => {
+                    let mut caches: Vec<&mut HybridCache> =
+                        rows.iter_mut().map(|r| &mut r.cache).collect();
+                    decode_rows(mesh, model, &mut caches, tokens, attn)
+                }
                 Work::Stop => Ok(Vec::new()),
             }
         });
@@ -828,10 +850,21 @@ fn follower_loop(
                 forward_row(mesh, model, cache, &tokens, cmd.attn)?;
             }
             Work::Decode { rows: ids, tokens } => {
-                for (id, t) in ids.into_iter().zip(tokens) {
-                    let cache = rows.get_mut(&id).ok_or_else(|| missing(id))?;
-                    forward_row(mesh, model, cache, &[t], cmd.attn)?;
+                // the rows' caches leave the map for the step and go back after it
+                let mut taken = Vec::with_capacity(ids.len());
+                for &id in &ids {
+                    match rows.remove(&id) {
+                        Some(c) => taken.push((id, c)),
+                        None => {
+                            rows.extend(taken);
+                            return Err(missing(id));
+                        }
+                    }
                 }
+                let mut caches: Vec<&mut HybridCache> = taken.iter_mut().map(|(_, c)| c).collect();
+                let out = decode_rows(mesh, model, &mut caches, &tokens, cmd.attn);
+                rows.extend(taken);
+                out?;
             }
             Work::Stop => return Ok(()),
         }

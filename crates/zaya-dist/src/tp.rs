@@ -130,6 +130,17 @@ struct TpAttention {
     conv_history: usize,
 }
 
+/// Where an attention call keeps its state: one cache for the whole batch (or none), or,
+/// for a decode step of rows at different positions (`T = 1`), one batch-1 cache per row
+/// (`window`: the layer's sliding window).
+pub(crate) enum AttnCache<'a, 'b> {
+    Batch(Option<&'a mut LayerCache>),
+    Rows {
+        caches: &'a mut [&'b mut LayerCache],
+        window: Option<usize>,
+    },
+}
+
 impl TpAttention {
     fn load(r: &ShardReader, i: usize) -> ParallelResult<Self> {
         let cfg = &r.plan.cfg;
@@ -168,7 +179,7 @@ impl TpAttention {
         tp: &Coll,
         a: &Tensor,
         inputs: &zaya::model::AttentionInputs,
-        cache: Option<&mut LayerCache>,
+        mut cache: AttnCache<'_, '_>,
     ) -> ParallelResult<(Tensor, Option<Tensor>)> {
         let a = match inputs.conv_mask {
             Some(m) => a.broadcast_mul(&m.to_dtype(a.dtype())?.unsqueeze(2)?)?,
@@ -214,15 +225,48 @@ impl TpAttention {
             (summed.narrow(2, self.heads.kv.start, nkv)? / self.group as f64)?
         };
 
-        let (history, prev_rec) = match &cache {
-            Some(c) if c.has_previous_state() => {
-                (c.conv_state().cloned(), c.recurrent_state().cloned())
-            }
-            _ => (None, None),
+        // The conv history and the previous token's delayed value (`first`, `[B, 1, ·]`):
+        // the batch cache's, or each row's (zeros, and the delayed value of a zero input, for
+        // a row without state yet), exactly as a single-row call would take them.
+        let no_state = |rows: usize| Tensor::zeros((rows, s, c), u.dtype(), u.device());
+        let first_of = |rec: Option<&Tensor>, rows: usize| -> ParallelResult<Option<Tensor>> {
+            Ok(match (&self.v_delayed, rec) {
+                (None, _) => None,
+                (Some(_), Some(r)) => Some(r.unsqueeze(1)?),
+                (Some(vdl), None) => Some(vdl.forward(&Tensor::zeros(
+                    (rows, 1, a.dim(2)?),
+                    a.dtype(),
+                    a.device(),
+                )?)?),
+            })
         };
-        let history = match history {
-            Some(h) => h,
-            None => Tensor::zeros((b, s, c), u.dtype(), u.device())?,
+        let (history, first) = match &cache {
+            AttnCache::Batch(Some(c)) if c.has_previous_state() => (
+                match c.conv_state() {
+                    Some(h) => h.clone(),
+                    None => no_state(b)?,
+                },
+                first_of(c.recurrent_state(), b)?,
+            ),
+            AttnCache::Batch(_) => (no_state(b)?, first_of(None, b)?),
+            AttnCache::Rows { caches, .. } => {
+                let mut hs = Vec::with_capacity(b);
+                let mut fs = Vec::with_capacity(b);
+                for c in caches.iter() {
+                    let (h, f) = match (c.conv_state(), c.recurrent_state()) {
+                        (Some(h), r) if c.has_previous_state() => (h.clone(), first_of(r, 1)?),
+                        _ => (no_state(1)?, first_of(None, 1)?),
+                    };
+                    hs.push(h);
+                    fs.extend(f);
+                }
+                let first = if fs.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::cat(&fs, 0)?)
+                };
+                (Tensor::cat(&hs, 0)?, first)
+            }
         };
         let x = if s > 0 {
             Tensor::cat(&[&history, &u], 1)?
@@ -245,15 +289,9 @@ impl TpAttention {
         if let Some(vc) = &self.v_current {
             parts.push(vc.forward(&a)?);
         }
-        let rec = match &self.v_delayed {
-            Some(vdl) => {
+        let rec = match (&self.v_delayed, first) {
+            (Some(vdl), Some(first)) => {
                 let vd = vdl.forward(&a)?;
-                let first = match prev_rec {
-                    Some(r) => r.unsqueeze(1)?,
-                    None => {
-                        vdl.forward(&Tensor::zeros((b, 1, a.dim(2)?), a.dtype(), a.device())?)?
-                    }
-                };
                 let vdel = if t > 1 {
                     Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
                 } else {
@@ -262,7 +300,7 @@ impl TpAttention {
                 parts.push(vdel);
                 vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?
             }
-            None => Tensor::zeros((b, 0), a.dtype(), a.device())?,
+            _ => Tensor::zeros((b, 0), a.dtype(), a.device())?,
         };
         let v = Tensor::cat(&parts, D::Minus1)?.reshape((b, t, nkv, d))?;
 
@@ -271,29 +309,64 @@ impl TpAttention {
         let q = kernels::rotary(&q.transpose(1, 2)?, inputs.cos, inputs.sin)?;
         let k = kernels::rotary(&k.transpose(1, 2)?, inputs.cos, inputs.sin)?;
         let v = v.transpose(1, 2)?;
-        let (k, v) = match cache {
-            Some(cache) => {
-                let conv = if s > 0 {
-                    x.narrow(1, x.dim(1)? - s, s)?.contiguous()?
-                } else {
-                    Tensor::zeros((b, 0, c), u.dtype(), u.device())?
-                };
-                cache.set_cca_state(conv, rec);
-                cache.update_kv(&k.contiguous()?, &v.contiguous()?)?
-            }
-            None => (k, v),
+        let conv = if s > 0 {
+            x.narrow(1, x.dim(1)? - s, s)?.contiguous()?
+        } else {
+            Tensor::zeros((b, 0, c), u.dtype(), u.device())?
         };
         let scale = 1.0 / (d as f64).sqrt();
-        // with `want_probs`, the eager path and this rank's heads' probabilities
-        let (o, probs) = core::attend(
-            inputs.backend,
-            &q,
-            &k,
-            &v,
-            inputs.mask,
-            scale,
-            inputs.want_probs,
-        )?;
+        let (o, probs) = match &mut cache {
+            AttnCache::Batch(cache) => {
+                let (k, v) = match cache.as_deref_mut() {
+                    Some(cache) => {
+                        cache.set_cca_state(conv, rec);
+                        cache.update_kv(&k.contiguous()?, &v.contiguous()?)?
+                    }
+                    None => (k, v),
+                };
+                // with `want_probs`, the eager path and this rank's heads' probabilities
+                core::attend(
+                    inputs.backend,
+                    &q,
+                    &k,
+                    &v,
+                    inputs.mask,
+                    scale,
+                    inputs.want_probs,
+                )?
+            }
+            AttnCache::Rows { caches, window } => {
+                // each row over its own keys, as a single-row decode step does
+                let mut outs = Vec::with_capacity(b);
+                for (row, cache) in caches.iter_mut().enumerate() {
+                    cache.set_cca_state(
+                        conv.narrow(0, row, 1)?.contiguous()?,
+                        rec.narrow(0, row, 1)?.contiguous()?,
+                    );
+                    let (past, held) = (cache.seen(), cache.kv_len());
+                    let (k_all, v_all) = cache.update_kv(
+                        &k.narrow(0, row, 1)?.contiguous()?,
+                        &v.narrow(0, row, 1)?.contiguous()?,
+                    )?;
+                    let mask = core::MaskSpec {
+                        batch: 1,
+                        q_start: past,
+                        q_len: 1,
+                        kv_start: past - held,
+                        kv_len: held + 1,
+                        window: *window,
+                        key_padding: None,
+                        documents: None,
+                    };
+                    let q_row = q.narrow(0, row, 1)?;
+                    outs.push(
+                        core::attend(inputs.backend, &q_row, &k_all, &v_all, &mask, scale, false)?
+                            .0,
+                    );
+                }
+                (Tensor::cat(&outs, 0)?, None)
+            }
+        };
         let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
         let partial = self.o_proj.forward(&o)?;
         let out = tp.reduce(&partial)?;
@@ -698,7 +771,7 @@ impl TpModel {
         h: &Tensor,
         state: Option<&Tensor>,
         ctx: &zaya::model::ForwardContext,
-        cache: Option<&mut LayerCache>,
+        cache: AttnCache<'_, '_>,
         want_probs: bool,
     ) -> ParallelResult<(Tensor, zaya::model::Routing, Option<Tensor>)> {
         let l = &self.layers[idx];
@@ -954,7 +1027,7 @@ impl TpModel {
                 &h,
                 state.as_ref(),
                 &ctx,
-                layer_cache,
+                AttnCache::Batch(layer_cache),
                 cap.attentions,
             )?;
             if cap.attentions {
@@ -1039,6 +1112,160 @@ impl TpModel {
             router_logits,
             expert_choices,
         })
+    }
+
+    /// One decode step for independent rows at different positions on the mesh: `tokens[i]`
+    /// is fed after the state in `caches[i]` (this rank's batch-1 cache of row `i`, possibly
+    /// empty). Projections, router and experts run batched over the rows (with their
+    /// collectives once per layer, not once per row); attention runs per row over that row's
+    /// keys, as [`ZayaModel::decode_rows`](zaya::ZayaModel::decode_rows) does on one rank.
+    /// Every stage returns the logits `[B, V]`. Up to
+    /// [`ZayaModel::INVARIANT_DECODE_ROWS`](zaya::ZayaModel::INVARIANT_DECODE_ROWS) rows, a
+    /// row's logits do not depend on the other rows.
+    pub fn decode_rows_mesh(
+        &self,
+        g: Groups,
+        tokens: &[u32],
+        caches: &mut [&mut HybridCache],
+        attn: AttnImplementation,
+    ) -> ParallelResult<Tensor> {
+        let m = self.plan.mesh;
+        let b = tokens.len();
+        if b == 0 || b != caches.len() {
+            return Err(ParallelError::Unsupported(format!(
+                "decode_rows_mesh needs one token per cache and at least one row: {b} tokens, {} caches",
+                caches.len()
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        let mut positions = Vec::with_capacity(b);
+        for (row, (c, &id)) in caches.iter().zip(tokens).enumerate() {
+            c.check(&self.stage_cfg)?;
+            if c.layers().iter().any(|l| l.batch() > 1) {
+                return Err(ParallelError::Unsupported(format!(
+                    "decode_rows_mesh: the cache of row {row} holds a batch; each row needs its own"
+                )));
+            }
+            if id as usize >= vocab {
+                return Err(zaya::ZayaError::TokenOutOfRange {
+                    id: id as i64,
+                    row,
+                    position: c.seq_len(),
+                    vocab_size: vocab,
+                }
+                .into());
+            }
+            if c.seq_len() + 1 > self.cfg.max_position_embeddings {
+                return Err(zaya::ZayaError::ContextTooLong {
+                    row,
+                    length: c.seq_len() + 1,
+                    limit: self.cfg.max_position_embeddings,
+                }
+                .into());
+            }
+            positions.push(vec![c.seq_len() as i64]);
+        }
+        let (tp, pp) = (g.tp, g.pp);
+        let colls = Colls::host(&g);
+        let (h_dim, r_dim) = (self.cfg.hidden_size, self.cfg.router_hidden_size);
+        let opts = ForwardOptions {
+            attn,
+            ..Default::default()
+        };
+        // the masks of this context are not used (each row builds its own); the RoPE tables
+        // are the rows' own positions
+        let mut ctx = forward_context(
+            &self.stage_cfg,
+            &self.rotary,
+            self.dtype,
+            &self.device,
+            b,
+            1,
+            None,
+            &opts,
+        )?;
+        for (lt, rot) in &self.rotary {
+            ctx.rope
+                .insert(*lt, rot.cos_sin(&positions, self.dtype, &self.device)?);
+        }
+        let (mut h, mut state) = match &self.input {
+            Some(input) => {
+                let ids: Vec<Vec<i64>> = tokens.iter().map(|&t| vec![i64::from(t)]).collect();
+                (self.embed(&colls.tp, input, &ids)?, None)
+            }
+            None => {
+                let from = self.coords.pp - 1;
+                let h = pp.recv(from, TAG_HIDDEN)?;
+                let st = pp.recv(from, TAG_ROUTER_STATE)?;
+                if h.len() != b * h_dim || st.len() != b * r_dim {
+                    return Err(ParallelError::Unsupported(format!(
+                        "stage {} received {} hidden and {} router-state values from stage {from}, expected {} and {}",
+                        self.coords.pp,
+                        h.len(),
+                        st.len(),
+                        b * h_dim,
+                        b * r_dim
+                    )));
+                }
+                (
+                    Tensor::from_vec(h, (b, 1, h_dim), &self.device)?,
+                    Some(Tensor::from_vec(st, (b, 1, r_dim), &self.device)?.to_dtype(self.dtype)?),
+                )
+            }
+        };
+        for idx in 0..self.layers.len() {
+            let window = match self.layers[idx].layer_type {
+                LayerType::Hybrid => None,
+                LayerType::HybridSliding => self.cfg.sliding_window,
+            };
+            let mut rows: Vec<&mut LayerCache> = caches
+                .iter_mut()
+                .map(|c| {
+                    c.layer_mut(idx).ok_or_else(|| {
+                        ParallelError::Unsupported(format!("cache has no layer {idx}"))
+                    })
+                })
+                .collect::<ParallelResult<_>>()?;
+            let cache = AttnCache::Rows {
+                caches: &mut rows,
+                window,
+            };
+            let (next, routing, _) =
+                self.layer_forward(&colls, idx, &h, state.as_ref(), &ctx, cache, false)?;
+            h = next;
+            state = Some(routing.state);
+        }
+        let logits = match &self.output {
+            None => {
+                let to = self.coords.pp + 1;
+                pp.send(to, TAG_HIDDEN, &h.flatten_all()?.to_vec1::<f32>()?)?;
+                let st = state.as_ref().expect("a stage has at least one layer");
+                pp.send(
+                    to,
+                    TAG_ROUTER_STATE,
+                    &st.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                )?;
+                None
+            }
+            Some(out) => {
+                let y =
+                    kernels::rms_norm(&h.to_dtype(self.dtype)?, &out.norm, self.cfg.rms_norm_eps)?;
+                Some(all_gather_last(tp, &out.lm_head.forward(&y)?)?)
+            }
+        };
+        let logits = if m.pp == 1 {
+            logits.ok_or_else(|| {
+                ParallelError::Unsupported("the only stage computed no logits".into())
+            })?
+        } else {
+            let mut buf = match &logits {
+                Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                None => vec![0f32; b * vocab],
+            };
+            pp.broadcast(m.pp - 1, &mut buf)?;
+            Tensor::from_vec(buf, (b, 1, vocab), &self.device)?.to_dtype(self.dtype)?
+        };
+        Ok(logits.squeeze(1)?)
     }
 
     /// Pipeline: each later stage sends its captures to the first stage, which appends

@@ -636,3 +636,78 @@ fn captures_on_meshes_equal_one_rank() {
         }
     }
 }
+
+/// A decode step of rows at different positions (one batch-1 cache per row, rows without
+/// state among them) runs batched on the mesh and gives one rank's `decode_rows` logits
+/// for every row, step after step, under TP, PP, EP and TP × PP.
+#[test]
+fn batched_decode_of_rows_at_different_positions_equals_one_rank() {
+    let name = "gqa_sliding";
+    let single = ZayaModel::load(dir(name), DType::F32, &Device::Cpu).unwrap();
+    let vocab = single.config().vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..7).map(|i| (i * 13 + 5) % vocab).collect(),
+        vec![],
+        (0..3).map(|i| (i * 29 + 11) % vocab).collect(),
+    ];
+    let steps: Vec<Vec<u32>> = (0..5u32)
+        .map(|s| {
+            vec![
+                (s * 7 + 1) % vocab,
+                (s * 11 + 3) % vocab,
+                (s * 5 + 9) % vocab,
+            ]
+        })
+        .collect();
+    let ids = |p: &[u32]| Tensor::new(p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let opts = ForwardOptions {
+        attn: AttnImplementation::Sdpa,
+        ..Default::default()
+    };
+    let mut want = Vec::new();
+    {
+        let mut caches: Vec<HybridCache> = prompts
+            .iter()
+            .map(|_| HybridCache::new(single.config()))
+            .collect();
+        for (p, c) in prompts.iter().zip(caches.iter_mut()) {
+            if !p.is_empty() {
+                single.forward(&ids(p), Some(c), &opts).unwrap();
+            }
+        }
+        for toks in &steps {
+            let mut refs: Vec<&mut HybridCache> = caches.iter_mut().collect();
+            want.push(
+                single
+                    .decode_rows(toks, &mut refs, AttnImplementation::Sdpa)
+                    .unwrap(),
+            );
+        }
+    }
+    for (tp, pp, ep) in [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)] {
+        let shape = MeshShape::new(tp, pp, ep, 1).unwrap();
+        let got = on_mesh(name, shape, |m, mesh| {
+            let mut caches: Vec<HybridCache> = prompts.iter().map(|_| m.new_cache()).collect();
+            for (p, c) in prompts.iter().zip(caches.iter_mut()) {
+                if !p.is_empty() {
+                    m.forward_mesh(mesh.groups(), &ids(p), Some(c), &opts)?;
+                }
+            }
+            let mut out = Vec::new();
+            for toks in &steps {
+                let mut refs: Vec<&mut HybridCache> = caches.iter_mut().collect();
+                out.push(m.decode_rows_mesh(
+                    mesh.groups(),
+                    toks,
+                    &mut refs,
+                    AttnImplementation::Sdpa,
+                )?);
+            }
+            Ok(out)
+        });
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!("{} step {step}", shape.label());
+            assert_tp_close(&what, max_diff(g, w), w);
+        }
+    }
+}

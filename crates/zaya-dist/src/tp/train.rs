@@ -443,8 +443,15 @@ impl TpTrainModel {
         let mut stats = Vec::new();
         let end = range.end;
         for idx in range {
-            let (next, routing, _) =
-                m.layer_forward(&colls, idx, &h, state.as_ref(), &p.ctx, None, false)?;
+            let (next, routing, _) = m.layer_forward(
+                &colls,
+                idx,
+                &h,
+                state.as_ref(),
+                &p.ctx,
+                crate::tp::AttnCache::Batch(None),
+                false,
+            )?;
             let st = LayerRoutingStats::from_choice(&routing.choice, p.real_host.as_deref(), e)?;
             let probs = if p.aux_weight != 0.0 {
                 routing.probs.clone()
