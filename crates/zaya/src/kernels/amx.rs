@@ -4,7 +4,7 @@
 //! f32, flushing denormals), so results differ from it only by summation order.
 //!
 //! Layout: the 16×16 f32 result tiles accumulate `tdpbf16ps` of a 16×32 bf16 activation
-//! tile (rows of `x` as they are, row stride `k`) and a 16×32 weight tile in the VNNI layout
+//! tile (copied tile-major, see below) and a 16×32 weight tile in the VNNI layout
 //! (pairs of bf16 along `k` interleaved: row `p` of the tile holds `W[j][2p], W[j][2p+1]`
 //! for the 16 columns `j`). The weights are repacked on the fly, a panel of [`PANEL`] weight
 //! rows at a time over the whole `k`, into a buffer that stays allocated for the thread; the
@@ -13,8 +13,9 @@
 //! element is packed exactly once per call, and every output element is computed by the
 //! same sequence of instructions whatever the thread count (bit-identical results).
 //!
-//! Edges: `x` is copied into a zero-padded buffer (rows to a multiple of 32, columns to a
-//! multiple of 32) unless already aligned; weight panels are zero-padded the same way, and
+//! Edges: `x` is copied into a zero-padded tile-major buffer (rows to a multiple of 32,
+//! columns to a multiple of 32; 16×32 tiles contiguous, so the 16 rows of a tile do not
+//! fall into one L1 set as rows 4 KiB apart would); weight panels are zero-padded the same way, and
 //! result tiles that cross the edge of `out` go through a scratch tile.
 //!
 //! Run time: CPUID (AMX-BF16 and AMX-TILE) and Linux's permission for the tile data
@@ -109,7 +110,8 @@ impl Out {
     }
 }
 
-/// The (possibly padded) activations: `rows × ld` bf16, `rows` a multiple of 32, `ld` of 32.
+/// The packed activations ([`pack_activations`]): `rows × ld` bf16 in tile-major order,
+/// `rows` a multiple of 32, `ld` of 32.
 #[derive(Clone, Copy)]
 struct Act {
     p: *const bf16,
@@ -133,22 +135,10 @@ pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &m
     }
     let kp = k.next_multiple_of(KS);
     let mp = m.next_multiple_of(MB);
-    let padded: Vec<bf16>;
-    let act = if kp == k && mp == m {
-        Act {
-            p: x.as_ptr(),
-            ld: k,
-        }
-    } else {
-        let mut buf = vec![bf16::ZERO; mp * kp];
-        for (dst, src) in buf.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
-            dst[..k].copy_from_slice(src);
-        }
-        padded = buf;
-        Act {
-            p: padded.as_ptr(),
-            ld: kp,
-        }
+    let packed_x = pack_activations(x, m, k, mp, kp);
+    let act = Act {
+        p: packed_x.as_ptr(),
+        ld: kp,
     };
     let o = Out(out.as_mut_ptr());
     let panels = n.div_ceil(PANEL);
@@ -165,6 +155,22 @@ pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &m
             unsafe { panel_product(act, mp, kp, &buf, groups, m, n, j0, j1, o.ptr()) }
         });
     });
+}
+
+/// Copies `x` into tile-major order: the 16×32 tile of rows `16·b..` and columns `32·s..`
+/// is 1 KiB at `(b · kp/32 + s) · 512`, zero-padded to `mp × kp`. Rows of `x` at their own
+/// stride (2·k bytes, 4 KiB at k = 2048) would put the 16 rows of a tile in one L1 set.
+fn pack_activations(x: &[bf16], m: usize, k: usize, mp: usize, kp: usize) -> Vec<bf16> {
+    let mut buf = vec![bf16::ZERO; mp * kp];
+    let steps = kp / KS;
+    for (i, row) in x.chunks_exact(k).take(m).enumerate() {
+        let (b, r) = (i / 16, i % 16);
+        for (s, chunk) in row.chunks(KS).enumerate() {
+            let at = (b * steps + s) * 512 + r * KS;
+            buf[at..at + chunk.len()].copy_from_slice(chunk);
+        }
+    }
+    buf
 }
 
 /// Packs `W[j0..j1, 0..k]` into `groups` VNNI tile columns of 16 weight rows each, `kp/2`
@@ -213,7 +219,7 @@ unsafe fn panel_product(
 ) {
     let cfg = TileConfig::full();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    let lda = (act.ld * 2) as isize;
+    let lda: isize = 64;
     let ldb: isize = 64;
     let group_len = kp * 16;
     let steps = kp / KS;
@@ -229,6 +235,7 @@ unsafe fn panel_product(
                 "tilezero tmm3",
                 options(nostack, nomem)
             );
+            // tile-major activations: 16 rows × kp columns per tile row, 512 bf16 per step
             let a0 = act.p.add(i0 * act.ld);
             let a1 = a0.add(16 * act.ld);
             let b0 = panel.as_ptr().add(g * group_len);
@@ -243,8 +250,8 @@ unsafe fn panel_product(
                     "tileloadd tmm5, [{a1} + {lda}*1]",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(s * KS),
-                    a1 = in(reg) a1.add(s * KS),
+                    a0 = in(reg) a0.add(s * 512),
+                    a1 = in(reg) a1.add(s * 512),
                     b0 = in(reg) b0.add(s * 512),
                     b1 = in(reg) b1.add(s * 512),
                     lda = in(reg) lda,
@@ -407,10 +414,7 @@ mod tests {
         one.install(|| {
             let o = Out(single.as_mut_ptr());
             let (kp, mp) = (k.next_multiple_of(KS), m.next_multiple_of(MB));
-            let mut buf = vec![bf16::ZERO; mp * kp];
-            for (d, s) in buf.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
-                d[..k].copy_from_slice(s);
-            }
+            let buf = pack_activations(&x, m, k, mp, kp);
             let act = Act {
                 p: buf.as_ptr(),
                 ld: kp,
