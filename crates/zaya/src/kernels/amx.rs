@@ -36,6 +36,8 @@ const PANEL: usize = 64;
 const KS: usize = 32;
 /// Activation rows per micro-kernel step (two result-tile rows).
 const MB: usize = 32;
+/// Columns of `k` per block (a multiple of [`KS`]).
+const KC: usize = 256;
 
 /// Whether the CPU has AMX-BF16 and the OS lets this process use the tile data.
 pub(crate) fn available() -> bool {
@@ -124,6 +126,8 @@ unsafe impl Sync for Act {}
 thread_local! {
     /// The packed weight panel of this thread, reused across tasks and calls.
     static PACKED: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+    /// The f32 results of this thread's panel, accumulated across `k` blocks.
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ`. Callers check [`available`] and the slice sizes
@@ -204,6 +208,10 @@ fn pack_panel(
 
 /// `out[0..m, j0..j1] = act · panelᵀ`, blocks of 32 activation rows × 32 weight columns
 /// (2 × 2 result tiles in tmm0–3, activation tiles in tmm4–5, weight tiles in tmm6–7).
+/// `k` goes in blocks of [`KC`] columns: the panel's slice (`PANEL × KC` bf16, 32 KiB) and
+/// the activation block's (`32 × KC`, 16 KiB) stay in L1 across the passes over them; the
+/// result tiles accumulate across blocks in a panel-wide f32 buffer of the thread
+/// (`mp × PANEL`), copied into `out` (its valid rows and columns) at the end.
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel_product(
     act: Act,
@@ -217,98 +225,94 @@ unsafe fn panel_product(
     j1: usize,
     out: *mut f32,
 ) {
-    let cfg = TileConfig::full();
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    let lda: isize = 64;
-    let ldb: isize = 64;
-    let group_len = kp * 16;
-    let steps = kp / KS;
-    let mut scratch = [[0f32; 256]; 4];
-    let mut i0 = 0;
-    while i0 < mp {
-        let mut g = 0;
-        while g < groups {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-            // tile-major activations: 16 rows × kp columns per tile row, 512 bf16 per step
-            let a0 = act.p.add(i0 * act.ld);
-            let a1 = a0.add(16 * act.ld);
-            let b0 = panel.as_ptr().add(g * group_len);
-            let b1 = b0.add(group_len);
-            for s in 0..steps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {lda}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {lda}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(s * 512),
-                    a1 = in(reg) a1.add(s * 512),
-                    b0 = in(reg) b0.add(s * 512),
-                    b1 = in(reg) b1.add(s * 512),
-                    lda = in(reg) lda,
-                    ldb = in(reg) ldb,
-                    options(nostack, readonly)
-                );
-            }
-            // Result tiles: (rows i0 + 16·r, columns j0 + 16·(g + c)) for tile 2r + c.
-            let mut direct = [false; 4];
-            let mut dst = [std::ptr::null_mut::<f32>(); 4];
-            for t in 0..4 {
-                let (r, c) = (t / 2, t % 2);
-                let (i, j) = (i0 + 16 * r, j0 + 16 * (g + c));
-                direct[t] = i + 16 <= m && j + 16 <= j1;
-                dst[t] = if direct[t] {
-                    out.add(i * n + j)
-                } else {
-                    scratch[t].as_mut_ptr()
-                };
-            }
-            let lds = |t: usize| if direct[t] { (n * 4) as isize } else { 64 };
-            asm!(
-                "tilestored [{d0} + {s0}*1], tmm0",
-                "tilestored [{d1} + {s1}*1], tmm1",
-                "tilestored [{d2} + {s2}*1], tmm2",
-                "tilestored [{d3} + {s3}*1], tmm3",
-                d0 = in(reg) dst[0],
-                d1 = in(reg) dst[1],
-                d2 = in(reg) dst[2],
-                d3 = in(reg) dst[3],
-                s0 = in(reg) lds(0),
-                s1 = in(reg) lds(1),
-                s2 = in(reg) lds(2),
-                s3 = in(reg) lds(3),
-                options(nostack)
-            );
-            for t in 0..4 {
-                if direct[t] {
-                    continue;
-                }
-                let (r, c) = (t / 2, t % 2);
-                let (i, j) = (i0 + 16 * r, j0 + 16 * (g + c));
-                let rows = m.saturating_sub(i).min(16);
-                let cols = j1.saturating_sub(j).min(16);
-                for rr in 0..rows {
-                    std::ptr::copy_nonoverlapping(
-                        scratch[t].as_ptr().add(rr * 16),
-                        out.add((i + rr) * n + j),
-                        cols,
+    ACC.with(|acc| {
+        let mut acc = acc.borrow_mut();
+        acc.clear();
+        acc.resize(mp * PANEL, 0.0);
+        let cfg = TileConfig::full();
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let ld64: isize = 64;
+        let ldc = (PANEL * 4) as isize;
+        let group_len = kp * 16;
+        let mut k0 = 0;
+        while k0 < kp {
+            let kl = KC.min(kp - k0);
+            let (s0, s1) = (k0 / KS, (k0 + kl) / KS);
+            let mut i0 = 0;
+            while i0 < mp {
+                // tile-major activations: 16 rows × kp columns per tile row, 512 bf16 per step
+                let a0 = act.p.add(i0 * act.ld);
+                let a1 = a0.add(16 * act.ld);
+                let mut g = 0;
+                while g < groups {
+                    let c0 = acc.as_mut_ptr().add(i0 * PANEL + 16 * g);
+                    let c2 = c0.add(16 * PANEL);
+                    if k0 == 0 {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm0, [{c0} + {ldc}*1]",
+                            "tileloadd tmm1, [{c1} + {ldc}*1]",
+                            "tileloadd tmm2, [{c2} + {ldc}*1]",
+                            "tileloadd tmm3, [{c3} + {ldc}*1]",
+                            c0 = in(reg) c0,
+                            c1 = in(reg) c0.add(16),
+                            c2 = in(reg) c2,
+                            c3 = in(reg) c2.add(16),
+                            ldc = in(reg) ldc,
+                            options(nostack, readonly)
+                        );
+                    }
+                    let b0 = panel.as_ptr().add(g * group_len);
+                    let b1 = b0.add(group_len);
+                    for s in s0..s1 {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {ld}*1]",
+                            "tileloadd tmm6, [{b0} + {ld}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1} + {ld}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a1} + {ld}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0.add(s * 512),
+                            a1 = in(reg) a1.add(s * 512),
+                            b0 = in(reg) b0.add(s * 512),
+                            b1 = in(reg) b1.add(s * 512),
+                            ld = in(reg) ld64,
+                            options(nostack, readonly)
+                        );
+                    }
+                    asm!(
+                        "tilestored [{c0} + {ldc}*1], tmm0",
+                        "tilestored [{c1} + {ldc}*1], tmm1",
+                        "tilestored [{c2} + {ldc}*1], tmm2",
+                        "tilestored [{c3} + {ldc}*1], tmm3",
+                        c0 = in(reg) c0,
+                        c1 = in(reg) c0.add(16),
+                        c2 = in(reg) c2,
+                        c3 = in(reg) c2.add(16),
+                        ldc = in(reg) ldc,
+                        options(nostack)
                     );
+                    g += 2;
                 }
+                i0 += MB;
             }
-            g += 2;
+            k0 += kl;
         }
-        i0 += MB;
-    }
-    asm!("tilerelease", options(nostack, nomem));
+        asm!("tilerelease", options(nostack, nomem));
+        let cols = j1 - j0;
+        for i in 0..m {
+            std::ptr::copy_nonoverlapping(acc.as_ptr().add(i * PANEL), out.add(i * n + j0), cols);
+        }
+    });
 }
 
 #[cfg(test)]
