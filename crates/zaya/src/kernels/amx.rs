@@ -191,17 +191,33 @@ fn pack_panel(
     let group_len = kp * 16;
     buf.clear();
     buf.resize(groups * group_len, bf16::ZERO);
-    for j in j0..j1 {
-        let (g, c) = ((j - j0) / 16, (j - j0) % 16);
-        let dst = &mut buf[g * group_len..(g + 1) * group_len];
-        let row = &w[j * k..(j + 1) * k];
-        let mut pairs = row.chunks_exact(2);
-        for (p, pair) in pairs.by_ref().enumerate() {
-            dst[p * 32 + c * 2] = pair[0];
-            dst[p * 32 + c * 2 + 1] = pair[1];
+    let pairs = k / 2;
+    for g in 0..groups {
+        let first = j0 + 16 * g;
+        let cols = j1.saturating_sub(first).min(16);
+        if cols == 0 {
+            continue;
         }
-        if let [last] = pairs.remainder() {
-            dst[(k / 2) * 32 + c * 2] = *last;
+        let dst = &mut buf[g * group_len..(g + 1) * group_len];
+        let rows: Vec<&[bf16]> = (first..first + cols)
+            .map(|j| &w[j * k..(j + 1) * k])
+            .collect();
+        // pair-row `p` of the group: the 16 columns' `(2p, 2p+1)` pairs, written in order
+        let dp = dst.as_mut_ptr() as *mut u32;
+        for p in 0..pairs {
+            for (c, row) in rows.iter().enumerate() {
+                // SAFETY: `2p + 1 < k` (row length) and `p·16 + c < kp/2 · 16` (group
+                // length in pairs); unaligned u32 accesses of two bf16.
+                unsafe {
+                    let v = (row.as_ptr().add(2 * p) as *const u32).read_unaligned();
+                    dp.add(p * 16 + c).write_unaligned(v);
+                }
+            }
+        }
+        if k % 2 == 1 {
+            for (c, row) in rows.iter().enumerate() {
+                dst[pairs * 32 + c * 2] = row[k - 1];
+            }
         }
     }
 }
