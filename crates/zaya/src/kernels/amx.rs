@@ -471,7 +471,16 @@ mod tests {
             b
         };
         println!("threads: {}", cpu::num_threads());
-        for &(m, k, n) in &[(512, 2048, 2048), (512, 2048, 8192), (512, 8192, 2048)] {
+        for &(m, k, n) in &[
+            (512, 2048, 2048),
+            (512, 2048, 8192),
+            (512, 8192, 2048),
+            // MoE experts of a prefill: few rows each
+            (16, 1024, 2048),
+            (32, 1024, 2048),
+            (64, 1024, 2048),
+            (128, 1024, 2048),
+        ] {
             let x = data(m * k, 3);
             let w = data(n * k, 5);
             let mut out = vec![0f32; m * n];
