@@ -85,9 +85,29 @@ fn gemv(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
 /// model are bf16 tensors), f32 accumulation. Every product of two bf16 values is exact in
 /// f32, so this equals [`linear`] on the widened `x` up to summation order — which is what
 /// [`linear`] is, here: its reference. Decode sizes go to the GEMV; larger products run on
+/// AMX tiles where the CPU and OS allow it ([`super::amx`]; `ZAYA_AMX=0` turns it off), else
 /// the AVX-512 BF16 dot-product instruction where the CPU has it (16 lanes × 2 products per
 /// instruction, four times the f32 FMA rate), and through the widening path elsewhere.
 pub(crate) fn linear_bf16(
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    check_sizes(x.len(), m, k, w.len(), n, out.len())?;
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if m > GEMV_ROWS && n > 0 && k > 0 && super::amx::enabled() {
+        super::amx::gemm(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
+        return Ok(());
+    }
+    linear_bf16_without_amx(x, m, k, w, n, out)
+}
+
+/// [`linear_bf16`] without its AMX path: the AVX-512 BF16 kernel where the CPU has it, the
+/// widening path elsewhere (also what `ZAYA_AMX=0` runs).
+pub(crate) fn linear_bf16_without_amx(
     x: &[bf16],
     m: usize,
     k: usize,

@@ -26,6 +26,8 @@ pub const GEMV_ROWS: usize = cpu::GEMV_ROWS;
 pub mod reference;
 pub mod registry;
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
 mod bf16;
 mod bias_add;
 mod cca_conv;

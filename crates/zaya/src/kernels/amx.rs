@@ -1,0 +1,538 @@
+//! The AMX (Advanced Matrix Extensions) GEMM behind [`super::bf16::linear_bf16`]:
+//! `out[m×n] = x[m×k] · W[n×k]ᵀ`, both operands bf16, f32 accumulation — the same products
+//! as the AVX-512 BF16 kernel (`tdpbf16ps` multiplies bf16 pairs exactly and accumulates in
+//! f32, flushing denormals), so results differ from it only by summation order.
+//!
+//! Layout: the 16×16 f32 result tiles accumulate `tdpbf16ps` of a 16×32 bf16 activation
+//! tile (copied tile-major, see below) and a 16×32 weight tile in the VNNI layout
+//! (pairs of bf16 along `k` interleaved: row `p` of the tile holds `W[j][2p], W[j][2p+1]`
+//! for the 16 columns `j`). The weights are repacked on the fly, a panel of [`PANEL`] weight
+//! rows at a time over the whole `k`, into a buffer that stays allocated for the thread; the
+//! panel (`PANEL · k` bf16, 256 KiB at k = 2048) stays in L2 while every block of 32
+//! activation rows passes over it. Panels are split across the kernel pool — each weight
+//! element is packed exactly once per call, and every output element is computed by the
+//! same sequence of instructions whatever the thread count (bit-identical results).
+//!
+//! Edges: `x` is copied into a zero-padded tile-major buffer (rows to a multiple of 32,
+//! columns to a multiple of 32; 16×32 tiles contiguous, so the 16 rows of a tile do not
+//! fall into one L1 set as rows 4 KiB apart would); weight panels are zero-padded the same way, and
+//! result tiles that cross the edge of `out` go through a scratch tile.
+//!
+//! Run time: CPUID (AMX-BF16 and AMX-TILE) and Linux's permission for the tile data
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); without either, [`available`]
+//! is false and callers use the AVX-512 BF16 kernel. `ZAYA_AMX=0` (or `off`) turns it off.
+
+use std::arch::asm;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use half::bf16;
+
+use super::cpu;
+
+/// Weight rows packed per task (four 16-column tile groups).
+const PANEL: usize = 64;
+/// bf16 per `k` step of a tile (16 rows × 64 bytes).
+const KS: usize = 32;
+/// Activation rows per micro-kernel step (two result-tile rows).
+const MB: usize = 32;
+/// Columns of `k` per block (a multiple of [`KS`]).
+const KC: usize = 256;
+
+/// Whether the CPU has AMX-BF16 and the OS lets this process use the tile data.
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        // CPUID is always available on x86_64.
+        let (max, l7) = (
+            std::arch::x86_64::__cpuid(0).eax,
+            std::arch::x86_64::__cpuid_count(7, 0),
+        );
+        let amx_bf16 = l7.edx & (1 << 22) != 0;
+        let amx_tile = l7.edx & (1 << 24) != 0;
+        if max < 7 || !amx_bf16 || !amx_tile {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments; refused (non-zero) on kernels or
+        // configurations without AMX support.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    })
+}
+
+/// [`available`] and not turned off with `ZAYA_AMX=0|off|false` (read once).
+pub(crate) fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var("ZAYA_AMX")
+            .map(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "0" | "off" | "false"
+                )
+            })
+            .unwrap_or(false);
+        !off && available()
+    })
+}
+
+/// The palette-1 tile configuration: all eight tiles 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn full() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        for t in 0..8 {
+            c[16 + 2 * t..16 + 2 * t + 2].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        TileConfig(c)
+    }
+}
+
+/// The output pointer shared by the tasks; each writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the buffer, which outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The packed activations ([`pack_activations`]): `rows × ld` bf16 in tile-major order,
+/// `rows` a multiple of 32, `ld` of 32.
+#[derive(Clone, Copy)]
+struct Act {
+    p: *const bf16,
+    ld: usize,
+}
+// SAFETY: read-only, outlives the tasks.
+unsafe impl Send for Act {}
+unsafe impl Sync for Act {}
+
+thread_local! {
+    /// The packed weight panel of this thread, reused across tasks and calls.
+    static PACKED: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+    /// The f32 results of this thread's panel, accumulated across `k` blocks.
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[m×n] = x[m×k] · W[n×k]ᵀ`. Callers check [`available`] and the slice sizes
+/// (`x: m·k`, `w: n·k`, `out: m·n`); `m, n, k > 0`.
+pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    assert!(available() && x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = k.next_multiple_of(KS);
+    let mp = m.next_multiple_of(MB);
+    let packed_x = pack_activations(x, m, k, mp, kp);
+    let act = Act {
+        p: packed_x.as_ptr(),
+        ld: kp,
+    };
+    let o = Out(out.as_mut_ptr());
+    let panels = n.div_ceil(PANEL);
+    cpu::par_map(panels, m * n * k, |b| {
+        let j0 = b * PANEL;
+        let j1 = (j0 + PANEL).min(n);
+        PACKED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let groups = (j1 - j0).div_ceil(16).next_multiple_of(2);
+            pack_panel(w, k, kp, j0, j1, groups, &mut buf);
+            // SAFETY: AMX is available (asserted) and permitted; the activation buffer
+            // holds `mp × kp`, the panel `groups × 16 × kp`; the panel's columns `j0..j1`
+            // of `out` belong to this task alone.
+            unsafe { panel_product(act, mp, kp, &buf, groups, m, n, j0, j1, o.ptr()) }
+        });
+    });
+}
+
+/// Copies `x` into tile-major order: the 16×32 tile of rows `16·b..` and columns `32·s..`
+/// is 1 KiB at `(b · kp/32 + s) · 512`, zero-padded to `mp × kp`. Rows of `x` at their own
+/// stride (2·k bytes, 4 KiB at k = 2048) would put the 16 rows of a tile in one L1 set.
+fn pack_activations(x: &[bf16], m: usize, k: usize, mp: usize, kp: usize) -> Vec<bf16> {
+    let mut buf = vec![bf16::ZERO; mp * kp];
+    let steps = kp / KS;
+    for (i, row) in x.chunks_exact(k).take(m).enumerate() {
+        let (b, r) = (i / 16, i % 16);
+        for (s, chunk) in row.chunks(KS).enumerate() {
+            let at = (b * steps + s) * 512 + r * KS;
+            buf[at..at + chunk.len()].copy_from_slice(chunk);
+        }
+    }
+    buf
+}
+
+/// Packs `W[j0..j1, 0..k]` into `groups` VNNI tile columns of 16 weight rows each, `kp/2`
+/// pair-rows per group, zero beyond `j1` and `k`.
+fn pack_panel(
+    w: &[bf16],
+    k: usize,
+    kp: usize,
+    j0: usize,
+    j1: usize,
+    groups: usize,
+    buf: &mut Vec<bf16>,
+) {
+    let group_len = kp * 16;
+    buf.clear();
+    buf.resize(groups * group_len, bf16::ZERO);
+    let pairs = k / 2;
+    for g in 0..groups {
+        let first = j0 + 16 * g;
+        let cols = j1.saturating_sub(first).min(16);
+        if cols == 0 {
+            continue;
+        }
+        let dst = &mut buf[g * group_len..(g + 1) * group_len];
+        let rows: Vec<&[bf16]> = (first..first + cols)
+            .map(|j| &w[j * k..(j + 1) * k])
+            .collect();
+        // pair-row `p` of the group: the 16 columns' `(2p, 2p+1)` pairs, written in order
+        let dp = dst.as_mut_ptr() as *mut u32;
+        for p in 0..pairs {
+            for (c, row) in rows.iter().enumerate() {
+                // SAFETY: `2p + 1 < k` (row length) and `p·16 + c < kp/2 · 16` (group
+                // length in pairs); unaligned u32 accesses of two bf16.
+                unsafe {
+                    let v = (row.as_ptr().add(2 * p) as *const u32).read_unaligned();
+                    dp.add(p * 16 + c).write_unaligned(v);
+                }
+            }
+        }
+        if k % 2 == 1 {
+            for (c, row) in rows.iter().enumerate() {
+                dst[pairs * 32 + c * 2] = row[k - 1];
+            }
+        }
+    }
+}
+
+/// `out[0..m, j0..j1] = act · panelᵀ`, blocks of 32 activation rows × 32 weight columns
+/// (2 × 2 result tiles in tmm0–3, activation tiles in tmm4–5, weight tiles in tmm6–7).
+/// `k` goes in blocks of [`KC`] columns: the panel's slice (`PANEL × KC` bf16, 32 KiB) and
+/// the activation block's (`32 × KC`, 16 KiB) stay in L1 across the passes over them; the
+/// result tiles accumulate across blocks in a panel-wide f32 buffer of the thread
+/// (`mp × PANEL`), copied into `out` (its valid rows and columns) at the end.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(
+    act: Act,
+    mp: usize,
+    kp: usize,
+    panel: &[bf16],
+    groups: usize,
+    m: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    ACC.with(|acc| {
+        let mut acc = acc.borrow_mut();
+        acc.clear();
+        acc.resize(mp * PANEL, 0.0);
+        let cfg = TileConfig::full();
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let ld64: isize = 64;
+        let ldc = (PANEL * 4) as isize;
+        let group_len = kp * 16;
+        let mut k0 = 0;
+        while k0 < kp {
+            let kl = KC.min(kp - k0);
+            let (s0, s1) = (k0 / KS, (k0 + kl) / KS);
+            let mut i0 = 0;
+            while i0 < mp {
+                // tile-major activations: 16 rows × kp columns per tile row, 512 bf16 per step
+                let a0 = act.p.add(i0 * act.ld);
+                let a1 = a0.add(16 * act.ld);
+                let mut g = 0;
+                while g < groups {
+                    let c0 = acc.as_mut_ptr().add(i0 * PANEL + 16 * g);
+                    let c2 = c0.add(16 * PANEL);
+                    if k0 == 0 {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm0, [{c0} + {ldc}*1]",
+                            "tileloadd tmm1, [{c1} + {ldc}*1]",
+                            "tileloadd tmm2, [{c2} + {ldc}*1]",
+                            "tileloadd tmm3, [{c3} + {ldc}*1]",
+                            c0 = in(reg) c0,
+                            c1 = in(reg) c0.add(16),
+                            c2 = in(reg) c2,
+                            c3 = in(reg) c2.add(16),
+                            ldc = in(reg) ldc,
+                            options(nostack, readonly)
+                        );
+                    }
+                    let b0 = panel.as_ptr().add(g * group_len);
+                    let b1 = b0.add(group_len);
+                    for s in s0..s1 {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {ld}*1]",
+                            "tileloadd tmm6, [{b0} + {ld}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1} + {ld}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a1} + {ld}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0.add(s * 512),
+                            a1 = in(reg) a1.add(s * 512),
+                            b0 = in(reg) b0.add(s * 512),
+                            b1 = in(reg) b1.add(s * 512),
+                            ld = in(reg) ld64,
+                            options(nostack, readonly)
+                        );
+                    }
+                    asm!(
+                        "tilestored [{c0} + {ldc}*1], tmm0",
+                        "tilestored [{c1} + {ldc}*1], tmm1",
+                        "tilestored [{c2} + {ldc}*1], tmm2",
+                        "tilestored [{c3} + {ldc}*1], tmm3",
+                        c0 = in(reg) c0,
+                        c1 = in(reg) c0.add(16),
+                        c2 = in(reg) c2,
+                        c3 = in(reg) c2.add(16),
+                        ldc = in(reg) ldc,
+                        options(nostack)
+                    );
+                    g += 2;
+                }
+                i0 += MB;
+            }
+            k0 += kl;
+        }
+        asm!("tilerelease", options(nostack, nomem));
+        let cols = j1 - j0;
+        for i in 0..m {
+            std::ptr::copy_nonoverlapping(acc.as_ptr().add(i * PANEL), out.add(i * n + j0), cols);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<bf16> {
+        (0..n)
+            .map(|i| {
+                let v = (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0;
+                bf16::from_f32(v - 1.0)
+            })
+            .collect()
+    }
+
+    /// f64 product of the widened operands and the sum of |products| (the scale of the
+    /// f32 summation-order error).
+    fn reference(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<(f64, f64)> {
+        let mut out = vec![(0.0, 0.0); m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut a) = (0f64, 0f64);
+                for t in 0..k {
+                    let p = x[i * k + t].to_f64() * w[j * k + t].to_f64();
+                    s += p;
+                    a += p.abs();
+                }
+                out[i * n + j] = (s, a);
+            }
+        }
+        out
+    }
+
+    /// Summation-order tolerance: a few f32 ulps of the largest partial sums.
+    fn close(g: f32, want: f64, abs_sum: f64) -> bool {
+        (g as f64 - want).abs() <= 2e-6 * abs_sum + 1e-30
+    }
+
+    fn skip() -> bool {
+        if !available() {
+            eprintln!("AMX (amx-bf16 + amx-tile with OS permission) not available: skipped");
+            return true;
+        }
+        false
+    }
+
+    #[test]
+    fn amx_matches_the_widened_product_and_the_dot_kernel() {
+        if skip() {
+            return;
+        }
+        let shapes = [
+            (1, 32, 16),
+            (15, 48, 33),
+            (17, 32, 16),
+            (64, 2048, 33),
+            (513, 48, 2048),
+            (17, 2048, 16),
+            (1, 2048, 2048),
+            (64, 32, 2048),
+            (15, 2048, 33),
+            (513, 32, 33),
+            (33, 37, 70),
+            (40, 1, 7),
+        ];
+        for &(m, k, n) in &shapes {
+            let x = data(m * k, 3);
+            let w = data(n * k, 5);
+            let want = reference(&x, m, k, &w, n);
+            let mut out = vec![f32::NAN; m * n];
+            gemm(&x, m, k, &w, n, &mut out);
+            for (idx, (g, (r, a))) in out.iter().zip(&want).enumerate() {
+                assert!(close(*g, *r, *a), "m={m} k={k} n={n} at {idx}: {g} vs {r}");
+            }
+            // the AVX-512 BF16 kernel (or the widening path) on the same operands
+            let mut dot = vec![f32::NAN; m * n];
+            super::super::bf16::linear_bf16_without_amx(&x, m, k, &w, n, &mut dot).unwrap();
+            for (idx, (g, (d, (_, a)))) in out.iter().zip(dot.iter().zip(&want)).enumerate() {
+                assert!(
+                    close(*g, *d as f64, 2.0 * a),
+                    "m={m} k={k} n={n} at {idx}: amx {g} vs dot {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn amx_is_identical_across_thread_counts() {
+        if skip() {
+            return;
+        }
+        let (m, k, n) = (70, 2048 + 32, 300);
+        let x = data(m * k, 9);
+        let w = data(n * k, 13);
+        let mut pooled = vec![0f32; m * n];
+        cpu::in_pool(|| gemm(&x, m, k, &w, n, &mut pooled));
+        // one thread: a pool of one runs every panel inline, in order
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut single = vec![0f32; m * n];
+        one.install(|| {
+            let o = Out(single.as_mut_ptr());
+            let (kp, mp) = (k.next_multiple_of(KS), m.next_multiple_of(MB));
+            let buf = pack_activations(&x, m, k, mp, kp);
+            let act = Act {
+                p: buf.as_ptr(),
+                ld: kp,
+            };
+            for b in 0..n.div_ceil(PANEL) {
+                let (j0, j1) = (b * PANEL, (b * PANEL + PANEL).min(n));
+                let groups = (j1 - j0).div_ceil(16).next_multiple_of(2);
+                let mut panel = Vec::new();
+                pack_panel(&w, k, kp, j0, j1, groups, &mut panel);
+                // SAFETY: as in `gemm`.
+                unsafe { panel_product(act, mp, kp, &panel, groups, m, n, j0, j1, o.ptr()) };
+            }
+        });
+        assert!(pooled
+            .iter()
+            .zip(&single)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// `cargo test --release -p zaya amx_bench -- --ignored --nocapture`: GFLOP/s of the AMX,
+    /// AVX-512 BF16 and f32 (gemm crate) products on prefill shapes.
+    #[test]
+    #[ignore]
+    fn amx_bench() {
+        use std::time::Instant;
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            let mut b = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                f();
+                b = b.min(t.elapsed().as_secs_f64());
+            }
+            b
+        };
+        println!("threads: {}", cpu::num_threads());
+        for &(m, k, n) in &[
+            (512, 2048, 2048),
+            (512, 2048, 8192),
+            (512, 8192, 2048),
+            // MoE experts of a prefill: few rows each
+            (16, 1024, 2048),
+            (32, 1024, 2048),
+            (64, 1024, 2048),
+            (128, 1024, 2048),
+        ] {
+            let x = data(m * k, 3);
+            let w = data(n * k, 5);
+            let mut out = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64;
+            let mut line = format!("m={m} k={k} n={n}:");
+            if available() {
+                let t = best(&mut || cpu::in_pool(|| gemm(&x, m, k, &w, n, &mut out)));
+                line += &format!("  amx {:.0} GFLOP/s ({:.2} ms)", flop / t / 1e9, t * 1e3);
+            }
+            let t = best(&mut || {
+                cpu::in_pool(|| {
+                    super::super::bf16::linear_bf16_without_amx(&x, m, k, &w, n, &mut out).unwrap()
+                })
+            });
+            line += &format!(
+                "  vdpbf16ps {:.0} GFLOP/s ({:.2} ms)",
+                flop / t / 1e9,
+                t * 1e3
+            );
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let t = best(&mut || {
+                cpu::in_pool(|| unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        xf.as_ptr(),
+                        1,
+                        k as isize,
+                        wf.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(cpu::num_threads()),
+                    )
+                })
+            });
+            line += &format!(
+                "  f32 gemm {:.0} GFLOP/s ({:.2} ms)",
+                flop / t / 1e9,
+                t * 1e3
+            );
+            println!("{line}");
+        }
+    }
+}
