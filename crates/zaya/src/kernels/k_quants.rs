@@ -452,8 +452,7 @@ mod avx512 {
     }
 }
 
-/// Whether the AVX-512 bodies run (the CPU has them and `ZAYA_SIMD`-style detection chose
-/// them).
+/// Whether the AVX-512 bodies run ([`cpu::simd_level`] found AVX-512F/VL, AVX2 and FMA).
 #[inline]
 fn use_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
