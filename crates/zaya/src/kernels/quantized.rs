@@ -3,7 +3,8 @@
 //! the gathered rows, SwiGLU, one matmul for down, rows scattered back and scaled by the
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
 //! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`], Q4_K and Q6_K on
-//! [`super::k_quants`] (both read the blocks in place, f32 activations); the other formats
+//! [`super::k_quants`] when `ZAYA_KQUANT_F32=1` (both read the blocks in place, f32
+//! activations); the other formats
 //! on candle's quantized CPU matmul (it quantizes the activations to the weight's
 //! dot-product partner format, Q8_0 / Q8_K, and runs AVX-512 VNNI / AVX2 dot products where
 //! the CPU has them).
@@ -95,8 +96,8 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     }
 }
 
-/// `xs · Qᵀ` in f32: Q8_0, Q4_K and Q6_K weights through our kernels with f32 activations
-/// ([`super::q8_0`], [`super::k_quants`]), the other formats through candle's quantized CPU
+/// `xs · Qᵀ` in f32: Q8_0 (and, opted in, Q4_K / Q6_K) weights through our kernels with f32
+/// activations ([`super::q8_0`], [`super::k_quants`]), the other formats through candle's quantized CPU
 /// matmul. The weight
 /// is frozen; the input gets a gradient (QLoRA trains adapters on top of a quantized base),
 /// computed against the dequantized weight a block of rows at a time.
@@ -108,6 +109,15 @@ pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
         x.apply_op1_no_bwd(&FrozenQMatMul(Arc::clone(q)))?
     };
     y.to_dtype(xs.dtype())
+}
+
+/// Whether Q4_K / Q6_K products run on [`super::k_quants`] (f32 activations, no activation
+/// rounding): opt-in with `ZAYA_KQUANT_F32=1`, read once. Off by default because on the
+/// Sapphire Rapids bench machine candle's Q8_K/VNNI matmul is still faster (medium model,
+/// q4_k, 2 threads: decode b1 48 vs 32 tok/s, prefill 594 vs 250 tok/s).
+fn kquant_f32_kernel() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZAYA_KQUANT_F32").is_ok_and(|v| v.trim() == "1"))
 }
 
 /// candle's quantized matmul with a backward for its input only.
@@ -144,7 +154,10 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 kind @ (GgmlDType::Q4K | GgmlDType::Q6K),
                 candle_core::CpuStorage::F32(x),
                 Some((a, b)),
-            ) if dims.last() == Some(&k) && k.is_multiple_of(super::k_quants::QK_K) => {
+            ) if dims.last() == Some(&k)
+                && k.is_multiple_of(super::k_quants::QK_K)
+                && kquant_f32_kernel() =>
+            {
                 let kind = if kind == GgmlDType::Q4K {
                     super::k_quants::KQuant::Q4K
                 } else {
@@ -204,9 +217,9 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Against its reference: the dense kernel over the dequantized weights. Q8_0, Q4_K and
-    /// Q6_K run our in-place kernels with f32 activations, so they differ by summation order
-    /// only.
+    /// Against its reference: the dense kernel over the dequantized weights. Q8_0 (and
+    /// Q4_K / Q6_K with `ZAYA_KQUANT_F32=1`) run our in-place kernels with f32 activations,
+    /// so they differ by summation order only.
     #[test]
     fn quantized_experts_match_the_dense_reference_on_dequantized_weights() {
         let dev = Device::Cpu;
@@ -252,9 +265,16 @@ mod tests {
             let norm = want.sqr().unwrap().sum_all().unwrap();
             let rel = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
             eprintln!("{d:?}: relative error {rel}");
-            // Summation order only (measured below 1e-6; candle's quantized matmul, which
-            // rounds the activations to Q8_K, gave about 2 % for Q4_K / Q6_K here).
-            assert!(rel < 1e-5, "{d:?}: relative error {rel}");
+            // Q8_0 (and Q4_K / Q6_K with ZAYA_KQUANT_F32=1): summation order only (below
+            // 1e-6). Otherwise candle rounds both matmuls' activation rows to Q8_K blocks;
+            // the SwiGLU output feeding the down projection is heavy-tailed, so its blocks
+            // round coarsely (about 2 % here; unseeded draws ranged up to 2.1 %).
+            let bound = if d == GgmlDType::Q8_0 || kquant_f32_kernel() {
+                1e-5
+            } else {
+                0.03
+            };
+            assert!(rel < bound, "{d:?}: relative error {rel}");
             // skipped tokens give exact zeros
             for row in [4usize, 9] {
                 let r = got.get(row).unwrap().abs().unwrap().sum_all().unwrap();
@@ -271,7 +291,12 @@ mod tests {
             .unwrap();
             let diff = (&mixed - &want).unwrap().sqr().unwrap().sum_all().unwrap();
             let rel = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
-            assert!(rel < 1e-5, "{d:?} mixed: relative error {rel}");
+            let bound = if d == GgmlDType::Q8_0 || kquant_f32_kernel() {
+                1e-5
+            } else {
+                0.02
+            };
+            assert!(rel < bound, "{d:?} mixed: relative error {rel}");
         }
     }
 }
