@@ -32,6 +32,7 @@ mod bf16;
 mod bias_add;
 mod cca_conv;
 mod gelu;
+mod k_quants;
 mod log_prob;
 pub(crate) mod matmul;
 mod moe;
