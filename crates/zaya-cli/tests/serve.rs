@@ -808,7 +808,7 @@ fn serve_refuses_meshes_it_cannot_run() {
             &["--dp", "2"][..],
             "data-parallel replicas are for training",
         ),
-        (&["--tp", "2", "--dtype", "bf16"][..], "runs in f32"),
+        (&["--tp", "2", "--dtype", "f16"][..], "runs in f32 or bf16"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_zaya"))
             .args(["serve", "--port", "0"])
