@@ -972,7 +972,6 @@ impl TpModel {
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let ids = check_input_ids(&self.cfg, input_ids, past)?;
         let (b, t) = (ids.len(), ids[0].len());
-        let (h_dim, r_dim) = (self.cfg.hidden_size, self.cfg.router_hidden_size);
         let ctx = forward_context(
             &self.stage_cfg,
             &self.rotary,
@@ -985,27 +984,7 @@ impl TpModel {
         )?;
         let (mut h, mut state) = match &self.input {
             Some(input) => (self.embed(&colls.tp, input, &ids)?, None),
-            None => {
-                let from = self.coords.pp - 1;
-                let h = pp.recv(from, TAG_HIDDEN)?;
-                let st = pp.recv(from, TAG_ROUTER_STATE)?;
-                let shape_err = |what: &str, n: usize, want: usize| {
-                    ParallelError::Unsupported(format!(
-                        "stage {} received {n} values of {what} from stage {from}, expected {want}",
-                        self.coords.pp
-                    ))
-                };
-                if h.len() != b * t * h_dim {
-                    return Err(shape_err("hidden state", h.len(), b * t * h_dim));
-                }
-                if st.len() != b * t * r_dim {
-                    return Err(shape_err("router state", st.len(), b * t * r_dim));
-                }
-                (
-                    Tensor::from_vec(h, (b, t, h_dim), &self.device)?,
-                    Some(Tensor::from_vec(st, (b, t, r_dim), &self.device)?.to_dtype(self.dtype)?),
-                )
-            }
+            None => self.recv_from_previous_stage(pp, b, t)?,
         };
         let mut choices = Vec::with_capacity(self.layers.len());
         let mut hidden_states = Vec::new();
@@ -1049,17 +1028,9 @@ impl TpModel {
         }
         let keep = opts.logits_to_keep;
         let kept = if keep > 0 && keep < t { keep } else { t };
-        let vocab = self.cfg.vocab_size;
         let logits = match &self.output {
             None => {
-                let to = self.coords.pp + 1;
-                pp.send(to, TAG_HIDDEN, &h.flatten_all()?.to_vec1::<f32>()?)?;
-                let st = state.as_ref().expect("a stage has at least one layer");
-                pp.send(
-                    to,
-                    TAG_ROUTER_STATE,
-                    &st.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                )?;
+                self.send_to_next_stage(pp, &h, state.as_ref())?;
                 None
             }
             Some(out) => {
@@ -1082,19 +1053,7 @@ impl TpModel {
         } else {
             Vec::new()
         };
-        let logits = if m.pp == 1 {
-            logits.ok_or_else(|| {
-                ParallelError::Unsupported("the only stage computed no logits".into())
-            })?
-        } else {
-            // every stage returns the logits (stage 0 feeds the next token when decoding)
-            let mut buf = match &logits {
-                Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                None => vec![0f32; b * kept * vocab],
-            };
-            pp.broadcast(m.pp - 1, &mut buf)?;
-            Tensor::from_vec(buf, (b, kept, vocab), &self.device)?.to_dtype(self.dtype)?
-        };
+        let logits = self.logits_on_every_stage(pp, logits, b, kept)?;
         if m.pp > 1 && (cap.hidden_states || cap.attentions || extra.router_logits) {
             self.gather_captures(
                 pp,
@@ -1129,7 +1088,6 @@ impl TpModel {
         caches: &mut [&mut HybridCache],
         attn: AttnImplementation,
     ) -> ParallelResult<Tensor> {
-        let m = self.plan.mesh;
         let b = tokens.len();
         if b == 0 || b != caches.len() {
             return Err(ParallelError::Unsupported(format!(
@@ -1167,7 +1125,6 @@ impl TpModel {
         }
         let (tp, pp) = (g.tp, g.pp);
         let colls = Colls::host(&g);
-        let (h_dim, r_dim) = (self.cfg.hidden_size, self.cfg.router_hidden_size);
         let opts = ForwardOptions {
             attn,
             ..Default::default()
@@ -1193,25 +1150,7 @@ impl TpModel {
                 let ids: Vec<Vec<i64>> = tokens.iter().map(|&t| vec![i64::from(t)]).collect();
                 (self.embed(&colls.tp, input, &ids)?, None)
             }
-            None => {
-                let from = self.coords.pp - 1;
-                let h = pp.recv(from, TAG_HIDDEN)?;
-                let st = pp.recv(from, TAG_ROUTER_STATE)?;
-                if h.len() != b * h_dim || st.len() != b * r_dim {
-                    return Err(ParallelError::Unsupported(format!(
-                        "stage {} received {} hidden and {} router-state values from stage {from}, expected {} and {}",
-                        self.coords.pp,
-                        h.len(),
-                        st.len(),
-                        b * h_dim,
-                        b * r_dim
-                    )));
-                }
-                (
-                    Tensor::from_vec(h, (b, 1, h_dim), &self.device)?,
-                    Some(Tensor::from_vec(st, (b, 1, r_dim), &self.device)?.to_dtype(self.dtype)?),
-                )
-            }
+            None => self.recv_from_previous_stage(pp, b, 1)?,
         };
         for idx in 0..self.layers.len() {
             let window = match self.layers[idx].layer_type {
@@ -1237,14 +1176,7 @@ impl TpModel {
         }
         let logits = match &self.output {
             None => {
-                let to = self.coords.pp + 1;
-                pp.send(to, TAG_HIDDEN, &h.flatten_all()?.to_vec1::<f32>()?)?;
-                let st = state.as_ref().expect("a stage has at least one layer");
-                pp.send(
-                    to,
-                    TAG_ROUTER_STATE,
-                    &st.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                )?;
+                self.send_to_next_stage(pp, &h, state.as_ref())?;
                 None
             }
             Some(out) => {
@@ -1253,19 +1185,82 @@ impl TpModel {
                 Some(all_gather_last(tp, &out.lm_head.forward(&y)?)?)
             }
         };
-        let logits = if m.pp == 1 {
-            logits.ok_or_else(|| {
-                ParallelError::Unsupported("the only stage computed no logits".into())
-            })?
-        } else {
-            let mut buf = match &logits {
-                Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                None => vec![0f32; b * vocab],
-            };
-            pp.broadcast(m.pp - 1, &mut buf)?;
-            Tensor::from_vec(buf, (b, 1, vocab), &self.device)?.to_dtype(self.dtype)?
-        };
+        let logits = self.logits_on_every_stage(pp, logits, b, 1)?;
         Ok(logits.squeeze(1)?)
+    }
+
+    /// Pipeline: a later stage's input, the residual stream `[B, T, H]` and the router
+    /// state `[B, T, R]` sent by the stage before it (checked against the shapes expected).
+    fn recv_from_previous_stage(
+        &self,
+        pp: &dyn Comm,
+        b: usize,
+        t: usize,
+    ) -> ParallelResult<(Tensor, Option<Tensor>)> {
+        let (h_dim, r_dim) = (self.cfg.hidden_size, self.cfg.router_hidden_size);
+        let from = self.coords.pp - 1;
+        let h = pp.recv(from, TAG_HIDDEN)?;
+        let st = pp.recv(from, TAG_ROUTER_STATE)?;
+        let shape_err = |what: &str, n: usize, want: usize| {
+            ParallelError::Unsupported(format!(
+                "stage {} received {n} values of {what} from stage {from}, expected {want}",
+                self.coords.pp
+            ))
+        };
+        if h.len() != b * t * h_dim {
+            return Err(shape_err("hidden state", h.len(), b * t * h_dim));
+        }
+        if st.len() != b * t * r_dim {
+            return Err(shape_err("router state", st.len(), b * t * r_dim));
+        }
+        Ok((
+            Tensor::from_vec(h, (b, t, h_dim), &self.device)?,
+            Some(Tensor::from_vec(st, (b, t, r_dim), &self.device)?.to_dtype(self.dtype)?),
+        ))
+    }
+
+    /// Pipeline: the residual stream and the router state (EDA) go to the next stage.
+    fn send_to_next_stage(
+        &self,
+        pp: &dyn Comm,
+        h: &Tensor,
+        state: Option<&Tensor>,
+    ) -> ParallelResult<()> {
+        let to = self.coords.pp + 1;
+        pp.send(to, TAG_HIDDEN, &h.flatten_all()?.to_vec1::<f32>()?)?;
+        let st = state.ok_or_else(|| {
+            ParallelError::Unsupported(format!("stage {} has no layer", self.coords.pp))
+        })?;
+        pp.send(
+            to,
+            TAG_ROUTER_STATE,
+            &st.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        )?;
+        Ok(())
+    }
+
+    /// The logits `[B, kept, V]` on every stage: the last stage computed them (`Some`), the
+    /// others get them by a broadcast (stage 0 feeds the next token when decoding).
+    fn logits_on_every_stage(
+        &self,
+        pp: &dyn Comm,
+        logits: Option<Tensor>,
+        b: usize,
+        kept: usize,
+    ) -> ParallelResult<Tensor> {
+        let stages = self.plan.mesh.pp;
+        if stages == 1 {
+            return logits.ok_or_else(|| {
+                ParallelError::Unsupported("the only stage computed no logits".into())
+            });
+        }
+        let vocab = self.cfg.vocab_size;
+        let mut buf = match &logits {
+            Some(l) => l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; b * kept * vocab],
+        };
+        pp.broadcast(stages - 1, &mut buf)?;
+        Ok(Tensor::from_vec(buf, (b, kept, vocab), &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Pipeline: each later stage sends its captures to the first stage, which appends
