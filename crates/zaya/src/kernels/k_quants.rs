@@ -377,61 +377,52 @@ mod avx512 {
         }
     }
 
-    /// `out[i] = x_i · w` for up to [`GEMV_ROWS`] rows against one Q4_K row.
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) fn q4k_dots(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
-        let mut w = [_mm512_setzero_ps(); 16];
-        if out.len() == 1 {
-            // one row (decode): eight accumulators kept in registers over the whole row
-            let mut a = [_mm512_setzero_ps(); 8];
-            for (blk, x) in row.chunks_exact(144).zip(xs.chunks_exact(QK_K)) {
-                q4k_block!(blk, w);
-                for v in 0..16 {
-                    // SAFETY: 16 floats at 16v lie within the 256 of `x`.
-                    let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * v)) };
-                    a[v % 8] = _mm512_fmadd_ps(xv, w[v], a[v % 8]);
+    /// `$name(xs, k, row, out)`: `out[i] = x_i · w` for up to [`GEMV_ROWS`] rows against one
+    /// weight row of `$bytes`-byte super-blocks, each decoded by `$block` into 16 vectors.
+    macro_rules! block_dots {
+        ($(#[$doc:meta])* $name:ident, $bytes:literal, $block:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            pub(super) fn $name(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
+                let mut w = [_mm512_setzero_ps(); 16];
+                if out.len() == 1 {
+                    // one row (decode): eight accumulators kept in registers over the row
+                    let mut a = [_mm512_setzero_ps(); 8];
+                    for (blk, x) in row.chunks_exact($bytes).zip(xs.chunks_exact(QK_K)) {
+                        $block!(blk, w);
+                        for v in 0..16 {
+                            // SAFETY: 16 floats at 16v lie within the 256 of `x`.
+                            let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * v)) };
+                            a[v % 8] = _mm512_fmadd_ps(xv, w[v], a[v % 8]);
+                        }
+                    }
+                    let s = [0, 2, 4, 6].map(|i| _mm512_add_ps(a[i], a[i + 1]));
+                    let s = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
+                    out[0] = _mm512_reduce_add_ps(s);
+                    return;
                 }
+                let mut acc = [[_mm512_setzero_ps(); 4]; GEMV_ROWS];
+                for (b, blk) in row.chunks_exact($bytes).enumerate() {
+                    $block!(blk, w);
+                    accumulate(&w, xs, k, b, out.len(), &mut acc);
+                }
+                finish(&acc, out);
             }
-            let s = [0, 2, 4, 6].map(|i| _mm512_add_ps(a[i], a[i + 1]));
-            let s = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
-            out[0] = _mm512_reduce_add_ps(s);
-            return;
-        }
-        let mut acc = [[_mm512_setzero_ps(); 4]; GEMV_ROWS];
-        for (b, blk) in row.chunks_exact(144).enumerate() {
-            q4k_block!(blk, w);
-            accumulate(&w, xs, k, b, out.len(), &mut acc);
-        }
-        finish(&acc, out);
+        };
     }
 
-    /// `out[i] = x_i · w` for up to [`GEMV_ROWS`] rows against one Q6_K row.
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) fn q6k_dots(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
-        let mut w = [_mm512_setzero_ps(); 16];
-        if out.len() == 1 {
-            // one row (decode): eight accumulators kept in registers over the whole row
-            let mut a = [_mm512_setzero_ps(); 8];
-            for (blk, x) in row.chunks_exact(210).zip(xs.chunks_exact(QK_K)) {
-                q6k_block!(blk, w);
-                for v in 0..16 {
-                    // SAFETY: 16 floats at 16v lie within the 256 of `x`.
-                    let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * v)) };
-                    a[v % 8] = _mm512_fmadd_ps(xv, w[v], a[v % 8]);
-                }
-            }
-            let s = [0, 2, 4, 6].map(|i| _mm512_add_ps(a[i], a[i + 1]));
-            let s = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
-            out[0] = _mm512_reduce_add_ps(s);
-            return;
-        }
-        let mut acc = [[_mm512_setzero_ps(); 4]; GEMV_ROWS];
-        for (b, blk) in row.chunks_exact(210).enumerate() {
-            q6k_block!(blk, w);
-            accumulate(&w, xs, k, b, out.len(), &mut acc);
-        }
-        finish(&acc, out);
-    }
+    block_dots!(
+        /// `out[i] = x_i · w` for up to [`GEMV_ROWS`] rows against one Q4_K row.
+        q4k_dots,
+        144,
+        q4k_block
+    );
+    block_dots!(
+        /// `out[i] = x_i · w` for up to [`GEMV_ROWS`] rows against one Q6_K row.
+        q6k_dots,
+        210,
+        q6k_block
+    );
 
     /// One row dequantized (bit for bit as candle's `dequantize`).
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
