@@ -46,6 +46,20 @@ fn inputs(name: &str, which: &str) -> (Tensor, ForwardOptions) {
     (Tensor::new(i.input_ids, &dev).unwrap(), opts)
 }
 
+/// transformers' greedy continuation of the single prompt (EOS ignored).
+fn reference_tokens(reference: &HashMap<String, Tensor>) -> Vec<u32> {
+    reference["gen_single_ignore_eos.sequences"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     if a.elem_count() == 0 {
@@ -209,16 +223,7 @@ fn chunked_prefill_and_cached_decode_with_a_sharded_cache() {
 fn greedy_decoding_matches_transformers() {
     let name = "gqa_sliding";
     let reference = reference(name);
-    let want: Vec<u32> = reference["gen_single_ignore_eos.sequences"]
-        .to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
+    let want = reference_tokens(&reference);
     let (ids, _) = inputs(name, "single");
     for tp in [2, 4] {
         let got = on_ranks(name, tp, |m, comm| {
@@ -350,22 +355,13 @@ fn the_8b_plan_fits_eight_24_gib_devices_for_training() {
     assert!(sum < total + total / 20, "{sum} vs {total}");
 }
 
-/// Runs `f` on every rank of `shape` over the fixture `name`; rank 0's value.
+/// Runs `f` on every rank of `shape` over the fixture `name` (f32); rank 0's value.
 fn on_mesh<T: Send>(
     name: &str,
     shape: MeshShape,
     f: impl Fn(&TpModel, &zaya_dist::Mesh) -> Result<T, ParallelError> + Sync,
 ) -> T {
-    let ckpt = Arc::new(Checkpoint::open(dir(name)).unwrap());
-    let cfg = ckpt.config().unwrap();
-    let plan = ParallelPlan::new(&cfg, shape).unwrap();
-    let world = LocalWorld::new(shape.world(), TIMEOUT).unwrap();
-    first_of(world.run(|comm| {
-        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
-        let m = TpModel::at(&ckpt, &plan, mesh.coords, DType::F32, &Device::Cpu)?;
-        f(&m, &mesh)
-    }))
-    .unwrap()
+    on_mesh_as(name, shape, DType::F32, f)
 }
 
 #[test]
@@ -421,16 +417,7 @@ fn pipeline_and_expert_parallel_meshes_equal_one_rank() {
 fn pipeline_greedy_decoding_with_caches_split_by_stage() {
     let name = "gqa_sliding";
     let reference = reference(name);
-    let want: Vec<u32> = reference["gen_single_ignore_eos.sequences"]
-        .to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
+    let want = reference_tokens(&reference);
     let (ids, _) = inputs(name, "single");
     for (tp, pp) in [(1, 3), (2, 2)] {
         let shape = MeshShape::new(tp, pp, 1, 1).unwrap();
@@ -462,16 +449,7 @@ fn bf16_ranks_stay_within_the_bf16_tolerance_and_decode_the_same_tokens() {
         let (ids, opts) = inputs(name, "single");
         let f32_logits = &reference["single.logits"];
         let hf = max_diff(&reference["single.logits_bf16"], f32_logits);
-        let want: Vec<u32> = reference["gen_single_ignore_eos.sequences"]
-            .to_dtype(DType::I64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x as u32)
-            .collect();
+        let want = reference_tokens(&reference);
         let cfg = Checkpoint::open(dir(name)).unwrap().config().unwrap();
         let mut meshes = 0;
         for (tp, pp, ep) in [
