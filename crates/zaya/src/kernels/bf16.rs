@@ -311,11 +311,7 @@ mod dot {
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::cpu::test_data as data;
 
     /// f64 product with the widened weight: what the kernel must reproduce up to f32
     /// summation order.

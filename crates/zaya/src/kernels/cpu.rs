@@ -380,6 +380,15 @@ pub(crate) fn gemv_by_weight_rows(
     }
 }
 
+/// Deterministic test values in `[-1, 1)` (a multiplicative hash of the index and `seed`),
+/// for the kernels' tests against their references.
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
 /// Elements of a weight tile widened at once by [`widened_gemm`] (about 2 MB of f32).
 const TILE_ELEMS: usize = 1 << 19;
 
