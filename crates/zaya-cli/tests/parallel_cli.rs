@@ -55,12 +55,17 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn forward(extra: &[&str], out: &Path) -> (bool, String) {
+    forward_on("batch.json", extra, out)
+}
+
+/// `zaya forward` on the `gqa_sliding` fixture with its inputs file `inputs`.
+fn forward_on(inputs: &str, extra: &[&str], out: &Path) -> (bool, String) {
     let m = fixture("gqa_sliding");
     run(zaya()
         .args(["forward", "--model"])
         .arg(&m)
         .arg("--inputs")
-        .arg(m.join("batch.json"))
+        .arg(m.join(inputs))
         .arg("--out")
         .arg(out)
         .args(extra))
@@ -413,17 +418,7 @@ fn bf16_forward_on_ranks_stays_close_to_one_bf16_rank() {
     let d = tmp("bf16fwd");
     // the one-prompt input: in the padded batch, bf16 rounding flips a near-tied router
     // choice at one position (a different expert there, legitimately)
-    let m = fixture("gqa_sliding");
-    let forward = |extra: &[&str], out: &Path| {
-        run(zaya()
-            .args(["forward", "--model"])
-            .arg(&m)
-            .arg("--inputs")
-            .arg(m.join("single.json"))
-            .arg("--out")
-            .arg(out)
-            .args(extra))
-    };
+    let forward = |extra: &[&str], out: &Path| forward_on("single.json", extra, out);
     let (ok, text) = forward(
         &["--dtype", "bf16", "--hidden-states"],
         &d.join("single.safetensors"),
@@ -451,14 +446,11 @@ fn bf16_forward_on_ranks_stays_close_to_one_bf16_rank() {
             );
         }
     }
-    let (ok, text) = run(zaya()
-        .args(["forward", "--model"])
-        .arg(&m)
-        .arg("--inputs")
-        .arg(m.join("train.json"))
-        .arg("--out")
-        .arg(d.join("x.safetensors"))
-        .args(["--tp", "2", "--dtype", "bf16"]));
+    let (ok, text) = forward_on(
+        "train.json",
+        &["--tp", "2", "--dtype", "bf16"],
+        &d.join("x.safetensors"),
+    );
     assert!(!ok && text.contains("run in f32"), "{text}");
     std::fs::remove_dir_all(&d).ok();
 }
