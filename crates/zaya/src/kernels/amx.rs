@@ -331,6 +331,248 @@ unsafe fn panel_product(
     });
 }
 
+/// Activation rows per block of [`gemm_streamed`] (two right-operand tiles).
+const SM: usize = 32;
+/// Weight rows per task of [`gemm_streamed`] when one activation tile covers `x` (four
+/// left-operand tiles streamed through two tile registers).
+const SN1: usize = 64;
+/// Weight rows per task of [`gemm_streamed`] otherwise (two left-operand tiles).
+const SN2: usize = 32;
+
+/// Whether [`gemm_streamed`] takes these sizes: `k` a whole number of tile steps (the weight
+/// rows are loaded in place, so a step may not run past a row).
+pub(crate) fn streams(k: usize) -> bool {
+    k > 0 && k % KS == 0
+}
+
+thread_local! {
+    /// Zero-padded copy of the last, partial block of weight rows ([`gemm_streamed`]).
+    static TAIL: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[m×n] = x[m×k] · W[n×k]ᵀ` for few activation rows (an expert's share of a prefill,
+/// a short prompt). [`gemm`] packs every weight into tiles first; with few rows that copy
+/// costs more than the product. Here the roles swap: the weight rows are the tiles' left
+/// operand, loaded straight from `W` (row stride `2k` bytes, each weight read once), the
+/// activations — packed once per call into the VNNI pair layout — the right operand, and
+/// the result tiles (`outᵀ`, 16 weight rows × 16 activation rows) are transposed on the
+/// way out. Each output element is the same sequence of `tdpbf16ps` pair products in the
+/// same `k` order as in [`gemm`] (the two operands of a product swap places, which changes
+/// nothing), so the two kernels agree bit for bit and a row's result does not depend on
+/// the other rows. Callers check [`available`], [`streams`] and the slice sizes.
+pub(crate) fn gemm_streamed(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    assert!(
+        available() && streams(k) && x.len() == m * k && w.len() == n * k && out.len() == m * n
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mp = m.next_multiple_of(16);
+    let xb = pack_pairs(x, m, k, mp);
+    let xs = Act {
+        p: xb.as_ptr(),
+        ld: k,
+    };
+    let o = Out(out.as_mut_ptr());
+    let block = if mp == 16 { SN1 } else { SN2 };
+    cpu::par_map(n.div_ceil(block), m * n * k, |b| {
+        let j0 = b * block;
+        let rows = block.min(n - j0);
+        let run = |a: *const bf16| {
+            // SAFETY: AMX is available (asserted) and permitted; `a` holds `block` weight
+            // rows of `k` (in place, or the padded tail copy), `xs` holds `mp × k`; the
+            // rows `j0..j0 + rows` of every output row belong to this task alone.
+            unsafe { streamed_block(a, k, xs, m, mp, n, j0, rows, o.ptr()) }
+        };
+        if rows == block {
+            run(w[j0 * k..].as_ptr());
+        } else {
+            TAIL.with(|t| {
+                let mut t = t.borrow_mut();
+                t.clear();
+                t.extend_from_slice(&w[j0 * k..(j0 + rows) * k]);
+                t.resize(block * k, bf16::ZERO);
+                run(t.as_ptr());
+            });
+        }
+    });
+}
+
+/// `x` in the VNNI pair layout of a right-hand tile: for the 16 rows `16g..` of `x`, pair-row
+/// `p` holds `x[16g + c][2p], x[16g + c][2p + 1]` for `c = 0..16` (64 bytes), at
+/// `(g · k/2 + p) · 32`; rows `m..mp` are zero.
+fn pack_pairs(x: &[bf16], m: usize, k: usize, mp: usize) -> Vec<bf16> {
+    let mut buf = vec![bf16::ZERO; mp * k];
+    let half = k / 2;
+    for (i, row) in x.chunks_exact(k).take(m).enumerate() {
+        let (g, c) = (i / 16, i % 16);
+        let base = g * half * 32 + c * 2;
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            let at = base + p * 32;
+            buf[at] = pair[0];
+            buf[at + 1] = pair[1];
+        }
+    }
+    buf
+}
+
+/// One task of [`gemm_streamed`]: the weight rows `j0..j0 + rows` (at `a`, `block` rows of
+/// stride `k`) against every activation row. One activation tile (`mp == 16`): four weight
+/// tiles per step, streamed through tmm4/tmm5 against the activations in tmm6, results in
+/// tmm0–3. Otherwise, per block of 32 activation rows: two weight tiles (tmm4, tmm5) × two
+/// activation tiles (tmm6, tmm7), results in tmm0–3. The results stay in the tiles across
+/// the whole `k`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn streamed_block(
+    a: *const bf16,
+    k: usize,
+    xs: Act,
+    m: usize,
+    mp: usize,
+    n: usize,
+    j0: usize,
+    rows: usize,
+    out: *mut f32,
+) {
+    let cfg = TileConfig::full();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    let lda = (2 * k) as isize;
+    let ld64: isize = 64;
+    let steps = k / KS;
+    // one right-hand tile spans 16 pair-rows: 512 bf16
+    let group = k * 16;
+    let mut c = [[0f32; 256]; 4];
+    if mp == 16 {
+        let a1 = a.add(16 * k);
+        let a2 = a.add(32 * k);
+        let a3 = a.add(48 * k);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for s in 0..steps {
+            asm!(
+                "tileloadd tmm6, [{b} + {ld}*1]",
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tdpbf16ps tmm1, tmm5, tmm6",
+                "tileloadd tmm4, [{a2} + {lda}*1]",
+                "tdpbf16ps tmm2, tmm4, tmm6",
+                "tileloadd tmm5, [{a3} + {lda}*1]",
+                "tdpbf16ps tmm3, tmm5, tmm6",
+                b = in(reg) xs.p.add(s * 512),
+                a0 = in(reg) a.add(s * KS),
+                a1 = in(reg) a1.add(s * KS),
+                a2 = in(reg) a2.add(s * KS),
+                a3 = in(reg) a3.add(s * KS),
+                ld = in(reg) ld64,
+                lda = in(reg) lda,
+                options(nostack, readonly)
+            );
+        }
+        store4(&mut c);
+        for (t, tile) in c.iter().enumerate() {
+            scatter(
+                tile,
+                out,
+                n,
+                m,
+                0,
+                j0 + 16 * t,
+                rows.saturating_sub(16 * t).min(16),
+            );
+        }
+    } else {
+        let a1 = a.add(16 * k);
+        let mut i0 = 0;
+        while i0 < mp {
+            let b0 = xs.p.add((i0 / 16) * group);
+            // a last block of 16 rows pairs its tile with a zero tile of the padding
+            let b1 = if i0 + 16 < mp { b0.add(group) } else { b0 };
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for s in 0..steps {
+                asm!(
+                    "tileloadd tmm6, [{b0} + {ld}*1]",
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {ld}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    b0 = in(reg) b0.add(s * 512),
+                    b1 = in(reg) b1.add(s * 512),
+                    a0 = in(reg) a.add(s * KS),
+                    a1 = in(reg) a1.add(s * KS),
+                    ld = in(reg) ld64,
+                    lda = in(reg) lda,
+                    options(nostack, readonly)
+                );
+            }
+            store4(&mut c);
+            let r0 = rows.min(16);
+            let r1 = rows.saturating_sub(16);
+            scatter(&c[0], out, n, m, i0, j0, r0);
+            scatter(&c[2], out, n, m, i0, j0 + 16, r1);
+            if i0 + 16 < mp {
+                scatter(&c[1], out, n, m, i0 + 16, j0, r0);
+                scatter(&c[3], out, n, m, i0 + 16, j0 + 16, r1);
+            }
+            i0 += SM;
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Stores tmm0–3 into four 16×16 f32 tiles.
+#[inline(always)]
+unsafe fn store4(c: &mut [[f32; 256]; 4]) {
+    let ld: isize = 64;
+    asm!(
+        "tilestored [{c0} + {ld}*1], tmm0",
+        "tilestored [{c1} + {ld}*1], tmm1",
+        "tilestored [{c2} + {ld}*1], tmm2",
+        "tilestored [{c3} + {ld}*1], tmm3",
+        c0 = in(reg) c[0].as_mut_ptr(),
+        c1 = in(reg) c[1].as_mut_ptr(),
+        c2 = in(reg) c[2].as_mut_ptr(),
+        c3 = in(reg) c[3].as_mut_ptr(),
+        ld = in(reg) ld,
+        options(nostack)
+    );
+}
+
+/// Writes a result tile of [`streamed_block`] (row `r` = weight row `j + r`, column `c` =
+/// activation row `i + c`) into `out[i + c][j + r]`, for the `rows` valid weight rows and
+/// the activation rows below `m`.
+#[inline(always)]
+unsafe fn scatter(
+    tile: &[f32; 256],
+    out: *mut f32,
+    n: usize,
+    m: usize,
+    i: usize,
+    j: usize,
+    rows: usize,
+) {
+    for c in 0..16.min(m.saturating_sub(i)) {
+        let dst = out.add((i + c) * n + j);
+        for r in 0..rows {
+            *dst.add(r) = tile[r * 16 + c];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,6 +655,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn streamed_weights_equal_the_packed_kernel_bit_for_bit() {
+        if skip() {
+            return;
+        }
+        // one and several activation tiles, partial tiles, weight-row tails of each task size
+        let shapes = [
+            (1, 32, 16),
+            (3, 64, 70),
+            (16, 2048, 64),
+            (17, 96, 33),
+            (31, 2048, 130),
+            (32, 64, 32),
+            (40, 128, 95),
+            (70, 2048, 300),
+        ];
+        for &(m, k, n) in &shapes {
+            assert!(streams(k));
+            let x = data(m * k, 21);
+            let w = data(n * k, 22);
+            let want = reference(&x, m, k, &w, n);
+            let mut packed = vec![f32::NAN; m * n];
+            gemm(&x, m, k, &w, n, &mut packed);
+            let mut streamed = vec![f32::NAN; m * n];
+            cpu::in_pool(|| gemm_streamed(&x, m, k, &w, n, &mut streamed));
+            for (idx, (s, (r, a))) in streamed.iter().zip(&want).enumerate() {
+                assert!(close(*s, *r, *a), "m={m} k={k} n={n} at {idx}: {s} vs {r}");
+            }
+            assert!(
+                streamed
+                    .iter()
+                    .zip(&packed)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m={m} k={k} n={n}: streamed and packed AMX kernels differ"
+            );
+            // a row's result does not depend on the rows beside it
+            let mut first = vec![f32::NAN; n];
+            gemm_streamed(&x[..k], 1, k, &w, n, &mut first);
+            assert!(first
+                .iter()
+                .zip(&streamed[..n])
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        assert!(!streams(48) && !streams(0));
     }
 
     #[test]

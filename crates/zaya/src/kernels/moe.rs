@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::cpu::{
     self, f32_range, f32_view, host_f32, storage_from_f32, tensor_from_f32, with_cpu_storage,
-    MatMut, MatRef,
+    MatMut, MatRef, GEMV_ROWS,
 };
 use super::reference::MoeShape;
 use super::{swiglu, KernelError};
@@ -121,7 +121,15 @@ impl CustomOp3 for MoeExperts {
                         for &row in rows {
                             xe.extend_from_slice(&xb[row * h..(row + 1) * h]);
                         }
-                        super::bf16::linear_bf16(&xe, r, h, gw, 2 * i, &mut gu)?;
+                        // a prefill's expert shares may stream through AMX; a decode
+                        // step (no more rows than the GEMV takes) keeps the GEMV, so a
+                        // row's result does not depend on the rows decoded with it
+                        let linear = if self.n > GEMV_ROWS {
+                            super::bf16::linear_bf16_share
+                        } else {
+                            super::bf16::linear_bf16
+                        };
+                        linear(&xe, r, h, gw, 2 * i, &mut gu)?;
                         for v in gu.iter_mut() {
                             *v = cpu::round_to(candle_core::DType::BF16, *v);
                         }
@@ -129,7 +137,7 @@ impl CustomOp3 for MoeExperts {
                             .into_iter()
                             .map(half::bf16::from_f32)
                             .collect();
-                        super::bf16::linear_bf16(&act, r, i, dw, h, &mut ye)?;
+                        linear(&act, r, i, dw, h, &mut ye)?;
                     }
                     None => {
                         let xe = self.gather(&x, rows);
