@@ -27,8 +27,33 @@ impl Elem for f32 {
 impl Elem for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        widen_bf16(self)
     }
+}
+
+/// `bf16::to_f32` without a branch (loops over it vectorise): bf16 is the top half of an
+/// f32; a NaN comes out quiet, as in `half`.
+#[inline(always)]
+pub(crate) fn widen_bf16(b: bf16) -> f32 {
+    let i = b.to_bits() as u32;
+    let nan = i & 0x7FFF > 0x7F80;
+    f32::from_bits(if nan { (i | 0x0040) << 16 } else { i << 16 })
+}
+
+/// `bf16::from_f32(v).to_f32()` without a branch: round to nearest even on the top 16 bits
+/// (adding `0x7FFF` plus the kept lowest bit carries exactly when `half` rounds up,
+/// overflow to infinity included); a NaN stays a quiet NaN with the same top bits, as in
+/// `half`.
+#[inline(always)]
+pub(crate) fn round_bf16(v: f32) -> f32 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) & 0xFFFF_0000;
+    let quiet = (x | 0x0040_0000) & 0xFFFF_0000;
+    f32::from_bits(if x & 0x7FFF_FFFF > 0x7F80_0000 {
+        quiet
+    } else {
+        rounded
+    })
 }
 
 impl Elem for f16 {
@@ -43,7 +68,7 @@ impl Elem for f16 {
 #[inline(always)]
 pub(crate) fn round_to(dtype: DType, v: f32) -> f32 {
     match dtype {
-        DType::BF16 => bf16::from_f32(v).to_f32(),
+        DType::BF16 => round_bf16(v),
         DType::F16 => f16::from_f32(v).to_f32(),
         _ => v,
     }
@@ -1200,6 +1225,33 @@ simd_dispatch! {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn branch_free_bf16_conversions_equal_half_bit_for_bit() {
+        use super::{round_bf16, widen_bf16};
+        // every bf16 value, NaNs and infinities included
+        for b in 0..=u16::MAX {
+            let v = bf16::from_bits(b);
+            assert_eq!(
+                widen_bf16(v).to_bits(),
+                v.to_f32().to_bits(),
+                "bf16 {b:#06x}"
+            );
+        }
+        // f32 values around every rounding boundary of every exponent, plus a sweep
+        let mut xs: Vec<u32> = Vec::new();
+        for hi in (0..=u16::MAX as u32).step_by(7) {
+            for lo in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x4000, 0xC000] {
+                xs.push(hi << 16 | lo);
+            }
+        }
+        xs.extend((0..2_000_000u32).map(|i| i.wrapping_mul(2_654_435_761)));
+        for x in xs {
+            let v = f32::from_bits(x);
+            let want = bf16::from_f32(v).to_f32().to_bits();
+            assert_eq!(round_bf16(v).to_bits(), want, "f32 {x:#010x}");
+        }
+    }
+
     use super::*;
 
     /// Strided reads copy whole runs and give the elements in logical order: narrowed
