@@ -842,17 +842,20 @@ fn residual_scale_rejects_bad_operands() -> Result<()> {
 #[test]
 fn cca_qk_norm_fused_matches_reference() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(24);
-    // f32 only: in bf16 the reference's rounding after every op is what the transformers
-    // fixtures' greedy tokens follow, so the registry keeps the reference there.
-    let sel = with(Kernel::CcaQkNorm, Choice::Auto, || {
-        registry::select(
-            Kernel::CcaQkNorm,
-            &Device::Cpu,
-            DType::BF16,
-            &candle_core::Shape::from_dims(&[1, 4, 24]),
-        )
-    })?;
-    assert_eq!(sel, ImplId::Reference);
+    // f16 keeps the reference (its rounding is not reproduced); bf16 is fused, bit-exact
+    // (`cca_qk_norm_bf16_is_bit_identical_to_the_reference`).
+    let select = |dtype| {
+        with(Kernel::CcaQkNorm, Choice::Auto, || {
+            registry::select(
+                Kernel::CcaQkNorm,
+                &Device::Cpu,
+                dtype,
+                &candle_core::Shape::from_dims(&[1, 4, 24]),
+            )
+        })
+    };
+    assert_eq!(select(DType::F16)?, ImplId::Reference);
+    assert_eq!(select(DType::BF16)?, ImplId::Fused);
     for case in 0..CASES {
         let dtype = DType::F32;
         let b = rng.random_range(1..3);
@@ -888,6 +891,72 @@ fn cca_qk_norm_fused_matches_reference() -> Result<()> {
             &f,
         )?;
     }
+    Ok(())
+}
+
+/// In bf16 the reference rounds after every op, and the transformers fixtures' greedy tokens
+/// follow that rounding: the fused bf16 forward must reproduce it bit for bit (zero heads,
+/// heads whose squared norm sits at the clamp, the 8B's head size included); a bf16 call that
+/// records gradients runs the reference, backward included.
+#[test]
+fn cca_qk_norm_bf16_is_bit_identical_to_the_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(25);
+    let bits = |t: &Tensor| -> Result<Vec<u16>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    for case in 0..CASES + 4 {
+        let b = rng.random_range(1..3);
+        let t = rng.random_range(1..9);
+        let nkv = rng.random_range(1..3);
+        let nq = nkv * [1, 2, 4][rng.random_range(0..3)];
+        let d = [2, 8, 13, 32, 128][rng.random_range(0..5)];
+        let c = (nq + nkv) * d;
+        let scale = [2.0, 0.01, 50.0][case % 3];
+        let mut z = rand_tensor(&mut rng, &[b, t, c], scale)?.to_dtype(DType::BF16)?;
+        let mut u = rand_tensor(&mut rng, &[b, t, c], scale)?.to_dtype(DType::BF16)?;
+        let temp = rand_tensor(&mut rng, &[nkv], 2.0)?.to_dtype(DType::BF16)?;
+        if case == 0 {
+            z = z.zeros_like()?;
+            u = u.zeros_like()?;
+        }
+        if case == 1 {
+            // tiny heads: the squared norm lands on or below the clamp ε² = 2⁻¹⁴
+            z = (z.ones_like()? * 2f64.powi(-10))?;
+            u = u.zeros_like()?;
+        }
+        let run = |choice| {
+            with(Kernel::CcaQkNorm, choice, || {
+                kernels::cca_qk_norm(&z, &u, &temp, nq, nkv)
+            })
+        };
+        let (fq, fk) = run(Choice::Impl(ImplId::Fused))?;
+        let (rq, rk) = run(Choice::Reference)?;
+        assert_eq!(fq.dtype(), DType::BF16);
+        let label = format!("case {case}: b{b} t{t} nq{nq} nkv{nkv} d{d} scale {scale}");
+        assert_eq!(bits(&fq)?, bits(&rq)?, "queries differ, {label}");
+        assert_eq!(bits(&fk)?, bits(&rk)?, "keys differ, {label}");
+    }
+    // with gradients: the reference's bf16 backward
+    let z = Var::from_tensor(&rand_tensor(&mut rng, &[1, 3, 24], 1.0)?.to_dtype(DType::BF16)?)?;
+    let u = rand_tensor(&mut rng, &[1, 3, 24], 1.0)?.to_dtype(DType::BF16)?;
+    let temp = rand_tensor(&mut rng, &[2], 1.0)?.to_dtype(DType::BF16)?;
+    let grad = |choice| -> Result<Vec<u16>> {
+        let (q, k) = with(Kernel::CcaQkNorm, choice, || {
+            kernels::cca_qk_norm(z.as_tensor(), &u, &temp, 4, 2)
+        })?;
+        let loss =
+            (q.to_dtype(DType::F32)?.sqr()?.sum_all()? + k.to_dtype(DType::F32)?.sum_all()?)?;
+        bits(
+            loss.backward()?
+                .get(z.as_tensor())
+                .expect("z has a gradient"),
+        )
+    };
+    assert_eq!(grad(Choice::Impl(ImplId::Fused))?, grad(Choice::Reference)?);
     Ok(())
 }
 

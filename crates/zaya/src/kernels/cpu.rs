@@ -40,6 +40,12 @@ pub(crate) fn widen_bf16(b: bf16) -> f32 {
     f32::from_bits(if nan { (i | 0x0040) << 16 } else { i << 16 })
 }
 
+/// `bf16::from_f32(v)` without a branch ([`round_bf16`]'s top half).
+#[inline(always)]
+pub(crate) fn narrow_bf16(v: f32) -> bf16 {
+    bf16::from_bits((round_bf16(v).to_bits() >> 16) as u16)
+}
+
 /// `bf16::from_f32(v).to_f32()` without a branch: round to nearest even on the top 16 bits
 /// (adding `0x7FFF` plus the kept lowest bit carries exactly when `half` rounds up,
 /// overflow to infinity included); a NaN stays a quiet NaN with the same top bits, as in
@@ -229,7 +235,7 @@ pub(crate) fn with_cpu_storage<R>(
 pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType, op: &'static str) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(narrow_bf16).collect()),
         DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
         other => return Err(KernelError::UnsupportedDtype { op, dtype: other }.into()),
     })
@@ -1227,7 +1233,7 @@ simd_dispatch! {
 mod tests {
     #[test]
     fn branch_free_bf16_conversions_equal_half_bit_for_bit() {
-        use super::{round_bf16, widen_bf16};
+        use super::{narrow_bf16, round_bf16, widen_bf16};
         // every bf16 value, NaNs and infinities included
         for b in 0..=u16::MAX {
             let v = bf16::from_bits(b);
@@ -1249,6 +1255,7 @@ mod tests {
             let v = f32::from_bits(x);
             let want = bf16::from_f32(v).to_f32().to_bits();
             assert_eq!(round_bf16(v).to_bits(), want, "f32 {x:#010x}");
+            assert_eq!(narrow_bf16(v).to_bits(), bf16::from_f32(v).to_bits());
         }
     }
 

@@ -11,7 +11,7 @@
 //! and `d temp` in one pass.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{self, f32_view, storage_from_f32, tensor_from_f32, with_cpu_storage};
@@ -58,6 +58,64 @@ impl Geometry {
             let zk = &z[kv0 + kv * d..kv0 + (kv + 1) * d];
             for j in 0..d {
                 kp[j] = zk[j] + kp[j] * inv_g;
+            }
+        }
+    }
+}
+
+/// The reference's bf16 evaluation of one token, op by op: every elementwise op of
+/// [`super::reference::cca_qk_norm`] rounds its result to bf16 (candle's bf16 arithmetic:
+/// an f32 operation, then round to nearest even), `x · c` by a scalar is candle's affine
+/// `x · bf16(c) + 0` (two roundings), and both sums (the group mean, the squared norm)
+/// accumulate in bf16 in index order from zero, as candle's reductions over bf16 do. The
+/// result is bit-identical to the reference in bf16, so greedy tokens of a bf16 model do not
+/// change; `z`, `u` and `temp` hold bf16 values, `o` gets `[q | k]`.
+fn bf16_token(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &mut [f32]) {
+    use cpu::round_bf16 as r;
+    let (nq, nkv, d, g) = (geo.nq, geo.nkv, geo.d, geo.groups());
+    let kv0 = nq * d;
+    let inv_g = r(1.0 / g as f32);
+    let sqrt_d = r((d as f32).sqrt());
+    let e2 = r(eps * eps);
+    let affine = |v: f32, c: f32| r(r(v * c) + 0.0);
+    {
+        let (qpre, kpre) = o.split_at_mut(kv0);
+        for kv in 0..nkv {
+            let kr = &u[kv0 + kv * d..kv0 + (kv + 1) * d];
+            let kp = &mut kpre[kv * d..(kv + 1) * d];
+            kp.fill(0.0);
+            for h in kv * g..(kv + 1) * g {
+                let qr = &u[h * d..(h + 1) * d];
+                let zq = &z[h * d..(h + 1) * d];
+                let qp = &mut qpre[h * d..(h + 1) * d];
+                for j in 0..d {
+                    let m = affine(r(qr[j] + kr[j]), 0.5);
+                    qp[j] = r(zq[j] + m);
+                    kp[j] = r(kp[j] + m);
+                }
+            }
+            let zk = &z[kv0 + kv * d..kv0 + (kv + 1) * d];
+            for j in 0..d {
+                kp[j] = r(zk[j] + affine(kp[j], inv_g));
+            }
+        }
+    }
+    for (head, x) in o.chunks_mut(d).enumerate() {
+        let mut ss = 0f32;
+        for v in x.iter() {
+            ss = r(ss + r(v * v));
+        }
+        // candle's maximum: `if a < b { b } else { a }`
+        let n = r(if ss < e2 { e2 } else { ss }.sqrt());
+        let f = affine(r(1.0 / n), sqrt_d);
+        if head < nq {
+            for v in x.iter_mut() {
+                *v = r(*v * f);
+            }
+        } else {
+            let t = temp[head - nq];
+            for v in x.iter_mut() {
+                *v = r(r(*v * f) * t);
             }
         }
     }
@@ -124,6 +182,19 @@ impl CustomOp3 for QkNorm {
         let sqrt_d = (d as f32).sqrt();
         let eps = self.eps;
         let mut out = vec![0f32; z.len()];
+        if dtype == DType::BF16 {
+            cpu::par_chunks_mut(&mut out, c, |r, o| {
+                bf16_token(
+                    &geo,
+                    &z[r * c..(r + 1) * c],
+                    &u[r * c..(r + 1) * c],
+                    &temp,
+                    eps,
+                    o,
+                )
+            });
+            return Ok((storage_from_f32(out, dtype, OP)?, zl.shape().clone()));
+        }
         cpu::par_chunks_mut(&mut out, c, |r, o| {
             geo.pre_norm(&z[r * c..(r + 1) * c], &u[r * c..(r + 1) * c], o);
             for (head, x) in o.chunks_mut(d).enumerate() {
@@ -277,6 +348,12 @@ pub(super) fn fused(
     num_kv_heads: usize,
 ) -> Result<(Tensor, Tensor)> {
     let (geo, b, t) = check(z, u, temp, num_heads, num_kv_heads)?;
+    // The bf16 forward reproduces the reference's per-op rounding; the fused backward is
+    // the f32 formula, so a bf16 call that records gradients (LoRA over a bf16 base) takes
+    // the reference, whose backward rounds as it does.
+    if z.dtype() != DType::F32 && (z.track_op() || u.track_op() || temp.track_op()) {
+        return super::reference::cca_qk_norm(z, u, temp, num_heads, num_kv_heads);
+    }
     let op = QkNorm {
         geo,
         eps: super::reference::qk_norm_eps(z.dtype()) as f32,

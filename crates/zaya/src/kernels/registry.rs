@@ -323,11 +323,15 @@ pub static KERNELS: [KernelInfo; 14] = [
         reference: reference("reshape/broadcast/mean/sqr/sum candle ops"),
         fast: &[ImplInfo {
             id: ImplId::Fused,
-            summary: "one pass per token, heads recomputed in the fused backward (f32 only: \
-                      in bf16/f16 the reference's per-op rounding decides greedy tokens)",
+            summary: "one pass per token, heads recomputed in the fused backward; bf16: the \
+                      reference's per-op rounding reproduced bit for bit, forward only (a bf16 \
+                      call recording gradients runs the reference); f16: the reference",
             available: always,
             supports: |d, t, s| {
-                d.is_cpu() && t == DType::F32 && s.rank() == 3 && s.elem_count() > 0
+                d.is_cpu()
+                    && matches!(t, DType::F32 | DType::BF16)
+                    && s.rank() == 3
+                    && s.elem_count() > 0
             },
         }],
         example_shape: &[1, 512, 1280],
