@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use zaya::safetensors_io::{PlannedTensor, TensorSink};
 use zaya::train::aux_loss::balance_bias_update;
 use zaya::train::{BackwardOutput, Gradients, LayerRoutingStats, TokenLogps, Trainable};
 use zaya::weights::{save_checkpoint, Layout, TensorSpec};
@@ -24,6 +25,26 @@ use zaya::{ZayaConfig, ZayaError, ZayaModel};
 
 use super::*;
 use crate::plan::{placement_of, Placement};
+use crate::stream_save::{into_zaya, TAG_PIECE, TAG_READY};
+
+/// One kind of sliced values a checkpoint file streams: this rank's values (`values[k]` for
+/// [`TpTrainModel::params`]`[k]`, shaped like the slice; `None` where this rank keeps
+/// none), each element taken from the one copy of the replica that `replica(coords, name)`
+/// accepts.
+pub(crate) struct SliceSet<'a> {
+    pub(crate) values: &'a [Option<Tensor>],
+    pub(crate) replica: &'a dyn Fn(Coords, &str) -> bool,
+}
+
+/// What a tensor of a checkpoint file is, for [`TpTrainModel::stream_full`].
+pub(crate) enum Streamed {
+    /// The full tensor of parameter `base` from its slices in `sets[set]`.
+    Slices { base: String, set: usize },
+    /// A balancing bias, from the first rank of the stage holding it.
+    Bias,
+    /// Values rank 0 already has (i64 step counts).
+    Known(Vec<i64>),
+}
 
 /// Which of a rank's elements of a parameter count as its own (each element of the model
 /// is owned by exactly one rank).
@@ -254,6 +275,163 @@ impl TpTrainModel {
         self.gather_by(world, &mine, &|c, name, sel| {
             replica(c, name) && one_copy(c, name, sel)
         })
+    }
+
+    /// Collective over the world: the file-ordered `tensors` on rank 0 one at a time, each
+    /// assembled there from the slices the ranks send ([`Streamed`] says what each is) and
+    /// handed to the file writer `write(fill)` (called on rank 0 only). A rank sends a
+    /// slice only when rank 0 asks for it, so rank 0 holds one full tensor and one slice at
+    /// a time, never the model.
+    pub(crate) fn stream_full(
+        &self,
+        tensors: &[PlannedTensor],
+        sets: &[SliceSet],
+        what: &dyn Fn(&str) -> ParallelResult<Streamed>,
+        write: impl FnOnce(
+            &mut dyn FnMut(&PlannedTensor, &mut TensorSink) -> zaya::Result<()>,
+        ) -> zaya::Result<()>,
+    ) -> ParallelResult<()> {
+        let world = self.world()?;
+        let plan = &self.model.plan;
+        let me = world.rank();
+        let position: HashMap<&str, usize> = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(k, sp)| (sp.param.name.as_str(), k))
+            .collect();
+        let specs: HashMap<String, TensorSpec> = native_specs(&plan.cfg)
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let first = |c: Coords| c.tp == 0 && c.ep == 0 && c.dp == 0;
+        // this rank's values of a file tensor (the slice, f32, shared KV heads masked)
+        let local = |t: &PlannedTensor| -> ParallelResult<Vec<f32>> {
+            match what(&t.name)? {
+                Streamed::Slices { base, set } => {
+                    let k = *position.get(base.as_str()).ok_or_else(|| {
+                        ParallelError::Unsupported(format!("this rank holds no `{base}`"))
+                    })?;
+                    let v = sets[set].values[k].as_ref().ok_or_else(|| {
+                        ParallelError::Unsupported(format!(
+                            "this rank keeps no `{}` but was picked to send it",
+                            t.name
+                        ))
+                    })?;
+                    let v = v.to_dtype(DType::F32)?;
+                    let v = match self.shared_mask(&self.params[k])? {
+                        Some(m) => v.mul(&m)?,
+                        None => v,
+                    };
+                    Ok(v.flatten_all()?.to_vec1::<f32>()?)
+                }
+                Streamed::Bias => {
+                    let b = self.tensors.get(&t.name).ok_or_else(|| {
+                        ParallelError::Unsupported(format!("this rank holds no `{}`", t.name))
+                    })?;
+                    Ok(b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                }
+                Streamed::Known(_) => Ok(Vec::new()),
+            }
+        };
+        // the ranks sending a file tensor, in rank order, with their selection
+        let senders = |t: &PlannedTensor| -> ParallelResult<Vec<(usize, Option<Selection>)>> {
+            let mut out = Vec::new();
+            match what(&t.name)? {
+                Streamed::Slices { base, set } => {
+                    let replica = sets[set].replica;
+                    let base = base.as_str();
+                    let spec = specs.get(base).ok_or_else(|| {
+                        ParallelError::Unsupported(format!("`{base}` is no tensor of the model"))
+                    })?;
+                    for r in 0..world.size() {
+                        let rc = plan.mesh.coords(r);
+                        if !plan.holds(rc, base) {
+                            continue;
+                        }
+                        let sel = plan.selection(rc, spec);
+                        let k: usize = sel.shape(&spec.shape).iter().product();
+                        if k > 0 && replica(rc, base) && one_copy(rc, base, &sel) {
+                            out.push((r, Some(sel)));
+                        }
+                    }
+                }
+                Streamed::Bias => {
+                    let r = (0..world.size())
+                        .find(|&r| {
+                            let rc = plan.mesh.coords(r);
+                            first(rc) && plan.holds(rc, &t.name)
+                        })
+                        .ok_or_else(|| {
+                            ParallelError::Unsupported(format!("no rank holds `{}`", t.name))
+                        })?;
+                    out.push((r, None));
+                }
+                Streamed::Known(_) => {}
+            }
+            Ok(out)
+        };
+        if me != 0 {
+            for t in tensors {
+                if senders(t)?.iter().any(|(r, _)| *r == me) {
+                    world.recv(0, TAG_READY)?;
+                    world.send(0, TAG_PIECE, &local(t)?)?;
+                }
+            }
+            return Ok(());
+        }
+        let mut next = 0usize;
+        let mut fill = |t: &PlannedTensor, sink: &mut TensorSink| -> zaya::Result<()> {
+            let mut run = || -> ParallelResult<()> {
+                let want = tensors.get(next).map(|w| w.name.as_str());
+                if want != Some(t.name.as_str()) {
+                    return Err(ParallelError::Unsupported(format!(
+                        "the writer asked for `{}`, the gather's plan has {want:?} next",
+                        t.name
+                    )));
+                }
+                next += 1;
+                if let Streamed::Known(v) = what(&t.name)? {
+                    sink.write_i64(&v)?;
+                    return Ok(());
+                }
+                let n: usize = t.shape.iter().product();
+                let mut full = vec![0f32; n];
+                for (r, sel) in senders(t)? {
+                    let got = if r == 0 {
+                        local(t)?
+                    } else {
+                        world.send(r, TAG_READY, &[0.0])?;
+                        world.recv(r, TAG_PIECE)?
+                    };
+                    let k = sel
+                        .as_ref()
+                        .map_or(n, |s| s.shape(&t.shape).iter().product());
+                    if got.len() != k {
+                        return Err(ParallelError::Unsupported(format!(
+                            "rank {r} sent {} values of `{}`, its slice holds {k}",
+                            got.len(),
+                            t.name
+                        )));
+                    }
+                    match sel {
+                        Some(sel) => add_selected(&mut full, &t.shape, &sel.ranges(&t.shape), &got),
+                        None => full.copy_from_slice(&got),
+                    }
+                }
+                sink.write_f32_as(&full, t.dtype)?;
+                Ok(())
+            };
+            run().map_err(into_zaya)
+        };
+        write(&mut fill)?;
+        if next != tensors.len() {
+            return Err(ParallelError::Unsupported(format!(
+                "the checkpoint writer took {next} of {} tensors",
+                tensors.len()
+            )));
+        }
+        Ok(())
     }
 
     fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
