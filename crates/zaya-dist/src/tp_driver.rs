@@ -584,8 +584,9 @@ impl TpParallelTrainer {
     }
 
     /// Collective: rank 0 writes `model.safetensors` and `config.json` into `dir`,
-    /// receiving one tensor at a time.
+    /// receiving a chunk of rows of at most [`DriverOptions::gather_bytes`] at a time.
     fn stream_weights(&self, dir: &Path) -> ParallelResult<()> {
+        let bound = self.opts.gather_bytes;
         let files = self.weight_files()?;
         let values: Vec<Option<Tensor>> = self
             .model
@@ -610,18 +611,22 @@ impl TpParallelTrainer {
         };
         let cfg = self.model.config();
         if self.mesh.world.rank() == 0 {
-            self.model.stream_full(&files, &sets, &what, |fill| {
-                save_checkpoint_streamed(dir, cfg, &files, fill)
-            })
+            self.model
+                .stream_full(&files, &sets, &what, bound, |fill| {
+                    save_checkpoint_streamed(dir, cfg, &files, fill)
+                })?;
         } else {
-            self.model.stream_full(&files, &sets, &what, not_root)
+            self.model
+                .stream_full(&files, &sets, &what, bound, not_root)?;
         }
+        Ok(())
     }
 
     /// Collective: rank 0 writes `path` (`optimizer.safetensors`, the single-process file
-    /// byte for byte), receiving one moment tensor at a time, each element from the
-    /// replica that keeps it.
+    /// byte for byte), receiving a chunk of rows of a moment tensor at a time, each element
+    /// from the replica that keeps it.
     fn stream_optimizer(&self, path: &Path) -> ParallelResult<()> {
+        let bound = self.opts.gather_bytes;
         let plan = self.model.plan();
         let zero1 = self.opts.zero1;
         let owners: std::cell::RefCell<HashMap<(usize, usize, usize), Owners>> = Default::default();
@@ -696,19 +701,22 @@ impl TpParallelTrainer {
             })
         };
         if self.mesh.world.rank() == 0 {
-            self.model.stream_full(&files, &sets, &what, |fill| {
-                AdamW::save_state_streamed(path, &files, fill)
-            })
+            self.model
+                .stream_full(&files, &sets, &what, bound, |fill| {
+                    AdamW::save_state_streamed(path, &files, fill)
+                })?;
         } else {
-            self.model.stream_full(&files, &sets, &what, not_root)
+            self.model
+                .stream_full(&files, &sets, &what, bound, not_root)?;
         }
+        Ok(())
     }
 
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
     /// full tensors under their HF names, the same files byte for byte); returns the
     /// directory on rank 0. Rank 0 receives and writes the weights, then the optimizer
-    /// state, one tensor at a time (each assembled from its slices), so it never holds
-    /// more than one full tensor of either.
+    /// state, a chunk of at most [`DriverOptions::gather_bytes`] at a time (whole rows,
+    /// assembled from the slices), so it never holds more than that of either.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
         let out = if self.mesh.world.rank() == 0 {
             let this = &*self;
@@ -734,7 +742,7 @@ impl TpParallelTrainer {
     }
 
     /// Collective: rank 0 writes the current weights as a model directory (`dir`, the
-    /// single-process layout, byte for byte), receiving one tensor at a time.
+    /// single-process layout, byte for byte), receiving a bounded chunk at a time.
     pub fn save_model(&self, dir: &Path) -> ParallelResult<()> {
         self.stream_weights(dir)?;
         self.mesh.world.barrier()?;

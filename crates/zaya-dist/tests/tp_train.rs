@@ -736,8 +736,9 @@ fn tp_pp_driver_gradients_equal_one_rank() {
 }
 
 /// `TpParallelTrainer::save` under `--tp 2 --pp 2 --dp 2` (ZeRO-1) streams the checkpoint
-/// to rank 0 one tensor at a time, each assembled from its slices: the files are byte for
-/// byte what the single-process writers make of the same tensors gathered in memory.
+/// to rank 0 in chunks of rows (512 bytes here), each assembled from its slices: the files
+/// are byte for byte what the single-process writers make of the same tensors gathered in
+/// memory.
 #[test]
 fn tp_pp_dp_streamed_checkpoint_equals_the_in_memory_gather_byte_for_byte() {
     use zaya::train::optim::AdamW;
@@ -762,7 +763,12 @@ fn tp_pp_dp_streamed_checkpoint_equals_the_in_memory_gather_byte_for_byte() {
             step: 0,
             run: None,
         };
-        let mut t = TpParallelTrainer::open(mesh, &weights, None, at, DriverOptions::default())?;
+        // 512-byte chunks: most tensors cross several, each assembled from several ranks
+        let opts = DriverOptions {
+            gather_bytes: 512,
+            ..DriverOptions::default()
+        };
+        let mut t = TpParallelTrainer::open(mesh, &weights, None, at, opts)?;
         t.step(&[batch(name, "train"), batch(name, "train_pad")])?;
         let saved = t.save(&root)?;
         let w = t.model().gather_weights()?;

@@ -36,6 +36,9 @@ pub(crate) struct SliceSet<'a> {
     pub(crate) replica: &'a dyn Fn(Coords, &str) -> bool,
 }
 
+/// Index ranges per axis of what a rank holds of a tensor.
+type AxisRanges = Vec<Vec<Range<usize>>>;
+
 /// What a tensor of a checkpoint file is, for [`TpTrainModel::stream_full`].
 pub(crate) enum Streamed {
     /// The full tensor of parameter `base` from its slices in `sets[set]`.
@@ -277,23 +280,27 @@ impl TpTrainModel {
         })
     }
 
-    /// Collective over the world: the file-ordered `tensors` on rank 0 one at a time, each
-    /// assembled there from the slices the ranks send ([`Streamed`] says what each is) and
-    /// handed to the file writer `write(fill)` (called on rank 0 only). A rank sends a
-    /// slice only when rank 0 asks for it, so rank 0 holds one full tensor and one slice at
-    /// a time, never the model.
+    /// Collective over the world: the file-ordered `tensors` on rank 0, each in chunks of
+    /// whole leading-axis rows of at most `bound_bytes` (at least one row), assembled there
+    /// from the slices' rows the ranks send ([`Streamed`] says what each tensor is) and
+    /// handed to the file writer `write(fill)` (called on rank 0 only). A rank sends its
+    /// rows of a chunk only when rank 0 asks for them, so rank 0 holds one chunk and one
+    /// rank's part of it at a time, never the model. Returns (on rank 0) the most values
+    /// of one chunk it held.
     pub(crate) fn stream_full(
         &self,
         tensors: &[PlannedTensor],
         sets: &[SliceSet],
         what: &dyn Fn(&str) -> ParallelResult<Streamed>,
+        bound_bytes: usize,
         write: impl FnOnce(
             &mut dyn FnMut(&PlannedTensor, &mut TensorSink) -> zaya::Result<()>,
         ) -> zaya::Result<()>,
-    ) -> ParallelResult<()> {
+    ) -> ParallelResult<usize> {
         let world = self.world()?;
         let plan = &self.model.plan;
         let me = world.rank();
+        let bound = (bound_bytes / std::mem::size_of::<f32>()).max(1);
         let position: HashMap<&str, usize> = self
             .params
             .iter()
@@ -305,9 +312,9 @@ impl TpTrainModel {
             .map(|s| (s.name.clone(), s))
             .collect();
         let first = |c: Coords| c.tp == 0 && c.ep == 0 && c.dp == 0;
-        // this rank's values of a file tensor (the slice, f32, shared KV heads masked)
-        let local = |t: &PlannedTensor| -> ParallelResult<Vec<f32>> {
-            match what(&t.name)? {
+        // this rank's slice of a file tensor (f32, shared KV heads masked), as rows
+        let local = |t: &PlannedTensor| -> ParallelResult<Tensor> {
+            let v = match what(&t.name)? {
                 Streamed::Slices { base, set } => {
                     let k = *position.get(base.as_str()).ok_or_else(|| {
                         ParallelError::Unsupported(format!("this rank holds no `{base}`"))
@@ -319,23 +326,37 @@ impl TpTrainModel {
                         ))
                     })?;
                     let v = v.to_dtype(DType::F32)?;
-                    let v = match self.shared_mask(&self.params[k])? {
+                    match self.shared_mask(&self.params[k])? {
                         Some(m) => v.mul(&m)?,
                         None => v,
-                    };
-                    Ok(v.flatten_all()?.to_vec1::<f32>()?)
+                    }
                 }
-                Streamed::Bias => {
-                    let b = self.tensors.get(&t.name).ok_or_else(|| {
+                Streamed::Bias => self
+                    .tensors
+                    .get(&t.name)
+                    .ok_or_else(|| {
                         ParallelError::Unsupported(format!("this rank holds no `{}`", t.name))
-                    })?;
-                    Ok(b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                    })?
+                    .to_dtype(DType::F32)?,
+                Streamed::Known(_) => {
+                    return Err(ParallelError::Unsupported(format!(
+                        "`{}` is written by rank 0 alone",
+                        t.name
+                    )))
                 }
-                Streamed::Known(_) => Ok(Vec::new()),
-            }
+            };
+            let rows = v.dims().first().copied().unwrap_or(1);
+            Ok(v.reshape((rows, ()))?)
         };
-        // the ranks sending a file tensor, in rank order, with their selection
-        let senders = |t: &PlannedTensor| -> ParallelResult<Vec<(usize, Option<Selection>)>> {
+        // the ranks sending a file tensor, in rank order, with the index ranges they hold
+        // (per axis; the whole tensor for a bias)
+        let senders = |t: &PlannedTensor| -> ParallelResult<Vec<(usize, AxisRanges)>> {
+            let whole = || {
+                t.shape
+                    .iter()
+                    .map(|&d| std::iter::once(0..d).collect())
+                    .collect::<AxisRanges>()
+            };
             let mut out = Vec::new();
             match what(&t.name)? {
                 Streamed::Slices { base, set } => {
@@ -352,7 +373,7 @@ impl TpTrainModel {
                         let sel = plan.selection(rc, spec);
                         let k: usize = sel.shape(&spec.shape).iter().product();
                         if k > 0 && replica(rc, base) && one_copy(rc, base, &sel) {
-                            out.push((r, Some(sel)));
+                            out.push((r, sel.ranges(&spec.shape)));
                         }
                     }
                 }
@@ -365,22 +386,56 @@ impl TpTrainModel {
                         .ok_or_else(|| {
                             ParallelError::Unsupported(format!("no rank holds `{}`", t.name))
                         })?;
-                    out.push((r, None));
+                    out.push((r, whole()));
                 }
                 Streamed::Known(_) => {}
             }
             Ok(out)
         };
+        // a tensor's chunks: leading-axis rows [a, b) of at most `bound` values
+        let chunks = |t: &PlannedTensor| -> Vec<Range<usize>> {
+            let rows = t.shape.first().copied().unwrap_or(1);
+            let row: usize = t.shape.iter().skip(1).product();
+            let per = (bound / row.max(1)).max(1);
+            (0..rows)
+                .step_by(per)
+                .map(|a| a..(a + per).min(rows))
+                .collect()
+        };
+        // a sender's rows inside chunk `c`: positions in its slice, and their rows in the chunk
+        let rows_in = |ranges: &[Vec<Range<usize>>], c: &Range<usize>| -> (Vec<u32>, Vec<usize>) {
+            let lead: Vec<usize> = match ranges.first() {
+                Some(rs) => rs.iter().flat_map(|r| r.clone()).collect(),
+                None => vec![0],
+            };
+            lead.iter()
+                .enumerate()
+                .filter(|(_, g)| c.contains(g))
+                .map(|(i, g)| (i as u32, g - c.start))
+                .unzip()
+        };
+        let pick = |v: &Tensor, at: &[u32]| -> ParallelResult<Vec<f32>> {
+            let idx = Tensor::new(at, v.device())?;
+            Ok(v.index_select(&idx, 0)?.flatten_all()?.to_vec1::<f32>()?)
+        };
         if me != 0 {
             for t in tensors {
-                if senders(t)?.iter().any(|(r, _)| *r == me) {
-                    world.recv(0, TAG_READY)?;
-                    world.send(0, TAG_PIECE, &local(t)?)?;
+                let Some((_, ranges)) = senders(t)?.into_iter().find(|(r, _)| *r == me) else {
+                    continue;
+                };
+                let v = local(t)?;
+                for c in chunks(t) {
+                    let (at, _) = rows_in(&ranges, &c);
+                    if !at.is_empty() {
+                        world.recv(0, TAG_READY)?;
+                        world.send(0, TAG_PIECE, &pick(&v, &at)?)?;
+                    }
                 }
             }
-            return Ok(());
+            return Ok(0);
         }
         let mut next = 0usize;
+        let mut max_held = 0usize;
         let mut fill = |t: &PlannedTensor, sink: &mut TensorSink| -> zaya::Result<()> {
             let mut run = || -> ParallelResult<()> {
                 let want = tensors.get(next).map(|w| w.name.as_str());
@@ -395,31 +450,48 @@ impl TpTrainModel {
                     sink.write_i64(&v)?;
                     return Ok(());
                 }
-                let n: usize = t.shape.iter().product();
-                let mut full = vec![0f32; n];
-                for (r, sel) in senders(t)? {
-                    let got = if r == 0 {
-                        local(t)?
-                    } else {
-                        world.send(r, TAG_READY, &[0.0])?;
-                        world.recv(r, TAG_PIECE)?
-                    };
-                    let k = sel
-                        .as_ref()
-                        .map_or(n, |s| s.shape(&t.shape).iter().product());
-                    if got.len() != k {
-                        return Err(ParallelError::Unsupported(format!(
-                            "rank {r} sent {} values of `{}`, its slice holds {k}",
-                            got.len(),
-                            t.name
-                        )));
+                let from = senders(t)?;
+                let mine = match from.iter().any(|(r, _)| *r == 0) {
+                    true => Some(local(t)?),
+                    false => None,
+                };
+                let row: usize = t.shape.iter().skip(1).product();
+                for c in chunks(t) {
+                    let mut shape = vec![c.len()];
+                    shape.extend(t.shape.iter().skip(1));
+                    let mut buf = vec![0f32; c.len() * row];
+                    for (r, ranges) in &from {
+                        let (at, rows) = rows_in(ranges, &c);
+                        if at.is_empty() {
+                            continue;
+                        }
+                        let got = match (&mine, *r) {
+                            (Some(v), 0) => pick(v, &at)?,
+                            _ => {
+                                world.send(*r, TAG_READY, &[0.0])?;
+                                world.recv(*r, TAG_PIECE)?
+                            }
+                        };
+                        // the sender's selection, its leading axis cut to this chunk's rows
+                        let mut sel: Vec<Vec<Range<usize>>> =
+                            vec![rows.iter().map(|&g| g..g + 1).collect()];
+                        sel.extend(ranges.iter().skip(1).cloned());
+                        let k: usize = sel
+                            .iter()
+                            .map(|rs| rs.iter().map(|r| r.len()).sum::<usize>())
+                            .product();
+                        if got.len() != k {
+                            return Err(ParallelError::Unsupported(format!(
+                                "rank {r} sent {} values of `{}` rows {c:?}, its slice holds {k}",
+                                got.len(),
+                                t.name
+                            )));
+                        }
+                        max_held = max_held.max(buf.len() + got.len());
+                        add_selected(&mut buf, &shape, &sel, &got);
                     }
-                    match sel {
-                        Some(sel) => add_selected(&mut full, &t.shape, &sel.ranges(&t.shape), &got),
-                        None => full.copy_from_slice(&got),
-                    }
+                    sink.write_f32_as(&buf, t.dtype)?;
                 }
-                sink.write_f32_as(&full, t.dtype)?;
                 Ok(())
             };
             run().map_err(into_zaya)
@@ -431,7 +503,7 @@ impl TpTrainModel {
                 tensors.len()
             )));
         }
-        Ok(())
+        Ok(max_held)
     }
 
     fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
