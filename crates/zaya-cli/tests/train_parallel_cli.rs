@@ -511,3 +511,100 @@ fn bench_with_parallel_degrees_reports_throughput_and_bytes_per_rank() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `mpirun -n 2 zaya bench --train --tp 2 | --pp 2 | --dp 2`: two processes run the
+/// training steps (one rank each); rank 0 alone writes the report, with the step time,
+/// tokens/s, and each rank's training state and peak RSS.
+#[cfg(feature = "mpi")]
+#[test]
+fn bench_train_on_mpi_processes_reports_every_rank() {
+    let d = tmp("bench-mpi");
+    let weights = candle_core::safetensors::load(
+        fixture("gqa_sliding").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let params: usize = weights
+        .iter()
+        .filter(|(k, _)| !k.ends_with("balancing_biases"))
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    for (tag, degree) in [("tp2", "--tp"), ("pp2", "--pp"), ("dp2", "--dp")] {
+        let json = d.join(format!("{tag}.json"));
+        let o = Command::new("mpirun")
+            .args(["-n", "2", "--oversubscribe"])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .arg(env!("CARGO_BIN_EXE_zaya"))
+            .args(["bench", "--train", degree, "2", "--model"])
+            .arg(fixture("gqa_sliding"))
+            .args([
+                "--train-batch",
+                "2",
+                "--train-seq-len",
+                "8",
+                "--repeats",
+                "1",
+            ])
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // rank 0 alone reports
+        assert_eq!(out.matches("on 2 MPI processes").count(), 1, "{tag}: {out}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(v["launcher"], "mpi", "{tag}: {v}");
+        let p = &v["parallel"];
+        assert!(p["train_step_s"].as_f64().unwrap() > 0.0, "{tag}: {v}");
+        assert!(
+            p["train_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{tag}: {v}"
+        );
+        // repeats + 1 steps, finite losses
+        let losses = p["losses"].as_array().unwrap();
+        assert_eq!(losses.len(), 2, "{tag}: {v}");
+        assert!(
+            losses.iter().all(|l| l.as_f64().unwrap().is_finite()),
+            "{tag}: {v}"
+        );
+        // both ranks' memory: a training state each (split: less than the whole model's
+        // 16 bytes per parameter under TP / PP) and a peak RSS each
+        let state: Vec<f64> = p["rank_state_mib"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let rss: Vec<f64> = p["rank_peak_rss_mib"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(state.len(), 2, "{tag}: {v}");
+        assert_eq!(rss.len(), 2, "{tag}: {v}");
+        assert!(state.iter().chain(&rss).all(|&x| x > 0.0), "{tag}: {v}");
+        // one process holds 16 bytes per parameter (weights, gradients, two moments)
+        let whole = 16.0 * params as f64 / (1u64 << 20) as f64;
+        assert!(
+            state.iter().all(|&x| x < whole),
+            "{tag}: {state:?} vs {whole}"
+        );
+        if tag == "dp2" {
+            // ZeRO-1: weights and gradients on both replicas, each moment on one
+            let sum = state[0] + state[1];
+            assert!(
+                (sum - 1.5 * whole).abs() <= 1e-3 * whole,
+                "{tag}: {state:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

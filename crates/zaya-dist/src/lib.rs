@@ -31,6 +31,7 @@ pub mod nccl_backend;
 pub mod pipeline;
 pub mod plan;
 pub mod serve;
+pub mod stream_save;
 pub mod tensor;
 pub mod tp;
 pub mod tp_driver;

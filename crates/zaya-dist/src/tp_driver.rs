@@ -41,10 +41,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use zaya::safetensors_io::{file_order, PlannedTensor};
 use zaya::train::optim::AdamW;
 use zaya::train::trainer::{append_log, write_checkpoint_with, StepReport, TrainerConfig};
 use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Param, Trainable};
-use zaya::weights::{save_checkpoint, Checkpoint, Layout};
+use zaya::weights::{save_checkpoint_streamed, Checkpoint};
 use zaya::{ZayaConfig, ZayaError};
 
 use crate::error::{ParallelError, ParallelResult};
@@ -54,9 +55,10 @@ use crate::pipeline::{
     PipeOp,
 };
 use crate::plan::ParallelPlan;
+use crate::stream_save::not_root;
 use crate::tp::train::{
-    held_params, BoundaryGrads, TpStageBatch, TpStageForward, TpStageInput, TpStageUpstream,
-    TpTrainModel,
+    held_params, BoundaryGrads, SliceSet, Streamed, TpStageBatch, TpStageForward, TpStageInput,
+    TpStageUpstream, TpTrainModel,
 };
 use crate::train_driver::{
     all_gather_owned, join_f64, split_f64, sum_tied, zero_owners, DriverOptions,
@@ -507,34 +509,10 @@ impl TpParallelTrainer {
         };
         let m = self.model.gather_values(&pick("exp_avg")?, &keeps)?;
         let v = self.model.gather_values(&pick("exp_avg_sq")?, &keeps)?;
-        // step counts: every rank sends one per slice it holds (0 where it keeps no state);
-        // the slices of a tensor that keep state agree, so rank 0 takes the largest
-        let world = self.mesh.world.as_ref();
-        let mut mine: Vec<f32> = vec![0.0; params.len()];
-        for (j, &k) in self.owned.iter().enumerate() {
-            mine[k] = self.opt.steps(j) as f32;
-        }
-        let mut send = vec![Vec::new(); world.size()];
-        send[0] = mine;
-        let got = world.all_to_all_v(&send)?;
-        let (Some(m), Some(v)) = (m, v) else {
+        let steps = self.gathered_steps()?;
+        let (Some(m), Some(v), Some(steps)) = (m, v, steps) else {
             return Ok(None);
         };
-        let mut steps: HashMap<String, f32> = HashMap::new();
-        for (r, data) in got.iter().enumerate() {
-            let held = held_params(plan, plan.mesh.coords(r));
-            if held.len() != data.len() {
-                return Err(unsupported(format!(
-                    "rank {r} sent {} step counts for {} slices",
-                    data.len(),
-                    held.len()
-                )));
-            }
-            for ((spec, _), &s) in held.iter().zip(data) {
-                let e = steps.entry(spec.name.clone()).or_insert(0.0);
-                *e = e.max(s);
-            }
-        }
         let dev = Device::Cpu;
         let mut moments = HashMap::new();
         for (name, mt) in m {
@@ -543,7 +521,7 @@ impl TpParallelTrainer {
                 .ok_or_else(|| unsupported(format!("no gathered exp_avg_sq for `{name}`")))?
                 .clone();
             let step = match steps.get(&name) {
-                Some(&s) => s as i64,
+                Some(&s) => s,
                 // a tensor no rank trains (no elements): a fresh state
                 None => self.step as i64,
             };
@@ -554,35 +532,209 @@ impl TpParallelTrainer {
         Ok(Some(moments))
     }
 
+    /// Collective: every parameter's AdamW step count by name on world rank 0 (`None`
+    /// elsewhere). Every rank sends one per slice it holds (0 where it keeps no state); the
+    /// slices of a tensor that keep state agree, so rank 0 takes the largest.
+    fn gathered_steps(&self) -> ParallelResult<Option<HashMap<String, i64>>> {
+        let plan = self.model.plan();
+        let params = Trainable::params(&self.model);
+        let world = self.mesh.world.as_ref();
+        let mut mine: Vec<f32> = vec![0.0; 2 * params.len()];
+        for (j, &k) in self.owned.iter().enumerate() {
+            let [hi, lo] = split_f64(self.opt.steps(j) as f64);
+            mine[2 * k] = hi;
+            mine[2 * k + 1] = lo;
+        }
+        let mut send = vec![Vec::new(); world.size()];
+        send[0] = mine;
+        let got = world.all_to_all_v(&send)?;
+        if world.rank() != 0 {
+            return Ok(None);
+        }
+        let mut steps: HashMap<String, i64> = HashMap::new();
+        for (r, data) in got.iter().enumerate() {
+            let held = held_params(plan, plan.mesh.coords(r));
+            if 2 * held.len() != data.len() {
+                return Err(unsupported(format!(
+                    "rank {r} sent {} step-count values for {} slices",
+                    data.len(),
+                    held.len()
+                )));
+            }
+            for ((spec, _), s) in held.iter().zip(data.chunks(2)) {
+                let e = steps.entry(spec.name.clone()).or_insert(0);
+                *e = (*e).max(join_f64(s) as i64);
+            }
+        }
+        Ok(Some(steps))
+    }
+
+    /// `model.safetensors`' tensors in file order (every native tensor in f32, as the
+    /// single-process trainer stores them).
+    fn weight_files(&self) -> ParallelResult<Vec<PlannedTensor>> {
+        let planned: Vec<PlannedTensor> = zaya::weights::native_specs(self.model.config())
+            .into_iter()
+            .map(|s| PlannedTensor {
+                name: s.name,
+                dtype: DType::F32,
+                shape: s.shape,
+            })
+            .collect();
+        Ok(file_order(&planned)?)
+    }
+
+    /// Collective: rank 0 writes `model.safetensors` and `config.json` into `dir`,
+    /// receiving a chunk of rows of at most [`DriverOptions::gather_bytes`] at a time.
+    fn stream_weights(&self, dir: &Path) -> ParallelResult<()> {
+        let bound = self.opts.gather_bytes;
+        let files = self.weight_files()?;
+        let values: Vec<Option<Tensor>> = self
+            .model
+            .params()
+            .iter()
+            .map(|sp| Some(sp.param.var.as_tensor().clone()))
+            .collect();
+        let first_replica = |c: Coords, _: &str| c.dp == 0;
+        let sets = [SliceSet {
+            values: &values,
+            replica: &first_replica,
+        }];
+        let what = |name: &str| -> ParallelResult<Streamed> {
+            Ok(if name.ends_with(".balancing_biases") {
+                Streamed::Bias
+            } else {
+                Streamed::Slices {
+                    base: name.to_string(),
+                    set: 0,
+                }
+            })
+        };
+        let cfg = self.model.config();
+        if self.mesh.world.rank() == 0 {
+            self.model
+                .stream_full(&files, &sets, &what, bound, |fill| {
+                    save_checkpoint_streamed(dir, cfg, &files, fill)
+                })?;
+        } else {
+            self.model
+                .stream_full(&files, &sets, &what, bound, not_root)?;
+        }
+        Ok(())
+    }
+
+    /// Collective: rank 0 writes `path` (`optimizer.safetensors`, the single-process file
+    /// byte for byte), receiving a chunk of rows of a moment tensor at a time, each element
+    /// from the replica that keeps it.
+    fn stream_optimizer(&self, path: &Path) -> ParallelResult<()> {
+        let bound = self.opts.gather_bytes;
+        let plan = self.model.plan();
+        let zero1 = self.opts.zero1;
+        let owners: std::cell::RefCell<HashMap<(usize, usize, usize), Owners>> = Default::default();
+        let keeps = |c: Coords, name: &str| -> bool {
+            let mut o = owners.borrow_mut();
+            let at = o
+                .entry((c.tp, c.pp, c.ep))
+                .or_insert_with(|| owners_at(plan, c, zero1).into_iter().collect());
+            match at.get(name) {
+                Some(Some(d)) => *d == c.dp,
+                _ => c.dp == 0,
+            }
+        };
+        let steps = self.gathered_steps()?;
+        let n = self.model.params().len();
+        let mut m: Vec<Option<Tensor>> = vec![None; n];
+        let mut v: Vec<Option<Tensor>> = vec![None; n];
+        for (j, &k) in self.owned.iter().enumerate() {
+            let (a, b) = self
+                .opt
+                .moments(j)
+                .ok_or_else(|| unsupported(format!("no AdamW state for slice {k}")))?;
+            m[k] = Some(a.clone());
+            v[k] = Some(b.clone());
+        }
+        let mut planned = Vec::new();
+        for s in zaya::weights::native_specs(self.model.config())
+            .into_iter()
+            .filter(|s| !s.name.ends_with(".balancing_biases"))
+        {
+            for (prefix, dtype, dims) in [
+                ("exp_avg", DType::F32, s.shape.clone()),
+                ("exp_avg_sq", DType::F32, s.shape.clone()),
+                ("step", DType::I64, vec![1]),
+            ] {
+                planned.push(PlannedTensor {
+                    name: format!("{prefix}.{}", s.name),
+                    dtype,
+                    shape: dims,
+                });
+            }
+        }
+        let files = file_order(&planned)?;
+        let sets = [
+            SliceSet {
+                values: &m,
+                replica: &keeps,
+            },
+            SliceSet {
+                values: &v,
+                replica: &keeps,
+            },
+        ];
+        let what = |name: &str| -> ParallelResult<Streamed> {
+            let (prefix, base) = name
+                .split_once('.')
+                .ok_or_else(|| unsupported(format!("`{name}` is no optimizer tensor")))?;
+            Ok(match prefix {
+                "exp_avg" => Streamed::Slices {
+                    base: base.to_string(),
+                    set: 0,
+                },
+                "exp_avg_sq" => Streamed::Slices {
+                    base: base.to_string(),
+                    set: 1,
+                },
+                // a tensor no rank trains (no elements): a fresh state at the run's step
+                _ => Streamed::Known(vec![steps
+                    .as_ref()
+                    .and_then(|s| s.get(base).copied())
+                    .unwrap_or(self.step as i64)]),
+            })
+        };
+        if self.mesh.world.rank() == 0 {
+            self.model
+                .stream_full(&files, &sets, &what, bound, |fill| {
+                    AdamW::save_state_streamed(path, &files, fill)
+                })?;
+        } else {
+            self.model
+                .stream_full(&files, &sets, &what, bound, not_root)?;
+        }
+        Ok(())
+    }
+
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
-    /// full tensors under their HF names); returns the directory on rank 0. The weights are
-    /// gathered and written before the optimizer state is gathered, so rank 0 never holds
-    /// both.
+    /// full tensors under their HF names, the same files byte for byte); returns the
+    /// directory on rank 0. Rank 0 receives and writes the weights, then the optimizer
+    /// state, a chunk of at most [`DriverOptions::gather_bytes`] at a time (whole rows,
+    /// assembled from the slices), so it never holds more than that of either.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
-        let out = match self.model.gather_weights()? {
-            Some(w) => {
-                let cfg = self.model.config().clone();
-                let this = &*self;
-                Some(write_checkpoint_with(
-                    root,
-                    &this.cfg,
-                    this.step,
-                    this.run.as_ref(),
-                    move |tmp| {
-                        save_checkpoint(tmp, &cfg, &w, Layout::Native)?;
-                        drop(w);
-                        let state =
-                            this.gather_optimizer().map_err(into_zaya)?.ok_or_else(|| {
-                                ZayaError::Input("world rank 0 gathered no optimizer state".into())
-                            })?;
-                        AdamW::save_state(&state, &tmp.join("optimizer.safetensors"))
-                    },
-                )?)
-            }
-            None => {
-                self.gather_optimizer()?;
-                None
-            }
+        let out = if self.mesh.world.rank() == 0 {
+            let this = &*self;
+            Some(write_checkpoint_with(
+                root,
+                &this.cfg,
+                this.step,
+                this.run.as_ref(),
+                |tmp| {
+                    this.stream_weights(tmp).map_err(into_zaya)?;
+                    this.stream_optimizer(&tmp.join("optimizer.safetensors"))
+                        .map_err(into_zaya)
+                },
+            )?)
+        } else {
+            self.stream_weights(root)?;
+            self.stream_optimizer(root)?;
+            None
         };
         // nobody reads a checkpoint before rank 0 has written it
         self.mesh.world.barrier()?;
@@ -590,11 +742,9 @@ impl TpParallelTrainer {
     }
 
     /// Collective: rank 0 writes the current weights as a model directory (`dir`, the
-    /// single-process layout); no rank keeps the gathered model.
+    /// single-process layout, byte for byte), receiving a bounded chunk at a time.
     pub fn save_model(&self, dir: &Path) -> ParallelResult<()> {
-        if let Some(w) = self.model.gather_weights()? {
-            save_checkpoint(dir, self.model.config(), &w, Layout::Native)?;
-        }
+        self.stream_weights(dir)?;
         self.mesh.world.barrier()?;
         Ok(())
     }

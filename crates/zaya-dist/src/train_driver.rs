@@ -23,9 +23,9 @@
 //!
 //! The result equals the single-process [`zaya::train::trainer::Trainer`] step on the same
 //! micro-batches up to the order of floating-point sums. Checkpoints are the single-process
-//! ones (rank 0 gathers the full tensors, then the optimizer state, and writes them with
-//! [`write_checkpoint_with`]), so a parallel run resumes on one rank and the other way
-//! round; a resumed rank reads its stage's weights and its share of `exp_avg` /
+//! ones, byte for byte (rank 0 writes them with [`write_checkpoint_with`], receiving the
+//! weights, then the optimizer state, one bounded message at a time: [`crate::stream_save`]),
+//! so a parallel run resumes on one rank and the other way round; a resumed rank reads its stage's weights and its share of `exp_avg` /
 //! `exp_avg_sq` / `step` from the checkpoint's files.
 //!
 //! Tensor- or expert-parallel stages would plug in where [`crate::pipeline::Stage`] calls
@@ -44,17 +44,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use zaya::safetensors_io::{file_order, PlannedTensor};
 use zaya::train::optim::AdamW;
 use zaya::train::trainer::{
     append_log, write_checkpoint_with, StepReport, TrainerConfig, TrainerParts,
 };
 use zaya::train::{Batch, Gradients, LayerRoutingStats, LossScale, Param, TrainableModel};
-use zaya::weights::{native_specs, save_checkpoint, Checkpoint, TensorSpec};
+use zaya::weights::{native_specs, save_checkpoint_streamed, Checkpoint, TensorSpec};
 use zaya::{ZayaConfig, ZayaError};
 
 use crate::error::{ParallelError, ParallelResult};
 use crate::mesh::{Coords, Mesh, MeshShape};
 use crate::pipeline::{stage_holds, stage_layers, stage_part, Stage};
+use crate::stream_save::{into_zaya, not_root, stream_file};
 use crate::tp_driver::RunState;
 
 /// Tags of the driver's point-to-point messages (pipeline tags are per micro-batch, in
@@ -69,6 +71,9 @@ pub struct DriverOptions {
     pub zero1: bool,
     /// Values per gradient all-reduce bucket.
     pub bucket_elems: usize,
+    /// Largest message of a checkpoint gather, in bytes: rank 0 holds at most one while it
+    /// writes (see [`crate::stream_save`]).
+    pub gather_bytes: usize,
 }
 
 impl Default for DriverOptions {
@@ -76,6 +81,7 @@ impl Default for DriverOptions {
         DriverOptions {
             zero1: true,
             bucket_elems: 1 << 22,
+            gather_bytes: crate::stream_save::DEFAULT_GATHER_BYTES,
         }
     }
 }
@@ -653,7 +659,8 @@ impl ParallelTrainer {
     }
 
     /// Collective: every native tensor of the model (each stage's parameters and balancing
-    /// biases, from the stage's first replica) on rank 0, `None` elsewhere.
+    /// biases, from the stage's first replica) on rank 0, `None` elsewhere. The whole model
+    /// on one rank: for tests and small models; checkpoints stream ([`ParallelTrainer::save`]).
     pub fn gather_weights(&self) -> ParallelResult<Option<BTreeMap<String, Tensor>>> {
         let world = self.mesh.world.as_ref();
         let shape = self.mesh.shape;
@@ -715,7 +722,8 @@ impl ParallelTrainer {
     }
 
     /// Collective: the full AdamW state (`exp_avg.*`, `exp_avg_sq.*`, `step.*` of every
-    /// parameter, each from the replica that keeps it) on rank 0, `None` elsewhere.
+    /// parameter, each from the replica that keeps it) on rank 0, `None` elsewhere. The
+    /// whole state on one rank: for tests; checkpoints stream ([`ParallelTrainer::save`]).
     pub fn gather_optimizer(&self) -> ParallelResult<Option<HashMap<String, Tensor>>> {
         let world = self.mesh.world.as_ref();
         let shape = self.mesh.shape;
@@ -768,52 +776,178 @@ impl ParallelTrainer {
         Ok(Some(moments))
     }
 
+    /// The world rank that sends the checkpoint's copy of stage-held tensor `name`: the first
+    /// replica of the first stage holding it (a tied embedding's two copies are equal).
+    fn weight_owner(&self, name: &str) -> ParallelResult<usize> {
+        let cfg = self.model.config();
+        let shape = self.mesh.shape;
+        let stage = match name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.strip_suffix(".mlp.gate.balancing_biases"))
+        {
+            Some(l) => {
+                let l: usize = l
+                    .parse()
+                    .map_err(|_| unsupported(format!("`{name}`: no layer number")))?;
+                (0..shape.pp)
+                    .find(|&p| stage_layers(cfg, shape.pp, p).is_ok_and(|r| r.contains(&l)))
+            }
+            None => (0..shape.pp).find(|&p| stage_holds(cfg, shape.pp, p, name)),
+        }
+        .ok_or_else(|| unsupported(format!("no pipeline stage holds `{name}`")))?;
+        Ok(shape.rank_of(Coords {
+            tp: 0,
+            pp: stage,
+            ep: 0,
+            dp: 0,
+        }))
+    }
+
+    /// `model.safetensors`' tensors in file order (every native tensor, f32 as the
+    /// single-process trainer stores them), the world rank sending each, and this rank's
+    /// values by name (only what it sends).
+    fn weight_plan(&self) -> ParallelResult<FilePlan> {
+        let cfg = self.model.config();
+        let planned: Vec<PlannedTensor> = native_specs(cfg)
+            .into_iter()
+            .map(|s| PlannedTensor {
+                name: s.name,
+                dtype: DType::F32,
+                shape: s.shape,
+            })
+            .collect();
+        let ordered = file_order(&planned)?;
+        let owners = ordered
+            .iter()
+            .map(|t| self.weight_owner(&t.name))
+            .collect::<ParallelResult<Vec<_>>>()?;
+        let me = self.mesh.world.rank();
+        let mut mine = HashMap::new();
+        if owners.contains(&me) {
+            for p in self.model.params() {
+                mine.insert(p.name.clone(), Source::Tensor(p.var.as_tensor().clone()));
+            }
+            for (l, b) in self.layers.clone().zip(self.model.balancing_biases()?) {
+                mine.insert(
+                    format!("model.layers.{l}.mlp.gate.balancing_biases"),
+                    Source::Values(b),
+                );
+            }
+        }
+        Ok((ordered, owners, mine))
+    }
+
+    /// `optimizer.safetensors`' tensors in file order (`exp_avg.<name>`, `exp_avg_sq.<name>`
+    /// f32, `step.<name>` one i64, for every parameter), the world rank sending each (the
+    /// replica keeping the state, on the first stage holding the parameter), and this
+    /// rank's values by name.
+    fn optimizer_plan(&self) -> ParallelResult<FilePlan> {
+        let cfg = self.model.config();
+        let shape = self.mesh.shape;
+        let specs = param_specs(cfg);
+        let layouts: Vec<Layout> = (0..shape.pp)
+            .map(|p| Layout::of(cfg, shape, p, self.opts.zero1))
+            .collect();
+        let mut planned = Vec::with_capacity(3 * specs.len());
+        let mut owner_of: HashMap<String, usize> = HashMap::new();
+        for (i, s) in specs.iter().enumerate() {
+            let (stage, k) = layouts
+                .iter()
+                .enumerate()
+                .find_map(|(p, l)| l.stage.iter().position(|&j| j == i).map(|k| (p, k)))
+                .ok_or_else(|| unsupported(format!("no pipeline stage holds `{}`", s.name)))?;
+            let rank = shape.rank_of(Coords {
+                tp: 0,
+                pp: stage,
+                ep: 0,
+                dp: layouts[stage].owner[k].unwrap_or(0),
+            });
+            for (prefix, dtype, dims) in [
+                ("exp_avg", DType::F32, s.shape.clone()),
+                ("exp_avg_sq", DType::F32, s.shape.clone()),
+                ("step", DType::I64, vec![1]),
+            ] {
+                let name = format!("{prefix}.{}", s.name);
+                owner_of.insert(name.clone(), rank);
+                planned.push(PlannedTensor {
+                    name,
+                    dtype,
+                    shape: dims,
+                });
+            }
+        }
+        let ordered = file_order(&planned)?;
+        let owners: Vec<usize> = ordered.iter().map(|t| owner_of[&t.name]).collect();
+        let all = self.model.params();
+        let mut mine = HashMap::new();
+        for (j, &k) in self.owned.iter().enumerate() {
+            let name = &all[k].name;
+            let (m, v) = self
+                .opt
+                .moments(j)
+                .ok_or_else(|| unsupported(format!("no AdamW state for `{name}`")))?;
+            mine.insert(format!("exp_avg.{name}"), Source::Tensor(m.clone()));
+            mine.insert(format!("exp_avg_sq.{name}"), Source::Tensor(v.clone()));
+            let st = crate::stream_save::i64_wire(self.opt.steps(j) as i64);
+            mine.insert(format!("step.{name}"), Source::Values(st.to_vec()));
+        }
+        Ok((ordered, owners, mine))
+    }
+
     /// Collective: writes `root/step-NNNNNNNN/` as the single-process trainer does (rank 0,
-    /// full tensors under their HF names; the weights are written before the optimizer
-    /// state is gathered, so rank 0 never holds both); returns the directory on rank 0.
+    /// full tensors under their HF names, the same files byte for byte); returns the
+    /// directory on rank 0. Rank 0 receives and writes the weights, then the optimizer
+    /// state, one message of at most [`DriverOptions::gather_bytes`] at a time, so it never
+    /// holds more than that of either.
     pub fn save(&mut self, root: &Path) -> ParallelResult<Option<PathBuf>> {
-        let out = match self.gather_weights()? {
-            Some(w) => {
-                let mcfg = self.model.config().clone();
-                let this = &*self;
-                Some(write_checkpoint_with(
-                    root,
-                    &this.cfg,
-                    this.step,
-                    this.run.as_ref(),
-                    move |tmp| {
-                        save_checkpoint(tmp, &mcfg, &w, zaya::weights::Layout::Native)?;
-                        drop(w);
-                        let state = this
-                            .gather_optimizer()
-                            .map_err(|e| match e {
-                                ParallelError::Model(e) => e,
-                                other => ZayaError::Input(other.to_string()),
-                            })?
-                            .ok_or_else(|| {
-                                ZayaError::Input("world rank 0 gathered no optimizer state".into())
-                            })?;
-                        AdamW::save_state(&state, &tmp.join("optimizer.safetensors"))
-                    },
-                )?)
-            }
-            None => {
-                self.gather_optimizer()?;
-                None
-            }
+        let bound = self.opts.gather_bytes;
+        let world = self.mesh.world.as_ref();
+        let (wt, wo, wmine) = self.weight_plan()?;
+        let (ot, oo, omine) = self.optimizer_plan()?;
+        let wlocal = source_reader(&wt, &wmine);
+        let olocal = source_reader(&ot, &omine);
+        let out = if world.rank() == 0 {
+            let mcfg = self.model.config().clone();
+            Some(write_checkpoint_with(
+                root,
+                &self.cfg,
+                self.step,
+                self.run.as_ref(),
+                |tmp| {
+                    stream_file(world, &wt, &wo, bound, &wlocal, |fill| {
+                        save_checkpoint_streamed(tmp, &mcfg, &wt, fill)
+                    })
+                    .map_err(into_zaya)?;
+                    let path = tmp.join("optimizer.safetensors");
+                    stream_file(world, &ot, &oo, bound, &olocal, |fill| {
+                        AdamW::save_state_streamed(&path, &ot, fill)
+                    })
+                    .map_err(into_zaya)?;
+                    Ok(())
+                },
+            )?)
+        } else {
+            stream_file(world, &wt, &wo, bound, &wlocal, not_root)?;
+            stream_file(world, &ot, &oo, bound, &olocal, not_root)?;
+            None
         };
         // nobody reads a checkpoint before rank 0 has written it
-        self.mesh.world.barrier()?;
+        world.barrier()?;
         Ok(out)
     }
 
     /// Collective: rank 0 writes the current weights as a model directory (`dir`, the
-    /// single-process layout); no rank keeps the gathered model.
+    /// single-process layout, byte for byte), receiving them one message of at most
+    /// [`DriverOptions::gather_bytes`] at a time.
     pub fn save_model(&self, dir: &Path) -> ParallelResult<()> {
-        if let Some(w) = self.gather_weights()? {
-            save_checkpoint(dir, self.model.config(), &w, zaya::weights::Layout::Native)?;
-        }
-        self.mesh.world.barrier()?;
+        let world = self.mesh.world.as_ref();
+        let (wt, wo, wmine) = self.weight_plan()?;
+        let wlocal = source_reader(&wt, &wmine);
+        let cfg = self.model.config();
+        stream_file(world, &wt, &wo, self.opts.gather_bytes, &wlocal, |fill| {
+            save_checkpoint_streamed(dir, cfg, &wt, fill)
+        })?;
+        world.barrier()?;
         Ok(())
     }
 
@@ -902,6 +1036,42 @@ impl ParallelTrainer {
         out.insert("aux_loss".into(), Tensor::new(&[aux as f32], &Device::Cpu)?);
         world.barrier()?;
         Ok(Some(out))
+    }
+}
+
+/// A checkpoint file's tensors in file order, the world rank that sends each, and this
+/// rank's values by name (only of what it sends).
+type FilePlan = (Vec<PlannedTensor>, Vec<usize>, HashMap<String, Source>);
+
+/// A rank's values of one checkpoint tensor.
+pub(crate) enum Source {
+    /// Held as a tensor (read a range at a time, converted to f32).
+    Tensor(Tensor),
+    /// Already wire values (balancing biases, an i64 step count as two f32).
+    Values(Vec<f32>),
+}
+
+/// The [`crate::stream_save::Local`] reader of `mine` for the file-ordered `tensors`.
+pub(crate) fn source_reader<'a>(
+    tensors: &'a [PlannedTensor],
+    mine: &'a HashMap<String, Source>,
+) -> impl Fn(usize, Range<usize>) -> ParallelResult<Vec<f32>> + 'a {
+    move |i, r| {
+        let name = &tensors[i].name;
+        match mine.get(name) {
+            Some(Source::Tensor(t)) => Ok(t
+                .flatten_all()?
+                .narrow(0, r.start, r.len())?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?),
+            Some(Source::Values(v)) => v
+                .get(r.clone())
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| unsupported(format!("`{name}`: values {r:?} of {}", v.len()))),
+            None => Err(unsupported(format!(
+                "this rank was asked for `{name}`, which it does not hold"
+            ))),
+        }
     }
 }
 

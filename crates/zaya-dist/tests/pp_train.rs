@@ -222,6 +222,8 @@ fn check_steps(
     let opts = DriverOptions {
         zero1,
         bucket_elems: 1000,
+        // small gather messages: the checkpoint streams many, some tensors in pieces
+        gather_bytes: 4096,
     };
     let (got, tensors) = on_ranks(&model, &cfg, shape, opts, |t| {
         let mut reports = Vec::new();
@@ -230,9 +232,33 @@ fn check_steps(
         }
         if let Some(root) = root {
             t.save(root)?;
+            // the in-memory gathers, written by the single-process writers beside the
+            // streamed checkpoint (compared byte for byte below)
+            let (w, o) = (t.gather_weights()?, t.gather_optimizer()?);
+            if let (Some(w), Some(o)) = (w, o) {
+                let dir = root.join("in-memory");
+                zaya::weights::save_checkpoint(
+                    &dir,
+                    t.model().config(),
+                    &w,
+                    zaya::weights::Layout::Native,
+                )?;
+                zaya::train::optim::AdamW::save_state(&o, &dir.join("optimizer.safetensors"))?;
+            }
         }
         Ok((reports, t.gather_weights()?))
     });
+    if let Some(root) = root {
+        // streamed, a message of at most 4096 bytes at a time, and in memory: the same bytes
+        for f in ["model.safetensors", "config.json", "optimizer.safetensors"] {
+            let a = std::fs::read(root.join("step-00000003").join(f)).unwrap();
+            let b = std::fs::read(root.join("in-memory").join(f)).unwrap();
+            assert!(
+                a == b,
+                "{f}: the streamed checkpoint differs from the in-memory write"
+            );
+        }
+    }
     let tensors = tensors.expect("rank 0 gathers the weights");
     let mut losses = Vec::new();
     for (g, w) in got.iter().zip(&want) {

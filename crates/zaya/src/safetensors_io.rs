@@ -67,6 +67,22 @@ fn dtype_str(dtype: DType) -> Result<&'static str> {
     })
 }
 
+/// The safetensors crate's dtype of `dtype` (I64 too: AdamW's step counts).
+fn st_dtype(dtype: DType) -> Result<safetensors::Dtype> {
+    Ok(match dtype {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::F64 => safetensors::Dtype::F64,
+        DType::I64 => safetensors::Dtype::I64,
+        other => {
+            return Err(ZayaError::Input(format!(
+                "cannot store dtype {other:?} in a safetensors file"
+            )))
+        }
+    })
+}
+
 /// Parses the header of a safetensors file and checks every tensor's byte range against its
 /// dtype, shape and the file size (a truncated file fails here, naming the tensor).
 pub fn read_header(path: &Path) -> Result<Vec<StoredTensor>> {
@@ -245,6 +261,7 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
         DType::F64 => raw(t.to_vec1::<f64>()?),
         DType::BF16 => raw(t.to_vec1::<bf16>()?),
         DType::F16 => raw(t.to_vec1::<f16>()?),
+        DType::I64 => raw(t.to_vec1::<i64>()?),
         other => {
             return Err(ZayaError::Input(format!(
                 "cannot store dtype {other:?} in a checkpoint"
@@ -285,6 +302,12 @@ impl TensorSink<'_> {
         Ok(())
     }
 
+    /// Appends i64 values (AdamW's step counts).
+    pub fn write_i64(&mut self, values: &[i64]) -> Result<()> {
+        let buf: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.write_bytes(&buf)
+    }
+
     /// Appends f32 values rounded to `dtype`.
     pub fn write_f32_as(&mut self, values: &[f32], dtype: DType) -> Result<()> {
         let mut buf = Vec::with_capacity(values.len() * dtype.size_in_bytes());
@@ -309,6 +332,81 @@ impl TensorSink<'_> {
         }
         self.write_bytes(&buf)
     }
+}
+
+/// The order in which `safetensors::serialize_to_file` (and so `save_checkpoint`,
+/// `candle_core::safetensors::save`) lays out `tensors`: by descending dtype alignment,
+/// then by name. A distributed writer walks the tensors in this order on every rank.
+pub fn file_order(tensors: &[PlannedTensor]) -> Result<Vec<PlannedTensor>> {
+    let mut keyed = tensors
+        .iter()
+        .map(|t| Ok((st_dtype(t.dtype)?, t.clone())))
+        .collect::<Result<Vec<_>>>()?;
+    keyed.sort_by(|(ld, l), (rd, r)| rd.cmp(ld).then(l.name.cmp(&r.name)));
+    Ok(keyed.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Writes `tensors` as one safetensors file at `path`, byte for byte what
+/// `safetensors::serialize_to_file(tensors, metadata, ..)` writes for the same tensors
+/// (order of [`file_order`], the same header), but streaming: the header first, then
+/// `fill(tensor, sink)` once per tensor in file order, so only what `fill` holds is in
+/// memory. The file is written as `tmp`, synced and renamed to `path` (a crash leaves the
+/// old file or none, never a partial one).
+pub fn write_file_streamed(
+    path: &Path,
+    tmp: &Path,
+    tensors: &[PlannedTensor],
+    metadata: Option<std::collections::HashMap<String, String>>,
+    mut fill: impl FnMut(&PlannedTensor, &mut TensorSink) -> Result<()>,
+) -> Result<()> {
+    let ordered = file_order(tensors)?;
+    let mut infos = Vec::with_capacity(ordered.len());
+    let mut off = 0usize;
+    for t in &ordered {
+        let n = t.bytes() as usize;
+        infos.push((
+            t.name.clone(),
+            safetensors::tensor::TensorInfo {
+                dtype: st_dtype(t.dtype)?,
+                shape: t.shape.clone(),
+                data_offsets: (off, off + n),
+            },
+        ));
+        off += n;
+    }
+    let header = safetensors::tensor::Metadata::new(metadata, infos)
+        .map_err(|e| bad(path, format!("planning the header: {e}")))?;
+    let mut h = serde_json::to_vec(&header)
+        .map_err(|e| bad(path, format!("serialising the header: {e}")))?;
+    // the safetensors writer pads the header to 8 bytes with spaces
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let file = File::create(tmp).map_err(|e| ZayaError::io(tmp, e))?;
+    let mut out = BufWriter::with_capacity(8 << 20, file);
+    out.write_all(&(h.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&h))
+        .map_err(|e| ZayaError::io(tmp, e))?;
+    for t in &ordered {
+        let mut sink = TensorSink {
+            out: &mut out,
+            path: tmp,
+            written: 0,
+        };
+        fill(t, &mut sink)?;
+        if sink.written != t.bytes() {
+            return Err(ZayaError::Input(format!(
+                "tensor `{}`: {} bytes were written, its dtype and shape {:?} need {}",
+                t.name,
+                sink.written,
+                t.shape,
+                t.bytes()
+            )));
+        }
+    }
+    out.flush().map_err(|e| ZayaError::io(tmp, e))?;
+    drop(out);
+    crate::durable::rename_synced(tmp, path)
 }
 
 /// The header of one file holding `tensors` back to back (padded to 8 bytes as the

@@ -912,6 +912,33 @@ pub fn save_checkpoint(
     crate::durable::rename_synced(&tmp, &weights_path)
 }
 
+/// [`save_checkpoint`] in the native layout without the tensors in memory: the same
+/// `config.json` and `model.safetensors` (byte for byte), the tensors' data streamed by
+/// `fill(tensor, sink)` in the file's order ([`crate::safetensors_io::file_order`]).
+/// A sharded trainer's rank 0 writes the weights it receives a piece at a time with it.
+pub fn save_checkpoint_streamed(
+    dir: &Path,
+    cfg: &ZayaConfig,
+    tensors: &[crate::safetensors_io::PlannedTensor],
+    fill: impl FnMut(
+        &crate::safetensors_io::PlannedTensor,
+        &mut crate::safetensors_io::TensorSink,
+    ) -> Result<()>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ZayaError::io(dir, e))?;
+    let text = serde_json::to_string_pretty(&cfg.to_json()).expect("config serialises");
+    write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::safetensors_io::write_file_streamed(
+        &dir.join("model.safetensors"),
+        &dir.join(".model.safetensors.tmp"),
+        tensors,
+        Some(meta),
+        fill,
+    )
+}
+
 /// Writes a file so that a crash or power loss leaves either the old or the new content.
 pub use crate::durable::write_atomic;
 

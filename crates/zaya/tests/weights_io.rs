@@ -127,3 +127,91 @@ fn a_truncated_shard_names_the_tensor_and_the_file() {
         "{msg}"
     );
 }
+
+/// The streamed single-file writers are byte-identical to the in-memory ones for the same
+/// tensors: `save_checkpoint_streamed` to `save_checkpoint` (native), `save_state_streamed`
+/// to `AdamW::save_state` (f32 moments and i64 step counts, whose dtypes the file orders
+/// before the f32 data), with the data fed a tensor at a time.
+#[test]
+fn streamed_single_file_writers_equal_the_in_memory_writers_byte_for_byte() {
+    use std::collections::{BTreeMap, HashMap};
+    use zaya::safetensors_io::{file_order, tensor_bytes, PlannedTensor};
+    use zaya::train::optim::AdamW;
+
+    let cfg = cfg();
+    let dir = temp_dir("stream-single");
+    let weights = zaya::init::random_weights(&cfg, 7).unwrap();
+    let planned = |m: &mut dyn Iterator<Item = (&String, &Tensor)>| -> Vec<PlannedTensor> {
+        m.map(|(n, t)| PlannedTensor {
+            name: n.clone(),
+            dtype: t.dtype(),
+            shape: t.dims().to_vec(),
+        })
+        .collect()
+    };
+    weights::save_checkpoint(&dir.join("mem"), &cfg, &weights, Layout::Native).unwrap();
+    let mut order = vec![];
+    weights::save_checkpoint_streamed(
+        &dir.join("streamed"),
+        &cfg,
+        &planned(&mut weights.iter()),
+        |t, sink| {
+            order.push(t.name.clone());
+            sink.write_bytes(&tensor_bytes(&weights[&t.name])?)
+        },
+    )
+    .unwrap();
+    // one tensor at a time, in name order (all f32)
+    assert_eq!(order, weights.keys().cloned().collect::<Vec<_>>());
+    for f in ["config.json", "model.safetensors"] {
+        let a = std::fs::read(dir.join("mem").join(f)).unwrap();
+        let b = std::fs::read(dir.join("streamed").join(f)).unwrap();
+        assert!(a == b, "{f} differs ({} vs {} bytes)", a.len(), b.len());
+    }
+    assert!(!dir.join("streamed/.model.safetensors.tmp").exists());
+
+    let dev = Device::Cpu;
+    let mut state: HashMap<String, Tensor> = HashMap::new();
+    for (i, (n, t)) in weights.iter().take(5).enumerate() {
+        state.insert(format!("exp_avg.{n}"), (t * 0.5).unwrap());
+        state.insert(format!("exp_avg_sq.{n}"), t.sqr().unwrap());
+        state.insert(
+            format!("step.{n}"),
+            Tensor::new(&[3i64 + i as i64], &dev).unwrap(),
+        );
+    }
+    let sorted: BTreeMap<&String, &Tensor> = state.iter().collect();
+    let plan = planned(&mut sorted.into_iter());
+    let ordered = file_order(&plan).unwrap();
+    // the i64 step counts lead the file
+    assert!(ordered[..5].iter().all(|t| t.name.starts_with("step.")));
+    AdamW::save_state(&state, &dir.join("mem/optimizer.safetensors")).unwrap();
+    AdamW::save_state_streamed(
+        &dir.join("streamed/optimizer.safetensors"),
+        &plan,
+        |t, sink| {
+            if t.dtype == DType::I64 {
+                sink.write_i64(&state[&t.name].to_vec1::<i64>()?)
+            } else {
+                sink.write_f32_as(&state[&t.name].flatten_all()?.to_vec1::<f32>()?, DType::F32)
+            }
+        },
+    )
+    .unwrap();
+    let a = std::fs::read(dir.join("mem/optimizer.safetensors")).unwrap();
+    let b = std::fs::read(dir.join("streamed/optimizer.safetensors")).unwrap();
+    assert!(a == b, "optimizer.safetensors differs");
+
+    // a fill that writes too little is an error naming the tensor; the old file stays
+    let err = AdamW::save_state_streamed(
+        &dir.join("streamed/optimizer.safetensors"),
+        &plan,
+        |_, sink| sink.write_bytes(&[0u8; 4]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("step."), "{err}");
+    let c = std::fs::read(dir.join("streamed/optimizer.safetensors")).unwrap();
+    assert!(c == a);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1108,6 +1108,7 @@ pub fn labelled_grads_on_mesh(
 }
 
 mod trainable;
+pub(crate) use trainable::{SliceSet, Streamed};
 
 #[cfg(test)]
 mod tests {

@@ -112,6 +112,12 @@ impl AdamW {
         self.steps.get(i).copied().unwrap_or(0)
     }
 
+    /// The first and second moments of parameter `i` (no copy; `None` past the end): what a
+    /// sharded run streams into its checkpoint.
+    pub fn moments(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        Some((self.exp_avg.get(i)?, self.exp_avg_sq.get(i)?))
+    }
+
     /// One update with learning rate `lr`:
     /// `p ← p·(1 − lr·wd)`; `m ← β₁m + (1−β₁)g`; `v ← β₂v + (1−β₂)g²`;
     /// `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
@@ -202,6 +208,28 @@ impl AdamW {
             message: e.to_string(),
         })?;
         crate::durable::rename_synced(&tmp, path)
+    }
+
+    /// [`AdamW::save_state`] without the state in memory: the same file, byte for byte,
+    /// for `tensors` (`exp_avg.<name>`, `exp_avg_sq.<name>` in f32, `step.<name>` as one
+    /// i64), their data streamed by `fill(tensor, sink)` in the file's order
+    /// ([`crate::safetensors_io::file_order`]).
+    pub fn save_state_streamed(
+        path: &Path,
+        tensors: &[crate::safetensors_io::PlannedTensor],
+        fill: impl FnMut(
+            &crate::safetensors_io::PlannedTensor,
+            &mut crate::safetensors_io::TensorSink,
+        ) -> Result<()>,
+    ) -> Result<()> {
+        // candle's `safetensors::save` passes no metadata
+        crate::safetensors_io::write_file_streamed(
+            path,
+            &path.with_extension("tmp-write"),
+            tensors,
+            None,
+            fill,
+        )
     }
 
     /// Reads a state written by [`AdamW::save`] for the same parameter list.

@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use zaya::safetensors_io::{PlannedTensor, TensorSink};
 use zaya::train::aux_loss::balance_bias_update;
 use zaya::train::{BackwardOutput, Gradients, LayerRoutingStats, TokenLogps, Trainable};
 use zaya::weights::{save_checkpoint, Layout, TensorSpec};
@@ -24,6 +25,29 @@ use zaya::{ZayaConfig, ZayaError, ZayaModel};
 
 use super::*;
 use crate::plan::{placement_of, Placement};
+use crate::stream_save::{into_zaya, TAG_PIECE, TAG_READY};
+
+/// One kind of sliced values a checkpoint file streams: this rank's values (`values[k]` for
+/// [`TpTrainModel::params`]`[k]`, shaped like the slice; `None` where this rank keeps
+/// none), each element taken from the one copy of the replica that `replica(coords, name)`
+/// accepts.
+pub(crate) struct SliceSet<'a> {
+    pub(crate) values: &'a [Option<Tensor>],
+    pub(crate) replica: &'a dyn Fn(Coords, &str) -> bool,
+}
+
+/// Index ranges per axis of what a rank holds of a tensor.
+type AxisRanges = Vec<Vec<Range<usize>>>;
+
+/// What a tensor of a checkpoint file is, for [`TpTrainModel::stream_full`].
+pub(crate) enum Streamed {
+    /// The full tensor of parameter `base` from its slices in `sets[set]`.
+    Slices { base: String, set: usize },
+    /// A balancing bias, from the first rank of the stage holding it.
+    Bias,
+    /// Values rank 0 already has (i64 step counts).
+    Known(Vec<i64>),
+}
 
 /// Which of a rank's elements of a parameter count as its own (each element of the model
 /// is owned by exactly one rank).
@@ -254,6 +278,232 @@ impl TpTrainModel {
         self.gather_by(world, &mine, &|c, name, sel| {
             replica(c, name) && one_copy(c, name, sel)
         })
+    }
+
+    /// Collective over the world: the file-ordered `tensors` on rank 0, each in chunks of
+    /// whole leading-axis rows of at most `bound_bytes` (at least one row), assembled there
+    /// from the slices' rows the ranks send ([`Streamed`] says what each tensor is) and
+    /// handed to the file writer `write(fill)` (called on rank 0 only). A rank sends its
+    /// rows of a chunk only when rank 0 asks for them, so rank 0 holds one chunk and one
+    /// rank's part of it at a time, never the model. Returns (on rank 0) the most values
+    /// of one chunk it held.
+    pub(crate) fn stream_full(
+        &self,
+        tensors: &[PlannedTensor],
+        sets: &[SliceSet],
+        what: &dyn Fn(&str) -> ParallelResult<Streamed>,
+        bound_bytes: usize,
+        write: impl FnOnce(
+            &mut dyn FnMut(&PlannedTensor, &mut TensorSink) -> zaya::Result<()>,
+        ) -> zaya::Result<()>,
+    ) -> ParallelResult<usize> {
+        let world = self.world()?;
+        let plan = &self.model.plan;
+        let me = world.rank();
+        let bound = (bound_bytes / std::mem::size_of::<f32>()).max(1);
+        let position: HashMap<&str, usize> = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(k, sp)| (sp.param.name.as_str(), k))
+            .collect();
+        let specs: HashMap<String, TensorSpec> = native_specs(&plan.cfg)
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let first = |c: Coords| c.tp == 0 && c.ep == 0 && c.dp == 0;
+        // this rank's slice of a file tensor (f32, shared KV heads masked), as rows
+        let local = |t: &PlannedTensor| -> ParallelResult<Tensor> {
+            let v = match what(&t.name)? {
+                Streamed::Slices { base, set } => {
+                    let k = *position.get(base.as_str()).ok_or_else(|| {
+                        ParallelError::Unsupported(format!("this rank holds no `{base}`"))
+                    })?;
+                    let v = sets[set].values[k].as_ref().ok_or_else(|| {
+                        ParallelError::Unsupported(format!(
+                            "this rank keeps no `{}` but was picked to send it",
+                            t.name
+                        ))
+                    })?;
+                    let v = v.to_dtype(DType::F32)?;
+                    match self.shared_mask(&self.params[k])? {
+                        Some(m) => v.mul(&m)?,
+                        None => v,
+                    }
+                }
+                Streamed::Bias => self
+                    .tensors
+                    .get(&t.name)
+                    .ok_or_else(|| {
+                        ParallelError::Unsupported(format!("this rank holds no `{}`", t.name))
+                    })?
+                    .to_dtype(DType::F32)?,
+                Streamed::Known(_) => {
+                    return Err(ParallelError::Unsupported(format!(
+                        "`{}` is written by rank 0 alone",
+                        t.name
+                    )))
+                }
+            };
+            let rows = v.dims().first().copied().unwrap_or(1);
+            Ok(v.reshape((rows, ()))?)
+        };
+        // the ranks sending a file tensor, in rank order, with the index ranges they hold
+        // (per axis; the whole tensor for a bias)
+        let senders = |t: &PlannedTensor| -> ParallelResult<Vec<(usize, AxisRanges)>> {
+            let whole = || {
+                t.shape
+                    .iter()
+                    .map(|&d| std::iter::once(0..d).collect())
+                    .collect::<AxisRanges>()
+            };
+            let mut out = Vec::new();
+            match what(&t.name)? {
+                Streamed::Slices { base, set } => {
+                    let replica = sets[set].replica;
+                    let base = base.as_str();
+                    let spec = specs.get(base).ok_or_else(|| {
+                        ParallelError::Unsupported(format!("`{base}` is no tensor of the model"))
+                    })?;
+                    for r in 0..world.size() {
+                        let rc = plan.mesh.coords(r);
+                        if !plan.holds(rc, base) {
+                            continue;
+                        }
+                        let sel = plan.selection(rc, spec);
+                        let k: usize = sel.shape(&spec.shape).iter().product();
+                        if k > 0 && replica(rc, base) && one_copy(rc, base, &sel) {
+                            out.push((r, sel.ranges(&spec.shape)));
+                        }
+                    }
+                }
+                Streamed::Bias => {
+                    let r = (0..world.size())
+                        .find(|&r| {
+                            let rc = plan.mesh.coords(r);
+                            first(rc) && plan.holds(rc, &t.name)
+                        })
+                        .ok_or_else(|| {
+                            ParallelError::Unsupported(format!("no rank holds `{}`", t.name))
+                        })?;
+                    out.push((r, whole()));
+                }
+                Streamed::Known(_) => {}
+            }
+            Ok(out)
+        };
+        // a tensor's chunks: leading-axis rows [a, b) of at most `bound` values
+        let chunks = |t: &PlannedTensor| -> Vec<Range<usize>> {
+            let rows = t.shape.first().copied().unwrap_or(1);
+            let row: usize = t.shape.iter().skip(1).product();
+            let per = (bound / row.max(1)).max(1);
+            (0..rows)
+                .step_by(per)
+                .map(|a| a..(a + per).min(rows))
+                .collect()
+        };
+        // a sender's rows inside chunk `c`: positions in its slice, and their rows in the chunk
+        let rows_in = |ranges: &[Vec<Range<usize>>], c: &Range<usize>| -> (Vec<u32>, Vec<usize>) {
+            let lead: Vec<usize> = match ranges.first() {
+                Some(rs) => rs.iter().flat_map(|r| r.clone()).collect(),
+                None => vec![0],
+            };
+            lead.iter()
+                .enumerate()
+                .filter(|(_, g)| c.contains(g))
+                .map(|(i, g)| (i as u32, g - c.start))
+                .unzip()
+        };
+        let pick = |v: &Tensor, at: &[u32]| -> ParallelResult<Vec<f32>> {
+            let idx = Tensor::new(at, v.device())?;
+            Ok(v.index_select(&idx, 0)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        if me != 0 {
+            for t in tensors {
+                let Some((_, ranges)) = senders(t)?.into_iter().find(|(r, _)| *r == me) else {
+                    continue;
+                };
+                let v = local(t)?;
+                for c in chunks(t) {
+                    let (at, _) = rows_in(&ranges, &c);
+                    if !at.is_empty() {
+                        world.recv(0, TAG_READY)?;
+                        world.send(0, TAG_PIECE, &pick(&v, &at)?)?;
+                    }
+                }
+            }
+            return Ok(0);
+        }
+        let mut next = 0usize;
+        let mut max_held = 0usize;
+        let mut fill = |t: &PlannedTensor, sink: &mut TensorSink| -> zaya::Result<()> {
+            let mut run = || -> ParallelResult<()> {
+                let want = tensors.get(next).map(|w| w.name.as_str());
+                if want != Some(t.name.as_str()) {
+                    return Err(ParallelError::Unsupported(format!(
+                        "the writer asked for `{}`, the gather's plan has {want:?} next",
+                        t.name
+                    )));
+                }
+                next += 1;
+                if let Streamed::Known(v) = what(&t.name)? {
+                    sink.write_i64(&v)?;
+                    return Ok(());
+                }
+                let from = senders(t)?;
+                let mine = match from.iter().any(|(r, _)| *r == 0) {
+                    true => Some(local(t)?),
+                    false => None,
+                };
+                let row: usize = t.shape.iter().skip(1).product();
+                for c in chunks(t) {
+                    let mut shape = vec![c.len()];
+                    shape.extend(t.shape.iter().skip(1));
+                    let mut buf = vec![0f32; c.len() * row];
+                    for (r, ranges) in &from {
+                        let (at, rows) = rows_in(ranges, &c);
+                        if at.is_empty() {
+                            continue;
+                        }
+                        let got = match (&mine, *r) {
+                            (Some(v), 0) => pick(v, &at)?,
+                            _ => {
+                                world.send(*r, TAG_READY, &[0.0])?;
+                                world.recv(*r, TAG_PIECE)?
+                            }
+                        };
+                        // the sender's selection, its leading axis cut to this chunk's rows
+                        let mut sel: Vec<Vec<Range<usize>>> =
+                            vec![rows.iter().map(|&g| g..g + 1).collect()];
+                        sel.extend(ranges.iter().skip(1).cloned());
+                        let k: usize = sel
+                            .iter()
+                            .map(|rs| rs.iter().map(|r| r.len()).sum::<usize>())
+                            .product();
+                        if got.len() != k {
+                            return Err(ParallelError::Unsupported(format!(
+                                "rank {r} sent {} values of `{}` rows {c:?}, its slice holds {k}",
+                                got.len(),
+                                t.name
+                            )));
+                        }
+                        max_held = max_held.max(buf.len() + got.len());
+                        add_selected(&mut buf, &shape, &sel, &got);
+                    }
+                    sink.write_f32_as(&buf, t.dtype)?;
+                }
+                Ok(())
+            };
+            run().map_err(into_zaya)
+        };
+        write(&mut fill)?;
+        if next != tensors.len() {
+            return Err(ParallelError::Unsupported(format!(
+                "the checkpoint writer took {next} of {} tensors",
+                tensors.len()
+            )));
+        }
+        Ok(max_held)
     }
 
     fn bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> ParallelResult<()> {
