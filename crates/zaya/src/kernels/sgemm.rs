@@ -557,43 +557,57 @@ mod tests {
         assert!(bad.is_err());
     }
 
-    /// GFLOP/s of the MoE experts' product classes (small config: H = I = 512, a few dozen
-    /// rows per expert), this kernel against [`cpu::gemm`]:
-    /// `cargo test --release -p zaya --lib sgemm::tests::moe_shapes -- --ignored --nocapture`
+    /// GFLOP/s of the training step's product classes (small config: H = I = 512, 32000
+    /// vocabulary, batch 4 × 256, a few dozen rows per expert), this kernel (where the
+    /// right operand is a weight's transpose) against [`cpu::gemm`], one thread and the
+    /// pool: `cargo test --release -p zaya --lib sgemm::tests::step_shapes -- --ignored
+    /// --nocapture`
     #[test]
     #[ignore = "timing, not a check"]
-    fn moe_shapes() {
+    fn step_shapes() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
         let best = |f: &mut dyn FnMut()| {
             f();
             let mut best = f64::INFINITY;
-            for _ in 0..20 {
+            for _ in 0..10 {
                 let t = std::time::Instant::now();
                 f();
                 best = best.min(t.elapsed().as_secs_f64());
             }
             best
         };
-        let (h, i) = (512, 512);
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
-            return;
-        }
+        let (h, i, v, t) = (512, 512, 32000, 1024);
         println!("threads: {}", cpu::num_threads());
-        for r in [16, 32, 33, 48, 64, 100, 200] {
-            // (label, m, n, k, lhs transposed, rhs transposed)
-            // The backward's products (`dy·W_down`, `dgu·W_gu`, `dYᵀ·X`) stay on cpu::gemm,
-            // which measured faster there: this kernel takes only the `·Wᵀ` ones.
-            let classes = [
-                ("fwd gate_up x·Wguᵀ", r, 2 * i, h, false, true),
-                ("fwd down act·Wdᵀ", r, h, i, false, true),
-            ];
-            for (label, m, n, k, ta, tb) in classes {
-                let a = Operand::new(m, k, ta, 1);
-                let b = Operand::new(k, n, tb, 2);
-                let mut c = vec![0f32; m * n];
-                let flop = 2.0 * (m * n * k) as f64 / 1e9;
-                let mut line = format!("r={r:<3} {label:<20} m={m:<4} n={n:<4} k={k:<4}");
-                for parallel in [false, true] {
-                    let ours = best(&mut || {
+        // (label, m, n, k, lhs transposed, rhs transposed)
+        let mut classes = vec![
+            ("attn proj x·Wᵀ", t, h, h, false, true),
+            ("attn proj dx g·W", t, h, h, false, false),
+            ("attn proj dW gᵀ·x", h, h, t, true, false),
+            ("lm_head chunk y·Wᵀ", 512, v, h, false, true),
+            ("lm_head dy g·W", 512, h, v, false, false),
+            ("lm_head dW gᵀ·y", v, h, 512, true, false),
+        ];
+        for r in [16, 32, 33, 48, 64, 100, 128, 200] {
+            classes.extend([
+                ("expert gate_up x·Wguᵀ", r, 2 * i, h, false, true),
+                ("expert down act·Wdᵀ", r, h, i, false, true),
+                ("expert dact dy·Wd", r, i, h, false, false),
+                ("expert dx dgu·Wgu", r, h, 2 * i, false, false),
+                ("expert dWd dyᵀ·act", h, i, r, true, false),
+                ("expert dWgu dguᵀ·x", 2 * i, h, r, true, false),
+            ]);
+        }
+        for (label, m, n, k, ta, tb) in classes {
+            let a = Operand::new(m, k, ta, 1);
+            let b = Operand::new(k, n, tb, 2);
+            let mut c = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64 / 1e9;
+            let mut line = format!("{label:<22} m={m:<5} n={n:<5} k={k:<5}");
+            for parallel in [false, true] {
+                let ours = tb.then(|| {
+                    best(&mut || {
                         cpu::in_pool(|| {
                             weight_rows(
                                 m,
@@ -607,32 +621,32 @@ mod tests {
                             )
                             .unwrap()
                         })
-                    });
-                    let theirs = best(&mut || {
-                        cpu::in_pool(|| {
-                            cpu::gemm(
-                                m,
-                                n,
-                                k,
-                                MatMut::new(&mut c, 0, n),
-                                false,
-                                a.view(),
-                                b.view(),
-                                1.0,
-                                parallel,
-                            )
-                            .unwrap()
-                        })
-                    });
-                    line += &format!(
-                        " | {}T: ours {:>5.0} cpu::gemm {:>5.0}",
-                        if parallel { cpu::num_threads() } else { 1 },
-                        flop / ours,
-                        flop / theirs
-                    );
-                }
-                println!("{line} GFLOP/s");
+                    })
+                });
+                let theirs = best(&mut || {
+                    cpu::in_pool(|| {
+                        cpu::gemm(
+                            m,
+                            n,
+                            k,
+                            MatMut::new(&mut c, 0, n),
+                            false,
+                            a.view(),
+                            b.view(),
+                            1.0,
+                            parallel,
+                        )
+                        .unwrap()
+                    })
+                });
+                let ours = ours.map_or("    -".to_string(), |s| format!("{:>5.0}", flop / s));
+                line += &format!(
+                    " | {}T: sgemm {ours} cpu::gemm {:>5.0}",
+                    if parallel { cpu::num_threads() } else { 1 },
+                    flop / theirs
+                );
             }
+            println!("{line} GFLOP/s");
         }
     }
 }
