@@ -526,6 +526,39 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Checks that the views of an `m×n = (m×k)·(k×n)` product lie inside their slices (and
+/// that the destination's rows do not overlap), so the unchecked kernels never read or
+/// write out of bounds.
+pub(crate) fn check_views(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &MatMut<'_>,
+    lhs: &MatRef<'_>,
+    rhs: &MatRef<'_>,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst_ok = dst.off + (m - 1) * dst.rs + n <= dst.data.len() && (m == 1 || dst.rs >= n);
+    if !dst_ok || !lhs.fits(m, k) || !rhs.fits(k, n) {
+        return Err(KernelError::Internal(format!(
+            "gemm view out of bounds (m={m}, n={n}, k={k})"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The product of an empty reduction (`k = 0`): zero, added to nothing when accumulating.
+pub(crate) fn zero_unless_accumulating(m: usize, n: usize, dst: MatMut<'_>, accumulate: bool) {
+    if !accumulate {
+        for r in 0..m {
+            dst.data[dst.off + r * dst.rs..dst.off + r * dst.rs + n].fill(0.0);
+        }
+    }
+}
+
 /// Most rows of `lhs` for which [`gemm`] takes its GEMV path.
 pub(crate) const GEMV_ROWS: usize = 32;
 
@@ -549,19 +582,9 @@ pub(crate) fn gemm(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let dst_ok = dst.off + (m - 1) * dst.rs + n <= dst.data.len() && (m == 1 || dst.rs >= n);
-    if !dst_ok || !lhs.fits(m, k) || !rhs.fits(k, n) {
-        return Err(KernelError::Internal(format!(
-            "gemm view out of bounds (m={m}, n={n}, k={k})"
-        ))
-        .into());
-    }
+    check_views(m, n, k, &dst, &lhs, &rhs)?;
     if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst.data[dst.off + r * dst.rs..dst.off + r * dst.rs + n].fill(0.0);
-            }
-        }
+        zero_unless_accumulating(m, n, dst, accumulate);
         return Ok(());
     }
     // A few rows against a matrix whose columns are contiguous (a linear weight seen as

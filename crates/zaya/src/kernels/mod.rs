@@ -43,6 +43,7 @@ mod residual_scale;
 mod rms_norm;
 mod rotary;
 mod router_eda;
+mod sgemm;
 mod softmax;
 mod swiglu;
 

@@ -7,6 +7,11 @@
 //! output and the activation are rounded to bf16, as the reference's bf16 products are. The routing weight is applied afterwards with a differentiable
 //! multiply, so the router keeps its gradient; the op itself has a fused backward that
 //! recomputes the expert activations instead of storing them.
+//!
+//! f32 products: the forward's two (`x·W_guᵀ`, `act·W_downᵀ`, also the backward's
+//! recompute) go through [`sgemm::gemm`] (an AVX-512 kernel for a few dozen rows against a
+//! weight's transpose, [`cpu::gemm`] elsewhere); the backward's (`dy·W_down`, `dgu·W_gu`,
+//! `dYᵀ·X`) through [`cpu::gemm`], which measured faster at those shapes.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -16,7 +21,7 @@ use super::cpu::{
     MatMut, MatRef, GEMV_ROWS,
 };
 use super::reference::MoeShape;
-use super::{swiglu, KernelError};
+use super::{sgemm, swiglu, KernelError};
 
 const OP: &str = "moe_experts";
 
@@ -53,7 +58,7 @@ impl MoeExperts {
     fn gate_up(&self, xe: &[f32], wgu: &[f32], r: usize) -> Result<Vec<f32>> {
         let (h, i2) = (self.h, 2 * self.i);
         let mut gu = vec![0f32; r * i2];
-        cpu::gemm(
+        sgemm::gemm(
             r,
             i2,
             h,
@@ -61,7 +66,6 @@ impl MoeExperts {
             false,
             MatRef::rows(xe, 0, h),
             MatRef::rows(wgu, 0, h).t(),
-            1.0,
             true,
         )?;
         Ok(gu)
@@ -157,7 +161,7 @@ impl CustomOp3 for MoeExperts {
             let gu = self.gate_up(&xe, &wgu, r)?;
             let act = swiglu::forward(&gu, None, i);
             let mut ye = vec![0f32; r * h];
-            cpu::gemm(
+            sgemm::gemm(
                 r,
                 h,
                 i,
@@ -165,7 +169,6 @@ impl CustomOp3 for MoeExperts {
                 false,
                 MatRef::rows(&act, 0, i),
                 MatRef::rows(&wd, 0, i).t(),
-                1.0,
                 true,
             )?;
             for (k, &row) in rows.iter().enumerate() {

@@ -1,0 +1,652 @@
+//! An AVX-512 f32 GEMM for a few dozen rows against a weight's transpose — the forward
+//! products of the MoE experts (per expert 30–100 token rows, `x·W_guᵀ` and `act·W_downᵀ`,
+//! `K = 512` in the small config), run again by their fused backward's recompute. The
+//! `gemm` crate (through [`cpu::gemm`]) packs the whole weight for every such product, a
+//! transpose that costs about as much as the product when each weight element meets only
+//! a few dozen rows, and its thread split gains nothing at this size: on the Xeon of the
+//! training benchmark it ran them at ~115 GFLOP/s on one thread and on two alike.
+//!
+//! Here the roles swap: the few rows of `lhs` are packed transposed (panels of `NR = 32`
+//! rows, cheap), and the register tile is `Cᵀ` — `MR = 12` weight rows, broadcast straight
+//! from the weight in place, times `NR` rows of `lhs` in two zmm vectors (24 of the 32
+//! registers) — over the whole reduction. The 12 weight rows (`12·k` values, 24 KiB at
+//! `k = 512`) stay in L1 while the panels of `lhs` stream from L2. Threads split the weight
+//! rows; each packs `lhs` into a buffer that stays allocated for the thread.
+//!
+//! Numerics: every output is one FMA chain over `k` in order (from the old value when
+//! accumulating), whatever the tile position or the thread split: bit-identical for any
+//! thread count and any number of rows (a row of the product does not depend on the other
+//! rows), so a recomputed product (gradient checkpointing) equals the first one.
+//!
+//! Everything else goes to [`cpu::gemm`]: other CPUs (no AVX-512F), right operands that
+//! are not a contiguous-row weight's transpose (the backward's `dy·W` and `dYᵀ·X`, where
+//! the `gemm` crate measured faster), more than [`MAX_ROWS`] rows, and at most
+//! [`cpu::GEMV_ROWS`] rows, where its GEMV path keeps decode's batch invariance.
+
+use std::cell::RefCell;
+
+use candle_core::Result;
+
+use super::cpu::{self, MatMut, MatRef};
+
+/// Weight rows (columns of the product) in the register tile.
+const MR: usize = 12;
+/// Rows of `lhs` in the register tile (two 16-lane vectors).
+const NR: usize = 32;
+/// Most rows this kernel takes: above, packing the weight pays for itself and the
+/// `gemm` crate's blocking wins.
+pub(crate) const MAX_ROWS: usize = 128;
+/// Products smaller than this (`m·n·k`) run on the calling thread.
+const MIN_PARALLEL_WORK: usize = 1 << 18;
+
+/// Whether [`gemm`] runs its own kernel for this product (else it is [`cpu::gemm`]).
+pub(crate) fn takes(m: usize, rhs: &MatRef<'_>) -> bool {
+    rhs.rs == 1
+        && m > cpu::GEMV_ROWS
+        && m <= MAX_ROWS
+        && cpu::simd_level() == cpu::SimdLevel::Avx512
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views, like
+/// [`cpu::gemm`] with `beta = 1`. `parallel` splits the product over the kernel pool
+/// (callers already inside a parallel region pass `false`); the result does not depend on
+/// it. Every view is bounds-checked before the unchecked kernel runs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut<'_>,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallel: bool,
+) -> Result<()> {
+    if !takes(m, &rhs) {
+        return cpu::gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, parallel);
+    }
+    weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
+}
+
+/// The kernel of [`gemm`] for any number of rows; `rhs` must be a weight's transpose
+/// (`rhs.rs == 1`) and the CPU must have AVX-512F (checked: an error otherwise).
+#[allow(clippy::too_many_arguments)]
+fn weight_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut<'_>,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallel: bool,
+) -> Result<()> {
+    if rhs.rs != 1 || cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        return Err(super::KernelError::Internal(format!(
+            "sgemm: needs AVX-512F and a weight's transpose (rhs row stride {})",
+            rhs.rs
+        ))
+        .into());
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    cpu::check_views(m, n, k, &dst, &lhs, &rhs)?;
+    if k == 0 {
+        cpu::zero_unless_accumulating(m, n, dst, accumulate);
+        return Ok(());
+    }
+    let threads = if parallel && m * n * k >= MIN_PARALLEL_WORK {
+        cpu::num_threads()
+    } else {
+        1
+    };
+    let blocks = split(n, threads);
+    let c = DstPtr(dst.data[dst.off..].as_mut_ptr());
+    let ldc = dst.rs;
+    let run = |t: usize| {
+        let (n0, n1) = blocks[t];
+        // SAFETY: the views were checked above for these m, n, k and strides, `takes`
+        // saw AVX-512F and `rhs.rs == 1`, and the blocks are disjoint column ranges of
+        // `dst`, so no two threads write the same element.
+        unsafe { block(m, n0, n1, k, c, ldc, accumulate, &lhs, &rhs) }
+    };
+    if blocks.len() == 1 {
+        run(0);
+    } else {
+        cpu::par_map(blocks.len(), m * n * k, run);
+    }
+    Ok(())
+}
+
+/// The destination, shared by the threads that write disjoint blocks of it.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: each thread writes only its own block (see `gemm`).
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+/// Splits the `n` weight rows into at most `threads` ranges `(n0, n1)` of whole tiles.
+fn split(n: usize, threads: usize) -> Vec<(usize, usize)> {
+    let tiles = n.div_ceil(MR);
+    let per = tiles.div_ceil(threads.clamp(1, tiles)) * MR;
+    (0..n)
+        .step_by(per)
+        .map(|n0| (n0, (n0 + per).min(n)))
+        .collect()
+}
+
+thread_local! {
+    /// The packed `lhs`, kept for the thread (the pool's threads live for the process), so
+    /// a product does not page in fresh memory.
+    static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Columns `n0..n1` (weight rows) of the product, all `m` rows, on this thread.
+///
+/// # Safety
+/// AVX-512F must be available, `rhs.rs == 1`, the views must hold the whole `m×k` / `k×n`
+/// product (see [`cpu::check_views`]), `c` must point at element `(0, 0)` of a destination
+/// with row stride `ldc` holding columns `n0..n1` of `m` rows, and nobody else may access
+/// those columns meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    m: usize,
+    n0: usize,
+    n1: usize,
+    k: usize,
+    c: DstPtr,
+    ldc: usize,
+    accumulate: bool,
+    lhs: &MatRef<'_>,
+    rhs: &MatRef<'_>,
+) {
+    PACKED.with(|packed| {
+        let xbuf = &mut *packed.borrow_mut();
+        let panels = m.div_ceil(NR);
+        if xbuf.len() < panels * NR * k {
+            xbuf.resize(panels * NR * k, 0.0);
+        }
+        pack_lhs_transposed(lhs, m, k, xbuf);
+        let w = rhs.data.as_ptr().add(rhs.off);
+        let ldw = rhs.cs;
+        // Weight tile outer, row panels inner: the tile's weight rows stay in L1.
+        for j in (n0..n1).step_by(MR) {
+            let cols = MR.min(n1 - j);
+            let wp = w.add(j * ldw);
+            for ip in 0..panels {
+                let i = ip * NR;
+                let rows = NR.min(m - i);
+                let xp = xbuf.as_ptr().add(ip * NR * k);
+                let cp = c.0.add(i * ldc + j);
+                // A last panel of at most 16 rows takes the one-vector tile.
+                macro_rules! tile {
+                    ($v:literal; $($r:literal)*) => {
+                        match cols {
+                            $($r => kernel::<$r, $v>(k, xp, wp, ldw, cp, ldc, rows, accumulate),)*
+                            _ => unreachable!("tile columns {cols} > {MR}"),
+                        }
+                    };
+                }
+                if rows > 16 {
+                    tile!(2; 1 2 3 4 5 6 7 8 9 10 11 12);
+                } else {
+                    tile!(1; 1 2 3 4 5 6 7 8 9 10 11 12);
+                }
+            }
+        }
+    })
+}
+
+/// Packs the `m × k` `lhs` as panels of `NR` rows, each `k` groups of `NR` values
+/// (`panel[p·NR + i] = lhs[ip·NR + i, p]`, rows past `m` zero).
+fn pack_lhs_transposed(lhs: &MatRef<'_>, m: usize, k: usize, out: &mut [f32]) {
+    for (ip, i) in (0..m).step_by(NR).enumerate() {
+        let rows = NR.min(m - i);
+        let panel = &mut out[ip * NR * k..(ip + 1) * NR * k];
+        if rows < NR {
+            panel.fill(0.0);
+        }
+        for ii in 0..rows {
+            let base = lhs.off + (i + ii) * lhs.rs;
+            for p in 0..k {
+                panel[p * NR + ii] = lhs.data[base + p * lhs.cs];
+            }
+        }
+    }
+}
+
+/// The `Cᵀ` register tile of [`block`]: columns `0..R` of `C` (weight rows `w + j·ldw`,
+/// read in place) times `rows ≤ 16·V` rows of `C` (the packed panel `x`: `k` groups of
+/// `NR`), over the whole reduction, from `C` when `load_c`, else from zero.
+///
+/// # Safety
+/// AVX-512F must be available; `x` must hold `k·NR` values, `w` `R` rows of `k` values
+/// `ldw` apart; `c` must hold `rows` rows of `R` values `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel<const R: usize, const V: usize>(
+    k: usize,
+    x: *const f32,
+    w: *const f32,
+    ldw: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    load_c: bool,
+) {
+    use std::arch::x86_64::*;
+    // `C` is row-major and the tile holds its transpose: go through a small buffer.
+    let mut t = [[0f32; NR]; R];
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    if load_c {
+        for ii in 0..rows {
+            for (j, tj) in t.iter_mut().enumerate() {
+                tj[ii] = *c.add(ii * ldc + j);
+            }
+        }
+        for (acc_j, tj) in acc.iter_mut().zip(&t) {
+            for (v, a) in acc_j.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(tj.as_ptr().add(16 * v));
+            }
+        }
+    }
+    for p in 0..k {
+        let xp = x.add(p * NR);
+        let xv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(xp.add(16 * v)));
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let wj = _mm512_set1_ps(*w.add(j * ldw + p));
+            for (v, a) in acc_j.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(wj, xv[v], *a);
+            }
+        }
+    }
+    for (acc_j, tj) in acc.iter().zip(t.iter_mut()) {
+        for (v, a) in acc_j.iter().enumerate() {
+            _mm512_storeu_ps(tj.as_mut_ptr().add(16 * v), *a);
+        }
+    }
+    for ii in 0..rows {
+        for (j, tj) in t.iter().enumerate() {
+            *c.add(ii * ldc + j) = tj[ii];
+        }
+    }
+}
+
+/// Never called: [`takes`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const R: usize, const V: usize>(
+    _k: usize,
+    _x: *const f32,
+    _w: *const f32,
+    _ldw: usize,
+    _c: *mut f32,
+    _ldc: usize,
+    _rows: usize,
+    _load_c: bool,
+) {
+    unreachable!("the AVX-512 GEMM runs only where AVX-512F was detected")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::test_data;
+
+    /// A `rows × cols` operand inside a larger buffer: `off` elements before it, rows (or,
+    /// transposed, columns) `pad` elements longer than needed.
+    struct Operand {
+        data: Vec<f32>,
+        off: usize,
+        rs: usize,
+        cs: usize,
+    }
+
+    impl Operand {
+        fn new(rows: usize, cols: usize, transposed: bool, seed: u32) -> Self {
+            let (off, pad) = (5, 3);
+            let (rs, cs) = if transposed {
+                (1, rows + pad)
+            } else {
+                (cols + pad, 1)
+            };
+            let len = off + rows.max(1) * cols.max(1) + pad * rows.max(cols) + 8;
+            Operand {
+                data: test_data(len, seed),
+                off,
+                rs,
+                cs,
+            }
+        }
+        fn view(&self) -> MatRef<'_> {
+            MatRef::new(&self.data, self.off, self.rs, self.cs)
+        }
+        fn at(&self, r: usize, c: usize) -> f64 {
+            self.data[self.off + r * self.rs + c * self.cs] as f64
+        }
+    }
+
+    /// Runs [`gemm`] into a destination with padded rows (stride `n + 2`, offset 1), filled
+    /// with `init`; returns the whole buffer.
+    fn run(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Operand,
+        b: &Operand,
+        accumulate: bool,
+        parallel: bool,
+    ) -> Vec<f32> {
+        let ldc = n + 2;
+        let mut c = test_data(1 + m * ldc, 77);
+        weight_rows(
+            m,
+            n,
+            k,
+            MatMut::new(&mut c, 1, ldc),
+            accumulate,
+            a.view(),
+            b.view(),
+            parallel,
+        )
+        .unwrap();
+        c
+    }
+
+    /// The kernel against an f64 product over odd shapes, 1..200 rows, both layouts of
+    /// `lhs`, padded strides and offsets, with and without accumulation, on one thread and
+    /// on the pool (bit-identical), and the padding of the destination untouched.
+    #[test]
+    fn matches_the_f64_product_over_odd_shapes() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            eprintln!("no AVX-512F here: the kernel is not run (gemm is cpu::gemm)");
+            return;
+        }
+        let ms = [
+            1, 2, 3, 5, 11, 12, 13, 16, 17, 24, 25, 31, 32, 33, 47, 48, 49, 64, 65, 100, 127, 200,
+        ];
+        let ns = [1, 7, 11, 12, 13, 24, 25, 31, 65, 100, 129, 512];
+        let ks = [1, 3, 17, 255, 256, 257, 513];
+        let mut case = 0usize;
+        for (mi, &m) in ms.iter().enumerate() {
+            for j in 0..3 {
+                let n = ns[(mi * 3 + j) % ns.len()];
+                let k = ks[(mi * 2 + j) % ks.len()];
+                for ta in [false, true] {
+                    let tb = true;
+                    case += 1;
+                    let accumulate = case.is_multiple_of(2);
+                    let a = Operand::new(m, k, ta, case as u32);
+                    let b = Operand::new(k, n, tb, 1000 + case as u32);
+                    let serial = run(m, n, k, &a, &b, accumulate, false);
+                    let pooled = run(m, n, k, &a, &b, accumulate, true);
+                    let init = test_data(1 + m * (n + 2), 77);
+                    for (i, (s, p)) in serial.iter().zip(&pooled).enumerate() {
+                        assert_eq!(s.to_bits(), p.to_bits(), "m={m} n={n} k={k} at {i}");
+                    }
+                    assert_eq!(serial[0], init[0], "element before the destination");
+                    for r in 0..m {
+                        for col in 0..n + 2 {
+                            let idx = 1 + r * (n + 2) + col;
+                            if col >= n {
+                                if idx < serial.len() {
+                                    assert_eq!(serial[idx], init[idx], "padding written");
+                                }
+                                continue;
+                            }
+                            let mut want = if accumulate { init[idx] as f64 } else { 0.0 };
+                            let mut scale = want.abs();
+                            for p in 0..k {
+                                want += a.at(r, p) * b.at(p, col);
+                                scale += (a.at(r, p) * b.at(p, col)).abs();
+                            }
+                            let got = serial[idx] as f64;
+                            // The rigorous bound of a recursive f32 sum (Higham: γ_k+1 ·
+                            // Σ|terms|, unit roundoff 2⁻²⁴): a wrong term is far outside.
+                            let bound = (k + 1) as f64 * f64::powi(2.0, -24) * scale;
+                            assert!(
+                                (got - want).abs() <= bound + 1e-30,
+                                "m={m} n={n} k={k} ta={ta} tb={tb} acc={accumulate} \
+                                 ({r}, {col}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row of the product does not depend on the other rows (the batch invariance): rows
+    /// 3..m−2 computed alone equal the same rows of the whole product, bit for bit.
+    #[test]
+    fn rows_do_not_depend_on_the_other_rows() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let (m, n, k) = (77, 70, 600);
+        for ta in [false, true] {
+            let a = Operand::new(m, k, ta, 1);
+            let b = Operand::new(k, n, true, 2);
+            let mut whole = vec![0f32; m * n];
+            gemm(
+                m,
+                n,
+                k,
+                MatMut::new(&mut whole, 0, n),
+                false,
+                a.view(),
+                b.view(),
+                true,
+            )
+            .unwrap();
+            let sub = m - 5;
+            let mut part = vec![0f32; sub * n];
+            let a_sub = MatRef::new(&a.data, a.off + 3 * a.rs, a.rs, a.cs);
+            gemm(
+                sub,
+                n,
+                k,
+                MatMut::new(&mut part, 0, n),
+                false,
+                a_sub,
+                b.view(),
+                true,
+            )
+            .unwrap();
+            for (x, y) in part.iter().zip(&whole[3 * n..(3 + sub) * n]) {
+                assert_eq!(x.to_bits(), y.to_bits());
+            }
+        }
+    }
+
+    /// Which products the kernel takes; the others are [`cpu::gemm`]'s.
+    #[test]
+    fn takes_few_rows_against_a_weight_transpose() {
+        let w = vec![0f32; 4];
+        let wt = MatRef::rows(&w, 0, 2).t();
+        let plain = MatRef::rows(&w, 0, 2);
+        let avx512 = cpu::simd_level() == cpu::SimdLevel::Avx512;
+        assert_eq!(takes(cpu::GEMV_ROWS + 1, &wt), avx512);
+        assert_eq!(takes(MAX_ROWS, &wt), avx512);
+        assert!(!takes(cpu::GEMV_ROWS, &wt), "GEMV rows stay on cpu::gemm");
+        assert!(!takes(MAX_ROWS + 1, &wt));
+        assert!(!takes(64, &plain), "a row-major rhs stays on cpu::gemm");
+    }
+
+    #[test]
+    fn empty_reduction_and_bad_views() {
+        let a = vec![1f32; 6];
+        let mut c = vec![5f32; 4];
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let wt = MatRef::rows(&a, 0, 3).t();
+        weight_rows(
+            2,
+            2,
+            0,
+            MatMut::new(&mut c, 0, 2),
+            true,
+            MatRef::rows(&a, 0, 0),
+            wt,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c, vec![5.0; 4], "k = 0 accumulates nothing");
+        weight_rows(
+            2,
+            2,
+            0,
+            MatMut::new(&mut c, 0, 2),
+            false,
+            MatRef::rows(&a, 0, 0),
+            wt,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c, vec![0.0; 4], "k = 0 without accumulating is zero");
+        weight_rows(
+            2,
+            2,
+            3,
+            MatMut::new(&mut c, 0, 2),
+            false,
+            MatRef::rows(&a, 0, 3),
+            wt,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c, vec![3.0; 4]);
+        // Wᵀ of 2 rows of 3 does not fit in 6 elements at offset 1
+        let bad = weight_rows(
+            2,
+            2,
+            3,
+            MatMut::new(&mut c, 0, 2),
+            false,
+            MatRef::rows(&a, 0, 3),
+            MatRef::rows(&a, 1, 3).t(),
+            false,
+        );
+        assert!(bad.is_err());
+        // destination rows overlapping
+        let bad = weight_rows(
+            2,
+            2,
+            1,
+            MatMut::new(&mut c, 0, 1),
+            false,
+            MatRef::rows(&a, 0, 1),
+            MatRef::rows(&a, 0, 1).t(),
+            false,
+        );
+        assert!(bad.is_err());
+        // a row-major rhs is not the kernel's
+        let bad = weight_rows(
+            2,
+            2,
+            2,
+            MatMut::new(&mut c, 0, 2),
+            false,
+            MatRef::rows(&a, 0, 2),
+            MatRef::rows(&a, 0, 2),
+            false,
+        );
+        assert!(bad.is_err());
+    }
+
+    /// GFLOP/s of the training step's product classes (small config: H = I = 512, 32000
+    /// vocabulary, batch 4 × 256, a few dozen rows per expert), this kernel (where the
+    /// right operand is a weight's transpose) against [`cpu::gemm`], one thread and the
+    /// pool: `cargo test --release -p zaya --lib sgemm::tests::step_shapes -- --ignored
+    /// --nocapture`
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn step_shapes() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            let mut best = f64::INFINITY;
+            for _ in 0..10 {
+                let t = std::time::Instant::now();
+                f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best
+        };
+        let (h, i, v, t) = (512, 512, 32000, 1024);
+        println!("threads: {}", cpu::num_threads());
+        // (label, m, n, k, lhs transposed, rhs transposed)
+        let mut classes = vec![
+            ("attn proj x·Wᵀ", t, h, h, false, true),
+            ("attn proj dx g·W", t, h, h, false, false),
+            ("attn proj dW gᵀ·x", h, h, t, true, false),
+            ("lm_head chunk y·Wᵀ", 512, v, h, false, true),
+            ("lm_head dy g·W", 512, h, v, false, false),
+            ("lm_head dW gᵀ·y", v, h, 512, true, false),
+        ];
+        for r in [16, 32, 33, 48, 64, 100, 128, 200] {
+            classes.extend([
+                ("expert gate_up x·Wguᵀ", r, 2 * i, h, false, true),
+                ("expert down act·Wdᵀ", r, h, i, false, true),
+                ("expert dact dy·Wd", r, i, h, false, false),
+                ("expert dx dgu·Wgu", r, h, 2 * i, false, false),
+                ("expert dWd dyᵀ·act", h, i, r, true, false),
+                ("expert dWgu dguᵀ·x", 2 * i, h, r, true, false),
+            ]);
+        }
+        for (label, m, n, k, ta, tb) in classes {
+            let a = Operand::new(m, k, ta, 1);
+            let b = Operand::new(k, n, tb, 2);
+            let mut c = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64 / 1e9;
+            let mut line = format!("{label:<22} m={m:<5} n={n:<5} k={k:<5}");
+            for parallel in [false, true] {
+                let ours = tb.then(|| {
+                    best(&mut || {
+                        cpu::in_pool(|| {
+                            weight_rows(
+                                m,
+                                n,
+                                k,
+                                MatMut::new(&mut c, 0, n),
+                                false,
+                                a.view(),
+                                b.view(),
+                                parallel,
+                            )
+                            .unwrap()
+                        })
+                    })
+                });
+                let theirs = best(&mut || {
+                    cpu::in_pool(|| {
+                        cpu::gemm(
+                            m,
+                            n,
+                            k,
+                            MatMut::new(&mut c, 0, n),
+                            false,
+                            a.view(),
+                            b.view(),
+                            1.0,
+                            parallel,
+                        )
+                        .unwrap()
+                    })
+                });
+                let ours = ours.map_or("    -".to_string(), |s| format!("{:>5.0}", flop / s));
+                line += &format!(
+                    " | {}T: sgemm {ours} cpu::gemm {:>5.0}",
+                    if parallel { cpu::num_threads() } else { 1 },
+                    flop / theirs
+                );
+            }
+            println!("{line} GFLOP/s");
+        }
+    }
+}
