@@ -608,3 +608,39 @@ fn bench_train_on_mpi_processes_reports_every_rank() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Examples of 5 tokens in rows of 12: every row packs two documents and padding. `--tp 2`
+/// and `--tp 2 --pp 2` on local ranks reproduce the single process's losses step by step.
+#[test]
+fn tp_local_ranks_on_packed_rows_reproduce_the_single_process_run() {
+    let d = tmp("packed");
+    let rows: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gqa_sliding").join("train.json")).unwrap(),
+    )
+    .unwrap();
+    let mut text = String::new();
+    for k in 0..6 {
+        let ids: Vec<u64> = rows["input_ids"][k % 2].as_array().unwrap()[k..k + 5]
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        text.push_str(&serde_json::json!({ "input_ids": ids }).to_string());
+        text.push('\n');
+    }
+    let data = d.join("data.jsonl");
+    std::fs::write(&data, text).unwrap();
+    let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
+    assert!(ok, "{err}");
+    assert!(err.contains("6 examples -> 3 packed rows"), "{err}");
+    let want = losses(&d.join("single"));
+    assert!(!want.is_empty());
+    for (tag, extra) in [
+        ("tp2", &["--tp", "2"][..]),
+        ("tp2pp2", &["--tp", "2", "--pp", "2"][..]),
+    ] {
+        let (ok, err) = train(&[], &data, &d.join(tag), &with_eps(extra));
+        assert!(ok, "{tag}: {err}");
+        assert_same_losses(&losses(&d.join(tag)), &want);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -273,14 +273,27 @@ impl TpAttention {
         } else {
             u.clone()
         };
-        let z = kernels::cca_conv(
-            &x,
-            &self.conv_w0,
-            &self.conv_b0,
-            &self.conv_w1,
-            &self.conv_b1,
-            nq + nkv,
-        )?;
+        // Packed documents: the same per-document convolution as one rank, on this rank's
+        // heads (the conv is per head, so a head's channels need nothing from other ranks).
+        let z = match inputs.same_document {
+            None => kernels::cca_conv(
+                &x,
+                &self.conv_w0,
+                &self.conv_b0,
+                &self.conv_w1,
+                &self.conv_b1,
+                nq + nkv,
+            )?,
+            Some(same) => zaya::model::attention::convolve_documents(
+                &x,
+                same,
+                &self.conv_w0,
+                &self.conv_b0,
+                &self.conv_w1,
+                &self.conv_b1,
+                nq + nkv,
+            )?,
+        };
         let q = (z.narrow(2, 0, nq * d)?.reshape((b, t, nq, d))? + mq)?;
         let k = (z.narrow(2, nq * d, nkv * d)?.reshape((b, t, nkv, d))? + mk)?;
 
@@ -295,7 +308,18 @@ impl TpAttention {
                 let vdel = if t > 1 {
                     Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
                 } else {
-                    first
+                    first.clone()
+                };
+                // A document start inside a packed row takes the start-of-sequence delayed
+                // value, as one rank does.
+                let vdel = match inputs.same_document {
+                    Some(same) => {
+                        let keep = same.narrow(2, 1, 1)?.to_dtype(vdel.dtype())?;
+                        let start_value = first.broadcast_as(vdel.shape())?;
+                        (vdel.broadcast_mul(&keep)?
+                            + start_value.broadcast_mul(&(1.0 - &keep)?)?)?
+                    }
+                    None => vdel,
                 };
                 parts.push(vdel);
                 vd.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?
@@ -782,7 +806,7 @@ impl TpModel {
             cos,
             sin,
             conv_mask: ctx.conv_mask.as_ref(),
-            same_document: None,
+            same_document: ctx.same_document.as_ref(),
             want_probs,
             backend: ctx.attn,
         };
@@ -959,11 +983,6 @@ impl TpModel {
                 self.coords,
                 m.label()
             )));
-        }
-        if opts.document_ids.is_some() {
-            return Err(ParallelError::Unsupported(
-                "packed documents (document_ids) on a parallel mesh".into(),
-            ));
         }
         let cap = opts.capture;
         if let Some(c) = cache.as_deref() {

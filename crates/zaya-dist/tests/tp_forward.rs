@@ -689,3 +689,34 @@ fn batched_decode_of_rows_at_different_positions_equals_one_rank() {
         }
     }
 }
+
+/// Packed rows (three documents per row, the batch's padding inside the first): the logits
+/// on TP, TP × PP and EP meshes equal one rank's, which differ from the unpacked rows'.
+#[test]
+fn packed_documents_on_meshes_equal_one_rank() {
+    let name = "gqa_sliding";
+    let single = ZayaModel::load(dir(name), DType::F32, &Device::Cpu).unwrap();
+    let (ids, plain) = inputs(name, "batch");
+    let (b, t) = ids.dims2().unwrap();
+    let docs: Vec<u32> = (0..b)
+        .flat_map(|_| (0..t).map(move |i| (3 * i / t) as u32))
+        .collect();
+    let opts = ForwardOptions {
+        document_ids: Some(Tensor::from_vec(docs, (b, t), &Device::Cpu).unwrap()),
+        ..plain.clone()
+    };
+    let want = single.forward(&ids, None, &opts).unwrap();
+    let want_logits = want.logits.as_ref().unwrap();
+    let unpacked = single.forward(&ids, None, &plain).unwrap();
+    assert!(max_diff(unpacked.logits.as_ref().unwrap(), want_logits) > 1e-3);
+    for (tp, pp, ep) in [(2, 1, 1), (2, 2, 1), (1, 1, 2)] {
+        let shape = MeshShape::new(tp, pp, ep, 1).unwrap();
+        let logits = on_mesh(name, shape, |m, mesh| {
+            Ok(m.forward_mesh(mesh.groups(), &ids, None, &opts)?.0)
+        });
+        let what = format!("packed tp {tp} pp {pp} ep {ep}");
+        let d = max_diff(&logits, want_logits);
+        eprintln!("{what}: max |Δ| = {d:.3e}");
+        assert_tp_close(&what, d, want_logits);
+    }
+}

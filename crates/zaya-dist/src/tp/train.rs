@@ -360,18 +360,6 @@ impl TpTrainModel {
         let m = &self.model;
         let (b, t) = batch.shape()?;
         let dev = &m.device;
-        // A row holding one document (a packed row of one example, padding included) is an
-        // ordinary sequence; several documents in a row need masks the TP layers lack.
-        if let Some(docs) = &batch.document_ids {
-            if docs
-                .iter()
-                .any(|r| r.iter().any(|&d| Some(&d) != r.first()))
-            {
-                return Err(ParallelError::Unsupported(
-                    "packed documents (several documents in a row of document_ids) under tensor parallel training: use examples of at least --seq-len tokens, so that no row holds two".into(),
-                ));
-            }
-        }
         let flat: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
         let ids_t = Tensor::from_vec(flat, (b, t), dev)?;
         let ids = zaya::model::check_input_ids(&m.cfg, &ids_t, 0)?;
@@ -383,8 +371,18 @@ impl TpTrainModel {
                 Tensor::from_vec(flat, (b, t), dev)
             })
             .transpose()?;
+        // Packed rows: the context's masks and same-document table, as one rank builds them.
+        let document_ids = batch
+            .document_ids
+            .as_ref()
+            .map(|d| {
+                let flat: Vec<u32> = d.iter().flatten().copied().collect();
+                Tensor::from_vec(flat, (b, t), dev)
+            })
+            .transpose()?;
         let fopts = ForwardOptions {
             attention_mask: mask,
+            document_ids,
             attn: opts.attn,
             ..Default::default()
         };

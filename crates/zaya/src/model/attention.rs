@@ -189,63 +189,79 @@ impl CcaProjection {
         Ok((Qkv { q, k, v }, conv, rec))
     }
 
-    /// Both causal convolutions over `x` = `[history ; u]` (`[B, S+T, C]`) of packed
-    /// documents: each token sees its own document's history only. Otherwise as
-    /// [`kernels::cca_conv`]'s reference: f32 accumulation, the depthwise output rounded to
-    /// the parameter dtype between the two convolutions.
+    /// See [`convolve_documents`].
     fn convolve_documents(&self, x: &Tensor, same: &Tensor) -> Result<Tensor> {
-        let (b, len, c) = x.dims3()?;
-        let s = self.k0 + self.k1 - 2;
-        let t = len - s;
-        let (nq, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let xf = x.to_dtype(DType::F32)?;
-
-        let ng = nq + nkv;
-        let w0 = self.conv_qk_depthwise_weight.to_dtype(DType::F32)?;
-        let b0 = self
-            .conv_qk_depthwise_bias
-            .to_dtype(DType::F32)?
-            .reshape((1, 1, c))?;
-        // Grouped tap i reads the depthwise output K1-1-i tokens back; with packed documents
-        // each token sees its own document's history only (other documents' inputs count as
-        // the zero history of a sequence start), so the depthwise output is per (token, tap).
-        let taps = (0..self.k1)
-            .map(|i| {
-                let mut acc = b0.broadcast_as((b, t, c))?.contiguous()?;
-                for k in 0..self.k0 {
-                    let back = s - i - k;
-                    let w = w0.narrow(2, k, 1)?.reshape((1, 1, c))?;
-                    let keep = same.narrow(2, back, 1)?;
-                    acc = (acc
-                        + xf.narrow(1, i + k, t)?
-                            .broadcast_mul(&w)?
-                            .broadcast_mul(&keep)?)?;
-                }
-                acc.to_dtype(x.dtype())?.to_dtype(DType::F32)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Grouped conv: per head a [D, K1·D] mixing of K1 consecutive taps, as one batched
-        // matmul over the Nq + Nkv groups.
-        let taps = taps
-            .iter()
-            .map(|tap| tap.reshape((b * t, ng, d)))
-            .collect::<Result<Vec<_>>>()?;
-        let taps = Tensor::cat(&taps, 2)?.transpose(0, 1)?.contiguous()?; // [G, B·T, K1·D]
-        let w1 = self
-            .conv_qk_grouped_weight
-            .to_dtype(DType::F32)?
-            .reshape((ng, d, d, self.k1))? // [G, out, in, K1]
-            .permute((0, 3, 2, 1))? // [G, K1, in, out]
-            .reshape((ng, self.k1 * d, d))?;
-        let z = taps.matmul(&w1)?.transpose(0, 1)?.reshape((b, t, c))?;
-        z.broadcast_add(
-            &self
-                .conv_qk_grouped_bias
-                .to_dtype(DType::F32)?
-                .reshape((1, 1, c))?,
-        )?
-        .to_dtype(x.dtype())
+        convolve_documents(
+            x,
+            same,
+            &self.conv_qk_depthwise_weight,
+            &self.conv_qk_depthwise_bias,
+            &self.conv_qk_grouped_weight,
+            &self.conv_qk_grouped_bias,
+            self.num_heads + self.num_kv_heads,
+        )
     }
+}
+
+/// Both causal convolutions over `x` = `[history ; u]` (`[B, S+T, C]`) of packed
+/// documents: each token sees its own document's history only. Otherwise as
+/// [`kernels::cca_conv`]'s reference: f32 accumulation, the depthwise output rounded to
+/// the parameter dtype between the two convolutions. `w0` `[C, 1, K0]`, `w1`
+/// `[C, D, K1]` over `groups` heads of `D = C / groups` channels; `same` is
+/// `ForwardContext::same_document` (`[B, T, ≥ S+1]`). Public for the tensor-parallel layer,
+/// which runs it on its own heads' channels.
+pub fn convolve_documents(
+    x: &Tensor,
+    same: &Tensor,
+    w0: &Tensor,
+    b0: &Tensor,
+    w1: &Tensor,
+    b1: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    let (b, len, c) = x.dims3()?;
+    let (k0, k1) = (w0.dim(2)?, w1.dim(2)?);
+    let s = k0 + k1 - 2;
+    let t = len - s;
+    let ng = groups;
+    let d = c / ng;
+    let xf = x.to_dtype(DType::F32)?;
+
+    let w0 = w0.to_dtype(DType::F32)?;
+    let b0 = b0.to_dtype(DType::F32)?.reshape((1, 1, c))?;
+    // Grouped tap i reads the depthwise output K1-1-i tokens back; with packed documents
+    // each token sees its own document's history only (other documents' inputs count as
+    // the zero history of a sequence start), so the depthwise output is per (token, tap).
+    let taps = (0..k1)
+        .map(|i| {
+            let mut acc = b0.broadcast_as((b, t, c))?.contiguous()?;
+            for k in 0..k0 {
+                let back = s - i - k;
+                let w = w0.narrow(2, k, 1)?.reshape((1, 1, c))?;
+                let keep = same.narrow(2, back, 1)?;
+                acc = (acc
+                    + xf.narrow(1, i + k, t)?
+                        .broadcast_mul(&w)?
+                        .broadcast_mul(&keep)?)?;
+            }
+            acc.to_dtype(x.dtype())?.to_dtype(DType::F32)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Grouped conv: per head a [D, K1·D] mixing of K1 consecutive taps, as one batched
+    // matmul over the groups.
+    let taps = taps
+        .iter()
+        .map(|tap| tap.reshape((b * t, ng, d)))
+        .collect::<Result<Vec<_>>>()?;
+    let taps = Tensor::cat(&taps, 2)?.transpose(0, 1)?.contiguous()?; // [G, B·T, K1·D]
+    let w1 = w1
+        .to_dtype(DType::F32)?
+        .reshape((ng, d, d, k1))? // [G, out, in, K1]
+        .permute((0, 3, 2, 1))? // [G, K1, in, out]
+        .reshape((ng, k1 * d, d))?;
+    let z = taps.matmul(&w1)?.transpose(0, 1)?.reshape((b, t, c))?;
+    z.broadcast_add(&b1.to_dtype(DType::F32)?.reshape((1, 1, c))?)?
+        .to_dtype(x.dtype())
 }
 
 /// The QK-norm (the registry's reference definition, also used by the tensor-parallel
