@@ -342,7 +342,7 @@ const SN2: usize = 32;
 /// Whether [`gemm_streamed`] takes these sizes: `k` a whole number of tile steps (the weight
 /// rows are loaded in place, so a step may not run past a row).
 pub(crate) fn streams(k: usize) -> bool {
-    k > 0 && k % KS == 0
+    k > 0 && k.is_multiple_of(KS)
 }
 
 thread_local! {

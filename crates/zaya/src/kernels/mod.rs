@@ -36,6 +36,7 @@ mod k_quants;
 mod log_prob;
 pub(crate) mod matmul;
 mod moe;
+mod q4k_q8k;
 mod q8_0;
 mod qk_norm;
 pub mod quantized;

@@ -170,6 +170,18 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 *out_dims.last_mut().expect("rank >= 1") = n;
                 Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
             }
+            (GgmlDType::Q4K, candle_core::CpuStorage::F32(x), Some((a, b)))
+                if dims.last() == Some(&k) && k.is_multiple_of(256) =>
+            {
+                // candle's arithmetic (activations rounded to Q8_K, integer dot products)
+                // on the blocks in place, without candle's repacked copy of the matrix
+                let m = (b - a) / k.max(1);
+                let mut out = vec![0f32; m * n];
+                super::q4k_q8k::linear(&x[a..b], m, k, &q.data()?, n, &mut out)?;
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("rank >= 1") = n;
+                Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
+            }
             _ => candle_core::CustomOp1::cpu_fwd(q, s, l),
         }
     }
