@@ -371,6 +371,7 @@ impl GgufCheckpoint {
             GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape.dims(), dev)?,
             _ => self.qtensor(name)?.dequantize(dev)?,
         };
+        self.release(bytes);
         t.to_dtype(dtype)
     }
 
@@ -378,7 +379,33 @@ impl GgufCheckpoint {
         let (bytes, d, shape) = self.raw(name)?;
         // Copied once out of the map into the block storage the matmul reads.
         let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, d)?;
+        self.release(bytes);
         QTensor::new(storage, shape)
+    }
+
+    /// Drops the mapped pages of `bytes` (a range of the map, already copied) from this
+    /// process's resident memory, so that loading holds each tensor once, not the file's
+    /// pages beside the copies (peak RSS of an 8B q4_k load: weights + 4.9 GB before). The
+    /// pages stay in the page cache; a later read of the range faults them back in.
+    fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        {
+            let offset = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+            // SAFETY: the map is a read-only file mapping: MADV_DONTNEED only unmaps our
+            // copies of its pages, and any later read of the range sees the same file
+            // contents again. `bytes` lies within the map (it came from `raw`).
+            let dropped = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    bytes.len(),
+                )
+            };
+            // only a hint: a failure costs memory, not correctness
+            if let Err(e) = dropped {
+                tracing::debug!("{}: madvise(DONTNEED): {e}", self.path.display());
+            }
+        }
     }
 
     /// A `VarBuilder` over the file's tensors in native names (dense forms).
