@@ -59,19 +59,9 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8kRows {
     };
     let mut q = [0i8; QK_K];
     for (b, xs) in x[..m * k].chunks_exact(QK_K).enumerate() {
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &v in xs {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        if amax == 0.0 {
+        let d = round_block(xs, &mut q);
+        if d == 0.0 {
             continue; // zeros already
-        }
-        let iscale = -127f32 / max;
-        for (q, &v) in q.iter_mut().zip(xs) {
-            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
         }
         for (s, sum) in rows.bsums[16 * b..16 * b + 16].iter_mut().enumerate() {
             *sum = q[16 * s..16 * s + 16]
@@ -83,9 +73,36 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8kRows {
         for (s, at) in STORED_AT.iter().enumerate() {
             out[32 * at..32 * at + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
         }
-        rows.d[b] = 1.0 / iscale;
+        rows.d[b] = d;
     }
     rows
+}
+
+/// One super-block of `xs` (256 values) rounded into `q`; returns `d` (0 for a zero
+/// block, `q` then untouched). candle's loop, written so that it vectorises: the first
+/// value of largest magnitude, and `f32::round` (half away from zero) as a truncation
+/// plus a correction, exact for every f32.
+#[inline(always)]
+fn round_block_body(xs: &[f32], q: &mut [i8; QK_K]) -> f32 {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    let max = xs[xs.iter().position(|v| v.abs() == amax).unwrap_or(0)];
+    let iscale = -127f32 / max;
+    for (q, &v) in q.iter_mut().zip(xs) {
+        let t = iscale * v;
+        let r = t.trunc();
+        // `t − r` is exact; a fraction of at least one half rounds away from zero
+        let r = if (t - r).abs() >= 0.5 { r + 1f32.copysign(t) } else { r };
+        *q = r.clamp(-128.0, 127.0) as i8;
+    }
+    1.0 / iscale
+}
+
+simd_dispatch! {
+    /// One super-block rounded to Q8_K (see [`round_block_body`]).
+    fn round_block(xs: &[f32], q: &mut [i8; QK_K]) -> f32 => round_block_body
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K super-block (the 12 bytes at 4),
@@ -378,7 +395,14 @@ mod tests {
     #[test]
     fn activation_rounding_is_candles_bit_for_bit() {
         let (m, k) = (3, 768);
-        let x = activations(m, k, 4);
+        let mut x = activations(m, k, 4);
+        // a super-block whose largest value is −127 (scale 1), with exact ties: half-way
+        // values round away from zero
+        let ties = &mut x[2 * QK_K..3 * QK_K];
+        for (i, v) in ties.iter_mut().enumerate() {
+            *v = (i as f32 - 128.0) / 2.0 + 0.25 * (i % 3 == 0) as u8 as f32;
+        }
+        ties[7] = -127.0;
         let mine = quantize_rows(&x, m, k);
         let t = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
         let theirs = QTensor::quantize(&t, GgmlDType::Q8K).unwrap();
