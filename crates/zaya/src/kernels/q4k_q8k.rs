@@ -14,7 +14,8 @@
 //!
 //! - up to [`GEMV_ROWS`] rows: each weight super-block is decoded once (nibbles, the scale
 //!   vectors) for all rows, weight rows split across the kernel pool; AVX-512BW bodies
-//!   (`vpmaddubsw` / `vpmaddwd`), a portable body elsewhere.
+//!   (`vpmaddubsw` / `vpmaddwd`), the same on 256-bit vectors where the CPU has AVX2 but
+//!   not AVX-512BW, a portable body elsewhere.
 //! - more rows: the same, [`GEMV_ROWS`] rows at a time (compute-bound there; the weight is
 //!   read once per chunk).
 //!
@@ -94,7 +95,11 @@ fn round_block_body(xs: &[f32], q: &mut [i8; QK_K]) -> f32 {
         let t = iscale * v;
         let r = t.trunc();
         // `t − r` is exact; a fraction of at least one half rounds away from zero
-        let r = if (t - r).abs() >= 0.5 { r + 1f32.copysign(t) } else { r };
+        let r = if (t - r).abs() >= 0.5 {
+            r + 1f32.copysign(t)
+        } else {
+            r
+        };
         *q = r.clamp(-128.0, 127.0) as i8;
     }
     1.0 / iscale
@@ -292,6 +297,149 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{scales_and_mins, Q8kRows, BLOCK_BYTES, QK_K, STORED_AT};
+    use std::arch::x86_64::*;
+
+    /// `vpshufb` controls that spread the 16-bit scale `s` of eight over all lanes.
+    const fn spread(s: u8) -> [u8; 32] {
+        let mut v = [0u8; 32];
+        let mut i = 0;
+        while i < 32 {
+            v[i] = 2 * s + (i % 2) as u8;
+            i += 1;
+        }
+        v
+    }
+    const SPREAD: [[u8; 32]; 8] = [
+        spread(0),
+        spread(1),
+        spread(2),
+        spread(3),
+        spread(4),
+        spread(5),
+        spread(6),
+        spread(7),
+    ];
+
+    /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q4_K weight row, in
+    /// groups of four rows (the AVX-512 body's arithmetic on 256-bit vectors: for CPUs
+    /// without AVX-512BW, e.g. AMD Zen 3).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dots(
+        xq: &Q8kRows,
+        kb: usize,
+        rows: std::ops::Range<usize>,
+        row: &[u8],
+        out: &mut [f32],
+    ) {
+        debug_assert!(out.len() == rows.len() && row.len() == kb * BLOCK_BYTES);
+        let mut i = rows.start;
+        for o in out.chunks_mut(4) {
+            match o.len() {
+                4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
+                3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
+                2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
+                _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
+            }
+            i += o.len();
+        }
+    }
+
+    /// `x_i · w` for rows `i0..i0 + R` of `xq` against one Q4_K weight row. Per super-block
+    /// and 32-byte nibble chunk: both sub-blocks' weights and scale vectors once, then each
+    /// row's `vpmaddubsw` / `vpmaddwd` into its integer sum.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_rows<const R: usize>(xq: &Q8kRows, kb: usize, i0: usize, row: &[u8]) -> [f32; R] {
+        assert!(xq.d.len() >= (i0 + R) * kb && row.len() >= kb * BLOCK_BYTES);
+        // SAFETY (all loads): `SPREAD` holds 8 × 32 bytes; a block is 144 bytes with its
+        // nibbles at 16..144; rows `i0..i0 + R` of `xq` hold `kb` super-blocks of 256
+        // values and 16 sums each (asserted through `d`).
+        let spread = SPREAD.map(|c| unsafe { _mm256_loadu_si256(c.as_ptr() as *const _) });
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [_mm256_setzero_ps(); R];
+        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+            let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            let (sc, mn) = scales_and_mins(blk);
+            let sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64));
+            let sc16 = _mm256_broadcastsi128_si256(sc16);
+            let xs: [*const i8; R] =
+                std::array::from_fn(|r| unsafe { xq.qs.as_ptr().add(QK_K * ((i0 + r) * kb + b)) });
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const _) };
+                let (s0, s1) = (2 * c, 2 * c + 1);
+                let w0 = _mm256_and_si256(q, low);
+                let w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                let k0 = _mm256_shuffle_epi8(sc16, spread[s0]);
+                let k1 = _mm256_shuffle_epi8(sc16, spread[s1]);
+                for r in 0..R {
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_loadu_si256(xs[r].add(32 * STORED_AT[s0]) as *const _),
+                            _mm256_loadu_si256(xs[r].add(32 * STORED_AT[s1]) as *const _),
+                        )
+                    };
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), k0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), k1);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+                }
+            }
+            // each min twice: it applies to two runs of 16 sums
+            let mn8 = _mm_cvtsi64_si128(mn as i64);
+            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+            for r in 0..R {
+                let at = (i0 + r) * kb + b;
+                let (bs, dx) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.bsums.as_ptr().add(16 * at) as *const _),
+                        *xq.d.get_unchecked(at),
+                    )
+                };
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
+                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
+                accm[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dmin * dx), accm[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) - hsum(accm[r]);
+        }
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// Whether the AVX2 body runs on this CPU (detected once).
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the AVX-512BW body runs on this CPU (detected once).
 fn use_avx512bw() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -314,6 +462,11 @@ fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: 
     if use_avx512bw() {
         // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C (detected).
         return unsafe { avx512::dots(xq, kb, rows, row, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (detected).
+        return unsafe { avx2::dots(xq, kb, rows, row, out) };
     }
     dots_portable(xq, kb, rows, row, out)
 }
@@ -470,8 +623,27 @@ mod tests {
                         &bytes[j * row_bytes..][..row_bytes],
                         &mut p,
                     );
+                    // the AVX2 body too where it is not the one dispatched (AVX-512 CPUs)
+                    let mut p2 = [p[0]];
+                    #[cfg(target_arch = "x86_64")]
+                    if use_avx2() {
+                        // SAFETY: AVX2, FMA and F16C detected.
+                        unsafe {
+                            avx2::dots(
+                                &xq,
+                                k / QK_K,
+                                i..i + 1,
+                                &bytes[j * row_bytes..][..row_bytes],
+                                &mut p2,
+                            )
+                        };
+                    }
                     let mag: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * 8.0;
-                    for (what, v) in [("kernel", got[i * n + j]), ("portable", p[0])] {
+                    for (what, v) in [
+                        ("kernel", got[i * n + j]),
+                        ("portable", p[0]),
+                        ("avx2", p2[0]),
+                    ] {
                         assert!(
                             (v - want[i * n + j]).abs() <= 1e-5 * (1.0 + mag),
                             "{what} m={m} k={k} n={n} ({i},{j}): {v} vs candle {}",

@@ -2,16 +2,16 @@
 //! as the dense kernel: tokens bucketed by expert, per expert one matmul for gate/up over
 //! the gathered rows, SwiGLU, one matmul for down, rows scattered back and scaled by the
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
-//! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`], Q4_K and Q6_K on
-//! [`super::k_quants`] when `ZAYA_KQUANT_F32=1` (both read the blocks in place, f32
-//! activations); the other formats
-//! on candle's quantized CPU matmul (it quantizes the activations to the weight's
-//! dot-product partner format, Q8_0 / Q8_K, and runs AVX-512 VNNI / AVX2 dot products where
-//! the CPU has them).
+//! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations),
+//! Q4_K on [`super::q4k_q8k`] (candle's Q8_K activation rounding and integer sums, on the
+//! blocks in place), Q4_K and Q6_K on [`super::k_quants`] (f32 activations) when
+//! `ZAYA_KQUANT_F32=1`; the other formats on candle's quantized CPU matmul (it quantizes the
+//! activations to the weight's dot-product partner format, Q8_0 / Q8_K, and runs AVX-512
+//! VNNI / AVX2 dot products where the CPU has them).
 //!
 //! Its reference is the dense kernel over the dequantized weights; the two differ by
-//! summation order (Q8_0, Q4_K, Q6_K) or by the activation quantization (the other
-//! formats; tested in `tests/quantized.rs`).
+//! summation order (Q8_0; Q4_K / Q6_K with `ZAYA_KQUANT_F32=1`) or by the activation
+//! quantization (the other formats, Q4_K by default; tested in `tests/quantized.rs`).
 
 use std::sync::Arc;
 
@@ -96,9 +96,9 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     }
 }
 
-/// `xs · Qᵀ` in f32: Q8_0 (and, opted in, Q4_K / Q6_K) weights through our kernels with f32
-/// activations ([`super::q8_0`], [`super::k_quants`]), the other formats through candle's quantized CPU
-/// matmul. The weight
+/// `xs · Qᵀ` in f32: Q8_0 weights through [`super::q8_0`] (f32 activations), Q4_K through
+/// [`super::q4k_q8k`] (or, opted in, Q4_K / Q6_K through [`super::k_quants`] with f32
+/// activations), the other formats through candle's quantized CPU matmul. The weight
 /// is frozen; the input gets a gradient (QLoRA trains adapters on top of a quantized base),
 /// computed against the dequantized weight a block of rows at a time.
 pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
@@ -112,9 +112,9 @@ pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
 }
 
 /// Whether Q4_K / Q6_K products run on [`super::k_quants`] (f32 activations, no activation
-/// rounding): opt-in with `ZAYA_KQUANT_F32=1`, read once. Off by default because on the
-/// Sapphire Rapids bench machine candle's Q8_K/VNNI matmul is still faster (medium model,
-/// q4_k, 2 threads: decode b1 48 vs 32 tok/s, prefill 594 vs 250 tok/s).
+/// rounding): opt-in with `ZAYA_KQUANT_F32=1`, read once. Off by default because an f32
+/// multiply-add per weight is slower than integer dot products on Q8_K-rounded activations
+/// (medium model, q4_k, 2 threads, Sapphire Rapids: decode b1 32 tok/s against candle's 48).
 fn kquant_f32_kernel() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("ZAYA_KQUANT_F32").is_ok_and(|v| v.trim() == "1"))
