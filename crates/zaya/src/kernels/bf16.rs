@@ -122,7 +122,9 @@ const STREAMED_MAX_ROWS: usize = 64;
 
 /// [`linear_bf16`] for a matrix that sees a few of a larger forward's rows — an expert's
 /// share of a prefill. From [`STREAMED_MIN_ROWS`] rows the weights stream through AMX tiles
-/// in place ([`super::amx::gemm_streamed`]) where the CPU allows it, instead of the GEMV
+/// in place ([`super::amx::gemm_streamed`]) where the CPU allows it, and from
+/// [`PACKED_MIN_ROWS`] go through the packed AVX-512 BF16 kernel where it has no AMX but
+/// AVX-512 BF16 (an expert of a 512-token prefill sees ~30 rows), instead of the GEMV
 /// that [`linear_bf16`] keeps up to [`GEMV_ROWS`] rows so that a decode row's result does
 /// not depend on how many rows run with it. Callers use this only when the forward holds
 /// more than [`GEMV_ROWS`] rows (not a decode step). The AMX kernel's result for a row does
@@ -145,7 +147,24 @@ pub(crate) fn linear_bf16_share(
         super::amx::gemm_streamed(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
         return Ok(());
     }
+    // without AMX, the packed AVX-512 BF16 kernel (its rows are independent of each other
+    // too) from the size where it beats the GEMV's bandwidth-bound dots
+    #[cfg(target_arch = "x86_64")]
+    if (PACKED_MIN_ROWS..=GEMV_ROWS).contains(&m) && n > 0 && k > 0 && dot::available() && !amx_on()
+    {
+        packed::gemm(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
+        return Ok(());
+    }
     linear_bf16(x, m, k, w, n, out)
+}
+
+/// Whether [`linear_bf16`] takes its AMX path.
+#[cfg(target_arch = "x86_64")]
+fn amx_on() -> bool {
+    #[cfg(target_os = "linux")]
+    return super::amx::enabled();
+    #[cfg(not(target_os = "linux"))]
+    false
 }
 
 /// Fewest rows for which the AVX-512 BF16 products pack the weight ([`packed`]) instead of
@@ -674,6 +693,7 @@ mod tests {
             (13, 1100, 61),
             (40, 257, 97),
             (4, 64, 7),
+            (20, 300, 70),
             (33, 2048, 100),
         ] {
             let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
@@ -686,6 +706,15 @@ mod tests {
                 assert!(
                     (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
                     "m={m} k={k} n={n}: {g} vs {r}"
+                );
+            }
+            // an expert's share of a prefill: AMX, packed or GEMV, the same product
+            let mut share = vec![f32::NAN; m * n];
+            linear_bf16_share(&x, m, k, &w, n, &mut share).unwrap();
+            for (g, r) in share.iter().zip(&want) {
+                assert!(
+                    (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                    "share m={m} k={k} n={n}: {g} vs {r}"
                 );
             }
             // and the same as the widening path it replaces, up to summation order
@@ -715,6 +744,8 @@ mod tests {
             (13, 2048, 130),
             (40, 257, 97),
             (64, 1, 200),
+            (17, 31, 50),
+            (48, 130, 101),
         ] {
             let x: Vec<bf16> = data(m * k, 13).into_iter().map(bf16::from_f32).collect();
             let w: Vec<bf16> = data(n * k, 17).into_iter().map(bf16::from_f32).collect();
