@@ -54,11 +54,25 @@ impl MoeExperts {
         out
     }
 
+    /// The f32 product of an expert's rows: a decode step (no more rows than the GEMV
+    /// takes) keeps [`sgemm::gemm`]'s GEMV, so a row's result does not depend on the rows
+    /// decoded with it; a larger forward's expert shares take the kernel from fewer rows.
+    #[allow(clippy::type_complexity)]
+    fn product(
+        &self,
+    ) -> fn(usize, usize, usize, MatMut<'_>, bool, MatRef<'_>, MatRef<'_>, bool) -> Result<()> {
+        if self.n > GEMV_ROWS {
+            sgemm::gemm_share
+        } else {
+            sgemm::gemm
+        }
+    }
+
     /// `gu = xe · W_guᵀ` `[R, 2I]` for one expert.
     fn gate_up(&self, xe: &[f32], wgu: &[f32], r: usize) -> Result<Vec<f32>> {
         let (h, i2) = (self.h, 2 * self.i);
         let mut gu = vec![0f32; r * i2];
-        sgemm::gemm(
+        self.product()(
             r,
             i2,
             h,
@@ -161,7 +175,7 @@ impl CustomOp3 for MoeExperts {
             let gu = self.gate_up(&xe, &wgu, r)?;
             let act = swiglu::forward(&gu, None, i);
             let mut ye = vec![0f32; r * h];
-            sgemm::gemm(
+            self.product()(
                 r,
                 h,
                 i,

@@ -21,7 +21,9 @@
 //! Everything else goes to [`cpu::gemm`]: other CPUs (no AVX-512F), right operands that
 //! are not a contiguous-row weight's transpose (the backward's `dy·W` and `dYᵀ·X`, where
 //! the `gemm` crate measured faster), more than [`MAX_ROWS`] rows, and at most
-//! [`cpu::GEMV_ROWS`] rows, where its GEMV path keeps decode's batch invariance.
+//! [`cpu::GEMV_ROWS`] rows, where its GEMV path keeps decode's batch invariance — except
+//! through [`gemm_share`], for an expert's share of a larger forward, which takes this kernel
+//! from [`SHARE_MIN_ROWS`] rows.
 
 use std::cell::RefCell;
 
@@ -39,12 +41,18 @@ pub(crate) const MAX_ROWS: usize = 128;
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
+/// Fewest rows for which [`gemm_share`] runs this kernel rather than the GEMV. AMD EPYC
+/// Zen 4, an expert of the small config (`k = 512`, `n = 512 / 1024`), 1 / 2 threads: the
+/// GEMV faster at 8 rows, this kernel 1.1× at 12, 1.3–1.5× at 16–32 (`step_shapes`).
+pub(crate) const SHARE_MIN_ROWS: usize = 12;
+
 /// Whether [`gemm`] runs its own kernel for this product (else it is [`cpu::gemm`]).
 pub(crate) fn takes(m: usize, rhs: &MatRef<'_>) -> bool {
-    rhs.rs == 1
-        && m > cpu::GEMV_ROWS
-        && m <= MAX_ROWS
-        && cpu::simd_level() == cpu::SimdLevel::Avx512
+    takes_from(cpu::GEMV_ROWS + 1, m, rhs)
+}
+
+fn takes_from(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
+    rhs.rs == 1 && m >= min_rows && m <= MAX_ROWS && cpu::simd_level() == cpu::SimdLevel::Avx512
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views, like
@@ -64,6 +72,28 @@ pub(crate) fn gemm(
 ) -> Result<()> {
     if !takes(m, &rhs) {
         return cpu::gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, parallel);
+    }
+    weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
+}
+
+/// [`gemm`] for one matrix's share of a forward that holds more than [`cpu::GEMV_ROWS`]
+/// rows — an expert's tokens of a prefill or a training step: this kernel from
+/// [`SHARE_MIN_ROWS`] rows, where [`gemm`] keeps the GEMV up to [`cpu::GEMV_ROWS`] so that a
+/// decode row's result does not depend on the rows decoded with it. Here the rows are
+/// independent of each other too, and the forward and its recompute take the same path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_share(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut<'_>,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallel: bool,
+) -> Result<()> {
+    if !takes_from(SHARE_MIN_ROWS, m, &rhs) {
+        return gemm(m, n, k, dst, accumulate, lhs, rhs, parallel);
     }
     weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
 }
@@ -473,6 +503,8 @@ mod tests {
         assert!(!takes(cpu::GEMV_ROWS, &wt), "GEMV rows stay on cpu::gemm");
         assert!(!takes(MAX_ROWS + 1, &wt));
         assert!(!takes(64, &plain), "a row-major rhs stays on cpu::gemm");
+        assert_eq!(takes_from(SHARE_MIN_ROWS, SHARE_MIN_ROWS, &wt), avx512);
+        assert!(!takes_from(SHARE_MIN_ROWS, SHARE_MIN_ROWS - 1, &wt));
     }
 
     #[test]
@@ -589,7 +621,7 @@ mod tests {
             ("lm_head dy g·W", 512, h, v, false, false),
             ("lm_head dW gᵀ·y", v, h, 512, true, false),
         ];
-        for r in [16, 32, 33, 48, 64, 100, 128, 200] {
+        for r in [8, 12, 16, 24, 32, 33, 48, 64, 100, 128, 200] {
             classes.extend([
                 ("expert gate_up x·Wguᵀ", r, 2 * i, h, false, true),
                 ("expert down act·Wdᵀ", r, h, i, false, true),
