@@ -1254,6 +1254,49 @@ simd_dispatch! {
 
 #[cfg(test)]
 mod tests {
+    /// `cargo test --release -p zaya --lib cpu::tests::gemv_read_rate -- --ignored
+    /// --nocapture`: the read rate of the one-row GEMV of [`super::gemm`] on the small
+    /// config's decode shapes (f32 weights), on the kernel pool, best of 20.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn gemv_read_rate() {
+        use super::{gemm, in_pool, num_threads, test_data, MatMut, MatRef};
+        println!("threads: {}", num_threads());
+        for &(n, k) in &[(512, 512), (1024, 512), (2048, 512), (8192, 512), (32000, 512)] {
+            let x = test_data(k, 1);
+            let w = test_data(n * k, 2);
+            let mut out = vec![0f32; n];
+            let mut run = || {
+                in_pool(|| {
+                    gemm(
+                        1,
+                        n,
+                        k,
+                        MatMut::new(&mut out, 0, n),
+                        false,
+                        MatRef::rows(&x, 0, k),
+                        MatRef::rows(&w, 0, k).t(),
+                        1.0,
+                        true,
+                    )
+                    .unwrap()
+                })
+            };
+            run();
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                run();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "n={n:<6} k={k}: {:8.1} us, {:5.1} GB/s",
+                best * 1e6,
+                (n * k * 4) as f64 / best / 1e9
+            );
+        }
+    }
+
     #[test]
     fn branch_free_bf16_conversions_equal_half_bit_for_bit() {
         use super::{narrow_bf16, round_bf16, widen_bf16};
