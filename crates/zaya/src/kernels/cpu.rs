@@ -1262,7 +1262,13 @@ mod tests {
     fn gemv_read_rate() {
         use super::{gemm, in_pool, num_threads, test_data, MatMut, MatRef};
         println!("threads: {}", num_threads());
-        for &(n, k) in &[(512, 512), (1024, 512), (2048, 512), (8192, 512), (32000, 512)] {
+        for &(n, k) in &[
+            (512, 512),
+            (1024, 512),
+            (2048, 512),
+            (8192, 512),
+            (32000, 512),
+        ] {
             let x = test_data(k, 1);
             let w = test_data(n * k, 2);
             let mut out = vec![0f32; n];
