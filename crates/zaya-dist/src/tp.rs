@@ -889,7 +889,8 @@ impl TpModel {
         let x = got.narrow(1, 0, h)?;
         let out = if total > 0 {
             let w = got.narrow(1, h, 1)?;
-            kernels::moe_experts(&x, &ids, &w, &l.gate_up, &l.down)?
+            // the whole forward's size, as one rank sees it (see `moe_experts_of_forward`)
+            kernels::moe_experts_of_forward(&x, &ids, &w, &l.gate_up, &l.down, n)?
         } else {
             // nothing to compute, but the return trip (and its backward) still runs
             x.affine(0.0, 0.0)?

@@ -284,9 +284,24 @@ pub fn moe_experts(
     gate_up: &Tensor,
     down: &Tensor,
 ) -> Result<Tensor> {
+    moe_experts_of_forward(x, expert_ids, weights, gate_up, down, x.dim(0)?)
+}
+
+/// [`moe_experts`] on the share of a forward of `forward_rows` tokens that an
+/// expert-parallel rank received: the fused kernel chooses its products by the whole
+/// forward's size (a decode step or not), so a mesh computes every expert row exactly as
+/// one rank does.
+pub fn moe_experts_of_forward(
+    x: &Tensor,
+    expert_ids: &[u32],
+    weights: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    forward_rows: usize,
+) -> Result<Tensor> {
     match pick(Kernel::MoeExperts, x)? {
         ImplId::Reference => reference::moe_experts(x, expert_ids, weights, gate_up, down),
-        ImplId::Fused => moe::fused(x, expert_ids, weights, gate_up, down),
+        ImplId::Fused => moe::fused(x, expert_ids, weights, gate_up, down, forward_rows),
         id => Err(not_an_impl(Kernel::MoeExperts, id)),
     }
 }

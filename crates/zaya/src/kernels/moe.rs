@@ -28,6 +28,10 @@ const OP: &str = "moe_experts";
 struct MoeExperts {
     ids: Vec<u32>,
     n: usize,
+    /// Rows of the whole forward this op is part of (`n`, or more on an expert-parallel
+    /// rank, which sees only the tokens dispatched to it): whether it is a decode step,
+    /// so that one rank and a mesh pick the same kernel for an expert's rows.
+    forward_rows: usize,
     h: usize,
     e: usize,
     i: usize,
@@ -61,7 +65,7 @@ impl MoeExperts {
     fn product(
         &self,
     ) -> fn(usize, usize, usize, MatMut<'_>, bool, MatRef<'_>, MatRef<'_>, bool) -> Result<()> {
-        if self.n > GEMV_ROWS {
+        if self.forward_rows > GEMV_ROWS {
             sgemm::gemm_share
         } else {
             sgemm::gemm
@@ -142,7 +146,7 @@ impl CustomOp3 for MoeExperts {
                         // a prefill's expert shares may stream through AMX; a decode
                         // step (no more rows than the GEMV takes) keeps the GEMV, so a
                         // row's result does not depend on the rows decoded with it
-                        let linear = if self.n > GEMV_ROWS {
+                        let linear = if self.forward_rows > GEMV_ROWS {
                             super::bf16::linear_bf16_share
                         } else {
                             super::bf16::linear_bf16
@@ -307,6 +311,7 @@ pub(super) fn fused(
     weights: &Tensor,
     gate_up: &Tensor,
     down: &Tensor,
+    forward_rows: usize,
 ) -> Result<Tensor> {
     let s = MoeShape::check(x, expert_ids, weights, gate_up, down)?;
     for (name, t) in [("gate_up", gate_up), ("down", down), ("weights", weights)] {
@@ -325,6 +330,7 @@ pub(super) fn fused(
     let op = MoeExperts {
         ids: expert_ids.to_vec(),
         n: s.n,
+        forward_rows: forward_rows.max(s.n),
         h: s.h,
         e: s.e,
         i: s.i,
