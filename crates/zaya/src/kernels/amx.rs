@@ -747,17 +747,7 @@ mod tests {
     #[test]
     #[ignore]
     fn amx_bench() {
-        use std::time::Instant;
-        let best = |f: &mut dyn FnMut()| {
-            f();
-            let mut b = f64::INFINITY;
-            for _ in 0..5 {
-                let t = Instant::now();
-                f();
-                b = b.min(t.elapsed().as_secs_f64());
-            }
-            b
-        };
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(5, f);
         println!("threads: {}", cpu::num_threads());
         for &(m, k, n) in &[
             (512, 2048, 2048),

@@ -656,6 +656,20 @@ mod tests {
         out
     }
 
+    /// bf16 operands `x [m×k]`, `W [n×k]` from the seeds, `x` widened, and the f64-summed
+    /// product they must reproduce.
+    #[allow(clippy::type_complexity)]
+    fn bf16_operands(
+        (m, k, n): (usize, usize, usize),
+        (sx, sw): (u32, u32),
+    ) -> (Vec<bf16>, Vec<bf16>, Vec<f32>, Vec<f32>) {
+        let x: Vec<bf16> = data(m * k, sx).into_iter().map(bf16::from_f32).collect();
+        let w: Vec<bf16> = data(n * k, sw).into_iter().map(bf16::from_f32).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let want = reference(&xf, m, k, &w, n);
+        (x, w, xf, want)
+    }
+
     #[test]
     fn gemv_and_tiled_gemm_match_the_widened_product() {
         // k not a multiple of the lanes; n larger than one tile for k = 37 needs 14171 rows,
@@ -696,10 +710,7 @@ mod tests {
             (20, 300, 70),
             (33, 2048, 100),
         ] {
-            let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
-            let w: Vec<bf16> = data(n * k, 5).into_iter().map(bf16::from_f32).collect();
-            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-            let want = reference(&xf, m, k, &w, n);
+            let (x, w, xf, want) = bf16_operands((m, k, n), (3, 5));
             let mut out = vec![f32::NAN; m * n];
             linear_bf16(&x, m, k, &w, n, &mut out).unwrap();
             for (g, r) in out.iter().zip(&want) {
@@ -747,10 +758,7 @@ mod tests {
             (17, 31, 50),
             (48, 130, 101),
         ] {
-            let x: Vec<bf16> = data(m * k, 13).into_iter().map(bf16::from_f32).collect();
-            let w: Vec<bf16> = data(n * k, 17).into_iter().map(bf16::from_f32).collect();
-            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-            let want = reference(&xf, m, k, &w, n);
+            let (x, w, _, want) = bf16_operands((m, k, n), (13, 17));
             let mut packed_out = vec![f32::NAN; m * n];
             packed::gemm(&x, m, k, &w, n, &mut packed_out);
             let mut dot_out = vec![f32::NAN; m * n];
@@ -785,21 +793,11 @@ mod tests {
     #[test]
     #[ignore]
     fn bf16_gemm_speed() {
-        use std::time::Instant;
         if !dot::available() {
             println!("no AVX-512 BF16 here");
             return;
         }
-        let best = |f: &mut dyn FnMut()| {
-            f();
-            let mut b = f64::INFINITY;
-            for _ in 0..5 {
-                let t = Instant::now();
-                f();
-                b = b.min(t.elapsed().as_secs_f64());
-            }
-            b
-        };
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(5, f);
         println!("threads: {}", cpu::num_threads());
         for &(m, k, n) in &[
             (512, 2048, 2048),

@@ -420,6 +420,20 @@ pub(crate) fn test_data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// The best wall time of `repeats` runs of `f` after one warm-up run, in seconds: the
+/// kernels' ignored speed tests.
+#[cfg(test)]
+pub(crate) fn best_seconds(repeats: usize, f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..repeats)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Elements of a weight tile widened at once by [`widened_gemm`] (about 2 MB of f32).
 const TILE_ELEMS: usize = 1 << 19;
 
@@ -1288,13 +1302,7 @@ mod tests {
                     .unwrap()
                 })
             };
-            run();
-            let mut best = f64::INFINITY;
-            for _ in 0..20 {
-                let t = std::time::Instant::now();
-                run();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
+            let best = super::best_seconds(20, &mut run);
             println!(
                 "n={n:<6} k={k}: {:8.1} us, {:5.1} GB/s",
                 best * 1e6,

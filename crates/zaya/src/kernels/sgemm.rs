@@ -46,11 +46,8 @@ const MIN_PARALLEL_WORK: usize = 1 << 18;
 /// GEMV faster at 8 rows, this kernel 1.1× at 12, 1.3–1.5× at 16–32 (`step_shapes`).
 pub(crate) const SHARE_MIN_ROWS: usize = 12;
 
-/// Whether [`gemm`] runs its own kernel for this product (else it is [`cpu::gemm`]).
-pub(crate) fn takes(m: usize, rhs: &MatRef<'_>) -> bool {
-    takes_from(cpu::GEMV_ROWS + 1, m, rhs)
-}
-
+/// Whether the kernel takes this product from `min_rows` rows (else it is [`cpu::gemm`]):
+/// [`gemm`] from [`cpu::GEMV_ROWS`]` + 1`, [`gemm_share`] from [`SHARE_MIN_ROWS`].
 fn takes_from(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
     rhs.rs == 1 && m >= min_rows && m <= MAX_ROWS && cpu::simd_level() == cpu::SimdLevel::Avx512
 }
@@ -70,10 +67,8 @@ pub(crate) fn gemm(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<()> {
-    if !takes(m, &rhs) {
-        return cpu::gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, parallel);
-    }
-    weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
+    let min_rows = cpu::GEMV_ROWS + 1;
+    gemm_from(min_rows, m, n, k, dst, accumulate, lhs, rhs, parallel)
 }
 
 /// [`gemm`] for one matrix's share of a forward that holds more than [`cpu::GEMV_ROWS`]
@@ -92,8 +87,24 @@ pub(crate) fn gemm_share(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<()> {
-    if !takes_from(SHARE_MIN_ROWS, m, &rhs) {
-        return gemm(m, n, k, dst, accumulate, lhs, rhs, parallel);
+    gemm_from(SHARE_MIN_ROWS, m, n, k, dst, accumulate, lhs, rhs, parallel)
+}
+
+/// This kernel from `min_rows` rows (see [`takes_from`]), [`cpu::gemm`] otherwise.
+#[allow(clippy::too_many_arguments)]
+fn gemm_from(
+    min_rows: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut<'_>,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallel: bool,
+) -> Result<()> {
+    if !takes_from(min_rows, m, &rhs) {
+        return cpu::gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, parallel);
     }
     weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
 }
@@ -304,7 +315,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
     }
 }
 
-/// Never called: [`takes`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
+/// Never called: [`takes_from`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const R: usize, const V: usize>(
@@ -498,6 +509,7 @@ mod tests {
         let wt = MatRef::rows(&w, 0, 2).t();
         let plain = MatRef::rows(&w, 0, 2);
         let avx512 = cpu::simd_level() == cpu::SimdLevel::Avx512;
+        let takes = |m: usize, rhs: &MatRef<'_>| takes_from(cpu::GEMV_ROWS + 1, m, rhs);
         assert_eq!(takes(cpu::GEMV_ROWS + 1, &wt), avx512);
         assert_eq!(takes(MAX_ROWS, &wt), avx512);
         assert!(!takes(cpu::GEMV_ROWS, &wt), "GEMV rows stay on cpu::gemm");
@@ -600,16 +612,7 @@ mod tests {
         if cpu::simd_level() != cpu::SimdLevel::Avx512 {
             return;
         }
-        let best = |f: &mut dyn FnMut()| {
-            f();
-            let mut best = f64::INFINITY;
-            for _ in 0..10 {
-                let t = std::time::Instant::now();
-                f();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            best
-        };
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(10, f);
         let (h, i, v, t) = (512, 512, 32000, 1024);
         println!("threads: {}", cpu::num_threads());
         // (label, m, n, k, lhs transposed, rhs transposed)
