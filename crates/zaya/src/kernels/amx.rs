@@ -100,18 +100,6 @@ impl TileConfig {
     }
 }
 
-/// The output pointer shared by the tasks; each writes a disjoint set of columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the buffer, which outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The packed activations ([`pack_activations`]): `rows × ld` bf16 in tile-major order,
 /// `rows` a multiple of 32, `ld` of 32.
 #[derive(Clone, Copy)]
@@ -144,7 +132,7 @@ pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &m
         p: packed_x.as_ptr(),
         ld: kp,
     };
-    let o = Out(out.as_mut_ptr());
+    let o = cpu::ColumnsOut::new(out);
     let panels = n.div_ceil(PANEL);
     cpu::par_map(panels, m * n * k, |b| {
         let j0 = b * PANEL;
@@ -373,7 +361,7 @@ pub(crate) fn gemm_streamed(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize
         p: xb.as_ptr(),
         ld: k,
     };
-    let o = Out(out.as_mut_ptr());
+    let o = cpu::ColumnsOut::new(out);
     let block = if mp == 16 { SN1 } else { SN2 };
     cpu::par_map(n.div_ceil(block), m * n * k, |b| {
         let j0 = b * block;
@@ -720,7 +708,7 @@ mod tests {
             .unwrap();
         let mut single = vec![0f32; m * n];
         one.install(|| {
-            let o = Out(single.as_mut_ptr());
+            let o = cpu::ColumnsOut::new(&mut single);
             let (kp, mp) = (k.next_multiple_of(KS), m.next_multiple_of(MB));
             let buf = pack_activations(&x, m, k, mp, kp);
             let act = Act {

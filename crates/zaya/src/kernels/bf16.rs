@@ -232,23 +232,11 @@ mod dot {
         })
     }
 
-    /// The output pointer shared by the tasks; each writes a disjoint set of columns.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint column ranges of the buffer, which outlives them.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-    impl Out {
-        fn ptr(self) -> *mut f32 {
-            self.0
-        }
-    }
-
     /// Callers check [`available`] and the slice sizes (`x: m·k`, `w: n·k`, `out: m·n`).
     pub(super) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
         debug_assert!(available() && x.len() == m * k && w.len() == n * k && out.len() == m * n);
         out.fill(0.0);
-        let o = Out(out.as_mut_ptr());
+        let o = cpu::ColumnsOut::new(out);
         let blocks = n.div_ceil(NB);
         let block = |b: usize| {
             let j0 = b * NB;
@@ -411,23 +399,11 @@ mod packed {
         static PANEL_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// The output pointer shared by the tasks; each writes a disjoint set of columns.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint column ranges of the buffer, which outlives them.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-    impl Out {
-        fn ptr(self) -> *mut f32 {
-            self.0
-        }
-    }
-
     /// Callers check [`super::dot::available`] and the slice sizes (`x: m·k`, `w: n·k`,
     /// `out: m·n`), `m, n, k > 0`.
     pub(super) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
         debug_assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
-        let o = Out(out.as_mut_ptr());
+        let o = cpu::ColumnsOut::new(out);
         cpu::par_map(n.div_ceil(PANEL), m * n * k, |b| {
             let j0 = b * PANEL;
             let j1 = (j0 + PANEL).min(n);

@@ -411,6 +411,23 @@ pub(crate) fn gemv_by_weight_rows(
     }
 }
 
+/// The output buffer of a product whose pool tasks each write a disjoint set of its
+/// elements (column blocks of the weight rows): a raw pointer the tasks may share.
+#[derive(Clone, Copy)]
+pub(crate) struct ColumnsOut(*mut f32);
+// SAFETY: the tasks holding it write disjoint elements of the buffer, which outlives them
+// (the product borrows it mutably for the whole call).
+unsafe impl Send for ColumnsOut {}
+unsafe impl Sync for ColumnsOut {}
+impl ColumnsOut {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        ColumnsOut(out.as_mut_ptr())
+    }
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Deterministic test values in `[-1, 1)` (a multiplicative hash of the index and `seed`),
 /// for the kernels' tests against their references.
 #[cfg(test)]

@@ -58,17 +58,15 @@ impl MoeExperts {
         out
     }
 
-    /// The f32 product of an expert's rows: a decode step (no more rows than the GEMV
-    /// takes) keeps [`sgemm::gemm`]'s GEMV, so a row's result does not depend on the rows
-    /// decoded with it; a larger forward's expert shares take the kernel from fewer rows.
-    #[allow(clippy::type_complexity)]
-    fn product(
-        &self,
-    ) -> fn(usize, usize, usize, MatMut<'_>, bool, MatRef<'_>, MatRef<'_>, bool) -> Result<()> {
+    /// Fewest rows of an expert for which its f32 products take [`sgemm`]'s kernel: a
+    /// decode step (no more rows than the GEMV takes) keeps the GEMV up to
+    /// [`GEMV_ROWS`], so a row's result does not depend on the rows decoded with it; a larger
+    /// forward's expert shares take the kernel from fewer rows.
+    fn sgemm_min_rows(&self) -> usize {
         if self.forward_rows > GEMV_ROWS {
-            sgemm::gemm_share
+            sgemm::SHARE_MIN_ROWS
         } else {
-            sgemm::gemm
+            GEMV_ROWS + 1
         }
     }
 
@@ -76,7 +74,8 @@ impl MoeExperts {
     fn gate_up(&self, xe: &[f32], wgu: &[f32], r: usize) -> Result<Vec<f32>> {
         let (h, i2) = (self.h, 2 * self.i);
         let mut gu = vec![0f32; r * i2];
-        self.product()(
+        sgemm::gemm(
+            self.sgemm_min_rows(),
             r,
             i2,
             h,
@@ -179,7 +178,8 @@ impl CustomOp3 for MoeExperts {
             let gu = self.gate_up(&xe, &wgu, r)?;
             let act = swiglu::forward(&gu, None, i);
             let mut ye = vec![0f32; r * h];
-            self.product()(
+            sgemm::gemm(
+                self.sgemm_min_rows(),
                 r,
                 h,
                 i,

@@ -20,10 +20,10 @@
 //!
 //! Everything else goes to [`cpu::gemm`]: other CPUs (no AVX-512F), right operands that
 //! are not a contiguous-row weight's transpose (the backward's `dy·W` and `dYᵀ·X`, where
-//! the `gemm` crate measured faster), more than [`MAX_ROWS`] rows, and at most
-//! [`cpu::GEMV_ROWS`] rows, where its GEMV path keeps decode's batch invariance — except
-//! through [`gemm_share`], for an expert's share of a larger forward, which takes this kernel
-//! from [`SHARE_MIN_ROWS`] rows.
+//! the `gemm` crate measured faster), more than [`MAX_ROWS`] rows, and fewer than
+//! `min_rows` rows (at most [`cpu::GEMV_ROWS`] in a decode step, where its GEMV path keeps
+//! decode's batch invariance; fewer than [`SHARE_MIN_ROWS`] in an expert's share of a larger
+//! forward).
 
 use std::cell::RefCell;
 
@@ -41,58 +41,29 @@ pub(crate) const MAX_ROWS: usize = 128;
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
-/// Fewest rows for which [`gemm_share`] runs this kernel rather than the GEMV. AMD EPYC
-/// Zen 4, an expert of the small config (`k = 512`, `n = 512 / 1024`), 1 / 2 threads: the
+/// Fewest rows of an expert's share of a larger forward for which this kernel runs rather
+/// than the GEMV. AMD EPYC Zen 4, an expert of the small config (`k = 512`, `n = 512 / 1024`), 1 / 2 threads: the
 /// GEMV faster at 8 rows, this kernel 1.1× at 12, 1.3–1.5× at 16–32 (`step_shapes`).
 pub(crate) const SHARE_MIN_ROWS: usize = 12;
 
 /// Whether the kernel takes this product from `min_rows` rows (else it is [`cpu::gemm`]):
-/// [`gemm`] from [`cpu::GEMV_ROWS`]` + 1`, [`gemm_share`] from [`SHARE_MIN_ROWS`].
+/// above [`cpu::GEMV_ROWS`] for decode, from [`SHARE_MIN_ROWS`] for expert shares.
 fn takes_from(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
     rhs.rs == 1 && m >= min_rows && m <= MAX_ROWS && cpu::simd_level() == cpu::SimdLevel::Avx512
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views, like
-/// [`cpu::gemm`] with `beta = 1`. `parallel` splits the product over the kernel pool
-/// (callers already inside a parallel region pass `false`); the result does not depend on
-/// it. Every view is bounds-checked before the unchecked kernel runs.
+/// [`cpu::gemm`] with `beta = 1`: this kernel from `min_rows` rows (see [`takes_from`]),
+/// [`cpu::gemm`] otherwise. `parallel` splits the product over the kernel pool (callers
+/// already inside a parallel region pass `false`); the result does not depend on it. Every
+/// view is bounds-checked before the unchecked kernel runs.
+///
+/// `min_rows`: above [`cpu::GEMV_ROWS`] keeps the GEMV for decode, so that a decode row's
+/// result does not depend on the rows decoded with it; an expert's share of a larger
+/// forward (a prefill or a training step) starts at [`SHARE_MIN_ROWS`] — the rows are
+/// independent of each other here too, and a forward and its recompute take the same path.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: MatMut<'_>,
-    accumulate: bool,
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-    parallel: bool,
-) -> Result<()> {
-    let min_rows = cpu::GEMV_ROWS + 1;
-    gemm_from(min_rows, m, n, k, dst, accumulate, lhs, rhs, parallel)
-}
-
-/// [`gemm`] for one matrix's share of a forward that holds more than [`cpu::GEMV_ROWS`]
-/// rows — an expert's tokens of a prefill or a training step: this kernel from
-/// [`SHARE_MIN_ROWS`] rows, where [`gemm`] keeps the GEMV up to [`cpu::GEMV_ROWS`] so that a
-/// decode row's result does not depend on the rows decoded with it. Here the rows are
-/// independent of each other too, and the forward and its recompute take the same path.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_share(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: MatMut<'_>,
-    accumulate: bool,
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-    parallel: bool,
-) -> Result<()> {
-    gemm_from(SHARE_MIN_ROWS, m, n, k, dst, accumulate, lhs, rhs, parallel)
-}
-
-/// This kernel from `min_rows` rows (see [`takes_from`]), [`cpu::gemm`] otherwise.
-#[allow(clippy::too_many_arguments)]
-fn gemm_from(
     min_rows: usize,
     m: usize,
     n: usize,
@@ -472,6 +443,7 @@ mod tests {
             let b = Operand::new(k, n, true, 2);
             let mut whole = vec![0f32; m * n];
             gemm(
+                cpu::GEMV_ROWS + 1,
                 m,
                 n,
                 k,
@@ -486,6 +458,7 @@ mod tests {
             let mut part = vec![0f32; sub * n];
             let a_sub = MatRef::new(&a.data, a.off + 3 * a.rs, a.rs, a.cs);
             gemm(
+                cpu::GEMV_ROWS + 1,
                 sub,
                 n,
                 k,
