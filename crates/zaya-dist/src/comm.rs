@@ -122,6 +122,20 @@ pub(crate) fn check_chunks(comm: &dyn Comm, op: &'static str, len: usize) -> Dis
     Ok(len / comm.size())
 }
 
+/// A length as two f32 values, each exact (below 2^24): the high and low 24 bits. Counts
+/// travel through the f32 collectives of [`Comm`]; one f32 would round lengths above 2^24
+/// (an expert's rows of an 8B layer can exceed that).
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn len_to_f32s(n: usize) -> [f32; 2] {
+    [(n >> 24) as f32, (n & 0xff_ffff) as f32]
+}
+
+/// Inverse of [`len_to_f32s`].
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn len_from_f32s(v: [f32; 2]) -> usize {
+    ((v[0] as usize) << 24) | v[1] as usize
+}
+
 /// Members of the new group of `color` from every member's `(color, key)`, as indices in
 /// the parent group ordered by `(key, parent rank)`.
 pub(crate) fn split_members(colors_keys: &[(usize, usize)], color: usize) -> Vec<usize> {
@@ -146,4 +160,26 @@ pub fn launched_by_mpi() -> bool {
     ]
     .iter()
     .any(|v| std::env::var_os(v).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_survive_the_f32_encoding_beyond_2_pow_24() {
+        for n in [
+            0,
+            1,
+            (1 << 24) - 1,
+            1 << 24,
+            (1 << 24) + 1,
+            537_133_056,
+            (1 << 40) + 77,
+        ] {
+            assert_eq!(len_from_f32s(len_to_f32s(n)), n, "{n}");
+        }
+        // the single-f32 encoding it replaces would not
+        assert_ne!(((1usize << 24) + 1) as f32 as usize, (1 << 24) + 1);
+    }
 }
