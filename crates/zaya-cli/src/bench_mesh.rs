@@ -219,7 +219,7 @@ fn run_train(args: BenchArgs) -> Result<()> {
 fn run_train_mpi(args: BenchArgs) -> Result<()> {
     use zaya::weights::Checkpoint;
     use zaya_dist::tp_driver::{check_tp_setup, RunState};
-    use zaya_dist::{Comm, TpParallelTrainer};
+    use zaya_dist::TpParallelTrainer;
 
     let shape = args.parallel.mesh()?;
     let tp = shape.tp > 1 || shape.ep > 1;
@@ -248,7 +248,11 @@ fn run_train_mpi(args: BenchArgs) -> Result<()> {
     tcfg.max_grad_norm = None;
 
     let world = zaya_dist::mpi_backend::MpiWorld::init()?;
-    let comm = world.comm(Duration::from_secs(600));
+    let comm = crate::parallel_cmds::mpi_world_comm(
+        &world,
+        args.parallel.collectives,
+        Duration::from_secs(600),
+    )?;
     if comm.size() != shape.world() {
         bail!(
             "rank {}: {} processes were started but --tp {} --pp {} --ep {} --dp {} needs {}",
@@ -261,7 +265,7 @@ fn run_train_mpi(args: BenchArgs) -> Result<()> {
             shape.world()
         );
     }
-    let mesh = Mesh::new(Box::new(comm), shape)?;
+    let mesh = Mesh::new(comm, shape)?;
     let at = RunState {
         cfg: tcfg,
         step: 0,

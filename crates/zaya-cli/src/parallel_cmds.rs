@@ -26,15 +26,58 @@ pub struct ParallelArgs {
     /// Data-parallel replicas (training).
     #[arg(long, default_value_t = 1)]
     pub dp: usize,
+    /// The engine that moves the ranks' buffers: `host` (MPI between processes, shared
+    /// memory between local ranks) or `nccl` (NCCL on each process's GPU, MPI carrying
+    /// its bootstrap: one MPI process per GPU, a zaya built with `--features mpi,nccl`).
+    #[arg(long, value_enum, default_value_t = Collectives::Host)]
+    pub collectives: Collectives,
+}
+
+/// Which engine carries the collectives of a parallel run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Collectives {
+    Host,
+    Nccl,
 }
 
 impl ParallelArgs {
+    /// The mesh asked for, refused before any work where the collective engine cannot run
+    /// it (NCCL needs MPI processes and a build with NCCL).
     pub fn mesh(&self) -> Result<MeshShape> {
+        if self.collectives == Collectives::Nccl {
+            if !cfg!(feature = "nccl") {
+                bail!("--collectives nccl: this zaya was built without NCCL: rebuild with `--features mpi,nccl`");
+            }
+            if !zaya_dist::comm::launched_by_mpi() {
+                bail!("--collectives nccl runs one process per GPU: start the ranks with `mpirun -n N zaya ...` (or `zaya launch --backend mpi`)");
+            }
+        }
         Ok(MeshShape::new(self.tp, self.pp, self.ep, self.dp)?)
     }
 
     pub fn is_parallel(&self) -> bool {
         self.tp * self.pp * self.ep * self.dp > 1
+    }
+}
+
+/// This MPI process's world communicator on the engine `collectives` names.
+#[cfg(feature = "mpi")]
+pub fn mpi_world_comm(
+    world: &zaya_dist::mpi_backend::MpiWorld,
+    collectives: Collectives,
+    timeout: std::time::Duration,
+) -> Result<Box<dyn zaya_dist::Comm>> {
+    let host = Box::new(world.comm(timeout));
+    match collectives {
+        Collectives::Host => Ok(host),
+        #[cfg(feature = "nccl")]
+        Collectives::Nccl => {
+            let comm = zaya_dist::nccl_backend::NcclComm::on_node_gpu(host, timeout)?;
+            tracing::info!("rank {}: NCCL on GPU {}", zaya_dist::Comm::world_rank(&comm), comm.ordinal());
+            Ok(Box::new(comm))
+        }
+        #[cfg(not(feature = "nccl"))]
+        Collectives::Nccl => bail!("--collectives nccl: this zaya was built without NCCL: rebuild with `--features mpi,nccl`"),
     }
 }
 
@@ -352,8 +395,8 @@ pub fn forward_mpi(
 ) -> Result<()> {
     let shape = parallel.mesh()?;
     let world = zaya_dist::mpi_backend::MpiWorld::init()?;
-    let comm = world.comm(zaya_dist::DEFAULT_TIMEOUT);
-    let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+    let comm = mpi_world_comm(&world, parallel.collectives, zaya_dist::DEFAULT_TIMEOUT)?;
+    let mesh = zaya_dist::Mesh::new(comm, shape)?;
     let ckpt = std::sync::Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
@@ -517,7 +560,8 @@ pub fn generate_parallel(
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
         let world = zaya_dist::mpi_backend::MpiWorld::init()?;
-        let mesh = zaya_dist::Mesh::new(Box::new(world.comm(zaya_dist::DEFAULT_TIMEOUT)), shape)?;
+        let comm = mpi_world_comm(&world, parallel.collectives, zaya_dist::DEFAULT_TIMEOUT)?;
+        let mesh = zaya_dist::Mesh::new(comm, shape)?;
         let sequences = on_rank(&mesh)?;
         if mesh.world.rank() == 0 {
             print(sequences)?;
@@ -715,8 +759,12 @@ pub fn measure_bench_parallel(
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
         let world = zaya_dist::mpi_backend::MpiWorld::init()?;
-        let comm = world.comm(zaya_dist::DEFAULT_TIMEOUT);
-        let mesh = zaya_dist::Mesh::new(Box::new(comm), shape)?;
+        let comm = mpi_world_comm(
+            &world,
+            args.parallel.collectives,
+            zaya_dist::DEFAULT_TIMEOUT,
+        )?;
+        let mesh = zaya_dist::Mesh::new(comm, shape)?;
         let run = bench_on_mesh(&mesh, &ckpt, &plan, &prompt, args.new_tokens, dtype, &opts)?;
         // the baseline on rank 0 alone, after every rank has freed its slices
         let single = if mesh.world.rank() == 0 {
@@ -849,7 +897,14 @@ pub fn generate_text_on_mesh(
     // print nothing. Declared before the engine: MPI stays initialised until it is dropped.
     #[cfg(feature = "mpi")]
     let (mesh, _mpi) = if zaya_dist::mpi_backend::launched_by_mpi() {
-        match crate::serve::mesh_on_mpi(dir, shape, dtype, zaya_dist::DEFAULT_TIMEOUT, false)? {
+        match crate::serve::mesh_on_mpi(
+            dir,
+            shape,
+            parallel.collectives,
+            dtype,
+            zaya_dist::DEFAULT_TIMEOUT,
+            false,
+        )? {
             (Some(mesh), world) => (Some(mesh), Some(world)),
             // a follower: rank 0 stopped the mesh after the last prompt
             (None, _) => return Ok(()),

@@ -155,7 +155,8 @@ fn start_mesh(
     let timeout = Duration::from_secs(args.dist_timeout);
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
-        return start_mesh_mpi(dir, shape, dtype, timeout, tokenizer, cfg);
+        let collectives = args.parallel.collectives;
+        return start_mesh_mpi(dir, shape, collectives, dtype, timeout, tokenizer, cfg);
     }
     if zaya_dist::comm::launched_by_mpi() {
         bail!("started by an MPI launcher, but this zaya was built without MPI: rebuild with `--features mpi` (needs libopenmpi-dev, libclang-dev), or drop mpirun (`zaya serve --tp/--pp/--ep N` starts the ranks as threads)");
@@ -188,12 +189,13 @@ fn print_ranks(mesh: &zaya_dist::MeshModel, what: &str) {
 fn start_mesh_mpi(
     dir: &std::path::Path,
     shape: zaya_dist::MeshShape,
+    collectives: crate::parallel_cmds::Collectives,
     dtype: candle_core::DType,
     timeout: Duration,
     tokenizer: Arc<ZayaTokenizer>,
     cfg: EngineConfig,
 ) -> Result<(Option<Engine>, Option<Box<dyn std::any::Any>>)> {
-    let (mesh, world) = mesh_on_mpi(dir, shape, dtype, timeout, true)?;
+    let (mesh, world) = mesh_on_mpi(dir, shape, collectives, dtype, timeout, true)?;
     let Some(mesh) = mesh else {
         return Ok((None, Some(world)));
     };
@@ -211,6 +213,7 @@ fn start_mesh_mpi(
 pub(crate) fn mesh_on_mpi(
     dir: &std::path::Path,
     shape: zaya_dist::MeshShape,
+    collectives: crate::parallel_cmds::Collectives,
     dtype: candle_core::DType,
     timeout: Duration,
     followers_outlive_signals: bool,
@@ -220,7 +223,8 @@ pub(crate) fn mesh_on_mpi(
     }
     // rank 0 makes its MPI calls on the engine thread
     let world = zaya_dist::mpi_backend::MpiWorld::init_serialized()?;
-    let mesh = zaya_dist::Mesh::new(Box::new(world.comm(timeout)), shape)?;
+    let comm = crate::parallel_cmds::mpi_world_comm(&world, collectives, timeout)?;
+    let mesh = zaya_dist::Mesh::new(comm, shape)?;
     let ckpt = Arc::new(zaya::weights::Checkpoint::open(dir)?);
     let model_cfg = ckpt.config()?;
     ckpt.validate(&model_cfg)?;

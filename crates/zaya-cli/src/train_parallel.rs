@@ -264,9 +264,9 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
     }
     #[cfg(feature = "mpi")]
     if zaya_dist::mpi_backend::launched_by_mpi() {
-        use zaya_dist::Comm;
         let world = zaya_dist::mpi_backend::MpiWorld::init()?;
-        let comm = world.comm(timeout);
+        let comm =
+            crate::parallel_cmds::mpi_world_comm(&world, args.parallel.collectives, timeout)?;
         if comm.size() != shape.world() {
             bail!(
                 "rank {}: {} processes were started but --tp {} --pp {} --ep {} --dp {} needs {}",
@@ -281,7 +281,7 @@ pub fn run(args: &TrainArgs, run: &RunPlan) -> Result<()> {
         }
         let primary = comm.rank() == 0;
         let start = rank_start(args, run, primary)?;
-        let mesh = Mesh::new(Box::new(comm), shape)?;
+        let mesh = Mesh::new(comm, shape)?;
         let trainer = if is_tp(shape) {
             tp_trainer(args, run, mesh, &start)?
         } else {

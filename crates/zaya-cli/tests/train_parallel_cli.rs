@@ -74,6 +74,11 @@ fn train(prefix: &[&str], data: &Path, out: &Path, extra: &[&str]) -> (bool, Str
             "--no-progress",
         ])
         .args(extra)
+        .args(if prefix.contains(&"mpi") {
+            mpi_collectives()
+        } else {
+            Vec::new()
+        })
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
@@ -86,6 +91,15 @@ fn train(prefix: &[&str], data: &Path, out: &Path, extra: &[&str]) -> (bool, Str
             String::from_utf8_lossy(&o.stderr)
         ),
     )
+}
+
+/// `--collectives nccl` for the MPI runs when `ZAYA_TEST_COLLECTIVES=nccl`
+/// (`scripts/gpu_check.sh` runs these tests so on a GPU machine).
+fn mpi_collectives() -> Vec<String> {
+    match std::env::var("ZAYA_TEST_COLLECTIVES") {
+        Ok(engine) => vec!["--collectives".into(), engine],
+        Err(_) => Vec::new(),
+    }
 }
 
 /// (step, loss, aux_loss, grad_norm) per row of loss.csv.
