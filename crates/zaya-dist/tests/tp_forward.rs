@@ -2,6 +2,8 @@
 //! fixtures: logits (prompt and left-padded batch), router choices, chunked prefill with a
 //! sharded cache, greedy decoding; plans that cannot split fail before any work.
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use zaya_dist::tp::first_of;
 use zaya_dist::{
     forward_on_local_ranks, Coords, LocalWorld, MeshShape, ParallelError, ParallelPlan, TpModel,
 };
+
+use support::max_abs_diff as max_diff;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -58,23 +62,6 @@ fn reference_tokens(reference: &HashMap<String, Tensor>) -> Vec<u32> {
         .into_iter()
         .map(|x| x as u32)
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    if a.elem_count() == 0 {
-        return 0.0;
-    }
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Row-parallel layers sum partial products across ranks, which reassociates float

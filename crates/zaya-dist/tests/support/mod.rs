@@ -136,8 +136,13 @@ pub fn check_tp2_forward(world: Box<dyn Comm>, same_bits_as_local: bool) {
     }
 }
 
+/// Largest absolute difference of two tensors of one shape (any float dtype).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
+    assert_eq!(a.dims(), b.dims());
+    if a.elem_count() == 0 {
+        return 0.0;
+    }
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()
         .abs()
         .unwrap()
