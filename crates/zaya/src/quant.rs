@@ -266,22 +266,66 @@ pub fn fallback(d: GgmlDType, shape: &[usize]) -> WeightFormat {
 
 /// Quantizes `t` (any float dtype) row by row into `d`.
 pub fn quantize(t: &Tensor, d: GgmlDType) -> Result<QTensor> {
-    Ok(QTensor::quantize(&owned_f32(t)?, d)?)
+    quantize_rows(t, d, |x| QTensor::quantize(x, d))
 }
 
-/// [`quantize`] with per-feature importance weights (the last axis).
+/// [`quantize`] with per-feature importance weights (the last axis). candle weighs the
+/// error in the k-quants (Q2_K to Q6_K) only; the 32-block formats have no weighted search
+/// (candle panics when asked), so they are quantized as by [`quantize`], as llama.cpp's
+/// legacy formats ignore an importance matrix.
 pub fn quantize_weighted(t: &Tensor, d: GgmlDType, importance: &[f32]) -> Result<QTensor> {
-    Ok(QTensor::quantize_imatrix(&owned_f32(t)?, importance, d)?)
+    if !takes_importance(d) {
+        return quantize(t, d);
+    }
+    quantize_rows(t, d, |x| QTensor::quantize_imatrix(x, importance, d))
 }
 
-/// `t` in f32 in storage of its own. candle 0.11's `QTensor::quantize` reads the whole
-/// storage buffer and ignores the layout's offset, so a view (`t.get(e)`, a narrow)
-/// would quantize its parent's first rows instead (a debug assertion catches it, a
-/// release build does not): always hand it a fresh buffer.
-fn owned_f32(t: &Tensor) -> Result<Tensor> {
+/// Whether candle's quantizer for `d` uses importance weights.
+pub fn takes_importance(d: GgmlDType) -> bool {
+    matches!(
+        d,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+    )
+}
+
+/// `q` over blocks of whole rows of `t` on the kernel pool, the bytes joined in row order.
+/// A quantization block never crosses a row (and the importance weights are per column), so
+/// the bytes equal one call over the whole tensor; candle's quantizers are single-threaded,
+/// and an 8B q4_k took 10–15 minutes on one core.
+///
+/// Each block is handed to `q` in f32 storage of its own: candle 0.11's `QTensor::quantize`
+/// reads the whole storage buffer and ignores the layout's offset, so a view (`t.get(e)`, a
+/// narrow) would quantize its parent's first rows instead (a debug assertion catches it, a
+/// release build does not).
+fn quantize_rows(
+    t: &Tensor,
+    d: GgmlDType,
+    q: impl Fn(&Tensor) -> candle_core::Result<QTensor> + Sync + Send,
+) -> Result<QTensor> {
     // (`Tensor::copy` clones the whole parent buffer too; going through a Vec does not.)
     let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(Tensor::from_vec(data, t.shape(), t.device())?)
+    let shape = t.shape().clone();
+    let cols = shape.dims().last().copied().unwrap_or(1).max(1);
+    let rows = data.len() / cols;
+    // a few blocks per thread, each at least 64 rows (not worth a task below)
+    let blocks = (4 * crate::kernels::cpu::num_threads())
+        .min(rows / 64)
+        .max(1);
+    if blocks == 1 {
+        return Ok(q(&Tensor::from_vec(data, shape, &Device::Cpu)?)?);
+    }
+    let per = rows.div_ceil(blocks);
+    let parts = crate::kernels::cpu::par_map(rows.div_ceil(per), data.len(), |b| {
+        let (r0, r1) = (b * per, ((b + 1) * per).min(rows));
+        let x = Tensor::from_slice(&data[r0 * cols..r1 * cols], (r1 - r0, cols), &Device::Cpu)?;
+        Ok::<_, candle_core::Error>(q(&x)?.data()?.into_owned())
+    });
+    let mut bytes = Vec::with_capacity(rows * cols / d.block_size() * d.type_size());
+    for p in parts {
+        bytes.extend_from_slice(&p?);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, d)?;
+    Ok(QTensor::new(storage, shape)?)
 }
 
 /// Splits a stacked `[E, R, C]` quantized tensor into `E` quantized `[R, C]` matrices (the
@@ -308,6 +352,41 @@ pub fn storage_bytes(d: GgmlDType, elems: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quantizing blocks of rows on the pool gives the bytes of one call over the whole
+    /// tensor (and of a stacked expert tensor), with and without importance weights.
+    #[test]
+    fn row_blocks_on_the_pool_give_the_bytes_of_one_call() {
+        let dev = Device::Cpu;
+        for (d, shape) in [
+            (GgmlDType::Q4K, vec![1000, 512]),
+            (GgmlDType::Q6K, vec![3, 300, 256]),
+            (GgmlDType::Q8_0, vec![777, 96]),
+            (GgmlDType::Q5_0, vec![64, 64]),
+        ] {
+            let t = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
+            let cols = *shape.last().unwrap();
+            let imp: Vec<f32> = (0..cols).map(|c| 1.0 + (c % 7) as f32).collect();
+            let want = QTensor::quantize(&t, d).unwrap();
+            let got = quantize(&t, d).unwrap();
+            assert_eq!(got.shape(), want.shape());
+            assert!(
+                got.data().unwrap() == want.data().unwrap(),
+                "{d:?} {shape:?}"
+            );
+            // the 32-block formats have no weighted quantizer: the plain bytes
+            let want = if takes_importance(d) {
+                QTensor::quantize_imatrix(&t, &imp, d).unwrap()
+            } else {
+                want
+            };
+            let got = quantize_weighted(&t, d, &imp).unwrap();
+            assert!(
+                got.data().unwrap() == want.data().unwrap(),
+                "{d:?} {shape:?} imatrix"
+            );
+        }
+    }
 
     #[test]
     fn classes_of_native_names() {
