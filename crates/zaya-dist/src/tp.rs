@@ -817,20 +817,14 @@ impl TpModel {
         let (b, t, hd) = n.dims3()?;
         let routing = l.router.forward(&n, state)?;
         let flat = n.reshape((b * t, hd))?;
-        // The tokens and their routing weights (replicated) enter this rank's expert slices
-        // as one tensor (one collective in the backward), in the weights' dtype: a bf16
-        // column would round the weights to 8 bits where one rank keeps them in f32 (the
-        // tokens go to f32 and back exactly).
-        let xw = Tensor::cat(
-            &[&flat.to_dtype(routing.weight.dtype())?, &routing.weight],
-            1,
-        )?;
+        // The tokens and their routing weights (replicated) enter this rank's expert slices.
+        let xw = Tensor::cat(&[&flat, &routing.weight.to_dtype(flat.dtype())?], 1)?;
         let xw = g.tp.copy(&xw)?;
         let partial = if g.ep.size() > 1 {
             self.ep_experts(&g.ep, l, &xw, &routing.choice)?
         } else {
-            let x = xw.narrow(1, 0, hd)?.to_dtype(self.dtype)?.contiguous()?;
-            let w = xw.narrow(1, hd, 1)?.contiguous()?;
+            let x = xw.narrow(1, 0, hd)?;
+            let w = xw.narrow(1, hd, 1)?.to_dtype(routing.weight.dtype())?;
             kernels::moe_experts(&x, &routing.choice, &w, &l.gate_up, &l.down)?
         };
         let m = g.tp.reduce(&partial)?.reshape((b, t, hd))?;
@@ -892,9 +886,9 @@ impl TpModel {
                 ids.len()
             )));
         }
-        let x = got.narrow(1, 0, h)?.to_dtype(self.dtype)?.contiguous()?;
+        let x = got.narrow(1, 0, h)?;
         let out = if total > 0 {
-            let w = got.narrow(1, h, 1)?.contiguous()?;
+            let w = got.narrow(1, h, 1)?;
             // the whole forward's size, as one rank sees it (see `moe_experts_of_forward`)
             kernels::moe_experts_of_forward(&x, &ids, &w, &l.gate_up, &l.down, n)?
         } else {

@@ -709,10 +709,10 @@ fn packed_documents_on_meshes_equal_one_rank() {
 }
 
 /// Meshes run on the reference kernels too (`ZAYA_KERNELS=reference`: the fused expert
-/// kernel accepted the strided token rows the mesh passed, the reference's gather refused
-/// them), and in bf16 a mesh without TP equals one bf16 rank bit for bit (the routing
-/// weights once reached the experts rounded to bf16, where one rank keeps them in f32:
-/// 0.22 on the logits). TP's row-parallel partial products are rounded to bf16 before
+/// kernel accepted the strided token rows the mesh passes, the reference's gather refused
+/// them), and in bf16 a mesh without TP equals one bf16 rank bit for bit (the fused kernel
+/// once took its f32 branch for strided bf16 tokens, skipping the bf16 rounding of its
+/// intermediates: 0.22 on the logits). TP's row-parallel partial products are rounded to bf16 before
 /// their sum, so a bf16 TP mesh stays within the bf16 tolerance test above, not bit-equal.
 #[test]
 fn meshes_on_reference_kernels_and_bf16_meshes_without_tp_equal_one_rank() {

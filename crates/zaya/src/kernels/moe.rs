@@ -336,7 +336,15 @@ pub(super) fn fused(
         i: s.i,
     };
     // The op reads expert slices of the stacked weights, which must be contiguous (they are
-    // as loaded; `contiguous` is free then).
+    // as loaded; `contiguous` is free then). bf16 tokens are read in place only when
+    // contiguous, and the bf16 semantics (gate/up output and activation rounded to bf16)
+    // must not depend on the layout: a strided view (a mesh's narrowed token columns) had
+    // taken the f32 branch and skipped those roundings.
+    let x = if x.dtype() == candle_core::DType::BF16 {
+        x.contiguous()?
+    } else {
+        x.clone()
+    };
     let y = x.apply_op3(&gate_up.contiguous()?, &down.contiguous()?, op)?;
     y.broadcast_mul(&weights.reshape((s.n, 1))?)
 }

@@ -307,7 +307,9 @@ pub fn moe_experts(
     down: &Tensor,
 ) -> Result<Tensor> {
     let shape = MoeShape::check(x, expert_ids, weights, gate_up, down)?;
-    let weights = weights.reshape((shape.n, 1))?;
+    // candle's gather takes contiguous rows only; the fused kernel takes any view
+    let x = &x.contiguous()?;
+    let weights = weights.reshape((shape.n, 1))?.contiguous()?;
     let mut out = x.zeros_like()?;
     let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); shape.e];
     for (tok, &c) in expert_ids.iter().enumerate() {
