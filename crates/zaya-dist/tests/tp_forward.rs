@@ -712,8 +712,9 @@ fn packed_documents_on_meshes_equal_one_rank() {
 /// kernel accepted the strided token rows the mesh passes, the reference's gather refused
 /// them), and in bf16 a mesh without TP equals one bf16 rank bit for bit (the fused kernel
 /// once took its f32 branch for strided bf16 tokens, skipping the bf16 rounding of its
-/// intermediates: 0.22 on the logits). TP's row-parallel partial products are rounded to bf16 before
-/// their sum, so a bf16 TP mesh stays within the bf16 tolerance test above, not bit-equal.
+/// intermediates: 0.22 on the logits). TP's row-parallel partial products are rounded to
+/// bf16 before their sum, so a bf16 TP mesh is within 2 bf16 ulps of the largest logit (on
+/// the fused kernels).
 #[test]
 fn meshes_on_reference_kernels_and_bf16_meshes_without_tp_equal_one_rank() {
     use zaya::kernels::registry::{with_choice, Choice};
@@ -749,11 +750,26 @@ fn meshes_on_reference_kernels_and_bf16_meshes_without_tp_equal_one_rank() {
                         assert_eq!(d, 0.0, "{what}");
                     } else if dtype == DType::F32 {
                         assert_tp_close(&what, d, &want);
-                    } else {
-                        // ran, on the reference kernels too; its closeness to the f32
-                        // reference is the bf16 tolerance test's
+                    } else if kernels == Choice::Reference {
+                        // candle's bf16 products, whose rounding follows the split (2.3 at
+                        // logits up to 34 on the batch): the mesh runs, on these too
                         assert_eq!(logits.dims(), want.dims(), "{what}");
                         assert!(d.is_finite(), "{what}");
+                    } else {
+                        // within 2 bf16 ulps of the largest logit (1–1.5 measured)
+                        let top = want
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .max(0)
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        let ulp = 2f32.powi(top.log2().floor() as i32 - 7);
+                        assert!(d <= 2.0 * ulp, "{what}: {d} (bf16 ulp {ulp})");
                     }
                 }
             }
