@@ -458,6 +458,34 @@ fn moe_experts_take_strided_token_rows() -> Result<()> {
             assert_eq!(d, 0.0, "{dtype:?} {choice:?}");
         }
     }
+    // quantized experts (candle's gather inside) likewise
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::sync::Arc;
+    use zaya::model::moe::ExpertMatrices;
+    let (h, i) = (32, 32);
+    let xw = rand_tensor(&mut rng, &[n, h + 1], 1.0)?;
+    let (x, w) = (xw.narrow(1, 0, h)?, xw.narrow(1, h, 1)?);
+    let quant = |r: usize, c: usize, rng: &mut StdRng| -> Result<ExpertMatrices> {
+        let qs = (0..e)
+            .map(|_| {
+                Ok(Arc::new(QTensor::quantize(
+                    &rand_tensor(rng, &[r, c], 0.5)?,
+                    GgmlDType::Q8_0,
+                )?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ExpertMatrices::Quantized(qs))
+    };
+    let (gu, down) = (quant(2 * i, h, &mut rng)?, quant(h, i, &mut rng)?);
+    let strided = kernels::quantized::moe_experts(&x, &ids, &w, &gu, &down)?;
+    let packed =
+        kernels::quantized::moe_experts(&x.contiguous()?, &ids, &w.contiguous()?, &gu, &down)?;
+    let d = (strided - packed)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert_eq!(d, 0.0, "quantized");
     Ok(())
 }
 

@@ -48,7 +48,9 @@ pub fn moe_experts(
         }
         .into());
     }
-    let weights = weights.reshape((n, 1))?;
+    // candle's gather takes contiguous rows only (the dense kernels take any view)
+    let x = &x.contiguous()?;
+    let weights = weights.reshape((n, 1))?.contiguous()?;
     let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); e];
     for (tok, &c) in expert_ids.iter().enumerate() {
         if (c as usize) < e {
