@@ -757,17 +757,7 @@ fn meshes_on_reference_kernels_and_bf16_meshes_without_tp_equal_one_rank() {
                         assert!(d.is_finite(), "{what}");
                     } else {
                         // within 2 bf16 ulps of the largest logit (1–1.5 measured)
-                        let top = want
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .abs()
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .max(0)
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap();
+                        let top = max_diff(&want, &want.zeros_like().unwrap());
                         let ulp = 2f32.powi(top.log2().floor() as i32 - 7);
                         assert!(d <= 2.0 * ulp, "{what}: {d} (bf16 ulp {ulp})");
                     }

@@ -83,6 +83,24 @@ simd_dispatch! {
     fn dots_portable(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) => dots_body
 }
 
+/// The explicit bodies' `dots`: the rows of `x` in groups of four, each group against the
+/// whole weight row by `$dot_rows::<R>` (the block decoded once per group).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_row_groups {
+    ($dot_rows:ident, $xs:expr, $k:expr, $row:expr, $out:expr) => {{
+        let mut i = 0;
+        for o in $out.chunks_mut(4) {
+            match o.len() {
+                4 => o.copy_from_slice(&$dot_rows::<4>($xs, $k, i, $row)),
+                3 => o.copy_from_slice(&$dot_rows::<3>($xs, $k, i, $row)),
+                2 => o.copy_from_slice(&$dot_rows::<2>($xs, $k, i, $row)),
+                _ => o.copy_from_slice(&$dot_rows::<1>($xs, $k, i, $row)),
+            }
+            i += o.len();
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{BLOCK, BLOCK_BYTES};
@@ -92,16 +110,7 @@ mod avx2 {
     /// of four rows (each block decoded once per group).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dots(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
-        let mut i = 0;
-        for o in out.chunks_mut(4) {
-            match o.len() {
-                4 => o.copy_from_slice(&dot_rows::<4>(xs, k, i, row)),
-                3 => o.copy_from_slice(&dot_rows::<3>(xs, k, i, row)),
-                2 => o.copy_from_slice(&dot_rows::<2>(xs, k, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xs, k, i, row)),
-            }
-            i += o.len();
-        }
+        in_row_groups!(dot_rows, xs, k, row, out)
     }
 
     /// `x_i · w` for rows `i0..i0 + R` of `xs`. Per block: the 32 bytes widened to four f32
@@ -155,16 +164,7 @@ mod avx512 {
     /// vectors, decoded once for a group of up to four rows of `x`.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) fn dots(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
-        let mut i = 0;
-        for o in out.chunks_mut(4) {
-            match o.len() {
-                4 => o.copy_from_slice(&dot_rows::<4>(xs, k, i, row)),
-                3 => o.copy_from_slice(&dot_rows::<3>(xs, k, i, row)),
-                2 => o.copy_from_slice(&dot_rows::<2>(xs, k, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xs, k, i, row)),
-            }
-            i += o.len();
-        }
+        in_row_groups!(dot_rows, xs, k, row, out)
     }
 
     /// `x_i · w` for rows `i0..i0 + R` of `xs`: each row's two products per block summed,
