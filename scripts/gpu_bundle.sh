@@ -9,7 +9,8 @@ out=.gpu
 rm -rf "$out" && mkdir -p "$out"
 features="mpi,nccl"
 cargo build --release -p zaya-cli --features "$features"
-json=$(cargo test --release -p zaya-dist -p zaya-cli --features "zaya-dist/$features zaya-cli/$features" \
+json=$(cargo test --release -p zaya-dist -p zaya-cli \
+  --features "zaya-dist/mpi zaya-dist/nccl zaya-cli/mpi zaya-cli/nccl" \
   --test nccl_comm --test mpi_comm --test parallel_cli --test train_parallel_cli \
   --no-run --message-format json 2>/dev/null)
 mkdir -p "$out/bin"
