@@ -81,14 +81,23 @@ pub fn load_libraries() -> DistResult<()> {
         })
     });
     got.clone().map_err(|m| {
-        let hint = if m.contains("libnccl") {
-            ": cudarc looks for libnccl.so (or libnccl.so.12/.11/.10/.1) on the loader's path; \
-             where only libnccl.so.2 is installed (the libnccl2 package, the nvidia-nccl pip \
-             wheel), put a link named libnccl.so to it in a folder on LD_LIBRARY_PATH"
-        } else if m.contains("libcuda") {
-            ": the NVIDIA driver's libcuda.so / libcuda.so.1 must be on the loader's path"
+        let mut hints = Vec::new();
+        if m.contains("libcuda") {
+            hints
+                .push("the NVIDIA driver's libcuda.so / libcuda.so.1 must be on the loader's path");
+        }
+        if m.contains("libnccl") {
+            hints.push(
+                "cudarc looks for libnccl.so (or libnccl.so.12/.11/.10/.1) on the loader's \
+                 path; where only libnccl.so.2 is installed (the libnccl2 package, the \
+                 nvidia-nccl pip wheel), put a link named libnccl.so to it in a folder on \
+                 LD_LIBRARY_PATH",
+            );
+        }
+        let hint = if hints.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(": {}", hints.join("; "))
         };
         DistError::Backend {
             backend: "nccl",
