@@ -3,6 +3,8 @@
 //! optimizer steps (AdamW, ZeRO-1 or not, clipping, bias balancing), and the checkpoints
 //! rank 0 writes.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -288,16 +290,7 @@ fn check_steps(
     for (name, w) in &want_t {
         // AdamW normalises the update: weights agree to a small fraction of lr·steps
         let g = &tensors[name];
-        let d = (g - w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = support::max_abs_diff(g, w);
         assert!(d <= 2e-4, "{name}: weights differ by {d} after 3 steps");
     }
     (

@@ -139,10 +139,15 @@ pub fn check_tp2_forward(world: Box<dyn Comm>, same_bits_as_local: bool) {
 /// Largest absolute difference of two tensors of one shape (any float dtype).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    if a.elem_count() == 0 {
+    max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
+}
+
+/// Largest absolute value of a tensor (any float dtype; 0 when empty).
+pub fn max_abs(t: &Tensor) -> f32 {
+    if t.elem_count() == 0 {
         return 0.0;
     }
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+    t.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()

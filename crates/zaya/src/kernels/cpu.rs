@@ -1303,41 +1303,28 @@ mod tests {
             let x = test_data(k, 1);
             let w = test_data(n * k, 2);
             let mut out = vec![0f32; n];
-            let mut run = || {
-                in_pool(|| {
-                    gemm(
-                        1,
-                        n,
-                        k,
-                        MatMut::new(&mut out, 0, n),
-                        false,
-                        MatRef::rows(&x, 0, k),
-                        MatRef::rows(&w, 0, k).t(),
-                        1.0,
-                        true,
-                    )
-                    .unwrap()
-                })
+            let product = |out: &mut [f32]| {
+                gemm(
+                    1,
+                    n,
+                    k,
+                    MatMut::new(out, 0, n),
+                    false,
+                    MatRef::rows(&x, 0, k),
+                    MatRef::rows(&w, 0, k).t(),
+                    1.0,
+                    true,
+                )
+                .unwrap()
             };
-            let best = super::best_seconds(20, &mut run);
+            let best = super::best_seconds(20, &mut || in_pool(|| product(&mut out)));
             // back to back from a pool thread, as inside a forward (no cross-thread
             // hand-off into the pool per call)
             let reps = 200;
             let inside = super::best_seconds(5, &mut || {
                 in_pool(|| {
                     for _ in 0..reps {
-                        gemm(
-                            1,
-                            n,
-                            k,
-                            MatMut::new(&mut out, 0, n),
-                            false,
-                            MatRef::rows(&x, 0, k),
-                            MatRef::rows(&w, 0, k).t(),
-                            1.0,
-                            true,
-                        )
-                        .unwrap()
+                        product(&mut out)
                     }
                 })
             }) / reps as f64;
