@@ -167,10 +167,13 @@ fn amx_on() -> bool {
     false
 }
 
-/// Fewest rows for which the AVX-512 BF16 products pack the weight ([`packed`]) instead of
-/// reading it in place ([`dot`]). AMD EPYC Zen 4, k = 1024, n = 2048, 1 / 2 threads: equal
-/// at 12 rows, packed 1.2× / 1.15× faster at 16, 1.5× at 32, 2× at 512 (`bf16_gemm_speed`).
-const PACKED_MIN_ROWS: usize = 12;
+/// Fewest rows of an expert's share for which the AVX-512 BF16 products pack the weight
+/// ([`packed`]) instead of reading it in place ([`dot`]). An expert's weight is read from
+/// memory once per forward, so the crossover is measured on weights that are not in any
+/// cache (`bf16_expert_share_speed`: eight 16 MiB gate/up weights in turn; AMD EPYC Zen 4,
+/// 2 threads): dot 1.1× faster at 12 rows, equal at 16, packed 1.1× at 24 and 1.15× at 32.
+/// (On a weight that stays in L3 the dot kernel wins up to ~24 rows.)
+const PACKED_MIN_ROWS: usize = 16;
 
 /// [`linear_bf16`] without its AMX path: the AVX-512 BF16 kernel where the CPU has it, the
 /// widening path elsewhere (also what `ZAYA_AMX=0` runs).
@@ -437,25 +440,37 @@ mod packed {
     fn pack(w: &[bf16], k: usize, j0: usize, j1: usize, groups: usize, buf: &mut Vec<u32>) {
         let pairs = k.div_ceil(2);
         let width = groups * 16;
-        buf.clear();
-        buf.resize(pairs * width, 0);
+        // Only the pairs the transposes do not write need zeros (missing rows' lanes of the
+        // tail pairs); zero-filling the whole panel cost as much as a tenth of packing it.
+        if buf.len() < pairs * width {
+            buf.resize(pairs * width, 0);
+        }
         let full = k / 2;
         let blocks = full / 16;
+        buf[16 * blocks * width..pairs * width].fill(0);
         for g in 0..groups {
             let first = j0 + 16 * g;
             let rows = (j1 - first).min(16);
+            let dst = buf[16 * g..].as_mut_ptr();
             // SAFETY: the CPU has AVX-512 F (the caller's check); the group's rows are
             // inside `w`, pairs `0..16·blocks ≤ k/2` inside each row, and every store
             // inside `buf` (`pairs · width`).
             unsafe {
-                transpose_blocks(
-                    w.as_ptr().add(first * k),
-                    k,
-                    rows,
-                    blocks,
-                    buf.as_mut_ptr().add(16 * g),
-                    width,
-                )
+                if rows == 16 {
+                    transpose_blocks(|c| w.as_ptr().add((first + c) * k), blocks, dst, width)
+                } else {
+                    // a last group of fewer than 16 weight rows: the missing rows read a
+                    // zero row (their lanes must be zero)
+                    let zeros = vec![bf16::ZERO; 32 * blocks];
+                    let row = |c: usize| {
+                        if c < rows {
+                            w.as_ptr().add((first + c) * k)
+                        } else {
+                            zeros.as_ptr()
+                        }
+                    };
+                    transpose_blocks(row, blocks, dst, width)
+                }
             };
             for c in 0..rows {
                 let row = &w[(first + c) * k..(first + c + 1) * k];
@@ -470,23 +485,22 @@ mod packed {
         }
     }
 
-    /// The first `16 · blocks` pairs of `rows ≤ 16` weight rows (at `w`, stride `k` bf16)
-    /// into the pair layout at `dst` (stride `width` u32 per pair): each block of 16 pairs
-    /// × 16 rows is one 16 × 16 transpose of u32 in registers; missing rows are zero.
+    /// The first `16 · blocks` pairs of 16 weight rows (`row(c)` points at row `c`, each
+    /// holding at least `32 · blocks` bf16) into the pair layout at `dst` (stride `width`
+    /// u32 per pair): each block of 16 pairs × 16 rows is one 16 × 16 transpose of u32 in
+    /// registers. The rows are loaded into named registers (an array indexed by a run-time
+    /// row count went through the stack: a store and a reload per vector).
     #[target_feature(enable = "avx512f")]
     unsafe fn transpose_blocks(
-        w: *const bf16,
-        k: usize,
-        rows: usize,
+        row: impl Fn(usize) -> *const bf16,
         blocks: usize,
         dst: *mut u32,
         width: usize,
     ) {
+        let rows: [*const bf16; 16] = std::array::from_fn(&row);
         for b in 0..blocks {
-            let mut r = [_mm512_setzero_si512(); 16];
-            for (c, v) in r.iter_mut().enumerate().take(rows) {
-                *v = _mm512_loadu_si512(w.add(c * k + 32 * b) as *const _);
-            }
+            let r: [__m512i; 16] =
+                std::array::from_fn(|c| _mm512_loadu_si512(rows[c].add(32 * b) as *const _));
             // pairs of rows interleaved, then quadruples, then the 128-bit lanes gathered
             let mut t = [_mm512_setzero_si512(); 16];
             for i in 0..8 {
@@ -851,6 +865,52 @@ mod tests {
                 "m={m:<2} k={k} n={n}: widening GEMV {:.1} GB/s, dot {:.1} GB/s",
                 gb / tw,
                 gb / td
+            );
+        }
+    }
+
+    /// `cargo test --release -p zaya --lib bf16::tests::bf16_expert_share_speed -- --ignored
+    /// --nocapture`: an expert's share of a prefill (a few rows against a gate/up weight
+    /// read from memory: eight 16 MiB experts in turn, more than the L3), dot against packed
+    /// kernel, as GB/s of weight — the floor is the machine's read bandwidth.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn bf16_expert_share_speed() {
+        if !dot::available() {
+            println!("no AVX-512 BF16 here");
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
+        println!("threads: {}", cpu::num_threads());
+        let experts: usize = std::env::var("EXPERTS")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(8);
+        let (k, n) = (2048, 4096);
+        let w: Vec<bf16> = data(experts * n * k, 5)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        for m in [1, 2, 4, 6, 8, 10, 12, 16, 24, 32] {
+            let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
+            let mut out = vec![0f32; m * n];
+            let gb = (experts * n * k * 2) as f64 / 1e9;
+            let mut run = |f: fn(&[bf16], usize, usize, &[bf16], usize, &mut [f32])| {
+                best(&mut || {
+                    cpu::in_pool(|| {
+                        for e in w.chunks(n * k) {
+                            f(&x, m, k, e, n, &mut out)
+                        }
+                    })
+                })
+            };
+            let (td, tp) = (run(dot::gemm), run(packed::gemm));
+            println!(
+                "m={m:<2} k={k} n={n}: dot {:.1} GB/s {:.0} GFLOP/s, packed {:.1} GB/s {:.0} GFLOP/s",
+                gb / td,
+                gb * m as f64 / td,
+                gb / tp,
+                gb * m as f64 / tp
             );
         }
     }
