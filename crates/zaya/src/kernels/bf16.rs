@@ -895,7 +895,8 @@ mod tests {
             let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
             let mut out = vec![0f32; m * n];
             let gb = (experts * n * k * 2) as f64 / 1e9;
-            let mut run = |f: fn(&[bf16], usize, usize, &[bf16], usize, &mut [f32])| {
+            type Kernel = fn(&[bf16], usize, usize, &[bf16], usize, &mut [f32]);
+            let mut run = |f: Kernel| {
                 best(&mut || {
                     cpu::in_pool(|| {
                         for e in w.chunks(n * k) {
