@@ -187,6 +187,8 @@ mod avx512 {
         v
     }
     const PAIRS: [[i16; 32]; 4] = [pair(0, 2), pair(1, 3), pair(4, 6), pair(5, 7)];
+    /// How far ahead of the block being decoded [`dots`] prefetches the weight row.
+    const PREFETCH_BYTES: usize = 2048;
 
     /// One super-block's decoded weights: the nibbles as four vectors of 64 bytes (sub-block
     /// pairs 0 2, 1 3, 4 6, 5 7), the matching scale vectors, each min twice, `d`, `dmin`.
@@ -265,6 +267,14 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); R];
         let mut accm = [_mm256_setzero_ps(); R];
         for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+            // The weight stream ~2 KiB ahead, each of its cache lines once (a block is 144
+            // bytes; past this row it is the next one's, which the thread reads next). The
+            // hardware prefetcher alone left the loads waiting: 4096 × 2048 from memory,
+            // 2 threads, Zen 4, same-process pairs: 1 row 20 → 23 GB/s, 2 rows 16 → 20.
+            let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
+            for line in [0, 48, 96] {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+            }
             let (w, scales, mins, d, dmin) = decode!(blk, &pairs);
             for r in 0..R {
                 let at = (i0 + r) * kb + b;
