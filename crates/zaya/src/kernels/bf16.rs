@@ -901,10 +901,7 @@ mod tests {
         }
         let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
         println!("threads: {}", cpu::num_threads());
-        let experts: usize = std::env::var("EXPERTS")
-            .map(|v| v.parse().unwrap())
-            .unwrap_or(8);
-        let (k, n) = (2048, 4096);
+        let (k, n, experts) = (2048, 4096, 8);
         let w: Vec<bf16> = data(experts * n * k, 5)
             .into_iter()
             .map(bf16::from_f32)
