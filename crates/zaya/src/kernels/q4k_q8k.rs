@@ -233,8 +233,9 @@ mod avx512 {
     }
 
     /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q4_K weight row: groups
-    /// of four rows, each group's sums in registers over the weight row (the super-block is
-    /// decoded once per group).
+    /// of up to eight rows, each group's sums in registers over the weight row (the
+    /// super-block is decoded once per group; eight rather than four: 4096 × 2048 from
+    /// memory, Zen 4, 2 threads, 8 rows 7.1 → 8.3 GB/s, 16 rows 3.6 → 4.0).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) fn dots(
         xq: &Q8kRows,
@@ -245,8 +246,12 @@ mod avx512 {
     ) {
         debug_assert!(out.len() == rows.len() && row.len() == kb * BLOCK_BYTES);
         let mut i = rows.start;
-        for o in out.chunks_mut(4) {
+        for o in out.chunks_mut(8) {
             match o.len() {
+                8 => o.copy_from_slice(&dot_rows::<8>(xq, kb, i, row)),
+                7 => o.copy_from_slice(&dot_rows::<7>(xq, kb, i, row)),
+                6 => o.copy_from_slice(&dot_rows::<6>(xq, kb, i, row)),
+                5 => o.copy_from_slice(&dot_rows::<5>(xq, kb, i, row)),
                 4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
                 3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
                 2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
@@ -334,8 +339,8 @@ mod avx2 {
     ];
 
     /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q4_K weight row, in
-    /// groups of four rows (the AVX-512 body's arithmetic on 256-bit vectors: for CPUs
-    /// without AVX-512BW, e.g. AMD Zen 3).
+    /// groups of four rows (the AVX-512 body's arithmetic on 256-bit vectors, with half its
+    /// registers: for CPUs without AVX-512BW, e.g. AMD Zen 3).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dots(
         xq: &Q8kRows,
@@ -516,14 +521,14 @@ pub(crate) fn linear(
         let chunk = &mut out[r0 * n..rows.end * n];
         let mr = rows.len();
         cpu::gemv_by_weight_rows(mr, n, k, 1, chunk, |j0, o| {
-            // Cache blocking: a group of four activation rows (4·k bytes) stays in L1 while
+            // Cache blocking: a group of eight activation rows (8·k bytes) stays in L1 while
             // a tile of weight rows passes over it, instead of every weight row streaming
             // all the rows' activations from L2. Each row's result does not depend on the
             // order (the bodies keep one accumulator per activation row).
             for (t, tile) in o.chunks_mut(WEIGHT_TILE * mr).enumerate() {
                 let j = j0 + t * WEIGHT_TILE;
-                for g in (0..mr).step_by(4) {
-                    let group = g..(g + 4).min(mr);
+                for g in (0..mr).step_by(8) {
+                    let group = g..(g + 8).min(mr);
                     for (r, c) in tile.chunks_mut(mr).enumerate() {
                         let row = &w[(j + r) * row_bytes..(j + r + 1) * row_bytes];
                         let at = rows.start + group.start..rows.start + group.end;
@@ -618,6 +623,7 @@ mod tests {
             (1, 2048, 70),
             (2, 512, 33),
             (5, 1280, 17),
+            (7, 512, 9),
             (GEMV_ROWS, 768, 21),
             (GEMV_ROWS + 3, 512, 19),
             (70, 1024, 40),
