@@ -27,6 +27,16 @@ thread_local! {
     }
 }
 
+/// A gradient as the store keeps it: detached from the graph that computed it, unless
+/// `CANDLE_GRAD_DO_NOT_DETACH` is set (see [`GradStore::accumulate`]).
+fn stored(grad: Tensor) -> Tensor {
+    if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
+        grad
+    } else {
+        grad.detach()
+    }
+}
+
 impl Tensor {
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
@@ -166,10 +176,59 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
-        for node in sorted_nodes.iter() {
+        for node in sorted_nodes {
             if node.is_variable() {
                 continue;
             }
+            Self::propagate(node, &mut grads)?;
+        }
+        Ok(grads)
+    }
+
+    /// [`Tensor::backward`] that consumes the root and lets go of each node once its
+    /// gradient has been passed on to its inputs (zaya's patch of candle 0.11.1). The nodes
+    /// are visited parents first, so when a node is done no node still to come reads it:
+    /// where the caller holds no other handle to the graph, its activations are freed during
+    /// the backward pass, as PyTorch frees saved tensors, instead of all at its end. The
+    /// gradients are the same values as `backward`'s.
+    pub fn backward_releasing(self) -> Result<GradStore> {
+        self.backward_releasing_with(&mut |_, g| Ok(Some(g)))
+    }
+
+    /// [`Tensor::backward_releasing`] that hands each variable's gradient to `ready` as soon
+    /// as it is final, during the pass: a variable comes after every node that reads it in
+    /// the visiting order (the walk pushes a leaf before any of its consumers, and the order
+    /// is reversed), so when it is reached nothing adds to its gradient any more. `ready`
+    /// returns the gradient to keep it in the returned store, or `None` to take it (an
+    /// optimizer that updates the variable at once, so that the gradients of a whole model
+    /// are never alive together). Variables that receive no gradient are not reported.
+    pub fn backward_releasing_with(
+        self,
+        ready: &mut dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<GradStore> {
+        let sorted_nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
+        let mut grads = GradStore::new();
+        grads.insert(&self, self.ones_like()?.contiguous()?);
+        drop(self);
+        for node in sorted_nodes {
+            if node.is_variable() {
+                if let Some(grad) = grads.remove(&node) {
+                    if let Some(keep) = ready(&node, grad)? {
+                        grads.insert(&node, keep);
+                    }
+                }
+                continue;
+            }
+            Self::propagate(&node, &mut grads)?;
+            // `node` is dropped here: with it go its output and (once no other node holds
+            // them) the inputs its op kept for this backward.
+        }
+        Ok(grads)
+    }
+
+    /// Moves the gradient of `node` (taken out of `grads`) to the inputs of its op.
+    fn propagate(node: &Tensor, grads: &mut GradStore) -> Result<()> {
+        {
             let grad = grads
                 .remove(node)
                 .expect("candle internal error - grad not populated");
@@ -514,7 +573,7 @@ impl Tensor {
                         grads.accumulate(arg, &(&grad * abs_grad)?)?
                     }
                     Op::Unary(arg, UnaryOp::Exp) => {
-                        grads.accumulate(arg, &(&grad * *node)?)?
+                        grads.accumulate(arg, &(&grad * node)?)?
                     }
                     Op::Unary(arg, UnaryOp::Neg) => {
                         grads.accumulate_neg(arg, &grad)?
@@ -589,7 +648,7 @@ impl Tensor {
                     Op::Unary(arg, UnaryOp::Silu) => {
                         // d/dx silu = sigmoid(x) * (1 + x * (1 - sigmoid(x))) = sigmoid(x) * (1 - node) + node
                         let sigmoid_arg = (arg.neg()?.exp()? + 1.)?.recip()?;
-                        let silu_grad = &sigmoid_arg * (1. - *node) + *node;
+                        let silu_grad = &sigmoid_arg * (1. - node) + node;
                         grads.accumulate(arg, &(&grad * silu_grad)?)?
                     }
                     Op::Elu(arg, alpha) => {
@@ -598,7 +657,7 @@ impl Tensor {
                         let positive_mask = arg.gt(&zeros)?.to_dtype(arg.dtype())?;
                         let negative_mask = arg.le(&zeros)?.to_dtype(arg.dtype())?;
                         // node == alpha * (e^x - 1) for x <= 0, reuse it
-                        let negative_exp_mask = (negative_mask * (*node + *alpha))?;
+                        let negative_exp_mask = (negative_mask * (node + *alpha))?;
                         let combined_mask = (positive_mask + negative_exp_mask)?;
                         grads.accumulate(arg, &(grad * combined_mask)?)?
                     }
@@ -661,7 +720,7 @@ impl Tensor {
                 };
             }
         }
-        Ok(grads)
+        Ok(())
     }
 }
 
@@ -706,14 +765,20 @@ impl GradStore {
     /// as it is (contiguous) instead of being added to a fresh `zeros_like`: one allocation,
     /// one zero fill and one full-size add less per node (zaya's patch of candle 0.11.1, as
     /// upstream PR huggingface/candle#3822). `0 + g == g`, so the values are unchanged.
+    ///
+    /// The stored gradient is detached (unless `CANDLE_GRAD_DO_NOT_DETACH` asks for the
+    /// graph of the backward): a gradient such as `grad · rhs` would otherwise keep `rhs`, an
+    /// activation, alive until its own node is reached, which defeats
+    /// [`Tensor::backward_releasing`]. The node's gradient is detached when it is taken out
+    /// anyway, so the values and the graph `backward` builds are unchanged.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();
-                *sum = sum.add(grad)?;
+                *sum = stored(sum.add(grad)?);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                entry.insert(stored(grad.contiguous()?));
             }
         }
         Ok(())
@@ -724,10 +789,10 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();
-                *sum = sum.sub(grad)?;
+                *sum = stored(sum.sub(grad)?);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.neg()?);
+                entry.insert(stored(grad.neg()?));
             }
         }
         Ok(())

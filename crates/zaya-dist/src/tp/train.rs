@@ -963,11 +963,13 @@ impl TpStageBatch<'_> {
         for a in &run.aux_terms {
             seed = (seed + a.to_dtype(DType::F32)?)?;
         }
-        let gs = seed.backward()?;
+        // the run's tensors are the graph's: let go of them so the backward frees each
+        // activation once it is done with it
+        drop(run);
+        let gs = seed.backward_releasing()?;
         accumulate(&mut acc, &m.params, &gs)?;
         let mut upstream = input_grads(&gs, last_inputs.as_ref())?;
-        // free the last segment's graph before the earlier ones are recomputed
-        drop((gs, seed, run, last_inputs));
+        drop((gs, last_inputs));
         for i in (0..segments.len() - 1).rev() {
             let vars = leaves(inputs[i].as_ref())?;
             let run = m.run(&self.p, segments[i].clone(), as_input(&vars))?;
@@ -983,7 +985,8 @@ impl TpStageBatch<'_> {
             for a in &run.aux_terms {
                 seed = (seed + a.to_dtype(DType::F32)?)?;
             }
-            let gs = seed.backward()?;
+            drop(run);
+            let gs = seed.backward_releasing()?;
             accumulate(&mut acc, &m.params, &gs)?;
             upstream = input_grads(&gs, vars.as_ref())?;
         }
