@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Gradient checkpointing in `--train`: off, every (each layer) or K (every K layers).
     #[arg(long, default_value = "off")]
     pub checkpointing: String,
+    /// In `--train`: update each parameter as soon as the backward pass has its gradient
+    /// (`zaya train --optimizer-in-backward`) instead of AdamW over all gradients after it.
+    #[arg(long)]
+    pub optimizer_in_backward: bool,
     /// With any degree above 1 the mesh runs on local ranks beside one rank: inference as
     /// `zaya bench-parallel` (`--tp/--pp/--ep`, prefill of --prefill-len, --new-tokens
     /// decoded), `--train` as pipeline × data-parallel steps (`--pp/--dp`); tokens/s and
@@ -344,8 +348,16 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
     let mut losses = Vec::new();
     for i in 0..=args.repeats {
         let s = Instant::now();
-        let out = model.forward_backward(&batch, &opts, &LossScale::default())?;
-        adamw.step(model.params(), &out.grads, 1e-4)?;
+        let out = if args.optimizer_in_backward {
+            let params = model.params();
+            model.forward_backward_into(&batch, &opts, &LossScale::default(), &mut |i, g| {
+                adamw.step_param(i, &params[i], &g, 1e-4)
+            })?
+        } else {
+            let out = model.forward_backward(&batch, &opts, &LossScale::default())?;
+            adamw.step(model.params(), &out.grads, 1e-4)?;
+            out
+        };
         if i > 0 {
             times.push(s.elapsed().as_secs_f64());
         }
@@ -367,13 +379,18 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
     ];
     print_table(
         &format!(
-            "zaya bench --train: {} ({} threads, f32, attn {}, batch {} x {}, checkpointing {})",
+            "zaya bench --train: {} ({} threads, f32, attn {}, batch {} x {}, checkpointing {}{})",
             args.model.display(),
             threads,
             args.attn,
             args.train_batch,
             args.train_seq_len,
-            args.checkpointing
+            args.checkpointing,
+            if args.optimizer_in_backward {
+                ", optimizer in backward"
+            } else {
+                ""
+            }
         ),
         &rows,
     )?;
@@ -385,6 +402,7 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
             "train_batch": args.train_batch,
             "train_seq_len": args.train_seq_len,
             "checkpointing": args.checkpointing,
+            "optimizer_in_backward": args.optimizer_in_backward,
             "attn": args.attn,
             "load_s": load_s,
             "train_step_s": step_s,

@@ -55,8 +55,15 @@ pub struct TrainArgs {
     /// element whose gradient is rounding noise otherwise moves by ±lr).
     #[arg(long, default_value_t = 1e-8)]
     pub adam_eps: f64,
+    /// Clip the global gradient norm to this value (0 = no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Update each parameter as soon as the backward pass has its gradient, so the model's
+    /// gradients are never all alive (peak memory of a full fine-tuning step without
+    /// them). Needs `--max-grad-norm 0` and `--grad-accum 1`, one process; a non-finite
+    /// gradient stops the run with the parameters before it in the pass already updated.
+    #[arg(long)]
+    pub optimizer_in_backward: bool,
     /// Gradient checkpointing: off, every (each layer) or K (every K layers).
     #[arg(long, default_value = "off")]
     pub checkpointing: String,
@@ -266,7 +273,16 @@ pub(crate) fn trainer_config(
     };
     cfg.adamw.weight_decay = args.weight_decay;
     cfg.adamw.eps = args.adam_eps;
-    cfg.max_grad_norm = Some(args.max_grad_norm);
+    cfg.max_grad_norm = (args.max_grad_norm != 0.0).then_some(args.max_grad_norm);
+    cfg.optimizer_in_backward = args.optimizer_in_backward;
+    if args.optimizer_in_backward {
+        if cfg.max_grad_norm.is_some() {
+            bail!("--optimizer-in-backward needs --max-grad-norm 0: clipping needs every gradient before the first update");
+        }
+        if args.grad_accum != 1 {
+            bail!("--optimizer-in-backward needs --grad-accum 1: accumulation needs every gradient before the first update");
+        }
+    }
     cfg.checkpointing = parse_checkpointing(&args.checkpointing)?;
     if let Some(c) = args.aux_loss_coef {
         cfg.aux_loss_coef = c;
@@ -337,6 +353,11 @@ fn setting_changes(old: &TrainerConfig, new: &TrainerConfig) -> Vec<String> {
         new.balance_bias_lr.to_string(),
     );
     diff("--attn", old.attn.as_str().into(), new.attn.as_str().into());
+    diff(
+        "--optimizer-in-backward",
+        old.optimizer_in_backward.to_string(),
+        new.optimizer_in_backward.to_string(),
+    );
     out
 }
 
@@ -667,6 +688,9 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     if args.parallel.is_parallel() || zaya_dist::comm::launched_by_mpi() {
         if args.lora.is_some() {
             bail!("--lora trains on one rank in this version (no --tp/--pp/--ep/--dp)");
+        }
+        if args.optimizer_in_backward {
+            bail!("--optimizer-in-backward trains on one rank in this version (no --tp/--pp/--ep/--dp)");
         }
         return crate::train_parallel::run(&args, &run);
     }

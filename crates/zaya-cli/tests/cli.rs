@@ -494,6 +494,84 @@ fn train_resumes_exactly_and_exports() {
     assert!(out.status.success());
 }
 
+/// `zaya train --optimizer-in-backward` (each parameter updated as its gradient is final)
+/// ends with the weights and losses of the same run with AdamW after the backward pass,
+/// and is refused with clipping or accumulation on.
+#[test]
+fn train_with_the_optimizer_in_backward_matches_the_plain_run() {
+    let dir = temp("train-oib");
+    let model = fixture("conv_k3");
+    let train: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("train.json")).unwrap()).unwrap();
+    let data: String = (0..4)
+        .map(|k| serde_json::json!({"input_ids": train["input_ids"][k % 2]}).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.join("data.jsonl"), data).unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        zaya()
+            .args(["train", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(dir.join("data.jsonl"))
+            .arg("--out")
+            .arg(dir.join(out))
+            .args(["--seq-len", "12", "--batch-size", "2", "--lr", "1e-2"])
+            .args(["--warmup-steps", "0", "--no-progress"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, says) in [
+        (&["--optimizer-in-backward"][..], "--max-grad-norm 0"),
+        (
+            &[
+                "--optimizer-in-backward",
+                "--max-grad-norm",
+                "0",
+                "--grad-accum",
+                "2",
+            ][..],
+            "--grad-accum 1",
+        ),
+    ] {
+        let o = run("refused", extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+    for (out, extra) in [
+        ("after", &["--max-grad-norm", "0"][..]),
+        (
+            "during",
+            &["--max-grad-norm", "0", "--optimizer-in-backward"][..],
+        ),
+    ] {
+        let o = run(out, extra);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let load = |run: &str| {
+        candle_core::safetensors::load(dir.join(run).join("final/model.safetensors"), &Device::Cpu)
+            .unwrap()
+    };
+    let (wa, wb) = (load("after"), load("during"));
+    assert_eq!(wa.len(), wb.len());
+    for (k, t) in &wa {
+        assert_eq!(max_diff(t, &wb[k]), 0.0, "{k} differs");
+    }
+    let losses = |run: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(run).join("loss.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').take(3).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(losses("after").len(), 2);
+    assert_eq!(losses("after"), losses("during"));
+}
+
 /// `zaya bench` and `zaya bench --train` run end to end on a tiny model and write the JSON
 /// keys the reference script reads; training steps on a fixed batch lower its loss.
 #[test]

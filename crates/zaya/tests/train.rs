@@ -516,3 +516,119 @@ fn a_model_part_reads_only_its_tensors_and_runs_its_layers_as_the_whole_model() 
         .to_string();
     assert!(e.contains("3..9"), "{e}");
 }
+
+/// The optimizer in the backward pass (`optimizer_in_backward`) takes the steps AdamW takes
+/// after the pass, without clipping: the same losses and bit-identical parameters after
+/// three steps, with and without checkpointing, on tied (the head's gradient joins the
+/// embedding's during the pass) and untied fixtures; the reported norm equals up to the
+/// order of the sum.
+#[test]
+fn optimizer_in_backward_takes_the_same_steps() {
+    for name in FIXTURES {
+        for checkpointing in [Checkpointing::Off, Checkpointing::EveryLayer] {
+            let b = batch(name, "train");
+            let trainer = |in_backward: bool| {
+                let model = TrainableModel::load(fixture_dir(name)).unwrap();
+                let cfg = TrainerConfig {
+                    max_grad_norm: None,
+                    checkpointing,
+                    optimizer_in_backward: in_backward,
+                    ..trainer_config(&model)
+                };
+                Trainer::new(model, cfg).unwrap()
+            };
+            let (mut after, mut during) = (trainer(false), trainer(true));
+            for step in 1..=3 {
+                let a = after.step(std::slice::from_ref(&b)).unwrap();
+                let d = during.step(std::slice::from_ref(&b)).unwrap();
+                let at = format!("{name}, {checkpointing:?}, step {step}");
+                assert_eq!(a.loss.to_bits(), d.loss.to_bits(), "{at}");
+                assert!(
+                    (a.grad_norm - d.grad_norm).abs() <= 1e-6 * a.grad_norm,
+                    "{at}: gradient norm {} vs {}",
+                    a.grad_norm,
+                    d.grad_norm
+                );
+                assert_eq!(d.step, step);
+            }
+            let (x, y) = (
+                after.model().tensors().unwrap(),
+                during.model().tensors().unwrap(),
+            );
+            assert_eq!(x.len(), y.len());
+            for (k, v) in &x {
+                assert_eq!(
+                    v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{name}, {checkpointing:?}: {k} differs"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn optimizer_in_backward_refuses_clipping_and_accumulation() {
+    let name = "mha_bias";
+    let model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let cfg = TrainerConfig {
+        optimizer_in_backward: true,
+        ..trainer_config(&model)
+    };
+    let Err(err) = Trainer::new(model, cfg.clone()) else {
+        panic!("clipping with the optimizer in backward was accepted");
+    };
+    assert!(err.to_string().contains("max_grad_norm"), "{err}");
+    let model = TrainableModel::load(fixture_dir(name)).unwrap();
+    let cfg = TrainerConfig {
+        max_grad_norm: None,
+        ..cfg
+    };
+    let mut t = Trainer::new(model, cfg).unwrap();
+    let b = batch(name, "train");
+    let err = t.step(&[b.clone(), b]).unwrap_err();
+    assert!(err.to_string().contains("one micro-batch"), "{err}");
+    assert_eq!(t.steps(), 0);
+}
+
+/// candle's releasing backward (vendored patch): each variable's gradient is handed over
+/// once, final (equal to `backward`'s), and one the callback keeps stays in the store.
+#[test]
+fn releasing_backward_hands_each_variable_its_final_gradient_once() {
+    use candle_core::{Device, Var};
+    let w = Var::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+    let x = Var::new(&[0.5f32, -1., 2.], &Device::Cpu).unwrap();
+    let (wt, xt) = (w.as_tensor(), x.as_tensor());
+    // w is read by three nodes, x by two, through shared intermediates
+    let wx = (wt * xt).unwrap();
+    let y = (wx.sum_all().unwrap()
+        + wt.sqr().unwrap().sum_all().unwrap()
+        + xt.exp()
+            .unwrap()
+            .mul(&wx)
+            .unwrap()
+            .mul(wt)
+            .unwrap()
+            .sum_all()
+            .unwrap())
+    .unwrap();
+    let full = y.backward().unwrap();
+    drop(wx);
+    let mut seen = Vec::new();
+    let kept = y
+        .backward_releasing_with(&mut |v, g| {
+            seen.push((v.id(), g.to_vec1::<f32>()?));
+            Ok((v.id() == xt.id()).then_some(g))
+        })
+        .unwrap();
+    assert_eq!(seen.len(), 2, "each variable once");
+    for (id, g) in &seen {
+        let t = if *id == wt.id() { wt } else { xt };
+        assert_eq!(g, &full.get(t).unwrap().to_vec1::<f32>().unwrap());
+    }
+    assert!(kept.get(wt).is_none());
+    assert_eq!(
+        kept.get(xt).unwrap().to_vec1::<f32>().unwrap(),
+        full.get(xt).unwrap().to_vec1::<f32>().unwrap()
+    );
+}

@@ -16,6 +16,7 @@
 //! equal those without checkpointing up to the order of floating-point additions where a
 //! tensor has several consumers.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use candle_core::backprop::GradStore;
@@ -271,6 +272,21 @@ pub fn forward_backward_of(
     scale: &LossScale,
     loss_head: LossHead<'_>,
 ) -> Result<BackwardOutput> {
+    forward_backward_into(model, params, batch, opts, scale, loss_head, None)
+}
+
+/// [`forward_backward_of`] that hands each parameter's final gradient to `sink` during the
+/// backward pass (see [`GradSink`]) instead of returning it; the returned gradients are
+/// those `sink` did not take (none when it is given).
+pub fn forward_backward_into(
+    model: &ZayaModel,
+    params: &[Param],
+    batch: &Batch,
+    opts: &TrainOptions,
+    scale: &LossScale,
+    loss_head: LossHead<'_>,
+    sink: Option<&mut GradSink<'_>>,
+) -> Result<BackwardOutput> {
     let num_layers = model.config().num_hidden_layers;
     let p = StageBatch::new(model, batch, opts, scale)?;
     let normalizer = match scale.normalizer {
@@ -287,11 +303,19 @@ pub fn forward_backward_of(
     let stats = fwd.stats.clone();
     let num = fwd.aux_values.len().max(1) as f64;
     let aux_loss = fwd.aux_values.iter().sum::<f64>() / num;
-    let (grads, _) = p.backward(
+    if sink.is_some() && !head.nll_sum.is_finite() {
+        // nothing is updated from a step whose loss is not finite
+        return Err(ZayaError::Input(format!(
+            "loss {} is not finite: no gradient handed to the optimizer",
+            head.nll_sum / normalizer
+        )));
+    }
+    let (grads, _) = p.backward_into(
         params,
         fwd,
         StageUpstream::Normed(head.grad_hidden),
         head.grads,
+        sink,
     )?;
     Ok(BackwardOutput {
         loss: head.nll_sum / normalizer,
@@ -487,8 +511,22 @@ impl<'a> StageBatch<'a> {
         params: &[Param],
         fwd: StageForward,
         upstream: StageUpstream,
-        mut acc: GradStore,
+        acc: GradStore,
     ) -> Result<(Gradients, BoundaryGrads)> {
+        self.backward_into(params, fwd, upstream, acc, None)
+    }
+
+    /// [`StageBatch::backward`] that hands each parameter's final gradient to `sink` as
+    /// soon as the backward pass has it (see [`GradSink`]).
+    pub fn backward_into(
+        &self,
+        params: &[Param],
+        fwd: StageForward,
+        upstream: StageUpstream,
+        mut acc: GradStore,
+        sink: Option<&mut GradSink<'_>>,
+    ) -> Result<(Gradients, BoundaryGrads)> {
+        let mut sinking = Sinking::new(params, sink);
         let StageForward {
             segments,
             inputs,
@@ -516,12 +554,13 @@ impl<'a> StageBatch<'a> {
         for a in &run.aux_terms {
             seed = (seed + a.to_dtype(DType::F32)?)?;
         }
-        let gs = seed.backward()?;
+        // The run's tensors are the graph's: let go of them, so the backward frees each
+        // activation once it is done with it (peak memory of a step without checkpointing).
+        drop(run);
+        let gs = seed.backward_releasing_with(&mut |v, g| sinking.ready(&mut acc, v, g))?;
         accumulate(&mut acc, params, &gs)?;
         let mut upstream = input_grads(&gs, last_inputs.as_ref())?;
-        // The seed (and the run) hold the last segment's whole graph: free it before the
-        // earlier segments are recomputed, or checkpointing would save nothing for it.
-        drop((gs, seed, run));
+        drop(gs);
 
         for i in (0..segments.len() - 1).rev() {
             let inputs = leaves(inputs[i].as_ref())?;
@@ -536,11 +575,91 @@ impl<'a> StageBatch<'a> {
             for a in &run.aux_terms {
                 seed = (seed + a.to_dtype(DType::F32)?)?;
             }
-            let gs = seed.backward()?;
+            drop(run);
+            let gs = seed.backward_releasing_with(&mut |v, g| sinking.ready(&mut acc, v, g))?;
             accumulate(&mut acc, params, &gs)?;
             upstream = input_grads(&gs, inputs.as_ref())?;
         }
+        // what only the head gave a gradient (the LM head's weight)
+        sinking.flush(&mut acc)?;
         Ok((Gradients::from_store(params, &acc), upstream))
+    }
+}
+
+/// Takes parameter `i`'s final gradient (index into the step's parameter list) during the
+/// backward pass: an optimizer that updates the parameter at once (`zaya train
+/// --optimizer-in-backward`), so that a whole model's gradients are never alive together.
+/// Each parameter with a gradient is handed over exactly once; an error stops the backward
+/// pass (parameters handed over before it keep their update).
+pub type GradSink<'s> = dyn FnMut(usize, Tensor) -> Result<()> + 's;
+
+/// Routes the gradients a backward pass reports final to a [`GradSink`], if there is one.
+struct Sinking<'p, 's, 'k> {
+    params: &'p [Param],
+    index: HashMap<candle_core::TensorId, usize>,
+    taken: Vec<bool>,
+    sink: Option<&'k mut GradSink<'s>>,
+}
+
+impl<'p, 's, 'k> Sinking<'p, 's, 'k> {
+    fn new(params: &'p [Param], sink: Option<&'k mut GradSink<'s>>) -> Self {
+        let index = match sink {
+            Some(_) => params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.var.as_tensor().id(), i))
+                .collect(),
+            None => HashMap::new(),
+        };
+        Sinking {
+            params,
+            index,
+            taken: vec![false; params.len()],
+            sink,
+        }
+    }
+
+    /// The backward's callback for a variable whose gradient `g` is final: a parameter's goes
+    /// to the sink (with what the head already gave it in `acc`), anything else stays.
+    fn ready(
+        &mut self,
+        acc: &mut GradStore,
+        var: &Tensor,
+        g: Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (Some(sink), Some(&i)) = (self.sink.as_deref_mut(), self.index.get(&var.id())) else {
+            return Ok(Some(g));
+        };
+        if self.taken[i] {
+            // a parameter read by two checkpointing segments: its first part already went
+            // to the optimizer, so the step would be wrong
+            return Err(candle_core::Error::Msg(format!(
+                "parameter {} received a gradient after the optimizer took it",
+                self.params[i].name
+            )));
+        }
+        let g = g.detach();
+        let g = match acc.remove(var) {
+            Some(head) => (head + g)?,
+            None => g,
+        };
+        self.taken[i] = true;
+        sink(i, g).map_err(candle_core::Error::wrap)?;
+        Ok(None)
+    }
+
+    /// Hands over the gradients still in `acc` (parameters no segment reads).
+    fn flush(&mut self, acc: &mut GradStore) -> Result<()> {
+        let Some(sink) = self.sink.as_deref_mut() else {
+            return Ok(());
+        };
+        for (i, p) in self.params.iter().enumerate() {
+            if let Some(g) = acc.remove(p.var.as_tensor()) {
+                self.taken[i] = true;
+                sink(i, g.detach())?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -243,12 +243,7 @@ impl Gradients {
     pub fn global_norm(&self) -> Result<f64> {
         let mut sum = 0f64;
         for g in self.grads.iter().flatten() {
-            sum += f64::from(
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f32>()?,
-            );
+            sum += squared_norm(g)?;
         }
         Ok(sum.sqrt())
     }
@@ -565,6 +560,27 @@ impl TrainableModel {
         )
     }
 
+    /// [`TrainableModel::forward_backward`] that hands each parameter's gradient to `sink`
+    /// as soon as it is final, during the backward pass (an optimizer in the backward: the
+    /// whole model's gradients are never alive together). The returned gradients are empty.
+    pub fn forward_backward_into(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+        sink: &mut checkpointing::GradSink<'_>,
+    ) -> Result<BackwardOutput> {
+        checkpointing::forward_backward_into(
+            &self.model,
+            &self.params,
+            batch,
+            opts,
+            scale,
+            LossHead::CrossEntropy,
+            Some(sink),
+        )
+    }
+
     /// Gradients of a per-token objective of the targets' log-probabilities (see
     /// [`LossHead::TokenObjective`]) plus `aux_loss_coef · aux_weight ·` the balance loss.
     /// The returned `loss` is 0 (the objective knows its own value); `targets` counts the
@@ -650,6 +666,16 @@ impl TrainableModel {
     }
 }
 
+/// `Σ g²` of one gradient (f32 sum, as the global norm adds them).
+pub(crate) fn squared_norm(g: &Tensor) -> Result<f64> {
+    Ok(f64::from(
+        g.to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?,
+    ))
+}
+
 /// What a [`trainer::Trainer`] trains: full fine-tuning ([`TrainableModel`]) or an adapter
 /// over a frozen base ([`crate::lora::LoraModel`]).
 pub trait Trainable {
@@ -664,6 +690,31 @@ pub trait Trainable {
         opts: &TrainOptions,
         scale: &LossScale,
     ) -> Result<BackwardOutput>;
+    /// [`Trainable::forward_backward`] that hands parameter `i`'s gradient to `sink` (see
+    /// [`checkpointing::GradSink`]); the returned gradients are those it did not take. By
+    /// default after the pass, in parameter order (no memory saved); full fine-tuning
+    /// hands each one over during the pass as soon as it is final.
+    fn forward_backward_into(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+        sink: &mut checkpointing::GradSink<'_>,
+    ) -> Result<BackwardOutput> {
+        let mut out = self.forward_backward(batch, opts, scale)?;
+        if !out.loss.is_finite() {
+            return Err(ZayaError::Input(format!(
+                "loss {} is not finite: no gradient handed to the optimizer",
+                out.loss
+            )));
+        }
+        for (i, g) in out.grads.grads.iter_mut().enumerate() {
+            if let Some(g) = g.take() {
+                sink(i, g)?;
+            }
+        }
+        Ok(out)
+    }
     /// The balancing-bias rule after a step.
     fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> Result<()>;
     /// Called before each micro-batch's forward (LoRA draws its dropout masks from it).
@@ -727,6 +778,15 @@ impl Trainable for TrainableModel {
         scale: &LossScale,
     ) -> Result<BackwardOutput> {
         TrainableModel::forward_backward(self, batch, opts, scale)
+    }
+    fn forward_backward_into(
+        &self,
+        batch: &Batch,
+        opts: &TrainOptions,
+        scale: &LossScale,
+        sink: &mut checkpointing::GradSink<'_>,
+    ) -> Result<BackwardOutput> {
+        TrainableModel::forward_backward_into(self, batch, opts, scale, sink)
     }
     fn apply_bias_balancing(&mut self, routing: &[LayerRoutingStats], lr: f64) -> Result<()> {
         TrainableModel::apply_bias_balancing(self, routing, lr)

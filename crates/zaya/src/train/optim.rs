@@ -134,16 +134,47 @@ impl AdamW {
             return Err(ZayaError::Input(format!("learning rate {lr} is invalid")));
         }
         for (i, (p, g)) in params.iter().zip(&grads.grads).enumerate() {
-            let Some(g) = g else { continue };
-            let g = g.to_dtype(DType::F32)?;
-            self.steps[i] += 1;
-            let c = StepConstants::new(&self.cfg, self.steps[i], lr, p.decay);
-            let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
-            if !fused_step(p.var.as_tensor(), m, v, &g, &c)? {
-                let (m, v) = reference_step(p, m, v, &g, &c)?;
-                self.exp_avg[i] = m;
-                self.exp_avg_sq[i] = v;
+            if let Some(g) = g {
+                self.update(i, p, g, lr)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The update of parameter `i` alone (`p`: the `i`-th of the list the optimizer was built
+    /// for): what [`AdamW::step`] does for each parameter that has a gradient. Called by an
+    /// optimizer in the backward pass as each gradient becomes final.
+    pub fn step_param(&mut self, i: usize, p: &Param, grad: &Tensor, lr: f64) -> Result<()> {
+        let n = self.steps.len();
+        if i >= n {
+            return Err(ZayaError::Input(format!(
+                "optimizer parameter {i} ({}) out of range ({n} parameters)",
+                p.name
+            )));
+        }
+        if self.exp_avg[i].dims() != p.var.dims() {
+            return Err(ZayaError::Input(format!(
+                "optimizer parameter {i} has shape {:?}, {} has {:?}",
+                self.exp_avg[i].dims(),
+                p.name,
+                p.var.dims()
+            )));
+        }
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(ZayaError::Input(format!("learning rate {lr} is invalid")));
+        }
+        self.update(i, p, grad, lr)
+    }
+
+    fn update(&mut self, i: usize, p: &Param, g: &Tensor, lr: f64) -> Result<()> {
+        let g = g.to_dtype(DType::F32)?;
+        self.steps[i] += 1;
+        let c = StepConstants::new(&self.cfg, self.steps[i], lr, p.decay);
+        let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
+        if !fused_step(p.var.as_tensor(), m, v, &g, &c)? {
+            let (m, v) = reference_step(p, m, v, &g, &c)?;
+            self.exp_avg[i] = m;
+            self.exp_avg_sq[i] = v;
         }
         Ok(())
     }

@@ -43,6 +43,14 @@ pub struct TrainerConfig {
     /// existed load with the default).
     #[serde(default)]
     pub attn: AttnImplementation,
+    /// Update each parameter as soon as the backward pass has its gradient (PyTorch's
+    /// optimizer-in-backward): the model's gradients are never alive together (the f32
+    /// medium model's step: peak RSS −3 GB). Needs no clipping and one micro-batch per step
+    /// (both need every gradient before the first update); the gradient norm is still
+    /// reported. A non-finite gradient stops the step with an error, but the parameters
+    /// updated before it in that pass keep their update.
+    #[serde(default)]
+    pub optimizer_in_backward: bool,
 }
 
 impl TrainerConfig {
@@ -65,6 +73,7 @@ impl TrainerConfig {
             loss_chunk: opts.loss_chunk,
             balance_bias_lr: 0.0,
             attn: opts.attn,
+            optimizer_in_backward: false,
         }
     }
 
@@ -87,6 +96,13 @@ impl TrainerConfig {
                     "max_grad_norm must be positive, got {n}"
                 )));
             }
+        }
+        if self.optimizer_in_backward && self.max_grad_norm.is_some() {
+            return Err(ZayaError::Input(
+                "optimizer_in_backward needs max_grad_norm off: clipping needs every gradient \
+                 before the first update"
+                    .into(),
+            ));
         }
         if !(self.balance_bias_lr >= 0.0 && self.balance_bias_lr.is_finite()) {
             return Err(ZayaError::Input(format!(
@@ -244,6 +260,9 @@ impl<M: Trainable> Trainer<M> {
             normalizer: Some(total as f64),
             aux_weight: 1.0 / micro_batches.len() as f64,
         };
+        if self.cfg.optimizer_in_backward {
+            return self.step_in_backward(micro_batches, &opts, &scale, start);
+        }
         let mut grads = Gradients::default();
         let mut routing: Vec<LayerRoutingStats> = Vec::new();
         let (mut loss, mut aux) = (0.0, 0.0);
@@ -262,6 +281,61 @@ impl<M: Trainable> Trainer<M> {
             }
         }
         let (lr, grad_norm) = self.update(grads, loss)?;
+        self.finish_step(loss, aux, routing, lr, grad_norm, total, start)
+    }
+
+    /// [`Trainer::step`] with the optimizer in the backward pass
+    /// ([`TrainerConfig::optimizer_in_backward`]).
+    fn step_in_backward(
+        &mut self,
+        micro_batches: &[Batch],
+        opts: &TrainOptions,
+        scale: &LossScale,
+        start: Instant,
+    ) -> Result<StepReport> {
+        let [batch] = micro_batches else {
+            return Err(ZayaError::Input(format!(
+                "optimizer_in_backward takes one micro-batch per step, got {} (gradient \
+                 accumulation needs every gradient before the first update)",
+                micro_batches.len()
+            )));
+        };
+        self.model.before_micro_batch(self.step, 0)?;
+        let lr = self.cfg.schedule.lr(self.step);
+        let step = self.step + 1;
+        let mut sum_sq = 0f64;
+        let (model, opt) = (&self.model, &mut self.opt);
+        let params = model.params();
+        let out = model.forward_backward_into(batch, opts, scale, &mut |i, g| {
+            let sq = super::squared_norm(&g)?;
+            if !sq.is_finite() {
+                return Err(ZayaError::Input(format!(
+                    "step {step}: the gradient of {} is not finite: update stopped (the \
+                     parameters updated before it in this backward pass keep their update)",
+                    params[i].name
+                )));
+            }
+            sum_sq += sq;
+            opt.step_param(i, &params[i], &g, lr)
+        })?;
+        self.step += 1;
+        let total = batch.num_targets();
+        let aux = out.aux_loss * scale.aux_weight;
+        self.finish_step(out.loss, aux, out.routing, lr, sum_sq.sqrt(), total, start)
+    }
+
+    /// The bias-balancing rule, the report and its log line, after the update.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        loss: f64,
+        aux: f64,
+        routing: Vec<LayerRoutingStats>,
+        lr: f64,
+        grad_norm: f64,
+        total: usize,
+        start: Instant,
+    ) -> Result<StepReport> {
         if self.cfg.balance_bias_lr > 0.0 {
             self.model
                 .apply_bias_balancing(&routing, self.cfg.balance_bias_lr)?;
