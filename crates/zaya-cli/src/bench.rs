@@ -87,6 +87,9 @@ pub fn check_sizes(args: &BenchArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
+    if args.optimizer_in_backward && (!args.train || args.parallel.is_parallel()) {
+        bail!("--optimizer-in-backward applies to --train on one rank (no --tp/--pp/--ep/--dp)");
+    }
     if args.train {
         if args.train_batch == 0 || args.train_seq_len < 2 {
             bail!("--train-batch must be at least 1 and --train-seq-len at least 2");

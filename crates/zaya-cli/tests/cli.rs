@@ -541,6 +541,21 @@ fn train_with_the_optimizer_in_backward_matches_the_plain_run() {
             "{extra:?}: {err}"
         );
     }
+    // `zaya bench` refuses it where it would be ignored (inference, a rank mesh)
+    for extra in [&[][..], &["--train", "--pp", "2"][..]] {
+        let o = zaya()
+            .args(["bench", "--model"])
+            .arg(&model)
+            .arg("--optimizer-in-backward")
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("applies to --train on one rank"),
+            "{extra:?}: {err}"
+        );
+    }
     for (out, extra) in [
         ("after", &["--max-grad-norm", "0"][..]),
         (
