@@ -21,6 +21,7 @@ mod chat;
 mod default_model;
 mod grpo_cmds;
 mod lora_cmds;
+mod memory;
 mod out;
 mod parallel_cmds;
 mod quant_cmds;
@@ -595,22 +596,6 @@ fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
-/// A forward allocates and frees its intermediates (activations, attention scores, expert
-/// buffers: a few MB each) in every layer. glibc serves blocks above its mmap threshold
-/// (128 KiB, adaptive up to 32 MiB) with fresh mappings whose pages the kernel zeroes on
-/// first touch, and trims the heap after frees: a quarter of a bf16 prefill went to
-/// `clear_page` (perf, 8B-shaped layers). Keeping such blocks in the heap lets each layer
-/// reuse the pages of the one before. Weights are allocated once and are unaffected; freed
-/// memory stays with the process up to the trim threshold.
-fn keep_freed_memory_for_reuse() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 /// Writes the thread count into `RAYON_NUM_THREADS` when nothing set it. candle 0.11 asks
 /// for its thread count on every matmul, and without the variable it counts the physical
 /// cores by parsing `/proc/cpuinfo` each time (perf: ~5 % of a decode step in the kernel's
@@ -626,7 +611,7 @@ fn pin_thread_count() {
 }
 
 fn main() {
-    keep_freed_memory_for_reuse();
+    memory::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ZAYA_LOG")
