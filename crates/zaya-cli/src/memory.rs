@@ -23,7 +23,9 @@
 //!   two-step run 5.3 M → 20 K. `ZAYA_THP=0` turns this off; a `GLIBC_TUNABLES` that already
 //!   names `glibc.malloc.hugetlb` is respected as it is.
 //!
-//! Nothing here changes a result: only where freed memory goes.
+//! Nothing here changes a result: only where freed memory goes. It is the `zaya` binary's
+//! choice; a program that links the `zaya` library gets glibc's defaults unless it makes the
+//! same two `mallopt` calls and starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
 
 /// Applies the settings above. Call before any other thread starts; may not return (the
 /// re-execution), in which case the new image starts `main` again with the tunable set.
