@@ -314,6 +314,7 @@ pub fn run(
             "read_bandwidth_gb_s_end": bw_end,
             "bytes_per_token": bytes_per_token,
             "peak_rss_bytes": peak,
+            "heap": crate::memory::describe(),
             "rss_after_load_bytes": rss_after_load,
             "weight_bytes": weight_bytes,
             "prefill_len": args.prefill_len,
@@ -412,6 +413,7 @@ pub fn run_train(args: BenchArgs, attn: zaya::attention::AttnImplementation) -> 
             "train_tokens_per_s": tps,
             "losses": losses,
             "peak_rss_bytes": peak,
+            "heap": crate::memory::describe(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&j)?)?;
     }

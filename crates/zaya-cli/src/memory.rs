@@ -41,6 +41,27 @@ pub fn configure() {
     }
 }
 
+/// The policy this process runs under, for benchmark records: results moved by a third
+/// with it (see the module docs).
+pub fn describe() -> String {
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        return "the platform allocator's defaults".into();
+    }
+    let huge = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"));
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|m| {
+            m.split_whitespace()
+                .find(|w| w.starts_with('['))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into());
+    format!(
+        "glibc heap never trimmed, blocks up to 256 MiB; huge pages requested: {}; kernel THP mode {thp}",
+        if huge { "yes" } else { "no" }
+    )
+}
+
 /// The `GLIBC_TUNABLES` value that asks for huge pages, given the current one; `None` where
 /// nothing should change (already chosen either way, or the kernel would not honour it).
 fn tunables_with_huge_pages(current: Option<&str>, thp_mode: &str) -> Option<String> {
