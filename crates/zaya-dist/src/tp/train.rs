@@ -26,7 +26,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use zaya::train::aux_loss::{layer_balance_loss, LayerRoutingStats};
-use zaya::train::{Batch, Checkpointing, LossScale, Param, Targets, TrainOptions};
+use zaya::train::{
+    boundary_grads, boundary_leaves, segment_seed, Batch, Checkpointing, LossScale, Param, Targets,
+    TrainOptions,
+};
 use zaya::weights::{native_specs, Checkpoint};
 use zaya::ForwardOptions;
 
@@ -163,13 +166,6 @@ fn for_each_offset(
 }
 
 /// `Σ out ⊙ g` (its gradient with respect to `out` is `g`).
-fn contract(out: &Tensor, g: &Tensor) -> ParallelResult<Tensor> {
-    Ok(out
-        .mul(&g.to_dtype(out.dtype())?)?
-        .sum_all()?
-        .to_dtype(DType::F32)?)
-}
-
 fn accumulate(acc: &mut GradStore, params: &[ShardParam], gs: &GradStore) -> ParallelResult<()> {
     for p in params {
         let t = p.param.var.as_tensor();
@@ -837,16 +833,6 @@ impl TpStageForward {
     }
 }
 
-fn leaves(b: Option<&Boundary>) -> ParallelResult<Option<(Var, Option<Var>)>> {
-    b.map(|(h, s)| {
-        Ok((
-            Var::from_tensor(h)?,
-            s.as_ref().map(Var::from_tensor).transpose()?,
-        ))
-    })
-    .transpose()
-}
-
 fn as_input(v: &Option<(Var, Option<Var>)>) -> Option<(&Tensor, Option<&Tensor>)> {
     v.as_ref()
         .map(|(h, s)| (h.as_tensor(), s.as_ref().map(|s| s.as_tensor())))
@@ -888,7 +874,7 @@ impl TpStageBatch<'_> {
             aux_values.extend(run.aux_values);
             inputs.push(Some((run.hidden.detach(), run.state.map(|s| s.detach()))));
         }
-        let last_inputs = leaves(inputs.pop().expect("one input per segment").as_ref())?;
+        let last_inputs = boundary_leaves(inputs.pop().expect("one input per segment").as_ref())?;
         let run = m.run(&self.p, segments[last].clone(), as_input(&last_inputs))?;
         stats.extend(run.stats.iter().cloned());
         aux_values.extend(run.aux_values.iter().copied());
@@ -942,53 +928,52 @@ impl TpStageBatch<'_> {
             last: run,
             ..
         } = fwd;
-        let mut seed = match &upstream {
+        let dev = &m.model.device;
+        let mut outputs = Vec::with_capacity(2);
+        match &upstream {
             TpStageUpstream::Normed(Some(g)) => {
                 let normed = run.normed.as_ref().ok_or_else(|| {
                     ParallelError::Unsupported(
                         "a head gradient for a stage without the final norm".into(),
                     )
                 })?;
-                contract(normed, g)?
+                outputs.push((normed, g));
             }
-            TpStageUpstream::Normed(None) => Tensor::zeros((), DType::F32, &m.model.device)?,
+            TpStageUpstream::Normed(None) => {}
             TpStageUpstream::Boundary { hidden, state } => {
-                let mut seed = contract(&run.hidden, hidden)?;
+                outputs.push((&run.hidden, hidden));
                 if let (Some(s), Some(g)) = (&run.state, state) {
-                    seed = (seed + contract(s, g)?)?;
+                    outputs.push((s, g));
                 }
-                seed
             }
-        };
-        for a in &run.aux_terms {
-            seed = (seed + a.to_dtype(DType::F32)?)?;
         }
+        let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
+        drop(outputs);
         // the run's tensors are the graph's: let go of them so the backward frees each
         // activation once it is done with it
         drop(run);
         let gs = seed.backward_releasing()?;
         accumulate(&mut acc, &m.params, &gs)?;
-        let mut upstream = input_grads(&gs, last_inputs.as_ref())?;
+        let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop((gs, last_inputs));
         for i in (0..segments.len() - 1).rev() {
-            let vars = leaves(inputs[i].as_ref())?;
+            let vars = boundary_leaves(inputs[i].as_ref())?;
             let run = m.run(&self.p, segments[i].clone(), as_input(&vars))?;
             let (g_h, g_s) = upstream.take().ok_or_else(|| {
                 ParallelError::Unsupported(
                     "checkpointing: no gradient reached a segment boundary".into(),
                 )
             })?;
-            let mut seed = contract(&run.hidden, &g_h)?;
+            let mut outputs = vec![(&run.hidden, &g_h)];
             if let (Some(s), Some(g)) = (&run.state, &g_s) {
-                seed = (seed + contract(s, g)?)?;
+                outputs.push((s, g));
             }
-            for a in &run.aux_terms {
-                seed = (seed + a.to_dtype(DType::F32)?)?;
-            }
+            let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
+            drop(outputs);
             drop(run);
             let gs = seed.backward_releasing()?;
             accumulate(&mut acc, &m.params, &gs)?;
-            upstream = input_grads(&gs, vars.as_ref())?;
+            upstream = boundary_grads(&gs, vars.as_ref())?;
         }
         let grads = m
             .params
@@ -999,25 +984,7 @@ impl TpStageBatch<'_> {
     }
 }
 
-/// Gradients of a stage's input boundary (`None` on the first stage).
-pub type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
-
-fn input_grads(
-    gs: &GradStore,
-    inputs: Option<&(Var, Option<Var>)>,
-) -> ParallelResult<BoundaryGrads> {
-    let Some((h, s)) = inputs else {
-        return Ok(None);
-    };
-    let g_h = match gs.get(h.as_tensor()) {
-        Some(g) => g.detach(),
-        None => h.as_tensor().zeros_like()?,
-    };
-    let g_s = s
-        .as_ref()
-        .and_then(|s| gs.get(s.as_tensor()).map(Tensor::detach));
-    Ok(Some((g_h, g_s)))
-}
+pub use zaya::train::BoundaryGrads;
 
 /// `loss`, `aux_loss` and `grad.<HF name>` of every parameter for a labelled batch on
 /// `shape.world()` local ranks (threads), as the single-rank

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::aux_loss::{layer_balance_loss, LayerRoutingStats};
 use super::loss::{
@@ -247,6 +247,33 @@ fn contract(out: &Tensor, g: &Tensor) -> Result<Tensor> {
         .to_dtype(DType::F32)?)
 }
 
+/// The scalar whose backward carries upstream gradients into a segment: `Σ out·g` over each
+/// (segment output, its upstream gradient) pair, then the segment's balance-loss terms, summed
+/// in that order; zero when there is nothing. One definition for every checkpointed backward
+/// (the single-process stages here, the tensor-parallel stages of `zaya-dist`).
+pub fn segment_seed(
+    device: &Device,
+    outputs: &[(&Tensor, &Tensor)],
+    aux_terms: &[Tensor],
+) -> Result<Tensor> {
+    let mut seed: Option<Tensor> = None;
+    let terms = outputs
+        .iter()
+        .map(|(out, g)| contract(out, g))
+        .chain(aux_terms.iter().map(|a| Ok(a.to_dtype(DType::F32)?)));
+    for term in terms {
+        let term = term?;
+        seed = Some(match seed {
+            Some(s) => (s + term)?,
+            None => term,
+        });
+    }
+    match seed {
+        Some(s) => Ok(s),
+        None => Ok(Tensor::zeros((), DType::F32, device)?),
+    }
+}
+
 /// What the LM head computes at the end of the forward pass.
 pub enum LossHead<'o> {
     /// Causal-LM cross-entropy, `nll_sum / normalizer` (see [`LossScale`]).
@@ -457,7 +484,7 @@ impl<'a> StageBatch<'a> {
             inputs.push(Some((run.hidden.detach(), run.state.map(|s| s.detach()))));
         }
         // The last segment keeps its graph; its inputs are leaves so their gradients come out.
-        let last_inputs = leaves(inputs.pop().expect("one input per segment").as_ref())?;
+        let last_inputs = boundary_leaves(inputs.pop().expect("one input per segment").as_ref())?;
         let run = self
             .p
             .run(segments[last].clone(), segment_input(&last_inputs))?;
@@ -535,50 +562,48 @@ impl<'a> StageBatch<'a> {
             ..
         } = fwd;
         let dev = self.p.model.device();
-        let mut seed = match &upstream {
+        let mut outputs = Vec::with_capacity(2);
+        match &upstream {
             StageUpstream::Normed(Some(g)) => {
                 let normed = run.normed.as_ref().ok_or_else(|| {
                     ZayaError::Input("a head gradient for a range that has no final norm".into())
                 })?;
-                contract(normed, g)?
+                outputs.push((normed, g));
             }
-            StageUpstream::Normed(None) => Tensor::zeros((), DType::F32, dev)?,
+            StageUpstream::Normed(None) => {}
             StageUpstream::Boundary { hidden, state } => {
-                let mut seed = contract(&run.hidden, hidden)?;
+                outputs.push((&run.hidden, hidden));
                 if let (Some(s), Some(g)) = (&run.state, state) {
-                    seed = (seed + contract(s, g)?)?;
+                    outputs.push((s, g));
                 }
-                seed
             }
-        };
-        for a in &run.aux_terms {
-            seed = (seed + a.to_dtype(DType::F32)?)?;
         }
+        let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
+        drop(outputs);
         // The run's tensors are the graph's: let go of them, so the backward frees each
         // activation once it is done with it (peak memory of a step without checkpointing).
         drop(run);
         let gs = seed.backward_releasing_with(&mut |v, g| sinking.ready(&mut acc, v, g))?;
         accumulate(&mut acc, params, &gs)?;
-        let mut upstream = input_grads(&gs, last_inputs.as_ref())?;
+        let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop(gs);
 
         for i in (0..segments.len() - 1).rev() {
-            let inputs = leaves(inputs[i].as_ref())?;
+            let inputs = boundary_leaves(inputs[i].as_ref())?;
             let run = self.p.run(segments[i].clone(), segment_input(&inputs))?;
             let (g_h, g_s) = upstream.take().ok_or_else(|| {
                 ZayaError::Input("checkpointing: no gradient reached a segment boundary".into())
             })?;
-            let mut seed = contract(&run.hidden, &g_h)?;
+            let mut outputs = vec![(&run.hidden, &g_h)];
             if let (Some(s), Some(g)) = (&run.state, &g_s) {
-                seed = (seed + contract(s, g)?)?;
+                outputs.push((s, g));
             }
-            for a in &run.aux_terms {
-                seed = (seed + a.to_dtype(DType::F32)?)?;
-            }
+            let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
+            drop(outputs);
             drop(run);
             let gs = seed.backward_releasing_with(&mut |v, g| sinking.ready(&mut acc, v, g))?;
             accumulate(&mut acc, params, &gs)?;
-            upstream = input_grads(&gs, inputs.as_ref())?;
+            upstream = boundary_grads(&gs, inputs.as_ref())?;
         }
         // what only the head gave a gradient (the LM head's weight)
         sinking.flush(&mut acc)?;
@@ -675,7 +700,7 @@ fn boundary_input(b: &Option<(Tensor, Option<Tensor>)>) -> SegmentInput<'_> {
 }
 
 /// Fresh leaves for a detached boundary, so its gradients come out of the backward.
-fn leaves(b: Option<&(Tensor, Option<Tensor>)>) -> Result<Option<(Var, Option<Var>)>> {
+pub fn boundary_leaves(b: Option<&(Tensor, Option<Tensor>)>) -> Result<Option<(Var, Option<Var>)>> {
     b.map(|(h, s)| {
         Ok((
             Var::from_tensor(h)?,
@@ -690,7 +715,10 @@ fn leaves(b: Option<&(Tensor, Option<Tensor>)>) -> Result<Option<(Var, Option<Va
 pub type BoundaryGrads = Option<(Tensor, Option<Tensor>)>;
 
 /// Gradients of a segment's boundary inputs (none for the embedding segment).
-fn input_grads(gs: &GradStore, inputs: Option<&(Var, Option<Var>)>) -> Result<BoundaryGrads> {
+pub fn boundary_grads(
+    gs: &GradStore,
+    inputs: Option<&(Var, Option<Var>)>,
+) -> Result<BoundaryGrads> {
     let Some((h, s)) = inputs else {
         return Ok(None);
     };
