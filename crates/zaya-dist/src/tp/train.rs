@@ -41,6 +41,9 @@ use crate::mesh::Coords;
 use crate::plan::{ParallelPlan, Selection};
 use crate::tp::Groups;
 
+/// Gradients of a stage's input boundary (`None` on the first stage).
+pub use zaya::train::BoundaryGrads;
+
 /// One trainable slice.
 #[derive(Debug, Clone)]
 pub struct ShardParam {
@@ -165,7 +168,6 @@ fn for_each_offset(
     }
 }
 
-/// `Σ out ⊙ g` (its gradient with respect to `out` is `g`).
 fn accumulate(acc: &mut GradStore, params: &[ShardParam], gs: &GradStore) -> ParallelResult<()> {
     for p in params {
         let t = p.param.var.as_tensor();
@@ -983,8 +985,6 @@ impl TpStageBatch<'_> {
         Ok((grads, upstream))
     }
 }
-
-pub use zaya::train::BoundaryGrads;
 
 /// `loss`, `aux_loss` and `grad.<HF name>` of every parameter for a labelled batch on
 /// `shape.world()` local ranks (threads), as the single-rank
