@@ -48,26 +48,26 @@ pub fn describe() -> String {
         return "the platform allocator's defaults".into();
     }
     let huge = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"));
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .ok()
-        .and_then(|m| {
-            m.split_whitespace()
-                .find(|w| w.starts_with('['))
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let modes = std::fs::read_to_string(THP_ENABLED).unwrap_or_default();
+    let thp = selected_thp_mode(&modes).unwrap_or("unknown");
     format!(
         "glibc heap never trimmed, blocks up to 256 MiB; huge pages requested: {}; kernel THP mode {thp}",
         if huge { "yes" } else { "no" }
     )
 }
 
+/// Where Linux lists the THP modes, the selected one in brackets: `always [madvise] never`.
+const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+fn selected_thp_mode(modes: &str) -> Option<&str> {
+    modes.split_whitespace().find(|w| w.starts_with('['))
+}
+
 /// The `GLIBC_TUNABLES` value that asks for huge pages, given the current one; `None` where
 /// nothing should change (already chosen either way, or the kernel would not honour it).
 fn tunables_with_huge_pages(current: Option<&str>, thp_mode: &str) -> Option<String> {
     // Only `madvise` needs glibc's request: `always` backs the heap anyway, `never` refuses.
-    let selected = thp_mode.split_whitespace().find(|w| w.starts_with('['))?;
-    if selected != "[madvise]" {
+    if selected_thp_mode(thp_mode)? != "[madvise]" {
         return None;
     }
     match current {
@@ -83,7 +83,7 @@ fn reexec_with_huge_pages() {
     if std::env::var_os("ZAYA_THP").is_some_and(|v| v == "0") {
         return;
     }
-    let Ok(mode) = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled") else {
+    let Ok(mode) = std::fs::read_to_string(THP_ENABLED) else {
         return;
     };
     let current = std::env::var("GLIBC_TUNABLES").ok();
