@@ -587,6 +587,55 @@ fn train_with_the_optimizer_in_backward_matches_the_plain_run() {
     assert_eq!(losses("after"), losses("during"));
 }
 
+/// The process re-executes itself with glibc's huge-page tunable exactly where the kernel
+/// waits for that request (THP `madvise`), keeps its arguments through the re-execution (the
+/// JSON lands where `--json` said), and `ZAYA_THP=0` keeps 4 KiB pages; `zaya bench` records
+/// which policy ran.
+#[test]
+fn huge_pages_follow_the_kernel_mode_and_zaya_thp() {
+    let dir = fixture("gqa_sliding");
+    let out = temp("heap");
+    let madvise = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|m| m.split_whitespace().any(|w| w == "[madvise]"));
+    for (thp, expect_huge) in [(None, madvise), (Some("0"), false)] {
+        let json = out.join(format!("bench-{}.json", thp.unwrap_or("default")));
+        let mut cmd = zaya();
+        cmd.env_remove("GLIBC_TUNABLES").env_remove("ZAYA_THP");
+        if let Some(v) = thp {
+            cmd.env("ZAYA_THP", v);
+        }
+        let status = cmd
+            .args(["bench", "--threads", "1", "--repeats", "1", "--model"])
+            .arg(&dir)
+            .args([
+                "--prefill-len",
+                "8",
+                "--prompt-len",
+                "4",
+                "--new-tokens",
+                "2",
+            ])
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let heap = j["heap"].as_str().unwrap();
+        let want = if expect_huge {
+            "requested: yes"
+        } else {
+            "requested: no"
+        };
+        assert!(heap.contains(want), "ZAYA_THP={thp:?}: {heap}");
+    }
+}
+
 /// `zaya bench` and `zaya bench --train` run end to end on a tiny model and write the JSON
 /// keys the reference script reads; training steps on a fixed batch lower its loss.
 #[test]
