@@ -130,9 +130,7 @@ impl AdamW {
                 grads.grads.len()
             )));
         }
-        if !lr.is_finite() || lr < 0.0 {
-            return Err(ZayaError::Input(format!("learning rate {lr} is invalid")));
-        }
+        check_lr(lr)?;
         for (i, (p, g)) in params.iter().zip(&grads.grads).enumerate() {
             if let Some(g) = g {
                 self.update(i, p, g, lr)?;
@@ -160,9 +158,7 @@ impl AdamW {
                 p.var.dims()
             )));
         }
-        if !lr.is_finite() || lr < 0.0 {
-            return Err(ZayaError::Input(format!("learning rate {lr} is invalid")));
-        }
+        check_lr(lr)?;
         self.update(i, p, grad, lr)
     }
 
@@ -337,6 +333,14 @@ impl AdamW {
 }
 
 /// `t` as an f32 tensor with storage of its own.
+/// A learning rate an update can use: finite and not negative.
+fn check_lr(lr: f64) -> Result<()> {
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(ZayaError::Input(format!("learning rate {lr} is invalid")));
+    }
+    Ok(())
+}
+
 fn owned_f32(t: Tensor) -> Result<Tensor> {
     Ok(if t.dtype() == DType::F32 {
         t.copy()?
