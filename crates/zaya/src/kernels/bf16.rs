@@ -475,19 +475,24 @@ mod packed {
             // inside `buf` (`pairs · width`).
             unsafe {
                 if rows == 16 {
-                    transpose_blocks(|c| w.as_ptr().add((first + c) * k), blocks, dst, width)
+                    cpu::transpose_blocks_16x16(
+                        |c| w.as_ptr().add((first + c) * k) as *const u32,
+                        blocks,
+                        dst,
+                        width,
+                    )
                 } else {
                     // a last group of fewer than 16 weight rows: the missing rows read a
                     // zero row (their lanes must be zero)
                     let zeros = vec![bf16::ZERO; 32 * blocks];
                     let row = |c: usize| {
                         if c < rows {
-                            w.as_ptr().add((first + c) * k)
+                            w.as_ptr().add((first + c) * k) as *const u32
                         } else {
-                            zeros.as_ptr()
+                            zeros.as_ptr() as *const u32
                         }
                     };
-                    transpose_blocks(row, blocks, dst, width)
+                    cpu::transpose_blocks_16x16(row, blocks, dst, width)
                 }
             };
             for c in 0..rows {
@@ -498,55 +503,6 @@ mod packed {
                 }
                 if k % 2 == 1 {
                     buf[full * width + 16 * g + c] = u32::from(row[k - 1].to_bits());
-                }
-            }
-        }
-    }
-
-    /// The first `16 · blocks` pairs of 16 weight rows (`row(c)` points at row `c`, each
-    /// holding at least `32 · blocks` bf16) into the pair layout at `dst` (stride `width`
-    /// u32 per pair): each block of 16 pairs × 16 rows is one 16 × 16 transpose of u32 in
-    /// registers. The rows are loaded into named registers (an array indexed by a run-time
-    /// row count went through the stack: a store and a reload per vector).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transpose_blocks(
-        row: impl Fn(usize) -> *const bf16,
-        blocks: usize,
-        dst: *mut u32,
-        width: usize,
-    ) {
-        let rows: [*const bf16; 16] = std::array::from_fn(&row);
-        for b in 0..blocks {
-            let r: [__m512i; 16] =
-                std::array::from_fn(|c| _mm512_loadu_si512(rows[c].add(32 * b) as *const _));
-            // pairs of rows interleaved, then quadruples, then the 128-bit lanes gathered
-            let mut t = [_mm512_setzero_si512(); 16];
-            for i in 0..8 {
-                t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-                t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-            }
-            let mut u = [_mm512_setzero_si512(); 16];
-            for i in 0..4 {
-                u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-                u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-                u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-                u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-            }
-            // now lane L of u[4i + j] holds rows 4i..4i+4 of pair 4L + j
-            for j in 0..4 {
-                let x0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
-                let x1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
-                let y0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
-                let y1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
-                let cols = [
-                    _mm512_shuffle_i32x4::<0b10_00_10_00>(x0, y0),
-                    _mm512_shuffle_i32x4::<0b10_00_10_00>(x1, y1),
-                    _mm512_shuffle_i32x4::<0b11_01_11_01>(x0, y0),
-                    _mm512_shuffle_i32x4::<0b11_01_11_01>(x1, y1),
-                ];
-                for (l, v) in cols.iter().enumerate() {
-                    let p = 16 * b + 4 * l + j;
-                    _mm512_storeu_si512(dst.add(p * width) as *mut _, *v);
                 }
             }
         }

@@ -679,6 +679,62 @@ pub(crate) fn gemm(
     Ok(())
 }
 
+/// Transposes 32-bit values 16 × 16 at a time: for `b < blocks`, the values `16b..16b + 16`
+/// of the 16 rows `row(0..16)` become the vectors at `dst + p · width` (`p = 16b..16b + 16`),
+/// lane `c` from row `c`. Used to pack operands column-major for the GEMM kernels (f32
+/// values, or pairs of bf16 seen as one u32). The rows are loaded into named registers (an
+/// array indexed by a run-time row count went through the stack: a store and a reload per
+/// vector).
+///
+/// # Safety
+/// AVX-512F must be available; each row must hold `16 · blocks` values and `dst` must be
+/// writable at `p · width .. p · width + 16` for every `p < 16 · blocks`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose_blocks_16x16(
+    row: impl Fn(usize) -> *const u32,
+    blocks: usize,
+    dst: *mut u32,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    let rows: [*const u32; 16] = std::array::from_fn(&row);
+    for b in 0..blocks {
+        let r: [__m512i; 16] =
+            std::array::from_fn(|c| _mm512_loadu_si512(rows[c].add(16 * b) as *const _));
+        // pairs of rows interleaved, then quadruples, then the 128-bit lanes gathered
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // now lane L of u[4i + j] holds rows 4i..4i+4 of value 4L + j
+        for j in 0..4 {
+            let x0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
+            let x1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
+            let y0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
+            let y1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
+            let cols = [
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(x0, y0),
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(x1, y1),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(x0, y0),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(x1, y1),
+            ];
+            for (l, v) in cols.iter().enumerate() {
+                let p = 16 * b + 4 * l + j;
+                _mm512_storeu_si512(dst.add(p * width) as *mut _, *v);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Vectorisable primitives
 
