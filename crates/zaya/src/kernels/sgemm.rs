@@ -48,7 +48,9 @@ const MIN_PARALLEL_WORK: usize = 1 << 18;
 
 /// Fewest rows of an expert's share of a larger forward for which this kernel runs rather
 /// than the GEMV. AMD EPYC Zen 4, an expert of the small config (`k = 512`, `n = 512 / 1024`), 1 / 2 threads: the
-/// GEMV faster at 8 rows, this kernel 1.1× at 12, 1.3–1.5× at 16–32 (`step_shapes`).
+/// GEMV faster at 8 rows, this kernel 1.1× at 12, 1.3–1.5× at 16–32 (`step_shapes`). On
+/// weights read from memory (a medium expert, `expert_share_speed`): the GEMV 1.6× at 4
+/// rows, equal at 8, this kernel 1.1× at 10, 1.3× at 12 and 1.5× at 16.
 pub(crate) const SHARE_MIN_ROWS: usize = 12;
 
 /// Whether the kernel takes this product from `min_rows` rows (else it is [`cpu::gemm`]):
@@ -609,6 +611,51 @@ mod tests {
             false,
         );
         assert!(bad.is_err());
+    }
+
+    /// An expert's share of a prefill against weights read from memory (eight 8 MiB gate/up
+    /// weights of the medium config in turn, more than the L3), the GEMV of [`cpu::gemm`]
+    /// against this kernel, as GB/s of weight (the floor is the machine's read bandwidth):
+    /// where [`SHARE_MIN_ROWS`] should sit for cold weights. `cargo test --release -p zaya
+    /// --lib sgemm::tests::expert_share_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn expert_share_speed() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
+        println!("threads: {}", cpu::num_threads());
+        let (k, n, experts) = (1024, 2048, 8);
+        let w = test_data(experts * n * k, 5);
+        let gb = (experts * n * k * 4) as f64 / 1e9;
+        for m in [2, 4, 6, 8, 10, 12, 16, 24] {
+            let x = test_data(m * k, 3);
+            let mut out = vec![0f32; m * n];
+            let mut run = |ours: bool| {
+                best(&mut || {
+                    cpu::in_pool(|| {
+                        for e in w.chunks(n * k) {
+                            let (dst, lhs) = (MatMut::new(&mut out, 0, n), MatRef::rows(&x, 0, k));
+                            let rhs = MatRef::rows(e, 0, k).t();
+                            if ours {
+                                weight_rows(m, n, k, dst, false, lhs, rhs, true).unwrap()
+                            } else {
+                                cpu::gemm(m, n, k, dst, false, lhs, rhs, 1.0, true).unwrap()
+                            }
+                        }
+                    })
+                })
+            };
+            let (tg, ts) = (run(false), run(true));
+            println!(
+                "m={m:<2} k={k} n={n}: GEMV {:.1} GB/s {:.0} GFLOP/s, sgemm {:.1} GB/s {:.0} GFLOP/s",
+                gb / tg,
+                gb * m as f64 / 2.0 / tg,
+                gb / ts,
+                gb * m as f64 / 2.0 / ts
+            );
+        }
     }
 
     /// GFLOP/s of the training step's product classes (small config: H = I = 512, 32000
