@@ -9,8 +9,8 @@
 //! recomputes the expert activations instead of storing them.
 //!
 //! f32 products: the forward's two (`x·W_guᵀ`, `act·W_downᵀ`, also the backward's
-//! recompute) go through [`sgemm::gemm`] (an AVX-512 kernel for a few dozen rows against a
-//! weight's transpose, [`cpu::gemm`] elsewhere); the backward's (`dy·W_down`, `dgu·W_gu`,
+//! recompute) go through [`sgemm::gemm`] (an AVX-512 kernel against a weight's transpose for any
+//! row count from its minimum, [`cpu::gemm`] elsewhere); the backward's (`dy·W_down`, `dgu·W_gu`,
 //! `dYᵀ·X`) through [`cpu::gemm`], which measured faster at those shapes.
 
 use candle_core::backend::BackendStorage;

@@ -1,11 +1,11 @@
 //! An AVX-512 f32 GEMM against a weight's transpose — the forward products of the MoE
 //! experts (`x·W_guᵀ` and `act·W_downᵀ`: a few dozen token rows per expert with a trained
 //! router, up to the whole forward with a skewed one), run again by their fused backward's
-//! recompute. The
-//! `gemm` crate (through [`cpu::gemm`]) packs the whole weight for every such product, a
-//! transpose that costs about as much as the product when each weight element meets only
-//! a few dozen rows, and its thread split gains nothing at this size: on the Xeon of the
-//! training benchmark it ran them at ~115 GFLOP/s on one thread and on two alike.
+//! recompute. The `gemm` crate (through [`cpu::gemm`]) packs the whole weight for every
+//! such product, a transpose that costs about as much as the product when each weight
+//! element meets only a few dozen rows, and its thread split gains nothing at this size:
+//! on the Xeon of the training benchmark it ran them at ~115 GFLOP/s on one thread and on
+//! two alike.
 //!
 //! Here the roles swap: the few rows of `lhs` are packed transposed (panels of `NR = 32`
 //! rows, cheap), and the register tile is `Cᵀ` — `MR = 12` weight rows, broadcast straight
@@ -230,28 +230,37 @@ fn pack_lhs_transposed(lhs: &MatRef<'_>, m: usize, k: usize, out: &mut [f32]) {
     } else {
         0
     };
-    let zeros = vec![0u32; 16 * blocks];
     for (ip, i) in (0..m).step_by(NR).enumerate() {
         let rows = NR.min(m - i);
         let panel = &mut out[ip * NR * k..(ip + 1) * NR * k];
         if rows < NR {
             panel.fill(0.0);
         }
-        for half in (0..rows).step_by(16) {
-            let base = |c: usize| {
-                let r = half + c;
-                if r < rows {
-                    lhs.data[lhs.off + (i + r) * lhs.rs..].as_ptr() as *const u32
+        #[cfg(target_arch = "x86_64")]
+        if blocks > 0 {
+            // rows past `m` read zeros (only a last panel of `rows % 16 != 0` rows allocates)
+            let zeros = vec![
+                0u32;
+                if rows.is_multiple_of(16) {
+                    0
                 } else {
-                    zeros.as_ptr()
+                    16 * blocks
                 }
-            };
-            if blocks > 0 {
+            ];
+            for half in (0..rows).step_by(16) {
+                let base = |c: usize| {
+                    let r = half + c;
+                    if r < rows {
+                        lhs.data[lhs.off + (i + r) * lhs.rs..].as_ptr() as *const u32
+                    } else {
+                        zeros.as_ptr()
+                    }
+                };
                 // SAFETY: AVX-512F (see above); each existing row holds `k ≥ 16·blocks`
                 // values from its start (the view was bounds-checked for `m × k`), a
-                // missing row reads `zeros`; the stores `p·NR + half .. + 16` for
-                // `p < 16·blocks` lie inside the panel (`NR·k` values, `half + 16 ≤ NR`).
-                #[cfg(target_arch = "x86_64")]
+                // missing row (only when `rows % 16 != 0`) reads `zeros`; the stores
+                // `p·NR + half .. + 16` for `p < 16·blocks` lie inside the panel (`NR·k`
+                // values, `half + 16 ≤ NR`).
                 unsafe {
                     let dst = panel.as_mut_ptr().add(half) as *mut u32;
                     cpu::transpose_blocks_16x16(base, blocks, dst, NR)
