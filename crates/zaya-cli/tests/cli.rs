@@ -1,6 +1,6 @@
 //! The stable command-line interface, driven as external checks drive it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, IndexOp};
@@ -604,28 +604,15 @@ fn huge_pages_follow_the_kernel_mode_and_zaya_thp() {
         if let Some(v) = thp {
             cmd.env("ZAYA_THP", v);
         }
-        let status = cmd
-            .args(["bench", "--threads", "1", "--repeats", "1", "--model"])
-            .arg(&dir)
-            .args([
-                "--prefill-len",
-                "8",
-                "--prompt-len",
-                "4",
-                "--new-tokens",
-                "2",
-            ])
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "{}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-        let j: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let extra = [
+            "--prefill-len",
+            "8",
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "2",
+        ];
+        let j = bench_json(cmd, &dir, &extra, &json);
         let heap = j["heap"].as_str().unwrap();
         let want = if expect_huge {
             "requested: yes"
@@ -636,29 +623,32 @@ fn huge_pages_follow_the_kernel_mode_and_zaya_thp() {
     }
 }
 
+/// Runs `cmd bench --threads 1 --repeats 1 --model MODEL EXTRA --json JSON`, asserts it
+/// succeeded and returns the JSON it wrote.
+fn bench_json(mut cmd: Command, model: &Path, extra: &[&str], json: &Path) -> serde_json::Value {
+    let status = cmd
+        .args(["bench", "--threads", "1", "--repeats", "1", "--model"])
+        .arg(model)
+        .args(extra)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
 /// `zaya bench` and `zaya bench --train` run end to end on a tiny model and write the JSON
 /// keys the reference script reads; training steps on a fixed batch lower its loss.
 #[test]
 fn bench_inference_and_train_write_their_json() {
     let dir = fixture("gqa_sliding");
     let out = temp("bench");
-    let run = |extra: &[&str], json: &PathBuf| {
-        let status = zaya()
-            .args(["bench", "--threads", "1", "--repeats", "1", "--model"])
-            .arg(&dir)
-            .args(extra)
-            .arg("--json")
-            .arg(json)
-            .output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "{}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-        let text = std::fs::read_to_string(json).unwrap();
-        serde_json::from_str::<serde_json::Value>(&text).unwrap()
-    };
+    let run = |extra: &[&str], json: &PathBuf| bench_json(zaya(), &dir, extra, json);
     let inf = run(
         &[
             "--prefill-len",
