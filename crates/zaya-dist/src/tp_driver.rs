@@ -860,7 +860,7 @@ pub(crate) fn run_1f1b(
                 for (a, g) in sums.grads.iter_mut().zip(grads) {
                     if let Some(g) = g {
                         *a = Some(match a.take() {
-                            Some(old) => (old + g)?,
+                            Some(old) => old.add_reusing(&g)?,
                             None => g,
                         });
                     }

@@ -632,3 +632,106 @@ fn releasing_backward_hands_each_variable_its_final_gradient_once() {
         full.get(xt).unwrap().to_vec1::<f32>().unwrap()
     );
 }
+
+/// Gradient sums written in place (vendored patch): a sum is updated in its own buffer only
+/// where nothing else can read that buffer, so a gradient stored for two inputs of an `add`
+/// (one buffer, two owners) is never changed through one of them.
+#[test]
+fn in_place_gradient_sums_never_change_a_shared_buffer() {
+    use candle_core::{Device, Var};
+    let dev = Device::Cpu;
+    let a = Var::new(&[1f32, 2., 3.], &dev).unwrap();
+    let b = Var::new(&[4f32, 5., 6.], &dev).unwrap();
+    let k1 = Tensor::new(&[1f32, 10., 100.], &dev).unwrap();
+    let k2 = Tensor::new(&[0.5f32, 0.25, 0.125], &dev).unwrap();
+    let (at, bt) = (a.as_tensor(), b.as_tensor());
+    // `a + b` gives a and b one gradient buffer; `a · k2` adds a second term to a's only,
+    // reached before or after the shared buffer is stored (both orders of the two terms)
+    let shared = || (((at + bt).unwrap() * &k1).unwrap()).sum_all().unwrap();
+    let own = || {
+        (at * &k2)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .log()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let ys = [(shared() + own()).unwrap(), (own() + shared()).unwrap()];
+    for gs in ys.iter().flat_map(|y| {
+        [
+            y.backward().unwrap(),
+            y.clone().backward_releasing().unwrap(),
+        ]
+    }) {
+        assert_eq!(
+            gs.get(bt).unwrap().to_vec1::<f32>().unwrap(),
+            [1., 10., 100.]
+        );
+        let ga = gs.get(at).unwrap().to_vec1::<f32>().unwrap();
+        for (g, want) in ga.iter().zip([1.5f32, 10.25, 100.125]) {
+            assert!((g - want).abs() < 1e-5, "{ga:?}");
+        }
+    }
+}
+
+/// `add_reusing` gives `a + b` and writes into `a`'s buffer only when `a` is its sole
+/// owner: a clone kept elsewhere keeps its values.
+#[test]
+fn add_reusing_leaves_a_shared_tensor_alone() {
+    use candle_core::Device;
+    let dev = Device::Cpu;
+    let a = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
+    let b = Tensor::new(&[0.5f32, 0.5, 0.5], &dev).unwrap();
+    let kept = a.clone();
+    let sum = a.add_reusing(&b).unwrap();
+    assert_eq!(sum.to_vec1::<f32>().unwrap(), [1.5, 2.5, 3.5]);
+    assert_eq!(kept.to_vec1::<f32>().unwrap(), [1., 2., 3.]);
+    let view = kept.narrow(0, 1, 2).unwrap();
+    let sum = kept.add_reusing(&b).unwrap();
+    assert_eq!(sum.to_vec1::<f32>().unwrap(), [1.5, 2.5, 3.5]);
+    assert_eq!(view.to_vec1::<f32>().unwrap(), [2., 3.]);
+    // sole owner: the same values, in place
+    let c = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
+    assert_eq!(
+        c.add_reusing(&b).unwrap().to_vec1::<f32>().unwrap(),
+        [1.5, 2.5, 3.5]
+    );
+}
+
+/// An embedding read twice (two `index_select`s, one repeated id) and once densely: the
+/// gradient adds each row's terms in place and equals the one written out by hand.
+#[test]
+fn embedding_gradient_accumulates_rows_in_place_exactly() {
+    use candle_core::{Device, Var};
+    let dev = Device::Cpu;
+    let w = Var::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+    let wt = w.as_tensor();
+    let ids1 = Tensor::new(&[0u32, 2, 0], &dev).unwrap();
+    let ids2 = Tensor::new(&[1u32], &dev).unwrap();
+    let c1 = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+    let c2 = Tensor::new(&[[7f32, 8.]], &dev).unwrap();
+    let d = Tensor::new(&[[0.5f32, 0.5], [0.5, 0.5], [0.5, 0.5]], &dev).unwrap();
+    let y = ((wt.index_select(&ids1, 0).unwrap() * &c1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        + (wt.index_select(&ids2, 0).unwrap() * &c2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+        + (wt * &d).unwrap().sum_all().unwrap())
+    .unwrap();
+    let want = [[6.5f32, 8.5], [7.5, 8.5], [3.5, 4.5]];
+    for gs in [
+        y.backward().unwrap(),
+        y.clone().backward_releasing().unwrap(),
+    ] {
+        assert_eq!(gs.get(wt).unwrap().to_vec2::<f32>().unwrap(), want);
+    }
+    // an id past the table is an error, not a write outside it
+    let bad = Tensor::new(&[3u32], &dev).unwrap();
+    let y = wt.index_select(&bad, 0);
+    assert!(y.is_err() || y.unwrap().sum_all().unwrap().backward().is_err());
+}

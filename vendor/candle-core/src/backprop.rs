@@ -29,6 +29,114 @@ thread_local! {
 
 /// A gradient as the store keeps it: detached from the graph that computed it, unless
 /// `CANDLE_GRAD_DO_NOT_DETACH` is set (see [`GradStore::accumulate`]).
+/// The contiguous f32 CPU buffer range of `t` when `t` is the only handle to its storage,
+/// so that writing there changes no other tensor.
+/// Never while the backward records its own graph (`CANDLE_GRAD_DO_NOT_DETACH`): a sum that
+/// is an op's output must keep the value its op computed.
+fn exclusive_f32_range(t: &Tensor) -> Option<(usize, usize)> {
+    if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b)
+        || !t.is_exclusive()
+        || t.is_variable()
+        || t.op().is_some()
+        || !t.device().is_cpu()
+        || t.dtype() != crate::DType::F32
+    {
+        return None;
+    }
+    t.layout().contiguous_offsets()
+}
+
+/// `dst += src` where `dst` is an exclusive contiguous f32 CPU tensor and `src` a contiguous
+/// f32 CPU tensor of the same shape; `false` (nothing done) otherwise. Element by element
+/// the same additions as `dst.add(src)`, without the new buffer (zaya's patch).
+fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<bool> {
+    let Some((d0, d1)) = exclusive_f32_range(dst) else {
+        return Ok(false);
+    };
+    if src.dtype() != crate::DType::F32 || !src.device().is_cpu() || src.shape() != dst.shape() {
+        return Ok(false);
+    }
+    let Some((s0, s1)) = src.layout().contiguous_offsets() else {
+        return Ok(false);
+    };
+    // Two different locks: an exclusive `dst` shares its storage with no other tensor.
+    let src_storage = src.storage();
+    let mut dst_storage = dst.storage_mut();
+    match (&mut *dst_storage, &*src_storage) {
+        (
+            crate::Storage::Cpu(crate::CpuStorage::F32(d)),
+            crate::Storage::Cpu(crate::CpuStorage::F32(s)),
+        ) => {
+            for (a, b) in d[d0..d1].iter_mut().zip(&s[s0..s1]) {
+                *a += *b;
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// `dst.index_add(ids, src, dim)` written into `dst` where `dst` is exclusive (as
+/// `add_in_place`); `false` (nothing done) where it does not apply. The additions into each
+/// element come in the order of `ids`, as in candle's CPU `index_add`, so the values match.
+fn index_add_in_place(dst: &Tensor, ids: &Tensor, src: &Tensor, dim: usize) -> Result<bool> {
+    let Some((d0, d1)) = exclusive_f32_range(dst) else {
+        return Ok(false);
+    };
+    let (dd, sd) = (dst.dims(), src.dims());
+    if src.dtype() != crate::DType::F32
+        || !src.device().is_cpu()
+        || ids.rank() != 1
+        || dim >= dd.len()
+        || sd.len() != dd.len()
+        || sd[dim] != ids.dim(0)?
+        || (0..dd.len()).any(|d| d != dim && sd[d] != dd[d])
+    {
+        return Ok(false);
+    }
+    let Some((s0, s1)) = src.layout().contiguous_offsets() else {
+        return Ok(false);
+    };
+    let ids: Vec<usize> = match ids.dtype() {
+        crate::DType::U32 => ids.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect(),
+        crate::DType::U8 => ids.to_vec1::<u8>()?.into_iter().map(|i| i as usize).collect(),
+        crate::DType::I64 => ids.to_vec1::<i64>()?.into_iter().map(|i| i as usize).collect(),
+        _ => return Ok(false),
+    };
+    let rows = dd[dim];
+    if let Some(&bad) = ids.iter().find(|&&i| i >= rows) {
+        Err(Error::InvalidIndex {
+            op: "index-add",
+            index: bad,
+            size: rows,
+        }
+        .bt())?
+    }
+    let pre: usize = dd[..dim].iter().product();
+    let post: usize = dd[dim + 1..].iter().product();
+    let src_storage = src.storage();
+    let mut dst_storage = dst.storage_mut();
+    match (&mut *dst_storage, &*src_storage) {
+        (
+            crate::Storage::Cpu(crate::CpuStorage::F32(d)),
+            crate::Storage::Cpu(crate::CpuStorage::F32(s)),
+        ) => {
+            let (d, s) = (&mut d[d0..d1], &s[s0..s1]);
+            for p in 0..pre {
+                for (i, &row) in ids.iter().enumerate() {
+                    let to = (p * rows + row) * post;
+                    let from = (p * ids.len() + i) * post;
+                    for (a, b) in d[to..to + post].iter_mut().zip(&s[from..from + post]) {
+                        *a += *b;
+                    }
+                }
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 fn stored(grad: Tensor) -> Tensor {
     if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
         grad
@@ -38,6 +146,17 @@ fn stored(grad: Tensor) -> Tensor {
 }
 
 impl Tensor {
+    /// `self + rhs`, written into `self`'s buffer where `self` is the only handle to it (see
+    /// `add_in_place`), else a new tensor: the same values either way (zaya's patch, for
+    /// gradient sums held by one owner).
+    pub fn add_reusing(self, rhs: &Tensor) -> Result<Tensor> {
+        if add_in_place(&self, rhs)? {
+            Ok(self)
+        } else {
+            self.add(rhs)
+        }
+    }
+
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
     /// argument.
@@ -482,10 +601,9 @@ impl Tensor {
                         grads.accumulate(src, &src_grad)?;
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
-                        let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
-                        *sum_grad = sum_grad.index_add(&indexes, &grad, *dim)?;
+                        grads.index_add(arg, &indexes, &grad, *dim)?;
                     }
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
@@ -775,10 +893,38 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();
-                *sum = stored(sum.add(grad)?);
+                if !add_in_place(sum, grad)? {
+                    *sum = stored(sum.add(grad)?);
+                }
             }
             Entry::Vacant(entry) => {
                 entry.insert(stored(grad.contiguous()?));
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of `index_select(tensor, ids, dim)`: `grad` added to the rows `ids` of
+    /// `tensor`'s gradient, in place where the store holds that gradient alone (a fresh
+    /// zero gradient, or a sum nothing else shares), else as candle did: a new tensor.
+    /// In place saves two full-size buffers at once (the zeros and the sum), which for a
+    /// tied embedding is two `[vocab × hidden]` tensors at the step's peak.
+    fn index_add(&mut self, tensor: &Tensor, ids: &Tensor, grad: &Tensor, dim: usize) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum = entry.get_mut();
+                if !index_add_in_place(sum, ids, grad, dim)? {
+                    *sum = sum.index_add(ids, grad, dim)?;
+                }
+            }
+            Entry::Vacant(entry) => {
+                let zeros = tensor.zeros_like()?;
+                let sum = if index_add_in_place(&zeros, ids, grad, dim)? {
+                    zeros
+                } else {
+                    zeros.index_add(ids, grad, dim)?
+                };
+                entry.insert(sum);
             }
         }
         Ok(())

@@ -2763,6 +2763,13 @@ impl Tensor {
         self.storage.read_recursive()
     }
 
+    /// Whether this handle is the only way to reach the tensor's data: no clone of the
+    /// tensor and no other tensor (a view, a detached copy) shares its storage, so writing
+    /// to the storage cannot change what any other tensor reads (zaya's patch).
+    pub(crate) fn is_exclusive(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.storage) == 1
+    }
+
     /// Acquire write lock on storage and returns guard.
     pub(crate) fn storage_mut(&self) -> StorageMutRef<'_> {
         self.storage.write()

@@ -173,8 +173,8 @@ fn accumulate(acc: &mut GradStore, params: &[ShardParam], gs: &GradStore) -> Par
         let t = p.param.var.as_tensor();
         if let Some(g) = gs.get(t) {
             let g = g.detach();
-            let sum = match acc.get(t) {
-                Some(old) => (old + g)?,
+            let sum = match acc.remove(t) {
+                Some(old) => old.add_reusing(&g)?,
                 None => g,
             };
             acc.insert(t, sum);

@@ -227,8 +227,9 @@ fn accumulate(acc: &mut GradStore, params: &[Param], gs: &GradStore) -> Result<(
         let t = p.var.as_tensor();
         if let Some(g) = gs.get(t) {
             let g = g.detach();
-            let sum = match acc.get(t) {
-                Some(old) => (old + g)?,
+            // the head's part of a tied embedding's gradient, summed in its own buffer
+            let sum = match acc.remove(t) {
+                Some(old) => old.add_reusing(&g)?,
                 None => g,
             };
             acc.insert(t, sum);
@@ -665,7 +666,7 @@ impl<'p, 's, 'k> Sinking<'p, 's, 'k> {
         }
         let g = g.detach();
         let g = match acc.remove(var) {
-            Some(head) => (head + g)?,
+            Some(head) => head.add_reusing(&g)?,
             None => g,
         };
         self.taken[i] = true;

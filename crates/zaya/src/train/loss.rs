@@ -141,8 +141,9 @@ pub fn chunked_lm_loss(
             {
                 if let Some(g) = gs.get(w) {
                     let g = g.detach();
-                    let sum = match grads.get(w) {
-                        Some(old) => (old + g)?,
+                    // summed in the first chunk's buffer (no third [vocab × hidden] tensor)
+                    let sum = match grads.remove(w) {
+                        Some(old) => old.add_reusing(&g)?,
                         None => g,
                     };
                     grads.insert(w, sum);
@@ -280,8 +281,8 @@ pub fn weighted_logp_backward(
         {
             if let Some(g) = gs.get(p) {
                 let g = g.detach();
-                let sum = match grads.get(p) {
-                    Some(old) => (old + g)?,
+                let sum = match grads.remove(p) {
+                    Some(old) => old.add_reusing(&g)?,
                     None => g,
                 };
                 grads.insert(p, sum);
