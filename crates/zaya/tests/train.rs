@@ -698,6 +698,15 @@ fn add_reusing_leaves_a_shared_tensor_alone() {
         c.add_reusing(&b).unwrap().to_vec1::<f32>().unwrap(),
         [1.5, 2.5, 3.5]
     );
+    // a variable on the right keeps the sum in the graph
+    let v = candle_core::Var::new(&[1f32, 1., 1.], &dev).unwrap();
+    let c = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
+    let y = c.add_reusing(v.as_tensor()).unwrap();
+    let gs = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        gs.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        [1., 1., 1.]
+    );
 }
 
 /// An embedding read twice (two `index_select`s, one repeated id) and once densely: the

@@ -27,8 +27,6 @@ thread_local! {
     }
 }
 
-/// A gradient as the store keeps it: detached from the graph that computed it, unless
-/// `CANDLE_GRAD_DO_NOT_DETACH` is set (see [`GradStore::accumulate`]).
 /// The contiguous f32 CPU buffer range of `t` when `t` is the only handle to its storage,
 /// so that writing there changes no other tensor.
 /// Never while the backward records its own graph (`CANDLE_GRAD_DO_NOT_DETACH`): a sum that
@@ -137,6 +135,8 @@ fn index_add_in_place(dst: &Tensor, ids: &Tensor, src: &Tensor, dim: usize) -> R
     }
 }
 
+/// A gradient as the store keeps it: detached from the graph that computed it, unless
+/// `CANDLE_GRAD_DO_NOT_DETACH` is set (see [`GradStore::accumulate`]).
 fn stored(grad: Tensor) -> Tensor {
     if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
         grad
@@ -148,9 +148,10 @@ fn stored(grad: Tensor) -> Tensor {
 impl Tensor {
     /// `self + rhs`, written into `self`'s buffer where `self` is the only handle to it (see
     /// `add_in_place`), else a new tensor: the same values either way (zaya's patch, for
-    /// gradient sums held by one owner).
+    /// gradient sums held by one owner). A `rhs` that is part of a graph (a variable or an
+    /// op's output) always gets the new tensor, so the sum keeps its link to the graph.
     pub fn add_reusing(self, rhs: &Tensor) -> Result<Tensor> {
-        if add_in_place(&self, rhs)? {
+        if !rhs.track_op() && add_in_place(&self, rhs)? {
             Ok(self)
         } else {
             self.add(rhs)
