@@ -51,7 +51,25 @@ fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<bool> {
     let Some((d0, d1)) = exclusive_f32_range(dst) else {
         return Ok(false);
     };
-    if src.dtype() != crate::DType::F32 || !src.device().is_cpu() || src.shape() != dst.shape() {
+    if src.shape() != dst.shape() {
+        return Ok(false);
+    }
+    with_f32_buffers(dst, (d0, d1), src, |d, s| {
+        for (a, b) in d.iter_mut().zip(s) {
+            *a += *b;
+        }
+    })
+}
+
+/// Runs `f` on `dst`'s buffer range (exclusive, from `exclusive_f32_range`) and `src`'s
+/// contiguous f32 CPU values; `false` (nothing run) where `src` is not such a tensor.
+fn with_f32_buffers(
+    dst: &Tensor,
+    (d0, d1): (usize, usize),
+    src: &Tensor,
+    f: impl FnOnce(&mut [f32], &[f32]),
+) -> Result<bool> {
+    if src.dtype() != crate::DType::F32 || !src.device().is_cpu() {
         return Ok(false);
     }
     let Some((s0, s1)) = src.layout().contiguous_offsets() else {
@@ -65,9 +83,7 @@ fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<bool> {
             crate::Storage::Cpu(crate::CpuStorage::F32(d)),
             crate::Storage::Cpu(crate::CpuStorage::F32(s)),
         ) => {
-            for (a, b) in d[d0..d1].iter_mut().zip(&s[s0..s1]) {
-                *a += *b;
-            }
+            f(&mut d[d0..d1], &s[s0..s1]);
             Ok(true)
         }
         _ => Ok(false),
@@ -82,9 +98,7 @@ fn index_add_in_place(dst: &Tensor, ids: &Tensor, src: &Tensor, dim: usize) -> R
         return Ok(false);
     };
     let (dd, sd) = (dst.dims(), src.dims());
-    if src.dtype() != crate::DType::F32
-        || !src.device().is_cpu()
-        || ids.rank() != 1
+    if ids.rank() != 1
         || dim >= dd.len()
         || sd.len() != dd.len()
         || sd[dim] != ids.dim(0)?
@@ -92,9 +106,6 @@ fn index_add_in_place(dst: &Tensor, ids: &Tensor, src: &Tensor, dim: usize) -> R
     {
         return Ok(false);
     }
-    let Some((s0, s1)) = src.layout().contiguous_offsets() else {
-        return Ok(false);
-    };
     let ids: Vec<usize> = match ids.dtype() {
         crate::DType::U32 => ids.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect(),
         crate::DType::U8 => ids.to_vec1::<u8>()?.into_iter().map(|i| i as usize).collect(),
@@ -112,27 +123,17 @@ fn index_add_in_place(dst: &Tensor, ids: &Tensor, src: &Tensor, dim: usize) -> R
     }
     let pre: usize = dd[..dim].iter().product();
     let post: usize = dd[dim + 1..].iter().product();
-    let src_storage = src.storage();
-    let mut dst_storage = dst.storage_mut();
-    match (&mut *dst_storage, &*src_storage) {
-        (
-            crate::Storage::Cpu(crate::CpuStorage::F32(d)),
-            crate::Storage::Cpu(crate::CpuStorage::F32(s)),
-        ) => {
-            let (d, s) = (&mut d[d0..d1], &s[s0..s1]);
-            for p in 0..pre {
-                for (i, &row) in ids.iter().enumerate() {
-                    let to = (p * rows + row) * post;
-                    let from = (p * ids.len() + i) * post;
-                    for (a, b) in d[to..to + post].iter_mut().zip(&s[from..from + post]) {
-                        *a += *b;
-                    }
+    with_f32_buffers(dst, (d0, d1), src, |d, s| {
+        for p in 0..pre {
+            for (i, &row) in ids.iter().enumerate() {
+                let to = (p * rows + row) * post;
+                let from = (p * ids.len() + i) * post;
+                for (a, b) in d[to..to + post].iter_mut().zip(&s[from..from + post]) {
+                    *a += *b;
                 }
             }
-            Ok(true)
         }
-        _ => Ok(false),
-    }
+    })
 }
 
 /// A gradient as the store keeps it: detached from the graph that computed it, unless
