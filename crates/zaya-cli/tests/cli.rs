@@ -22,6 +22,15 @@ fn temp(tag: &str) -> PathBuf {
     d
 }
 
+/// Asserts a `zaya` run succeeded, showing its stderr where it did not.
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
@@ -92,11 +101,7 @@ fn generate_prints_new_tokens_as_json() {
         .args(["--max-new-tokens", "10", "--ignore-eos"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output);
     let v: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let want =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
@@ -126,7 +131,7 @@ fn init_inspect_and_convert_round_trip() {
         .unwrap();
     assert!(status.success());
     let out = zaya().arg("inspect").arg(&model).output().unwrap();
-    assert!(out.status.success());
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["layout"], "native");
     let total = v["parameters"]["total"].as_u64().unwrap();
@@ -190,11 +195,7 @@ fn tokenize_and_detokenize_match_transformers() {
             .args(["--text", text])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["ids"], case["ids_with_special"], "{text}");
         let out = zaya()
@@ -280,11 +281,7 @@ fn template_prints_the_rendering_exactly() {
 fn parse_splits_reasoning_content_and_tool_calls() {
     let text = "<think>need weather</think>Let me check.<zyphra_tool_call><function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function></zyphra_tool_call>";
     let out = zaya().args(["parse", "--text", text]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["reasoning"], "need weather");
     assert_eq!(v["content"], "Let me check.");
@@ -311,11 +308,7 @@ fn forward_with_labels_writes_loss_and_gradients() {
             cmd.arg("--checkpointing");
         }
         let st = cmd.output().unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        assert_ok(&st);
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
         assert!(max_diff(&got["loss"].flatten_all().unwrap(), &want["train.loss"]) < 1e-5);
         let mut n = 0;
@@ -354,11 +347,7 @@ fn default_model_generates_text_without_a_model_dir() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = v["texts"][0].as_str().unwrap();
     let words = text.split_whitespace().count();
@@ -392,11 +381,7 @@ fn default_model_generates_text_without_a_model_dir() {
         .write_all(b"Who made the light?\n/quit\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let answer: serde_json::Value =
         serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
     assert!(answer["tokens"].as_u64().unwrap() >= 1);
@@ -443,7 +428,7 @@ fn train_resumes_exactly_and_exports() {
             cmd.arg("--resume");
         }
         let o = cmd.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_ok(&o);
     };
     run("a", false);
     let a = dir.join("a");
@@ -491,7 +476,7 @@ fn train_resumes_exactly_and_exports() {
     assert_eq!(losses(&a.join("loss.csv")), losses(&b.join("loss.csv")));
     // the export is a loadable model
     let out = zaya().arg("inspect").arg(a.join("final")).output().unwrap();
-    assert!(out.status.success());
+    assert_ok(&out);
 }
 
 /// `zaya train --optimizer-in-backward` (each parameter updated as its gradient is final)
@@ -564,7 +549,7 @@ fn train_with_the_optimizer_in_backward_matches_the_plain_run() {
         ),
     ] {
         let o = run(out, extra);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_ok(&o);
     }
     let load = |run: &str| {
         candle_core::safetensors::load(dir.join(run).join("final/model.safetensors"), &Device::Cpu)
@@ -626,7 +611,7 @@ fn huge_pages_follow_the_kernel_mode_and_zaya_thp() {
 /// Runs `cmd bench --threads 1 --repeats 1 --model MODEL EXTRA --json JSON`, asserts it
 /// succeeded and returns the JSON it wrote.
 fn bench_json(mut cmd: Command, model: &Path, extra: &[&str], json: &Path) -> serde_json::Value {
-    let status = cmd
+    let out = cmd
         .args(["bench", "--threads", "1", "--repeats", "1", "--model"])
         .arg(model)
         .args(extra)
@@ -634,11 +619,7 @@ fn bench_json(mut cmd: Command, model: &Path, extra: &[&str], json: &Path) -> se
         .arg(json)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert_ok(&out);
     serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
 }
 
