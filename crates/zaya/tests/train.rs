@@ -709,6 +709,51 @@ fn add_reusing_leaves_a_shared_tensor_alone() {
     );
 }
 
+/// The first f32 of a CPU tensor's buffer: where its values live.
+fn buffer_address(t: &Tensor) -> *const f32 {
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.as_ptr(),
+        _ => panic!("expected an f32 CPU tensor"),
+    }
+}
+
+/// `affine_reusing` (gradient clipping's scale) writes into the buffer only where nothing
+/// else can see it, and gives `affine`'s values either way (-0.0 included: `v·m + 0`).
+#[test]
+fn affine_reusing_scales_in_place_only_a_sole_owner() {
+    use candle_core::Device;
+    let dev = Device::Cpu;
+    let values = [1.5f32, -2.25, 3.0, -0.0, 1e-30];
+    let want = Tensor::new(&values, &dev)
+        .unwrap()
+        .affine(0.3, 0.0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    // sole owner: the same buffer, affine's bits
+    let a = Tensor::new(&values, &dev).unwrap();
+    let before = buffer_address(&a);
+    let scaled = a.affine_reusing(0.3, 0.0).unwrap();
+    assert_eq!(buffer_address(&scaled), before);
+    assert_eq!(bits(scaled.to_vec1().unwrap()), bits(want.clone()));
+    // a clone, a view, or a variable keeps its values and gets a new buffer
+    let a = Tensor::new(&values, &dev).unwrap();
+    let kept = a.clone();
+    let scaled = a.affine_reusing(0.3, 0.0).unwrap();
+    assert_ne!(buffer_address(&scaled), buffer_address(&kept));
+    assert_eq!(bits(scaled.to_vec1().unwrap()), bits(want.clone()));
+    assert_eq!(kept.to_vec1::<f32>().unwrap(), values);
+    let view = kept.narrow(0, 1, 2).unwrap();
+    let scaled = kept.affine_reusing(0.3, 0.0).unwrap();
+    assert_eq!(bits(scaled.to_vec1().unwrap()), bits(want));
+    assert_eq!(view.to_vec1::<f32>().unwrap(), [-2.25, 3.0]);
+    let v = candle_core::Var::new(&values, &dev).unwrap();
+    let _ = v.as_tensor().clone().affine_reusing(0.3, 0.0).unwrap();
+    assert_eq!(v.as_tensor().to_vec1::<f32>().unwrap(), values);
+}
+
 /// An embedding read twice (two `index_select`s, one repeated id) and once densely: the
 /// gradient adds each row's terms in place and equals the one written out by hand.
 #[test]

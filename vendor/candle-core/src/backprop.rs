@@ -159,6 +159,24 @@ impl Tensor {
         }
     }
 
+    /// `self.affine(mul, add)` written into `self`'s own buffer where `self` is an exclusive
+    /// contiguous f32 CPU tensor (as `add_in_place`), else a new tensor: element by element
+    /// the same `v * mul + add` in f32 either way (zaya's patch, for scaling gradients).
+    pub fn affine_reusing(self, mul: f64, add: f64) -> Result<Tensor> {
+        if let Some((a, b)) = exclusive_f32_range(&self) {
+            let (mul32, add32) = (mul as f32, add as f32);
+            let mut storage = self.storage_mut();
+            if let crate::Storage::Cpu(crate::CpuStorage::F32(d)) = &mut *storage {
+                for v in &mut d[a..b] {
+                    *v = *v * mul32 + add32;
+                }
+                drop(storage);
+                return Ok(self);
+            }
+        }
+        self.affine(mul, add)
+    }
+
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
     /// argument.

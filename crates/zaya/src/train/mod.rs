@@ -250,8 +250,12 @@ impl Gradients {
 
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) -> Result<()> {
-        for g in self.grads.iter_mut().flatten() {
-            *g = (&*g * factor)?;
+        for slot in self.grads.iter_mut() {
+            if let Some(g) = slot.take() {
+                // In the gradient's own buffer where nothing else holds it (the values of
+                // `g * factor` either way): clipping runs when every gradient is alive.
+                *slot = Some(g.affine_reusing(factor, 0.0)?);
+            }
         }
         Ok(())
     }
@@ -666,14 +670,62 @@ impl TrainableModel {
     }
 }
 
-/// `Σ g²` of one gradient (f32 sum, as the global norm adds them).
+/// `Σ g²` of one gradient (an f32 sum, as the global norm adds them): the value of candle's
+/// `g.sqr()?.sum_all()`, read in place where `g` is a contiguous f32 CPU tensor — the
+/// gradient-sized square is never built (it was a transient at the training step's memory
+/// peak, when every gradient is alive).
 pub(crate) fn squared_norm(g: &Tensor) -> Result<f64> {
+    if g.dtype() == DType::F32 && g.device().is_cpu() {
+        if let Some((a, b)) = g.layout().contiguous_offsets() {
+            let (storage, _) = g.storage_and_layout();
+            if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage {
+                if let Some(sum) = candle_sum_of_squares(&v[a..b]) {
+                    return Ok(f64::from(sum));
+                }
+            }
+        }
+    }
     Ok(f64::from(
         g.to_dtype(DType::F32)?
             .sqr()?
             .sum_all()?
             .to_scalar::<f32>()?,
     ))
+}
+
+/// `Σ x²` in f32 in the order of candle's CPU `sum_all` over the squares (`None` where that
+/// order is not known here: non-x86 CPUs, whose candle kernels differ). With AVX2, candle
+/// keeps 32 running sums — sum `l` takes the elements `≡ l (mod 32)` of the largest prefix
+/// that is a multiple of 32 —, folds them as its `vec_reduce` does, then adds the tail in
+/// order; without, it adds every element in order.
+fn candle_sum_of_squares(xs: &[f32]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::is_x86_feature_detected!("avx2") {
+            return Some(xs.iter().fold(0f32, |s, &x| s + x * x));
+        }
+        let whole = xs.len() & !31;
+        let mut acc = [0f32; 32];
+        for block in xs[..whole].chunks_exact(32) {
+            for (a, &x) in acc.iter_mut().zip(block) {
+                *a += x * x;
+            }
+        }
+        // `vec_reduce`: the four 8-lane vectors as (v0 + v1) + (v2 + v3), then the halves
+        // of the 8 lanes added, then two horizontal adds.
+        let lane = |l: usize| (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
+        let t: [f32; 4] = std::array::from_fn(|l| lane(l) + lane(l + 4));
+        let mut sum = (t[0] + t[1]) + (t[2] + t[3]);
+        for &x in &xs[whole..] {
+            sum += x * x;
+        }
+        Some(sum)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = xs;
+        None
+    }
 }
 
 /// What a [`trainer::Trainer`] trains: full fine-tuning ([`TrainableModel`]) or an adapter
@@ -878,4 +930,44 @@ pub fn labelled_outputs_of(
         Tensor::new(&[aux as f32], model.device())?,
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::squared_norm;
+    use candle_core::{DType, Device, IndexOp, Tensor};
+
+    /// candle's own `Σ g²`: a tensor of squares, then `sum_all`.
+    fn through_candle(g: &Tensor) -> f64 {
+        let sq = g.to_dtype(DType::F32).unwrap().sqr().unwrap();
+        f64::from(sq.sum_all().unwrap().to_scalar::<f32>().unwrap())
+    }
+
+    /// The gradient norm read in place adds in candle's order: the clipping factor, and so
+    /// every clipped update, is the same as before it stopped building the squares.
+    #[test]
+    fn squared_norm_in_place_equals_candles_sum_of_squares_bit_for_bit() {
+        let dev = Device::Cpu;
+        let data = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 20011) as f32 / 997.0 - 10.0)
+                .collect()
+        };
+        for n in [0, 1, 5, 31, 32, 33, 63, 64, 65, 1000, 4097, (1 << 20) + 17] {
+            let g = Tensor::from_vec(data(n), n, &dev).unwrap();
+            assert_eq!(
+                squared_norm(&g).unwrap().to_bits(),
+                through_candle(&g).to_bits(),
+                "{n} values"
+            );
+        }
+        // an offset view (read in place) and a transposed one (candle's path)
+        let g = Tensor::from_vec(data(64 * 97), (64, 97), &dev).unwrap();
+        for view in [g.i(3..40).unwrap(), g.t().unwrap()] {
+            assert_eq!(
+                squared_norm(&view).unwrap().to_bits(),
+                through_candle(&view).to_bits()
+            );
+        }
+    }
 }
