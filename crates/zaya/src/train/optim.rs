@@ -447,7 +447,14 @@ fn fused_step(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: &StepConstants)
         let (sb, _) = b.storage_and_layout();
         std::ptr::eq(&*sa, &*sb)
     };
-    if !(fits(w) && fits(m) && fits(v) && fits(g)) || shared(w, m) || shared(w, v) || shared(m, v) {
+    if !(fits(w) && fits(m) && fits(v) && fits(g))
+        || shared(w, m)
+        || shared(w, v)
+        || shared(m, v)
+        || shared(g, w)
+        || shared(g, m)
+        || shared(g, v)
+    {
         return Ok(false);
     }
     /// Runs `f` on the tensor's values, mutably.
@@ -463,14 +470,22 @@ fn fused_step(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: &StepConstants)
             (self.0)(&mut d[a..b])
         }
     }
-    let g = g.flatten_all()?.to_vec1::<f32>()?;
+    // The gradient is read where it is (a copy would be one more parameter-sized buffer at
+    // the step's memory peak); `shared` above rules out a lock taken twice.
+    let (g_storage, g_layout) = g.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(g)), Some((g0, g1))) =
+        (&*g_storage, g_layout.contiguous_offsets())
+    else {
+        return Ok(false);
+    };
+    let g = &g[g0..g1];
     m.inplace_op1(&Values(|m: &mut [f32]| {
         let m = RefCell::new(m);
         v.inplace_op1(&Values(|v: &mut [f32]| {
             let v = RefCell::new(v);
             w.inplace_op1(&Values(|w: &mut [f32]| {
                 let (mut m, mut v) = (m.borrow_mut(), v.borrow_mut());
-                update_in_pool(w, &mut m, &mut v, &g, c);
+                update_in_pool(w, &mut m, &mut v, g, c);
                 Ok(())
             }))
         }))
