@@ -1054,11 +1054,16 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize, W: WeightElem>(
         let mut w = [_mm512_setzero_ps(); C];
         for (j, wj) in w.iter_mut().enumerate() {
             *wj = W::load16(wp.add(j * ws_stride + o));
-            // The next tile's rows, at the same offset: each weight row is its own stream
-            // (a 2048-wide bf16 row is one 4 KiB page, where the hardware prefetcher starts
-            // over), so fetch them while this tile computes. Prefetches never fault; the
-            // address past the last row is only formed (wrapping), never read.
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((j + C) * ws_stride + o) as *const i8);
+            // Several weight rows at once are several streams (a 2048-wide bf16 row is one
+            // 4 KiB page, where the hardware prefetcher starts over), so fetch the next
+            // tile's rows at the same offset while this tile computes. One row at a time is
+            // one sequential stream, which the hardware prefetcher follows: prefetching it
+            // too cost a fifth of the one-row read rate (`gemv_read_rate_from_memory`:
+            // 35–37 against 44 GB/s, fold 50). Prefetches never fault; the address past the
+            // last row is only formed (wrapping), never read.
+            if C > 1 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((j + C) * ws_stride + o) as *const i8);
+            }
         }
         for (i, ai) in acc.iter_mut().enumerate() {
             let x = _mm512_loadu_ps(xp.add(i * xs_stride + o));
@@ -1391,6 +1396,66 @@ mod tests {
                 inside * 1e6,
                 (n * k * 4) as f64 / inside / 1e9
             );
+        }
+    }
+
+    /// `cargo test --release -p zaya --lib cpu::tests::gemv_read_rate_from_memory --
+    /// --ignored --nocapture`: the one-row GEMV on the medium config's decode shapes (f32),
+    /// each call on the next of 128 distinct weights (more than any L3), back to back in the
+    /// pool as in a decode step, against the machine's read rate (integer fold, as `zaya
+    /// bench` probes it) over the same bytes.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn gemv_read_rate_from_memory() {
+        use super::{gemv_by_col, in_pool, num_threads, DotsBlock};
+        use rayon::prelude::*;
+        println!("threads: {}", num_threads());
+        fn case<W: DotsBlock>(name: &str, n: usize, k: usize, m: usize, to: impl Fn(f32) -> W) {
+            let bytes = n * k * std::mem::size_of::<W>();
+            let count = (512 << 20) / bytes;
+            let ws: Vec<Vec<W>> = (0..count)
+                .map(|i| {
+                    super::test_data(n * k, i as u32)
+                        .into_iter()
+                        .map(&to)
+                        .collect()
+                })
+                .collect();
+            let x = super::test_data(m * k, 7);
+            let t = super::best_seconds(3, &mut || {
+                in_pool(|| {
+                    for w in &ws {
+                        std::hint::black_box(gemv_by_col(&x, k, m, w, k, n, k, true));
+                    }
+                })
+            });
+            let fold = super::best_seconds(3, &mut || {
+                let s: u64 = in_pool(|| {
+                    ws.par_iter()
+                        .map(|w| {
+                            let b = unsafe {
+                                std::slice::from_raw_parts(
+                                    w.as_ptr() as *const u32,
+                                    w.len() * std::mem::size_of::<W>() / 4,
+                                )
+                            };
+                            b.iter().fold(0u32, |a, &v| a.wrapping_add(v)) as u64
+                        })
+                        .sum()
+                });
+                std::hint::black_box(s);
+            });
+            let gb = (count * bytes) as f64 / 1e9;
+            println!(
+                "{name} n={n:<5} k={k} m={m}: GEMV {:5.1} GB/s ({:6.1} us a call), fold {:5.1} GB/s",
+                gb / t,
+                t / count as f64 * 1e6,
+                gb / fold
+            );
+        }
+        for m in [1, 2, 4, 8] {
+            case::<f32>("f32 ", 2048, 1024, m, |v| v);
+            case::<half::bf16>("bf16", 4096, 2048, m, half::bf16::from_f32);
         }
     }
 
