@@ -887,6 +887,100 @@ mod tests {
         }
     }
 
+    /// `cargo test --release -p zaya --lib bf16::tests::bf16_decode_token_speed -- --ignored
+    /// --nocapture`: the products of one ZAYA1-8B decode token at batch 1 (40 layers of
+    /// q/k/v/o, router and one expert's gate/up and down, then the 262272-row lm_head; bf16
+    /// activations, 2.6 GB of distinct weights), one `dot::gemm` call each, against an
+    /// integer fold over the same bytes: what the kernel and its per-call hand-off to the
+    /// pool cost at the real model's shapes, apart from everything else in a forward. Run it
+    /// with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to read huge-page memory as the `zaya`
+    /// binary's heap is (on 4 KiB pages both the kernel and the fold read slower).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn bf16_decode_token_speed() {
+        use rayon::prelude::*;
+        if !dot::available() {
+            println!("no AVX-512 BF16 here");
+            return;
+        }
+        let h = 2048;
+        // (rows, k) of each product of one layer, as the 8B config has them
+        let layer: [(usize, usize); 8] = [
+            (1024, h),     // q
+            (256, h),      // k
+            (128, h),      // v (current)
+            (128, h),      // v (delayed)
+            (h, 1024),     // o
+            (256, h),      // router down-projection
+            (2 * 2048, h), // expert gate/up
+            (h, 2048),     // expert down
+        ];
+        let mut shapes: Vec<(usize, usize)> = (0..40).flat_map(|_| layer).collect();
+        shapes.push((262_272, h)); // lm_head
+        let weights: Vec<Vec<bf16>> = shapes
+            .iter()
+            .map(|&(n, k)| vec![bf16::from_f32(0.5); n * k])
+            .collect();
+        let xs: Vec<Vec<bf16>> = [h, 1024]
+            .iter()
+            .map(|&k| data(k, 3).into_iter().map(bf16::from_f32).collect())
+            .collect();
+        let bytes: usize = shapes.iter().map(|(n, k)| 2 * n * k).sum();
+        let mut out = vec![0f32; 262_272];
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
+        let token = best(&mut || {
+            cpu::in_pool(|| {
+                for (w, &(n, k)) in weights.iter().zip(&shapes) {
+                    let x = if k == h { &xs[0] } else { &xs[1] };
+                    dot::gemm(x, 1, k, w, n, &mut out[..n]);
+                }
+            })
+        });
+        let layers_only = best(&mut || {
+            cpu::in_pool(|| {
+                for (w, &(n, k)) in weights.iter().zip(&shapes).take(shapes.len() - 1) {
+                    let x = if k == h { &xs[0] } else { &xs[1] };
+                    dot::gemm(x, 1, k, w, n, &mut out[..n]);
+                }
+            })
+        });
+        let fold = best(&mut || {
+            let s: u64 = cpu::in_pool(|| {
+                weights
+                    .par_iter()
+                    .flat_map(|w| w.par_chunks(1 << 15))
+                    .map(|c| {
+                        // as 64-bit words (the bench's probe folds words too): a fold
+                        // of widened bf16 values ran compute-bound
+                        // SAFETY: any bit pattern is a valid u64
+                        let (head, words, tail) = unsafe { c.align_to::<u64>() };
+                        let edge = head.iter().chain(tail).map(|v| v.to_bits() as u64);
+                        words
+                            .iter()
+                            .copied()
+                            .chain(edge)
+                            .fold(0u64, u64::wrapping_add)
+                    })
+                    .reduce(|| 0, u64::wrapping_add)
+            });
+            std::hint::black_box(s);
+        });
+        let lm = 2.0 * 262_272.0 * h as f64;
+        println!(
+            "threads {}: one token {:.1} ms = {:.1} GB/s; 40 layers {:.1} ms = {:.1} GB/s; \
+             lm_head {:.1} ms = {:.1} GB/s; fold {:.1} GB/s",
+            cpu::num_threads(),
+            token * 1e3,
+            bytes as f64 / token / 1e9,
+            layers_only * 1e3,
+            (bytes as f64 - lm) / layers_only / 1e9,
+            (token - layers_only) * 1e3,
+            lm / (token - layers_only) / 1e9,
+            bytes as f64 / fold / 1e9
+        );
+    }
+
     #[test]
     fn short_buffers_are_an_error() {
         let w = vec![bf16::ONE; 4];
