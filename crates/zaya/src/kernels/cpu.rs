@@ -937,6 +937,20 @@ simd_dispatch! {
     pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
 }
 
+#[inline(always)]
+fn dot_bf16_body(x: &[f32], w: &[bf16]) -> f32 {
+    let k = x.len().min(w.len());
+    let mut out = [0f32];
+    dots_tile::<1, 1, bf16>(x, k, w, k, k, &mut out, 1);
+    out[0]
+}
+
+simd_dispatch! {
+    /// `Σ x·w` over the common length, `w` widened exactly: bit for bit [`dot`] of `x` and
+    /// the widened `w` (the same tile, the same order), without the widened copy.
+    pub(crate) fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 => dot_bf16_body
+}
+
 /// A stored weight element the dot-product tiles read: f32, or bf16 widened exactly (its
 /// bits are the high half of an f32).
 pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
@@ -1346,6 +1360,22 @@ simd_dispatch! {
 
 #[cfg(test)]
 mod tests {
+    /// `dot_bf16` is `dot` of `x` and the widened weights, bit for bit, at every length
+    /// around the 16-lane tiles (and with the operands in `dot`'s other order).
+    #[test]
+    fn dot_bf16_equals_dot_of_the_widened_weights() {
+        use super::{dot, dot_bf16, test_data};
+        use half::bf16;
+        for n in (0..70).chain([255, 256, 257, 1000, 4099]) {
+            let x = test_data(n, 7);
+            let w: Vec<bf16> = test_data(n, 11).into_iter().map(bf16::from_f32).collect();
+            let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let got = dot_bf16(&x, &w).to_bits();
+            assert_eq!(got, dot(&x, &wide).to_bits(), "n = {n}");
+            assert_eq!(got, dot(&wide, &x).to_bits(), "n = {n}");
+        }
+    }
+
     /// `cargo test --release -p zaya --lib cpu::tests::gemv_read_rate -- --ignored
     /// --nocapture`: the read rate of the one-row GEMV of [`super::gemm`] on the small
     /// config's decode shapes (f32 weights), on the kernel pool, best of 20.
