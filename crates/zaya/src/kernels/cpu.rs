@@ -924,11 +924,12 @@ pub(crate) fn hsum<const N: usize>(a: &[f32; N]) -> f32 {
     v[0]
 }
 
+/// `Σ x·w` over the common length: the one-row, one-column dot-product tile.
 #[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
-    let k = a.len().min(b.len());
+fn dot_body<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
+    let k = x.len().min(w.len());
     let mut out = [0f32];
-    dots_tile::<1, 1, f32>(a, k, b, k, k, &mut out, 1);
+    dots_tile::<1, 1, W>(x, k, w, k, k, &mut out, 1);
     out[0]
 }
 
@@ -937,18 +938,10 @@ simd_dispatch! {
     pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
 }
 
-#[inline(always)]
-fn dot_bf16_body(x: &[f32], w: &[bf16]) -> f32 {
-    let k = x.len().min(w.len());
-    let mut out = [0f32];
-    dots_tile::<1, 1, bf16>(x, k, w, k, k, &mut out, 1);
-    out[0]
-}
-
 simd_dispatch! {
     /// `Σ x·w` over the common length, `w` widened exactly: bit for bit [`dot`] of `x` and
     /// the widened `w` (the same tile, the same order), without the widened copy.
-    pub(crate) fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 => dot_bf16_body
+    pub(crate) fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 => dot_body
 }
 
 /// A stored weight element the dot-product tiles read: f32, or bf16 widened exactly (its
