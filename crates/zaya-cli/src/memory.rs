@@ -48,9 +48,8 @@ pub fn configure() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         reexec_with_huge_pages();
-        let huge =
-            std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"));
-        mapping::ADVISE_HUGE_PAGES.store(huge, std::sync::atomic::Ordering::Relaxed);
+        mapping::ADVISE_HUGE_PAGES
+            .store(heap_has_huge_pages(), std::sync::atomic::Ordering::Relaxed);
         let map_zeroed = std::env::var_os("ZAYA_MAP_ZEROED").is_some_and(|v| v == "1");
         mapping::ENABLED.store(map_zeroed, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: mallopt only changes allocator parameters; no other thread exists yet.
@@ -67,7 +66,7 @@ pub fn describe() -> String {
     if !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return "the platform allocator's defaults".into();
     }
-    let huge = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"));
+    let huge = heap_has_huge_pages();
     let modes = std::fs::read_to_string(THP_ENABLED).unwrap_or_default();
     let thp = selected_thp_mode(&modes).unwrap_or("unknown");
     format!(
@@ -83,8 +82,8 @@ pub fn describe() -> String {
 
 /// The process's allocator: glibc's (`System`), except that with `ZAYA_MAP_ZEROED=1` zeroed
 /// blocks of at least [`OWN_MAPPING_MIN`] bytes get an anonymous mapping of their own
-/// (module docs). Where a
-/// mapping cannot be made (or every registry slot is taken) the block comes from glibc.
+/// (module docs). Where a mapping cannot be made (or every registry slot is taken) the
+/// block comes from glibc.
 pub struct Allocator;
 
 /// Zeroed blocks from this size get their own mapping.
@@ -227,6 +226,11 @@ mod mapping {
         }
         false
     }
+}
+
+/// Whether this process runs with glibc's huge-page tunable (after the re-execution).
+fn heap_has_huge_pages() -> bool {
+    std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"))
 }
 
 /// Where Linux lists the THP modes, the selected one in brackets: `always [madvise] never`.
