@@ -423,6 +423,15 @@ impl QuantizedSource for GgufCheckpoint {
             Some(_) => Ok(Some(Arc::new(self.qtensor(name)?))),
         }
     }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        match self.content.tensor_infos.get(name)?.ggml_dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
 }
 
 struct GgufBackend(Arc<GgufCheckpoint>);
@@ -537,12 +546,24 @@ impl QuantizeReport {
 /// mean squared input activation per input feature (the tensor's last axis).
 pub type ImportanceMatrix = BTreeMap<String, Vec<f32>>;
 
-fn stored_format(plan: &QuantPlan, name: &str, shape: &[usize]) -> (WeightFormat, GgmlDType) {
+/// The requested and the stored format of native tensor `name`, stored in `source` (its
+/// dtype in the checkpoint being quantized).
+fn stored_format(
+    plan: &QuantPlan,
+    name: &str,
+    shape: &[usize],
+    source: DType,
+) -> (WeightFormat, GgmlDType) {
     let requested = plan.requested(name);
     let d = match plan.format_for(name, shape) {
         WeightFormat::Quant(d) | WeightFormat::Float(d) => d,
-        // Kept tensors are stored in f32: exact for every source dtype.
-        WeightFormat::Keep => GgmlDType::F32,
+        // Kept tensors stay in their source dtype (exact, and a bf16 router or CCA
+        // weight then reads half the bytes per token); other dtypes go to f32.
+        WeightFormat::Keep => match source {
+            DType::BF16 => GgmlDType::BF16,
+            DType::F16 => GgmlDType::F16,
+            _ => GgmlDType::F32,
+        },
     };
     (requested, d)
 }
@@ -658,7 +679,8 @@ pub fn quantize_to_gguf(
     let mut table = Vec::with_capacity(specs.len());
     let mut offset = 0u64;
     for spec in &specs {
-        let (requested, d) = stored_format(plan, &spec.name, &spec.shape);
+        let source = ckpt.stored_dtype(&cfg, &spec.name)?;
+        let (requested, d) = stored_format(plan, &spec.name, &spec.shape, source);
         let size = quant::storage_bytes(d, spec.shape.iter().product()) as u64;
         table.push((spec.name.clone(), spec.shape.clone(), d, offset));
         report
@@ -856,6 +878,8 @@ pub struct QuantizeOnLoad {
     plan: QuantPlan,
     shapes: BTreeMap<String, Vec<usize>>,
     inner: Option<Arc<dyn QuantizedSource>>,
+    /// Stored dtypes of a dense source's tensors (see [`QuantizeOnLoad::with_stored_dtypes`]).
+    stored: BTreeMap<String, DType>,
 }
 
 impl QuantizeOnLoad {
@@ -874,7 +898,19 @@ impl QuantizeOnLoad {
             plan,
             shapes,
             inner,
+            stored: BTreeMap::new(),
         }
+    }
+
+    /// Reports the dense checkpoint's stored dtype of every tensor, so that the model built
+    /// over it keeps what a GGUF written from the same checkpoint would keep in bf16 (the
+    /// two load to the same model).
+    pub fn with_stored_dtypes(mut self, ckpt: &Checkpoint, cfg: &ZayaConfig) -> Result<Self> {
+        for name in self.shapes.keys() {
+            self.stored
+                .insert(name.clone(), ckpt.stored_dtype(cfg, name)?);
+        }
+        Ok(self)
     }
 }
 
@@ -896,6 +932,13 @@ impl QuantizedSource for QuantizeOnLoad {
                 Ok(Some(Arc::new(q)))
             }
             _ => Ok(None),
+        }
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        match &self.inner {
+            Some(inner) => inner.stored_dtype(name),
+            None => self.stored.get(name).copied(),
         }
     }
 }

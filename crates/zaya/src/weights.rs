@@ -632,7 +632,7 @@ impl Checkpoint {
     }
 
     /// The stored dtype of native tensor `name` (any layout).
-    fn stored_dtype(&self, cfg: &ZayaConfig, name: &str) -> Result<DType> {
+    pub fn stored_dtype(&self, cfg: &ZayaConfig, name: &str) -> Result<DType> {
         let first = match self.sources(cfg, &Self::spec_named(name))? {
             LegacySource::One(n) => n,
             LegacySource::Stack(ns) => ns[0].clone(),

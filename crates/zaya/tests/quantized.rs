@@ -203,14 +203,21 @@ fn gguf_carries_the_tokenizer_and_template() {
             .as_deref(),
         Some("zaya")
     );
-    // Norms, biases, the router and the balancing biases stay f32.
+    // Norms, biases, the router and the balancing biases stay in their stored dtype.
+    let ckpt = zaya::weights::Checkpoint::open(&src).unwrap();
+    let cfg = ckpt.config().unwrap();
     for (name, d) in g.formats() {
         let class = zaya::quant::TensorClass::of(&name);
         if matches!(
             class,
             zaya::quant::TensorClass::Fixed | zaya::quant::TensorClass::Router
         ) {
-            assert_eq!(d, GgmlDType::F32, "{name}");
+            let want = match ckpt.stored_dtype(&cfg, &name).unwrap() {
+                DType::BF16 => GgmlDType::BF16,
+                DType::F16 => GgmlDType::F16,
+                _ => GgmlDType::F32,
+            };
+            assert_eq!(d, want, "{name}");
         }
     }
 }
@@ -351,4 +358,101 @@ fn plan_keeps_what_must_stay_dense() {
         p.format_for("model.layers.0.mlp.experts.gate_up_proj", &[4, 512, 256]),
         WeightFormat::Quant(GgmlDType::Q4K)
     );
+}
+
+/// A GGUF written from a bf16 checkpoint stores its kept tensors (norms, router, CCA
+/// convolutions, …) in bf16, and a model loaded from it in f32 keeps the router's and the
+/// CCA's grouped weights bf16, read in place with f32 activations: it loads to the same model
+/// as `--quant` at load from the same checkpoint (bit for bit), reads fewer bytes per token
+/// than the same values stored in f32, and computes what those do up to summation order
+/// (logits within 1e-4, prefill and decode steps; the same greedy tokens).
+#[test]
+fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
+    use zaya::generation::{generate_greedy, GenerateOptions};
+    use zaya::quant::TensorClass;
+    use zaya::weights::{convert_with_dtype, Layout};
+    let f32_dir = blocky_model("qbf");
+    let bf16_dir = temp_dir("qbf-bf16");
+    convert_with_dtype(&f32_dir, &bf16_dir, Layout::Native, Some(DType::BF16)).unwrap();
+    // the same bf16 values, stored in f32
+    let wide_dir = temp_dir("qbf-wide");
+    convert_with_dtype(&bf16_dir, &wide_dir, Layout::Native, Some(DType::F32)).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        PROMPT.iter().map(|&i| i as u32).collect(),
+        PROMPT.iter().rev().map(|&i| i as u32).collect(),
+    ];
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        ignore_eos: true,
+        keep_step_logits: true,
+        ..Default::default()
+    };
+    for f in ["q8_0", "q4_k"] {
+        let out = bf16_dir.join(format!("m-{f}.gguf"));
+        write_gguf(&bf16_dir, &out, &plan(f));
+        let g = zaya::gguf::GgufCheckpoint::open(&out).unwrap();
+        let src = zaya::weights::Checkpoint::open(&bf16_dir).unwrap();
+        let src_cfg = src.config().unwrap();
+        let mut kept_bf16 = 0;
+        for (name, d) in g.formats() {
+            if matches!(
+                TensorClass::of(&name),
+                TensorClass::Fixed | TensorClass::Router
+            ) {
+                // (the balancing biases are f32 in a bf16 checkpoint too, as in the reference)
+                let want = match src.stored_dtype(&src_cfg, &name).unwrap() {
+                    DType::BF16 => GgmlDType::BF16,
+                    _ => GgmlDType::F32,
+                };
+                assert_eq!(d, want, "{f}: {name}");
+                if name.contains(".mlp.gate.down_proj.weight")
+                    || name.contains(".conv_qk_grouped.weight")
+                {
+                    assert_eq!(d, GgmlDType::BF16, "{f}: {name}");
+                    kept_bf16 += 1;
+                }
+            }
+        }
+        assert_eq!(kept_bf16, 4, "{f}");
+        let from_file = ZayaModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let at_load =
+            ZayaModel::load_quantized(&bf16_dir, DType::F32, &Device::Cpu, Some(&plan(f))).unwrap();
+        let wide_out = wide_dir.join(format!("m-{f}.gguf"));
+        write_gguf(&wide_dir, &wide_out, &plan(f));
+        let wide = ZayaModel::load(&wide_out, DType::F32, &Device::Cpu).unwrap();
+
+        let ids = [PROMPT.to_vec(), PROMPT.iter().rev().copied().collect()];
+        let (a, b, w) = (
+            logits(&from_file, &ids),
+            logits(&at_load, &ids),
+            logits(&wide, &ids),
+        );
+        assert_eq!(
+            common::max_abs_diff(&a, &b),
+            0.0,
+            "{f}: GGUF vs --quant at load"
+        );
+        assert_eq!(from_file.weight_bytes(), at_load.weight_bytes());
+        // Per layer: the router's four weights and the grouped conv weight, 2 bytes fewer
+        // per element than in f32.
+        let cfg = from_file.config();
+        let (h, r, e) = (cfg.hidden_size, cfg.router_hidden_size, cfg.num_experts);
+        let c = cfg.conv_channels();
+        let per_layer = h * r + 2 * r * r + r * (e + 1) + c * cfg.head_dim * cfg.cca_time1;
+        assert_eq!(
+            wide.weight_bytes() - from_file.weight_bytes(),
+            2 * per_layer * cfg.num_hidden_layers,
+            "{f}: bytes saved"
+        );
+        let d = common::max_abs_diff(&a, &w);
+        assert!(d < 1e-4, "{f}: prefill logits differ by {d}");
+
+        let got = generate_greedy(&from_file, &prompts, &opts).unwrap();
+        let want = generate_greedy(&wide, &prompts, &opts).unwrap();
+        assert_eq!(got.sequences, want.sequences, "{f}: greedy tokens");
+        for (s, (x, y)) in got.step_logits.iter().zip(&want.step_logits).enumerate() {
+            let d = common::max_abs_diff(x, y);
+            assert!(d < 1e-4, "{f}: step {s} logits differ by {d}");
+        }
+    }
 }

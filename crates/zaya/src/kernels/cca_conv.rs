@@ -484,8 +484,20 @@ pub(super) fn fused(
     let (_, len, c) = x.dims3()?;
     let shape = CcaShape::check(len, c, w0, b0, w1, b1, groups)?;
     let dtype = x.dtype();
+    // A frozen bf16 grouped weight with f32 activations (a quantized model loaded in f32
+    // keeps it as stored, see `Weights::get_stored`) is read as it is: its f32 widening is
+    // exact, so the op computes what it would on the widened weight. Where the weights
+    // must be packed with their biases (bias gradients), it is widened first.
+    let mixed = dtype == DType::F32 && w1.dtype() == DType::BF16 && !w1.track_op();
+    let widened;
+    let w1 = if mixed && (b0.track_op() || b1.track_op()) {
+        widened = w1.to_dtype(DType::F32)?;
+        &widened
+    } else {
+        w1
+    };
     for (name, t) in [("w0", w0), ("b0", b0), ("w1", w1), ("b1", b1)] {
-        if t.dtype() != dtype {
+        if t.dtype() != dtype && !(mixed && name == "w1") {
             return Err(KernelError::Shape {
                 op: OP,
                 message: format!(
@@ -568,6 +580,44 @@ mod tests {
             let got = got.flatten_all()?.to_vec1::<half::bf16>()?;
             let bits = |v: &[half::bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "t = {t}");
+        }
+        Ok(())
+    }
+    /// A quantized model loaded in f32 keeps a bf16-stored grouped weight as it is: with
+    /// f32 activations the op gives bit for bit what it gives on the widened weight, for
+    /// decode (in-place dots) and longer inputs (widened view), with held or packed biases.
+    #[test]
+    fn f32_activations_with_a_bf16_grouped_weight_equal_the_widened_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, groups, d, k0, k1) = (2, 4, 37, 2, 2);
+        let c = groups * d;
+        let f32_tensor = |n: usize, seed: u32, shape: &[usize]| -> Result<Tensor> {
+            Tensor::from_vec(cpu::test_data(n, seed), shape, &dev)
+        };
+        let w1 = f32_tensor(c * d * k1, 4, &[c, d, k1])?.to_dtype(DType::BF16)?;
+        let w1_wide = w1.to_dtype(DType::F32)?;
+        for t in [1, 2, FEW_POSITIONS, 9] {
+            let len = t + k0 + k1 - 2;
+            let x = f32_tensor(b * len * c, 1, &[b, len, c])?;
+            let w0 = f32_tensor(c * k0, 2, &[c, 1, k0])?;
+            let b0 = f32_tensor(c, 3, &[c])?;
+            let b1 = f32_tensor(c, 5, &[c])?;
+            let got = fused(&x, &w0, &b0, &w1, &b1, groups)?;
+            assert_eq!(got.dtype(), DType::F32);
+            let want = fused(&x, &w0, &b0, &w1_wide, &b1, groups)?;
+            assert_eq!(
+                got.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?,
+                "held biases, t = {t}"
+            );
+            // trainable biases: the packed path widens the weight first
+            let b1v = candle_core::Var::from_tensor(&b1)?;
+            let got = fused(&x, &w0, &b0, &w1, b1v.as_tensor(), groups)?;
+            assert_eq!(
+                got.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?,
+                "packed biases, t = {t}"
+            );
         }
         Ok(())
     }

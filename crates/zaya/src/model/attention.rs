@@ -52,7 +52,7 @@ impl CcaProjection {
             conv_qk_depthwise_weight: vb.get((c, 1, cfg.cca_time0), "conv_qk_depthwise.weight")?,
             conv_qk_depthwise_bias: vb.get(c, "conv_qk_depthwise.bias")?,
             conv_qk_grouped_weight: vb
-                .get((c, cfg.head_dim, cfg.cca_time1), "conv_qk_grouped.weight")?,
+                .get_stored((c, cfg.head_dim, cfg.cca_time1), "conv_qk_grouped.weight")?,
             conv_qk_grouped_bias: vb.get(c, "conv_qk_grouped.bias")?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,

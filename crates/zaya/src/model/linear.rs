@@ -13,6 +13,12 @@ use candle_nn::VarBuilder;
 pub trait QuantizedSource: Send + Sync {
     /// The quantized form of native tensor `name`, or `None` when it stays dense.
     fn quantized(&self, name: &str) -> Result<Option<Arc<QTensor>>>;
+
+    /// The float dtype dense tensor `name` is stored in, where the source can hand it out
+    /// in that dtype as it is (a GGUF's bf16 tensors); `None` where it does not say.
+    fn stored_dtype(&self, _name: &str) -> Option<DType> {
+        None
+    }
 }
 
 /// What the model's constructors read their weights from. It mirrors the `VarBuilder`
@@ -64,17 +70,41 @@ impl<'a> Weights<'a> {
         self.vb.device()
     }
 
+    fn full_name(&self, name: &str) -> String {
+        let prefix = self.vb.prefix();
+        if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        }
+    }
+
+    /// A frozen weight whose op reads bf16 weights with f32 activations in place (the
+    /// `matmul` kernel, the CCA convolution): on a quantized model loaded in f32 whose
+    /// source stores it in bf16 (router, CCA, kept projections of a GGUF written from a
+    /// bf16 checkpoint), it stays bf16 — the same values as its f32 widening, and half the
+    /// bytes a decode step reads (80 MB per token of the 8B). Anything else: as [`Self::get`].
+    /// Quantized models are frozen, so no trainable tensor takes this path.
+    pub fn get_stored<S: Into<Shape>>(&self, s: S, name: &str) -> Result<Tensor> {
+        let keep_bf16 = self.vb.dtype() == DType::F32
+            && self
+                .quant
+                .as_ref()
+                .is_some_and(|src| src.stored_dtype(&self.full_name(name)) == Some(DType::BF16));
+        if keep_bf16 {
+            self.vb
+                .get_with_hints_dtype(s, name, candle_nn::Init::Const(0.), DType::BF16)
+        } else {
+            self.vb.get(s, name)
+        }
+    }
+
     /// The quantized form of `name` under the current prefix, checked against `shape`.
     pub fn quantized<S: Into<Shape>>(&self, s: S, name: &str) -> Result<Option<Arc<QTensor>>> {
         let Some(src) = &self.quant else {
             return Ok(None);
         };
-        let prefix = self.vb.prefix();
-        let full = if prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{prefix}.{name}")
-        };
+        let full = self.full_name(name);
         let Some(q) = src.quantized(&full)? else {
             return Ok(None);
         };
@@ -233,7 +263,7 @@ impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: Weights) -> Result<Self> {
         let weight = match vb.quantized((out_dim, in_dim), "weight")? {
             Some(q) => LinearWeight::Quantized(q),
-            None => LinearWeight::Dense(vb.get((out_dim, in_dim), "weight")?),
+            None => LinearWeight::Dense(vb.get_stored((out_dim, in_dim), "weight")?),
         };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)

@@ -357,7 +357,10 @@ impl ZayaModel {
         match quant {
             None => Self::new(&cfg, vb),
             Some(plan) => {
-                let src = Arc::new(QuantizeOnLoad::new(vb.clone(), &cfg, plan.clone(), None));
+                let src = Arc::new(
+                    QuantizeOnLoad::new(vb.clone(), &cfg, plan.clone(), None)
+                        .with_stored_dtypes(&ckpt, &cfg)?,
+                );
                 Self::from_weights(&cfg, Weights::new(vb, Some(src)))
             }
         }
