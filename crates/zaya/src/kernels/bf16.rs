@@ -122,13 +122,11 @@ const STREAMED_MAX_ROWS: usize = 64;
 
 /// [`linear_bf16`] for a matrix that sees a few of a larger forward's rows — an expert's
 /// share of a prefill. From [`STREAMED_MIN_ROWS`] rows the weights stream through AMX tiles
-/// in place ([`super::amx::gemm_streamed`]) where the CPU allows it, and from
-/// [`PACKED_MIN_ROWS`] go through the packed AVX-512 BF16 kernel where it has no AMX but
-/// AVX-512 BF16 (an expert of a 512-token prefill sees ~30 rows), instead of the GEMV
-/// that [`linear_bf16`] keeps up to [`GEMV_ROWS`] rows so that a decode row's result does
-/// not depend on how many rows run with it. Callers use this only when the forward holds
-/// more than [`GEMV_ROWS`] rows (not a decode step). The AMX kernel's result for a row does
-/// not depend on the other rows either.
+/// in place ([`super::amx::gemm_streamed`]) where the CPU allows it, instead of the
+/// products [`linear_bf16`] keeps up to [`GEMV_ROWS`] rows so that a decode row's result
+/// does not depend on how many rows run with it (an expert of a 512-token prefill sees ~30
+/// rows). Callers use this only when the forward holds more than [`GEMV_ROWS`] rows (not a
+/// decode step). The AMX kernel's result for a row does not depend on the other rows either.
 pub(crate) fn linear_bf16_share(
     x: &[bf16],
     m: usize,
@@ -147,33 +145,11 @@ pub(crate) fn linear_bf16_share(
         super::amx::gemm_streamed(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
         return Ok(());
     }
-    // without AMX, the packed AVX-512 BF16 kernel (its rows are independent of each other
-    // too) from the size where it beats the GEMV's bandwidth-bound dots
-    #[cfg(target_arch = "x86_64")]
-    if (PACKED_MIN_ROWS..=GEMV_ROWS).contains(&m) && n > 0 && k > 0 && dot::available() && !amx_on()
-    {
-        packed::gemm(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
-        return Ok(());
-    }
+    // Without AMX, shares up to `GEMV_ROWS` rows stay on the dot kernel: on weights read
+    // from memory it beats the packed one at every such size since its 8-row tiles
+    // (`bf16_expert_share_speed`, Zen 4, 2 threads: 1.2× at 16 rows, 1.1× at 32).
     linear_bf16(x, m, k, w, n, out)
 }
-
-/// Whether [`linear_bf16`] takes its AMX path.
-#[cfg(target_arch = "x86_64")]
-fn amx_on() -> bool {
-    #[cfg(target_os = "linux")]
-    return super::amx::enabled();
-    #[cfg(not(target_os = "linux"))]
-    false
-}
-
-/// Fewest rows of an expert's share for which the AVX-512 BF16 products pack the weight
-/// ([`packed`]) instead of reading it in place ([`dot`]). An expert's weight is read from
-/// memory once per forward, so the crossover is measured on weights that are not in any
-/// cache (`bf16_expert_share_speed`: eight 16 MiB gate/up weights in turn; AMD EPYC Zen 4,
-/// 2 threads): dot 1.1× faster at 12 rows, equal at 16, packed 1.1× at 24 and 1.15× at 32.
-/// (On a weight that stays in L3 the dot kernel wins up to ~24 rows.)
-const PACKED_MIN_ROWS: usize = 16;
 
 /// [`linear_bf16`] without its AMX path: the AVX-512 BF16 kernel where the CPU has it, the
 /// widening path elsewhere (also what `ZAYA_AMX=0` runs).
@@ -207,8 +183,8 @@ pub(crate) fn linear_bf16_without_amx(
 
 /// The AVX-512 BF16 GEMM of [`linear_bf16`]. Dot-product form: both operands keep their
 /// row-major `[rows, k]` layout (no packing), a register tile of `MR` activation rows ×
-/// `NR` weight rows accumulates 16-lane partial sums with `vdpbf16ps` along `k`, reduced
-/// once per `k` block. Blocks of `NB` weight rows × `KC` columns stay in L2 while every
+/// `NR` weight rows (`MR_TALL` × `NR_TALL` for 5–8 rows) accumulates 16-lane partial sums
+/// with `vdpbf16ps` along `k`, reduced once per `k` block. Blocks of `NB` weight rows × `KC` columns stay in L2 while every
 /// activation tile passes over them; the weight-row blocks are split across the pool.
 #[cfg(target_arch = "x86_64")]
 mod dot {
@@ -224,12 +200,17 @@ mod dot {
     /// Weight rows per register tile: MR·NR accumulators + NR weight vectors + 1 activation
     /// vector must stay in the 32 zmm registers (4 × 6 made LLVM spill accumulators).
     const NR: usize = 5;
+    /// Tiles for 5–8 activation rows: 8 × 3 accumulators + 3 weight vectors + 1 activation
+    /// vector (28 of the 32 registers), so each weight vector is loaded once for up to 8
+    /// rows (a decode batch of 8, its lm_head) where 4-row tiles read the weight tile twice.
+    const MR_TALL: usize = 8;
+    const NR_TALL: usize = 3;
     /// Columns of `k` per block (a multiple of the 32 bf16 of a vector). Long: each block
     /// ends with a horizontal sum per accumulator, which costs as much as ~8 dot steps.
     const KC: usize = 2048;
-    /// Weight rows per block: NB · KC bf16 = 160 KiB (in L2), reused by every activation
-    /// tile; the activation tile (MR · KC bf16 = 16 KiB) stays in L1 across the block.
-    const NB: usize = 8 * NR;
+    /// Weight rows per block (a multiple of both tile widths): NB · KC bf16 = 240 KiB (in
+    /// L2), reused by every activation tile.
+    const NB: usize = 4 * NR * NR_TALL;
     /// Fewest activation rows per tile for which the first row tile of a block prefetches
     /// the next weight tile's rows (at the same `k` offset) while it computes: the later row
     /// tiles then find them in cache. With weights read from memory
@@ -243,6 +224,7 @@ mod dot {
         *OK.get_or_init(|| {
             is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bf16")
         })
     }
@@ -266,7 +248,7 @@ mod dot {
 
     /// `out[:, j0..j1] += x · W[j0..j1]ᵀ`, `k` block by `k` block.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn block_product(
         x: &[bf16],
         m: usize,
@@ -283,10 +265,15 @@ mod dot {
             let kl = KC.min(k - k0);
             let mut i0 = 0;
             while i0 < m {
-                let mr = MR.min(m - i0);
+                let tall = m - i0 > MR;
+                let (mr, nr_max) = if tall {
+                    (MR_TALL.min(m - i0), NR_TALL)
+                } else {
+                    (m - i0, NR)
+                };
                 let mut jt = j0;
                 while jt < j1 {
-                    let nr = NR.min(j1 - jt);
+                    let nr = nr_max.min(j1 - jt);
                     let t = Tile {
                         x: xp.add(i0 * k + k0),
                         w: wp.add(jt * k + k0),
@@ -297,6 +284,10 @@ mod dot {
                         prefetch: i0 == 0 && mr >= PREFETCH_MIN_ROWS,
                     };
                     match mr {
+                        8 => by_cols_tall::<8>(nr, &t),
+                        7 => by_cols_tall::<7>(nr, &t),
+                        6 => by_cols_tall::<6>(nr, &t),
+                        5 => by_cols_tall::<5>(nr, &t),
                         4 => by_cols::<4>(nr, &t),
                         3 => by_cols::<3>(nr, &t),
                         2 => by_cols::<2>(nr, &t),
@@ -323,11 +314,20 @@ mod dot {
         prefetch: bool,
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn by_cols<const R: usize>(nr: usize, t: &Tile) {
         match nr {
             5 => tile::<R, 5>(t),
             4 => tile::<R, 4>(t),
+            3 => tile::<R, 3>(t),
+            2 => tile::<R, 2>(t),
+            _ => tile::<R, 1>(t),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn by_cols_tall<const R: usize>(nr: usize, t: &Tile) {
+        match nr {
             3 => tile::<R, 3>(t),
             2 => tile::<R, 2>(t),
             _ => tile::<R, 1>(t),
@@ -344,7 +344,7 @@ mod dot {
         std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn tile<const R: usize, const C: usize>(t: &Tile) {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let steps = t.kl / 32;
@@ -678,6 +678,8 @@ mod tests {
             (4, 64, 7),
             (20, 300, 70),
             (33, 2048, 100),
+            (7, 2100, 130),
+            (8, 64, 61),
         ] {
             let (x, w, xf, want) = bf16_operands((m, k, n), (3, 5));
             let mut out = vec![f32::NAN; m * n];
