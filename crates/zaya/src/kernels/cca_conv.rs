@@ -543,17 +543,20 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `n` deterministic test values of `shape` in `dtype`.
+    fn test_tensor(n: usize, seed: u32, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::from_vec(cpu::test_data(n, seed), shape, &Device::Cpu)?.to_dtype(dtype)
+    }
+
     /// A bf16 model's decode step dots the grouped weight in place; the result equals the
     /// widening path's (the same op on f32 copies of the weights) bit for bit.
     #[test]
     fn bf16_decode_reads_the_grouped_weight_in_place_bit_for_bit() -> Result<()> {
-        let dev = Device::Cpu;
         // D·K1 = 74: not a multiple of the 16-lane tiles, so the tails run too
         let (b, groups, d, k0, k1) = (3, 4, 37, 2, 2);
         let c = groups * d;
-        let bf16_tensor = |n: usize, seed: u32, shape: &[usize]| -> Result<Tensor> {
-            Tensor::from_vec(cpu::test_data(n, seed), shape, &dev)?.to_dtype(DType::BF16)
-        };
+        let bf16_tensor =
+            |n: usize, seed: u32, shape: &[usize]| test_tensor(n, seed, shape, DType::BF16);
         for t in 1..=FEW_POSITIONS {
             let len = t + k0 + k1 - 2;
             let x = bf16_tensor(b * len * c, 1, &[b, len, c])?;
@@ -583,17 +586,16 @@ mod tests {
         }
         Ok(())
     }
+
     /// A quantized model loaded in f32 keeps a bf16-stored grouped weight as it is: with
     /// f32 activations the op gives bit for bit what it gives on the widened weight, for
     /// decode (in-place dots) and longer inputs (widened view), with held or packed biases.
     #[test]
     fn f32_activations_with_a_bf16_grouped_weight_equal_the_widened_weight() -> Result<()> {
-        let dev = Device::Cpu;
         let (b, groups, d, k0, k1) = (2, 4, 37, 2, 2);
         let c = groups * d;
-        let f32_tensor = |n: usize, seed: u32, shape: &[usize]| -> Result<Tensor> {
-            Tensor::from_vec(cpu::test_data(n, seed), shape, &dev)
-        };
+        let f32_tensor =
+            |n: usize, seed: u32, shape: &[usize]| test_tensor(n, seed, shape, DType::F32);
         let w1 = f32_tensor(c * d * k1, 4, &[c, d, k1])?.to_dtype(DType::BF16)?;
         let w1_wide = w1.to_dtype(DType::F32)?;
         for t in [1, 2, FEW_POSITIONS, 9] {
