@@ -365,11 +365,9 @@ impl GgufCheckpoint {
     /// dequantized).
     pub fn dense(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let (bytes, d, shape) = self.raw(name)?;
-        let t = match d {
-            GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape.dims(), dev)?,
-            GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape.dims(), dev)?,
-            GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape.dims(), dev)?,
-            _ => self.qtensor(name)?.dequantize(dev)?,
+        let t = match float_dtype(d) {
+            Some(stored) => Tensor::from_raw_buffer(bytes, stored, shape.dims(), dev)?,
+            None => self.qtensor(name)?.dequantize(dev)?,
         };
         self.release(bytes);
         t.to_dtype(dtype)
@@ -419,18 +417,23 @@ impl GgufCheckpoint {
 impl QuantizedSource for GgufCheckpoint {
     fn quantized(&self, name: &str) -> candle_core::Result<Option<Arc<QTensor>>> {
         match self.content.tensor_infos.get(name).map(|i| i.ggml_dtype) {
-            None | Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(None),
-            Some(_) => Ok(Some(Arc::new(self.qtensor(name)?))),
+            Some(d) if float_dtype(d).is_none() => Ok(Some(Arc::new(self.qtensor(name)?))),
+            _ => Ok(None),
         }
     }
 
     fn stored_dtype(&self, name: &str) -> Option<DType> {
-        match self.content.tensor_infos.get(name)?.ggml_dtype {
-            GgmlDType::F32 => Some(DType::F32),
-            GgmlDType::F16 => Some(DType::F16),
-            GgmlDType::BF16 => Some(DType::BF16),
-            _ => None,
-        }
+        float_dtype(self.content.tensor_infos.get(name)?.ggml_dtype)
+    }
+}
+
+/// The candle dtype of a dense GGML format (`None` for the block-quantized ones).
+fn float_dtype(d: GgmlDType) -> Option<DType> {
+    match d {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
     }
 }
 

@@ -184,8 +184,9 @@ pub(crate) fn linear_bf16_without_amx(
 /// The AVX-512 BF16 GEMM of [`linear_bf16`]. Dot-product form: both operands keep their
 /// row-major `[rows, k]` layout (no packing), a register tile of `MR` activation rows ×
 /// `NR` weight rows (`MR_TALL` × `NR_TALL` for 5–8 rows) accumulates 16-lane partial sums
-/// with `vdpbf16ps` along `k`, reduced once per `k` block. Blocks of `NB` weight rows × `KC` columns stay in L2 while every
-/// activation tile passes over them; the weight-row blocks are split across the pool.
+/// with `vdpbf16ps` along `k`, reduced once per `k` block. Blocks of `NB` weight rows ×
+/// `KC` columns stay in L2 while every activation tile passes over them; the weight-row
+/// blocks are split across the pool.
 #[cfg(target_arch = "x86_64")]
 mod dot {
     use std::arch::x86_64::*;
