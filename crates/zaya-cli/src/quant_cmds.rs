@@ -66,20 +66,62 @@ impl PlanArgs {
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
-    /// Checkpoint directory (either layout; tokenizer files are carried along).
+    /// Checkpoint directory (either layout; tokenizer files are carried along; default:
+    /// the embedded default model).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The GGUF file to write.
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// Calibration text (UTF-8): run the model over it first and weigh each weight's
+    /// rounding error by the mean square of its input feature (an importance matrix; used
+    /// by the k-quants, q4_0 and q5_0).
+    #[arg(long)]
+    pub imatrix: Option<PathBuf>,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub imatrix_context: usize,
+    /// Stop calibrating after this many tokens (0: the whole text).
+    #[arg(long, default_value_t = 0)]
+    pub imatrix_tokens: usize,
 }
 
 pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let plan = args.plan.plan()?;
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => crate::default_model::dir()?,
+    };
     let t0 = Instant::now();
-    let report = gguf::quantize_to_gguf(&args.model, &args.out, &plan, None)?;
+    let mut calibration = serde_json::Value::Null;
+    let imatrix = match &args.imatrix {
+        Some(path) => {
+            let tok = ZayaTokenizer::from_dir(&model)?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            let ids = tok.encode(&text, false)?;
+            let (m, tokens) = zaya::imatrix::importance_matrix(
+                &model,
+                &ids,
+                zaya::imatrix::Calibration {
+                    context: args.imatrix_context,
+                    max_tokens: args.imatrix_tokens,
+                    bos: tok.bos_token_id(),
+                },
+            )?;
+            calibration = serde_json::json!({
+                "text": path,
+                "tokens": tokens,
+                "tensors": m.len(),
+                "seconds": t0.elapsed().as_secs_f64(),
+            });
+            Some(m)
+        }
+        None => None,
+    };
+    let report = gguf::quantize_to_gguf(&model, &args.out, &plan, imatrix.as_ref())?;
     for (name, requested, got) in report.fallbacks() {
         eprintln!(
             "note: {name}: rows do not fit {requested} blocks, stored as {}",
@@ -98,6 +140,7 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
             "bytes": report.bytes,
             "seconds": t0.elapsed().as_secs_f64(),
             "formats": summary,
+            "imatrix": calibration,
         })
     );
     Ok(())

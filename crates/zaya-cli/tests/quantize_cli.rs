@@ -105,3 +105,59 @@ fn quantized_file_and_quant_at_load_agree_and_generate_text() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown weight format `q9_9`"));
 }
+
+fn eval_kl(gguf: &std::path::Path, reference: &std::path::Path) -> f64 {
+    let out = run(zaya()
+        .args(["eval", "--model"])
+        .arg(gguf)
+        .arg("--reference")
+        .arg(reference)
+        .arg("--text")
+        .arg(root().join("data/eval/exodus-1-10.txt"))
+        .args(["--max-tokens", "2000", "--context", "256"]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["mean_kl"].as_f64().unwrap()
+}
+
+/// `--imatrix TEXT`: calibrated on Genesis (the training corpus), the q4_k file of the
+/// default model is measurably closer to f32 on held-out Exodus than the uncalibrated one
+/// (README, "Quantized weights": 0.059 → 0.045 mean KL on these 2000 tokens).
+#[test]
+fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
+    let dir = temp("imatrix");
+    let model = root().join("models/default");
+    let text: String = std::fs::read_to_string(root().join("data/corpus/genesis-kjv.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["text"].as_str().unwrap().to_string() + "\n"
+        })
+        .collect();
+    let calib = dir.join("genesis.txt");
+    std::fs::write(&calib, text).unwrap();
+    let quantize = |out: &std::path::Path, imatrix: bool| {
+        let mut c = zaya();
+        c.args(["quantize", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(out)
+            .args(["--format", "q4_k"]);
+        if imatrix {
+            c.arg("--imatrix")
+                .arg(&calib)
+                .args(["--imatrix-tokens", "8000"]);
+        }
+        let v: serde_json::Value = serde_json::from_str(run(&mut c).trim()).unwrap();
+        v["imatrix"].clone()
+    };
+    let (plain, calibrated) = (dir.join("plain.gguf"), dir.join("imatrix.gguf"));
+    assert!(quantize(&plain, false).is_null());
+    let report = quantize(&calibrated, true);
+    assert_eq!(report["tokens"].as_u64(), Some(8000), "{report}");
+    let (kl_plain, kl_calibrated) = (eval_kl(&plain, &model), eval_kl(&calibrated, &model));
+    assert!(
+        kl_calibrated < 0.9 * kl_plain,
+        "mean KL with the importance matrix {kl_calibrated}, without {kl_plain}"
+    );
+}

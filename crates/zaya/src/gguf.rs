@@ -545,9 +545,7 @@ impl QuantizeReport {
     }
 }
 
-/// Per-row importance weights for the quantizer (`--imatrix`): native tensor name →
-/// mean squared input activation per input feature (the tensor's last axis).
-pub type ImportanceMatrix = BTreeMap<String, Vec<f32>>;
+pub use crate::imatrix::ImportanceMatrix;
 
 /// The requested and the stored format of native tensor `name`, stored in `source` (its
 /// dtype in the checkpoint being quantized).
@@ -774,16 +772,9 @@ fn tensor_bytes(
             .collect(),
         _ => {
             let q = match imatrix {
-                Some(w) => {
-                    let row = t.dim(candle_core::D::Minus1)?;
-                    if w.len() != row {
-                        return Err(ZayaError::Input(format!(
-                            "imatrix for `{name}` has {} weights, the tensor rows have {row}",
-                            w.len()
-                        )));
-                    }
-                    quant::quantize_weighted(t, d, w)?
-                }
+                Some(w) => quant::quantize_weighted(t, d, w).map_err(|e| {
+                    ZayaError::Input(format!("importance matrix for `{name}`: {e}"))
+                })?,
                 None => quant::quantize(t, d)?,
             };
             q.data()?.into_owned()

@@ -269,23 +269,150 @@ pub fn quantize(t: &Tensor, d: GgmlDType) -> Result<QTensor> {
     quantize_rows(t, d, |x| QTensor::quantize(x, d))
 }
 
-/// [`quantize`] with per-feature importance weights (the last axis). candle weighs the
-/// error in the k-quants (Q2_K to Q6_K) only; the 32-block formats have no weighted search
-/// (candle panics when asked), so they are quantized as by [`quantize`], as llama.cpp's
-/// legacy formats ignore an importance matrix.
+/// [`quantize`] with per-feature importance weights (the last axis: `importance` has one
+/// weight per column, or, for a stacked `[E, R, C]` tensor, `E · C`: one row of weights per
+/// matrix). The k-quants (Q2_K to Q6_K) use candle's weighted search; Q4_0 and Q5_0 use
+/// [`weighted_legacy`] (candle has none for them); the other formats have no weighted
+/// quantizer (llama.cpp's Q8_0 ignores an importance matrix too) and are quantized as by
+/// [`quantize`].
 pub fn quantize_weighted(t: &Tensor, d: GgmlDType, importance: &[f32]) -> Result<QTensor> {
     if !takes_importance(d) {
         return quantize(t, d);
     }
-    quantize_rows(t, d, |x| QTensor::quantize_imatrix(x, importance, d))
+    let dims = t.dims();
+    let cols = dims.last().copied().unwrap_or(0);
+    if importance.len() == cols {
+        return quantize_rows(t, d, |x| weighted_rows(x, d, importance));
+    }
+    let per_matrix = dims.len() == 3 && importance.len() == dims[0] * cols;
+    if !per_matrix {
+        return Err(ZayaError::Input(format!(
+            "{} importance weights for a tensor of shape {dims:?} (need {cols}{})",
+            importance.len(),
+            if dims.len() == 3 {
+                format!(" or {}", dims[0] * cols)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    // one matrix at a time with its own weights; blocks never cross a row, so the bytes
+    // join into the stacked tensor's
+    let mut bytes = Vec::with_capacity(storage_bytes(d, t.elem_count()));
+    for (e, w) in importance.chunks(cols).enumerate() {
+        let m = t.get(e)?;
+        bytes.extend_from_slice(&quantize_rows(&m, d, |x| weighted_rows(x, d, w))?.data()?);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, d)?;
+    Ok(QTensor::new(storage, t.shape().clone())?)
 }
 
-/// Whether candle's quantizer for `d` uses importance weights.
+/// Rows of `x` (f32, `[rows, cols]`) quantized into `d` with importance weights per column.
+fn weighted_rows(x: &Tensor, d: GgmlDType, importance: &[f32]) -> candle_core::Result<QTensor> {
+    match d {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
+            let cols = x.dim(candle_core::D::Minus1)?;
+            let data = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut bytes = Vec::with_capacity(storage_bytes(d, data.len()));
+            for row in data.chunks(cols) {
+                weighted_legacy(row, d, importance, &mut bytes);
+            }
+            let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, d)?;
+            QTensor::new(storage, x.shape().clone())
+        }
+        _ => QTensor::quantize_imatrix(x, importance, d),
+    }
+}
+
+/// Whether [`quantize_weighted`] uses importance weights for `d`.
 pub fn takes_importance(d: GgmlDType) -> bool {
     matches!(
         d,
-        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+        GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+            | GgmlDType::Q4_0
+            | GgmlDType::Q5_0
     )
+}
+
+/// One row quantized into Q4_0 (`d`: f16, 16 bytes of nibbles) or Q5_0 (`d`: f16, 32 high
+/// bits, 16 bytes of nibbles) blocks of 32, appended to `out`, choosing each block's scale
+/// to minimise the weighted squared error as llama.cpp's `quantize_row_q{4,5}_0_impl` do:
+/// weight `w_j = importance_j · sqrt(σ² + x_j²)` (σ² the row's mean square), levels from
+/// the max-magnitude scale, then 18 nearby scales tried ([`weighted_levels`]).
+pub fn weighted_legacy(row: &[f32], d: GgmlDType, importance: &[f32], out: &mut Vec<u8>) {
+    let nmax = if d == GgmlDType::Q4_0 { 8 } else { 16 };
+    let sigma2 = row.iter().map(|x| x * x).sum::<f32>() / row.len().max(1) as f32;
+    for (xb, qw) in row.chunks(32).zip(importance.chunks(32)) {
+        let mut w = [0f32; 32];
+        // a block of features the calibration never saw active weighs them all alike
+        let seen = qw.iter().any(|&q| q > 0.0);
+        for j in 0..32 {
+            w[j] = if seen { qw[j] } else { 1.0 } * (sigma2 + xb[j] * xb[j]).sqrt();
+        }
+        let mut l = [0u8; 32];
+        let scale = weighted_levels(xb, nmax, &w, &mut l);
+        out.extend_from_slice(&half::f16::from_f32(scale).to_bits().to_le_bytes());
+        if nmax == 16 {
+            let mut qh = 0u32;
+            for (j, &q) in l.iter().enumerate() {
+                qh |= u32::from(q >> 4) << j;
+            }
+            out.extend_from_slice(&qh.to_le_bytes());
+        }
+        for j in 0..16 {
+            out.push((l[j] & 0x0f) | ((l[j + 16] & 0x0f) << 4));
+        }
+    }
+}
+
+/// Levels `l_j ∈ [0, 2·nmax)` (stored offset by `nmax`) and the scale `s` minimising
+/// `Σ w_j (x_j − s·(l_j − nmax))²` over the candidate scales `−(nmax + 0.1·k) / max`,
+/// `k = −9..=9` (`max` the entry of largest magnitude), each with its least-squares `s`
+/// (llama.cpp's `make_qx_quants`, `rmse_type = 1`, with weights).
+fn weighted_levels(x: &[f32], nmax: i32, w: &[f32], l: &mut [u8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l.fill(0);
+        return 0.0;
+    }
+    let level =
+        |iscale: f32, v: f32| ((iscale * v).round_ties_even() as i32).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        x.iter().zip(w).fold((0f32, 0f32), |(lx, l2), (&v, &wj)| {
+            let q = level(iscale, v) as f32;
+            (lx + wj * v * q, l2 + wj * q * q)
+        })
+    };
+    let fill = |iscale: f32, l: &mut [u8]| {
+        for (q, &v) in l.iter_mut().zip(x) {
+            *q = (level(iscale, v) + nmax) as u8;
+        }
+    };
+    let iscale = -(nmax as f32) / max;
+    fill(iscale, l);
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 > 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for k in (-9..=9).filter(|&k| k != 0) {
+        let iscale = -(nmax as f32 + 0.1 * k as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            fill(iscale, l);
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
 }
 
 /// `q` over blocks of whole rows of `t` on the kernel pool, the bytes joined in row order.
@@ -374,9 +501,9 @@ mod tests {
                 got.data().unwrap() == want.data().unwrap(),
                 "{d:?} {shape:?}"
             );
-            // the 32-block formats have no weighted quantizer: the plain bytes
+            // Q8_0 has no weighted quantizer: the plain bytes
             let want = if takes_importance(d) {
-                QTensor::quantize_imatrix(&t, &imp, d).unwrap()
+                weighted_rows(&t, d, &imp).unwrap()
             } else {
                 want
             };
@@ -386,6 +513,81 @@ mod tests {
                 "{d:?} {shape:?} imatrix"
             );
         }
+    }
+
+    /// `Σ_cols w · Σ_rows (x − deq(q(x)))²`.
+    fn weighted_error(t: &Tensor, q: &QTensor, w: &[f32]) -> f64 {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let y = y.to_vec1::<f32>().unwrap();
+        x.iter()
+            .zip(&y)
+            .enumerate()
+            .map(|(i, (a, b))| w[i % w.len()] as f64 * ((a - b) as f64).powi(2))
+            .sum()
+    }
+
+    /// The weighted Q4_0 / Q5_0 blocks decode (through candle) to what they should: values
+    /// on the format's grid come back exactly, and with importance weights the weighted
+    /// error is well below the unweighted quantizer's (what the weights are for).
+    #[test]
+    fn weighted_legacy_blocks_decode_exactly_and_cut_the_weighted_error() {
+        let dev = Device::Cpu;
+        for (d, nmax) in [(GgmlDType::Q4_0, 8i32), (GgmlDType::Q5_0, 16)] {
+            // a row on the grid: scale 0.25 (exact in f16), levels −nmax..nmax−1, −nmax
+            // first so the largest magnitude is negative as the format expects
+            let row: Vec<f32> = (0..64)
+                .map(|j| 0.25 * ((-nmax + (j * 7) % (2 * nmax)) as f32))
+                .collect();
+            let t = Tensor::from_vec(row.clone(), (1, 64), &dev).unwrap();
+            let q = quantize_weighted(&t, d, &[1.0; 64]).unwrap();
+            let back = q.dequantize(&dev).unwrap().flatten_all().unwrap();
+            assert_eq!(back.to_vec1::<f32>().unwrap(), row, "{d:?}");
+
+            // features 0..8 of every block matter 100× more
+            let t = Tensor::randn(0f32, 1.0, (64, 256), &dev).unwrap();
+            let imp: Vec<f32> = (0..256)
+                .map(|c| if c % 32 < 8 { 100.0 } else { 1.0 })
+                .collect();
+            let plain = weighted_error(&t, &quantize(&t, d).unwrap(), &imp);
+            let weighted = weighted_error(&t, &quantize_weighted(&t, d, &imp).unwrap(), &imp);
+            assert!(
+                weighted < 0.8 * plain,
+                "{d:?}: {weighted} vs unweighted {plain}"
+            );
+        }
+    }
+
+    /// A stacked `[E, R, C]` tensor with `E · C` weights: each matrix quantized with its
+    /// own row of weights, the bytes those of quantizing the matrices one by one.
+    #[test]
+    fn per_matrix_importance_quantizes_each_matrix_with_its_weights() {
+        let dev = Device::Cpu;
+        let t = Tensor::randn(0f32, 1.0, (3, 70, 256), &dev).unwrap();
+        let imp: Vec<f32> = (0..3 * 256).map(|i| 1.0 + ((i * 13) % 17) as f32).collect();
+        for d in [GgmlDType::Q4K, GgmlDType::Q5_0] {
+            let got = quantize_weighted(&t, d, &imp).unwrap();
+            assert_eq!(got.shape().dims(), &[3, 70, 256]);
+            let mut want = Vec::new();
+            for e in 0..3 {
+                let m = Tensor::from_vec(
+                    t.get(e)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    (70, 256),
+                    &dev,
+                )
+                .unwrap();
+                let w = &imp[e * 256..(e + 1) * 256];
+                want.extend_from_slice(&quantize_weighted(&m, d, w).unwrap().data().unwrap());
+            }
+            assert!(got.data().unwrap().as_ref() == want.as_slice(), "{d:?}");
+        }
+        let err = quantize_weighted(&t, GgmlDType::Q4K, &imp[..100]).unwrap_err();
+        assert!(err.to_string().contains("[3, 70, 256]"), "{err}");
     }
 
     #[test]

@@ -456,3 +456,204 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
         }
     }
 }
+
+/// Records every input an observed model reports, by (weight, expert).
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, Option<usize>, Tensor)>>);
+
+impl zaya::model::InputObserver for Recorder {
+    fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> candle_core::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((name.to_string(), expert, x.copy()?));
+        Ok(())
+    }
+}
+
+fn observed_model(dir: &Path, observer: std::sync::Arc<Recorder>) -> ZayaModel {
+    let ckpt = std::sync::Arc::new(zaya::weights::Checkpoint::open(dir).unwrap());
+    let cfg = ckpt.config().unwrap();
+    let w = zaya::model::Weights::from(ckpt.var_builder(&cfg, DType::F32, &Device::Cpu))
+        .observed_by(observer);
+    ZayaModel::from_weights(&cfg, w).unwrap()
+}
+
+/// The observer sees the input of every product with a stored weight — the LM head's is
+/// the final hidden state, each expert's the rows the router sent it — and the forward
+/// computes exactly what it computes unobserved.
+#[test]
+fn an_observed_model_computes_the_same_and_reports_every_product_input() {
+    let dir = blocky_model("qobs");
+    let plain = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let rec = std::sync::Arc::new(Recorder::default());
+    let observed = observed_model(&dir, rec.clone());
+    let ids: Vec<u32> = PROMPT.iter().map(|&i| i as u32).collect();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let want = plain
+        .forward(&input, None, &ForwardOptions::default())
+        .unwrap();
+    let got = observed
+        .forward(&input, None, &ForwardOptions::default())
+        .unwrap();
+    assert_eq!(
+        common::max_abs_diff(got.logits.as_ref().unwrap(), want.logits.as_ref().unwrap()),
+        0.0
+    );
+    let seen = rec.0.lock().unwrap();
+    let find = |name: &str, expert: Option<usize>| -> Option<Tensor> {
+        seen.iter()
+            .find(|(n, e, _)| n == name && *e == expert)
+            .map(|(_, _, t)| t.clone())
+    };
+    let last = want.last_hidden.reshape((PROMPT.len(), 256)).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&find("lm_head.weight", None).unwrap(), &last),
+        0.0
+    );
+    let cfg = plain.config().clone();
+    let quantizable = QuantPlan::uniform(WeightFormat::Quant(GgmlDType::Q8_0));
+    for spec in zaya::weights::native_specs(&cfg) {
+        let is_product = matches!(
+            quantizable.format_for(&spec.name, &spec.shape),
+            WeightFormat::Quant(_)
+        ) && spec.name != "model.embed_tokens.weight";
+        if is_product && spec.shape.len() == 2 {
+            let x = find(&spec.name, None).unwrap_or_else(|| panic!("{} not observed", spec.name));
+            assert_eq!(x.dims(), &[PROMPT.len(), spec.shape[1]], "{}", spec.name);
+        }
+    }
+    // Each expert saw exactly the MoE input rows routed to it (the router's first
+    // product reads the same MoE input, every token).
+    let mut experts_seen = 0;
+    for (layer, routing) in want.routing.iter().enumerate() {
+        let moe_in = find(
+            &format!("model.layers.{layer}.mlp.gate.down_proj.weight"),
+            None,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        for e in 0..cfg.num_experts {
+            let rows: Vec<Vec<f32>> = routing
+                .choice
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c as usize == e)
+                .map(|(t, _)| moe_in[t].clone())
+                .collect();
+            let gate_up = find(
+                &format!("model.layers.{layer}.mlp.experts.gate_up_proj"),
+                Some(e),
+            );
+            let down = find(
+                &format!("model.layers.{layer}.mlp.experts.down_proj"),
+                Some(e),
+            );
+            match gate_up {
+                None => assert!(
+                    rows.is_empty() && down.is_none(),
+                    "layer {layer} expert {e}"
+                ),
+                Some(x) => {
+                    experts_seen += 1;
+                    assert_eq!(
+                        x.to_vec2::<f32>().unwrap(),
+                        rows,
+                        "layer {layer} expert {e}"
+                    );
+                    let down = down.unwrap();
+                    assert_eq!(down.dims(), &[rows.len(), cfg.moe_intermediate_size]);
+                }
+            }
+        }
+    }
+    assert!(
+        experts_seen >= 2,
+        "the prompt reached {experts_seen} experts"
+    );
+}
+
+/// `zaya quantize --imatrix`: the importance matrix of a text is each product input's mean
+/// square, and a GGUF quantized with it loads and runs within the format's tolerance, with
+/// other bytes than without it.
+#[test]
+fn an_importance_matrix_from_text_weighs_the_quantization() {
+    let dir = blocky_model("qimx");
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 512).collect();
+    let calibration = zaya::imatrix::Calibration {
+        context: 16,
+        max_tokens: 0,
+        bos: Some(2),
+    };
+    let (m, seen) = zaya::imatrix::importance_matrix(&dir, &ids, calibration).unwrap();
+    assert_eq!(seen, ids.len());
+    // the same windows through a recording model
+    let rec = std::sync::Arc::new(Recorder::default());
+    let observed = observed_model(&dir, rec.clone());
+    for chunk in ids.chunks(15) {
+        let w: Vec<u32> = std::iter::once(2).chain(chunk.iter().copied()).collect();
+        let input = Tensor::new(w.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        observed
+            .forward(&input, None, &ForwardOptions::default())
+            .unwrap();
+    }
+    let seen = rec.0.lock().unwrap();
+    let mean_square = |name: &str| -> Vec<f32> {
+        let xs: Vec<Tensor> = seen
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, t)| t.clone())
+            .collect();
+        let x = Tensor::cat(&xs, 0).unwrap();
+        x.sqr().unwrap().mean(0).unwrap().to_vec1().unwrap()
+    };
+    for name in [
+        "lm_head.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate.down_proj.weight",
+    ] {
+        let (got, want) = (&m[name], mean_square(name));
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1e-6),
+                "{name}: {g} vs {w}"
+            );
+        }
+    }
+    let experts = &m["model.layers.0.mlp.experts.down_proj"];
+    assert_eq!(experts.len(), 4 * 256);
+    assert!(experts.iter().all(|v| v.is_finite() && *v > 0.0));
+
+    let (with, without) = (dir.join("im.gguf"), dir.join("plain.gguf"));
+    let dense = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let want = logits(&dense, &[PROMPT.to_vec()]);
+    for f in ["q4_k", "q4_0"] {
+        quantize_to_gguf(&dir, &with, &plan(f), Some(&m)).unwrap();
+        write_gguf(&dir, &without, &plan(f));
+        assert_ne!(
+            std::fs::read(&with).unwrap(),
+            std::fs::read(&without).unwrap(),
+            "{f}: the importance matrix changed nothing"
+        );
+        let got = logits(
+            &ZayaModel::load(&with, DType::F32, &Device::Cpu).unwrap(),
+            &[PROMPT.to_vec()],
+        );
+        let e = rel_err(&got, &want);
+        // the bounds of `every_format_loads_and_runs_within_its_tolerance`
+        assert!(e > 0.0 && e <= 0.28, "{f} with an importance matrix: {e}");
+    }
+    // an importance matrix of the wrong width is an error naming the tensor
+    let mut bad = m.clone();
+    bad.insert("lm_head.weight".into(), vec![1.0; 7]);
+    let err = quantize_to_gguf(&dir, &with, &plan("q4_k"), Some(&bad)).unwrap_err();
+    assert!(err.to_string().contains("lm_head.weight"), "{err}");
+}

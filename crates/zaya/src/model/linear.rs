@@ -21,30 +21,73 @@ pub trait QuantizedSource: Send + Sync {
     }
 }
 
+/// Sees the input of every matrix product with a stored weight during a forward pass (what
+/// an importance matrix for quantization is computed from). A model built with one (see
+/// [`Weights::observed_by`]) computes exactly what it computes without.
+pub trait InputObserver: Send + Sync + std::fmt::Debug {
+    /// `x` `[rows, in]` is multiplied by native weight `name` (`[out, in]`), or by matrix
+    /// `expert` of a stacked `[E, out, in]` weight.
+    fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> Result<()>;
+}
+
+/// An observer and the native name of the weight it watches.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub observer: Arc<dyn InputObserver>,
+    pub name: String,
+}
+
+impl Observed {
+    pub fn observe(&self, expert: Option<usize>, x: &Tensor) -> Result<()> {
+        self.observer.observe(&self.name, expert, x)
+    }
+}
+
 /// What the model's constructors read their weights from. It mirrors the `VarBuilder`
 /// methods the layers use, and adds [`Weights::quantized`].
 #[derive(Clone)]
 pub struct Weights<'a> {
     vb: VarBuilder<'a>,
     quant: Option<Arc<dyn QuantizedSource + 'a>>,
+    observer: Option<Arc<dyn InputObserver>>,
 }
 
 impl<'a> From<VarBuilder<'a>> for Weights<'a> {
     fn from(vb: VarBuilder<'a>) -> Self {
-        Weights { vb, quant: None }
+        Weights::new(vb, None)
     }
 }
 
 impl<'a> Weights<'a> {
     /// Dense tensors from `vb`, quantized ones from `quant` where it has them.
     pub fn new(vb: VarBuilder<'a>, quant: Option<Arc<dyn QuantizedSource + 'a>>) -> Self {
-        Weights { vb, quant }
+        Weights {
+            vb,
+            quant,
+            observer: None,
+        }
+    }
+
+    /// Every layer built from these weights reports the inputs of its weight products to
+    /// `observer`.
+    pub fn observed_by(mut self, observer: Arc<dyn InputObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The observer of weight `name` under the current prefix, if the model is observed.
+    pub fn observed(&self, name: &str) -> Option<Observed> {
+        self.observer.as_ref().map(|o| Observed {
+            observer: Arc::clone(o),
+            name: self.full_name(name),
+        })
     }
 
     pub fn pp<S: ToString>(&self, s: S) -> Self {
         Weights {
             vb: self.vb.pp(s),
             quant: self.quant.clone(),
+            observer: self.observer.clone(),
         }
     }
 
@@ -174,6 +217,8 @@ pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     pub adapter: Option<LowRank>,
+    /// Sees this layer's inputs (importance-matrix calibration); never changes the output.
+    pub observer: Option<Observed>,
 }
 
 /// A LoRA addition `scale · B (A · dropout(x))` to a layer's output, computed in the
@@ -274,6 +319,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            observer: vb.observed("weight"),
         })
     }
 
@@ -283,6 +329,7 @@ impl Linear {
             weight: LinearWeight::Dense(weight),
             bias,
             adapter: None,
+            observer: None,
         }
     }
 
@@ -307,6 +354,9 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a feature axis");
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        if let Some(o) = &self.observer {
+            o.observe(None, &x.reshape((rows, in_dim))?)?;
+        }
         let y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
         let y = match &self.bias {
             Some(b) => crate::kernels::bias_add(&y, b)?,

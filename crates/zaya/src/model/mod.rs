@@ -27,7 +27,9 @@ use crate::quant::QuantPlan;
 use crate::weights::Checkpoint;
 pub use attention::AttentionInputs;
 pub use decoder::{DecoderLayer, LayerOutput};
-pub use linear::{Dropout, Linear, LinearWeight, LowRank, QuantizedSource, Weights};
+pub use linear::{
+    Dropout, InputObserver, Linear, LinearWeight, LowRank, Observed, QuantizedSource, Weights,
+};
 pub use moe::{Routing, SkipBehaviour};
 use rope::RotaryEmbedding;
 
@@ -240,6 +242,7 @@ impl ZayaModel {
                     },
                     bias: lm_bias,
                     adapter: None,
+                    observer: embed.observed("weight"),
                 },
                 _ => {
                     let mut head = Linear::new(h, cfg.vocab_size, false, vb.pp("lm_head"))?;

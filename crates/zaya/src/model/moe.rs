@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::linear::Weights;
+use super::linear::{Observed, Weights};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor};
 
@@ -233,6 +233,8 @@ pub struct ZayaExperts {
     pub gate_up: ExpertMatrices,
     pub down: ExpertMatrices,
     pub adapters: ExpertAdapters,
+    /// See each expert's inputs to `gate_up` and `down` (importance-matrix calibration).
+    pub observers: Option<(Observed, Observed)>,
     num_experts: usize,
 }
 
@@ -243,6 +245,7 @@ impl ZayaExperts {
             gate_up: ExpertMatrices::load(&vb, (e, 2 * i, h), "gate_up_proj")?,
             down: ExpertMatrices::load(&vb, (e, h, i), "down_proj")?,
             adapters: ExpertAdapters::default(),
+            observers: vb.observed("gate_up_proj").zip(vb.observed("down_proj")),
             num_experts: e,
         })
     }
@@ -260,6 +263,9 @@ impl ZayaExperts {
     /// gathered tokens) and is scaled by its weight after the down projection. Skipped
     /// tokens produce exactly zero.
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        if let Some(observers) = &self.observers {
+            self.observe(x, routing, observers)?;
+        }
         if !self.adapters.is_empty() {
             return self.forward_adapted(x, routing);
         }
@@ -276,6 +282,38 @@ impl ZayaExperts {
 }
 
 impl ZayaExperts {
+    /// Hands each expert's inputs to the observers: the tokens routed to it (the input of
+    /// `gate_up`) and their SwiGLU activations (the input of `down`, recomputed here; the
+    /// forward itself runs as without observers).
+    fn observe(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        (gate_up, down): &(Observed, Observed),
+    ) -> Result<()> {
+        for (ex, rows) in self.buckets(routing).iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let xs = x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
+            gate_up.observe(Some(ex), &xs)?;
+            let hidden = kernels::swiglu(&expert_matmul_t(&xs, &self.gate_up, ex)?)?;
+            down.observe(Some(ex), &hidden)?;
+        }
+        Ok(())
+    }
+
+    /// The tokens routed to each expert, in order (skipped tokens are in none).
+    fn buckets(&self, routing: &Routing) -> Vec<Vec<u32>> {
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
+        for (tok, &c) in routing.choice.iter().enumerate() {
+            if (c as usize) < self.num_experts {
+                buckets[c as usize].push(tok as u32);
+            }
+        }
+        buckets
+    }
+
     /// The experts with adapters: tokens grouped per expert as in the kernels, each expert's
     /// frozen matrices read in their stored form (dense in place, or quantized) plus the
     /// expert's low-rank terms, from differentiable ops (gradients reach the adapters, the
@@ -284,12 +322,7 @@ impl ZayaExperts {
         let (n, _) = x.dims2()?;
         let e = self.num_experts;
         let weights = routing.weight.reshape((n, 1))?;
-        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); e];
-        for (tok, &c) in routing.choice.iter().enumerate() {
-            if (c as usize) < e {
-                buckets[c as usize].push(tok as u32);
-            }
-        }
+        let buckets = self.buckets(routing);
         let gu_factors = match &self.adapters.gate_up {
             Some(l) => Some((l.factors(e)?, l.scale)),
             None => None,

@@ -1,0 +1,236 @@
+//! Importance matrices for quantization (llama.cpp's `imatrix`): for every weight a forward
+//! multiplies, the mean square of each input feature over a calibration text. The quantizer
+//! then weighs each weight's rounding error by how strongly its input feature is driven
+//! (`quant::quantize_weighted`), so the error lands where the activations are small.
+//!
+//! The statistics come from the model itself through the weight seam: a model built with an
+//! [`ImatrixCollector`] as its [`InputObserver`] hands every linear layer's input, and each
+//! expert's routed tokens and SwiGLU activations, to the collector, and computes exactly
+//! what it computes without one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ZayaConfig;
+use crate::error::{Result, ZayaError};
+use crate::model::{ForwardOptions, InputObserver, Weights, ZayaModel};
+use crate::weights::{native_specs, Checkpoint};
+
+/// Per-feature importance weights (`quant::quantize_weighted`): native tensor name → mean
+/// squared input per input feature (the tensor's last axis); for a stacked `[E, out, in]`
+/// expert tensor `E · in` values, expert by expert.
+pub type ImportanceMatrix = BTreeMap<String, Vec<f32>>;
+
+/// Sums of squared inputs of one weight (per matrix of a stack).
+#[derive(Debug, Default)]
+struct Sums {
+    /// `[matrices · in]`.
+    squares: Vec<f64>,
+    /// Rows seen per matrix.
+    rows: Vec<u64>,
+}
+
+/// Accumulates the squared inputs that an observed model reports (see the module docs).
+#[derive(Debug, Default)]
+pub struct ImatrixCollector {
+    sums: Mutex<BTreeMap<String, Sums>>,
+}
+
+impl InputObserver for ImatrixCollector {
+    fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> candle_core::Result<()> {
+        let (rows, cols) = x.dims2()?;
+        let squares = x.to_dtype(DType::F32)?.sqr()?.sum(0)?.to_vec1::<f32>()?;
+        let m = expert.unwrap_or(0);
+        let mut all = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+        let s = all.entry(name.to_string()).or_default();
+        if s.rows.len() <= m {
+            s.rows.resize(m + 1, 0);
+            s.squares.resize((m + 1) * cols, 0.0);
+        }
+        if s.squares.len() != s.rows.len() * cols {
+            candle_core::bail!(
+                "`{name}` was observed with {} input features, earlier with {}",
+                cols,
+                s.squares.len() / s.rows.len()
+            );
+        }
+        s.rows[m] += rows as u64;
+        for (acc, v) in s.squares[m * cols..(m + 1) * cols].iter_mut().zip(squares) {
+            *acc += v as f64;
+        }
+        Ok(())
+    }
+}
+
+impl ImatrixCollector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The mean squares, per tensor of `cfg` that was observed. An expert that no
+    /// calibration token reached gets the mean over its stack's tokens (every expert of a
+    /// layer reads the same normalised hidden state, so that is the best estimate there is).
+    pub fn finish(&self, cfg: &ZayaConfig) -> Result<ImportanceMatrix> {
+        let all = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = ImportanceMatrix::new();
+        for spec in native_specs(cfg) {
+            let Some(s) = all.get(&spec.name) else {
+                continue;
+            };
+            let cols = *spec.shape.last().unwrap_or(&0);
+            let matrices = if spec.shape.len() == 3 {
+                spec.shape[0]
+            } else {
+                1
+            };
+            if s.rows.len() > matrices || s.squares.len() != s.rows.len() * cols {
+                return Err(ZayaError::Input(format!(
+                    "importance statistics of `{}` do not fit its shape {:?}",
+                    spec.name, spec.shape
+                )));
+            }
+            let total_rows: u64 = s.rows.iter().sum();
+            if total_rows == 0 {
+                continue;
+            }
+            let mut pooled = vec![0f64; cols];
+            for m in s.squares.chunks(cols) {
+                for (p, v) in pooled.iter_mut().zip(m) {
+                    *p += v;
+                }
+            }
+            let mut values = Vec::with_capacity(matrices * cols);
+            for m in 0..matrices {
+                match s.rows.get(m).copied().unwrap_or(0) {
+                    0 => values.extend(pooled.iter().map(|v| (v / total_rows as f64) as f32)),
+                    n => values.extend(
+                        s.squares[m * cols..(m + 1) * cols]
+                            .iter()
+                            .map(|v| (v / n as f64) as f32),
+                    ),
+                }
+            }
+            out.insert(spec.name, values);
+        }
+        Ok(out)
+    }
+}
+
+/// How much calibration text to run, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration {
+    /// Tokens per window (each a fresh context, BOS first when there is one).
+    pub context: usize,
+    /// Stop after this many tokens (0: all of them).
+    pub max_tokens: usize,
+    /// The token every window starts with.
+    pub bos: Option<u32>,
+}
+
+/// Runs the checkpoint in `dir` (either layout) over `ids` and returns its importance matrix
+/// and the number of tokens it saw. The model runs in f32, or in bf16 where f32 does not fit
+/// in memory (the squares are summed in f32/f64 either way).
+pub fn importance_matrix(
+    dir: &Path,
+    ids: &[u32],
+    calibration: Calibration,
+) -> Result<(ImportanceMatrix, usize)> {
+    let Calibration {
+        context,
+        max_tokens,
+        bos,
+    } = calibration;
+    if context < 2 {
+        return Err(ZayaError::Input(format!(
+            "calibration windows need at least 2 tokens, got {context}"
+        )));
+    }
+    let ckpt = Arc::new(Checkpoint::open(dir)?);
+    let cfg = ckpt.config()?;
+    ckpt.validate(&cfg)?;
+    let dtype = if ckpt.check_fits(&cfg, DType::F32).is_ok() {
+        DType::F32
+    } else {
+        ckpt.check_fits(&cfg, DType::BF16)?;
+        DType::BF16
+    };
+    let dev = Device::Cpu;
+    let collector = Arc::new(ImatrixCollector::new());
+    let weights = Weights::from(ckpt.var_builder(&cfg, dtype, &dev))
+        .observed_by(Arc::clone(&collector) as Arc<dyn InputObserver>);
+    let model = ZayaModel::from_weights(&cfg, weights)?;
+    let body = context - usize::from(bos.is_some());
+    let mut seen = 0;
+    for chunk in ids.chunks(body) {
+        if max_tokens > 0 && seen >= max_tokens {
+            break;
+        }
+        let take = if max_tokens > 0 {
+            chunk.len().min(max_tokens - seen)
+        } else {
+            chunk.len()
+        };
+        let window: Vec<u32> = bos
+            .into_iter()
+            .chain(chunk[..take].iter().copied())
+            .collect();
+        let input = Tensor::new(window.as_slice(), &dev)?.unsqueeze(0)?;
+        model.forward(&input, None, &ForwardOptions::default())?;
+        seen += take;
+    }
+    if seen == 0 {
+        return Err(ZayaError::Input(
+            "the calibration text has no tokens".to_string(),
+        ));
+    }
+    Ok((collector.finish(&cfg)?, seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ZayaConfig {
+        ZayaConfig::from_json(&serde_json::json!({
+            "vocab_size": 64, "hidden_size": 4, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+            "moe_intermediate_size": 2, "num_experts": 3, "router_hidden_size": 2,
+            "layer_types": ["hybrid"], "max_position_embeddings": 16
+        }))
+        .unwrap()
+    }
+
+    fn rows(v: &[&[f32]]) -> Tensor {
+        let cols = v[0].len();
+        let flat: Vec<f32> = v.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(flat, (v.len(), cols), &Device::Cpu).unwrap()
+    }
+
+    /// Means over all rows seen, per matrix of a stack; an expert no row reached gets the
+    /// stack's mean over all its rows; unobserved tensors have no entry.
+    #[test]
+    fn means_per_feature_per_expert_and_pooled_for_unreached_experts() {
+        let c = ImatrixCollector::new();
+        let o = "model.layers.0.mlp.gate.down_proj.weight";
+        let gu = "model.layers.0.mlp.experts.gate_up_proj";
+        c.observe(o, None, &rows(&[&[1., 2., 0., 0.], &[3., 0., 0., 1.]]))
+            .unwrap();
+        c.observe(o, None, &rows(&[&[1., 1., 1., 1.]])).unwrap();
+        c.observe(gu, Some(2), &rows(&[&[2., 0., 0., 0.]])).unwrap();
+        c.observe(gu, Some(0), &rows(&[&[0., 1., 0., 0.], &[0., 3., 0., 0.]]))
+            .unwrap();
+        let m = c.finish(&cfg()).unwrap();
+        assert_eq!(m[o], vec![11. / 3., 5. / 3., 1. / 3., 2. / 3.]);
+        let pooled = [4. / 3., 10. / 3., 0., 0.];
+        let want: Vec<f32> = [[0., 5., 0., 0.], pooled, [4., 0., 0., 0.]]
+            .concat()
+            .to_vec();
+        assert_eq!(m[gu], want);
+        assert_eq!(m.len(), 2);
+        // a tensor reported with two widths is an error, not a silent mix
+        assert!(c.observe(o, None, &rows(&[&[1., 2.]])).is_err());
+    }
+}
