@@ -86,6 +86,9 @@ pub struct QuantizeArgs {
     /// Stop calibrating after this many tokens (0: the whole text).
     #[arg(long, default_value_t = 0)]
     pub imatrix_tokens: usize,
+    /// Directory with the tokenizer for the calibration text (default: --model).
+    #[arg(long)]
+    pub imatrix_tokenizer: Option<PathBuf>,
 }
 
 pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
@@ -98,7 +101,7 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let mut calibration = serde_json::Value::Null;
     let imatrix = match &args.imatrix {
         Some(path) => {
-            let tok = ZayaTokenizer::from_dir(&model)?;
+            let tok = ZayaTokenizer::from_dir(args.imatrix_tokenizer.as_ref().unwrap_or(&model))?;
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
             let ids = tok.encode(&text, false)?;
