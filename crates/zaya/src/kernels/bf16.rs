@@ -145,10 +145,32 @@ pub(crate) fn linear_bf16_share(
         super::amx::gemm_streamed(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
         return Ok(());
     }
-    // Without AMX, shares up to `GEMV_ROWS` rows stay on the dot kernel: on weights read
-    // from memory it beats the packed one at every such size since its 8-row tiles
-    // (`bf16_expert_share_speed`, Zen 4, 2 threads: 1.2× at 16 rows, 1.1× at 32).
+    // Without AMX, shares up to `SHARE_DOT_MAX_ROWS` rows take the dot kernel: on weights
+    // read from memory it beats the packed one at every such size since its 8-row tiles and
+    // its look-ahead into the next weight block (`bf16_expert_share_speed`, Zen 4, 2
+    // threads: 1.3× at 16 rows, 1.2× at 32, 1.1× at 48 and 64, equal at 96).
+    #[cfg(target_arch = "x86_64")]
+    if m <= SHARE_DOT_MAX_ROWS && n > 0 && k > 0 && !amx_on() && dot::available() {
+        dot::gemm(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
+        return Ok(());
+    }
     linear_bf16(x, m, k, w, n, out)
+}
+
+/// Most rows of an expert's share that [`linear_bf16_share`] keeps on the dot kernel
+/// without AMX (from `GEMV_ROWS + 1` on, a share would otherwise be packed).
+const SHARE_DOT_MAX_ROWS: usize = 64;
+
+/// Whether [`linear_bf16`] takes its AMX path.
+fn amx_on() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        super::amx::enabled()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
 }
 
 /// [`linear_bf16`] without its AMX path: the AVX-512 BF16 kernel where the CPU has it, the
@@ -219,6 +241,8 @@ mod dot {
     /// 4–16 rows; at 1–2 rows the kernel streams at bandwidth already and the extra
     /// instructions cost ~5 %.
     const PREFETCH_MIN_ROWS: usize = 3;
+    /// Cache lines of the next block's weights a later row tile pulls into L2 per step.
+    const AHEAD_LINES: usize = 4;
 
     pub(super) fn available() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
@@ -261,6 +285,31 @@ mod dot {
         out: *mut f32,
     ) {
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        // With more than one row tile, the tiles after the first read this block's weights
+        // from L2; meanwhile they pull the next block's rows (contiguous: rows of `W` are)
+        // into L2, so that the next block's first row tile does not wait on memory either.
+        let first_rows = if m > MR { MR_TALL.min(m) } else { m };
+        let later_tiles = {
+            let (mut i, mut tiles) = (first_rows, 0);
+            while i < m {
+                let (mr, nr) = if m - i > MR {
+                    (MR_TALL.min(m - i), NR_TALL)
+                } else {
+                    (m - i, NR)
+                };
+                tiles += (j1 - j0).div_ceil(nr);
+                i += mr;
+            }
+            tiles
+        };
+        let next_rows = (j1 + NB).min(n) - j1;
+        let ahead = if k <= KC && later_tiles > 0 && next_rows > 0 {
+            let lines = (next_rows * k * 2).div_ceil(64);
+            Some((wp.wrapping_add(j1 * k) as *const u8, lines))
+        } else {
+            None
+        };
+        let mut later = 0;
         let mut k0 = 0;
         while k0 < k {
             let kl = KC.min(k - k0);
@@ -283,6 +332,22 @@ mod dot {
                         out: out.add(i0 * n + jt),
                         out_stride: n,
                         prefetch: i0 == 0 && mr >= PREFETCH_MIN_ROWS,
+                        ahead: match ahead {
+                            Some((base, lines)) if i0 > 0 => {
+                                // this tile's share: AHEAD_LINES per step, tile after tile
+                                let steps = kl / 32;
+                                let first = later * steps * AHEAD_LINES;
+                                later += 1;
+                                Ahead {
+                                    base: base.wrapping_add(first * 64),
+                                    steps: lines
+                                        .saturating_sub(first)
+                                        .div_ceil(AHEAD_LINES)
+                                        .min(steps),
+                                }
+                            }
+                            _ => Ahead::NONE,
+                        },
                     };
                     match mr {
                         8 => by_cols_tall::<8>(nr, &t),
@@ -313,6 +378,21 @@ mod dot {
         out_stride: usize,
         /// Prefetch the `C` weight rows after this tile's at each step.
         prefetch: bool,
+        /// Lines of the next block's weights to pull into L2 during this tile.
+        ahead: Ahead,
+    }
+
+    /// [`AHEAD_LINES`] cache lines from `base` on at each of the first `steps` steps.
+    struct Ahead {
+        base: *const u8,
+        steps: usize,
+    }
+
+    impl Ahead {
+        const NONE: Ahead = Ahead {
+            base: std::ptr::null(),
+            steps: 0,
+        };
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -351,6 +431,12 @@ mod dot {
         let steps = t.kl / 32;
         for s in 0..steps {
             let off = s * 32;
+            if s < t.ahead.steps {
+                let p = t.ahead.base.wrapping_add(s * 64 * AHEAD_LINES) as *const i8;
+                for l in 0..AHEAD_LINES {
+                    _mm_prefetch::<_MM_HINT_T2>(p.wrapping_add(64 * l));
+                }
+            }
             if t.prefetch {
                 for c in 0..C {
                     // past the block's last tile this points beyond `w`: a prefetch never faults
@@ -679,6 +765,7 @@ mod tests {
             (4, 64, 7),
             (20, 300, 70),
             (33, 2048, 100),
+            (64, 96, 200),
             (7, 2100, 130),
             (8, 64, 61),
         ] {
@@ -865,7 +952,7 @@ mod tests {
             .into_iter()
             .map(bf16::from_f32)
             .collect();
-        for m in [1, 2, 4, 6, 8, 10, 12, 16, 24, 32] {
+        for m in [1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96] {
             let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
             let mut out = vec![0f32; m * n];
             let gb = (experts * n * k * 2) as f64 / 1e9;
