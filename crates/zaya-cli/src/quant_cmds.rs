@@ -77,9 +77,14 @@ pub struct QuantizeArgs {
     pub plan: PlanArgs,
     /// Calibration text (UTF-8): run the model over it first and weigh each weight's
     /// rounding error by the mean square of its input feature (an importance matrix; used
-    /// by the k-quants, q4_0 and q5_0).
+    /// by the k-quants, q4_0 and q5_0). A `.safetensors` file is taken as a matrix saved
+    /// by `--imatrix-out`.
     #[arg(long)]
     pub imatrix: Option<PathBuf>,
+    /// Also save the importance matrix computed from the text here (a `.safetensors`
+    /// file to pass to `--imatrix` next time).
+    #[arg(long)]
+    pub imatrix_out: Option<PathBuf>,
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 512)]
     pub imatrix_context: usize,
@@ -99,7 +104,16 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     };
     let t0 = Instant::now();
     let mut calibration = serde_json::Value::Null;
+    let saved = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
+    if args.imatrix_out.is_some() && !args.imatrix.as_ref().is_some_and(|p| !saved(p)) {
+        bail!("--imatrix-out needs --imatrix with a calibration text");
+    }
     let imatrix = match &args.imatrix {
+        Some(path) if saved(path) => {
+            let m = zaya::imatrix::load(path)?;
+            calibration = serde_json::json!({ "matrix": path, "tensors": m.len() });
+            Some(m)
+        }
         Some(path) => {
             let tok = ZayaTokenizer::from_dir(args.imatrix_tokenizer.as_ref().unwrap_or(&model))?;
             let text =
@@ -120,6 +134,10 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
                 "tensors": m.len(),
                 "seconds": t0.elapsed().as_secs_f64(),
             });
+            if let Some(out) = &args.imatrix_out {
+                zaya::imatrix::save(&m, out)?;
+                calibration["saved"] = serde_json::json!(out);
+            }
             Some(m)
         }
         None => None,

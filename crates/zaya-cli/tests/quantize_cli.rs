@@ -155,6 +155,61 @@ fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
     assert!(quantize(&plain, false).is_null());
     let report = quantize(&calibrated, true);
     assert_eq!(report["tokens"].as_u64(), Some(8000), "{report}");
+    // the saved matrix quantizes to the same bytes as the text it came from
+    let saved = dir.join("genesis.imatrix.safetensors");
+    let again = dir.join("again.gguf");
+    run(zaya()
+        .args(["quantize", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&again)
+        .args(["--format", "q4_k", "--imatrix-tokens", "8000", "--imatrix"])
+        .arg(&calib)
+        .arg("--imatrix-out")
+        .arg(&saved));
+    let from_saved = dir.join("from-saved.gguf");
+    let out = run(zaya()
+        .args(["quantize", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&from_saved)
+        .args(["--format", "q4_k", "--imatrix"])
+        .arg(&saved));
+    assert!(out.contains("\"matrix\""), "{out}");
+    assert_eq!(
+        std::fs::read(&from_saved).unwrap(),
+        std::fs::read(&calibrated).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(&calibrated).unwrap()
+    );
+    // a matrix of another model is refused before anything is written
+    let other = dir.join("other.imatrix.safetensors");
+    let m = zaya::imatrix::load(&saved).unwrap();
+    let mut bad = zaya::imatrix::ImportanceMatrix::new();
+    bad.insert(
+        "model.layers.9.self_attn.o_proj.weight".into(),
+        m.values().next().unwrap().clone(),
+    );
+    zaya::imatrix::save(&bad, &other).unwrap();
+    let refused = dir.join("refused.gguf");
+    let out = zaya()
+        .args(["quantize", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&refused)
+        .args(["--format", "q4_k", "--imatrix"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.layers.9.self_attn.o_proj.weight"),
+        "{err}"
+    );
+    assert!(!refused.exists());
     let (kl_plain, kl_calibrated) = (eval_kl(&plain, &model), eval_kl(&calibrated, &model));
     assert!(
         kl_calibrated < 0.9 * kl_plain,

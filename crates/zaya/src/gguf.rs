@@ -581,6 +581,9 @@ pub fn quantize_to_gguf(
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
     let specs = native_specs(&cfg);
+    if let Some(m) = imatrix {
+        crate::imatrix::check(m, &specs)?;
+    }
 
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("zaya".into())),

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ZayaConfig;
 use crate::error::{Result, ZayaError};
 use crate::model::{ForwardOptions, InputObserver, Weights, ZayaModel};
-use crate::weights::{native_specs, Checkpoint};
+use crate::weights::{native_specs, Checkpoint, TensorSpec};
 
 /// Per-feature importance weights (`quant::quantize_weighted`): native tensor name → mean
 /// squared input per input feature (the tensor's last axis); for a stacked `[E, out, in]`
@@ -117,6 +117,79 @@ impl ImatrixCollector {
         }
         Ok(out)
     }
+}
+
+/// Checks `m` against a model's tensors before anything is quantized: every entry names a
+/// tensor of the model and has one value per input feature (per matrix of a stack), all
+/// finite and non-negative.
+pub fn check(m: &ImportanceMatrix, specs: &[TensorSpec]) -> Result<()> {
+    for (name, values) in m {
+        let Some(spec) = specs.iter().find(|s| &s.name == name) else {
+            return Err(ZayaError::Input(format!(
+                "the importance matrix has an entry for `{name}`, which this model does not have \
+                 (a matrix of another model?)"
+            )));
+        };
+        let cols = *spec.shape.last().unwrap_or(&0);
+        let fits =
+            values.len() == cols || (spec.shape.len() == 3 && values.len() == spec.shape[0] * cols);
+        if !fits {
+            return Err(ZayaError::Input(format!(
+                "the importance matrix has {} values for `{name}` of shape {:?} (needs {cols}{})",
+                values.len(),
+                spec.shape,
+                if spec.shape.len() == 3 {
+                    format!(" or {}", spec.shape[0] * cols)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        if let Some(v) = values.iter().find(|v| !v.is_finite() || **v < 0.0) {
+            return Err(ZayaError::Input(format!(
+                "the importance matrix has the value {v} for `{name}` (mean squares are finite and \
+                 non-negative)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `m` as a safetensors file: one 1-D f32 tensor per entry, under its tensor's name.
+pub fn save(m: &ImportanceMatrix, path: &Path) -> Result<()> {
+    let tensors = m
+        .iter()
+        .map(|(name, v)| Ok((name.clone(), Tensor::from_slice(v, v.len(), &Device::Cpu)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    candle_core::safetensors::save(&tensors, path).map_err(|e| {
+        ZayaError::Input(format!(
+            "writing the importance matrix {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Reads a matrix [`save`] wrote.
+pub fn load(path: &Path) -> Result<ImportanceMatrix> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        ZayaError::Input(format!(
+            "reading the importance matrix {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mut m = ImportanceMatrix::new();
+    for (name, t) in tensors {
+        if t.rank() != 1 || t.dtype() != DType::F32 {
+            return Err(ZayaError::Input(format!(
+                "{}: `{name}` is {:?} {:?}; an importance matrix holds 1-D f32 tensors",
+                path.display(),
+                t.dtype(),
+                t.dims()
+            )));
+        }
+        m.insert(name, t.to_vec1::<f32>()?);
+    }
+    Ok(m)
 }
 
 /// How much calibration text to run, and how.
@@ -232,5 +305,40 @@ mod tests {
         assert_eq!(m.len(), 2);
         // a tensor reported with two widths is an error, not a silent mix
         assert!(c.observe(o, None, &rows(&[&[1., 2.]])).is_err());
+    }
+
+    /// A saved matrix reads back equal; a file of other tensors, a value that is no mean
+    /// square, or a width the tensor does not have is refused, naming the tensor.
+    #[test]
+    fn saved_matrices_read_back_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("zaya-imatrix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let specs = native_specs(&cfg());
+        let o = "model.layers.0.mlp.gate.down_proj.weight";
+        let gu = "model.layers.0.mlp.experts.gate_up_proj";
+        let m: ImportanceMatrix = [
+            (o.to_string(), vec![1.0, 2.0, 0.0, 3.5]),
+            (gu.to_string(), (0..12).map(|i| i as f32).collect()),
+        ]
+        .into();
+        check(&m, &specs).unwrap();
+        let path = dir.join("m.safetensors");
+        save(&m, &path).unwrap();
+        assert_eq!(load(&path).unwrap(), m);
+
+        let two_d = dir.join("2d.safetensors");
+        let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&[(o.to_string(), t)].into(), &two_d).unwrap();
+        assert!(load(&two_d).unwrap_err().to_string().contains(o));
+
+        for (name, values) in [
+            (o, vec![1.0, -1.0, 0.0, 0.0]),
+            (o, vec![1.0; 3]),
+            (gu, vec![1.0; 8]),
+        ] {
+            let bad: ImportanceMatrix = [(name.to_string(), values)].into();
+            assert!(check(&bad, &specs).unwrap_err().to_string().contains(name));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
