@@ -105,7 +105,7 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut calibration = serde_json::Value::Null;
     let saved = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
-    if args.imatrix_out.is_some() && !args.imatrix.as_ref().is_some_and(|p| !saved(p)) {
+    if args.imatrix_out.is_some() && args.imatrix.as_ref().is_none_or(saved) {
         bail!("--imatrix-out needs --imatrix with a calibration text");
     }
     let imatrix = match &args.imatrix {
