@@ -312,6 +312,13 @@ fn weighted_rows(x: &Tensor, d: GgmlDType, importance: &[f32]) -> candle_core::R
     match d {
         GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
             let cols = x.dim(candle_core::D::Minus1)?;
+            if cols % 32 != 0 || importance.len() != cols {
+                candle_core::bail!(
+                    "{d:?} needs rows of a multiple of 32 values and one weight per value: rows \
+                     of {cols}, {} weights",
+                    importance.len()
+                );
+            }
             let data = x.flatten_all()?.to_vec1::<f32>()?;
             let mut bytes = Vec::with_capacity(storage_bytes(d, data.len()));
             for row in data.chunks(cols) {
@@ -588,6 +595,9 @@ mod tests {
         }
         let err = quantize_weighted(&t, GgmlDType::Q4K, &imp[..100]).unwrap_err();
         assert!(err.to_string().contains("[3, 70, 256]"), "{err}");
+        // rows that are no whole number of blocks: an error, not a panic
+        let short = Tensor::randn(0f32, 1.0, (4, 40), &dev).unwrap();
+        assert!(quantize_weighted(&short, GgmlDType::Q4_0, &[1.0; 40]).is_err());
     }
 
     #[test]
