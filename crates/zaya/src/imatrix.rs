@@ -130,21 +130,8 @@ pub fn check(m: &ImportanceMatrix, specs: &[TensorSpec]) -> Result<()> {
                  (a matrix of another model?)"
             )));
         };
-        let cols = *spec.shape.last().unwrap_or(&0);
-        let fits =
-            values.len() == cols || (spec.shape.len() == 3 && values.len() == spec.shape[0] * cols);
-        if !fits {
-            return Err(ZayaError::Input(format!(
-                "the importance matrix has {} values for `{name}` of shape {:?} (needs {cols}{})",
-                values.len(),
-                spec.shape,
-                if spec.shape.len() == 3 {
-                    format!(" or {}", spec.shape[0] * cols)
-                } else {
-                    String::new()
-                }
-            )));
-        }
+        crate::quant::importance_fits(&spec.shape, values.len())
+            .map_err(|e| ZayaError::Input(format!("the importance matrix for `{name}`: {e}")))?;
         if let Some(v) = values.iter().find(|v| !v.is_finite() || **v < 0.0) {
             return Err(ZayaError::Input(format!(
                 "the importance matrix has the value {v} for `{name}` (mean squares are finite and \

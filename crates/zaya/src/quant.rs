@@ -279,22 +279,10 @@ pub fn quantize_weighted(t: &Tensor, d: GgmlDType, importance: &[f32]) -> Result
     if !takes_importance(d) {
         return quantize(t, d);
     }
-    let dims = t.dims();
-    let cols = dims.last().copied().unwrap_or(0);
+    let cols = t.dims().last().copied().unwrap_or(0);
+    importance_fits(t.dims(), importance.len()).map_err(ZayaError::Input)?;
     if importance.len() == cols {
         return quantize_rows(t, d, |x| weighted_rows(x, d, importance));
-    }
-    let per_matrix = dims.len() == 3 && importance.len() == dims[0] * cols;
-    if !per_matrix {
-        return Err(ZayaError::Input(format!(
-            "{} importance weights for a tensor of shape {dims:?} (need {cols}{})",
-            importance.len(),
-            if dims.len() == 3 {
-                format!(" or {}", dims[0] * cols)
-            } else {
-                String::new()
-            }
-        )));
     }
     // one matrix at a time with its own weights; blocks never cross a row, so the bytes
     // join into the stacked tensor's
@@ -305,6 +293,23 @@ pub fn quantize_weighted(t: &Tensor, d: GgmlDType, importance: &[f32]) -> Result
     }
     let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, d)?;
     Ok(QTensor::new(storage, t.shape().clone())?)
+}
+
+/// Whether `len` importance weights fit a tensor of `shape`: one per column, or for a
+/// stacked `[E, R, C]` tensor one row of `C` per matrix; the error says what would.
+pub fn importance_fits(shape: &[usize], len: usize) -> std::result::Result<(), String> {
+    let cols = shape.last().copied().unwrap_or(0);
+    if len == cols || (shape.len() == 3 && len == shape[0] * cols) {
+        return Ok(());
+    }
+    Err(format!(
+        "{len} importance weights for a tensor of shape {shape:?} (need {cols}{})",
+        if shape.len() == 3 {
+            format!(" or {}", shape[0] * cols)
+        } else {
+            String::new()
+        }
+    ))
 }
 
 /// Rows of `x` (f32, `[rows, cols]`) quantized into `d` with importance weights per column.
@@ -350,7 +355,7 @@ pub fn takes_importance(d: GgmlDType) -> bool {
 /// to minimise the weighted squared error as llama.cpp's `quantize_row_q{4,5}_0_impl` do:
 /// weight `w_j = importance_j · sqrt(σ² + x_j²)` (σ² the row's mean square), levels from
 /// the max-magnitude scale, then 18 nearby scales tried ([`weighted_levels`]).
-pub fn weighted_legacy(row: &[f32], d: GgmlDType, importance: &[f32], out: &mut Vec<u8>) {
+fn weighted_legacy(row: &[f32], d: GgmlDType, importance: &[f32], out: &mut Vec<u8>) {
     let nmax = if d == GgmlDType::Q4_0 { 8 } else { 16 };
     let sigma2 = row.iter().map(|x| x * x).sum::<f32>() / row.len().max(1) as f32;
     for (xb, qw) in row.chunks(32).zip(importance.chunks(32)) {

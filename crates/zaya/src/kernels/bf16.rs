@@ -285,25 +285,12 @@ mod dot {
         out: *mut f32,
     ) {
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        // With more than one row tile, the tiles after the first read this block's weights
-        // from L2; meanwhile they pull the next block's rows (contiguous: rows of `W` are)
-        // into L2, so that the next block's first row tile does not wait on memory either.
-        let first_rows = if m > MR { MR_TALL.min(m) } else { m };
-        let later_tiles = {
-            let (mut i, mut tiles) = (first_rows, 0);
-            while i < m {
-                let (mr, nr) = if m - i > MR {
-                    (MR_TALL.min(m - i), NR_TALL)
-                } else {
-                    (m - i, NR)
-                };
-                tiles += (j1 - j0).div_ceil(nr);
-                i += mr;
-            }
-            tiles
-        };
+        // With more rows than the first (tallest) row tile takes, the tiles after the first
+        // read this block's weights from L2; meanwhile they pull the next block's rows
+        // (contiguous: rows of `W` are) into L2, so that the next block's first row tile
+        // does not wait on memory either.
         let next_rows = (j1 + NB).min(n) - j1;
-        let ahead = if k <= KC && later_tiles > 0 && next_rows > 0 {
+        let ahead = if k <= KC && m > MR_TALL && next_rows > 0 {
             let lines = (next_rows * k * 2).div_ceil(64);
             Some((wp.wrapping_add(j1 * k) as *const u8, lines))
         } else {

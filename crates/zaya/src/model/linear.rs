@@ -354,16 +354,17 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a feature axis");
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x = x.reshape((rows, in_dim))?;
         if let Some(o) = &self.observer {
-            o.observe(None, &x.reshape((rows, in_dim))?)?;
+            o.observe(None, &x)?;
         }
-        let y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
+        let y = self.weight.matmul_t(&x)?;
         let y = match &self.bias {
             Some(b) => crate::kernels::bias_add(&y, b)?,
             None => y,
         };
         let y = match &self.adapter {
-            Some(ad) => ad.add_to(&y, &x.reshape((rows, in_dim))?)?,
+            Some(ad) => ad.add_to(&y, &x)?,
             None => y,
         };
         let mut out_dims = dims;
