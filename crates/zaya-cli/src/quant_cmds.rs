@@ -83,16 +83,16 @@ pub struct QuantizeArgs {
     pub imatrix: Option<PathBuf>,
     /// Also save the importance matrix computed from the text here (a `.safetensors`
     /// file to pass to `--imatrix` next time).
-    #[arg(long)]
+    #[arg(long, requires = "imatrix")]
     pub imatrix_out: Option<PathBuf>,
     /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, requires = "imatrix")]
     pub imatrix_context: usize,
     /// Stop calibrating after this many tokens (0: the whole text).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "imatrix")]
     pub imatrix_tokens: usize,
     /// Directory with the tokenizer for the calibration text (default: --model).
-    #[arg(long)]
+    #[arg(long, requires = "imatrix")]
     pub imatrix_tokenizer: Option<PathBuf>,
 }
 

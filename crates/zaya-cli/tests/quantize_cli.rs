@@ -210,6 +210,26 @@ fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
         "{err}"
     );
     assert!(!refused.exists());
+    // calibration options without a calibration, and a text without tokens, are refused
+    // before anything is written
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    for (args, says) in [
+        (vec!["--imatrix-tokens", "100"], "--imatrix"),
+        (vec!["--imatrix-context", "64"], "--imatrix"),
+        (vec!["--imatrix", empty.to_str().unwrap()], "no tokens"),
+    ] {
+        let out = zaya()
+            .args(["quantize", "--format", "q4_k", "--out"])
+            .arg(&refused)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!refused.exists());
+    }
     let (kl_plain, kl_calibrated) = (eval_kl(&plain, &model), eval_kl(&calibrated, &model));
     assert!(
         kl_calibrated < 0.9 * kl_plain,

@@ -99,6 +99,14 @@ pub enum GgufError {
         format: String,
         message: String,
     },
+
+    #[error("quantizing tensor `{name}` to {format}{}: {message}", if *.weighted { " with its importance weights" } else { "" })]
+    Quantize {
+        name: String,
+        format: String,
+        weighted: bool,
+        message: String,
+    },
 }
 
 fn header_err(path: &Path, e: impl ToString) -> ZayaError {
@@ -775,11 +783,15 @@ fn tensor_bytes(
             .collect(),
         _ => {
             let q = match imatrix {
-                Some(w) => quant::quantize_weighted(t, d, w).map_err(|e| {
-                    ZayaError::Input(format!("importance matrix for `{name}`: {e}"))
-                })?,
-                None => quant::quantize(t, d)?,
-            };
+                Some(w) => quant::quantize_weighted(t, d, w),
+                None => quant::quantize(t, d),
+            }
+            .map_err(|e| GgufError::Quantize {
+                name: name.to_string(),
+                format: format!("{d:?}"),
+                weighted: imatrix.is_some(),
+                message: e.to_string(),
+            })?;
             q.data()?.into_owned()
         }
     })

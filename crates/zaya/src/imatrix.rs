@@ -27,6 +27,8 @@ pub type ImportanceMatrix = BTreeMap<String, Vec<f32>>;
 /// Sums of squared inputs of one weight (per matrix of a stack).
 #[derive(Debug, Default)]
 struct Sums {
+    /// Input features, fixed by the first report.
+    cols: usize,
     /// `[matrices · in]`.
     squares: Vec<f64>,
     /// Rows seen per matrix.
@@ -46,16 +48,17 @@ impl InputObserver for ImatrixCollector {
         let m = expert.unwrap_or(0);
         let mut all = self.sums.lock().unwrap_or_else(|p| p.into_inner());
         let s = all.entry(name.to_string()).or_default();
+        if s.rows.is_empty() {
+            s.cols = cols;
+        } else if s.cols != cols {
+            candle_core::bail!(
+                "`{name}` was observed with {cols} input features, earlier with {}",
+                s.cols
+            );
+        }
         if s.rows.len() <= m {
             s.rows.resize(m + 1, 0);
             s.squares.resize((m + 1) * cols, 0.0);
-        }
-        if s.squares.len() != s.rows.len() * cols {
-            candle_core::bail!(
-                "`{name}` was observed with {} input features, earlier with {}",
-                cols,
-                s.squares.len() / s.rows.len()
-            );
         }
         s.rows[m] += rows as u64;
         for (acc, v) in s.squares[m * cols..(m + 1) * cols].iter_mut().zip(squares) {
@@ -71,8 +74,12 @@ impl ImatrixCollector {
     }
 
     /// The mean squares, per tensor of `cfg` that was observed. An expert that no
-    /// calibration token reached gets the mean over its stack's tokens (every expert of a
-    /// layer reads the same normalised hidden state, so that is the best estimate there is).
+    /// calibration token reached has no statistics of its own. For `gate_up_proj` it gets
+    /// the mean over its stack's tokens: every expert of a layer reads the same normalised
+    /// hidden state, so that is the best estimate there is. `down_proj` reads each expert's
+    /// own SwiGLU activations, whose features mean nothing across experts, so there it gets
+    /// one value for all features (the stack's mean over features and tokens): uniform
+    /// weights at the stack's scale.
     pub fn finish(&self, cfg: &ZayaConfig) -> Result<ImportanceMatrix> {
         let all = self.sums.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = ImportanceMatrix::new();
@@ -93,7 +100,7 @@ impl ImatrixCollector {
                 )));
             }
             let total_rows: u64 = s.rows.iter().sum();
-            if total_rows == 0 {
+            if total_rows == 0 || cols == 0 {
                 continue;
             }
             let mut pooled = vec![0f64; cols];
@@ -101,6 +108,10 @@ impl ImatrixCollector {
                 for (p, v) in pooled.iter_mut().zip(m) {
                     *p += v;
                 }
+            }
+            if spec.name.ends_with("experts.down_proj") {
+                let flat = pooled.iter().sum::<f64>() / cols as f64;
+                pooled.fill(flat);
             }
             let mut values = Vec::with_capacity(matrices * cols);
             for m in 0..matrices {
@@ -208,6 +219,12 @@ pub fn importance_matrix(
             "calibration windows need at least 2 tokens, got {context}"
         )));
     }
+    if ids.is_empty() {
+        // before the model loads (minutes at the 8B scale)
+        return Err(ZayaError::Input(
+            "the calibration text has no tokens".to_string(),
+        ));
+    }
     let ckpt = Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
@@ -241,11 +258,6 @@ pub fn importance_matrix(
         model.forward(&input, None, &ForwardOptions::default())?;
         seen += take;
     }
-    if seen == 0 {
-        return Err(ZayaError::Input(
-            "the calibration text has no tokens".to_string(),
-        ));
-    }
     Ok((collector.finish(&cfg)?, seen))
 }
 
@@ -270,7 +282,8 @@ mod tests {
     }
 
     /// Means over all rows seen, per matrix of a stack; an expert no row reached gets the
-    /// stack's mean over all its rows; unobserved tensors have no entry.
+    /// stack's mean over all its rows (`gate_up`), or that mean's average over the
+    /// features (`down`); unobserved tensors have no entry.
     #[test]
     fn means_per_feature_per_expert_and_pooled_for_unreached_experts() {
         let c = ImatrixCollector::new();
@@ -289,9 +302,16 @@ mod tests {
             .concat()
             .to_vec();
         assert_eq!(m[gu], want);
-        assert_eq!(m.len(), 2);
-        // a tensor reported with two widths is an error, not a silent mix
+        let down = "model.layers.0.mlp.experts.down_proj";
+        c.observe(down, Some(1), &rows(&[&[1., 3.], &[1., 1.]]))
+            .unwrap();
+        let m = c.finish(&cfg()).unwrap();
+        assert_eq!(m[down], vec![3., 3., 1., 5., 3., 3.]);
+        assert_eq!(m.len(), 3);
+        // a tensor reported with two widths is an error, not a silent mix, also for a
+        // later matrix of a stack
         assert!(c.observe(o, None, &rows(&[&[1., 2.]])).is_err());
+        assert!(c.observe(gu, Some(4), &rows(&[&[1., 2.]])).is_err());
     }
 
     /// A saved matrix reads back equal; a file of other tensors, a value that is no mean

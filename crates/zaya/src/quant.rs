@@ -317,10 +317,10 @@ fn weighted_rows(x: &Tensor, d: GgmlDType, importance: &[f32]) -> candle_core::R
     match d {
         GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
             let cols = x.dim(candle_core::D::Minus1)?;
-            if cols % 32 != 0 || importance.len() != cols {
+            if cols == 0 || cols % 32 != 0 || importance.len() != cols {
                 candle_core::bail!(
-                    "{d:?} needs rows of a multiple of 32 values and one weight per value: rows \
-                     of {cols}, {} weights",
+                    "{d:?} needs rows of a positive multiple of 32 values and one weight per \
+                     value: rows of {cols}, {} weights",
                     importance.len()
                 );
             }
@@ -354,7 +354,9 @@ pub fn takes_importance(d: GgmlDType) -> bool {
 /// bits, 16 bytes of nibbles) blocks of 32, appended to `out`, choosing each block's scale
 /// to minimise the weighted squared error as llama.cpp's `quantize_row_q{4,5}_0_impl` do:
 /// weight `w_j = importance_j · sqrt(σ² + x_j²)` (σ² the row's mean square), levels from
-/// the max-magnitude scale, then 18 nearby scales tried ([`weighted_levels`]).
+/// the max-magnitude scale, then 18 nearby scales tried ([`weighted_levels`]). A block
+/// whose importance is all zero (features the calibration never saw active) gets uniform
+/// importance here, where llama.cpp's weights would be all zero and its search degenerate.
 fn weighted_legacy(row: &[f32], d: GgmlDType, importance: &[f32], out: &mut Vec<u8>) {
     let nmax = if d == GgmlDType::Q4_0 { 8 } else { 16 };
     let sigma2 = row.iter().map(|x| x * x).sum::<f32>() / row.len().max(1) as f32;

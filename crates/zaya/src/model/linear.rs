@@ -21,8 +21,10 @@ pub trait QuantizedSource: Send + Sync {
     }
 }
 
-/// Sees the input of every matrix product with a stored weight during a forward pass (what
-/// an importance matrix for quantization is computed from). A model built with one (see
+/// Sees the inputs of the matrix products a quantizer can quantize (every [`Linear`], the
+/// tied lm_head as `embed_tokens`, each expert's `gate_up` and `down`) during a forward
+/// pass: what an importance matrix for quantization is computed from. The grouped CCA
+/// convolution is not reported (it stays in full precision). A model built with one (see
 /// [`Weights::observed_by`]) computes exactly what it computes without.
 pub trait InputObserver: Send + Sync + std::fmt::Debug {
     /// `x` `[rows, in]` is multiplied by native weight `name` (`[out, in]`), or by matrix

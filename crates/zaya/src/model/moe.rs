@@ -283,8 +283,9 @@ impl ZayaExperts {
 
 impl ZayaExperts {
     /// Hands each expert's inputs to the observers: the tokens routed to it (the input of
-    /// `gate_up`) and their SwiGLU activations (the input of `down`, recomputed here; the
-    /// forward itself runs as without observers).
+    /// `gate_up`) and their SwiGLU activations (the input of `down`, recomputed here from
+    /// the base weights, without any LoRA adapter's term; the forward itself runs as
+    /// without observers).
     fn observe(
         &self,
         x: &Tensor,
