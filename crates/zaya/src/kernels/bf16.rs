@@ -239,7 +239,10 @@ mod dot {
     /// tiles then find them in cache. With weights read from memory
     /// (`bf16_expert_share_speed`, Zen 4, 2 threads, same-process pairs) 10–25 % faster at
     /// 4–16 rows; at 1–2 rows the kernel streams at bandwidth already and the extra
-    /// instructions cost ~5 %.
+    /// instructions cost ~5 %. Into L2 (`_MM_HINT_T2`), not L1: a tile's worth of lines
+    /// in flight to L1 is more than its miss buffers hold, and the T0 prefetches stalled
+    /// the loads (same test, same-process alternation: 4 rows 30 → 35 GB/s, 8 rows 25 →
+    /// 34 GB/s, 12 rows 16 → 19).
     const PREFETCH_MIN_ROWS: usize = 3;
     /// Cache lines of the next block's weights a later row tile pulls into L2 per step.
     const AHEAD_LINES: usize = 4;
@@ -427,7 +430,7 @@ mod dot {
             if t.prefetch {
                 for c in 0..C {
                     // past the block's last tile this points beyond `w`: a prefetch never faults
-                    _mm_prefetch::<_MM_HINT_T0>(
+                    _mm_prefetch::<_MM_HINT_T2>(
                         t.w.wrapping_add((C + c) * t.stride + off) as *const i8
                     );
                 }

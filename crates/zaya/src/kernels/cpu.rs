@@ -1066,10 +1066,14 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize, W: WeightElem>(
             // tile's rows at the same offset while this tile computes. One row at a time is
             // one sequential stream, which the hardware prefetcher follows: prefetching it
             // too cost a fifth of the one-row read rate (`gemv_read_rate_from_memory`:
-            // 35–37 against 44 GB/s, fold 50). Prefetches never fault; the address past the
-            // last row is only formed (wrapping), never read.
+            // 35–37 against 44 GB/s, fold 50). Into L2 (`_MM_HINT_T2`): a tile ahead is
+            // more lines in flight than L1's miss buffers hold, and T0 stalled the loads
+            // (`gemv_read_rate_from_memory`, Zen 4, same-process alternation: f32 2 rows
+            // 20–27 → 29–31 GB/s, 4 rows 21 → 25, 8 rows 13 → 18; bf16 alike). Prefetches
+            // never fault; the address past the last row is only formed (wrapping), never
+            // read.
             if C > 1 {
-                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((j + C) * ws_stride + o) as *const i8);
+                _mm_prefetch::<_MM_HINT_T2>(wp.wrapping_add((j + C) * ws_stride + o) as *const i8);
             }
         }
         for (i, ai) in acc.iter_mut().enumerate() {
