@@ -234,16 +234,6 @@ mod dot {
     /// Weight rows per block (a multiple of both tile widths): NB · KC bf16 = 240 KiB (in
     /// L2), reused by every activation tile.
     const NB: usize = 4 * NR * NR_TALL;
-    /// Fewest activation rows per tile for which the first row tile of a block prefetches
-    /// the next weight tile's rows (at the same `k` offset) while it computes: the later row
-    /// tiles then find them in cache. With weights read from memory
-    /// (`bf16_expert_share_speed`, Zen 4, 2 threads, same-process pairs) 10–25 % faster at
-    /// 4–16 rows; at 1–2 rows the kernel streams at bandwidth already and the extra
-    /// instructions cost ~5 %. Into L2 (`_MM_HINT_T2`), not L1: a tile's worth of lines
-    /// in flight to L1 is more than its miss buffers hold, and the T0 prefetches stalled
-    /// the loads (same test, same-process alternation: 4 rows 30 → 35 GB/s, 8 rows 25 →
-    /// 34 GB/s, 12 rows 16 → 19).
-    const PREFETCH_MIN_ROWS: usize = 3;
     /// Cache lines of the next block's weights a later row tile pulls into L2 per step.
     const AHEAD_LINES: usize = 4;
 
@@ -321,7 +311,7 @@ mod dot {
                         kl,
                         out: out.add(i0 * n + jt),
                         out_stride: n,
-                        prefetch: i0 == 0 && mr >= PREFETCH_MIN_ROWS,
+                        prefetch: i0 == 0,
                         ahead: match ahead {
                             Some((base, lines)) if i0 > 0 => {
                                 // this tile's share: AHEAD_LINES per step, tile after tile
@@ -366,7 +356,15 @@ mod dot {
         kl: usize,
         out: *mut f32,
         out_stride: usize,
-        /// Prefetch the `C` weight rows after this tile's at each step.
+        /// Prefetch the `C` weight rows after this tile's at each step (the first row tile
+        /// of a block: the later ones find the rows in cache). Several weight rows are
+        /// several streams, each a 4 KiB page where the hardware prefetcher starts over.
+        /// Into L2 (`_MM_HINT_T2`), not L1: a tile's worth of lines in flight to L1 is more
+        /// than its miss buffers hold, and T0 prefetches stalled the loads.
+        /// `bf16_expert_share_speed` (Zen 4, 2 threads, eight 16 MiB weights, same-process
+        /// alternation): T0 against T2 at 4 rows 30 → 35 GB/s, 8 rows 25 → 34, 12 rows
+        /// 16 → 19; no prefetch against T2 at 1 row 39–40 → 47–55 GB/s, 2 rows 33–37 →
+        /// 46–50 (with T0 the one- and two-row tiles had been ~5 % slower with it).
         prefetch: bool,
         /// Lines of the next block's weights to pull into L2 during this tile.
         ahead: Ahead,
