@@ -314,16 +314,24 @@ mod dot {
                         prefetch: i0 == 0,
                         ahead: match ahead {
                             Some((base, lines)) if i0 > 0 => {
-                                // this tile's share: AHEAD_LINES per step, tile after tile
+                                // this tile's share: AHEAD_LINES per step, tile after tile.
+                                // From 16 rows on there are enough later tiles to cover the
+                                // next block; 9–12 rows have 12 (of NR = 5 columns), which
+                                // cover 80 % of it. Eight lines per step for those (a
+                                // run-time choice in the loop) was no faster at 9–12 rows
+                                // and cost 12–16 rows a third (accumulators spilled).
                                 let steps = kl / 32;
                                 let first = later * steps * AHEAD_LINES;
                                 later += 1;
+                                let steps =
+                                    lines.saturating_sub(first).div_ceil(AHEAD_LINES).min(steps);
+                                // never past the next block's last line by a step or more
+                                debug_assert!(
+                                    steps == 0 || first + steps * AHEAD_LINES < lines + AHEAD_LINES
+                                );
                                 Ahead {
                                     base: base.wrapping_add(first * 64),
-                                    steps: lines
-                                        .saturating_sub(first)
-                                        .div_ceil(AHEAD_LINES)
-                                        .min(steps),
+                                    steps,
                                 }
                             }
                             _ => Ahead::NONE,
