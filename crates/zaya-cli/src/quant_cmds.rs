@@ -85,12 +85,12 @@ pub struct QuantizeArgs {
     /// file to pass to `--imatrix` next time).
     #[arg(long, requires = "imatrix")]
     pub imatrix_out: Option<PathBuf>,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512, requires = "imatrix")]
-    pub imatrix_context: usize,
-    /// Stop calibrating after this many tokens (0: the whole text).
-    #[arg(long, default_value_t = 0, requires = "imatrix")]
-    pub imatrix_tokens: usize,
+    /// Tokens per calibration window [default: 512].
+    #[arg(long, requires = "imatrix")]
+    pub imatrix_context: Option<usize>,
+    /// Stop calibrating after this many tokens [default: the whole text].
+    #[arg(long, requires = "imatrix")]
+    pub imatrix_tokens: Option<usize>,
     /// Directory with the tokenizer for the calibration text (default: --model).
     #[arg(long, requires = "imatrix")]
     pub imatrix_tokenizer: Option<PathBuf>,
@@ -105,8 +105,16 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut calibration = serde_json::Value::Null;
     let saved = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
-    if args.imatrix_out.is_some() && args.imatrix.as_ref().is_none_or(saved) {
-        bail!("--imatrix-out needs --imatrix with a calibration text");
+    if args.imatrix.as_ref().is_some_and(saved) {
+        let calibrating = [
+            ("--imatrix-out", args.imatrix_out.is_some()),
+            ("--imatrix-context", args.imatrix_context.is_some()),
+            ("--imatrix-tokens", args.imatrix_tokens.is_some()),
+            ("--imatrix-tokenizer", args.imatrix_tokenizer.is_some()),
+        ];
+        if let Some((flag, _)) = calibrating.iter().find(|(_, given)| *given) {
+            bail!("{flag} needs --imatrix with a calibration text, not a saved matrix");
+        }
     }
     let imatrix = match &args.imatrix {
         Some(path) if saved(path) => {
@@ -123,8 +131,8 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
                 &model,
                 &ids,
                 zaya::imatrix::Calibration {
-                    context: args.imatrix_context,
-                    max_tokens: args.imatrix_tokens,
+                    context: args.imatrix_context.unwrap_or(512),
+                    max_tokens: args.imatrix_tokens.unwrap_or(0),
                     bos: tok.bos_token_id(),
                 },
             )?;

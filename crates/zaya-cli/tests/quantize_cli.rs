@@ -214,13 +214,20 @@ fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
     // before anything is written
     let empty = dir.join("empty.txt");
     std::fs::write(&empty, "").unwrap();
+    let saved_path = saved.to_str().unwrap();
     for (args, says) in [
-        (vec!["--imatrix-tokens", "100"], "--imatrix"),
-        (vec!["--imatrix-context", "64"], "--imatrix"),
+        (vec!["--imatrix-tokens", "100"], "--imatrix <IMATRIX>"),
+        (vec!["--imatrix-context", "64"], "--imatrix <IMATRIX>"),
         (vec!["--imatrix", empty.to_str().unwrap()], "no tokens"),
+        (
+            vec!["--imatrix", saved_path, "--imatrix-tokens", "100"],
+            "--imatrix-tokens needs --imatrix with a calibration text",
+        ),
     ] {
         let out = zaya()
-            .args(["quantize", "--format", "q4_k", "--out"])
+            .args(["quantize", "--format", "q4_k", "--model"])
+            .arg(&model)
+            .arg("--out")
             .arg(&refused)
             .args(&args)
             .output()

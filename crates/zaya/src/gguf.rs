@@ -788,8 +788,8 @@ fn tensor_bytes(
             }
             .map_err(|e| GgufError::Quantize {
                 name: name.to_string(),
-                format: format!("{d:?}"),
-                weighted: imatrix.is_some(),
+                format: quant::ggml_name(d).to_string(),
+                weighted: imatrix.is_some() && quant::takes_importance(d),
                 message: e.to_string(),
             })?;
             q.data()?.into_owned()

@@ -109,7 +109,7 @@ impl ImatrixCollector {
                     *p += v;
                 }
             }
-            if spec.name.ends_with("experts.down_proj") {
+            if spec.name.ends_with(".mlp.experts.down_proj") {
                 let flat = pooled.iter().sum::<f64>() / cols as f64;
                 pooled.fill(flat);
             }

@@ -1065,8 +1065,10 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize, W: WeightElem>(
             // 4 KiB page, where the hardware prefetcher starts over), so fetch the next
             // tile's rows at the same offset while this tile computes. One row at a time is
             // one sequential stream, which the hardware prefetcher follows: prefetching it
-            // too cost a fifth of the one-row read rate (`gemv_read_rate_from_memory`:
-            // 35–37 against 44 GB/s, fold 50). Into L2 (`_MM_HINT_T2`): a tile ahead is
+            // into L1 cost a fifth of the one-row read rate (`gemv_read_rate_from_memory`:
+            // 35–37 against 44 GB/s, fold 50), and one row in tiles of four weight rows
+            // with the L2 prefetch reads the same as one row alone (f32, same-process
+            // alternation: 45–47 GB/s either way). Into L2 (`_MM_HINT_T2`): a tile ahead is
             // more lines in flight than L1's miss buffers hold, and T0 stalled the loads
             // (`gemv_read_rate_from_memory`, Zen 4, same-process alternation: f32 2 rows
             // 20–27 → 29–31 GB/s, 4 rows 21 → 25, 8 rows 13 → 18; bf16 alike). Prefetches
