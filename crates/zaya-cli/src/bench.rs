@@ -261,7 +261,8 @@ pub fn run(
     let bytes_per_token = model.bytes_per_token();
     let bw_end = read_bandwidth_gbs(threads);
     let bw = bw_start.max(bw_end);
-    let limit = bw * 1e9 / bytes_per_token as f64;
+    let floor = |gbs: f64| gbs * 1e9 / bytes_per_token as f64;
+    let limit = floor(bw);
     let rows = [
         ("load (s)".to_string(), format!("{load_s:.2}")),
         (
@@ -284,8 +285,8 @@ pub fn run(
             format!(
                 "{:.0} %  ({:.0} % / {:.0} % of the start / end probe's floor)",
                 100.0 * decode_b1 / limit,
-                100.0 * decode_b1 * bytes_per_token as f64 / (bw_start * 1e9),
-                100.0 * decode_b1 * bytes_per_token as f64 / (bw_end * 1e9)
+                100.0 * decode_b1 / floor(bw_start),
+                100.0 * decode_b1 / floor(bw_end)
             ),
         ),
         ("decode b8 (tok/s)".into(), format!("{decode_b8:.1}")),

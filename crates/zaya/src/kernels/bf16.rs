@@ -320,13 +320,15 @@ mod dot {
                                 // cover 80 % of it. Eight lines per step for those (a
                                 // run-time choice in the loop) was no faster at 9–12 rows
                                 // and cost 12–16 rows a third (accumulators spilled).
-                                let steps = kl / 32;
-                                let first = later * steps * AHEAD_LINES;
+                                let k_steps = kl / 32;
+                                let first = later * k_steps * AHEAD_LINES;
                                 later += 1;
                                 // up to the next block's last line (at most three lines
                                 // past it: a prefetch never faults)
-                                let steps =
-                                    lines.saturating_sub(first).div_ceil(AHEAD_LINES).min(steps);
+                                let steps = lines
+                                    .saturating_sub(first)
+                                    .div_ceil(AHEAD_LINES)
+                                    .min(k_steps);
                                 Ahead {
                                     base: base.wrapping_add(first * 64),
                                     steps,
