@@ -151,39 +151,49 @@ const FEW_POSITIONS: usize = 4;
 
 /// The grouped stage for a few output positions per row (decode): one gemm call per (row,
 /// group, tap) costs far more than its `D × D` products there (a 32-row decode step spent
-/// 13 % of its time in them). Each output channel is its weight row (`[c'][tap]`,
-/// contiguous) dotted with the group's inputs interleaved the same way, plus the bias: the
-/// weight is read in place (laying it out anew on every call cost 4–6 % of an 8B decode
-/// step), in a fixed order that does not depend on the batch.
-/// The weight rows come as stored (`W`: f32, or a bf16 model's bf16 read in place through
-/// `dot(inputs, weight_row)`, which widens exactly: the same sums either way).
-fn grouped_few_positions<W: Sync>(
+/// 13 % of its time in them). Per group, every (row, position)'s inputs are interleaved the
+/// way a weight row is stored (`[c'][tap]`, contiguous), and all of them are dotted with the
+/// group's `D` weight rows in one register-tiled block ([`cpu::dots_block`]): the weight is
+/// read in place, once per call, whatever the batch (laying it out anew on every call cost
+/// 4–6 % of an 8B decode step; one dot per output, as before, ran on one thread at one
+/// accumulator chain: ~5 % of an 8B batch-8 decode step). Groups are spread over the pool.
+/// Each output is its own 16-lane chain in a fixed order (see `cpu::dots_tile`), so it
+/// does not depend on the batch or the tile, and a bf16 weight (a bf16 model's, read in
+/// place) gives the sums of its widened f32 copy.
+fn grouped_few_positions<W: cpu::DotsBlock>(
     g: &Geometry,
     b1: &[f32],
     w1: &[W],
     mids: &[Vec<f32>],
-    dot: impl Fn(&[f32], &[W]) -> f32 + Sync,
 ) -> Vec<f32> {
     let (d, k1, c) = (g.d, g.k1, g.c);
-    let row_len = g.t * c;
-    let mut out = vec![0f32; g.b * row_len];
-    cpu::par_chunks_mut(&mut out, row_len, |b, rows| {
-        let mut xi = vec![0f32; d * k1];
-        for (t, row) in rows.chunks_mut(c).enumerate() {
-            for (grp, z) in row.chunks_mut(d).enumerate() {
-                for tap in 0..k1 {
-                    let x = &mids[b][(t + tap) * c + grp * d..][..d];
-                    for (ci, &v) in x.iter().enumerate() {
-                        xi[ci * k1 + tap] = v;
-                    }
-                }
-                for (o, zo) in z.iter_mut().enumerate() {
-                    let w = &w1[(grp * d + o) * g.w1_rs..][..d * k1];
-                    *zo = b1[grp * d + o] + dot(&xi, w);
+    let (rows, kk) = (g.b * g.t, d * k1);
+    // each group's outputs, column-major: `[o · rows + r]`
+    let by_group = cpu::par_map(g.groups, rows * c * kk, |grp| {
+        let mut xi = vec![0f32; rows * kk];
+        for (r, xr) in xi.chunks_mut(kk).enumerate() {
+            let (b, t) = (r / g.t, r % g.t);
+            for tap in 0..k1 {
+                let x = &mids[b][(t + tap) * c + grp * d..][..d];
+                for (ci, &v) in x.iter().enumerate() {
+                    xr[ci * k1 + tap] = v;
                 }
             }
         }
+        let mut z = vec![0f32; d * rows];
+        let ws = &w1[grp * d * g.w1_rs..];
+        cpu::dots_block(&xi, kk, rows, ws, g.w1_rs, d, kk, &mut z);
+        z
     });
+    let mut out = vec![0f32; rows * c];
+    for (grp, z) in by_group.iter().enumerate() {
+        for (o, zo) in z.chunks(rows).enumerate() {
+            let ch = grp * d + o;
+            for (r, &v) in zo.iter().enumerate() {
+                out[r * c + ch] = b1[ch] + v;
+            }
+        }
+    }
     out
 }
 
@@ -199,9 +209,7 @@ fn forward(op: &CcaConv, g: &Geometry, x: &[f32], w0: &[f32], w1: &[f32]) -> Res
     let p = op.params(g, w0, w1);
     let mids = depthwise_rows(op, g, &p, x);
     if g.t <= FEW_POSITIONS {
-        return Ok(grouped_few_positions(g, &p.b1, p.w1, &mids, |x, w| {
-            cpu::dot(w, x)
-        }));
+        return Ok(grouped_few_positions(g, &p.b1, p.w1, &mids));
     }
     // Grouped stage: item (b, group) → its [T, D] output block.
     let blocks = cpu::par_map(
@@ -414,7 +422,7 @@ impl CustomOp3 for CcaConv {
                 b1: b1.clone(),
             };
             let mids = depthwise_rows(self, &g, &p, &x);
-            let out = grouped_few_positions(&g, b1, &w1[a..b], &mids, cpu::dot_bf16);
+            let out = grouped_few_positions(&g, b1, &w1[a..b], &mids);
             return Ok((
                 storage_from_f32(out, xs.dtype(), OP)?,
                 Shape::from_dims(&[g.b, g.t, g.c]),
@@ -585,6 +593,78 @@ mod tests {
             assert_eq!(bits(&got), bits(&want), "t = {t}");
         }
         Ok(())
+    }
+
+    /// The decode path's grouped stage gives every output the single dot of its weight row
+    /// and its interleaved inputs, plus the bias, bit for bit, whatever the batch (one row
+    /// alone or with others) and for f32 and bf16 weights alike.
+    #[test]
+    fn grouped_few_positions_is_one_dot_per_output_whatever_the_batch() {
+        let (groups, d, k0, k1) = (3, 37, 2, 2);
+        let c = groups * d;
+        let w1 = cpu::test_data(c * d * k1, 4);
+        let w1_bf16: Vec<half::bf16> = w1.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let b1 = cpu::test_data(c, 5);
+        for (b, t) in [(1, 1), (3, 1), (8, 1), (2, FEW_POSITIONS)] {
+            let len = t + k0 + k1 - 2;
+            let g = CcaConv {
+                groups,
+                k0,
+                k1,
+                biases: Biases::Packed,
+                dtype: DType::F32,
+            }
+            .geometry(&[b, len, c])
+            .expect("a valid shape");
+            let g = Geometry { w1_rs: d * k1, ..g };
+            let mids: Vec<Vec<f32>> = (0..b)
+                .map(|r| cpu::test_data(g.m * c, 10 + r as u32))
+                .collect();
+            let one = |mids: &[Vec<f32>], bb: usize, wide: bool| {
+                let g = Geometry { b: bb, ..g };
+                if wide {
+                    grouped_few_positions(&g, &b1, &w1, mids)
+                } else {
+                    grouped_few_positions(&g, &b1, &w1_bf16, mids)
+                }
+            };
+            for wide in [true, false] {
+                let got = one(&mids, b, wide);
+                for r in 0..b {
+                    for tt in 0..t {
+                        for ch in 0..c {
+                            let grp = ch / d;
+                            let mut xi = vec![0f32; d * k1];
+                            for tap in 0..k1 {
+                                for ci in 0..d {
+                                    xi[ci * k1 + tap] = mids[r][(tt + tap) * c + grp * d + ci];
+                                }
+                            }
+                            let w = &w1[ch * d * k1..(ch + 1) * d * k1];
+                            let dot = if wide {
+                                cpu::dot(&xi, w)
+                            } else {
+                                cpu::dot_bf16(&xi, &w1_bf16[ch * d * k1..(ch + 1) * d * k1])
+                            };
+                            let want = b1[ch] + dot;
+                            let at = (r * t + tt) * c + ch;
+                            assert_eq!(
+                                got[at].to_bits(),
+                                want.to_bits(),
+                                "b {b} row {r} t {tt} ch {ch}"
+                            );
+                        }
+                    }
+                    // the row alone gives the same bits
+                    let alone = one(&mids[r..r + 1], 1, wide);
+                    assert_eq!(
+                        alone,
+                        got[r * t * c..(r + 1) * t * c],
+                        "b {b} row {r} alone"
+                    );
+                }
+            }
+        }
     }
 
     /// A quantized model loaded in f32 keeps a bf16-stored grouped weight as it is: with

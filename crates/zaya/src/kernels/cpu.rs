@@ -939,6 +939,7 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    #[cfg(test)]
     /// `Σ x·w` over the common length, `w` widened exactly: bit for bit [`dot`] of `x` and
     /// the widened `w` (the same tile, the same order), without the widened copy.
     pub(crate) fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 => dot_body
