@@ -181,6 +181,50 @@ fn read_bandwidth_gbs(threads: usize) -> f64 {
     best
 }
 
+/// Resets the kernel's peak-RSS mark (`VmHWM`) to the current RSS (`/proc/self/clear_refs`,
+/// value 5; Linux 4.0 on). False where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The bandwidth probes of one run and the peak RSS without their buffers: a probe between
+/// the run's phases allocates 256 MiB (its own mapping: at `memory`'s 256 MiB threshold a
+/// block leaves the heap, so freeing it gives the pages back), so the peak so far is kept
+/// before it and the kernel's mark is reset after it.
+struct Probes {
+    threads: usize,
+    /// Whether the peak mark can be reset: without it, only the probes before loading and
+    /// after the peak is read run, as they cannot count in it.
+    resettable: bool,
+    peak: u64,
+}
+
+impl Probes {
+    fn new(threads: usize) -> Self {
+        Probes {
+            threads,
+            resettable: reset_peak_rss(),
+            peak: 0,
+        }
+    }
+
+    /// A probe that does not count in the peak RSS, if the peak mark can be reset.
+    fn between_phases(&mut self) -> Option<f64> {
+        if !self.resettable {
+            return None;
+        }
+        self.peak = self.peak.max(peak_rss_bytes());
+        let gbs = read_bandwidth_gbs(self.threads);
+        reset_peak_rss();
+        Some(gbs)
+    }
+
+    /// The run's peak RSS so far, probes excluded.
+    fn peak_rss(&self) -> u64 {
+        self.peak.max(peak_rss_bytes())
+    }
+}
+
 pub fn run(
     args: BenchArgs,
     dtype: candle_core::DType,
@@ -191,11 +235,18 @@ pub fn run(
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dev = Device::Cpu;
-    // The machine's read bandwidth, at the start and at the end: on a shared machine it
-    // moves by a third within minutes, so the floor uses the higher of two probes that
-    // bracket the run. The first runs before loading, the second after the peak RSS is
-    // read, so neither probe's buffer counts in it.
+    // The machine's read bandwidth: on this project's virtual machines it moves between
+    // ~36 and ~60 GB/s within minutes, so a floor is only as good as the probes' closeness
+    // to what it bounds. Probes run at the start (before loading), right before and right
+    // after the batch-1 decode, and at the end (after the peak RSS is read); the floor uses
+    // the higher of the two around the batch-1 decode where those could run (the peak RSS
+    // mark resets), else of the start and end ones.
+    let mut probes = Probes::new(threads);
     let bw_start = read_bandwidth_gbs(threads);
+    if probes.resettable {
+        // the probe's buffer is not the run's
+        reset_peak_rss();
+    }
     let t0 = Instant::now();
     let model = ZayaModel::load(&args.model, dtype, &dev)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -252,15 +303,26 @@ pub fn run(
         }
         Ok((batch * (args.new_tokens - 1)) as f64 / median(times))
     };
+    let bw_b1_before = probes.between_phases();
     let decode_b1 = decode(1)?;
+    let bw_b1_after = probes.between_phases();
     let decode_b8 = decode(8)?;
 
-    let peak = peak_rss_bytes();
+    let peak = probes.peak_rss();
 
     // Memory-bandwidth floor of batch-1 decode: every weight a token touches is read once.
     let bytes_per_token = model.bytes_per_token();
     let bw_end = read_bandwidth_gbs(threads);
-    let bw = bw_start.max(bw_end);
+    let (before, after) = match (bw_b1_before, bw_b1_after) {
+        (Some(b), Some(a)) => (b, a),
+        _ => (bw_start, bw_end),
+    };
+    let bracket = if bw_b1_before.is_some() {
+        "right before / after the b1 decode"
+    } else {
+        "at the start / end"
+    };
+    let bw = before.max(after);
     let floor = |gbs: f64| gbs * 1e9 / bytes_per_token as f64;
     let limit = floor(bw);
     let rows = [
@@ -273,20 +335,20 @@ pub fn run(
         (
             "decode b1 bandwidth limit (tok/s)".into(),
             format!(
-                "{limit:.1}  ({bw:.1} GB/s of {bw_start:.1} at the start / {bw_end:.1} at the \
-                 end, {:.1} MB/token)",
+                "{limit:.1}  ({bw:.1} GB/s of {before:.1} / {after:.1} {bracket}, \
+                 {bw_start:.1} / {bw_end:.1} at the run's start / end; {:.1} MB/token)",
                 bytes_per_token as f64 / 1e6
             ),
         ),
         (
-            // Against each probe too: where the machine's read rate moved during the run
-            // (this project's VMs alternate between ~36 and ~60 GB/s), one ratio says little.
+            // Against each probe of the bracket too: where the machine's read rate moved
+            // during the batch-1 decode, one ratio says little.
             "decode b1 / limit".into(),
             format!(
-                "{:.0} %  ({:.0} % / {:.0} % of the start / end probe's floor)",
+                "{:.0} %  ({:.0} % / {:.0} % of the floor {bracket})",
                 100.0 * decode_b1 / limit,
-                100.0 * decode_b1 / floor(bw_start),
-                100.0 * decode_b1 / floor(bw_end)
+                100.0 * decode_b1 / floor(before),
+                100.0 * decode_b1 / floor(after)
             ),
         ),
         ("decode b8 (tok/s)".into(), format!("{decode_b8:.1}")),
@@ -320,6 +382,8 @@ pub fn run(
             "read_bandwidth_gb_s": bw,
             "read_bandwidth_gb_s_start": bw_start,
             "read_bandwidth_gb_s_end": bw_end,
+            "read_bandwidth_gb_s_b1_before": bw_b1_before,
+            "read_bandwidth_gb_s_b1_after": bw_b1_after,
             "bytes_per_token": bytes_per_token,
             "peak_rss_bytes": peak,
             "heap": crate::memory::describe(),

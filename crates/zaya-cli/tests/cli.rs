@@ -650,6 +650,23 @@ fn bench_inference_and_train_write_their_json() {
     ] {
         assert!(inf[k].as_f64().unwrap() > 0.0, "{k}");
     }
+    // Where the kernel's peak-RSS mark can be reset (Linux), the batch-1 decode gets its own
+    // bandwidth probes, the floor uses them, and no probe's 256 MiB buffer counts in the peak
+    // (it did before: a tiny model's run reported ~264 MiB).
+    let bw = |k: &str| inf[k].as_f64();
+    if let (Some(before), Some(after)) = (
+        bw("read_bandwidth_gb_s_b1_before"),
+        bw("read_bandwidth_gb_s_b1_after"),
+    ) {
+        assert_eq!(bw("read_bandwidth_gb_s"), Some(before.max(after)));
+        let peak = inf["peak_rss_bytes"].as_f64().unwrap();
+        assert!(
+            peak < (200u64 << 20) as f64,
+            "peak RSS {peak} counts a probe"
+        );
+    } else if cfg!(target_os = "linux") {
+        panic!("no batch-1 probes on Linux: {inf}");
+    }
     for cp in ["off", "every"] {
         let tr = run(
             &[
