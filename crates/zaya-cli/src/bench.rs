@@ -160,7 +160,12 @@ fn print_table(title: &str, rows: &[(String, String)]) -> Result<(), crate::out:
 /// loop is bound by memory and the decode floor computed from it is not understated.
 fn read_bandwidth_gbs(threads: usize) -> f64 {
     let n: usize = 64 << 20; // 256 MiB of u32
-    let buf: Vec<u32> = (0..n as u32).map(|i| i % 7).collect();
+    let mut mapped = ProbeBuffer::new(n);
+    let buf = mapped.as_mut_slice();
+    for (i, v) in buf.iter_mut().enumerate() {
+        *v = i as u32 % 7;
+    }
+    let buf = &*buf;
     let chunk = n.div_ceil(threads.max(1));
     let mut best = 0f64;
     for _ in 0..5 {
@@ -181,6 +186,67 @@ fn read_bandwidth_gbs(threads: usize) -> f64 {
     best
 }
 
+/// The probe's buffer: an anonymous mapping of its own where the platform has `mmap`, given
+/// back when dropped, so it never joins the heap (which `zaya` does not trim: a block
+/// carved from the heap's top would stay resident and count in every later peak); a `Vec`
+/// elsewhere, or if the mapping fails.
+enum ProbeBuffer {
+    #[cfg(unix)]
+    Mapped {
+        ptr: *mut u32,
+        len: usize,
+    },
+    Heap(Vec<u32>),
+}
+
+impl ProbeBuffer {
+    /// `len` zeroed values.
+    fn new(len: usize) -> Self {
+        #[cfg(unix)]
+        {
+            // SAFETY: an anonymous private mapping of fresh, zeroed pages; checked below.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len * 4,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                return ProbeBuffer::Mapped {
+                    ptr: p as *mut u32,
+                    len,
+                };
+            }
+        }
+        ProbeBuffer::Heap(vec![0; len])
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u32] {
+        match self {
+            // SAFETY: a live mapping of `len` u32, page aligned, owned by `self`.
+            #[cfg(unix)]
+            ProbeBuffer::Mapped { ptr, len } => unsafe {
+                std::slice::from_raw_parts_mut(*ptr, *len)
+            },
+            ProbeBuffer::Heap(v) => v,
+        }
+    }
+}
+
+impl Drop for ProbeBuffer {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let ProbeBuffer::Mapped { ptr, len } = *self {
+            // SAFETY: the mapping made in `new`, not used after this.
+            unsafe { libc::munmap(ptr as *mut libc::c_void, len * 4) };
+        }
+    }
+}
+
 /// Resets the kernel's peak-RSS mark (`VmHWM`) to the current RSS (`/proc/self/clear_refs`,
 /// value 5; Linux 4.0 on). False where that is not possible.
 fn reset_peak_rss() -> bool {
@@ -188,9 +254,8 @@ fn reset_peak_rss() -> bool {
 }
 
 /// The bandwidth probes of one run and the peak RSS without their buffers: a probe between
-/// the run's phases allocates 256 MiB (its own mapping: at `memory`'s 256 MiB threshold a
-/// block leaves the heap, so freeing it gives the pages back), so the peak so far is kept
-/// before it and the kernel's mark is reset after it.
+/// the run's phases maps 256 MiB ([`ProbeBuffer`], given back after it), so the peak so far
+/// is kept before it and the kernel's mark is reset after it.
 struct Probes {
     threads: usize,
     /// Whether the peak mark can be reset: without it, only the probes before loading and
