@@ -258,8 +258,9 @@ fn reset_peak_rss() -> bool {
 /// is kept before it and the kernel's mark is reset after it.
 struct Probes {
     threads: usize,
-    /// Whether the peak mark can be reset: without it, only the probes before loading and
-    /// after the peak is read run, as they cannot count in it.
+    /// Whether the peak mark can be reset: without it only the probes before loading and
+    /// after the peak is read run, and the first still counts in the peak of a model
+    /// smaller than its buffer (the JSON's b1 probe fields are then null).
     resettable: bool,
     peak: u64,
 }

@@ -664,8 +664,8 @@ fn bench_inference_and_train_write_their_json() {
             peak < (200u64 << 20) as f64,
             "peak RSS {peak} counts a probe"
         );
-    } else if cfg!(target_os = "linux") {
-        panic!("no batch-1 probes on Linux: {inf}");
+    } else if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+        panic!("the peak RSS mark can be reset here, yet no batch-1 probes ran: {inf}");
     }
     for cp in ["off", "every"] {
         let tr = run(

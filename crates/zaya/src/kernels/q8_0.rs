@@ -172,7 +172,8 @@ mod avx512 {
     /// The row-at-a-time body before it decoded each block once per four activation rows
     /// and reloaded the activations for every weight row: Zen 4, 4096×2048 from memory, 2
     /// threads (`speed`), 2 rows 24–26 → 26 GB/s, 4 rows 12 → 18, 6 rows 6.6 → 14, 8 rows
-    /// 5.4 → 10.4; one row 35–37 → 32–34 (the price of one code path for every row count).
+    /// 5.4 → 10.4; one row 35–37 → 32–34 (not yet explained: a 1 × 1 tile without the prefetch, as the
+    /// f32 GEMV runs one row, is still to try; any tile shape keeps the invariance).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) fn dots_tiled(
         xs: &[f32],
@@ -190,8 +191,9 @@ mod avx512 {
                 && w.len() >= cols * row_bytes
                 && out.len() >= cols * m
         );
-        // 4 × 4 tiles up to four rows; above, 8 × 2 (each weight block's decode shared by
-        // more rows): 16 accumulators + 4 weight vectors + 2 activation vectors either way
+        // 4 × 4 tiles up to four rows (16 accumulators + 8 weight vectors + 2 activation
+        // vectors), 8 × 2 above (16 + 4 + 2: each weight block's decode shared by more
+        // rows), 1 × 8 for one row (8 + 16 + 2): no spills
         let (r_max, c_max) = if m > 4 {
             (8, 2)
         } else if m == 1 {
@@ -271,7 +273,11 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     fn tile<const R: usize, const C: usize>(t: &Tile) -> [[f32; R]; C] {
         let (k, kb) = (t.k, t.k / BLOCK);
-        assert!(t.xs.len() >= (t.i0 + R) * k && t.w.len() >= C * t.row_bytes);
+        assert!(
+            t.xs.len() >= (t.i0 + R) * k
+                && t.row_bytes >= kb * BLOCK_BYTES
+                && t.w.len() >= C * t.row_bytes
+        );
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         // the next tile's weight rows follow these (rows are consecutive in `w`)
         let ahead = t.w.as_ptr().wrapping_add(C * t.row_bytes);
@@ -410,7 +416,7 @@ fn gemv(x: &[f32], m: usize, k: usize, w: &[u8], n: usize, out: &mut [f32], dots
 }
 
 /// The GEMV on AVX-512 register tiles ([`avx512::dots_tiled`]), weight rows split across
-/// the pool in multiples of the tiles' four.
+/// the pool in multiples of four rows.
 #[cfg(target_arch = "x86_64")]
 fn gemv_tiled(x: &[f32], m: usize, k: usize, w: &[u8], n: usize, out: &mut [f32]) {
     debug_assert_eq!(body(), Body::Avx512);
@@ -477,7 +483,7 @@ mod tests {
     }
 
     /// The explicit bodies (where this CPU has them) against the portable one, every row
-    /// count of the GEMV, an odd number of blocks (the AVX-512 body's tail).
+    /// count of the GEMV, an odd number of blocks.
     #[test]
     fn simd_body_matches_the_portable_one() {
         let (n, k) = (37, 352);
