@@ -84,24 +84,6 @@ simd_dispatch! {
     fn dots_portable(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) => dots_body
 }
 
-/// The explicit bodies' `dots`: the rows of `x` in groups of four, each group against the
-/// whole weight row by `$dot_rows::<R>` (the block decoded once per group).
-#[cfg(target_arch = "x86_64")]
-macro_rules! in_row_groups {
-    ($dot_rows:ident, $xs:expr, $k:expr, $row:expr, $out:expr) => {{
-        let mut i = 0;
-        for o in $out.chunks_mut(4) {
-            match o.len() {
-                4 => o.copy_from_slice(&$dot_rows::<4>($xs, $k, i, $row)),
-                3 => o.copy_from_slice(&$dot_rows::<3>($xs, $k, i, $row)),
-                2 => o.copy_from_slice(&$dot_rows::<2>($xs, $k, i, $row)),
-                _ => o.copy_from_slice(&$dot_rows::<1>($xs, $k, i, $row)),
-            }
-            i += o.len();
-        }
-    }};
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{BLOCK, BLOCK_BYTES};
@@ -111,7 +93,16 @@ mod avx2 {
     /// of four rows (each block decoded once per group).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dots(xs: &[f32], k: usize, row: &[u8], out: &mut [f32]) {
-        in_row_groups!(dot_rows, xs, k, row, out)
+        let mut i = 0;
+        for o in out.chunks_mut(4) {
+            match o.len() {
+                4 => o.copy_from_slice(&dot_rows::<4>(xs, k, i, row)),
+                3 => o.copy_from_slice(&dot_rows::<3>(xs, k, i, row)),
+                2 => o.copy_from_slice(&dot_rows::<2>(xs, k, i, row)),
+                _ => o.copy_from_slice(&dot_rows::<1>(xs, k, i, row)),
+            }
+            i += o.len();
+        }
     }
 
     /// `x_i · w` for rows `i0..i0 + R` of `xs`. Per block: the 32 bytes widened to four f32
@@ -172,8 +163,9 @@ mod avx512 {
     /// The row-at-a-time body before it decoded each block once per four activation rows
     /// and reloaded the activations for every weight row: Zen 4, 4096×2048 from memory, 2
     /// threads (`speed`), 2 rows 24–26 → 26 GB/s, 4 rows 12 → 18, 6 rows 6.6 → 14, 8 rows
-    /// 5.4 → 10.4; one row 35–37 → 32–34 (not yet explained: a 1 × 1 tile without the prefetch, as the
-    /// f32 GEMV runs one row, is still to try; any tile shape keeps the invariance).
+    /// 5.4 → 10.4; one row 35–37 → 32–34 (not yet explained: a 1 × 1 tile without the
+    /// prefetch, as the f32 GEMV runs one row, is still to try; any tile shape keeps the
+    /// invariance).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) fn dots_tiled(
         xs: &[f32],
