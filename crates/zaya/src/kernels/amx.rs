@@ -6,17 +6,21 @@
 //! Layout: the 16×16 f32 result tiles accumulate `tdpbf16ps` of a 16×32 bf16 activation
 //! tile (copied tile-major, see below) and a 16×32 weight tile in the VNNI layout
 //! (pairs of bf16 along `k` interleaved: row `p` of the tile holds `W[j][2p], W[j][2p+1]`
-//! for the 16 columns `j`). The weights are repacked on the fly, a panel of [`PANEL`] weight
-//! rows at a time over the whole `k`, into a buffer that stays allocated for the thread; the
-//! panel (`PANEL · k` bf16, 256 KiB at k = 2048) stays in L2 while every block of 32
-//! activation rows passes over it. Panels are split across the kernel pool — each weight
-//! element is packed exactly once per call, and every output element is computed by the
-//! same sequence of instructions whatever the thread count (bit-identical results).
+//! for the 16 columns `j`). The weights are repacked on the fly, a panel of up to
+//! [`MAX_PANEL`] weight rows at a time over the whole `k`, into a buffer that stays allocated
+//! for the thread; the panel stays in L2 while every block of 32 activation rows passes over
+//! it, 2 × 2 result tiles at a time held in tile registers over the whole `k` (no partial
+//! sums through memory), the next steps' tiles prefetched into L1. Panels are split across
+//! the kernel pool — each weight element is packed exactly once per call, and every output
+//! element is computed by the same sequence of instructions whatever the thread count
+//! (bit-identical results).
 //!
-//! Edges: `x` is copied into a zero-padded tile-major buffer (rows to a multiple of 32,
-//! columns to a multiple of 32; 16×32 tiles contiguous, so the 16 rows of a tile do not
-//! fall into one L1 set as rows 4 KiB apart would); weight panels are zero-padded the same way, and
-//! result tiles that cross the edge of `out` go through a scratch tile.
+//! Every tile buffer is 64-byte aligned: a tile row that straddles two cache lines makes
+//! `tileloadd` three times slower (measured). Edges: `x` is copied into a zero-padded
+//! tile-major buffer (rows to a multiple of 32, columns to a multiple of 32; 16×32 tiles
+//! contiguous, so the 16 rows of a tile do not fall into one L1 set as rows 4 KiB apart
+//! would); weight panels are zero-padded the same way, and result tiles that cross the edge
+//! of `out` go through a scratch tile.
 //!
 //! Run time: CPUID (AMX-BF16 and AMX-TILE) and Linux's permission for the tile data
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); without either, [`available`]
@@ -30,14 +34,20 @@ use half::bf16;
 
 use super::cpu;
 
-/// Weight rows packed per task (four 16-column tile groups).
-const PANEL: usize = 64;
+/// Most weight rows packed per task (sixteen 16-column tile groups, 1 MiB at k = 2048: the
+/// panel stays in L2 while every block of activation rows passes over it).
+const MAX_PANEL: usize = 256;
+/// Most bytes of a packed weight panel (half the L2 of a Sapphire Rapids core: the
+/// activation block and the prefetched tiles need the rest).
+const PANEL_BYTES: usize = 1 << 20;
 /// bf16 per `k` step of a tile (16 rows × 64 bytes).
 const KS: usize = 32;
 /// Activation rows per micro-kernel step (two result-tile rows).
 const MB: usize = 32;
-/// Columns of `k` per block (a multiple of [`KS`]).
-const KC: usize = 256;
+/// Steps of `k` between a tile's prefetch into L1 and its load: a tile load that misses L1
+/// runs at a third of the speed of one that hits it (Sapphire Rapids, 2 × 2 result tiles:
+/// ~1.7 TFLOP/s per core from L2 against ~3.5 with the next tiles prefetched, ~5.3 from L1).
+const PREFETCH_STEPS: usize = 2;
 
 /// Whether the CPU has AMX-BF16 and the OS lets this process use the tile data.
 pub(crate) fn available() -> bool {
@@ -111,11 +121,33 @@ struct Act {
 unsafe impl Send for Act {}
 unsafe impl Sync for Act {}
 
+/// A 64-byte aligned bf16 buffer that keeps its allocation across calls (tile loads from
+/// it never straddle cache lines).
+#[derive(Default)]
+struct AlignedBuf(Vec<Line>);
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([bf16; 32]);
+
+impl AlignedBuf {
+    /// The first `len` elements, grown (zeroed) where the buffer is shorter; the contents
+    /// are whatever the last use left.
+    fn slice(&mut self, len: usize) -> &mut [bf16] {
+        let lines = len.div_ceil(32);
+        if self.0.len() < lines {
+            self.0.resize(lines, Line([bf16::ZERO; 32]));
+        }
+        // SAFETY: `lines` lines of 32 bf16 each hold at least `len` bf16.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut bf16, len) }
+    }
+}
+
 thread_local! {
+    /// The packed activations of the products this thread starts ([`gemm`]).
+    static ACTIVATIONS: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
     /// The packed weight panel of this thread, reused across tasks and calls.
-    static PACKED: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
-    /// The f32 results of this thread's panel, accumulated across `k` blocks.
-    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACKED: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ`. Callers check [`available`] and the slice sizes
@@ -127,46 +159,94 @@ pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &m
     }
     let kp = k.next_multiple_of(KS);
     let mp = m.next_multiple_of(MB);
-    let packed_x = pack_activations(x, m, k, mp, kp);
+    ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => packed_product(x, m, k, mp, kp, w, n, out, buf.slice(mp * kp)),
+        // a product started while this thread's buffer is in use (the pool ran another
+        // task while this one waits for its panels)
+        Err(_) => packed_product(
+            x,
+            m,
+            k,
+            mp,
+            kp,
+            w,
+            n,
+            out,
+            AlignedBuf::default().slice(mp * kp),
+        ),
+    });
+}
+
+/// [`gemm`] with the activations packed into `packed_x` (`mp × kp`, 64-byte aligned).
+#[allow(clippy::too_many_arguments)]
+fn packed_product(
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    mp: usize,
+    kp: usize,
+    w: &[bf16],
+    n: usize,
+    out: &mut [f32],
+    packed_x: &mut [bf16],
+) {
+    pack_activations(x, m, k, mp, kp, packed_x);
     let act = Act {
         p: packed_x.as_ptr(),
         ld: kp,
     };
     let o = cpu::ColumnsOut::new(out);
-    let panels = n.div_ceil(PANEL);
-    cpu::par_map(panels, m * n * k, |b| {
-        let j0 = b * PANEL;
-        let j1 = (j0 + PANEL).min(n);
+    // at least one panel per thread where `n` allows it, up to MAX_PANEL rows and
+    // PANEL_BYTES of packed weight
+    let panel = n
+        .div_ceil(cpu::num_threads())
+        .next_multiple_of(MB)
+        .min(MAX_PANEL)
+        .min((PANEL_BYTES / (2 * kp)) / MB * MB)
+        .max(MB);
+    cpu::par_map(n.div_ceil(panel), m * n * k, |b| {
+        let j0 = b * panel;
+        let j1 = (j0 + panel).min(n);
         PACKED.with(|buf| {
             let mut buf = buf.borrow_mut();
             let groups = (j1 - j0).div_ceil(16).next_multiple_of(2);
-            pack_panel(w, k, kp, j0, j1, groups, &mut buf);
+            let packed = buf.slice(groups * 16 * kp);
+            pack_panel(w, k, kp, j0, j1, groups, packed);
             // SAFETY: AMX is available (asserted) and permitted; the activation buffer
-            // holds `mp × kp`, the panel `groups × 16 × kp`; the panel's columns `j0..j1`
-            // of `out` belong to this task alone.
-            unsafe { panel_product(act, mp, kp, &buf, groups, m, n, j0, j1, o.ptr()) }
+            // holds `mp × kp`, the panel `groups × 16 × kp`, both 64-byte aligned; the
+            // panel's columns `j0..j1` of `out` belong to this task alone.
+            unsafe { panel_product(act, mp, kp, packed, groups, m, n, j0, j1, o.ptr()) }
         });
     });
 }
 
-/// Copies `x` into tile-major order: the 16×32 tile of rows `16·b..` and columns `32·s..`
-/// is 1 KiB at `(b · kp/32 + s) · 512`, zero-padded to `mp × kp`. Rows of `x` at their own
-/// stride (2·k bytes, 4 KiB at k = 2048) would put the 16 rows of a tile in one L1 set.
-fn pack_activations(x: &[bf16], m: usize, k: usize, mp: usize, kp: usize) -> Vec<bf16> {
-    let mut buf = vec![bf16::ZERO; mp * kp];
+/// Copies `x` into tile-major order in `buf`: the 16×32 tile of rows `16·b..` and columns
+/// `32·s..` is 1 KiB at `(b · kp/32 + s) · 512`, zero-padded to `mp × kp` (every element
+/// written, so the buffer is reused as it is). Rows of `x` at their own stride (2·k bytes,
+/// 4 KiB at k = 2048) would put the 16 rows of a tile in one L1 set.
+fn pack_activations(x: &[bf16], m: usize, k: usize, mp: usize, kp: usize, buf: &mut [bf16]) {
+    assert!(buf.len() >= mp * kp);
     let steps = kp / KS;
-    for (i, row) in x.chunks_exact(k).take(m).enumerate() {
+    for i in 0..mp {
         let (b, r) = (i / 16, i % 16);
-        for (s, chunk) in row.chunks(KS).enumerate() {
+        let row = if i < m {
+            &x[i * k..(i + 1) * k]
+        } else {
+            &[][..]
+        };
+        for s in 0..steps {
             let at = (b * steps + s) * 512 + r * KS;
-            buf[at..at + chunk.len()].copy_from_slice(chunk);
+            let src = &row[(s * KS).min(row.len())..((s + 1) * KS).min(row.len())];
+            buf[at..at + src.len()].copy_from_slice(src);
+            buf[at + src.len()..at + KS].fill(bf16::ZERO);
         }
     }
-    buf
 }
 
 /// Packs `W[j0..j1, 0..k]` into `groups` VNNI tile columns of 16 weight rows each, `kp/2`
-/// pair-rows per group, zero beyond `j1` and `k`.
+/// pair-rows per group, zero beyond `j1` and `k`. Every element of the `groups · 16 · kp`
+/// buffer is written (no clearing first): 16 pair-rows of a group at a time are one 16×16
+/// transpose of 32-bit pairs in AVX-512 registers, the weight rows' tails read masked.
 fn pack_panel(
     w: &[bf16],
     k: usize,
@@ -174,48 +254,92 @@ fn pack_panel(
     j0: usize,
     j1: usize,
     groups: usize,
-    buf: &mut Vec<bf16>,
+    buf: &mut [bf16],
 ) {
     let group_len = kp * 16;
-    buf.clear();
-    buf.resize(groups * group_len, bf16::ZERO);
-    let pairs = k / 2;
+    assert!(buf.len() >= groups * group_len);
+    assert!(j1 <= j0 + groups * 16 && j1 * k <= w.len() && kp >= k && kp.is_multiple_of(KS));
     for g in 0..groups {
         let first = j0 + 16 * g;
         let cols = j1.saturating_sub(first).min(16);
-        if cols == 0 {
-            continue;
-        }
         let dst = &mut buf[g * group_len..(g + 1) * group_len];
-        let rows: Vec<&[bf16]> = (first..first + cols)
-            .map(|j| &w[j * k..(j + 1) * k])
-            .collect();
-        // pair-row `p` of the group: the 16 columns' `(2p, 2p+1)` pairs, written in order
-        let dp = dst.as_mut_ptr() as *mut u32;
-        for p in 0..pairs {
-            for (c, row) in rows.iter().enumerate() {
-                // SAFETY: `2p + 1 < k` (row length) and `p·16 + c < kp/2 · 16` (group
-                // length in pairs); unaligned u32 accesses of two bf16.
-                unsafe {
-                    let v = (row.as_ptr().add(2 * p) as *const u32).read_unaligned();
-                    dp.add(p * 16 + c).write_unaligned(v);
-                }
-            }
-        }
-        if k % 2 == 1 {
-            for (c, row) in rows.iter().enumerate() {
-                dst[pairs * 32 + c * 2] = row[k - 1];
-            }
-        }
+        // SAFETY: AMX implies AVX-512F; rows `first..first + cols` are within `w` (asserted),
+        // `dst` holds `kp/2` pair-rows of 16 pairs.
+        let rows = if cols == 0 {
+            &[][..]
+        } else {
+            &w[first * k..(first + cols) * k]
+        };
+        unsafe { pack_group(rows, k, kp, cols, dst) };
     }
 }
 
+/// One group of [`pack_panel`]: `rows` (`cols` weight rows of `k`) into `dst`, `kp/2`
+/// pair-rows of 16 pairs, zero beyond `cols` and `k`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_group(rows: &[bf16], k: usize, kp: usize, cols: usize, dst: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows.len() == cols * k && dst.len() == kp * 16);
+    let dp = dst.as_mut_ptr() as *mut __m512i;
+    let mut p0 = 0;
+    while 2 * p0 < kp {
+        // bf16 columns 2·p0 .. 2·p0 + 32 of each row: 16 pairs, masked at the row's end
+        let first = 2 * p0;
+        let valid = k.saturating_sub(first).min(32);
+        let mask: __mmask32 = if valid == 32 { !0 } else { (1u32 << valid) - 1 };
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (c, v) in r.iter_mut().enumerate().take(cols) {
+            *v = _mm512_maskz_loadu_epi16(mask, rows.as_ptr().add(c * k + first) as *const i16);
+        }
+        let t = transpose16(r);
+        for (i, v) in t.iter().enumerate() {
+            _mm512_storeu_si512(dp.add(p0 + i), *v);
+        }
+        p0 += 16;
+    }
+}
+
+/// The 16×16 transpose of 32-bit lanes: `out[i]` lane `c` = `r[c]` lane `i`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // pairs of rows interleaved: t[2q] / t[2q+1] hold rows 2q, 2q+1, lanes (0,1) / (2,3) of
+    // each 128-bit quarter
+    let mut t = [_mm512_setzero_si512(); 16];
+    for q in 0..8 {
+        t[2 * q] = _mm512_unpacklo_epi32(r[2 * q], r[2 * q + 1]);
+        t[2 * q + 1] = _mm512_unpackhi_epi32(r[2 * q], r[2 * q + 1]);
+    }
+    // four rows per quarter: u[4b + j] holds rows 4b..4b+4 of lane j of each quarter
+    let mut u = [_mm512_setzero_si512(); 16];
+    for b in 0..4 {
+        let (a0, a1, a2, a3) = (t[4 * b], t[4 * b + 1], t[4 * b + 2], t[4 * b + 3]);
+        u[4 * b] = _mm512_unpacklo_epi64(a0, a2);
+        u[4 * b + 1] = _mm512_unpackhi_epi64(a0, a2);
+        u[4 * b + 2] = _mm512_unpacklo_epi64(a1, a3);
+        u[4 * b + 3] = _mm512_unpackhi_epi64(a1, a3);
+    }
+    // gather quarter `l` of u[j], u[4 + j], u[8 + j], u[12 + j]: column 4l + j
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
+        let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+        let w1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
+    }
+    out
+}
+
 /// `out[0..m, j0..j1] = act · panelᵀ`, blocks of 32 activation rows × 32 weight columns
-/// (2 × 2 result tiles in tmm0–3, activation tiles in tmm4–5, weight tiles in tmm6–7).
-/// `k` goes in blocks of [`KC`] columns: the panel's slice (`PANEL × KC` bf16, 32 KiB) and
-/// the activation block's (`32 × KC`, 16 KiB) stay in L1 across the passes over them; the
-/// result tiles accumulate across blocks in a panel-wide f32 buffer of the thread
-/// (`mp × PANEL`), copied into `out` (its valid rows and columns) at the end.
+/// (2 × 2 result tiles in tmm0–3, activation tiles in tmm4–5, weight tiles in tmm6–7), each
+/// over the whole `k` with its result in the tiles. The activation block (`32 × kp`) is
+/// read once per 32 weight columns and the panel once per activation block, both from L2,
+/// the tiles of step `s + PREFETCH_STEPS` prefetched into L1 while step `s` runs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel_product(
     act: Act,
@@ -229,94 +353,104 @@ unsafe fn panel_product(
     j1: usize,
     out: *mut f32,
 ) {
-    ACC.with(|acc| {
-        let mut acc = acc.borrow_mut();
-        acc.clear();
-        acc.resize(mp * PANEL, 0.0);
-        let cfg = TileConfig::full();
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        let ld64: isize = 64;
-        let ldc = (PANEL * 4) as isize;
-        let group_len = kp * 16;
-        let mut k0 = 0;
-        while k0 < kp {
-            let kl = KC.min(kp - k0);
-            let (s0, s1) = (k0 / KS, (k0 + kl) / KS);
-            let mut i0 = 0;
-            while i0 < mp {
-                // tile-major activations: 16 rows × kp columns per tile row, 512 bf16 per step
-                let a0 = act.p.add(i0 * act.ld);
-                let a1 = a0.add(16 * act.ld);
-                let mut g = 0;
-                while g < groups {
-                    let c0 = acc.as_mut_ptr().add(i0 * PANEL + 16 * g);
-                    let c2 = c0.add(16 * PANEL);
-                    if k0 == 0 {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack, nomem)
-                        );
-                    } else {
-                        asm!(
-                            "tileloadd tmm0, [{c0} + {ldc}*1]",
-                            "tileloadd tmm1, [{c1} + {ldc}*1]",
-                            "tileloadd tmm2, [{c2} + {ldc}*1]",
-                            "tileloadd tmm3, [{c3} + {ldc}*1]",
-                            c0 = in(reg) c0,
-                            c1 = in(reg) c0.add(16),
-                            c2 = in(reg) c2,
-                            c3 = in(reg) c2.add(16),
-                            ldc = in(reg) ldc,
-                            options(nostack, readonly)
-                        );
-                    }
-                    let b0 = panel.as_ptr().add(g * group_len);
-                    let b1 = b0.add(group_len);
-                    for s in s0..s1 {
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {ld}*1]",
-                            "tileloadd tmm6, [{b0} + {ld}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1} + {ld}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{a1} + {ld}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a0.add(s * 512),
-                            a1 = in(reg) a1.add(s * 512),
-                            b0 = in(reg) b0.add(s * 512),
-                            b1 = in(reg) b1.add(s * 512),
-                            ld = in(reg) ld64,
-                            options(nostack, readonly)
-                        );
-                    }
-                    asm!(
-                        "tilestored [{c0} + {ldc}*1], tmm0",
-                        "tilestored [{c1} + {ldc}*1], tmm1",
-                        "tilestored [{c2} + {ldc}*1], tmm2",
-                        "tilestored [{c3} + {ldc}*1], tmm3",
-                        c0 = in(reg) c0,
-                        c1 = in(reg) c0.add(16),
-                        c2 = in(reg) c2,
-                        c3 = in(reg) c2.add(16),
-                        ldc = in(reg) ldc,
-                        options(nostack)
-                    );
-                    g += 2;
+    let cfg = TileConfig::full();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    let ld64: isize = 64;
+    let ldo = (n * 4) as isize;
+    let group_len = kp * 16;
+    let steps = kp / KS;
+    let mut scratch = Tiles4([[0.0; 256]; 4]);
+    let mut i0 = 0;
+    while i0 < mp {
+        // tile-major activations: 16 rows × kp columns per tile row, 512 bf16 per step
+        let a0 = act.p.add(i0 * act.ld);
+        let a1 = a0.add(16 * act.ld);
+        let mut g = 0;
+        while g < groups {
+            let b0 = panel.as_ptr().add(g * group_len);
+            let b1 = b0.add(group_len);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for s in 0..steps {
+                if s + PREFETCH_STEPS < steps {
+                    let at = (s + PREFETCH_STEPS) * 512;
+                    prefetch_tile(a0.add(at));
+                    prefetch_tile(a1.add(at));
+                    prefetch_tile(b0.add(at));
+                    prefetch_tile(b1.add(at));
                 }
-                i0 += MB;
+                asm!(
+                    "tileloadd tmm4, [{a0} + {ld}*1]",
+                    "tileloadd tmm6, [{b0} + {ld}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {ld}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {ld}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(s * 512),
+                    a1 = in(reg) a1.add(s * 512),
+                    b0 = in(reg) b0.add(s * 512),
+                    b1 = in(reg) b1.add(s * 512),
+                    ld = in(reg) ld64,
+                    options(nostack, readonly)
+                );
             }
-            k0 += kl;
+            let (i, j) = (i0, j0 + 16 * g);
+            if i + MB <= m && j + 32 <= j1 {
+                // a whole 32 × 32 block of `out`: stored in place
+                let c0 = out.add(i * n + j);
+                let c2 = c0.add(16 * n);
+                asm!(
+                    "tilestored [{c0} + {ldo}*1], tmm0",
+                    "tilestored [{c1} + {ldo}*1], tmm1",
+                    "tilestored [{c2} + {ldo}*1], tmm2",
+                    "tilestored [{c3} + {ldo}*1], tmm3",
+                    c0 = in(reg) c0,
+                    c1 = in(reg) c0.add(16),
+                    c2 = in(reg) c2,
+                    c3 = in(reg) c2.add(16),
+                    ldo = in(reg) ldo,
+                    options(nostack)
+                );
+            } else {
+                store4(&mut scratch.0);
+                for (t, tile) in scratch.0.iter().enumerate() {
+                    let (ti, tj) = (i + 16 * (t / 2), j + 16 * (t % 2));
+                    let cols = j1.saturating_sub(tj).min(16);
+                    for r in 0..16.min(m.saturating_sub(ti)) {
+                        std::ptr::copy_nonoverlapping(
+                            tile.as_ptr().add(16 * r),
+                            out.add((ti + r) * n + tj),
+                            cols,
+                        );
+                    }
+                }
+            }
+            g += 2;
         }
-        asm!("tilerelease", options(nostack, nomem));
-        let cols = j1 - j0;
-        for i in 0..m {
-            std::ptr::copy_nonoverlapping(acc.as_ptr().add(i * PANEL), out.add(i * n + j0), cols);
-        }
-    });
+        i0 += MB;
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Four 16×16 f32 result tiles, 64-byte aligned.
+#[repr(C, align(64))]
+struct Tiles4([[f32; 256]; 4]);
+
+/// Prefetches the 16 cache lines of a 1 KiB tile into L1.
+#[inline(always)]
+unsafe fn prefetch_tile(p: *const bf16) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let p = p as *const i8;
+    for l in 0..16 {
+        _mm_prefetch::<_MM_HINT_T0>(p.add(64 * l));
+    }
 }
 
 /// Activation rows per block of [`gemm_streamed`] (two right-operand tiles).
@@ -429,7 +563,8 @@ unsafe fn streamed_block(
     let steps = k / KS;
     // one right-hand tile spans 16 pair-rows: 512 bf16
     let group = k * 16;
-    let mut c = [[0f32; 256]; 4];
+    let mut c = Tiles4([[0f32; 256]; 4]);
+    let c = &mut c.0;
     if mp == 16 {
         let a1 = a.add(16 * k);
         let a2 = a.add(32 * k);
@@ -462,7 +597,7 @@ unsafe fn streamed_block(
                 options(nostack, readonly)
             );
         }
-        store4(&mut c);
+        store4(c);
         for (t, tile) in c.iter().enumerate() {
             scatter(
                 tile,
@@ -507,7 +642,7 @@ unsafe fn streamed_block(
                     options(nostack, readonly)
                 );
             }
-            store4(&mut c);
+            store4(c);
             let r0 = rows.min(16);
             let r1 = rows.saturating_sub(16);
             scatter(&c[0], out, n, m, i0, j0, r0);
@@ -691,6 +826,63 @@ mod tests {
         assert!(!streams(48) && !streams(0));
     }
 
+    /// The VNNI panel layout written one element at a time: pair-row `p` of group `g` holds
+    /// `W[j0 + 16g + c][2p], W[j0 + 16g + c][2p + 1]` for `c = 0..16`, zero elsewhere.
+    fn pack_panel_scalar(
+        w: &[bf16],
+        k: usize,
+        kp: usize,
+        j0: usize,
+        j1: usize,
+        groups: usize,
+    ) -> Vec<bf16> {
+        let mut buf = vec![bf16::ZERO; groups * kp * 16];
+        for g in 0..groups {
+            for c in 0..16 {
+                let j = j0 + 16 * g + c;
+                if j >= j1 {
+                    continue;
+                }
+                for t in 0..k {
+                    buf[g * kp * 16 + (t / 2) * 32 + 2 * c + t % 2] = w[j * k + t];
+                }
+            }
+        }
+        buf
+    }
+
+    #[test]
+    fn packed_panels_hold_the_vnni_layout() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        // odd and short k, partial groups, a reused buffer holding stale values
+        let mut buf = vec![bf16::from_f32(7.0); 4 * 2080 * 16];
+        let buf = &mut buf[..];
+        for &(k, n, j0, j1) in &[
+            (1usize, 16usize, 0usize, 16usize),
+            (1, 16, 0, 16),
+            (33, 40, 16, 40),
+            (64, 64, 0, 64),
+            (2047, 70, 64, 70),
+            (2080, 128, 0, 50),
+            (5, 3, 0, 3),
+        ] {
+            let kp = k.next_multiple_of(KS);
+            let groups = (j1 - j0).div_ceil(16).next_multiple_of(2);
+            let w = data(n * k, 31);
+            let want = pack_panel_scalar(&w, k, kp, j0, j1, groups);
+            pack_panel(&w, k, kp, j0, j1, groups, buf);
+            assert!(
+                buf[..want.len()]
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "k={k} n={n} j0={j0} j1={j1}"
+            );
+        }
+    }
+
     #[test]
     fn amx_is_identical_across_thread_counts() {
         if skip() {
@@ -710,18 +902,22 @@ mod tests {
         one.install(|| {
             let o = cpu::ColumnsOut::new(&mut single);
             let (kp, mp) = (k.next_multiple_of(KS), m.next_multiple_of(MB));
-            let buf = pack_activations(&x, m, k, mp, kp);
+            let mut buf = AlignedBuf::default();
+            let buf = buf.slice(mp * kp);
+            pack_activations(&x, m, k, mp, kp, buf);
             let act = Act {
                 p: buf.as_ptr(),
                 ld: kp,
             };
-            for b in 0..n.div_ceil(PANEL) {
-                let (j0, j1) = (b * PANEL, (b * PANEL + PANEL).min(n));
+            // panels of 32 rows: not the widths `gemm` takes on two threads
+            for b in 0..n.div_ceil(MB) {
+                let (j0, j1) = (b * MB, (b * MB + MB).min(n));
                 let groups = (j1 - j0).div_ceil(16).next_multiple_of(2);
-                let mut panel = Vec::new();
-                pack_panel(&w, k, kp, j0, j1, groups, &mut panel);
+                let mut panel = AlignedBuf::default();
+                let panel = panel.slice(groups * 16 * kp);
+                pack_panel(&w, k, kp, j0, j1, groups, panel);
                 // SAFETY: as in `gemm`.
-                unsafe { panel_product(act, mp, kp, &panel, groups, m, n, j0, j1, o.ptr()) };
+                unsafe { panel_product(act, mp, kp, panel, groups, m, n, j0, j1, o.ptr()) };
             }
         });
         assert!(pooled
@@ -799,6 +995,42 @@ mod tests {
                 t * 1e3
             );
             println!("{line}");
+        }
+    }
+
+    /// `cargo test --release -p zaya --lib amx_expert_share_speed -- --ignored --nocapture`:
+    /// an expert's share of a prefill (a few rows against a gate/up weight read from
+    /// memory: eight 16 MiB experts in turn), the weight-streaming against the packing AMX
+    /// kernel — where [`super::super::bf16`] switches from one to the other.
+    #[test]
+    #[ignore]
+    fn amx_expert_share_speed() {
+        if skip() {
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
+        let (k, n, experts) = (2048, 4096, 8);
+        let w = data(experts * n * k, 5);
+        for m in [8, 16, 24, 32, 48, 64, 96, 128] {
+            let x = data(m * k, 3);
+            let mut out = vec![0f32; m * n];
+            let gflop = 2.0 * (experts * m * n * k) as f64 / 1e9;
+            type Kernel = fn(&[bf16], usize, usize, &[bf16], usize, &mut [f32]);
+            let mut run = |f: Kernel| {
+                best(&mut || {
+                    cpu::in_pool(|| {
+                        for e in w.chunks(n * k) {
+                            f(&x, m, k, e, n, &mut out)
+                        }
+                    })
+                })
+            };
+            let (ts, tp) = (run(gemm_streamed), run(gemm));
+            println!(
+                "m={m:<3} k={k} n={n}: streamed {:.0} GFLOP/s, packed {:.0} GFLOP/s",
+                gflop / ts,
+                gflop / tp
+            );
         }
     }
 }
