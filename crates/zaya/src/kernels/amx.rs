@@ -60,7 +60,9 @@ pub(crate) fn available() -> bool {
         );
         let amx_bf16 = l7.edx & (1 << 22) != 0;
         let amx_tile = l7.edx & (1 << 24) != 0;
-        if max < 7 || !amx_bf16 || !amx_tile {
+        // the tile packing runs on AVX-512 F/BW (every CPU with AMX has them)
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        if max < 7 || !amx_bf16 || !amx_tile || !avx512 {
             return false;
         }
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -263,7 +265,7 @@ fn pack_panel(
         let first = j0 + 16 * g;
         let cols = j1.saturating_sub(first).min(16);
         let dst = &mut buf[g * group_len..(g + 1) * group_len];
-        // SAFETY: AMX implies AVX-512F; rows `first..first + cols` are within `w` (asserted),
+        // SAFETY: [`available`] checked AVX-512F/BW; rows `first..first + cols` are within `w` (asserted),
         // `dst` holds `kp/2` pair-rows of 16 pairs.
         let rows = if cols == 0 {
             &[][..]
@@ -276,7 +278,7 @@ fn pack_panel(
 
 /// One group of [`pack_panel`]: `rows` (`cols` weight rows of `k`) into `dst`, `kp/2`
 /// pair-rows of 16 pairs, zero beyond `cols` and `k`.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_group(rows: &[bf16], k: usize, kp: usize, cols: usize, dst: &mut [bf16]) {
     use std::arch::x86_64::*;
     debug_assert!(rows.len() == cols * k && dst.len() == kp * 16);
@@ -853,7 +855,7 @@ mod tests {
 
     #[test]
     fn packed_panels_hold_the_vnni_layout() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
             return;
         }
         // odd and short k, partial groups, a reused buffer holding stale values
