@@ -321,34 +321,39 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let n = w.dim(0)?;
     // bf16 activations stay bf16 (exact in either form; the bf16 × bf16 kernel uses the
-    // CPU's bf16 dot products for prefill-sized products), f32 ones are read as they are.
-    enum Lhs {
-        Bf16(Vec<half::bf16>),
-        F32(Vec<f32>),
-    }
-    let xs = if a.dtype() == DType::BF16 {
-        Lhs::Bf16(a.flatten_all()?.to_vec1::<half::bf16>()?)
+    // CPU's bf16 dot products for prefill-sized products), f32 ones are read as they are;
+    // both in place where `a` is contiguous.
+    let a = if a.dtype() == DType::BF16 && !a.is_contiguous() {
+        a.contiguous()?
     } else {
-        Lhs::F32(super::cpu::host_f32(a)?)
+        a.clone()
     };
     let mut out = vec![0f32; m * n];
-    super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
-        let CpuStorage::BF16(d) = s else {
-            return Err(candle_core::Error::Msg(format!(
-                "matmul: unexpected storage {:?}",
-                s.dtype()
-            )));
-        };
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
-        let w = &d[start..end];
-        match &xs {
-            Lhs::Bf16(x) => super::bf16::linear_bf16(x, m, k, w, n, &mut out),
-            Lhs::F32(x) => super::bf16::linear(x, m, k, w, n, &mut out),
-        }
+    super::cpu::with_cpu_storage(&a, "matmul", |xs, xl| {
+        super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
+            let CpuStorage::BF16(d) = s else {
+                return Err(candle_core::Error::Msg(format!(
+                    "matmul: unexpected storage {:?}",
+                    s.dtype()
+                )));
+            };
+            let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("matmul: weight is not contiguous".into())
+            })?;
+            let w = &d[start..end];
+            match (xs, xl.contiguous_offsets()) {
+                (CpuStorage::BF16(x), Some((a0, a1))) => {
+                    super::bf16::linear_bf16(&x[a0..a1], m, k, w, n, &mut out)
+                }
+                // strided `a` (made contiguous above where it is bf16) and f32 activations
+                _ => {
+                    let x = super::cpu::f32_view(xs, xl, "matmul")?;
+                    super::bf16::linear(&x, m, k, w, n, &mut out)
+                }
+            }
+        })
     })?;
-    Tensor::from_vec(out, (m, n), a.device())?.to_dtype(a.dtype())
+    super::cpu::tensor_from_f32(out, &candle_core::Shape::from((m, n)), a.dtype(), &a)
 }
 
 /// `x · Wᵀ` for a frozen contiguous bf16 `W [N, K]` with a backward for `x` only: forward

@@ -89,6 +89,18 @@ impl MoeExperts {
     }
 }
 
+/// `xs` as f32 in `slot`, widened on the first call.
+fn widened<'a, 'b>(
+    slot: &'a mut Option<std::borrow::Cow<'b, [f32]>>,
+    xs: &'b CpuStorage,
+    xl: &Layout,
+) -> Result<&'a [f32]> {
+    if slot.is_none() {
+        *slot = Some(f32_view(xs, xl, OP)?);
+    }
+    Ok(slot.as_deref().unwrap_or_default())
+}
+
 impl CustomOp3 for MoeExperts {
     fn name(&self) -> &'static str {
         "zaya-moe-experts"
@@ -104,7 +116,9 @@ impl CustomOp3 for MoeExperts {
         dl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (h, i) = (self.h, self.i);
-        let x = f32_view(xs, xl, OP)?;
+        // `x` as f32, widened only where a path reads it (a bf16 model's experts read the
+        // bf16 rows as they are)
+        let mut x_wide = None;
         let mut y = vec![0f32; self.n * h];
         // bf16 experts are read in place by the bf16-weight kernel (no f32 copy per call).
         let bf16_weights = match (gs, ds) {
@@ -161,7 +175,7 @@ impl CustomOp3 for MoeExperts {
                         linear(&act, r, i, dw, h, &mut ye)?;
                     }
                     None => {
-                        let xe = self.gather(&x, rows);
+                        let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
                         super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
                         let act = swiglu::forward(&gu, None, i);
                         super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
@@ -174,7 +188,7 @@ impl CustomOp3 for MoeExperts {
             }
             let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
             let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
-            let xe = self.gather(&x, rows);
+            let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
             let gu = self.gate_up(&xe, &wgu, r)?;
             let act = swiglu::forward(&gu, None, i);
             let mut ye = vec![0f32; r * h];
