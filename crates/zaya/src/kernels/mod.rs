@@ -133,6 +133,28 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
 }
 
+/// `x.to_dtype(dtype)`, the same bits: an f32 tensor outside any graph cast to bf16 on the
+/// CPU is rounded on the kernel pool ([`cpu::to_bf16`]; candle rounds on one thread), every
+/// other cast is candle's. A bf16 model casts the f32 residual stream before each norm.
+pub fn to_dtype(x: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    use candle_core::DType;
+    if x.dtype() == DType::F32
+        && dtype == DType::BF16
+        && x.device().is_cpu()
+        && !x.track_op()
+        && x.is_contiguous()
+    {
+        let v = cpu::with_cpu_storage(x, "to_dtype", |s, l| match (s, l.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(d), Some((a, b))) => Ok(Some(cpu::to_bf16(&d[a..b]))),
+            _ => Ok(None),
+        })?;
+        if let Some(v) = v {
+            return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
+        }
+    }
+    Ok(x.to_dtype(dtype)?)
+}
+
 /// Softmax over the last axis computed in f32 and cast back to the input dtype.
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     match pick(Kernel::Softmax, x)? {
@@ -336,7 +358,50 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::reference::{rms_norm, rotary};
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn the_pool_cast_to_bf16_gives_candles_bits() {
+        // ties, denormals, infinities, NaNs, overflow to infinity; long enough to be split
+        let special = [
+            0.0f32,
+            -0.0,
+            1.0 + f32::EPSILON * 65536.0 * 0.5,
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+            1e-40,
+            -3e-39,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::MAX,
+            3.3895e38,
+        ];
+        let n = 5 * 26_217;
+        let v: Vec<f32> = (0..n)
+            .map(|i| match i % 97 {
+                j if j < special.len() => special[j],
+                _ => ((i as u32).wrapping_mul(2_654_435_761) as f32) * 1e-7 - 200.0,
+            })
+            .collect();
+        let x = Tensor::from_vec(v, (n / 5, 5), &Device::Cpu).unwrap();
+        let ours = super::to_dtype(&x, DType::BF16).unwrap();
+        let candle = x.to_dtype(DType::BF16).unwrap();
+        assert_eq!(ours.shape(), candle.shape());
+        let (a, b) = (
+            ours.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+            candle
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap(),
+        );
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        // strided input and other casts fall back to candle's
+        let t = super::to_dtype(&x.t().unwrap(), DType::BF16).unwrap();
+        assert_eq!(t.dims(), &[5, n / 5]);
+    }
 
     #[test]
     fn rotary_rotates_pairs_half_apart_and_keeps_the_tail() {

@@ -152,13 +152,17 @@ impl DecoderLayer {
         backend: crate::attention::AttnImplementation,
         caches: &mut [&mut LayerCache],
     ) -> Result<(Tensor, Tensor)> {
-        let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.input_layernorm, self.eps)?;
+        let a = kernels::rms_norm(
+            &kernels::to_dtype(h, self.dtype)?,
+            &self.input_layernorm,
+            self.eps,
+        )?;
         let attn = self
             .self_attn
             .forward_rows(&a, cos, sin, window, backend, caches)?;
         let r = self.post_attention_residual_scale.forward(&attn, h)?;
         let n = kernels::rms_norm(
-            &r.to_dtype(self.dtype)?,
+            &kernels::to_dtype(&r, self.dtype)?,
             &self.post_attention_layernorm,
             self.eps,
         )?;
@@ -175,11 +179,15 @@ impl DecoderLayer {
         inputs: &AttentionInputs,
         cache: Option<&mut LayerCache>,
     ) -> Result<LayerOutput> {
-        let a = kernels::rms_norm(&h.to_dtype(self.dtype)?, &self.input_layernorm, self.eps)?;
+        let a = kernels::rms_norm(
+            &kernels::to_dtype(h, self.dtype)?,
+            &self.input_layernorm,
+            self.eps,
+        )?;
         let (attn, attention_probs) = self.self_attn.forward(&a, inputs, cache)?;
         let r = self.post_attention_residual_scale.forward(&attn, h)?;
         let n = kernels::rms_norm(
-            &r.to_dtype(self.dtype)?,
+            &kernels::to_dtype(&r, self.dtype)?,
             &self.post_attention_layernorm,
             self.eps,
         )?;

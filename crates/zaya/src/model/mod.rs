@@ -506,7 +506,7 @@ impl ZayaModel {
             .as_ref()
             .ok_or_else(|| self.lacks("the final norm"))?;
         Ok(kernels::rms_norm(
-            &h.to_dtype(self.dtype)?,
+            &kernels::to_dtype(h, self.dtype)?,
             norm,
             self.cfg.rms_norm_eps,
         )?)
