@@ -149,10 +149,10 @@ pub fn to_dtype(x: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
             _ => Ok(None),
         })?;
         if let Some(v) = v {
-            return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
+            return Tensor::from_vec(v, x.shape(), x.device());
         }
     }
-    Ok(x.to_dtype(dtype)?)
+    x.to_dtype(dtype)
 }
 
 /// Softmax over the last axis computed in f32 and cast back to the input dtype.
