@@ -780,6 +780,37 @@ fn bf16_weight_matmul_matches_the_reference() -> Result<()> {
             );
         }
     }
+    // Activations that start inside their storage, and strided ones, give the same bits as
+    // a fresh contiguous copy.
+    let (m, k, n) = (40, 96, 70);
+    let w = rand_tensor(&mut rng, &[n, k], 1.0)?.to_dtype(DType::BF16)?;
+    for act in [DType::F32, DType::BF16] {
+        let big = rand_tensor(&mut rng, &[m + 3, k], 1.0)?.to_dtype(act)?;
+        let offset = big.narrow(0, 2, m)?;
+        let strided = rand_tensor(&mut rng, &[k, m], 1.0)?.to_dtype(act)?.t()?;
+        for a in [offset, strided] {
+            let fresh = a.contiguous()?.copy()?;
+            let (got, want) = with(
+                Kernel::Matmul,
+                Choice::Auto,
+                || -> candle_core::Result<_> {
+                    Ok((
+                        kernels::matmul(&a, &w.t()?)?,
+                        kernels::matmul(&fresh, &w.t()?)?,
+                    ))
+                },
+            )?;
+            assert_eq!(got.dims(), &[m, n]);
+            let (g, f) = (
+                got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert!(
+                g.iter().zip(&f).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{act:?}: a strided or offset input changed the product"
+            );
+        }
+    }
     // A call that records gradients takes the differentiable reference.
     let a = candle_core::Var::from_tensor(
         &rand_tensor(&mut rng, &[2, 9], 1.0)?.to_dtype(DType::BF16)?,

@@ -15,7 +15,7 @@
 //! element is computed by the same sequence of instructions whatever the thread count
 //! (bit-identical results).
 //!
-//! Every tile buffer is 64-byte aligned: a tile row that straddles two cache lines makes
+//! Every buffer tiles are loaded from is 64-byte aligned: a tile row that straddles two cache lines makes
 //! `tileloadd` three times slower (measured). Edges: `x` is copied into a zero-padded
 //! tile-major buffer (rows to a multiple of 32, columns to a multiple of 32; 16×32 tiles
 //! contiguous, so the 16 rows of a tile do not fall into one L1 set as rows 4 KiB apart
@@ -40,6 +40,9 @@ const MAX_PANEL: usize = 256;
 /// Most bytes of a packed weight panel (half the L2 of a Sapphire Rapids core: the
 /// activation block and the prefetched tiles need the rest).
 const PANEL_BYTES: usize = 1 << 20;
+/// Largest packed-activation buffer kept by a thread between calls (a 512-token prefill at
+/// k = 2048 takes 2 MiB).
+const KEEP_ACTIVATION_BYTES: usize = 16 << 20;
 /// bf16 per `k` step of a tile (16 rows × 64 bytes).
 const KS: usize = 32;
 /// Activation rows per micro-kernel step (two result-tile rows).
@@ -133,6 +136,10 @@ struct AlignedBuf(Vec<Line>);
 struct Line([bf16; 32]);
 
 impl AlignedBuf {
+    fn bytes(&self) -> usize {
+        self.0.len() * std::mem::size_of::<Line>()
+    }
+
     /// The first `len` elements, grown (zeroed) where the buffer is shorter; the contents
     /// are whatever the last use left.
     fn slice(&mut self, len: usize) -> &mut [bf16] {
@@ -155,14 +162,20 @@ thread_local! {
 /// `out[m×n] = x[m×k] · W[n×k]ᵀ`. Callers check [`available`] and the slice sizes
 /// (`x: m·k`, `w: n·k`, `out: m·n`); `m, n, k > 0`.
 pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
-    assert!(available() && x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    assert!(available() && k > 0 && x.len() == m * k && w.len() == n * k && out.len() == m * n);
     if m == 0 || n == 0 {
         return;
     }
     let kp = k.next_multiple_of(KS);
     let mp = m.next_multiple_of(MB);
     ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => packed_product(x, m, k, mp, kp, w, n, out, buf.slice(mp * kp)),
+        Ok(mut buf) => {
+            packed_product(x, m, k, mp, kp, w, n, out, buf.slice(mp * kp));
+            // a long prefill's activations are not kept for the life of the thread
+            if buf.bytes() > KEEP_ACTIVATION_BYTES {
+                *buf = AlignedBuf::default();
+            }
+        }
         // a product started while this thread's buffer is in use (the pool ran another
         // task while this one waits for its panels)
         Err(_) => packed_product(
@@ -200,12 +213,7 @@ fn packed_product(
     let o = cpu::ColumnsOut::new(out);
     // at least one panel per thread where `n` allows it, up to MAX_PANEL rows and
     // PANEL_BYTES of packed weight
-    let panel = n
-        .div_ceil(cpu::num_threads())
-        .next_multiple_of(MB)
-        .min(MAX_PANEL)
-        .min((PANEL_BYTES / (2 * kp)) / MB * MB)
-        .max(MB);
+    let panel = panel_width(n, kp, cpu::num_threads());
     cpu::par_map(n.div_ceil(panel), m * n * k, |b| {
         let j0 = b * panel;
         let j1 = (j0 + panel).min(n);
@@ -220,6 +228,16 @@ fn packed_product(
             unsafe { panel_product(act, mp, kp, packed, groups, m, n, j0, j1, o.ptr()) }
         });
     });
+}
+
+/// Weight rows per task of [`gemm`]: at least one panel per thread where `n` allows it,
+/// up to [`MAX_PANEL`] rows and [`PANEL_BYTES`] of packed weight, a multiple of [`MB`].
+fn panel_width(n: usize, kp: usize, threads: usize) -> usize {
+    n.div_ceil(threads.max(1))
+        .next_multiple_of(MB)
+        .min(MAX_PANEL)
+        .min((PANEL_BYTES / (2 * kp.max(KS))) / MB * MB)
+        .max(MB)
 }
 
 /// Copies `x` into tile-major order in `buf`: the 16×32 tile of rows `16·b..` and columns
@@ -265,13 +283,14 @@ fn pack_panel(
         let first = j0 + 16 * g;
         let cols = j1.saturating_sub(first).min(16);
         let dst = &mut buf[g * group_len..(g + 1) * group_len];
-        // SAFETY: [`available`] checked AVX-512F/BW; rows `first..first + cols` are within `w` (asserted),
-        // `dst` holds `kp/2` pair-rows of 16 pairs.
+        debug_assert!(is_x86_feature_detected!("avx512bw"));
         let rows = if cols == 0 {
             &[][..]
         } else {
             &w[first * k..(first + cols) * k]
         };
+        // SAFETY: callers checked [`available`] (AVX-512 F/BW); `rows` holds `cols` weight
+        // rows of `k`, `dst` `kp/2` pair-rows of 16 pairs.
         unsafe { pack_group(rows, k, kp, cols, dst) };
     }
 }
@@ -425,6 +444,11 @@ unsafe fn panel_product(
                 for (t, tile) in scratch.0.iter().enumerate() {
                     let (ti, tj) = (i + 16 * (t / 2), j + 16 * (t % 2));
                     let cols = j1.saturating_sub(tj).min(16);
+                    if cols == 0 {
+                        // a padding tile (the panel's groups are rounded up to pairs): its
+                        // place would lie past `out`
+                        continue;
+                    }
                     for r in 0..16.min(m.saturating_sub(ti)) {
                         std::ptr::copy_nonoverlapping(
                             tile.as_ptr().add(16 * r),
@@ -690,6 +714,9 @@ unsafe fn scatter(
     j: usize,
     rows: usize,
 ) {
+    if rows == 0 {
+        return;
+    }
     for c in 0..16.min(m.saturating_sub(i)) {
         let dst = out.add((i + c) * n + j);
         for r in 0..rows {
@@ -886,7 +913,52 @@ mod tests {
     }
 
     #[test]
-    fn amx_is_identical_across_thread_counts() {
+    fn panel_widths_are_whole_tile_pairs_within_the_l2_budget() {
+        for threads in [1, 2, 3, 8, 64] {
+            for n in [1, 16, 33, 128, 2048, 262272] {
+                for kp in [32, 1024, 2048, 8192, 32768] {
+                    let p = panel_width(n, kp, threads);
+                    assert!(
+                        p >= MB && p % MB == 0 && p <= MAX_PANEL,
+                        "n={n} kp={kp} t={threads}"
+                    );
+                    // the budget holds wherever one panel of 32 rows fits in it
+                    assert!(
+                        p * 2 * kp <= PANEL_BYTES || p == MB,
+                        "n={n} kp={kp} t={threads}"
+                    );
+                    // two threads get two panels of the 8B's products
+                    if threads == 2 && n >= 2 * MB {
+                        assert!(n.div_ceil(p) >= 2, "n={n} kp={kp}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_product_started_while_the_activation_buffer_is_held_gets_its_own() {
+        if skip() {
+            return;
+        }
+        let (m, k, n) = (40, 96, 50);
+        let x = data(m * k, 41);
+        let w = data(n * k, 42);
+        let mut want = vec![f32::NAN; m * n];
+        gemm(&x, m, k, &w, n, &mut want);
+        let mut got = vec![f32::NAN; m * n];
+        ACTIVATIONS.with(|cell| {
+            let _held = cell.borrow_mut();
+            gemm(&x, m, k, &w, n, &mut got);
+        });
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn amx_is_identical_across_panel_widths() {
         if skip() {
             return;
         }
@@ -895,7 +967,8 @@ mod tests {
         let w = data(n * k, 13);
         let mut pooled = vec![0f32; m * n];
         cpu::in_pool(|| gemm(&x, m, k, &w, n, &mut pooled));
-        // one thread: a pool of one runs every panel inline, in order
+        // panels of 32 weight rows, one after the other on one thread, against `gemm`'s
+        // wider panels split over the pool
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()

@@ -329,6 +329,8 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         a.clone()
     };
     let mut out = vec![0f32; m * n];
+    // two read locks held over the product: nothing writes to a weight or to an activation
+    // while a forward reads it
     super::cpu::with_cpu_storage(&a, "matmul", |xs, xl| {
         super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
             let CpuStorage::BF16(d) = s else {
