@@ -919,7 +919,7 @@ mod tests {
                 for kp in [32, 1024, 2048, 8192, 32768] {
                     let p = panel_width(n, kp, threads);
                     assert!(
-                        p >= MB && p % MB == 0 && p <= MAX_PANEL,
+                        p >= MB && p.is_multiple_of(MB) && p <= MAX_PANEL,
                         "n={n} kp={kp} t={threads}"
                     );
                     // the budget holds wherever one panel of 32 rows fits in it
