@@ -361,7 +361,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     #[test]
-    fn the_pool_cast_to_bf16_gives_candles_bits() {
+    fn the_pool_casts_between_f32_and_bf16_give_candles_bits() {
         // ties, denormals, infinities, NaNs, overflow to infinity; long enough to be split
         let special = [
             0.0f32,
@@ -401,6 +401,18 @@ mod tests {
         // strided input and other casts fall back to candle's
         let t = super::to_dtype(&x.t().unwrap(), DType::BF16).unwrap();
         assert_eq!(t.dims(), &[5, n / 5]);
+        // and back: the fused kernels' pooled widening of bf16 inputs gives candle's f32
+        let wide = super::cpu::with_cpu_storage(&ours, "test", |s, l| {
+            Ok(super::cpu::f32_view(s, l, "test")?.into_owned())
+        })
+        .unwrap();
+        let candle = ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let candle = candle.to_vec1::<f32>().unwrap();
+        assert_eq!(wide.len(), candle.len());
+        assert!(wide
+            .iter()
+            .zip(&candle)
+            .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan())));
     }
 
     #[test]
