@@ -63,8 +63,8 @@ pub(crate) fn available() -> bool {
         );
         let amx_bf16 = l7.edx & (1 << 22) != 0;
         let amx_tile = l7.edx & (1 << 24) != 0;
-        // the tile packing runs on AVX-512 F/BW (every CPU with AMX has them)
-        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        // the tile packing runs on AVX-512 F (every CPU with AMX has it)
+        let avx512 = is_x86_feature_detected!("avx512f");
         if max < 7 || !amx_bf16 || !amx_tile || !avx512 {
             return false;
         }
@@ -283,77 +283,57 @@ fn pack_panel(
         let first = j0 + 16 * g;
         let cols = j1.saturating_sub(first).min(16);
         let dst = &mut buf[g * group_len..(g + 1) * group_len];
-        debug_assert!(is_x86_feature_detected!("avx512bw"));
+        debug_assert!(is_x86_feature_detected!("avx512f"));
         let rows = if cols == 0 {
             &[][..]
         } else {
             &w[first * k..(first + cols) * k]
         };
-        // SAFETY: callers checked [`available`] (AVX-512 F/BW); `rows` holds `cols` weight
-        // rows of `k`, `dst` `kp/2` pair-rows of 16 pairs.
+        // SAFETY: callers checked [`available`] (AVX-512 F).
         unsafe { pack_group(rows, k, kp, cols, dst) };
     }
 }
 
 /// One group of [`pack_panel`]: `rows` (`cols` weight rows of `k`) into `dst`, `kp/2`
-/// pair-rows of 16 pairs, zero beyond `cols` and `k`.
-#[target_feature(enable = "avx512f,avx512bw")]
+/// pair-rows of 16 pairs, zero beyond `cols` and `k`: 16 pair-rows at a time are one 16×16
+/// transpose of bf16 pairs ([`cpu::transpose_blocks_16x16`]), the rows' last, partial block
+/// transposed from a zero-padded copy.
+///
+/// # Safety
+/// AVX-512F must be available.
 unsafe fn pack_group(rows: &[bf16], k: usize, kp: usize, cols: usize, dst: &mut [bf16]) {
-    use std::arch::x86_64::*;
-    debug_assert!(rows.len() == cols * k && dst.len() == kp * 16);
-    let dp = dst.as_mut_ptr() as *mut __m512i;
-    let mut p0 = 0;
-    while 2 * p0 < kp {
-        // bf16 columns 2·p0 .. 2·p0 + 32 of each row: 16 pairs, masked at the row's end
-        let first = 2 * p0;
-        let valid = k.saturating_sub(first).min(32);
-        let mask: __mmask32 = if valid == 32 { !0 } else { (1u32 << valid) - 1 };
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (c, v) in r.iter_mut().enumerate().take(cols) {
-            *v = _mm512_maskz_loadu_epi16(mask, rows.as_ptr().add(c * k + first) as *const i16);
+    assert!(rows.len() == cols * k && dst.len() == kp * 16 && cols <= 16);
+    let dp = dst.as_mut_ptr() as *mut u32;
+    // whole blocks of 16 pairs (32 bf16) in every row; missing rows read zeros
+    let blocks = k / KS;
+    let zeros = if cols < 16 {
+        vec![0u32; 16 * blocks]
+    } else {
+        Vec::new()
+    };
+    let row = |c: usize| {
+        if c < cols {
+            rows[c * k..].as_ptr() as *const u32
+        } else {
+            zeros.as_ptr()
         }
-        let t = transpose16(r);
-        for (i, v) in t.iter().enumerate() {
-            _mm512_storeu_si512(dp.add(p0 + i), *v);
+    };
+    // SAFETY: AVX-512F (the caller's); each row holds `16 · blocks` pairs, `dst` the
+    // `16 · blocks` pair-rows of 16 written.
+    cpu::transpose_blocks_16x16(row, blocks, dp, 16);
+    if KS * blocks < kp {
+        let mut tail = [[bf16::ZERO; KS]; 16];
+        for (c, t) in tail.iter_mut().enumerate().take(cols) {
+            t[..k - KS * blocks].copy_from_slice(&rows[c * k + KS * blocks..(c + 1) * k]);
         }
-        p0 += 16;
+        // SAFETY: as above; the tail block's 16 pair-rows end at `kp/2`, inside `dst`.
+        cpu::transpose_blocks_16x16(
+            |c| tail[c].as_ptr() as *const u32,
+            1,
+            dp.add(16 * blocks * 16),
+            16,
+        );
     }
-}
-
-/// The 16×16 transpose of 32-bit lanes: `out[i]` lane `c` = `r[c]` lane `i`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
-    use std::arch::x86_64::*;
-    // pairs of rows interleaved: t[2q] / t[2q+1] hold rows 2q, 2q+1, lanes (0,1) / (2,3) of
-    // each 128-bit quarter
-    let mut t = [_mm512_setzero_si512(); 16];
-    for q in 0..8 {
-        t[2 * q] = _mm512_unpacklo_epi32(r[2 * q], r[2 * q + 1]);
-        t[2 * q + 1] = _mm512_unpackhi_epi32(r[2 * q], r[2 * q + 1]);
-    }
-    // four rows per quarter: u[4b + j] holds rows 4b..4b+4 of lane j of each quarter
-    let mut u = [_mm512_setzero_si512(); 16];
-    for b in 0..4 {
-        let (a0, a1, a2, a3) = (t[4 * b], t[4 * b + 1], t[4 * b + 2], t[4 * b + 3]);
-        u[4 * b] = _mm512_unpacklo_epi64(a0, a2);
-        u[4 * b + 1] = _mm512_unpackhi_epi64(a0, a2);
-        u[4 * b + 2] = _mm512_unpacklo_epi64(a1, a3);
-        u[4 * b + 3] = _mm512_unpackhi_epi64(a1, a3);
-    }
-    // gather quarter `l` of u[j], u[4 + j], u[8 + j], u[12 + j]: column 4l + j
-    let mut out = [_mm512_setzero_si512(); 16];
-    for j in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
-        let v1 = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
-        let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
-        let w1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
-        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
-        out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
-        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
-        out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
-    }
-    out
 }
 
 /// `out[0..m, j0..j1] = act · panelᵀ`, blocks of 32 activation rows × 32 weight columns
@@ -390,13 +370,7 @@ unsafe fn panel_product(
         while g < groups {
             let b0 = panel.as_ptr().add(g * group_len);
             let b1 = b0.add(group_len);
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
+            zero4();
             for s in 0..steps {
                 if s + PREFETCH_STEPS < steps {
                     let at = (s + PREFETCH_STEPS) * 512;
@@ -595,13 +569,7 @@ unsafe fn streamed_block(
         let a1 = a.add(16 * k);
         let a2 = a.add(32 * k);
         let a3 = a.add(48 * k);
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        zero4();
         for s in 0..steps {
             asm!(
                 "tileloadd tmm6, [{b} + {ld}*1]",
@@ -642,13 +610,7 @@ unsafe fn streamed_block(
             let b0 = xs.p.add((i0 / 16) * group);
             // a last block of 16 rows pairs its tile with a zero tile of the padding
             let b1 = if i0 + 16 < mp { b0.add(group) } else { b0 };
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
+            zero4();
             for s in 0..steps {
                 asm!(
                     "tileloadd tmm6, [{b0} + {ld}*1]",
@@ -681,6 +643,18 @@ unsafe fn streamed_block(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Clears the result tiles tmm0–3.
+#[inline(always)]
+unsafe fn zero4() {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
 }
 
 /// Stores tmm0–3 into four 16×16 f32 tiles.
@@ -882,7 +856,7 @@ mod tests {
 
     #[test]
     fn packed_panels_hold_the_vnni_layout() {
-        if !std::arch::is_x86_feature_detected!("avx512bw") {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
         // odd and short k, partial groups, a reused buffer holding stale values
