@@ -235,41 +235,25 @@ pub(crate) fn with_cpu_storage<R>(
 /// kernels widen their inputs: on one thread, while the other waited, ~3 % of an 8B
 /// prefill).
 fn widen_slice<T: Elem>(v: &[T]) -> Vec<f32> {
-    use rayon::prelude::*;
-    const MIN_PARALLEL_LEN: usize = 1 << 16;
-    const CHUNK: usize = 1 << 14;
-    let mut out: Vec<f32> = Vec::with_capacity(v.len());
-    let widen = |dst: &mut [std::mem::MaybeUninit<f32>], src: &[T]| {
-        for (d, s) in dst.iter_mut().zip(src) {
-            d.write(s.to_f32());
-        }
-    };
-    let spare = &mut out.spare_capacity_mut()[..v.len()];
-    match pool() {
-        Some(p) if v.len() >= MIN_PARALLEL_LEN => p.install(|| {
-            spare
-                .par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(d, s)| widen(d, s))
-        }),
-        _ => widen(spare, v),
-    }
-    // SAFETY: every one of the first `v.len()` elements was written above.
-    unsafe { out.set_len(v.len()) };
-    out
+    convert_on_pool(v, |x| x.to_f32())
 }
 
 /// `v` rounded to bf16 as [`narrow_bf16`] (and candle's `to_dtype`) round, split over the
 /// kernel pool for large inputs: a bf16 model rounds every fused kernel's f32 result, and
 /// one thread doing it while the other waits was ~4 % of an 8B prefill.
 pub(crate) fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    convert_on_pool(v, narrow_bf16)
+}
+
+/// `v.iter().map(f).collect()`, in chunks over the kernel pool from 64 Ki elements.
+fn convert_on_pool<S: Copy + Sync, D: Send>(v: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
     use rayon::prelude::*;
     const MIN_PARALLEL_LEN: usize = 1 << 16;
     const CHUNK: usize = 1 << 14;
-    let mut out: Vec<bf16> = Vec::with_capacity(v.len());
-    let narrow = |dst: &mut [std::mem::MaybeUninit<bf16>], src: &[f32]| {
+    let mut out: Vec<D> = Vec::with_capacity(v.len());
+    let convert = |dst: &mut [std::mem::MaybeUninit<D>], src: &[S]| {
         for (d, s) in dst.iter_mut().zip(src) {
-            d.write(narrow_bf16(*s));
+            d.write(f(*s));
         }
     };
     let spare = &mut out.spare_capacity_mut()[..v.len()];
@@ -278,9 +262,9 @@ pub(crate) fn to_bf16(v: &[f32]) -> Vec<bf16> {
             spare
                 .par_chunks_mut(CHUNK)
                 .zip(v.par_chunks(CHUNK))
-                .for_each(|(d, s)| narrow(d, s))
+                .for_each(|(d, s)| convert(d, s))
         }),
-        _ => narrow(spare, v),
+        _ => convert(spare, v),
     }
     // SAFETY: every one of the first `v.len()` elements was written above.
     unsafe { out.set_len(v.len()) };

@@ -303,7 +303,7 @@ impl candle_core::CustomOp2 for SmallRows {
 /// product accumulates in f32 and is rounded once to `a`'s dtype. Inference only (no backward): calls
 /// that record gradients, and other layouts, take the reference.
 pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    use candle_core::{backend::BackendStorage, CpuStorage, DType};
+    use candle_core::{CpuStorage, DType};
     let w = b.t()?;
     let fits = b.dtype() == DType::BF16
         && matches!(a.dtype(), DType::F32 | DType::BF16)
@@ -333,16 +333,7 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // while a forward reads it
     super::cpu::with_cpu_storage(&a, "matmul", |xs, xl| {
         super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
-            let CpuStorage::BF16(d) = s else {
-                return Err(candle_core::Error::Msg(format!(
-                    "matmul: unexpected storage {:?}",
-                    s.dtype()
-                )));
-            };
-            let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("matmul: weight is not contiguous".into())
-            })?;
-            let w = &d[start..end];
+            let w = bf16_weight_slice(s, l)?;
             match (xs, xl.contiguous_offsets()) {
                 (CpuStorage::BF16(x), Some((a0, a1))) => {
                     super::bf16::linear_bf16(&x[a0..a1], m, k, w, n, &mut out)
@@ -356,6 +347,24 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         })
     })?;
     super::cpu::tensor_from_f32(out, &candle_core::Shape::from((m, n)), a.dtype(), &a)
+}
+
+/// The elements of a contiguous bf16 weight's storage.
+fn bf16_weight_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> Result<&'a [half::bf16]> {
+    use candle_core::backend::BackendStorage;
+    let candle_core::CpuStorage::BF16(d) = s else {
+        return Err(candle_core::Error::Msg(format!(
+            "matmul: unexpected storage {:?}",
+            s.dtype()
+        )));
+    };
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("matmul: weight is not contiguous".into()))?;
+    Ok(&d[start..end])
 }
 
 /// `x · Wᵀ` for a frozen contiguous bf16 `W [N, K]` with a backward for `x` only: forward
@@ -379,22 +388,12 @@ impl candle_core::CustomOp1 for FrozenBf16Linear {
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::CpuStorage;
         let (m, k) = l.shape().dims2()?;
         let n = self.w.dim(0)?;
         let xs = super::cpu::f32_view(s, l, "matmul")?;
         let mut out = vec![0f32; m * n];
         super::cpu::with_cpu_storage(&self.w, "matmul", |ws, wl| {
-            let CpuStorage::BF16(d) = ws else {
-                return Err(candle_core::Error::Msg(format!(
-                    "matmul: unexpected storage {:?}",
-                    ws.dtype()
-                )));
-            };
-            let (start, end) = wl.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("matmul: weight is not contiguous".into())
-            })?;
-            super::bf16::linear(&xs, m, k, &d[start..end], n, &mut out)
+            super::bf16::linear(&xs, m, k, bf16_weight_slice(ws, wl)?, n, &mut out)
         })?;
         Ok((
             super::cpu::storage_from_f32(out, s.dtype(), "matmul")?,
