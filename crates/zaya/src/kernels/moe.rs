@@ -25,6 +25,10 @@ use super::{sgemm, swiglu, KernelError};
 
 const OP: &str = "moe_experts";
 
+/// A bf16-weight product `out[m×n] = x[m×k] · W[n×k]ᵀ` ([`super::bf16::linear_bf16`] for a
+/// decode step, [`super::bf16::linear_bf16_share`] for a prefill's expert shares).
+type Bf16Linear = fn(&[half::bf16], usize, usize, &[half::bf16], usize, &mut [f32]) -> Result<()>;
+
 struct MoeExperts {
     ids: Vec<u32>,
     n: usize,
@@ -46,6 +50,80 @@ impl MoeExperts {
             }
         }
         b
+    }
+
+    /// One expert of a bf16 model, as the reference runs it: the gate/up output and the
+    /// activation are bf16 values, products accumulate in f32. Returns the expert's f32
+    /// output rows (`rows.len() × h`), in the order of `rows`.
+    fn bf16_expert(
+        &self,
+        xb: &[half::bf16],
+        rows: &[usize],
+        gw: &[half::bf16],
+        dw: &[half::bf16],
+        linear: Bf16Linear,
+    ) -> Result<Vec<f32>> {
+        let (h, i, r) = (self.h, self.i, rows.len());
+        let mut xe = Vec::with_capacity(r * h);
+        for &row in rows {
+            xe.extend_from_slice(&xb[row * h..(row + 1) * h]);
+        }
+        let mut gu = vec![0f32; r * 2 * i];
+        linear(&xe, r, h, gw, 2 * i, &mut gu)?;
+        // per row: gate and up rounded to bf16, SwiGLU, the activation rounded to bf16 (the
+        // same operations as the unfused chain, without its three full-size buffers)
+        let mut act = Vec::with_capacity(r * i);
+        let mut row_act = vec![0f32; i];
+        for row in gu.chunks_exact_mut(2 * i) {
+            for v in row.iter_mut() {
+                *v = cpu::round_bf16(*v);
+            }
+            cpu::silu_mul(&row[..i], &row[i..], &mut row_act);
+            act.extend(row_act.iter().map(|&v| cpu::narrow_bf16(v)));
+        }
+        let mut ye = vec![0f32; r * h];
+        linear(&act, r, i, dw, h, &mut ye)?;
+        Ok(ye)
+    }
+
+    /// The bf16 experts of a prefill (more rows than a decode step): one pool task per
+    /// expert, largest first, each running its whole chain ([`Self::bf16_expert`]) and
+    /// writing its rows of the bf16 output. Splitting each product over the pool instead
+    /// left the element-wise steps between the products to one thread while the other
+    /// waited (a fifth of an 8B prefill); a task's products still split when a thread is
+    /// free to take part of them. The kernels' results do not depend on how their work is
+    /// split, so the output equals the expert-by-expert loop's bit for bit.
+    fn bf16_prefill(
+        &self,
+        xb: &[half::bf16],
+        g: &[half::bf16],
+        d: &[half::bf16],
+        buckets: &[Vec<usize>],
+    ) -> Result<Vec<half::bf16>> {
+        let (h, i) = (self.h, self.i);
+        // rows routed to no expert (an id past the last one) stay zero
+        let mut y = vec![half::bf16::ZERO; self.n * h];
+        let mut order: Vec<usize> = (0..self.e).filter(|&e| !buckets[e].is_empty()).collect();
+        order.sort_by_key(|&e| std::cmp::Reverse(buckets[e].len()));
+        let out = cpu::RowsOut::new(&mut y);
+        let results = cpu::par_tasks(order.len(), |t| {
+            let e = order[t];
+            let rows = &buckets[e];
+            let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
+            let dw = &d[e * h * i..(e + 1) * h * i];
+            let ye = self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16_share)?;
+            for (k, &row) in rows.iter().enumerate() {
+                // SAFETY: each row belongs to one expert's bucket, so to this task alone,
+                // and `row < n` (a bucket holds token indices); `y` outlives the tasks.
+                let dst = unsafe { out.row(row * h, h) };
+                for (o, &v) in dst.iter_mut().zip(&ye[k * h..(k + 1) * h]) {
+                    *o = cpu::narrow_bf16(v);
+                }
+            }
+            Ok(())
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(y)
     }
 
     /// Gathers the rows of `x` `[N, H]` listed in `rows`.
@@ -119,7 +197,6 @@ impl CustomOp3 for MoeExperts {
         // `x` as f32, widened only where a path reads it (a bf16 model's experts read the
         // bf16 rows as they are)
         let mut x_wide = None;
-        let mut y = vec![0f32; self.n * h];
         // bf16 experts are read in place by the bf16-weight kernel (no f32 copy per call).
         let bf16_weights = match (gs, ds) {
             (CpuStorage::BF16(g), CpuStorage::BF16(d)) => {
@@ -138,49 +215,35 @@ impl CustomOp3 for MoeExperts {
             CpuStorage::BF16(v) => xl.contiguous_offsets().map(|(a, b)| &v[a..b]),
             _ => None,
         };
-        for (e, rows) in self.buckets().iter().enumerate() {
+        let buckets = self.buckets();
+        if let (Some((g, d)), Some(xb)) = (bf16_weights, x_bf16) {
+            if self.forward_rows > GEMV_ROWS {
+                let y = self.bf16_prefill(xb, g, d, &buckets)?;
+                return Ok((CpuStorage::BF16(y), Shape::from_dims(&[self.n, h])));
+            }
+        }
+        let mut y = vec![0f32; self.n * h];
+        for (e, rows) in buckets.iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
             let r = rows.len();
             if let Some((g, d)) = bf16_weights {
-                let mut gu = vec![0f32; r * 2 * i];
                 let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-                let mut ye = vec![0f32; r * h];
                 let dw = &d[e * h * i..(e + 1) * h * i];
-                match x_bf16 {
-                    Some(xb) => {
-                        // A bf16 model, as the reference runs it: the gate/up output and
-                        // the activation are bf16 values; products accumulate in f32.
-                        let mut xe = Vec::with_capacity(r * h);
-                        for &row in rows {
-                            xe.extend_from_slice(&xb[row * h..(row + 1) * h]);
-                        }
-                        // a prefill's expert shares may stream through AMX; a decode
-                        // step (no more rows than the GEMV takes) keeps the GEMV, so a
-                        // row's result does not depend on the rows decoded with it
-                        let linear = if self.forward_rows > GEMV_ROWS {
-                            super::bf16::linear_bf16_share
-                        } else {
-                            super::bf16::linear_bf16
-                        };
-                        linear(&xe, r, h, gw, 2 * i, &mut gu)?;
-                        for v in gu.iter_mut() {
-                            *v = cpu::round_to(candle_core::DType::BF16, *v);
-                        }
-                        let act: Vec<half::bf16> = swiglu::forward(&gu, None, i)
-                            .into_iter()
-                            .map(half::bf16::from_f32)
-                            .collect();
-                        linear(&act, r, i, dw, h, &mut ye)?;
-                    }
+                let ye = match x_bf16 {
+                    // A bf16 model's decode step (a prefill took `bf16_prefill` above)
+                    Some(xb) => self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16)?,
                     None => {
+                        let mut gu = vec![0f32; r * 2 * i];
+                        let mut ye = vec![0f32; r * h];
                         let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
                         super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
                         let act = swiglu::forward(&gu, None, i);
                         super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
+                        ye
                     }
-                }
+                };
                 for (k, &row) in rows.iter().enumerate() {
                     y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
                 }
@@ -361,4 +424,75 @@ pub(super) fn fused(
     };
     let y = x.apply_op3(&gate_up.contiguous()?, &down.contiguous()?, op)?;
     y.broadcast_mul(&weights.reshape((s.n, 1))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// The expert-parallel bf16 prefill places every expert's rows where the expert-by-expert
+    /// loop does, bit for bit, with rows of every kernel class (a few rows: dot kernel or
+    /// GEMV; 8–64: streamed AMX tiles where present; more: packed) and rows routed to no
+    /// expert left zero.
+    #[test]
+    fn bf16_prefill_tasks_equal_the_expert_loop() -> Result<()> {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        super::super::amx::available();
+        let (h, i, e) = (128, 64, 6);
+        // expert sizes 3, 12, 40, 100, 0, and the rest; id 6 is no expert
+        let mut ids = Vec::new();
+        for (expert, count) in [(0u32, 3), (1, 12), (2, 40), (3, 100), (6, 5), (5, 20)] {
+            ids.extend(std::iter::repeat_n(expert, count));
+        }
+        // interleave the rows so that no expert's rows are contiguous
+        let n = ids.len();
+        let ids: Vec<u32> = (0..n).map(|t| ids[(t * 37) % n]).collect();
+        let bf = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+        let x = bf(cpu::test_data(n * h, 1));
+        let g: Vec<bf16> = bf(cpu::test_data(e * 2 * i * h, 2)
+            .iter()
+            .map(|v| v * 0.2)
+            .collect());
+        let d: Vec<bf16> = bf(cpu::test_data(e * h * i, 3)
+            .iter()
+            .map(|v| v * 0.2)
+            .collect());
+        let op = MoeExperts {
+            ids,
+            n,
+            forward_rows: n,
+            h,
+            e,
+            i,
+        };
+        let buckets = op.buckets();
+        let tasks = op.bf16_prefill(&x, &g, &d, &buckets)?;
+        let mut looped = vec![bf16::ZERO; n * h];
+        for (ex, rows) in buckets.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let gw = &g[ex * 2 * i * h..(ex + 1) * 2 * i * h];
+            let dw = &d[ex * h * i..(ex + 1) * h * i];
+            let ye = op.bf16_expert(&x, rows, gw, dw, super::super::bf16::linear_bf16_share)?;
+            for (k, &row) in rows.iter().enumerate() {
+                for (o, &v) in looped[row * h..(row + 1) * h].iter_mut().zip(&ye[k * h..]) {
+                    *o = bf16::from_f32(v);
+                }
+            }
+        }
+        let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&tasks), bits(&looped));
+        // the skipped rows are zero, the others not all zero
+        for (t, &id) in op.ids.iter().enumerate() {
+            let row = &tasks[t * h..(t + 1) * h];
+            assert_eq!(
+                row.iter().all(|v| v.to_bits() == 0),
+                id as usize >= e,
+                "row {t}"
+            );
+        }
+        Ok(())
+    }
 }

@@ -15,22 +15,21 @@ const OP: &str = "residual_scale";
 
 /// The forward's rows; generic over the rounding so each dtype gets its own loop with the
 /// rounding inlined (the loop vectorises).
-fn merge_rows(
+fn merge_rows<S: cpu::Elem>(
     round: impl Fn(f32) -> f32 + Sync,
-    sub: &[f32],
+    sub: &[S],
     res: &[f32],
     [bh, sh, br, sr]: [&[f32]; 4],
-    out: &mut [f32],
-) {
+) -> Vec<f32> {
     let h = bh.len();
-    cpu::par_chunks_mut(out, h, |r, o| {
+    cpu::collect_rows(res.len(), h, |r, o| {
         let s = &sub[r * h..(r + 1) * h];
         let x = &res[r * h..(r + 1) * h];
         for j in 0..h {
-            let a = round(round(s[j] + bh[j]) * sh[j]);
-            o[j] = a + (x[j] + br[j]) * sr[j];
+            let a = round(round(s[j].to_f32() + bh[j]) * sh[j]);
+            o[j].write(a + (x[j] + br[j]) * sr[j]);
         }
-    });
+    })
 }
 
 /// Rows per parallel task of the backward (its parameter partial sums are per task).
@@ -60,16 +59,30 @@ impl CustomOp3 for ResidualScale {
     ) -> Result<(CpuStorage, Shape)> {
         let dtype = ss.dtype();
         let h = sl.dims().last().copied().unwrap_or(0);
-        let sub = f32_view(ss, sl, OP)?;
         let res = f32_view(rs, rl, OP)?;
         let p = f32_view(ps, pl, OP)?;
         let (bh, sh, br, sr) = (&p[..h], &p[h..2 * h], &p[2 * h..3 * h], &p[3 * h..]);
-        let mut out = vec![0f32; sub.len()];
         let params = [bh, sh, br, sr];
-        match dtype {
-            DType::BF16 => merge_rows(cpu::round_bf16, &sub, &res, params, &mut out),
-            _ => merge_rows(|v| round_to(dtype, v), &sub, &res, params, &mut out),
+        if sl.shape() != rl.shape() {
+            return Err(KernelError::Shape {
+                op: OP,
+                message: format!("sub {:?} and res {:?} differ", sl.dims(), rl.dims()),
+            }
+            .into());
         }
+        let out = match (ss, sl.contiguous_offsets()) {
+            // a bf16 sublayer output is read where it is, widened as each row is merged
+            (CpuStorage::BF16(d), Some((a, b))) => {
+                merge_rows(cpu::round_bf16, &d[a..b], &res, params)
+            }
+            _ => {
+                let sub = f32_view(ss, sl, OP)?;
+                match dtype {
+                    DType::BF16 => merge_rows(cpu::round_bf16, &sub, &res, params),
+                    _ => merge_rows(|v| round_to(dtype, v), &sub, &res, params),
+                }
+            }
+        };
         Ok((CpuStorage::F32(out), sl.shape().clone()))
     }
 

@@ -28,15 +28,28 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let dtype = xs.dtype();
         let h = xl.dims().last().copied().unwrap_or(0);
-        let x = f32_view(xs, xl, OP)?;
         let w = f32_view(ws, wl, OP)?;
-        let mut out = vec![0f32; x.len()];
         let eps = self.eps;
-        cpu::par_chunks_mut(&mut out, h, |r, o| {
+        let inv_rms = |xr: &[f32]| 1.0 / (cpu::sum_sq(xr) / h as f32 + eps).sqrt();
+        // bf16 rows in, bf16 rows out, each row widened once into a scratch row: the same
+        // values as the f32 path below followed by its rounding, in one pass over memory
+        if let (CpuStorage::BF16(d), Some((a, b))) = (xs, xl.contiguous_offsets()) {
+            let x = &d[a..b];
+            let out = cpu::collect_rows(x.len(), h, |r, o| {
+                let xr: Vec<f32> = x[r * h..(r + 1) * h].iter().map(|v| v.to_f32()).collect();
+                let inv = inv_rms(&xr);
+                for ((o, &xv), &wv) in o.iter_mut().zip(&xr).zip(w.iter()) {
+                    o.write(cpu::narrow_bf16(cpu::round_bf16(xv * inv) * wv));
+                }
+            });
+            return Ok((CpuStorage::BF16(out), xl.shape().clone()));
+        }
+        let x = f32_view(xs, xl, OP)?;
+        let out = cpu::collect_rows(x.len(), h, |r, o| {
             let xr = &x[r * h..(r + 1) * h];
-            let inv = 1.0 / (cpu::sum_sq(xr) / h as f32 + eps).sqrt();
+            let inv = inv_rms(xr);
             for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w.iter()) {
-                *o = round_to(dtype, xv * inv) * wv;
+                o.write(round_to(dtype, xv * inv) * wv);
             }
         });
         Ok((storage_from_f32(out, dtype, OP)?, xl.shape().clone()))
