@@ -109,24 +109,32 @@ impl CcaConv {
 }
 
 /// Depthwise stage for one batch row: `mid[j, c] = b0[c] + Σ_i w0[c, i]·x[j+i, c]`,
-/// rounded to `dtype`.
+/// rounded to `dtype`. Output positions are split over the pool (a prefill's batch row was
+/// one thread's work while the other waited); each tap's weights are gathered into one
+/// contiguous row first so the inner loop runs over channels. Same additions in the same
+/// order as the loop over taps per element.
 fn depthwise(g: &Geometry, p: &Params, x: &[f32], dtype: DType) -> Vec<f32> {
-    let mut mid = vec![0f32; g.m * g.c];
-    for (j, row) in mid.chunks_mut(g.c).enumerate() {
-        row.copy_from_slice(&p.b0);
-        for i in 0..g.k0 {
+    let taps: Vec<Vec<f32>> = (0..g.k0)
+        .map(|i| (0..g.c).map(|c| p.w0[c * g.w0_rs + i]).collect())
+        .collect();
+    cpu::collect_rows(g.m * g.c, g.c, |j, row| {
+        for (o, &b) in row.iter_mut().zip(&p.b0) {
+            o.write(b);
+        }
+        // SAFETY: every element of `row` was written just above.
+        let row = unsafe { &mut *(row as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        for (i, w) in taps.iter().enumerate() {
             let xr = &x[(j + i) * g.c..(j + i + 1) * g.c];
-            for (c, (o, &xv)) in row.iter_mut().zip(xr).enumerate() {
-                *o += p.w0[c * g.w0_rs + i] * xv;
+            for ((o, &xv), &wv) in row.iter_mut().zip(xr).zip(w) {
+                *o += wv * xv;
             }
         }
-    }
-    if dtype != DType::F32 {
-        for v in mid.iter_mut() {
-            *v = cpu::round_to(dtype, *v);
+        if dtype != DType::F32 {
+            for v in row.iter_mut() {
+                *v = cpu::round_to(dtype, *v);
+            }
         }
-    }
-    mid
+    })
 }
 
 /// The view of `w1[g·D + o, c', tap]` as a `[c', o]` matrix (`transpose` gives `[o, c']`).

@@ -100,11 +100,29 @@ fn bf16_token(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &
             }
         }
     }
-    for (head, x) in o.chunks_mut(d).enumerate() {
-        let mut ss = 0f32;
-        for v in x.iter() {
-            ss = r(ss + r(v * v));
+    // Each head's squared norm is a chain of bf16 additions in index order; the heads'
+    // chains run interleaved (element j of every head, then j + 1) so that the CPU overlaps
+    // them instead of waiting on one chain's latency at a time (the same sums, bit for bit).
+    let heads = nq + nkv;
+    let mut sums = [0f32; 64];
+    let ss_of = |sums: &mut [f32]| {
+        for j in 0..d {
+            for (h, ss) in sums.iter_mut().enumerate() {
+                let v = o[h * d + j];
+                *ss = r(*ss + r(v * v));
+            }
         }
+    };
+    let mut heap_sums = Vec::new();
+    let sums = if heads <= sums.len() {
+        &mut sums[..heads]
+    } else {
+        heap_sums.resize(heads, 0f32);
+        &mut heap_sums[..]
+    };
+    ss_of(sums);
+    for (head, x) in o.chunks_mut(d).enumerate() {
+        let ss = sums[head];
         // candle's maximum: `if a < b { b } else { a }`
         let n = r(if ss < e2 { e2 } else { ss }.sqrt());
         let f = affine(r(1.0 / n), sqrt_d);
