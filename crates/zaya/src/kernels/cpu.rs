@@ -4,6 +4,7 @@
 //! the CPU offers (chosen at run time, the build itself targets the x86-64 baseline).
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
@@ -15,6 +16,13 @@ use super::KernelError;
 /// Element types the fused kernels read. All arithmetic is done in f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// `dst[i] = src[i].to_f32()` over `min(len)` elements: the loop a type may compile for
+    /// the vector width of the CPU it runs on.
+    fn widen_into(src: &[Self], dst: &mut [MaybeUninit<f32>]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(s.to_f32());
+        }
+    }
 }
 
 impl Elem for f32 {
@@ -29,6 +37,42 @@ impl Elem for bf16 {
     fn to_f32(self) -> f32 {
         widen_bf16(self)
     }
+    fn widen_into(src: &[Self], dst: &mut [MaybeUninit<f32>]) {
+        widen_bf16_into(src, dst)
+    }
+}
+
+#[inline(always)]
+fn widen_bf16_body(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(widen_bf16(*s));
+    }
+}
+
+simd_dispatch! {
+    /// [`widen_bf16`] over a slice (`min(len)` elements), at the CPU's vector width.
+    fn widen_bf16_into(src: &[bf16], dst: &mut [MaybeUninit<f32>]) => widen_bf16_body
+}
+
+#[inline(always)]
+fn narrow_bf16_body(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(narrow_bf16(*s));
+    }
+}
+
+simd_dispatch! {
+    /// [`narrow_bf16`] over a slice (`min(len)` elements), at the CPU's vector width.
+    pub(crate) fn narrow_bf16_into(src: &[f32], dst: &mut [MaybeUninit<bf16>]) => narrow_bf16_body
+}
+
+/// `v` widened to f32 on this thread (a row a kernel reads twice).
+pub(crate) fn widen_row<T: Elem>(v: &[T]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    T::widen_into(v, &mut out.spare_capacity_mut()[..v.len()]);
+    // SAFETY: `widen_into` wrote all `v.len()` elements.
+    unsafe { out.set_len(v.len()) };
+    out
 }
 
 /// `bf16::to_f32` without a branch (loops over it vectorise): bf16 is the top half of an
@@ -235,27 +279,27 @@ pub(crate) fn with_cpu_storage<R>(
 /// kernels widen their inputs: on one thread, while the other waited, ~3 % of an 8B
 /// prefill).
 fn widen_slice<T: Elem>(v: &[T]) -> Vec<f32> {
-    convert_on_pool(v, |x| x.to_f32())
+    convert_on_pool(v, |d, s| T::widen_into(s, d))
 }
 
 /// `v` rounded to bf16 as [`narrow_bf16`] (and candle's `to_dtype`) round, split over the
 /// kernel pool for large inputs: a bf16 model rounds every fused kernel's f32 result, and
 /// one thread doing it while the other waits was ~4 % of an 8B prefill.
 pub(crate) fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    convert_on_pool(v, narrow_bf16)
+    convert_on_pool(v, |d, s| narrow_bf16_into(s, d))
 }
 
-/// `v.iter().map(f).collect()`, in chunks over the kernel pool from 64 Ki elements.
-fn convert_on_pool<S: Copy + Sync, D: Send>(v: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
+/// `v` converted element by element by `convert(dst, src)` (which writes every element of
+/// its `dst` chunk, as long as its `src` chunk), in chunks over the kernel pool from 64 Ki
+/// elements.
+fn convert_on_pool<S: Copy + Sync, D: Send>(
+    v: &[S],
+    convert: impl Fn(&mut [MaybeUninit<D>], &[S]) + Sync,
+) -> Vec<D> {
     use rayon::prelude::*;
     const MIN_PARALLEL_LEN: usize = 1 << 16;
     const CHUNK: usize = 1 << 14;
     let mut out: Vec<D> = Vec::with_capacity(v.len());
-    let convert = |dst: &mut [std::mem::MaybeUninit<D>], src: &[S]| {
-        for (d, s) in dst.iter_mut().zip(src) {
-            d.write(f(*s));
-        }
-    };
     let spare = &mut out.spare_capacity_mut()[..v.len()];
     match pool() {
         Some(p) if v.len() >= MIN_PARALLEL_LEN => p.install(|| {
@@ -266,7 +310,7 @@ fn convert_on_pool<S: Copy + Sync, D: Send>(v: &[S], f: impl Fn(S) -> D + Sync) 
         }),
         _ => convert(spare, v),
     }
-    // SAFETY: every one of the first `v.len()` elements was written above.
+    // SAFETY: `convert` wrote every element of each chunk, and the chunks cover `v.len()`.
     unsafe { out.set_len(v.len()) };
     out
 }
@@ -404,7 +448,7 @@ pub(crate) fn par_chunks_mut<T: Send>(
 pub(crate) fn collect_rows<T: Send>(
     len: usize,
     row: usize,
-    f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
+    f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(len);
     par_chunks_mut(&mut out.spare_capacity_mut()[..len], row, f);

@@ -4,8 +4,11 @@
 //! the sum are f32. The backward computes the two input gradients and the four parameter
 //! gradients (row sums) in one pass.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::cpu::{self, f32_view, round_to, tensor_from_f32, with_cpu_storage};
@@ -30,6 +33,38 @@ fn merge_rows<S: cpu::Elem>(
             o[j].write(a + (x[j] + br[j]) * sr[j]);
         }
     })
+}
+
+/// [`merge_rows`]' row for a bf16 sublayer output, at the CPU's vector width.
+#[inline(always)]
+fn merge_row_bf16_body(
+    s: &[bf16],
+    x: &[f32],
+    bh: &[f32],
+    sh: &[f32],
+    br: &[f32],
+    sr: &[f32],
+    o: &mut [MaybeUninit<f32>],
+) {
+    let h = o.len();
+    let (s, x, bh, sh, br, sr) = (&s[..h], &x[..h], &bh[..h], &sh[..h], &br[..h], &sr[..h]);
+    let r = cpu::round_bf16;
+    for j in 0..h {
+        let a = r(r(cpu::widen_bf16(s[j]) + bh[j]) * sh[j]);
+        o[j].write(a + (x[j] + br[j]) * sr[j]);
+    }
+}
+
+cpu::simd_dispatch! {
+    fn merge_row_bf16(
+        s: &[bf16],
+        x: &[f32],
+        bh: &[f32],
+        sh: &[f32],
+        br: &[f32],
+        sr: &[f32],
+        o: &mut [MaybeUninit<f32>]
+    ) => merge_row_bf16_body
 }
 
 /// Rows per parallel task of the backward (its parameter partial sums are per task).
@@ -73,7 +108,11 @@ impl CustomOp3 for ResidualScale {
         let out = match (ss, sl.contiguous_offsets()) {
             // a bf16 sublayer output is read where it is, widened as each row is merged
             (CpuStorage::BF16(d), Some((a, b))) => {
-                merge_rows(cpu::round_bf16, &d[a..b], &res, params)
+                let sub = &d[a..b];
+                cpu::collect_rows(res.len(), h, |r, o| {
+                    let rows = r * h..(r + 1) * h;
+                    merge_row_bf16(&sub[rows.clone()], &res[rows], bh, sh, br, sr, o)
+                })
             }
             _ => {
                 let sub = f32_view(ss, sl, OP)?;

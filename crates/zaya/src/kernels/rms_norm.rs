@@ -3,12 +3,27 @@
 //! dtype before the weight multiply. The backward is fused as well.
 
 use candle_core::backend::BackendStorage;
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use half::bf16;
 
 use super::cpu::{self, f32_view, host_f32, round_to, storage_from_f32, tensor_from_f32};
 use super::KernelError;
 
 const OP: &str = "rms_norm";
+
+#[inline(always)]
+fn scale_row_bf16_body(x: &[f32], inv: f32, w: &[f32], o: &mut [MaybeUninit<bf16>]) {
+    for ((o, &xv), &wv) in o.iter_mut().zip(x).zip(w) {
+        o.write(cpu::narrow_bf16(cpu::round_bf16(xv * inv) * wv));
+    }
+}
+
+cpu::simd_dispatch! {
+    /// One bf16 output row: `bf16(bf16(x·inv)·w)`, at the CPU's vector width.
+    fn scale_row_bf16(x: &[f32], inv: f32, w: &[f32], o: &mut [MaybeUninit<bf16>]) => scale_row_bf16_body
+}
 
 struct RmsNorm {
     eps: f32,
@@ -36,11 +51,8 @@ impl CustomOp2 for RmsNorm {
         if let (CpuStorage::BF16(d), Some((a, b))) = (xs, xl.contiguous_offsets()) {
             let x = &d[a..b];
             let out = cpu::collect_rows(x.len(), h, |r, o| {
-                let xr: Vec<f32> = x[r * h..(r + 1) * h].iter().map(|v| v.to_f32()).collect();
-                let inv = inv_rms(&xr);
-                for ((o, &xv), &wv) in o.iter_mut().zip(&xr).zip(w.iter()) {
-                    o.write(cpu::narrow_bf16(cpu::round_bf16(xv * inv) * wv));
-                }
+                let xr = cpu::widen_row(&x[r * h..(r + 1) * h]);
+                scale_row_bf16(&xr, inv_rms(&xr), &w, o);
             });
             return Ok((CpuStorage::BF16(out), xl.shape().clone()));
         }
