@@ -70,7 +70,8 @@ impl Geometry {
 /// accumulate in bf16 in index order from zero, as candle's reductions over bf16 do. The
 /// result is bit-identical to the reference in bf16, so greedy tokens of a bf16 model do not
 /// change; `z`, `u` and `temp` hold bf16 values, `o` gets `[q | k]`.
-fn bf16_token(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &mut [f32]) {
+#[inline(always)]
+fn bf16_token_body(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &mut [f32]) {
     use cpu::round_bf16 as r;
     let (nq, nkv, d, g) = (geo.nq, geo.nkv, geo.d, geo.groups());
     let kv0 = nq * d;
@@ -100,27 +101,35 @@ fn bf16_token(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &
             }
         }
     }
-    // Each head's squared norm is a chain of bf16 additions in index order; the heads'
-    // chains run interleaved (element j of every head, then j + 1) so that the CPU overlaps
-    // them instead of waiting on one chain's latency at a time (the same sums, bit for bit).
+    // Each head's squared norm is a chain of bf16 additions in index order. The heads'
+    // chains run side by side (element j of every head, then j + 1): up to 16 heads as the
+    // lanes of one vector, from a transposed copy of the row, otherwise interleaved so that
+    // the CPU overlaps them instead of waiting on one chain's latency at a time. The same
+    // sums either way, bit for bit.
     let heads = nq + nkv;
-    let mut sums = [0f32; 64];
-    let ss_of = |sums: &mut [f32]| {
+    let mut lanes = [0f32; LANES];
+    let mut heap_sums = Vec::new();
+    let sums: &[f32] = if heads <= LANES {
+        let mut column = [0f32; LANES];
         for j in 0..d {
-            for (h, ss) in sums.iter_mut().enumerate() {
+            for (h, c) in column.iter_mut().enumerate().take(heads) {
+                *c = o[h * d + j];
+            }
+            for (ss, &v) in lanes.iter_mut().zip(&column) {
+                *ss = r(*ss + r(v * v));
+            }
+        }
+        &lanes[..heads]
+    } else {
+        heap_sums.resize(heads, 0f32);
+        for j in 0..d {
+            for (h, ss) in heap_sums.iter_mut().enumerate() {
                 let v = o[h * d + j];
                 *ss = r(*ss + r(v * v));
             }
         }
+        &heap_sums
     };
-    let mut heap_sums = Vec::new();
-    let sums = if heads <= sums.len() {
-        &mut sums[..heads]
-    } else {
-        heap_sums.resize(heads, 0f32);
-        &mut heap_sums[..]
-    };
-    ss_of(sums);
     for (head, x) in o.chunks_mut(d).enumerate() {
         let ss = sums[head];
         // candle's maximum: `if a < b { b } else { a }`
@@ -137,6 +146,14 @@ fn bf16_token(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &
             }
         }
     }
+}
+
+/// Heads whose squared-norm chains [`bf16_token`] runs as the lanes of one vector.
+const LANES: usize = 16;
+
+cpu::simd_dispatch! {
+    /// [`bf16_token_body`] compiled for the CPU's vector width.
+    fn bf16_token(geo: &Geometry, z: &[f32], u: &[f32], temp: &[f32], eps: f32, o: &mut [f32]) => bf16_token_body
 }
 
 /// `(Σ x², √D / max(‖x‖, ε))` of one head.
