@@ -214,10 +214,24 @@ fn depthwise_rows(op: &CcaConv, g: &Geometry, p: &Params, x: &[f32]) -> Vec<Vec<
 }
 
 fn forward(op: &CcaConv, g: &Geometry, x: &[f32], w0: &[f32], w1: &[f32]) -> Result<Vec<f32>> {
+    forward_as(op, g, x, w0, w1, |v| v)
+}
+
+/// [`forward`] with each output converted by `store` (bf16 rounding for a bf16 model) as
+/// the groups' blocks are gathered into rows, on the pool.
+fn forward_as<T: Send>(
+    op: &CcaConv,
+    g: &Geometry,
+    x: &[f32],
+    w0: &[f32],
+    w1: &[f32],
+    store: impl Fn(f32) -> T + Sync + Send,
+) -> Result<Vec<T>> {
     let p = op.params(g, w0, w1);
     let mids = depthwise_rows(op, g, &p, x);
     if g.t <= FEW_POSITIONS {
-        return Ok(grouped_few_positions(g, &p.b1, p.w1, &mids));
+        let out = grouped_few_positions(g, &p.b1, p.w1, &mids);
+        return Ok(out.into_iter().map(store).collect());
     }
     // Grouped stage: item (b, group) → its [T, D] output block.
     let blocks = cpu::par_map(
@@ -245,16 +259,17 @@ fn forward(op: &CcaConv, g: &Geometry, x: &[f32], w0: &[f32], w1: &[f32]) -> Res
             Ok(z)
         },
     );
-    let mut out = vec![0f32; g.b * g.t * g.c];
-    for (item, blk) in blocks.into_iter().enumerate() {
-        let blk = blk?;
-        let (b, grp) = (item / g.groups, item % g.groups);
-        for t in 0..g.t {
-            let o = (b * g.t + t) * g.c + grp * g.d;
-            out[o..o + g.d].copy_from_slice(&blk[t * g.d..(t + 1) * g.d]);
+    let blocks = blocks.into_iter().collect::<Result<Vec<_>>>()?;
+    // output row (b, t) holds row t of every group's block of batch row b
+    Ok(cpu::collect_rows(g.b * g.t * g.c, g.c, |row, o| {
+        let (b, t) = (row / g.t, row % g.t);
+        for (grp, o) in o.chunks_mut(g.d).enumerate() {
+            let blk = &blocks[b * g.groups + grp][t * g.d..(t + 1) * g.d];
+            for (o, &v) in o.iter_mut().zip(blk) {
+                o.write(store(v));
+            }
         }
-    }
-    Ok(out)
+    }))
 }
 
 /// Gradients of one (batch row, group) item.
@@ -437,11 +452,11 @@ impl CustomOp3 for CcaConv {
             ));
         }
         let w1 = f32_view(s1, l1, OP)?;
-        let out = forward(self, &g, &x, &w0, &w1)?;
-        Ok((
-            storage_from_f32(out, xs.dtype(), OP)?,
-            Shape::from_dims(&[g.b, g.t, g.c]),
-        ))
+        let storage = match xs.dtype() {
+            DType::BF16 => CpuStorage::BF16(forward_as(self, &g, &x, &w0, &w1, cpu::narrow_bf16)?),
+            dtype => storage_from_f32(forward(self, &g, &x, &w0, &w1)?, dtype, OP)?,
+        };
+        Ok((storage, Shape::from_dims(&[g.b, g.t, g.c])))
     }
 
     fn bwd(
