@@ -244,23 +244,28 @@ fn panel_width(n: usize, kp: usize, threads: usize) -> usize {
 /// `32·s..` is 1 KiB at `(b · kp/32 + s) · 512`, zero-padded to `mp × kp` (every element
 /// written, so the buffer is reused as it is). Rows of `x` at their own stride (2·k bytes,
 /// 4 KiB at k = 2048) would put the 16 rows of a tile in one L1 set.
+/// The blocks of 16 rows are packed in parallel (each is a contiguous `16 × kp` part of
+/// `buf`): one thread copying a prefill's activations while the other waited was ~3 % of
+/// an 8B prefill, once per projection.
 fn pack_activations(x: &[bf16], m: usize, k: usize, mp: usize, kp: usize, buf: &mut [bf16]) {
-    assert!(buf.len() >= mp * kp);
+    assert!(buf.len() >= mp * kp && x.len() >= m * k);
     let steps = kp / KS;
-    for i in 0..mp {
-        let (b, r) = (i / 16, i % 16);
-        let row = if i < m {
-            &x[i * k..(i + 1) * k]
-        } else {
-            &[][..]
-        };
-        for s in 0..steps {
-            let at = (b * steps + s) * 512 + r * KS;
-            let src = &row[(s * KS).min(row.len())..((s + 1) * KS).min(row.len())];
-            buf[at..at + src.len()].copy_from_slice(src);
-            buf[at + src.len()..at + KS].fill(bf16::ZERO);
+    cpu::par_chunks_mut(&mut buf[..mp * kp], 16 * kp, |b, block| {
+        for r in 0..16 {
+            let i = 16 * b + r;
+            let row = if i < m {
+                &x[i * k..(i + 1) * k]
+            } else {
+                &[][..]
+            };
+            for s in 0..steps {
+                let at = s * 512 + r * KS;
+                let src = &row[(s * KS).min(row.len())..((s + 1) * KS).min(row.len())];
+                block[at..at + src.len()].copy_from_slice(src);
+                block[at + src.len()..at + KS].fill(bf16::ZERO);
+            }
         }
-    }
+    });
 }
 
 /// Packs `W[j0..j1, 0..k]` into `groups` VNNI tile columns of 16 weight rows each, `kp/2`
