@@ -103,8 +103,7 @@ impl MoeExperts {
         let (h, i) = (self.h, self.i);
         // rows routed to no expert (an id past the last one) stay zero
         let mut y = vec![half::bf16::ZERO; self.n * h];
-        let mut order: Vec<usize> = (0..self.e).filter(|&e| !buckets[e].is_empty()).collect();
-        order.sort_by_key(|&e| std::cmp::Reverse(buckets[e].len()));
+        let order = Self::largest_first(buckets);
         let out = cpu::RowsOut::new(&mut y);
         let results = cpu::par_tasks(order.len(), |t| {
             let e = order[t];
@@ -124,6 +123,82 @@ impl MoeExperts {
         });
         results.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(y)
+    }
+
+    /// One expert of an f32 forward (weights of any float dtype, read as f32): its output
+    /// rows (`rows.len() × h`), in the order of `rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn f32_expert(
+        &self,
+        x: &[f32],
+        rows: &[usize],
+        gs: &CpuStorage,
+        gl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+        e: usize,
+    ) -> Result<Vec<f32>> {
+        let (h, i, r) = (self.h, self.i, rows.len());
+        let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
+        let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
+        let xe = self.gather(x, rows);
+        let gu = self.gate_up(&xe, &wgu, r)?;
+        let act = swiglu::forward(&gu, None, i);
+        let mut ye = vec![0f32; r * h];
+        sgemm::gemm(
+            self.sgemm_min_rows(),
+            r,
+            h,
+            i,
+            MatMut::new(&mut ye, 0, h),
+            false,
+            MatRef::rows(&act, 0, i),
+            MatRef::rows(&wd, 0, i).t(),
+            true,
+        )?;
+        Ok(ye)
+    }
+
+    /// The f32 experts of a prefill, one pool task per expert as in [`Self::bf16_prefill`]
+    /// (the products' results do not depend on how their work is split, so the output
+    /// equals the expert-by-expert loop's bit for bit).
+    fn f32_prefill(
+        &self,
+        x: &[f32],
+        gs: &CpuStorage,
+        gl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+        buckets: &[Vec<usize>],
+    ) -> Result<Vec<f32>> {
+        let h = self.h;
+        // rows routed to no expert (an id past the last one) stay zero
+        let mut y = vec![0f32; self.n * h];
+        let order = Self::largest_first(buckets);
+        let out = cpu::RowsOut::new(&mut y);
+        let results = cpu::par_tasks(order.len(), |t| {
+            let e = order[t];
+            let rows = &buckets[e];
+            let ye = self.f32_expert(x, rows, gs, gl, ds, dl, e)?;
+            for (k, &row) in rows.iter().enumerate() {
+                // SAFETY: each row belongs to one expert's bucket, so to this task alone,
+                // and `row < n`; `y` outlives the tasks.
+                unsafe { out.row(row * h, h) }.copy_from_slice(&ye[k * h..(k + 1) * h]);
+            }
+            Ok(())
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(y)
+    }
+
+    /// The experts that receive rows, those with the most rows first (the pool's threads
+    /// start on the longest tasks, so the last ones to finish are short).
+    fn largest_first(buckets: &[Vec<usize>]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..buckets.len())
+            .filter(|&e| !buckets[e].is_empty())
+            .collect();
+        order.sort_by_key(|&e| std::cmp::Reverse(buckets[e].len()));
+        order
     }
 
     /// Gathers the rows of `x` `[N, H]` listed in `rows`.
@@ -222,6 +297,15 @@ impl CustomOp3 for MoeExperts {
                 return Ok((CpuStorage::BF16(y), Shape::from_dims(&[self.n, h])));
             }
         }
+        if let (CpuStorage::F32(_), CpuStorage::F32(_), true) =
+            (gs, ds, self.forward_rows > GEMV_ROWS)
+        {
+            let y = self.f32_prefill(widened(&mut x_wide, xs, xl)?, gs, gl, ds, dl, &buckets)?;
+            return Ok((
+                storage_from_f32(y, xs.dtype(), OP)?,
+                Shape::from_dims(&[self.n, h]),
+            ));
+        }
         let mut y = vec![0f32; self.n * h];
         for (e, rows) in buckets.iter().enumerate() {
             if rows.is_empty() {
@@ -249,23 +333,7 @@ impl CustomOp3 for MoeExperts {
                 }
                 continue;
             }
-            let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
-            let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
-            let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
-            let gu = self.gate_up(&xe, &wgu, r)?;
-            let act = swiglu::forward(&gu, None, i);
-            let mut ye = vec![0f32; r * h];
-            sgemm::gemm(
-                self.sgemm_min_rows(),
-                r,
-                h,
-                i,
-                MatMut::new(&mut ye, 0, h),
-                false,
-                MatRef::rows(&act, 0, i),
-                MatRef::rows(&wd, 0, i).t(),
-                true,
-            )?;
+            let ye = self.f32_expert(widened(&mut x_wide, xs, xl)?, rows, gs, gl, ds, dl, e)?;
             for (k, &row) in rows.iter().enumerate() {
                 y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
             }
@@ -431,12 +499,12 @@ mod tests {
     use super::*;
     use half::bf16;
 
-    /// The expert-parallel bf16 prefill places every expert's rows where the expert-by-expert
-    /// loop does, bit for bit, with rows of every kernel class (a few rows: dot kernel or
+    /// The expert-parallel prefill (bf16, then f32) places every expert's rows where the
+    /// expert-by-expert loop does, bit for bit, with rows of every kernel class (a few rows: dot kernel or
     /// GEMV; 8–64: streamed AMX tiles where present; more: packed) and rows routed to no
     /// expert left zero.
     #[test]
-    fn bf16_prefill_tasks_equal_the_expert_loop() -> Result<()> {
+    fn prefill_tasks_equal_the_expert_loop() -> Result<()> {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         super::super::amx::available();
         let (h, i, e) = (128, 64, 6);
@@ -484,6 +552,26 @@ mod tests {
         }
         let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&tasks), bits(&looped));
+
+        // the same for f32 weights and rows (sgemm's and the gemm crate's row ranges)
+        let widen = |v: &[bf16]| v.iter().map(|b| b.to_f32()).collect::<Vec<_>>();
+        let (xf, gf, df) = (widen(&x), widen(&g), widen(&d));
+        let gl = Layout::contiguous((e, 2 * i, h));
+        let dl = Layout::contiguous((e, h, i));
+        let (gs, ds) = (CpuStorage::F32(gf), CpuStorage::F32(df));
+        let tasks_f32 = op.f32_prefill(&xf, &gs, &gl, &ds, &dl, &buckets)?;
+        let mut looped_f32 = vec![0f32; n * h];
+        for (ex, rows) in buckets.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let ye = op.f32_expert(&xf, rows, &gs, &gl, &ds, &dl, ex)?;
+            for (k, &row) in rows.iter().enumerate() {
+                looped_f32[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
+            }
+        }
+        let fbits = |v: &[f32]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        assert_eq!(fbits(&tasks_f32), fbits(&looped_f32));
         // the skipped rows are zero, the others not all zero
         for (t, &id) in op.ids.iter().enumerate() {
             let row = &tasks[t * h..(t + 1) * h];
