@@ -114,6 +114,8 @@ impl CcaConv {
 /// contiguous row first so the inner loop runs over channels. Same additions in the same
 /// order as the loop over taps per element.
 fn depthwise(g: &Geometry, p: &Params, x: &[f32], dtype: DType) -> Vec<f32> {
+    // every element of a row is written through the zip with `b0` (`collect_rows`' contract)
+    assert_eq!(p.b0.len(), g.c, "depthwise bias");
     let taps: Vec<Vec<f32>> = (0..g.k0)
         .map(|i| (0..g.c).map(|c| p.w0[c * g.w0_rs + i]).collect())
         .collect();

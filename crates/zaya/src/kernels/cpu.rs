@@ -443,8 +443,9 @@ pub(crate) fn par_chunks_mut<T: Send>(
 }
 
 /// A vector of `len` elements computed a row of `row` elements at a time on the pool, as
-/// [`par_chunks_mut`] splits it: `f(r, out)` must write every element of row `r`'s `out`.
-/// The output is never zero-filled first (an 8B prefill spent ~7 % in such fills).
+/// [`par_chunks_mut`] splits it: `f(r, out)` must write every element of row `r`'s `out`
+/// (callers write each through a `zip` over inputs they have checked to be as long as a
+/// row). The output is never zero-filled first (an 8B prefill spent ~7 % in such fills).
 pub(crate) fn collect_rows<T: Send>(
     len: usize,
     row: usize,
@@ -534,14 +535,14 @@ impl ColumnsOut {
 /// The output buffer of pool tasks that each write a disjoint set of its rows (an
 /// expert's tokens): a raw pointer the tasks may share.
 #[derive(Clone, Copy)]
-pub(crate) struct RowsOut<T>(*mut T, usize);
-// SAFETY: the tasks holding it write disjoint rows of the buffer, which outlives them (the
-// caller borrows it mutably for the whole parallel section).
-unsafe impl<T: Send> Send for RowsOut<T> {}
-unsafe impl<T: Send> Sync for RowsOut<T> {}
-impl<T> RowsOut<T> {
-    pub(crate) fn new(out: &mut [T]) -> Self {
-        RowsOut(out.as_mut_ptr(), out.len())
+pub(crate) struct RowsOut<'a, T>(*mut T, usize, std::marker::PhantomData<&'a mut [T]>);
+// SAFETY: the tasks holding it write disjoint rows of the buffer, which it borrows mutably
+// for its lifetime.
+unsafe impl<T: Send> Send for RowsOut<'_, T> {}
+unsafe impl<T: Send> Sync for RowsOut<'_, T> {}
+impl<'a, T> RowsOut<'a, T> {
+    pub(crate) fn new(out: &'a mut [T]) -> Self {
+        RowsOut(out.as_mut_ptr(), out.len(), std::marker::PhantomData)
     }
     /// Elements `start..start + len` of the buffer.
     ///
@@ -550,7 +551,7 @@ impl<T> RowsOut<T> {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn row(&self, start: usize, len: usize) -> &mut [T] {
         assert!(
-            start + len <= self.1,
+            start.checked_add(len).is_some_and(|end| end <= self.1),
             "rows {start}+{len} outside {}",
             self.1
         );
@@ -559,8 +560,9 @@ impl<T> RowsOut<T> {
 }
 
 /// `(0..n).map(f)` on the kernel pool, one task per index (for a few large tasks of
-/// uneven size, such as the experts of a prefill: the pool's threads take the next index
-/// as they become free); results in index order.
+/// uneven size, such as the experts of a prefill): rayon splits the range in halves down
+/// to single indices, each thread runs its half in order and a thread that runs out steals
+/// from the other's; results in index order.
 pub(crate) fn par_tasks<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
     use rayon::prelude::*;
     match pool() {

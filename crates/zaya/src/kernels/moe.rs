@@ -572,6 +572,14 @@ mod tests {
         }
         let fbits = |v: &[f32]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
         assert_eq!(fbits(&tasks_f32), fbits(&looped_f32));
+        for (t, &id) in op.ids.iter().enumerate() {
+            let row = &tasks_f32[t * h..(t + 1) * h];
+            assert_eq!(
+                row.iter().all(|v| v.to_bits() == 0),
+                id as usize >= e,
+                "row {t}"
+            );
+        }
         // the skipped rows are zero, the others not all zero
         for (t, &id) in op.ids.iter().enumerate() {
             let row = &tasks[t * h..(t + 1) * h];

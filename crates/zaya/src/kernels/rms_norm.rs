@@ -44,6 +44,14 @@ impl CustomOp2 for RmsNorm {
         let dtype = xs.dtype();
         let h = xl.dims().last().copied().unwrap_or(0);
         let w = f32_view(ws, wl, OP)?;
+        // every output element is written through a zip with `w` (`collect_rows`' contract)
+        if w.len() != h || !xl.shape().elem_count().is_multiple_of(h.max(1)) {
+            return Err(KernelError::Shape {
+                op: OP,
+                message: format!("weight of {} for rows of {h}", w.len()),
+            }
+            .into());
+        }
         let eps = self.eps;
         let inv_rms = |xr: &[f32]| 1.0 / (cpu::sum_sq(xr) / h as f32 + eps).sqrt();
         // bf16 rows in, bf16 rows out, each row widened once into a scratch row: the same
