@@ -86,13 +86,9 @@ impl MoeExperts {
         Ok(ye)
     }
 
-    /// The bf16 experts of a prefill (more rows than a decode step): one pool task per
-    /// expert, largest first, each running its whole chain ([`Self::bf16_expert`]) and
-    /// writing its rows of the bf16 output. Splitting each product over the pool instead
-    /// left the element-wise steps between the products to one thread while the other
-    /// waited (a fifth of an 8B prefill); a task's products still split when a thread is
-    /// free to take part of them. The kernels' results do not depend on how their work is
-    /// split, so the output equals the expert-by-expert loop's bit for bit.
+    /// The bf16 experts of a prefill (more rows than a decode step), as pool tasks
+    /// ([`Self::expert_tasks`]), each the expert's whole chain ([`Self::bf16_expert`]), its
+    /// rows rounded to bf16 as they are stored.
     fn bf16_prefill(
         &self,
         xb: &[half::bf16],
@@ -101,28 +97,16 @@ impl MoeExperts {
         buckets: &[Vec<usize>],
     ) -> Result<Vec<half::bf16>> {
         let (h, i) = (self.h, self.i);
-        // rows routed to no expert (an id past the last one) stay zero
-        let mut y = vec![half::bf16::ZERO; self.n * h];
-        let order = Self::largest_first(buckets);
-        let out = cpu::RowsOut::new(&mut y);
-        let results = cpu::par_tasks(order.len(), |t| {
-            let e = order[t];
-            let rows = &buckets[e];
-            let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-            let dw = &d[e * h * i..(e + 1) * h * i];
-            let ye = self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16_share)?;
-            for (k, &row) in rows.iter().enumerate() {
-                // SAFETY: each row belongs to one expert's bucket, so to this task alone,
-                // and `row < n` (a bucket holds token indices); `y` outlives the tasks.
-                let dst = unsafe { out.row(row * h, h) };
-                for (o, &v) in dst.iter_mut().zip(&ye[k * h..(k + 1) * h]) {
-                    *o = cpu::narrow_bf16(v);
-                }
-            }
-            Ok(())
-        });
-        results.into_iter().collect::<Result<Vec<()>>>()?;
-        Ok(y)
+        self.expert_tasks(
+            buckets,
+            half::bf16::ZERO,
+            |e, rows| {
+                let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
+                let dw = &d[e * h * i..(e + 1) * h * i];
+                self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16_share)
+            },
+            cpu::narrow_bf16,
+        )
     }
 
     /// One expert of an f32 forward (weights of any float dtype, read as f32): its output
@@ -159,9 +143,7 @@ impl MoeExperts {
         Ok(ye)
     }
 
-    /// The f32 experts of a prefill, one pool task per expert as in [`Self::bf16_prefill`]
-    /// (the products' results do not depend on how their work is split, so the output
-    /// equals the expert-by-expert loop's bit for bit).
+    /// The f32 experts of a prefill, as pool tasks ([`Self::expert_tasks`]).
     fn f32_prefill(
         &self,
         x: &[f32],
@@ -171,19 +153,43 @@ impl MoeExperts {
         dl: &Layout,
         buckets: &[Vec<usize>],
     ) -> Result<Vec<f32>> {
+        self.expert_tasks(
+            buckets,
+            0.0,
+            |e, rows| self.f32_expert(x, rows, gs, gl, ds, dl, e),
+            |v| v,
+        )
+    }
+
+    /// A prefill's experts as pool tasks, largest first (`expert(e, rows)` gives expert
+    /// `e`'s f32 output rows), each writing its rows of the `[n, h]` output through `store`;
+    /// rows routed to no expert (an id past the last one) stay `zero`. Splitting each
+    /// product over the pool instead left the element-wise steps between an expert's
+    /// products to one thread while the other waited (a fifth of an 8B prefill); a task's
+    /// products still split when a thread is free to take part of them. The kernels'
+    /// results do not depend on how their work is split, so the output equals the
+    /// expert-by-expert loop's bit for bit.
+    fn expert_tasks<T: Copy + Send>(
+        &self,
+        buckets: &[Vec<usize>],
+        zero: T,
+        expert: impl Fn(usize, &[usize]) -> Result<Vec<f32>> + Sync + Send,
+        store: impl Fn(f32) -> T + Sync + Send,
+    ) -> Result<Vec<T>> {
         let h = self.h;
-        // rows routed to no expert (an id past the last one) stay zero
-        let mut y = vec![0f32; self.n * h];
+        let mut y = vec![zero; self.n * h];
         let order = Self::largest_first(buckets);
         let out = cpu::RowsOut::new(&mut y);
         let results = cpu::par_tasks(order.len(), |t| {
-            let e = order[t];
-            let rows = &buckets[e];
-            let ye = self.f32_expert(x, rows, gs, gl, ds, dl, e)?;
+            let rows = &buckets[order[t]];
+            let ye = expert(order[t], rows)?;
             for (k, &row) in rows.iter().enumerate() {
-                // SAFETY: each row belongs to one expert's bucket, so to this task alone,
-                // and `row < n`; `y` outlives the tasks.
-                unsafe { out.row(row * h, h) }.copy_from_slice(&ye[k * h..(k + 1) * h]);
+                // SAFETY: each row belongs to one expert's bucket, so to this task alone
+                // (`row` is checked against the buffer by `RowsOut::row`).
+                let dst = unsafe { out.row(row * h, h) };
+                for (o, &v) in dst.iter_mut().zip(&ye[k * h..(k + 1) * h]) {
+                    *o = store(v);
+                }
             }
             Ok(())
         });
@@ -312,28 +318,27 @@ impl CustomOp3 for MoeExperts {
                 continue;
             }
             let r = rows.len();
-            if let Some((g, d)) = bf16_weights {
-                let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-                let dw = &d[e * h * i..(e + 1) * h * i];
-                let ye = match x_bf16 {
-                    // A bf16 model's decode step (a prefill took `bf16_prefill` above)
-                    Some(xb) => self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16)?,
-                    None => {
-                        let mut gu = vec![0f32; r * 2 * i];
-                        let mut ye = vec![0f32; r * h];
-                        let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
-                        super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
-                        let act = swiglu::forward(&gu, None, i);
-                        super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
-                        ye
-                    }
-                };
-                for (k, &row) in rows.iter().enumerate() {
-                    y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
+            let ye = match (bf16_weights, x_bf16) {
+                // a bf16 model's decode step (a prefill took `bf16_prefill` above)
+                (Some((g, d)), Some(xb)) => {
+                    let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
+                    let dw = &d[e * h * i..(e + 1) * h * i];
+                    self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16)?
                 }
-                continue;
-            }
-            let ye = self.f32_expert(widened(&mut x_wide, xs, xl)?, rows, gs, gl, ds, dl, e)?;
+                // bf16 weights under f32 activations
+                (Some((g, d)), None) => {
+                    let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
+                    let dw = &d[e * h * i..(e + 1) * h * i];
+                    let mut gu = vec![0f32; r * 2 * i];
+                    let mut ye = vec![0f32; r * h];
+                    let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
+                    super::bf16::linear(&xe, r, h, gw, 2 * i, &mut gu)?;
+                    let act = swiglu::forward(&gu, None, i);
+                    super::bf16::linear(&act, r, i, dw, h, &mut ye)?;
+                    ye
+                }
+                _ => self.f32_expert(widened(&mut x_wide, xs, xl)?, rows, gs, gl, ds, dl, e)?,
+            };
             for (k, &row) in rows.iter().enumerate() {
                 y[row * h..(row + 1) * h].copy_from_slice(&ye[k * h..(k + 1) * h]);
             }
@@ -572,20 +577,18 @@ mod tests {
         }
         let fbits = |v: &[f32]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
         assert_eq!(fbits(&tasks_f32), fbits(&looped_f32));
+        // the skipped rows are zero, the others not all zero, in both outputs
         for (t, &id) in op.ids.iter().enumerate() {
-            let row = &tasks_f32[t * h..(t + 1) * h];
+            let rows = t * h..(t + 1) * h;
+            let skipped = id as usize >= e;
             assert_eq!(
-                row.iter().all(|v| v.to_bits() == 0),
-                id as usize >= e,
+                tasks[rows.clone()].iter().all(|v| v.to_bits() == 0),
+                skipped,
                 "row {t}"
             );
-        }
-        // the skipped rows are zero, the others not all zero
-        for (t, &id) in op.ids.iter().enumerate() {
-            let row = &tasks[t * h..(t + 1) * h];
             assert_eq!(
-                row.iter().all(|v| v.to_bits() == 0),
-                id as usize >= e,
+                tasks_f32[rows].iter().all(|v| v.to_bits() == 0),
+                skipped,
                 "row {t}"
             );
         }

@@ -16,11 +16,18 @@ use super::KernelError;
 
 const OP: &str = "residual_scale";
 
+/// One element of the merge: the sublayer term rounded after each op by `round`, the
+/// residual term and the sum in f32.
+#[inline(always)]
+fn merge(round: impl Fn(f32) -> f32, s: f32, x: f32, [bh, sh, br, sr]: [f32; 4]) -> f32 {
+    round(round(s + bh) * sh) + (x + br) * sr
+}
+
 /// The forward's rows; generic over the rounding so each dtype gets its own loop with the
 /// rounding inlined (the loop vectorises).
-fn merge_rows<S: cpu::Elem>(
+fn merge_rows(
     round: impl Fn(f32) -> f32 + Sync,
-    sub: &[S],
+    sub: &[f32],
     res: &[f32],
     [bh, sh, br, sr]: [&[f32]; 4],
 ) -> Vec<f32> {
@@ -29,13 +36,12 @@ fn merge_rows<S: cpu::Elem>(
         let s = &sub[r * h..(r + 1) * h];
         let x = &res[r * h..(r + 1) * h];
         for j in 0..h {
-            let a = round(round(s[j].to_f32() + bh[j]) * sh[j]);
-            o[j].write(a + (x[j] + br[j]) * sr[j]);
+            o[j].write(merge(&round, s[j], x[j], [bh[j], sh[j], br[j], sr[j]]));
         }
     })
 }
 
-/// [`merge_rows`]' row for a bf16 sublayer output, at the CPU's vector width.
+/// [`merge_rows`]' row for a bf16 sublayer output read in place, at the CPU's vector width.
 #[inline(always)]
 fn merge_row_bf16_body(
     s: &[bf16],
@@ -48,10 +54,9 @@ fn merge_row_bf16_body(
 ) {
     let h = o.len();
     let (s, x, bh, sh, br, sr) = (&s[..h], &x[..h], &bh[..h], &sh[..h], &br[..h], &sr[..h]);
-    let r = cpu::round_bf16;
     for j in 0..h {
-        let a = r(r(cpu::widen_bf16(s[j]) + bh[j]) * sh[j]);
-        o[j].write(a + (x[j] + br[j]) * sr[j]);
+        let p = [bh[j], sh[j], br[j], sr[j]];
+        o[j].write(merge(cpu::round_bf16, cpu::widen_bf16(s[j]), x[j], p));
     }
 }
 
