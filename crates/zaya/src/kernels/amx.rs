@@ -28,6 +28,7 @@
 
 use std::arch::asm;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -159,9 +160,17 @@ thread_local! {
     static PACKED: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
-/// `out[m×n] = x[m×k] · W[n×k]ᵀ`. Callers check [`available`] and the slice sizes
+/// `out[m×n] = x[m×k] · W[n×k]ᵀ`, every element of `out` written (it need not be cleared
+/// or even initialized first). Callers check [`available`] and the slice sizes
 /// (`x: m·k`, `w: n·k`, `out: m·n`); `m, n, k > 0`.
-pub(crate) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+pub(crate) fn gemm(
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
     assert!(available() && k > 0 && x.len() == m * k && w.len() == n * k && out.len() == m * n);
     if m == 0 || n == 0 {
         return;
@@ -202,7 +211,7 @@ fn packed_product(
     kp: usize,
     w: &[bf16],
     n: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     packed_x: &mut [bf16],
 ) {
     pack_activations(x, m, k, mp, kp, packed_x);
@@ -210,7 +219,7 @@ fn packed_product(
         p: packed_x.as_ptr(),
         ld: kp,
     };
-    let o = cpu::ColumnsOut::new(out);
+    let o = cpu::ColumnsOut::uninit(out);
     // at least one panel per thread where `n` allows it, up to MAX_PANEL rows and
     // PANEL_BYTES of packed weight
     let panel = panel_width(n, kp, cpu::num_threads());
@@ -486,8 +495,16 @@ thread_local! {
 /// way out. Each output element is the same sequence of `tdpbf16ps` pair products in the
 /// same `k` order as in [`gemm`] (the two operands of a product swap places, which changes
 /// nothing), so the two kernels agree bit for bit and a row's result does not depend on
-/// the other rows. Callers check [`available`], [`streams`] and the slice sizes.
-pub(crate) fn gemm_streamed(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+/// the other rows. Every element of `out` is written (it need not be initialized first).
+/// Callers check [`available`], [`streams`] and the slice sizes.
+pub(crate) fn gemm_streamed(
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
     assert!(
         available() && streams(k) && x.len() == m * k && w.len() == n * k && out.len() == m * n
     );
@@ -500,7 +517,7 @@ pub(crate) fn gemm_streamed(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize
         p: xb.as_ptr(),
         ld: k,
     };
-    let o = cpu::ColumnsOut::new(out);
+    let o = cpu::ColumnsOut::uninit(out);
     let block = if mp == 16 { SN1 } else { SN2 };
     cpu::par_map(n.div_ceil(block), m * n * k, |b| {
         let j0 = b * block;
@@ -707,6 +724,19 @@ unsafe fn scatter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`super::gemm`] on an `f32` buffer (the tests fill it with NaN first: every element
+    /// must be written).
+    fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+        // SAFETY: the kernel writes only values.
+        super::gemm(x, m, k, w, n, unsafe { cpu::as_uninit(out) })
+    }
+
+    /// [`super::gemm_streamed`] on an `f32` buffer, as [`gemm`].
+    fn gemm_streamed(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+        // SAFETY: the kernel writes only values.
+        super::gemm_streamed(x, m, k, w, n, unsafe { cpu::as_uninit(out) })
+    }
 
     fn data(n: usize, seed: u32) -> Vec<bf16> {
         (0..n)

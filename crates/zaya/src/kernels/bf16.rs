@@ -88,46 +88,16 @@ fn gemv(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
 /// AMX tiles where the CPU and OS allow it ([`super::amx`]; `ZAYA_AMX=0` turns it off), else
 /// the AVX-512 BF16 dot-product instruction where the CPU has it (16 lanes × 2 products per
 /// instruction, four times the f32 FMA rate), and through the widening path elsewhere.
-pub(crate) fn linear_bf16(
-    x: &[bf16],
-    m: usize,
-    k: usize,
-    w: &[bf16],
-    n: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    check_sizes(x.len(), m, k, w.len(), n, out.len())?;
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if m > GEMV_ROWS && n > 0 && k > 0 && super::amx::enabled() {
-        let (x, w, out) = (&x[..m * k], &w[..n * k], &mut out[..m * n]);
-        // both AMX kernels give the same bits; streaming the weights wins up to a few
-        // activation tiles, packing them once pays off above
-        if m <= STREAMED_MAX_ROWS && super::amx::streams(k) {
-            super::amx::gemm_streamed(x, m, k, w, n, out);
-        } else {
-            super::amx::gemm(x, m, k, w, n, out);
-        }
-        return Ok(());
-    }
-    linear_bf16_without_amx(x, m, k, w, n, out)
-}
-
-/// Fewest rows for which [`linear_bf16_share`] streams the weights through AMX tiles
-/// instead of running the GEMV (Xeon Sapphire Rapids, 2 threads, k = 2048, n = 2048–4096:
-/// equal at 4 rows, 1.7–1.8× faster at 8, 3× at 16).
-const STREAMED_MIN_ROWS: usize = 8;
-/// Most rows for which the weight-streaming AMX kernel beats the packing one (1.3–2× faster
-/// up to 64 rows on the same shapes, slower from 96).
-const STREAMED_MAX_ROWS: usize = 64;
-
-/// [`linear_bf16`] for a matrix that sees a few of a larger forward's rows — an expert's
-/// share of a prefill. From [`STREAMED_MIN_ROWS`] rows the weights stream through AMX tiles
+///
+/// `Rows::Share` is for a matrix that sees a few of a larger forward's rows — an expert's
+/// share of a prefill: from [`STREAMED_MIN_ROWS`] rows the weights stream through AMX tiles
 /// in place ([`super::amx::gemm_streamed`]) where the CPU allows it, instead of the
-/// products [`linear_bf16`] keeps up to [`GEMV_ROWS`] rows so that a decode row's result
+/// products `Rows::Whole` keeps up to [`GEMV_ROWS`] rows so that a decode row's result
 /// does not depend on how many rows run with it (an expert of a 512-token prefill sees ~30
-/// rows). Callers use this only when the forward holds more than [`GEMV_ROWS`] rows (not a
+/// rows). Callers use it only when the forward holds more than [`GEMV_ROWS`] rows (not a
 /// decode step). The AMX kernel's result for a row does not depend on the other rows either.
-pub(crate) fn linear_bf16_share(
+pub(crate) fn linear_bf16(
+    rows: Rows,
     x: &[bf16],
     m: usize,
     k: usize,
@@ -136,13 +106,10 @@ pub(crate) fn linear_bf16_share(
     out: &mut [f32],
 ) -> Result<()> {
     check_sizes(x.len(), m, k, w.len(), n, out.len())?;
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if (STREAMED_MIN_ROWS..=GEMV_ROWS).contains(&m)
-        && n > 0
-        && super::amx::enabled()
-        && super::amx::streams(k)
-    {
-        super::amx::gemm_streamed(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
+    let (x, w, out) = (&x[..m * k], &w[..n * k], &mut out[..m * n]);
+    if let Some(product) = amx_product(rows, m, k, n) {
+        // SAFETY: the AMX kernels write only values.
+        product(x, m, k, w, n, unsafe { cpu::as_uninit(out) });
         return Ok(());
     }
     // Without AMX, shares up to `SHARE_DOT_MAX_ROWS` rows take the dot kernel: on weights
@@ -150,14 +117,101 @@ pub(crate) fn linear_bf16_share(
     // its look-ahead into the next weight block (`bf16_expert_share_speed`, Zen 4, 2
     // threads: 1.3× at 16 rows, 1.2× at 32, 1.1× at 48 and 64, equal at 96).
     #[cfg(target_arch = "x86_64")]
-    if m <= SHARE_DOT_MAX_ROWS && n > 0 && k > 0 && !amx_on() && dot::available() {
-        dot::gemm(&x[..m * k], m, k, &w[..n * k], n, &mut out[..m * n]);
+    if rows == Rows::Share
+        && m <= SHARE_DOT_MAX_ROWS
+        && n > 0
+        && k > 0
+        && !amx_on()
+        && dot::available()
+    {
+        dot::gemm(x, m, k, w, n, out);
         return Ok(());
     }
-    linear_bf16(x, m, k, w, n, out)
+    linear_bf16_without_amx(x, m, k, w, n, out)
 }
 
-/// Most rows of an expert's share that [`linear_bf16_share`] keeps on the dot kernel
+/// [`linear_bf16`] into a new `m × n` buffer. Where an AMX kernel takes the product (it
+/// writes every element) the buffer is not cleared first: an expert's gate/up output in a
+/// 512-token prefill is 8 MiB, and clearing it and its down-projection output was ~3 % of
+/// an 8B prefill.
+pub(crate) fn linear_bf16_new(
+    rows: Rows,
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+) -> Result<Vec<f32>> {
+    let len = m * n;
+    if let Some(product) = amx_product(rows, m, k, n) {
+        check_sizes(x.len(), m, k, w.len(), n, len)?;
+        let mut out = Vec::with_capacity(len);
+        product(
+            &x[..m * k],
+            m,
+            k,
+            &w[..n * k],
+            n,
+            &mut out.spare_capacity_mut()[..len],
+        );
+        // SAFETY: the AMX kernels write every element of their output (their tests fill it
+        // with NaN first and compare every element).
+        unsafe { out.set_len(len) };
+        return Ok(out);
+    }
+    let mut out = vec![0f32; len];
+    linear_bf16(rows, x, m, k, w, n, &mut out)?;
+    Ok(out)
+}
+
+/// Which rows a [`linear_bf16`] product holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rows {
+    /// All rows of a forward: a decode step's stay on the GEMV.
+    Whole,
+    /// An expert's share of a prefill's rows.
+    Share,
+}
+
+/// Fewest rows of a share for which [`linear_bf16`] streams the weights through AMX tiles
+/// instead of running the GEMV (Xeon Sapphire Rapids, 2 threads, k = 2048, n = 2048–4096:
+/// equal at 4 rows, 1.7–1.8× faster at 8, 3× at 16).
+const STREAMED_MIN_ROWS: usize = 8;
+/// Most rows for which the weight-streaming AMX kernel beats the packing one (1.3–2× faster
+/// up to 64 rows on the same shapes, slower from 96).
+const STREAMED_MAX_ROWS: usize = 64;
+
+/// An AMX product: `out[m×n] = x[m×k] · W[n×k]ᵀ`, every element of `out` written.
+type AmxProduct = fn(&[bf16], usize, usize, &[bf16], usize, &mut [std::mem::MaybeUninit<f32>]);
+
+/// The AMX kernel that takes an `m × k` by `n × k` product of `rows`, where the CPU, the
+/// OS and the sizes allow one.
+fn amx_product(rows: Rows, m: usize, k: usize, n: usize) -> Option<AmxProduct> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if n > 0 && k > 0 && super::amx::enabled() {
+        let streams = super::amx::streams(k);
+        match rows {
+            // both AMX kernels give the same bits; streaming the weights wins up to a few
+            // activation tiles, packing them once pays off above
+            Rows::Whole if m > GEMV_ROWS => {
+                return Some(if m <= STREAMED_MAX_ROWS && streams {
+                    super::amx::gemm_streamed
+                } else {
+                    super::amx::gemm
+                });
+            }
+            Rows::Share if (STREAMED_MIN_ROWS..=GEMV_ROWS).contains(&m) && streams => {
+                return Some(super::amx::gemm_streamed);
+            }
+            Rows::Share if m > GEMV_ROWS => return amx_product(Rows::Whole, m, k, n),
+            _ => {}
+        }
+    }
+    let _ = (rows, m, k, n);
+    None
+}
+
+/// Most rows of an expert's share that [`linear_bf16`] keeps on the dot kernel
 /// without AMX (from `GEMV_ROWS + 1` on, a share would otherwise be packed).
 const SHARE_DOT_MAX_ROWS: usize = 64;
 
@@ -767,7 +821,7 @@ mod tests {
         ] {
             let (x, w, xf, want) = bf16_operands((m, k, n), (3, 5));
             let mut out = vec![f32::NAN; m * n];
-            linear_bf16(&x, m, k, &w, n, &mut out).unwrap();
+            linear_bf16(Rows::Whole, &x, m, k, &w, n, &mut out).unwrap();
             for (g, r) in out.iter().zip(&want) {
                 assert!(
                     (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
@@ -776,11 +830,23 @@ mod tests {
             }
             // an expert's share of a prefill: AMX, packed or GEMV, the same product
             let mut share = vec![f32::NAN; m * n];
-            linear_bf16_share(&x, m, k, &w, n, &mut share).unwrap();
+            linear_bf16(Rows::Share, &x, m, k, &w, n, &mut share).unwrap();
             for (g, r) in share.iter().zip(&want) {
                 assert!(
                     (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
                     "share m={m} k={k} n={n}: {g} vs {r}"
+                );
+            }
+            // into a new buffer (uncleared where AMX takes the product): the same bits
+            for (rows, into) in [(Rows::Whole, &out), (Rows::Share, &share)] {
+                let new = linear_bf16_new(rows, &x, m, k, &w, n).unwrap();
+                assert!(
+                    new.len() == m * n
+                        && new
+                            .iter()
+                            .zip(into)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{rows:?} m={m} k={k} n={n}: a new buffer differs"
                 );
             }
             // and the same as the widening path it replaces, up to summation order
@@ -795,7 +861,9 @@ mod tests {
                 for rows in [1, 2.min(m)] {
                     let at = m - rows;
                     let mut alone = vec![f32::NAN; rows * n];
-                    cpu::in_pool(|| linear_bf16(&x[at * k..], rows, k, &w, n, &mut alone).unwrap());
+                    cpu::in_pool(|| {
+                        linear_bf16(Rows::Whole, &x[at * k..], rows, k, &w, n, &mut alone).unwrap()
+                    });
                     assert!(
                         alone
                             .iter()

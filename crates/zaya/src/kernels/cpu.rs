@@ -515,6 +515,16 @@ pub(crate) fn gemv_by_weight_rows(
     }
 }
 
+/// `out` for a kernel that takes its output uncleared ([`MaybeUninit`]).
+///
+/// # Safety
+/// The kernel may write only initialized values (it never stores `MaybeUninit::uninit()`),
+/// so that `out` holds valid `f32`s afterwards, as before.
+pub(crate) unsafe fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller writes only values.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
 /// The output buffer of a product whose pool tasks each write a disjoint set of its
 /// elements (column blocks of the weight rows): a raw pointer the tasks may share.
 #[derive(Clone, Copy)]
@@ -526,6 +536,10 @@ unsafe impl Sync for ColumnsOut {}
 impl ColumnsOut {
     pub(crate) fn new(out: &mut [f32]) -> Self {
         ColumnsOut(out.as_mut_ptr())
+    }
+    /// For a product that writes every element of a buffer it was handed uncleared.
+    pub(crate) fn uninit(out: &mut [MaybeUninit<f32>]) -> Self {
+        ColumnsOut(out.as_mut_ptr() as *mut f32)
     }
     pub(crate) fn ptr(self) -> *mut f32 {
         self.0

@@ -328,20 +328,22 @@ pub(crate) fn bf16_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         a.clone()
     };
-    let mut out = vec![0f32; m * n];
     // two read locks held over the product: nothing writes to a weight or to an activation
     // while a forward reads it
-    super::cpu::with_cpu_storage(&a, "matmul", |xs, xl| {
+    let out = super::cpu::with_cpu_storage(&a, "matmul", |xs, xl| {
         super::cpu::with_cpu_storage(&w, "matmul", |s, l| {
             let w = bf16_weight_slice(s, l)?;
             match (xs, xl.contiguous_offsets()) {
                 (CpuStorage::BF16(x), Some((a0, a1))) => {
-                    super::bf16::linear_bf16(&x[a0..a1], m, k, w, n, &mut out)
+                    let rows = super::bf16::Rows::Whole;
+                    super::bf16::linear_bf16_new(rows, &x[a0..a1], m, k, w, n)
                 }
                 // strided `a` (made contiguous above where it is bf16) and f32 activations
                 _ => {
                     let x = super::cpu::f32_view(xs, xl, "matmul")?;
-                    super::bf16::linear(&x, m, k, w, n, &mut out)
+                    let mut out = vec![0f32; m * n];
+                    super::bf16::linear(&x, m, k, w, n, &mut out)?;
+                    Ok(out)
                 }
             }
         })

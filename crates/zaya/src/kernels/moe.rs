@@ -16,6 +16,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::bf16::Rows;
 use super::cpu::{
     self, f32_range, f32_view, host_f32, storage_from_f32, tensor_from_f32, with_cpu_storage,
     MatMut, MatRef, GEMV_ROWS,
@@ -24,10 +25,6 @@ use super::reference::MoeShape;
 use super::{sgemm, swiglu, KernelError};
 
 const OP: &str = "moe_experts";
-
-/// A bf16-weight product `out[m×n] = x[m×k] · W[n×k]ᵀ` ([`super::bf16::linear_bf16`] for a
-/// decode step, [`super::bf16::linear_bf16_share`] for a prefill's expert shares).
-type Bf16Linear = fn(&[half::bf16], usize, usize, &[half::bf16], usize, &mut [f32]) -> Result<()>;
 
 struct MoeExperts {
     ids: Vec<u32>,
@@ -61,15 +58,14 @@ impl MoeExperts {
         rows: &[usize],
         gw: &[half::bf16],
         dw: &[half::bf16],
-        linear: Bf16Linear,
+        products: Rows,
     ) -> Result<Vec<f32>> {
         let (h, i, r) = (self.h, self.i, rows.len());
         let mut xe = Vec::with_capacity(r * h);
         for &row in rows {
             xe.extend_from_slice(&xb[row * h..(row + 1) * h]);
         }
-        let mut gu = vec![0f32; r * 2 * i];
-        linear(&xe, r, h, gw, 2 * i, &mut gu)?;
+        let mut gu = super::bf16::linear_bf16_new(products, &xe, r, h, gw, 2 * i)?;
         // per row: gate and up rounded to bf16, SwiGLU, the activation rounded to bf16 (the
         // same operations as the unfused chain, without its three full-size buffers)
         let mut act = Vec::with_capacity(r * i);
@@ -81,9 +77,7 @@ impl MoeExperts {
             cpu::silu_mul(&row[..i], &row[i..], &mut row_act);
             act.extend(row_act.iter().map(|&v| cpu::narrow_bf16(v)));
         }
-        let mut ye = vec![0f32; r * h];
-        linear(&act, r, i, dw, h, &mut ye)?;
-        Ok(ye)
+        super::bf16::linear_bf16_new(products, &act, r, i, dw, h)
     }
 
     /// The bf16 experts of a prefill (more rows than a decode step), as pool tasks
@@ -103,7 +97,7 @@ impl MoeExperts {
             |e, rows| {
                 let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
                 let dw = &d[e * h * i..(e + 1) * h * i];
-                self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16_share)
+                self.bf16_expert(xb, rows, gw, dw, Rows::Share)
             },
             cpu::narrow_bf16,
         )
@@ -323,7 +317,7 @@ impl CustomOp3 for MoeExperts {
                 (Some((g, d)), Some(xb)) => {
                     let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
                     let dw = &d[e * h * i..(e + 1) * h * i];
-                    self.bf16_expert(xb, rows, gw, dw, super::bf16::linear_bf16)?
+                    self.bf16_expert(xb, rows, gw, dw, Rows::Whole)?
                 }
                 // bf16 weights under f32 activations
                 (Some((g, d)), None) => {
@@ -548,7 +542,7 @@ mod tests {
             }
             let gw = &g[ex * 2 * i * h..(ex + 1) * 2 * i * h];
             let dw = &d[ex * h * i..(ex + 1) * h * i];
-            let ye = op.bf16_expert(&x, rows, gw, dw, super::super::bf16::linear_bf16_share)?;
+            let ye = op.bf16_expert(&x, rows, gw, dw, Rows::Share)?;
             for (k, &row) in rows.iter().enumerate() {
                 for (o, &v) in looped[row * h..(row + 1) * h].iter_mut().zip(&ye[k * h..]) {
                     *o = bf16::from_f32(v);
