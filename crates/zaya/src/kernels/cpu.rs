@@ -184,11 +184,16 @@ fn widen<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
     match layout.contiguous_offsets() {
         Some((a, b)) => widen_slice(&data[a..b]),
         None => {
-            let mut out = Vec::with_capacity(layout.shape().elem_count());
+            // every run has the same length; each is widened where it lies, on the pool (a
+            // rotary input, a view of q or k, was widened element by element on one thread)
+            let (mut starts, mut run) = (Vec::new(), 0);
             for_each_run(layout, |a, n| {
-                out.extend(data[a..a + n].iter().map(|x| x.to_f32()))
+                starts.push(a);
+                run = n;
             });
-            out
+            collect_rows(starts.len() * run, run, |r, dst| {
+                T::widen_into(&data[starts[r]..starts[r] + run], dst)
+            })
         }
     }
 }
@@ -1716,6 +1721,17 @@ mod tests {
         for l in &layouts {
             assert_eq!(gather(&data, l), naive(&data, l), "{l:?}");
             assert_eq!(widen(&data, l), naive(&data, l), "{l:?}");
+        }
+        // bf16 views large enough to be widened on the pool, run by run (values exact in bf16)
+        let data: Vec<f32> = (0..4 * 64 * 8 * 16).map(|i| (i % 251) as f32).collect();
+        let data_b: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        let base = Layout::contiguous((4, 64, 8, 16));
+        for l in [
+            base.transpose(1, 2).unwrap(),
+            base.narrow(3, 4, 8).unwrap(),
+            base.narrow(1, 1, 60).unwrap(),
+        ] {
+            assert_eq!(widen(&data_b, &l), naive(&data, &l), "{l:?}");
         }
     }
 

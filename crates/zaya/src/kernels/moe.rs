@@ -65,18 +65,19 @@ impl MoeExperts {
         for &row in rows {
             xe.extend_from_slice(&xb[row * h..(row + 1) * h]);
         }
-        let mut gu = super::bf16::linear_bf16_new(products, &xe, r, h, gw, 2 * i)?;
+        let gu = super::bf16::linear_bf16_new(products, &xe, r, h, gw, 2 * i)?;
         // per row: gate and up rounded to bf16, SwiGLU, the activation rounded to bf16 (the
-        // same operations as the unfused chain, without its three full-size buffers)
-        let mut act = Vec::with_capacity(r * i);
-        let mut row_act = vec![0f32; i];
-        for row in gu.chunks_exact_mut(2 * i) {
-            for v in row.iter_mut() {
-                *v = cpu::round_bf16(*v);
-            }
-            cpu::silu_mul(&row[..i], &row[i..], &mut row_act);
-            act.extend(row_act.iter().map(|&v| cpu::narrow_bf16(v)));
-        }
+        // same operations as the unfused chain, without its three full-size buffers); rows
+        // on the pool, as a prefill's last and largest expert often runs alone
+        let act = cpu::collect_rows(r * i, i, |t, dst| {
+            let rounded: Vec<f32> = gu[t * 2 * i..(t + 1) * 2 * i]
+                .iter()
+                .map(|&v| cpu::round_bf16(v))
+                .collect();
+            let mut row_act = vec![0f32; i];
+            cpu::silu_mul(&rounded[..i], &rounded[i..], &mut row_act);
+            cpu::narrow_bf16_into(&row_act, dst);
+        });
         super::bf16::linear_bf16_new(products, &act, r, i, dw, h)
     }
 
