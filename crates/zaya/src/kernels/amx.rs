@@ -1095,7 +1095,7 @@ mod tests {
         let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
         let (k, n, experts) = (2048, 4096, 8);
         let w = data(experts * n * k, 5);
-        for m in [8, 16, 24, 32, 48, 64, 96, 128] {
+        for m in [8, 16, 24, 32, 48, 64, 96, 128, 256, 512] {
             let x = data(m * k, 3);
             let mut out = vec![0f32; m * n];
             let gflop = 2.0 * (experts * m * n * k) as f64 / 1e9;

@@ -177,9 +177,10 @@ pub(crate) enum Rows {
 /// instead of running the GEMV (Xeon Sapphire Rapids, 2 threads, k = 2048, n = 2048–4096:
 /// equal at 4 rows, 1.7–1.8× faster at 8, 3× at 16).
 const STREAMED_MIN_ROWS: usize = 8;
-/// Most rows for which the weight-streaming AMX kernel beats the packing one (1.3–2× faster
-/// up to 64 rows on the same shapes, slower from 96).
-const STREAMED_MAX_ROWS: usize = 64;
+/// Most rows for which the weight-streaming AMX kernel beats the packing one (Sapphire
+/// Rapids, 2 threads, eight 16 MiB gate/up weights in turn, `amx_expert_share_speed`:
+/// 1.1–1.25× faster up to 32 rows, even at 48, 0.8–0.9× at 64, 0.7× at 96).
+const STREAMED_MAX_ROWS: usize = 48;
 
 /// An AMX product: `out[m×n] = x[m×k] · W[n×k]ᵀ`, every element of `out` written.
 type AmxProduct = fn(&[bf16], usize, usize, &[bf16], usize, &mut [std::mem::MaybeUninit<f32>]);

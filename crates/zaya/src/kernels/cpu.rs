@@ -1508,6 +1508,19 @@ simd_dispatch! {
 }
 
 #[inline(always)]
+fn silu_mul_bf16_body(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<bf16>]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        o.write(narrow_bf16(silu(round_bf16(*g)) * round_bf16(*u)));
+    }
+}
+
+simd_dispatch! {
+    /// `out = bf16(silu(bf16(gate)) · bf16(up))`: a bf16 model's SwiGLU on f32 products,
+    /// every value rounded where the reference's bf16 tensors round it.
+    pub(crate) fn silu_mul_bf16(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<bf16>]) => silu_mul_bf16_body
+}
+
+#[inline(always)]
 fn silu_mul_grad_body(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
     for ((((dg, du), &g), &u), &d) in dgate
         .iter_mut()
@@ -1842,6 +1855,27 @@ mod tests {
         for i in 0..37 {
             let want = a[i] / (1.0 + (-a[i]).exp()) * b[i];
             assert!((out[i] - want).abs() < 1e-6);
+        }
+        // the bf16 SwiGLU is the chain it fuses, bit for bit: both inputs rounded to bf16,
+        // `silu_mul`, the result rounded (values around bf16 rounding ties included)
+        let gate: Vec<f32> = (0..1000)
+            .map(|i| (i as f32 - 500.0) * 0.01731 + 1e-3)
+            .collect();
+        let up: Vec<f32> = (0..1000)
+            .map(|i| f32::from_bits(0x3f80_8000 + i * 97))
+            .collect();
+        let (rg, ru): (Vec<f32>, Vec<f32>) = (
+            gate.iter().map(|&v| round_bf16(v)).collect(),
+            up.iter().map(|&v| round_bf16(v)).collect(),
+        );
+        let mut chain = vec![0f32; 1000];
+        silu_mul(&rg, &ru, &mut chain);
+        let mut fused = vec![MaybeUninit::uninit(); 1000];
+        silu_mul_bf16(&gate, &up, &mut fused);
+        for (i, (f, c)) in fused.iter().zip(&chain).enumerate() {
+            // SAFETY: `silu_mul_bf16` wrote every element.
+            let f = unsafe { f.assume_init() };
+            assert_eq!(f.to_bits(), narrow_bf16(*c).to_bits(), "element {i}");
         }
     }
 

@@ -70,13 +70,8 @@ impl MoeExperts {
         // same operations as the unfused chain, without its three full-size buffers); rows
         // on the pool, as a prefill's last and largest expert often runs alone
         let act = cpu::collect_rows(r * i, i, |t, dst| {
-            let rounded: Vec<f32> = gu[t * 2 * i..(t + 1) * 2 * i]
-                .iter()
-                .map(|&v| cpu::round_bf16(v))
-                .collect();
-            let mut row_act = vec![0f32; i];
-            cpu::silu_mul(&rounded[..i], &rounded[i..], &mut row_act);
-            cpu::narrow_bf16_into(&row_act, dst);
+            let row = &gu[t * 2 * i..(t + 1) * 2 * i];
+            cpu::silu_mul_bf16(&row[..i], &row[i..], dst);
         });
         super::bf16::linear_bf16_new(products, &act, r, i, dw, h)
     }
