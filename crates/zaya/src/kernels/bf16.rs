@@ -179,7 +179,7 @@ pub(crate) enum Rows {
 const STREAMED_MIN_ROWS: usize = 8;
 /// Most rows for which the weight-streaming AMX kernel beats the packing one (Sapphire
 /// Rapids, 2 threads, eight 16 MiB gate/up weights in turn, `amx_expert_share_speed`:
-/// 1.1–1.25× faster up to 32 rows, even at 48, 0.8–0.9× at 64, 0.7× at 96).
+/// 1.1–1.25× faster up to 32 rows, even at 48, 0.8–0.9× at 64, 0.7–0.8× at 96).
 const STREAMED_MAX_ROWS: usize = 48;
 
 /// An AMX product: `out[m×n] = x[m×k] · W[n×k]ᵀ`, every element of `out` written.

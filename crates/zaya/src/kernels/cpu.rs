@@ -169,28 +169,38 @@ fn for_each_run(layout: &Layout, mut run: impl FnMut(usize, usize)) {
     }
 }
 
-fn gather<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
+fn gather<T: Copy + Send + Sync>(data: &[T], layout: &Layout) -> Vec<T> {
     match layout.contiguous_offsets() {
         Some((a, b)) => data[a..b].to_vec(),
         None => {
-            let mut out = Vec::with_capacity(layout.shape().elem_count());
-            for_each_run(layout, |a, n| out.extend_from_slice(&data[a..a + n]));
-            out
+            let (starts, run) = runs(layout);
+            collect_rows(starts.len() * run, run, |r, dst| {
+                for (d, s) in dst.iter_mut().zip(&data[starts[r]..starts[r] + run]) {
+                    d.write(*s);
+                }
+            })
         }
     }
+}
+
+/// The start of every run of a strided layout ([`for_each_run`]) and their common length:
+/// copies of the runs can go to the pool ([`collect_rows`], a run per row).
+fn runs(layout: &Layout) -> (Vec<usize>, usize) {
+    let (mut starts, mut run) = (Vec::new(), 0);
+    for_each_run(layout, |a, n| {
+        starts.push(a);
+        run = n;
+    });
+    (starts, run)
 }
 
 fn widen<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
     match layout.contiguous_offsets() {
         Some((a, b)) => widen_slice(&data[a..b]),
         None => {
-            // every run has the same length; each is widened where it lies, on the pool (a
-            // rotary input, a view of q or k, was widened element by element on one thread)
-            let (mut starts, mut run) = (Vec::new(), 0);
-            for_each_run(layout, |a, n| {
-                starts.push(a);
-                run = n;
-            });
+            // each run widened where it lies, on the pool (a rotary input, a view of q or k,
+            // was widened element by element on one thread)
+            let (starts, run) = runs(layout);
             collect_rows(starts.len() * run, run, |r, dst| {
                 T::widen_into(&data[starts[r]..starts[r] + run], dst)
             })
@@ -1735,7 +1745,8 @@ mod tests {
             assert_eq!(gather(&data, l), naive(&data, l), "{l:?}");
             assert_eq!(widen(&data, l), naive(&data, l), "{l:?}");
         }
-        // bf16 views large enough to be widened on the pool, run by run (values exact in bf16)
+        // views large enough to be copied or widened on the pool, run by run (values exact in
+        // bf16)
         let data: Vec<f32> = (0..4 * 64 * 8 * 16).map(|i| (i % 251) as f32).collect();
         let data_b: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
         let base = Layout::contiguous((4, 64, 8, 16));
@@ -1745,6 +1756,7 @@ mod tests {
             base.narrow(1, 1, 60).unwrap(),
         ] {
             assert_eq!(widen(&data_b, &l), naive(&data, &l), "{l:?}");
+            assert_eq!(gather(&data, &l), naive(&data, &l), "{l:?}");
         }
     }
 
