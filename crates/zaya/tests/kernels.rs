@@ -845,7 +845,7 @@ fn bf16_experts_match_the_f32_evaluation_of_the_same_weights() -> Result<()> {
 }
 
 /// Tile-sized widths (k a multiple of 32) in a prefill-sized forward (96 rows): expert
-/// shares of 8–64 rows (11, 23 and 48 here) stream their weights through AMX tiles where the
+/// shares of 8–48 rows (11, 23 and 48 here) stream their weights through AMX tiles where the
 /// CPU has them, a 2-row share takes the GEMV (on other CPUs: the AVX-512 BF16 / widening
 /// paths); id 4 is the skip class.
 #[test]

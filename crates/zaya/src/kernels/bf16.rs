@@ -167,7 +167,8 @@ pub(crate) fn linear_bf16_new(
 /// Which rows a [`linear_bf16`] product holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Rows {
-    /// All rows of a forward: a decode step's stay on the GEMV.
+    /// All rows of a forward (a `Linear`, a decode step's experts): up to [`GEMV_ROWS`]
+    /// rows stay on the GEMV.
     Whole,
     /// An expert's share of a prefill's rows.
     Share,
@@ -179,7 +180,9 @@ pub(crate) enum Rows {
 const STREAMED_MIN_ROWS: usize = 8;
 /// Most rows for which the weight-streaming AMX kernel beats the packing one (Sapphire
 /// Rapids, 2 threads, eight 16 MiB gate/up weights in turn, `amx_expert_share_speed`:
-/// 1.1–1.25× faster up to 32 rows, even at 48, 0.8–0.9× at 64, 0.7–0.8× at 96).
+/// 1.1–1.25× faster up to 32 rows, even at 48, 0.8–0.9× at 64, 0.7–0.8× at 96). The
+/// same bound holds for `Rows::Whole` (a short prompt's `Linear`s, whose weights are read
+/// from memory too; not measured separately).
 const STREAMED_MAX_ROWS: usize = 48;
 
 /// An AMX product: `out[m×n] = x[m×k] · W[n×k]ᵀ`, every element of `out` written.

@@ -174,6 +174,13 @@ fn gather<T: Copy + Send + Sync>(data: &[T], layout: &Layout) -> Vec<T> {
         Some((a, b)) => data[a..b].to_vec(),
         None => {
             let (starts, run) = runs(layout);
+            if run < POOL_RUN {
+                return starts
+                    .iter()
+                    .flat_map(|&a| &data[a..a + run])
+                    .copied()
+                    .collect();
+            }
             collect_rows(starts.len() * run, run, |r, dst| {
                 for (d, s) in dst.iter_mut().zip(&data[starts[r]..starts[r] + run]) {
                     d.write(*s);
@@ -182,6 +189,10 @@ fn gather<T: Copy + Send + Sync>(data: &[T], layout: &Layout) -> Vec<T> {
         }
     }
 }
+
+/// Shortest run [`gather`] and [`widen`] hand to the pool one run per task; shorter runs (a
+/// transposed last axis: one element each) are copied in one pass on this thread.
+const POOL_RUN: usize = 16;
 
 /// The start of every run of a strided layout ([`for_each_run`]) and their common length:
 /// copies of the runs can go to the pool ([`collect_rows`], a run per row).
@@ -201,6 +212,13 @@ fn widen<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
             // each run widened where it lies, on the pool (a rotary input, a view of q or k,
             // was widened element by element on one thread)
             let (starts, run) = runs(layout);
+            if run < POOL_RUN {
+                return starts
+                    .iter()
+                    .flat_map(|&a| &data[a..a + run])
+                    .map(|x| x.to_f32())
+                    .collect();
+            }
             collect_rows(starts.len() * run, run, |r, dst| {
                 T::widen_into(&data[starts[r]..starts[r] + run], dst)
             })
@@ -553,6 +571,10 @@ impl ColumnsOut {
         ColumnsOut(out.as_mut_ptr())
     }
     /// For a product that writes every element of a buffer it was handed uncleared.
+    #[cfg_attr(
+        not(all(target_arch = "x86_64", target_os = "linux")),
+        allow(dead_code)
+    )]
     pub(crate) fn uninit(out: &mut [MaybeUninit<f32>]) -> Self {
         ColumnsOut(out.as_mut_ptr() as *mut f32)
     }
@@ -1754,6 +1776,7 @@ mod tests {
             base.transpose(1, 2).unwrap(),
             base.narrow(3, 4, 8).unwrap(),
             base.narrow(1, 1, 60).unwrap(),
+            base.transpose(2, 3).unwrap(),
         ] {
             assert_eq!(widen(&data_b, &l), naive(&data, &l), "{l:?}");
             assert_eq!(gather(&data, &l), naive(&data, &l), "{l:?}");

@@ -496,7 +496,7 @@ mod tests {
 
     /// The expert-parallel prefill (bf16, then f32) places every expert's rows where the
     /// expert-by-expert loop does, bit for bit, with rows of every kernel class (a few rows: dot kernel or
-    /// GEMV; 8–64: streamed AMX tiles where present; more: packed) and rows routed to no
+    /// GEMV; 8–48: streamed AMX tiles where present; more: packed) and rows routed to no
     /// expert left zero.
     #[test]
     fn prefill_tasks_equal_the_expert_loop() -> Result<()> {
