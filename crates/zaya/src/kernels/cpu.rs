@@ -169,29 +169,8 @@ fn for_each_run(layout: &Layout, mut run: impl FnMut(usize, usize)) {
     }
 }
 
-fn gather<T: Copy + Send + Sync>(data: &[T], layout: &Layout) -> Vec<T> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => data[a..b].to_vec(),
-        None => {
-            let (starts, run) = runs(layout);
-            if run < POOL_RUN {
-                return starts
-                    .iter()
-                    .flat_map(|&a| &data[a..a + run])
-                    .copied()
-                    .collect();
-            }
-            collect_rows(starts.len() * run, run, |r, dst| {
-                for (d, s) in dst.iter_mut().zip(&data[starts[r]..starts[r] + run]) {
-                    d.write(*s);
-                }
-            })
-        }
-    }
-}
-
-/// Shortest run [`gather`] and [`widen`] hand to the pool one run per task; shorter runs (a
-/// transposed last axis: one element each) are copied in one pass on this thread.
+/// Shortest run [`widen`] hands to the pool one run per task; shorter runs (a transposed
+/// last axis: one element each) are converted in one pass on this thread.
 const POOL_RUN: usize = 16;
 
 /// The start of every run of a strided layout ([`for_each_run`]) and their common length:
@@ -205,12 +184,14 @@ fn runs(layout: &Layout) -> (Vec<usize>, usize) {
     (starts, run)
 }
 
+/// The elements of `data` seen through `layout`, in logical (row-major) order, as f32 (for
+/// f32 data: a copy).
 fn widen<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
     match layout.contiguous_offsets() {
         Some((a, b)) => widen_slice(&data[a..b]),
         None => {
-            // each run widened where it lies, on the pool (a rotary input, a view of q or k,
-            // was widened element by element on one thread)
+            // each run converted where it lies, on the pool (a rotary input, a view of q or
+            // k, was converted element by element on one thread)
             let (starts, run) = runs(layout);
             if run < POOL_RUN {
                 return starts
@@ -236,7 +217,7 @@ pub(crate) fn f32_view<'a>(
     Ok(match storage {
         CpuStorage::F32(d) => match layout.contiguous_offsets() {
             Some((a, b)) => Cow::Borrowed(&d[a..b]),
-            None => Cow::Owned(gather(d, layout)),
+            None => Cow::Owned(widen(d, layout)),
         },
         CpuStorage::BF16(d) => Cow::Owned(widen(d, layout)),
         CpuStorage::F16(d) => Cow::Owned(widen(d, layout)),
@@ -1764,7 +1745,6 @@ mod tests {
             Layout::contiguous((3, 1)).broadcast_as((3, 6)).unwrap(),
         ];
         for l in &layouts {
-            assert_eq!(gather(&data, l), naive(&data, l), "{l:?}");
             assert_eq!(widen(&data, l), naive(&data, l), "{l:?}");
         }
         // views large enough to be copied or widened on the pool, run by run (values exact in
@@ -1779,7 +1759,7 @@ mod tests {
             base.transpose(2, 3).unwrap(),
         ] {
             assert_eq!(widen(&data_b, &l), naive(&data, &l), "{l:?}");
-            assert_eq!(gather(&data, &l), naive(&data, &l), "{l:?}");
+            assert_eq!(widen(&data, &l), naive(&data, &l), "{l:?}");
         }
     }
 
