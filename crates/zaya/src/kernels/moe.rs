@@ -86,13 +86,11 @@ impl MoeExperts {
         d: &[half::bf16],
         buckets: &[Vec<usize>],
     ) -> Result<Vec<half::bf16>> {
-        let (h, i) = (self.h, self.i);
         self.expert_tasks(
             buckets,
             half::bf16::ZERO,
             |e, rows| {
-                let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-                let dw = &d[e * h * i..(e + 1) * h * i];
+                let (gw, dw) = self.expert_weights(g, d, e);
                 self.bf16_expert(xb, rows, gw, dw, Rows::Share)
             },
             cpu::narrow_bf16,
@@ -185,6 +183,12 @@ impl MoeExperts {
         });
         results.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(y)
+    }
+
+    /// Expert `e`'s gate/up `[2I, H]` and down `[H, I]` weights within the stacked ones.
+    fn expert_weights<'a, T>(&self, g: &'a [T], d: &'a [T], e: usize) -> (&'a [T], &'a [T]) {
+        let (gu, dn) = (2 * self.i * self.h, self.h * self.i);
+        (&g[e * gu..(e + 1) * gu], &d[e * dn..(e + 1) * dn])
     }
 
     /// The experts that receive rows, those with the most rows first (the pool's threads
@@ -311,14 +315,12 @@ impl CustomOp3 for MoeExperts {
             let ye = match (bf16_weights, x_bf16) {
                 // a bf16 model's decode step (a prefill took `bf16_prefill` above)
                 (Some((g, d)), Some(xb)) => {
-                    let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-                    let dw = &d[e * h * i..(e + 1) * h * i];
+                    let (gw, dw) = self.expert_weights(g, d, e);
                     self.bf16_expert(xb, rows, gw, dw, Rows::Whole)?
                 }
                 // bf16 weights under f32 activations
                 (Some((g, d)), None) => {
-                    let gw = &g[e * 2 * i * h..(e + 1) * 2 * i * h];
-                    let dw = &d[e * h * i..(e + 1) * h * i];
+                    let (gw, dw) = self.expert_weights(g, d, e);
                     let mut gu = vec![0f32; r * 2 * i];
                     let mut ye = vec![0f32; r * h];
                     let xe = self.gather(widened(&mut x_wide, xs, xl)?, rows);
