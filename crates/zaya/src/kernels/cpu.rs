@@ -477,7 +477,9 @@ pub(crate) fn collect_rows<T: Send>(
 /// outputs (`m` per weight row) of rows `j0..j0 + c.len() / m`. With `parallel`, the rows
 /// are split into a few blocks per pool thread, each a multiple of `align` rows: the split
 /// follows the weight (`n · k`), not the output length, so a 2048-row projection at one row
-/// of x is worth every core.
+/// of x is worth every core. The blocks go to the spinning [`team`](super::team) when it is
+/// free (a decode step's products are too short to wake sleeping pool threads for), else to
+/// the pool.
 fn split_weight_rows(
     m: usize,
     n: usize,
@@ -492,6 +494,17 @@ fn split_weight_rows(
     let threads = num_threads();
     if parallel && threads > 1 && n > align && n * k * m >= MIN_PARALLEL_WORK {
         let rows = n.div_ceil(4 * threads).next_multiple_of(align);
+        let (len, chunk) = (by_col.len(), rows * m);
+        let out = RowsOut::new(by_col);
+        let on_team = super::team::try_run(len.div_ceil(chunk), &|t| {
+            let start = t * chunk;
+            // SAFETY: task `t` alone writes chunk `t` (`start..start + chunk`, clipped).
+            let o = unsafe { out.row(start, chunk.min(len - start)) };
+            block(t * rows, o)
+        });
+        if on_team {
+            return;
+        }
         in_pool(|| {
             by_col
                 .par_chunks_mut(rows * m)

@@ -47,6 +47,7 @@ mod router_eda;
 mod sgemm;
 mod softmax;
 mod swiglu;
+mod team;
 
 pub use cpu::num_threads;
 
