@@ -58,25 +58,42 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8kRows {
         qs: vec![0i8; m * k],
         bsums: vec![0i16; m * kb * 16],
     };
-    let mut q = [0i8; QK_K];
     for (b, xs) in x[..m * k].chunks_exact(QK_K).enumerate() {
-        let d = round_block(xs, &mut q);
-        if d == 0.0 {
-            continue; // zeros already
-        }
-        for (s, sum) in rows.bsums[16 * b..16 * b + 16].iter_mut().enumerate() {
-            *sum = q[16 * s..16 * s + 16]
-                .iter()
-                .map(|&v| v as i32)
-                .sum::<i32>() as i16;
-        }
-        let out = &mut rows.qs[QK_K * b..QK_K * (b + 1)];
-        for (s, at) in STORED_AT.iter().enumerate() {
-            out[32 * at..32 * at + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
-        }
-        rows.d[b] = d;
+        let qs = &mut rows.qs[QK_K * b..QK_K * (b + 1)];
+        let bsums = &mut rows.bsums[16 * b..16 * b + 16];
+        rows.d[b] = quantize_block(xs, qs, bsums);
     }
     rows
+}
+
+/// One super-block of [`quantize_rows`]: returns `d` and writes the values (stored order)
+/// and the sums of 16; a zero block leaves both untouched (zeros) and returns 0.
+fn quantize_block(xs: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if cpu::simd_level() == cpu::SimdLevel::Avx512 {
+        // SAFETY: AVX-512F was detected on this CPU.
+        return unsafe { avx512::quantize_block(xs, qs, bsums) };
+    }
+    quantize_block_portable(xs, qs, bsums)
+}
+
+/// [`quantize_block`]'s reference: [`round_block`], then the sums and the reordering.
+fn quantize_block_portable(xs: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
+    let mut q = [0i8; QK_K];
+    let d = round_block(xs, &mut q);
+    if d == 0.0 {
+        return 0.0;
+    }
+    for (s, sum) in bsums[..16].iter_mut().enumerate() {
+        *sum = q[16 * s..16 * s + 16]
+            .iter()
+            .map(|&v| v as i32)
+            .sum::<i32>() as i16;
+    }
+    for (s, at) in STORED_AT.iter().enumerate() {
+        qs[32 * at..32 * at + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
+    }
+    d
 }
 
 /// One super-block of `xs` (256 values) rounded into `q`; returns `d` (0 for a zero
@@ -187,6 +204,64 @@ mod avx512 {
         v
     }
     const PAIRS: [[i16; 32]; 4] = [pair(0, 2), pair(1, 3), pair(4, 6), pair(5, 7)];
+    /// [`super::quantize_block_portable`] in one pass of 16-value vectors, with the same
+    /// values bit for bit: the first value of largest magnitude (a NaN is passed over, as
+    /// `f32::max` does), half away from zero as a truncation plus a correction, a NaN
+    /// product rounding to 0 (as `as i8` does), and each vector's sum is one of the sums
+    /// of 16.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `xs` holds 256 values, `qs` 256 and `bsums` 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
+        assert!(xs.len() >= QK_K && qs.len() >= QK_K && bsums.len() >= 16);
+        let p = xs.as_ptr();
+        let load = |c: usize| unsafe { _mm512_loadu_ps(p.add(16 * c)) };
+        let sign = _mm512_set1_ps(-0.0);
+        let mut m = _mm512_setzero_ps();
+        for c in 0..16 {
+            // `maxps` returns its second operand when the first is a NaN
+            m = _mm512_max_ps(_mm512_andnot_ps(sign, load(c)), m);
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        if amax == 0.0 {
+            return 0.0;
+        }
+        let target = _mm512_set1_ps(amax);
+        let mut max = amax;
+        for c in 0..16 {
+            let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_andnot_ps(sign, load(c)), target);
+            if hit != 0 {
+                max = xs[16 * c + hit.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127f32 / max;
+        let (scale, half, one) = (
+            _mm512_set1_ps(iscale),
+            _mm512_set1_ps(0.5),
+            _mm512_set1_ps(1.0),
+        );
+        let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+        for (c, sum) in bsums[..16].iter_mut().enumerate() {
+            let t = _mm512_mul_ps(scale, load(c));
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+            let frac = _mm512_andnot_ps(sign, _mm512_sub_ps(t, r));
+            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+            let away = _mm512_or_ps(one, _mm512_and_ps(sign, t));
+            let r = _mm512_min_ps(_mm512_max_ps(_mm512_mask_add_ps(r, up, r, away), lo), hi);
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t);
+            let v = _mm512_maskz_cvttps_epi32(ordered, r);
+            *sum = _mm512_reduce_add_epi32(v) as i16;
+            let at = 32 * super::STORED_AT[c / 2] + 16 * (c % 2);
+            _mm_storeu_si128(
+                qs.as_mut_ptr().add(at) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(v),
+            );
+        }
+        1.0 / iscale
+    }
+
     /// How far ahead of the block being decoded [`dots`] prefetches the weight row.
     const PREFETCH_BYTES: usize = 2048;
 
@@ -613,6 +688,41 @@ mod tests {
                 let sum = i16::from_le_bytes([blk[260 + 2 * s], blk[261 + 2 * s]]);
                 assert_eq!(sum, mine.bsums[16 * b + s], "super-block {b} sum {s}");
             }
+        }
+    }
+
+    /// The AVX-512 super-block rounding equals its portable reference bit for bit,
+    /// including the cases candle's test data never reaches: repeated and negative
+    /// maxima, NaN and infinite values, a zero block, values that are all ties.
+    #[test]
+    fn vector_rounding_is_the_portable_one() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = (0..8).map(|s| activations(1, QK_K, 40 + s)).collect();
+        blocks.push(vec![0.0; QK_K]);
+        let mut b = blocks[0].clone();
+        (b[3], b[200]) = (-9.0, 9.0); // the first of two maxima of opposite sign
+        blocks.push(b);
+        let mut b = blocks[1].clone();
+        (b[10], b[11]) = (f32::NAN, -f32::NAN);
+        blocks.push(b);
+        let mut b = blocks[2].clone();
+        b[77] = f32::INFINITY;
+        blocks.push(b);
+        let mut b: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 128.0) / 2.0).collect();
+        b[5] = -127.0; // scale 1: every other value is a tie
+        blocks.push(b);
+        blocks.push(vec![f32::NAN; QK_K]);
+        for (i, xs) in blocks.iter().enumerate() {
+            let (mut qa, mut sa) = ([0i8; QK_K], [0i16; 16]);
+            let (mut qb, mut sb) = ([0i8; QK_K], [0i16; 16]);
+            let da = quantize_block_portable(xs, &mut qa, &mut sa);
+            // SAFETY: AVX-512F checked above; the buffers have the sizes required.
+            let db = unsafe { avx512::quantize_block(xs, &mut qb, &mut sb) };
+            assert_eq!(da.to_bits(), db.to_bits(), "block {i}: d");
+            assert_eq!(qa, qb, "block {i}: values");
+            assert_eq!(sa, sb, "block {i}: sums");
         }
     }
 
