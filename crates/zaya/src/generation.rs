@@ -191,6 +191,21 @@ impl TokenChooser for TextChooser<'_> {
 }
 
 pub fn argmax(v: &[f32]) -> u32 {
+    // Two passes over the row instead of one loop whose comparisons depend on each other
+    // (a 262k-entry vocabulary took ~0.6 ms a token that way): the largest value, found
+    // lane-wise so that it vectorises, then its first position. The same answer as
+    // `argmax_reference`: NaNs never win, ±0 tie, and a NaN in front wins (nothing
+    // compares greater than it).
+    if v.first().is_none_or(|x| x.is_nan()) {
+        return 0;
+    }
+    let top = largest(v);
+    v.iter().position(|&x| x == top).unwrap_or(0) as u32
+}
+
+/// The first maximum by a linear scan: [`argmax`]'s definition.
+#[cfg(test)]
+fn argmax_reference(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
         if *x > v[best] {
@@ -198,6 +213,29 @@ pub fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[inline(always)]
+fn largest_body(v: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [v[0]; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let mut top = v[0];
+    for &x in acc.iter().chain(tail) {
+        top = if x > top { x } else { top };
+    }
+    top
+}
+
+crate::kernels::cpu::simd_dispatch! {
+    /// The largest non-NaN value of `v` (`v[0]` not NaN, `v` not empty).
+    fn largest(v: &[f32]) -> f32 => largest_body
 }
 
 /// Left-pads `prompts` into ids `[B, T]` and a mask `[B, T]`.
@@ -370,4 +408,42 @@ pub fn generate_greedy(
     opts: &GenerateOptions,
 ) -> Result<GenerationOutput> {
     generate(model, prompts, opts, &mut Greedy, &mut |_, _| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorised argmax equals the linear scan on rows of every length around the
+    /// vector width, with ties, NaNs, infinities and signed zeros placed anywhere.
+    #[test]
+    fn argmax_is_the_first_maximum() {
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for len in [1, 2, 15, 16, 17, 33, 1000, 262_272] {
+            let base: Vec<f32> = (0..len)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1009) as f32 / 7.0 - 70.0)
+                .collect();
+            rows.push(base.clone());
+            for at in [0, len / 2, len - 1] {
+                let mut r = base.clone();
+                r[at] = 1e30; // a single maximum
+                rows.push(r.clone());
+                r[len - 1 - at / 2] = 1e30; // a tie: the first one wins
+                rows.push(r.clone());
+                r[at] = f32::NAN;
+                rows.push(r.clone());
+                r[at] = f32::INFINITY;
+                rows.push(r);
+            }
+        }
+        rows.push(vec![-0.0, 0.0, -0.0]);
+        rows.push(vec![f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY]);
+        rows.push(vec![f32::NAN, 1.0, 2.0]);
+        rows.push(vec![1.0, f32::NAN, 3.0, f32::NAN]);
+        rows.push(vec![f32::NAN; 40]);
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(argmax(r), argmax_reference(r), "row {i} (len {})", r.len());
+        }
+        assert_eq!(argmax(&[]), 0);
+    }
 }
