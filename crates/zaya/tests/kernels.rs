@@ -489,6 +489,57 @@ fn moe_experts_take_strided_token_rows() -> Result<()> {
     Ok(())
 }
 
+/// Quantized experts compute what the dense experts compute on the dequantized weights
+/// (Q8_0 keeps f32 activations, so only the order of the sums differs), forward and the
+/// input's gradient (QLoRA trains through them), with skip-class tokens, experts without
+/// tokens and experts with several.
+#[test]
+fn quantized_experts_match_dense_experts_on_their_dequantized_weights() -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::sync::Arc;
+    use zaya::model::moe::ExpertMatrices;
+    let mut rng = StdRng::seed_from_u64(61);
+    let (n, h, i, e) = (9, 64, 32, 4);
+    // expert 1 gets no token, 4 is the skip class
+    let ids: Vec<u32> = vec![0, 2, 4, 3, 0, 2, 2, 4, 0];
+    let quant = |r: usize, c: usize, rng: &mut StdRng| -> Result<(ExpertMatrices, Tensor)> {
+        let qs = (0..e)
+            .map(|_| {
+                Ok(Arc::new(QTensor::quantize(
+                    &rand_tensor(rng, &[r, c], 0.5)?,
+                    GgmlDType::Q8_0,
+                )?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dense = Tensor::stack(
+            &qs.iter()
+                .map(|q| q.dequantize(&Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        Ok((ExpertMatrices::Quantized(qs), dense))
+    };
+    let (gu, gu_dense) = quant(2 * i, h, &mut rng)?;
+    let (down, down_dense) = quant(h, i, &mut rng)?;
+    let x = rand_var(&mut rng, &[n, h], 1.0, DType::F32)?;
+    let w = rand_tensor(&mut rng, &[n, 1], 1.0)?;
+    let probe = rand_tensor(&mut rng, &[n, h], 1.0)?;
+    let q = kernels::quantized::moe_experts(x.as_tensor(), &ids, &w, &gu, &down)?;
+    let d = kernels::moe_experts(x.as_tensor(), &ids, &w, &gu_dense, &down_dense)?;
+    assert!(rel_diff(&q, &d)? < 1e-5, "forward {}", rel_diff(&q, &d)?);
+    for (t, &id) in ids.iter().enumerate() {
+        if id as usize >= e {
+            let row: Vec<f32> = q.get(t)?.to_vec1()?;
+            assert!(row.iter().all(|&v| v == 0.0), "skipped token {t}");
+        }
+    }
+    let gq = (q * &probe)?.sum_all()?.backward()?;
+    let gd = (d * &probe)?.sum_all()?.backward()?;
+    let (gq, gd) = (gq.get(&x).expect("x grad"), gd.get(&x).expect("x grad"));
+    assert!(rel_diff(gq, gd)? < 1e-5, "gradient {}", rel_diff(gq, gd)?);
+    Ok(())
+}
+
 #[test]
 fn moe_experts_skip_rows_are_exactly_zero() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(16);

@@ -57,7 +57,13 @@ pub fn moe_experts(
             buckets[c as usize].push(tok as u32);
         }
     }
-    let mut out = x.zeros_like()?;
+    // Each expert's scaled rows, stacked in bucket order with one zero row (for tokens
+    // routed to no expert) at the end, then put in token order by one gather. (Adding
+    // each expert's rows into the output with `index_add` copied the whole `[N, H]` output
+    // once per expert: sixteen passes a layer in a prefill.)
+    let mut parts = Vec::with_capacity(e + 1);
+    let mut stacked_at = vec![u32::MAX; n];
+    let mut next = 0u32;
     for (ex, rows) in buckets.iter().enumerate() {
         if rows.is_empty() {
             continue;
@@ -78,9 +84,19 @@ pub fn moe_experts(
             .into());
         }
         let w = weights.index_select(&idx, 0)?;
-        out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        parts.push(y.broadcast_mul(&w)?);
+        for &tok in rows {
+            stacked_at[tok as usize] = next;
+            next += 1;
+        }
     }
-    Ok(out)
+    let zero_row = next;
+    parts.push(Tensor::zeros((1, h), x.dtype(), x.device())?);
+    let order: Vec<u32> = stacked_at
+        .into_iter()
+        .map(|at| if at == u32::MAX { zero_row } else { at })
+        .collect();
+    Tensor::cat(&parts, 0)?.index_select(&Tensor::new(order, x.device())?, 0)
 }
 
 fn count(m: &ExpertMatrices) -> Result<usize> {
