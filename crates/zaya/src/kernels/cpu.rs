@@ -474,12 +474,8 @@ pub(crate) fn collect_rows<T: Send>(
 }
 
 /// Runs `block(j0, c)` over the `n` weight rows of a GEMV, `c` holding the by-weight-row
-/// outputs (`m` per weight row) of rows `j0..j0 + c.len() / m`. With `parallel`, the rows
-/// are split into a few blocks per pool thread, each a multiple of `align` rows: the split
-/// follows the weight (`n · k`), not the output length, so a 2048-row projection at one row
-/// of x is worth every core. The blocks go to the spinning [`team`](super::team) when it is
-/// free (a decode step's products are too short to wake sleeping pool threads for), else to
-/// the pool.
+/// outputs (`m` per weight row) of rows `j0..j0 + c.len() / m`, split as
+/// [`split_weight_ranges`] splits them.
 fn split_weight_rows(
     m: usize,
     n: usize,
@@ -489,37 +485,55 @@ fn split_weight_rows(
     by_col: &mut [f32],
     block: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
+    let out = RowsOut::new(by_col);
+    split_weight_ranges(m, n, k, align, parallel, |rows| {
+        // SAFETY: the ranges are disjoint, so each call alone writes its rows' outputs.
+        let c = unsafe { out.row(rows.start * m, rows.len() * m) };
+        block(rows.start, c)
+    });
+}
+
+/// Runs `task(rows)` over the `n` weight rows of a GEMV (`m` rows of x, `k` columns).
+/// With `parallel`, the rows are split into a few ranges per thread, each a multiple of
+/// `align` rows: the split follows the weight (`n · k`), not the output length, so a
+/// 2048-row projection at one row of x is worth every core. The ranges go to the spinning
+/// [`team`](super::team) when it is free (a decode step's products are too short to wake
+/// sleeping pool threads for), else to the pool.
+fn split_weight_ranges(
+    m: usize,
+    n: usize,
+    k: usize,
+    align: usize,
+    parallel: bool,
+    task: impl Fn(std::ops::Range<usize>) + Sync + Send,
+) {
     use rayon::prelude::*;
     const MIN_PARALLEL_WORK: usize = 1 << 16;
     let threads = num_threads();
     if parallel && threads > 1 && n > align && n * k * m >= MIN_PARALLEL_WORK {
         let rows = n.div_ceil(4 * threads).next_multiple_of(align);
-        let (len, chunk) = (by_col.len(), rows * m);
-        let out = RowsOut::new(by_col);
-        let on_team = super::team::try_run(len.div_ceil(chunk), &|t| {
-            let start = t * chunk;
-            // SAFETY: task `t` alone writes chunk `t` (`start..start + chunk`, clipped).
-            let o = unsafe { out.row(start, chunk.min(len - start)) };
-            block(t * rows, o)
-        });
-        if on_team {
+        let range = |t: usize| t * rows..((t + 1) * rows).min(n);
+        let tasks = n.div_ceil(rows);
+        if super::team::try_run(tasks, &|t| task(range(t))) {
             return;
         }
-        in_pool(|| {
-            by_col
-                .par_chunks_mut(rows * m)
-                .enumerate()
-                .for_each(|(t, o)| block(t * rows, o))
-        });
+        in_pool(|| (0..tasks).into_par_iter().for_each(|t| task(range(t))));
     } else {
-        block(0, by_col);
+        task(0..n);
     }
 }
 
+/// Outputs a task of [`gemv_by_weight_rows`] computes at a time into its own by-weight-row
+/// buffer (16 KiB) before writing them to the output rows: the buffer stays in cache, and
+/// no `[n × m]` buffer is cleared and then transposed on one thread (as a b8 decode step's
+/// 262k-row lm_head was).
+const GEMV_VALUES_PER_PIECE: usize = 4096;
+
 /// `out[m×n]` (row-major) of a GEMV against a weight stored row by row (f32 or a compact
 /// form): `block(j0, c)` writes `x_i · w_j` by weight row (`c[(j − j0)·m + i]`) for weight
-/// rows `j0..j0 + c.len() / m`, which [`split_weight_rows`] hands out in multiples of
-/// `align` over the pool. Each weight row is read once for all rows of `x`.
+/// rows `j0..j0 + c.len() / m`, which [`split_weight_ranges`] hands out in multiples of
+/// `align` over the pool (`block` must compute each output independently of the range
+/// it is given). Each weight row is read once for all rows of `x`.
 pub(crate) fn gemv_by_weight_rows(
     m: usize,
     n: usize,
@@ -533,13 +547,31 @@ pub(crate) fn gemv_by_weight_rows(
         split_weight_rows(m, n, k, align, true, &mut out[..n], block);
         return;
     }
-    let mut by_col = vec![0f32; n * m];
-    split_weight_rows(m, n, k, align, true, &mut by_col, block);
-    for i in 0..m {
-        for (j, d) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
-            *d = by_col[j * m + i];
-        }
+    if m == 0 || n == 0 {
+        return;
     }
+    assert!(
+        out.len() >= m * n,
+        "gemv: output of {} for {m}×{n}",
+        out.len()
+    );
+    let dst = RowsOut::new(out);
+    let piece = (GEMV_VALUES_PER_PIECE / m).next_multiple_of(align.max(1));
+    split_weight_ranges(m, n, k, align, true, |rows| {
+        let mut by_col = vec![0f32; piece.min(rows.len()) * m];
+        for j0 in rows.clone().step_by(piece) {
+            let len = piece.min(rows.end - j0);
+            let c = &mut by_col[..len * m];
+            block(j0, c);
+            for i in 0..m {
+                // SAFETY: columns `rows` of every output row belong to this task alone.
+                let d = unsafe { dst.row(i * n + j0, len) };
+                for (d, v) in d.iter_mut().zip(c.iter().skip(i).step_by(m)) {
+                    *d = *v;
+                }
+            }
+        }
+    });
 }
 
 /// `out` for a kernel that takes its output uncleared ([`MaybeUninit`]).
@@ -1568,6 +1600,41 @@ simd_dispatch! {
 
 #[cfg(test)]
 mod tests {
+    /// Every output of a multi-row GEMV lands at its place, whatever the split: row counts
+    /// around the piece size, weight-row counts that are not multiples of the alignment or
+    /// of the pieces, and the serial path for small products.
+    #[test]
+    fn gemv_by_weight_rows_writes_every_output_once() {
+        use super::gemv_by_weight_rows;
+        for &(m, n, k, align) in &[
+            (2, 5001, 64, 1),
+            (3, 4099, 32, 4),
+            (8, 9000, 16, 8),
+            (5, 700, 256, 1),
+            (7, 3, 8, 1),
+            (16, 1030, 64, 8),
+        ] {
+            let mut out = vec![f32::NAN; m * n];
+            gemv_by_weight_rows(m, n, k, align, &mut out, |j0, c| {
+                assert_eq!(j0 % align, 0, "block start {j0} not a multiple of {align}");
+                for (r, col) in c.chunks_mut(m).enumerate() {
+                    for (i, v) in col.iter_mut().enumerate() {
+                        *v = (i * 100_000 + j0 + r) as f32;
+                    }
+                }
+            });
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        out[i * n + j],
+                        (i * 100_000 + j) as f32,
+                        "m {m} n {n}: ({i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+
     /// `dot_bf16` is `dot` of `x` and the widened weights, bit for bit, at every length
     /// around the 16-lane tiles (and with the operands in `dot`'s other order).
     #[test]
