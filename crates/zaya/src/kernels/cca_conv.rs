@@ -166,7 +166,8 @@ const FEW_POSITIONS: usize = 4;
 /// group's `D` weight rows in one register-tiled block ([`cpu::dots_block`]): the weight is
 /// read in place, once per call, whatever the batch (laying it out anew on every call cost
 /// 4–6 % of an 8B decode step; one dot per output, as before, ran on one thread at one
-/// accumulator chain: ~5 % of an 8B batch-8 decode step). Groups are spread over the pool.
+/// accumulator chain: ~5 % of an 8B batch-8 decode step). Groups are spread over the
+/// spinning team (or the pool).
 /// Each output is its own 16-lane chain in a fixed order (see `cpu::dots_tile`), so it
 /// does not depend on the batch or the tile, and a bf16 weight (a bf16 model's, read in
 /// place) gives the sums of its widened f32 copy.
@@ -179,7 +180,7 @@ fn grouped_few_positions<W: cpu::DotsBlock>(
     let (d, k1, c) = (g.d, g.k1, g.c);
     let (rows, kk) = (g.b * g.t, d * k1);
     // each group's outputs, column-major: `[o · rows + r]`
-    let by_group = cpu::par_map(g.groups, rows * c * kk, |grp| {
+    let by_group = cpu::par_map_short(g.groups, rows * c * kk, |grp| {
         let mut xi = vec![0f32; rows * kk];
         for (r, xr) in xi.chunks_mut(kk).enumerate() {
             let (b, t) = (r / g.t, r % g.t);

@@ -423,6 +423,35 @@ pub(crate) fn par_map<R: Send>(
     }
 }
 
+/// [`par_map`] for a loop that only decode runs (a few positions): on the spinning
+/// [`team`](super::team) when it is free, since waking a sleeping pool thread costs about
+/// as much as such a loop. (Prefill loops stay on the pool: handing them to the team kept
+/// its helper spinning beside the pool's threads, 1–5 % slower.)
+pub(crate) fn par_map_short<R: Send>(
+    n: usize,
+    work: usize,
+    f: impl Fn(usize) -> R + Sync + Send,
+) -> Vec<R> {
+    const MIN_PARALLEL_WORK: usize = 1 << 15;
+    if n > 1 && work >= MIN_PARALLEL_WORK {
+        let mut out: Vec<R> = Vec::with_capacity(n);
+        let slots = RowsOut::new(&mut out.spare_capacity_mut()[..n]);
+        let ran = super::team::try_run(n, &|i| {
+            let v = f(i);
+            // SAFETY: task `i` alone writes slot `i`.
+            let slot = unsafe { slots.row(i, 1) };
+            slot[0].write(v);
+        });
+        if ran {
+            // SAFETY: every task wrote its slot (a task's panic was re-raised above,
+            // leaving the written values to leak rather than be read).
+            unsafe { out.set_len(n) };
+            return out;
+        }
+    }
+    par_map(n, work, f)
+}
+
 /// Splits `data` into consecutive chunks of `chunk` elements and runs `f(chunk_index, chunk)`
 /// on the pool (inline for small inputs).
 pub(crate) fn par_chunks_mut<T: Send>(
@@ -1600,6 +1629,18 @@ simd_dispatch! {
 
 #[cfg(test)]
 mod tests {
+    /// The short loops' map gives its results in index order, on the team or the pool.
+    #[test]
+    fn par_map_short_keeps_the_order() {
+        for n in [0, 1, 2, 37, 300] {
+            let want: Vec<String> = (0..n).map(|i| format!("item {i}")).collect();
+            for work in [0, 1 << 20] {
+                let got = super::par_map_short(n, work, |i| format!("item {i}"));
+                assert_eq!(got, want, "n {n}, work {work}");
+            }
+        }
+    }
+
     /// Every output of a multi-row GEMV lands at its place, whatever the split: row counts
     /// around the piece size, weight-row counts that are not multiples of the alignment or
     /// of the pieces, and the serial path for small products.
