@@ -459,24 +459,11 @@ fn moe_experts_take_strided_token_rows() -> Result<()> {
         }
     }
     // quantized experts (candle's gather inside) likewise
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use std::sync::Arc;
-    use zaya::model::moe::ExpertMatrices;
     let (h, i) = (32, 32);
     let xw = rand_tensor(&mut rng, &[n, h + 1], 1.0)?;
     let (x, w) = (xw.narrow(1, 0, h)?, xw.narrow(1, h, 1)?);
-    let quant = |r: usize, c: usize, rng: &mut StdRng| -> Result<ExpertMatrices> {
-        let qs = (0..e)
-            .map(|_| {
-                Ok(Arc::new(QTensor::quantize(
-                    &rand_tensor(rng, &[r, c], 0.5)?,
-                    GgmlDType::Q8_0,
-                )?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ExpertMatrices::Quantized(qs))
-    };
-    let (gu, down) = (quant(2 * i, h, &mut rng)?, quant(h, i, &mut rng)?);
+    let (gu, _) = q8_0_experts(&mut rng, e, 2 * i, h)?;
+    let (down, _) = q8_0_experts(&mut rng, e, h, i)?;
     let strided = kernels::quantized::moe_experts(&x, &ids, &w, &gu, &down)?;
     let packed =
         kernels::quantized::moe_experts(&x.contiguous()?, &ids, &w.contiguous()?, &gu, &down)?;
@@ -489,38 +476,41 @@ fn moe_experts_take_strided_token_rows() -> Result<()> {
     Ok(())
 }
 
+/// `e` random `[r, c]` expert matrices quantized to Q8_0, and their dequantized stack
+/// `[e, r, c]`.
+fn q8_0_experts(
+    rng: &mut StdRng,
+    e: usize,
+    r: usize,
+    c: usize,
+) -> Result<(zaya::model::moe::ExpertMatrices, Tensor)> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let qs = (0..e)
+        .map(|_| {
+            let w = rand_tensor(rng, &[r, c], 0.5)?;
+            Ok(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dense = qs
+        .iter()
+        .map(|q| q.dequantize(&Device::Cpu))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let dense = Tensor::stack(&dense, 0)?;
+    Ok((zaya::model::moe::ExpertMatrices::Quantized(qs), dense))
+}
+
 /// Quantized experts compute what the dense experts compute on the dequantized weights
 /// (Q8_0 keeps f32 activations, so only the order of the sums differs), forward and the
 /// input's gradient (QLoRA trains through them), with skip-class tokens, experts without
 /// tokens and experts with several.
 #[test]
 fn quantized_experts_match_dense_experts_on_their_dequantized_weights() -> Result<()> {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use std::sync::Arc;
-    use zaya::model::moe::ExpertMatrices;
     let mut rng = StdRng::seed_from_u64(61);
     let (n, h, i, e) = (9, 64, 32, 4);
     // expert 1 gets no token, 4 is the skip class
     let ids: Vec<u32> = vec![0, 2, 4, 3, 0, 2, 2, 4, 0];
-    let quant = |r: usize, c: usize, rng: &mut StdRng| -> Result<(ExpertMatrices, Tensor)> {
-        let qs = (0..e)
-            .map(|_| {
-                Ok(Arc::new(QTensor::quantize(
-                    &rand_tensor(rng, &[r, c], 0.5)?,
-                    GgmlDType::Q8_0,
-                )?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let dense = Tensor::stack(
-            &qs.iter()
-                .map(|q| q.dequantize(&Device::Cpu))
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            0,
-        )?;
-        Ok((ExpertMatrices::Quantized(qs), dense))
-    };
-    let (gu, gu_dense) = quant(2 * i, h, &mut rng)?;
-    let (down, down_dense) = quant(h, i, &mut rng)?;
+    let (gu, gu_dense) = q8_0_experts(&mut rng, e, 2 * i, h)?;
+    let (down, down_dense) = q8_0_experts(&mut rng, e, h, i)?;
     let x = rand_var(&mut rng, &[n, h], 1.0, DType::F32)?;
     let w = rand_tensor(&mut rng, &[n, 1], 1.0)?;
     let probe = rand_tensor(&mut rng, &[n, h], 1.0)?;
