@@ -43,19 +43,31 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn run(&self, index: usize) {
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.task)(index))) {
-            let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
-            slot.get_or_insert(payload);
+    /// Runs task `index` and counts it. Takes a raw pointer, not `&self`: once the count
+    /// is in, the leader may return and free the job while this frame is still live, which
+    /// a reference argument would not allow.
+    ///
+    /// # Safety
+    /// `this` points to a live job whose task `index` this thread has claimed.
+    unsafe fn run(this: *const Self, index: usize) {
+        {
+            // SAFETY: the job lives until this task is counted, below.
+            let job = unsafe { &*this };
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (job.task)(index))) {
+                let mut slot = job.panic.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(payload);
+            }
         }
         // After this the job may be gone: the leader returns once every task has counted.
-        self.finished.fetch_add(1, Ordering::Release);
+        // SAFETY: not counted yet, so the job is still live.
+        unsafe { (*this).finished.fetch_add(1, Ordering::Release) };
     }
 }
 
 /// The state word: the call's epoch (32 bits), its task count (16) and the next task to
 /// claim (16). One word, so a helper that claims a task also proves the call it read the
-/// job pointer for is still the current one.
+/// job pointer for is still the current one (unless exactly 2³² calls went by between a
+/// helper's two reads of the word, which the epoch's width makes no concern).
 #[derive(Clone, Copy)]
 struct State(u64);
 
@@ -107,8 +119,9 @@ impl Team {
                 .compare_exchange_weak(s.0, claimed.0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                // SAFETY: see above; the job lives until its `finished` reaches its count.
-                unsafe { (*job).run(s.next()) };
+                // SAFETY: the claim proves the job is live (see above), and this thread
+                // now holds task `s.next()`.
+                unsafe { Job::run(job, s.next()) };
             }
         }
     }
