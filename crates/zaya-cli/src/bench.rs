@@ -391,6 +391,7 @@ pub fn run(
     let bw = before.max(after);
     let floor = |gbs: f64| gbs * 1e9 / bytes_per_token as f64;
     let limit = floor(bw);
+    let decode_b1_read_gbs = decode_b1 * bytes_per_token as f64 / 1e9;
     let rows = [
         ("load (s)".to_string(), format!("{load_s:.2}")),
         (
@@ -416,6 +417,12 @@ pub fn run(
                 100.0 * decode_b1 / floor(before),
                 100.0 * decode_b1 / floor(after)
             ),
+        ),
+        (
+            // The decode's own read rate: steadier to compare across runs than a ratio to
+            // probes that move with the machine (17-29 GB/s within an hour on one VM).
+            "decode b1 weight reads (GB/s)".into(),
+            format!("{decode_b1_read_gbs:.1}  (bytes a token reads x tok/s)"),
         ),
         ("decode b8 (tok/s)".into(), format!("{decode_b8:.1}")),
         ("peak RSS (MiB)".into(), mib(peak)),
@@ -445,6 +452,7 @@ pub fn run(
             "decode_b1_tokens_per_s": decode_b1,
             "decode_b8_tokens_per_s": decode_b8,
             "decode_b1_bandwidth_limit_tokens_per_s": limit,
+            "decode_b1_weight_read_gb_s": decode_b1_read_gbs,
             "read_bandwidth_gb_s": bw,
             "read_bandwidth_gb_s_start": bw_start,
             "read_bandwidth_gb_s_end": bw_end,

@@ -650,6 +650,15 @@ fn bench_inference_and_train_write_their_json() {
     ] {
         assert!(inf[k].as_f64().unwrap() > 0.0, "{k}");
     }
+    // the decode's own read rate is the bytes a token reads times its tokens per second
+    let read = inf["decode_b1_weight_read_gb_s"].as_f64().unwrap();
+    let want = inf["bytes_per_token"].as_f64().unwrap()
+        * inf["decode_b1_tokens_per_s"].as_f64().unwrap()
+        / 1e9;
+    assert!(
+        read > 0.0 && (read - want).abs() <= 1e-9 * want,
+        "{read} vs {want}"
+    );
     // Where the kernel's peak-RSS mark can be reset (Linux), the batch-1 decode gets its own
     // bandwidth probes, the floor uses them, and no probe's 256 MiB buffer counts in the peak
     // (it did before: a tiny model's run reported ~264 MiB).
