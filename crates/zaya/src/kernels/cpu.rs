@@ -405,6 +405,10 @@ pub(crate) fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Least work (a rough flop count) for which [`par_map`] and [`par_map_short`] split a
+/// loop: below it, waking another thread costs more than the loop.
+const MIN_PARALLEL_MAP_WORK: usize = 1 << 15;
+
 /// `(0..n).map(f)` evaluated on the kernel pool; results in index order. Runs inline when
 /// there is one item or one thread, or when `work` (a rough flop count) is too small to pay
 /// for waking the pool.
@@ -414,9 +418,8 @@ pub(crate) fn par_map<R: Send>(
     f: impl Fn(usize) -> R + Sync + Send,
 ) -> Vec<R> {
     use rayon::prelude::*;
-    const MIN_PARALLEL_WORK: usize = 1 << 15;
     match pool() {
-        Some(p) if n > 1 && work >= MIN_PARALLEL_WORK => {
+        Some(p) if n > 1 && work >= MIN_PARALLEL_MAP_WORK => {
             p.install(|| (0..n).into_par_iter().map(f).collect())
         }
         _ => (0..n).map(f).collect(),
@@ -432,8 +435,7 @@ pub(crate) fn par_map_short<R: Send>(
     work: usize,
     f: impl Fn(usize) -> R + Sync + Send,
 ) -> Vec<R> {
-    const MIN_PARALLEL_WORK: usize = 1 << 15;
-    if n > 1 && work >= MIN_PARALLEL_WORK {
+    if n > 1 && work >= MIN_PARALLEL_MAP_WORK {
         let mut out: Vec<R> = Vec::with_capacity(n);
         let slots = RowsOut::new(&mut out.spare_capacity_mut()[..n]);
         let ran = super::team::try_run(n, &|i| {

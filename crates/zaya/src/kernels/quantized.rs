@@ -62,7 +62,8 @@ pub fn moe_experts(
     // each expert's rows into the output with `index_add` copied the whole `[N, H]` output
     // once per expert: sixteen passes a layer in a prefill.)
     let mut parts = Vec::with_capacity(e + 1);
-    let mut stacked_at = vec![u32::MAX; n];
+    let zero_row = buckets.iter().map(Vec::len).sum::<usize>() as u32;
+    let mut order = vec![zero_row; n];
     let mut next = 0u32;
     for (ex, rows) in buckets.iter().enumerate() {
         if rows.is_empty() {
@@ -86,16 +87,11 @@ pub fn moe_experts(
         let w = weights.index_select(&idx, 0)?;
         parts.push(y.broadcast_mul(&w)?);
         for &tok in rows {
-            stacked_at[tok as usize] = next;
+            order[tok as usize] = next;
             next += 1;
         }
     }
-    let zero_row = next;
     parts.push(Tensor::zeros((1, h), x.dtype(), x.device())?);
-    let order: Vec<u32> = stacked_at
-        .into_iter()
-        .map(|at| if at == u32::MAX { zero_row } else { at })
-        .collect();
     Tensor::cat(&parts, 0)?.index_select(&Tensor::new(order, x.device())?, 0)
 }
 
