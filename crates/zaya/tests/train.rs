@@ -789,3 +789,103 @@ fn embedding_gradient_accumulates_rows_in_place_exactly() {
     let y = wt.index_select(&bad, 0);
     assert!(y.is_err() || y.unwrap().sum_all().unwrap().backward().is_err());
 }
+
+/// The fused training head (`kernels::loss_head`) against its reference, the chunked
+/// autograd path: the loss and every parameter's gradient (tied heads, an untied head with
+/// a bias) for several chunk sizes; then GRPO's head (temperature, per-token weights, a
+/// chunk of zero weights, which both skip) on the same model.
+#[test]
+fn fused_loss_head_matches_the_autograd_head() {
+    use zaya::kernels::registry::{with_choice, Choice, ImplId, Kernel};
+    use zaya::train::loss::{weighted_logp_backward, Targets};
+    let choose = |choice, f: &mut dyn FnMut()| {
+        with_choice(Some(Kernel::LossHead), choice, f).unwrap();
+    };
+    let fused = Choice::Impl(ImplId::Fused);
+    for name in FIXTURES {
+        let model = TrainableModel::load(fixture_dir(name)).unwrap();
+        let zm = model.model();
+        let (w, bias) = zm.plain_dense_head().expect("a dense head");
+        // The fused kernel really runs under the fused choice, and not under the reference.
+        let hidden =
+            Tensor::randn(0f32, 1.0, (2, 7, zm.config().hidden_size), model.device()).unwrap();
+        let flat = hidden.reshape((14, zm.config().hidden_size)).unwrap();
+        let (rows, ids, coef) = ([0u32, 3, 13], [1u32, 0, 2], [0.5f32, -1.0, 2.0]);
+        let call = || {
+            zaya::kernels::loss_head_backward(&flat, w, bias, &rows, &ids, &coef, 1.0, 2).unwrap()
+        };
+        let mut ran = (false, true);
+        choose(fused, &mut || ran.0 = call().is_some());
+        choose(Choice::Reference, &mut || ran.1 = call().is_some());
+        assert_eq!(ran, (true, false), "{name}: fused kernel selection");
+
+        let b = batch(name, "train_pad");
+        for chunk in [1, 5, 4096] {
+            let opts = TrainOptions {
+                loss_chunk: chunk,
+                ..Default::default()
+            };
+            let run = |choice| {
+                let mut out = None;
+                choose(choice, &mut || {
+                    out = Some(
+                        model
+                            .forward_backward(&b, &opts, &LossScale::default())
+                            .unwrap(),
+                    )
+                });
+                out.unwrap()
+            };
+            let (got, want) = (run(fused), run(Choice::Reference));
+            assert!(
+                (got.loss - want.loss).abs() < 1e-6,
+                "{name} chunk {chunk}: loss {} vs {}",
+                got.loss,
+                want.loss
+            );
+            for (p, (a, r)) in model
+                .params()
+                .iter()
+                .zip(got.grads.grads.iter().zip(&want.grads.grads))
+            {
+                let e = rel_err(a.as_ref().unwrap(), r.as_ref().unwrap());
+                assert!(
+                    e < 1e-5,
+                    "{name} chunk {chunk} {}: relative error {e}",
+                    p.name
+                );
+            }
+        }
+
+        let labels = vec![
+            vec![1i64, 2, -100, 0, 3, 1, 2],
+            vec![-100i64, 0, 1, 2, 3, 0, 1],
+        ];
+        let targets = Targets::from_labels(&labels, zm.config().vocab_size).unwrap();
+        let mut weights: Vec<f32> = (0..targets.len()).map(|k| 0.3 - 0.2 * k as f32).collect();
+        weights[..3].fill(0.0); // the first chunk of three: skipped by both
+        let grpo = |choice| {
+            let mut out = None;
+            choose(choice, &mut || {
+                out = Some(weighted_logp_backward(zm, &hidden, &targets, 0.7, &weights, 3).unwrap())
+            });
+            out.unwrap()
+        };
+        let (got, want) = (grpo(fused), grpo(Choice::Reference));
+        let e = rel_err(
+            got.grad_hidden.as_ref().unwrap(),
+            want.grad_hidden.as_ref().unwrap(),
+        );
+        assert!(
+            e < 1e-5,
+            "{name} GRPO head: hidden gradient relative error {e}"
+        );
+        for p in std::iter::once(w).chain(bias) {
+            let e = rel_err(got.grads.get(p).unwrap(), want.grads.get(p).unwrap());
+            assert!(
+                e < 1e-5,
+                "{name} GRPO head: parameter gradient relative error {e}"
+            );
+        }
+    }
+}

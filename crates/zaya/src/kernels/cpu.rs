@@ -1149,6 +1149,18 @@ simd_dispatch! {
 }
 
 #[inline(always)]
+fn neg_softmax_scaled_in_place_body(row: &mut [f32], lse: f32, g: f32) {
+    for x in row.iter_mut() {
+        *x = -g * exp_approx(*x - lse);
+    }
+}
+
+simd_dispatch! {
+    /// [`neg_softmax_scaled`] written over its input (the loss head's logits buffer).
+    pub(crate) fn neg_softmax_scaled_in_place(row: &mut [f32], lse: f32, g: f32) => neg_softmax_scaled_in_place_body
+}
+
+#[inline(always)]
 fn sum_sq_body(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);

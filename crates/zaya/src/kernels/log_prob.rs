@@ -18,7 +18,7 @@ struct LogProbGather {
 
 /// `(max, ln Σ exp(x − max))` of one row; `None` when the maximum is not finite or a value
 /// is NaN (the reference's `x − max` gives NaN there).
-fn row_stats(row: &[f32]) -> Option<(f32, f32)> {
+pub(super) fn row_stats(row: &[f32]) -> Option<(f32, f32)> {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !m.is_finite() || row.iter().any(|v| v.is_nan()) {
         return None;

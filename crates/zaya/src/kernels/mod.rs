@@ -34,6 +34,7 @@ mod cca_conv;
 mod gelu;
 mod k_quants;
 mod log_prob;
+pub mod loss_head;
 pub(crate) mod matmul;
 mod moe;
 mod q4k_q8k;
@@ -277,6 +278,62 @@ pub fn log_prob_gather(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         ImplId::Fused => log_prob::fused(logits, ids),
         id => Err(not_an_impl(Kernel::LogProbGather, id)),
     }
+}
+
+/// The training LM head's forward and backward over counted rows in one call (see
+/// [`loss_head`]): `hidden` `[N, H]`, `weight` `[V, H]`, `bias` `[V]`, all f32.
+/// `Some` with the fused kernel's result; `None` where the registry picks the reference,
+/// which is the caller's chunked autograd path (`train::loss`).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_head_backward(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    rows: &[u32],
+    ids: &[u32],
+    coef: &[f32],
+    inv_temp: f32,
+    chunk: usize,
+) -> Result<Option<loss_head::HeadGradients>> {
+    if pick(Kernel::LossHead, weight)? != ImplId::Fused
+        || hidden.dtype() != DType::F32
+        || bias.is_some_and(|b| b.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let (v, h) = weight.dims2()?;
+    let (want_weight, want_bias) = (weight.track_op(), bias.is_some_and(Tensor::track_op));
+    let w = weight.contiguous()?;
+    let x = hidden.contiguous()?;
+    let b = bias.map(Tensor::contiguous).transpose()?;
+    let out = cpu::with_cpu_storage(&w, "loss_head", |ws, wl| {
+        cpu::with_cpu_storage(&x, "loss_head", |xs, xl| {
+            let wv = cpu::f32_view(ws, wl, "loss_head")?;
+            let xv = cpu::f32_view(xs, xl, "loss_head")?;
+            let bv = b.as_ref().map(cpu::host_f32).transpose()?;
+            let params = loss_head::HeadParams {
+                weight: &wv,
+                bias: bv.as_deref(),
+                vocab: v,
+                hidden: h,
+            };
+            let counted = loss_head::HeadRows {
+                hidden: &xv,
+                rows,
+                ids,
+                coef,
+            };
+            Ok(loss_head::backward(
+                &params,
+                &counted,
+                inv_temp,
+                chunk,
+                want_weight,
+                want_bias,
+            )?)
+        })
+    })?;
+    Ok(Some(out))
 }
 
 /// A linear layer's bias, `y + bias` over the last axis (`bias` `[N]`).

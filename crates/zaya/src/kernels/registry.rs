@@ -42,10 +42,11 @@ pub enum Kernel {
     RouterEda,
     LogProbGather,
     BiasAdd,
+    LossHead,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::RmsNorm,
         Kernel::Rotary,
         Kernel::Swiglu,
@@ -60,6 +61,7 @@ impl Kernel {
         Kernel::RouterEda,
         Kernel::LogProbGather,
         Kernel::BiasAdd,
+        Kernel::LossHead,
     ];
 
     /// The kernel's name (lower snake case, as in `ZAYA_KERNEL_<NAME>` uppercased).
@@ -182,7 +184,7 @@ const fn reference(summary: &'static str) -> ImplInfo {
 }
 
 /// The capability table, in [`Kernel::ALL`] order.
-pub static KERNELS: [KernelInfo; 14] = [
+pub static KERNELS: [KernelInfo; 15] = [
     KernelInfo {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -387,6 +389,21 @@ pub static KERNELS: [KernelInfo; 14] = [
             supports: cpu_float_nonempty,
         }],
         example_shape: &[512, 128],
+    },
+    KernelInfo {
+        kernel: Kernel::LossHead,
+        name: "loss_head",
+        summary: "the training LM head: logits, log_softmax(..)[target] and their backward \
+                  to the rows, weight and bias, a chunk of rows at a time",
+        reference: reference("candle matmul + log_prob_gather + autograd, per chunk"),
+        fast: &[ImplInfo {
+            id: ImplId::Fused,
+            summary: "one reused logits buffer, gradient in place, weight gradient \
+                      summed by the GEMM in [vocab x hidden] order (f32)",
+            available: always,
+            supports: |d, t, s| d.is_cpu() && t == DType::F32 && s.rank() == 2,
+        }],
+        example_shape: &[32000, 512],
     },
 ];
 

@@ -573,6 +573,16 @@ impl ZayaModel {
         self.lm_head.as_ref().and_then(|h| h.bias.as_ref())
     }
 
+    /// The head's dense weight and bias when the head is exactly `x · Wᵀ (+ b)`: no adapter,
+    /// no observer, not quantized (what a fused training head may compute on its own).
+    pub fn plain_dense_head(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        let head = self.lm_head.as_ref()?;
+        if head.adapter.is_some() || head.observer.is_some() {
+            return None;
+        }
+        Some((head.dense_weight()?, head.bias.as_ref()))
+    }
+
     /// Most rows a [`decode_rows`](Self::decode_rows) call should take for its results not
     /// to depend on how many rows run together: up to this many rows, every linear layer and
     /// expert runs the row-wise GEMV kernel, whose result for a row does not depend on the

@@ -110,6 +110,14 @@ pub fn chunked_lm_loss(
     let (b, t, h) = hidden.dims3()?;
     let dev = hidden.device();
     let flat = hidden.detach().reshape((b * t, h))?;
+    if backward {
+        // d(nll / normalizer) / d logp = −1 / normalizer, as the autograd path below seeds it.
+        let coef = vec![(-(1.0 / normalizer)) as f32; targets.len()];
+        if let Some(out) = fused_head(model, &flat, targets, &coef, 1.0, chunk)? {
+            let nll_sum = -out.grads.sum_logp;
+            return out.into_output(nll_sum, (b, t, h));
+        }
+    }
     let mut grads = GradStore::default();
     let mut grad_flat = if backward {
         Some(Tensor::zeros((b * t, h), hidden.dtype(), dev)?)
@@ -256,6 +264,10 @@ pub fn weighted_logp_backward(
     let (b, t, h) = hidden.dims3()?;
     let dev = hidden.device();
     let flat = hidden.detach().reshape((b * t, h))?;
+    let inv_temp = (1.0 / temperature) as f32;
+    if let Some(out) = fused_head(model, &flat, targets, weights, inv_temp, chunk)? {
+        return out.into_output(0.0, (b, t, h));
+    }
     let mut grads = GradStore::default();
     let mut acc = Tensor::zeros((b * t, h), hidden.dtype(), dev)?;
     for start in (0..targets.len()).step_by(chunk) {
@@ -295,6 +307,67 @@ pub fn weighted_logp_backward(
         grad_hidden: Some(acc.reshape((b, t, h))?),
         grads,
     })
+}
+
+/// The fused training head (`kernels::loss_head`) over every counted target, where the
+/// registry picks it and the head is a plain dense f32 `x · Wᵀ (+ b)`; `None` sends the
+/// caller down its autograd path (the kernel's reference).
+fn fused_head(
+    model: &ZayaModel,
+    flat: &Tensor,
+    targets: &Targets,
+    coef: &[f32],
+    inv_temp: f32,
+    chunk: usize,
+) -> Result<Option<FusedHead>> {
+    let Some((weight, bias)) = model.plain_dense_head() else {
+        return Ok(None);
+    };
+    let out = crate::kernels::loss_head_backward(
+        flat,
+        weight,
+        bias,
+        &targets.rows,
+        &targets.ids,
+        coef,
+        inv_temp,
+        chunk,
+    )?;
+    Ok(out.map(|grads| FusedHead {
+        grads,
+        weight: weight.clone(),
+        bias: bias.cloned(),
+        count: targets.len(),
+    }))
+}
+
+struct FusedHead {
+    grads: crate::kernels::loss_head::HeadGradients,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    count: usize,
+}
+
+impl FusedHead {
+    fn into_output(self, nll_sum: f64, (b, t, h): (usize, usize, usize)) -> Result<LossHeadOutput> {
+        let dev = self.weight.device().clone();
+        let mut grads = GradStore::default();
+        if let Some(dw) = self.grads.d_weight {
+            grads.insert(
+                &self.weight,
+                Tensor::from_vec(dw, self.weight.shape(), &dev)?,
+            );
+        }
+        if let (Some(db), Some(bias)) = (self.grads.d_bias, &self.bias) {
+            grads.insert(bias, Tensor::from_vec(db, bias.shape(), &dev)?);
+        }
+        Ok(LossHeadOutput {
+            nll_sum,
+            count: self.count,
+            grad_hidden: Some(Tensor::from_vec(self.grads.d_hidden, (b, t, h), &dev)?),
+            grads,
+        })
+    }
 }
 
 #[cfg(test)]
