@@ -22,7 +22,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::kernels::cpu::{
-    self, exp_approx, f32_view, host_f32, storage_from_f32, tensor_from_f32, MatMut, MatRef,
+    self, exp_approx, f32_view, host_f32_ref, storage_from_f32, tensor_from_f32, HostF32, MatMut,
+    MatRef,
 };
 use crate::kernels::KernelError;
 
@@ -714,20 +715,23 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = Dims::from_shapes(q.dims(), k.dims(), v.dims())?;
-        let (qh, kh, vh) = (host_f32(q)?, host_f32(k)?, host_f32(v)?);
+        let (qh, kh, vh) = (host_f32_ref(q)?, host_f32_ref(k)?, host_f32_ref(v)?);
         let p = self.problem(dims);
         let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
         let (oh, lse) = match lse {
-            Some(lse) => (host_f32(out)?, lse),
+            Some(lse) => (host_f32_ref(out)?, lse),
             // Not kept (the op was built for inference): recompute.
-            None => forward(
-                &p,
-                &qh,
-                &Heads::packed(&kh, dims.nkv, dims.n, dims.d),
-                &Heads::packed(&vh, dims.nkv, dims.n, dims.dv),
-            )?,
+            None => {
+                let (o, lse) = forward(
+                    &p,
+                    &qh,
+                    &Heads::packed(&kh, dims.nkv, dims.n, dims.d),
+                    &Heads::packed(&vh, dims.nkv, dims.n, dims.dv),
+                )?;
+                (HostF32::Owned(o), lse)
+            }
         };
-        let (dq, dk, dv) = backward(&p, &qh, &kh, &vh, &oh, &lse, &host_f32(grad)?)?;
+        let (dq, dk, dv) = backward(&p, &qh, &kh, &vh, &oh, &lse, &host_f32_ref(grad)?)?;
         let dq = q
             .track_op()
             .then(|| tensor_from_f32(dq, q.shape(), q.dtype(), q))

@@ -14,7 +14,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::cpu::{self, f32_view, host_f32, storage_from_f32, tensor_from_f32, MatMut, MatRef};
+use super::cpu::{
+    self, f32_view, host_f32, host_f32_ref, storage_from_f32, tensor_from_f32, MatMut, MatRef,
+};
 use super::reference::CcaShape;
 use super::KernelError;
 
@@ -471,7 +473,12 @@ impl CustomOp3 for CcaConv {
         dz: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.geometry(x.dims())?;
-        let (xh, w0h, w1h, dzh) = (host_f32(x)?, host_f32(w0)?, host_f32(w1)?, host_f32(dz)?);
+        let (xh, w0h, w1h, dzh) = (
+            host_f32_ref(x)?,
+            host_f32_ref(w0)?,
+            host_f32_ref(w1)?,
+            host_f32_ref(dz)?,
+        );
         let gr = backward(self, &g, &xh, &w0h, &w1h, &dzh)?;
         let (dw0, dw1) = match self.biases {
             Biases::Held { .. } => (gr.dw0, gr.dw1),

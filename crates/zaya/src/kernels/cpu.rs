@@ -341,6 +341,44 @@ pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType, op: &'static str) -> R
 
 /// A tensor's elements as f32 in logical order (used by the backward passes, whose inputs
 /// are ordinary tensors rather than storages).
+/// A tensor's values as f32 on the host, borrowed in place when the tensor is a contiguous
+/// f32 CPU tensor (the backward passes' inputs: copying them was a serial memmove on the
+/// calling thread), copied otherwise.
+pub(crate) enum HostF32<G> {
+    /// The storage's read guard and the tensor's range in it.
+    Borrowed(G, usize, usize),
+    Owned(Vec<f32>),
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> std::ops::Deref for HostF32<G> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            HostF32::Borrowed(guard, a, b) => match &**guard {
+                candle_core::Storage::Cpu(CpuStorage::F32(d)) => &d[*a..*b],
+                // `host_f32_ref` borrows f32 CPU storage only.
+                _ => unreachable!("borrowed host values are f32 CPU storage"),
+            },
+            HostF32::Owned(v) => v,
+        }
+    }
+}
+
+/// See [`HostF32`].
+pub(crate) fn host_f32_ref(
+    t: &Tensor,
+) -> Result<HostF32<impl std::ops::Deref<Target = candle_core::Storage> + '_>> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(HostF32::Borrowed(storage, a, b));
+        }
+    }
+    Ok(HostF32::Owned(host_f32(t)?))
+}
+
 pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -897,44 +935,165 @@ pub(crate) fn gemm(
         }
         return Ok(());
     }
+    // SAFETY: the three views were checked above to lie inside their slices for the given
+    // m, n, k and strides; `dst` is borrowed mutably, so nothing aliases it.
+    unsafe {
+        gemm_crate(
+            m,
+            n,
+            k,
+            DstPtr(dst.data.as_mut_ptr().add(dst.off)),
+            dst.rs,
+            accumulate,
+            &lhs,
+            &rhs,
+            beta,
+            parallel,
+        );
+    }
+    Ok(())
+}
+
+/// `dst[m×n] = beta · lhs · rhs` into a fresh buffer (row-major, exactly `m·n` values) that
+/// nothing has written yet, returned initialised. For outputs a product overwrites whole:
+/// zero-filling them first was a serial memset on the calling thread while the other
+/// cores waited (the training step's expert and loss-head gradients: hundreds of MB a step).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_fresh<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &'a mut [MaybeUninit<f32>],
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    beta: f32,
+    parallel: bool,
+) -> Result<&'a mut [f32]> {
+    if dst.len() != m * n {
+        return Err(KernelError::Internal(format!(
+            "gemm destination holds {} values for {m}×{n}",
+            dst.len()
+        ))
+        .into());
+    }
+    let gemv = m <= GEMV_ROWS && rhs.rs == 1 && lhs.cs == 1;
+    if m == 0 || n == 0 || k == 0 || gemv {
+        // The paths that read or only partly write their destination get zeros first.
+        dst.fill(MaybeUninit::new(0.0));
+        // SAFETY: every value was just initialised.
+        let dst = unsafe { assume_init_mut(dst) };
+        gemm(
+            m,
+            n,
+            k,
+            MatMut::new(dst, 0, n),
+            false,
+            lhs,
+            rhs,
+            beta,
+            parallel,
+        )?;
+        return Ok(dst);
+    }
+    if !lhs.fits(m, k) || !rhs.fits(k, n) {
+        return Err(KernelError::Internal(format!(
+            "gemm view out of bounds (m={m}, n={n}, k={k})"
+        ))
+        .into());
+    }
+    // SAFETY: the operand views were checked above and `dst` holds exactly m·n values, which
+    // the crate writes without reading (`accumulate` false); it is borrowed mutably.
+    unsafe {
+        gemm_crate(
+            m,
+            n,
+            k,
+            DstPtr(dst.as_mut_ptr().cast::<f32>()),
+            n,
+            false,
+            &lhs,
+            &rhs,
+            beta,
+            parallel,
+        );
+        Ok(assume_init_mut(dst))
+    }
+}
+
+/// A fresh f32 buffer of `len` values, not written yet (see [`gemm_fresh`]).
+pub(crate) fn uninit_f32(len: usize) -> Box<[MaybeUninit<f32>]> {
+    Box::new_uninit_slice(len)
+}
+
+/// # Safety
+/// Every value of `v` must be initialised.
+pub(crate) unsafe fn assume_init_mut(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len())
+}
+
+/// The destination of [`gemm_crate`]: a pointer the pool's tasks may carry.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: the product's tasks write disjoint blocks of the destination (the gemm crate's
+// split), which the caller borrows mutably for the call.
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+/// The `gemm` crate's `dst = (accumulate ? dst : 0) + beta · lhs · rhs`, split over the
+/// kernel pool when `parallel` and large enough. Without `accumulate` the crate writes every
+/// value of the destination and reads none.
+///
+/// # Safety
+/// `lhs` and `rhs` must hold their `m×k` / `k×n` views (checked by the caller); `dst` must be
+/// valid for writes (and, when accumulating, reads) of `m` rows of `n` values at row stride
+/// `dst_rs`, and nothing else may access them during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: DstPtr,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &MatRef<'_>,
+    rhs: &MatRef<'_>,
+    beta: f32,
+    parallel: bool,
+) {
     let threads = num_threads();
     let par = if parallel && threads > 1 && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    let mut run = move || {
-        // SAFETY: the three views were checked above to lie inside their slices for the
-        // given m, n, k and strides; `dst` is borrowed mutably, so nothing aliases it.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.data.as_mut_ptr().add(dst.off),
-                1,
-                dst.rs as isize,
-                accumulate,
-                lhs.data.as_ptr().add(lhs.off),
-                lhs.cs as isize,
-                lhs.rs as isize,
-                rhs.data.as_ptr().add(rhs.off),
-                rhs.cs as isize,
-                rhs.rs as isize,
-                1.0f32,
-                beta,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
+    let run = move || {
+        let dst = dst;
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr().add(lhs.off),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr().add(rhs.off),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0f32,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
     };
     match par {
         gemm::Parallelism::None => run(),
         _ => in_pool(run),
     }
-    Ok(())
 }
 
 /// Transposes 32-bit values 16 × 16 at a time: for `b < blocks`, the values `16b..16b + 16`
@@ -1653,6 +1812,57 @@ mod tests {
                 assert_eq!(got, want, "n {n}, work {work}");
             }
         }
+    }
+
+    /// A product into a fresh buffer equals the one into a zeroed buffer and never reads
+    /// its destination (filled with NaN here, which any read would carry into the result):
+    /// the gemm crate's path (large, transposed left operand, one thread and the pool), the
+    /// GEMV path (few rows), an empty reduction, and a wrong destination size (an error).
+    #[test]
+    fn gemm_fresh_writes_every_value_and_reads_none() {
+        use super::{gemm, gemm_fresh, MatMut, MatRef};
+        use std::mem::MaybeUninit;
+        let fill = |len: usize, s: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7 + s * 13) % 23) as f32 / 11.0 - 1.0)
+                .collect()
+        };
+        for &(m, n, k, transposed_lhs, parallel) in &[
+            (96, 80, 70, true, true),
+            (96, 80, 70, false, false),
+            (300, 129, 64, true, true),
+            (4, 50, 33, false, true),
+            (5, 7, 0, false, false),
+        ] {
+            let a = fill(m * k, 1);
+            let b = fill(k * n, 2);
+            let lhs = if transposed_lhs {
+                MatRef::rows(&a, 0, m).t()
+            } else {
+                MatRef::rows(&a, 0, k)
+            };
+            let rhs = MatRef::rows(&b, 0, n);
+            let mut want = vec![0f32; m * n];
+            gemm(
+                m,
+                n,
+                k,
+                MatMut::new(&mut want, 0, n),
+                false,
+                lhs,
+                rhs,
+                0.5,
+                parallel,
+            )
+            .unwrap();
+            let mut fresh = vec![MaybeUninit::new(f32::NAN); m * n];
+            let got = gemm_fresh(m, n, k, &mut fresh, lhs, rhs, 0.5, parallel).unwrap();
+            assert_eq!(got, &want[..], "m {m}, n {n}, k {k}");
+        }
+        let a = fill(8, 3);
+        let mut short = vec![MaybeUninit::new(0f32); 3];
+        let (l, r) = (MatRef::rows(&a, 0, 2), MatRef::rows(&a, 0, 2));
+        assert!(gemm_fresh(2, 2, 2, &mut short, l, r, 1.0, false).is_err());
     }
 
     /// Every output of a multi-row GEMV lands at its place, whatever the split: row counts

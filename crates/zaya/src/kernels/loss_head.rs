@@ -12,6 +12,8 @@
 //! `train/loss.rs` (`ZAYA_KERNEL_LOSS_HEAD=reference`), with the same per-row formulas
 //! (`log_prob`'s statistics and softmax) and the same products in other summation orders.
 
+use std::mem::MaybeUninit;
+
 use super::cpu::{self, MatMut, MatRef};
 use super::log_prob::row_stats;
 use super::KernelError;
@@ -63,12 +65,14 @@ pub fn backward(
     let (v, h) = (p.vocab, p.hidden);
     let gemm_error = |e: candle_core::Error| KernelError::Internal(format!("{OP}: {e}"));
     let chunk = chunk.min(r.rows.len()).max(1);
-    let mut logits = vec![0f32; chunk * v];
+    // The logits and the weight's gradient are written whole by their first product (no
+    // zero fill: ~130 MB a step on the calling thread at the small model's shapes).
+    let mut logits = cpu::uninit_f32(chunk * v);
     let mut y = vec![0f32; chunk * h];
     let mut dy = vec![0f32; chunk * h];
     let mut logp = vec![0f32; chunk];
     let mut d_hidden = vec![0f32; r.hidden.len()];
-    let mut d_weight = want_weight.then(|| vec![0f32; v * h]);
+    let mut d_weight = want_weight.then(|| cpu::uninit_f32(v * h));
     let mut d_bias = (want_bias && p.bias.is_some()).then(|| vec![0f32; v]);
     let mut sum_logp = 0f64;
     let mut first = true;
@@ -83,19 +87,13 @@ pub fn backward(
             let row = row as usize;
             y[k * h..(k + 1) * h].copy_from_slice(&r.hidden[row * h..(row + 1) * h]);
         }
-        let (logits, y, dy, logp) = (
-            &mut logits[..n * v],
-            &y[..n * h],
-            &mut dy[..n * h],
-            &mut logp[..n],
-        );
+        let (y, dy, logp) = (&y[..n * h], &mut dy[..n * h], &mut logp[..n]);
         // logits = y · Wᵀ
-        cpu::gemm(
+        let logits = cpu::gemm_fresh(
             n,
             v,
             h,
-            MatMut::new(logits, 0, v),
-            false,
+            &mut logits[..n * v],
             MatRef::rows(y, 0, h),
             MatRef::rows(p.weight, 0, h).t(),
             1.0,
@@ -160,18 +158,15 @@ pub fn backward(
         }
         // d W (+)= dlogitsᵀ · y, written in the weight's own [V × H] order.
         if let Some(dw) = d_weight.as_mut() {
-            cpu::gemm(
-                v,
-                h,
-                n,
-                MatMut::new(dw, 0, h),
-                !first,
-                MatRef::rows(dlogits, 0, v).t(),
-                MatRef::rows(y, 0, h),
-                1.0,
-                true,
-            )
-            .map_err(gemm_error)?;
+            let (lhs, rhs) = (MatRef::rows(dlogits, 0, v).t(), MatRef::rows(y, 0, h));
+            if first {
+                cpu::gemm_fresh(v, h, n, dw, lhs, rhs, 1.0, true).map_err(gemm_error)?;
+            } else {
+                // SAFETY: the first chunk's product initialised every value.
+                let dw = unsafe { cpu::assume_init_mut(dw) };
+                cpu::gemm(v, h, n, MatMut::new(dw, 0, h), true, lhs, rhs, 1.0, true)
+                    .map_err(gemm_error)?;
+            }
         }
         if let Some(db) = d_bias.as_mut() {
             for row in dlogits.chunks_exact(v) {
@@ -182,6 +177,14 @@ pub fn backward(
         }
         first = false;
     }
+    let d_weight = d_weight.map(|mut dw| {
+        if first {
+            // No chunk ran (every coefficient zero): the gradient is zero.
+            dw.fill(MaybeUninit::new(0.0));
+        }
+        // SAFETY: written whole by the first chunk's product, or just filled.
+        unsafe { dw.assume_init() }.into_vec()
+    });
     Ok(HeadGradients {
         sum_logp,
         d_hidden,

@@ -13,12 +13,14 @@
 //! row count from its minimum, [`cpu::gemm`] elsewhere); the backward's (`dy·W_down`, `dgu·W_gu`,
 //! `dYᵀ·X`) through [`cpu::gemm`], which measured faster at those shapes.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bf16::Rows;
 use super::cpu::{
-    self, f32_range, f32_view, host_f32, storage_from_f32, tensor_from_f32, with_cpu_storage,
+    self, f32_range, f32_view, host_f32_ref, storage_from_f32, tensor_from_f32, with_cpu_storage,
     MatMut, MatRef, GEMV_ROWS,
 };
 use super::reference::MoeShape;
@@ -350,14 +352,23 @@ impl CustomOp3 for MoeExperts {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (h, i) = (self.h, self.i);
-        let xh = host_f32(x)?;
-        let dyh = host_f32(dy)?;
+        let xh = host_f32_ref(x)?;
+        let dyh = host_f32_ref(dy)?;
         let (want_x, want_gu, want_d) = (x.track_op(), gate_up.track_op(), down.track_op());
         let mut dx = vec![0f32; if want_x { self.n * h } else { 0 }];
-        let mut dgu_w = vec![0f32; if want_gu { self.e * 2 * i * h } else { 0 }];
-        let mut dd_w = vec![0f32; if want_d { self.e * h * i } else { 0 }];
+        // The weight gradients are written expert by expert without a zero fill first: each
+        // block is either a product's output or, for an expert no row reached, zeros.
+        let (gu_len, d_len) = (2 * i * h, h * i);
+        let mut dgu_w = cpu::uninit_f32(if want_gu { self.e * gu_len } else { 0 });
+        let mut dd_w = cpu::uninit_f32(if want_d { self.e * d_len } else { 0 });
         for (e, rows) in self.buckets().iter().enumerate() {
             if rows.is_empty() {
+                if want_gu {
+                    dgu_w[e * gu_len..(e + 1) * gu_len].fill(MaybeUninit::new(0.0));
+                }
+                if want_d {
+                    dd_w[e * d_len..(e + 1) * d_len].fill(MaybeUninit::new(0.0));
+                }
                 continue;
             }
             let r = rows.len();
@@ -372,12 +383,11 @@ impl CustomOp3 for MoeExperts {
                     if want_d {
                         let act = swiglu::forward(&gu, None, i);
                         // dW_down[e] = dyᵀ · act   [H, I]
-                        cpu::gemm(
+                        cpu::gemm_fresh(
                             h,
                             i,
                             r,
-                            MatMut::new(&mut dd_w, e * h * i, i),
-                            false,
+                            &mut dd_w[e * d_len..(e + 1) * d_len],
                             MatRef::rows(&dye, 0, h).t(),
                             MatRef::rows(&act, 0, i),
                             1.0,
@@ -400,12 +410,11 @@ impl CustomOp3 for MoeExperts {
                     let (dgu, _) = swiglu::backward(&gu, None, &dact, i);
                     if want_gu {
                         // dW_gu[e] = dguᵀ · xe   [2I, H]
-                        cpu::gemm(
+                        cpu::gemm_fresh(
                             2 * i,
                             h,
                             r,
-                            MatMut::new(&mut dgu_w, e * 2 * i * h, h),
-                            false,
+                            &mut dgu_w[e * gu_len..(e + 1) * gu_len],
                             MatRef::rows(&dgu, 0, 2 * i).t(),
                             MatRef::rows(&xe, 0, h),
                             1.0,
@@ -437,11 +446,14 @@ impl CustomOp3 for MoeExperts {
         let dx = want_x
             .then(|| tensor_from_f32(dx, x.shape(), x.dtype(), x))
             .transpose()?;
+        // SAFETY: every expert's block of both buffers was written above (a product or
+        // zeros); a buffer not asked for is empty.
+        let (dgu_w, dd_w) = unsafe { (dgu_w.assume_init(), dd_w.assume_init()) };
         let dgu = want_gu
-            .then(|| tensor_from_f32(dgu_w, gate_up.shape(), gate_up.dtype(), gate_up))
+            .then(|| tensor_from_f32(dgu_w.into_vec(), gate_up.shape(), gate_up.dtype(), gate_up))
             .transpose()?;
         let dd = want_d
-            .then(|| tensor_from_f32(dd_w, down.shape(), down.dtype(), down))
+            .then(|| tensor_from_f32(dd_w.into_vec(), down.shape(), down.dtype(), down))
             .transpose()?;
         Ok((dx, dgu, dd))
     }

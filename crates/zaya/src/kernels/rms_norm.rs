@@ -8,7 +8,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use half::bf16;
 
-use super::cpu::{self, f32_view, host_f32, round_to, storage_from_f32, tensor_from_f32};
+use super::cpu::{self, f32_view, host_f32_ref, round_to, storage_from_f32, tensor_from_f32};
 use super::KernelError;
 
 const OP: &str = "rms_norm";
@@ -84,9 +84,9 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dtype = x.dtype();
         let h = x.dim(D::Minus1)?;
-        let xh = host_f32(x)?;
-        let wh = host_f32(w)?;
-        let gh = host_f32(grad)?;
+        let xh = host_f32_ref(x)?;
+        let wh = host_f32_ref(w)?;
+        let gh = host_f32_ref(grad)?;
         let rows = xh.len().checked_div(h).unwrap_or(0);
         let eps = self.eps;
         // Rows are split into one block per thread; each block returns its dx rows and its
