@@ -1833,6 +1833,11 @@ mod tests {
             (300, 129, 64, true, true),
             (4, 50, 33, false, true),
             (5, 7, 0, false, false),
+            // the crate's own vector paths: one row, one column, a reduction of one
+            (1, 50, 40, true, false),
+            (70, 1, 40, false, true),
+            (64, 48, 1, true, false),
+            (40, 40, 40, true, false),
         ] {
             let a = fill(m * k, 1);
             let b = fill(k * n, 2);
