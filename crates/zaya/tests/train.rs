@@ -864,14 +864,14 @@ fn fused_loss_head_matches_the_autograd_head() {
         let targets = Targets::from_labels(&labels, zm.config().vocab_size).unwrap();
         let mut weights: Vec<f32> = (0..targets.len()).map(|k| 0.3 - 0.2 * k as f32).collect();
         weights[..3].fill(0.0); // the first chunk of three: skipped by both
-        let grpo = |choice| {
+        let grpo = |choice, weights: &[f32]| {
             let mut out = None;
             choose(choice, &mut || {
-                out = Some(weighted_logp_backward(zm, &hidden, &targets, 0.7, &weights, 3).unwrap())
+                out = Some(weighted_logp_backward(zm, &hidden, &targets, 0.7, weights, 3).unwrap())
             });
             out.unwrap()
         };
-        let (got, want) = (grpo(fused), grpo(Choice::Reference));
+        let (got, want) = (grpo(fused, &weights), grpo(Choice::Reference, &weights));
         let e = rel_err(
             got.grad_hidden.as_ref().unwrap(),
             want.grad_hidden.as_ref().unwrap(),
@@ -887,5 +887,53 @@ fn fused_loss_head_matches_the_autograd_head() {
                 "{name} GRPO head: parameter gradient relative error {e}"
             );
         }
+        // Every weight zero: no chunk runs, and neither path gives the head a gradient (the
+        // optimizer must leave it alone rather than step it with zeros).
+        weights.fill(0.0);
+        let (got, want) = (grpo(fused, &weights), grpo(Choice::Reference, &weights));
+        for p in std::iter::once(w).chain(bias) {
+            assert!(
+                got.grads.get(p).is_none() && want.grads.get(p).is_none(),
+                "{name}"
+            );
+        }
+        let largest = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(largest(got.grad_hidden.as_ref().unwrap()), 0.0);
+
+        // A frozen head (not a variable): the rows' gradient alone, the same as with the
+        // variable's.
+        let frozen_w = w.detach();
+        let mut frozen = None;
+        choose(fused, &mut || {
+            frozen = zaya::kernels::loss_head_backward(
+                &flat, &frozen_w, bias, &rows, &ids, &coef, 1.0, 2,
+            )
+            .unwrap()
+        });
+        let mut live = None;
+        choose(fused, &mut || live = call());
+        let (frozen, live) = (frozen.unwrap(), live.unwrap());
+        assert!(frozen.d_weight.is_none() && live.d_weight.is_some());
+        assert_eq!(frozen.d_hidden, live.d_hidden);
+        // Hidden rows of another width are refused, even where the lengths happen to divide.
+        let wide =
+            Tensor::zeros((7, 2 * zm.config().hidden_size), DType::F32, model.device()).unwrap();
+        let mut err = None;
+        choose(fused, &mut || {
+            err =
+                zaya::kernels::loss_head_backward(&wide, w, bias, &rows, &ids, &coef, 1.0, 2).err()
+        });
+        let err = err.expect("a width mismatch is an error").to_string();
+        assert!(
+            err.contains("does not match the head weight"),
+            "{name}: {err}"
+        );
     }
 }

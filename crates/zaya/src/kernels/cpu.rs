@@ -339,8 +339,6 @@ pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType, op: &'static str) -> R
     })
 }
 
-/// A tensor's elements as f32 in logical order (used by the backward passes, whose inputs
-/// are ordinary tensors rather than storages).
 /// A tensor's values as f32 on the host, borrowed in place when the tensor is a contiguous
 /// f32 CPU tensor (the backward passes' inputs: copying them was a serial memmove on the
 /// calling thread), copied otherwise.
@@ -379,6 +377,8 @@ pub(crate) fn host_f32_ref(
     Ok(HostF32::Owned(host_f32(t)?))
 }
 
+/// A tensor's elements as f32 in logical order (used by the backward passes, whose inputs
+/// are ordinary tensors rather than storages).
 pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -977,8 +977,10 @@ pub(crate) fn gemm_fresh<'a>(
         .into());
     }
     let gemv = m <= GEMV_ROWS && rhs.rs == 1 && lhs.cs == 1;
-    if m == 0 || n == 0 || k == 0 || gemv {
-        // The paths that read or only partly write their destination get zeros first.
+    if m <= 1 || n <= 1 || k == 0 || gemv {
+        // These paths write every value too, but through a `&mut [f32]` (ours for the GEMV
+        // and an empty reduction, the crate's for one row or one column), which must not
+        // cover uninitialised memory: they get zeros first (small products only).
         dst.fill(MaybeUninit::new(0.0));
         // SAFETY: every value was just initialised.
         let dst = unsafe { assume_init_mut(dst) };
@@ -1041,7 +1043,9 @@ unsafe impl Sync for DstPtr {}
 
 /// The `gemm` crate's `dst = (accumulate ? dst : 0) + beta · lhs · rhs`, split over the
 /// kernel pool when `parallel` and large enough. Without `accumulate` the crate writes every
-/// value of the destination and reads none.
+/// value of the destination and reads none — checked in gemm-common 0.19.0's source (every
+/// kernel stores without loading on its "alpha zero" status; the version is pinned in
+/// `Cargo.toml`) and by `gemm_fresh_writes_every_value_and_reads_none`.
 ///
 /// # Safety
 /// `lhs` and `rhs` must hold their `m×k` / `k×n` views (checked by the caller); `dst` must be

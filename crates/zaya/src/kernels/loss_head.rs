@@ -12,8 +12,6 @@
 //! `train/loss.rs` (`ZAYA_KERNEL_LOSS_HEAD=reference`), with the same per-row formulas
 //! (`log_prob`'s statistics and softmax) and the same products in other summation orders.
 
-use std::mem::MaybeUninit;
-
 use super::cpu::{self, MatMut, MatRef};
 use super::log_prob::row_stats;
 use super::KernelError;
@@ -44,15 +42,19 @@ pub struct HeadGradients {
     pub sum_logp: f64,
     /// `[N × H]`: zero except the counted rows.
     pub d_hidden: Vec<f32>,
-    /// `[V × H]`, when asked for.
+    /// `[V × H]`, when asked for and a chunk ran.
     pub d_weight: Option<Vec<f32>>,
-    /// `[V]`, when asked for and the head has a bias.
+    /// `[V]`, when asked for, the head has a bias and a chunk ran.
     pub d_bias: Option<Vec<f32>>,
 }
 
 /// Runs the head over `rows` in chunks of `chunk` rows; the weight's and the bias's
-/// gradients only where `want_weight` / `want_bias` (a frozen head has none). A chunk whose coefficients are all
-/// zero is skipped (its log-probabilities are not summed either). `inv_temp` is `1 / T`.
+/// gradients only where `want_weight` / `want_bias` (a frozen head has none). A chunk whose
+/// coefficients are all zero is skipped, as the reference skips it for GRPO's weighted head
+/// (its log-probabilities are not summed either; cross-entropy's `−1 / normalizer` is never
+/// zero). Where no chunk runs there is no weight or bias gradient at all (`None`), as in the
+/// reference: the optimizer then leaves the head alone instead of applying a zero gradient.
+/// `inv_temp` is `1 / T`.
 pub fn backward(
     p: &HeadParams<'_>,
     r: &HeadRows<'_>,
@@ -177,19 +179,16 @@ pub fn backward(
         }
         first = false;
     }
-    let d_weight = d_weight.map(|mut dw| {
-        if first {
-            // No chunk ran (every coefficient zero): the gradient is zero.
-            dw.fill(MaybeUninit::new(0.0));
-        }
-        // SAFETY: written whole by the first chunk's product, or just filled.
-        unsafe { dw.assume_init() }.into_vec()
-    });
+    let ran = !first;
+    // SAFETY: when a chunk ran, its product wrote every value.
+    let d_weight = d_weight
+        .filter(|_| ran)
+        .map(|dw| unsafe { dw.assume_init() }.into_vec());
     Ok(HeadGradients {
         sum_logp,
         d_hidden,
         d_weight,
-        d_bias,
+        d_bias: d_bias.filter(|_| ran),
     })
 }
 
@@ -244,6 +243,18 @@ fn check(p: &HeadParams<'_>, r: &HeadRows<'_>, chunk: usize) -> Result<(), Kerne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-place softmax-gradient body equals the out-of-place one the log-prob kernel
+    /// uses, bit for bit (vector body and tail).
+    #[test]
+    fn softmax_gradient_in_place_equals_the_out_of_place_one() {
+        let row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let mut want = vec![0f32; row.len()];
+        cpu::neg_softmax_scaled(&row, 1.25, -0.5, &mut want);
+        let mut got = row.clone();
+        cpu::neg_softmax_scaled_in_place(&mut got, 1.25, -0.5);
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn bad_rows_targets_and_shapes_are_typed_errors() {

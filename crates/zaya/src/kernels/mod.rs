@@ -302,6 +302,18 @@ pub fn loss_head_backward(
         return Ok(None);
     }
     let (v, h) = weight.dims2()?;
+    let n_hidden = hidden.dims2()?.0;
+    if hidden.dims() != [n_hidden, h] {
+        return Err(KernelError::Shape {
+            op: "loss_head",
+            message: format!(
+                "hidden {:?} does not match the head weight {:?}",
+                hidden.dims(),
+                weight.dims()
+            ),
+        }
+        .into());
+    }
     let (want_weight, want_bias) = (weight.track_op(), bias.is_some_and(Tensor::track_op));
     let w = weight.contiguous()?;
     let x = hidden.contiguous()?;

@@ -10,8 +10,9 @@
 //!
 //! f32 products: the forward's two (`x·W_guᵀ`, `act·W_downᵀ`, also the backward's
 //! recompute) go through [`sgemm::gemm`] (an AVX-512 kernel against a weight's transpose for any
-//! row count from its minimum, [`cpu::gemm`] elsewhere); the backward's (`dy·W_down`, `dgu·W_gu`,
-//! `dYᵀ·X`) through [`cpu::gemm`], which measured faster at those shapes.
+//! row count from its minimum, [`cpu::gemm`] elsewhere); the backward's (`dy·W_down`, `dgu·W_gu`)
+//! through [`cpu::gemm`], which measured faster at those shapes, and the weight gradients
+//! (`dYᵀ·X`) through [`cpu::gemm_fresh`], straight into buffers never zero-filled.
 
 use std::mem::MaybeUninit;
 
