@@ -868,6 +868,18 @@ pub(crate) fn check_views(
         return Ok(());
     }
     let dst_ok = dst.off + (m - 1) * dst.rs + n <= dst.data.len() && (m == 1 || dst.rs >= n);
+    check_operands(m, n, k, lhs, rhs, dst_ok)
+}
+
+/// The operand half of [`check_views`] (`dst_ok`: the destination's own check).
+fn check_operands(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &MatRef<'_>,
+    rhs: &MatRef<'_>,
+    dst_ok: bool,
+) -> Result<()> {
     if !dst_ok || !lhs.fits(m, k) || !rhs.fits(k, n) {
         return Err(KernelError::Internal(format!(
             "gemm view out of bounds (m={m}, n={n}, k={k})"
@@ -997,12 +1009,7 @@ pub(crate) fn gemm_fresh<'a>(
         )?;
         return Ok(dst);
     }
-    if !lhs.fits(m, k) || !rhs.fits(k, n) {
-        return Err(KernelError::Internal(format!(
-            "gemm view out of bounds (m={m}, n={n}, k={k})"
-        ))
-        .into());
-    }
+    check_operands(m, n, k, &lhs, &rhs, true)?;
     // SAFETY: the operand views were checked above and `dst` holds exactly m·n values, which
     // the crate writes without reading (`accumulate` false); it is borrowed mutably.
     unsafe {
@@ -1033,11 +1040,12 @@ pub(crate) unsafe fn assume_init_mut(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len())
 }
 
-/// The destination of [`gemm_crate`]: a pointer the pool's tasks may carry.
+/// A product's destination, carried by the pool's tasks that write disjoint blocks of it
+/// ([`gemm_crate`]'s split, `sgemm`'s weight-row ranges).
 #[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-// SAFETY: the product's tasks write disjoint blocks of the destination (the gemm crate's
-// split), which the caller borrows mutably for the call.
+pub(crate) struct DstPtr(pub(crate) *mut f32);
+// SAFETY: every user splits the destination into disjoint blocks, one per task, and holds
+// it borrowed mutably for the call.
 unsafe impl Send for DstPtr {}
 unsafe impl Sync for DstPtr {}
 

@@ -37,7 +37,7 @@ use std::cell::RefCell;
 
 use candle_core::Result;
 
-use super::cpu::{self, MatMut, MatRef};
+use super::cpu::{self, DstPtr, MatMut, MatRef};
 
 /// Weight rows (columns of the product) in the register tile.
 const MR: usize = 12;
@@ -137,13 +137,6 @@ fn weight_rows(
     }
     Ok(())
 }
-
-/// The destination, shared by the threads that write disjoint blocks of it.
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-// SAFETY: each thread writes only its own block (see `gemm`).
-unsafe impl Send for DstPtr {}
-unsafe impl Sync for DstPtr {}
 
 /// Splits the `n` weight rows into at most `threads` ranges `(n0, n1)` of whole tiles.
 fn split(n: usize, threads: usize) -> Vec<(usize, usize)> {
