@@ -790,6 +790,53 @@ fn embedding_gradient_accumulates_rows_in_place_exactly() {
     assert!(y.is_err() || y.unwrap().sum_all().unwrap().backward().is_err());
 }
 
+/// A backward started from a seeded store (`backward_releasing_from`: the LM head's part of
+/// a tied embedding's gradient) adds the embedding lookup's rows into the seed's own buffer,
+/// reports the sum to `ready`, and returns an entry its graph never reaches as it was.
+#[test]
+fn a_seeded_backward_adds_an_embedding_gradient_into_the_seed() {
+    use candle_core::backprop::GradStore;
+    use candle_core::{Device, Var};
+    let dev = Device::Cpu;
+    let w = Var::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+    let other = Var::new(&[1f32, 1.], &dev).unwrap();
+    let (wt, ot) = (w.as_tensor(), other.as_tensor());
+    let ids = Tensor::new(&[0u32, 2, 0], &dev).unwrap();
+    let c = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+    let y = || {
+        (wt.index_select(&ids, 0).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let head = [[0.25f32, 0.5], [1., 1.], [-1., 2.]];
+    let mut start = GradStore::default();
+    let seed = Tensor::new(&head, &dev).unwrap();
+    let seed_buffer = buffer_address(&seed);
+    start.insert(wt, seed);
+    start.insert(ot, Tensor::new(&[7f32, 8.], &dev).unwrap());
+    let mut reported = None;
+    let gs = y()
+        .backward_releasing_from(start, &mut |v, g| {
+            if v.id() == wt.id() {
+                reported = Some(g.to_vec2::<f32>()?);
+            }
+            Ok(Some(g))
+        })
+        .unwrap();
+    // rows 0 (twice) and 2 of `c` added to the head's part
+    let want = [[6.25f32, 8.5], [1., 1.], [2., 6.]];
+    let got = gs.get(wt).unwrap();
+    assert_eq!(got.to_vec2::<f32>().unwrap(), want);
+    assert_eq!(buffer_address(got), seed_buffer, "not added in place");
+    assert_eq!(reported.unwrap(), want);
+    assert_eq!(gs.get(ot).unwrap().to_vec1::<f32>().unwrap(), [7., 8.]);
+    // the same as the plain backward plus the head's part
+    let plain = y().backward_releasing().unwrap();
+    let sum = (plain.get(wt).unwrap() + Tensor::new(&head, &dev).unwrap()).unwrap();
+    assert_eq!(sum.to_vec2::<f32>().unwrap(), want);
+}
+
 /// The fused training head (`kernels::loss_head`) against its reference, the chunked
 /// autograd path: the loss and every parameter's gradient (tied heads, an untied head with
 /// a bias) for several chunk sizes; then GRPO's head (temperature, per-token weights, a

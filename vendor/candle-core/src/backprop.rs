@@ -345,8 +345,22 @@ impl Tensor {
         self,
         ready: &mut dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>>,
     ) -> Result<GradStore> {
+        self.backward_releasing_from(GradStore::new(), ready)
+    }
+
+    /// [`Tensor::backward_releasing_with`] that starts from `grads` (zaya's patch): gradients
+    /// some variables already received elsewhere (the LM head's part of a tied embedding's
+    /// gradient), to which this pass adds its own — an `index_select` of such a variable
+    /// adds its rows into that buffer in place, instead of into a fresh zero tensor that is
+    /// summed with it afterwards. Entries for tensors this graph does not reach are
+    /// returned as they are. Only variables (leaves) may be seeded: a seeded inner node
+    /// would pass its seed on as part of its own gradient.
+    pub fn backward_releasing_from(
+        self,
+        mut grads: GradStore,
+        ready: &mut dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<GradStore> {
         let sorted_nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
-        let mut grads = GradStore::new();
         grads.insert(&self, self.ones_like()?.contiguous()?);
         drop(self);
         for node in sorted_nodes {

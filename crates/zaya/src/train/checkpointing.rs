@@ -216,6 +216,22 @@ impl Prepared<'_> {
     }
 }
 
+/// Moves the gradients `acc` holds for `params` (what the LM head gave them: for a tied
+/// embedding, the head's part) into the store a segment's backward starts from
+/// (`Tensor::backward_releasing_from`), so that the embedding lookup's backward adds its rows
+/// into that buffer in place instead of into a fresh `[vocab × hidden]` zero tensor summed
+/// with it afterwards. [`accumulate`] moves every entry back, reached by the segment or not.
+fn seeded(acc: &mut GradStore, params: &[Param]) -> GradStore {
+    let mut start = GradStore::default();
+    for p in params {
+        let t = p.var.as_tensor();
+        if let Some(g) = acc.remove(t) {
+            start.insert(t, g);
+        }
+    }
+    start
+}
+
 /// Adds the parameter gradients of `gs` into `acc`.
 ///
 /// candle leaves the gradient of a leaf undetached when the leaf feeds a product directly
@@ -584,7 +600,8 @@ impl<'a> StageBatch<'a> {
         // The run's tensors are the graph's: let go of them, so the backward frees each
         // activation once it is done with it (peak memory of a step without checkpointing).
         drop(run);
-        let gs = seed.backward_releasing_with(&mut |v, g| sinking.ready(&mut acc, v, g))?;
+        let start = seeded(&mut acc, params);
+        let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(&mut acc, v, g))?;
         accumulate(&mut acc, params, &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop(gs);
@@ -602,7 +619,9 @@ impl<'a> StageBatch<'a> {
             let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
             drop(outputs);
             drop(run);
-            let gs = seed.backward_releasing_with(&mut |v, g| sinking.ready(&mut acc, v, g))?;
+            let start = seeded(&mut acc, params);
+            let gs =
+                seed.backward_releasing_from(start, &mut |v, g| sinking.ready(&mut acc, v, g))?;
             accumulate(&mut acc, params, &gs)?;
             upstream = boundary_grads(&gs, inputs.as_ref())?;
         }
