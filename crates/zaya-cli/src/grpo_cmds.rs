@@ -415,7 +415,7 @@ fn run_grpo_lora(args: &GrpoArgs, s: Setup, spec: &str) -> Result<()> {
     lora.base_model = Some(s.model_dir.display().to_string());
     let dtype = crate::parse_dtype(&args.dtype)?;
     let plan = match &args.quant {
-        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        Some(f) => Some(zaya::quant::QuantPlan::named(f)?),
         None => None,
     };
     let model_cfg = zaya::ZayaConfig::from_file(s.model_dir.join("config.json"))?;

@@ -109,7 +109,7 @@ struct ModelArgs {
     #[arg(long, default_value = "sdpa")]
     attn: String,
     /// Quantize the projections, experts and embeddings while loading, for this run only
-    /// (a `zaya quantize` format: q8_0, q4_k, ...).
+    /// (a `zaya quantize` format: q8_0, q4_k, ..., or a mix: q4_k_m, q5_k_m).
     #[arg(long)]
     quant: Option<String>,
     /// A LoRA adapter directory in PEFT's format (adapter_config.json +
@@ -259,7 +259,7 @@ fn load_model(args: &ModelArgs) -> Result<ZayaModel> {
 fn load_base(args: &ModelArgs) -> Result<ZayaModel> {
     let dtype = parse_dtype(&args.dtype)?;
     let plan = match &args.quant {
-        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        Some(f) => Some(zaya::quant::QuantPlan::named(f)?),
         None => None,
     };
     Ok(ZayaModel::load_quantized(

@@ -17,8 +17,11 @@ use zaya::{ForwardOptions, ZayaModel};
 pub struct PlanArgs {
     /// Format of every quantizable tensor (attention projections, experts, embedding,
     /// lm_head): q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k, f16, bf16, f32
-    /// or keep. Norms, scales, biases, the router, CCA convolutions, `temp` and the
-    /// balancing biases always stay dense.
+    /// or keep; or a mix as llama.cpp's: q4_k_m / q5_k_m (q4_k / q5_k, with the embedding
+    /// and lm_head in q6_k, and q6_k for the value projections and the experts' down_proj
+    /// of the first and last eighth of the layers and every third layer between). Norms,
+    /// scales, biases, the router, CCA convolutions, `temp` and the balancing biases always
+    /// stay dense.
     #[arg(long, default_value = "q8_0")]
     pub format: String,
     /// Format of the token embedding (default: --format).
@@ -44,18 +47,17 @@ pub struct PlanArgs {
 
 impl PlanArgs {
     pub fn plan(&self) -> Result<QuantPlan> {
-        let base: WeightFormat = self.format.parse()?;
-        let mut plan = QuantPlan::uniform(base);
+        let mut plan = QuantPlan::named(&self.format)?;
         let pick = |o: &Option<String>, d: WeightFormat| -> Result<WeightFormat> {
             Ok(match o {
                 Some(s) => s.parse()?,
                 None => d,
             })
         };
-        plan.embedding = pick(&self.embed_format, base)?;
-        plan.lm_head = pick(&self.head_format, base)?;
-        plan.expert = pick(&self.expert_format, base)?;
-        plan.attention = pick(&self.attn_format, base)?;
+        plan.embedding = pick(&self.embed_format, plan.embedding)?;
+        plan.lm_head = pick(&self.head_format, plan.lm_head)?;
+        plan.expert = pick(&self.expert_format, plan.expert)?;
+        plan.attention = pick(&self.attn_format, plan.attention)?;
         plan.router = pick(&self.router_format, WeightFormat::Keep)?;
         for r in &self.rule {
             plan.rules.push(QuantPlan::parse_rule(r)?);
@@ -220,7 +222,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     };
     let dtype = crate::parse_dtype(&args.dtype)?;
     let plan = match &args.quant {
-        Some(f) => Some(QuantPlan::uniform(f.parse()?)),
+        Some(f) => Some(QuantPlan::named(f)?),
         None => None,
     };
     let reference_path = match &args.reference {

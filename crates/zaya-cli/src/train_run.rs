@@ -745,7 +745,7 @@ fn run_train_lora(args: &TrainArgs, run: &RunPlan, spec: &str) -> Result<()> {
     }
     let dtype = crate::parse_dtype(&args.dtype)?;
     let plan = match &args.quant {
-        Some(f) => Some(zaya::quant::QuantPlan::uniform(f.parse()?)),
+        Some(f) => Some(zaya::quant::QuantPlan::named(f)?),
         None => None,
     };
     let cfg = &run.model_cfg;

@@ -588,6 +588,7 @@ pub fn quantize_to_gguf(
     let ckpt = Checkpoint::open(src)?;
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
+    let plan = &plan.for_layers(cfg.num_hidden_layers);
     let specs = native_specs(&cfg);
     if let Some(m) = imatrix {
         crate::imatrix::check(m, &specs)?;
@@ -904,7 +905,7 @@ impl QuantizeOnLoad {
             .collect();
         QuantizeOnLoad {
             dense,
-            plan,
+            plan: plan.for_layers(cfg.num_hidden_layers),
             shapes,
             inner,
             stored: BTreeMap::new(),

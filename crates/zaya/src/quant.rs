@@ -152,6 +152,23 @@ pub struct QuantPlan {
     pub expert: WeightFormat,
     pub router: WeightFormat,
     pub rules: Vec<(String, WeightFormat)>,
+    /// llama.cpp's `_M` mixes: the value projections and the experts' `down_proj` of the
+    /// layers [`use_more_bits`] picks get this format. It depends on the layer count, so
+    /// [`QuantPlan::for_layers`] turns it into rules once the model's config is known.
+    pub more_bits: Option<WeightFormat>,
+}
+
+/// Named mixes `--format` / `--quant` accept besides the single formats, as llama.cpp's
+/// `Q4_K_M` / `Q5_K_M` (`llama_tensor_get_type`): the base k-quant everywhere, the tied
+/// embedding / output in Q6_K, and Q6_K for the value projections and the experts'
+/// `down_proj` in the first and last eighth of the layers and every third one between.
+pub const PRESETS: &[(&str, GgmlDType)] = &[("q4_k_m", GgmlDType::Q4K), ("q5_k_m", GgmlDType::Q5K)];
+
+/// llama.cpp's choice of the layers that get more bits in its `_M` mixes: the first and
+/// last eighth, and every third layer in between.
+pub fn use_more_bits(layer: usize, layers: usize) -> bool {
+    let eighth = layers / 8;
+    layer < eighth || layer >= 7 * layers / 8 || (layer - eighth) % 3 == 2
 }
 
 impl QuantPlan {
@@ -164,6 +181,51 @@ impl QuantPlan {
             expert: format,
             router: WeightFormat::Keep,
             rules: Vec::new(),
+            more_bits: None,
+        }
+    }
+
+    /// A single format (`q4_k`: [`QuantPlan::uniform`]) or a named mix of [`PRESETS`]
+    /// (`q4_k_m`), as `--format` and `--quant` take them.
+    pub fn named(s: &str) -> Result<QuantPlan> {
+        let key = s.trim().to_ascii_lowercase();
+        if let Some(&(_, base)) = PRESETS.iter().find(|(n, _)| *n == key) {
+            let q6 = WeightFormat::Quant(GgmlDType::Q6K);
+            return Ok(QuantPlan {
+                embedding: q6,
+                lm_head: q6,
+                more_bits: Some(q6),
+                ..QuantPlan::uniform(WeightFormat::Quant(base))
+            });
+        }
+        s.parse().map(QuantPlan::uniform).map_err(|e| match e {
+            ZayaError::Input(m) => {
+                let presets: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+                ZayaError::Input(format!("{m}, or a mix: {}", presets.join(", ")))
+            }
+            other => other,
+        })
+    }
+
+    /// The plan for a model of `layers` decoder layers: [`QuantPlan::more_bits`] written
+    /// out as rules for the layers it picks, before the plan's own rules (which still win).
+    pub fn for_layers(&self, layers: usize) -> QuantPlan {
+        let Some(more) = self.more_bits else {
+            return self.clone();
+        };
+        let mut rules = Vec::new();
+        for i in (0..layers).filter(|&i| use_more_bits(i, layers)) {
+            rules.push((
+                format!("model.layers.{i}.self_attn.qkv_proj.v_proj_*"),
+                more,
+            ));
+            rules.push((format!("model.layers.{i}.mlp.experts.down_proj"), more));
+        }
+        rules.extend(self.rules.iter().cloned());
+        QuantPlan {
+            rules,
+            more_bits: None,
+            ..self.clone()
         }
     }
 
@@ -206,7 +268,8 @@ impl QuantPlan {
     /// Whether any tensor would be quantized.
     pub fn quantizes(&self) -> bool {
         let q = |f: &WeightFormat| matches!(f, WeightFormat::Quant(_));
-        q(&self.embedding)
+        self.more_bits.as_ref().is_some_and(q)
+            || q(&self.embedding)
             || q(&self.lm_head)
             || q(&self.attention)
             || q(&self.expert)
@@ -675,6 +738,74 @@ mod tests {
         );
         assert!("q9_9".parse::<WeightFormat>().is_err());
         assert!(QuantPlan::parse_rule("nope").is_err());
+    }
+
+    /// llama.cpp's layer choice (`use_more_bits`) on ZAYA1-8B's 40 layers and the default
+    /// model's 4, and what `q4_k_m` gives each tensor class once resolved for a model.
+    #[test]
+    fn k_m_mixes_follow_llama_cpp() {
+        let more: Vec<usize> = (0..40).filter(|&i| use_more_bits(i, 40)).collect();
+        let mut want: Vec<usize> = (0..5).chain(35..40).collect();
+        want.extend((7..35).step_by(3));
+        want.sort();
+        assert_eq!(more, want);
+        assert_eq!(
+            (0..4).filter(|&i| use_more_bits(i, 4)).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        let (q4, q6) = (
+            WeightFormat::Quant(GgmlDType::Q4K),
+            WeightFormat::Quant(GgmlDType::Q6K),
+        );
+        let named = QuantPlan::named("Q4_K_M").unwrap();
+        assert!(named.quantizes());
+        let mut user = named.clone();
+        user.rules
+            .push(QuantPlan::parse_rule("model.layers.3.mlp.experts.down_proj=q8_0").unwrap());
+        let plan = user.for_layers(4);
+        assert_eq!(plan.more_bits, None);
+        let at = |name: &str| plan.format_for(name, &[4, 512, 256]);
+        assert_eq!(at("model.embed_tokens.weight"), q6);
+        assert_eq!(at("lm_head.weight"), q6);
+        for (layer, want) in [(0, q4), (1, q4), (2, q6), (3, q6)] {
+            for v in ["v_proj_current", "v_proj_delayed"] {
+                let name = format!("model.layers.{layer}.self_attn.qkv_proj.{v}.weight");
+                assert_eq!(at(&name), want, "{name}");
+            }
+            assert_eq!(
+                at(&format!(
+                    "model.layers.{layer}.self_attn.qkv_proj.q_proj.weight"
+                )),
+                q4
+            );
+            assert_eq!(
+                at(&format!("model.layers.{layer}.self_attn.o_proj.weight")),
+                q4
+            );
+            assert_eq!(
+                at(&format!("model.layers.{layer}.mlp.experts.gate_up_proj")),
+                q4
+            );
+        }
+        assert_eq!(at("model.layers.1.mlp.experts.down_proj"), q4);
+        assert_eq!(at("model.layers.2.mlp.experts.down_proj"), q6);
+        // the user's own rules still win over the mix
+        assert_eq!(
+            at("model.layers.3.mlp.experts.down_proj"),
+            WeightFormat::Quant(GgmlDType::Q8_0)
+        );
+        // q5_k_m: the same mix over q5_k; single formats are uniform plans
+        let q5 = QuantPlan::named("q5_k_m").unwrap().for_layers(4);
+        assert_eq!(
+            q5.format_for("model.layers.0.mlp.experts.down_proj", &[4, 512, 256]),
+            WeightFormat::Quant(GgmlDType::Q5K)
+        );
+        assert_eq!(
+            QuantPlan::named("q8_0").unwrap(),
+            QuantPlan::uniform("q8_0".parse().unwrap())
+        );
+        let err = QuantPlan::named("q4_k_x").unwrap_err().to_string();
+        assert!(err.contains("q4_k_m"), "{err}");
     }
 
     #[test]
