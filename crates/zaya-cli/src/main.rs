@@ -610,10 +610,6 @@ fn pin_thread_count() {
     }
 }
 
-/// glibc's allocator, with large zeroed blocks in mappings of their own (`memory.rs`).
-#[global_allocator]
-static ALLOCATOR: memory::Allocator = memory::Allocator;
-
 fn main() {
     memory::configure();
     tracing_subscriber::fmt()
