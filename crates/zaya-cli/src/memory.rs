@@ -45,6 +45,9 @@ pub fn configure() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         reexec_with_huge_pages();
+        if std::env::var_os("ZAYA_MAP_ZEROED").is_some() {
+            eprintln!("note: ZAYA_MAP_ZEROED is no longer read (removed: it stopped lowering the training peak; see memory.rs)");
+        }
         // SAFETY: mallopt only changes allocator parameters; no other thread exists yet.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);

@@ -588,7 +588,7 @@ pub fn quantize_to_gguf(
     let ckpt = Checkpoint::open(src)?;
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
-    let plan = &plan.for_layers(cfg.num_hidden_layers);
+    let plan = &plan.for_model(&cfg);
     let specs = native_specs(&cfg);
     if let Some(m) = imatrix {
         crate::imatrix::check(m, &specs)?;
@@ -905,7 +905,7 @@ impl QuantizeOnLoad {
             .collect();
         QuantizeOnLoad {
             dense,
-            plan: plan.for_layers(cfg.num_hidden_layers),
+            plan: plan.for_model(cfg),
             shapes,
             inner,
             stored: BTreeMap::new(),

@@ -152,16 +152,19 @@ pub struct QuantPlan {
     pub expert: WeightFormat,
     pub router: WeightFormat,
     pub rules: Vec<(String, WeightFormat)>,
-    /// llama.cpp's `_M` mixes: the value projections and the experts' `down_proj` of the
-    /// layers [`use_more_bits`] picks get this format. It depends on the layer count, so
-    /// [`QuantPlan::for_layers`] turns it into rules once the model's config is known.
-    pub more_bits: Option<WeightFormat>,
+    /// llama.cpp's `_M` mixes, `(base, more)`: the value projections and the experts'
+    /// `down_proj` of the layers [`use_more_bits`] picks get `more` where their class is
+    /// still at the mix's `base` (a class the user set otherwise keeps that), and a tied
+    /// embedding (it is the output) the lm_head's format. It depends on the model, so
+    /// [`QuantPlan::for_model`] turns it into rules once the config is known.
+    pub more_bits: Option<(WeightFormat, WeightFormat)>,
 }
 
 /// Named mixes `--format` / `--quant` accept besides the single formats, as llama.cpp's
-/// `Q4_K_M` / `Q5_K_M` (`llama_tensor_get_type`): the base k-quant everywhere, the tied
-/// embedding / output in Q6_K, and Q6_K for the value projections and the experts'
-/// `down_proj` in the first and last eighth of the layers and every third one between.
+/// `Q4_K_M` / `Q5_K_M` (`llama_tensor_get_type`): the base k-quant everywhere, the output
+/// (lm_head, or the embedding where it is tied) in Q6_K, and Q6_K for the value projections
+/// and the experts' `down_proj` in the first and last eighth of the layers and every third
+/// one between.
 pub const PRESETS: &[(&str, GgmlDType)] = &[("q4_k_m", GgmlDType::Q4K), ("q5_k_m", GgmlDType::Q5K)];
 
 /// llama.cpp's choice of the layers that get more bits in its `_M` mixes: the first and
@@ -190,12 +193,14 @@ impl QuantPlan {
     pub fn named(s: &str) -> Result<QuantPlan> {
         let key = s.trim().to_ascii_lowercase();
         if let Some(&(_, base)) = PRESETS.iter().find(|(n, _)| *n == key) {
-            let q6 = WeightFormat::Quant(GgmlDType::Q6K);
+            let (base, q6) = (
+                WeightFormat::Quant(base),
+                WeightFormat::Quant(GgmlDType::Q6K),
+            );
             return Ok(QuantPlan {
-                embedding: q6,
                 lm_head: q6,
-                more_bits: Some(q6),
-                ..QuantPlan::uniform(WeightFormat::Quant(base))
+                more_bits: Some((base, q6)),
+                ..QuantPlan::uniform(base)
             });
         }
         s.parse().map(QuantPlan::uniform).map_err(|e| match e {
@@ -207,22 +212,34 @@ impl QuantPlan {
         })
     }
 
-    /// The plan for a model of `layers` decoder layers: [`QuantPlan::more_bits`] written
-    /// out as rules for the layers it picks, before the plan's own rules (which still win).
-    pub fn for_layers(&self, layers: usize) -> QuantPlan {
-        let Some(more) = self.more_bits else {
+    /// The plan for a model of `cfg`: [`QuantPlan::more_bits`] written out as rules for the
+    /// layers it picks, before the plan's own rules (which still win), and a tied embedding
+    /// at the lm_head's format unless its own was set.
+    pub fn for_model(&self, cfg: &crate::config::ZayaConfig) -> QuantPlan {
+        let Some((base, more)) = self.more_bits else {
             return self.clone();
         };
+        let layers = cfg.num_hidden_layers;
         let mut rules = Vec::new();
         for i in (0..layers).filter(|&i| use_more_bits(i, layers)) {
-            rules.push((
-                format!("model.layers.{i}.self_attn.qkv_proj.v_proj_*"),
-                more,
-            ));
-            rules.push((format!("model.layers.{i}.mlp.experts.down_proj"), more));
+            if self.attention == base {
+                rules.push((
+                    format!("model.layers.{i}.self_attn.qkv_proj.v_proj_*"),
+                    more,
+                ));
+            }
+            if self.expert == base {
+                rules.push((format!("model.layers.{i}.mlp.experts.down_proj"), more));
+            }
         }
         rules.extend(self.rules.iter().cloned());
+        let embedding = if cfg.tie_word_embeddings && self.embedding == base {
+            self.lm_head
+        } else {
+            self.embedding
+        };
         QuantPlan {
+            embedding,
             rules,
             more_bits: None,
             ..self.clone()
@@ -268,7 +285,7 @@ impl QuantPlan {
     /// Whether any tensor would be quantized.
     pub fn quantizes(&self) -> bool {
         let q = |f: &WeightFormat| matches!(f, WeightFormat::Quant(_));
-        self.more_bits.as_ref().is_some_and(q)
+        self.more_bits.as_ref().is_some_and(|(_, m)| q(m))
             || q(&self.embedding)
             || q(&self.lm_head)
             || q(&self.attention)
@@ -753,51 +770,64 @@ mod tests {
             (0..4).filter(|&i| use_more_bits(i, 4)).collect::<Vec<_>>(),
             [2, 3]
         );
-        let (q4, q6) = (
+        let (q4, q6, q8) = (
             WeightFormat::Quant(GgmlDType::Q4K),
             WeightFormat::Quant(GgmlDType::Q6K),
+            WeightFormat::Quant(GgmlDType::Q8_0),
         );
+        let mut cfg = crate::config::ZayaConfig::from_json(&serde_json::json!({
+            "model_type": "zaya", "vocab_size": 64, "hidden_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "moe_intermediate_size": 256, "num_experts": 4, "router_hidden_size": 8
+        }))
+        .unwrap();
         let named = QuantPlan::named("Q4_K_M").unwrap();
         assert!(named.quantizes());
         let mut user = named.clone();
         user.rules
             .push(QuantPlan::parse_rule("model.layers.3.mlp.experts.down_proj=q8_0").unwrap());
-        let plan = user.for_layers(4);
+        let plan = user.for_model(&cfg);
         assert_eq!(plan.more_bits, None);
-        let at = |name: &str| plan.format_for(name, &[4, 512, 256]);
-        assert_eq!(at("model.embed_tokens.weight"), q6);
-        assert_eq!(at("lm_head.weight"), q6);
+        let at = |plan: &QuantPlan, name: &str| plan.format_for(name, &[4, 512, 256]);
+        // tied: the embedding is the output
+        assert!(cfg.tie_word_embeddings);
+        assert_eq!(at(&plan, "model.embed_tokens.weight"), q6);
+        assert_eq!(at(&plan, "lm_head.weight"), q6);
         for (layer, want) in [(0, q4), (1, q4), (2, q6), (3, q6)] {
             for v in ["v_proj_current", "v_proj_delayed"] {
                 let name = format!("model.layers.{layer}.self_attn.qkv_proj.{v}.weight");
-                assert_eq!(at(&name), want, "{name}");
+                assert_eq!(at(&plan, &name), want, "{name}");
             }
-            assert_eq!(
-                at(&format!(
-                    "model.layers.{layer}.self_attn.qkv_proj.q_proj.weight"
-                )),
-                q4
-            );
-            assert_eq!(
-                at(&format!("model.layers.{layer}.self_attn.o_proj.weight")),
-                q4
-            );
-            assert_eq!(
-                at(&format!("model.layers.{layer}.mlp.experts.gate_up_proj")),
-                q4
-            );
+            let q = format!("model.layers.{layer}.self_attn.qkv_proj.q_proj.weight");
+            assert_eq!(at(&plan, &q), q4);
+            let o = format!("model.layers.{layer}.self_attn.o_proj.weight");
+            assert_eq!(at(&plan, &o), q4);
+            let gu = format!("model.layers.{layer}.mlp.experts.gate_up_proj");
+            assert_eq!(at(&plan, &gu), q4);
         }
-        assert_eq!(at("model.layers.1.mlp.experts.down_proj"), q4);
-        assert_eq!(at("model.layers.2.mlp.experts.down_proj"), q6);
+        assert_eq!(at(&plan, "model.layers.1.mlp.experts.down_proj"), q4);
+        assert_eq!(at(&plan, "model.layers.2.mlp.experts.down_proj"), q6);
         // the user's own rules still win over the mix
-        assert_eq!(
-            at("model.layers.3.mlp.experts.down_proj"),
-            WeightFormat::Quant(GgmlDType::Q8_0)
-        );
+        assert_eq!(at(&plan, "model.layers.3.mlp.experts.down_proj"), q8);
+        // a class the user set keeps its format (no lower one on the picked layers)
+        let mut classes = named.clone();
+        classes.expert = q8;
+        classes.attention = WeightFormat::Keep;
+        classes.embedding = q8;
+        let plan = classes.for_model(&cfg);
+        assert_eq!(at(&plan, "model.layers.2.mlp.experts.down_proj"), q8);
+        let v = "model.layers.2.self_attn.qkv_proj.v_proj_current.weight";
+        assert_eq!(at(&plan, v), WeightFormat::Keep);
+        assert_eq!(at(&plan, "model.embed_tokens.weight"), q8);
+        // untied: the embedding stays at the base, the lm_head gets q6_k
+        cfg.tie_word_embeddings = false;
+        let plan = named.for_model(&cfg);
+        assert_eq!(at(&plan, "model.embed_tokens.weight"), q4);
+        assert_eq!(at(&plan, "lm_head.weight"), q6);
         // q5_k_m: the same mix over q5_k; single formats are uniform plans
-        let q5 = QuantPlan::named("q5_k_m").unwrap().for_layers(4);
+        let q5 = QuantPlan::named("q5_k_m").unwrap().for_model(&cfg);
         assert_eq!(
-            q5.format_for("model.layers.0.mlp.experts.down_proj", &[4, 512, 256]),
+            at(&q5, "model.layers.0.mlp.experts.down_proj"),
             WeightFormat::Quant(GgmlDType::Q5K)
         );
         assert_eq!(

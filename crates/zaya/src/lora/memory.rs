@@ -93,6 +93,8 @@ pub fn base_bytes(
     plan: Option<&crate::quant::QuantPlan>,
 ) -> u64 {
     use crate::quant::WeightFormat;
+    let plan = plan.map(|p| p.for_model(cfg));
+    let plan = plan.as_ref();
     crate::weights::native_specs(cfg)
         .iter()
         .map(|s| {

@@ -601,7 +601,7 @@ impl<'a> StageBatch<'a> {
         // activation once it is done with it (peak memory of a step without checkpointing).
         drop(run);
         let start = seeded(&mut acc, params);
-        let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(&mut acc, v, g))?;
+        let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
         accumulate(&mut acc, params, &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop(gs);
@@ -620,8 +620,7 @@ impl<'a> StageBatch<'a> {
             drop(outputs);
             drop(run);
             let start = seeded(&mut acc, params);
-            let gs =
-                seed.backward_releasing_from(start, &mut |v, g| sinking.ready(&mut acc, v, g))?;
+            let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
             accumulate(&mut acc, params, &gs)?;
             upstream = boundary_grads(&gs, inputs.as_ref())?;
         }
@@ -665,13 +664,9 @@ impl<'p, 's, 'k> Sinking<'p, 's, 'k> {
     }
 
     /// The backward's callback for a variable whose gradient `g` is final: a parameter's goes
-    /// to the sink (with what the head already gave it in `acc`), anything else stays.
-    fn ready(
-        &mut self,
-        acc: &mut GradStore,
-        var: &Tensor,
-        g: Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    /// to the sink (the head's part is in it already: the backward started from it, see
+    /// [`seeded`]), anything else stays.
+    fn ready(&mut self, var: &Tensor, g: Tensor) -> candle_core::Result<Option<Tensor>> {
         let (Some(sink), Some(&i)) = (self.sink.as_deref_mut(), self.index.get(&var.id())) else {
             return Ok(Some(g));
         };
@@ -684,10 +679,6 @@ impl<'p, 's, 'k> Sinking<'p, 's, 'k> {
             )));
         }
         let g = g.detach();
-        let g = match acc.remove(var) {
-            Some(head) => head.add_reusing(&g)?,
-            None => g,
-        };
         self.taken[i] = true;
         sink(i, g).map_err(candle_core::Error::wrap)?;
         Ok(None)
