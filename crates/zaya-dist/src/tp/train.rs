@@ -27,8 +27,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use zaya::train::aux_loss::{layer_balance_loss, LayerRoutingStats};
 use zaya::train::{
-    boundary_grads, boundary_leaves, segment_seed, Batch, Checkpointing, LossScale, Param, Targets,
-    TrainOptions,
+    boundary_grads, boundary_leaves, seeded, segment_seed, Batch, Checkpointing, LossScale, Param,
+    Targets, TrainOptions,
 };
 use zaya::weights::{native_specs, Checkpoint};
 use zaya::ForwardOptions;
@@ -954,7 +954,10 @@ impl TpStageBatch<'_> {
         // the run's tensors are the graph's: let go of them so the backward frees each
         // activation once it is done with it
         drop(run);
-        let gs = seed.backward_releasing()?;
+        // the head's gradients are where the backward starts (a tied embedding's rows are
+        // added into them in place), as in the single-process backward
+        let start = seeded(&mut acc, m.params.iter().map(|sp| sp.param.var.as_tensor()));
+        let gs = seed.backward_releasing_from(start, &mut |_, g| Ok(Some(g)))?;
         accumulate(&mut acc, &m.params, &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop((gs, last_inputs));
@@ -973,7 +976,8 @@ impl TpStageBatch<'_> {
             let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
             drop(outputs);
             drop(run);
-            let gs = seed.backward_releasing()?;
+            let start = seeded(&mut acc, m.params.iter().map(|sp| sp.param.var.as_tensor()));
+            let gs = seed.backward_releasing_from(start, &mut |_, g| Ok(Some(g)))?;
             accumulate(&mut acc, &m.params, &gs)?;
             upstream = boundary_grads(&gs, vars.as_ref())?;
         }

@@ -216,15 +216,15 @@ impl Prepared<'_> {
     }
 }
 
-/// Moves the gradients `acc` holds for `params` (what the LM head gave them: for a tied
+/// Moves the gradients `acc` holds for `vars` (what the LM head gave them: for a tied
 /// embedding, the head's part) into the store a segment's backward starts from
 /// (`Tensor::backward_releasing_from`), so that the embedding lookup's backward adds its rows
 /// into that buffer in place instead of into a fresh `[vocab × hidden]` zero tensor summed
-/// with it afterwards. [`accumulate`] moves every entry back, reached by the segment or not.
-fn seeded(acc: &mut GradStore, params: &[Param]) -> GradStore {
+/// with it afterwards. The caller's accumulation moves every entry back, reached by the
+/// segment or not (here [`accumulate`]; the tensor-parallel stages of `zaya-dist` too).
+pub fn seeded<'a>(acc: &mut GradStore, vars: impl IntoIterator<Item = &'a Tensor>) -> GradStore {
     let mut start = GradStore::default();
-    for p in params {
-        let t = p.var.as_tensor();
+    for t in vars {
         if let Some(g) = acc.remove(t) {
             start.insert(t, g);
         }
@@ -600,7 +600,7 @@ impl<'a> StageBatch<'a> {
         // The run's tensors are the graph's: let go of them, so the backward frees each
         // activation once it is done with it (peak memory of a step without checkpointing).
         drop(run);
-        let start = seeded(&mut acc, params);
+        let start = seeded(&mut acc, params.iter().map(|p| p.var.as_tensor()));
         let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
         accumulate(&mut acc, params, &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
@@ -619,7 +619,7 @@ impl<'a> StageBatch<'a> {
             let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
             drop(outputs);
             drop(run);
-            let start = seeded(&mut acc, params);
+            let start = seeded(&mut acc, params.iter().map(|p| p.var.as_tensor()));
             let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
             accumulate(&mut acc, params, &gs)?;
             upstream = boundary_grads(&gs, inputs.as_ref())?;
