@@ -27,8 +27,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use zaya::train::aux_loss::{layer_balance_loss, LayerRoutingStats};
 use zaya::train::{
-    boundary_grads, boundary_leaves, seeded, segment_seed, Batch, Checkpointing, LossScale, Param,
-    Targets, TrainOptions,
+    accumulate, boundary_grads, boundary_leaves, seeded, segment_seed, Batch, Checkpointing,
+    LossScale, Param, Targets, TrainOptions,
 };
 use zaya::weights::{native_specs, Checkpoint};
 use zaya::ForwardOptions;
@@ -168,21 +168,6 @@ fn for_each_offset(
     }
 }
 
-fn accumulate(acc: &mut GradStore, params: &[ShardParam], gs: &GradStore) -> ParallelResult<()> {
-    for p in params {
-        let t = p.param.var.as_tensor();
-        if let Some(g) = gs.get(t) {
-            let g = g.detach();
-            let sum = match acc.remove(t) {
-                Some(old) => old.add_reusing(&g)?,
-                None => g,
-            };
-            acc.insert(t, sum);
-        }
-    }
-    Ok(())
-}
-
 type Boundary = (Tensor, Option<Tensor>);
 
 /// What a run over a segment of layers produced.
@@ -213,6 +198,11 @@ struct HeadOutput {
 }
 
 impl TpTrainModel {
+    /// The parameters' variables, in [`TpTrainModel::params`] order.
+    fn vars(&self) -> impl Iterator<Item = &Tensor> + '_ {
+        self.params.iter().map(|sp| sp.param.var.as_tensor())
+    }
+
     /// The rank at `coords` of `plan`, reading its slices of its stage into `Var`s (with
     /// `pp > 1` the stage runs through [`TpTrainModel::stage_batch`]; the pipeline schedule
     /// and the sums over data-parallel replicas are the caller's). Collective over `g.tp` and `g.ep` (each is duplicated
@@ -956,9 +946,9 @@ impl TpStageBatch<'_> {
         drop(run);
         // the head's gradients are where the backward starts (a tied embedding's rows are
         // added into them in place), as in the single-process backward
-        let start = seeded(&mut acc, m.params.iter().map(|sp| sp.param.var.as_tensor()));
+        let start = seeded(&mut acc, m.vars());
         let gs = seed.backward_releasing_from(start, &mut |_, g| Ok(Some(g)))?;
-        accumulate(&mut acc, &m.params, &gs)?;
+        accumulate(&mut acc, m.vars(), &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop((gs, last_inputs));
         for i in (0..segments.len() - 1).rev() {
@@ -976,9 +966,9 @@ impl TpStageBatch<'_> {
             let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
             drop(outputs);
             drop(run);
-            let start = seeded(&mut acc, m.params.iter().map(|sp| sp.param.var.as_tensor()));
+            let start = seeded(&mut acc, m.vars());
             let gs = seed.backward_releasing_from(start, &mut |_, g| Ok(Some(g)))?;
-            accumulate(&mut acc, &m.params, &gs)?;
+            accumulate(&mut acc, m.vars(), &gs)?;
             upstream = boundary_grads(&gs, vars.as_ref())?;
         }
         let grads = m

@@ -220,8 +220,8 @@ impl Prepared<'_> {
 /// embedding, the head's part) into the store a segment's backward starts from
 /// (`Tensor::backward_releasing_from`), so that the embedding lookup's backward adds its rows
 /// into that buffer in place instead of into a fresh `[vocab × hidden]` zero tensor summed
-/// with it afterwards. The caller's accumulation moves every entry back, reached by the
-/// segment or not (here [`accumulate`]; the tensor-parallel stages of `zaya-dist` too).
+/// with it afterwards. [`accumulate`] moves every entry back, reached by the segment or
+/// not.
 pub fn seeded<'a>(acc: &mut GradStore, vars: impl IntoIterator<Item = &'a Tensor>) -> GradStore {
     let mut start = GradStore::default();
     for t in vars {
@@ -232,15 +232,19 @@ pub fn seeded<'a>(acc: &mut GradStore, vars: impl IntoIterator<Item = &'a Tensor
     start
 }
 
-/// Adds the parameter gradients of `gs` into `acc`.
+/// Adds the gradients `gs` holds for `vars` (the parameters) into `acc`; one definition for
+/// the single-process stages here and the tensor-parallel ones of `zaya-dist`.
 ///
 /// candle leaves the gradient of a leaf undetached when the leaf feeds a product directly
 /// (`d(a·b)/da = g·b` keeps `b`'s graph, and `b` may be another `Var`), so every gradient
 /// taken out of a `GradStore` is detached: otherwise it would keep the segment's graph alive
 /// and a later backward through it would count parameters twice.
-fn accumulate(acc: &mut GradStore, params: &[Param], gs: &GradStore) -> Result<()> {
-    for p in params {
-        let t = p.var.as_tensor();
+pub fn accumulate<'a>(
+    acc: &mut GradStore,
+    vars: impl IntoIterator<Item = &'a Tensor>,
+    gs: &GradStore,
+) -> Result<()> {
+    for t in vars {
         if let Some(g) = gs.get(t) {
             let g = g.detach();
             // the head's part of a tied embedding's gradient, summed in its own buffer
@@ -602,7 +606,7 @@ impl<'a> StageBatch<'a> {
         drop(run);
         let start = seeded(&mut acc, params.iter().map(|p| p.var.as_tensor()));
         let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
-        accumulate(&mut acc, params, &gs)?;
+        accumulate(&mut acc, params.iter().map(|p| p.var.as_tensor()), &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop(gs);
 
@@ -621,7 +625,7 @@ impl<'a> StageBatch<'a> {
             drop(run);
             let start = seeded(&mut acc, params.iter().map(|p| p.var.as_tensor()));
             let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
-            accumulate(&mut acc, params, &gs)?;
+            accumulate(&mut acc, params.iter().map(|p| p.var.as_tensor()), &gs)?;
             upstream = boundary_grads(&gs, inputs.as_ref())?;
         }
         // what only the head gave a gradient (the LM head's weight)

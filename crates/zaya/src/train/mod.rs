@@ -33,8 +33,8 @@ use crate::model::{ModelPart, ZayaModel};
 use crate::weights::{native_specs, save_checkpoint, Checkpoint, Layout};
 pub use aux_loss::LayerRoutingStats;
 pub use checkpointing::{
-    boundary_grads, boundary_leaves, seeded, segment_seed, token_logps_of, BoundaryGrads,
-    Checkpointing, LossHead, StageBatch, StageForward, StageInput, StageUpstream,
+    accumulate, boundary_grads, boundary_leaves, seeded, segment_seed, token_logps_of,
+    BoundaryGrads, Checkpointing, LossHead, StageBatch, StageForward, StageInput, StageUpstream,
 };
 pub use loss::{Targets, TokenLogps, IGNORE_INDEX};
 
