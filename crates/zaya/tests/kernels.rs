@@ -553,7 +553,8 @@ fn matmul_selection_follows_the_build() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     let a = rand_tensor(&mut rng, &[5, 7], 1.0)?;
     let blas_built = cfg!(feature = "blas");
-    // decode-sized (≤ 8 rows): BLAS when built, else the threaded GEMV
+    // any number of rows: BLAS when built, else the f32-weight op (the threaded GEMV up to
+    // 32 rows, unfilled outputs and a weight-layout backward above)
     let want = if blas_built {
         ImplId::Blas
     } else {
@@ -567,14 +568,7 @@ fn matmul_selection_follows_the_build() -> Result<()> {
     let sel_big = with(Kernel::Matmul, Choice::Auto, || {
         registry::select(Kernel::Matmul, big.device(), DType::F32, big.shape())
     })?;
-    assert_eq!(
-        sel_big,
-        if blas_built {
-            ImplId::Blas
-        } else {
-            ImplId::Reference
-        }
-    );
+    assert_eq!(sel_big, want);
     // bf16 weights are never BLAS: the bf16-weight kernel at any number of rows.
     for t in [&a, &big] {
         let sel_bf16 = with(Kernel::Matmul, Choice::Auto, || {
@@ -641,8 +635,58 @@ fn matmul_blas_matches_reference() -> Result<()> {
     Ok(())
 }
 
+/// The f32-weight op against a linear layer's transposed weight equals candle's matmul,
+/// forward and both gradients, at decode sizes (the GEMV) and above (the `gemm` crate into
+/// unfilled outputs, `dW` written in the weight's layout): the forward bit for bit above
+/// the GEMV (the same crate call as candle's), the gradients to rounding (`dW` is `gᵀ·a`
+/// rather than `(aᵀ·g)ᵀ`), and the weight's gradient arrives contiguous.
+#[test]
+fn f32_weight_matmul_matches_the_reference_forward_and_backward() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(12);
+    for (m, k, n) in [
+        (1, 7, 5),
+        (32, 64, 33),
+        (33, 64, 33),
+        (100, 130, 70),
+        (300, 96, 257),
+        (1024, 64, 96),
+    ] {
+        let a = rand_var(&mut rng, &[m, k], 1.0, DType::F32)?;
+        let w = rand_var(&mut rng, &[n, k], 1.0, DType::F32)?;
+        let probe = rand_tensor(&mut rng, &[m, n], 1.0)?;
+        let f = || -> Result<Tensor> { Ok(kernels::matmul(a.as_tensor(), &w.as_tensor().t()?)?) };
+        let (yr, gr) = run(Kernel::Matmul, Choice::Reference, &[&a, &w], &probe, &f)?;
+        let (yf, gf) = run(
+            Kernel::Matmul,
+            Choice::Impl(ImplId::Fused),
+            &[&a, &w],
+            &probe,
+            &f,
+        )?;
+        let label = format!("m={m} k={k} n={n}");
+        if m > 32 {
+            let (yf, yr) = (
+                yf.flatten_all()?.to_vec1::<f32>()?,
+                yr.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert_eq!(yf, yr, "{label}: forward not bit-identical");
+        } else {
+            assert!(rel_diff(&yf, &yr)? < 1e-5, "{label}");
+        }
+        for (name, x, y) in [("da", &gf[0], &gr[0]), ("dW", &gf[1], &gr[1])] {
+            let (x, y) = (x.as_ref().expect("gradient"), y.as_ref().expect("gradient"));
+            assert!(rel_diff(x, y)? < 1e-5, "{label}: {name}");
+        }
+        assert!(
+            gf[1].as_ref().unwrap().is_contiguous(),
+            "{label}: dW not contiguous"
+        );
+    }
+    Ok(())
+}
+
 /// The decode GEMV (≤ 8 rows against a linear layer's transposed weight) equals the
-/// reference matmul, and calls that record gradients still get them (reference path).
+/// reference matmul, and calls that record gradients still get them.
 #[test]
 fn small_row_matmul_matches_the_reference_and_keeps_gradients() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(11);

@@ -205,34 +205,62 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Most rows a [`small_rows`] call takes: decode steps (batch ≤ 32).
-pub const SMALL_ROWS: usize = super::cpu::GEMV_ROWS;
-
-/// `a · b` for a few rows of `a` (`[M, K]`, M ≤ 32) against `b` = `Wᵀ` of a contiguous
-/// `W [N, K]` (the linear-layer layout), f32, through the fused [`super::cpu::gemm`], whose
-/// GEMV path reads each row of `W` once for all rows of `a`, rows of `W` split across the
-/// threads. Decode is bound by reading the weights, and a general GEMM spends most of its
-/// time packing at this size. A custom op with a backward (through the dispatcher), so it
-/// runs whether or not gradients are recorded: a checkpointed layer's first, untracked pass
-/// and its tracked recompute use the same numerics. Other shapes take the reference.
-pub(crate) fn small_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `a · b` against `b` = `Wᵀ` of a contiguous f32 `W [N, K]` (the linear-layer layout),
+/// `a` `[M, K]` f32, any `M`, as a custom op with its own backward:
+///
+/// - up to [`super::cpu::GEMV_ROWS`] rows (decode) [`super::cpu::gemm`]'s GEMV reads each row of `W` once for
+///   all rows of `a`, rows of `W` split across the threads (decode is bound by reading the
+///   weights, and a general GEMM spends most of its time packing at this size);
+/// - above, the `gemm` crate with the operands candle's matmul passes it (so the same
+///   products in the same order), written into a fresh buffer that is never zero-filled
+///   first (candle's matmul clears every output on the calling thread while the pool waits);
+/// - the backward writes `dW = gᵀ · a` straight in `W`'s `[N, K]` layout (candle's
+///   `aᵀ · g` comes out `[K, N]` and was copied into place, on one thread, by the gradient
+///   store) and `da = g · W` into a fresh buffer too.
+///
+/// A custom op with a backward, so it runs whether or not gradients are recorded: a
+/// checkpointed layer's first, untracked pass and its tracked recompute take the same
+/// path. Other layouts and dtypes take the reference.
+pub(crate) fn f32_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     use candle_core::DType;
     let fits = a.dtype() == DType::F32
         && b.dtype() == DType::F32
-        && b.t()?.is_contiguous()
-        && a.dim(0)? <= SMALL_ROWS;
+        && a.rank() == 2
+        && b.rank() == 2
+        && b.t()?.is_contiguous();
     if !fits {
         return super::reference::matmul(a, b);
     }
-    a.apply_op2(b, SmallRows)
+    a.apply_op2(b, F32Weight)
 }
 
-/// The op of [`small_rows`]: `a [M, K] · Wᵀ` for a contiguous `W [N, K]`.
-struct SmallRows;
+/// The op of [`f32_weight`]: `a [M, K] · Wᵀ` for a contiguous f32 `W [N, K]`.
+struct F32Weight;
 
-impl candle_core::CustomOp2 for SmallRows {
+fn matmul_error(what: &str) -> candle_core::Error {
+    super::KernelError::Internal(format!("matmul-f32-weight: {what}")).into()
+}
+
+/// `lhs [m × k] · rhs [k × n]` into a new `[m, n]` f32 tensor on `like`'s device, never
+/// zero-filled first where the `gemm` crate writes it.
+fn fresh_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: super::cpu::MatRef<'_>,
+    rhs: super::cpu::MatRef<'_>,
+    like: &Tensor,
+) -> Result<Tensor> {
+    let mut out = super::cpu::uninit_f32(m * n);
+    super::cpu::gemm_fresh(m, n, k, &mut out, lhs, rhs, 1.0, true)?;
+    // SAFETY: `gemm_fresh` wrote every value (it returned without error).
+    let out = unsafe { out.assume_init() }.into_vec();
+    Tensor::from_vec(out, (m, n), like.device())
+}
+
+impl candle_core::CustomOp2 for F32Weight {
     fn name(&self) -> &'static str {
-        "matmul-small-rows"
+        "matmul-f32-weight"
     }
 
     fn cpu_fwd(
@@ -242,37 +270,37 @@ impl candle_core::CustomOp2 for SmallRows {
         b_s: &candle_core::CpuStorage,
         b_l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use super::cpu::{f32_view, MatMut, MatRef};
+        use super::cpu::{f32_view, gemm_fresh, uninit_f32, MatRef};
         let (m, k) = a_l.shape().dims2()?;
         let (kb, n) = b_l.shape().dims2()?;
-        let bad = |what: &str| -> candle_core::Error {
-            super::KernelError::Internal(format!("matmul-small-rows: {what}")).into()
-        };
         if kb != k {
-            return Err(bad(&format!("[{m}, {k}] · [{kb}, {n}]")));
+            return Err(matmul_error(&format!("[{m}, {k}] · [{kb}, {n}]")));
         }
         let candle_core::CpuStorage::F32(w) = b_s else {
-            return Err(bad("the weight is not f32"));
+            return Err(matmul_error("the weight is not f32"));
         };
         // b = Wᵀ: W's rows are contiguous, `k` apart
         if n > 1 && b_l.stride()[1] != k || k > 1 && b_l.stride()[0] != 1 {
-            return Err(bad("the weight is not a transposed contiguous matrix"));
+            return Err(matmul_error(
+                "the weight is not a transposed contiguous matrix",
+            ));
         }
         let x = f32_view(a_s, a_l, "matmul")?;
         let start = b_l.start_offset();
         let w = &w[start..start + n * k];
-        let mut out = vec![0f32; m * n];
-        super::cpu::gemm(
+        let mut out = uninit_f32(m * n);
+        gemm_fresh(
             m,
             n,
             k,
-            MatMut::new(&mut out, 0, n),
-            false,
+            &mut out,
             MatRef::rows(&x, 0, k),
             MatRef::rows(w, 0, k).t(),
             1.0,
             true,
         )?;
+        // SAFETY: `gemm_fresh` wrote every value (it returned without error).
+        let out = unsafe { out.assume_init() }.into_vec();
         Ok((
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from_dims(&[m, n]),
@@ -286,15 +314,52 @@ impl candle_core::CustomOp2 for SmallRows {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let da = a
-            .track_op()
-            .then(|| super::matmul(grad, &b.t()?))
-            .transpose()?;
-        let db = b
-            .track_op()
-            .then(|| super::matmul(&a.t()?, grad))
-            .transpose()?;
-        Ok((da, db))
+        use super::cpu::{f32_view, with_cpu_storage, MatRef};
+        let (want_a, want_b) = (a.track_op(), b.track_op());
+        if !want_a && !want_b {
+            return Ok((None, None));
+        }
+        let (m, k) = a.dims2()?;
+        let n = b.dim(1)?;
+        if grad.dims() != [m, n] {
+            return Err(matmul_error(&format!(
+                "gradient {:?} for a [{m}, {n}] product",
+                grad.dims()
+            )));
+        }
+        with_cpu_storage(grad, "matmul", |g_s, g_l| {
+            let g = f32_view(g_s, g_l, "matmul")?;
+            let da = if want_a {
+                // da = g · W, W = bᵀ [N, K] contiguous: the operands candle's backward
+                // passes for `grad.matmul(&b.t())`.
+                let w = b.t()?.contiguous()?;
+                Some(with_cpu_storage(&w, "matmul", |w_s, w_l| {
+                    let w = f32_view(w_s, w_l, "matmul")?;
+                    fresh_product(m, k, n, MatRef::rows(&g, 0, n), MatRef::rows(&w, 0, k), a)
+                })?)
+            } else {
+                None
+            };
+            let db = if want_b {
+                // dW = gᵀ · a in W's own [N, K] layout; its transpose is b's gradient, and
+                // the transpose node above b hands W a contiguous tensor.
+                let dw = with_cpu_storage(a, "matmul", |a_s, a_l| {
+                    let x = f32_view(a_s, a_l, "matmul")?;
+                    fresh_product(
+                        n,
+                        k,
+                        m,
+                        MatRef::rows(&g, 0, n).t(),
+                        MatRef::rows(&x, 0, k),
+                        a,
+                    )
+                })?;
+                Some(dw.t()?)
+            } else {
+                None
+            };
+            Ok((da, db))
+        })
     }
 }
 

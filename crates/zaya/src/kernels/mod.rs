@@ -421,7 +421,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b),
         ImplId::Blas => reference::matmul(a, b),
         ImplId::Fused if b.dtype() == DType::BF16 => matmul::bf16_weight(a, b),
-        ImplId::Fused => matmul::small_rows(a, b),
+        ImplId::Fused => matmul::f32_weight(a, b),
     }
 }
 

@@ -292,14 +292,12 @@ pub static KERNELS: [KernelInfo; 15] = [
             ImplInfo {
                 id: ImplId::Fused,
                 summary: "bf16 weights read in place (GEMV <= 32 rows, tiled GEMM above, f32 \
-                          accumulation; inference only); f32: threaded GEMV for <= 32 rows, with backward",
+                          accumulation; inference only); f32: threaded GEMV for <= 32 rows, \
+                          unfilled outputs above, backward writing dW in the weight's layout",
                 available: always,
                 // `t` is the weight's dtype.
                 supports: |d, t, s| {
-                    d.is_cpu()
-                        && s.rank() == 2
-                        && (t == DType::BF16
-                            || (t == DType::F32 && s.dims()[0] <= super::matmul::SMALL_ROWS))
+                    d.is_cpu() && s.rank() == 2 && (t == DType::BF16 || t == DType::F32)
                 },
             },
         ],
