@@ -26,14 +26,17 @@
 //! The peak of a training step is then the heap's high-water mark, not its live bytes: on
 //! the medium model (f32, batch 4 × 256, the Xeon, 2026-12-06) the live peak is 13 728 MiB
 //! (weights, gradients and both moments: 4 × 3402 MiB, plus 118 MiB), the peak RSS 14.6–
-//! 14.9 GB. glibc places each block where it fits, not where pages are already resident, so
+//! 14.9 GB then, 14.2 GB since the linear layers' weight gradients are written in their
+//! final layout (no transient transposed copy of each: fewer odd-sized blocks to place).
+//! glibc places each block where it fits, not where pages are already resident, so
 //! over the steps activations and gradients touch more addresses than are ever live at
 //! once. Tried against it and removed: zeroed blocks of 32 MiB and more in mappings of their
 //! own, returned when freed (`ZAYA_MAP_ZEROED=1`, 0.80× of the reference's peak on the Zen 4
 //! once, when the experts' weight gradients were zero-filled blocks; no lower now that they
 //! are written without a fill, and with unfilled blocks mapped too 14.9 GB at 9.2–9.8 s per
 //! step instead of 14.6–14.7 GB at 7.2–7.5 s); one arena for all threads; `malloc_trim`
-//! once after the first backward (the next forward's activations land on the trimmed pages).
+//! once after the first backward (the next forward's activations land on the trimmed pages)
+//! or at every large parameter's final gradient (no lower, 2 s slower per medium step).
 //!
 //! Nothing here changes a result: only where freed memory goes. It is the `zaya` binary's
 //! choice; a program that links the `zaya` library gets glibc's defaults unless it makes the
