@@ -635,11 +635,11 @@ fn matmul_blas_matches_reference() -> Result<()> {
     Ok(())
 }
 
-/// The f32-weight op against a linear layer's transposed weight equals candle's matmul,
-/// forward and both gradients, at decode sizes (the GEMV) and above (the `gemm` crate into
-/// unfilled outputs, `dW` written in the weight's layout): the forward bit for bit above
-/// the GEMV (the same crate call as candle's), the gradients to rounding (`dW` is `gᵀ·a`
-/// rather than `(aᵀ·g)ᵀ`), and the weight's gradient arrives contiguous.
+/// The f32-weight op equals candle's matmul, forward and both gradients, at decode sizes
+/// (the GEMV) and above (the `gemm` crate into unfilled outputs), through the linear
+/// layer's entry (`kernels::linear`: the op takes `W`, `dW = gᵀ·a` in its layout) and
+/// through `kernels::matmul` with `Wᵀ`: the forward bit for bit above the GEMV (the same
+/// crate call as candle's), the gradients to rounding, the weight's gradient contiguous.
 #[test]
 fn f32_weight_matmul_matches_the_reference_forward_and_backward() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(12);
@@ -654,33 +654,42 @@ fn f32_weight_matmul_matches_the_reference_forward_and_backward() -> Result<()> 
         let a = rand_var(&mut rng, &[m, k], 1.0, DType::F32)?;
         let w = rand_var(&mut rng, &[n, k], 1.0, DType::F32)?;
         let probe = rand_tensor(&mut rng, &[m, n], 1.0)?;
-        let f = || -> Result<Tensor> { Ok(kernels::matmul(a.as_tensor(), &w.as_tensor().t()?)?) };
-        let (yr, gr) = run(Kernel::Matmul, Choice::Reference, &[&a, &w], &probe, &f)?;
-        let (yf, gf) = run(
-            Kernel::Matmul,
-            Choice::Impl(ImplId::Fused),
-            &[&a, &w],
-            &probe,
-            &f,
-        )?;
-        let label = format!("m={m} k={k} n={n}");
-        if m > 32 {
-            let (yf, yr) = (
-                yf.flatten_all()?.to_vec1::<f32>()?,
-                yr.flatten_all()?.to_vec1::<f32>()?,
+        // the linear layer's entry (the op takes W) and a caller holding Wᵀ
+        let through_linear =
+            || -> Result<Tensor> { Ok(kernels::linear(a.as_tensor(), w.as_tensor())?) };
+        let through_matmul =
+            || -> Result<Tensor> { Ok(kernels::matmul(a.as_tensor(), &w.as_tensor().t()?)?) };
+        for (entry, f) in [
+            ("linear", &through_linear as &dyn Fn() -> Result<Tensor>),
+            ("matmul", &through_matmul),
+        ] {
+            let (yr, gr) = run(Kernel::Matmul, Choice::Reference, &[&a, &w], &probe, f)?;
+            let (yf, gf) = run(
+                Kernel::Matmul,
+                Choice::Impl(ImplId::Fused),
+                &[&a, &w],
+                &probe,
+                f,
+            )?;
+            let label = format!("{entry} m={m} k={k} n={n}");
+            if m > 32 {
+                let (yf, yr) = (
+                    yf.flatten_all()?.to_vec1::<f32>()?,
+                    yr.flatten_all()?.to_vec1::<f32>()?,
+                );
+                assert_eq!(yf, yr, "{label}: forward not bit-identical");
+            } else {
+                assert!(rel_diff(&yf, &yr)? < 1e-5, "{label}");
+            }
+            for (name, x, y) in [("da", &gf[0], &gr[0]), ("dW", &gf[1], &gr[1])] {
+                let (x, y) = (x.as_ref().expect("gradient"), y.as_ref().expect("gradient"));
+                assert!(rel_diff(x, y)? < 1e-5, "{label}: {name}");
+            }
+            assert!(
+                gf[1].as_ref().unwrap().is_contiguous(),
+                "{label}: dW not contiguous"
             );
-            assert_eq!(yf, yr, "{label}: forward not bit-identical");
-        } else {
-            assert!(rel_diff(&yf, &yr)? < 1e-5, "{label}");
         }
-        for (name, x, y) in [("da", &gf[0], &gr[0]), ("dW", &gf[1], &gr[1])] {
-            let (x, y) = (x.as_ref().expect("gradient"), y.as_ref().expect("gradient"));
-            assert!(rel_diff(x, y)? < 1e-5, "{label}: {name}");
-        }
-        assert!(
-            gf[1].as_ref().unwrap().is_contiguous(),
-            "{label}: dW not contiguous"
-        );
     }
     Ok(())
 }

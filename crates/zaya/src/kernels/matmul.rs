@@ -205,22 +205,41 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `a · b` against `b` = `Wᵀ` of a contiguous f32 `W [N, K]` (the linear-layer layout),
-/// `a` `[M, K]` f32, any `M`, as a custom op with its own backward:
+/// `x · Wᵀ` for a contiguous f32 weight `W [N, K]` (the linear-layer layout), `x` `[M, K]`
+/// f32, any `M`, as a custom op with its own backward:
 ///
-/// - up to [`super::cpu::GEMV_ROWS`] rows (decode) [`super::cpu::gemm`]'s GEMV reads each row of `W` once for
-///   all rows of `a`, rows of `W` split across the threads (decode is bound by reading the
-///   weights, and a general GEMM spends most of its time packing at this size);
+/// - up to [`super::cpu::GEMV_ROWS`] rows (decode) [`super::cpu::gemm`]'s GEMV reads each
+///   row of `W` once for all rows of `x`, rows of `W` split across the threads (decode is
+///   bound by reading the weights, and a general GEMM spends most of its time packing at
+///   this size);
 /// - above, the `gemm` crate with the operands candle's matmul passes it (so the same
 ///   products in the same order), written into a fresh buffer that is never zero-filled
 ///   first (candle's matmul clears every output on the calling thread while the pool waits);
-/// - the backward writes `dW = gᵀ · a` straight in `W`'s `[N, K]` layout (candle's
-///   `aᵀ · g` comes out `[K, N]` and was copied into place, on one thread, by the gradient
-///   store) and `da = g · W` into a fresh buffer too.
+/// - the backward writes `dx = g · W` into a fresh buffer too, and `dW = gᵀ · x` straight
+///   in `W`'s `[N, K]` layout: the op takes `W` itself, so the gradient reaches the weight
+///   as it is. Through candle's `x.matmul(&w.t())`, `xᵀ · g` came out `[K, N]` and the
+///   gradient store copied its transpose into place on one thread — a strided copy of
+///   every weight gradient (5–9 % of a training step).
 ///
 /// A custom op with a backward, so it runs whether or not gradients are recorded: a
 /// checkpointed layer's first, untracked pass and its tracked recompute take the same
 /// path. Other layouts and dtypes take the reference.
+pub(crate) fn f32_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use candle_core::DType;
+    let fits = x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.rank() == 2
+        && w.rank() == 2
+        && w.is_contiguous();
+    if !fits {
+        return super::reference::matmul(x, &w.t()?);
+    }
+    x.apply_op2(w, F32Weight { rhs: Rhs::Weight })
+}
+
+/// [`f32_linear`] for a caller holding `b = Wᵀ` (a `[K, N]` view of a contiguous `W`):
+/// the same products, with `b`'s gradient `xᵀ · g` written `[K, N]` (as candle's backward
+/// does: a gradient of a view, which the store then copies into the weight's layout).
 pub(crate) fn f32_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     use candle_core::DType;
     let fits = a.dtype() == DType::F32
@@ -231,11 +250,28 @@ pub(crate) fn f32_weight(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !fits {
         return super::reference::matmul(a, b);
     }
-    a.apply_op2(b, F32Weight)
+    a.apply_op2(
+        b,
+        F32Weight {
+            rhs: Rhs::Transposed,
+        },
+    )
 }
 
-/// The op of [`f32_weight`]: `a [M, K] · Wᵀ` for a contiguous f32 `W [N, K]`.
-struct F32Weight;
+/// Which form of the weight [`F32Weight`]'s second input is.
+#[derive(Clone, Copy, PartialEq)]
+enum Rhs {
+    /// `W [N, K]`, contiguous.
+    Weight,
+    /// `Wᵀ [K, N]`, the transposed view of a contiguous `W`.
+    Transposed,
+}
+
+/// The op of [`f32_linear`] and [`f32_weight`]: `x [M, K] · Wᵀ` for a contiguous f32
+/// `W [N, K]`.
+struct F32Weight {
+    rhs: Rhs,
+}
 
 fn matmul_error(what: &str) -> candle_core::Error {
     super::KernelError::Internal(format!("matmul-f32-weight: {what}")).into()
@@ -272,18 +308,28 @@ impl candle_core::CustomOp2 for F32Weight {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use super::cpu::{f32_view, gemm_fresh, uninit_f32, MatRef};
         let (m, k) = a_l.shape().dims2()?;
-        let (kb, n) = b_l.shape().dims2()?;
+        let (n, kb) = match self.rhs {
+            Rhs::Weight => b_l.shape().dims2()?,
+            Rhs::Transposed => {
+                let (kb, n) = b_l.shape().dims2()?;
+                (n, kb)
+            }
+        };
         if kb != k {
-            return Err(matmul_error(&format!("[{m}, {k}] · [{kb}, {n}]")));
+            return Err(matmul_error(&format!(
+                "[{m}, {k}] against a [{n}, {kb}] weight"
+            )));
         }
         let candle_core::CpuStorage::F32(w) = b_s else {
             return Err(matmul_error("the weight is not f32"));
         };
-        // b = Wᵀ: W's rows are contiguous, `k` apart
-        if n > 1 && b_l.stride()[1] != k || k > 1 && b_l.stride()[0] != 1 {
-            return Err(matmul_error(
-                "the weight is not a transposed contiguous matrix",
-            ));
+        // W's rows are contiguous, `k` apart
+        let rows_contiguous = match self.rhs {
+            Rhs::Weight => b_l.is_contiguous(),
+            Rhs::Transposed => !(n > 1 && b_l.stride()[1] != k || k > 1 && b_l.stride()[0] != 1),
+        };
+        if !rows_contiguous {
+            return Err(matmul_error("the weight's rows are not contiguous"));
         }
         let x = f32_view(a_s, a_l, "matmul")?;
         let start = b_l.start_offset();
@@ -320,7 +366,12 @@ impl candle_core::CustomOp2 for F32Weight {
             return Ok((None, None));
         }
         let (m, k) = a.dims2()?;
-        let n = b.dim(1)?;
+        // W [N, K] as a contiguous tensor (a view of `b` when `b` is Wᵀ)
+        let w = match self.rhs {
+            Rhs::Weight => b.clone(),
+            Rhs::Transposed => b.t()?,
+        };
+        let n = w.dim(0)?;
         if grad.dims() != [m, n] {
             return Err(matmul_error(&format!(
                 "gradient {:?} for a [{m}, {n}] product",
@@ -330,9 +381,8 @@ impl candle_core::CustomOp2 for F32Weight {
         with_cpu_storage(grad, "matmul", |g_s, g_l| {
             let g = f32_view(g_s, g_l, "matmul")?;
             let da = if want_a {
-                // da = g · W, W = bᵀ [N, K] contiguous: the operands candle's backward
-                // passes for `grad.matmul(&b.t())`.
-                let w = b.t()?.contiguous()?;
+                // da = g · W: the operands candle's backward passes for `grad.matmul(&b.t())`.
+                let w = w.contiguous()?;
                 Some(with_cpu_storage(&w, "matmul", |w_s, w_l| {
                     let w = f32_view(w_s, w_l, "matmul")?;
                     fresh_product(m, k, n, MatRef::rows(&g, 0, n), MatRef::rows(&w, 0, k), a)
@@ -341,20 +391,16 @@ impl candle_core::CustomOp2 for F32Weight {
                 None
             };
             let db = if want_b {
-                // dW = gᵀ · a in W's own [N, K] layout; its transpose is b's gradient, and
-                // the transpose node above b hands W a contiguous tensor.
-                let dw = with_cpu_storage(a, "matmul", |a_s, a_l| {
+                Some(with_cpu_storage(a, "matmul", |a_s, a_l| {
                     let x = f32_view(a_s, a_l, "matmul")?;
-                    fresh_product(
-                        n,
-                        k,
-                        m,
-                        MatRef::rows(&g, 0, n).t(),
-                        MatRef::rows(&x, 0, k),
-                        a,
-                    )
-                })?;
-                Some(dw.t()?)
+                    let (g, x) = (MatRef::rows(&g, 0, n), MatRef::rows(&x, 0, k));
+                    match self.rhs {
+                        // dW = gᵀ · x, in the weight's own [N, K] layout
+                        Rhs::Weight => fresh_product(n, k, m, g.t(), x, a),
+                        // d(Wᵀ) = xᵀ · g, [K, N] as candle computes it
+                        Rhs::Transposed => fresh_product(k, n, m, x.t(), g, a),
+                    }
+                })?)
             } else {
                 None
             };

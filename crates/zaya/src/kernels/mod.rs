@@ -398,6 +398,25 @@ pub fn moe_experts_of_forward(
     }
 }
 
+/// `x · Wᵀ` for a linear layer's weight `W [out, in]` (PyTorch's layout), `x` `[rows, in]`:
+/// [`matmul`] of `x` and `W`'s transpose, except that the f32 fast path takes `W` itself,
+/// so that its gradient is written in `W`'s layout (see [`matmul::f32_linear`]).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.rank() == 2 && w.rank() == 2 && w.dtype() == DType::F32 && x.dtype() == DType::F32 {
+        let (m, k) = x.dims2()?;
+        let id = registry::select(
+            Kernel::Matmul,
+            x.device(),
+            w.dtype(),
+            &Shape::from_dims(&[m, k]),
+        )?;
+        if id == ImplId::Fused {
+            return matmul::f32_linear(x, w);
+        }
+    }
+    matmul(x, &w.t()?)
+}
+
 /// `a · b` for linear layers (`b` is `Wᵀ` of a weight `W [N, K]`). 2-D f32 operands may run
 /// on the system BLAS (feature `blas`) and decode-sized f32 inputs on the fused GEMV.
 /// Dispatch is on the **weight's** dtype: a bf16 weight (with bf16 or f32 activations) runs

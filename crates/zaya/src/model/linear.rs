@@ -203,7 +203,7 @@ impl LinearWeight {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             // through the registry: decode-sized inputs take the threaded GEMV
-            LinearWeight::Dense(w) => crate::kernels::matmul(x, &w.t()?),
+            LinearWeight::Dense(w) => crate::kernels::linear(x, w),
             // candle's quantized matmul takes f32 rows (it quantizes them to the weight's
             // dot-product partner format itself) and returns f32.
             LinearWeight::Quantized(q) => crate::kernels::quantized::qmatmul_t(x, q),

@@ -379,7 +379,7 @@ fn expert_low_rank(
 /// registry's matmul when nothing records gradients; quantized through candle's kernel).
 fn expert_matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     match w {
-        ExpertMatrices::Dense(t) => kernels::matmul(xs, &t.get(e)?.t()?),
+        ExpertMatrices::Dense(t) => kernels::linear(xs, &t.get(e)?),
         ExpertMatrices::Quantized(qs) => kernels::quantized::qmatmul_t(xs, &qs[e]),
     }
 }
