@@ -277,8 +277,22 @@ fn matmul_error(what: &str) -> candle_core::Error {
     super::KernelError::Internal(format!("matmul-f32-weight: {what}")).into()
 }
 
-/// `lhs [m × k] · rhs [k × n]` into a new `[m, n]` f32 tensor on `like`'s device, never
-/// zero-filled first where the `gemm` crate writes it.
+/// `lhs [m × k] · rhs [k × n]` as `m · n` new values, row-major, never zero-filled first
+/// where the `gemm` crate writes them.
+fn fresh_values(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: super::cpu::MatRef<'_>,
+    rhs: super::cpu::MatRef<'_>,
+) -> Result<Vec<f32>> {
+    let mut out = super::cpu::uninit_f32(m * n);
+    super::cpu::gemm_fresh(m, n, k, &mut out, lhs, rhs, 1.0, true)?;
+    // SAFETY: `gemm_fresh` wrote every value (it returned without error).
+    Ok(unsafe { out.assume_init() }.into_vec())
+}
+
+/// [`fresh_values`] as a `[m, n]` f32 tensor on `like`'s device.
 fn fresh_product(
     m: usize,
     n: usize,
@@ -287,11 +301,7 @@ fn fresh_product(
     rhs: super::cpu::MatRef<'_>,
     like: &Tensor,
 ) -> Result<Tensor> {
-    let mut out = super::cpu::uninit_f32(m * n);
-    super::cpu::gemm_fresh(m, n, k, &mut out, lhs, rhs, 1.0, true)?;
-    // SAFETY: `gemm_fresh` wrote every value (it returned without error).
-    let out = unsafe { out.assume_init() }.into_vec();
-    Tensor::from_vec(out, (m, n), like.device())
+    Tensor::from_vec(fresh_values(m, n, k, lhs, rhs)?, (m, n), like.device())
 }
 
 impl candle_core::CustomOp2 for F32Weight {
@@ -306,7 +316,7 @@ impl candle_core::CustomOp2 for F32Weight {
         b_s: &candle_core::CpuStorage,
         b_l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use super::cpu::{f32_view, gemm_fresh, uninit_f32, MatRef};
+        use super::cpu::{f32_view, MatRef};
         let (m, k) = a_l.shape().dims2()?;
         let (n, kb) = match self.rhs {
             Rhs::Weight => b_l.shape().dims2()?,
@@ -334,19 +344,7 @@ impl candle_core::CustomOp2 for F32Weight {
         let x = f32_view(a_s, a_l, "matmul")?;
         let start = b_l.start_offset();
         let w = &w[start..start + n * k];
-        let mut out = uninit_f32(m * n);
-        gemm_fresh(
-            m,
-            n,
-            k,
-            &mut out,
-            MatRef::rows(&x, 0, k),
-            MatRef::rows(w, 0, k).t(),
-            1.0,
-            true,
-        )?;
-        // SAFETY: `gemm_fresh` wrote every value (it returned without error).
-        let out = unsafe { out.assume_init() }.into_vec();
+        let out = fresh_values(m, n, k, MatRef::rows(&x, 0, k), MatRef::rows(w, 0, k).t())?;
         Ok((
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from_dims(&[m, n]),
@@ -366,7 +364,7 @@ impl candle_core::CustomOp2 for F32Weight {
             return Ok((None, None));
         }
         let (m, k) = a.dims2()?;
-        // W [N, K] as a contiguous tensor (a view of `b` when `b` is Wᵀ)
+        // W [N, K] (a contiguous view of `b` when `b` is Wᵀ)
         let w = match self.rhs {
             Rhs::Weight => b.clone(),
             Rhs::Transposed => b.t()?,
@@ -382,7 +380,6 @@ impl candle_core::CustomOp2 for F32Weight {
             let g = f32_view(g_s, g_l, "matmul")?;
             let da = if want_a {
                 // da = g · W: the operands candle's backward passes for `grad.matmul(&b.t())`.
-                let w = w.contiguous()?;
                 Some(with_cpu_storage(&w, "matmul", |w_s, w_l| {
                     let w = f32_view(w_s, w_l, "matmul")?;
                     fresh_product(m, k, n, MatRef::rows(&g, 0, n), MatRef::rows(&w, 0, k), a)

@@ -17,7 +17,7 @@
 //! Threads: the fused kernels use [`num_threads`] (`CANDLE_NUM_THREADS`, else
 //! `RAYON_NUM_THREADS`, else the available cores) on their own pool.
 
-use candle_core::{DType, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 #[macro_use]
 pub(crate) mod cpu;
@@ -402,19 +402,16 @@ pub fn moe_experts_of_forward(
 /// [`matmul`] of `x` and `W`'s transpose, except that the f32 fast path takes `W` itself,
 /// so that its gradient is written in `W`'s layout (see [`matmul::f32_linear`]).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.rank() == 2 && w.rank() == 2 && w.dtype() == DType::F32 && x.dtype() == DType::F32 {
-        let (m, k) = x.dims2()?;
-        let id = registry::select(
-            Kernel::Matmul,
-            x.device(),
-            w.dtype(),
-            &Shape::from_dims(&[m, k]),
-        )?;
-        if id == ImplId::Fused {
-            return matmul::f32_linear(x, w);
-        }
+    let wt = w.t()?;
+    if x.rank() != 2 || w.rank() != 2 {
+        return reference::matmul(x, &wt);
     }
-    matmul(x, &w.t()?)
+    match select_matmul(x, w.dtype())? {
+        ImplId::Fused if w.dtype() == DType::F32 && x.dtype() == DType::F32 => {
+            matmul::f32_linear(x, w)
+        }
+        id => matmul_with(id, x, &wt),
+    }
 }
 
 /// `a · b` for linear layers (`b` is `Wᵀ` of a weight `W [N, K]`; a layer holding `W` calls
@@ -427,18 +424,25 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.rank() != 2 || b.rank() != 2 {
         return reference::matmul(a, b);
     }
-    let (m, k) = a.dims2()?;
-    // The registry sees the weight's dtype and the lhs shape; that the rhs is 2-D was
-    // checked above.
-    let id = registry::select(
+    matmul_with(select_matmul(a, b.dtype())?, a, b)
+}
+
+/// The registry's choice for a product of the 2-D `a` with a 2-D weight of `weight_dtype`:
+/// it sees the weight's dtype and the lhs shape.
+fn select_matmul(a: &Tensor, weight_dtype: DType) -> Result<ImplId> {
+    Ok(registry::select(
         Kernel::Matmul,
         a.device(),
-        b.dtype(),
-        &Shape::from_dims(&[m, k]),
-    )?;
+        weight_dtype,
+        a.shape(),
+    )?)
+}
+
+/// [`matmul`] of 2-D operands through implementation `id`.
+fn matmul_with(id: ImplId, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match id {
         ImplId::Reference => reference::matmul(a, b),
-        ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == k => matmul::blas(a, b),
+        ImplId::Blas if b.dtype() == a.dtype() && b.dim(0)? == a.dim(1)? => matmul::blas(a, b),
         ImplId::Blas => reference::matmul(a, b),
         ImplId::Fused if b.dtype() == DType::BF16 => matmul::bf16_weight(a, b),
         ImplId::Fused => matmul::f32_weight(a, b),
