@@ -575,6 +575,7 @@ impl<'a> StageBatch<'a> {
         sink: Option<&mut GradSink<'_>>,
     ) -> Result<(Gradients, BoundaryGrads)> {
         let mut sinking = Sinking::new(params, sink);
+        let vars = || params.iter().map(|p| p.var.as_tensor());
         let StageForward {
             segments,
             inputs,
@@ -604,9 +605,9 @@ impl<'a> StageBatch<'a> {
         // The run's tensors are the graph's: let go of them, so the backward frees each
         // activation once it is done with it (peak memory of a step without checkpointing).
         drop(run);
-        let start = seeded(&mut acc, params.iter().map(|p| p.var.as_tensor()));
+        let start = seeded(&mut acc, vars());
         let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
-        accumulate(&mut acc, params.iter().map(|p| p.var.as_tensor()), &gs)?;
+        accumulate(&mut acc, vars(), &gs)?;
         let mut upstream = boundary_grads(&gs, last_inputs.as_ref())?;
         drop(gs);
 
@@ -623,9 +624,9 @@ impl<'a> StageBatch<'a> {
             let seed = segment_seed(dev, &outputs, &run.aux_terms)?;
             drop(outputs);
             drop(run);
-            let start = seeded(&mut acc, params.iter().map(|p| p.var.as_tensor()));
+            let start = seeded(&mut acc, vars());
             let gs = seed.backward_releasing_from(start, &mut |v, g| sinking.ready(v, g))?;
-            accumulate(&mut acc, params.iter().map(|p| p.var.as_tensor()), &gs)?;
+            accumulate(&mut acc, vars(), &gs)?;
             upstream = boundary_grads(&gs, inputs.as_ref())?;
         }
         // what only the head gave a gradient (the LM head's weight)
