@@ -87,14 +87,23 @@ pub struct QuantizeArgs {
     /// file to pass to `--imatrix` next time).
     #[arg(long, requires = "imatrix")]
     pub imatrix_out: Option<PathBuf>,
-    /// Tokens per calibration window [default: 512].
-    #[arg(long, requires = "imatrix")]
+    /// Calibration text (UTF-8) for GPTQ: run the model over it, keep every quantized
+    /// product's input moments (`XᵀX`, per expert for the experts) and choose each
+    /// weight's levels so that the layer's outputs on such inputs stay close (GPTQ, in
+    /// order of input energy), on the block scales the plain (or `--imatrix`) quantizer
+    /// picked: the file is an ordinary GGUF. Formats: q8_0, q6_k, q5_k, q5_1, q5_0, q4_k,
+    /// q4_1, q4_0 (others quantize as usual); not the token embedding, whose rows are also
+    /// looked up. The calibration options below shape this pass too.
+    #[arg(long)]
+    pub gptq: Option<PathBuf>,
+    /// Tokens per calibration window (--imatrix text or --gptq) [default: 512].
+    #[arg(long, visible_alias = "calibration-context")]
     pub imatrix_context: Option<usize>,
     /// Stop calibrating after this many tokens [default: the whole text].
-    #[arg(long, requires = "imatrix")]
+    #[arg(long, visible_alias = "calibration-tokens")]
     pub imatrix_tokens: Option<usize>,
     /// Directory with the tokenizer for the calibration text (default: --model).
-    #[arg(long, requires = "imatrix")]
+    #[arg(long, visible_alias = "calibration-tokenizer")]
     pub imatrix_tokenizer: Option<PathBuf>,
 }
 
@@ -107,17 +116,31 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut calibration = serde_json::Value::Null;
     let saved = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
-    if args.imatrix.as_ref().is_some_and(saved) {
-        let calibrating = [
-            ("--imatrix-out", args.imatrix_out.is_some()),
-            ("--imatrix-context", args.imatrix_context.is_some()),
-            ("--imatrix-tokens", args.imatrix_tokens.is_some()),
-            ("--imatrix-tokenizer", args.imatrix_tokenizer.is_some()),
-        ];
-        if let Some((flag, _)) = calibrating.iter().find(|(_, given)| *given) {
-            bail!("{flag} needs --imatrix with a calibration text, not a saved matrix");
+    let calibrating = [
+        ("--imatrix-context", args.imatrix_context.is_some()),
+        ("--imatrix-tokens", args.imatrix_tokens.is_some()),
+        ("--imatrix-tokenizer", args.imatrix_tokenizer.is_some()),
+    ];
+    let text_given = args.gptq.is_some() || args.imatrix.as_ref().is_some_and(|p| !saved(p));
+    if let Some((flag, _)) = calibrating.iter().find(|(_, given)| *given) {
+        if !text_given {
+            bail!("{flag} needs a calibration text (--imatrix TEXT or --gptq TEXT)");
         }
     }
+    if args.imatrix_out.is_some() && args.imatrix.as_ref().is_some_and(saved) {
+        bail!("--imatrix-out needs --imatrix with a calibration text, not a saved matrix");
+    }
+    let windows = |tok: &ZayaTokenizer| zaya::imatrix::Calibration {
+        context: args.imatrix_context.unwrap_or(512),
+        max_tokens: args.imatrix_tokens.unwrap_or(0),
+        bos: tok.bos_token_id(),
+    };
+    let calibration_ids = |path: &PathBuf| -> Result<(ZayaTokenizer, Vec<u32>)> {
+        let tok = ZayaTokenizer::from_dir(args.imatrix_tokenizer.as_ref().unwrap_or(&model))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let ids = tok.encode(&text, false)?;
+        Ok((tok, ids))
+    };
     let imatrix = match &args.imatrix {
         Some(path) if saved(path) => {
             let m = zaya::imatrix::load(path)?;
@@ -125,19 +148,8 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
             Some(m)
         }
         Some(path) => {
-            let tok = ZayaTokenizer::from_dir(args.imatrix_tokenizer.as_ref().unwrap_or(&model))?;
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-            let ids = tok.encode(&text, false)?;
-            let (m, tokens) = zaya::imatrix::importance_matrix(
-                &model,
-                &ids,
-                zaya::imatrix::Calibration {
-                    context: args.imatrix_context.unwrap_or(512),
-                    max_tokens: args.imatrix_tokens.unwrap_or(0),
-                    bos: tok.bos_token_id(),
-                },
-            )?;
+            let (tok, ids) = calibration_ids(path)?;
+            let (m, tokens) = zaya::imatrix::importance_matrix(&model, &ids, windows(&tok))?;
             calibration = serde_json::json!({
                 "text": path,
                 "tokens": tokens,
@@ -152,7 +164,37 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
         }
         None => None,
     };
-    let report = gguf::quantize_to_gguf(&model, &args.out, &plan, imatrix.as_ref())?;
+    let mut gptq_calibration = serde_json::Value::Null;
+    let hessians = match &args.gptq {
+        Some(path) => {
+            let t1 = Instant::now();
+            let (tok, ids) = calibration_ids(path)?;
+            let (h, tokens) =
+                zaya::gptq::hessians(&model, &ids, windows(&tok), zaya::gptq::applies_to)?;
+            gptq_calibration = serde_json::json!({
+                "text": path,
+                "tokens": tokens,
+                "tensors": h.len(),
+                "seconds": t1.elapsed().as_secs_f64(),
+            });
+            Some(h)
+        }
+        None => None,
+    };
+    let report = gguf::quantize_to_gguf(
+        &model,
+        &args.out,
+        &plan,
+        imatrix.as_ref(),
+        hessians.as_ref(),
+    )?;
+    if hessians.is_some() {
+        gptq_calibration["rounded"] = serde_json::json!(report
+            .gptq
+            .iter()
+            .map(|(n, m)| (n.clone(), serde_json::json!(m)))
+            .collect::<serde_json::Map<_, _>>());
+    }
     for (name, requested, got) in report.fallbacks() {
         eprintln!(
             "note: {name}: rows do not fit {requested} blocks, stored as {}",
@@ -172,6 +214,7 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
             "seconds": t0.elapsed().as_secs_f64(),
             "formats": summary,
             "imatrix": calibration,
+            "gptq": gptq_calibration,
         })
     );
     Ok(())

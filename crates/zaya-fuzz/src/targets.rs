@@ -609,7 +609,8 @@ impl Target for GgufFile {
             .expect("save the seed model");
         let out = scratch.path().join("model.gguf");
         let plan = QuantPlan::uniform(WeightFormat::Quant(GgmlDType::Q8_0));
-        zaya::gguf::quantize_to_gguf(scratch.path(), &out, &plan, None).expect("quantize seed");
+        zaya::gguf::quantize_to_gguf(scratch.path(), &out, &plan, None, None)
+            .expect("quantize seed");
         vec![vec![std::fs::read(&out).expect("gguf written")]]
     }
 

@@ -529,6 +529,8 @@ pub struct QuantizeReport {
     /// (native name, shape, requested format, stored format)
     pub tensors: Vec<(String, Vec<usize>, WeightFormat, GgmlDType)>,
     pub bytes: u64,
+    /// Tensors whose levels GPTQ chose, with how many of their matrices it rounded.
+    pub gptq: Vec<(String, usize)>,
 }
 
 impl QuantizeReport {
@@ -578,12 +580,16 @@ fn stored_format(
 }
 
 /// Quantizes a checkpoint directory (either layout) into one GGUF file at `out`, tensor
-/// by tensor. `imatrix` (optional) weights the quantization error of each input feature.
+/// by tensor. `imatrix` (optional) weights the quantization error of each input feature;
+/// with `hessians` (optional: input moments from a calibration text) GPTQ then re-chooses
+/// the levels of every tensor it has moments for, in the formats it handles, on the grid
+/// the plain quantizer chose ([`crate::gptq`]).
 pub fn quantize_to_gguf(
     src: &Path,
     out: &Path,
     plan: &QuantPlan,
     imatrix: Option<&ImportanceMatrix>,
+    hessians: Option<&crate::gptq::Hessians>,
 ) -> Result<QuantizeReport> {
     let ckpt = Checkpoint::open(src)?;
     let cfg = ckpt.config()?;
@@ -732,7 +738,20 @@ pub fn quantize_to_gguf(
 
     for (name, shape, d, off) in &table {
         let t = ckpt.load(&cfg, name, DType::F32, &Device::Cpu)?;
-        let bytes = tensor_bytes(&t, *d, imatrix.and_then(|m| m.get(name)), name)?;
+        let mut bytes = tensor_bytes(&t, *d, imatrix.and_then(|m| m.get(name)), name)?;
+        if let Some(h) = hessians.and_then(|m| m.get(name)) {
+            if crate::gptq::supports(*d) && crate::gptq::applies_to(name) {
+                let n = crate::gptq::requantize(&t, *d, &mut bytes, h).map_err(|e| {
+                    GgufError::Quantize {
+                        name: name.to_string(),
+                        format: quant::ggml_name(*d).to_string(),
+                        weighted: false,
+                        message: format!("GPTQ: {e}"),
+                    }
+                })?;
+                report.gptq.push((name.clone(), n));
+            }
+        }
         debug_assert_eq!(
             bytes.len(),
             quant::storage_bytes(*d, shape.iter().product())

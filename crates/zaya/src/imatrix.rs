@@ -209,6 +209,27 @@ pub fn importance_matrix(
     ids: &[u32],
     calibration: Calibration,
 ) -> Result<(ImportanceMatrix, usize)> {
+    let collector = Arc::new(ImatrixCollector::new());
+    let seen = calibrate(
+        dir,
+        ids,
+        calibration,
+        Arc::clone(&collector) as Arc<dyn InputObserver>,
+    )?;
+    let cfg = Checkpoint::open(dir)?.config()?;
+    Ok((collector.finish(&cfg)?, seen))
+}
+
+/// Runs the checkpoint in `dir` (either layout) over `ids` in windows, every product's
+/// input handed to `observer`, and returns the number of tokens it saw: the calibration
+/// pass of [`importance_matrix`] and of GPTQ (`crate::gptq::hessians`). The model runs in
+/// f32, or in bf16 where f32 does not fit in memory.
+pub fn calibrate(
+    dir: &Path,
+    ids: &[u32],
+    calibration: Calibration,
+    observer: Arc<dyn InputObserver>,
+) -> Result<usize> {
     let Calibration {
         context,
         max_tokens,
@@ -235,9 +256,7 @@ pub fn importance_matrix(
         DType::BF16
     };
     let dev = Device::Cpu;
-    let collector = Arc::new(ImatrixCollector::new());
-    let weights = Weights::from(ckpt.var_builder(&cfg, dtype, &dev))
-        .observed_by(Arc::clone(&collector) as Arc<dyn InputObserver>);
+    let weights = Weights::from(ckpt.var_builder(&cfg, dtype, &dev)).observed_by(observer);
     let model = ZayaModel::from_weights(&cfg, weights)?;
     let body = context - usize::from(bos.is_some());
     let mut seen = 0;
@@ -258,7 +277,7 @@ pub fn importance_matrix(
         model.forward(&input, None, &ForwardOptions::default())?;
         seen += take;
     }
-    Ok((collector.finish(&cfg)?, seen))
+    Ok(seen)
 }
 
 #[cfg(test)]

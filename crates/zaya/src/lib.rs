@@ -21,6 +21,7 @@ pub mod durable;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+pub mod gptq;
 pub mod imatrix;
 pub mod init;
 pub mod kernels;

@@ -133,7 +133,7 @@ fn quantized_fixture_logits_stay_near_the_reference() {
 }
 
 fn write_gguf(src: &Path, out: &Path, p: &QuantPlan) {
-    quantize_to_gguf(src, out, p, None).unwrap();
+    quantize_to_gguf(src, out, p, None, None).unwrap();
 }
 
 #[test]
@@ -636,7 +636,7 @@ fn an_importance_matrix_from_text_weighs_the_quantization() {
     let dense = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let want = logits(&dense, &[PROMPT.to_vec()]);
     for f in ["q4_k", "q4_0"] {
-        quantize_to_gguf(&dir, &with, &plan(f), Some(&m)).unwrap();
+        quantize_to_gguf(&dir, &with, &plan(f), Some(&m), None).unwrap();
         write_gguf(&dir, &without, &plan(f));
         assert_ne!(
             std::fs::read(&with).unwrap(),
@@ -654,6 +654,6 @@ fn an_importance_matrix_from_text_weighs_the_quantization() {
     // an importance matrix of the wrong width is an error naming the tensor
     let mut bad = m.clone();
     bad.insert("lm_head.weight".into(), vec![1.0; 7]);
-    let err = quantize_to_gguf(&dir, &with, &plan("q4_k"), Some(&bad)).unwrap_err();
+    let err = quantize_to_gguf(&dir, &with, &plan("q4_k"), Some(&bad), None).unwrap_err();
     assert!(err.to_string().contains("lm_head.weight"), "{err}");
 }
