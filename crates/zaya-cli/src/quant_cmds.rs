@@ -169,8 +169,16 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
         Some(path) => {
             let t1 = Instant::now();
             let (tok, ids) = calibration_ids(path)?;
+            let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
+            let names = zaya::gptq::rounded_by(&plan, &cfg);
+            if names.is_empty() {
+                bail!(
+                    "--gptq: no tensor of this plan is stored in a format GPTQ handles \
+                     (q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0)"
+                );
+            }
             let (h, tokens) =
-                zaya::gptq::hessians(&model, &ids, windows(&tok), zaya::gptq::applies_to)?;
+                zaya::gptq::hessians(&model, &ids, windows(&tok), move |n| names.contains(n))?;
             gptq_calibration = serde_json::json!({
                 "text": path,
                 "tokens": tokens,

@@ -15,7 +15,7 @@
 //! only holds for the product with the final hidden state (measured on the default model:
 //! q8_0 KL 2.0e-3 → 6.0e-3 with it, against 2.0e-3 → 1.9e-3 without).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -70,6 +70,21 @@ pub fn supports(d: GgmlDType) -> bool {
             | GgmlDType::Q5K
             | GgmlDType::Q6K
     )
+}
+
+/// The native tensors of `cfg` whose levels GPTQ chooses under `plan`: those the plan
+/// stores in a format GPTQ handles, the token embedding excepted.
+pub fn rounded_by(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet<String> {
+    let plan = plan.for_model(cfg);
+    native_specs(cfg)
+        .into_iter()
+        .filter(|s| {
+            applies_to(&s.name)
+                && matches!(plan.format_for(&s.name, &s.shape),
+                    crate::quant::WeightFormat::Quant(d) if supports(d))
+        })
+        .map(|s| s.name)
+        .collect()
 }
 
 /// Collects [`Hessians`] from an observed model for the tensors `wanted` accepts.
@@ -160,14 +175,21 @@ pub fn hessians(
     let cfg = ckpt.config()?;
     let sums = hessian_bytes(&cfg, &wanted);
     if let Some(available) = crate::weights::available_memory_bytes() {
+        // the calibrating model runs in f32, or bf16 where that does not fit
         let model = crate::weights::Checkpoint::required_bytes(&cfg, DType::BF16);
-        crate::weights::check_fits_in(dir, DType::F32, model + sums, available).map_err(|e| {
-            ZayaError::Input(format!(
-                "GPTQ keeps an f64 matrix of input moments (in × in) per quantized weight, \
-                 {:.2} GiB for this model, beside the calibrating model: {e}",
-                sums as f64 / (1u64 << 30) as f64
-            ))
-        })?;
+        if model + sums > available {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(ZayaError::Input(format!(
+                "GPTQ of {} needs {:.2} GiB of input moments (an f64 in × in matrix per \
+                 quantized weight and expert) beside {:.2} GiB for the calibrating model in \
+                 bf16, but {:.2} GiB is available (MemAvailable in /proc/meminfo); quantize \
+                 without --gptq, or on a machine with more memory",
+                dir.display(),
+                gib(sums),
+                gib(model),
+                gib(available)
+            )));
+        }
     }
     drop(ckpt);
     let collector = std::sync::Arc::new(HessianCollector::new(wanted));
