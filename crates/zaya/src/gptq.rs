@@ -30,6 +30,9 @@ use crate::weights::native_specs;
 /// Damping added to `H`'s diagonal, as a fraction of its mean (GPTQ's `percdamp`).
 pub const DAMP: f64 = 0.01;
 
+/// Rows rounded together (one pass over `U` per tile).
+const TILE: usize = 16;
+
 /// Fewest calibration rows per input feature for GPTQ to round a matrix: below, `H` is
 /// singular (an expert few tokens reached) and the compensation would follow directions
 /// the text never exercised; such a matrix keeps the plain rounding.
@@ -370,95 +373,122 @@ impl Factor {
     }
 }
 
-/// In-place lower Cholesky factor of the `n × n` matrix `a` (row-major); `None` when it is
-/// not positive definite.
-fn cholesky(a: &mut [f64], n: usize) -> Option<()> {
-    for j in 0..n {
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= a[j * n + k] * a[j * n + k];
+/// `Σ a_k b_k` in eight independent sums (so that the loop vectorises).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
         }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// In-place lower Cholesky factor of the `n × n` matrix `a` (row-major, row by row: each
+/// entry is a dot product of two finished rows; the upper triangle is zeroed); `None` when
+/// it is not positive definite.
+fn cholesky(a: &mut [f64], n: usize) -> Option<()> {
+    for i in 0..n {
+        let (done, rest) = a.split_at_mut(i * n);
+        let ri = &mut rest[..n];
+        for k in 0..i {
+            let rk = &done[k * n..k * n + k + 1];
+            ri[k] = (ri[k] - dot(&ri[..k], &rk[..k])) / rk[k];
+        }
+        let d = ri[i] - dot(&ri[..i], &ri[..i]);
         if d <= 0.0 || !d.is_finite() {
             return None;
         }
-        let d = d.sqrt();
-        a[j * n + j] = d;
-        for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for k in 0..j {
-                s -= a[i * n + k] * a[j * n + k];
-            }
-            a[i * n + j] = s / d;
-        }
-        for k in j + 1..n {
-            a[j * n + k] = 0.0;
-        }
+        ri[i] = d.sqrt();
+        ri[i + 1..].fill(0.0);
     }
     Some(())
 }
 
-/// `U` with `a⁻¹ = UᵀU`, `U` upper triangular (row-major): `a = LLᵀ`, `a⁻¹ = L⁻ᵀL⁻¹`,
-/// then `U` is the transposed lower factor of `a⁻¹`.
-fn inverse_upper_factor(mut a: Vec<f64>, n: usize) -> Option<Vec<f64>> {
-    cholesky(&mut a, n)?;
-    // L⁻¹ by forward substitution, column by column
-    let mut li = vec![0.0; n * n];
-    for c in 0..n {
-        li[c * n + c] = 1.0 / a[c * n + c];
-        for i in c + 1..n {
-            let mut s = 0.0;
-            for k in c..i {
-                s -= a[i * n + k] * li[k * n + c];
+/// `U` (upper triangular, row-major) with `a⁻¹ = UᵀU`, from one factorisation: with `P`
+/// the reversal permutation and `PaP = LLᵀ`, `a⁻¹ = P L⁻ᵀ L⁻¹ P = UᵀU` for `U = P L⁻¹ P`
+/// (upper, as `P · lower · P` is).
+fn inverse_upper_factor(a: Vec<f64>, n: usize) -> Option<Vec<f64>> {
+    let flip = |m: &[f64]| {
+        let mut out = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                out[i * n + j] = m[(n - 1 - i) * n + (n - 1 - j)];
             }
-            li[i * n + c] = s / a[i * n + i];
         }
-    }
-    // a⁻¹ = L⁻ᵀ L⁻¹: entry (i, j) = Σ_k li[k][i] · li[k][j], k ≥ max(i, j)
-    let mut inv = vec![0.0; n * n];
+        out
+    };
+    let mut l = flip(&a);
+    cholesky(&mut l, n)?;
+    // X = L⁻¹ row by row: X_i = (e_i − Σ_{k<i} L_ik X_k) / L_ii (X lower triangular)
+    let mut x = vec![0.0; n * n];
     for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (i..n).map(|k| li[k * n + i] * li[k * n + j]).sum();
-            inv[i * n + j] = s;
-            inv[j * n + i] = s;
+        let (done, rest) = x.split_at_mut(i * n);
+        let xi = &mut rest[..n];
+        xi[i] = 1.0;
+        for k in 0..i {
+            let lik = l[i * n + k];
+            if lik != 0.0 {
+                for (v, xk) in xi[..=k].iter_mut().zip(&done[k * n..=k * n + k]) {
+                    *v -= lik * xk;
+                }
+            }
+        }
+        let d = l[i * n + i];
+        for v in &mut xi[..=i] {
+            *v /= d;
         }
     }
-    cholesky(&mut inv, n)?;
-    let mut u = vec![0.0; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            u[j * n + i] = inv[i * n + j];
-        }
-    }
-    Some(u)
+    Some(flip(&x))
 }
 
-/// Re-chooses the levels of one row (`bytes`: its blocks) by GPTQ, on the grid the blocks
-/// already hold.
-fn row(d: GgmlDType, w: &[f32], bytes: &mut [u8], f: &Factor) {
-    let n = w.len();
+/// Re-chooses the levels of a tile of rows (`w`: `rows × n` values, `bytes`: their blocks,
+/// `row_bytes` per row) by GPTQ, on the grid the blocks already hold. The rows are
+/// independent; a tile goes through `U` once (each row of `U` serves every row of the
+/// tile while it is in cache).
+fn round_rows(d: GgmlDType, w: &[f32], bytes: &mut [u8], row_bytes: usize, f: &Factor) {
+    let n = f.order.len();
+    let tile = w.len() / n;
     let (bs, ts) = (d.block_size(), d.type_size());
-    let (mut scale, mut offset) = (vec![0f32; n], vec![0f32; n]);
+    let (mut scale, mut offset) = (vec![0f32; tile * n], vec![0f32; tile * n]);
     let (mut lo, mut hi) = (0, 0);
-    for (b, blk) in bytes.chunks(ts).enumerate() {
-        let r = b * bs..(b + 1) * bs;
-        (lo, hi) = grid(d, blk, &mut scale[r.clone()], &mut offset[r]);
+    for r in 0..tile {
+        for (b, blk) in bytes[r * row_bytes..(r + 1) * row_bytes]
+            .chunks(ts)
+            .enumerate()
+        {
+            let e = r * n + b * bs..r * n + (b + 1) * bs;
+            (lo, hi) = grid(d, blk, &mut scale[e.clone()], &mut offset[e]);
+        }
     }
-    let mut x: Vec<f64> = f.order.iter().map(|&c| w[c] as f64).collect();
+    let mut x: Vec<f64> = (0..tile)
+        .flat_map(|r| f.order.iter().map(move |&c| w[r * n + c] as f64))
+        .collect();
     for j in 0..n {
         let c = f.order[j];
-        let (a, o) = (scale[c] as f64, offset[c] as f64);
-        let q = if a == 0.0 {
-            // a block of zeros (or a zero sub-scale): every level decodes to −o
-            level(d, &bytes[(c / bs) * ts..], c % bs)
-        } else {
-            (((x[j] + o) / a).round() as i64).clamp(lo as i64, hi as i64) as i32
-        };
-        set_level(d, &mut bytes[(c / bs) * ts..(c / bs + 1) * ts], c % bs, q);
-        let value = scale[c] * q as f32 - offset[c];
-        let err = (x[j] - value as f64) / f.u[j * n + j];
         let urow = &f.u[j * n..(j + 1) * n];
-        for k in j + 1..n {
-            x[k] -= err * urow[k];
+        for r in 0..tile {
+            let (a, o) = (scale[r * n + c], offset[r * n + c]);
+            let blk = &mut bytes[r * row_bytes + (c / bs) * ts..r * row_bytes + (c / bs + 1) * ts];
+            let xr = &mut x[r * n..(r + 1) * n];
+            let q = if a == 0.0 {
+                // a block of zeros (or a zero sub-scale): every level decodes to −o
+                level(d, blk, c % bs)
+            } else {
+                (((xr[j] + o as f64) / a as f64).round() as i64).clamp(lo as i64, hi as i64) as i32
+            };
+            set_level(d, blk, c % bs, q);
+            let err = (xr[j] - (a * q as f32 - o) as f64) / urow[j];
+            for (v, u) in xr[j + 1..].iter_mut().zip(&urow[j + 1..]) {
+                *v -= err * u;
+            }
         }
     }
 }
@@ -521,12 +551,13 @@ pub fn requantize(
         let parts = crate::kernels::cpu::par_map(rows.div_ceil(per), rows * cols * cols, |p| {
             let (r0, r1) = (p * per, ((p + 1) * per).min(rows));
             let mut b = out[r0 * row_bytes..r1 * row_bytes].to_vec();
-            for r in r0..r1 {
-                let o = (r - r0) * row_bytes;
-                row(
+            for t0 in (r0..r1).step_by(TILE) {
+                let t1 = (t0 + TILE).min(r1);
+                round_rows(
                     d,
-                    &w[r * cols..(r + 1) * cols],
-                    &mut b[o..o + row_bytes],
+                    &w[t0 * cols..t1 * cols],
+                    &mut b[(t0 - r0) * row_bytes..(t1 - r0) * row_bytes],
+                    row_bytes,
                     &factor,
                 );
             }
