@@ -117,9 +117,18 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
     let mut calibration = serde_json::Value::Null;
     let saved = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
     let calibrating = [
-        ("--imatrix-context", args.imatrix_context.is_some()),
-        ("--imatrix-tokens", args.imatrix_tokens.is_some()),
-        ("--imatrix-tokenizer", args.imatrix_tokenizer.is_some()),
+        (
+            "--imatrix-context / --calibration-context",
+            args.imatrix_context.is_some(),
+        ),
+        (
+            "--imatrix-tokens / --calibration-tokens",
+            args.imatrix_tokens.is_some(),
+        ),
+        (
+            "--imatrix-tokenizer / --calibration-tokenizer",
+            args.imatrix_tokenizer.is_some(),
+        ),
     ];
     let text_given = args.gptq.is_some() || args.imatrix.as_ref().is_some_and(|p| !saved(p));
     if let Some((flag, _)) = calibrating.iter().find(|(_, given)| *given) {
@@ -197,9 +206,16 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
         hessians.as_ref(),
     )?;
     if hessians.is_some() {
+        for (name, _) in report.gptq.iter().filter(|(_, m)| *m == 0) {
+            eprintln!(
+                "note: {name}: GPTQ rounded none of its matrices (the calibration reached \
+                 none with as many tokens as it has input features); plain rounding"
+            );
+        }
         gptq_calibration["rounded"] = serde_json::json!(report
             .gptq
             .iter()
+            .filter(|(_, m)| *m > 0)
             .map(|(n, m)| (n.clone(), serde_json::json!(m)))
             .collect::<serde_json::Map<_, _>>());
     }

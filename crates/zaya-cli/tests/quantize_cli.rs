@@ -218,16 +218,16 @@ fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
     for (args, says) in [
         (
             vec!["--imatrix-tokens", "100"],
-            "--imatrix-tokens needs a calibration text",
+            "--imatrix-tokens / --calibration-tokens needs a calibration text",
         ),
         (
             vec!["--calibration-context", "64"],
-            "--imatrix-context needs a calibration text",
+            "--imatrix-context / --calibration-context needs a calibration text",
         ),
         (vec!["--imatrix", empty.to_str().unwrap()], "no tokens"),
         (
             vec!["--imatrix", saved_path, "--imatrix-tokens", "100"],
-            "--imatrix-tokens needs a calibration text (--imatrix TEXT or --gptq TEXT)",
+            "--imatrix-tokens / --calibration-tokens needs a calibration text (--imatrix TEXT or --gptq TEXT)",
         ),
     ] {
         let out = zaya()

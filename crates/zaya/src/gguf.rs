@@ -529,7 +529,8 @@ pub struct QuantizeReport {
     /// (native name, shape, requested format, stored format)
     pub tensors: Vec<(String, Vec<usize>, WeightFormat, GgmlDType)>,
     pub bytes: u64,
-    /// Tensors whose levels GPTQ chose, with how many of their matrices it rounded.
+    /// Tensors GPTQ had input moments for, with how many of their matrices it rounded (0:
+    /// none had enough calibration rows).
     pub gptq: Vec<(String, usize)>,
 }
 

@@ -201,6 +201,7 @@ pub fn hessians(
         ids,
         calibration,
         std::sync::Arc::clone(&collector) as std::sync::Arc<dyn InputObserver>,
+        sums,
     )?;
     let collector = std::sync::Arc::try_unwrap(collector)
         .map_err(|_| ZayaError::Input("internal: the calibrating model outlived its run".into()))?;
@@ -504,17 +505,20 @@ pub fn requantize(
     hessians: &[Option<Hessian>],
 ) -> Result<usize> {
     if !supports(d) {
-        return Err(ZayaError::Input(format!(
-            "GPTQ does not handle {d:?} blocks"
-        )));
+        return Err(ZayaError::Input(format!("no GPTQ for {d:?} blocks")));
     }
     let dims = t.dims().to_vec();
     let cols = *dims.last().unwrap_or(&0);
     let matrices = if dims.len() == 3 { dims[0] } else { 1 };
     let (bs, ts) = (d.block_size(), d.type_size());
-    if cols == 0 || !cols.is_multiple_of(bs) || dims.len() < 2 || hessians.len() > matrices {
+    if !(2..=3).contains(&dims.len())
+        || matrices == 0
+        || cols == 0
+        || !cols.is_multiple_of(bs)
+        || hessians.len() > matrices
+    {
         return Err(ZayaError::Input(format!(
-            "GPTQ of a {dims:?} tensor in {d:?} blocks with {} moment matrices",
+            "a {dims:?} tensor in {d:?} blocks with {} moment matrices",
             hessians.len()
         )));
     }
@@ -522,29 +526,34 @@ pub fn requantize(
     let rows = t.elem_count() / cols / matrices;
     if bytes.len() != matrices * rows * row_bytes {
         return Err(ZayaError::Input(format!(
-            "GPTQ: {} bytes for a {dims:?} tensor in {d:?} (expected {})",
+            "{} bytes for a {dims:?} tensor in {d:?} (expected {})",
             bytes.len(),
             matrices * rows * row_bytes
         )));
     }
-    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut done = 0;
-    for (m, h) in hessians.iter().enumerate() {
-        let Some(h) = h
+    if let Some(h) = hessians
+        .iter()
+        .flatten()
+        .find(|h| h.cols != cols || h.sums.len() != cols * cols)
+    {
+        return Err(ZayaError::Input(format!(
+            "input moments of {} features ({} sums) for rows of {cols}",
+            h.cols,
+            h.sums.len()
+        )));
+    }
+    // the factorisations of a stack side by side (each ~n³/2 flops on one thread)
+    let factors = crate::kernels::cpu::par_map(hessians.len(), hessians.len() * cols.pow(3), |m| {
+        hessians[m]
             .as_ref()
             .filter(|h| h.rows >= MIN_ROWS_PER_FEATURE * h.cols as u64)
-        else {
-            continue;
-        };
-        if h.cols != cols || h.sums.len() != cols * cols {
-            return Err(ZayaError::Input(format!(
-                "GPTQ: input moments of {} features for rows of {cols}",
-                h.cols
-            )));
-        }
-        let Some(factor) = Factor::new(h) else {
-            continue; // not positive definite even damped: keep the plain rounding
-        };
+            // not positive definite even damped: the plain rounding stays
+            .and_then(Factor::new)
+    });
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut done = 0;
+    for (m, factor) in factors.iter().enumerate() {
+        let Some(factor) = factor else { continue };
         let w = &values[m * rows * cols..(m + 1) * rows * cols];
         let out = &mut bytes[m * rows * row_bytes..(m + 1) * rows * row_bytes];
         let per = rows.div_ceil(4 * crate::kernels::cpu::num_threads()).max(1);
@@ -558,7 +567,7 @@ pub fn requantize(
                     &w[t0 * cols..t1 * cols],
                     &mut b[(t0 - r0) * row_bytes..(t1 - r0) * row_bytes],
                     row_bytes,
-                    &factor,
+                    factor,
                 );
             }
             b
@@ -786,6 +795,8 @@ mod tests {
         let narrow = moments(&x.narrow(1, 0, 128).unwrap());
         assert!(requantize(&w, d, &mut same, &narrow).is_err());
         assert!(requantize(&w, GgmlDType::Q2K, &mut same, &correlated).is_err());
+        let empty = Tensor::zeros((0, out, cols), DType::F32, &dev).unwrap();
+        assert!(requantize(&empty, d, &mut [], &[]).is_err());
     }
 
     /// The collector sums `xᵀx` per weight and per expert, for the names it wants only.

@@ -215,6 +215,7 @@ pub fn importance_matrix(
         ids,
         calibration,
         Arc::clone(&collector) as Arc<dyn InputObserver>,
+        0,
     )?;
     let cfg = Checkpoint::open(dir)?.config()?;
     Ok((collector.finish(&cfg)?, seen))
@@ -223,12 +224,14 @@ pub fn importance_matrix(
 /// Runs the checkpoint in `dir` (either layout) over `ids` in windows, every product's
 /// input handed to `observer`, and returns the number of tokens it saw: the calibration
 /// pass of [`importance_matrix`] and of GPTQ (`crate::gptq::hessians`). The model runs in
-/// f32, or in bf16 where f32 does not fit in memory.
+/// f32, or in bf16 where f32 and the `reserve` bytes the observer will hold do not both
+/// fit in memory.
 pub fn calibrate(
     dir: &Path,
     ids: &[u32],
     calibration: Calibration,
     observer: Arc<dyn InputObserver>,
+    reserve: u64,
 ) -> Result<usize> {
     let Calibration {
         context,
@@ -249,7 +252,10 @@ pub fn calibrate(
     let ckpt = Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
-    let dtype = if ckpt.check_fits(&cfg, DType::F32).is_ok() {
+    let f32_fits = crate::weights::available_memory_bytes().is_none_or(|available| {
+        Checkpoint::required_bytes(&cfg, DType::F32) + reserve <= available
+    });
+    let dtype = if f32_fits {
         DType::F32
     } else {
         ckpt.check_fits(&cfg, DType::BF16)?;
