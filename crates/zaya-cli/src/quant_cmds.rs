@@ -93,7 +93,8 @@ pub struct QuantizeArgs {
     /// order of input energy), on the block scales the plain (or `--imatrix`) quantizer
     /// picked: the file is an ordinary GGUF. Formats: q8_0, q6_k, q5_k, q5_1, q5_0, q4_k,
     /// q4_1, q4_0 (others quantize as usual); not the token embedding, whose rows are also
-    /// looked up. The calibration options below shape this pass too.
+    /// looked up. Without --imatrix, the moments' diagonals (the same mean squares) weigh
+    /// the block scales. The calibration options below shape this pass too.
     #[arg(long)]
     pub gptq: Option<PathBuf>,
     /// Tokens per calibration window (--imatrix text or --gptq) [default: 512].
@@ -179,8 +180,8 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
             let t1 = Instant::now();
             let (tok, ids) = calibration_ids(path)?;
             let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
-            let names = zaya::gptq::rounded_by(&plan, &cfg);
-            if names.is_empty() {
+            let names = zaya::gptq::moments_for(&plan, &cfg);
+            if !names.iter().any(|n| zaya::gptq::applies_to(n)) {
                 bail!(
                     "--gptq: no tensor of this plan is stored in a format GPTQ handles \
                      (q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0)"
@@ -197,6 +198,17 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
             Some(h)
         }
         None => None,
+    };
+    // GPTQ's moments hold the importance matrix on their diagonals: without --imatrix the
+    // block scales are chosen with it (one calibration pass for both)
+    let imatrix = match (imatrix, &hessians) {
+        (None, Some(h)) => {
+            let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
+            let m = zaya::imatrix::ImatrixCollector::from_moments(h).finish(&cfg)?;
+            calibration = serde_json::json!({ "from": "--gptq moments", "tensors": m.len() });
+            Some(m)
+        }
+        (m, _) => m,
     };
     let report = gguf::quantize_to_gguf(
         &model,

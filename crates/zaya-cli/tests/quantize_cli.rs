@@ -343,16 +343,18 @@ fn gptq_from_text_brings_q8_0_and_q4_k_m_closer_to_f32() {
                 "512",
             ]);
         }
-        let v: serde_json::Value = serde_json::from_str(run(&mut c).trim()).unwrap();
-        v["gptq"].clone()
+        serde_json::from_str::<serde_json::Value>(run(&mut c).trim()).unwrap()
     };
     for (format, factor) in [
         (&["--format", "q8_0", "--embed-format", "keep"][..], 0.3),
         (&["--format", "q4_k_m"][..], 0.5),
     ] {
         let (plain, rounded) = (dir.join("plain.gguf"), dir.join("gptq.gguf"));
-        assert!(quantize(&plain, format, false).is_null());
-        let report = quantize(&rounded, format, true);
+        assert!(quantize(&plain, format, false)["gptq"].is_null());
+        let v = quantize(&rounded, format, true);
+        // the moments' diagonals weigh the block scales (no second calibration pass)
+        assert_eq!(v["imatrix"]["from"], "--gptq moments", "{v}");
+        let report = &v["gptq"];
         assert_eq!(report["tokens"].as_u64(), Some(8000), "{report}");
         let done = report["rounded"].as_object().unwrap();
         // every expert stack has matrices rounded by GPTQ (the experts the calibration

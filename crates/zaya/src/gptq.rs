@@ -75,16 +75,17 @@ pub fn supports(d: GgmlDType) -> bool {
     )
 }
 
-/// The native tensors of `cfg` whose levels GPTQ chooses under `plan`: those the plan
-/// stores in a format GPTQ handles, the token embedding excepted.
-pub fn rounded_by(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet<String> {
+/// The native tensors of `cfg` whose input moments a GPTQ run under `plan` wants: those the
+/// plan stores in a format GPTQ handles. GPTQ chooses the levels of all of them but the
+/// token embedding ([`applies_to`]), whose moments' diagonal still weighs its block scales
+/// as an importance matrix.
+pub fn moments_for(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet<String> {
     let plan = plan.for_model(cfg);
     native_specs(cfg)
         .into_iter()
         .filter(|s| {
-            applies_to(&s.name)
-                && matches!(plan.format_for(&s.name, &s.shape),
-                    crate::quant::WeightFormat::Quant(d) if supports(d))
+            matches!(plan.format_for(&s.name, &s.shape),
+                crate::quant::WeightFormat::Quant(d) if supports(d))
         })
         .map(|s| s.name)
         .collect()

@@ -73,6 +73,35 @@ impl ImatrixCollector {
         Self::default()
     }
 
+    /// The collector an observing run over the same text would be, from GPTQ's input
+    /// moments: their diagonals are the sums of squares per feature (up to the order of
+    /// the sums), their row counts the rows.
+    pub fn from_moments(moments: &crate::gptq::Hessians) -> Self {
+        let mut all = BTreeMap::new();
+        for (name, list) in moments {
+            let Some(cols) = list.iter().flatten().map(|h| h.cols).next() else {
+                continue;
+            };
+            let mut s = Sums {
+                cols,
+                squares: vec![0.0; list.len() * cols],
+                rows: vec![0; list.len()],
+            };
+            for (m, h) in list.iter().enumerate() {
+                if let Some(h) = h.as_ref().filter(|h| h.cols == cols) {
+                    s.rows[m] = h.rows;
+                    for i in 0..cols {
+                        s.squares[m * cols + i] = h.sums[i * cols + i];
+                    }
+                }
+            }
+            all.insert(name.clone(), s);
+        }
+        Self {
+            sums: Mutex::new(all),
+        }
+    }
+
     /// The mean squares, per tensor of `cfg` that was observed. An expert that no
     /// calibration token reached has no statistics of its own. For `gate_up_proj` it gets
     /// the mean over its stack's tokens: every expert of a layer reads the same normalised
@@ -304,6 +333,45 @@ mod tests {
         let cols = v[0].len();
         let flat: Vec<f32> = v.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_vec(flat, (v.len(), cols), &Device::Cpu).unwrap()
+    }
+
+    /// The importance matrix from GPTQ's moments equals the one observed from the same
+    /// rows (including the pooling of an unreached expert).
+    #[test]
+    fn moments_give_the_observed_importance_matrix() {
+        let o = "model.layers.0.mlp.gate.down_proj.weight";
+        let gu = "model.layers.0.mlp.experts.gate_up_proj";
+        let dn = "model.layers.0.mlp.experts.down_proj";
+        let seen = ImatrixCollector::new();
+        let moments = crate::gptq::HessianCollector::new(|_| true);
+        let batches: [(&str, Option<usize>, Tensor); 5] = [
+            (o, None, rows(&[&[1., 2., 0., -1.], &[3., 0., 0.5, 1.]])),
+            (o, None, rows(&[&[1., 1., 1., 1.]])),
+            (gu, Some(2), rows(&[&[2., 0., -3., 0.]])),
+            (gu, Some(0), rows(&[&[0., 1., 0., 0.], &[0., 3., 0., 7.]])),
+            (dn, Some(1), rows(&[&[0.5, -1.]])),
+        ];
+        for (name, e, x) in &batches {
+            seen.observe(name, *e, x).unwrap();
+            moments.observe(name, *e, x).unwrap();
+        }
+        let want = seen.finish(&cfg()).unwrap();
+        let got = ImatrixCollector::from_moments(&moments.finish())
+            .finish(&cfg())
+            .unwrap();
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        for (name, w) in &want {
+            assert_eq!(w.len(), got[name].len(), "{name}");
+            for (a, b) in w.iter().zip(&got[name]) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                    "{name}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     /// Means over all rows seen, per matrix of a stack; an expert no row reached gets the
