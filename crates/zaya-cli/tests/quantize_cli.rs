@@ -106,6 +106,21 @@ fn quantized_file_and_quant_at_load_agree_and_generate_text() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown weight format `q9_9`"));
 }
 
+/// Genesis (the default model's training corpus) as plain text in `dir`, for calibration.
+fn genesis_text(dir: &std::path::Path) -> PathBuf {
+    let text: String = std::fs::read_to_string(root().join("data/corpus/genesis-kjv.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["text"].as_str().unwrap().to_string() + "\n"
+        })
+        .collect();
+    let path = dir.join("genesis.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn eval_kl(gguf: &std::path::Path, reference: &std::path::Path) -> f64 {
     let out = run(zaya()
         .args(["eval", "--model"])
@@ -126,16 +141,7 @@ fn eval_kl(gguf: &std::path::Path, reference: &std::path::Path) -> f64 {
 fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
     let dir = temp("imatrix");
     let model = root().join("models/default");
-    let text: String = std::fs::read_to_string(root().join("data/corpus/genesis-kjv.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["text"].as_str().unwrap().to_string() + "\n"
-        })
-        .collect();
-    let calib = dir.join("genesis.txt");
-    std::fs::write(&calib, text).unwrap();
+    let calib = genesis_text(&dir);
     let quantize = |out: &std::path::Path, imatrix: bool| {
         let mut c = zaya();
         c.args(["quantize", "--model"])
@@ -318,16 +324,7 @@ fn the_q4_k_m_mix_brings_q4_k_closer_to_f32() {
 fn gptq_from_text_brings_q8_0_and_q4_k_m_closer_to_f32() {
     let dir = temp("gptq");
     let model = root().join("models/default");
-    let text: String = std::fs::read_to_string(root().join("data/corpus/genesis-kjv.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["text"].as_str().unwrap().to_string() + "\n"
-        })
-        .collect();
-    let calib = dir.join("genesis.txt");
-    std::fs::write(&calib, text).unwrap();
+    let calib = genesis_text(&dir);
     let quantize = |out: &std::path::Path, format: &[&str], gptq: bool| {
         let mut c = zaya();
         c.args(["quantize", "--model"])

@@ -212,7 +212,8 @@ pub fn hessians(
 /// The grid of one block of format `d`: element `j` decodes to `scale[j] · q − offset[j]`
 /// with its level `q ∈ [lo, hi]`. Returns `(lo, hi)`.
 pub fn grid(d: GgmlDType, b: &[u8], scale: &mut [f32], offset: &mut [f32]) -> (i32, i32) {
-    let f16 = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    use crate::kernels::{f16_at, scale_min_k4};
+    let f16 = |i: usize| f16_at(b, i);
     match d {
         GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
             let dd = f16(0);
@@ -250,19 +251,6 @@ pub fn grid(d: GgmlDType, b: &[u8], scale: &mut [f32], offset: &mut [f32]) -> (i
             (0, 63)
         }
         _ => unreachable!("grid of unsupported format {d:?}"),
-    }
-}
-
-/// The 6-bit scale and minimum of sub-block `j` of a Q4_K / Q5_K block (ggml's
-/// `get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
     }
 }
 

@@ -61,6 +61,8 @@ pub fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let choices = registry::scoped_choices();
     cpu::in_pool(move || registry::with_scoped(choices, f))
 }
+/// The GGML block fields the GPTQ rounding reads (`crate::gptq`).
+pub(crate) use k_quants::{f16_at, scale_min_k4};
 pub use matmul::blas_available;
 use registry::{ImplId, Kernel};
 
