@@ -97,6 +97,11 @@ pub struct QuantizeArgs {
     /// the block scales. The calibration options below shape this pass too.
     #[arg(long)]
     pub gptq: Option<PathBuf>,
+    /// Collect GPTQ's input moments one decoder layer at a time (one calibration pass per
+    /// layer, the memory of one layer's moments). Chosen by itself when all layers' do
+    /// not fit beside the calibrating model.
+    #[arg(long, requires = "gptq")]
+    pub gptq_per_layer: bool,
     /// Tokens per calibration window (--imatrix text or --gptq) [default: 512].
     #[arg(long, visible_alias = "calibration-context")]
     pub imatrix_context: Option<usize>,
@@ -175,9 +180,8 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
         None => None,
     };
     let mut gptq_calibration = serde_json::Value::Null;
-    let hessians = match &args.gptq {
+    let mut moments = match &args.gptq {
         Some(path) => {
-            let t1 = Instant::now();
             let (tok, ids) = calibration_ids(path)?;
             let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
             let names = zaya::gptq::moments_for(&plan, &cfg);
@@ -187,37 +191,34 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
                      (q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0)"
                 );
             }
-            let (h, tokens) =
-                zaya::gptq::hessians(&model, &ids, windows(&tok), move |n| names.contains(n))?;
-            gptq_calibration = serde_json::json!({
-                "text": path,
-                "tokens": tokens,
-                "tensors": h.len(),
-                "seconds": t1.elapsed().as_secs_f64(),
-            });
-            Some(h)
+            if imatrix.is_none() {
+                // GPTQ's moments hold the importance matrix on their diagonals: the
+                // block scales are weighed with it (one calibration pass for both)
+                calibration = serde_json::json!({ "from": "--gptq moments" });
+            }
+            Some(zaya::gptq::Moments::collect(
+                &model,
+                &ids,
+                windows(&tok),
+                names,
+                args.gptq_per_layer,
+            )?)
         }
         None => None,
     };
-    // GPTQ's moments hold the importance matrix on their diagonals: without --imatrix the
-    // block scales are chosen with it (one calibration pass for both)
-    let imatrix = match (imatrix, &hessians) {
-        (None, Some(h)) => {
-            let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
-            let m = zaya::imatrix::ImatrixCollector::from_moments(h).finish(&cfg)?;
-            calibration = serde_json::json!({ "from": "--gptq moments", "tensors": m.len() });
-            Some(m)
-        }
-        (m, _) => m,
-    };
-    let report = gguf::quantize_to_gguf(
-        &model,
-        &args.out,
-        &plan,
-        imatrix.as_ref(),
-        hessians.as_ref(),
-    )?;
-    if hessians.is_some() {
+    let t1 = Instant::now();
+    let report =
+        gguf::quantize_to_gguf(&model, &args.out, &plan, imatrix.as_ref(), moments.as_mut())?;
+    if let Some(m) = &moments {
+        gptq_calibration = serde_json::json!({
+            "text": args.gptq,
+            "tokens": m.tokens(),
+            "per_layer": m.per_layer(),
+            "passes": m.passes(),
+            "seconds_writing": t1.elapsed().as_secs_f64(),
+        });
+    }
+    if moments.is_some() {
         for (name, _) in report.gptq.iter().filter(|(_, m)| *m == 0) {
             eprintln!(
                 "note: {name}: GPTQ rounded none of its matrices (the calibration reached \

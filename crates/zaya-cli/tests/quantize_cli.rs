@@ -325,7 +325,7 @@ fn gptq_from_text_brings_q8_0_and_q4_k_m_closer_to_f32() {
     let dir = temp("gptq");
     let model = root().join("models/default");
     let calib = genesis_text(&dir);
-    let quantize = |out: &std::path::Path, format: &[&str], gptq: bool| {
+    let quantize = |out: &std::path::Path, format: &[&str], gptq: bool, per_layer: bool| {
         let mut c = zaya();
         c.args(["quantize", "--model"])
             .arg(&model)
@@ -340,15 +340,21 @@ fn gptq_from_text_brings_q8_0_and_q4_k_m_closer_to_f32() {
                 "512",
             ]);
         }
+        if per_layer {
+            c.arg("--gptq-per-layer");
+        }
         serde_json::from_str::<serde_json::Value>(run(&mut c).trim()).unwrap()
     };
-    for (format, factor) in [
-        (&["--format", "q8_0", "--embed-format", "keep"][..], 0.3),
-        (&["--format", "q4_k_m"][..], 0.5),
+    // (the q4_k_m embedding is quantized: its moments (the LM head's input) get a pass of
+    // their own when they come layer by layer)
+    for (format, factor, passes) in [
+        (&["--format", "q8_0", "--embed-format", "keep"][..], 0.3, 4),
+        (&["--format", "q4_k_m"][..], 0.5, 5),
     ] {
         let (plain, rounded) = (dir.join("plain.gguf"), dir.join("gptq.gguf"));
-        assert!(quantize(&plain, format, false)["gptq"].is_null());
-        let v = quantize(&rounded, format, true);
+        assert!(quantize(&plain, format, false, false)["gptq"].is_null());
+        let v = quantize(&rounded, format, true, false);
+        assert_eq!(v["gptq"]["passes"], 1, "{v}");
         // the moments' diagonals weigh the block scales (no second calibration pass)
         assert_eq!(v["imatrix"]["from"], "--gptq moments", "{v}");
         let report = &v["gptq"];
@@ -365,9 +371,19 @@ fn gptq_from_text_brings_q8_0_and_q4_k_m_closer_to_f32() {
         assert!(done.contains_key("model.layers.0.self_attn.o_proj.weight"));
         assert!(!done.contains_key("model.embed_tokens.weight"));
         let again = dir.join("again.gguf");
-        quantize(&again, format, true);
+        quantize(&again, format, true, false);
         assert_eq!(
             std::fs::read(&again).unwrap(),
+            std::fs::read(&rounded).unwrap()
+        );
+        // one calibration pass per layer (what a model whose moments do not fit at once
+        // gets) sums the same moments: the same file
+        let layered = dir.join("layered.gguf");
+        let v = quantize(&layered, format, true, true);
+        assert_eq!(v["gptq"]["per_layer"], true, "{v}");
+        assert_eq!(v["gptq"]["passes"], passes, "{v}");
+        assert_eq!(
+            std::fs::read(&layered).unwrap(),
             std::fs::read(&rounded).unwrap()
         );
         let (kl_plain, kl_gptq) = (eval_kl(&plain, &model), eval_kl(&rounded, &model));

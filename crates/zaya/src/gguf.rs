@@ -582,15 +582,16 @@ fn stored_format(
 
 /// Quantizes a checkpoint directory (either layout) into one GGUF file at `out`, tensor
 /// by tensor. `imatrix` (optional) weights the quantization error of each input feature;
-/// with `hessians` (optional: input moments from a calibration text) GPTQ then re-chooses
-/// the levels of every tensor it has moments for, in the formats it handles, on the grid
-/// the plain quantizer chose ([`crate::gptq`]).
+/// with `moments` (optional: GPTQ's input moments from a calibration text) GPTQ then
+/// re-chooses the levels of every tensor it has moments for, in the formats it handles, on
+/// the grid the plain quantizer chose ([`crate::gptq`]), and without `imatrix` the
+/// moments' diagonals weigh the block scales.
 pub fn quantize_to_gguf(
     src: &Path,
     out: &Path,
     plan: &QuantPlan,
     imatrix: Option<&ImportanceMatrix>,
-    hessians: Option<&crate::gptq::Hessians>,
+    mut moments: Option<&mut crate::gptq::Moments>,
 ) -> Result<QuantizeReport> {
     let ckpt = Checkpoint::open(src)?;
     let cfg = ckpt.config()?;
@@ -739,8 +740,17 @@ pub fn quantize_to_gguf(
 
     for (name, shape, d, off) in &table {
         let t = ckpt.load(&cfg, name, DType::F32, &Device::Cpu)?;
-        let mut bytes = tensor_bytes(&t, *d, imatrix.and_then(|m| m.get(name)), name)?;
-        if let Some(h) = hessians.and_then(|m| m.get(name)) {
+        let h = match moments.as_deref_mut() {
+            Some(m) => m.of(name)?,
+            None => None,
+        };
+        let derived = match (imatrix, h) {
+            (None, Some(h)) => crate::imatrix::importance_from_moments(name, h, &cfg)?,
+            _ => None,
+        };
+        let importance = imatrix.and_then(|m| m.get(name)).or(derived.as_ref());
+        let mut bytes = tensor_bytes(&t, *d, importance, name)?;
+        if let Some(h) = h {
             if crate::gptq::supports(*d) && crate::gptq::applies_to(name) {
                 let n = crate::gptq::requantize(&t, *d, &mut bytes, h).map_err(|e| {
                     GgufError::Quantize {

@@ -165,48 +165,188 @@ pub fn hessian_bytes(cfg: &ZayaConfig, wanted: impl Fn(&str) -> bool) -> u64 {
         .sum()
 }
 
-/// Runs the checkpoint in `dir` over `ids` (as [`crate::imatrix::importance_matrix`] does)
-/// and returns the input moments of the tensors `wanted` accepts, and the tokens seen.
-/// Refuses, before loading anything, when the model and the sums cannot both fit in the
-/// memory available.
-pub fn hessians(
-    dir: &Path,
-    ids: &[u32],
+/// Which tensors share a calibration pass when the moments are collected layer by layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Layer(usize),
+    /// Outside the decoder layers: the LM head (the tied embedding's product).
+    Rest,
+}
+
+fn group_of(name: &str) -> Group {
+    name.strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next()?.parse().ok())
+        .map_or(Group::Rest, Group::Layer)
+}
+
+/// GPTQ's input moments while a GGUF is written tensor by tensor ([`Moments::of`]). When
+/// every tensor's moments fit in memory beside the calibrating model they come from one
+/// calibration pass; otherwise from one pass per decoder layer, each keeping that layer's
+/// moments only (the same sums: the model is the unquantized one either way), so the
+/// memory is bounded by the largest layer's.
+pub struct Moments {
+    dir: std::path::PathBuf,
+    ids: Vec<u32>,
     calibration: crate::imatrix::Calibration,
-    wanted: impl Fn(&str) -> bool + Send + Sync + 'static,
-) -> Result<(Hessians, usize)> {
-    let ckpt = crate::weights::Checkpoint::open(dir)?;
-    let cfg = ckpt.config()?;
-    let sums = hessian_bytes(&cfg, &wanted);
-    if let Some(available) = crate::weights::available_memory_bytes() {
+    wanted: BTreeSet<String>,
+    per_layer: bool,
+    /// The moments of the group calibrated last, and of [`Group::Rest`] once calibrated.
+    held: Option<(Group, Hessians)>,
+    rest: Option<Hessians>,
+    passes: usize,
+    tokens: usize,
+}
+
+impl std::fmt::Debug for Moments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Moments")
+            .field("per_layer", &self.per_layer)
+            .field("passes", &self.passes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Moments {
+    /// Moments of the `wanted` tensors of the checkpoint in `dir`, from the calibration
+    /// text `ids`: all in one pass where they fit in memory (or `per_layer` is false and
+    /// they fit), else one pass per layer; an error naming the sizes when not even one
+    /// layer's fit. Calibrates nothing yet when per layer; all at once, now.
+    pub fn collect(
+        dir: &Path,
+        ids: &[u32],
+        calibration: crate::imatrix::Calibration,
+        wanted: BTreeSet<String>,
+        force_per_layer: bool,
+    ) -> Result<Moments> {
+        let cfg = crate::weights::Checkpoint::open(dir)?.config()?;
+        let bytes = |g: Option<Group>| {
+            hessian_bytes(&cfg, |n| {
+                wanted.contains(n) && g.is_none_or(|g| group_of(n) == g)
+            })
+        };
+        let all = bytes(None);
+        let largest = (0..cfg.num_hidden_layers)
+            .map(Group::Layer)
+            .chain([Group::Rest])
+            .map(|g| bytes(Some(g)))
+            .max()
+            .unwrap_or(0);
         // the calibrating model runs in f32, or bf16 where that does not fit
         let model = crate::weights::Checkpoint::required_bytes(&cfg, DType::BF16);
-        if model + sums > available {
+        let available = crate::weights::available_memory_bytes();
+        let fits = |b: u64| available.is_none_or(|a| model + b <= a);
+        let per_layer = force_per_layer || !fits(all);
+        if per_layer && !fits(largest) {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(ZayaError::Input(format!(
-                "GPTQ of {} needs {:.2} GiB of input moments (an f64 in × in matrix per \
-                 quantized weight and expert) beside {:.2} GiB for the calibrating model in \
-                 bf16, but {:.2} GiB is available (MemAvailable in /proc/meminfo); quantize \
-                 without --gptq, or on a machine with more memory",
+                "GPTQ of {} needs {:.2} GiB of input moments for its largest layer ({:.2} GiB \
+                 for all; an f64 in × in matrix per quantized weight and expert) beside \
+                 {:.2} GiB for the calibrating model in bf16, but {:.2} GiB is available \
+                 (MemAvailable in /proc/meminfo); quantize without --gptq, or on a machine \
+                 with more memory",
                 dir.display(),
-                gib(sums),
+                gib(largest),
+                gib(all),
                 gib(model),
-                gib(available)
+                gib(available.unwrap_or(0))
             )));
         }
+        let mut m = Moments {
+            dir: dir.to_path_buf(),
+            ids: ids.to_vec(),
+            calibration,
+            wanted,
+            per_layer,
+            held: None,
+            rest: None,
+            passes: 0,
+            tokens: 0,
+        };
+        if !per_layer {
+            let names = m.wanted.clone();
+            let (h, _) = m.calibrate(move |n| names.contains(n), all)?;
+            m.held = Some((Group::Rest, h));
+        }
+        Ok(m)
     }
-    drop(ckpt);
-    let collector = std::sync::Arc::new(HessianCollector::new(wanted));
-    let seen = crate::imatrix::calibrate(
-        dir,
-        ids,
-        calibration,
-        std::sync::Arc::clone(&collector) as std::sync::Arc<dyn InputObserver>,
-        sums,
-    )?;
-    let collector = std::sync::Arc::try_unwrap(collector)
-        .map_err(|_| ZayaError::Input("internal: the calibrating model outlived its run".into()))?;
-    Ok((collector.finish(), seen))
+
+    fn calibrate(
+        &mut self,
+        wanted: impl Fn(&str) -> bool + Send + Sync + 'static,
+        reserve: u64,
+    ) -> Result<(Hessians, usize)> {
+        let collector = std::sync::Arc::new(HessianCollector::new(wanted));
+        let seen = crate::imatrix::calibrate(
+            &self.dir,
+            &self.ids,
+            self.calibration,
+            std::sync::Arc::clone(&collector) as std::sync::Arc<dyn InputObserver>,
+            reserve,
+        )?;
+        let collector = std::sync::Arc::try_unwrap(collector).map_err(|_| {
+            ZayaError::Input("internal: the calibrating model outlived its run".into())
+        })?;
+        self.passes += 1;
+        self.tokens = seen;
+        Ok((collector.finish(), seen))
+    }
+
+    /// The moments of tensor `name` (one entry per matrix), or `None` when it has none
+    /// (not wanted, or no calibration row reached it). Per layer, the first tensor of a
+    /// layer runs that layer's calibration pass and drops the previous layer's moments.
+    pub fn of(&mut self, name: &str) -> Result<Option<&[Option<Hessian>]>> {
+        if !self.wanted.contains(name) {
+            return Ok(None);
+        }
+        if self.per_layer {
+            let g = group_of(name);
+            let cached = match g {
+                Group::Rest => self.rest.is_some(),
+                _ => self.held.as_ref().is_some_and(|(h, _)| *h == g),
+            };
+            if !cached {
+                self.held = None; // free the last layer's moments before the next pass
+                let names: BTreeSet<String> = self
+                    .wanted
+                    .iter()
+                    .filter(|n| group_of(n) == g)
+                    .cloned()
+                    .collect();
+                let cfg = crate::weights::Checkpoint::open(&self.dir)?.config()?;
+                let reserve = hessian_bytes(&cfg, |n| names.contains(n));
+                let (h, _) = self.calibrate(move |n| names.contains(n), reserve)?;
+                match g {
+                    Group::Rest => self.rest = Some(h),
+                    _ => self.held = Some((g, h)),
+                }
+            }
+            let h = match g {
+                Group::Rest => self.rest.as_ref(),
+                _ => self.held.as_ref().map(|(_, h)| h),
+            };
+            return Ok(h.and_then(|h| h.get(name)).map(Vec::as_slice));
+        }
+        Ok(self
+            .held
+            .as_ref()
+            .and_then(|(_, h)| h.get(name))
+            .map(Vec::as_slice))
+    }
+
+    /// Whether the moments come one layer at a time.
+    pub fn per_layer(&self) -> bool {
+        self.per_layer
+    }
+
+    /// Calibration passes run so far.
+    pub fn passes(&self) -> usize {
+        self.passes
+    }
+
+    /// Tokens each pass saw.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
 }
 
 /// The grid of one block of format `d`: element `j` decodes to `scale[j] · q − offset[j]`

@@ -35,6 +35,45 @@ struct Sums {
     rows: Vec<u64>,
 }
 
+impl Sums {
+    /// The sums of squares on the diagonals of one tensor's moments (per matrix); `None`
+    /// when no matrix has any.
+    fn from_moments(list: &[Option<crate::gptq::Hessian>]) -> Option<Sums> {
+        let cols = list.iter().flatten().map(|h| h.cols).next()?;
+        let mut s = Sums {
+            cols,
+            squares: vec![0.0; list.len() * cols],
+            rows: vec![0; list.len()],
+        };
+        for (m, h) in list.iter().enumerate() {
+            if let Some(h) = h.as_ref().filter(|h| h.cols == cols) {
+                s.rows[m] = h.rows;
+                for i in 0..cols {
+                    s.squares[m * cols + i] = h.sums[i * cols + i];
+                }
+            }
+        }
+        Some(s)
+    }
+}
+
+/// The importance weights of tensor `name` of `cfg` (as [`ImatrixCollector::finish`] gives
+/// them) from its GPTQ moments' diagonals; `None` for a tensor `cfg` lacks or moments
+/// without rows.
+pub fn importance_from_moments(
+    name: &str,
+    moments: &[Option<crate::gptq::Hessian>],
+    cfg: &ZayaConfig,
+) -> Result<Option<Vec<f32>>> {
+    let Some(spec) = native_specs(cfg).into_iter().find(|s| s.name == name) else {
+        return Ok(None);
+    };
+    match Sums::from_moments(moments) {
+        Some(s) => means(&spec, &s),
+        None => Ok(None),
+    }
+}
+
 /// Accumulates the squared inputs that an observed model reports (see the module docs).
 #[derive(Debug, Default)]
 pub struct ImatrixCollector {
@@ -77,26 +116,10 @@ impl ImatrixCollector {
     /// moments: their diagonals are the sums of squares per feature (up to the order of
     /// the sums), their row counts the rows.
     pub fn from_moments(moments: &crate::gptq::Hessians) -> Self {
-        let mut all = BTreeMap::new();
-        for (name, list) in moments {
-            let Some(cols) = list.iter().flatten().map(|h| h.cols).next() else {
-                continue;
-            };
-            let mut s = Sums {
-                cols,
-                squares: vec![0.0; list.len() * cols],
-                rows: vec![0; list.len()],
-            };
-            for (m, h) in list.iter().enumerate() {
-                if let Some(h) = h.as_ref().filter(|h| h.cols == cols) {
-                    s.rows[m] = h.rows;
-                    for i in 0..cols {
-                        s.squares[m * cols + i] = h.sums[i * cols + i];
-                    }
-                }
-            }
-            all.insert(name.clone(), s);
-        }
+        let all = moments
+            .iter()
+            .filter_map(|(name, list)| Some((name.clone(), Sums::from_moments(list)?)))
+            .collect();
         Self {
             sums: Mutex::new(all),
         }
@@ -116,47 +139,55 @@ impl ImatrixCollector {
             let Some(s) = all.get(&spec.name) else {
                 continue;
             };
-            let cols = *spec.shape.last().unwrap_or(&0);
-            let matrices = if spec.shape.len() == 3 {
-                spec.shape[0]
-            } else {
-                1
-            };
-            if s.rows.len() > matrices || s.squares.len() != s.rows.len() * cols {
-                return Err(ZayaError::Input(format!(
-                    "importance statistics of `{}` do not fit its shape {:?}",
-                    spec.name, spec.shape
-                )));
+            if let Some(values) = means(&spec, s)? {
+                out.insert(spec.name, values);
             }
-            let total_rows: u64 = s.rows.iter().sum();
-            if total_rows == 0 || cols == 0 {
-                continue;
-            }
-            let mut pooled = vec![0f64; cols];
-            for m in s.squares.chunks(cols) {
-                for (p, v) in pooled.iter_mut().zip(m) {
-                    *p += v;
-                }
-            }
-            if spec.name.ends_with(".mlp.experts.down_proj") {
-                let flat = pooled.iter().sum::<f64>() / cols as f64;
-                pooled.fill(flat);
-            }
-            let mut values = Vec::with_capacity(matrices * cols);
-            for m in 0..matrices {
-                match s.rows.get(m).copied().unwrap_or(0) {
-                    0 => values.extend(pooled.iter().map(|v| (v / total_rows as f64) as f32)),
-                    n => values.extend(
-                        s.squares[m * cols..(m + 1) * cols]
-                            .iter()
-                            .map(|v| (v / n as f64) as f32),
-                    ),
-                }
-            }
-            out.insert(spec.name, values);
         }
         Ok(out)
     }
+}
+
+/// One tensor's mean squares from its sums (the rules of [`ImatrixCollector::finish`]);
+/// `None` when no row reached it.
+fn means(spec: &TensorSpec, s: &Sums) -> Result<Option<Vec<f32>>> {
+    let cols = *spec.shape.last().unwrap_or(&0);
+    let matrices = if spec.shape.len() == 3 {
+        spec.shape[0]
+    } else {
+        1
+    };
+    if s.rows.len() > matrices || s.squares.len() != s.rows.len() * cols {
+        return Err(ZayaError::Input(format!(
+            "importance statistics of `{}` do not fit its shape {:?}",
+            spec.name, spec.shape
+        )));
+    }
+    let total_rows: u64 = s.rows.iter().sum();
+    if total_rows == 0 || cols == 0 {
+        return Ok(None);
+    }
+    let mut pooled = vec![0f64; cols];
+    for m in s.squares.chunks(cols) {
+        for (p, v) in pooled.iter_mut().zip(m) {
+            *p += v;
+        }
+    }
+    if spec.name.ends_with(".mlp.experts.down_proj") {
+        let flat = pooled.iter().sum::<f64>() / cols as f64;
+        pooled.fill(flat);
+    }
+    let mut values = Vec::with_capacity(matrices * cols);
+    for m in 0..matrices {
+        match s.rows.get(m).copied().unwrap_or(0) {
+            0 => values.extend(pooled.iter().map(|v| (v / total_rows as f64) as f32)),
+            n => values.extend(
+                s.squares[m * cols..(m + 1) * cols]
+                    .iter()
+                    .map(|v| (v / n as f64) as f32),
+            ),
+        }
+    }
+    Ok(Some(values))
 }
 
 /// Checks `m` against a model's tensors before anything is quantized: every entry names a
