@@ -745,7 +745,7 @@ pub fn quantize_to_gguf(
             None => None,
         };
         let derived = match (imatrix, h) {
-            (None, Some(h)) => crate::imatrix::importance_from_moments(name, h, &cfg)?,
+            (None, Some(h)) => crate::imatrix::importance_from_moments(name, shape, h)?,
             _ => None,
         };
         let importance = imatrix.and_then(|m| m.get(name)).or(derived.as_ref());

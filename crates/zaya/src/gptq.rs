@@ -188,6 +188,7 @@ pub struct Moments {
     dir: std::path::PathBuf,
     ids: Vec<u32>,
     calibration: crate::imatrix::Calibration,
+    cfg: ZayaConfig,
     wanted: BTreeSet<String>,
     per_layer: bool,
     /// Every wanted tensor's moments (one pass).
@@ -211,8 +212,8 @@ impl std::fmt::Debug for Moments {
 
 impl Moments {
     /// Moments of the `wanted` tensors of the checkpoint in `dir`, from the calibration
-    /// text `ids`: all in one pass where they fit in memory (or `per_layer` is false and
-    /// they fit), else one pass per layer; an error naming the sizes when not even one
+    /// text `ids`: all in one pass where they fit in memory and `force_per_layer` is
+    /// false, else one pass per layer; an error naming the sizes when not even one
     /// layer's fit. Calibrates nothing yet when per layer; all at once, now.
     pub fn collect(
         dir: &Path,
@@ -258,6 +259,7 @@ impl Moments {
             dir: dir.to_path_buf(),
             ids: ids.to_vec(),
             calibration,
+            cfg,
             wanted,
             per_layer,
             all: None,
@@ -332,8 +334,7 @@ impl Moments {
                 .filter(|n| group_of(n) == g)
                 .cloned()
                 .collect();
-            let cfg = crate::weights::Checkpoint::open(&self.dir)?.config()?;
-            let reserve = hessian_bytes(&cfg, |n| names.contains(n));
+            let reserve = hessian_bytes(&self.cfg, |n| names.contains(n));
             let (h, _) = self.calibrate(move |n| names.contains(n), reserve)?;
             match g {
                 Group::Rest => self.rest = Some(h),

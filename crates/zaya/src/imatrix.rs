@@ -57,19 +57,15 @@ impl Sums {
     }
 }
 
-/// The importance weights of tensor `name` of `cfg` (as [`ImatrixCollector::finish`] gives
-/// them) from its GPTQ moments' diagonals; `None` for a tensor `cfg` lacks or moments
-/// without rows.
+/// The importance weights of tensor `name` of `shape` (as [`ImatrixCollector::finish`]
+/// gives them) from its GPTQ moments' diagonals; `None` for moments without rows.
 pub fn importance_from_moments(
     name: &str,
+    shape: &[usize],
     moments: &[Option<crate::gptq::Hessian>],
-    cfg: &ZayaConfig,
 ) -> Result<Option<Vec<f32>>> {
-    let Some(spec) = native_specs(cfg).into_iter().find(|s| s.name == name) else {
-        return Ok(None);
-    };
     match Sums::from_moments(moments) {
-        Some(s) => means(&spec, &s),
+        Some(s) => means(name, shape, &s),
         None => Ok(None),
     }
 }
@@ -139,7 +135,7 @@ impl ImatrixCollector {
             let Some(s) = all.get(&spec.name) else {
                 continue;
             };
-            if let Some(values) = means(&spec, s)? {
+            if let Some(values) = means(&spec.name, &spec.shape, s)? {
                 out.insert(spec.name, values);
             }
         }
@@ -149,17 +145,13 @@ impl ImatrixCollector {
 
 /// One tensor's mean squares from its sums (the rules of [`ImatrixCollector::finish`]);
 /// `None` when no row reached it.
-fn means(spec: &TensorSpec, s: &Sums) -> Result<Option<Vec<f32>>> {
-    let cols = *spec.shape.last().unwrap_or(&0);
-    let matrices = if spec.shape.len() == 3 {
-        spec.shape[0]
-    } else {
-        1
-    };
+fn means(name: &str, shape: &[usize], s: &Sums) -> Result<Option<Vec<f32>>> {
+    let cols = *shape.last().unwrap_or(&0);
+    let matrices = if shape.len() == 3 { shape[0] } else { 1 };
     if s.rows.len() > matrices || s.squares.len() != s.rows.len() * cols {
         return Err(ZayaError::Input(format!(
             "importance statistics of `{}` do not fit its shape {:?}",
-            spec.name, spec.shape
+            name, shape
         )));
     }
     let total_rows: u64 = s.rows.iter().sum();
@@ -172,7 +164,7 @@ fn means(spec: &TensorSpec, s: &Sums) -> Result<Option<Vec<f32>>> {
             *p += v;
         }
     }
-    if spec.name.ends_with(".mlp.experts.down_proj") {
+    if name.ends_with(".mlp.experts.down_proj") {
         let flat = pooled.iter().sum::<f64>() / cols as f64;
         pooled.fill(flat);
     }
