@@ -290,6 +290,19 @@ pub struct EvalReport {
     pub perplexity: f64,
     pub reference_perplexity: f64,
     pub mean_kl: f64,
+    /// Median of the per-position KL: what a typical token sees.
+    pub kl_median: f64,
+    /// 99th percentile and largest per-position KL.
+    pub kl_p99: f64,
+    pub kl_max: f64,
+    /// Share of the summed KL held by the 1 % of positions with the largest KL: near 1 %
+    /// when the error is spread evenly, large when a few positions (e.g. a token routed to
+    /// another expert) carry the mean.
+    pub kl_top1pct_share: f64,
+    /// Share of positions at which some layer's router chose another expert (or the skip)
+    /// than the reference's did, and the share of the summed KL those positions hold.
+    pub rerouted: f64,
+    pub rerouted_kl_share: f64,
     pub top1_agreement: f64,
     pub weight_bytes: usize,
     pub bytes_per_token: usize,
@@ -346,7 +359,9 @@ pub fn evaluate(
     max_tokens: usize,
 ) -> Result<EvalReport> {
     let body = context - usize::from(bos.is_some());
-    let (mut nll, mut ref_nll, mut kl, mut agree, mut n) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    let (mut nll, mut ref_nll, mut agree, mut n) = (0f64, 0f64, 0usize, 0usize);
+    let mut kls: Vec<f64> = Vec::with_capacity(ids.len());
+    let mut rerouted: Vec<bool> = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(body) {
         if max_tokens > 0 && n >= max_tokens {
             break;
@@ -356,25 +371,33 @@ pub fn evaluate(
             continue;
         }
         let input = Tensor::new(window.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logp = |m: &ZayaModel| -> Result<Tensor> {
+        let logp = |m: &ZayaModel| -> Result<(Tensor, Vec<Vec<u32>>)> {
             let out = m.forward(&input, None, &ForwardOptions::default())?;
             let logits = out
                 .logits
                 .context("no logits")?
                 .squeeze(0)?
                 .to_dtype(DType::F32)?;
-            log_softmax(&logits)
+            let choices = out.routing.into_iter().map(|r| r.choice).collect();
+            Ok((log_softmax(&logits)?, choices))
         };
-        let lq = logp(model)?;
-        let lp = logp(reference)?;
+        let (lq, routes_q) = logp(model)?;
+        let (lp, routes_p) = logp(reference)?;
         let t = window.len() - 1;
+        rerouted.extend((0..t).map(|i| {
+            routes_q
+                .iter()
+                .zip(&routes_p)
+                .any(|(q, p)| q.get(i) != p.get(i))
+        }));
         let lq = lq.narrow(0, 0, t)?;
         let lp = lp.narrow(0, 0, t)?;
         let target = Tensor::new(&window[1..], &Device::Cpu)?.unsqueeze(1)?;
         nll -= lq.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
         ref_nll -= lp.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
-        // KL(p ‖ q) = Σ p (log p − log q), per position, summed.
-        kl += (lp.exp()? * (&lp - &lq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        // KL(p ‖ q) = Σ p (log p − log q), per position.
+        let per_position = (lp.exp()? * (&lp - &lq)?)?.sum(D::Minus1)?;
+        kls.extend(per_position.to_vec1::<f32>()?.into_iter().map(f64::from));
         let aq = lq.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let ap = lp.argmax(D::Minus1)?.to_vec1::<u32>()?;
         agree += aq.iter().zip(&ap).filter(|(a, b)| a == b).count();
@@ -384,11 +407,29 @@ pub fn evaluate(
         bail!("the text has no tokens to score");
     }
     let nf = n as f64;
+    let kl: f64 = kls.iter().sum();
+    let rerouted_kl: f64 = kls
+        .iter()
+        .zip(&rerouted)
+        .filter(|(_, &r)| r)
+        .map(|(k, _)| k)
+        .sum();
+    let rerouted_share = rerouted.iter().filter(|&&r| r).count() as f64 / nf;
+    kls.sort_by(f64::total_cmp);
+    let at = |q: f64| kls[((kls.len() - 1) as f64 * q).round() as usize];
+    let top = kls.len().div_ceil(100);
+    let top_sum: f64 = kls[kls.len() - top..].iter().sum();
     Ok(EvalReport {
         tokens: n,
         perplexity: (nll / nf).exp(),
         reference_perplexity: (ref_nll / nf).exp(),
         mean_kl: kl / nf,
+        kl_median: at(0.5),
+        kl_p99: at(0.99),
+        kl_max: kls[kls.len() - 1],
+        kl_top1pct_share: if kl > 0.0 { top_sum / kl } else { 0.0 },
+        rerouted: rerouted_share,
+        rerouted_kl_share: if kl > 0.0 { rerouted_kl / kl } else { 0.0 },
         top1_agreement: agree as f64 / nf,
         weight_bytes: model.weight_bytes(),
         bytes_per_token: model.bytes_per_token(),
