@@ -181,20 +181,25 @@ fn group_of(name: &str) -> Group {
 
 /// GPTQ's input moments while a GGUF is written tensor by tensor ([`Moments::of`]). When
 /// every tensor's moments fit in memory beside the calibrating model they come from one
-/// calibration pass; otherwise from one pass per decoder layer, each keeping that layer's
+/// calibration pass; otherwise from one run per decoder layer, each keeping that layer's
 /// moments only (the same sums: the model is the unquantized one either way), so the
-/// memory is bounded by the largest layer's.
+/// memory is bounded by the largest layer's. The per-layer runs share one calibrating
+/// model and carry the windows' states from layer to layer
+/// ([`crate::imatrix::LayerwiseCalibration`]): each runs its own layer only.
 pub struct Moments {
     dir: std::path::PathBuf,
     ids: Vec<u32>,
     calibration: crate::imatrix::Calibration,
-    cfg: ZayaConfig,
     wanted: BTreeSet<String>,
     per_layer: bool,
+    /// Bytes of the largest layer's moments (what a per-layer run holds beside the model).
+    layer_moments: u64,
     /// Every wanted tensor's moments (one pass).
     all: Option<Hessians>,
-    /// Per layer: the moments of the layer calibrated last, and of [`Group::Rest`] once
-    /// calibrated.
+    /// Per layer: the calibrating model and its windows' states (opened at the first
+    /// tensor that needs moments), the moments of the layer calibrated last, and of
+    /// [`Group::Rest`] once calibrated.
+    stream: Option<crate::imatrix::LayerwiseCalibration>,
     held: Option<(usize, Hessians)>,
     rest: Option<Hessians>,
     passes: usize,
@@ -235,21 +240,28 @@ impl Moments {
             .map(|g| bytes(Some(g)))
             .max()
             .unwrap_or(0);
+        // per layer, the windows' residual streams are kept between layers as well
+        let tokens = match calibration.max_tokens {
+            0 => ids.len(),
+            n => n.min(ids.len()),
+        };
+        let largest_with_states = largest + crate::imatrix::layerwise_bytes(&cfg, tokens);
         // the calibrating model runs in f32, or bf16 where that does not fit
         let model = crate::weights::Checkpoint::required_bytes(&cfg, DType::BF16);
         let available = crate::weights::available_memory_bytes();
         let fits = |b: u64| available.is_none_or(|a| model + b <= a);
         let per_layer = force_per_layer || !fits(all);
-        if per_layer && !fits(largest) {
+        if per_layer && !fits(largest_with_states) {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(ZayaError::Input(format!(
-                "GPTQ of {} needs {:.2} GiB of input moments for its largest layer ({:.2} GiB \
-                 for all; an f64 in × in matrix per quantized weight and expert) beside \
+                "GPTQ of {} needs {:.2} GiB of input moments for its largest layer and the \
+                 calibration windows' states ({:.2} GiB of moments for all layers; an f64 \
+                 in × in matrix per quantized weight and expert) beside \
                  {:.2} GiB for the calibrating model in bf16, but {:.2} GiB is available \
                  (MemAvailable in /proc/meminfo); quantize without --gptq, or on a machine \
                  with more memory",
                 dir.display(),
-                gib(largest),
+                gib(largest_with_states),
                 gib(all),
                 gib(model),
                 gib(available.unwrap_or(0))
@@ -259,10 +271,11 @@ impl Moments {
             dir: dir.to_path_buf(),
             ids: ids.to_vec(),
             calibration,
-            cfg,
             wanted,
             per_layer,
+            layer_moments: largest,
             all: None,
+            stream: None,
             held: None,
             rest: None,
             passes: 0,
@@ -270,17 +283,17 @@ impl Moments {
         };
         if !per_layer {
             let names = m.wanted.clone();
-            let (h, _) = m.calibrate(move |n| names.contains(n), all)?;
-            m.all = Some(h);
+            m.all = Some(m.one_pass(move |n| names.contains(n), all)?);
         }
         Ok(m)
     }
 
-    fn calibrate(
+    /// Every `wanted` tensor's moments from whole forwards of a model loaded for this pass.
+    fn one_pass(
         &mut self,
         wanted: impl Fn(&str) -> bool + Send + Sync + 'static,
         reserve: u64,
-    ) -> Result<(Hessians, usize)> {
+    ) -> Result<Hessians> {
         let collector = std::sync::Arc::new(HessianCollector::new(wanted));
         let seen = crate::imatrix::calibrate(
             &self.dir,
@@ -293,8 +306,8 @@ impl Moments {
             ZayaError::Input("internal: the calibrating model outlived its run".into())
         })?;
         // The pass's model is gone: hand its freed heap back to the kernel (the zaya
-        // binary never trims its heap), or the next pass's memory check would not see it
-        // (measured on ZAYA1-8B: 7 GB, then 11 GB, still resident after the first two passes).
+        // binary never trims its heap; on ZAYA1-8B, when each layer's pass loaded a model
+        // of its own, 7 GB, then 11 GB of them stayed resident).
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim only returns free heap memory to the kernel.
         unsafe {
@@ -302,7 +315,35 @@ impl Moments {
         }
         self.passes += 1;
         self.tokens = seen;
-        Ok((collector.finish(), seen))
+        Ok(collector.finish())
+    }
+
+    /// One layer's run (or the LM head's) on the shared calibrating model, observing the
+    /// tensors in `names`.
+    fn calibrate_group(&mut self, g: Group, names: BTreeSet<String>) -> Result<Hessians> {
+        let stream = match &mut self.stream {
+            Some(s) => s,
+            None => self
+                .stream
+                .insert(crate::imatrix::LayerwiseCalibration::open(
+                    &self.dir,
+                    &self.ids,
+                    self.calibration,
+                    self.layer_moments,
+                )?),
+        };
+        let collector = std::sync::Arc::new(HessianCollector::new(move |n| names.contains(n)));
+        let observer = std::sync::Arc::clone(&collector) as std::sync::Arc<dyn InputObserver>;
+        match g {
+            Group::Layer(l) => stream.layer(l, observer)?,
+            Group::Rest => stream.head(observer)?,
+        }
+        self.passes += 1;
+        self.tokens = stream.tokens();
+        let collector = std::sync::Arc::try_unwrap(collector).map_err(|_| {
+            ZayaError::Input("internal: the calibrating model kept the moments' collector".into())
+        })?;
+        Ok(collector.finish())
     }
 
     /// The moments of tensor `name` (one entry per matrix), or `None` when it has none
@@ -326,7 +367,7 @@ impl Moments {
         };
         if !cached {
             if let Group::Layer(_) = g {
-                self.held = None; // free the last layer's moments before the next pass
+                self.held = None; // free the last layer's moments before the next run
             }
             let names: BTreeSet<String> = self
                 .wanted
@@ -334,8 +375,7 @@ impl Moments {
                 .filter(|n| group_of(n) == g)
                 .cloned()
                 .collect();
-            let reserve = hessian_bytes(&self.cfg, |n| names.contains(n));
-            let (h, _) = self.calibrate(move |n| names.contains(n), reserve)?;
+            let h = self.calibrate_group(g, names)?;
             match g {
                 Group::Rest => self.rest = Some(h),
                 Group::Layer(l) => self.held = Some((l, h)),

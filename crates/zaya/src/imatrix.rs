@@ -285,6 +285,18 @@ pub fn calibrate(
     observer: Arc<dyn InputObserver>,
     reserve: u64,
 ) -> Result<usize> {
+    let windows = windows(ids, calibration)?;
+    let model = calibrating_model(dir, observer, reserve)?;
+    let dev = Device::Cpu;
+    for w in &windows {
+        let input = Tensor::new(w.as_slice(), &dev)?.unsqueeze(0)?;
+        model.forward(&input, None, &ForwardOptions::default())?;
+    }
+    Ok(seen(&windows, calibration))
+}
+
+/// `ids` cut into the calibration windows (BOS first), `max_tokens` of them in all.
+fn windows(ids: &[u32], calibration: Calibration) -> Result<Vec<Vec<u32>>> {
     let Calibration {
         context,
         max_tokens,
@@ -301,6 +313,41 @@ pub fn calibrate(
             "the calibration text has no tokens".to_string(),
         ));
     }
+    let body = context - usize::from(bos.is_some());
+    let mut seen = 0;
+    let mut out = Vec::new();
+    for chunk in ids.chunks(body) {
+        if max_tokens > 0 && seen >= max_tokens {
+            break;
+        }
+        let take = if max_tokens > 0 {
+            chunk.len().min(max_tokens - seen)
+        } else {
+            chunk.len()
+        };
+        out.push(
+            bos.into_iter()
+                .chain(chunk[..take].iter().copied())
+                .collect(),
+        );
+        seen += take;
+    }
+    Ok(out)
+}
+
+/// Text tokens (BOS not counted) in `windows`.
+fn seen(windows: &[Vec<u32>], calibration: Calibration) -> usize {
+    let bos = usize::from(calibration.bos.is_some());
+    windows.iter().map(|w| w.len() - bos).sum()
+}
+
+/// The checkpoint in `dir` with every product's input handed to `observer`: in f32, or in
+/// bf16 where f32 and `reserve` more bytes do not both fit in memory.
+fn calibrating_model(
+    dir: &Path,
+    observer: Arc<dyn InputObserver>,
+    reserve: u64,
+) -> Result<ZayaModel> {
     let ckpt = Arc::new(Checkpoint::open(dir)?);
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
@@ -313,29 +360,176 @@ pub fn calibrate(
         ckpt.check_fits(&cfg, DType::BF16)?;
         DType::BF16
     };
-    let dev = Device::Cpu;
-    let weights = Weights::from(ckpt.var_builder(&cfg, dtype, &dev)).observed_by(observer);
-    let model = ZayaModel::from_weights(&cfg, weights)?;
-    let body = context - usize::from(bos.is_some());
-    let mut seen = 0;
-    for chunk in ids.chunks(body) {
-        if max_tokens > 0 && seen >= max_tokens {
-            break;
-        }
-        let take = if max_tokens > 0 {
-            chunk.len().min(max_tokens - seen)
-        } else {
-            chunk.len()
-        };
-        let window: Vec<u32> = bos
-            .into_iter()
-            .chain(chunk[..take].iter().copied())
-            .collect();
-        let input = Tensor::new(window.as_slice(), &dev)?.unsqueeze(0)?;
-        model.forward(&input, None, &ForwardOptions::default())?;
-        seen += take;
+    let weights = Weights::from(ckpt.var_builder(&cfg, dtype, &Device::Cpu)).observed_by(observer);
+    ZayaModel::from_weights(&cfg, weights)
+}
+
+/// Bytes [`LayerwiseCalibration`] keeps between layers for `tokens` calibration tokens of
+/// a model of `cfg`: each window's f32 residual stream and router state.
+pub fn layerwise_bytes(cfg: &ZayaConfig, tokens: usize) -> u64 {
+    (tokens as u64 + 1) * (cfg.hidden_size + cfg.router_hidden_size + 1) as u64 * 4
+}
+
+/// The calibration pass one decoder layer at a time, the model loaded once: every
+/// window's residual stream and router state are kept between layers, so observing the
+/// inputs of layer `l` runs layer `l` only — what per-layer GPTQ moments need on a model
+/// whose moments do not fit in memory all at once (ZAYA1-8B: 41 runs of one layer instead
+/// of 41 loads and whole forwards). The same operations on the same inputs as
+/// [`calibrate`]'s whole forwards, so an observer sees the same rows.
+pub struct LayerwiseCalibration {
+    model: ZayaModel,
+    switch: Arc<ObserverSwitch>,
+    windows: Vec<WindowState>,
+    /// Per window length: its masks and RoPE tables.
+    contexts: BTreeMap<usize, crate::model::ForwardContext>,
+    /// The layer every window's state is at the input of.
+    next: usize,
+    tokens: usize,
+}
+
+struct WindowState {
+    input: Tensor,
+    hidden: Tensor,
+    router_state: Option<Tensor>,
+}
+
+impl std::fmt::Debug for LayerwiseCalibration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerwiseCalibration")
+            .field("windows", &self.windows.len())
+            .field("next", &self.next)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
     }
-    Ok(seen)
+}
+
+/// Hands each product's input to the observer of the current layer run, if any.
+#[derive(Debug, Default)]
+struct ObserverSwitch(Mutex<Option<Arc<dyn InputObserver>>>);
+
+impl ObserverSwitch {
+    fn set(&self, observer: Option<Arc<dyn InputObserver>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = observer;
+    }
+}
+
+impl InputObserver for ObserverSwitch {
+    fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> candle_core::Result<()> {
+        let current = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match current {
+            Some(o) => o.observe(name, expert, x),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LayerwiseCalibration {
+    /// Loads the checkpoint in `dir` (f32, or bf16 where f32, the kept states and
+    /// `reserve` more bytes do not fit) and embeds the calibration windows of `ids`.
+    pub fn open(dir: &Path, ids: &[u32], calibration: Calibration, reserve: u64) -> Result<Self> {
+        let windows = windows(ids, calibration)?;
+        let tokens = seen(&windows, calibration);
+        let cfg = Checkpoint::open(dir)?.config()?;
+        let kept = layerwise_bytes(&cfg, windows.iter().map(Vec::len).sum());
+        let switch = Arc::new(ObserverSwitch::default());
+        let model = calibrating_model(
+            dir,
+            Arc::clone(&switch) as Arc<dyn InputObserver>,
+            reserve + kept,
+        )?;
+        let mut stream = LayerwiseCalibration {
+            model,
+            switch,
+            windows: Vec::with_capacity(windows.len()),
+            contexts: BTreeMap::new(),
+            next: 0,
+            tokens,
+        };
+        for w in windows {
+            let input = Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            stream.windows.push(WindowState {
+                hidden: stream.model.embed(&input)?,
+                input,
+                router_state: None,
+            });
+        }
+        Ok(stream)
+    }
+
+    /// Text tokens each run sees.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Runs decoder layer `layer` over every window with `observer` seeing its products.
+    /// The layers before it run first, unobserved, where the windows are not at its input
+    /// yet (from the embedding again where they are past it).
+    pub fn layer(&mut self, layer: usize, observer: Arc<dyn InputObserver>) -> Result<()> {
+        let layers = self.model.config().num_hidden_layers;
+        if layer >= layers {
+            return Err(ZayaError::Input(format!(
+                "calibration of layer {layer}: the model has {layers} layers"
+            )));
+        }
+        if self.next > layer {
+            self.restart()?;
+        }
+        while self.next < layer {
+            self.step()?;
+        }
+        self.switch.set(Some(observer));
+        let run = self.step();
+        self.switch.set(None);
+        run
+    }
+
+    /// Runs the final norm and the LM head over every window (after the layers not run
+    /// yet) with `observer` seeing the head's input.
+    pub fn head(&mut self, observer: Arc<dyn InputObserver>) -> Result<()> {
+        while self.next < self.model.config().num_hidden_layers {
+            self.step()?;
+        }
+        self.switch.set(Some(observer));
+        let run = self.windows.iter().try_for_each(|w| {
+            let y = self.model.final_norm(&w.hidden)?;
+            self.model.lm_head(&y).map(drop)
+        });
+        self.switch.set(None);
+        run
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        for w in &mut self.windows {
+            w.hidden = self.model.embed(&w.input)?;
+            w.router_state = None;
+        }
+        self.next = 0;
+        Ok(())
+    }
+
+    /// Advances every window through layer `self.next`.
+    fn step(&mut self) -> Result<()> {
+        let idx = self.next;
+        for w in &mut self.windows {
+            let t = w.input.dim(1)?;
+            if !self.contexts.contains_key(&t) {
+                let ctx = self.model.context(1, t, None, &ForwardOptions::default())?;
+                self.contexts.insert(t, ctx);
+            }
+            let out = self.model.layer_forward(
+                idx,
+                &w.hidden,
+                w.router_state.as_ref(),
+                &self.contexts[&t],
+                None,
+                false,
+            )?;
+            w.hidden = out.hidden;
+            w.router_state = Some(out.routing.state);
+        }
+        self.next += 1;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -657,3 +657,75 @@ fn an_importance_matrix_from_text_weighs_the_quantization() {
     let err = quantize_to_gguf(&dir, &with, &plan("q4_k"), Some(&bad), None).unwrap_err();
     assert!(err.to_string().contains("lm_head.weight"), "{err}");
 }
+
+/// The calibration pass one layer at a time (what per-layer GPTQ moments run on) hands
+/// every observed product the very rows the whole forwards do — in any layer order (a
+/// layer before the windows' position runs them again from the embedding), the LM head's
+/// input after the last layer — and refuses a layer the model does not have.
+#[test]
+fn layer_by_layer_calibration_observes_what_whole_forwards_do() {
+    use std::sync::Arc;
+    use zaya::gptq::{HessianCollector, Hessians};
+    use zaya::model::InputObserver;
+    let dir = blocky_model("qlayerwise");
+    let ids: Vec<u32> = (0..70u32).map(|i| (i * 37 + 11) % 512).collect();
+    let calibration = zaya::imatrix::Calibration {
+        context: 16,
+        max_tokens: 60,
+        bos: Some(2),
+    };
+    let whole = Arc::new(HessianCollector::new(|_| true));
+    let seen = zaya::imatrix::calibrate(
+        &dir,
+        &ids,
+        calibration,
+        whole.clone() as Arc<dyn InputObserver>,
+        0,
+    )
+    .unwrap();
+    assert_eq!(seen, 60);
+    let whole = Arc::try_unwrap(whole).unwrap().finish();
+
+    let layers = 2; // blocky_model's
+    let mut stream = zaya::imatrix::LayerwiseCalibration::open(&dir, &ids, calibration, 0).unwrap();
+    assert_eq!(stream.tokens(), 60);
+    let mut got = Hessians::new();
+    let mut run = |stream: &mut zaya::imatrix::LayerwiseCalibration, layer: Option<usize>| {
+        let c = Arc::new(HessianCollector::new(|_| true));
+        let o = c.clone() as Arc<dyn InputObserver>;
+        match layer {
+            Some(l) => stream.layer(l, o).unwrap(),
+            None => stream.head(o).unwrap(),
+        }
+        let sums = Arc::try_unwrap(c).unwrap().finish();
+        for name in sums.keys() {
+            let prefix = match layer {
+                Some(l) => format!("model.layers.{l}."),
+                None => "lm_head.".to_string(),
+            };
+            assert!(
+                name.starts_with(&prefix),
+                "{name} observed in run {layer:?}"
+            );
+        }
+        got.extend(sums);
+    };
+    // the last layer first, then the others from the embedding again, the head last
+    run(&mut stream, Some(layers - 1));
+    for l in 0..layers - 1 {
+        run(&mut stream, Some(l));
+    }
+    run(&mut stream, None);
+    assert_eq!(
+        whole.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (name, want) in &whole {
+        assert_eq!(want, &got[name], "{name}");
+    }
+    let err = stream
+        .layer(layers, Arc::new(HessianCollector::new(|_| true)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("layer {layers}")), "{err}");
+}
