@@ -31,7 +31,11 @@ use crate::weights::native_specs;
 pub const DAMP: f64 = 0.01;
 
 /// Rows rounded together (one pass over `U` per tile).
-const TILE: usize = 16;
+const TILE: usize = 64;
+
+/// Features of a tile rounded one after another before their errors reach the features
+/// after them, all at once in one product (GPTQ's "lazy batch" updates).
+const BATCH: usize = 32;
 
 /// Fewest calibration rows per input feature for GPTQ to round a matrix: below, `H` is
 /// singular (an expert few tokens reached) and the compensation would follow directions
@@ -521,10 +525,11 @@ pub fn set_level(d: GgmlDType, b: &mut [u8], j: usize, q: i32) {
 }
 
 /// What GPTQ needs of a matrix's input moments: the feature order and the upper Cholesky
-/// factor `U` of `(H + λI)⁻¹` in that order (`H⁻¹ = UᵀU`).
+/// factor `U` of `(H + λI)⁻¹` in that order (`H⁻¹ = UᵀU`), factored in f64 and kept in f32
+/// for the rounding (as GPTQ's reference implementation runs it).
 struct Factor {
     order: Vec<usize>,
-    u: Vec<f64>,
+    u: Vec<f32>,
 }
 
 impl Factor {
@@ -550,6 +555,7 @@ impl Factor {
                 a[i * n + i] += damp;
             }
             if let Some(u) = inverse_upper_factor(a, n) {
+                let u = u.into_iter().map(|v| v as f32).collect();
                 return Some(Factor { order, u });
             }
             damp *= 10.0;
@@ -576,23 +582,40 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// Rows of a factorisation that take the finished rows' contributions together: each
+/// finished row is read once per block (from L1) instead of once per row (from memory at
+/// `n = 2048`, where the triangle is 16 MiB).
+const FACTOR_ROWS: usize = 32;
+
 /// In-place lower Cholesky factor of the `n × n` matrix `a` (row-major, row by row: each
 /// entry is a dot product of two finished rows; the upper triangle is zeroed); `None` when
-/// it is not positive definite.
+/// it is not positive definite. Rows go in blocks of [`FACTOR_ROWS`], the rows before a
+/// block entering all its rows one after another; every entry sees the same operations in
+/// the same order as row by row.
 fn cholesky(a: &mut [f64], n: usize) -> Option<()> {
-    for i in 0..n {
-        let (done, rest) = a.split_at_mut(i * n);
-        let ri = &mut rest[..n];
-        for k in 0..i {
+    for i0 in (0..n).step_by(FACTOR_ROWS) {
+        let i1 = (i0 + FACTOR_ROWS).min(n);
+        let (done, block) = a.split_at_mut(i0 * n);
+        for k in 0..i0 {
             let rk = &done[k * n..k * n + k + 1];
-            ri[k] = (ri[k] - dot(&ri[..k], &rk[..k])) / rk[k];
+            for ri in block[..(i1 - i0) * n].chunks_mut(n) {
+                ri[k] = (ri[k] - dot(&ri[..k], &rk[..k])) / rk[k];
+            }
         }
-        let d = ri[i] - dot(&ri[..i], &ri[..i]);
-        if d <= 0.0 || !d.is_finite() {
-            return None;
+        for i in i0..i1 {
+            let (before, rest) = block.split_at_mut((i - i0) * n);
+            let ri = &mut rest[..n];
+            for k in i0..i {
+                let rk = &before[(k - i0) * n..(k - i0) * n + k + 1];
+                ri[k] = (ri[k] - dot(&ri[..k], &rk[..k])) / rk[k];
+            }
+            let d = ri[i] - dot(&ri[..i], &ri[..i]);
+            if d <= 0.0 || !d.is_finite() {
+                return None;
+            }
+            ri[i] = d.sqrt();
+            ri[i + 1..].fill(0.0);
         }
-        ri[i] = d.sqrt();
-        ri[i + 1..].fill(0.0);
     }
     Some(())
 }
@@ -612,23 +635,42 @@ fn inverse_upper_factor(a: Vec<f64>, n: usize) -> Option<Vec<f64>> {
     };
     let mut l = flip(&a);
     cholesky(&mut l, n)?;
-    // X = L⁻¹ row by row: X_i = (e_i − Σ_{k<i} L_ik X_k) / L_ii (X lower triangular)
+    // X = L⁻¹ row by row: X_i = (e_i − Σ_{k<i} L_ik X_k) / L_ii (X lower triangular);
+    // in blocks of rows as the factorisation, the same operations in the same order
     let mut x = vec![0.0; n * n];
-    for i in 0..n {
-        let (done, rest) = x.split_at_mut(i * n);
-        let xi = &mut rest[..n];
-        xi[i] = 1.0;
-        for k in 0..i {
-            let lik = l[i * n + k];
-            if lik != 0.0 {
-                for (v, xk) in xi[..=k].iter_mut().zip(&done[k * n..=k * n + k]) {
-                    *v -= lik * xk;
-                }
+    let axpy = |xi: &mut [f64], lik: f64, xk: &[f64]| {
+        if lik != 0.0 {
+            for (v, xk) in xi.iter_mut().zip(xk) {
+                *v -= lik * xk;
             }
         }
-        let d = l[i * n + i];
-        for v in &mut xi[..=i] {
-            *v /= d;
+    };
+    for i0 in (0..n).step_by(FACTOR_ROWS) {
+        let i1 = (i0 + FACTOR_ROWS).min(n);
+        let (done, block) = x.split_at_mut(i0 * n);
+        for (i, xi) in (i0..i1).zip(block.chunks_mut(n)) {
+            xi[i] = 1.0;
+        }
+        for k in 0..i0 {
+            let xk = &done[k * n..=k * n + k];
+            for (i, xi) in (i0..i1).zip(block.chunks_mut(n)) {
+                axpy(&mut xi[..=k], l[i * n + k], xk);
+            }
+        }
+        for i in i0..i1 {
+            let (before, rest) = block.split_at_mut((i - i0) * n);
+            let xi = &mut rest[..n];
+            for k in i0..i {
+                axpy(
+                    &mut xi[..=k],
+                    l[i * n + k],
+                    &before[(k - i0) * n..=(k - i0) * n + k],
+                );
+            }
+            let d = l[i * n + i];
+            for v in &mut xi[..=i] {
+                *v /= d;
+            }
         }
     }
     Some(flip(&x))
@@ -636,9 +678,18 @@ fn inverse_upper_factor(a: Vec<f64>, n: usize) -> Option<Vec<f64>> {
 
 /// Re-chooses the levels of a tile of rows (`w`: `rows × n` values, `bytes`: their blocks,
 /// `row_bytes` per row) by GPTQ, on the grid the blocks already hold. The rows are
-/// independent; a tile goes through `U` once (each row of `U` serves every row of the
-/// tile while it is in cache).
-fn round_rows(d: GgmlDType, w: &[f32], bytes: &mut [u8], row_bytes: usize, f: &Factor) {
+/// independent; a tile goes through `U` once. Features go in batches of [`BATCH`]: within
+/// a batch each rounding error updates the batch's later features at once, and the
+/// batch's errors reach every feature after it in one product `X −= E · U[batch, after]`
+/// — the same updates as feature by feature (up to the order of the sums), at GEMM speed.
+fn round_rows(
+    d: GgmlDType,
+    w: &[f32],
+    bytes: &mut [u8],
+    row_bytes: usize,
+    f: &Factor,
+) -> Result<()> {
+    use crate::kernels::cpu::{gemm, MatMut, MatRef};
     let n = f.order.len();
     let tile = w.len() / n;
     let (bs, ts) = (d.block_size(), d.type_size());
@@ -653,29 +704,49 @@ fn round_rows(d: GgmlDType, w: &[f32], bytes: &mut [u8], row_bytes: usize, f: &F
             (lo, hi) = grid(d, blk, &mut scale[e.clone()], &mut offset[e]);
         }
     }
-    let mut x: Vec<f64> = (0..tile)
-        .flat_map(|r| f.order.iter().map(move |&c| w[r * n + c] as f64))
+    let mut x: Vec<f32> = (0..tile)
+        .flat_map(|r| f.order.iter().map(move |&c| w[r * n + c]))
         .collect();
-    for j in 0..n {
-        let c = f.order[j];
-        let urow = &f.u[j * n..(j + 1) * n];
-        for r in 0..tile {
-            let (a, o) = (scale[r * n + c], offset[r * n + c]);
-            let blk = &mut bytes[r * row_bytes + (c / bs) * ts..r * row_bytes + (c / bs + 1) * ts];
-            let xr = &mut x[r * n..(r + 1) * n];
-            let q = if a == 0.0 {
-                // a block of zeros (or a zero sub-scale): every level decodes to −o
-                level(d, blk, c % bs)
-            } else {
-                (((xr[j] + o as f64) / a as f64).round() as i64).clamp(lo as i64, hi as i64) as i32
-            };
-            set_level(d, blk, c % bs, q);
-            let err = (xr[j] - (a * q as f32 - o) as f64) / urow[j];
-            for (v, u) in xr[j + 1..].iter_mut().zip(&urow[j + 1..]) {
-                *v -= err * u;
+    let mut errors = vec![0f32; tile * BATCH];
+    for j0 in (0..n).step_by(BATCH) {
+        let j1 = (j0 + BATCH).min(n);
+        for j in j0..j1 {
+            let c = f.order[j];
+            let urow = &f.u[j * n..(j + 1) * n];
+            for r in 0..tile {
+                let (a, o) = (scale[r * n + c], offset[r * n + c]);
+                let blk =
+                    &mut bytes[r * row_bytes + (c / bs) * ts..r * row_bytes + (c / bs + 1) * ts];
+                let xr = &mut x[r * n..(r + 1) * n];
+                let q = if a == 0.0 {
+                    // a block of zeros (or a zero sub-scale): every level decodes to −o
+                    level(d, blk, c % bs)
+                } else {
+                    (((xr[j] + o) / a).round() as i64).clamp(lo as i64, hi as i64) as i32
+                };
+                set_level(d, blk, c % bs, q);
+                let err = (xr[j] - (a * q as f32 - o)) / urow[j];
+                for (v, u) in xr[j + 1..j1].iter_mut().zip(&urow[j + 1..j1]) {
+                    *v -= err * u;
+                }
+                errors[r * BATCH + (j - j0)] = err;
             }
         }
+        if j1 < n {
+            gemm(
+                tile,
+                n - j1,
+                j1 - j0,
+                MatMut::new(&mut x, j1, n),
+                true,
+                MatRef::rows(&errors, 0, BATCH),
+                MatRef::rows(&f.u, j0 * n + j1, n),
+                -1.0,
+                false,
+            )?;
+        }
     }
+    Ok(())
 }
 
 /// Re-chooses by GPTQ the levels of `bytes`, the quantization of `t` (`[R, C]` or a
@@ -752,11 +823,12 @@ pub fn requantize(
                     &mut b[(t0 - r0) * row_bytes..(t1 - r0) * row_bytes],
                     row_bytes,
                     factor,
-                );
+                )?;
             }
-            b
+            Ok::<_, ZayaError>(b)
         });
         for (p, b) in parts.into_iter().enumerate() {
+            let b = b?;
             out[p * per * row_bytes..p * per * row_bytes + b.len()].copy_from_slice(&b);
         }
         done += 1;
@@ -981,6 +1053,213 @@ mod tests {
         assert!(requantize(&w, GgmlDType::Q2K, &mut same, &correlated).is_err());
         let empty = Tensor::zeros((0, out, cols), DType::F32, &dev).unwrap();
         assert!(requantize(&empty, d, &mut [], &[]).is_err());
+    }
+
+    /// Row-by-row Cholesky and triangular inverse, as written before the blocked ones.
+    fn factor_row_by_row(a: &[f64], n: usize) -> Option<Vec<f64>> {
+        let mut l: Vec<f64> = (0..n * n)
+            .map(|i| a[(n - 1 - i / n) * n + (n - 1 - i % n)])
+            .collect();
+        for i in 0..n {
+            for k in 0..=i {
+                let s: f64 = (0..k).map(|p| l[i * n + p] * l[k * n + p]).sum();
+                if k < i {
+                    l[i * n + k] = (l[i * n + k] - s) / l[k * n + k];
+                } else {
+                    let d = l[i * n + i] - s;
+                    if d <= 0.0 {
+                        return None;
+                    }
+                    l[i * n + i] = d.sqrt();
+                }
+            }
+            l[i * n + i + 1..(i + 1) * n].fill(0.0);
+        }
+        let mut x = vec![0.0; n * n];
+        for i in 0..n {
+            x[i * n + i] = 1.0;
+            for k in 0..i {
+                for p in 0..=k {
+                    x[i * n + p] -= l[i * n + k] * x[k * n + p];
+                }
+            }
+            for p in 0..=i {
+                x[i * n + p] /= l[i * n + i];
+            }
+        }
+        Some(
+            (0..n * n)
+                .map(|i| x[(n - 1 - i / n) * n + (n - 1 - i % n)])
+                .collect(),
+        )
+    }
+
+    /// The blocked factorisation equals the row-by-row one (a size that is no multiple of
+    /// the block, so a partial last block too), up to the order of the dot products' sums.
+    #[test]
+    fn the_blocked_factor_equals_the_row_by_row_one() {
+        let n = 2 * FACTOR_ROWS + 7;
+        let m = Tensor::randn(0f32, 1.0, (3 * n, n), &Device::Cpu).unwrap();
+        let h: Vec<f64> = m
+            .t()
+            .unwrap()
+            .matmul(&m)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let (got, want) = (
+            inverse_upper_factor(h.clone(), n).unwrap(),
+            factor_row_by_row(&h, n).unwrap(),
+        );
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-12 * scale,
+                "({}, {}): {g} vs {w}",
+                i / n,
+                i % n
+            );
+        }
+    }
+
+    /// GPTQ feature by feature in f64, the error of each feature pushed onto every later
+    /// one at once: the algorithm the batched f32 rounding reorganises.
+    fn round_feature_by_feature(d: GgmlDType, w: &[f32], bytes: &mut [u8], f: &Factor, u: &[f64]) {
+        let n = f.order.len();
+        let (bs, ts) = (d.block_size(), d.type_size());
+        let row_bytes = n / bs * ts;
+        for (r, wr) in w.chunks(n).enumerate() {
+            let row = &mut bytes[r * row_bytes..(r + 1) * row_bytes];
+            let mut x: Vec<f64> = f.order.iter().map(|&c| wr[c] as f64).collect();
+            for j in 0..n {
+                let c = f.order[j];
+                let blk = &mut row[(c / bs) * ts..(c / bs + 1) * ts];
+                let (mut a, mut o) = (vec![0f32; bs], vec![0f32; bs]);
+                let (lo, hi) = grid(d, blk, &mut a, &mut o);
+                let (a, o) = (a[c % bs] as f64, o[c % bs] as f64);
+                let q = if a == 0.0 {
+                    level(d, blk, c % bs)
+                } else {
+                    (((x[j] + o) / a).round() as i64).clamp(lo as i64, hi as i64) as i32
+                };
+                set_level(d, blk, c % bs, q);
+                let err = (x[j] - (a * q as f64 - o)) / u[j * n + j];
+                for k in j + 1..n {
+                    x[k] -= err * u[j * n + k];
+                }
+            }
+        }
+    }
+
+    /// Deterministic noise, roughly normal (a sum of four uniforms), `[rows, cols]`.
+    fn noise(seed: u64, rows: usize, cols: usize, sd: f32) -> Tensor {
+        let mut state = seed;
+        let mut uniform = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| (uniform() + uniform() + uniform() + uniform() - 2.0) * sd * 1.732)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// The batched rounding (tiles of rows, features in batches, the batches' errors
+    /// through one product, f32) picks the levels the feature-by-feature f64 algorithm
+    /// picks, but where a value lies within rounding noise of a level boundary (and the
+    /// row's later levels then follow another, equally good path): at most 1 % of the
+    /// levels differ, by one step, and the output error is the same within 1 %.
+    #[test]
+    fn batched_rounding_picks_the_feature_by_feature_levels() {
+        let dev = Device::Cpu;
+        let (rows, cols, out) = (600, 2 * BATCH * 3 + 64, TILE + 9);
+        let z = noise(1, rows, cols, 1.0);
+        let mix =
+            (noise(2, cols, cols, 0.3) + Tensor::eye(cols, DType::F32, &dev).unwrap()).unwrap();
+        let x = z.matmul(&mix).unwrap();
+        let c = HessianCollector::new(|_| true);
+        c.observe("w", None, &x).unwrap();
+        let h = c.finish().remove("w").unwrap().remove(0).unwrap();
+        let factor = Factor::new(&h).unwrap();
+        // the f64 factor the f32 one was rounded from
+        let n = h.cols;
+        let mut a = vec![0.0; n * n];
+        let mean = (0..n).map(|i| h.sums[i * n + i]).sum::<f64>() / n as f64 / h.rows as f64;
+        for (i, &oi) in factor.order.iter().enumerate() {
+            for (j, &oj) in factor.order.iter().enumerate() {
+                a[i * n + j] = h.sums[oi * n + oj] / h.rows as f64;
+            }
+            a[i * n + i] += DAMP * mean;
+        }
+        let u = inverse_upper_factor(a, n).unwrap();
+        let w = noise(3, out, cols, 1.0);
+        let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for d in FORMATS {
+            let plain = crate::quant::quantize(&w, d)
+                .unwrap()
+                .data()
+                .unwrap()
+                .into_owned();
+            let row_bytes = plain.len() / out;
+            let (mut batched, mut reference) = (plain.clone(), plain.clone());
+            for t0 in (0..out).step_by(TILE) {
+                let t1 = (t0 + TILE).min(out);
+                round_rows(
+                    d,
+                    &values[t0 * cols..t1 * cols],
+                    &mut batched[t0 * row_bytes..t1 * row_bytes],
+                    row_bytes,
+                    &factor,
+                )
+                .unwrap();
+            }
+            round_feature_by_feature(d, &values, &mut reference, &factor, &u);
+            let (bs, ts) = (d.block_size(), d.type_size());
+            let levels = |b: &[u8]| -> Vec<i32> {
+                b.chunks(ts)
+                    .flat_map(|blk| (0..bs).map(|j| level(d, blk, j)).collect::<Vec<_>>())
+                    .collect()
+            };
+            let (lb, lr) = (levels(&batched), levels(&reference));
+            let differ = lb.iter().zip(&lr).filter(|(a, b)| a != b).count();
+            assert!(
+                differ * 100 <= lb.len(),
+                "{d:?}: {differ} of {} levels differ",
+                lb.len()
+            );
+            assert!(lb.iter().zip(&lr).all(|(a, b)| (a - b).abs() <= 1), "{d:?}");
+            let output_error = |b: &[u8]| -> f64 {
+                let s = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Borrowed(b),
+                    &dev,
+                    d,
+                )
+                .unwrap();
+                let q = QTensor::new(s, (out, cols))
+                    .unwrap()
+                    .dequantize(&dev)
+                    .unwrap();
+                let e = x.matmul(&(&w - q).unwrap().t().unwrap()).unwrap();
+                e.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            };
+            let (eb, er) = (output_error(&batched), output_error(&reference));
+            assert!(
+                (eb - er).abs() <= 0.01 * er,
+                "{d:?}: output error {eb} vs {er}"
+            );
+        }
     }
 
     /// The collector sums `xᵀx` per weight and per expert, for the names it wants only.
