@@ -288,9 +288,14 @@ pub fn calibrate(
     let windows = windows(ids, calibration)?;
     let model = calibrating_model(dir, observer, reserve)?;
     let dev = Device::Cpu;
+    let opts = ForwardOptions {
+        skip_lm_head: true,
+        ..ForwardOptions::default()
+    };
     for w in &windows {
         let input = Tensor::new(w.as_slice(), &dev)?.unsqueeze(0)?;
-        model.forward(&input, None, &ForwardOptions::default())?;
+        let out = model.forward(&input, None, &opts)?;
+        model.observe_lm_head_input(&out.last_hidden)?;
     }
     Ok(seen(&windows, calibration))
 }
@@ -483,8 +488,8 @@ impl LayerwiseCalibration {
         run
     }
 
-    /// Runs the final norm and the LM head over every window (after the layers not run
-    /// yet) with `observer` seeing the head's input.
+    /// Runs the final norm over every window (after the layers not run yet) and hands
+    /// its output, the LM head's input, to `observer` (the logits are not computed).
     pub fn head(&mut self, observer: Arc<dyn InputObserver>) -> Result<()> {
         while self.next < self.model.config().num_hidden_layers {
             self.step()?;
@@ -492,7 +497,7 @@ impl LayerwiseCalibration {
         self.switch.set(Some(observer));
         let run = self.windows.iter().try_for_each(|w| {
             let y = self.model.final_norm(&w.hidden)?;
-            self.model.lm_head(&y).map(drop)
+            self.model.observe_lm_head_input(&y)
         });
         self.switch.set(None);
         run

@@ -352,6 +352,16 @@ impl Linear {
                 .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
+    /// Hands `x` `[.., in]` to the layer's observer, if any, as [`Linear::forward`] would,
+    /// without computing the product (calibration wants the inputs only).
+    pub fn observe_input(&self, x: &Tensor) -> Result<()> {
+        if let Some(o) = &self.observer {
+            let in_dim = x.dims().last().copied().unwrap_or(0);
+            o.observe(None, &x.reshape(((), in_dim))?)?;
+        }
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a feature axis");

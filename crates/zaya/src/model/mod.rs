@@ -517,6 +517,13 @@ impl ZayaModel {
         Ok(self.head()?.forward(y)?)
     }
 
+    /// Hands the LM head's input `y` (the final norm's output) to its observer without
+    /// computing the logits: a calibration pass needs the inputs only, and on ZAYA1-8B the
+    /// head's product (vocabulary 262 272) is a third of a forward's work.
+    pub fn observe_lm_head_input(&self, y: &Tensor) -> Result<()> {
+        Ok(self.head()?.observe_input(y)?)
+    }
+
     /// The dense lm_head weight (tied: the embedding). Training reads it; a model whose
     /// head is quantized is frozen and has none.
     pub fn lm_head_weight(&self) -> Option<&Tensor> {
