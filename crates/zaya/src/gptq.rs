@@ -95,10 +95,35 @@ pub fn moments_for(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet
         .collect()
 }
 
+/// Calibration rows whose `xᵀx` are summed in f32 (by the product itself, accumulating)
+/// before they join the f64 sums: the f64 read-modify-write of `cols²` sums once per window
+/// and matrix was most of an 8B layer's calibration, and f32 partial sums over a few
+/// thousand rows lose nothing GPTQ's 1 % damping would notice.
+const FLUSH_ROWS: usize = 8192;
+
+/// One matrix's sums while they are being collected.
+struct Partial {
+    cols: usize,
+    rows: u64,
+    sums: Vec<f64>,
+    pending: Vec<f32>,
+    pending_rows: usize,
+}
+
+impl Partial {
+    fn flush(&mut self) {
+        for (acc, p) in self.sums.iter_mut().zip(self.pending.iter_mut()) {
+            *acc += f64::from(*p);
+            *p = 0.0;
+        }
+        self.pending_rows = 0;
+    }
+}
+
 /// Collects [`Hessians`] from an observed model for the tensors `wanted` accepts.
 pub struct HessianCollector {
     wanted: Box<dyn Fn(&str) -> bool + Send + Sync>,
-    sums: Mutex<Hessians>,
+    sums: Mutex<BTreeMap<String, Vec<Option<Partial>>>>,
 }
 
 impl std::fmt::Debug for HessianCollector {
@@ -111,35 +136,54 @@ impl HessianCollector {
     pub fn new(wanted: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
         Self {
             wanted: Box::new(wanted),
-            sums: Mutex::new(Hessians::new()),
+            sums: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// The sums collected so far.
     pub fn finish(self) -> Hessians {
-        self.sums.into_inner().unwrap_or_else(|p| p.into_inner())
+        let all = self.sums.into_inner().unwrap_or_else(|p| p.into_inner());
+        all.into_iter()
+            .map(|(name, list)| {
+                let list = list
+                    .into_iter()
+                    .map(|p| {
+                        p.map(|mut p| {
+                            p.flush();
+                            Hessian {
+                                cols: p.cols,
+                                rows: p.rows,
+                                sums: p.sums,
+                            }
+                        })
+                    })
+                    .collect();
+                (name, list)
+            })
+            .collect()
     }
 }
 
 impl InputObserver for HessianCollector {
     fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> candle_core::Result<()> {
+        use crate::kernels::cpu::{gemm, MatMut, MatRef};
         if !(self.wanted)(name) {
             return Ok(());
         }
         let (rows, cols) = x.dims2()?;
-        let x = x.to_dtype(DType::F32)?;
-        // one f32 product per call (a window: ≤ a few hundred rows), summed in f64
-        let xtx = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let m = expert.unwrap_or(0);
         let mut all = self.sums.lock().unwrap_or_else(|p| p.into_inner());
         let list = all.entry(name.to_string()).or_default();
         if list.len() <= m {
-            list.resize(m + 1, None);
+            list.resize_with(m + 1, || None);
         }
-        let h = list[m].get_or_insert_with(|| Hessian {
+        let h = list[m].get_or_insert_with(|| Partial {
             cols,
             rows: 0,
             sums: vec![0.0; cols * cols],
+            pending: vec![0.0; cols * cols],
+            pending_rows: 0,
         });
         if h.cols != cols {
             candle_core::bail!(
@@ -147,16 +191,31 @@ impl InputObserver for HessianCollector {
                 h.cols
             );
         }
+        // pending += xᵀx (the product accumulates into the f32 partial sums)
+        gemm(
+            cols,
+            cols,
+            rows,
+            MatMut::new(&mut h.pending, 0, cols),
+            true,
+            MatRef::rows(&x, 0, cols).t(),
+            MatRef::rows(&x, 0, cols),
+            1.0,
+            true,
+        )
+        .map_err(candle_core::Error::wrap)?;
         h.rows += rows as u64;
-        for (acc, v) in h.sums.iter_mut().zip(xtx) {
-            *acc += v as f64;
+        h.pending_rows += rows;
+        if h.pending_rows >= FLUSH_ROWS {
+            h.flush();
         }
         Ok(())
     }
 }
 
-/// Bytes the sums for the tensors of `cfg` that `wanted` accepts take (f64 `cols²` per
-/// matrix), to refuse a calibration that cannot fit before the model loads.
+/// Bytes the sums for the tensors of `cfg` that `wanted` accepts take (`cols²` f64 sums
+/// and f32 partial sums per matrix), to refuse a calibration that cannot fit before the
+/// model loads.
 pub fn hessian_bytes(cfg: &ZayaConfig, wanted: impl Fn(&str) -> bool) -> u64 {
     native_specs(cfg)
         .iter()
@@ -164,7 +223,7 @@ pub fn hessian_bytes(cfg: &ZayaConfig, wanted: impl Fn(&str) -> bool) -> u64 {
         .map(|s| {
             let cols = *s.shape.last().unwrap_or(&0) as u64;
             let matrices = if s.shape.len() == 3 { s.shape[0] } else { 1 } as u64;
-            matrices * cols * cols * 8
+            matrices * cols * cols * 12
         })
         .sum()
 }
@@ -259,8 +318,8 @@ impl Moments {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(ZayaError::Input(format!(
                 "GPTQ of {} needs {:.2} GiB of input moments for its largest layer and the \
-                 calibration windows' states ({:.2} GiB of moments for all layers; an f64 \
-                 in × in matrix per quantized weight and expert) beside \
+                 calibration windows' states ({:.2} GiB of moments for all layers; f64 and f32 \
+                 in × in sums per quantized weight and expert) beside \
                  {:.2} GiB for the calibrating model in bf16, but {:.2} GiB is available \
                  (MemAvailable in /proc/meminfo); quantize without --gptq, or on a machine \
                  with more memory",
@@ -1284,5 +1343,28 @@ mod tests {
         assert_eq!(h["e"].len(), 3);
         assert!(h["e"][0].is_none() && h["e"][1].is_none());
         assert_eq!(h["e"][2].as_ref().unwrap().sums, vec![9., -3., -3., 1.]);
+
+        // past FLUSH_ROWS the f32 partial sums join the f64 ones: the same sums as f64
+        // throughout, within f32 rounding of each partial sum
+        let c = HessianCollector::new(|_| true);
+        let cols = 6;
+        let mut want = vec![0f64; cols * cols];
+        for part in 0..5 {
+            let x = noise(part, FLUSH_ROWS / 2 + 37, cols, 1.0);
+            let v = x.to_vec2::<f32>().unwrap();
+            for r in &v {
+                for i in 0..cols {
+                    for j in 0..cols {
+                        want[i * cols + j] += r[i] as f64 * r[j] as f64;
+                    }
+                }
+            }
+            c.observe("w", None, &x).unwrap();
+        }
+        let got = c.finish().remove("w").unwrap().remove(0).unwrap();
+        assert_eq!(got.rows, 5 * (FLUSH_ROWS / 2 + 37) as u64);
+        for (g, w) in got.sums.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * want[0].abs(), "{g} vs {w}");
+        }
     }
 }
