@@ -523,23 +523,34 @@ fn quantize_rows(
     d: GgmlDType,
     q: impl Fn(&Tensor) -> candle_core::Result<QTensor> + Sync + Send,
 ) -> Result<QTensor> {
-    // (`Tensor::copy` clones the whole parent buffer too; going through a Vec does not.)
-    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let shape = t.shape().clone();
     let cols = shape.dims().last().copied().unwrap_or(1).max(1);
-    let rows = data.len() / cols;
-    // a few blocks per thread, each at least 64 rows (not worth a task below)
+    let rows = t.elem_count() / cols;
+    let flat = t.reshape((rows, cols))?;
+    // Rows `r0..r1` in f32, as a fresh buffer: one part at a time, never the whole tensor
+    // (ZAYA1-8B's embedding is 2.1 GB in f32; `Tensor::copy` would clone the whole parent
+    // buffer too, a Vec does not).
+    let part = |r0: usize, r1: usize| -> candle_core::Result<Tensor> {
+        let v = flat
+            .narrow(0, r0, r1 - r0)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Tensor::from_vec(v, (r1 - r0, cols), &Device::Cpu)
+    };
+    // a few blocks per thread, each at least 64 rows (not worth a task below), and at most
+    // 16 Mi values each
     let blocks = (4 * crate::kernels::cpu::num_threads())
+        .max(rows * cols / (1 << 24))
         .min(rows / 64)
         .max(1);
     if blocks == 1 {
-        return Ok(q(&Tensor::from_vec(data, shape, &Device::Cpu)?)?);
+        return Ok(q(&part(0, rows)?.reshape(shape)?)?);
     }
     let per = rows.div_ceil(blocks);
-    let parts = crate::kernels::cpu::par_map(rows.div_ceil(per), data.len(), |b| {
+    let parts = crate::kernels::cpu::par_map(rows.div_ceil(per), rows * cols, |b| {
         let (r0, r1) = (b * per, ((b + 1) * per).min(rows));
-        let x = Tensor::from_slice(&data[r0 * cols..r1 * cols], (r1 - r0, cols), &Device::Cpu)?;
-        Ok::<_, candle_core::Error>(q(&x)?.data()?.into_owned())
+        Ok::<_, candle_core::Error>(q(&part(r0, r1)?)?.data()?.into_owned())
     });
     let mut bytes = Vec::with_capacity(rows * cols / d.block_size() * d.type_size());
     for p in parts {
