@@ -17,15 +17,27 @@
 # (default models/default), TEXT (held-out text), CALIBRATION (a calibration text instead
 # of the Genesis one), TOKENS / CONTEXT (calibration tokens and window, default: the
 # command's own defaults), ROWS (a file of "label|quantize options" lines instead of the
-# built-in list).
+# built-in list; CAL in the options stands for the calibration text, whose path must not
+# contain spaces; lines starting with # are skipped).
 set -euo pipefail
+here=$PWD
+abs() { case "$1" in /*) echo "$1" ;; *) echo "$here/$1" ;; esac; }
+# paths given by the caller are relative to where it runs, the defaults to the repository
+[ -n "${1:-}" ] && OUT=$(abs "$1")
+[ -n "${ZAYA:-}" ] && ZAYA=$(abs "$ZAYA")
+[ -n "${MODEL:-}" ] && MODEL=$(abs "$MODEL")
+[ -n "${TEXT:-}" ] && TEXT=$(abs "$TEXT")
+[ -n "${CALIBRATION:-}" ] && CALIBRATION=$(abs "$CALIBRATION")
+[ -n "${ROWS:-}" ] && ROWS=$(abs "$ROWS")
 cd "$(dirname "$0")/.."
 
-OUT=${1:-bench/results/quant-quality-$(date -u +%Y-%m-%d).json}
-ZAYA=${ZAYA:-target/release/zaya}
+OUT=${OUT:-bench/results/quant-quality-$(date -u +%Y-%m-%d).json}
 MODEL=${MODEL:-models/default}
 TEXT=${TEXT:-data/eval/exodus-1-10.txt}
-[ -x "$ZAYA" ] || cargo build --release -p zaya-cli
+if [ -z "${ZAYA:-}" ]; then
+    cargo build --release -p zaya-cli # a no-op when the binary is current
+    ZAYA=target/release/zaya
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -69,13 +81,14 @@ echo "| format | weight bytes | bytes / token | perplexity | mean KL | median KL
 echo "|---|---|---|---|---|---|---|---|"
 : >"$work/reports.jsonl"
 while IFS='|' read -r label opts; do
-    [ -z "$label" ] && continue
+    [ -z "$label" ] || [[ "$label" == \#* ]] && continue
     # shellcheck disable=SC2206 # the options are words on purpose
     args=(${opts//CAL/$CAL})
     extra=()
-    [[ "$opts" == *CAL* ]] && extra=("${calib[@]}")
-    "$ZAYA" quantize --model "$MODEL" --out "$work/q.gguf" "${args[@]}" "${extra[@]}" >/dev/null 2>"$work/quantize.log" || { cat "$work/quantize.log" >&2; exit 1; }
-    "$ZAYA" eval --model "$work/q.gguf" --reference "$MODEL" --text "$TEXT" >"$work/r.json"
+    [[ "$opts" == *CAL* ]] && extra=(${calib[@]+"${calib[@]}"})
+    "$ZAYA" quantize --model "$MODEL" --out "$work/q.gguf" "${args[@]}" ${extra[@]+"${extra[@]}"} \
+        </dev/null >/dev/null 2>"$work/quantize.log" || { cat "$work/quantize.log" >&2; exit 1; }
+    "$ZAYA" eval --model "$work/q.gguf" --reference "$MODEL" --text "$TEXT" </dev/null >"$work/r.json"
     python3 - "$label" "$opts" "$work/r.json" "$work/reports.jsonl" <<'PY'
 import json, sys
 label, opts, path, out = sys.argv[1:]

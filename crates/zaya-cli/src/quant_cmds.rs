@@ -384,6 +384,13 @@ pub fn evaluate(
         let (lq, routes_q) = logp(model)?;
         let (lp, routes_p) = logp(reference)?;
         let t = window.len() - 1;
+        if routes_q.len() != routes_p.len() {
+            bail!(
+                "the model has {} layers and the reference {}: not the same architecture",
+                routes_q.len(),
+                routes_p.len()
+            );
+        }
         rerouted.extend((0..t).map(|i| {
             routes_q
                 .iter()

@@ -165,6 +165,10 @@ impl HessianCollector {
 }
 
 impl InputObserver for HessianCollector {
+    fn wants(&self, name: &str) -> bool {
+        (self.wanted)(name)
+    }
+
     fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> candle_core::Result<()> {
         use crate::kernels::cpu::{gemm, MatMut, MatRef};
         if !(self.wanted)(name) {
@@ -213,6 +217,29 @@ impl InputObserver for HessianCollector {
     }
 }
 
+/// Bytes writing the largest tensor `wanted` accepts takes: its blocks (and their copy),
+/// and where GPTQ rounds it its values in f32, one factor per matrix (f32 `cols²`) and the
+/// f64 scratch of two factorisations running side by side (other tensors are widened to
+/// f32 a part of at most 16 Mi values at a time, two parts at once).
+pub fn rounding_bytes(cfg: &ZayaConfig, wanted: impl Fn(&str) -> bool) -> u64 {
+    native_specs(cfg)
+        .iter()
+        .filter(|s| s.shape.len() >= 2 && wanted(&s.name))
+        .map(|s| {
+            let elems: u64 = s.shape.iter().map(|&d| d as u64).product();
+            let cols = *s.shape.last().unwrap_or(&0) as u64;
+            let matrices = if s.shape.len() == 3 { s.shape[0] } else { 1 } as u64;
+            let blocks = 2 * elems * 9 / 8;
+            if applies_to(&s.name) {
+                blocks + elems * 4 + matrices * cols * cols * 4 + 2 * 4 * cols * cols * 8
+            } else {
+                blocks + 2 * (4 << 24)
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Bytes the sums for the tensors of `cfg` that `wanted` accepts take (`cols²` f64 sums
 /// and f32 partial sums per matrix), to refuse a calibration that cannot fit before the
 /// model loads.
@@ -255,8 +282,10 @@ pub struct Moments {
     calibration: crate::imatrix::Calibration,
     wanted: BTreeSet<String>,
     per_layer: bool,
-    /// Bytes of the largest layer's moments (what a per-layer run holds beside the model).
+    /// Bytes a per-layer run holds beside the model: the largest layer's moments, the LM
+    /// head's, and the rounding of the largest tensor.
     layer_moments: u64,
+    cfg_layers: usize,
     /// Every wanted tensor's moments (one pass).
     all: Option<Hessians>,
     /// Per layer: the calibrating model and its windows' states (opened at the first
@@ -297,12 +326,15 @@ impl Moments {
             })
         };
         let all = bytes(None);
+        // per layer: the largest layer's moments beside the LM head's (kept from the start,
+        // as the writer asks for the embedding first), and what rounding the largest
+        // tensor takes while the calibrating model stays loaded
         let largest = (0..cfg.num_hidden_layers)
-            .map(Group::Layer)
-            .chain([Group::Rest])
-            .map(|g| bytes(Some(g)))
+            .map(|l| bytes(Some(Group::Layer(l))))
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            + bytes(Some(Group::Rest))
+            + rounding_bytes(&cfg, |n| wanted.contains(n));
         // per layer, the windows' residual streams are kept between layers as well
         let tokens = match calibration.max_tokens {
             0 => ids.len(),
@@ -317,8 +349,8 @@ impl Moments {
         if per_layer && !fits(largest_with_states) {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(ZayaError::Input(format!(
-                "GPTQ of {} needs {:.2} GiB of input moments for its largest layer and the \
-                 calibration windows' states ({:.2} GiB of moments for all layers; f64 and f32 \
+                "GPTQ of {} needs {:.2} GiB for the input moments of its largest layer and its \
+                 LM head, rounding its largest tensor and the calibration windows' states ({:.2} GiB of moments for all layers; f64 and f32 \
                  in × in sums per quantized weight and expert) beside \
                  {:.2} GiB for the calibrating model in bf16, but {:.2} GiB is available \
                  (MemAvailable in /proc/meminfo); quantize without --gptq, or on a machine \
@@ -337,6 +369,7 @@ impl Moments {
             wanted,
             per_layer,
             layer_moments: largest,
+            cfg_layers: cfg.num_hidden_layers,
             all: None,
             stream: None,
             held: None,
@@ -442,6 +475,17 @@ impl Moments {
             match g {
                 Group::Rest => self.rest = Some(h),
                 Group::Layer(l) => self.held = Some((l, h)),
+            }
+            // the LM head's and the last layer's moments are in: the writer asks for no
+            // other run, so the calibrating model goes (it would return for one)
+            let last = self.cfg_layers.checked_sub(1);
+            if self.rest.is_some() && self.held.as_ref().map(|(l, _)| *l) == last {
+                self.stream = None;
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                // SAFETY: malloc_trim only returns free heap memory to the kernel.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
             }
         }
         let h = match g {
@@ -1114,32 +1158,33 @@ mod tests {
         assert!(requantize(&empty, d, &mut [], &[]).is_err());
     }
 
-    /// Row-by-row Cholesky and triangular inverse, as written before the blocked ones.
+    /// Row-by-row Cholesky and triangular inverse, as written before the blocked ones (the
+    /// same dot products and updates, one row at a time).
     fn factor_row_by_row(a: &[f64], n: usize) -> Option<Vec<f64>> {
         let mut l: Vec<f64> = (0..n * n)
             .map(|i| a[(n - 1 - i / n) * n + (n - 1 - i % n)])
             .collect();
         for i in 0..n {
-            for k in 0..=i {
-                let s: f64 = (0..k).map(|p| l[i * n + p] * l[k * n + p]).sum();
-                if k < i {
-                    l[i * n + k] = (l[i * n + k] - s) / l[k * n + k];
-                } else {
-                    let d = l[i * n + i] - s;
-                    if d <= 0.0 {
-                        return None;
-                    }
-                    l[i * n + i] = d.sqrt();
-                }
+            for k in 0..i {
+                let s = dot(&l[i * n..i * n + k], &l[k * n..k * n + k]);
+                l[i * n + k] = (l[i * n + k] - s) / l[k * n + k];
             }
+            let d = l[i * n + i] - dot(&l[i * n..i * n + i], &l[i * n..i * n + i]);
+            if d <= 0.0 {
+                return None;
+            }
+            l[i * n + i] = d.sqrt();
             l[i * n + i + 1..(i + 1) * n].fill(0.0);
         }
         let mut x = vec![0.0; n * n];
         for i in 0..n {
             x[i * n + i] = 1.0;
             for k in 0..i {
-                for p in 0..=k {
-                    x[i * n + p] -= l[i * n + k] * x[k * n + p];
+                let lik = l[i * n + k];
+                if lik != 0.0 {
+                    for p in 0..=k {
+                        x[i * n + p] -= lik * x[k * n + p];
+                    }
                 }
             }
             for p in 0..=i {
@@ -1153,8 +1198,8 @@ mod tests {
         )
     }
 
-    /// The blocked factorisation equals the row-by-row one (a size that is no multiple of
-    /// the block, so a partial last block too), up to the order of the dot products' sums.
+    /// The blocked factorisation is the row-by-row one, bit for bit (a size that is no
+    /// multiple of the block, so a partial last block too).
     #[test]
     fn the_blocked_factor_equals_the_row_by_row_one() {
         let n = 2 * FACTOR_ROWS + 7;
@@ -1171,19 +1216,10 @@ mod tests {
             .into_iter()
             .map(f64::from)
             .collect();
-        let (got, want) = (
+        assert_eq!(
             inverse_upper_factor(h.clone(), n).unwrap(),
-            factor_row_by_row(&h, n).unwrap(),
+            factor_row_by_row(&h, n).unwrap()
         );
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-12 * scale,
-                "({}, {}): {g} vs {w}",
-                i / n,
-                i % n
-            );
-        }
     }
 
     /// GPTQ feature by feature in f64, the error of each feature pushed onto every later

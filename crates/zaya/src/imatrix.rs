@@ -419,6 +419,11 @@ impl ObserverSwitch {
 }
 
 impl InputObserver for ObserverSwitch {
+    fn wants(&self, name: &str) -> bool {
+        let current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().is_some_and(|o| o.wants(name))
+    }
+
     fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> candle_core::Result<()> {
         let current = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match current {
@@ -435,6 +440,12 @@ impl LayerwiseCalibration {
         let windows = windows(ids, calibration)?;
         let tokens = seen(&windows, calibration);
         let cfg = Checkpoint::open(dir)?.config()?;
+        // the checks a whole forward makes (ids within the vocabulary, windows within the
+        // positions), before the model loads
+        for w in &windows {
+            let input = Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            crate::model::check_input_ids(&cfg, &input, 0)?;
+        }
         let kept = layerwise_bytes(&cfg, windows.iter().map(Vec::len).sum());
         let switch = Arc::new(ObserverSwitch::default());
         let model = calibrating_model(
@@ -476,12 +487,7 @@ impl LayerwiseCalibration {
                 "calibration of layer {layer}: the model has {layers} layers"
             )));
         }
-        if self.next > layer {
-            self.restart()?;
-        }
-        while self.next < layer {
-            self.step()?;
-        }
+        self.advance_to(layer)?;
         self.switch.set(Some(observer));
         let run = self.step();
         self.switch.set(None);
@@ -491,9 +497,7 @@ impl LayerwiseCalibration {
     /// Runs the final norm over every window (after the layers not run yet) and hands
     /// its output, the LM head's input, to `observer` (the logits are not computed).
     pub fn head(&mut self, observer: Arc<dyn InputObserver>) -> Result<()> {
-        while self.next < self.model.config().num_hidden_layers {
-            self.step()?;
-        }
+        self.advance_to(self.model.config().num_hidden_layers)?;
         self.switch.set(Some(observer));
         let run = self.windows.iter().try_for_each(|w| {
             let y = self.model.final_norm(&w.hidden)?;
@@ -501,6 +505,18 @@ impl LayerwiseCalibration {
         });
         self.switch.set(None);
         run
+    }
+
+    /// Brings every window to the input of layer `layer` (unobserved), from the embedding
+    /// again where they are past it.
+    fn advance_to(&mut self, layer: usize) -> Result<()> {
+        if self.next > layer {
+            self.restart()?;
+        }
+        while self.next < layer {
+            self.step()?;
+        }
+        Ok(())
     }
 
     fn restart(&mut self) -> Result<()> {
@@ -512,9 +528,11 @@ impl LayerwiseCalibration {
         Ok(())
     }
 
-    /// Advances every window through layer `self.next`.
+    /// Advances every window through layer `self.next`. A failure part way leaves the
+    /// windows at different layers: they start again from the embedding at the next run.
     fn step(&mut self) -> Result<()> {
         let idx = self.next;
+        self.next = usize::MAX;
         for w in &mut self.windows {
             let t = w.input.dim(1)?;
             if !self.contexts.contains_key(&t) {
@@ -532,7 +550,7 @@ impl LayerwiseCalibration {
             w.hidden = out.hidden;
             w.router_state = Some(out.routing.state);
         }
-        self.next += 1;
+        self.next = idx + 1;
         Ok(())
     }
 }

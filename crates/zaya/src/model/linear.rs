@@ -30,6 +30,12 @@ pub trait InputObserver: Send + Sync + std::fmt::Debug {
     /// `x` `[rows, in]` is multiplied by native weight `name` (`[out, in]`), or by matrix
     /// `expert` of a stacked `[E, out, in]` weight.
     fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> Result<()>;
+
+    /// Whether inputs of weight `name` are wanted at all: where not, the layers skip the
+    /// work of preparing them (the experts' gathered rows and recomputed activations).
+    fn wants(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 /// An observer and the native name of the weight it watches.
@@ -42,6 +48,11 @@ pub struct Observed {
 impl Observed {
     pub fn observe(&self, expert: Option<usize>, x: &Tensor) -> Result<()> {
         self.observer.observe(&self.name, expert, x)
+    }
+
+    /// [`InputObserver::wants`] for this weight.
+    pub fn wants(&self) -> bool {
+        self.observer.wants(&self.name)
     }
 }
 

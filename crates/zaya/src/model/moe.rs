@@ -292,14 +292,22 @@ impl ZayaExperts {
         routing: &Routing,
         (gate_up, down): &(Observed, Observed),
     ) -> Result<()> {
+        let (want_gate_up, want_down) = (gate_up.wants(), down.wants());
+        if !want_gate_up && !want_down {
+            return Ok(());
+        }
         for (ex, rows) in self.buckets(routing).iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
             let xs = x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
-            gate_up.observe(Some(ex), &xs)?;
-            let hidden = kernels::swiglu(&expert_matmul_t(&xs, &self.gate_up, ex)?)?;
-            down.observe(Some(ex), &hidden)?;
+            if want_gate_up {
+                gate_up.observe(Some(ex), &xs)?;
+            }
+            if want_down {
+                let hidden = kernels::swiglu(&expert_matmul_t(&xs, &self.gate_up, ex)?)?;
+                down.observe(Some(ex), &hidden)?;
+            }
         }
         Ok(())
     }
