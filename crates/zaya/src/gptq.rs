@@ -999,13 +999,10 @@ mod tests {
         }
     }
 
-    /// `(H + λI)⁻¹ = UᵀU` with `U` upper triangular.
-    #[test]
-    fn the_factor_is_the_inverse_upper_cholesky() {
-        let n = 5;
-        let m = Tensor::randn(0f32, 1.0, (9, n), &Device::Cpu).unwrap();
-        let h: Vec<f64> = m
-            .t()
+    /// `mᵀm` in f64 for a random `[rows, n]` matrix `m`: a positive definite `H`.
+    fn gram(rows: usize, n: usize) -> Vec<f64> {
+        let m = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu).unwrap();
+        m.t()
             .unwrap()
             .matmul(&m)
             .unwrap()
@@ -1013,9 +1010,38 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    /// The `[out, cols]` matrix that blocks `b` of format `d` decode to (candle's decoder).
+    fn dequantize(d: GgmlDType, b: &[u8], out: usize, cols: usize) -> Tensor {
+        let dev = Device::Cpu;
+        let s = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(b), &dev, d)
+            .unwrap();
+        QTensor::new(s, (out, cols))
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+    }
+
+    /// `‖x (w − q)ᵀ‖²`: how far the layer's outputs on inputs `x` move.
+    fn output_error(x: &Tensor, w: &Tensor, q: &Tensor) -> f64 {
+        let e = x.matmul(&(w - q).unwrap().t().unwrap()).unwrap();
+        e.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    }
+
+    /// `(H + λI)⁻¹ = UᵀU` with `U` upper triangular.
+    #[test]
+    fn the_factor_is_the_inverse_upper_cholesky() {
+        let n = 5;
+        let h = gram(9, n);
         let u = inverse_upper_factor(h.clone(), n).unwrap();
         for i in 0..n {
             for j in 0..i {
@@ -1074,24 +1100,8 @@ mod tests {
                 .collect(),
         })];
         let w = Tensor::randn(0f32, 1.0, (out, cols), &dev).unwrap();
-        let deq = |d: GgmlDType, b: &[u8]| {
-            let s =
-                candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(b), &dev, d)
-                    .unwrap();
-            QTensor::new(s, (out, cols))
-                .unwrap()
-                .dequantize(&dev)
-                .unwrap()
-        };
-        let output_error = |q: &Tensor| -> f64 {
-            let e = x.matmul(&(&w - q).unwrap().t().unwrap()).unwrap();
-            e.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
+        let deq = |d: GgmlDType, b: &[u8]| dequantize(d, b, out, cols);
+        let output_error = |q: &Tensor| output_error(&x, &w, q);
         let weight_error = |q: &Tensor| -> f64 {
             (&w - q)
                 .unwrap()
@@ -1203,19 +1213,7 @@ mod tests {
     #[test]
     fn the_blocked_factor_equals_the_row_by_row_one() {
         let n = 2 * FACTOR_ROWS + 7;
-        let m = Tensor::randn(0f32, 1.0, (3 * n, n), &Device::Cpu).unwrap();
-        let h: Vec<f64> = m
-            .t()
-            .unwrap()
-            .matmul(&m)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let h = gram(3 * n, n);
         assert_eq!(
             inverse_upper_factor(h.clone(), n).unwrap(),
             factor_row_by_row(&h, n).unwrap()
@@ -1330,25 +1328,7 @@ mod tests {
                 lb.len()
             );
             assert!(lb.iter().zip(&lr).all(|(a, b)| (a - b).abs() <= 1), "{d:?}");
-            let output_error = |b: &[u8]| -> f64 {
-                let s = candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Borrowed(b),
-                    &dev,
-                    d,
-                )
-                .unwrap();
-                let q = QTensor::new(s, (out, cols))
-                    .unwrap()
-                    .dequantize(&dev)
-                    .unwrap();
-                let e = x.matmul(&(&w - q).unwrap().t().unwrap()).unwrap();
-                e.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as f64
-            };
+            let output_error = |b: &[u8]| output_error(&x, &w, &dequantize(d, b, out, cols));
             let (eb, er) = (output_error(&batched), output_error(&reference));
             assert!(
                 (eb - er).abs() <= 0.01 * er,
