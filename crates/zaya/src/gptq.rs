@@ -217,6 +217,16 @@ impl InputObserver for HessianCollector {
     }
 }
 
+/// Hands the freed heap of a dropped calibrating model back to the kernel (the `zaya`
+/// binary never trims its heap on its own).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bytes writing the largest tensor `wanted` accepts takes: its blocks (and their copy),
 /// and where GPTQ rounds it its values in f32, one factor per matrix (f32 `cols²`) and the
 /// f64 scratch of two factorisations running side by side (other tensors are widened to
@@ -404,11 +414,7 @@ impl Moments {
         // The pass's model is gone: hand its freed heap back to the kernel (the zaya
         // binary never trims its heap; on ZAYA1-8B, when each layer's pass loaded a model
         // of its own, 7 GB, then 11 GB of them stayed resident).
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only returns free heap memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        trim_heap();
         self.passes += 1;
         self.tokens = seen;
         Ok(collector.finish())
@@ -481,11 +487,7 @@ impl Moments {
             let last = self.cfg_layers.checked_sub(1);
             if self.rest.is_some() && self.held.as_ref().map(|(l, _)| *l) == last {
                 self.stream = None;
-                #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                // SAFETY: malloc_trim only returns free heap memory to the kernel.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
+                trim_heap();
             }
         }
         let h = match g {
@@ -637,34 +639,42 @@ struct Factor {
 
 impl Factor {
     fn new(h: &Hessian) -> Option<Factor> {
-        let n = h.cols;
-        let rows = h.rows.max(1) as f64;
-        let diag = |i: usize| h.sums[i * n + i] / rows;
-        // features never active: nothing to compensate through them (their rounding is
-        // free), a unit diagonal keeps the factorisation defined
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| diag(b).total_cmp(&diag(a)));
-        let mean = (0..n).map(diag).sum::<f64>() / n.max(1) as f64;
-        let mut damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
-        for _ in 0..6 {
-            let mut a = vec![0.0; n * n];
-            for (i, &oi) in order.iter().enumerate() {
-                for (j, &oj) in order.iter().enumerate() {
-                    a[i * n + j] = h.sums[oi * n + oj] / rows;
-                }
-                if a[i * n + i] == 0.0 {
-                    a[i * n + i] = 1.0;
-                }
-                a[i * n + i] += damp;
-            }
-            if let Some(u) = inverse_upper_factor(a, n) {
-                let u = u.into_iter().map(|v| v as f32).collect();
-                return Some(Factor { order, u });
-            }
-            damp *= 10.0;
-        }
-        None
+        let (order, u) = ordered_inverse_factor(h)?;
+        let u = u.into_iter().map(|v| v as f32).collect();
+        Some(Factor { order, u })
     }
+}
+
+/// The feature order (decreasing input energy) and, in f64, the upper factor of the
+/// damped `H⁻¹` in that order; the damping grows tenfold (up to five times) until the
+/// factorisation exists.
+fn ordered_inverse_factor(h: &Hessian) -> Option<(Vec<usize>, Vec<f64>)> {
+    let n = h.cols;
+    let rows = h.rows.max(1) as f64;
+    let diag = |i: usize| h.sums[i * n + i] / rows;
+    // features never active: nothing to compensate through them (their rounding is
+    // free), a unit diagonal keeps the factorisation defined
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| diag(b).total_cmp(&diag(a)));
+    let mean = (0..n).map(diag).sum::<f64>() / n.max(1) as f64;
+    let mut damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
+    for _ in 0..6 {
+        let mut a = vec![0.0; n * n];
+        for (i, &oi) in order.iter().enumerate() {
+            for (j, &oj) in order.iter().enumerate() {
+                a[i * n + j] = h.sums[oi * n + oj] / rows;
+            }
+            if a[i * n + i] == 0.0 {
+                a[i * n + i] = 1.0;
+            }
+            a[i * n + i] += damp;
+        }
+        if let Some(u) = inverse_upper_factor(a, n) {
+            return Some((order, u));
+        }
+        damp *= 10.0;
+    }
+    None
 }
 
 /// `Σ a_k b_k` in eight independent sums (so that the loop vectorises).
@@ -1026,6 +1036,15 @@ mod tests {
             .unwrap()
     }
 
+    /// The plain quantizer's blocks of `w` in format `d`.
+    fn plain_blocks(w: &Tensor, d: GgmlDType) -> Vec<u8> {
+        crate::quant::quantize(w, d)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned()
+    }
+
     /// `‖x (w − q)ᵀ‖²`: how far the layer's outputs on inputs `x` move.
     fn output_error(x: &Tensor, w: &Tensor, q: &Tensor) -> f64 {
         let e = x.matmul(&(w - q).unwrap().t().unwrap()).unwrap();
@@ -1113,11 +1132,7 @@ mod tests {
                 .unwrap() as f64
         };
         for d in FORMATS {
-            let plain = crate::quant::quantize(&w, d)
-                .unwrap()
-                .data()
-                .unwrap()
-                .into_owned();
+            let plain = plain_blocks(&w, d);
             let mut gptq = plain.clone();
             assert_eq!(requantize(&w, d, &mut gptq, &correlated).unwrap(), 1);
             let (e_plain, e_gptq) = (output_error(&deq(d, &plain)), output_error(&deq(d, &gptq)));
@@ -1150,11 +1165,7 @@ mod tests {
         }
         // a matrix without moments keeps its bytes; wrong sizes are errors
         let d = GgmlDType::Q8_0;
-        let plain = crate::quant::quantize(&w, d)
-            .unwrap()
-            .data()
-            .unwrap()
-            .into_owned();
+        let plain = plain_blocks(&w, d);
         let mut same = plain.clone();
         assert_eq!(requantize(&w, d, &mut same, &[None]).unwrap(), 0);
         let few = moments(&x.narrow(0, 0, cols - 1).unwrap());
@@ -1282,24 +1293,11 @@ mod tests {
         let h = c.finish().remove("w").unwrap().remove(0).unwrap();
         let factor = Factor::new(&h).unwrap();
         // the f64 factor the f32 one was rounded from
-        let n = h.cols;
-        let mut a = vec![0.0; n * n];
-        let mean = (0..n).map(|i| h.sums[i * n + i]).sum::<f64>() / n as f64 / h.rows as f64;
-        for (i, &oi) in factor.order.iter().enumerate() {
-            for (j, &oj) in factor.order.iter().enumerate() {
-                a[i * n + j] = h.sums[oi * n + oj] / h.rows as f64;
-            }
-            a[i * n + i] += DAMP * mean;
-        }
-        let u = inverse_upper_factor(a, n).unwrap();
+        let (_, u) = ordered_inverse_factor(&h).unwrap();
         let w = noise(3, out, cols, 1.0);
         let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for d in FORMATS {
-            let plain = crate::quant::quantize(&w, d)
-                .unwrap()
-                .data()
-                .unwrap()
-                .into_owned();
+            let plain = plain_blocks(&w, d);
             let row_bytes = plain.len() / out;
             let (mut batched, mut reference) = (plain.clone(), plain.clone());
             for t0 in (0..out).step_by(TILE) {
