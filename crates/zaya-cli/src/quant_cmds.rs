@@ -24,10 +24,15 @@ pub struct PlanArgs {
     /// stay dense.
     #[arg(long, default_value = "q8_0")]
     pub format: String,
-    /// Format of the token embedding (default: --format).
+    /// Format of the token embedding (default: --format). On a tied model this is the
+    /// lookup table's: where it differs from the head's format (--head-format, or the
+    /// mix's), the file stores the head apart (an untied model whose lm_head is rounded
+    /// from the tied weight), e.g. `--embed-format keep` keeps every looked-up row exact
+    /// while the head's product reads the quantized copy.
     #[arg(long)]
     pub embed_format: Option<String>,
-    /// Format of an untied lm_head (default: --format).
+    /// Format of the lm_head (default: --format; q6_k in the mixes, where a tied
+    /// embedding follows it unless --embed-format is given).
     #[arg(long)]
     pub head_format: Option<String>,
     /// Format of the experts (default: --format).
@@ -92,8 +97,8 @@ pub struct QuantizeArgs {
     /// weight's levels so that the layer's outputs on such inputs stay close (GPTQ, in
     /// order of input energy), on the block scales the plain (or `--imatrix`) quantizer
     /// picked: the file is an ordinary GGUF. Formats: q8_0, q6_k, q5_k, q5_1, q5_0, q4_k,
-    /// q4_1, q4_0 (others quantize as usual); not the token embedding, whose rows are also
-    /// looked up. Without --imatrix, the moments' diagonals (the same mean squares) weigh
+    /// q4_1, q4_0 (others quantize as usual); not a tied token embedding, whose rows are also
+    /// looked up (its head is, when stored apart: see --embed-format). Without --imatrix, the moments' diagonals (the same mean squares) weigh
     /// the block scales. The calibration options below shape this pass too.
     #[arg(long)]
     pub gptq: Option<PathBuf>,
@@ -185,7 +190,7 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
             let (tok, ids) = calibration_ids(path)?;
             let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
             let names = zaya::gptq::moments_for(&plan, &cfg);
-            if !names.iter().any(|n| zaya::gptq::applies_to(n)) {
+            if !zaya::gptq::rounds_any(&plan, &cfg) {
                 bail!(
                     "--gptq: no tensor of this plan is stored in a format GPTQ handles \
                      (q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0)"

@@ -597,10 +597,13 @@ pub fn quantize_to_gguf(
     let cfg = ckpt.config()?;
     ckpt.validate(&cfg)?;
     let plan = &plan.for_model(&cfg);
-    let specs = native_specs(&cfg);
     if let Some(m) = imatrix {
-        crate::imatrix::check(m, &specs)?;
+        crate::imatrix::check(m, &native_specs(&cfg))?;
     }
+    // A tied embedding whose lookup and head formats differ is stored twice, as an untied
+    // model's two tensors (`QuantPlan::splits_tied_head`).
+    let stored_cfg = plan.stored_config(&cfg);
+    let specs = native_specs(&stored_cfg);
 
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("zaya".into())),
@@ -616,7 +619,7 @@ pub fn quantize_to_gguf(
         ("general.quantization_version".into(), Value::U32(2)),
         (
             "zaya.config".into(),
-            Value::String(serde_json::to_string(&cfg.to_json()).expect("config serialises")),
+            Value::String(serde_json::to_string(&stored_cfg.to_json()).expect("config serialises")),
         ),
         (
             "zaya.context_length".into(),
@@ -657,6 +660,10 @@ pub fn quantize_to_gguf(
         ("zaya.expert_used_count".into(), Value::U64(1)),
         ("zaya.vocab_size".into(), Value::U64(cfg.vocab_size as u64)),
     ];
+    if stored_cfg.tie_word_embeddings != cfg.tie_word_embeddings {
+        // for readers of the file: its config is untied, the checkpoint's was not
+        meta.push(("zaya.split_tied_embedding".into(), Value::Bool(true)));
+    }
     let read = |name: &str| -> Result<Option<String>> {
         let p = src.join(name);
         match std::fs::read_to_string(&p) {
@@ -700,7 +707,7 @@ pub fn quantize_to_gguf(
     let mut table = Vec::with_capacity(specs.len());
     let mut offset = 0u64;
     for spec in &specs {
-        let source = ckpt.stored_dtype(&cfg, &spec.name)?;
+        let source = ckpt.stored_dtype(&cfg, plan.source_of(&cfg, &spec.name))?;
         let (requested, d) = stored_format(plan, &spec.name, &spec.shape, source);
         let size = quant::storage_bytes(d, spec.shape.iter().product()) as u64;
         table.push((spec.name.clone(), spec.shape.clone(), d, offset));
@@ -739,16 +746,22 @@ pub fn quantize_to_gguf(
     let data_start = w.stream_position().map_err(io)?;
 
     for (name, shape, d, off) in &table {
-        let t = ckpt.load(&cfg, name, DType::F32, &Device::Cpu)?;
-        let h = match moments.as_deref_mut() {
-            Some(m) => m.of(name)?,
-            None => None,
+        let t = ckpt.load(&cfg, plan.source_of(&cfg, name), DType::F32, &Device::Cpu)?;
+        // the calibration observed the product's input under this name (none: a split
+        // lookup table, rounded plainly)
+        let observed = plan.observed_as(&cfg, name);
+        let h = match (moments.as_deref_mut(), observed) {
+            (Some(m), Some(o)) => m.of(o)?,
+            _ => None,
         };
         let derived = match (imatrix, h) {
             (None, Some(h)) => crate::imatrix::importance_from_moments(name, shape, h)?,
             _ => None,
         };
-        let importance = imatrix.and_then(|m| m.get(name)).or(derived.as_ref());
+        let importance = imatrix
+            .zip(observed)
+            .and_then(|(m, o)| m.get(o))
+            .or(derived.as_ref());
         let mut bytes = tensor_bytes(&t, *d, importance, name)?;
         if let Some(h) = h {
             if crate::gptq::supports(*d) && crate::gptq::applies_to(name) {
@@ -945,10 +958,12 @@ impl QuantizeOnLoad {
     /// Reports the dense checkpoint's stored dtype of every tensor, so that the model built
     /// over it keeps what a GGUF written from the same checkpoint would keep in bf16 (the
     /// two load to the same model).
+    /// `cfg` is the checkpoint's config (tied, where the plan stores the head apart).
     pub fn with_stored_dtypes(mut self, ckpt: &Checkpoint, cfg: &ZayaConfig) -> Result<Self> {
         for name in self.shapes.keys() {
+            let source = self.plan.source_of(cfg, name);
             self.stored
-                .insert(name.clone(), ckpt.stored_dtype(cfg, name)?);
+                .insert(name.clone(), ckpt.stored_dtype(cfg, source)?);
         }
         Ok(self)
     }

@@ -80,18 +80,39 @@ pub fn supports(d: GgmlDType) -> bool {
 }
 
 /// The native tensors of `cfg` whose input moments a GPTQ run under `plan` wants: those the
-/// plan stores in a format GPTQ handles. GPTQ chooses the levels of all of them but the
-/// token embedding ([`applies_to`]), whose moments' diagonal still weighs its block scales
-/// as an importance matrix.
+/// plan stores in a format GPTQ handles, named as the calibrating model of `cfg` observes
+/// them (a split tied head's input is observed as the embedding's,
+/// [`crate::quant::QuantPlan::observed_as`]). GPTQ chooses the levels of all of them but a
+/// tied token embedding ([`applies_to`]), whose moments' diagonal still weighs its block
+/// scales as an importance matrix.
 pub fn moments_for(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet<String> {
+    stored_and_observed(plan, cfg)
+        .into_iter()
+        .map(|(_, observed)| observed)
+        .collect()
+}
+
+/// Whether GPTQ chooses the levels of any tensor of `cfg` under `plan`.
+pub fn rounds_any(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> bool {
+    stored_and_observed(plan, cfg)
+        .iter()
+        .any(|(stored, _)| applies_to(stored))
+}
+
+/// The tensors the file stores in a format GPTQ handles, each with the name its product's
+/// input is observed under.
+fn stored_and_observed(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> Vec<(String, String)> {
     let plan = plan.for_model(cfg);
-    native_specs(cfg)
+    native_specs(&plan.stored_config(cfg))
         .into_iter()
         .filter(|s| {
             matches!(plan.format_for(&s.name, &s.shape),
                 crate::quant::WeightFormat::Quant(d) if supports(d))
         })
-        .map(|s| s.name)
+        .filter_map(|s| {
+            let observed = plan.observed_as(cfg, &s.name)?.to_string();
+            Some((s.name, observed))
+        })
         .collect()
 }
 

@@ -101,13 +101,17 @@ pub enum TensorClass {
     Fixed,
 }
 
+/// The native names of the token embedding and the LM head.
+const EMBEDDING: &str = "model.embed_tokens.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
 impl TensorClass {
     /// The class of native tensor `name`.
     pub fn of(name: &str) -> TensorClass {
-        if name == "model.embed_tokens.weight" {
+        if name == EMBEDDING {
             return TensorClass::Embedding;
         }
-        if name == "lm_head.weight" {
+        if name == LM_HEAD {
             return TensorClass::LmHead;
         }
         if name.ends_with(".mlp.experts.gate_up_proj") || name.ends_with(".mlp.experts.down_proj") {
@@ -243,6 +247,55 @@ impl QuantPlan {
             rules,
             more_bits: None,
             ..self.clone()
+        }
+    }
+
+    /// Whether a tied model of `cfg` is stored with its head apart: the lookup table
+    /// (`--embed-format`) and the head (`--head-format`, or the mix's output format) were
+    /// given different formats. The file then holds `model.embed_tokens.weight` for the
+    /// lookup and `lm_head.weight` for the product, both rounded from the one tied weight,
+    /// and its config is untied ([`QuantPlan::stored_config`]). Why: a looked-up row's
+    /// rounding error enters the residual stream of every token unweighted (q8_0's lookup
+    /// alone costs the default model KL ~1.5e-3), while the product's can be compensated
+    /// by GPTQ and read in a cheaper format, and the lookup reads one row per token
+    /// however wide its format.
+    pub fn splits_tied_head(&self, cfg: &crate::config::ZayaConfig) -> bool {
+        let plan = self.for_model(cfg);
+        cfg.tie_word_embeddings && plan.requested(EMBEDDING) != plan.requested(LM_HEAD)
+    }
+
+    /// The config a file quantized under this plan describes: `cfg`, untied where the plan
+    /// [splits the tied head](QuantPlan::splits_tied_head).
+    pub fn stored_config(&self, cfg: &crate::config::ZayaConfig) -> crate::config::ZayaConfig {
+        let mut out = cfg.clone();
+        if self.splits_tied_head(cfg) {
+            out.tie_word_embeddings = false;
+        }
+        out
+    }
+
+    /// The checkpoint tensor stored tensor `name` is rounded from (a split head: the tied
+    /// embedding).
+    pub fn source_of<'a>(&self, cfg: &crate::config::ZayaConfig, name: &'a str) -> &'a str {
+        if name == LM_HEAD && self.splits_tied_head(cfg) {
+            EMBEDDING
+        } else {
+            name
+        }
+    }
+
+    /// The tensor under which the (tied) calibrating model observes the input of stored
+    /// tensor `name`'s product, for its importance and GPTQ moments: a split head's input
+    /// is observed as the tied embedding's, and a split lookup table has no product
+    /// (`None`: plain rounding).
+    pub fn observed_as<'a>(
+        &self,
+        cfg: &crate::config::ZayaConfig,
+        name: &'a str,
+    ) -> Option<&'a str> {
+        match name {
+            EMBEDDING if self.splits_tied_head(cfg) => None,
+            _ => Some(self.source_of(cfg, name)),
         }
     }
 
@@ -847,6 +900,66 @@ mod tests {
         );
         let err = QuantPlan::named("q4_k_x").unwrap_err().to_string();
         assert!(err.contains("q4_k_m"), "{err}");
+    }
+
+    /// A tied embedding is stored apart from its head exactly when the lookup's and the
+    /// head's formats differ; the head is then read from the embedding and observed as it,
+    /// the lookup is observed as nothing, and the stored config is untied.
+    #[test]
+    fn a_tied_head_is_stored_apart_when_its_format_differs_from_the_lookup() {
+        let (emb, head) = ("model.embed_tokens.weight", "lm_head.weight");
+        let mut cfg = crate::config::ZayaConfig::from_json(&serde_json::json!({
+            "model_type": "zaya", "vocab_size": 64, "hidden_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "moe_intermediate_size": 256, "num_experts": 4, "router_hidden_size": 8
+        }))
+        .unwrap();
+        assert!(cfg.tie_word_embeddings);
+        let q8 = WeightFormat::Quant(GgmlDType::Q8_0);
+        let mix = QuantPlan::named("q4_k_m").unwrap();
+        let lookup_kept = QuantPlan {
+            embedding: WeightFormat::Keep,
+            ..mix.clone()
+        };
+        let uniform_kept = QuantPlan {
+            embedding: WeightFormat::Keep,
+            ..QuantPlan::uniform(q8)
+        };
+        let both_kept = QuantPlan {
+            lm_head: WeightFormat::Keep,
+            ..uniform_kept.clone()
+        };
+        let mut head_rule = mix.clone();
+        head_rule.rules.push((head.into(), q8));
+        for (plan, split) in [
+            (&mix, false), // the embedding follows the mix's head format
+            (&QuantPlan::uniform(q8), false),
+            (&both_kept, false),
+            (&lookup_kept, true),
+            (&uniform_kept, true),
+            (&head_rule, true), // a rule on the head's name alone
+        ] {
+            assert_eq!(plan.splits_tied_head(&cfg), split, "{plan:?}");
+            assert_eq!(plan.stored_config(&cfg).tie_word_embeddings, !split);
+            assert_eq!(plan.source_of(&cfg, head), if split { emb } else { head });
+            assert_eq!(plan.observed_as(&cfg, emb), (!split).then_some(emb));
+            let observed = if split { emb } else { head };
+            assert_eq!(plan.observed_as(&cfg, head), Some(observed));
+            let layer = "model.layers.0.mlp.experts.down_proj";
+            assert_eq!(plan.source_of(&cfg, layer), layer);
+            assert_eq!(plan.observed_as(&cfg, layer), Some(layer));
+        }
+        let resolved = lookup_kept.for_model(&cfg);
+        assert_eq!(resolved.requested(emb), WeightFormat::Keep);
+        assert_eq!(
+            resolved.requested(head),
+            WeightFormat::Quant(GgmlDType::Q6K)
+        );
+        // an untied model stores its own two tensors whatever the formats
+        cfg.tie_word_embeddings = false;
+        assert!(!lookup_kept.splits_tied_head(&cfg));
+        assert_eq!(lookup_kept.source_of(&cfg, head), head);
+        assert_eq!(lookup_kept.observed_as(&cfg, emb), Some(emb));
     }
 
     #[test]

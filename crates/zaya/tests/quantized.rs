@@ -44,12 +44,16 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 
 /// A random model (native layout, f32) whose rows fit every block size (256).
 fn blocky_model(tag: &str) -> PathBuf {
+    blocky_model_tied(tag, false)
+}
+
+fn blocky_model_tied(tag: &str, tied: bool) -> PathBuf {
     let cfg = ZayaConfig::from_json(&serde_json::json!({
         "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
         "moe_intermediate_size": 256, "num_experts": 4, "router_hidden_size": 32,
         "layer_types": ["hybrid", "hybrid_sliding"], "sliding_window": 16,
-        "tie_word_embeddings": false, "max_position_embeddings": 256
+        "tie_word_embeddings": tied, "max_position_embeddings": 256
     }))
     .unwrap();
     let weights = zaya::init::random_weights(&cfg, 7).unwrap();
@@ -455,6 +459,61 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
             assert!(d < 1e-4, "{f}: step {s} logits differ by {d}");
         }
     }
+}
+
+/// A tied embedding given its own lookup format (`--embed-format keep` under q4_k_m) is
+/// stored apart from its head: the file holds an untied model whose lookup is the exact
+/// table and whose head is the q6_k rounding of the same weight; it looks up what the dense
+/// model does bit for bit, its logits stay near f32's, `--quant` at load with the same
+/// plan builds the same model, and a plan whose two formats agree stores one tensor.
+#[test]
+fn a_tied_embedding_with_its_own_lookup_format_is_stored_apart_from_its_head() {
+    let dir = blocky_model_tied("qsplit", true);
+    let dense = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert!(dense.config().tie_word_embeddings);
+    let split = QuantPlan {
+        embedding: WeightFormat::Keep,
+        ..QuantPlan::named("q4_k_m").unwrap()
+    };
+    let out = dir.join("split.gguf");
+    let report = quantize_to_gguf(&dir, &out, &split, None, None).unwrap();
+    assert!(report.tensors.iter().any(|(n, ..)| n == "lm_head.weight"));
+    let g = zaya::gguf::GgufCheckpoint::open(&out).unwrap();
+    assert!(!g.config().tie_word_embeddings);
+    let formats = g.formats();
+    assert_eq!(formats["model.embed_tokens.weight"], GgmlDType::F32);
+    assert_eq!(formats["lm_head.weight"], GgmlDType::Q6K);
+    let mut f = std::fs::File::open(&out).unwrap();
+    let meta = Content::read(&mut f).unwrap().metadata;
+    assert!(matches!(
+        meta.get("zaya.split_tied_embedding"),
+        Some(Value::Bool(true))
+    ));
+
+    let model = ZayaModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[5u32, 100, 31, 7, 400, 2]], &Device::Cpu).unwrap();
+    let looked_up = (model.embed(&ids).unwrap(), dense.embed(&ids).unwrap());
+    assert_eq!(common::max_abs_diff(&looked_up.0, &looked_up.1), 0.0);
+    let rows = [PROMPT.to_vec()];
+    let (q, want) = (logits(&model, &rows), logits(&dense, &rows));
+    let err = rel_err(&q, &want);
+    // (q4_k's bound in `every_format_loads_and_runs_within_its_tolerance`)
+    assert!(err > 0.0 && err < 0.27, "relative logit error {err}");
+    let at_load = ZayaModel::load_quantized(&dir, DType::F32, &Device::Cpu, Some(&split)).unwrap();
+    assert_eq!(common::max_abs_diff(&logits(&at_load, &rows), &q), 0.0);
+    assert_eq!(at_load.weight_bytes(), model.weight_bytes());
+
+    // the mix alone: one tied tensor in q6_k, as llama.cpp's q4_k_m
+    let tied = dir.join("tied.gguf");
+    write_gguf(&dir, &tied, &QuantPlan::named("q4_k_m").unwrap());
+    let g = zaya::gguf::GgufCheckpoint::open(&tied).unwrap();
+    assert!(g.config().tie_word_embeddings);
+    assert!(!g.formats().contains_key("lm_head.weight"));
+    assert_eq!(g.formats()["model.embed_tokens.weight"], GgmlDType::Q6K);
+    // whose lookup is rounded too: further from f32 than the exact lookup
+    let tied = ZayaModel::load(&tied, DType::F32, &Device::Cpu).unwrap();
+    let tied_err = rel_err(&logits(&tied, &rows), &want);
+    assert!(err < tied_err, "split {err}, tied {tied_err}");
 }
 
 /// Records every input an observed model reports, by (weight, expert).

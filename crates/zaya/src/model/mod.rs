@@ -218,6 +218,12 @@ impl ZayaModel {
         let embed_tokens = if part.holds(cfg, "model.embed_tokens.weight") {
             Some(match embed.quantized((cfg.vocab_size, h), "weight")? {
                 Some(q) => Embedding::Quantized(q),
+                // A table that is only looked up (untied) reads one row per token: a
+                // frozen one stays in its stored dtype and its rows widen as looked up
+                // (half the memory of ZAYA1-8B's f32 table from a bf16 GGUF).
+                None if !cfg.tie_word_embeddings => {
+                    Embedding::Dense(embed.get_stored((cfg.vocab_size, h), "weight")?)
+                }
                 None => Embedding::Dense(embed.get((cfg.vocab_size, h), "weight")?),
             })
         } else {
@@ -360,11 +366,22 @@ impl ZayaModel {
         match quant {
             None => Self::new(&cfg, vb),
             Some(plan) => {
+                // A plan that stores a tied head apart builds the untied model a file
+                // written with it holds: the head is read from the tied embedding.
+                let plan = plan.for_model(&cfg);
+                let built = plan.stored_config(&cfg);
+                let vb = if built.tie_word_embeddings == cfg.tie_word_embeddings {
+                    vb
+                } else {
+                    let source = plan.clone();
+                    let tied = cfg.clone();
+                    vb.rename_f(move |name| source.source_of(&tied, name).to_string())
+                };
                 let src = Arc::new(
-                    QuantizeOnLoad::new(vb.clone(), &cfg, plan.clone(), None)
+                    QuantizeOnLoad::new(vb.clone(), &built, plan, None)
                         .with_stored_dtypes(&ckpt, &cfg)?,
                 );
-                Self::from_weights(&cfg, Weights::new(vb, Some(src)))
+                Self::from_weights(&built, Weights::new(vb, Some(src)))
             }
         }
     }
@@ -458,7 +475,9 @@ impl ZayaModel {
                 .contiguous()?;
             e = is_pad.where_cond(&e.detach(), &e)?;
         }
-        let e = e.reshape((b, t, self.cfg.hidden_size))?;
+        let e = e
+            .reshape((b, t, self.cfg.hidden_size))?
+            .to_dtype(self.dtype)?;
         Ok(e.broadcast_add(in_bias)?
             .broadcast_mul(in_scale)?
             .to_dtype(DType::F32)?)
