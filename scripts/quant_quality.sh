@@ -53,11 +53,13 @@ calib=()
 default_rows() {
     cat <<EOF
 q8_0|--format q8_0
-q8_0, embedding kept|--format q8_0 --embed-format keep
+q8_0, lookup kept|--format q8_0 --embed-format keep
+q8_0, embedding and head kept|--format q8_0 --embed-format keep --head-format keep
 q6_k|--format q6_k
 q5_k|--format q5_k
 q4_k|--format q4_k
 q4_k_m|--format q4_k_m
+q4_k_m, lookup kept|--format q4_k_m --embed-format keep
 q5_k_m|--format q5_k_m
 q4_0|--format q4_0
 q3_k|--format q3_k
@@ -68,11 +70,13 @@ q4_0 --imatrix|--format q4_0 --imatrix CAL
 q3_k --imatrix|--format q3_k --imatrix CAL
 q2_k --imatrix|--format q2_k --imatrix CAL
 q8_0 --gptq|--format q8_0 --gptq CAL
-q8_0, embedding kept, --gptq|--format q8_0 --embed-format keep --gptq CAL
+q8_0, lookup kept, --gptq|--format q8_0 --embed-format keep --gptq CAL
+q8_0, embedding and head kept, --gptq|--format q8_0 --embed-format keep --head-format keep --gptq CAL
 q6_k --gptq|--format q6_k --gptq CAL
 q5_k_m --gptq|--format q5_k_m --gptq CAL
 q4_k --gptq|--format q4_k --gptq CAL
 q4_k_m --gptq|--format q4_k_m --gptq CAL
+q4_k_m, lookup kept, --gptq|--format q4_k_m --embed-format keep --gptq CAL
 q4_0 --gptq|--format q4_0 --gptq CAL
 EOF
 }

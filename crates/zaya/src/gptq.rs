@@ -13,7 +13,9 @@
 //!
 //! Not applied to a tied embedding: its rows are also looked up, and GPTQ's compensation
 //! only holds for the product with the final hidden state (measured on the default model:
-//! q8_0 KL 2.0e-3 → 6.0e-3 with it, against 2.0e-3 → 1.9e-3 without).
+//! q8_0 KL 2.0e-3 → 6.0e-3 with it, against 2.0e-3 → 1.9e-3 without). A tied head stored
+//! apart from its lookup ([`crate::quant::QuantPlan::splits_tied_head`]) is a product only,
+//! and GPTQ rounds it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
