@@ -28,7 +28,8 @@ pub struct PlanArgs {
     /// lookup table's: where it differs from the head's format (--head-format, or the
     /// mix's), the file stores the head apart (an untied model whose lm_head is rounded
     /// from the tied weight), e.g. `--embed-format keep` keeps every looked-up row exact
-    /// while the head's product reads the quantized copy.
+    /// while the head's product reads the quantized copy. In a mix, the mix's base format
+    /// counts as not given (the tied embedding follows the head).
     #[arg(long)]
     pub embed_format: Option<String>,
     /// Format of the lm_head (default: --format; q6_k in the mixes, where a tied
@@ -189,7 +190,6 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
         Some(path) => {
             let (tok, ids) = calibration_ids(path)?;
             let cfg = zaya::weights::Checkpoint::open(&model)?.config()?;
-            let names = zaya::gptq::moments_for(&plan, &cfg);
             if !zaya::gptq::rounds_any(&plan, &cfg) {
                 bail!(
                     "--gptq: no tensor of this plan is stored in a format GPTQ handles \
@@ -205,7 +205,7 @@ pub fn run_quantize(args: QuantizeArgs) -> Result<()> {
                 &model,
                 &ids,
                 windows(&tok),
-                names,
+                &plan,
                 args.gptq_per_layer,
             )?)
         }

@@ -87,7 +87,7 @@ pub fn supports(d: GgmlDType) -> bool {
 /// [`crate::quant::QuantPlan::observed_as`]). GPTQ chooses the levels of all of them but a
 /// tied token embedding ([`applies_to`]), whose moments' diagonal still weighs its block
 /// scales as an importance matrix.
-pub fn moments_for(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet<String> {
+fn moments_for(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> BTreeSet<String> {
     stored_and_observed(plan, cfg)
         .into_iter()
         .map(|(_, observed)| observed)
@@ -101,16 +101,19 @@ pub fn rounds_any(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> bool {
         .any(|(stored, _)| applies_to(stored))
 }
 
+/// Whether `plan` (resolved for the model) stores tensor `spec` in a format GPTQ handles.
+fn in_gptq_format(plan: &crate::quant::QuantPlan, spec: &crate::weights::TensorSpec) -> bool {
+    matches!(plan.format_for(&spec.name, &spec.shape),
+        crate::quant::WeightFormat::Quant(d) if supports(d))
+}
+
 /// The tensors the file stores in a format GPTQ handles, each with the name its product's
 /// input is observed under.
 fn stored_and_observed(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> Vec<(String, String)> {
     let plan = plan.for_model(cfg);
     native_specs(&plan.stored_config(cfg))
         .into_iter()
-        .filter(|s| {
-            matches!(plan.format_for(&s.name, &s.shape),
-                crate::quant::WeightFormat::Quant(d) if supports(d))
-        })
+        .filter(|s| in_gptq_format(&plan, s))
         .filter_map(|s| {
             let observed = plan.observed_as(cfg, &s.name)?.to_string();
             Some((s.name, observed))
@@ -250,14 +253,16 @@ fn trim_heap() {
     }
 }
 
-/// Bytes writing the largest tensor `wanted` accepts takes: its blocks (and their copy),
-/// and where GPTQ rounds it its values in f32, one factor per matrix (f32 `cols²`) and the
-/// f64 scratch of two factorisations running side by side (other tensors are widened to
-/// f32 a part of at most 16 Mi values at a time, two parts at once).
-pub fn rounding_bytes(cfg: &ZayaConfig, wanted: impl Fn(&str) -> bool) -> u64 {
-    native_specs(cfg)
+/// Bytes writing the largest tensor that `plan` stores in a format GPTQ handles takes (a
+/// model of `cfg`): its blocks (and their copy), and where GPTQ rounds it (a split tied
+/// head included) its values in f32, one factor per matrix (f32 `cols²`) and the f64
+/// scratch of two factorisations running side by side (other tensors are widened to f32 a
+/// part of at most 16 Mi values at a time, two parts at once).
+pub fn rounding_bytes(plan: &crate::quant::QuantPlan, cfg: &ZayaConfig) -> u64 {
+    let plan = plan.for_model(cfg);
+    native_specs(&plan.stored_config(cfg))
         .iter()
-        .filter(|s| s.shape.len() >= 2 && wanted(&s.name))
+        .filter(|s| s.shape.len() >= 2 && in_gptq_format(&plan, s))
         .map(|s| {
             let elems: u64 = s.shape.iter().map(|&d| d as u64).product();
             let cols = *s.shape.last().unwrap_or(&0) as u64;
@@ -341,33 +346,35 @@ impl std::fmt::Debug for Moments {
 }
 
 impl Moments {
-    /// Moments of the `wanted` tensors of the checkpoint in `dir`, from the calibration
-    /// text `ids`: all in one pass where they fit in memory and `force_per_layer` is
-    /// false, else one pass per layer; an error naming the sizes when not even one
-    /// layer's fit. Calibrates nothing yet when per layer; all at once, now.
+    /// Moments of the tensors of the checkpoint in `dir` that `plan` stores in a format GPTQ
+    /// handles ([`moments_for`]), from the calibration text `ids`: all in one pass where
+    /// they fit in memory and `force_per_layer` is false, else one pass per layer; an
+    /// error naming the sizes when not even one layer's fit. Calibrates nothing yet when
+    /// per layer; all at once, now.
     pub fn collect(
         dir: &Path,
         ids: &[u32],
         calibration: crate::imatrix::Calibration,
-        wanted: BTreeSet<String>,
+        plan: &crate::quant::QuantPlan,
         force_per_layer: bool,
     ) -> Result<Moments> {
         let cfg = crate::weights::Checkpoint::open(dir)?.config()?;
+        let wanted = moments_for(plan, &cfg);
         let bytes = |g: Option<Group>| {
             hessian_bytes(&cfg, |n| {
                 wanted.contains(n) && g.is_none_or(|g| group_of(n) == g)
             })
         };
         let all = bytes(None);
-        // per layer: the largest layer's moments beside the LM head's (kept from the start,
-        // as the writer asks for the embedding first), and what rounding the largest
+        // per layer: the largest layer's moments beside the LM head's (kept from the start:
+        // a tied embedding, written first, asks for them), and what rounding the largest
         // tensor takes while the calibrating model stays loaded
         let largest = (0..cfg.num_hidden_layers)
             .map(|l| bytes(Some(Group::Layer(l))))
             .max()
             .unwrap_or(0)
             + bytes(Some(Group::Rest))
-            + rounding_bytes(&cfg, |n| wanted.contains(n));
+            + rounding_bytes(plan, &cfg);
         // per layer, the windows' residual streams are kept between layers as well
         let tokens = match calibration.max_tokens {
             0 => ids.len(),

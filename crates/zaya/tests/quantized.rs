@@ -391,9 +391,19 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
         keep_step_logits: true,
         ..Default::default()
     };
-    for f in ["q8_0", "q4_k"] {
+    // (the third: the embedding, only looked up in this untied model, kept: it stays bf16
+    // too, widened per looked-up row)
+    let lookup_kept = QuantPlan {
+        embedding: WeightFormat::Keep,
+        ..plan("q4_k")
+    };
+    for (f, p) in [
+        ("q8_0", plan("q8_0")),
+        ("q4_k", plan("q4_k")),
+        ("q4_k-lookup-kept", lookup_kept),
+    ] {
         let out = bf16_dir.join(format!("m-{f}.gguf"));
-        write_gguf(&bf16_dir, &out, &plan(f));
+        write_gguf(&bf16_dir, &out, &p);
         let g = zaya::gguf::GgufCheckpoint::open(&out).unwrap();
         let src = zaya::weights::Checkpoint::open(&bf16_dir).unwrap();
         let src_cfg = src.config().unwrap();
@@ -420,9 +430,9 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
         assert_eq!(kept_bf16, 4, "{f}");
         let from_file = ZayaModel::load(&out, DType::F32, &Device::Cpu).unwrap();
         let at_load =
-            ZayaModel::load_quantized(&bf16_dir, DType::F32, &Device::Cpu, Some(&plan(f))).unwrap();
+            ZayaModel::load_quantized(&bf16_dir, DType::F32, &Device::Cpu, Some(&p)).unwrap();
         let wide_out = wide_dir.join(format!("m-{f}.gguf"));
-        write_gguf(&wide_dir, &wide_out, &plan(f));
+        write_gguf(&wide_dir, &wide_out, &p);
         let wide = ZayaModel::load(&wide_out, DType::F32, &Device::Cpu).unwrap();
 
         let ids = [PROMPT.to_vec(), PROMPT.iter().rev().copied().collect()];
@@ -443,9 +453,14 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
         let (h, r, e) = (cfg.hidden_size, cfg.router_hidden_size, cfg.num_experts);
         let c = cfg.conv_channels();
         let per_layer = h * r + 2 * r * r + r * (e + 1) + c * cfg.head_dim * cfg.cca_time1;
+        let lookup = if p.embedding == WeightFormat::Keep {
+            cfg.vocab_size * h
+        } else {
+            0
+        };
         assert_eq!(
             wide.weight_bytes() - from_file.weight_bytes(),
-            2 * per_layer * cfg.num_hidden_layers,
+            2 * (per_layer * cfg.num_hidden_layers + lookup),
             "{f}: bytes saved"
         );
         let d = common::max_abs_diff(&a, &w);
@@ -464,8 +479,10 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
 /// A tied embedding given its own lookup format (`--embed-format keep` under q4_k_m) is
 /// stored apart from its head: the file holds an untied model whose lookup is the exact
 /// table and whose head is the q6_k rounding of the same weight; it looks up what the dense
-/// model does bit for bit, its logits stay near f32's, `--quant` at load with the same
-/// plan builds the same model, and a plan whose two formats agree stores one tensor.
+/// model does bit for bit, its logits stay near f32's, quantizing at load with the same
+/// plan (from the checkpoint or from a dense tied GGUF) builds the same model, an
+/// importance matrix weighs the head with the tied weight's entry and the lookup with
+/// nothing, and a plan whose two formats agree stores one tensor.
 #[test]
 fn a_tied_embedding_with_its_own_lookup_format_is_stored_apart_from_its_head() {
     let dir = blocky_model_tied("qsplit", true);
@@ -499,9 +516,44 @@ fn a_tied_embedding_with_its_own_lookup_format_is_stored_apart_from_its_head() {
     let err = rel_err(&q, &want);
     // (q4_k's bound in `every_format_loads_and_runs_within_its_tolerance`)
     assert!(err > 0.0 && err < 0.27, "relative logit error {err}");
-    let at_load = ZayaModel::load_quantized(&dir, DType::F32, &Device::Cpu, Some(&split)).unwrap();
-    assert_eq!(common::max_abs_diff(&logits(&at_load, &rows), &q), 0.0);
-    assert_eq!(at_load.weight_bytes(), model.weight_bytes());
+    let dense_gguf = dir.join("dense.gguf");
+    write_gguf(&dir, &dense_gguf, &plan("keep"));
+    for source in [&dir, &dense_gguf] {
+        let at_load =
+            ZayaModel::load_quantized(source, DType::F32, &Device::Cpu, Some(&split)).unwrap();
+        assert!(!at_load.config().tie_word_embeddings);
+        assert_eq!(common::max_abs_diff(&logits(&at_load, &rows), &q), 0.0);
+        assert_eq!(at_load.weight_bytes(), model.weight_bytes());
+    }
+
+    // A saved importance matrix (entries under the tied weight's name): the head takes the
+    // embedding's entry, the lookup none (the same bytes as without the matrix).
+    let stored = |path: &Path, name: &str| {
+        let mut f = std::fs::File::open(path).unwrap();
+        let c = Content::read(&mut f).unwrap();
+        let t = c.tensor(&mut f, name, &Device::Cpu).unwrap();
+        t.data().unwrap().to_vec()
+    };
+    let h = dense.config().hidden_size;
+    let importance: zaya::imatrix::ImportanceMatrix = [(
+        "model.embed_tokens.weight".to_string(),
+        (0..h).map(|i| 1.0 + (i % 7) as f32 * 3.0).collect(),
+    )]
+    .into();
+    let both = QuantPlan {
+        embedding: WeightFormat::Quant(GgmlDType::Q4K),
+        lm_head: WeightFormat::Quant(GgmlDType::Q5K),
+        ..plan("q8_0")
+    };
+    let (weighed, plain) = (dir.join("weighed.gguf"), dir.join("plain.gguf"));
+    quantize_to_gguf(&dir, &weighed, &both, Some(&importance), None).unwrap();
+    write_gguf(&dir, &plain, &both);
+    let emb = "model.embed_tokens.weight";
+    assert_eq!(stored(&weighed, emb), stored(&plain, emb));
+    assert_ne!(
+        stored(&weighed, "lm_head.weight"),
+        stored(&plain, "lm_head.weight")
+    );
 
     // the mix alone: one tied tensor in q6_k, as llama.cpp's q4_k_m
     let tied = dir.join("tied.gguf");

@@ -197,6 +197,25 @@ impl ModelPart {
     }
 }
 
+/// What quantizing a model of `cfg` under `plan` while loading builds: the plan resolved
+/// for the model, and where it stores a tied head apart ([`QuantPlan::splits_tied_head`])
+/// the untied model a file written with it holds, whose head is read from the tied
+/// embedding (`vb` renamed); else `cfg` and `vb` as they are.
+fn split_tied_head(
+    vb: VarBuilder<'static>,
+    cfg: &ZayaConfig,
+    plan: &QuantPlan,
+) -> (VarBuilder<'static>, ZayaConfig, QuantPlan) {
+    let plan = plan.for_model(cfg);
+    let built = plan.stored_config(cfg);
+    if built.tie_word_embeddings == cfg.tie_word_embeddings {
+        return (vb, built, plan);
+    }
+    let (source, tied) = (plan.clone(), cfg.clone());
+    let vb = vb.rename_f(move |name| source.source_of(&tied, name).to_string());
+    (vb, built, plan)
+}
+
 impl ZayaModel {
     pub fn new(cfg: &ZayaConfig, vb: VarBuilder) -> Result<Self> {
         Self::from_weights(cfg, Weights::from(vb))
@@ -346,16 +365,15 @@ impl ZayaModel {
             g.validate()?;
             let cfg = g.config().clone();
             let vb = g.var_builder(dtype, device);
-            let src: Arc<dyn QuantizedSource> = match quant {
-                Some(plan) => Arc::new(QuantizeOnLoad::new(
-                    vb.clone(),
-                    &cfg,
-                    plan.clone(),
-                    Some(g as Arc<dyn QuantizedSource>),
-                )),
-                None => g,
+            return match quant {
+                Some(plan) => {
+                    let (vb, built, plan) = split_tied_head(vb, &cfg, plan);
+                    let inner = Some(g as Arc<dyn QuantizedSource>);
+                    let src = Arc::new(QuantizeOnLoad::new(vb.clone(), &built, plan, inner));
+                    Self::from_weights(&built, Weights::new(vb, Some(src)))
+                }
+                None => Self::from_weights(&cfg, Weights::new(vb, Some(g))),
             };
-            return Self::from_weights(&cfg, Weights::new(vb, Some(src)));
         }
         let ckpt = Arc::new(Checkpoint::open(path)?);
         let cfg = ckpt.config()?;
@@ -366,17 +384,7 @@ impl ZayaModel {
         match quant {
             None => Self::new(&cfg, vb),
             Some(plan) => {
-                // A plan that stores a tied head apart builds the untied model a file
-                // written with it holds: the head is read from the tied embedding.
-                let plan = plan.for_model(&cfg);
-                let built = plan.stored_config(&cfg);
-                let vb = if built.tie_word_embeddings == cfg.tie_word_embeddings {
-                    vb
-                } else {
-                    let source = plan.clone();
-                    let tied = cfg.clone();
-                    vb.rename_f(move |name| source.source_of(&tied, name).to_string())
-                };
+                let (vb, built, plan) = split_tied_head(vb, &cfg, plan);
                 let src = Arc::new(
                     QuantizeOnLoad::new(vb.clone(), &built, plan, None)
                         .with_stored_dtypes(&ckpt, &cfg)?,
