@@ -98,9 +98,9 @@ pub struct QuantizeArgs {
     /// weight's levels so that the layer's outputs on such inputs stay close (GPTQ, in
     /// order of input energy), on the block scales the plain (or `--imatrix`) quantizer
     /// picked: the file is an ordinary GGUF. Formats: q8_0, q6_k, q5_k, q5_1, q5_0, q4_k,
-    /// q4_1, q4_0 (others quantize as usual); not a tied token embedding, whose rows are also
-    /// looked up (its head is, when stored apart: see --embed-format). Without --imatrix, the moments' diagonals (the same mean squares) weigh
-    /// the block scales. The calibration options below shape this pass too.
+    /// q4_1, q4_0 (others quantize as usual); not a tied token embedding, whose rows are
+    /// also looked up (its head is, when stored apart: see --embed-format). Without
+    /// --imatrix, the moments' diagonals (the same mean squares) weigh the block scales. The calibration options below shape this pass too.
     #[arg(long)]
     pub gptq: Option<PathBuf>,
     /// Collect GPTQ's input moments one decoder layer at a time (one calibration pass per
