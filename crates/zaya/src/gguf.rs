@@ -746,7 +746,9 @@ pub fn quantize_to_gguf(
     let data_start = w.stream_position().map_err(io)?;
 
     for (name, shape, d, off) in &table {
-        let t = ckpt.load(&cfg, plan.source_of(&cfg, name), DType::F32, &Device::Cpu)?;
+        // a dense format is read in its own dtype (no f32 copy of a bf16 table beside it)
+        let dtype = float_dtype(*d).unwrap_or(DType::F32);
+        let t = ckpt.load(&cfg, plan.source_of(&cfg, name), dtype, &Device::Cpu)?;
         // the calibration observed the product's input under this name (none: a split
         // lookup table, rounded plainly)
         let observed = plan.observed_as(&cfg, name);
@@ -806,39 +808,23 @@ fn tensor_bytes(
     imatrix: Option<&Vec<f32>>,
     name: &str,
 ) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    Ok(match d {
-        GgmlDType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        GgmlDType::F16 => flat
-            .to_dtype(DType::F16)?
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_bits().to_le_bytes())
-            .collect(),
-        GgmlDType::BF16 => flat
-            .to_dtype(DType::BF16)?
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_bits().to_le_bytes())
-            .collect(),
-        _ => {
-            let q = match imatrix {
-                Some(w) => quant::quantize_weighted(t, d, w),
-                None => quant::quantize(t, d),
-            }
-            .map_err(|e| GgufError::Quantize {
-                name: name.to_string(),
-                format: quant::ggml_name(d).to_string(),
-                weighted: imatrix.is_some() && quant::takes_importance(d),
-                message: e.to_string(),
-            })?;
-            q.data()?.into_owned()
-        }
-    })
+    if let Some(dtype) = float_dtype(d) {
+        // safetensors' little-endian element bytes, which GGUF's dense formats share: one
+        // copy of the values (the 8B's bf16 embedding is 1 GiB)
+        use safetensors::View;
+        return Ok(t.to_dtype(dtype)?.data().into_owned());
+    }
+    let q = match imatrix {
+        Some(w) => quant::quantize_weighted(t, d, w),
+        None => quant::quantize(t, d),
+    }
+    .map_err(|e| GgufError::Quantize {
+        name: name.to_string(),
+        format: quant::ggml_name(d).to_string(),
+        weighted: imatrix.is_some() && quant::takes_importance(d),
+        message: e.to_string(),
+    })?;
+    Ok(q.data()?.into_owned())
 }
 
 fn ggml_type_id(d: GgmlDType) -> u32 {
