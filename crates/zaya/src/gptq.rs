@@ -62,7 +62,7 @@ pub type Hessians = BTreeMap<String, Vec<Option<Hessian>>>;
 /// Whether GPTQ chooses the levels of `name`: every quantizable product except the token
 /// embedding (see the module docs).
 pub fn applies_to(name: &str) -> bool {
-    name != "model.embed_tokens.weight"
+    name != crate::quant::EMBEDDING
 }
 
 /// The formats whose levels GPTQ can choose here (their grids are read and written by

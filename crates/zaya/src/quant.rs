@@ -102,7 +102,7 @@ pub enum TensorClass {
 }
 
 /// The native names of the token embedding and the LM head.
-const EMBEDDING: &str = "model.embed_tokens.weight";
+pub(crate) const EMBEDDING: &str = "model.embed_tokens.weight";
 const LM_HEAD: &str = "lm_head.weight";
 
 impl TensorClass {
