@@ -1,44 +1,68 @@
 //! Products against Q4_K weights with the activations rounded to Q8_K, in integers: the
-//! arithmetic of candle's (llama.cpp's) Q4_K matmul — each activation row rounded per 256
-//! values to `d·q` with `q` in `i8` exactly as candle's `BlockQ8K::from_float` does, the
-//! nibbles multiplied by `q` in 16-bit pairs, scaled by the 6-bit sub-block scales in 32-bit
-//! integers, one float scale per super-block — but reading the GGUF blocks in place. candle
-//! repacks every Q4_K matrix into 16-row tiles on first use and keeps the tiles beside the
-//! blocks (resident memory about 2.3× the weights, and the first pass over each expert
-//! pays the repacking); this kernel needs no second copy.
+//! arithmetic of candle's (llama.cpp's) Q4_K matmul — activations rounded by
+//! [`super::q8k`] exactly as candle's `BlockQ8K::from_float`, integer dot products with
+//! the nibbles, the 6-bit sub-block scales and mins applied in 32-bit integers, one float
+//! scale per super-block and term — but reading the GGUF blocks in place. candle repacks
+//! every Q4_K matrix into 16-row tiles on first use and keeps the tiles beside the blocks
+//! (resident memory about 2.3× the weights, and the first pass over each expert pays the
+//! repacking); this kernel needs no second copy.
 //!
 //! Q4_K super-block (144 bytes): f16 `d`, f16 `dmin`, 12 bytes of 6-bit scales and mins of
 //! eight sub-blocks of 32, 128 bytes of nibbles (bytes `32c..32c+32`: weights `64c..64c+32`
-//! in the low nibbles, `64c+32..64c+64` in the high ones). Weight `= d·sc_s·q − dmin·m_s`,
-//! so `x·w = d·dx·Σ_s sc_s·Σ q·qx − dmin·dx·Σ_s m_s·Σ qx` with integer inner sums.
+//! in the low nibbles, `64c+32..64c+64` in the high ones). Weight `= d·sc_s·q − dmin·m_s`.
 //!
-//! - up to [`GEMV_ROWS`](super::cpu::GEMV_ROWS) rows: each weight super-block is decoded once (nibbles, the scale
-//!   vectors) for all rows, weight rows split across the kernel pool; AVX-512BW bodies
-//!   (`vpmaddubsw` / `vpmaddwd`), the same on 256-bit vectors where the CPU has AVX2 but
-//!   not AVX-512BW, a portable body elsewhere.
-//! - more rows: the same, [`GEMV_ROWS`](super::cpu::GEMV_ROWS) rows at a time (compute-bound there; the weight is
-//!   read once per chunk).
+//! Decoded, a 64-byte load of nibbles gives, in its low nibbles, weights `128c..128c+32`
+//! and `128c+64..128c+96`, in its high nibbles the two runs of 32 after each: those are
+//! the source vectors. The driver and the bodies (AVX-512 with or without VNNI, AVX2,
+//! portable) are [`super::q8k`]'s; the weight rows are split across the kernel pool, each
+//! super-block decoded once per group of up to eight activation rows, products of more
+//! than [`GEMV_ROWS`](super::cpu::GEMV_ROWS) rows that many rows at a time.
 //!
 //! The reference is candle's own Q4_K matmul (`QTensor` forward): the integer sums are
+//! exact in both, so the results differ only by the order of the float sums.
+
 use half::f16;
 
-use super::q8k::{self, Format, Q8kRows, QK_K};
+use super::q8k::{self, Format, NaturalBlock, Q8kRows, Units, QK_K};
 use candle_core::Result;
 
 /// Bytes per Q4_K super-block.
 const BLOCK_BYTES: usize = 144;
 
-/// Where sub-block `s` of a super-block's activations is stored in [`Q8kRows::qs`]: the
-/// order 0 2 1 3 4 6 5 7, so one 64-byte load lines up with the low (or high) nibbles of
-/// 64 weight bytes.
-const STORED_AT: q8k::Order = [0, 2, 1, 3, 4, 6, 5, 7];
+/// Natural unit in lane `l` of source vector `v`: `v / 2` picks the 64 nibble bytes (128
+/// weights), `v % 2` the low or high nibbles; lanes 0..8 are the first 32 bytes' weights,
+/// lanes 8..16 the next 32 bytes' (64 weights further on).
+const fn source_unit(v: usize, l: usize) -> u8 {
+    let unit = 32 * (v / 2) + 8 * (v % 2) + if l < 8 { l } else { l + 8 };
+    unit as u8
+}
+
+/// The bodies' storage order.
+const UNITS: Units = q8k::transposed(&{
+    let mut src = [[0u8; 16]; 4];
+    let mut v = 0;
+    while v < 4 {
+        let mut l = 0;
+        while l < 16 {
+            src[v][l] = source_unit(v, l);
+            l += 1;
+        }
+        v += 1;
+    }
+    src
+});
+const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
+
+/// Lane `L`'s sub-block (scale and min): one per two runs of 16.
+const LANE_SUB: [u32; 16] = q8k::lane_scales(&UNITS, 2);
 
 /// The format [`q8k::linear`] runs.
 const Q4K: Format = Format {
     name: "q4_k",
     block_bytes: BLOCK_BYTES,
-    order: STORED_AT,
+    units: UNITS,
     dots,
+    natural,
 };
 
 /// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q4_K
@@ -78,88 +102,52 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
-/// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q4_K weight row: the
-/// portable body (the same integer sums as the AVX-512 one, float sums in row order).
-fn dots_portable(
-    xq: &Q8kRows,
-    kb: usize,
-    rows: std::ops::Range<usize>,
-    row: &[u8],
-    out: &mut [f32],
-) {
-    for (o, i) in out.iter_mut().zip(rows) {
-        let mut acc = 0f32;
-        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            let at = i * kb + b;
-            let (sc, mn) = scales_and_mins(blk);
-            let qs = &xq.qs[QK_K * at..QK_K * (at + 1)];
-            let bs = &xq.bsums[16 * at..16 * at + 16];
-            let (mut sumi, mut summ) = (0i32, 0i32);
-            for s in 0..8 {
-                let (scale, min) = ((sc >> (8 * s)) as u8 as i32, (mn >> (8 * s)) as u8 as i32);
-                let bytes = &blk[16 + 32 * (s / 2)..16 + 32 * (s / 2) + 32];
-                let x = &qs[32 * STORED_AT[s]..32 * STORED_AT[s] + 32];
-                let dot: i32 = bytes
-                    .iter()
-                    .zip(x)
-                    .map(|(&b, &q)| (if s % 2 == 0 { b & 0xF } else { b >> 4 }) as i32 * q as i32)
-                    .sum();
-                sumi += scale * dot;
-                summ += min * (bs[2 * s] as i32 + bs[2 * s + 1] as i32);
+/// One super-block in natural order (the portable body's decoding).
+fn natural(blk: &[u8]) -> NaturalBlock {
+    let (sc, mn) = scales_and_mins(blk);
+    let byte = |v: u64, s: usize| (v >> (8 * s)) as u8 as i32;
+    NaturalBlock {
+        q: std::array::from_fn(|p| {
+            let s = p / 32;
+            let b = blk[16 + 32 * (s / 2) + p % 32];
+            if s % 2 == 0 {
+                b & 0xF
+            } else {
+                b >> 4
             }
-            let dx = xq.d[at];
-            acc += f16_at(blk, 0) * dx * sumi as f32 - f16_at(blk, 2) * dx * summ as f32;
-        }
-        *o = acc;
+        }),
+        sc: std::array::from_fn(|r| byte(sc, r / 2)),
+        mn: std::array::from_fn(|r| byte(mn, r / 2)),
+        d: f16_at(blk, 0),
+        dmin: f16_at(blk, 2),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{scales_and_mins, Q8kRows, BLOCK_BYTES, QK_K};
-    use std::arch::x86_64::*;
+mod x86 {
+    use super::q8k::{k_quant_avx2, k_quant_avx512};
+    use super::{scales_and_mins, Q8kRows, BLOCK_BYTES, LANE_SUB, QK_K};
 
-    /// `vpermw` indices that spread the scales of two sub-blocks over the 16-bit lanes of
-    /// one product vector (lanes 0..16: the first, 16..32: the second).
-    const fn pair(a: i16, b: i16) -> [i16; 32] {
-        let mut v = [a; 32];
-        let mut i = 16;
-        while i < 32 {
-            v[i] = b;
-            i += 1;
-        }
-        v
-    }
-    const PAIRS: [[i16; 32]; 4] = [pair(0, 2), pair(1, 3), pair(4, 6), pair(5, 7)];
-
-    /// How far ahead of the block being decoded [`dots`] prefetches the weight row.
-    const PREFETCH_BYTES: usize = 2048;
-
-    /// One super-block's decoded weights: the nibbles as four vectors of 64 bytes (sub-block
-    /// pairs 0 2, 1 3, 4 6, 5 7), the matching scale vectors, each min twice, `d`, `dmin`.
-    /// (expanded in place: a call would pass the vectors through memory)
-    macro_rules! decode {
-        ($blk:expr, $pairs:expr) => {{
+    /// One super-block for the AVX-512 bodies: the four source vectors (nibbles), the
+    /// lanes' `d·sc` and `dmin·m`.
+    macro_rules! decode512 {
+        ($blk:expr) => {{
             let blk: &[u8] = $blk;
+            assert!(blk.len() >= BLOCK_BYTES);
             // both f16 scales in one conversion (exact, like `half`)
             let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
             let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
             let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
             let (sc, mn) = scales_and_mins(blk);
-            let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-            let p: &[__m512i; 4] = $pairs;
-            let scales = [
-                _mm512_permutexvar_epi16(p[0], sc16),
-                _mm512_permutexvar_epi16(p[1], sc16),
-                _mm512_permutexvar_epi16(p[2], sc16),
-                _mm512_permutexvar_epi16(p[3], sc16),
-            ];
-            // each min twice: it applies to two runs of 16 sums
-            let mn8 = _mm_cvtsi64_si128(mn as i64);
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+            // SAFETY (loads): `LANE_SUB` holds 16 lanes; a block is 144 bytes with its
+            // nibbles at 16..144.
+            let idx = unsafe { _mm512_loadu_si512(LANE_SUB.as_ptr() as *const _) };
+            let lanes = |v: u64, by: f32| {
+                let v = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64));
+                let v = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(idx, v));
+                _mm512_mul_ps(v, _mm512_set1_ps(by))
+            };
             let low = _mm512_set1_epi8(0x0F);
-            assert!(blk.len() >= BLOCK_BYTES);
-            // SAFETY: a block is 144 bytes with its nibbles at 16..144.
             let (q0, q1) = unsafe {
                 let p = blk.as_ptr().add(16);
                 (
@@ -169,235 +157,79 @@ mod avx512 {
             };
             let w = [
                 _mm512_and_si512(q0, low),
-                _mm512_and_si512(_mm512_srli_epi16(q0, 4), low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low),
                 _mm512_and_si512(q1, low),
-                _mm512_and_si512(_mm512_srli_epi16(q1, 4), low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low),
             ];
-            (w, scales, mins, d, dmin)
+            (w, lanes(sc, d), lanes(mn, dmin))
         }};
     }
 
-    /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q4_K weight row: groups
-    /// of up to eight rows, each group's sums in registers over the weight row (the
-    /// super-block is decoded once per group; eight rather than four: 4096 × 2048 from
-    /// memory, Zen 4, 2 threads, 8 rows 7.1 → 8.3 GB/s, 16 rows 3.6 → 4.0).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) fn dots(
-        xq: &Q8kRows,
-        kb: usize,
-        rows: std::ops::Range<usize>,
-        row: &[u8],
-        out: &mut [f32],
-    ) {
-        debug_assert!(out.len() == rows.len() && row.len() == kb * BLOCK_BYTES);
-        let mut i = rows.start;
-        for o in out.chunks_mut(8) {
-            match o.len() {
-                8 => o.copy_from_slice(&dot_rows::<8>(xq, kb, i, row)),
-                7 => o.copy_from_slice(&dot_rows::<7>(xq, kb, i, row)),
-                6 => o.copy_from_slice(&dot_rows::<6>(xq, kb, i, row)),
-                5 => o.copy_from_slice(&dot_rows::<5>(xq, kb, i, row)),
-                4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
-                3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
-                2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
-            }
-            i += o.len();
-        }
+    /// Half `p` (bytes `32p..32p+32`) of the four source vectors, for the AVX2 body.
+    macro_rules! decode256 {
+        ($blk:expr, $p:expr) => {{
+            let blk: &[u8] = $blk;
+            let p: usize = $p;
+            assert!(blk.len() >= BLOCK_BYTES && p < 2);
+            let low = _mm256_set1_epi8(0x0F);
+            // SAFETY: within the block's nibbles (16..144).
+            let (q0, q1) = unsafe {
+                let at = blk.as_ptr().add(16 + 32 * p);
+                (
+                    _mm256_loadu_si256(at as *const _),
+                    _mm256_loadu_si256(at.add(64) as *const _),
+                )
+            };
+            [
+                _mm256_and_si256(q0, low),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q0), low),
+                _mm256_and_si256(q1, low),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q1), low),
+            ]
+        }};
     }
 
-    /// `x_i · w` for rows `i0..i0 + R` of `xq` against one Q4_K weight row.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    fn dot_rows<const R: usize>(xq: &Q8kRows, kb: usize, i0: usize, row: &[u8]) -> [f32; R] {
-        assert!(xq.d.len() >= (i0 + R) * kb && row.len() >= kb * BLOCK_BYTES);
-        // SAFETY (all loads): `PAIRS` holds 4 × 64 bytes; rows `i0..i0 + R` of `xq` hold
-        // `kb` super-blocks of 256 values and 16 sums each (asserted through `d`).
-        let pairs = PAIRS.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut accm = [_mm256_setzero_ps(); R];
-        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            // The weight stream ~2 KiB ahead, each of its cache lines once (a block is 144
-            // bytes; past this row it is the next one's, which the thread reads next). The
-            // hardware prefetcher alone left the loads waiting: 4096 × 2048 from memory,
-            // 2 threads, Zen 4, same-process pairs: 1 row 20 → 23 GB/s, 2 rows 16 → 20.
-            // Into L1: this one stream 2 KiB ahead is few lines in flight (into L2 instead:
-            // 2 rows 24–25 → 17–19 GB/s, 8 rows 8.5 → 8.0), unlike the bf16 / f32 tiles'
-            // prefetch of whole weight rows a tile ahead, which go to L2.
-            let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
-            for line in [0, 48, 96] {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
-            }
-            let (w, scales, mins, d, dmin) = decode!(blk, &pairs);
-            for r in 0..R {
-                let at = (i0 + r) * kb + b;
-                let (x, bs, dx) = unsafe {
-                    (
-                        xq.qs.as_ptr().add(QK_K * at),
-                        _mm256_loadu_si256(xq.bsums.as_ptr().add(16 * at) as *const _),
-                        *xq.d.get_unchecked(at),
-                    )
-                };
-                let mut sumi = _mm512_setzero_si512();
-                for v in 0..4 {
-                    let xv = unsafe { _mm512_loadu_si512(x.add(64 * v) as *const _) };
-                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(w[v], xv), scales[v]);
-                    sumi = _mm512_add_epi32(sumi, p);
-                }
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * dx), acc[r]);
-                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
-                accm[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dmin * dx), accm[r]);
-            }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            let m = _mm256_add_ps(accm[r], _mm256_permute2f128_ps(accm[r], accm[r], 1));
-            let m = _mm256_hadd_ps(m, m);
-            let m = _mm256_hadd_ps(m, m);
-            out[r] = _mm512_reduce_add_ps(acc[r]) - _mm256_cvtss_f32(m);
-        }
-        out
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{scales_and_mins, Q8kRows, BLOCK_BYTES, QK_K, STORED_AT};
-    use std::arch::x86_64::*;
-
-    /// `vpshufb` controls that spread the 16-bit scale `s` of eight over all lanes.
-    const fn spread(s: u8) -> [u8; 32] {
-        let mut v = [0u8; 32];
-        let mut i = 0;
-        while i < 32 {
-            v[i] = 2 * s + (i % 2) as u8;
-            i += 1;
-        }
-        v
-    }
-    const SPREAD: [[u8; 32]; 8] = [
-        spread(0),
-        spread(1),
-        spread(2),
-        spread(3),
-        spread(4),
-        spread(5),
-        spread(6),
-        spread(7),
-    ];
-
-    /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q4_K weight row, in
-    /// groups of four rows (the AVX-512 body's arithmetic on 256-bit vectors, with half its
-    /// registers: for CPUs without AVX-512BW, e.g. AMD Zen 3).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dots(
-        xq: &Q8kRows,
-        kb: usize,
-        rows: std::ops::Range<usize>,
-        row: &[u8],
-        out: &mut [f32],
-    ) {
-        debug_assert!(out.len() == rows.len() && row.len() == kb * BLOCK_BYTES);
-        let mut i = rows.start;
-        for o in out.chunks_mut(4) {
-            match o.len() {
-                4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
-                3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
-                2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
-            }
-            i += o.len();
-        }
-    }
-
-    /// `x_i · w` for rows `i0..i0 + R` of `xq` against one Q4_K weight row. Per super-block
-    /// and 32-byte nibble chunk: both sub-blocks' weights and scale vectors once, then each
-    /// row's `vpmaddubsw` / `vpmaddwd` into its integer sum.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot_rows<const R: usize>(xq: &Q8kRows, kb: usize, i0: usize, row: &[u8]) -> [f32; R] {
-        assert!(xq.d.len() >= (i0 + R) * kb && row.len() >= kb * BLOCK_BYTES);
-        // SAFETY (all loads): `SPREAD` holds 8 × 32 bytes; a block is 144 bytes with its
-        // nibbles at 16..144; rows `i0..i0 + R` of `xq` hold `kb` super-blocks of 256
-        // values and 16 sums each (asserted through `d`).
-        let spread = SPREAD.map(|c| unsafe { _mm256_loadu_si256(c.as_ptr() as *const _) });
-        let low = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut accm = [_mm256_setzero_ps(); R];
-        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+    /// The lanes' `d·sc` and `dmin·m` for the AVX2 body.
+    macro_rules! lanes {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
             let (sc, mn) = scales_and_mins(blk);
-            let sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64));
-            let sc16 = _mm256_broadcastsi128_si256(sc16);
-            let xs: [*const i8; R] =
-                std::array::from_fn(|r| unsafe { xq.qs.as_ptr().add(QK_K * ((i0 + r) * kb + b)) });
-            let mut sumi = [_mm256_setzero_si256(); R];
-            for c in 0..4 {
-                let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const _) };
-                let (s0, s1) = (2 * c, 2 * c + 1);
-                let w0 = _mm256_and_si256(q, low);
-                let w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                let k0 = _mm256_shuffle_epi8(sc16, spread[s0]);
-                let k1 = _mm256_shuffle_epi8(sc16, spread[s1]);
-                for r in 0..R {
-                    let (x0, x1) = unsafe {
-                        (
-                            _mm256_loadu_si256(xs[r].add(32 * STORED_AT[s0]) as *const _),
-                            _mm256_loadu_si256(xs[r].add(32 * STORED_AT[s1]) as *const _),
-                        )
-                    };
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), k0);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), k1);
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
-                }
-            }
-            // each min twice: it applies to two runs of 16 sums
-            let mn8 = _mm_cvtsi64_si128(mn as i64);
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-            for r in 0..R {
-                let at = (i0 + r) * kb + b;
-                let (bs, dx) = unsafe {
-                    (
-                        _mm256_loadu_si256(xq.bsums.as_ptr().add(16 * at) as *const _),
-                        *xq.d.get_unchecked(at),
-                    )
-                };
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
-                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
-                accm[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dmin * dx), accm[r]);
-            }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = hsum(acc[r]) - hsum(accm[r]);
-        }
-        out
+            let (d, dmin) = (super::f16_at(blk, 0), super::f16_at(blk, 2));
+            let byte = |v: u64, lane: usize| (v >> (8 * LANE_SUB[lane])) as u8 as f32;
+            let scd: [f32; 16] = std::array::from_fn(|lane| byte(sc, lane) * d);
+            let mnd: [f32; 16] = std::array::from_fn(|lane| byte(mn, lane) * dmin);
+            (scd, mnd)
+        }};
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
+    k_quant_avx512!(
+        dots_vnni,
+        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+        vnni,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx512!(
+        dots_avx512,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        bw,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx2!(dots_avx2, decode256, lanes, BLOCK_BYTES);
 }
 
 fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if q8k::use_avx512bw() {
-        // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C (detected).
-        return unsafe { avx512::dots(xq, kb, rows, row, out) };
+    match q8k::body() {
+        // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
+        _ => q8k::dots_portable(&Q4K, xq, kb, rows, row, out),
     }
-    #[cfg(target_arch = "x86_64")]
-    if q8k::use_avx2() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (detected).
-        return unsafe { avx2::dots(xq, kb, rows, row, out) };
-    }
-    dots_portable(xq, kb, rows, row, out)
 }
 
 #[cfg(test)]
@@ -408,6 +240,37 @@ mod tests {
 
     use crate::kernels::cpu::{test_data as data, GEMV_ROWS};
     use crate::kernels::q8k::tests::activations;
+
+    /// Each body this CPU has, over all `m` rows at once (groups of rows).
+    fn bodies(xq: &Q8kRows, kb: usize, m: usize, row: &[u8]) -> Vec<(&'static str, Vec<f32>)> {
+        let mut p = vec![0f32; m];
+        q8k::dots_portable(&Q4K, xq, kb, 0..m, row, &mut p);
+        let mut all = vec![("portable", p)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f| match f {
+                "vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+                _ => std::arch::is_x86_feature_detected!("avx512bw"),
+            };
+            let mut v = vec![0f32; m];
+            if matches!(q8k::body(), q8k::Body::Vnni) && has("vnni") {
+                // SAFETY: AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C detected.
+                unsafe { x86::dots_vnni(xq, kb, 0..m, row, &mut v) };
+                all.push(("avx512 vnni", v.clone()));
+            }
+            if matches!(q8k::body(), q8k::Body::Vnni | q8k::Body::Avx512) && has("bw") {
+                // SAFETY: AVX-512F/BW/VL, AVX2, FMA and F16C detected.
+                unsafe { x86::dots_avx512(xq, kb, 0..m, row, &mut v) };
+                all.push(("avx512", v.clone()));
+            }
+            if q8k::body() != q8k::Body::Portable {
+                // SAFETY: AVX2, FMA and F16C detected (every vector body implies them).
+                unsafe { x86::dots_avx2(xq, kb, 0..m, row, &mut v) };
+                all.push(("avx2", v));
+            }
+        }
+        all
+    }
 
     /// A weight quantized to Q4_K by candle, with rows of different magnitudes and offsets
     /// so that scales and mins vary.
@@ -450,44 +313,20 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            // the portable body on the same rounding
-            let xq = q8k::quantize_rows(&x, m, k, &STORED_AT);
+            let xq = q8k::quantize_rows(&x, m, k, &UNITS);
             let row_bytes = k / QK_K * BLOCK_BYTES;
-            for i in 0..m {
-                for j in 0..n {
-                    let mut p = [0f32];
-                    dots_portable(
-                        &xq,
-                        k / QK_K,
-                        i..i + 1,
-                        &bytes[j * row_bytes..][..row_bytes],
-                        &mut p,
-                    );
-                    // the AVX2 body too where it is not the one dispatched (AVX-512 CPUs)
-                    let mut p2 = [p[0]];
-                    #[cfg(target_arch = "x86_64")]
-                    if q8k::use_avx2() {
-                        // SAFETY: AVX2, FMA and F16C detected.
-                        unsafe {
-                            avx2::dots(
-                                &xq,
-                                k / QK_K,
-                                i..i + 1,
-                                &bytes[j * row_bytes..][..row_bytes],
-                                &mut p2,
-                            )
-                        };
-                    }
+            for j in 0..n {
+                let row = &bytes[j * row_bytes..][..row_bytes];
+                let bodies = bodies(&xq, k / QK_K, m, row);
+                for i in 0..m {
                     let mag: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * 8.0;
-                    for (what, v) in [
-                        ("kernel", got[i * n + j]),
-                        ("portable", p[0]),
-                        ("avx2", p2[0]),
-                    ] {
+                    let w = want[i * n + j];
+                    let kernel = [("kernel", got[i * n + j])];
+                    let others = bodies.iter().map(|(what, v)| (*what, v[i]));
+                    for (what, v) in kernel.into_iter().chain(others) {
                         assert!(
-                            (v - want[i * n + j]).abs() <= 1e-5 * (1.0 + mag),
-                            "{what} m={m} k={k} n={n} ({i},{j}): {v} vs candle {}",
-                            want[i * n + j]
+                            (v - w).abs() <= 1e-5 * (1.0 + mag),
+                            "{what} m={m} k={k} n={n} ({i},{j}): {v} vs candle {w}"
                         );
                     }
                 }

@@ -1,41 +1,60 @@
 //! Products against Q6_K weights with the activations rounded to Q8_K, in integers: the
 //! arithmetic of candle's (llama.cpp's) Q6_K matmul — activations rounded by
-//! [`super::q8k`] exactly as candle's `BlockQ8K::from_float`, the 6-bit values multiplied
-//! by them in 16-bit pairs, scaled by the `i8` scale of each run of 16 in 32-bit integers,
-//! the `−32` offset applied once per super-block through the activations' sums of 16, one
-//! float scale per super-block — reading the GGUF blocks in place. candle repacks every
-//! Q6_K matrix on first use and keeps the copy beside the blocks (ZAYA1-8B in q4_k_m, whose
-//! head and 20 layers' v and experts' down projections are Q6_K: +2 GB resident over the
-//! file), and the first pass over each expert pays the repacking; this kernel needs neither.
+//! [`super::q8k`] exactly as candle's `BlockQ8K::from_float`, integer dot products with
+//! the 6-bit values, the `i8` scale of each run of 16 applied in 32-bit integers, the
+//! `−32` offset once per run through the activations' sums — reading the GGUF blocks in
+//! place. candle repacks every Q6_K matrix on first use and keeps the copy beside the
+//! blocks (ZAYA1-8B in q4_k_m, whose head and 20 layers' v and experts' down projections
+//! are Q6_K: +2 GB resident over the file), and the first pass over each expert pays the
+//! repacking; this kernel needs neither.
 //!
 //! Q6_K super-block (210 bytes): 128 bytes `ql` of low nibbles, 64 bytes `qh` of 2-bit
 //! pairs, 16 `i8` scales (one per 16 weights), f16 `d`. Half `h` of the block (weights
 //! `128h..128h+128`) reads `ql[64h..64h+64]` and `qh[32h..32h+32]`: byte `l` of its `ql`
 //! holds weights `l` (low nibble) and `l+64` (high), with `qh[l mod 32]`'s bit pairs
-//! 0–1 / 4–5 (`l < 32`) or 2–3 / 6–7 above them. Weight `= d·sc_s·(q − 32)`, so
-//! `x·w = d·dx·(Σ_s sc_s·Σ q·qx − 32·Σ_s sc_s·bsum_s)` with integer inner sums.
+//! 0–1 / 4–5 (`l < 32`) or 2–3 / 6–7 above them. Weight `= d·sc_r·(q − 32)`.
 //!
-//! The same driver as Q4_K ([`super::q8k::linear`]): weight rows split over the kernel
-//! pool, each super-block decoded once for a group of up to eight activation rows. Bodies:
-//! AVX-512BW, AVX2, portable. The reference is candle's own Q6_K matmul (`QTensor`
-//! forward): the integer sums are exact in both, so the results differ only by the order
-//! of the float sums.
+//! Decoded, a 64-byte load of `ql` with its `qh` bits gives 64 consecutive weights (low
+//! nibbles) and the next 64 (high): source vector `v` holds weights `64v..64v+64`. The
+//! driver and the bodies (AVX-512 with or without VNNI, AVX2, portable) are
+//! [`super::q8k`]'s. The reference is candle's own Q6_K matmul (`QTensor` forward): the
+//! integer sums are exact in both, so the results differ only by the order of the float
+//! sums.
 
 use half::f16;
 
-use super::q8k::{self, Format, Q8kRows, QK_K};
+use super::q8k::{self, Format, NaturalBlock, Q8kRows, Units, QK_K};
 use candle_core::Result;
 
 /// Bytes per Q6_K super-block.
 const BLOCK_BYTES: usize = 210;
 
-/// The format [`q8k::linear`] runs: activations in their natural order (a 64-byte load of
-/// `ql` holds 64 consecutive weights in its low nibbles and the next 64 in its high ones).
+/// The bodies' storage order: source vector `v` lane `l` is natural unit `16v + l`.
+const UNITS: Units = q8k::transposed(&{
+    let mut src = [[0u8; 16]; 4];
+    let mut v = 0;
+    while v < 4 {
+        let mut l = 0;
+        while l < 16 {
+            src[v][l] = (16 * v + l) as u8;
+            l += 1;
+        }
+        v += 1;
+    }
+    src
+});
+const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
+
+/// Lane `L`'s scale: one per run of 16.
+const LANE_SCALE: [u32; 16] = q8k::lane_scales(&UNITS, 1);
+
+/// The format [`q8k::linear`] runs.
 const Q6K: Format = Format {
     name: "q6_k",
     block_bytes: BLOCK_BYTES,
-    order: q8k::NATURAL,
+    units: UNITS,
     dots,
+    natural,
 };
 
 /// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q6_K
@@ -58,117 +77,50 @@ fn d_of(blk: &[u8]) -> f32 {
 
 /// The 6-bit value (0..64) of weight `p` of a super-block.
 #[inline(always)]
-fn value(blk: &[u8], p: usize) -> i32 {
+fn value(blk: &[u8], p: usize) -> u8 {
     let (h, l) = (p / 128, p % 128);
     let byte = blk[64 * h + l % 64];
     let low = if l < 64 { byte & 0xF } else { byte >> 4 };
     let shift = 2 * (l / 32);
     let high = (blk[128 + 32 * h + l % 32] >> shift) & 3;
-    (low | high << 4) as i32
+    low | high << 4
 }
 
-/// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q6_K weight row: the
-/// portable body (the same integer sums as the vector ones, float sums in row order).
-fn dots_portable(
-    xq: &Q8kRows,
-    kb: usize,
-    rows: std::ops::Range<usize>,
-    row: &[u8],
-    out: &mut [f32],
-) {
-    for (o, i) in out.iter_mut().zip(rows) {
-        let mut acc = 0f32;
-        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            let at = i * kb + b;
-            let qs = &xq.qs[QK_K * at..QK_K * (at + 1)];
-            let bs = &xq.bsums[16 * at..16 * at + 16];
-            let (mut sumi, mut offset) = (0i32, 0i32);
-            for s in 0..16 {
-                let scale = blk[192 + s] as i8 as i32;
-                let dot: i32 = (16 * s..16 * s + 16)
-                    .map(|p| value(blk, p) * qs[p] as i32)
-                    .sum();
-                sumi += scale * dot;
-                offset += scale * bs[s] as i32;
-            }
-            acc += d_of(blk) * xq.d[at] * (sumi - 32 * offset) as f32;
-        }
-        *o = acc;
+/// One super-block in natural order (the portable body's decoding): weight
+/// `= d·sc·q − d·32·sc`.
+fn natural(blk: &[u8]) -> NaturalBlock {
+    let sc: [i32; 16] = std::array::from_fn(|r| blk[192 + r] as i8 as i32);
+    let d = d_of(blk);
+    NaturalBlock {
+        q: std::array::from_fn(|p| value(blk, p)),
+        sc,
+        mn: sc.map(|s| 32 * s),
+        d,
+        dmin: d,
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{Q8kRows, BLOCK_BYTES, QK_K};
-    use std::arch::x86_64::*;
+mod x86 {
+    use super::q8k::{k_quant_avx2, k_quant_avx512};
+    use super::{Q8kRows, BLOCK_BYTES, LANE_SCALE, QK_K};
 
-    /// `vpermw` indices that spread the 16-bit scales over the products of vector `v`
-    /// (weights `64v..64v+64`): 16-bit lane `t` holds the sums of weights `64v+2t` and
-    /// `64v+2t+1`, whose scale is number `4v + t/8`.
-    const fn spread(v: i16) -> [i16; 32] {
-        let mut s = [0i16; 32];
-        let mut t = 0;
-        while t < 32 {
-            s[t] = 4 * v + (t / 8) as i16;
-            t += 1;
-        }
-        s
-    }
-    const SPREAD: [[i16; 32]; 4] = [spread(0), spread(1), spread(2), spread(3)];
-
-    /// How far ahead of the block being decoded [`dots`] prefetches the weight row (as
-    /// the Q4_K kernel; see there for the measurements).
-    const PREFETCH_BYTES: usize = 2048;
-
-    /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q6_K weight row: groups
-    /// of up to eight rows, each group's sums in registers over the weight row.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) fn dots(
-        xq: &Q8kRows,
-        kb: usize,
-        rows: std::ops::Range<usize>,
-        row: &[u8],
-        out: &mut [f32],
-    ) {
-        debug_assert!(out.len() == rows.len() && row.len() == kb * BLOCK_BYTES);
-        let mut i = rows.start;
-        for o in out.chunks_mut(8) {
-            match o.len() {
-                8 => o.copy_from_slice(&dot_rows::<8>(xq, kb, i, row)),
-                7 => o.copy_from_slice(&dot_rows::<7>(xq, kb, i, row)),
-                6 => o.copy_from_slice(&dot_rows::<6>(xq, kb, i, row)),
-                5 => o.copy_from_slice(&dot_rows::<5>(xq, kb, i, row)),
-                4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
-                3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
-                2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
-            }
-            i += o.len();
-        }
-    }
-
-    /// `x_i · w` for rows `i0..i0 + R` of `xq` against one Q6_K weight row.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    fn dot_rows<const R: usize>(xq: &Q8kRows, kb: usize, i0: usize, row: &[u8]) -> [f32; R] {
-        assert!(xq.d.len() >= (i0 + R) * kb && row.len() >= kb * BLOCK_BYTES);
-        // SAFETY (all loads): `SPREAD` holds 4 × 64 bytes; a block is 210 bytes (`ql` at
-        // 0..128, `qh` at 128..192, scales at 192..208, `d` at 208); rows `i0..i0 + R` of
-        // `xq` hold `kb` super-blocks of 256 values and 16 sums each (asserted through `d`).
-        let spread = SPREAD.map(|p| unsafe { _mm512_loadu_si512(p.as_ptr() as *const _) });
-        let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-        let mut acc = [_mm512_setzero_ps(); R];
-        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            let ahead = blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8;
-            for line in [0, 64, 128, 192] {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
-            }
+    /// One super-block for the AVX-512 bodies: the four source vectors (weights
+    /// `64v..64v+64`), the lanes' `d·sc` and `d·32·sc` (exact: `32·` is a power of two).
+    macro_rules! decode512 {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
+            assert!(blk.len() >= BLOCK_BYTES);
             let p = blk.as_ptr();
             let d = super::d_of(blk);
-            let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const _)) };
-            let sc = _mm512_castsi256_si512(sc16);
-            let scales = spread.map(|s| _mm512_permutexvar_epi16(s, sc));
-            // the 6-bit values of weights 64v..64v+64 in vector v
+            // SAFETY (loads): a block is 210 bytes (`ql` at 0..128, `qh` at 128..192,
+            // scales at 192..208); `LANE_SCALE` holds 16 lanes.
+            let sc = unsafe {
+                let idx = _mm512_loadu_si512(LANE_SCALE.as_ptr() as *const _);
+                let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(192) as *const _));
+                _mm512_permutexvar_epi32(idx, sc)
+            };
+            let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
             let mut w = [_mm512_setzero_si512(); 4];
             for h in 0..2 {
                 let (ql, qh) = unsafe {
@@ -186,177 +138,81 @@ mod avx512 {
                 w[2 * h + 1] =
                     _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), low), hi_hi);
             }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let at = (i0 + r) * kb + b;
-                let (x, bs, dx) = unsafe {
-                    (
-                        xq.qs.as_ptr().add(QK_K * at),
-                        _mm256_loadu_si256(xq.bsums.as_ptr().add(16 * at) as *const _),
-                        *xq.d.get_unchecked(at),
-                    )
-                };
-                let mut sumi = _mm512_setzero_si512();
-                for v in 0..4 {
-                    let xv = unsafe { _mm512_loadu_si512(x.add(64 * v) as *const _) };
-                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(w[v], xv), scales[v]);
-                    sumi = _mm512_add_epi32(sumi, p);
-                }
-                // the −32 offset: 32·Σ sc_s·bsum_s, in the low eight lanes
-                let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs));
-                let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(offset));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * dx), *acc);
-            }
-        }
-        acc.map(|a| _mm512_reduce_add_ps(a))
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Q8kRows, BLOCK_BYTES, QK_K};
-    use std::arch::x86_64::*;
-
-    /// `vpshufb` controls that pick the scales of sub-block `j` of 32 weights (numbers
-    /// `2j` and `2j+1`, eight times each) for `vpmovsxbw`.
-    const fn pick(j: u8) -> [u8; 16] {
-        let mut v = [0u8; 16];
-        let mut i = 0;
-        while i < 16 {
-            v[i] = 2 * j + (i / 8) as u8;
-            i += 1;
-        }
-        v
-    }
-    const PICK: [[u8; 16]; 8] = [
-        pick(0),
-        pick(1),
-        pick(2),
-        pick(3),
-        pick(4),
-        pick(5),
-        pick(6),
-        pick(7),
-    ];
-
-    /// `out[i] = x_i · w` for the rows `rows` of `xq` against one Q6_K weight row, in
-    /// groups of four rows (the AVX-512 body's arithmetic on 256-bit vectors, for CPUs
-    /// without AVX-512BW).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dots(
-        xq: &Q8kRows,
-        kb: usize,
-        rows: std::ops::Range<usize>,
-        row: &[u8],
-        out: &mut [f32],
-    ) {
-        debug_assert!(out.len() == rows.len() && row.len() == kb * BLOCK_BYTES);
-        let mut i = rows.start;
-        for o in out.chunks_mut(4) {
-            match o.len() {
-                4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
-                3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
-                2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
-            }
-            i += o.len();
-        }
+            let scd = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(d));
+            (w, scd, _mm512_mul_ps(scd, _mm512_set1_ps(32.0)))
+        }};
     }
 
-    /// `x_i · w` for rows `i0..i0 + R` of `xq` against one Q6_K weight row. Per super-block
-    /// and sub-block of 32: its values and scale vector once, then each row's `vpmaddubsw`
-    /// / `vpmaddwd` into its integer sum.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot_rows<const R: usize>(xq: &Q8kRows, kb: usize, i0: usize, row: &[u8]) -> [f32; R] {
-        assert!(xq.d.len() >= (i0 + R) * kb && row.len() >= kb * BLOCK_BYTES);
-        // SAFETY (all loads): `PICK` holds 8 × 16 bytes; a block is 210 bytes (`ql` at
-        // 0..128, `qh` at 128..192, scales at 192..208); rows `i0..i0 + R` of `xq` hold `kb`
-        // super-blocks of 256 values and 16 sums each (asserted through `d`).
-        let pick = PICK.map(|c| unsafe { _mm_loadu_si128(c.as_ptr() as *const _) });
-        let (low, high) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            let p = blk.as_ptr();
-            let d = super::d_of(blk);
-            let sc8 = unsafe { _mm_loadu_si128(p.add(192) as *const _) };
-            let xs: [*const i8; R] =
-                std::array::from_fn(|r| unsafe { xq.qs.as_ptr().add(QK_K * ((i0 + r) * kb + b)) });
-            let mut sumi = [_mm256_setzero_si256(); R];
+    /// Half `p` (bytes `32p..32p+32`) of the four source vectors, for the AVX2 body.
+    macro_rules! decode256 {
+        ($blk:expr, $p:expr) => {{
+            let blk: &[u8] = $blk;
+            let p: usize = $p;
+            assert!(blk.len() >= BLOCK_BYTES && p < 2);
+            let (low, high) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+            let mut w = [_mm256_setzero_si256(); 4];
             for h in 0..2 {
-                let (qa, qb, qh) = unsafe {
+                // SAFETY: within the block's `ql` and `qh`.
+                let (ql, qh) = unsafe {
                     (
-                        _mm256_loadu_si256(p.add(64 * h) as *const _),
-                        _mm256_loadu_si256(p.add(64 * h + 32) as *const _),
-                        _mm256_loadu_si256(p.add(128 + 32 * h) as *const _),
+                        _mm256_loadu_si256(blk.as_ptr().add(64 * h + 32 * p) as *const _),
+                        _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * h) as *const _),
                     )
                 };
-                // sub-blocks 4h..4h+4: weights 128h + 32j + (0..32)
-                let w = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(qa, low),
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(qb, low),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), high),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
-                        _mm256_and_si256(qh, high),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), high),
-                    ),
-                ];
-                for (j, w) in w.iter().enumerate() {
-                    let sb = 4 * h + j;
-                    let k = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick[sb]));
-                    for r in 0..R {
-                        let x = unsafe { _mm256_loadu_si256(xs[r].add(32 * sb) as *const _) };
-                        let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(*w, x), k);
-                        sumi[r] = _mm256_add_epi32(sumi[r], prod);
-                    }
-                }
-            }
-            let sc16 = _mm256_cvtepi8_epi16(sc8);
-            for r in 0..R {
-                let at = (i0 + r) * kb + b;
-                let (bs, dx) = unsafe {
-                    (
-                        _mm256_loadu_si256(xq.bsums.as_ptr().add(16 * at) as *const _),
-                        *xq.d.get_unchecked(at),
-                    )
+                let qh = if p == 0 {
+                    qh
+                } else {
+                    _mm256_srli_epi16::<2>(qh)
                 };
-                let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs));
-                let s = _mm256_sub_epi32(sumi[r], offset);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * dx), acc[r]);
+                let hi_lo = _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high);
+                let hi_hi = _mm256_and_si256(qh, high);
+                w[2 * h] = _mm256_or_si256(_mm256_and_si256(ql, low), hi_lo);
+                w[2 * h + 1] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql), low), hi_hi);
             }
-        }
-        acc.map(|a| hsum(a))
+            w
+        }};
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    /// The lanes' `d·sc` and `d·32·sc` for the AVX2 body.
+    macro_rules! lanes {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
+            let d = super::d_of(blk);
+            let scd: [f32; 16] =
+                std::array::from_fn(|lane| blk[192 + LANE_SCALE[lane] as usize] as i8 as f32 * d);
+            (scd, scd.map(|s| 32.0 * s))
+        }};
     }
+
+    k_quant_avx512!(
+        dots_vnni,
+        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+        vnni,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx512!(
+        dots_avx512,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        bw,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx2!(dots_avx2, decode256, lanes, BLOCK_BYTES);
 }
 
 fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if q8k::use_avx512bw() {
-        // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C (detected).
-        return unsafe { avx512::dots(xq, kb, rows, row, out) };
+    match q8k::body() {
+        // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
+        _ => q8k::dots_portable(&Q6K, xq, kb, rows, row, out),
     }
-    #[cfg(target_arch = "x86_64")]
-    if q8k::use_avx2() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (detected).
-        return unsafe { avx2::dots(xq, kb, rows, row, out) };
-    }
-    dots_portable(xq, kb, rows, row, out)
 }
 
 #[cfg(test)]
@@ -367,6 +223,37 @@ mod tests {
 
     use crate::kernels::cpu::{test_data as data, GEMV_ROWS};
     use crate::kernels::q8k::tests::activations;
+
+    /// Each body this CPU has, over all `m` rows at once (groups of rows).
+    fn bodies(xq: &Q8kRows, kb: usize, m: usize, row: &[u8]) -> Vec<(&'static str, Vec<f32>)> {
+        let mut p = vec![0f32; m];
+        q8k::dots_portable(&Q6K, xq, kb, 0..m, row, &mut p);
+        let mut all = vec![("portable", p)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f| match f {
+                "vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+                _ => std::arch::is_x86_feature_detected!("avx512bw"),
+            };
+            let mut v = vec![0f32; m];
+            if matches!(q8k::body(), q8k::Body::Vnni) && has("vnni") {
+                // SAFETY: AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C detected.
+                unsafe { x86::dots_vnni(xq, kb, 0..m, row, &mut v) };
+                all.push(("avx512 vnni", v.clone()));
+            }
+            if matches!(q8k::body(), q8k::Body::Vnni | q8k::Body::Avx512) && has("bw") {
+                // SAFETY: AVX-512F/BW/VL, AVX2, FMA and F16C detected.
+                unsafe { x86::dots_avx512(xq, kb, 0..m, row, &mut v) };
+                all.push(("avx512", v.clone()));
+            }
+            if q8k::body() != q8k::Body::Portable {
+                // SAFETY: AVX2, FMA and F16C detected (every vector body implies them).
+                unsafe { x86::dots_avx2(xq, kb, 0..m, row, &mut v) };
+                all.push(("avx2", v));
+            }
+        }
+        all
+    }
 
     /// A weight quantized to Q6_K by candle, with rows of different magnitudes and signs
     /// so that the scales vary (negative ones included).
@@ -399,7 +286,7 @@ mod tests {
             for p in 0..QK_K {
                 let scale = blk[192 + p / 16] as i8;
                 negative_scales += (scale < 0) as usize;
-                let got = d_of(blk) * (scale as f32 * (value(blk, p) - 32) as f32);
+                let got = d_of(blk) * (scale as f32 * (value(blk, p) as i32 - 32) as f32);
                 assert_eq!(got, want[QK_K * b + p], "super-block {b} weight {p}");
             }
         }
@@ -435,29 +322,11 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let xq = q8k::quantize_rows(&x, m, k, &q8k::NATURAL);
+            let xq = q8k::quantize_rows(&x, m, k, &UNITS);
             let row_bytes = k / QK_K * BLOCK_BYTES;
             for j in 0..n {
                 let row = &bytes[j * row_bytes..][..row_bytes];
-                let mut p = vec![0f32; m];
-                dots_portable(&xq, k / QK_K, 0..m, row, &mut p);
-                // each vector body where the CPU has it, over all rows at once (groups)
-                let mut bodies = vec![("portable", p)];
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if q8k::use_avx2() {
-                        let mut v = vec![0f32; m];
-                        // SAFETY: AVX2, FMA and F16C detected.
-                        unsafe { avx2::dots(&xq, k / QK_K, 0..m, row, &mut v) };
-                        bodies.push(("avx2", v));
-                    }
-                    if q8k::use_avx512bw() {
-                        let mut v = vec![0f32; m];
-                        // SAFETY: AVX-512F/BW/VL, AVX2, FMA and F16C detected.
-                        unsafe { avx512::dots(&xq, k / QK_K, 0..m, row, &mut v) };
-                        bodies.push(("avx512", v));
-                    }
-                }
+                let bodies = bodies(&xq, k / QK_K, m, row);
                 for i in 0..m {
                     let mag: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * 8.0;
                     let w = want[i * n + j];

@@ -1,9 +1,28 @@
 //! Activations rounded to Q8_K for the integer k-quant products ([`super::q4k_q8k`],
-//! [`super::q6k_q8k`]): each row rounded per 256 values to `d·q` with `q` in `i8` exactly
-//! as candle's (llama.cpp's) `BlockQ8K::from_float` does, with the sums of each run of 16
-//! values, and the driver both products share (rows of the weight split over the kernel
-//! pool, activation rows in cache-sized groups). Each weight format brings only its
-//! super-block dot products.
+//! [`super::q6k_q8k`]), and what both products share: the value layout, the driver and
+//! the bodies that multiply decoded weights by the rounded activations.
+//!
+//! **Rounding**: each row per 256 values to `d·q` with `q` in `i8`, exactly as candle's
+//! (llama.cpp's) `BlockQ8K::from_float` does.
+//!
+//! **Layout**: a super-block's 256 values are 64 *units* of four — one 32-bit lane of an
+//! integer dot product (`vpdpbusd` adds four `u8 × i8` products into each lane). A format
+//! decodes a weight super-block into four 64-byte vectors in the order its bits fall (its
+//! *source* order); the bodies here transpose them four 32-bit lanes at a time within each
+//! 128-bit lane (eight `unpack` instructions), after which lane `L` of the four vectors
+//! holds four consecutive units — a run of 16 weights, which share one scale in both
+//! formats (Q6_K has a scale per 16 weights, Q4_K one per 32). The activations are stored
+//! in that same order ([`Units`]), once per row. Per row and super-block a lane then
+//! accumulates its run's whole dot product in four `vpdpbusd` (`vpmaddubsw` + `vpmaddwd`
+//! without VNNI) and is multiplied by its run's scale once, where the natural order needs
+//! a 16-bit multiply-add with the scales for every 64 weights: about half the
+//! instructions per row, which is what bounds products of more than a few rows.
+//!
+//! **Sums**: `x·w = Σ_runs d·sc_r·Σ q·qx − dmin·m_r·Σ qx` (Q6_K stores `q + 32`, so its
+//! `dmin = d` and `m_r = 32·sc_r`); the integer sums and their products by the scales are
+//! exact (below 2²⁴, so exact in f32 too), each super-block's two terms are added to one
+//! f32 accumulator per row, and the results equal candle's up to the order of those float
+//! sums.
 
 use super::cpu::{self, GEMV_ROWS};
 use super::KernelError;
@@ -12,59 +31,119 @@ use candle_core::Result;
 /// Values per super-block.
 pub(super) const QK_K: usize = 256;
 
+/// Where each unit of four values is stored: `units[j]` is the natural unit (values
+/// `4u..4u+4`) held by storage unit `j` (bytes `4j..4j+4` of a stored super-block).
+pub(super) type Units = [u8; 64];
+
+/// The storage order of a format whose decoded source vector `v` holds natural unit
+/// `src[v][l]` in its 32-bit lane `l`: after the transposition vector `t`'s lane `4q + v`
+/// holds source `v`'s lane `4q + t`.
+pub(super) const fn transposed(src: &[[u8; 16]; 4]) -> Units {
+    let mut units = [0u8; 64];
+    let mut t = 0;
+    while t < 4 {
+        let mut q = 0;
+        while q < 4 {
+            let mut v = 0;
+            while v < 4 {
+                units[16 * t + 4 * q + v] = src[v][4 * q + t];
+                v += 1;
+            }
+            q += 1;
+        }
+        t += 1;
+    }
+    units
+}
+
+/// Whether `units` is an order the bodies can use: a permutation of the 64 units in which
+/// lane `L` of the four stored vectors (storage units `L`, `16 + L`, `32 + L`, `48 + L`)
+/// holds one run of 16 values in order.
+pub(super) const fn lanes_hold_runs(units: &Units) -> bool {
+    let mut seen = [false; 64];
+    let mut j = 0;
+    while j < 64 {
+        let u = units[j] as usize;
+        if u >= 64 || seen[u] {
+            return false;
+        }
+        seen[u] = true;
+        let lane = j % 16;
+        if !units[lane].is_multiple_of(4) || u != units[lane] as usize + j / 16 {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
+
+/// The run of 16 values (natural index) that lane `L` holds, divided by `per`: the index
+/// of the lane's scale in a format with one scale per `16·per` values.
+pub(super) const fn lane_scales(units: &Units, per: u8) -> [u32; 16] {
+    let mut idx = [0u32; 16];
+    let mut lane = 0;
+    while lane < 16 {
+        idx[lane] = (units[lane] / 4 / per) as u32;
+        lane += 1;
+    }
+    idx
+}
+
 /// Activation rows rounded to Q8_K (candle's `BlockQ8K::from_float`, bit for bit), with
-/// the values of each super-block stored in the order the weight format's kernel reads them.
+/// the values of each super-block stored in a format's [`Units`] order.
 pub(super) struct Q8kRows {
     /// Per row and super-block, the scale `d` (value `= d·q`).
     pub(super) d: Vec<f32>,
-    /// Per row and super-block, 256 values: its eight sub-blocks of 32 stored in the
-    /// order the rounding was asked for ([`Order`]).
+    /// Per row and super-block, the 256 values in storage order.
     pub(super) qs: Vec<i8>,
-    /// Per row and super-block, the sums of each run of 16 values (natural order).
-    pub(super) bsums: Vec<i16>,
+    /// Per row and super-block, for each of the 16 lanes the sum of its run's 16 values
+    /// times `d` (the run's sum as a value; exact integers, one rounding by `d`).
+    pub(super) sums_dx: Vec<f32>,
 }
-
-/// Where each sub-block of 32 values is stored within its super-block's 256 (`order[s]`:
-/// the slot of sub-block `s`), so that a kernel's vector loads line up with the weights it
-/// decodes.
-pub(super) type Order = [usize; 8];
-
-/// The values in their natural order.
-pub(super) const NATURAL: Order = [0, 1, 2, 3, 4, 5, 6, 7];
 
 /// `m` rows of `k` values (`k` a multiple of 256) rounded to Q8_K as candle does:
 /// `iscale = −127 / max` with `max` the first value of largest magnitude,
-/// `q = clamp(round(iscale·x), −128, 127)`, `d = 1 / iscale` (all zero for a zero block).
-pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, order: &Order) -> Q8kRows {
+/// `q = clamp(round(iscale·x), −128, 127)`, `d = 1 / iscale` (all zero for a zero block),
+/// stored in the order `units`.
+pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, units: &Units) -> Q8kRows {
     let kb = k / QK_K;
     let mut rows = Q8kRows {
         d: vec![0f32; m * kb],
         qs: vec![0i8; m * k],
-        bsums: vec![0i16; m * kb * 16],
+        sums_dx: vec![0f32; m * kb * 16],
     };
     for (b, xs) in x[..m * k].chunks_exact(QK_K).enumerate() {
+        let (mut q, mut bsums) = ([0i8; QK_K], [0i16; 16]);
+        let d = quantize_block(xs, &mut q, &mut bsums);
+        rows.d[b] = d;
         let qs = &mut rows.qs[QK_K * b..QK_K * (b + 1)];
-        let bsums = &mut rows.bsums[16 * b..16 * b + 16];
-        rows.d[b] = quantize_block(xs, qs, bsums, order);
+        for (j, &u) in units.iter().enumerate() {
+            let u = u as usize;
+            qs[4 * j..4 * j + 4].copy_from_slice(&q[4 * u..4 * u + 4]);
+        }
+        for (lane, sum) in rows.sums_dx[16 * b..16 * b + 16].iter_mut().enumerate() {
+            *sum = bsums[units[lane] as usize / 4] as f32 * d;
+        }
     }
     rows
 }
 
-/// One super-block of [`quantize_rows`]: returns `d` and writes the values (stored order)
-/// and the sums of 16; a zero block leaves both untouched (zeros) and returns 0.
-fn quantize_block(xs: &[f32], qs: &mut [i8], bsums: &mut [i16], order: &Order) -> f32 {
+/// One super-block of [`quantize_rows`] in natural order: returns `d` and writes the
+/// values and the sums of each run of 16; a zero block leaves both untouched (zeros) and
+/// returns 0.
+fn quantize_block(xs: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if cpu::simd_level() == cpu::SimdLevel::Avx512 {
         // SAFETY: AVX-512F was detected on this CPU.
-        return unsafe { avx512::quantize_block(xs, qs, bsums, order) };
+        return unsafe { avx512::quantize_block(xs, qs, bsums) };
     }
-    quantize_block_portable(xs, qs, bsums, order)
+    quantize_block_portable(xs, qs, bsums)
 }
 
-/// [`quantize_block`]'s reference: [`round_block`], then the sums and the reordering.
-fn quantize_block_portable(xs: &[f32], qs: &mut [i8], bsums: &mut [i16], order: &Order) -> f32 {
-    let mut q = [0i8; QK_K];
-    let d = round_block(xs, &mut q);
+/// [`quantize_block`]'s reference: [`round_block`], then the sums.
+fn quantize_block_portable(xs: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
+    let q: &mut [i8; QK_K] = (&mut qs[..QK_K]).try_into().expect("256 values");
+    let d = round_block(xs, q);
     if d == 0.0 {
         return 0.0;
     }
@@ -73,9 +152,6 @@ fn quantize_block_portable(xs: &[f32], qs: &mut [i8], bsums: &mut [i16], order: 
             .iter()
             .map(|&v| v as i32)
             .sum::<i32>() as i16;
-    }
-    for (s, at) in order.iter().enumerate() {
-        qs[32 * at..32 * at + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
     }
     d
 }
@@ -113,7 +189,7 @@ simd_dispatch! {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Order, QK_K};
+    use super::QK_K;
     use std::arch::x86_64::*;
 
     /// [`super::quantize_block_portable`] in one pass of 16-value vectors, with the same
@@ -125,12 +201,7 @@ mod avx512 {
     /// # Safety
     /// AVX-512F must be available; `xs` holds 256 values, `qs` 256 and `bsums` 16.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn quantize_block(
-        xs: &[f32],
-        qs: &mut [i8],
-        bsums: &mut [i16],
-        order: &Order,
-    ) -> f32 {
+    pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
         assert!(xs.len() >= QK_K && qs.len() >= QK_K && bsums.len() >= 16);
         let p = xs.as_ptr();
         let load = |c: usize| unsafe { _mm512_loadu_ps(p.add(16 * c)) };
@@ -170,7 +241,7 @@ mod avx512 {
             let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t);
             let v = _mm512_maskz_cvttps_epi32(ordered, r);
             *sum = _mm512_reduce_add_epi32(v) as i16;
-            let at = 32 * order[c / 2] + 16 * (c % 2);
+            let at = 16 * c;
             _mm_storeu_si128(
                 qs.as_mut_ptr().add(at) as *mut __m128i,
                 _mm512_cvtsepi32_epi8(v),
@@ -180,58 +251,338 @@ mod avx512 {
     }
 }
 
-/// Whether the k-quant products here have a vector body on this CPU (AVX2 or AVX-512BW).
-/// Elsewhere their portable bodies are slower than candle's own kernels, which then run.
-pub(super) fn has_vector_bodies() -> bool {
-    use_avx512bw() || use_avx2()
-}
-
-/// Whether the AVX2 body runs on this CPU (detected once).
-pub(super) fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether the AVX-512BW body runs on this CPU (detected once).
-pub(super) fn use_avx512bw() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            cpu::simd_level() == cpu::SimdLevel::Avx512
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// A weight format the driver runs: its super-block size, the order its kernel reads the
-/// activations in, and its dot products.
+/// A weight format the driver runs: its super-block size, the order its bodies read the
+/// activations in, its dot products and its reference decoding.
 pub(super) struct Format {
     /// Name for errors (`"q4_k"`).
     pub(super) name: &'static str,
     /// Bytes per super-block of 256 weights.
     pub(super) block_bytes: usize,
-    /// Where the rounded activations' sub-blocks are stored ([`Order`]).
-    pub(super) order: Order,
+    /// Where the rounded activations' units are stored ([`Units`]).
+    pub(super) units: Units,
     /// `out[i] = x_i · w` for the activation rows `rows` against one weight row of `kb`
     /// super-blocks; each result independent of which other rows are asked with it.
     pub(super) dots: fn(&Q8kRows, usize, std::ops::Range<usize>, &[u8], &mut [f32]),
+    /// One super-block decoded in natural order, for [`dots_portable`].
+    pub(super) natural: fn(&[u8]) -> NaturalBlock,
+}
+
+/// A weight super-block decoded in natural order: weight `p` is
+/// `d·sc[p/16]·q[p] − dmin·mn[p/16]`.
+pub(super) struct NaturalBlock {
+    pub(super) q: [u8; QK_K],
+    /// Per run of 16 weights.
+    pub(super) sc: [i32; 16],
+    /// Per run of 16 weights.
+    pub(super) mn: [i32; 16],
+    pub(super) d: f32,
+    pub(super) dmin: f32,
+}
+
+/// The bodies' reference for any format: the same integer dot products through the
+/// format's natural decoding, the scales applied in integers, the mins' term from the
+/// rows' sums in float.
+pub(super) fn dots_portable(
+    format: &Format,
+    xq: &Q8kRows,
+    kb: usize,
+    rows: std::ops::Range<usize>,
+    row: &[u8],
+    out: &mut [f32],
+) {
+    for (o, i) in out.iter_mut().zip(rows) {
+        let mut acc = 0f32;
+        for (b, blk) in row.chunks_exact(format.block_bytes).enumerate() {
+            let w = (format.natural)(blk);
+            let at = i * kb + b;
+            let qs = &xq.qs[QK_K * at..QK_K * (at + 1)];
+            let mut runs = [0i32; 16];
+            for (j, &u) in format.units.iter().enumerate() {
+                let u = u as usize;
+                for e in 0..4 {
+                    runs[u / 4] += w.q[4 * u + e] as i32 * qs[4 * j + e] as i32;
+                }
+            }
+            let sumi: i32 = runs.iter().zip(&w.sc).map(|(r, s)| r * s).sum();
+            let summ: f32 = xq.sums_dx[16 * at..16 * at + 16]
+                .iter()
+                .zip(&format.units)
+                .map(|(&sum, &u)| sum * w.mn[u as usize / 4] as f32)
+                .sum();
+            acc += w.d * xq.d[at] * sumi as f32 - w.dmin * summ;
+        }
+        *o = acc;
+    }
+}
+
+/// The AVX-512 bodies of a format: `k_quant_avx512!(name, "features", vnni|bw, decode,
+/// BLOCK_BYTES)` defines `fn name(xq, kb, rows, row, out)` with the format's
+/// `decode!(blk)` giving `([__m512i; 4]` source vectors, `__m512` lane scales times `d`,
+/// `__m512` lane mins times `dmin)`. Per row and super-block: four dot products, a
+/// conversion, a multiply by the row's `dx` and two multiply-adds. `vnni` uses `vpdpbusd`; `bw` the same sums through
+/// `vpmaddubsw` + `vpmaddwd` (exact: a pair of products is at most 2·63·128 in 16 bits).
+macro_rules! k_quant_avx512 {
+    (@dp vnni, $acc:expr, $w:expr, $x:expr) => {
+        _mm512_dpbusd_epi32($acc, $w, $x)
+    };
+    (@dp bw, $acc:expr, $w:expr, $x:expr) => {
+        _mm512_add_epi32(
+            $acc,
+            _mm512_madd_epi16(_mm512_maddubs_epi16($w, $x), _mm512_set1_epi16(1)),
+        )
+    };
+    ($name:ident, $features:literal, $dp:ident, $decode:ident, $block_bytes:expr) => {
+        /// `out[i] = x_i · w` for the rows `rows` of `xq` against one weight row: groups
+        /// of up to eight rows, each group's sums in registers over the weight row (the
+        /// super-block decoded and transposed once per group).
+        #[target_feature(enable = $features)]
+        pub(super) fn $name(
+            xq: &Q8kRows,
+            kb: usize,
+            rows: std::ops::Range<usize>,
+            row: &[u8],
+            out: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+
+            /// `x_i · w` for rows `i0..i0 + R` of `xq` against one weight row.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn dot_rows<const R: usize>(
+                xq: &Q8kRows,
+                kb: usize,
+                i0: usize,
+                row: &[u8],
+            ) -> [f32; R] {
+                const BLOCK: usize = $block_bytes;
+                assert!(
+                    xq.d.len() >= (i0 + R) * kb
+                        && xq.qs.len() >= (i0 + R) * kb * QK_K
+                        && xq.sums_dx.len() >= (i0 + R) * kb * 16
+                        && row.len() >= kb * BLOCK
+                );
+                let mut acc = [_mm512_setzero_ps(); R];
+                for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
+                    // The weight stream ~2 KiB ahead into L1, each of its cache lines once
+                    // (the hardware prefetcher alone left the loads waiting; measured on
+                    // the Q4_K body, see its module).
+                    let ahead = blk.as_ptr().wrapping_add(2048) as *const i8;
+                    let mut line = 0;
+                    while line < BLOCK {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+                        line += 64;
+                    }
+                    let (src, scd, mnd): ([__m512i; 4], __m512, __m512) = $decode!(blk);
+                    // 4 × 4 transposition of 32-bit lanes within each 128-bit lane
+                    let t0 = _mm512_unpacklo_epi32(src[0], src[1]);
+                    let t1 = _mm512_unpacklo_epi32(src[2], src[3]);
+                    let t2 = _mm512_unpackhi_epi32(src[0], src[1]);
+                    let t3 = _mm512_unpackhi_epi32(src[2], src[3]);
+                    let w = [
+                        _mm512_unpacklo_epi64(t0, t1),
+                        _mm512_unpackhi_epi64(t0, t1),
+                        _mm512_unpacklo_epi64(t2, t3),
+                        _mm512_unpackhi_epi64(t2, t3),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let at = (i0 + r) * kb + b;
+                        // SAFETY: row `i0 + r`'s super-block `b` is within `xq` (asserted).
+                        let (x, sums, dx) = unsafe {
+                            (
+                                xq.qs.as_ptr().add(QK_K * at),
+                                _mm512_loadu_ps(xq.sums_dx.as_ptr().add(16 * at)),
+                                _mm512_set1_ps(*xq.d.get_unchecked(at)),
+                            )
+                        };
+                        let mut dot = _mm512_setzero_si512();
+                        for (t, &w) in w.iter().enumerate() {
+                            // SAFETY: 256 values from `x`.
+                            let xv = unsafe { _mm512_loadu_si512(x.add(64 * t) as *const _) };
+                            dot = k_quant_avx512!(@dp $dp, dot, w, xv);
+                        }
+                        let s = _mm512_mul_ps(scd, dx);
+                        let a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *acc);
+                        *acc = _mm512_fnmadd_ps(sums, mnd, a);
+                    }
+                }
+                acc.map(|a| _mm512_reduce_add_ps(a))
+            }
+
+            debug_assert!(out.len() == rows.len() && row.len() == kb * $block_bytes);
+            let mut i = rows.start;
+            for o in out.chunks_mut(8) {
+                match o.len() {
+                    8 => o.copy_from_slice(&dot_rows::<8>(xq, kb, i, row)),
+                    7 => o.copy_from_slice(&dot_rows::<7>(xq, kb, i, row)),
+                    6 => o.copy_from_slice(&dot_rows::<6>(xq, kb, i, row)),
+                    5 => o.copy_from_slice(&dot_rows::<5>(xq, kb, i, row)),
+                    4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
+                    3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
+                    2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
+                    _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
+                }
+                i += o.len();
+            }
+        }
+    };
+}
+pub(super) use k_quant_avx512;
+
+/// The AVX2 body of a format (CPUs without AVX-512BW): `k_quant_avx2!(name, decode,
+/// BLOCK_BYTES)` with the format's `decode!(blk, p)` giving, for half `p` (bytes
+/// `32p..32p+32` of each source vector), `([__m256i; 4]` source halves`)`, and
+/// `lanes!(blk)` giving `([f32; 16]` lane scales times `d`, `[f32; 16]` lane mins times
+/// `dmin)`.
+/// The AVX-512 bodies' sums on 256-bit vectors, groups of four rows.
+macro_rules! k_quant_avx2 {
+    ($name:ident, $decode:ident, $lanes:ident, $block_bytes:expr) => {
+        /// `out[i] = x_i · w` for the rows `rows` of `xq` against one weight row.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) fn $name(
+            xq: &Q8kRows,
+            kb: usize,
+            rows: std::ops::Range<usize>,
+            row: &[u8],
+            out: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+            }
+
+            /// `x_i · w` for rows `i0..i0 + R` of `xq` against one weight row.
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn dot_rows<const R: usize>(
+                xq: &Q8kRows,
+                kb: usize,
+                i0: usize,
+                row: &[u8],
+            ) -> [f32; R] {
+                const BLOCK: usize = $block_bytes;
+                assert!(
+                    xq.d.len() >= (i0 + R) * kb
+                        && xq.qs.len() >= (i0 + R) * kb * QK_K
+                        && xq.sums_dx.len() >= (i0 + R) * kb * 16
+                        && row.len() >= kb * BLOCK
+                );
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
+                    let (scd, mnd): ([f32; 16], [f32; 16]) = $lanes!(blk);
+                    for p in 0..2 {
+                        let src: [__m256i; 4] = $decode!(blk, p);
+                        let t0 = _mm256_unpacklo_epi32(src[0], src[1]);
+                        let t1 = _mm256_unpacklo_epi32(src[2], src[3]);
+                        let t2 = _mm256_unpackhi_epi32(src[0], src[1]);
+                        let t3 = _mm256_unpackhi_epi32(src[2], src[3]);
+                        let w = [
+                            _mm256_unpacklo_epi64(t0, t1),
+                            _mm256_unpackhi_epi64(t0, t1),
+                            _mm256_unpacklo_epi64(t2, t3),
+                            _mm256_unpackhi_epi64(t2, t3),
+                        ];
+                        // SAFETY: 8 of the 16 lanes.
+                        let (scd, mnd) = unsafe {
+                            (
+                                _mm256_loadu_ps(scd.as_ptr().add(8 * p)),
+                                _mm256_loadu_ps(mnd.as_ptr().add(8 * p)),
+                            )
+                        };
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let at = (i0 + r) * kb + b;
+                            // SAFETY: row `i0 + r`'s super-block `b` is within `xq`.
+                            let (x, sums, dx) = unsafe {
+                                (
+                                    xq.qs.as_ptr().add(QK_K * at + 32 * p),
+                                    _mm256_loadu_ps(xq.sums_dx.as_ptr().add(16 * at + 8 * p)),
+                                    _mm256_set1_ps(*xq.d.get_unchecked(at)),
+                                )
+                            };
+                            let mut dot = _mm256_setzero_si256();
+                            for (t, &w) in w.iter().enumerate() {
+                                // SAFETY: within the super-block's 256 values.
+                                let xv = unsafe { _mm256_loadu_si256(x.add(64 * t) as *const _) };
+                                let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                                dot = _mm256_add_epi32(dot, pr);
+                            }
+                            let s = _mm256_mul_ps(scd, dx);
+                            let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, *acc);
+                            *acc = _mm256_fnmadd_ps(sums, mnd, a);
+                        }
+                    }
+                }
+                acc.map(|a| hsum(a))
+            }
+
+            debug_assert!(out.len() == rows.len() && row.len() == kb * $block_bytes);
+            let mut i = rows.start;
+            for o in out.chunks_mut(4) {
+                match o.len() {
+                    4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
+                    3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
+                    2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
+                    _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
+                }
+                i += o.len();
+            }
+        }
+    };
+}
+pub(super) use k_quant_avx2;
+
+/// Which body runs a format's dots on this CPU (detected once).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Body {
+    /// AVX-512BW with VNNI (`vpdpbusd`).
+    Vnni,
+    /// AVX-512BW without VNNI.
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+pub(super) fn body() -> Body {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static BODY: std::sync::OnceLock<Body> = std::sync::OnceLock::new();
+        *BODY.get_or_init(|| {
+            let has = |f: &str| match f {
+                "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+                "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+                "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+                "fma" => std::arch::is_x86_feature_detected!("fma"),
+                "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+                _ => false,
+            };
+            if cpu::simd_level() == cpu::SimdLevel::Avx512 && has("avx512bw") && has("f16c") {
+                if has("avx512vnni") {
+                    Body::Vnni
+                } else {
+                    Body::Avx512
+                }
+            } else if has("avx2") && has("fma") && has("f16c") {
+                Body::Avx2
+            } else {
+                Body::Portable
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Body::Portable
+    }
+}
+
+/// Whether the k-quant products here have a vector body on this CPU (AVX2 or AVX-512BW).
+/// Elsewhere their portable bodies are slower than candle's own kernels, which then run.
+pub(super) fn has_vector_bodies() -> bool {
+    body() != Body::Portable
 }
 
 /// Weight rows that pass over one group of activation rows in [`linear`] (4 rows of a
@@ -266,7 +617,7 @@ pub(super) fn linear(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let xq = quantize_rows(x, m, k, &format.order);
+    let xq = quantize_rows(x, m, k, &format.units);
     for r0 in (0..m).step_by(GEMV_ROWS) {
         let rows = r0..(r0 + GEMV_ROWS).min(m);
         let chunk = &mut out[r0 * n..rows.end * n];
@@ -313,6 +664,24 @@ pub(super) mod tests {
         x
     }
 
+    /// `transposed` is what the bodies' unpack instructions do, and only orders whose lanes
+    /// hold whole runs pass the check.
+    #[test]
+    fn storage_orders() {
+        let src: [[u8; 16]; 4] =
+            std::array::from_fn(|v| std::array::from_fn(|l| (16 * v + l) as u8));
+        let units = transposed(&src);
+        // vector 1's lane 4·2 + 3 holds source 3's lane 4·2 + 1: unit 16·3 + 9
+        assert_eq!(units[16 + 4 * 2 + 3], 57);
+        assert!(lanes_hold_runs(&units));
+        assert_eq!(lane_scales(&units, 1)[4 * 2 + 3], 14);
+        let natural: Units = std::array::from_fn(|j| j as u8);
+        assert!(!lanes_hold_runs(&natural));
+        let mut twice = units;
+        twice[5] = twice[6];
+        assert!(!lanes_hold_runs(&twice));
+    }
+
     /// The rounding equals candle's `BlockQ8K::from_float` byte for byte (candle's Q8_K
     /// tensor bytes: f32 `d`, 256 `i8`, 16 `i16` sums per super-block).
     #[test]
@@ -326,8 +695,12 @@ pub(super) mod tests {
             *v = (i as f32 - 128.0) / 2.0 + 0.25 * (i % 3 == 0) as u8 as f32;
         }
         ties[7] = -127.0;
-        let order = [0, 2, 1, 3, 4, 6, 5, 7];
-        let mine = quantize_rows(&x, m, k, &order);
+        // a storage order that moves every unit (the Q6_K bodies' order)
+        let src: [[u8; 16]; 4] =
+            std::array::from_fn(|v| std::array::from_fn(|l| (16 * v + l) as u8));
+        let units = transposed(&src);
+        assert!(lanes_hold_runs(&units));
+        let mine = quantize_rows(&x, m, k, &units);
         let t = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
         let theirs = QTensor::quantize(&t, GgmlDType::Q8K).unwrap();
         let bytes = theirs.data().unwrap();
@@ -335,20 +708,19 @@ pub(super) mod tests {
         for (b, blk) in bytes.chunks_exact(292).enumerate() {
             let d = f32::from_le_bytes(blk[0..4].try_into().unwrap());
             assert_eq!(d.to_bits(), mine.d[b].to_bits(), "super-block {b}: d");
-            for s in 0..8 {
-                let stored = &mine.qs[QK_K * b + 32 * order[s]..][..32];
-                for (t, &q) in stored.iter().enumerate() {
-                    assert_eq!(
-                        q as u8,
-                        blk[4 + 32 * s + t],
-                        "super-block {b} value {}",
-                        32 * s + t
-                    );
+            for (j, &u) in units.iter().enumerate() {
+                for e in 0..4 {
+                    let p = 4 * u as usize + e;
+                    let q = mine.qs[QK_K * b + 4 * j + e];
+                    assert_eq!(q as u8, blk[4 + p], "super-block {b} value {p}");
                 }
             }
-            for s in 0..16 {
-                let sum = i16::from_le_bytes([blk[260 + 2 * s], blk[261 + 2 * s]]);
-                assert_eq!(sum, mine.bsums[16 * b + s], "super-block {b} sum {s}");
+            for (lane, &u) in units[..16].iter().enumerate() {
+                let run = u as usize / 4;
+                let sum = i16::from_le_bytes([blk[260 + 2 * run], blk[261 + 2 * run]]);
+                let want = sum as f32 * mine.d[b];
+                let got = mine.sums_dx[16 * b + lane];
+                assert_eq!(got.to_bits(), want.to_bits(), "super-block {b} lane {lane}");
             }
         }
     }
@@ -376,13 +748,12 @@ pub(super) mod tests {
         b[5] = -127.0; // scale 1: every other value is a tie
         blocks.push(b);
         blocks.push(vec![f32::NAN; QK_K]);
-        let order = [0, 2, 1, 3, 4, 6, 5, 7];
         for (i, xs) in blocks.iter().enumerate() {
             let (mut qa, mut sa) = ([0i8; QK_K], [0i16; 16]);
             let (mut qb, mut sb) = ([0i8; QK_K], [0i16; 16]);
-            let da = quantize_block_portable(xs, &mut qa, &mut sa, &order);
+            let da = quantize_block_portable(xs, &mut qa, &mut sa);
             // SAFETY: AVX-512F checked above; the buffers have the sizes required.
-            let db = unsafe { avx512::quantize_block(xs, &mut qb, &mut sb, &order) };
+            let db = unsafe { avx512::quantize_block(xs, &mut qb, &mut sb) };
             assert_eq!(da.to_bits(), db.to_bits(), "block {i}: d");
             assert_eq!(qa, qb, "block {i}: values");
             assert_eq!(sa, sb, "block {i}: sums");
