@@ -362,7 +362,7 @@ fn calibrating_model(
     let dtype = if f32_fits {
         DType::F32
     } else {
-        ckpt.check_fits(&cfg, DType::BF16)?;
+        ckpt.check_fits(&cfg, DType::BF16, None)?;
         DType::BF16
     };
     let weights = Weights::from(ckpt.var_builder(&cfg, dtype, &Device::Cpu)).observed_by(observer);

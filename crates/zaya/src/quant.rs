@@ -335,6 +335,38 @@ impl QuantPlan {
         }
     }
 
+    /// Bytes the weights of `cfg` hold once loaded in `dtype` under this plan: each stored
+    /// tensor ([`QuantPlan::stored_config`]: a split head counts) quantized at its block
+    /// size or dense in `dtype` (the balancing biases in f32). zaya's kernels read
+    /// quantized blocks in place, without the repacked copy candle's matmul keeps (README,
+    /// Quantized weights).
+    pub fn loaded_bytes(&self, cfg: &crate::config::ZayaConfig, dtype: DType) -> u64 {
+        let plan = self.for_model(cfg);
+        crate::weights::native_specs(&self.stored_config(cfg))
+            .iter()
+            .map(|s| match plan.format_for(&s.name, &s.shape) {
+                WeightFormat::Quant(d) => {
+                    storage_bytes(d, s.shape.iter().product::<usize>()) as u64
+                }
+                _ => crate::weights::dense_bytes(&s.name, &s.shape, dtype),
+            })
+            .sum()
+    }
+
+    /// The peak of quantizing a dense checkpoint of `cfg` while loading it in `dtype`:
+    /// [`QuantPlan::loaded_bytes`] and the largest tensor being quantized, which is read
+    /// whole in f32 first.
+    pub fn loading_bytes(&self, cfg: &crate::config::ZayaConfig, dtype: DType) -> u64 {
+        let plan = self.for_model(cfg);
+        let rounding = crate::weights::native_specs(&self.stored_config(cfg))
+            .iter()
+            .filter(|s| matches!(plan.format_for(&s.name, &s.shape), WeightFormat::Quant(_)))
+            .map(|s| 4 * s.shape.iter().product::<usize>() as u64)
+            .max()
+            .unwrap_or(0);
+        self.loaded_bytes(cfg, dtype) + rounding
+    }
+
     /// Whether any tensor would be quantized.
     pub fn quantizes(&self) -> bool {
         let q = |f: &WeightFormat| matches!(f, WeightFormat::Quant(_));
@@ -905,6 +937,57 @@ mod tests {
     /// A tied embedding is stored apart from its head exactly when the lookup's and the
     /// head's formats differ; the head is then read from the embedding and observed as it,
     /// the lookup is observed as nothing, and the stored config is untied.
+    #[test]
+    fn loaded_bytes_count_blocks_in_place_and_a_split_head() {
+        let cfg = crate::config::ZayaConfig::from_json(&serde_json::json!({
+            "model_type": "zaya", "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "moe_intermediate_size": 256, "num_experts": 4, "router_hidden_size": 8
+        }))
+        .unwrap();
+        let specs = crate::weights::native_specs(&cfg);
+        let dense = crate::weights::Checkpoint::required_bytes(&cfg, DType::F32);
+        let q8 = WeightFormat::Quant(GgmlDType::Q8_0);
+        let plan = QuantPlan::uniform(q8);
+        // every quantized tensor at its block size (34 bytes per 32 values), once
+        let by_hand: u64 = specs
+            .iter()
+            .map(|s| {
+                let elems = s.shape.iter().product::<usize>() as u64;
+                match plan.format_for(&s.name, &s.shape) {
+                    WeightFormat::Quant(_) => elems / 32 * 34,
+                    _ => crate::weights::dense_bytes(&s.name, &s.shape, DType::F32),
+                }
+            })
+            .sum();
+        assert_eq!(plan.loaded_bytes(&cfg, DType::F32), by_hand);
+        assert!(by_hand < dense / 3, "{by_hand} vs {dense}");
+        // the lookup kept while the tied head is q8_0: the head is stored apart too
+        let split = QuantPlan {
+            embedding: WeightFormat::Keep,
+            ..plan.clone()
+        };
+        assert!(split.splits_tied_head(&cfg));
+        let table = 512 * 256;
+        assert_eq!(
+            split.loaded_bytes(&cfg, DType::F32),
+            by_hand - table / 32 * 34 + 4 * table + table / 32 * 34
+        );
+        // quantizing while loading reads the largest quantized tensor whole in f32
+        let largest = specs
+            .iter()
+            .filter(|s| matches!(plan.format_for(&s.name, &s.shape), WeightFormat::Quant(_)))
+            .map(|s| 4 * s.shape.iter().product::<usize>() as u64)
+            .max()
+            .unwrap();
+        assert_eq!(plan.loading_bytes(&cfg, DType::F32), by_hand + largest);
+        // no plan that quantizes: the dense bytes
+        assert_eq!(
+            QuantPlan::uniform(WeightFormat::Keep).loaded_bytes(&cfg, DType::F32),
+            dense
+        );
+    }
+
     #[test]
     fn a_tied_head_is_stored_apart_when_its_format_differs_from_the_lookup() {
         let (emb, head) = ("model.embed_tokens.weight", "lm_head.weight");

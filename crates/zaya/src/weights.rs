@@ -758,28 +758,28 @@ impl Checkpoint {
     pub fn required_bytes(cfg: &ZayaConfig, dtype: DType) -> u64 {
         native_specs(cfg)
             .iter()
-            .map(|s| {
-                let d = if s.name.ends_with("balancing_biases") {
-                    DType::F32
-                } else {
-                    dtype
-                };
-                s.shape.iter().product::<usize>() as u64 * d.size_in_bytes() as u64
-            })
+            .map(|s| dense_bytes(&s.name, &s.shape, dtype))
             .sum()
     }
 
-    /// Fails with [`ZayaError::InsufficientMemory`] when the weights of `cfg` in `dtype` need
+    /// Fails with [`ZayaError::InsufficientMemory`] when the weights of `cfg` in `dtype` —
+    /// quantized while loading where `plan` says so ([`QuantPlan::loading_bytes`]) — need
     /// more than the memory available now (`MemAvailable` of /proc/meminfo); passes where
     /// that figure cannot be read.
-    pub fn check_fits(&self, cfg: &ZayaConfig, dtype: DType) -> Result<()> {
+    ///
+    /// [`QuantPlan::loading_bytes`]: crate::quant::QuantPlan::loading_bytes
+    pub fn check_fits(
+        &self,
+        cfg: &ZayaConfig,
+        dtype: DType,
+        plan: Option<&crate::quant::QuantPlan>,
+    ) -> Result<()> {
+        let needed = match plan {
+            Some(plan) => plan.loading_bytes(cfg, dtype),
+            None => Self::required_bytes(cfg, dtype),
+        };
         match available_memory_bytes() {
-            Some(available) => check_fits_in(
-                &self.dir,
-                dtype,
-                Self::required_bytes(cfg, dtype),
-                available,
-            ),
+            Some(available) => check_fits_in(&self.dir, dtype, needed, available),
             None => Ok(()),
         }
     }
@@ -1059,6 +1059,17 @@ pub fn convert_sharded(
         sink.write_bytes(&tensor_bytes(&t)?)
     })?;
     Ok(())
+}
+
+/// Bytes native tensor `name` of `shape` takes loaded dense in `dtype` (the balancing
+/// biases stay f32).
+pub(crate) fn dense_bytes(name: &str, shape: &[usize], dtype: DType) -> u64 {
+    let d = if name.ends_with("balancing_biases") {
+        DType::F32
+    } else {
+        dtype
+    };
+    shape.iter().product::<usize>() as u64 * d.size_in_bytes() as u64
 }
 
 /// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).

@@ -92,26 +92,10 @@ pub fn base_bytes(
     dtype: candle_core::DType,
     plan: Option<&crate::quant::QuantPlan>,
 ) -> u64 {
-    use crate::quant::WeightFormat;
-    let plan = plan.map(|p| p.for_model(cfg));
-    let plan = plan.as_ref();
-    crate::weights::native_specs(cfg)
-        .iter()
-        .map(|s| {
-            let elems: usize = s.shape.iter().product();
-            let dense = if s.name.ends_with("balancing_biases") {
-                4
-            } else {
-                dtype.size_in_bytes()
-            };
-            match plan.map(|p| p.format_for(&s.name, &s.shape)) {
-                // candle's quantized matmul keeps a repacked copy of each matrix beside the
-                // original once it has been used (README, Quantized weights)
-                Some(WeightFormat::Quant(d)) => 2 * crate::quant::storage_bytes(d, elems) as u64,
-                _ => (elems * dense) as u64,
-            }
-        })
-        .sum()
+    match plan {
+        Some(plan) => plan.loaded_bytes(cfg, dtype),
+        None => crate::weights::Checkpoint::required_bytes(cfg, dtype),
+    }
 }
 
 /// Trainable weights of an adapter of `lora` on a model of `cfg`.

@@ -379,7 +379,7 @@ impl ZayaModel {
         let cfg = ckpt.config()?;
         ckpt.validate(&cfg)?;
         // Before anything is allocated: a clear error instead of an OOM kill.
-        ckpt.check_fits(&cfg, dtype)?;
+        ckpt.check_fits(&cfg, dtype, quant)?;
         let vb = ckpt.var_builder(&cfg, dtype, device);
         match quant {
             None => Self::new(&cfg, vb),
