@@ -414,6 +414,53 @@ impl GgufCheckpoint {
         }
     }
 
+    /// Bytes the model in this file holds once loaded in `dtype`, with the dense tensors
+    /// that `plan` selects quantized while loading: block-quantized tensors as stored,
+    /// dense ones in `dtype` (the balancing biases in f32; an upper bound where a table is
+    /// kept in its stored bf16), a tied head the plan stores apart counted too.
+    pub fn loaded_bytes(&self, dtype: DType, plan: Option<&QuantPlan>) -> u64 {
+        self.sizes(dtype, plan).0
+    }
+
+    /// [`GgufCheckpoint::loaded_bytes`] and the largest tensor quantized while loading
+    /// (read whole in f32 first), against the memory available now: a clear error instead
+    /// of an OOM kill; passes where `MemAvailable` cannot be read.
+    pub fn check_fits(&self, dtype: DType, plan: Option<&QuantPlan>) -> Result<()> {
+        let (held, rounding) = self.sizes(dtype, plan);
+        match crate::weights::available_memory_bytes() {
+            Some(available) => {
+                crate::weights::check_fits_in(&self.path, dtype, held + rounding, available)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// (bytes held once loaded, the largest f32 read of a tensor quantized while loading).
+    fn sizes(&self, dtype: DType, plan: Option<&QuantPlan>) -> (u64, u64) {
+        let plan = plan.map(|p| p.for_model(&self.config));
+        let cfg = plan
+            .as_ref()
+            .map_or_else(|| self.config.clone(), |p| p.stored_config(&self.config));
+        let (mut held, mut rounding) = (0u64, 0u64);
+        for s in native_specs(&cfg) {
+            let elems = s.shape.iter().product::<usize>();
+            let source = plan
+                .as_ref()
+                .map_or(s.name.as_str(), |p| p.source_of(&self.config, &s.name));
+            let stored = self.content.tensor_infos.get(source).map(|i| i.ggml_dtype);
+            let at_load = plan.as_ref().map(|p| p.format_for(&s.name, &s.shape));
+            held += match (stored, at_load) {
+                (Some(d), _) if float_dtype(d).is_none() => quant::storage_bytes(d, elems) as u64,
+                (_, Some(WeightFormat::Quant(d))) => {
+                    rounding = rounding.max(4 * elems as u64);
+                    quant::storage_bytes(d, elems) as u64
+                }
+                _ => crate::weights::dense_bytes(&s.name, &s.shape, dtype),
+            };
+        }
+        (held, rounding)
+    }
+
     /// A `VarBuilder` over the file's tensors in native names (dense forms).
     pub fn var_builder(self: &Arc<Self>, dtype: DType, dev: &Device) -> VarBuilder<'static> {
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> =

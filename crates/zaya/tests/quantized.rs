@@ -163,6 +163,12 @@ fn gguf_round_trip_is_identical_and_equals_quant_at_load() {
             "{f}: GGUF vs --quant at load"
         );
         assert_eq!(from_file.weight_bytes(), at_load.weight_bytes());
+        // the memory estimates (fit checks, LoRA's base) size what is held
+        let held = at_load.weight_bytes() as u64;
+        let cfg = at_load.config();
+        assert_eq!(plan(f).loaded_bytes(cfg, DType::F32), held, "{f}");
+        let g = zaya::gguf::GgufCheckpoint::open(&out).unwrap();
+        assert_eq!(g.loaded_bytes(DType::F32, None), held, "{f}");
     }
     // Nothing quantized: the GGUF holds the f32 tensors and reloads bit for bit.
     for name in FIXTURES {
@@ -525,6 +531,13 @@ fn a_tied_embedding_with_its_own_lookup_format_is_stored_apart_from_its_head() {
         assert_eq!(common::max_abs_diff(&logits(&at_load, &rows), &q), 0.0);
         assert_eq!(at_load.weight_bytes(), model.weight_bytes());
     }
+    // the memory estimates size what is held: the file, the split at load from the
+    // checkpoint and from the dense tied GGUF
+    let held = model.weight_bytes() as u64;
+    assert_eq!(g.loaded_bytes(DType::F32, None), held);
+    assert_eq!(split.loaded_bytes(dense.config(), DType::F32), held);
+    let dense_file = zaya::gguf::GgufCheckpoint::open(&dense_gguf).unwrap();
+    assert_eq!(dense_file.loaded_bytes(DType::F32, Some(&split)), held);
 
     // A saved importance matrix (entries under the tied weight's name): the head takes the
     // embedding's entry, the lookup none (the same bytes as without the matrix).

@@ -363,6 +363,8 @@ impl ZayaModel {
         if crate::gguf::is_gguf(path) {
             let g = Arc::new(GgufCheckpoint::open(path)?);
             g.validate()?;
+            // Before anything is allocated: a clear error instead of an OOM kill.
+            g.check_fits(dtype, quant)?;
             let cfg = g.config().clone();
             let vb = g.var_builder(dtype, device);
             return match quant {
