@@ -80,9 +80,10 @@ pub enum ZayaError {
     },
 
     #[error(
-        "the weights of {dir} need {needed_gib:.2} GiB in {dtype} ({needed} bytes) but only \
-         {available_gib:.2} GiB ({available} bytes) is available (MemAvailable in /proc/meminfo); \
-         free memory, or load a smaller dtype or a quantized model"
+        "the weights of {dir} need {needed_gib:.2} GiB loaded with dtype {dtype} ({needed} \
+         bytes, quantized tensors at their block size) but only {available_gib:.2} GiB \
+         ({available} bytes) is available (MemAvailable in /proc/meminfo); free memory, or \
+         load with a smaller dtype or a smaller quantized format"
     )]
     InsufficientMemory {
         dir: PathBuf,

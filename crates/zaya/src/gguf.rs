@@ -442,18 +442,23 @@ impl GgufCheckpoint {
             .as_ref()
             .map_or_else(|| self.config.clone(), |p| p.stored_config(&self.config));
         let (mut held, mut rounding) = (0u64, 0u64);
+        let format = |name: &str| self.content.tensor_infos.get(name).map(|i| i.ggml_dtype);
         for s in native_specs(&cfg) {
             let elems = s.shape.iter().product::<usize>();
-            let source = plan
-                .as_ref()
-                .map_or(s.name.as_str(), |p| p.source_of(&self.config, &s.name));
-            let stored = self.content.tensor_infos.get(source).map(|i| i.ggml_dtype);
             let at_load = plan.as_ref().map(|p| p.format_for(&s.name, &s.shape));
-            held += match (stored, at_load) {
-                (Some(d), _) if float_dtype(d).is_none() => quant::storage_bytes(d, elems) as u64,
+            // a tensor the file holds quantized is taken as it is; any other is read from
+            // its source (a split head: the tied embedding), dequantized if need be
+            held += match (format(&s.name), at_load) {
+                (Some(d), _) if float_dtype(d).is_none() => quant::held_bytes(d, elems),
                 (_, Some(WeightFormat::Quant(d))) => {
-                    rounding = rounding.max(4 * elems as u64);
-                    quant::storage_bytes(d, elems) as u64
+                    let source = plan
+                        .as_ref()
+                        .map_or(s.name.as_str(), |p| p.source_of(&self.config, &s.name));
+                    let stored = format(source)
+                        .and_then(float_dtype)
+                        .map_or(4, |t| t.size_in_bytes());
+                    rounding = rounding.max(quant::rounding_transient_bytes(d, elems, stored));
+                    quant::held_bytes(d, elems)
                 }
                 _ => crate::weights::dense_bytes(&s.name, &s.shape, dtype),
             };

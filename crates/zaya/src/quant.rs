@@ -337,31 +337,39 @@ impl QuantPlan {
 
     /// Bytes the weights of `cfg` hold once loaded in `dtype` under this plan: each stored
     /// tensor ([`QuantPlan::stored_config`]: a split head counts) quantized at its block
-    /// size or dense in `dtype` (the balancing biases in f32). zaya's kernels read
-    /// quantized blocks in place, without the repacked copy candle's matmul keeps (README,
-    /// Quantized weights).
+    /// size ([`held_bytes`]: zaya's kernels read the blocks in place) or dense in `dtype`
+    /// (the balancing biases in f32).
     pub fn loaded_bytes(&self, cfg: &crate::config::ZayaConfig, dtype: DType) -> u64 {
         let plan = self.for_model(cfg);
         crate::weights::native_specs(&self.stored_config(cfg))
             .iter()
             .map(|s| match plan.format_for(&s.name, &s.shape) {
-                WeightFormat::Quant(d) => {
-                    storage_bytes(d, s.shape.iter().product::<usize>()) as u64
-                }
+                WeightFormat::Quant(d) => held_bytes(d, s.shape.iter().product::<usize>()),
                 _ => crate::weights::dense_bytes(&s.name, &s.shape, dtype),
             })
             .sum()
     }
 
     /// The peak of quantizing a dense checkpoint of `cfg` while loading it in `dtype`:
-    /// [`QuantPlan::loaded_bytes`] and the largest tensor being quantized, which is read
-    /// whole in f32 first.
-    pub fn loading_bytes(&self, cfg: &crate::config::ZayaConfig, dtype: DType) -> u64 {
+    /// [`QuantPlan::loaded_bytes`] and the transient of the largest tensor being quantized
+    /// ([`rounding_transient_bytes`], its source stored with `stored_elem_bytes` per value).
+    pub fn loading_bytes(
+        &self,
+        cfg: &crate::config::ZayaConfig,
+        dtype: DType,
+        stored_elem_bytes: usize,
+    ) -> u64 {
         let plan = self.for_model(cfg);
         let rounding = crate::weights::native_specs(&self.stored_config(cfg))
             .iter()
-            .filter(|s| matches!(plan.format_for(&s.name, &s.shape), WeightFormat::Quant(_)))
-            .map(|s| 4 * s.shape.iter().product::<usize>() as u64)
+            .filter_map(|s| match plan.format_for(&s.name, &s.shape) {
+                WeightFormat::Quant(d) => Some(rounding_transient_bytes(
+                    d,
+                    s.shape.iter().product(),
+                    stored_elem_bytes,
+                )),
+                _ => None,
+            })
             .max()
             .unwrap_or(0);
         self.loaded_bytes(cfg, dtype) + rounding
@@ -661,6 +669,22 @@ pub fn split_experts(q: &QTensor) -> Result<Vec<Arc<QTensor>>> {
         .collect()
 }
 
+/// Bytes a quantized matrix of `elems` values in `d` holds once used: its blocks, and the
+/// repacked copy candle's matmul keeps beside them for the formats it repacks on this
+/// target that zaya's own kernels do not run (Q4_K, Q6_K and Q8_0 run on zaya's, in place;
+/// on x86 candle repacks no other format, on aarch64 it repacks Q4_0 and Q5_K).
+pub fn held_bytes(d: GgmlDType, elems: usize) -> u64 {
+    let repacked = cfg!(target_arch = "aarch64") && matches!(d, GgmlDType::Q4_0 | GgmlDType::Q5K);
+    storage_bytes(d, elems) as u64 * if repacked { 2 } else { 1 }
+}
+
+/// Memory held for a moment while one tensor of `elems` values, stored with
+/// `stored_elem_bytes` per value, is quantized to `d` at load: its stored copy and its f32
+/// form, and the quantized blocks twice (the row blocks' parts and the joined tensor).
+pub fn rounding_transient_bytes(d: GgmlDType, elems: usize, stored_elem_bytes: usize) -> u64 {
+    ((4 + stored_elem_bytes) * elems + 2 * storage_bytes(d, elems)) as u64
+}
+
 /// Bytes a tensor of `elems` elements takes in `d`.
 pub fn storage_bytes(d: GgmlDType, elems: usize) -> usize {
     elems / d.block_size() * d.type_size()
@@ -934,9 +958,9 @@ mod tests {
         assert!(err.contains("q4_k_m"), "{err}");
     }
 
-    /// A tied embedding is stored apart from its head exactly when the lookup's and the
-    /// head's formats differ; the head is then read from the embedding and observed as it,
-    /// the lookup is observed as nothing, and the stored config is untied.
+    /// What a quantized model holds: each stored tensor once at its block size (no
+    /// repacked copy), a tied head stored apart counted too; loading adds the largest
+    /// tensor's rounding transient.
     #[test]
     fn loaded_bytes_count_blocks_in_place_and_a_split_head() {
         let cfg = crate::config::ZayaConfig::from_json(&serde_json::json!({
@@ -977,10 +1001,13 @@ mod tests {
         let largest = specs
             .iter()
             .filter(|s| matches!(plan.format_for(&s.name, &s.shape), WeightFormat::Quant(_)))
-            .map(|s| 4 * s.shape.iter().product::<usize>() as u64)
+            .map(|s| {
+                let elems = s.shape.iter().product::<usize>() as u64;
+                8 * elems + 2 * elems / 32 * 34
+            })
             .max()
             .unwrap();
-        assert_eq!(plan.loading_bytes(&cfg, DType::F32), by_hand + largest);
+        assert_eq!(plan.loading_bytes(&cfg, DType::F32, 4), by_hand + largest);
         // no plan that quantizes: the dense bytes
         assert_eq!(
             QuantPlan::uniform(WeightFormat::Keep).loaded_bytes(&cfg, DType::F32),
@@ -988,6 +1015,9 @@ mod tests {
         );
     }
 
+    /// A tied embedding is stored apart from its head exactly when the lookup's and the
+    /// head's formats differ; the head is then read from the embedding and observed as it,
+    /// the lookup is observed as nothing, and the stored config is untied.
     #[test]
     fn a_tied_head_is_stored_apart_when_its_format_differs_from_the_lookup() {
         let (emb, head) = ("model.embed_tokens.weight", "lm_head.weight");

@@ -775,7 +775,14 @@ impl Checkpoint {
         plan: Option<&crate::quant::QuantPlan>,
     ) -> Result<()> {
         let needed = match plan {
-            Some(plan) => plan.loading_bytes(cfg, dtype),
+            Some(plan) => {
+                // the widest stored dtype stands for the tensor being rounded
+                let mut stored = 0;
+                for spec in native_specs(cfg) {
+                    stored = stored.max(self.stored_dtype(cfg, &spec.name)?.size_in_bytes());
+                }
+                plan.loading_bytes(cfg, dtype, stored)
+            }
             None => Self::required_bytes(cfg, dtype),
         };
         match available_memory_bytes() {
@@ -1118,7 +1125,7 @@ mod tests {
             .to_string();
         assert!(
             err.contains("/models/x")
-                && err.contains("16.48 GiB in bf16")
+                && err.contains("16.48 GiB loaded with dtype bf16")
                 && err.contains("6.00 GiB")
                 && err.contains("MemAvailable"),
             "{err}"

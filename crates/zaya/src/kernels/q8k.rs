@@ -19,10 +19,11 @@
 //! instructions per row, which is what bounds products of more than a few rows.
 //!
 //! **Sums**: `x·w = Σ_runs d·sc_r·Σ q·qx − dmin·m_r·Σ qx` (Q6_K stores `q + 32`, so its
-//! `dmin = d` and `m_r = 32·sc_r`); the integer sums and their products by the scales are
-//! exact (below 2²⁴, so exact in f32 too), each super-block's two terms are added to one
-//! f32 accumulator per row, and the results equal candle's up to the order of those float
-//! sums.
+//! `dmin = d` and `m_r = 32·sc_r`). The dot products `Σ q·qx` are exact integers (below
+//! 2²⁴, so exact in f32 too); the vector bodies multiply each lane's by `d·sc_r·dx` and
+//! its activations' sum (times `dx`) by `dmin·m_r` in f32, one accumulator per row, so the
+//! results equal candle's (which scales in integers) up to float rounding of those
+//! products and the order of the sums — within the tests' tolerance of candle's matmul.
 
 use super::cpu::{self, GEMV_ROWS};
 use super::KernelError;
@@ -362,7 +363,7 @@ macro_rules! k_quant_avx512 {
                         && row.len() >= kb * BLOCK
                 );
                 let mut acc = [_mm512_setzero_ps(); R];
-                for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
+                for (b, blk) in row[..kb * BLOCK].chunks_exact(BLOCK).enumerate() {
                     // The weight stream ~2 KiB ahead into L1, each of its cache lines once
                     // (the hardware prefetcher alone left the loads waiting; measured on
                     // the Q4_K body, see its module).
@@ -429,11 +430,10 @@ macro_rules! k_quant_avx512 {
 pub(super) use k_quant_avx512;
 
 /// The AVX2 body of a format (CPUs without AVX-512BW): `k_quant_avx2!(name, decode,
-/// BLOCK_BYTES)` with the format's `decode!(blk, p)` giving, for half `p` (bytes
-/// `32p..32p+32` of each source vector), `([__m256i; 4]` source halves`)`, and
+/// lanes, BLOCK_BYTES)` with the format's `decode!(blk, p)` giving, for half `p` (bytes
+/// `32p..32p+32` of each source vector), the four source halves (`[__m256i; 4]`), and
 /// `lanes!(blk)` giving `([f32; 16]` lane scales times `d`, `[f32; 16]` lane mins times
-/// `dmin)`.
-/// The AVX-512 bodies' sums on 256-bit vectors, groups of four rows.
+/// `dmin)`: the AVX-512 bodies' sums on 256-bit vectors, in groups of four rows.
 macro_rules! k_quant_avx2 {
     ($name:ident, $decode:ident, $lanes:ident, $block_bytes:expr) => {
         /// `out[i] = x_i · w` for the rows `rows` of `xq` against one weight row.
@@ -473,7 +473,7 @@ macro_rules! k_quant_avx2 {
                 );
                 let ones = _mm256_set1_epi16(1);
                 let mut acc = [_mm256_setzero_ps(); R];
-                for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
+                for (b, blk) in row[..kb * BLOCK].chunks_exact(BLOCK).enumerate() {
                     let (scd, mnd): ([f32; 16], [f32; 16]) = $lanes!(blk);
                     for p in 0..2 {
                         let src: [__m256i; 4] = $decode!(blk, p);
@@ -577,12 +577,6 @@ pub(super) fn body() -> Body {
     {
         Body::Portable
     }
-}
-
-/// Whether the k-quant products here have a vector body on this CPU (AVX2 or AVX-512BW).
-/// Elsewhere their portable bodies are slower than candle's own kernels, which then run.
-pub(super) fn has_vector_bodies() -> bool {
-    body() != Body::Portable
 }
 
 /// Weight rows that pass over one group of activation rows in [`linear`] (4 rows of a

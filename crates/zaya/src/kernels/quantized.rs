@@ -4,8 +4,7 @@
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
 //! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations),
 //! Q4_K and Q6_K on [`super::q4k_q8k`] / [`super::q6k_q8k`] (candle's Q8_K activation
-//! rounding and integer sums, on the blocks in place; on CPUs with AVX2 or AVX-512BW), or
-//! on [`super::k_quants`] (f32 activations) when `ZAYA_KQUANT_F32=1`; the other formats on candle's quantized CPU matmul (it quantizes the
+//! rounding and integer sums, on the blocks in place), or on [`super::k_quants`] (f32 activations) when `ZAYA_KQUANT_F32=1`; the other formats on candle's quantized CPU matmul (it quantizes the
 //! activations to the weight's dot-product partner format, Q8_0 / Q8_K, and runs AVX-512
 //! VNNI / AVX2 dot products where the CPU has them).
 //!
@@ -188,12 +187,12 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 kind @ (GgmlDType::Q4K | GgmlDType::Q6K),
                 candle_core::CpuStorage::F32(x),
                 Some((a, b)),
-            ) if dims.last() == Some(&k)
-                && k.is_multiple_of(256)
-                && super::q8k::has_vector_bodies() =>
-            {
+            ) if dims.last() == Some(&k) && k.is_multiple_of(256) => {
                 // candle's arithmetic (activations rounded to Q8_K, integer dot products)
-                // on the blocks in place, without candle's repacked copy of the matrix
+                // on the blocks in place, without candle's repacked copy of the matrix (on
+                // every CPU: where there is no vector body the portable one is slower than
+                // candle's kernels, but those keep a repacked copy the memory estimates do
+                // not count)
                 let m = (b - a) / k.max(1);
                 let mut out = vec![0f32; m * n];
                 let linear = if kind == GgmlDType::Q4K {
