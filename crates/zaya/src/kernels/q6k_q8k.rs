@@ -218,42 +218,11 @@ fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
 
-    use crate::kernels::cpu::{test_data as data, GEMV_ROWS};
-    use crate::kernels::q8k::tests::activations;
-
-    /// Each body this CPU has, over all `m` rows at once (groups of rows).
-    fn bodies(xq: &Q8kRows, kb: usize, m: usize, row: &[u8]) -> Vec<(&'static str, Vec<f32>)> {
-        let mut p = vec![0f32; m];
-        q8k::dots_portable(&Q6K, xq, kb, 0..m, row, &mut p);
-        let mut all = vec![("portable", p)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let has = |f| match f {
-                "vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
-                _ => std::arch::is_x86_feature_detected!("avx512bw"),
-            };
-            let mut v = vec![0f32; m];
-            if matches!(q8k::body(), q8k::Body::Vnni) && has("vnni") {
-                // SAFETY: AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C detected.
-                unsafe { x86::dots_vnni(xq, kb, 0..m, row, &mut v) };
-                all.push(("avx512 vnni", v.clone()));
-            }
-            if matches!(q8k::body(), q8k::Body::Vnni | q8k::Body::Avx512) && has("bw") {
-                // SAFETY: AVX-512F/BW/VL, AVX2, FMA and F16C detected.
-                unsafe { x86::dots_avx512(xq, kb, 0..m, row, &mut v) };
-                all.push(("avx512", v.clone()));
-            }
-            if q8k::body() != q8k::Body::Portable {
-                // SAFETY: AVX2, FMA and F16C detected (every vector body implies them).
-                unsafe { x86::dots_avx2(xq, kb, 0..m, row, &mut v) };
-                all.push(("avx2", v));
-            }
-        }
-        all
-    }
+    use crate::kernels::cpu::test_data as data;
+    use crate::kernels::q8k::tests as shared;
 
     /// A weight quantized to Q6_K by candle, with rows of different magnitudes and signs
     /// so that the scales vary (negative ones included).
@@ -265,6 +234,42 @@ mod tests {
             .collect();
         let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
         QTensor::quantize(&w, GgmlDType::Q6K).unwrap()
+    }
+
+    /// Every body this CPU has.
+    fn bodies() -> shared::BodyList {
+        #[cfg(target_arch = "x86_64")]
+        {
+            vec![
+                (
+                    "avx512 vnni",
+                    q8k::Body::Vnni,
+                    x86::dots_vnni as shared::Dots,
+                ),
+                ("avx512", q8k::Body::Avx512, x86::dots_avx512),
+                ("avx2", q8k::Body::Avx2, x86::dots_avx2),
+            ]
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// Against candle's matmul, the driver and every body ([`shared::matches_candle`]).
+    #[test]
+    fn matches_candles_matmul() {
+        shared::matches_candle(&Q6K, linear, q6k_weight, bodies());
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_split() {
+        shared::results_do_not_depend_on_the_split(linear, &q6k_weight(300, 512, 21));
+    }
+
+    #[test]
+    fn bad_sizes_are_an_error() {
+        shared::bad_sizes_are_an_error(linear, BLOCK_BYTES);
     }
 
     /// The portable body's reading of the bit fields is candle's: its dequantized weight
@@ -292,167 +297,14 @@ mod tests {
         }
         assert!(negative_scales > 0, "the data must reach negative scales");
     }
-
-    /// Against candle's Q6_K matmul (its own activation rounding, its vector or portable
-    /// dot products): the integer sums are exact on both sides, so only the order of the
-    /// float sums differs. GEMV sizes and more rows than one chunk; every body.
-    #[test]
-    fn matches_candles_q6k_matmul() {
-        for &(m, k, n) in &[
-            (1, 256, 3),
-            (1, 2048, 70),
-            (2, 512, 33),
-            (5, 1280, 17),
-            (9, 512, 9),
-            (GEMV_ROWS, 768, 21),
-            (GEMV_ROWS + 3, 512, 19),
-            (70, 1024, 40),
-        ] {
-            let q = q6k_weight(n, k, 11 + m as u32);
-            let bytes = q.data().unwrap().into_owned();
-            let x = activations(m, k, 5 + n as u32);
-            let mut got = vec![f32::NAN; m * n];
-            linear(&x, m, k, &bytes, n, &mut got).unwrap();
-            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-            let want: Vec<f32> = QMatMul::from_qtensor(q)
-                .unwrap()
-                .forward(&xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let xq = q8k::quantize_rows(&x, m, k, &UNITS);
-            let row_bytes = k / QK_K * BLOCK_BYTES;
-            for j in 0..n {
-                let row = &bytes[j * row_bytes..][..row_bytes];
-                let bodies = bodies(&xq, k / QK_K, m, row);
-                for i in 0..m {
-                    let mag: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * 8.0;
-                    let w = want[i * n + j];
-                    let kernel = [("kernel", got[i * n + j])];
-                    let others = bodies.iter().map(|(what, v)| (*what, v[i]));
-                    for (what, v) in kernel.into_iter().chain(others) {
-                        assert!(
-                            (v - w).abs() <= 1e-5 * (1.0 + mag),
-                            "{what} m={m} k={k} n={n} ({i},{j}): {v} vs candle {w}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// How the weight rows are split over threads, and which rows share a chunk, does not
-    /// change a bit of a row's result.
-    #[test]
-    fn results_do_not_depend_on_the_split() {
-        let (k, n) = (512, 300);
-        let bytes = q6k_weight(n, k, 21).data().unwrap().into_owned();
-        let m = GEMV_ROWS + 5;
-        let x = activations(m, k, 9);
-        let mut all = vec![0f32; m * n];
-        linear(&x, m, k, &bytes, n, &mut all).unwrap();
-        for i in [0, 7, GEMV_ROWS, m - 1] {
-            let mut one = vec![0f32; n];
-            linear(&x[i * k..(i + 1) * k], 1, k, &bytes, n, &mut one).unwrap();
-            for j in 0..n {
-                assert_eq!(
-                    one[j].to_bits(),
-                    all[i * n + j].to_bits(),
-                    "row {i} col {j}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn bad_sizes_are_an_error() {
-        let mut out = vec![0f32; 2];
-        assert!(linear(&[0.0; 128], 1, 128, &[0; 420], 2, &mut out).is_err());
-        assert!(linear(&[0.0; 256], 1, 256, &[0; 210], 2, &mut out).is_err());
-    }
 }
 
-/// `cargo test --release -p zaya --lib q6k_q8k::speed -- --ignored --nocapture`: this
-/// kernel, candle's Q6_K matmul and a plain parallel read of the same bytes, on the shape
-/// of one expert's down projection of ZAYA1-8B (2048 × 2048; `SPEED_NK=n,k` picks
-/// another), at 1, 8 and 64 rows (`SPEED_M=1,8` picks others; `CANDLE_NUM_THREADS` sets
-/// the threads).
+/// `cargo test --release -p zaya --lib q6k_q8k::speed -- --ignored --nocapture`: this kernel,
+/// candle's Q6_K matmul and a plain read of the same bytes on the shape of one expert's
+/// down projection of ZAYA1-8B (2048 × 2048; see [`q8k::speed`]).
+#[test]
+#[ignore]
 #[cfg(test)]
-mod speed {
-    use super::*;
-    use crate::kernels::cpu;
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::{Device, Module, Tensor};
-    use std::time::Instant;
-
-    #[test]
-    #[ignore]
-    fn speed() {
-        let (n, k) = std::env::var("SPEED_NK")
-            .map(|v| {
-                let d: Vec<usize> = v.split(',').map(|s| s.parse().unwrap()).collect();
-                (d[0], d[1])
-            })
-            .unwrap_or((2048, 2048));
-        // several matrices, so the bytes come from memory, not the cache
-        let copies = 24;
-        let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-        let one = q.data().unwrap().into_owned();
-        let bytes: Vec<Vec<u8>> = (0..copies).map(|_| one.clone()).collect();
-        let qms: Vec<QMatMul> = (0..copies)
-            .map(|_| {
-                let s = candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Owned(one.clone()),
-                    &Device::Cpu,
-                    GgmlDType::Q6K,
-                )
-                .unwrap();
-                QMatMul::from_qtensor(QTensor::new(s, (n, k)).unwrap()).unwrap()
-            })
-            .collect();
-        let ms: Vec<usize> = std::env::var("SPEED_M")
-            .map(|v| v.split(',').map(|s| s.parse().unwrap()).collect())
-            .unwrap_or(vec![1, 8, 64]);
-        for m in ms {
-            let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
-            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let mut out = vec![0f32; m * n];
-            let (mut ours, mut theirs, mut read) = (f64::MAX, f64::MAX, f64::MAX);
-            for _ in 0..5 {
-                let t = Instant::now();
-                for b in &bytes {
-                    linear(&xv, m, k, b, n, &mut out).unwrap();
-                }
-                ours = ours.min(t.elapsed().as_secs_f64() / copies as f64);
-                let t = Instant::now();
-                for qm in &qms {
-                    let _ = qm.forward(&x).unwrap();
-                }
-                theirs = theirs.min(t.elapsed().as_secs_f64() / copies as f64);
-                let t = Instant::now();
-                for b in &bytes {
-                    let s: u64 = cpu::in_pool(|| {
-                        use rayon::prelude::*;
-                        b.par_chunks(1 << 16)
-                            .map(|c| {
-                                c.chunks_exact(8)
-                                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-                                    .fold(0u64, |a, b| a ^ b)
-                            })
-                            .reduce(|| 0, |a, b| a ^ b)
-                    });
-                    std::hint::black_box(s);
-                }
-                read = read.min(t.elapsed().as_secs_f64() / copies as f64);
-            }
-            let gb = one.len() as f64 / 1e9;
-            eprintln!(
-                "q6_k {n}x{k} m={m}: ours {:.3} ms ({:.1} GB/s), candle {:.3} ms ({:.1} GB/s), read {:.3} ms ({:.1} GB/s)",
-                ours * 1e3, gb / ours, theirs * 1e3, gb / theirs, read * 1e3, gb / read
-            );
-        }
-    }
+fn speed() {
+    q8k::speed(candle_core::quantized::GgmlDType::Q6K, (2048, 2048), linear);
 }

@@ -637,11 +637,90 @@ pub(super) fn linear(
     Ok(())
 }
 
+/// The k-quant kernels' speed against candle's matmul of the same format and a plain
+/// parallel read of the same bytes (`q4k_q8k::speed`, `q6k_q8k::speed`), at 1, 8 and 64
+/// rows (`SPEED_M=1,8` picks others, `SPEED_NK=n,k` another shape; `CANDLE_NUM_THREADS`
+/// sets the threads).
+#[cfg(test)]
+pub(super) fn speed(
+    dtype: candle_core::quantized::GgmlDType,
+    shape: (usize, usize),
+    linear: tests::Linear,
+) {
+    use candle_core::quantized::{QMatMul, QStorage, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    use std::time::Instant;
+
+    let (n, k) = std::env::var("SPEED_NK")
+        .map(|v| {
+            let d: Vec<usize> = v.split(',').map(|s| s.parse().unwrap()).collect();
+            (d[0], d[1])
+        })
+        .unwrap_or(shape);
+    let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
+    let one = QTensor::quantize(&w, dtype)
+        .unwrap()
+        .data()
+        .unwrap()
+        .into_owned();
+    // several matrices (at least 64 MB), so the bytes come from memory, not the cache
+    let copies = (64_000_000 / one.len()).max(8);
+    let bytes: Vec<Vec<u8>> = (0..copies).map(|_| one.clone()).collect();
+    let qms: Vec<QMatMul> = (0..copies)
+        .map(|_| {
+            let s = QStorage::from_data(std::borrow::Cow::Owned(one.clone()), &Device::Cpu, dtype)
+                .unwrap();
+            QMatMul::from_qtensor(QTensor::new(s, (n, k)).unwrap()).unwrap()
+        })
+        .collect();
+    let ms: Vec<usize> = std::env::var("SPEED_M")
+        .map(|v| v.split(',').map(|s| s.parse().unwrap()).collect())
+        .unwrap_or(vec![1, 8, 64]);
+    for m in ms {
+        let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
+        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let mut out = vec![0f32; m * n];
+        let (mut ours, mut theirs, mut read) = (f64::MAX, f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            let t = Instant::now();
+            for b in &bytes {
+                linear(&xv, m, k, b, n, &mut out).unwrap();
+            }
+            ours = ours.min(t.elapsed().as_secs_f64() / copies as f64);
+            let t = Instant::now();
+            for qm in &qms {
+                let _ = qm.forward(&x).unwrap();
+            }
+            theirs = theirs.min(t.elapsed().as_secs_f64() / copies as f64);
+            let t = Instant::now();
+            for b in &bytes {
+                let s: u64 = cpu::in_pool(|| {
+                    use rayon::prelude::*;
+                    b.par_chunks(1 << 16)
+                        .map(|c| {
+                            c.chunks_exact(8)
+                                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                                .fold(0u64, |a, b| a ^ b)
+                        })
+                        .reduce(|| 0, |a, b| a ^ b)
+                });
+                std::hint::black_box(s);
+            }
+            read = read.min(t.elapsed().as_secs_f64() / copies as f64);
+        }
+        let gb = one.len() as f64 / 1e9;
+        eprintln!(
+            "{dtype:?} {n}x{k} m={m}: ours {:.3} ms ({:.1} GB/s), candle {:.3} ms ({:.1} GB/s), read {:.3} ms ({:.1} GB/s)",
+            ours * 1e3, gb / ours, theirs * 1e3, gb / theirs, read * 1e3, gb / read
+        );
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
 
     use crate::kernels::cpu::test_data as data;
 
@@ -752,5 +831,121 @@ pub(super) mod tests {
             assert_eq!(qa, qb, "block {i}: values");
             assert_eq!(sa, sb, "block {i}: sums");
         }
+    }
+
+    /// A format's dots bodies for [`matches_candle`], each with the body level it needs
+    /// (`Vnni` runs where `body()` is `Vnni`; `Avx512` also where it is `Vnni`; `Avx2`
+    /// wherever a vector body runs).
+    pub(crate) type BodyList = Vec<(&'static str, Body, Dots)>;
+    /// A format's dots body.
+    pub(crate) type Dots = unsafe fn(&Q8kRows, usize, std::ops::Range<usize>, &[u8], &mut [f32]);
+    /// A format's `linear`.
+    pub(crate) type Linear = fn(&[f32], usize, usize, &[u8], usize, &mut [f32]) -> Result<()>;
+
+    /// Whether this CPU runs `needs`'s body.
+    fn runs(needs: Body) -> bool {
+        match needs {
+            Body::Vnni => body() == Body::Vnni,
+            Body::Avx512 => matches!(body(), Body::Vnni | Body::Avx512),
+            Body::Avx2 => body() != Body::Portable,
+            Body::Portable => true,
+        }
+    }
+
+    /// Against candle's matmul (its own activation rounding, its VNNI or portable dot
+    /// products): the integer dot products are exact on both sides, so only float
+    /// rounding and the order of the float sums differ. The driver on GEMV sizes and more
+    /// rows than one chunk, and every body this CPU has (over all rows at once: groups),
+    /// the portable reference included. `weight(n, k, seed)` is candle's quantization of a
+    /// test matrix in the format.
+    pub(crate) fn matches_candle(
+        format: &Format,
+        linear: Linear,
+        weight: impl Fn(usize, usize, u32) -> QTensor,
+        bodies: BodyList,
+    ) {
+        for &(m, k, n) in &[
+            (1, 256, 3),
+            (1, 2048, 70),
+            (2, 512, 33),
+            (5, 1280, 17),
+            (9, 512, 9),
+            (GEMV_ROWS, 768, 21),
+            (GEMV_ROWS + 3, 512, 19),
+            (70, 1024, 40),
+        ] {
+            let q = weight(n, k, 11 + m as u32);
+            let bytes = q.data().unwrap().into_owned();
+            let x = activations(m, k, 5 + n as u32);
+            let mut got = vec![f32::NAN; m * n];
+            linear(&x, m, k, &bytes, n, &mut got).unwrap();
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let want: Vec<f32> = QMatMul::from_qtensor(q)
+                .unwrap()
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (kb, xq) = (k / QK_K, quantize_rows(&x, m, k, &format.units));
+            let row_bytes = kb * format.block_bytes;
+            for j in 0..n {
+                let row = &bytes[j * row_bytes..][..row_bytes];
+                let mut p = vec![0f32; m];
+                dots_portable(format, &xq, kb, 0..m, row, &mut p);
+                let mut results = vec![("portable", p)];
+                for (name, needs, dots) in &bodies {
+                    if runs(*needs) {
+                        let mut v = vec![0f32; m];
+                        // SAFETY: this CPU has the body's features (`runs`).
+                        unsafe { dots(&xq, kb, 0..m, row, &mut v) };
+                        results.push((name, v));
+                    }
+                }
+                for i in 0..m {
+                    let mag: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * 8.0;
+                    let w = want[i * n + j];
+                    let kernel = [("kernel", got[i * n + j])];
+                    let others = results.iter().map(|(what, v)| (*what, v[i]));
+                    for (what, v) in kernel.into_iter().chain(others) {
+                        assert!(
+                            (v - w).abs() <= 1e-5 * (1.0 + mag),
+                            "{} {what} m={m} k={k} n={n} ({i},{j}): {v} vs candle {w}",
+                            format.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// How the weight rows are split over threads, and which rows share a chunk, does not
+    /// change a bit of a row's result.
+    pub(crate) fn results_do_not_depend_on_the_split(linear: Linear, weight: &QTensor) {
+        let (n, k) = weight.shape().dims2().unwrap();
+        let bytes = weight.data().unwrap().into_owned();
+        let m = GEMV_ROWS + 5;
+        let x = activations(m, k, 9);
+        let mut all = vec![0f32; m * n];
+        linear(&x, m, k, &bytes, n, &mut all).unwrap();
+        for i in [0, 7, GEMV_ROWS, m - 1] {
+            let mut one = vec![0f32; n];
+            linear(&x[i * k..(i + 1) * k], 1, k, &bytes, n, &mut one).unwrap();
+            for j in 0..n {
+                assert_eq!(
+                    one[j].to_bits(),
+                    all[i * n + j].to_bits(),
+                    "row {i} col {j}"
+                );
+            }
+        }
+    }
+
+    /// A row length that is not a multiple of 256, or too few weight bytes, is an error.
+    pub(crate) fn bad_sizes_are_an_error(linear: Linear, block_bytes: usize) {
+        let mut out = vec![0f32; 2];
+        assert!(linear(&[0.0; 128], 1, 128, &vec![0; 2 * block_bytes], 2, &mut out).is_err());
+        assert!(linear(&[0.0; 256], 1, 256, &vec![0; block_bytes], 2, &mut out).is_err());
     }
 }
