@@ -38,7 +38,7 @@ const fn source_unit(v: usize, l: usize) -> u8 {
 }
 
 /// The bodies' storage order.
-const UNITS: Units = q8k::transposed(&{
+pub(super) const UNITS: Units = q8k::transposed(&{
     let mut src = [[0u8; 16]; 4];
     let mut v = 0;
     while v < 4 {
@@ -54,7 +54,7 @@ const UNITS: Units = q8k::transposed(&{
 const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
 
 /// Lane `L`'s sub-block (scale and min): one per two runs of 16.
-const LANE_SUB: [u32; 16] = q8k::lane_scales(&UNITS, 2);
+pub(super) const LANE_SUB: [u32; 16] = q8k::lane_scales(&UNITS, 2);
 
 /// The format [`q8k::linear`] runs.
 const Q4K: Format = Format {
@@ -78,10 +78,11 @@ pub(crate) fn linear(
     q8k::linear(&Q4K, x, m, k, w, n, out)
 }
 
-/// The eight 6-bit scales and eight 6-bit mins of a Q4_K super-block (the 12 bytes at 4),
+/// The eight 6-bit scales and eight 6-bit mins of a Q4_K (or Q5_K) super-block (the 12
+/// bytes at 4),
 /// as two little-endian u64 of one byte each (llama.cpp's unpacking).
 #[inline(always)]
-fn scales_and_mins(blk: &[u8]) -> (u64, u64) {
+pub(super) fn scales_and_mins(blk: &[u8]) -> (u64, u64) {
     const K1: u32 = 0x3f3f_3f3f;
     const K2: u32 = 0x0f0f_0f0f;
     const K3: u32 = 0x0303_0303;
@@ -98,7 +99,7 @@ fn scales_and_mins(blk: &[u8]) -> (u64, u64) {
 }
 
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 

@@ -2,15 +2,18 @@
 //! as the dense kernel: tokens bucketed by expert, per expert one matmul for gate/up over
 //! the gathered rows, SwiGLU, one matmul for down, rows scattered back and scaled by the
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
-//! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations),
-//! Q4_K and Q6_K on [`super::q4k_q8k`] / [`super::q6k_q8k`] (candle's Q8_K activation
-//! rounding and integer sums, on the blocks in place), or on [`super::k_quants`] (f32 activations) when `ZAYA_KQUANT_F32=1`; the other formats on candle's quantized CPU matmul (it quantizes the
-//! activations to the weight's dot-product partner format, Q8_0 / Q8_K, and runs AVX-512
-//! VNNI / AVX2 dot products where the CPU has them).
+//! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations);
+//! Q4_K, Q5_K and Q6_K on [`super::q4k_q8k`] / [`super::q5k_q8k`] / [`super::q6k_q8k`]
+//! (candle's Q8_K activation rounding and integer sums, on the blocks in place), or Q4_K
+//! and Q6_K on [`super::k_quants`] (f32 activations) when `ZAYA_KQUANT_F32=1`; the other
+//! formats on candle's quantized CPU matmul (it quantizes the activations to the weight's
+//! dot-product partner format, Q8_0 / Q8_K, and runs AVX-512 VNNI / AVX2 dot products
+//! where the CPU has them).
 //!
 //! Its reference is the dense kernel over the dequantized weights; the two differ by
 //! summation order (Q8_0; Q4_K / Q6_K with `ZAYA_KQUANT_F32=1`) or by the activation
-//! quantization (the other formats, Q4_K by default; tested in `tests/quantized.rs`).
+//! quantization (the other formats, the k-quants by default; tested in
+//! `tests/quantized.rs`).
 
 use std::sync::Arc;
 
@@ -109,9 +112,9 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     }
 }
 
-/// `xs · Qᵀ` in f32: Q8_0 weights through [`super::q8_0`] (f32 activations), Q4_K / Q6_K
-/// through [`super::q4k_q8k`] / [`super::q6k_q8k`] (or, opted in, through
-/// [`super::k_quants`] with f32 activations), the other formats through candle's quantized CPU matmul. The weight
+/// `xs · Qᵀ` in f32: Q8_0 weights through [`super::q8_0`] (f32 activations), Q4_K / Q5_K /
+/// Q6_K through [`super::q4k_q8k`] / [`super::q5k_q8k`] / [`super::q6k_q8k`] (or, opted in,
+/// Q4_K / Q6_K through [`super::k_quants`] with f32 activations), the other formats through candle's quantized CPU matmul. The weight
 /// is frozen; the input gets a gradient (QLoRA trains adapters on top of a quantized base),
 /// computed against the dequantized weight a block of rows at a time.
 pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
@@ -184,7 +187,7 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
             }
             (
-                kind @ (GgmlDType::Q4K | GgmlDType::Q6K),
+                kind @ (GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K),
                 candle_core::CpuStorage::F32(x),
                 Some((a, b)),
             ) if dims.last() == Some(&k) && k.is_multiple_of(256) => {
@@ -195,10 +198,10 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 // not count)
                 let m = (b - a) / k.max(1);
                 let mut out = vec![0f32; m * n];
-                let linear = if kind == GgmlDType::Q4K {
-                    super::q4k_q8k::linear
-                } else {
-                    super::q6k_q8k::linear
+                let linear = match kind {
+                    GgmlDType::Q4K => super::q4k_q8k::linear,
+                    GgmlDType::Q5K => super::q5k_q8k::linear,
+                    _ => super::q6k_q8k::linear,
                 };
                 linear(&x[a..b], m, k, &q.data()?, n, &mut out)?;
                 let mut out_dims = dims.to_vec();

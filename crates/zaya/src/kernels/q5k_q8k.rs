@@ -1,0 +1,306 @@
+//! Products against Q5_K weights with the activations rounded to Q8_K, in integers: the
+//! arithmetic of candle's (llama.cpp's) Q5_K matmul, on the blocks in place, through the
+//! bodies [`super::q8k`] shares (AVX-512 with or without VNNI, AVX2, portable).
+//!
+//! Q5_K super-block (176 bytes): f16 `d`, f16 `dmin`, the 12 bytes of 6-bit scales and mins
+//! of eight sub-blocks of 32 that Q4_K has, 32 bytes `qh` of fifth bits, 128 bytes `qs` of
+//! nibbles laid out as Q4_K's (bytes `32c..32c+32`: weights `64c..64c+32` in the low
+//! nibbles, `64c+32..64c+64` in the high ones). Weight `64c + l` takes bit `2c` of `qh[l]`,
+//! weight `64c + 32 + l` bit `2c + 1`, as its value's 16. Weight `= d·sc_s·q − dmin·m_s`.
+//!
+//! So a Q5_K block decodes to Q4_K's source vectors with a fifth bit each, and shares Q4_K's
+//! storage order, lane scales and scale unpacking ([`super::q4k_q8k`]). The reference is
+//! candle's own Q5_K matmul (`QTensor` forward): the integer dot products are exact in
+//! both, so the results differ only by float rounding.
+
+use super::q4k_q8k::{f16_at, scales_and_mins, LANE_SUB, UNITS};
+use super::q8k::{self, Format, NaturalBlock, Q8kRows};
+use candle_core::Result;
+
+/// Bytes per Q5_K super-block.
+const BLOCK_BYTES: usize = 176;
+/// Where `qh` and `qs` start in a block.
+const QH: usize = 16;
+const QS: usize = 48;
+
+/// The format [`q8k::linear`] runs.
+const Q5K: Format = Format {
+    name: "q5_k",
+    block_bytes: BLOCK_BYTES,
+    units: UNITS,
+    dots,
+    natural,
+};
+
+/// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q5_K
+/// super-blocks read in place.
+pub(crate) fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    q8k::linear(&Q5K, x, m, k, w, n, out)
+}
+
+/// The 5-bit value (0..32) of weight `p` of a super-block.
+#[inline(always)]
+fn value(blk: &[u8], p: usize) -> u8 {
+    let (c, l) = (p / 64, p % 64);
+    let byte = blk[QS + 32 * c + l % 32];
+    let (low, bit) = if l < 32 {
+        (byte & 0xF, 2 * c)
+    } else {
+        (byte >> 4, 2 * c + 1)
+    };
+    low | ((blk[QH + l % 32] >> bit) & 1) << 4
+}
+
+/// One super-block in natural order (the portable body's decoding).
+fn natural(blk: &[u8]) -> NaturalBlock {
+    let (sc, mn) = scales_and_mins(blk);
+    let byte = |v: u64, s: usize| (v >> (8 * s)) as u8 as i32;
+    NaturalBlock {
+        q: std::array::from_fn(|p| value(blk, p)),
+        sc: std::array::from_fn(|r| byte(sc, r / 2)),
+        mn: std::array::from_fn(|r| byte(mn, r / 2)),
+        d: f16_at(blk, 0),
+        dmin: f16_at(blk, 2),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::q8k::{k_quant_avx2, k_quant_avx512};
+    use super::{scales_and_mins, Q8kRows, BLOCK_BYTES, LANE_SUB, QH, QS};
+    use crate::kernels::q8k::QK_K;
+
+    /// One super-block for the AVX-512 bodies: Q4_K's four source vectors (nibbles) with
+    /// their fifth bits, the lanes' `d·sc` and `dmin·m`.
+    macro_rules! decode512 {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
+            assert!(blk.len() >= BLOCK_BYTES);
+            // both f16 scales in one conversion (exact, like `half`)
+            let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            let (sc, mn) = scales_and_mins(blk);
+            // SAFETY (loads): `LANE_SUB` holds 16 lanes; a block is 176 bytes with `qh` at
+            // 16..48 and `qs` at 48..176.
+            let idx = unsafe { _mm512_loadu_si512(LANE_SUB.as_ptr() as *const _) };
+            let lanes = |v: u64, by: f32| {
+                let v = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64));
+                let v = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(idx, v));
+                _mm512_mul_ps(v, _mm512_set1_ps(by))
+            };
+            let (low, five) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10));
+            let (q0, q1, qh) = unsafe {
+                let p = blk.as_ptr();
+                (
+                    _mm512_loadu_si512(p.add(QS) as *const _),
+                    _mm512_loadu_si512(p.add(QS + 64) as *const _),
+                    _mm256_loadu_si256(p.add(QH) as *const _),
+                )
+            };
+            // bytes 0..32 of each 64-byte load are chunk 2c's (bits 0, 1 / 4, 5 of `qh`),
+            // bytes 32..64 chunk 2c + 1's (bits 2, 3 / 6, 7): `qh` and `qh >> 2` side by side
+            let qh =
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+            let fifth = |v: __m512i| _mm512_and_si512(v, five);
+            let w = [
+                _mm512_or_si512(_mm512_and_si512(q0, low), fifth(_mm512_slli_epi16::<4>(qh))),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low),
+                    fifth(_mm512_slli_epi16::<3>(qh)),
+                ),
+                _mm512_or_si512(_mm512_and_si512(q1, low), fifth(qh)),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low),
+                    fifth(_mm512_srli_epi16::<1>(qh)),
+                ),
+            ];
+            (w, lanes(sc, d), lanes(mn, dmin))
+        }};
+    }
+
+    /// Half `p` (bytes `32p..32p+32`) of the four source vectors, for the AVX2 body.
+    macro_rules! decode256 {
+        ($blk:expr, $p:expr) => {{
+            let blk: &[u8] = $blk;
+            let p: usize = $p;
+            assert!(blk.len() >= BLOCK_BYTES && p < 2);
+            let (low, five) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+            // SAFETY: within the block's `qs` and `qh`.
+            let (q0, q1, qh) = unsafe {
+                let at = blk.as_ptr().add(QS + 32 * p);
+                (
+                    _mm256_loadu_si256(at as *const _),
+                    _mm256_loadu_si256(at.add(64) as *const _),
+                    _mm256_loadu_si256(blk.as_ptr().add(QH) as *const _),
+                )
+            };
+            let qh = if p == 0 {
+                qh
+            } else {
+                _mm256_srli_epi16::<2>(qh)
+            };
+            let fifth = |v: __m256i| _mm256_and_si256(v, five);
+            [
+                _mm256_or_si256(_mm256_and_si256(q0, low), fifth(_mm256_slli_epi16::<4>(qh))),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q0), low),
+                    fifth(_mm256_slli_epi16::<3>(qh)),
+                ),
+                _mm256_or_si256(_mm256_and_si256(q1, low), fifth(qh)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q1), low),
+                    fifth(_mm256_srli_epi16::<1>(qh)),
+                ),
+            ]
+        }};
+    }
+
+    /// The lanes' `d·sc` and `dmin·m` for the AVX2 body.
+    macro_rules! lanes {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
+            let (sc, mn) = scales_and_mins(blk);
+            let (d, dmin) = (super::f16_at(blk, 0), super::f16_at(blk, 2));
+            let byte = |v: u64, lane: usize| (v >> (8 * LANE_SUB[lane])) as u8 as f32;
+            let scd: [f32; 16] = std::array::from_fn(|lane| byte(sc, lane) * d);
+            let mnd: [f32; 16] = std::array::from_fn(|lane| byte(mn, lane) * dmin);
+            (scd, mnd)
+        }};
+    }
+
+    k_quant_avx512!(
+        dots_vnni,
+        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+        vnni,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx512!(
+        dots_avx512,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        bw,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx2!(dots_avx2, decode256, lanes, BLOCK_BYTES);
+}
+
+fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: &mut [f32]) {
+    match q8k::body() {
+        // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
+        _ => q8k::dots_portable(&Q5K, xq, kb, rows, row, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use crate::kernels::cpu::test_data as data;
+    use crate::kernels::q8k::tests as shared;
+    use crate::kernels::q8k::QK_K;
+
+    /// A weight quantized to Q5_K by candle, with rows of different magnitudes and offsets
+    /// so that scales, mins and fifth bits vary.
+    fn q5k_weight(n: usize, k: usize, seed: u32) -> QTensor {
+        let v: Vec<f32> = data(n * k, seed)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / 32 % 3) as f32)
+            .collect();
+        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, GgmlDType::Q5K).unwrap()
+    }
+
+    /// Every body this CPU has.
+    fn bodies() -> shared::BodyList {
+        #[cfg(target_arch = "x86_64")]
+        {
+            vec![
+                (
+                    "avx512 vnni",
+                    q8k::Body::Vnni,
+                    x86::dots_vnni as shared::Dots,
+                ),
+                ("avx512", q8k::Body::Avx512, x86::dots_avx512),
+                ("avx2", q8k::Body::Avx2, x86::dots_avx2),
+            ]
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// The portable decoding reads the bit fields as candle dequantizes them.
+    #[test]
+    fn the_bit_fields_are_read_as_candle_dequantizes_them() {
+        let q = q5k_weight(3, 512, 2);
+        let bytes = q.data().unwrap().into_owned();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut fifth_bits = 0;
+        for (b, blk) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let w = natural(blk);
+            for p in 0..QK_K {
+                fifth_bits += (w.q[p] >= 16) as usize;
+                let r = p / 16;
+                let got = w.d * w.sc[r] as f32 * w.q[p] as f32 - w.dmin * w.mn[r] as f32;
+                let tol = 1e-6 * (1.0 + want[QK_K * b + p].abs());
+                assert!(
+                    (got - want[QK_K * b + p]).abs() <= tol,
+                    "super-block {b} weight {p}: {got} vs {}",
+                    want[QK_K * b + p]
+                );
+            }
+        }
+        assert!(fifth_bits > 0, "the data must set fifth bits");
+    }
+
+    /// Against candle's matmul, the driver and every body ([`shared::matches_candle`]).
+    #[test]
+    fn matches_candles_matmul() {
+        shared::matches_candle(&Q5K, linear, q5k_weight, bodies());
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_split() {
+        shared::results_do_not_depend_on_the_split(linear, &q5k_weight(300, 512, 21));
+    }
+
+    #[test]
+    fn bad_sizes_are_an_error() {
+        shared::bad_sizes_are_an_error(linear, BLOCK_BYTES);
+    }
+}
+
+/// `cargo test --release -p zaya --lib q5k_q8k::speed -- --ignored --nocapture`: this kernel,
+/// candle's Q5_K matmul and a plain read of the same bytes on one expert's gate/up shape of
+/// ZAYA1-8B (4096 × 2048; see [`q8k::speed`]).
+#[test]
+#[ignore]
+#[cfg(test)]
+fn speed() {
+    q8k::speed(candle_core::quantized::GgmlDType::Q5K, (4096, 2048), linear);
+}
