@@ -1,0 +1,299 @@
+//! Products against Q2_K weights with the activations rounded to Q8_K, in integers: the
+//! arithmetic of candle's (llama.cpp's) Q2_K matmul, on the blocks in place, through the
+//! bodies [`super::q8k`] shares (AVX-512 with or without VNNI, AVX2, portable).
+//!
+//! Q2_K super-block (84 bytes): 16 bytes of scales (per run of 16 weights: a 4-bit scale
+//! in the low nibble, a 4-bit min in the high one), 64 bytes `qs` of 2-bit values, f16
+//! `d`, f16 `dmin`. Weight `128n + 32j + l` (`l < 32`) is bits `2j..2j+2` of
+//! `qs[32n + l]`; weight `= d·sc_r·q − dmin·m_r` for its run `r`.
+//!
+//! Decoded, the 64 bytes of `qs` shifted right by `2v` and masked are source vector `v`:
+//! its bytes `32n + l` hold weight `128n + 32v + l`. The reference is candle's own Q2_K
+//! matmul (`QTensor` forward): the integer dot products are exact in both, so the results
+//! differ only by float rounding.
+
+use half::f16;
+
+use super::q8k::{self, Format, NaturalBlock, Q8kRows, Units};
+use candle_core::Result;
+
+/// Bytes per Q2_K super-block.
+const BLOCK_BYTES: usize = 84;
+/// Where `qs` starts in a block.
+const QS: usize = 16;
+
+/// Natural unit in lane `l` of source vector `v`: bytes `4l..4l+4` of the shifted `qs`,
+/// half `l / 8` of the block, weights `128·(l / 8) + 32v + 4·(l mod 8)` onwards.
+const fn source_unit(v: usize, l: usize) -> u8 {
+    (32 * (l / 8) + 8 * v + l % 8) as u8
+}
+
+/// The bodies' storage order.
+const UNITS: Units = q8k::transposed(&{
+    let mut src = [[0u8; 16]; 4];
+    let mut v = 0;
+    while v < 4 {
+        let mut l = 0;
+        while l < 16 {
+            src[v][l] = source_unit(v, l);
+            l += 1;
+        }
+        v += 1;
+    }
+    src
+});
+const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
+
+/// Lane `L`'s scale and min: one per run of 16.
+const LANE_RUN: [u32; 16] = q8k::lane_scales(&UNITS, 1);
+
+/// The format [`q8k::linear`] runs.
+const Q2K: Format = Format {
+    name: "q2_k",
+    block_bytes: BLOCK_BYTES,
+    units: UNITS,
+    dots,
+    natural,
+};
+
+/// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q2_K
+/// super-blocks read in place.
+pub(crate) fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    q8k::linear(&Q2K, x, m, k, w, n, out)
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// `d`, `dmin` of a block.
+#[inline(always)]
+fn d_dmin(blk: &[u8]) -> (f32, f32) {
+    (f16_at(blk, 80), f16_at(blk, 82))
+}
+
+/// One super-block in natural order (the portable body's decoding).
+fn natural(blk: &[u8]) -> NaturalBlock {
+    let (d, dmin) = d_dmin(blk);
+    NaturalBlock {
+        q: std::array::from_fn(|p| {
+            let (n, j, l) = (p / 128, p % 128 / 32, p % 32);
+            (blk[QS + 32 * n + l] >> (2 * j)) & 3
+        }),
+        sc: std::array::from_fn(|r| (blk[r] & 0xF) as i32),
+        mn: std::array::from_fn(|r| (blk[r] >> 4) as i32),
+        d,
+        dmin,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::q8k::{k_quant_avx2, k_quant_avx512};
+    use super::{d_dmin, Q8kRows, BLOCK_BYTES, LANE_RUN, QS};
+    use crate::kernels::q8k::QK_K;
+
+    /// One super-block for the AVX-512 bodies: the four source vectors (`qs` shifted by
+    /// 0, 2, 4, 6), the lanes' `d·sc` and `dmin·m`.
+    macro_rules! decode512 {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
+            assert!(blk.len() >= BLOCK_BYTES);
+            let (d, dmin) = d_dmin(blk);
+            // SAFETY (loads): `LANE_RUN` holds 16 lanes; a block is 84 bytes with its
+            // scales at 0..16 and `qs` at 16..80.
+            let (idx, scales, qs) = unsafe {
+                (
+                    _mm512_loadu_si512(LANE_RUN.as_ptr() as *const _),
+                    _mm_loadu_si128(blk.as_ptr() as *const _),
+                    _mm512_loadu_si512(blk.as_ptr().add(QS) as *const _),
+                )
+            };
+            let packed = _mm512_permutexvar_epi32(idx, _mm512_cvtepu8_epi32(scales));
+            let nibble = _mm512_set1_epi32(0xF);
+            let sc = _mm512_cvtepi32_ps(_mm512_and_si512(packed, nibble));
+            let mn = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(packed));
+            let two = _mm512_set1_epi8(3);
+            let w = [
+                _mm512_and_si512(qs, two),
+                _mm512_and_si512(_mm512_srli_epi16::<2>(qs), two),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(qs), two),
+                _mm512_and_si512(_mm512_srli_epi16::<6>(qs), two),
+            ];
+            (
+                w,
+                _mm512_mul_ps(sc, _mm512_set1_ps(d)),
+                _mm512_mul_ps(mn, _mm512_set1_ps(dmin)),
+            )
+        }};
+    }
+
+    /// Half `p` (bytes `32p..32p+32`) of the four source vectors, for the AVX2 body.
+    macro_rules! decode256 {
+        ($blk:expr, $p:expr) => {{
+            let blk: &[u8] = $blk;
+            let p: usize = $p;
+            assert!(blk.len() >= BLOCK_BYTES && p < 2);
+            // SAFETY: within the block's `qs`.
+            let qs = unsafe { _mm256_loadu_si256(blk.as_ptr().add(QS + 32 * p) as *const _) };
+            let two = _mm256_set1_epi8(3);
+            [
+                _mm256_and_si256(qs, two),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(qs), two),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(qs), two),
+                _mm256_and_si256(_mm256_srli_epi16::<6>(qs), two),
+            ]
+        }};
+    }
+
+    /// The lanes' `d·sc` and `dmin·m` for the AVX2 body.
+    macro_rules! lanes {
+        ($blk:expr) => {{
+            let blk: &[u8] = $blk;
+            let (d, dmin) = d_dmin(blk);
+            let packed = |lane: usize| blk[LANE_RUN[lane] as usize];
+            let scd: [f32; 16] = std::array::from_fn(|lane| (packed(lane) & 0xF) as f32 * d);
+            let mnd: [f32; 16] = std::array::from_fn(|lane| (packed(lane) >> 4) as f32 * dmin);
+            (scd, mnd)
+        }};
+    }
+
+    k_quant_avx512!(
+        dots_vnni,
+        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+        vnni,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx512!(
+        dots_avx512,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        bw,
+        decode512,
+        BLOCK_BYTES
+    );
+    k_quant_avx2!(dots_avx2, decode256, lanes, BLOCK_BYTES);
+}
+
+fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: &mut [f32]) {
+    match q8k::body() {
+        // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
+        _ => q8k::dots_portable(&Q2K, xq, kb, rows, row, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use crate::kernels::cpu::test_data as data;
+    use crate::kernels::q8k::tests as shared;
+    use crate::kernels::q8k::QK_K;
+
+    /// A weight quantized to Q2_K by candle, with rows of different magnitudes and offsets
+    /// so that scales and mins vary.
+    fn q2k_weight(n: usize, k: usize, seed: u32) -> QTensor {
+        let v: Vec<f32> = data(n * k, seed)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / 16 % 3) as f32)
+            .collect();
+        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, GgmlDType::Q2K).unwrap()
+    }
+
+    /// Every body this CPU has.
+    fn bodies() -> shared::BodyList {
+        #[cfg(target_arch = "x86_64")]
+        {
+            vec![
+                (
+                    "avx512 vnni",
+                    q8k::Body::Vnni,
+                    x86::dots_vnni as shared::Dots,
+                ),
+                ("avx512", q8k::Body::Avx512, x86::dots_avx512),
+                ("avx2", q8k::Body::Avx2, x86::dots_avx2),
+            ]
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// The portable decoding reads the bit fields as candle dequantizes them.
+    #[test]
+    fn the_bit_fields_are_read_as_candle_dequantizes_them() {
+        let q = q2k_weight(3, 512, 2);
+        let bytes = q.data().unwrap().into_owned();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut values = [0usize; 4];
+        for (b, blk) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let w = natural(blk);
+            for p in 0..QK_K {
+                values[w.q[p] as usize] += 1;
+                let r = p / 16;
+                let got = w.d * w.sc[r] as f32 * w.q[p] as f32 - w.dmin * w.mn[r] as f32;
+                let tol = 1e-6 * (1.0 + want[QK_K * b + p].abs());
+                assert!(
+                    (got - want[QK_K * b + p]).abs() <= tol,
+                    "super-block {b} weight {p}: {got} vs {}",
+                    want[QK_K * b + p]
+                );
+            }
+        }
+        assert!(
+            values.iter().all(|&c| c > 0),
+            "every 2-bit value occurs: {values:?}"
+        );
+    }
+
+    /// Against candle's matmul, the driver and every body ([`shared::matches_candle`]).
+    #[test]
+    fn matches_candles_matmul() {
+        shared::matches_candle(&Q2K, linear, q2k_weight, bodies());
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_split() {
+        shared::results_do_not_depend_on_the_split(linear, &q2k_weight(300, 512, 21));
+    }
+
+    #[test]
+    fn bad_sizes_are_an_error() {
+        shared::bad_sizes_are_an_error(linear, BLOCK_BYTES);
+    }
+}
+
+/// `cargo test --release -p zaya --lib q2k_q8k::speed -- --ignored --nocapture`: this kernel,
+/// candle's Q2_K matmul and a plain read of the same bytes on one expert's gate/up shape of
+/// ZAYA1-8B (4096 × 2048; see [`q8k::speed`]).
+#[test]
+#[ignore]
+#[cfg(test)]
+fn speed() {
+    q8k::speed(candle_core::quantized::GgmlDType::Q2K, (4096, 2048), linear);
+}
