@@ -671,8 +671,8 @@ pub fn split_experts(q: &QTensor) -> Result<Vec<Arc<QTensor>>> {
 
 /// Bytes a quantized matrix of `elems` values in `d` holds once used: its blocks, and the
 /// repacked copy candle's matmul keeps beside them for the formats it repacks on this
-/// target that zaya's own kernels do not run (Q2_K, Q4_K, Q5_K, Q6_K and Q8_0 run on
-/// zaya's, in place; on x86 candle repacks no other format, on aarch64 it repacks Q4_0).
+/// target that zaya's own kernels do not run (the k-quants and Q8_0 run on zaya's, in
+/// place; on x86 candle repacks no other format, on aarch64 it repacks Q4_0).
 pub fn held_bytes(d: GgmlDType, elems: usize) -> u64 {
     let repacked = cfg!(target_arch = "aarch64") && d == GgmlDType::Q4_0;
     storage_bytes(d, elems) as u64 * if repacked { 2 } else { 1 }

@@ -38,6 +38,7 @@ pub mod loss_head;
 pub(crate) mod matmul;
 mod moe;
 mod q2k_q8k;
+mod q3k_q8k;
 mod q4k_q8k;
 mod q5k_q8k;
 mod q6k_q8k;

@@ -29,7 +29,7 @@ const fn source_unit(v: usize, l: usize) -> u8 {
 }
 
 /// The bodies' storage order.
-const UNITS: Units = q8k::transposed(&{
+pub(super) const UNITS: Units = q8k::transposed(&{
     let mut src = [[0u8; 16]; 4];
     let mut v = 0;
     while v < 4 {
@@ -45,7 +45,7 @@ const UNITS: Units = q8k::transposed(&{
 const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
 
 /// Lane `L`'s scale and min: one per run of 16.
-const LANE_RUN: [u32; 16] = q8k::lane_scales(&UNITS, 1);
+pub(super) const LANE_RUN: [u32; 16] = q8k::lane_scales(&UNITS, 1);
 
 /// The format [`q8k::linear`] runs.
 const Q2K: Format = Format {

@@ -3,9 +3,8 @@
 //! the gathered rows, SwiGLU, one matmul for down, rows scattered back and scaled by the
 //! routing weight (a differentiable multiply, as in the dense path, though the quantized
 //! weights themselves are frozen). Q8_0 matmuls run on [`super::q8_0`] (f32 activations);
-//! Q2_K, Q4_K, Q5_K and Q6_K on [`super::q2k_q8k`] / [`super::q4k_q8k`] /
-//! [`super::q5k_q8k`] / [`super::q6k_q8k`] (candle's Q8_K activation rounding and integer
-//! sums, on the blocks in place), or Q4_K
+//! the k-quants (Q2_K to Q6_K) on the `q*k_q8k` kernels over [`super::q8k`]'s bodies
+//! (candle's Q8_K activation rounding and integer sums, on the blocks in place), or Q4_K
 //! and Q6_K on [`super::k_quants`] (f32 activations) when `ZAYA_KQUANT_F32=1`; the other
 //! formats on candle's quantized CPU matmul (it quantizes the activations to the weight's
 //! dot-product partner format, Q8_0 / Q8_K, and runs AVX-512 VNNI / AVX2 dot products
@@ -113,8 +112,8 @@ fn matmul_t(xs: &Tensor, w: &ExpertMatrices, e: usize) -> Result<Tensor> {
     }
 }
 
-/// `xs · Qᵀ` in f32: Q8_0 weights through [`super::q8_0`] (f32 activations), Q2_K / Q4_K /
-/// Q5_K / Q6_K through the `q*k_q8k` kernels on [`super::q8k`]'s bodies (or, opted in,
+/// `xs · Qᵀ` in f32: Q8_0 weights through [`super::q8_0`] (f32 activations), the k-quants
+/// (Q2_K to Q6_K) through the `q*k_q8k` kernels on [`super::q8k`]'s bodies (or, opted in,
 /// Q4_K / Q6_K through [`super::k_quants`] with f32 activations), the other formats through candle's quantized CPU matmul. The weight
 /// is frozen; the input gets a gradient (QLoRA trains adapters on top of a quantized base),
 /// computed against the dequantized weight a block of rows at a time.
@@ -188,7 +187,11 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
             }
             (
-                kind @ (GgmlDType::Q2K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K),
+                kind @ (GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K),
                 candle_core::CpuStorage::F32(x),
                 Some((a, b)),
             ) if dims.last() == Some(&k) && k.is_multiple_of(256) => {
@@ -201,6 +204,7 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 let mut out = vec![0f32; m * n];
                 let linear = match kind {
                     GgmlDType::Q2K => super::q2k_q8k::linear,
+                    GgmlDType::Q3K => super::q3k_q8k::linear,
                     GgmlDType::Q4K => super::q4k_q8k::linear,
                     GgmlDType::Q5K => super::q5k_q8k::linear,
                     _ => super::q6k_q8k::linear,
