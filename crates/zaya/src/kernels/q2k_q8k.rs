@@ -97,7 +97,7 @@ fn natural(blk: &[u8]) -> NaturalBlock {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::q8k::{k_quant_avx2, k_quant_avx512};
+    use super::q8k::{k_quant_avx2, k_quant_avx512, k_quant_bodies};
     use super::{d_dmin, Q8kRows, BLOCK_BYTES, LANE_RUN, QS};
     use crate::kernels::q8k::QK_K;
 
@@ -166,35 +166,10 @@ mod x86 {
         }};
     }
 
-    k_quant_avx512!(
-        dots_vnni,
-        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
-        vnni,
-        decode512,
-        BLOCK_BYTES
-    );
-    k_quant_avx512!(
-        dots_avx512,
-        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-        bw,
-        decode512,
-        BLOCK_BYTES
-    );
-    k_quant_avx2!(dots_avx2, decode256, lanes, BLOCK_BYTES);
+    k_quant_bodies!(decode512, decode256, lanes, BLOCK_BYTES);
 }
 
-fn dots(xq: &Q8kRows, kb: usize, rows: std::ops::Range<usize>, row: &[u8], out: &mut [f32]) {
-    match q8k::body() {
-        // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
-        #[cfg(target_arch = "x86_64")]
-        q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
-        #[cfg(target_arch = "x86_64")]
-        q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
-        #[cfg(target_arch = "x86_64")]
-        q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
-        _ => q8k::dots_portable(&Q2K, xq, kb, rows, row, out),
-    }
-}
+q8k::k_quant_dots!(Q2K);
 
 #[cfg(test)]
 mod tests {
@@ -216,26 +191,6 @@ mod tests {
             .collect();
         let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
         QTensor::quantize(&w, GgmlDType::Q2K).unwrap()
-    }
-
-    /// Every body this CPU has.
-    fn bodies() -> shared::BodyList {
-        #[cfg(target_arch = "x86_64")]
-        {
-            vec![
-                (
-                    "avx512 vnni",
-                    q8k::Body::Vnni,
-                    x86::dots_vnni as shared::Dots,
-                ),
-                ("avx512", q8k::Body::Avx512, x86::dots_avx512),
-                ("avx2", q8k::Body::Avx2, x86::dots_avx2),
-            ]
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            Vec::new()
-        }
     }
 
     /// The portable decoding reads the bit fields as candle dequantizes them.
@@ -271,21 +226,7 @@ mod tests {
         );
     }
 
-    /// Against candle's matmul, the driver and every body ([`shared::matches_candle`]).
-    #[test]
-    fn matches_candles_matmul() {
-        shared::matches_candle(&Q2K, linear, q2k_weight, bodies());
-    }
-
-    #[test]
-    fn results_do_not_depend_on_the_split() {
-        shared::results_do_not_depend_on_the_split(linear, &q2k_weight(300, 512, 21));
-    }
-
-    #[test]
-    fn bad_sizes_are_an_error() {
-        shared::bad_sizes_are_an_error(linear, BLOCK_BYTES);
-    }
+    q8k::k_quant_tests!(Q2K, q2k_weight);
 }
 
 /// `cargo test --release -p zaya --lib q2k_q8k::speed -- --ignored --nocapture`: this kernel,

@@ -536,6 +536,103 @@ macro_rules! k_quant_avx2 {
 }
 pub(super) use k_quant_avx2;
 
+/// A format's three vector bodies from its decode macros (`decode512!(blk)`,
+/// `decode256!(blk, p)`, `lanes!(blk)`, see [`k_quant_avx512`] / [`k_quant_avx2`]):
+/// `dots_vnni`, `dots_avx512` and `dots_avx2`, where the format also imports those two
+/// macros.
+macro_rules! k_quant_bodies {
+    ($decode512:ident, $decode256:ident, $lanes:ident, $block_bytes:expr) => {
+        k_quant_avx512!(
+            dots_vnni,
+            "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+            vnni,
+            $decode512,
+            $block_bytes
+        );
+        k_quant_avx512!(
+            dots_avx512,
+            "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+            bw,
+            $decode512,
+            $block_bytes
+        );
+        k_quant_avx2!(dots_avx2, $decode256, $lanes, $block_bytes);
+    };
+}
+pub(super) use k_quant_bodies;
+
+/// A format's `dots`: the body [`body`] picks — `x86::dots_vnni` / `dots_avx512` /
+/// `dots_avx2` ([`k_quant_bodies`]) — or [`dots_portable`] over the format `$format`.
+macro_rules! k_quant_dots {
+    ($format:ident) => {
+        fn dots(
+            xq: &Q8kRows,
+            kb: usize,
+            rows: std::ops::Range<usize>,
+            row: &[u8],
+            out: &mut [f32],
+        ) {
+            match q8k::body() {
+                // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
+                #[cfg(target_arch = "x86_64")]
+                q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
+                #[cfg(target_arch = "x86_64")]
+                q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
+                #[cfg(target_arch = "x86_64")]
+                q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
+                _ => q8k::dots_portable(&$format, xq, kb, rows, row, out),
+            }
+        }
+    };
+}
+pub(super) use k_quant_dots;
+
+/// The shared tests of a format, inside its test module: against candle's matmul (the
+/// driver and every body), the split invariance and the size errors, with
+/// `$weight(n, k, seed)` candle's quantization of a test matrix in the format.
+#[cfg(test)]
+macro_rules! k_quant_tests {
+    ($format:ident, $weight:ident) => {
+        /// Every body this CPU has.
+        fn bodies() -> shared::BodyList {
+            #[cfg(target_arch = "x86_64")]
+            {
+                vec![
+                    (
+                        "avx512 vnni",
+                        q8k::Body::Vnni,
+                        x86::dots_vnni as shared::Dots,
+                    ),
+                    ("avx512", q8k::Body::Avx512, x86::dots_avx512),
+                    ("avx2", q8k::Body::Avx2, x86::dots_avx2),
+                ]
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                Vec::new()
+            }
+        }
+
+        /// Against candle's matmul, the driver and every body ([`shared::matches_candle`]).
+        #[test]
+        fn matches_candles_matmul() {
+            shared::matches_candle(&$format, linear, $weight, bodies());
+        }
+
+        #[test]
+        fn results_do_not_depend_on_the_split() {
+            shared::results_do_not_depend_on_the_split(linear, &$weight(300, 512, 21));
+        }
+
+        #[test]
+        fn bad_sizes_are_an_error() {
+            shared::bad_sizes_are_an_error(linear, BLOCK_BYTES);
+        }
+    };
+}
+#[cfg(test)]
+pub(super) use k_quant_tests;
+
 /// Which body runs a format's dots on this CPU (detected once).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Body {
