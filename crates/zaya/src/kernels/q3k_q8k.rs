@@ -205,52 +205,23 @@ q8k::k_quant_dots!(Q3K);
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
 
-    use crate::kernels::cpu::test_data as data;
     use crate::kernels::q8k::tests as shared;
-    use crate::kernels::q8k::QK_K;
 
-    /// A weight quantized to Q3_K by candle, with rows of different magnitudes and signs
-    /// so that the scales vary (negative ones included).
     fn q3k_weight(n: usize, k: usize, seed: u32) -> QTensor {
-        let v: Vec<f32> = data(n * k, seed)
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / 16 % 3) as f32)
-            .collect();
-        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q3K).unwrap()
+        shared::test_weight(GgmlDType::Q3K, 16, n, k, seed)
     }
 
-    /// The portable decoding reads the bit fields as candle dequantizes them.
+    /// The portable decoding reads the bit fields as candle dequantizes them, and the test
+    /// data reaches every 3-bit value and negative scales.
     #[test]
     fn the_bit_fields_are_read_as_candle_dequantizes_them() {
-        let q = q3k_weight(3, 512, 2);
-        let bytes = q.data().unwrap().into_owned();
-        let want: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let (mut values, mut negative_scales) = ([0usize; 8], 0);
-        for (b, blk) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
-            let w = natural(blk);
-            negative_scales += w.sc.iter().filter(|&&s| s < 0).count();
-            for p in 0..QK_K {
-                values[w.q[p] as usize] += 1;
-                let r = p / 16;
-                let got = w.d * w.sc[r] as f32 * (w.q[p] as f32 - 4.0);
-                let tol = 1e-6 * (1.0 + want[QK_K * b + p].abs());
-                assert!(
-                    (got - want[QK_K * b + p]).abs() <= tol,
-                    "super-block {b} weight {p}: {got} vs {}",
-                    want[QK_K * b + p]
-                );
-            }
+        let blocks = shared::natural_is_candles_dequantize(&Q3K, &q3k_weight(3, 512, 2));
+        let mut values = [0usize; 8];
+        for q in blocks.iter().flat_map(|w| w.q) {
+            values[q as usize] += 1;
         }
+        let negative_scales = blocks.iter().flat_map(|w| w.sc).filter(|&s| s < 0).count();
         assert!(
             values.iter().all(|&c| c > 0),
             "every 3-bit value occurs: {values:?}"

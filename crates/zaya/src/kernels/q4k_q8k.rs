@@ -212,21 +212,11 @@ q8k::k_quant_dots!(Q4K);
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
 
-    use crate::kernels::cpu::test_data as data;
     use crate::kernels::q8k::tests as shared;
 
-    /// A weight quantized to Q4_K by candle, with rows of different magnitudes and offsets
-    /// so that scales and mins vary.
     fn q4k_weight(n: usize, k: usize, seed: u32) -> QTensor {
-        let v: Vec<f32> = data(n * k, seed)
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / 32 % 3) as f32)
-            .collect();
-        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q4K).unwrap()
+        shared::test_weight(GgmlDType::Q4K, 32, n, k, seed)
     }
 
     q8k::k_quant_tests!(Q4K, q4k_weight);

@@ -185,51 +185,19 @@ q8k::k_quant_dots!(Q5K);
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
 
-    use crate::kernels::cpu::test_data as data;
     use crate::kernels::q8k::tests as shared;
-    use crate::kernels::q8k::QK_K;
 
-    /// A weight quantized to Q5_K by candle, with rows of different magnitudes and offsets
-    /// so that scales, mins and fifth bits vary.
     fn q5k_weight(n: usize, k: usize, seed: u32) -> QTensor {
-        let v: Vec<f32> = data(n * k, seed)
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / 32 % 3) as f32)
-            .collect();
-        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q5K).unwrap()
+        shared::test_weight(GgmlDType::Q5K, 32, n, k, seed)
     }
 
-    /// The portable decoding reads the bit fields as candle dequantizes them.
+    /// The portable decoding reads the bit fields as candle dequantizes them, and the test
+    /// data sets fifth bits.
     #[test]
     fn the_bit_fields_are_read_as_candle_dequantizes_them() {
-        let q = q5k_weight(3, 512, 2);
-        let bytes = q.data().unwrap().into_owned();
-        let want: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut fifth_bits = 0;
-        for (b, blk) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
-            let w = natural(blk);
-            for p in 0..QK_K {
-                fifth_bits += (w.q[p] >= 16) as usize;
-                let r = p / 16;
-                let got = w.d * w.sc[r] as f32 * w.q[p] as f32 - w.dmin * w.mn[r] as f32;
-                let tol = 1e-6 * (1.0 + want[QK_K * b + p].abs());
-                assert!(
-                    (got - want[QK_K * b + p]).abs() <= tol,
-                    "super-block {b} weight {p}: {got} vs {}",
-                    want[QK_K * b + p]
-                );
-            }
-        }
+        let blocks = shared::natural_is_candles_dequantize(&Q5K, &q5k_weight(3, 512, 2));
+        let fifth_bits = blocks.iter().flat_map(|w| w.q).filter(|&q| q >= 16).count();
         assert!(fifth_bits > 0, "the data must set fifth bits");
     }
 

@@ -194,21 +194,12 @@ q8k::k_quant_dots!(Q6K);
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
 
-    use crate::kernels::cpu::test_data as data;
     use crate::kernels::q8k::tests as shared;
 
-    /// A weight quantized to Q6_K by candle, with rows of different magnitudes and signs
-    /// so that the scales vary (negative ones included).
     fn q6k_weight(n: usize, k: usize, seed: u32) -> QTensor {
-        let v: Vec<f32> = data(n * k, seed)
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / 16 % 3) as f32)
-            .collect();
-        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q6K).unwrap()
+        shared::test_weight(GgmlDType::Q6K, 16, n, k, seed)
     }
 
     q8k::k_quant_tests!(Q6K, q6k_weight);

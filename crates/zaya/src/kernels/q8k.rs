@@ -930,6 +930,55 @@ pub(super) mod tests {
         }
     }
 
+    /// A test matrix quantized by candle to `dtype`: rows of different magnitudes and an
+    /// offset that changes every `run` values, so that scales (and mins) vary, negative
+    /// ones included where the format has them.
+    pub(crate) fn test_weight(
+        dtype: GgmlDType,
+        run: usize,
+        n: usize,
+        k: usize,
+        seed: u32,
+    ) -> QTensor {
+        let v: Vec<f32> = data(n * k, seed)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * (1.0 + (i / k % 5) as f32) + 0.1 * (i / run % 3) as f32)
+            .collect();
+        let w = Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, dtype).unwrap()
+    }
+
+    /// The format's natural decoding of `q`'s blocks (weight `d·sc·q − dmin·mn`, the
+    /// portable body's reading) equals candle's dequantization within f32 rounding;
+    /// returns the decoded blocks for the format's own checks of what the data reached.
+    pub(crate) fn natural_is_candles_dequantize(format: &Format, q: &QTensor) -> Vec<NaturalBlock> {
+        let bytes = q.data().unwrap().into_owned();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut blocks = Vec::new();
+        for (b, blk) in bytes.chunks_exact(format.block_bytes).enumerate() {
+            let w = (format.natural)(blk);
+            for p in 0..QK_K {
+                let r = p / 16;
+                let got = w.d * w.sc[r] as f32 * w.q[p] as f32 - w.dmin * w.mn[r] as f32;
+                let want = want[QK_K * b + p];
+                assert!(
+                    (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{} super-block {b} weight {p}: {got} vs {want}",
+                    format.name
+                );
+            }
+            blocks.push(w);
+        }
+        blocks
+    }
+
     /// A format's dots bodies for [`matches_candle`], each with the body level it needs
     /// (`Vnni` runs where `body()` is `Vnni`; `Avx512` also where it is `Vnni`; `Avx2`
     /// wherever a vector body runs).
