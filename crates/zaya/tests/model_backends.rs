@@ -53,13 +53,10 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 type RunOutput = (Tensor, Vec<Vec<u32>>, Vec<(String, Tensor)>);
 
 /// Logits, routing choices and gradients of every parameter under `choice` and `attn`.
-fn run(
-    model: &ZayaModel,
-    varmap: &VarMap,
-    choice: Choice,
-    attn: AttnImplementation,
-) -> Result<RunOutput> {
-    registry::with_choice(None, choice, || -> Result<_> {
+/// Two rows of 9 tokens, or (`long`) of 24: 48 rows, so that the dense layers' products
+/// take the many-row kernel (above `GEMV_ROWS` = 32 rows) rather than the GEMV.
+fn inputs(long: bool) -> Result<(Tensor, Tensor)> {
+    if !long {
         let ids = Tensor::new(
             &[
                 [5u32, 9, 33, 2, 7, 61, 14, 40, 3],
@@ -68,6 +65,26 @@ fn run(
             &Device::Cpu,
         )?;
         let mask = Tensor::new(&[[1u32; 9], [0, 0, 0, 1, 1, 1, 1, 1, 1]], &Device::Cpu)?;
+        return Ok((ids, mask));
+    }
+    let t = 24;
+    let ids: Vec<u32> = (0..2 * t as u32).map(|i| (i * 37 + 11) % 61 + 2).collect();
+    let mask: Vec<u32> = (0..2 * t).map(|i| u32::from(i < t || i >= t + 3)).collect();
+    Ok((
+        Tensor::from_vec(ids, (2, t), &Device::Cpu)?,
+        Tensor::from_vec(mask, (2, t), &Device::Cpu)?,
+    ))
+}
+
+fn run(
+    model: &ZayaModel,
+    varmap: &VarMap,
+    choice: Choice,
+    attn: AttnImplementation,
+    long: bool,
+) -> Result<RunOutput> {
+    registry::with_choice(None, choice, || -> Result<_> {
+        let (ids, mask) = inputs(long)?;
         let opts = ForwardOptions {
             attention_mask: Some(mask),
             attn,
@@ -103,11 +120,19 @@ fn run(
 #[test]
 fn fused_kernels_and_backends_match_the_reference_model() -> Result<()> {
     let (model, varmap) = tiny_model(3)?;
+    for long in [false, true] {
+        check_against_the_reference(&model, &varmap, long)?;
+    }
+    Ok(())
+}
+
+fn check_against_the_reference(model: &ZayaModel, varmap: &VarMap, long: bool) -> Result<()> {
     let (want, want_routes, want_grads) = run(
-        &model,
-        &varmap,
+        model,
+        varmap,
         Choice::Reference,
         AttnImplementation::Eager,
+        long,
     )?;
     assert!(!want_grads.is_empty());
     for attn in [
@@ -115,22 +140,25 @@ fn fused_kernels_and_backends_match_the_reference_model() -> Result<()> {
         AttnImplementation::Sdpa,
         AttnImplementation::Flex,
     ] {
-        let (got, routes, grads) = run(&model, &varmap, Choice::Auto, attn)?;
+        let (got, routes, grads) = run(model, varmap, Choice::Auto, attn, long)?;
         assert_eq!(
             routes, want_routes,
-            "{attn:?}: routing differs (ill-conditioned seed?)"
+            "{attn:?} (long: {long}): routing differs (ill-conditioned seed?)"
         );
         let d = max_rel_diff(&got, &want)?;
-        assert!(d < 1e-4, "{attn:?}: logits differ by {d}");
+        assert!(d < 1e-4, "{attn:?} (long: {long}): logits differ by {d}");
         assert_eq!(
             grads.len(),
             want_grads.len(),
-            "{attn:?}: parameters with gradients"
+            "{attn:?} (long: {long}): parameters with gradients"
         );
         for ((name, g), (wname, w)) in grads.iter().zip(&want_grads) {
             assert_eq!(name, wname);
             let d = max_rel_diff(g, w)?;
-            assert!(d < 1e-3, "{attn:?}: gradient of {name} differs by {d}");
+            assert!(
+                d < 1e-3,
+                "{attn:?} (long: {long}): gradient of {name} differs by {d}"
+            );
         }
     }
     Ok(())

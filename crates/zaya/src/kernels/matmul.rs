@@ -212,7 +212,13 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 ///   row of `W` once for all rows of `x`, rows of `W` split across the threads (decode is
 ///   bound by reading the weights, and a general GEMM spends most of its time packing at
 ///   this size);
-/// - above, the `gemm` crate with the operands candle's matmul passes it (so the same
+/// - above, on AVX-512 CPUs, [`super::sgemm`] — the kernel of the busy experts' shares: it
+///   reads `W` in place, where the `gemm` crate packs the whole weight on every call, and
+///   a weight read once per forward comes cold from memory (medium prefill 1×512, Zen 4, 2
+///   threads, three alternated pairs: 569 / 570 / 542 → 591 / 596 / 578 tok/s); each
+///   output one FMA chain in `k` order, whatever the rows or threads, so a checkpointed
+///   layer's recompute equals its first pass;
+/// - elsewhere the `gemm` crate with the operands candle's matmul passes it (so the same
 ///   products in the same order), written into a fresh buffer that is never zero-filled
 ///   first (candle's matmul clears every output on the calling thread while the pool waits);
 /// - the backward writes `dx = g · W` into a fresh buffer too, and `dW = gᵀ · x` straight
@@ -277,8 +283,10 @@ fn matmul_error(what: &str) -> candle_core::Error {
     super::KernelError::Internal(format!("matmul-f32-weight: {what}")).into()
 }
 
-/// `lhs [m × k] · rhs [k × n]` as `m · n` new values, row-major, never zero-filled first
-/// where the `gemm` crate writes them.
+/// `lhs [m × k] · rhs [k × n]` as `m · n` new values, row-major: more than
+/// [`super::cpu::GEMV_ROWS`] rows against a weight's transpose on [`super::sgemm`] where it
+/// runs (it reads the weight in place), otherwise [`super::cpu::gemm_fresh`] (the `gemm`
+/// crate writes them without a zero fill first).
 fn fresh_values(
     m: usize,
     n: usize,
@@ -286,6 +294,13 @@ fn fresh_values(
     lhs: super::cpu::MatRef<'_>,
     rhs: super::cpu::MatRef<'_>,
 ) -> Result<Vec<f32>> {
+    let min_rows = super::cpu::GEMV_ROWS + 1;
+    if super::sgemm::takes(min_rows, m, &rhs) {
+        let mut out = vec![0f32; m * n];
+        let dst = super::cpu::MatMut::new(&mut out, 0, n);
+        super::sgemm::gemm(min_rows, m, n, k, dst, false, lhs, rhs, true)?;
+        return Ok(out);
+    }
     let mut out = super::cpu::uninit_f32(m * n);
     super::cpu::gemm_fresh(m, n, k, &mut out, lhs, rhs, 1.0, true)?;
     // SAFETY: `gemm_fresh` wrote every value (it returned without error).

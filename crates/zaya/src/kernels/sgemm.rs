@@ -28,6 +28,10 @@
 //! thread count and any number of rows (a row of the product does not depend on the other
 //! rows), so a recomputed product (gradient checkpointing) equals the first one.
 //!
+//! The f32 linear layers' forward (`matmul::f32_linear`: a prefill's or a training step's
+//! projections, hundreds of rows) runs here too above [`cpu::GEMV_ROWS`] rows, for the
+//! same reason: a dense weight is read once per forward, cold.
+//!
 //! Everything else goes to [`cpu::gemm`]: other CPUs (no AVX-512F), right operands that
 //! are not a contiguous-row weight's transpose (the backward's `dy·W` and `dYᵀ·X`, where
 //! the `gemm` crate measured faster), and fewer than
@@ -56,13 +60,14 @@ const MIN_PARALLEL_WORK: usize = 1 << 18;
 pub(crate) const SHARE_MIN_ROWS: usize = 12;
 
 /// Whether the kernel takes this product from `min_rows` rows (else it is [`cpu::gemm`]):
-/// above [`cpu::GEMV_ROWS`] for decode, from [`SHARE_MIN_ROWS`] for expert shares.
-fn takes_from(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
+/// above [`cpu::GEMV_ROWS`] for decode and the dense layers, from [`SHARE_MIN_ROWS`] for
+/// expert shares.
+pub(crate) fn takes(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
     rhs.rs == 1 && m >= min_rows && cpu::simd_level() == cpu::SimdLevel::Avx512
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views, like
-/// [`cpu::gemm`] with `beta = 1`: this kernel from `min_rows` rows (see [`takes_from`]),
+/// [`cpu::gemm`] with `beta = 1`: this kernel from `min_rows` rows (see [`takes`]),
 /// [`cpu::gemm`] otherwise. `parallel` splits the product over the kernel pool (callers
 /// already inside a parallel region pass `false`); the result does not depend on it. Every
 /// view is bounds-checked before the unchecked kernel runs.
@@ -83,7 +88,7 @@ pub(crate) fn gemm(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<()> {
-    if !takes_from(min_rows, m, &rhs) {
+    if !takes(min_rows, m, &rhs) {
         return cpu::gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, parallel);
     }
     weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
@@ -466,7 +471,7 @@ unsafe fn tile_12x32(k: usize, x: *const f32, w: *const f32, ldw: usize, acc: *m
     );
 }
 
-/// Never called: [`takes_from`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
+/// Never called: [`takes`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const R: usize, const V: usize>(
@@ -704,13 +709,19 @@ mod tests {
         let wt = MatRef::rows(&w, 0, 2).t();
         let plain = MatRef::rows(&w, 0, 2);
         let avx512 = cpu::simd_level() == cpu::SimdLevel::Avx512;
-        let takes = |m: usize, rhs: &MatRef<'_>| takes_from(cpu::GEMV_ROWS + 1, m, rhs);
-        assert_eq!(takes(cpu::GEMV_ROWS + 1, &wt), avx512);
-        assert_eq!(takes(4096, &wt), avx512, "busy experts stay here");
-        assert!(!takes(cpu::GEMV_ROWS, &wt), "GEMV rows stay on cpu::gemm");
-        assert!(!takes(64, &plain), "a row-major rhs stays on cpu::gemm");
-        assert_eq!(takes_from(SHARE_MIN_ROWS, SHARE_MIN_ROWS, &wt), avx512);
-        assert!(!takes_from(SHARE_MIN_ROWS, SHARE_MIN_ROWS - 1, &wt));
+        let above_gemv = |m: usize, rhs: &MatRef<'_>| takes(cpu::GEMV_ROWS + 1, m, rhs);
+        assert_eq!(above_gemv(cpu::GEMV_ROWS + 1, &wt), avx512);
+        assert_eq!(above_gemv(4096, &wt), avx512, "busy experts stay here");
+        assert!(
+            !above_gemv(cpu::GEMV_ROWS, &wt),
+            "GEMV rows stay on cpu::gemm"
+        );
+        assert!(
+            !above_gemv(64, &plain),
+            "a row-major rhs stays on cpu::gemm"
+        );
+        assert_eq!(takes(SHARE_MIN_ROWS, SHARE_MIN_ROWS, &wt), avx512);
+        assert!(!takes(SHARE_MIN_ROWS, SHARE_MIN_ROWS - 1, &wt));
     }
 
     #[test]
