@@ -554,7 +554,7 @@ fn matmul_selection_follows_the_build() -> Result<()> {
     let a = rand_tensor(&mut rng, &[5, 7], 1.0)?;
     let blas_built = cfg!(feature = "blas");
     // any number of rows: BLAS when built, else the f32-weight op (the threaded GEMV up to
-    // 32 rows, unfilled outputs and a weight-layout backward above)
+    // 32 rows, zaya's sgemm or the gemm crate and a weight-layout backward above)
     let want = if blas_built {
         ImplId::Blas
     } else {
@@ -654,7 +654,8 @@ fn sgemm_runs() -> bool {
 /// (the GEMV) and above (zaya's `sgemm` on AVX-512 CPUs, elsewhere the `gemm` crate into
 /// unfilled outputs), through the linear layer's entry (`kernels::linear`: the op takes
 /// `W`, `dW = gᵀ·a` in its layout) and through `kernels::matmul` with `Wᵀ`: the forward
-/// and the gradients to rounding, the weight's gradient contiguous, and above the GEMV a
+/// and the gradients to rounding (bit for bit above the GEMV where the `gemm` crate runs:
+/// candle's own call), the weight's gradient contiguous, and above the GEMV a
 /// row's forward independent of the other rows where `sgemm` runs (the first rows alone give
 /// the same bits).
 #[test]
@@ -690,6 +691,14 @@ fn f32_weight_matmul_matches_the_reference_forward_and_backward() -> Result<()> 
             )?;
             let label = format!("{entry} m={m} k={k} n={n}");
             assert!(rel_diff(&yf, &yr)? < 1e-5, "{label}");
+            if m > 32 && !sgemm_runs() {
+                // the gemm crate with candle's operands: the same products in the same order
+                assert_eq!(
+                    yf.flatten_all()?.to_vec1::<f32>()?,
+                    yr.flatten_all()?.to_vec1::<f32>()?,
+                    "{label}: forward not bit-identical"
+                );
+            }
             if m > 40 && sgemm_runs() {
                 let first = a.as_tensor().narrow(0, 0, 40)?;
                 let alone = with(Kernel::Matmul, Choice::Impl(ImplId::Fused), || {

@@ -872,7 +872,7 @@ pub(crate) fn check_views(
 }
 
 /// The operand half of [`check_views`] (`dst_ok`: the destination's own check).
-fn check_operands(
+pub(crate) fn check_operands(
     m: usize,
     n: usize,
     k: usize,

@@ -215,9 +215,9 @@ pub(super) fn blas(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// - above, on AVX-512 CPUs, [`super::sgemm`] — the kernel of the busy experts' shares: it
 ///   reads `W` in place, where the `gemm` crate packs the whole weight on every call, and
 ///   a weight read once per forward comes cold from memory (medium prefill 1×512, Zen 4, 2
-///   threads, three alternated pairs: 569 / 570 / 542 → 591 / 596 / 578 tok/s); each
-///   output one FMA chain in `k` order, whatever the rows or threads, so a checkpointed
-///   layer's recompute equals its first pass;
+///   threads, six alternated binary pairs: median paired ratio +2.4 %, 498–571 → 490–613
+///   tok/s); each output one FMA chain in `k` order, whatever the rows or threads, written
+///   into a fresh buffer without a zero fill;
 /// - elsewhere the `gemm` crate with the operands candle's matmul passes it (so the same
 ///   products in the same order), written into a fresh buffer that is never zero-filled
 ///   first (candle's matmul clears every output on the calling thread while the pool waits);
@@ -283,10 +283,8 @@ fn matmul_error(what: &str) -> candle_core::Error {
     super::KernelError::Internal(format!("matmul-f32-weight: {what}")).into()
 }
 
-/// `lhs [m × k] · rhs [k × n]` as `m · n` new values, row-major: more than
-/// [`super::cpu::GEMV_ROWS`] rows against a weight's transpose on [`super::sgemm`] where it
-/// runs (it reads the weight in place), otherwise [`super::cpu::gemm_fresh`] (the `gemm`
-/// crate writes them without a zero fill first).
+/// `lhs [m × k] · rhs [k × n]` as `m · n` new values, row-major, never zero-filled first
+/// where the `gemm` crate writes them.
 fn fresh_values(
     m: usize,
     n: usize,
@@ -294,17 +292,30 @@ fn fresh_values(
     lhs: super::cpu::MatRef<'_>,
     rhs: super::cpu::MatRef<'_>,
 ) -> Result<Vec<f32>> {
-    let min_rows = super::cpu::GEMV_ROWS + 1;
-    if super::sgemm::takes(min_rows, m, &rhs) {
-        let mut out = vec![0f32; m * n];
-        let dst = super::cpu::MatMut::new(&mut out, 0, n);
-        super::sgemm::gemm(min_rows, m, n, k, dst, false, lhs, rhs, true)?;
-        return Ok(out);
-    }
     let mut out = super::cpu::uninit_f32(m * n);
     super::cpu::gemm_fresh(m, n, k, &mut out, lhs, rhs, 1.0, true)?;
     // SAFETY: `gemm_fresh` wrote every value (it returned without error).
     Ok(unsafe { out.assume_init() }.into_vec())
+}
+
+/// The forward product `x · Wᵀ` of [`F32Weight`] as fresh values: more than
+/// [`super::cpu::GEMV_ROWS`] rows on [`super::sgemm`] where it runs (it reads `W` in
+/// place), else [`fresh_values`]. The choice depends only on the shapes and the CPU, so a
+/// checkpointed layer's recompute takes the same path as its first pass.
+fn forward_values(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: super::cpu::MatRef<'_>,
+    wt: super::cpu::MatRef<'_>,
+) -> Result<Vec<f32>> {
+    if super::sgemm::takes(super::cpu::GEMV_ROWS + 1, m, &wt) {
+        let mut out = super::cpu::uninit_f32(m * n);
+        super::sgemm::gemm_fresh(m, n, k, &mut out, x, wt, true)?;
+        // SAFETY: `gemm_fresh` wrote every value (it returned without error).
+        return Ok(unsafe { out.assume_init() }.into_vec());
+    }
+    fresh_values(m, n, k, x, wt)
 }
 
 /// [`fresh_values`] as a `[m, n]` f32 tensor on `like`'s device.
@@ -359,7 +370,7 @@ impl candle_core::CustomOp2 for F32Weight {
         let x = f32_view(a_s, a_l, "matmul")?;
         let start = b_l.start_offset();
         let w = &w[start..start + n * k];
-        let out = fresh_values(m, n, k, MatRef::rows(&x, 0, k), MatRef::rows(w, 0, k).t())?;
+        let out = forward_values(m, n, k, MatRef::rows(&x, 0, k), MatRef::rows(w, 0, k).t())?;
         Ok((
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from_dims(&[m, n]),

@@ -423,7 +423,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `a · b` for linear layers (`b` is `Wᵀ` of a weight `W [N, K]`; a layer holding `W` calls
 /// [`linear`]). 2-D f32 operands may run on the system BLAS (feature `blas`), else on the
-/// f32-weight op (decode's GEMV up to 32 rows, unfilled outputs above, its own backward).
+/// f32-weight op (decode's GEMV up to 32 rows, zaya's AVX-512 GEMM or the `gemm` crate
+/// into unfilled outputs above, its own backward).
 /// Dispatch is on the **weight's** dtype: a bf16 weight (with bf16 or f32 activations) runs
 /// the bf16-weight kernel, which reads the stored bf16 in place with f32 accumulation, at
 /// any number of rows. Everything else is candle's matmul.

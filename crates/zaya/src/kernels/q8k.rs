@@ -120,7 +120,7 @@ pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, units: &Units) -> Q8k
         sums_dx: vec![0f32; m * kb * 16],
     };
     let x = &x[..m * k];
-    if m > PARALLEL_ROUNDING_ROWS {
+    if m > PARALLEL_ROUNDING_ROWS && cpu::num_threads() > 1 {
         // each super-block is rounded on its own: the same values whatever the split
         cpu::in_pool(|| {
             x.par_chunks_exact(QK_K)

@@ -293,7 +293,8 @@ pub static KERNELS: [KernelInfo; 15] = [
                 id: ImplId::Fused,
                 summary: "bf16 weights read in place (GEMV <= 32 rows, tiled GEMM above, f32 \
                           accumulation; inference only); f32: threaded GEMV for <= 32 rows, \
-                          unfilled outputs above, backward writing dW in the weight's layout",
+                          zaya's AVX-512 GEMM reading W in place above (else the gemm crate \
+                          into unfilled outputs), backward writing dW in the weight's layout",
                 available: always,
                 // `t` is the weight's dtype.
                 supports: |d, t, s| {

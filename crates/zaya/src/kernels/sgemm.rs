@@ -1,7 +1,7 @@
 //! An AVX-512 f32 GEMM against a weight's transpose — the forward products of the MoE
 //! experts (`x·W_guᵀ` and `act·W_downᵀ`: a few dozen token rows per expert with a trained
 //! router, up to the whole forward with a skewed one), run again by their fused backward's
-//! recompute. The `gemm` crate (through [`cpu::gemm`]) packs the whole weight for every
+//! recompute, and the f32 linear layers' forward above 32 rows (see below). The `gemm` crate (through [`cpu::gemm`]) packs the whole weight for every
 //! such product, a transpose that costs about as much as the product when each weight
 //! element meets only a few dozen rows, and its thread split gains nothing at this size:
 //! on the Xeon of the training benchmark it ran them at ~115 GFLOP/s on one thread and on
@@ -107,13 +107,7 @@ fn weight_rows(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<()> {
-    if rhs.rs != 1 || cpu::simd_level() != cpu::SimdLevel::Avx512 {
-        return Err(super::KernelError::Internal(format!(
-            "sgemm: needs AVX-512F and a weight's transpose (rhs row stride {})",
-            rhs.rs
-        ))
-        .into());
-    }
+    check_kernel(&rhs)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -122,27 +116,97 @@ fn weight_rows(
         cpu::zero_unless_accumulating(m, n, dst, accumulate);
         return Ok(());
     }
+    let c = DstPtr(dst.data[dst.off..].as_mut_ptr());
+    // SAFETY: the views were checked above for these m, n, k and strides, and
+    // `check_kernel` saw AVX-512F and `rhs.rs == 1`; `dst` is borrowed mutably.
+    unsafe { run(m, n, k, c, dst.rs, accumulate, &lhs, &rhs, parallel) };
+    Ok(())
+}
+
+/// `dst[m×n] = lhs · rhs` into a fresh row-major buffer of exactly `m·n` values that
+/// nothing has written yet (every value is written, none read), returned initialised: the
+/// f32 linear layers' forward (`matmul::f32_linear`). The same conditions as [`gemm`]'s
+/// kernel ([`takes`]; an error otherwise).
+pub(crate) fn gemm_fresh<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &'a mut [std::mem::MaybeUninit<f32>],
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallel: bool,
+) -> Result<&'a mut [f32]> {
+    check_kernel(&rhs)?;
+    if dst.len() != m * n {
+        return Err(super::KernelError::Internal(format!(
+            "sgemm destination holds {} values for {m}×{n}",
+            dst.len()
+        ))
+        .into());
+    }
+    cpu::check_operands(m, n, k, &lhs, &rhs, true)?;
+    if m > 0 && n > 0 {
+        if k == 0 {
+            dst.fill(std::mem::MaybeUninit::new(0.0));
+        } else {
+            let c = DstPtr(dst.as_mut_ptr().cast::<f32>());
+            // SAFETY: the operands were checked above, `dst` holds `m·n` values (row
+            // stride `n`) that the kernel writes without reading (not accumulating), and
+            // `check_kernel` saw AVX-512F and `rhs.rs == 1`.
+            unsafe { run(m, n, k, c, n, false, &lhs, &rhs, parallel) };
+        }
+    }
+    // SAFETY: every value was written above.
+    Ok(unsafe { cpu::assume_init_mut(dst) })
+}
+
+/// The kernel's own conditions: AVX-512F and a weight's transpose.
+fn check_kernel(rhs: &MatRef<'_>) -> Result<()> {
+    if rhs.rs != 1 || cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        return Err(super::KernelError::Internal(format!(
+            "sgemm: needs AVX-512F and a weight's transpose (rhs row stride {})",
+            rhs.rs
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The product over the weight rows, split across the pool when `parallel` and large.
+///
+/// # Safety
+/// As [`block`] for all columns `0..n`: AVX-512F, `rhs.rs == 1`, the views hold the
+/// whole product, `c` (row stride `ldc`) holds `m` rows of `n` values and nobody else
+/// accesses them meanwhile; `m, n, k > 0`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: DstPtr,
+    ldc: usize,
+    accumulate: bool,
+    lhs: &MatRef<'_>,
+    rhs: &MatRef<'_>,
+    parallel: bool,
+) {
     let threads = if parallel && m * n * k >= MIN_PARALLEL_WORK {
         cpu::num_threads()
     } else {
         1
     };
     let blocks = split(n, threads);
-    let c = DstPtr(dst.data[dst.off..].as_mut_ptr());
-    let ldc = dst.rs;
-    let run = |t: usize| {
+    let task = |t: usize| {
         let (n0, n1) = blocks[t];
-        // SAFETY: the views were checked above for these m, n, k and strides, `takes`
-        // saw AVX-512F and `rhs.rs == 1`, and the blocks are disjoint column ranges of
-        // `dst`, so no two threads write the same element.
-        unsafe { block(m, n0, n1, k, c, ldc, accumulate, &lhs, &rhs) }
+        // SAFETY: the caller's conditions, and the blocks are disjoint column ranges of
+        // the destination, so no two threads write the same element.
+        unsafe { block(m, n0, n1, k, c, ldc, accumulate, lhs, rhs) }
     };
     if blocks.len() == 1 {
-        run(0);
+        task(0);
     } else {
-        cpu::par_map(blocks.len(), m * n * k, run);
+        cpu::par_map(blocks.len(), m * n * k, task);
     }
-    Ok(())
 }
 
 /// Splits the `n` weight rows into at most `threads` ranges `(n0, n1)` of whole tiles.
