@@ -300,8 +300,9 @@ fn fresh_values(
 
 /// The forward product `x · Wᵀ` of [`F32Weight`] as fresh values: more than
 /// [`super::cpu::GEMV_ROWS`] rows on [`super::sgemm`] where it runs (it reads `W` in
-/// place), else [`fresh_values`]. The choice depends only on the shapes and the CPU, so a
-/// checkpointed layer's recompute takes the same path as its first pass.
+/// place), else [`super::cpu::gemm_fresh`] as in [`fresh_values`]. The choice depends only
+/// on the shapes and the CPU, so a checkpointed layer's recompute takes the same path as
+/// its first pass.
 fn forward_values(
     m: usize,
     n: usize,
@@ -309,13 +310,11 @@ fn forward_values(
     x: super::cpu::MatRef<'_>,
     wt: super::cpu::MatRef<'_>,
 ) -> Result<Vec<f32>> {
-    if super::sgemm::takes(super::cpu::GEMV_ROWS + 1, m, &wt) {
-        let mut out = super::cpu::uninit_f32(m * n);
-        super::sgemm::gemm_fresh(m, n, k, &mut out, x, wt, true)?;
-        // SAFETY: `gemm_fresh` wrote every value (it returned without error).
-        return Ok(unsafe { out.assume_init() }.into_vec());
-    }
-    fresh_values(m, n, k, x, wt)
+    let mut out = super::cpu::uninit_f32(m * n);
+    let min_rows = super::cpu::GEMV_ROWS + 1;
+    super::sgemm::gemm_fresh(min_rows, m, n, k, &mut out, x, wt, true)?;
+    // SAFETY: `gemm_fresh` wrote every value (it returned without error).
+    Ok(unsafe { out.assume_init() }.into_vec())
 }
 
 /// [`fresh_values`] as a `[m, n]` f32 tensor on `like`'s device.

@@ -1,9 +1,10 @@
 //! An AVX-512 f32 GEMM against a weight's transpose — the forward products of the MoE
 //! experts (`x·W_guᵀ` and `act·W_downᵀ`: a few dozen token rows per expert with a trained
 //! router, up to the whole forward with a skewed one), run again by their fused backward's
-//! recompute, and the f32 linear layers' forward above 32 rows (see below). The `gemm` crate (through [`cpu::gemm`]) packs the whole weight for every
-//! such product, a transpose that costs about as much as the product when each weight
-//! element meets only a few dozen rows, and its thread split gains nothing at this size:
+//! recompute, and the f32 linear layers' forward above 32 rows (see below). The `gemm`
+//! crate (through [`cpu::gemm`]) packs the whole weight for every such product, a
+//! transpose that costs about as much as the product when each weight element meets only
+//! a few dozen rows, and its thread split gains nothing at this size:
 //! on the Xeon of the training benchmark it ran them at ~115 GFLOP/s on one thread and on
 //! two alike.
 //!
@@ -107,7 +108,13 @@ fn weight_rows(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<()> {
-    check_kernel(&rhs)?;
+    if rhs.rs != 1 || cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        return Err(super::KernelError::Internal(format!(
+            "sgemm: needs AVX-512F and a weight's transpose (rhs row stride {})",
+            rhs.rs
+        ))
+        .into());
+    }
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -117,17 +124,19 @@ fn weight_rows(
         return Ok(());
     }
     let c = DstPtr(dst.data[dst.off..].as_mut_ptr());
-    // SAFETY: the views were checked above for these m, n, k and strides, and
-    // `check_kernel` saw AVX-512F and `rhs.rs == 1`; `dst` is borrowed mutably.
+    // SAFETY: the views were checked above for these m, n, k and strides, AVX-512F and
+    // `rhs.rs == 1` too; `dst` is borrowed mutably.
     unsafe { run(m, n, k, c, dst.rs, accumulate, &lhs, &rhs, parallel) };
     Ok(())
 }
 
-/// `dst[m×n] = lhs · rhs` into a fresh row-major buffer of exactly `m·n` values that
-/// nothing has written yet (every value is written, none read), returned initialised: the
-/// f32 linear layers' forward (`matmul::f32_linear`). The same conditions as [`gemm`]'s
-/// kernel ([`takes`]; an error otherwise).
+/// [`cpu::gemm_fresh`] with this kernel from `min_rows` rows (see [`takes`]), as [`gemm`]
+/// is [`cpu::gemm`] with it: `dst[m×n] = lhs · rhs` into a fresh row-major buffer of
+/// exactly `m·n` values that nothing has written yet (every value written, none read),
+/// returned initialised. The f32 linear layers' forward (`matmul::f32_linear`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_fresh<'a>(
+    min_rows: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -136,40 +145,17 @@ pub(crate) fn gemm_fresh<'a>(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<&'a mut [f32]> {
-    check_kernel(&rhs)?;
-    if dst.len() != m * n {
-        return Err(super::KernelError::Internal(format!(
-            "sgemm destination holds {} values for {m}×{n}",
-            dst.len()
-        ))
-        .into());
+    if !takes(min_rows, m, &rhs) || m == 0 || n == 0 || k == 0 {
+        return cpu::gemm_fresh(m, n, k, dst, lhs, rhs, 1.0, parallel);
     }
-    cpu::check_operands(m, n, k, &lhs, &rhs, true)?;
-    if m > 0 && n > 0 {
-        if k == 0 {
-            dst.fill(std::mem::MaybeUninit::new(0.0));
-        } else {
-            let c = DstPtr(dst.as_mut_ptr().cast::<f32>());
-            // SAFETY: the operands were checked above, `dst` holds `m·n` values (row
-            // stride `n`) that the kernel writes without reading (not accumulating), and
-            // `check_kernel` saw AVX-512F and `rhs.rs == 1`.
-            unsafe { run(m, n, k, c, n, false, &lhs, &rhs, parallel) };
-        }
-    }
+    cpu::check_operands(m, n, k, &lhs, &rhs, dst.len() == m * n)?;
+    let c = DstPtr(dst.as_mut_ptr().cast::<f32>());
+    // SAFETY: the operands were checked above and `dst` holds `m·n` values (row stride
+    // `n`), which the kernel writes without reading (not accumulating); `takes` saw
+    // AVX-512F and `rhs.rs == 1`; `m, n, k > 0`.
+    unsafe { run(m, n, k, c, n, false, &lhs, &rhs, parallel) };
     // SAFETY: every value was written above.
     Ok(unsafe { cpu::assume_init_mut(dst) })
-}
-
-/// The kernel's own conditions: AVX-512F and a weight's transpose.
-fn check_kernel(rhs: &MatRef<'_>) -> Result<()> {
-    if rhs.rs != 1 || cpu::simd_level() != cpu::SimdLevel::Avx512 {
-        return Err(super::KernelError::Internal(format!(
-            "sgemm: needs AVX-512F and a weight's transpose (rhs row stride {})",
-            rhs.rs
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 /// The product over the weight rows, split across the pool when `parallel` and large.
