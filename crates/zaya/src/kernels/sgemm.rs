@@ -9,11 +9,12 @@
 //! two alike.
 //!
 //! Here the roles swap: the few rows of `lhs` are packed transposed (panels of `NR = 32`
-//! rows, cheap), and the register tile is `Cᵀ` — `MR = 12` weight rows, broadcast straight
-//! from the weight in place, times `NR` rows of `lhs` in two zmm vectors (24 of the 32
-//! registers) — over the whole reduction. The 12 weight rows (`12·k` values, 24 KiB at
-//! `k = 512`) stay in L1 while the panels of `lhs` stream from L2. Threads split the weight
-//! rows; each packs `lhs` into a buffer that stays allocated for the thread. The full tile
+//! rows, cheap), and the register tile is `Cᵀ` — `MR = 12` weight rows, broadcast from a
+//! copy of those rows one cache line apart ([`TILE_PAD`]), times `NR` rows of `lhs` in two
+//! zmm vectors (24 of the 32 registers) — over the whole reduction. The 12 weight rows
+//! (`12·k` values, 24 KiB at `k = 512`) stay in L1 while the panels of `lhs` stream from
+//! L2. Threads split the weight rows; each packs `lhs` and copies its tiles into a buffer
+//! that stays allocated for the thread. The full tile
 //! runs in assembly ([`tile_12x32`]: the compiled intrinsics spent an address add per
 //! broadcast on the FMA ports), the partial ones at the edges in intrinsics ([`tile`]).
 //!
@@ -50,6 +51,14 @@ use super::cpu::{self, DstPtr, MatMut, MatRef};
 const MR: usize = 12;
 /// Rows of `lhs` in the register tile (two 16-lane vectors).
 const NR: usize = 32;
+/// Values between the rows of the weight tile's copy (64 bytes: one cache line). A
+/// weight's rows are `k` values apart, 4 KiB at `k = 1024` and a multiple of it above:
+/// read in place, the tile's 12 rows all fall into one set of the 8-way L1 and evict
+/// each other on every step (Zen 4, warm, 512 × 1024 × 1024 and 328 × 2048 × 1024: 65–91
+/// against 88–99 GFLOP/s on one thread, 130–136 against 172–190 on two). Copied one line
+/// apart, they spread over 12 sets; the copy is also where a forward's cold weight rows
+/// arrive, so the next tile's rows are prefetched into L2 while this one runs.
+const TILE_PAD: usize = 16;
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
@@ -206,8 +215,8 @@ fn split(n: usize, threads: usize) -> Vec<(usize, usize)> {
 }
 
 thread_local! {
-    /// The packed `lhs`, kept for the thread (the pool's threads live for the process), so
-    /// a product does not page in fresh memory.
+    /// The packed `lhs` and the weight tile's copy, kept for the thread (the pool's
+    /// threads live for the process), so a product does not page in fresh memory.
     static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -231,19 +240,43 @@ unsafe fn block(
     rhs: &MatRef<'_>,
 ) {
     PACKED.with(|packed| {
-        let xbuf = &mut *packed.borrow_mut();
+        let buf = &mut *packed.borrow_mut();
         let panels = m.div_ceil(NR);
-        if xbuf.len() < panels * NR * k {
-            xbuf.resize(panels * NR * k, 0.0);
+        let ldt = k + TILE_PAD;
+        if buf.len() < panels * NR * k + MR * ldt {
+            buf.resize(panels * NR * k + MR * ldt, 0.0);
         }
+        let (xbuf, tbuf) = buf.split_at_mut(panels * NR * k);
         pack_lhs_transposed(lhs, m, k, xbuf);
         let w = rhs.data.as_ptr().add(rhs.off);
         let ldw = rhs.cs;
-        // Weight tile outer, row panels inner: the tile's weight rows stay in L1.
+        // Weight tile outer, row panels inner: the tile's weight rows, copied
+        // `TILE_PAD` apart (see there), stay in L1 while every panel passes.
         for j in (n0..n1).step_by(MR) {
             let cols = MR.min(n1 - j);
-            let wp = w.add(j * ldw);
+            // rows `j..j + cols` lie inside `rhs` (the caller's condition); `tbuf` holds
+            // `MR · ldt` values
+            for r in 0..cols {
+                std::ptr::copy_nonoverlapping(
+                    w.add((j + r) * ldw),
+                    tbuf.as_mut_ptr().add(r * ldt),
+                    k,
+                );
+            }
+            let wp = tbuf.as_ptr();
+            // the next tile's rows come cold from memory in a forward: ask for them while
+            // this tile's panels run, a share of the lines before each panel
+            let row_lines = k.div_ceil(16);
+            let next_lines = MR.min(n1.saturating_sub(j + MR)) * row_lines;
+            let (mut row, mut line) = (j + MR, 0);
             for ip in 0..panels {
+                for _ in ip * next_lines / panels..(ip + 1) * next_lines / panels {
+                    prefetch_l2(w.wrapping_add(row * ldw + 16 * line));
+                    line += 1;
+                    if line == row_lines {
+                        (row, line) = (row + 1, 0);
+                    }
+                }
                 let i = ip * NR;
                 let rows = NR.min(m - i);
                 let xp = xbuf.as_ptr().add(ip * NR * k);
@@ -252,7 +285,7 @@ unsafe fn block(
                 macro_rules! tile {
                     ($v:literal; $($r:literal)*) => {
                         match cols {
-                            $($r => kernel::<$r, $v>(k, xp, wp, ldw, cp, ldc, rows, accumulate),)*
+                            $($r => kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate),)*
                             _ => unreachable!("tile columns {cols} > {MR}"),
                         }
                     };
@@ -265,6 +298,18 @@ unsafe fn block(
             }
         }
     })
+}
+
+/// Asks for the cache line at `p` to be brought into L2 (no fault, no effect elsewhere).
+#[inline(always)]
+fn prefetch_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and changes no state but the caches.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Packs the `m × k` `lhs` as panels of `NR` rows, each `k` groups of `NR` values
@@ -902,7 +947,8 @@ mod tests {
     }
 
     /// GFLOP/s of the training step's product classes (small config: H = I = 512, 32000
-    /// vocabulary, batch 4 × 256, a few dozen rows per expert), this kernel (where the
+    /// vocabulary, batch 4 × 256, a few dozen rows per expert; `ZAYA_STEP_SHAPES=medium`:
+    /// H = I = 1024, where a weight's rows are 4 KiB apart), this kernel (where the
     /// right operand is a weight's transpose) against [`cpu::gemm`], one thread and the
     /// pool: `cargo test --release -p zaya --lib sgemm::tests::step_shapes -- --ignored
     /// --nocapture`
@@ -913,7 +959,10 @@ mod tests {
             return;
         }
         let best = |f: &mut dyn FnMut()| cpu::best_seconds(10, f);
-        let (h, i, v, t) = (512, 512, 32000, 1024);
+        let (h, i, v, t) = match std::env::var("ZAYA_STEP_SHAPES").as_deref() {
+            Ok("medium") => (1024, 1024, 32000, 512),
+            _ => (512, 512, 32000, 1024),
+        };
         println!("threads: {}", cpu::num_threads());
         // (label, m, n, k, lhs transposed, rhs transposed)
         let mut classes = vec![
