@@ -250,23 +250,19 @@ unsafe fn block(
         pack_lhs_transposed(lhs, m, k, xbuf);
         let w = rhs.data.as_ptr().add(rhs.off);
         let ldw = rhs.cs;
-        // Weight tile outer, row panels inner: the tile's weight rows, copied
-        // `TILE_PAD` apart (see there), stay in L1 while every panel passes.
+        let row_lines = k.div_ceil(16);
+        // Weight tile outer, row panels inner: the tile's weight rows, copied `TILE_PAD`
+        // apart (see there), stay in cache (L1 up to `k = 512`, L2 above) while every
+        // panel passes.
         for j in (n0..n1).step_by(MR) {
             let cols = MR.min(n1 - j);
-            // rows `j..j + cols` lie inside `rhs` (the caller's condition); `tbuf` holds
-            // `MR · ldt` values
-            for r in 0..cols {
-                std::ptr::copy_nonoverlapping(
-                    w.add((j + r) * ldw),
-                    tbuf.as_mut_ptr().add(r * ldt),
-                    k,
-                );
+            for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
+                let at = rhs.off + (j + r) * ldw;
+                dst[..k].copy_from_slice(&rhs.data[at..at + k]);
             }
             let wp = tbuf.as_ptr();
             // the next tile's rows come cold from memory in a forward: ask for them while
             // this tile's panels run, a share of the lines before each panel
-            let row_lines = k.div_ceil(16);
             let next_lines = MR.min(n1.saturating_sub(j + MR)) * row_lines;
             let (mut row, mut line) = (j + MR, 0);
             for ip in 0..panels {
