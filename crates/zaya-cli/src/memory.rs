@@ -75,7 +75,7 @@ pub fn describe() -> String {
 }
 
 /// Whether this process runs with glibc's huge-page tunable (after the re-execution).
-fn heap_has_huge_pages() -> bool {
+pub fn heap_has_huge_pages() -> bool {
     std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"))
 }
 

@@ -1001,6 +1001,64 @@ mod tests {
         }
     }
 
+    /// `cargo test --release -p zaya --lib bf16::tests::huge_page_read_rate -- --ignored
+    /// --nocapture`: the dot kernel over one 256 MiB weight on 4 KiB pages against the same
+    /// weight on 2 MiB pages (`madvise(MADV_HUGEPAGE)` before the first write, as glibc's
+    /// `hugetlb` tunable does for the `zaya` binary's heap), alternated in one process
+    /// (this machine's read rate moves too much between runs for anything else), GB/s of
+    /// weight at 1, 2 and 8 rows. Zeroed pages are all one shared page until written, so
+    /// both copies are written in full first.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    #[ignore]
+    fn huge_page_read_rate() {
+        if !dot::available() {
+            println!("no AVX-512 BF16 here");
+            return;
+        }
+        let (k, n) = (2048usize, 65536usize);
+        let weight = |huge: bool| {
+            let mut w = vec![bf16::ZERO; n * k];
+            if huge {
+                // the whole pages of the (calloc'ed, untouched) buffer
+                let start = (w.as_ptr() as usize + 4095) & !4095;
+                let end = (w.as_ptr() as usize + n * k * 2) & !4095;
+                // SAFETY: advice over pages of a live allocation we own; it changes how
+                // they are backed, not what they hold.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE)
+                };
+            }
+            for (i, v) in w.iter_mut().enumerate() {
+                *v = bf16::from_f32((i * 7919 % 1000) as f32 * 1e-3 - 0.5);
+            }
+            w
+        };
+        let ws = [weight(false), weight(true)];
+        let gb = (n * k * 2) as f64 / 1e9;
+        // whether the kernel gave the huge pages (it may not: THP off, or no free 2 MiB)
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+        let huge = rollup.lines().find(|l| l.starts_with("AnonHugePages"));
+        println!(
+            "threads: {}; {}",
+            cpu::num_threads(),
+            huge.unwrap_or("AnonHugePages: ?")
+        );
+        for m in [1usize, 2, 8] {
+            let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
+            let mut out = vec![0f32; m * n];
+            for _ in 0..4 {
+                let mut line = format!("m={m}:");
+                for (w, pages) in ws.iter().zip(["4 KiB", "2 MiB"]) {
+                    let t = std::time::Instant::now();
+                    cpu::in_pool(|| dot::gemm(&x, m, k, w, n, &mut out));
+                    line += &format!("  {pages} pages {:.1} GB/s", gb / t.elapsed().as_secs_f64());
+                }
+                println!("{line}");
+            }
+        }
+    }
+
     /// `cargo test --release -p zaya --lib bf16::tests::bf16_expert_share_speed -- --ignored
     /// --nocapture`: an expert's share of a prefill (a few rows against a gate/up weight
     /// read from memory: eight 16 MiB experts in turn, more than the L3), dot against packed
