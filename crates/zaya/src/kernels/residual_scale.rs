@@ -60,6 +60,38 @@ fn merge_row_bf16_body(
     }
 }
 
+/// [`merge_rows`]' row for an f32 sublayer output (no rounding), at the CPU's vector width:
+/// the generic loop, compiled for the baseline target with the dtype's rounding behind a
+/// branch per element, ran at a few GB/s (3.5 % of a medium f32 prefill).
+#[inline(always)]
+fn merge_row_f32_body(
+    s: &[f32],
+    x: &[f32],
+    bh: &[f32],
+    sh: &[f32],
+    br: &[f32],
+    sr: &[f32],
+    o: &mut [MaybeUninit<f32>],
+) {
+    let h = o.len();
+    let (s, x, bh, sh, br, sr) = (&s[..h], &x[..h], &bh[..h], &sh[..h], &br[..h], &sr[..h]);
+    for j in 0..h {
+        o[j].write(merge(|v| v, s[j], x[j], [bh[j], sh[j], br[j], sr[j]]));
+    }
+}
+
+cpu::simd_dispatch! {
+    fn merge_row_f32(
+        s: &[f32],
+        x: &[f32],
+        bh: &[f32],
+        sh: &[f32],
+        br: &[f32],
+        sr: &[f32],
+        o: &mut [MaybeUninit<f32>]
+    ) => merge_row_f32_body
+}
+
 cpu::simd_dispatch! {
     fn merge_row_bf16(
         s: &[bf16],
@@ -117,6 +149,13 @@ impl CustomOp3 for ResidualScale {
                 cpu::collect_rows(res.len(), h, |r, o| {
                     let rows = r * h..(r + 1) * h;
                     merge_row_bf16(&sub[rows.clone()], &res[rows], bh, sh, br, sr, o)
+                })
+            }
+            (CpuStorage::F32(d), Some((a, b))) => {
+                let sub = &d[a..b];
+                cpu::collect_rows(res.len(), h, |r, o| {
+                    let rows = r * h..(r + 1) * h;
+                    merge_row_f32(&sub[rows.clone()], &res[rows], bh, sh, br, sr, o)
                 })
             }
             _ => {
