@@ -16,6 +16,8 @@ use super::KernelError;
 /// Element types the fused kernels read. All arithmetic is done in f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// `v` stored as `Self` and read back (as [`round_to`] for this type's dtype).
+    fn round(v: f32) -> f32;
     /// `dst[i] = src[i].to_f32()` over `min(len)` elements: the loop a type may compile for
     /// the vector width of the CPU it runs on.
     fn widen_into(src: &[Self], dst: &mut [MaybeUninit<f32>]) {
@@ -30,12 +32,20 @@ impl Elem for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
 }
 
 impl Elem for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         widen_bf16(self)
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        round_bf16(v)
     }
     fn widen_into(src: &[Self], dst: &mut [MaybeUninit<f32>]) {
         widen_bf16_into(src, dst)
@@ -110,6 +120,10 @@ impl Elem for f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        f16::from_f32(v).to_f32()
     }
 }
 

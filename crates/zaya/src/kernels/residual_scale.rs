@@ -42,14 +42,12 @@ fn merge_rows(
 }
 
 /// [`merge_rows`]' row for a sublayer output of element type `S` read in place (widened
-/// with `to_f32`, its terms rounded by `round`), inlined into each dispatched variant below
-/// so it runs at the CPU's vector width: the generic loop, compiled for the baseline target
-/// with the dtype's rounding behind a branch per element, ran at a few GB/s (3.5 % of a
-/// medium f32 prefill).
+/// with `to_f32`, its terms rounded to `S` as the reference rounds them), inlined into each
+/// dispatched variant below so it runs at the CPU's vector width: the generic loop,
+/// compiled for the baseline target with the dtype's rounding behind a branch per element,
+/// ran at a few GB/s (3.5 % of a medium f32 prefill).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn merge_row_body<S: cpu::Elem>(
-    round: impl Fn(f32) -> f32,
     s: &[S],
     x: &[f32],
     bh: &[f32],
@@ -62,36 +60,8 @@ fn merge_row_body<S: cpu::Elem>(
     let (s, x, bh, sh, br, sr) = (&s[..h], &x[..h], &bh[..h], &sh[..h], &br[..h], &sr[..h]);
     for j in 0..h {
         let p = [bh[j], sh[j], br[j], sr[j]];
-        o[j].write(merge(&round, s[j].to_f32(), x[j], p));
+        o[j].write(merge(S::round, s[j].to_f32(), x[j], p));
     }
-}
-
-/// An f32 sublayer output: no rounding.
-#[inline(always)]
-fn merge_row_f32_body(
-    s: &[f32],
-    x: &[f32],
-    bh: &[f32],
-    sh: &[f32],
-    br: &[f32],
-    sr: &[f32],
-    o: &mut [MaybeUninit<f32>],
-) {
-    merge_row_body(|v| v, s, x, bh, sh, br, sr, o)
-}
-
-/// A bf16 sublayer output, its terms rounded to bf16 as the reference rounds them.
-#[inline(always)]
-fn merge_row_bf16_body(
-    s: &[bf16],
-    x: &[f32],
-    bh: &[f32],
-    sh: &[f32],
-    br: &[f32],
-    sr: &[f32],
-    o: &mut [MaybeUninit<f32>],
-) {
-    merge_row_body(cpu::round_bf16, s, x, bh, sh, br, sr, o)
 }
 
 cpu::simd_dispatch! {
@@ -103,7 +73,7 @@ cpu::simd_dispatch! {
         br: &[f32],
         sr: &[f32],
         o: &mut [MaybeUninit<f32>]
-    ) => merge_row_f32_body
+    ) => merge_row_body
 }
 
 cpu::simd_dispatch! {
@@ -115,7 +85,7 @@ cpu::simd_dispatch! {
         br: &[f32],
         sr: &[f32],
         o: &mut [MaybeUninit<f32>]
-    ) => merge_row_bf16_body
+    ) => merge_row_body
 }
 
 /// Rows per parallel task of the backward (its parameter partial sums are per task).
