@@ -298,6 +298,9 @@ impl Problem<'_> {
     }
 }
 
+/// Query positions up to which a [`forward`] is a decode step's (its items are short).
+const DECODE_POSITIONS: usize = 4;
+
 /// Forward pass: the output `[B, Nq, T, Dv]` and the row log-sum-exp `[B, Nq, T]`
 /// (`−∞` for fully masked rows), which the backward reuses.
 pub(crate) fn forward(
@@ -320,7 +323,7 @@ pub(crate) fn forward(
     let nqt = dims.nqt();
     let items = nb * nkv * nqt;
     let work = nb * nq * t * n.max(1) * (d + dv) * 2;
-    let results = cpu::par_map(items, work, |item| -> Result<(Vec<f32>, Vec<f32>)> {
+    let tile = |item: usize| -> Result<(Vec<f32>, Vec<f32>)> {
         let qt = item % nqt;
         let kvh = (item / nqt) % nkv;
         let b = item / (nqt * nkv);
@@ -398,7 +401,16 @@ pub(crate) fn forward(
             }
         }
         Ok((acc, lse))
-    });
+    };
+    // A decode step's items go to the spinning team, as its products do: on the pool they
+    // woke an idle pool thread each layer, which then spun beside the team's helper (three
+    // spinning threads on two cores: a small-model decode run had 4× the context switches).
+    // An item's result does not depend on the thread that computes it.
+    let results = if t <= DECODE_POSITIONS {
+        cpu::par_map_short(items, work, tile)
+    } else {
+        cpu::par_map(items, work, tile)
+    };
     let mut out = vec![0f32; nb * nq * t * dv];
     let mut lse_all = vec![f32::NEG_INFINITY; nb * nq * t];
     for (item, res) in results.into_iter().enumerate() {
