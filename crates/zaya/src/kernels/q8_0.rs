@@ -99,7 +99,8 @@ mod avx2 {
                 4 => o.copy_from_slice(&dot_rows::<4>(xs, k, i, row)),
                 3 => o.copy_from_slice(&dot_rows::<3>(xs, k, i, row)),
                 2 => o.copy_from_slice(&dot_rows::<2>(xs, k, i, row)),
-                _ => o.copy_from_slice(&dot_rows::<1>(xs, k, i, row)),
+                // one row: a store (`copy_from_slice` here was a `memcpy` call per weight row)
+                _ => o[0] = dot_rows::<1>(xs, k, i, row)[0],
             }
             i += o.len();
         }

@@ -445,7 +445,8 @@ macro_rules! k_quant_avx512 {
                     4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
                     3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
                     2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                    _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
+                    // one row: a store (`copy_from_slice` here was a `memcpy` call per weight row)
+                    _ => o[0] = dot_rows::<1>(xq, kb, i, row)[0],
                 }
                 i += o.len();
             }
@@ -552,7 +553,8 @@ macro_rules! k_quant_avx2 {
                     4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
                     3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
                     2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                    _ => o.copy_from_slice(&dot_rows::<1>(xq, kb, i, row)),
+                    // one row: a store (`copy_from_slice` here was a `memcpy` call per weight row)
+                    _ => o[0] = dot_rows::<1>(xq, kb, i, row)[0],
                 }
                 i += o.len();
             }
