@@ -298,9 +298,6 @@ impl Problem<'_> {
     }
 }
 
-/// Query positions up to which a [`forward`] is a decode step's (its items are short).
-const DECODE_POSITIONS: usize = 4;
-
 /// Forward pass: the output `[B, Nq, T, Dv]` and the row log-sum-exp `[B, Nq, T]`
 /// (`−∞` for fully masked rows), which the backward reuses.
 pub(crate) fn forward(
@@ -406,7 +403,7 @@ pub(crate) fn forward(
     // woke an idle pool thread each layer, which then spun beside the team's helper (three
     // spinning threads on two cores: a small-model decode run had 4× the context switches).
     // An item's result does not depend on the thread that computes it.
-    let results = if t <= DECODE_POSITIONS {
+    let results = if t <= cpu::DECODE_POSITIONS {
         cpu::par_map_short(items, work, tile)
     } else {
         cpu::par_map(items, work, tile)

@@ -157,10 +157,6 @@ fn w1_view<'a>(
     }
 }
 
-/// Output positions up to which the grouped stage runs [`grouped_few_positions`] (decode
-/// feeds one token per row).
-const FEW_POSITIONS: usize = 4;
-
 /// The grouped stage for a few output positions per row (decode): one gemm call per (row,
 /// group, tap) costs far more than its `D × D` products there (a 32-row decode step spent
 /// 13 % of its time in them). Per group, every (row, position)'s inputs are interleaved the
@@ -234,7 +230,7 @@ fn forward_as<T: Send>(
 ) -> Result<Vec<T>> {
     let p = op.params(g, w0, w1);
     let mids = depthwise_rows(op, g, &p, x);
-    if g.t <= FEW_POSITIONS {
+    if g.t <= cpu::DECODE_POSITIONS {
         let out = grouped_few_positions(g, &p.b1, p.w1, &mids);
         return Ok(out.into_iter().map(store).collect());
     }
@@ -438,7 +434,7 @@ impl CustomOp3 for CcaConv {
         // an f32 copy on every call wrote and read back 52 MB per token of the 8B (2 % of
         // its decode samples in that copy alone).
         if let (true, Biases::Held { b0, b1 }, CpuStorage::BF16(w1), Some((a, b))) = (
-            g.t <= FEW_POSITIONS,
+            g.t <= cpu::DECODE_POSITIONS,
             &self.biases,
             s1,
             l1.contiguous_offsets(),
@@ -598,7 +594,7 @@ mod tests {
         let c = groups * d;
         let bf16_tensor =
             |n: usize, seed: u32, shape: &[usize]| test_tensor(n, seed, shape, DType::BF16);
-        for t in 1..=FEW_POSITIONS {
+        for t in 1..=cpu::DECODE_POSITIONS {
             let len = t + k0 + k1 - 2;
             let x = bf16_tensor(b * len * c, 1, &[b, len, c])?;
             let w0 = bf16_tensor(c * k0, 2, &[c, 1, k0])?;
@@ -638,7 +634,7 @@ mod tests {
         let w1 = cpu::test_data(c * d * k1, 4);
         let w1_bf16: Vec<half::bf16> = w1.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let b1 = cpu::test_data(c, 5);
-        for (b, t) in [(1, 1), (3, 1), (8, 1), (2, FEW_POSITIONS)] {
+        for (b, t) in [(1, 1), (3, 1), (8, 1), (2, cpu::DECODE_POSITIONS)] {
             let len = t + k0 + k1 - 2;
             let g = CcaConv {
                 groups,
@@ -711,7 +707,7 @@ mod tests {
             |n: usize, seed: u32, shape: &[usize]| test_tensor(n, seed, shape, DType::F32);
         let w1 = f32_tensor(c * d * k1, 4, &[c, d, k1])?.to_dtype(DType::BF16)?;
         let w1_wide = w1.to_dtype(DType::F32)?;
-        for t in [1, 2, FEW_POSITIONS, 9] {
+        for t in [1, 2, cpu::DECODE_POSITIONS, 9] {
             let len = t + k0 + k1 - 2;
             let x = f32_tensor(b * len * c, 1, &[b, len, c])?;
             let w0 = f32_tensor(c * k0, 2, &[c, 1, k0])?;

@@ -478,6 +478,11 @@ pub(crate) fn par_map<R: Send>(
     }
 }
 
+/// Positions per row up to which a forward is a decode step's (one new token per row, a
+/// few at most): its short loops take [`par_map_short`], and the CCA convolution its
+/// few-positions path.
+pub(crate) const DECODE_POSITIONS: usize = 4;
+
 /// [`par_map`] for a loop that only decode runs (a few positions): on the spinning
 /// [`team`](super::team) when it is free, since waking a sleeping pool thread costs about
 /// as much as such a loop. (Prefill loops stay on the pool: handing them to the team kept
