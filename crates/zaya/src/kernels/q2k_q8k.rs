@@ -48,7 +48,7 @@ const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
 pub(super) const LANE_RUN: [u32; 16] = q8k::lane_scales(&UNITS, 1);
 
 /// The format [`q8k::linear`] runs.
-const Q2K: Format = Format {
+pub(super) const Q2K: Format = Format {
     name: "q2_k",
     block_bytes: BLOCK_BYTES,
     units: UNITS,

@@ -27,7 +27,7 @@ const QS: usize = 32;
 const SCALES: usize = 96;
 
 /// The format [`q8k::linear`] runs.
-const Q3K: Format = Format {
+pub(super) const Q3K: Format = Format {
     name: "q3_k",
     block_bytes: BLOCK_BYTES,
     units: UNITS,

@@ -57,7 +57,7 @@ const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
 pub(super) const LANE_SUB: [u32; 16] = q8k::lane_scales(&UNITS, 2);
 
 /// The format [`q8k::linear`] runs.
-const Q4K: Format = Format {
+pub(super) const Q4K: Format = Format {
     name: "q4_k",
     block_bytes: BLOCK_BYTES,
     units: UNITS,

@@ -24,7 +24,7 @@ const QH: usize = 16;
 const QS: usize = 48;
 
 /// The format [`q8k::linear`] runs.
-const Q5K: Format = Format {
+pub(super) const Q5K: Format = Format {
     name: "q5_k",
     block_bytes: BLOCK_BYTES,
     units: UNITS,

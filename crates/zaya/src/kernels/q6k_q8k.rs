@@ -49,7 +49,7 @@ const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
 const LANE_SCALE: [u32; 16] = q8k::lane_scales(&UNITS, 1);
 
 /// The format [`q8k::linear`] runs.
-const Q6K: Format = Format {
+pub(super) const Q6K: Format = Format {
     name: "q6_k",
     block_bytes: BLOCK_BYTES,
     units: UNITS,

@@ -719,15 +719,48 @@ pub(super) fn linear(
     n: usize,
     out: &mut [f32],
 ) -> Result<()> {
+    linear_many(format, x, m, k, &[(w, n)], out)
+}
+
+/// The k-quant format whose products [`linear`] runs for `dtype` (`None`: not a k-quant).
+pub(super) fn format_of(dtype: candle_core::quantized::GgmlDType) -> Option<&'static Format> {
+    use candle_core::quantized::GgmlDType as G;
+    Some(match dtype {
+        G::Q2K => &super::q2k_q8k::Q2K,
+        G::Q3K => &super::q3k_q8k::Q3K,
+        G::Q4K => &super::q4k_q8k::Q4K,
+        G::Q5K => &super::q5k_q8k::Q5K,
+        G::Q6K => &super::q6k_q8k::Q6K,
+        _ => return None,
+    })
+}
+
+/// [`linear`] of one input against several weights of one format (`weights`: each one's
+/// blocks and row count `n_i`), side by side in `out` (`m × Σ n_i`, weight after weight in
+/// each row): a layer's projections of the same input. The activations are rounded once and
+/// all the weights' rows are split over the threads as one product — a decode step's
+/// q/k/value projections are 0.15–1.2 MB each at q4_k, too short to split one by one. Each
+/// output is the one [`linear`] computes for its weight alone.
+pub(super) fn linear_many(
+    format: &Format,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    weights: &[(&[u8], usize)],
+    out: &mut [f32],
+) -> Result<()> {
     let kb = k / QK_K;
     let row_bytes = kb * format.block_bytes;
-    if !k.is_multiple_of(QK_K) || x.len() < m * k || w.len() < n * row_bytes || out.len() < m * n {
+    let n: usize = weights.iter().map(|&(_, n)| n).sum();
+    let short = weights.iter().any(|&(w, wn)| w.len() < wn * row_bytes);
+    if !k.is_multiple_of(QK_K) || x.len() < m * k || short || out.len() < m * n {
+        let bytes: Vec<usize> = weights.iter().map(|(w, _)| w.len()).collect();
+        let rows: Vec<usize> = weights.iter().map(|&(_, n)| n).collect();
         return Err(KernelError::Internal(format!(
             "{} × q8_k linear: k={k} must be a multiple of {QK_K} and the buffers must hold \
-             m={m}, n={n} (x {}, w {} bytes, out {})",
+             m={m}, n={rows:?} (x {}, w {bytes:?} bytes, out {})",
             format.name,
             x.len(),
-            w.len(),
             out.len()
         ))
         .into());
@@ -735,6 +768,16 @@ pub(super) fn linear(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    // Weight row `j` of the side-by-side rows.
+    let row = |mut j: usize| -> &[u8] {
+        for &(w, wn) in weights {
+            if j < wn {
+                return &w[j * row_bytes..(j + 1) * row_bytes];
+            }
+            j -= wn;
+        }
+        unreachable!("weight row beyond the {n} rows of the product")
+    };
     let xq = quantize_rows(x, m, k, &format.units);
     for r0 in (0..m).step_by(GEMV_ROWS) {
         let rows = r0..(r0 + GEMV_ROWS).min(m);
@@ -750,9 +793,8 @@ pub(super) fn linear(
                 for g in (0..mr).step_by(8) {
                     let group = g..(g + 8).min(mr);
                     for (r, c) in tile.chunks_mut(mr).enumerate() {
-                        let row = &w[(j + r) * row_bytes..(j + r + 1) * row_bytes];
                         let at = rows.start + group.start..rows.start + group.end;
-                        (format.dots)(&xq, kb, at, row, &mut c[group.clone()]);
+                        (format.dots)(&xq, kb, at, row(j + r), &mut c[group.clone()]);
                     }
                 }
             }
@@ -1118,6 +1160,54 @@ pub(super) mod tests {
                     "row {i} col {j}"
                 );
             }
+        }
+    }
+
+    /// Several weights side by side give, bit for bit, what each gives alone: at one row
+    /// (a decode step), a few, and more than a GEMV's rows; weights of unequal lengths
+    /// whose rows the threads' ranges straddle. Too few bytes in any weight is an error.
+    #[test]
+    fn side_by_side_weights_are_each_alone() {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q2K] {
+            let format = format_of(dtype).expect("a k-quant");
+            let k = 512;
+            let weights: Vec<Vec<u8>> = [(96, 1), (37, 2), (8, 3), (200, 4)]
+                .iter()
+                .map(|&(n, seed)| {
+                    test_weight(dtype, 16, n, k, seed)
+                        .data()
+                        .unwrap()
+                        .into_owned()
+                })
+                .collect();
+            let ns = [96, 37, 8, 200];
+            let parts: Vec<(&[u8], usize)> = weights.iter().map(|w| w.as_slice()).zip(ns).collect();
+            let total: usize = ns.iter().sum();
+            for m in [1, 3, GEMV_ROWS + 3] {
+                let x = activations(m, k, 11);
+                let mut all = vec![f32::NAN; m * total];
+                linear_many(format, &x, m, k, &parts, &mut all).unwrap();
+                let mut at = 0;
+                for (w, n) in &parts {
+                    let mut one = vec![f32::NAN; m * n];
+                    linear(format, &x, m, k, w, *n, &mut one).unwrap();
+                    for i in 0..m {
+                        for j in 0..*n {
+                            assert_eq!(
+                                one[i * n + j].to_bits(),
+                                all[i * total + at + j].to_bits(),
+                                "{dtype:?} m={m} row {i}, weight column {j} at {at}"
+                            );
+                        }
+                    }
+                    at += n;
+                }
+            }
+            let mut short = parts.clone();
+            short[2].0 = &short[2].0[..short[2].0.len() - 1];
+            let mut out = vec![0f32; total];
+            let err = linear_many(format, &activations(1, k, 2), 1, k, &short, &mut out);
+            assert!(err.is_err(), "{dtype:?}: a short weight is an error");
         }
     }
 

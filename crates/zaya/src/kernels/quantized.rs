@@ -127,6 +127,66 @@ pub(crate) fn qmatmul_t(xs: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
     y.to_dtype(xs.dtype())
 }
 
+/// `[xs · Q₁ᵀ, xs · Q₂ᵀ, …]` for k-quant weights of one format and input width (a layer's
+/// projections of the same input): `xs` is rounded to Q8_K once and all the weights' rows
+/// are split over the threads as one product ([`super::q8k::linear_many`]); each output
+/// equals [`qmatmul_t`]'s for its weight. `None` where that does not apply (other or mixed
+/// formats, an input under a gradient graph, the f32 k-quant kernel opted in, a non-CPU
+/// tensor): the caller runs the products one by one.
+pub(crate) fn qmatmul_t_same_input(
+    xs: &Tensor,
+    qs: &[&Arc<QTensor>],
+) -> Result<Option<Vec<Tensor>>> {
+    let Some(first) = qs.first() else {
+        return Ok(Some(Vec::new()));
+    };
+    let Some(format) = super::q8k::format_of(first.dtype()) else {
+        return Ok(None);
+    };
+    let k = first.shape().dims2()?.1;
+    let same = qs
+        .iter()
+        .all(|q| q.dtype() == first.dtype() && q.shape().dims2().is_ok_and(|(_, qk)| qk == k));
+    let fits = same
+        && xs.device().is_cpu()
+        && xs.dims().last() == Some(&k)
+        && !xs.track_op()
+        && !(matches!(first.dtype(), GgmlDType::Q4K | GgmlDType::Q6K) && kquant_f32_kernel());
+    if !fits {
+        return Ok(None);
+    }
+    let x = xs.to_dtype(DType::F32)?.contiguous()?;
+    let m = x.elem_count() / k.max(1);
+    let ns = qs
+        .iter()
+        .map(|q| Ok(q.shape().dims2()?.0))
+        .collect::<Result<Vec<usize>>>()?;
+    let n: usize = ns.iter().sum();
+    let data = qs.iter().map(|q| q.data()).collect::<Result<Vec<_>>>()?;
+    let weights: Vec<(&[u8], usize)> = data
+        .iter()
+        .map(|d| d.as_ref())
+        .zip(ns.iter().copied())
+        .collect();
+    let mut out = vec![0f32; m * n];
+    super::cpu::with_cpu_storage(&x, OP, |s, l| {
+        let x = super::cpu::f32_view(s, l, OP)?;
+        super::q8k::linear_many(format, &x, m, k, &weights, &mut out)
+    })?;
+    let mut dims = xs.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    let y = Tensor::from_vec(out, dims, xs.device())?.to_dtype(xs.dtype())?;
+    let mut at = 0;
+    ns.iter()
+        .map(|&ni| {
+            let part = y.narrow(candle_core::D::Minus1, at, ni);
+            at += ni;
+            part
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 /// Whether Q4_K / Q6_K products run on [`super::k_quants`] (f32 activations, no activation
 /// rounding): opt-in with `ZAYA_KQUANT_F32=1`, read once. Off by default because an f32
 /// multiply-add per weight is slower than integer dot products on Q8_K-rounded activations

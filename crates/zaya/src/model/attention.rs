@@ -123,8 +123,18 @@ impl CcaProjection {
         let (nq, nkv) = (self.num_heads, self.num_kv_heads);
         let s = self.k0 + self.k1 - 2;
 
-        let q_raw = self.q_proj.forward(&a)?;
-        let k_raw = self.k_proj.forward(&a)?;
+        // one product where the weights allow (see `Linear::forward_same_input`)
+        let [q_raw, k_raw, vc, vd]: [Tensor; 4] = Linear::forward_same_input(
+            &[
+                &self.q_proj,
+                &self.k_proj,
+                &self.v_proj_current,
+                &self.v_proj_delayed,
+            ],
+            &a,
+        )?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("CCA projection: four outputs expected".into()))?;
         let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?; // [B,T,C], queries first
         let c = u.dim(2)?;
 
@@ -154,8 +164,6 @@ impl CcaProjection {
         let (q, k) = kernels::cca_qk_norm(&z, &u, temp, nq, nkv)?;
 
         // Values: current half from this token, delayed half from the previous one.
-        let vc = self.v_proj_current.forward(&a)?;
-        let vd = self.v_proj_delayed.forward(&a)?;
         let first = match prev_rec {
             Some(r) => r.unsqueeze(1)?,
             None => self.v_proj_delayed.forward(&Tensor::zeros(

@@ -374,24 +374,137 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has a feature axis");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x = x.reshape((rows, in_dim))?;
+        let (x2, dims) = rows_of(x)?;
         if let Some(o) = &self.observer {
-            o.observe(None, &x)?;
+            o.observe(None, &x2)?;
         }
-        let y = self.weight.matmul_t(&x)?;
+        let y = self.weight.matmul_t(&x2)?;
+        self.finish(y, &x2, &dims)
+    }
+
+    /// The outputs of `layers` for the same input `x`, each what its [`Linear::forward`]
+    /// gives. Where every weight is a k-quant of one format (a quantized model's q/k/value
+    /// projections), the products run as one: the input rounded once, all the rows split
+    /// over the threads together — a decode step's value projections alone are too short to
+    /// split well.
+    pub fn forward_same_input(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let quantized: Option<Vec<&Arc<QTensor>>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Quantized(q) => Some(q),
+                LinearWeight::Dense(_) => None,
+            })
+            .collect();
+        if let Some(qs) = quantized.filter(|qs| qs.len() > 1) {
+            let (x2, dims) = rows_of(x)?;
+            if let Some(ys) = crate::kernels::quantized::qmatmul_t_same_input(&x2, &qs)? {
+                for l in layers {
+                    if let Some(o) = &l.observer {
+                        o.observe(None, &x2)?;
+                    }
+                }
+                return layers
+                    .iter()
+                    .zip(ys)
+                    .map(|(l, y)| l.finish(y, &x2, &dims))
+                    .collect();
+            }
+        }
+        layers.iter().map(|l| l.forward(x)).collect()
+    }
+
+    /// Bias and adapter added to the product `y` `[rows, out]` of `x2` `[rows, in]`, shaped
+    /// as the input `dims` with the output width last.
+    fn finish(&self, y: Tensor, x2: &Tensor, dims: &[usize]) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => crate::kernels::bias_add(&y, b)?,
             None => y,
         };
         let y = match &self.adapter {
-            Some(ad) => ad.add_to(&y, &x)?,
+            Some(ad) => ad.add_to(&y, x2)?,
             None => y,
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dims().0;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rows_of keeps the feature axis") = self.weight.dims().0;
         y.reshape(out_dims)
+    }
+}
+
+/// `x` `[.., in]` as 2-D rows `[rows, in]`, and its dims.
+fn rows_of(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let Some(&in_dim) = dims.last() else {
+        candle_core::bail!("linear: the input is a scalar, it needs a feature axis");
+    };
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    Ok((x.reshape((rows, in_dim))?, dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantized(n: usize, k: usize, dtype: GgmlDType, seed: u64) -> Linear {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)
+            .unwrap()
+            .affine(1.0, seed as f64 * 0.01)
+            .unwrap();
+        Linear {
+            weight: LinearWeight::Quantized(Arc::new(QTensor::quantize(&w, dtype).unwrap())),
+            bias: None,
+            adapter: None,
+            observer: None,
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// One product over several k-quant weights equals each layer's own forward bit for
+    /// bit (with a bias and an adapter on some), at a decode step's one row and at a
+    /// prefill's rows; mixed formats and dense weights take the layers one by one.
+    #[test]
+    fn same_input_products_equal_the_layers_forwards() {
+        let k = 512;
+        let mut layers = [
+            quantized(64, k, GgmlDType::Q4K, 1),
+            quantized(16, k, GgmlDType::Q4K, 2),
+            quantized(8, k, GgmlDType::Q4K, 3),
+        ];
+        layers[1].bias = Some(Tensor::randn(0f32, 1.0, 16, &Device::Cpu).unwrap());
+        layers[2].adapter = Some(LowRank {
+            a: Tensor::randn(0f32, 0.1, (2, k), &Device::Cpu).unwrap(),
+            b: Tensor::randn(0f32, 0.1, (8, 2), &Device::Cpu).unwrap(),
+            scale: 0.5,
+            dropout: None,
+        });
+        let mixed = quantized(24, k, GgmlDType::Q6K, 4);
+        let dense = Linear::dense(
+            Tensor::randn(0f32, 1.0, (24, k), &Device::Cpu).unwrap(),
+            None,
+        );
+        for rows in [1, 40] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &Device::Cpu).unwrap();
+            for set in [
+                vec![&layers[0], &layers[1], &layers[2]],
+                vec![&layers[0], &mixed],
+                vec![&dense, &layers[1]],
+            ] {
+                let together = Linear::forward_same_input(&set, &x).unwrap();
+                assert_eq!(together.len(), set.len());
+                for (l, y) in set.iter().zip(&together) {
+                    let alone = l.forward(&x).unwrap();
+                    assert_eq!(y.dims(), alone.dims());
+                    assert_eq!(bits(y), bits(&alone), "rows {rows}");
+                }
+            }
+        }
     }
 }
