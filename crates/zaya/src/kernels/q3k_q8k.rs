@@ -18,7 +18,6 @@ use half::f16;
 
 use super::q2k_q8k::{LANE_RUN, UNITS};
 use super::q8k::{self, Format, NaturalBlock, Q8kRows};
-use candle_core::Result;
 
 /// Bytes per Q3_K super-block.
 const BLOCK_BYTES: usize = 110;
@@ -37,6 +36,7 @@ pub(super) const Q3K: Format = Format {
 
 /// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q3_K
 /// super-blocks read in place.
+#[cfg(test)]
 pub(crate) fn linear(
     x: &[f32],
     m: usize,
@@ -44,7 +44,7 @@ pub(crate) fn linear(
     w: &[u8],
     n: usize,
     out: &mut [f32],
-) -> Result<()> {
+) -> candle_core::Result<()> {
     q8k::linear(&Q3K, x, m, k, w, n, out)
 }
 

@@ -15,7 +15,6 @@
 
 use super::q4k_q8k::{f16_at, scales_and_mins, LANE_SUB, UNITS};
 use super::q8k::{self, Format, NaturalBlock, Q8kRows};
-use candle_core::Result;
 
 /// Bytes per Q5_K super-block.
 const BLOCK_BYTES: usize = 176;
@@ -34,6 +33,7 @@ pub(super) const Q5K: Format = Format {
 
 /// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q5_K
 /// super-blocks read in place.
+#[cfg(test)]
 pub(crate) fn linear(
     x: &[f32],
     m: usize,
@@ -41,7 +41,7 @@ pub(crate) fn linear(
     w: &[u8],
     n: usize,
     out: &mut [f32],
-) -> Result<()> {
+) -> candle_core::Result<()> {
     q8k::linear(&Q5K, x, m, k, w, n, out)
 }
 

@@ -24,7 +24,6 @@
 use half::f16;
 
 use super::q8k::{self, Format, NaturalBlock, Q8kRows, Units, QK_K};
-use candle_core::Result;
 
 /// Bytes per Q6_K super-block.
 const BLOCK_BYTES: usize = 210;
@@ -59,6 +58,7 @@ pub(super) const Q6K: Format = Format {
 
 /// `out[m×n] = q8k(x)[m×k] · deq(W)ᵀ`: `x` row-major f32, `W` `n` rows of `k / 256` Q6_K
 /// super-blocks read in place.
+#[cfg(test)]
 pub(crate) fn linear(
     x: &[f32],
     m: usize,
@@ -66,7 +66,7 @@ pub(crate) fn linear(
     w: &[u8],
     n: usize,
     out: &mut [f32],
-) -> Result<()> {
+) -> candle_core::Result<()> {
     q8k::linear(&Q6K, x, m, k, w, n, out)
 }
 

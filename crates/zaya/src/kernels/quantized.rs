@@ -215,8 +215,13 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
         let q = self.0.as_ref();
         let (n, k) = q.shape().dims2()?;
         let dims = l.dims();
-        match (q.dtype(), s, l.contiguous_offsets()) {
-            (GgmlDType::Q8_0, candle_core::CpuStorage::F32(x), Some((a, b)))
+        match (
+            q.dtype(),
+            super::q8k::format_of(q.dtype()),
+            s,
+            l.contiguous_offsets(),
+        ) {
+            (GgmlDType::Q8_0, _, candle_core::CpuStorage::F32(x), Some((a, b)))
                 if dims.last() == Some(&k) =>
             {
                 let m = (b - a) / k.max(1);
@@ -228,6 +233,7 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
             }
             (
                 kind @ (GgmlDType::Q4K | GgmlDType::Q6K),
+                _,
                 candle_core::CpuStorage::F32(x),
                 Some((a, b)),
             ) if dims.last() == Some(&k)
@@ -246,15 +252,9 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 *out_dims.last_mut().expect("rank >= 1") = n;
                 Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
             }
-            (
-                kind @ (GgmlDType::Q2K
-                | GgmlDType::Q3K
-                | GgmlDType::Q4K
-                | GgmlDType::Q5K
-                | GgmlDType::Q6K),
-                candle_core::CpuStorage::F32(x),
-                Some((a, b)),
-            ) if dims.last() == Some(&k) && k.is_multiple_of(256) => {
+            (_, Some(format), candle_core::CpuStorage::F32(x), Some((a, b)))
+                if dims.last() == Some(&k) && k.is_multiple_of(256) =>
+            {
                 // candle's arithmetic (activations rounded to Q8_K, integer dot products)
                 // on the blocks in place, without candle's repacked copy of the matrix (on
                 // every CPU: where there is no vector body the portable one is slower than
@@ -262,14 +262,7 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
                 // not count)
                 let m = (b - a) / k.max(1);
                 let mut out = vec![0f32; m * n];
-                let linear = match kind {
-                    GgmlDType::Q2K => super::q2k_q8k::linear,
-                    GgmlDType::Q3K => super::q3k_q8k::linear,
-                    GgmlDType::Q4K => super::q4k_q8k::linear,
-                    GgmlDType::Q5K => super::q5k_q8k::linear,
-                    _ => super::q6k_q8k::linear,
-                };
-                linear(&x[a..b], m, k, &q.data()?, n, &mut out)?;
+                super::q8k::linear(format, &x[a..b], m, k, &q.data()?, n, &mut out)?;
                 let mut out_dims = dims.to_vec();
                 *out_dims.last_mut().expect("rank >= 1") = n;
                 Ok((candle_core::CpuStorage::F32(out), out_dims.into()))
