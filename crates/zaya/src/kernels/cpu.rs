@@ -662,6 +662,76 @@ pub(crate) fn gemv_by_weight_rows(
     });
 }
 
+/// The `block(j0, c)` of [`gemv_by_weight_rows`] for several weights side by side
+/// (`parts`: each weight's row count and its own block): a range of rows is cut at the
+/// weights' boundaries and each piece goes to its weight's block, its rows counted from
+/// that weight's first. A layer's products of one input (the CCA's q/k/value projections)
+/// then split over the threads as one product; each output is what its weight's block
+/// computes alone (blocks compute each output independently of the range they get).
+pub(crate) fn side_by_side<B: Fn(usize, &mut [f32]) + Sync + Send>(
+    m: usize,
+    parts: Vec<(usize, B)>,
+) -> impl Fn(usize, &mut [f32]) + Sync + Send {
+    move |j0, c| {
+        let (end, mut start, mut at) = (j0 + c.len() / m.max(1), 0, j0);
+        for (n, block) in &parts {
+            let (lo, hi) = (at.max(start), end.min(start + n));
+            if lo < hi {
+                block(lo - start, &mut c[(lo - j0) * m..(hi - j0) * m]);
+                at = hi;
+            }
+            start += n;
+        }
+    }
+}
+
+/// `out[m × Σnᵢ]` (row-major) = `xs · Wᵢᵀ` side by side for f32 weights `ws` (each `nᵢ`
+/// contiguous rows of `k`) of one input `xs` (`m × k`, `m ≤ GEMV_ROWS`): [`gemm`]'s GEMV
+/// of each weight, all their rows split over the threads as one product ([`side_by_side`]).
+pub(crate) fn gemv_side_by_side(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    ws: &[(&[f32], usize)],
+    out: &mut [f32],
+) -> Result<()> {
+    let n: usize = ws.iter().map(|&(_, n)| n).sum();
+    if m > GEMV_ROWS
+        || xs.len() < m * k
+        || out.len() < m * n
+        || ws.iter().any(|&(w, wn)| w.len() < wn * k)
+    {
+        return Err(KernelError::Internal(format!(
+            "gemv side by side: {m} rows of {k} ({} values), weights of {:?} values for {:?} rows, output {}",
+            xs.len(),
+            ws.iter().map(|(w, _)| w.len()).collect::<Vec<_>>(),
+            ws.iter().map(|&(_, n)| n).collect::<Vec<_>>(),
+            out.len()
+        ))
+        .into());
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return Ok(());
+    }
+    let parts = ws
+        .iter()
+        .map(|&(w, wn)| (wn, dots_block_of(&xs[..m * k], k, m, &w[..wn * k], k, k)))
+        .collect();
+    gemv_by_weight_rows(
+        m,
+        n,
+        k,
+        TILE_COLS,
+        &mut out[..m * n],
+        side_by_side(m, parts),
+    );
+    Ok(())
+}
+
 /// `out` for a kernel that takes its output uncleared ([`MaybeUninit`]).
 ///
 /// # Safety

@@ -243,6 +243,60 @@ pub(crate) fn f32_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.apply_op2(w, F32Weight { rhs: Rhs::Weight })
 }
 
+/// `[x · W₁ᵀ, x · W₂ᵀ, …]` for contiguous f32 weights of one input width and a decode
+/// step's rows (up to [`super::cpu::GEMV_ROWS`]): one GEMV over all the weights' rows
+/// ([`super::cpu::gemv_side_by_side`]), each output equal to [`f32_linear`]'s. `None` where
+/// that does not apply (more rows, a gradient graph, other dtypes or layouts, not the
+/// CPU): the caller runs the products one by one.
+pub(crate) fn f32_linear_same_input(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
+    use candle_core::DType;
+    let Ok((m, k)) = x.dims2() else {
+        return Ok(None);
+    };
+    let fits = x.dtype() == DType::F32
+        && x.device().is_cpu()
+        && m <= super::cpu::GEMV_ROWS
+        && !x.track_op()
+        && ws.iter().all(|w| {
+            w.dtype() == DType::F32
+                && w.dims2().is_ok_and(|(_, wk)| wk == k)
+                && w.is_contiguous()
+                && !w.track_op()
+        });
+    if !fits {
+        return Ok(None);
+    }
+    let ns: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?;
+    let n: usize = ns.iter().sum();
+    // read locks on every weight and the input for the product (nothing writes to them
+    // while a forward reads them)
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let mut weights = Vec::with_capacity(ws.len());
+    for ((storage, layout), &wn) in guards.iter().zip(&ns) {
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)), Some((a, b))) =
+            (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        weights.push((&d[a..b], wn));
+    }
+    let mut out = vec![0f32; m * n];
+    super::cpu::with_cpu_storage(x, "matmul", |s, l| {
+        let xs = super::cpu::f32_view(s, l, "matmul")?;
+        super::cpu::gemv_side_by_side(&xs, m, k, &weights, &mut out)
+    })?;
+    let y = Tensor::from_vec(out, (m, n), x.device())?;
+    let mut at = 0;
+    ns.iter()
+        .map(|&ni| {
+            let part = y.narrow(1, at, ni);
+            at += ni;
+            part
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 /// [`f32_linear`] for a caller holding `b = Wᵀ` (a `[K, N]` view of a contiguous `W`):
 /// the same products, with `b`'s gradient `xᵀ · g` written `[K, N]` (as candle's backward
 /// does: a gradient of a view, which the store then copies into the weight's layout).

@@ -768,37 +768,38 @@ pub(super) fn linear_many(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    // Weight row `j` of the side-by-side rows.
-    let row = |mut j: usize| -> &[u8] {
-        for &(w, wn) in weights {
-            if j < wn {
-                return &w[j * row_bytes..(j + 1) * row_bytes];
-            }
-            j -= wn;
-        }
-        unreachable!("weight row beyond the {n} rows of the product")
-    };
     let xq = quantize_rows(x, m, k, &format.units);
     for r0 in (0..m).step_by(GEMV_ROWS) {
         let rows = r0..(r0 + GEMV_ROWS).min(m);
         let chunk = &mut out[r0 * n..rows.end * n];
         let mr = rows.len();
-        cpu::gemv_by_weight_rows(mr, n, k, 1, chunk, |j0, o| {
-            // Cache blocking: a group of eight activation rows (8·k bytes) stays in L1 while
-            // a tile of weight rows passes over it, instead of every weight row streaming
-            // all the rows' activations from L2. Each row's result does not depend on the
-            // order (the bodies keep one accumulator per activation row).
-            for (t, tile) in o.chunks_mut(WEIGHT_TILE * mr).enumerate() {
-                let j = j0 + t * WEIGHT_TILE;
-                for g in (0..mr).step_by(8) {
-                    let group = g..(g + 8).min(mr);
-                    for (r, c) in tile.chunks_mut(mr).enumerate() {
-                        let at = rows.start + group.start..rows.start + group.end;
-                        (format.dots)(&xq, kb, at, row(j + r), &mut c[group.clone()]);
+        let xq = &xq;
+        let parts = weights
+            .iter()
+            .map(|&(w, wn)| {
+                let rows = rows.clone();
+                let block = move |j0: usize, o: &mut [f32]| {
+                    // Cache blocking: a group of eight activation rows (8·k bytes) stays in
+                    // L1 while a tile of weight rows passes over it, instead of every weight
+                    // row streaming all the rows' activations from L2. Each row's result
+                    // does not depend on the order (the bodies keep one accumulator per
+                    // activation row).
+                    for (t, tile) in o.chunks_mut(WEIGHT_TILE * mr).enumerate() {
+                        let j = j0 + t * WEIGHT_TILE;
+                        for g in (0..mr).step_by(8) {
+                            let group = g..(g + 8).min(mr);
+                            for (r, c) in tile.chunks_mut(mr).enumerate() {
+                                let row = &w[(j + r) * row_bytes..(j + r + 1) * row_bytes];
+                                let at = rows.start + group.start..rows.start + group.end;
+                                (format.dots)(xq, kb, at, row, &mut c[group.clone()]);
+                            }
+                        }
                     }
-                }
-            }
-        });
+                };
+                (wn, block)
+            })
+            .collect();
+        cpu::gemv_by_weight_rows(mr, n, k, 1, chunk, cpu::side_by_side(mr, parts));
     }
     Ok(())
 }

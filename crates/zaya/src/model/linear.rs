@@ -384,10 +384,15 @@ impl Linear {
 
     /// The outputs of `layers` for the same input `x`, each what its [`Linear::forward`]
     /// gives. Where every weight is a k-quant of one format (a quantized model's q/k/value
-    /// projections), the products run as one: the input rounded once, all the rows split
-    /// over the threads together — a decode step's value projections alone are too short to
-    /// split well.
+    /// projections), or every weight is a frozen f32 matrix and `x` a decode step's rows,
+    /// the products run as one: all the rows split over the threads together (and a
+    /// k-quant's input rounded once) — a decode step's value projections alone are too
+    /// short to split well.
     pub fn forward_same_input(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        if layers.len() < 2 {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let (x2, dims) = rows_of(x)?;
         let quantized: Option<Vec<&Arc<QTensor>>> = layers
             .iter()
             .map(|l| match &l.weight {
@@ -395,22 +400,25 @@ impl Linear {
                 LinearWeight::Dense(_) => None,
             })
             .collect();
-        if let Some(qs) = quantized.filter(|qs| qs.len() > 1) {
-            let (x2, dims) = rows_of(x)?;
-            if let Some(ys) = crate::kernels::quantized::qmatmul_t_same_input(&x2, &qs)? {
-                for l in layers {
-                    if let Some(o) = &l.observer {
-                        o.observe(None, &x2)?;
-                    }
-                }
-                return layers
-                    .iter()
-                    .zip(ys)
-                    .map(|(l, y)| l.finish(y, &x2, &dims))
-                    .collect();
+        let dense: Option<Vec<&Tensor>> = layers.iter().map(|l| l.dense_weight()).collect();
+        let together = match (quantized, dense) {
+            (Some(qs), _) => crate::kernels::quantized::qmatmul_t_same_input(&x2, &qs)?,
+            (_, Some(ws)) => crate::kernels::linear_same_input(&x2, &ws)?,
+            _ => None,
+        };
+        let Some(ys) = together else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        for l in layers {
+            if let Some(o) = &l.observer {
+                o.observe(None, &x2)?;
             }
         }
-        layers.iter().map(|l| l.forward(x)).collect()
+        layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| l.finish(y, &x2, &dims))
+            .collect()
     }
 
     /// Bias and adapter added to the product `y` `[rows, out]` of `x2` `[rows, in]`, shaped
@@ -467,9 +475,9 @@ mod tests {
             .collect()
     }
 
-    /// One product over several k-quant weights equals each layer's own forward bit for
-    /// bit (with a bias and an adapter on some), at a decode step's one row and at a
-    /// prefill's rows; mixed formats and dense weights take the layers one by one.
+    /// One product over several k-quant or f32 weights equals each layer's own forward bit
+    /// for bit (with a bias and an adapter on some), at a decode step's one row and at a
+    /// prefill's rows; mixed formats and mixed kinds take the layers one by one.
     #[test]
     fn same_input_products_equal_the_layers_forwards() {
         let k = 512;
@@ -486,16 +494,20 @@ mod tests {
             dropout: None,
         });
         let mixed = quantized(24, k, GgmlDType::Q6K, 4);
-        let dense = Linear::dense(
-            Tensor::randn(0f32, 1.0, (24, k), &Device::Cpu).unwrap(),
-            None,
-        );
+        let dense = |n: usize, bias: bool| {
+            Linear::dense(
+                Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap(),
+                bias.then(|| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap()),
+            )
+        };
+        let (d1, d2, d3) = (dense(24, false), dense(8, true), dense(130, false));
         for rows in [1, 40] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, k), &Device::Cpu).unwrap();
             for set in [
                 vec![&layers[0], &layers[1], &layers[2]],
                 vec![&layers[0], &mixed],
-                vec![&dense, &layers[1]],
+                vec![&d1, &layers[1]],
+                vec![&d1, &d2, &d3],
             ] {
                 let together = Linear::forward_same_input(&set, &x).unwrap();
                 assert_eq!(together.len(), set.len());
