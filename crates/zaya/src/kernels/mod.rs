@@ -422,16 +422,16 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// [`linear`] of one 2-D input against several weights `[Nᵢ, K]` at once where the
-/// registry's fused f32 kernel takes them as one product (a decode step's rows: one GEMV
-/// over all the weights' rows, each output what [`linear`] gives for its weight alone);
-/// `None` where it does not (other kernels or dtypes, more rows, a gradient graph): the
-/// caller runs them one by one.
+/// registry's fused f32 kernel takes them as one product (a decode step's f32 rows: one
+/// GEMV over all the weights' rows, each output what [`linear`] gives for its weight
+/// alone); `None` where it does not (other kernels or dtypes, more rows, a gradient graph):
+/// the caller runs them one by one.
 pub fn linear_same_input(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
     if x.rank() != 2 || ws.iter().any(|w| w.rank() != 2 || w.dtype() != DType::F32) {
         return Ok(None);
     }
     match select_matmul(x, DType::F32)? {
-        ImplId::Fused if x.dtype() == DType::F32 => matmul::f32_linear_same_input(x, ws),
+        ImplId::Fused => matmul::f32_linear_same_input(x, ws),
         _ => Ok(None),
     }
 }

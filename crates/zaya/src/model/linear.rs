@@ -468,6 +468,8 @@ mod tests {
     fn bits(t: &Tensor) -> Vec<u32> {
         t.flatten_all()
             .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
             .to_vec1::<f32>()
             .unwrap()
             .iter()
@@ -477,7 +479,8 @@ mod tests {
 
     /// One product over several k-quant or f32 weights equals each layer's own forward bit
     /// for bit (with a bias and an adapter on some), at a decode step's one row and at a
-    /// prefill's rows; mixed formats and mixed kinds take the layers one by one.
+    /// prefill's rows; mixed formats, mixed kinds and bf16 weights take the layers one by
+    /// one.
     #[test]
     fn same_input_products_equal_the_layers_forwards() {
         let k = 512;
@@ -501,19 +504,30 @@ mod tests {
             )
         };
         let (d1, d2, d3) = (dense(24, false), dense(8, true), dense(130, false));
+        let to_bf16 = |l: &Linear| Linear {
+            weight: LinearWeight::Dense(l.dense_weight().unwrap().to_dtype(DType::BF16).unwrap()),
+            bias: l.bias.as_ref().map(|b| b.to_dtype(DType::BF16).unwrap()),
+            adapter: None,
+            observer: None,
+        };
+        let (b1, b2, b3) = (to_bf16(&d1), to_bf16(&d2), to_bf16(&d3));
         for rows in [1, 40] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, k), &Device::Cpu).unwrap();
-            for set in [
-                vec![&layers[0], &layers[1], &layers[2]],
-                vec![&layers[0], &mixed],
-                vec![&d1, &layers[1]],
-                vec![&d1, &d2, &d3],
+            let xb = x.to_dtype(DType::BF16).unwrap();
+            for (set, x) in [
+                (vec![&layers[0], &layers[1], &layers[2]], &x),
+                (vec![&layers[0], &mixed], &x),
+                (vec![&d1, &layers[1]], &x),
+                (vec![&d1, &d2, &d3], &x),
+                (vec![&b1, &b2, &b3], &xb),
+                (vec![&b1, &d2], &x),
             ] {
-                let together = Linear::forward_same_input(&set, &x).unwrap();
+                let together = Linear::forward_same_input(&set, x).unwrap();
                 assert_eq!(together.len(), set.len());
                 for (l, y) in set.iter().zip(&together) {
-                    let alone = l.forward(&x).unwrap();
+                    let alone = l.forward(x).unwrap();
                     assert_eq!(y.dims(), alone.dims());
+                    assert_eq!(y.dtype(), alone.dtype());
                     assert_eq!(bits(y), bits(&alone), "rows {rows}");
                 }
             }
