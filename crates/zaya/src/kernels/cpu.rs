@@ -662,6 +662,20 @@ pub(crate) fn gemv_by_weight_rows(
     });
 }
 
+/// `y` cut along its last axis into consecutive pieces of `widths` (views, no copies): the
+/// outputs of several weights' products computed side by side.
+pub(crate) fn split_last_axis(y: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = y.narrow(candle_core::D::Minus1, at, w);
+            at += w;
+            part
+        })
+        .collect()
+}
+
 /// The `block(j0, c)` of [`gemv_by_weight_rows`] for several weights side by side
 /// (`parts`: each weight's row count and its own block): a range of rows is cut at the
 /// weights' boundaries and each piece goes to its weight's block, its rows counted from

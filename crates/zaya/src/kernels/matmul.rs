@@ -288,15 +288,7 @@ pub(crate) fn f32_linear_same_input(x: &Tensor, ws: &[&Tensor]) -> Result<Option
         super::cpu::gemv_side_by_side(&xs, m, k, &weights, &mut out)
     })?;
     let y = Tensor::from_vec(out, (m, n), x.device())?;
-    let mut at = 0;
-    ns.iter()
-        .map(|&ni| {
-            let part = y.narrow(1, at, ni);
-            at += ni;
-            part
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    super::cpu::split_last_axis(&y, &ns).map(Some)
 }
 
 /// [`f32_linear`] for a caller holding `b = Wᵀ` (a `[K, N]` view of a contiguous `W`):

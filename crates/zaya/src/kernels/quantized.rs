@@ -176,15 +176,7 @@ pub(crate) fn qmatmul_t_same_input(
     let mut dims = xs.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = n;
     let y = Tensor::from_vec(out, dims, xs.device())?.to_dtype(xs.dtype())?;
-    let mut at = 0;
-    ns.iter()
-        .map(|&ni| {
-            let part = y.narrow(candle_core::D::Minus1, at, ni);
-            at += ni;
-            part
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    super::cpu::split_last_axis(&y, &ns).map(Some)
 }
 
 /// Whether Q4_K / Q6_K products run on [`super::k_quants`] (f32 activations, no activation
