@@ -193,8 +193,20 @@ impl TpAttention {
         let per_kv = nq / nkv;
         let s = self.conv_history;
 
-        let q_raw = self.q_proj.forward(&a)?;
-        let k_raw = self.k_proj.forward(&a)?;
+        // This rank's projections of `a` as one product where the weights allow
+        // (`Linear::forward_same_input`, as one rank runs them).
+        let mut layers = vec![&self.q_proj, &self.k_proj];
+        layers.extend(self.v_current.as_ref());
+        layers.extend(self.v_delayed.as_ref());
+        let mut outs = Linear::forward_same_input(&layers, &a)?.into_iter();
+        let mut next = || {
+            outs.next().ok_or_else(|| {
+                candle_core::Error::Msg("CCA projection: an output per layer expected".into())
+            })
+        };
+        let (q_raw, k_raw) = (next()?, next()?);
+        let vc_out = self.v_current.as_ref().map(|_| next()).transpose()?;
+        let vd_out = self.v_delayed.as_ref().map(|_| next()).transpose()?;
         let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?;
         let c = u.dim(2)?;
         let k_rep = k_raw
@@ -299,12 +311,9 @@ impl TpAttention {
 
         // Values: this rank's current heads, then its delayed heads (the previous token's).
         let mut parts = Vec::with_capacity(2);
-        if let Some(vc) = &self.v_current {
-            parts.push(vc.forward(&a)?);
-        }
-        let rec = match (&self.v_delayed, first) {
-            (Some(vdl), Some(first)) => {
-                let vd = vdl.forward(&a)?;
+        parts.extend(vc_out);
+        let rec = match (vd_out, first) {
+            (Some(vd), Some(first)) => {
                 let vdel = if t > 1 {
                     Tensor::cat(&[&first, &vd.narrow(1, 0, t - 1)?], 1)?
                 } else {
