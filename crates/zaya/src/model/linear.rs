@@ -477,6 +477,45 @@ mod tests {
             .collect()
     }
 
+    /// Records the rows each weight's observer is shown.
+    #[derive(Debug, Default)]
+    struct Seen(std::sync::Mutex<Vec<(String, Vec<u32>)>>);
+
+    impl InputObserver for Seen {
+        fn observe(&self, name: &str, expert: Option<usize>, x: &Tensor) -> Result<()> {
+            assert_eq!(expert, None);
+            self.0.lock().unwrap().push((name.to_string(), bits(x)));
+            Ok(())
+        }
+    }
+
+    /// Where the products run as one, every layer's observer still sees the input once,
+    /// as its own forward shows it (calibration of an importance matrix over short rows).
+    #[test]
+    fn same_input_products_show_each_observer_the_input() {
+        let k = 256;
+        let seen = Arc::new(Seen::default());
+        let observed = |name: &str, n: usize| Linear {
+            observer: Some(Observed {
+                observer: seen.clone(),
+                name: name.to_string(),
+            }),
+            ..Linear::dense(
+                Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap(),
+                None,
+            )
+        };
+        let (a, b) = (observed("a", 16), observed("b", 8));
+        let x = Tensor::randn(0f32, 1.0, (1, 1, k), &Device::Cpu).unwrap();
+        Linear::forward_same_input(&[&a, &b], &x).unwrap();
+        let together = std::mem::take(&mut *seen.0.lock().unwrap());
+        a.forward(&x).unwrap();
+        b.forward(&x).unwrap();
+        let alone = std::mem::take(&mut *seen.0.lock().unwrap());
+        assert_eq!(together.len(), 2);
+        assert_eq!(together, alone);
+    }
+
     /// One product over several k-quant or f32 weights equals each layer's own forward bit
     /// for bit (with a bias and an adapter on some), at a decode step's one row and at a
     /// prefill's rows; mixed formats, mixed kinds and bf16 weights take the layers one by
