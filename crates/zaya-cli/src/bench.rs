@@ -312,10 +312,11 @@ pub fn run(
     let dev = Device::Cpu;
     // The machine's read bandwidth: on this project's virtual machines it moves between
     // ~36 and ~60 GB/s within minutes, so a floor is only as good as the probes' closeness
-    // to what it bounds. Probes run at the start (before loading), right before and right
-    // after the batch-1 decode, and at the end (after the peak RSS is read); the floor uses
-    // the higher of the two around the batch-1 decode where those could run (the peak RSS
-    // mark resets), else of the start and end ones.
+    // to what it bounds. Probes run at the start (before loading), before each measured
+    // batch-1 repeat and after the last, and at the end (after the peak RSS is read); the
+    // floor uses the higher of the first and last around the batch-1 decode where those
+    // could run (the peak RSS mark resets), else of the start and end ones, and each
+    // repeat is also set against the higher of the two probes beside it.
     let mut probes = Probes::new(threads);
     let bw_start = read_bandwidth_gbs(threads);
     if probes.resettable {
@@ -351,8 +352,10 @@ pub fn run(
     }
     let prefill_tps = args.prefill_len as f64 / median(prefill);
 
-    // decode: prompt_len prompt, new_tokens greedy steps; decode time = total − prefill
-    let decode = |batch: usize| -> Result<f64> {
+    // decode: prompt_len prompt, new_tokens greedy steps; decode time = total − prefill.
+    // `between()` runs before each measured repeat and after the last (the batch-1
+    // decode's bandwidth probes); returns each measured repeat's tokens per second.
+    let decode = |batch: usize, between: &mut dyn FnMut()| -> Result<Vec<f64>> {
         let prompts = bench_ids(batch, args.prompt_len, v);
         let gopts = GenerateOptions {
             max_new_tokens: args.new_tokens,
@@ -364,8 +367,11 @@ pub fn run(
             max_new_tokens: 1,
             ..gopts.clone()
         };
-        let mut times = Vec::new();
+        let mut rates = Vec::new();
         for i in 0..=args.repeats.min(2) {
+            if i > 0 {
+                between();
+            }
             let s = Instant::now();
             generate(&model, &prompts, &pre, &mut Greedy, &mut |_, _| {})?;
             let p = s.elapsed().as_secs_f64();
@@ -373,15 +379,21 @@ pub fn run(
             generate(&model, &prompts, &gopts, &mut Greedy, &mut |_, _| {})?;
             let total = s.elapsed().as_secs_f64();
             if i > 0 {
-                times.push((total - p).max(1e-9));
+                rates.push((batch * (args.new_tokens - 1)) as f64 / (total - p).max(1e-9));
             }
         }
-        Ok((batch * (args.new_tokens - 1)) as f64 / median(times))
+        between();
+        Ok(rates)
     };
-    let bw_b1_before = probes.between_phases();
-    let decode_b1 = decode(1)?;
-    let bw_b1_after = probes.between_phases();
-    let decode_b8 = decode(8)?;
+    // The rate of the median repeat time (the slower of two).
+    let typical = |rates: &[f64]| 1.0 / median(rates.iter().map(|r| 1.0 / r).collect());
+    // Probes beside every batch-1 repeat: the machine's read rate moves within seconds
+    // here, so each repeat is also compared with the probes right before and after it.
+    let mut b1_probes: Vec<f64> = Vec::new();
+    let b1_rates = decode(1, &mut || b1_probes.extend(probes.between_phases()))?;
+    let decode_b1 = typical(&b1_rates);
+    let decode_b8 = typical(&decode(8, &mut || {})?);
+    let (bw_b1_before, bw_b1_after) = (b1_probes.first().copied(), b1_probes.last().copied());
 
     let peak = probes.peak_rss();
 
@@ -401,6 +413,33 @@ pub fn run(
     let floor = |gbs: f64| gbs * 1e9 / bytes_per_token as f64;
     let limit = floor(bw);
     let decode_b1_read_gbs = decode_b1 * bytes_per_token as f64 / 1e9;
+    // Each batch-1 repeat against the higher of the probes beside it (none without them).
+    let matched: Vec<f64> = if b1_probes.len() == b1_rates.len() + 1 {
+        b1_rates
+            .iter()
+            .zip(b1_probes.windows(2))
+            .map(|(r, p)| r / floor(p[0].max(p[1])))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let matched_text = if matched.is_empty() {
+        String::new()
+    } else {
+        let each: Vec<String> = matched
+            .iter()
+            .map(|x| format!("{:.0} %", 100.0 * x))
+            .collect();
+        format!(
+            "; each repeat against its own probes: {} (probes {})",
+            each.join(", "),
+            b1_probes
+                .iter()
+                .map(|g| format!("{g:.1}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )
+    };
     let rows = [
         ("load (s)".to_string(), format!("{load_s:.2}")),
         (
@@ -421,7 +460,7 @@ pub fn run(
             // during the batch-1 decode, one ratio says little.
             "decode b1 / limit".into(),
             format!(
-                "{:.0} %  ({:.0} % / {:.0} % of the floor {bracket})",
+                "{:.0} %  ({:.0} % / {:.0} % of the floor {bracket}{matched_text})",
                 100.0 * decode_b1 / limit,
                 100.0 * decode_b1 / floor(before),
                 100.0 * decode_b1 / floor(after)
@@ -467,6 +506,9 @@ pub fn run(
             "read_bandwidth_gb_s_end": bw_end,
             "read_bandwidth_gb_s_b1_before": bw_b1_before,
             "read_bandwidth_gb_s_b1_after": bw_b1_after,
+            "read_bandwidth_gb_s_b1_probes": b1_probes,
+            "decode_b1_tokens_per_s_per_repeat": b1_rates,
+            "decode_b1_floor_fraction_per_repeat": matched,
             "bytes_per_token": bytes_per_token,
             "peak_rss_bytes": peak,
             "heap": crate::memory::describe(),

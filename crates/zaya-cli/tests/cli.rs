@@ -668,6 +668,32 @@ fn bench_inference_and_train_write_their_json() {
         bw("read_bandwidth_gb_s_b1_after"),
     ) {
         assert_eq!(bw("read_bandwidth_gb_s"), Some(before.max(after)));
+        // a probe before each measured repeat and after the last; each repeat's fraction of
+        // the floor is its rate over the floor of the higher probe beside it
+        let list = |k: &str| -> Vec<f64> {
+            inf[k]
+                .as_array()
+                .unwrap_or_else(|| panic!("{k}: {inf}"))
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (probes, rates) = (
+            list("read_bandwidth_gb_s_b1_probes"),
+            list("decode_b1_tokens_per_s_per_repeat"),
+        );
+        let fractions = list("decode_b1_floor_fraction_per_repeat");
+        assert_eq!(probes.len(), rates.len() + 1, "{inf}");
+        assert_eq!((probes[0], probes[probes.len() - 1]), (before, after));
+        assert_eq!(fractions.len(), rates.len());
+        let bytes = inf["bytes_per_token"].as_f64().unwrap();
+        for (i, f) in fractions.iter().enumerate() {
+            let floor = probes[i].max(probes[i + 1]) * 1e9 / bytes;
+            assert!(
+                (f - rates[i] / floor).abs() <= 1e-12 * f.abs().max(1.0),
+                "repeat {i}"
+            );
+        }
         let peak = inf["peak_rss_bytes"].as_f64().unwrap();
         assert!(
             peak < (200u64 << 20) as f64,
