@@ -286,12 +286,18 @@ pub(super) struct Format {
     pub(super) block_bytes: usize,
     /// Where the rounded activations' units are stored ([`Units`]).
     pub(super) units: Units,
-    /// `out[i] = x_i · w` for the activation rows `rows` against one weight row of `kb`
-    /// super-blocks; each result independent of which other rows are asked with it.
-    pub(super) dots: fn(&Q8kRows, usize, std::ops::Range<usize>, &[u8], &mut [f32]),
+    /// `out[j·stride + i − rows.start] = x_i · w_j` for the activation rows `rows` against
+    /// each weight row `w_j` of `w` (whole rows of `kb` super-blocks), with `stride`
+    /// (≥ `rows.len()`) the last argument; each result independent of which other rows
+    /// are asked with it. Many weight rows per call: one call per row cost a tenth of a
+    /// one-row product's time at k = 2048 (the dispatch and each row's set-up).
+    pub(super) dots: Dots,
     /// One super-block decoded in natural order, for [`dots_portable`].
     pub(super) natural: fn(&[u8]) -> NaturalBlock,
 }
+
+/// A format's [`Format::dots`].
+pub(super) type Dots = fn(&Q8kRows, usize, std::ops::Range<usize>, &[u8], &mut [f32], usize);
 
 /// A weight super-block decoded in natural order: weight `p` is
 /// `d·sc[p/16]·q[p] − dmin·mn[p/16]`.
@@ -309,6 +315,23 @@ pub(super) struct NaturalBlock {
 /// format's natural decoding, the scales applied in integers, the mins' term from the
 /// rows' sums in float.
 pub(super) fn dots_portable(
+    format: &Format,
+    xq: &Q8kRows,
+    kb: usize,
+    rows: std::ops::Range<usize>,
+    w: &[u8],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let row_bytes = kb * format.block_bytes;
+    for (j, row) in w.chunks_exact(row_bytes.max(1)).enumerate() {
+        let out = &mut out[j * stride..j * stride + rows.len()];
+        dots_portable_row(format, xq, kb, rows.clone(), row, out);
+    }
+}
+
+/// [`dots_portable`] against one weight row.
+fn dots_portable_row(
     format: &Format,
     xq: &Q8kRows,
     kb: usize,
@@ -358,16 +381,18 @@ macro_rules! k_quant_avx512 {
         )
     };
     ($name:ident, $features:literal, $dp:ident, $decode:ident, $block_bytes:expr) => {
-        /// `out[i] = x_i · w` for the rows `rows` of `xq` against one weight row: groups
-        /// of up to eight rows, each group's sums in registers over the weight row (the
-        /// super-block decoded and transposed once per group).
+        /// `out[j·stride + i − rows.start] = x_i · w_j` for the rows `rows` of `xq`
+        /// against each weight row `w_j` of `w`: groups of up to eight rows, each group's
+        /// sums in registers over the weight row (the super-block decoded and transposed
+        /// once per group).
         #[target_feature(enable = $features)]
         pub(super) fn $name(
             xq: &Q8kRows,
             kb: usize,
             rows: std::ops::Range<usize>,
-            row: &[u8],
+            w: &[u8],
             out: &mut [f32],
+            stride: usize,
         ) {
             use std::arch::x86_64::*;
 
@@ -434,21 +459,28 @@ macro_rules! k_quant_avx512 {
                 acc.map(|a| _mm512_reduce_add_ps(a))
             }
 
-            debug_assert!(out.len() == rows.len() && row.len() == kb * $block_bytes);
-            let mut i = rows.start;
-            for o in out.chunks_mut(8) {
-                match o.len() {
-                    8 => o.copy_from_slice(&dot_rows::<8>(xq, kb, i, row)),
-                    7 => o.copy_from_slice(&dot_rows::<7>(xq, kb, i, row)),
-                    6 => o.copy_from_slice(&dot_rows::<6>(xq, kb, i, row)),
-                    5 => o.copy_from_slice(&dot_rows::<5>(xq, kb, i, row)),
-                    4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
-                    3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
-                    2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                    // one row: a store (`copy_from_slice` here was a `memcpy` call per weight row)
-                    _ => o[0] = dot_rows::<1>(xq, kb, i, row)[0],
+            let row_bytes = kb * $block_bytes;
+            for (j, row) in w.chunks_exact(row_bytes.max(1)).enumerate() {
+                let out = &mut out[j * stride..j * stride + rows.len()];
+                if let [o] = out {
+                    // one row: a store (`copy_from_slice` was a `memcpy` call per weight row)
+                    *o = dot_rows::<1>(xq, kb, rows.start, row)[0];
+                    continue;
                 }
-                i += o.len();
+                let mut i = rows.start;
+                for o in out.chunks_mut(8) {
+                    match o.len() {
+                        8 => o.copy_from_slice(&dot_rows::<8>(xq, kb, i, row)),
+                        7 => o.copy_from_slice(&dot_rows::<7>(xq, kb, i, row)),
+                        6 => o.copy_from_slice(&dot_rows::<6>(xq, kb, i, row)),
+                        5 => o.copy_from_slice(&dot_rows::<5>(xq, kb, i, row)),
+                        4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
+                        3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
+                        2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
+                        _ => o[0] = dot_rows::<1>(xq, kb, i, row)[0],
+                    }
+                    i += o.len();
+                }
             }
         }
     };
@@ -462,14 +494,16 @@ pub(super) use k_quant_avx512;
 /// `dmin)`: the AVX-512 bodies' sums on 256-bit vectors, in groups of four rows.
 macro_rules! k_quant_avx2 {
     ($name:ident, $decode:ident, $lanes:ident, $block_bytes:expr) => {
-        /// `out[i] = x_i · w` for the rows `rows` of `xq` against one weight row.
+        /// `out[j·stride + i − rows.start] = x_i · w_j` for the rows `rows` of `xq`
+        /// against each weight row `w_j` of `w`.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) fn $name(
             xq: &Q8kRows,
             kb: usize,
             rows: std::ops::Range<usize>,
-            row: &[u8],
+            w: &[u8],
             out: &mut [f32],
+            stride: usize,
         ) {
             use std::arch::x86_64::*;
 
@@ -546,17 +580,20 @@ macro_rules! k_quant_avx2 {
                 acc.map(|a| hsum(a))
             }
 
-            debug_assert!(out.len() == rows.len() && row.len() == kb * $block_bytes);
-            let mut i = rows.start;
-            for o in out.chunks_mut(4) {
-                match o.len() {
-                    4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
-                    3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
-                    2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
-                    // one row: a store (`copy_from_slice` here was a `memcpy` call per weight row)
-                    _ => o[0] = dot_rows::<1>(xq, kb, i, row)[0],
+            let row_bytes = kb * $block_bytes;
+            for (j, row) in w.chunks_exact(row_bytes.max(1)).enumerate() {
+                let out = &mut out[j * stride..j * stride + rows.len()];
+                let mut i = rows.start;
+                for o in out.chunks_mut(4) {
+                    match o.len() {
+                        4 => o.copy_from_slice(&dot_rows::<4>(xq, kb, i, row)),
+                        3 => o.copy_from_slice(&dot_rows::<3>(xq, kb, i, row)),
+                        2 => o.copy_from_slice(&dot_rows::<2>(xq, kb, i, row)),
+                        // one row: a store (`copy_from_slice` was a `memcpy` call per weight row)
+                        _ => o[0] = dot_rows::<1>(xq, kb, i, row)[0],
+                    }
+                    i += o.len();
                 }
-                i += o.len();
             }
         }
     };
@@ -596,18 +633,19 @@ macro_rules! k_quant_dots {
             xq: &Q8kRows,
             kb: usize,
             rows: std::ops::Range<usize>,
-            row: &[u8],
+            w: &[u8],
             out: &mut [f32],
+            stride: usize,
         ) {
             match q8k::body() {
                 // SAFETY (all three): the CPU has the features of the body `q8k::body` picked.
                 #[cfg(target_arch = "x86_64")]
-                q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, row, out) },
+                q8k::Body::Vnni => unsafe { x86::dots_vnni(xq, kb, rows, w, out, stride) },
                 #[cfg(target_arch = "x86_64")]
-                q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, row, out) },
+                q8k::Body::Avx512 => unsafe { x86::dots_avx512(xq, kb, rows, w, out, stride) },
                 #[cfg(target_arch = "x86_64")]
-                q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, row, out) },
-                _ => q8k::dots_portable(&$format, xq, kb, rows, row, out),
+                q8k::Body::Avx2 => unsafe { x86::dots_avx2(xq, kb, rows, w, out, stride) },
+                _ => q8k::dots_portable(&$format, xq, kb, rows, w, out, stride),
             }
         }
     };
@@ -779,20 +817,23 @@ pub(super) fn linear_many(
             .map(|&(w, wn)| {
                 let rows = rows.clone();
                 let block = move |j0: usize, o: &mut [f32]| {
+                    let ws = &w[j0 * row_bytes..(j0 + o.len() / mr) * row_bytes];
+                    if mr <= 8 {
+                        // one group of activation rows: the range's weight rows in one call
+                        (format.dots)(xq, kb, rows.clone(), ws, o, mr);
+                        return;
+                    }
                     // Cache blocking: a group of eight activation rows (8·k bytes) stays in
                     // L1 while a tile of weight rows passes over it, instead of every weight
                     // row streaming all the rows' activations from L2. Each row's result
                     // does not depend on the order (the bodies keep one accumulator per
                     // activation row).
                     for (t, tile) in o.chunks_mut(WEIGHT_TILE * mr).enumerate() {
-                        let j = j0 + t * WEIGHT_TILE;
+                        let tw = &ws[t * WEIGHT_TILE * row_bytes..][..tile.len() / mr * row_bytes];
                         for g in (0..mr).step_by(8) {
                             let group = g..(g + 8).min(mr);
-                            for (r, c) in tile.chunks_mut(mr).enumerate() {
-                                let row = &w[(j + r) * row_bytes..(j + r + 1) * row_bytes];
-                                let at = rows.start + group.start..rows.start + group.end;
-                                (format.dots)(xq, kb, at, row, &mut c[group.clone()]);
-                            }
+                            let at = rows.start + group.start..rows.start + group.end;
+                            (format.dots)(xq, kb, at, tw, &mut tile[group.start..], mr);
                         }
                     }
                 };
@@ -1060,7 +1101,8 @@ pub(super) mod tests {
     /// wherever a vector body runs).
     pub(crate) type BodyList = Vec<(&'static str, Body, Dots)>;
     /// A format's dots body.
-    pub(crate) type Dots = unsafe fn(&Q8kRows, usize, std::ops::Range<usize>, &[u8], &mut [f32]);
+    pub(crate) type Dots =
+        unsafe fn(&Q8kRows, usize, std::ops::Range<usize>, &[u8], &mut [f32], usize);
     /// A format's `linear`.
     pub(crate) type Linear = fn(&[f32], usize, usize, &[u8], usize, &mut [f32]) -> Result<()>;
 
@@ -1112,18 +1154,26 @@ pub(super) mod tests {
                 .unwrap();
             let (kb, xq) = (k / QK_K, quantize_rows(&x, m, k, &format.units));
             let row_bytes = kb * format.block_bytes;
+            // every body over all weight rows in one call, its outputs `m + 2` apart (the
+            // gaps must stay untouched), and the portable one row at a time
+            let stride = m + 2;
+            let mut all: Vec<(&str, Vec<f32>)> = Vec::new();
+            for (name, needs, dots) in &bodies {
+                if runs(*needs) {
+                    let mut v = vec![f32::NAN; n * stride];
+                    // SAFETY: this CPU has the body's features (`runs`).
+                    unsafe { dots(&xq, kb, 0..m, &bytes[..n * row_bytes], &mut v, stride) };
+                    assert!(v.chunks(stride).all(|c| c[m..].iter().all(|g| g.is_nan())));
+                    all.push((name, v));
+                }
+            }
             for j in 0..n {
                 let row = &bytes[j * row_bytes..][..row_bytes];
                 let mut p = vec![0f32; m];
-                dots_portable(format, &xq, kb, 0..m, row, &mut p);
+                dots_portable(format, &xq, kb, 0..m, row, &mut p, m);
                 let mut results = vec![("portable", p)];
-                for (name, needs, dots) in &bodies {
-                    if runs(*needs) {
-                        let mut v = vec![0f32; m];
-                        // SAFETY: this CPU has the body's features (`runs`).
-                        unsafe { dots(&xq, kb, 0..m, row, &mut v) };
-                        results.push((name, v));
-                    }
+                for (name, v) in &all {
+                    results.push((name, v[j * stride..j * stride + m].to_vec()));
                 }
                 for i in 0..m {
                     let mag: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * 8.0;
