@@ -1097,6 +1097,46 @@ fn residual_scale_is_bit_identical_to_the_reference_in_f32() -> Result<()> {
     Ok(())
 }
 
+/// Without a graph (inference) the fused merge reads the four parameters where they are:
+/// the same bits as the differentiable op over their stack, in f32 and bf16, and a weight
+/// updated in place (a training run's inference view shares the `Var`s' storage) is seen
+/// by the next call.
+#[test]
+fn residual_scale_without_a_graph_reads_the_parameters_in_place() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(24);
+    for dtype in dtypes() {
+        let dims = [2, 5, 48];
+        let sub = rand_tensor(&mut rng, &dims, 2.0)?.to_dtype(dtype)?;
+        let res = rand_tensor(&mut rng, &dims, 7.0)?;
+        let vars: Vec<Var> = (0..4)
+            .map(|_| rand_var(&mut rng, &[48], 1.3, dtype))
+            .collect::<Result<_>>()?;
+        // detached: views of the vars' storage that record no graph
+        let view: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
+        let fused = |p: &[Tensor]| -> Result<Vec<f32>> {
+            with(Kernel::ResidualScale, Choice::Impl(ImplId::Fused), || {
+                kernels::residual_scale(&sub, &res, &p[0], &p[1], &p[2], &p[3])
+            })?
+            .flatten_all()?
+            .to_vec1::<f32>()
+            .map_err(Into::into)
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for round in 0..2 {
+            let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            assert!(tracked[0].track_op());
+            let want = fused(&tracked)?;
+            let got = fused(&view)?;
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} round {round}");
+            // an optimizer step in place
+            for v in &vars {
+                v.set(&rand_tensor(&mut rng, &[48], 1.3)?.to_dtype(dtype)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn residual_scale_rejects_bad_operands() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(23);
