@@ -55,6 +55,54 @@ const _: () = assert!(q8k::lanes_hold_runs(&UNITS));
 /// Lane `L`'s sub-block (scale and min): one per two runs of 16.
 pub(super) const LANE_SUB: [u32; 16] = q8k::lane_scales(&UNITS, 2);
 
+/// [`LANE_SUB`] eight lanes on: where lane `L`'s min sits in [`scale_lanes512`]'s vector of
+/// eight scales then eight mins.
+pub(super) const LANE_SUB_MIN: [u32; 16] = {
+    let mut idx = LANE_SUB;
+    let mut lane = 0;
+    while lane < 16 {
+        idx[lane] += 8;
+        lane += 1;
+    }
+    idx
+};
+
+/// Lanes 0..8 take `d`, lanes 8..16 `dmin` (from a vector whose lanes 0 and 1 hold them).
+pub(super) const D_DMIN_LANES: [u32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
+
+/// The lanes' `d·sc` and `dmin·m` of a Q4_K or Q5_K super-block (both begin with `d`,
+/// `dmin` and the 12 bytes of scales and mins), for the AVX-512 bodies: the eight scales and
+/// eight mins widened and multiplied by their `d` in one vector, then spread to the lanes —
+/// the same products as widening and scaling each lane's own (five vector operations fewer
+/// a super-block than spreading each byte vector first, in a body bound by them).
+#[cfg(target_arch = "x86_64")]
+macro_rules! scale_lanes512 {
+    ($blk:expr) => {{
+        let blk: &[u8] = $blk;
+        // both f16 scales in one conversion (exact, like `half`): [d, dmin, 0, 0]
+        let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+        let dd = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+        let (sc, mn) = $crate::kernels::q4k_q8k::scales_and_mins(blk);
+        // SAFETY: the three index tables hold 16 lanes each.
+        let (by, sub, sub_min) = unsafe {
+            use $crate::kernels::q4k_q8k::{D_DMIN_LANES, LANE_SUB, LANE_SUB_MIN};
+            (
+                _mm512_loadu_si512(D_DMIN_LANES.as_ptr() as *const _),
+                _mm512_loadu_si512(LANE_SUB.as_ptr() as *const _),
+                _mm512_loadu_si512(LANE_SUB_MIN.as_ptr() as *const _),
+            )
+        };
+        let v = _mm512_cvtepu8_epi32(_mm_set_epi64x(mn as i64, sc as i64));
+        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_permutexvar_ps(by, dd));
+        (
+            _mm512_permutexvar_ps(sub, v),
+            _mm512_permutexvar_ps(sub_min, v),
+        )
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use scale_lanes512;
+
 /// The format [`q8k::linear`] runs.
 pub(super) const Q4K: Format = Format {
     name: "q4_k",
@@ -135,20 +183,9 @@ mod x86 {
         ($blk:expr) => {{
             let blk: &[u8] = $blk;
             assert!(blk.len() >= BLOCK_BYTES);
-            // both f16 scales in one conversion (exact, like `half`)
-            let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
-            let (sc, mn) = scales_and_mins(blk);
-            // SAFETY (loads): `LANE_SUB` holds 16 lanes; a block is 144 bytes with its
-            // nibbles at 16..144.
-            let idx = unsafe { _mm512_loadu_si512(LANE_SUB.as_ptr() as *const _) };
-            let lanes = |v: u64, by: f32| {
-                let v = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64));
-                let v = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(idx, v));
-                _mm512_mul_ps(v, _mm512_set1_ps(by))
-            };
+            let (scd, mnd) = scale_lanes512!(blk);
             let low = _mm512_set1_epi8(0x0F);
+            // SAFETY: a block is 144 bytes with its nibbles at 16..144.
             let (q0, q1) = unsafe {
                 let p = blk.as_ptr().add(16);
                 (
@@ -162,7 +199,7 @@ mod x86 {
                 _mm512_and_si512(q1, low),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low),
             ];
-            (w, lanes(sc, d), lanes(mn, dmin))
+            (w, scd, mnd)
         }};
     }
 

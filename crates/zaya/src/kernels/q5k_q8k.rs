@@ -75,6 +75,7 @@ fn natural(blk: &[u8]) -> NaturalBlock {
 mod x86 {
     use super::q8k::{k_quant_avx2, k_quant_avx512, k_quant_bodies};
     use super::{scales_and_mins, Q8kRows, BLOCK_BYTES, LANE_SUB, QH, QS};
+    use crate::kernels::q4k_q8k::scale_lanes512;
     use crate::kernels::q8k::QK_K;
 
     /// One super-block for the AVX-512 bodies: Q4_K's four source vectors (nibbles) with
@@ -83,20 +84,9 @@ mod x86 {
         ($blk:expr) => {{
             let blk: &[u8] = $blk;
             assert!(blk.len() >= BLOCK_BYTES);
-            // both f16 scales in one conversion (exact, like `half`)
-            let bits = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
-            let (sc, mn) = scales_and_mins(blk);
-            // SAFETY (loads): `LANE_SUB` holds 16 lanes; a block is 176 bytes with `qh` at
-            // 16..48 and `qs` at 48..176.
-            let idx = unsafe { _mm512_loadu_si512(LANE_SUB.as_ptr() as *const _) };
-            let lanes = |v: u64, by: f32| {
-                let v = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64));
-                let v = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(idx, v));
-                _mm512_mul_ps(v, _mm512_set1_ps(by))
-            };
+            let (scd, mnd) = scale_lanes512!(blk);
             let (low, five) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10));
+            // SAFETY: a block is 176 bytes with `qh` at 16..48 and `qs` at 48..176.
             let (q0, q1, qh) = unsafe {
                 let p = blk.as_ptr();
                 (
@@ -122,7 +112,7 @@ mod x86 {
                     fifth(_mm512_srli_epi16::<1>(qh)),
                 ),
             ];
-            (w, lanes(sc, d), lanes(mn, dmin))
+            (w, scd, mnd)
         }};
     }
 
