@@ -693,6 +693,11 @@ macro_rules! k_quant_tests {
         fn bad_sizes_are_an_error() {
             shared::bad_sizes_are_an_error(linear, BLOCK_BYTES);
         }
+
+        #[test]
+        fn no_columns_give_zeros() {
+            shared::no_columns_give_zeros(linear);
+        }
     };
 }
 #[cfg(test)]
@@ -804,6 +809,11 @@ pub(super) fn linear_many(
         .into());
     }
     if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // empty rows: every product is 0 (the bodies would see no weight rows to run over)
+        out[..m * n].fill(0.0);
         return Ok(());
     }
     let xq = quantize_rows(x, m, k, &format.units);
@@ -1263,6 +1273,15 @@ pub(super) mod tests {
     }
 
     /// A row length that is not a multiple of 256, or too few weight bytes, is an error.
+    /// `k = 0`: every product is 0, written over whatever the output held.
+    pub(crate) fn no_columns_give_zeros(linear: Linear) {
+        for m in [1, 2] {
+            let mut out = vec![f32::NAN; m * 3];
+            linear(&[], m, 0, &[], 3, &mut out).unwrap();
+            assert!(out.iter().all(|&v| v == 0.0), "m={m}: {out:?}");
+        }
+    }
+
     pub(crate) fn bad_sizes_are_an_error(linear: Linear, block_bytes: usize) {
         let mut out = vec![0f32; 2];
         assert!(linear(&[0.0; 128], 1, 128, &vec![0; 2 * block_bytes], 2, &mut out).is_err());
