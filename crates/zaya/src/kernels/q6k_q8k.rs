@@ -29,7 +29,7 @@ use super::q8k::{self, Format, NaturalBlock, Q8kRows, Units, QK_K};
 const BLOCK_BYTES: usize = 210;
 
 /// The bodies' storage order: source vector `v` lane `l` is natural unit `16v + l`.
-const UNITS: Units = q8k::transposed(&{
+pub(super) const UNITS: Units = q8k::transposed(&{
     let mut src = [[0u8; 16]; 4];
     let mut v = 0;
     while v < 4 {

@@ -120,6 +120,7 @@ pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, units: &Units) -> Q8k
         sums_dx: vec![0f32; m * kb * 16],
     };
     let x = &x[..m * k];
+    let units = &UnitShuffle::of(units);
     if m > PARALLEL_ROUNDING_ROWS && cpu::num_threads() > 1 {
         // each super-block is rounded on its own: the same values whatever the split
         cpu::in_pool(|| {
@@ -140,17 +141,57 @@ pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, units: &Units) -> Q8k
     rows
 }
 
+/// A [`Units`] order as the AVX-512 rounding applies it: stored vector `t` (16 units) is
+/// two two-vector permutes of the natural vectors (`idx[t]`: the unit's lane among the 32
+/// of vectors 0–1 or 2–3) and a blend (`high[t]`: the lanes whose unit is in 2–3).
+struct UnitShuffle {
+    units: Units,
+    idx: [[u32; 16]; 4],
+    high: [u16; 4],
+}
+
+impl UnitShuffle {
+    fn of(units: &Units) -> Self {
+        let mut shuffle = UnitShuffle {
+            units: *units,
+            idx: [[0; 16]; 4],
+            high: [0; 4],
+        };
+        for (j, &u) in units.iter().enumerate() {
+            let (t, lane) = (j / 16, j % 16);
+            shuffle.idx[t][lane] = u as u32 % 32;
+            shuffle.high[t] |= u16::from(u >= 32) << lane;
+        }
+        shuffle
+    }
+
+    /// `qs[4j..4j + 4] = q[4u..4u + 4]` for `u = units[j]`.
+    fn apply(&self, q: &[i8; QK_K], qs: &mut [i8]) {
+        #[cfg(target_arch = "x86_64")]
+        if cpu::simd_level() == cpu::SimdLevel::Avx512 {
+            // SAFETY: AVX-512F was detected on this CPU.
+            return unsafe { avx512::shuffle_units(self, q, qs) };
+        }
+        self.apply_portable(q, qs)
+    }
+
+    /// [`Self::apply`] a unit at a time (its reference).
+    fn apply_portable(&self, q: &[i8; QK_K], qs: &mut [i8]) {
+        for (j, &u) in self.units.iter().enumerate() {
+            let u = u as usize;
+            qs[4 * j..4 * j + 4].copy_from_slice(&q[4 * u..4 * u + 4]);
+        }
+    }
+}
+
 /// One super-block of [`quantize_rows`]: its `d`, its values in `units` order and its
 /// lanes' sums times `d`.
-fn round_into(xs: &[f32], units: &Units, d: &mut f32, qs: &mut [i8], sums_dx: &mut [f32]) {
+fn round_into(xs: &[f32], units: &UnitShuffle, d: &mut f32, qs: &mut [i8], sums_dx: &mut [f32]) {
     let (mut q, mut bsums) = ([0i8; QK_K], [0i16; 16]);
     *d = quantize_block(xs, &mut q, &mut bsums);
-    for (j, &u) in units.iter().enumerate() {
-        let u = u as usize;
-        qs[4 * j..4 * j + 4].copy_from_slice(&q[4 * u..4 * u + 4]);
-    }
+    units.apply(&q, qs);
     for (lane, sum) in sums_dx.iter_mut().enumerate() {
-        *sum = bsums[units[lane] as usize / 4] as f32 * *d;
+        *sum = bsums[units.units[lane] as usize / 4] as f32 * *d;
     }
 }
 
@@ -235,7 +276,7 @@ mod avx512 {
         let mut m = _mm512_setzero_ps();
         for c in 0..16 {
             // `maxps` returns its second operand when the first is a NaN
-            m = _mm512_max_ps(_mm512_andnot_ps(sign, load(c)), m);
+            m = _mm512_max_ps(_mm512_abs_ps(load(c)), m);
         }
         let amax = _mm512_reduce_max_ps(m);
         if amax == 0.0 {
@@ -244,7 +285,7 @@ mod avx512 {
         let target = _mm512_set1_ps(amax);
         let mut max = amax;
         for c in 0..16 {
-            let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_andnot_ps(sign, load(c)), target);
+            let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(load(c)), target);
             if hit != 0 {
                 max = xs[16 * c + hit.trailing_zeros() as usize];
                 break;
@@ -260,9 +301,13 @@ mod avx512 {
         for (c, sum) in bsums[..16].iter_mut().enumerate() {
             let t = _mm512_mul_ps(scale, load(c));
             let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
-            let frac = _mm512_andnot_ps(sign, _mm512_sub_ps(t, r));
+            let frac = _mm512_abs_ps(_mm512_sub_ps(t, r));
             let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
-            let away = _mm512_or_ps(one, _mm512_and_ps(sign, t));
+            // ±1 with the sign of `t`, in integer logic (the float forms are AVX-512DQ)
+            let away = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_castps_si512(one),
+                _mm512_and_si512(_mm512_castps_si512(sign), _mm512_castps_si512(t)),
+            ));
             let r = _mm512_min_ps(_mm512_max_ps(_mm512_mask_add_ps(r, up, r, away), lo), hi);
             let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t);
             let v = _mm512_maskz_cvttps_epi32(ordered, r);
@@ -274,6 +319,26 @@ mod avx512 {
             );
         }
         1.0 / iscale
+    }
+
+    /// [`super::UnitShuffle::apply`]: each stored vector from two two-vector permutes of
+    /// the natural ones and a blend.
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn shuffle_units(s: &super::UnitShuffle, q: &[i8; QK_K], qs: &mut [i8]) {
+        assert!(qs.len() >= QK_K);
+        let p = q.as_ptr();
+        let n = |v: usize| unsafe { _mm512_loadu_si512(p.add(64 * v) as *const _) };
+        let (n0, n1, n2, n3) = (n(0), n(1), n(2), n(3));
+        for t in 0..4 {
+            let idx = _mm512_loadu_si512(s.idx[t].as_ptr() as *const _);
+            let low = _mm512_permutex2var_epi32(n0, idx, n1);
+            let high = _mm512_permutex2var_epi32(n2, idx, n3);
+            let v = _mm512_mask_blend_epi32(s.high[t], low, high);
+            _mm512_storeu_si512(qs.as_mut_ptr().add(64 * t) as *mut _, v);
+        }
     }
 }
 
@@ -1054,6 +1119,34 @@ pub(super) mod tests {
             assert_eq!(da.to_bits(), db.to_bits(), "block {i}: d");
             assert_eq!(qa, qb, "block {i}: values");
             assert_eq!(sa, sb, "block {i}: sums");
+        }
+    }
+
+    /// The AVX-512 unit shuffle stores what the unit-by-unit copy stores, for the formats'
+    /// orders and an arbitrary permutation of the 64 units.
+    #[test]
+    fn vector_unit_shuffle_is_the_portable_one() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let q: [i8; QK_K] = std::array::from_fn(|i| (i as i32 * 37 % 251 - 125) as i8);
+        let mut any: Units = std::array::from_fn(|j| j as u8);
+        for j in (1..64).rev() {
+            any.swap(j, (j * 7919 + 13) % (j + 1));
+        }
+        let orders = [
+            super::super::q4k_q8k::UNITS,
+            super::super::q6k_q8k::UNITS,
+            super::super::q2k_q8k::UNITS,
+            any,
+        ];
+        for (o, units) in orders.iter().enumerate() {
+            let shuffle = UnitShuffle::of(units);
+            let (mut a, mut b) = ([0i8; QK_K], [0i8; QK_K]);
+            shuffle.apply_portable(&q, &mut a);
+            // SAFETY: AVX-512F checked above.
+            unsafe { avx512::shuffle_units(&shuffle, &q, &mut b) };
+            assert_eq!(a, b, "order {o}");
         }
     }
 
