@@ -430,8 +430,8 @@ fn dots_portable_row(
 }
 
 /// The AVX-512 bodies of a format: `k_quant_avx512!(name, "features", vnni|bw, decode,
-/// BLOCK_BYTES)` defines `fn name(xq, kb, rows, row, out)` with the format's
-/// `decode!(blk)` giving `([__m512i; 4]` source vectors, `__m512` lane scales times `d`,
+/// BLOCK_BYTES)` defines `fn name(xq, kb, rows, w, out, stride)` (see [`Format::dots`])
+/// with the format's `decode!(blk)` giving `([__m512i; 4]` source vectors, `__m512` lane scales times `d`,
 /// `__m512` lane mins times `dmin)`. Per row and super-block: four dot products, a
 /// conversion, a multiply by the row's `dx` and two multiply-adds. `vnni` uses `vpdpbusd`; `bw` the same sums through
 /// `vpmaddubsw` + `vpmaddwd` (exact: a pair of products is at most 2·63·128 in 16 bits).
