@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -374,7 +374,13 @@ impl GgufCheckpoint {
     pub fn dense(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let (bytes, d, shape) = self.raw(name)?;
         let t = match float_dtype(d) {
-            Some(stored) => Tensor::from_raw_buffer(bytes, stored, shape.dims(), dev)?,
+            Some(stored) => {
+                let t = crate::safetensors_io::tensor_from_bytes(stored, shape.dims(), |b| {
+                    crate::safetensors_io::copy_parallel(bytes, b)
+                })
+                .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}`: {e}")))?;
+                t.to_device(dev)?
+            }
             None => self.qtensor(name)?.dequantize(dev)?,
         };
         self.release(bytes);
@@ -384,7 +390,7 @@ impl GgufCheckpoint {
     fn qtensor(&self, name: &str) -> candle_core::Result<QTensor> {
         let (bytes, d, shape) = self.raw(name)?;
         // Copied once out of the map into the block storage the matmul reads.
-        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, d)?;
+        let storage = QStorage::Cpu(blocks_copied(bytes, d)?);
         self.release(bytes);
         QTensor::new(storage, shape)
     }
@@ -1033,5 +1039,45 @@ impl QuantizedSource for QuantizeOnLoad {
             Some(inner) => inner.stored_dtype(name),
             None => self.stored.get(name).copied(),
         }
+    }
+}
+
+/// A quantized tensor's stored blocks copied out of the map into the storage the matmul
+/// reads, as `QStorage::from_data` builds it, but on the rayon pool
+/// ([`crate::safetensors_io::copy_parallel`]: the copy's first writes to fresh pages were
+/// most of a GGUF load).
+fn blocks_copied(bytes: &[u8], d: GgmlDType) -> candle_core::Result<Box<dyn QuantizedType>> {
+    use candle_core::quantized::k_quants::*;
+    fn copied<T: GgmlType + 'static>(bytes: &[u8]) -> candle_core::Result<Box<dyn QuantizedType>> {
+        let size = std::mem::size_of::<T>();
+        if !bytes.len().is_multiple_of(size) {
+            candle_core::bail!("{} bytes are not whole {size}-byte blocks", bytes.len());
+        }
+        // SAFETY (both): GGML blocks are plain data (f16 / bf16 / f32 scales, byte arrays,
+        // no padding), valid for every bit pattern, zeros included.
+        let mut v: Vec<T> = unsafe { crate::safetensors_io::zeroed(bytes.len() / size) }
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        crate::safetensors_io::copy_parallel(bytes, unsafe {
+            crate::safetensors_io::bytes_mut(&mut v)
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Box::new(v))
+    }
+    match d {
+        GgmlDType::F32 => copied::<f32>(bytes),
+        GgmlDType::F16 => copied::<half::f16>(bytes),
+        GgmlDType::BF16 => copied::<half::bf16>(bytes),
+        GgmlDType::Q4_0 => copied::<BlockQ4_0>(bytes),
+        GgmlDType::Q4_1 => copied::<BlockQ4_1>(bytes),
+        GgmlDType::Q5_0 => copied::<BlockQ5_0>(bytes),
+        GgmlDType::Q5_1 => copied::<BlockQ5_1>(bytes),
+        GgmlDType::Q8_0 => copied::<BlockQ8_0>(bytes),
+        GgmlDType::Q8_1 => copied::<BlockQ8_1>(bytes),
+        GgmlDType::Q2K => copied::<BlockQ2K>(bytes),
+        GgmlDType::Q3K => copied::<BlockQ3K>(bytes),
+        GgmlDType::Q4K => copied::<BlockQ4K>(bytes),
+        GgmlDType::Q5K => copied::<BlockQ5K>(bytes),
+        GgmlDType::Q6K => copied::<BlockQ6K>(bytes),
+        GgmlDType::Q8K => copied::<BlockQ8K>(bytes),
     }
 }

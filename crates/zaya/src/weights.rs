@@ -615,7 +615,7 @@ impl Checkpoint {
         crate::safetensors_io::tensor_from_bytes(first.dtype, &shape, |bytes| {
             for (k, e) in parts.iter().enumerate() {
                 let path = &self.files[e.file];
-                crate::safetensors_io::read_exact_at(
+                crate::safetensors_io::read_exact_at_parallel(
                     &self.shards[e.file],
                     path,
                     e.offset,
