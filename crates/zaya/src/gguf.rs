@@ -1050,6 +1050,15 @@ fn blocks_copied(bytes: &[u8], d: GgmlDType) -> candle_core::Result<Box<dyn Quan
     use candle_core::quantized::k_quants::*;
     fn copied<T: GgmlType + 'static>(bytes: &[u8]) -> candle_core::Result<Box<dyn QuantizedType>> {
         let size = std::mem::size_of::<T>();
+        // the block is exactly its stored bytes (no padding that a copy could leave
+        // undefined), as the format's block size says
+        if size != T::DTYPE.type_size() {
+            candle_core::bail!(
+                "{:?} blocks are {size} bytes in memory and {} in a file",
+                T::DTYPE,
+                T::DTYPE.type_size()
+            );
+        }
         if !bytes.len().is_multiple_of(size) {
             candle_core::bail!("{} bytes are not whole {size}-byte blocks", bytes.len());
         }
@@ -1079,5 +1088,57 @@ fn blocks_copied(bytes: &[u8], d: GgmlDType) -> candle_core::Result<Box<dyn Quan
         GgmlDType::Q5K => copied::<BlockQ5K>(bytes),
         GgmlDType::Q6K => copied::<BlockQ6K>(bytes),
         GgmlDType::Q8K => copied::<BlockQ8K>(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every GGML format's blocks copy into the storage candle's own `from_data` builds:
+    /// the same values back, and a byte count that is not whole blocks is an error.
+    #[test]
+    fn copied_blocks_equal_candles_own_copy() {
+        use GgmlDType::*;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for d in [
+            F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K,
+        ] {
+            // two blocks of a row of 512 values (every format's block divides 512)
+            let elems = 512;
+            let n = elems / d.block_size() * d.type_size();
+            // valid f16 scales: small positive halves; the rest any bytes
+            let bytes: Vec<u8> = (0..n)
+                .map(|i| {
+                    if i % 2 == 1 {
+                        0x2c
+                    } else {
+                        (i * 37 % 251) as u8
+                    }
+                })
+                .collect();
+            let ours = pool.install(|| blocks_copied(&bytes, d)).unwrap();
+            let theirs = d.from_data(std::borrow::Cow::Borrowed(&bytes));
+            let shape = Shape::from_dims(&[1, elems]);
+            let deq = |q: Box<dyn QuantizedType>| {
+                QTensor::new(QStorage::Cpu(q), shape.clone())
+                    .unwrap()
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let (a, b) = (deq(ours), deq(theirs));
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{d:?}: the copied blocks dequantize differently"
+            );
+            assert!(blocks_copied(&bytes[..n - 1], d).is_err(), "{d:?}");
+        }
     }
 }
