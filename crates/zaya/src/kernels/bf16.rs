@@ -1078,7 +1078,7 @@ mod tests {
             .into_iter()
             .map(bf16::from_f32)
             .collect();
-        for m in [1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96] {
+        for m in [1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512] {
             let x: Vec<bf16> = data(m * k, 3).into_iter().map(bf16::from_f32).collect();
             let mut out = vec![0f32; m * n];
             let gb = (experts * n * k * 2) as f64 / 1e9;

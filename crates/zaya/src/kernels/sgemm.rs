@@ -59,6 +59,15 @@ const NR: usize = 32;
 /// apart, they spread over 12 sets; the copy is also where a forward's cold weight rows
 /// arrive, so the next tile's rows are prefetched into L2 while this one runs.
 const TILE_PAD: usize = 16;
+/// Most row panels for which [`block`] fetches the next weight tile from inside the first
+/// panel's assembly tile. Before each panel, the lines of one or two panels came as one
+/// burst of hundreds of prefetches, more than the miss buffers hold: the copy of the next
+/// tile then waited on memory. Zen 4, 2 threads, sixteen cold medium experts in turn
+/// (`k = 1024`, `n = 2048 / 1024`), same-process alternation against a build without it (`cold_expert_shares`'s cold column):
+/// 24 rows 87 → 109 / 106 → 124 GFLOP/s, 32 rows 137 → 156 / 139 → 167, 40 rows 114 → 133 /
+/// 131 → 146, 64 rows 166 → 178 / 127 → 145, 96 rows 153 → 160 / 179 → 189, 128 rows
+/// 190 → 192 / 194 → 202; at 256 and 512 rows even or slightly behind.
+const AHEAD_IN_TILE_PANELS: usize = 4;
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
@@ -262,10 +271,16 @@ unsafe fn block(
             }
             let wp = tbuf.as_ptr();
             // the next tile's rows come cold from memory in a forward: ask for them while
-            // this tile's panels run, a share of the lines before each panel
+            // this tile's panels run. With few panels (an expert's share), from inside the
+            // first panel's assembly tile, three lines every four steps; otherwise a share
+            // of the lines before each panel.
             let next_lines = MR.min(n1.saturating_sub(j + MR)) * row_lines;
+            let in_tile =
+                next_lines > 0 && cols == MR && m > 16 && panels <= AHEAD_IN_TILE_PANELS && ldw == k;
+            let next_lines = if in_tile { 0 } else { next_lines };
             let (mut row, mut line) = (j + MR, 0);
             for ip in 0..panels {
+                let ahead = (in_tile && ip == 0).then(|| w.wrapping_add((j + MR) * ldw));
                 for _ in ip * next_lines / panels..(ip + 1) * next_lines / panels {
                     prefetch_l2(w.wrapping_add(row * ldw + 16 * line));
                     line += 1;
@@ -281,7 +296,7 @@ unsafe fn block(
                 macro_rules! tile {
                     ($v:literal; $($r:literal)*) => {
                         match cols {
-                            $($r => kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate),)*
+                            $($r => kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate, ahead),)*
                             _ => unreachable!("tile columns {cols} > {MR}"),
                         }
                     };
@@ -386,6 +401,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
     ldc: usize,
     rows: usize,
     load_c: bool,
+    ahead: Option<*const f32>,
 ) {
     // `C` is row-major and the tile holds its transpose: go through a small buffer.
     let mut t = [[0f32; NR]; R];
@@ -398,7 +414,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
     }
     if R == MR && V == 2 {
         // the whole tile: `t` is its `[12][2][16]` accumulator block
-        tile_12x32(k, x, w, ldw, t.as_mut_ptr() as *mut f32);
+        tile_12x32(k, x, w, ldw, t.as_mut_ptr() as *mut f32, ahead);
     } else {
         tile::<R, V>(k, x, w, ldw, &mut t);
     }
@@ -481,6 +497,81 @@ macro_rules! tile_step {
     };
 }
 
+/// The body of [`tile_12x32`]: load the accumulators, the steps in groups of four (each
+/// group followed by the `$ahead` lines), the remaining steps, store. `$extra` are the
+/// operands the `$ahead` lines use.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_12x32_asm {
+    ($acc:expr, $x:expr, $w:expr, $ldw:expr, $l:expr, $k:expr;
+     [$($ahead:literal),*]; $($extra:tt)*) => {
+        std::arch::asm!(
+            "vmovups zmm0, [{acc}]", "vmovups zmm1, [{acc} + 64]",
+            "vmovups zmm2, [{acc} + 128]", "vmovups zmm3, [{acc} + 192]",
+            "vmovups zmm4, [{acc} + 256]", "vmovups zmm5, [{acc} + 320]",
+            "vmovups zmm6, [{acc} + 384]", "vmovups zmm7, [{acc} + 448]",
+            "vmovups zmm8, [{acc} + 512]", "vmovups zmm9, [{acc} + 576]",
+            "vmovups zmm10, [{acc} + 640]", "vmovups zmm11, [{acc} + 704]",
+            "vmovups zmm12, [{acc} + 768]", "vmovups zmm13, [{acc} + 832]",
+            "vmovups zmm14, [{acc} + 896]", "vmovups zmm15, [{acc} + 960]",
+            "vmovups zmm16, [{acc} + 1024]", "vmovups zmm17, [{acc} + 1088]",
+            "vmovups zmm18, [{acc} + 1152]", "vmovups zmm19, [{acc} + 1216]",
+            "vmovups zmm20, [{acc} + 1280]", "vmovups zmm21, [{acc} + 1344]",
+            "vmovups zmm22, [{acc} + 1408]", "vmovups zmm23, [{acc} + 1472]",
+            "test {quads}, {quads}",
+            "jz 3f",
+            "2:",
+            tile_step!(0),
+            tile_step!(1),
+            tile_step!(2),
+            tile_step!(3),
+            $($ahead,)*
+            "add {a0}, 16", "add {a1}, 16", "add {a2}, 16", "add {x}, 512",
+            "dec {quads}",
+            "jnz 2b",
+            "3:",
+            "test {rest}, {rest}",
+            "jz 5f",
+            "4:",
+            tile_step!(0),
+            "add {a0}, 4", "add {a1}, 4", "add {a2}, 4", "add {x}, 128",
+            "dec {rest}",
+            "jnz 4b",
+            "5:",
+            "vmovups [{acc}], zmm0", "vmovups [{acc} + 64], zmm1",
+            "vmovups [{acc} + 128], zmm2", "vmovups [{acc} + 192], zmm3",
+            "vmovups [{acc} + 256], zmm4", "vmovups [{acc} + 320], zmm5",
+            "vmovups [{acc} + 384], zmm6", "vmovups [{acc} + 448], zmm7",
+            "vmovups [{acc} + 512], zmm8", "vmovups [{acc} + 576], zmm9",
+            "vmovups [{acc} + 640], zmm10", "vmovups [{acc} + 704], zmm11",
+            "vmovups [{acc} + 768], zmm12", "vmovups [{acc} + 832], zmm13",
+            "vmovups [{acc} + 896], zmm14", "vmovups [{acc} + 960], zmm15",
+            "vmovups [{acc} + 1024], zmm16", "vmovups [{acc} + 1088], zmm17",
+            "vmovups [{acc} + 1152], zmm18", "vmovups [{acc} + 1216], zmm19",
+            "vmovups [{acc} + 1280], zmm20", "vmovups [{acc} + 1344], zmm21",
+            "vmovups [{acc} + 1408], zmm22", "vmovups [{acc} + 1472], zmm23",
+            acc = in(reg) $acc,
+            x = inout(reg) $x => _,
+            a0 = inout(reg) $w => _,
+            a1 = inout(reg) $w.add(4 * $ldw) => _,
+            a2 = inout(reg) $w.add(8 * $ldw) => _,
+            l = in(reg) $l,
+            l3 = in(reg) 3 * $l,
+            quads = inout(reg) $k / 4 => _,
+            rest = inout(reg) $k % 4 => _,
+            $($extra)*
+            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+            out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+            out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+            out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+            out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+            out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+            out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+            out("zmm28") _, out("zmm29") _,
+            options(nostack),
+        )
+    };
+}
+
 /// The full tile of [`kernel`] (12 weight rows × 32 rows of `lhs`) in assembly: `acc`
 /// (`[12][2][16]` values) plus the product over `k` steps. Compiled from intrinsics
 /// ([`tile`]), the twelve rows `ldw` apart cost about one address add per broadcast, on
@@ -488,78 +579,38 @@ macro_rules! tile_step {
 /// twelve, four steps per loop (one thread on the Xeon, `step_shapes`: 108 → 132, 127 →
 /// 143, 131 → 152 GFLOP/s at 32 / 64 / 128 rows of the small config's gate/up product).
 /// The same arithmetic as [`tile`]: one FMA per value and step, in order (tested equal
-/// bit for bit).
+/// bit for bit). With `ahead`, the run also asks for the lines from there on into L2 (see
+/// [`block`]); a prefetch never faults, so any address will do.
 ///
 /// # Safety
 /// AVX-512F; `x` must hold `k·NR` values, `w` 12 rows of `k` values `ldw` apart, `acc` 384
 /// values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_12x32(k: usize, x: *const f32, w: *const f32, ldw: usize, acc: *mut f32) {
+unsafe fn tile_12x32(
+    k: usize,
+    x: *const f32,
+    w: *const f32,
+    ldw: usize,
+    acc: *mut f32,
+    ahead: Option<*const f32>,
+) {
     let l = ldw * 4;
-    std::arch::asm!(
-        "vmovups zmm0, [{acc}]", "vmovups zmm1, [{acc} + 64]",
-        "vmovups zmm2, [{acc} + 128]", "vmovups zmm3, [{acc} + 192]",
-        "vmovups zmm4, [{acc} + 256]", "vmovups zmm5, [{acc} + 320]",
-        "vmovups zmm6, [{acc} + 384]", "vmovups zmm7, [{acc} + 448]",
-        "vmovups zmm8, [{acc} + 512]", "vmovups zmm9, [{acc} + 576]",
-        "vmovups zmm10, [{acc} + 640]", "vmovups zmm11, [{acc} + 704]",
-        "vmovups zmm12, [{acc} + 768]", "vmovups zmm13, [{acc} + 832]",
-        "vmovups zmm14, [{acc} + 896]", "vmovups zmm15, [{acc} + 960]",
-        "vmovups zmm16, [{acc} + 1024]", "vmovups zmm17, [{acc} + 1088]",
-        "vmovups zmm18, [{acc} + 1152]", "vmovups zmm19, [{acc} + 1216]",
-        "vmovups zmm20, [{acc} + 1280]", "vmovups zmm21, [{acc} + 1344]",
-        "vmovups zmm22, [{acc} + 1408]", "vmovups zmm23, [{acc} + 1472]",
-        "test {quads}, {quads}",
-        "jz 3f",
-        "2:",
-        tile_step!(0),
-        tile_step!(1),
-        tile_step!(2),
-        tile_step!(3),
-        "add {a0}, 16", "add {a1}, 16", "add {a2}, 16", "add {x}, 512",
-        "dec {quads}",
-        "jnz 2b",
-        "3:",
-        "test {rest}, {rest}",
-        "jz 5f",
-        "4:",
-        tile_step!(0),
-        "add {a0}, 4", "add {a1}, 4", "add {a2}, 4", "add {x}, 128",
-        "dec {rest}",
-        "jnz 4b",
-        "5:",
-        "vmovups [{acc}], zmm0", "vmovups [{acc} + 64], zmm1",
-        "vmovups [{acc} + 128], zmm2", "vmovups [{acc} + 192], zmm3",
-        "vmovups [{acc} + 256], zmm4", "vmovups [{acc} + 320], zmm5",
-        "vmovups [{acc} + 384], zmm6", "vmovups [{acc} + 448], zmm7",
-        "vmovups [{acc} + 512], zmm8", "vmovups [{acc} + 576], zmm9",
-        "vmovups [{acc} + 640], zmm10", "vmovups [{acc} + 704], zmm11",
-        "vmovups [{acc} + 768], zmm12", "vmovups [{acc} + 832], zmm13",
-        "vmovups [{acc} + 896], zmm14", "vmovups [{acc} + 960], zmm15",
-        "vmovups [{acc} + 1024], zmm16", "vmovups [{acc} + 1088], zmm17",
-        "vmovups [{acc} + 1152], zmm18", "vmovups [{acc} + 1216], zmm19",
-        "vmovups [{acc} + 1280], zmm20", "vmovups [{acc} + 1344], zmm21",
-        "vmovups [{acc} + 1408], zmm22", "vmovups [{acc} + 1472], zmm23",
-        acc = in(reg) acc,
-        x = inout(reg) x => _,
-        a0 = inout(reg) w => _,
-        a1 = inout(reg) w.add(4 * ldw) => _,
-        a2 = inout(reg) w.add(8 * ldw) => _,
-        l = in(reg) l,
-        l3 = in(reg) 3 * l,
-        quads = inout(reg) k / 4 => _,
-        rest = inout(reg) k % 4 => _,
-        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-        out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
-        out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
-        out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
-        out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
-        out("zmm28") _, out("zmm29") _,
-        options(nostack),
-    );
+    match ahead {
+        // three lines a group of four steps: `12·k/16` lines over `k/4` groups, the next
+        // tile's rows exactly when they are contiguous
+        Some(pf) => tile_12x32_asm!(
+            acc, x, w, ldw, l, k;
+            [
+                "prefetcht1 [{pf}]",
+                "prefetcht1 [{pf} + 64]",
+                "prefetcht1 [{pf} + 128]",
+                "add {pf}, 192"
+            ];
+            pf = inout(reg) pf => _,
+        ),
+        None => tile_12x32_asm!(acc, x, w, ldw, l, k; [];),
+    }
 }
 
 /// Never called: [`takes`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
@@ -574,6 +625,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
     _ldc: usize,
     _rows: usize,
     _load_c: bool,
+    _ahead: Option<*const f32>,
 ) {
     unreachable!("the AVX-512 GEMM runs only where AVX-512F was detected")
 }
@@ -735,6 +787,7 @@ mod tests {
                     w[3..].as_ptr(),
                     ldw,
                     got.as_mut_ptr() as *mut f32,
+                    (k % 2 == 1).then_some(w.as_ptr()),
                 );
             }
             for (j, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -939,6 +992,49 @@ mod tests {
                 gb / ts,
                 gb * m as f64 / 2.0 / ts
             );
+        }
+    }
+
+    /// Expert shares against weights read from memory (sixteen 8 / 4 MiB medium experts in
+    /// turn, more than the L3) and against one expert's weights over and over (in cache),
+    /// GFLOP/s: what reading the weights still costs at each share size. `cargo test
+    /// --release -p zaya --lib sgemm::tests::cold_expert_shares -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn cold_expert_shares() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
+        println!("threads: {}", cpu::num_threads());
+        let experts = 16;
+        for (k, n) in [(1024, 2048), (1024, 1024)] {
+            let w = test_data(experts * n * k, 5);
+            for m in [24, 32, 40, 64, 96, 128, 256, 512] {
+                let x = test_data(m * k, 3);
+                let mut out = vec![0f32; m * n];
+                let mut run = |cold: bool| {
+                    best(&mut || {
+                        cpu::in_pool(|| {
+                            for e in 0..experts {
+                                let e = if cold { e } else { 0 };
+                                let weight = &w[e * n * k..(e + 1) * n * k];
+                                let dst = MatMut::new(&mut out, 0, n);
+                                let (lhs, rhs) =
+                                    (MatRef::rows(&x, 0, k), MatRef::rows(weight, 0, k).t());
+                                weight_rows(m, n, k, dst, false, lhs, rhs, true).unwrap()
+                            }
+                        })
+                    })
+                };
+                let flop = 2.0 * (experts * m * n * k) as f64 / 1e9;
+                let (cold, warm) = (run(true), run(false));
+                println!(
+                    "m={m:<3} k={k} n={n}: cold {:.0} GFLOP/s, warm {:.0} GFLOP/s",
+                    flop / cold,
+                    flop / warm
+                );
+            }
         }
     }
 
