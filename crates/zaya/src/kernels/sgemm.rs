@@ -17,6 +17,9 @@
 //! that stays allocated for the thread. The full tile
 //! runs in assembly ([`tile_12x32`]: the compiled intrinsics spent an address add per
 //! broadcast on the FMA ports), the partial ones at the edges in intrinsics ([`tile`]).
+//! The first panel's assembly tile also copies the next weight tile, in the load and store
+//! slots its multiply-adds leave free ([`Ahead`]): with an expert's few dozen rows (one
+//! panel) the copy had been a separate pass of ~9 % of a prefill, waiting on memory.
 //!
 //! Busy experts (hundreds of rows) stay here too: the `gemm` crate's packing of a weight
 //! that comes cold from memory gathers it one value at a time with a stride of `k` (21 % of
@@ -60,7 +63,8 @@ const NR: usize = 32;
 /// arrive, so the next tile's rows are prefetched into L2 while this one runs.
 const TILE_PAD: usize = 16;
 /// Most row panels for which [`block`] fetches the next weight tile from inside the first
-/// panel's assembly tile. Before each panel, the lines of one or two panels came as one
+/// panel's assembly tile, where that tile cannot copy it ([`Ahead::Copy`]: the next tile
+/// short of twelve rows, or `k` not a multiple of 16). Before each panel, the lines of one or two panels came as one
 /// burst of hundreds of prefetches, more than the miss buffers hold: the copy of the next
 /// tile then waited on memory. Zen 4, 2 threads, sixteen cold medium experts in turn
 /// (`k = 1024`, `n = 2048 / 1024`), same-process alternation against a build without it (`cold_expert_shares`'s cold column):
@@ -68,6 +72,24 @@ const TILE_PAD: usize = 16;
 /// 131 → 146, 64 rows 166 → 178 / 127 → 145, 96 rows 153 → 160 / 179 → 189, 128 rows
 /// 190 → 192 / 194 → 202; at 256 and 512 rows even or slightly behind.
 const AHEAD_IN_TILE_PANELS: usize = 4;
+/// What the first row panel's assembly tile ([`tile_12x32`]) does beside its product, in
+/// the load and store slots the multiply-adds leave free (three lines every four steps:
+/// `12·k/16` lines over `k/4` groups, the next tile's twelve rows exactly). Copying there
+/// rather than before the tile: medium prefill with a balanced router (shares of 24–40
+/// rows), Zen 4, 2 threads, six alternated pairs of runs: +1.7 to +13 %, 525 against 501
+/// tok/s on average (`cold_expert_shares`: 32 rows 138 → 150 / 147 → 156 GFLOP/s cold,
+/// 152 → 168 / 173 → 190 warm).
+#[derive(Clone, Copy)]
+enum Ahead {
+    /// Nothing more.
+    None,
+    /// Ask for the lines from here on into L2 (the next tile's rows, when contiguous).
+    Prefetch(*const f32),
+    /// Copy the next tile's twelve rows (contiguous from `src`, `k` values each, `k` a
+    /// multiple of 16) to `dst`, `TILE_PAD` values apart as [`block`] lays a tile out.
+    Copy { src: *const f32, dst: *mut f32 },
+}
+
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
@@ -252,35 +274,65 @@ unsafe fn block(
         let buf = &mut *packed.borrow_mut();
         let panels = m.div_ceil(NR);
         let ldt = k + TILE_PAD;
-        if buf.len() < panels * NR * k + MR * ldt {
-            buf.resize(panels * NR * k + MR * ldt, 0.0);
+        if buf.len() < panels * NR * k + 2 * MR * ldt {
+            buf.resize(panels * NR * k + 2 * MR * ldt, 0.0);
         }
-        let (xbuf, tbuf) = buf.split_at_mut(panels * NR * k);
+        let (xbuf, tbufs) = buf.split_at_mut(panels * NR * k);
         pack_lhs_transposed(lhs, m, k, xbuf);
         let w = rhs.data.as_ptr().add(rhs.off);
         let ldw = rhs.cs;
         let row_lines = k.div_ceil(16);
+        // the tile's copy and the next one's: `tbufs[cur * MR * ldt..]` holds this tile
+        let mut cur = 0;
+        // whether the previous tile's first panel copied this tile already
+        let mut copied = false;
         // Weight tile outer, row panels inner: the tile's weight rows, copied `TILE_PAD`
         // apart (see there), stay in cache (L1 up to `k = 512`, L2 above) while every
         // panel passes.
         for j in (n0..n1).step_by(MR) {
             let cols = MR.min(n1 - j);
-            for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
-                let at = rhs.off + (j + r) * ldw;
-                dst[..k].copy_from_slice(&rhs.data[at..at + k]);
+            let (tbuf, next_buf) = if cur == 0 {
+                let (a, b) = tbufs.split_at_mut(MR * ldt);
+                (a, b)
+            } else {
+                let (b, a) = tbufs.split_at_mut(MR * ldt);
+                (a, b)
+            };
+            if !copied {
+                for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
+                    let at = rhs.off + (j + r) * ldw;
+                    dst[..k].copy_from_slice(&rhs.data[at..at + k]);
+                }
             }
             let wp = tbuf.as_ptr();
-            // the next tile's rows come cold from memory in a forward: ask for them while
-            // this tile's panels run. With few panels (an expert's share), from inside the
-            // first panel's assembly tile, three lines every four steps; otherwise a share
-            // of the lines before each panel.
+            // The next tile's rows come cold from memory in a forward. Where the first
+            // panel runs the assembly tile and the next tile is twelve contiguous rows,
+            // that tile copies them (asking for the lines after them as it goes), in the
+            // slots its multiply-adds leave free; otherwise they are asked for ahead: with
+            // few panels (an expert's share) from inside the first panel's tile, three
+            // lines every four steps, else a share of the lines before each panel.
+            let first_asm = cols == MR && m > 16;
+            let copy = first_asm
+                && j + 2 * MR <= n1
+                && ldw == k
+                && k.is_multiple_of(16);
             let next_lines = MR.min(n1.saturating_sub(j + MR)) * row_lines;
-            let in_tile =
-                next_lines > 0 && cols == MR && m > 16 && panels <= AHEAD_IN_TILE_PANELS && ldw == k;
-            let next_lines = if in_tile { 0 } else { next_lines };
+            let in_tile = !copy
+                && next_lines > 0
+                && first_asm
+                && panels <= AHEAD_IN_TILE_PANELS
+                && ldw == k;
+            let next_lines = if in_tile || copy { 0 } else { next_lines };
             let (mut row, mut line) = (j + MR, 0);
             for ip in 0..panels {
-                let ahead = (in_tile && ip == 0).then(|| w.wrapping_add((j + MR) * ldw));
+                let ahead = match (ip, copy, in_tile) {
+                    (0, true, _) => Ahead::Copy {
+                        src: w.add((j + MR) * ldw),
+                        dst: next_buf.as_mut_ptr(),
+                    },
+                    (0, _, true) => Ahead::Prefetch(w.wrapping_add((j + MR) * ldw)),
+                    _ => Ahead::None,
+                };
                 for _ in ip * next_lines / panels..(ip + 1) * next_lines / panels {
                     prefetch_l2(w.wrapping_add(row * ldw + 16 * line));
                     line += 1;
@@ -306,6 +358,10 @@ unsafe fn block(
                 } else {
                     tile!(1; 1 2 3 4 5 6 7 8 9 10 11 12);
                 }
+            }
+            copied = copy;
+            if copy {
+                cur = 1 - cur;
             }
         }
     })
@@ -401,7 +457,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
     ldc: usize,
     rows: usize,
     load_c: bool,
-    ahead: Option<*const f32>,
+    ahead: Ahead,
 ) {
     // `C` is row-major and the tile holds its transpose: go through a small buffer.
     let mut t = [[0f32; NR]; R];
@@ -497,13 +553,34 @@ macro_rules! tile_step {
     };
 }
 
+/// One line of [`Ahead::Copy`]: ask for the line eight rows further on (the tile after
+/// next from row 4 of the next one on: every line is asked for before it is copied), copy
+/// the line at `{cs}` to `{cd}`, and at a row's end skip the copy's padding.
+#[cfg(target_arch = "x86_64")]
+macro_rules! copy_line {
+    () => {
+        concat!(
+            "prefetcht1 [{cs} + {l}*8]\n",
+            "vmovups zmm30, [{cs}]\n",
+            "vmovups [{cd}], zmm30\n",
+            "add {cs}, 64\n",
+            "add {cd}, 64\n",
+            "dec {cl}\n",
+            "jnz 6f\n",
+            "add {cd}, 64\n",
+            "mov {cl}, {rl}\n",
+            "6:\n",
+        )
+    };
+}
+
 /// The body of [`tile_12x32`]: load the accumulators, the steps in groups of four (each
 /// group followed by the `$ahead` lines), the remaining steps, store. `$extra` are the
 /// operands the `$ahead` lines use.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tile_12x32_asm {
     ($acc:expr, $x:expr, $w:expr, $ldw:expr, $l:expr, $k:expr;
-     [$($ahead:literal),*]; $($extra:tt)*) => {
+     [$($ahead:tt)*]; $($extra:tt)*) => {
         std::arch::asm!(
             "vmovups zmm0, [{acc}]", "vmovups zmm1, [{acc} + 64]",
             "vmovups zmm2, [{acc} + 128]", "vmovups zmm3, [{acc} + 192]",
@@ -524,7 +601,7 @@ macro_rules! tile_12x32_asm {
             tile_step!(1),
             tile_step!(2),
             tile_step!(3),
-            $($ahead,)*
+            $($ahead)*
             "add {a0}, 16", "add {a1}, 16", "add {a2}, 16", "add {x}, 512",
             "dec {quads}",
             "jnz 2b",
@@ -593,23 +670,36 @@ unsafe fn tile_12x32(
     w: *const f32,
     ldw: usize,
     acc: *mut f32,
-    ahead: Option<*const f32>,
+    ahead: Ahead,
 ) {
     let l = ldw * 4;
     match ahead {
         // three lines a group of four steps: `12·k/16` lines over `k/4` groups, the next
         // tile's rows exactly when they are contiguous
-        Some(pf) => tile_12x32_asm!(
+        Ahead::Prefetch(pf) => tile_12x32_asm!(
             acc, x, w, ldw, l, k;
             [
                 "prefetcht1 [{pf}]",
                 "prefetcht1 [{pf} + 64]",
                 "prefetcht1 [{pf} + 128]",
-                "add {pf}, 192"
+                "add {pf}, 192",
             ];
             pf = inout(reg) pf => _,
         ),
-        None => tile_12x32_asm!(acc, x, w, ldw, l, k; [];),
+        Ahead::Copy { src, dst } => {
+            debug_assert!(k.is_multiple_of(16));
+            let row_lines = k / 16;
+            tile_12x32_asm!(
+                acc, x, w, ldw, l, k;
+                [copy_line!(), copy_line!(), copy_line!(),];
+                cs = inout(reg) src => _,
+                cd = inout(reg) dst => _,
+                cl = inout(reg) row_lines => _,
+                rl = in(reg) row_lines,
+                out("zmm30") _,
+            )
+        }
+        Ahead::None => tile_12x32_asm!(acc, x, w, ldw, l, k; [];),
     }
 }
 
@@ -625,7 +715,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
     _ldc: usize,
     _rows: usize,
     _load_c: bool,
-    _ahead: Option<*const f32>,
+    _ahead: Ahead,
 ) {
     unreachable!("the AVX-512 GEMM runs only where AVX-512F was detected")
 }
@@ -787,7 +877,11 @@ mod tests {
                     w[3..].as_ptr(),
                     ldw,
                     got.as_mut_ptr() as *mut f32,
-                    (k % 2 == 1).then_some(w.as_ptr()),
+                    if k % 2 == 1 {
+                        Ahead::Prefetch(w.as_ptr())
+                    } else {
+                        Ahead::None
+                    },
                 );
             }
             for (j, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -842,6 +936,49 @@ mod tests {
             .unwrap();
             for (x, y) in part.iter().zip(&whole[3 * n..(3 + sub) * n]) {
                 assert_eq!(x.to_bits(), y.to_bits());
+            }
+        }
+    }
+
+    /// Tiles copied by the tile before them (weight rows contiguous, `k` a multiple of 16,
+    /// more than 16 rows) give each row the bits of that row alone (one row never takes
+    /// the assembly tile nor the copy): a misplaced line or a missed row padding fails it.
+    #[test]
+    fn tiles_copied_ahead_give_the_bits_of_a_row_alone() {
+        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+            return;
+        }
+        for (case, &(m, n, k)) in [
+            (17, 24, 16),
+            (40, 100, 512),
+            (33, 49, 1024),
+            (100, 36, 256),
+            (200, 61, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let a = Operand::new(m, k, false, 10 + case as u32);
+            // a weight `[n, k]` whose rows follow each other, as the copy needs
+            let weight = test_data(n * k, 20 + case as u32);
+            let b = MatRef::rows(&weight, 0, k).t();
+            for parallel in [false, true] {
+                let mut whole = vec![0f32; m * n];
+                let dst = MatMut::new(&mut whole, 0, n);
+                weight_rows(m, n, k, dst, false, a.view(), b, parallel).unwrap();
+                for i in 0..m {
+                    let mut row = vec![0f32; n];
+                    let lhs = MatRef::new(&a.data, a.off + i * a.rs, a.rs, a.cs);
+                    let dst = MatMut::new(&mut row, 0, n);
+                    weight_rows(1, n, k, dst, false, lhs, b, false).unwrap();
+                    for (j, (x, y)) in row.iter().zip(&whole[i * n..(i + 1) * n]).enumerate() {
+                        assert_eq!(
+                            x.to_bits(),
+                            y.to_bits(),
+                            "m={m} n={n} k={k} parallel={parallel}: row {i} column {j}"
+                        );
+                    }
+                }
             }
         }
     }
