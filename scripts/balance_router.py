@@ -20,9 +20,10 @@ on the same routing.
     python3 scripts/balance_router.py --model /work/medium --restore
 
 Needs numpy and safetensors (the reference virtualenv has both). On the 8B bf16 bench model
-it balanced the first layers only (four passes: layer 0 at 40 rows, later layers 45-118
-against 155-511 before; rounding the probabilities to bf16 for the fit made it worse):
-the small and medium f32 models settle at <= 42 rows in every layer within three passes.
+the fit converges in the first layers only (eight passes: layer 0 at 40 rows, the others
+45-150 against 155-511 before; rounding the probabilities to bf16 for the fit made it
+worse): the small and medium f32 models settle at <= 42 rows in every layer within three
+passes.
 """
 
 import argparse
