@@ -291,12 +291,11 @@ unsafe fn block(
         // panel passes.
         for j in (n0..n1).step_by(MR) {
             let cols = MR.min(n1 - j);
+            let (first, second) = tbufs.split_at_mut(MR * ldt);
             let (tbuf, next_buf) = if cur == 0 {
-                let (a, b) = tbufs.split_at_mut(MR * ldt);
-                (a, b)
+                (first, second)
             } else {
-                let (b, a) = tbufs.split_at_mut(MR * ldt);
-                (a, b)
+                (second, first)
             };
             if !copied {
                 for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
