@@ -64,13 +64,14 @@ const NR: usize = 32;
 const TILE_PAD: usize = 16;
 /// Most row panels for which [`block`] fetches the next weight tile from inside the first
 /// panel's assembly tile, where that tile cannot copy it ([`Ahead::Copy`]: the next tile
-/// short of twelve rows, or `k` not a multiple of 16). Before each panel, the lines of one or two panels came as one
-/// burst of hundreds of prefetches, more than the miss buffers hold: the copy of the next
-/// tile then waited on memory. Zen 4, 2 threads, sixteen cold medium experts in turn
-/// (`k = 1024`, `n = 2048 / 1024`), same-process alternation against a build without it (`cold_expert_shares`'s cold column):
-/// 24 rows 87 → 109 / 106 → 124 GFLOP/s, 32 rows 137 → 156 / 139 → 167, 40 rows 114 → 133 /
-/// 131 → 146, 64 rows 166 → 178 / 127 → 145, 96 rows 153 → 160 / 179 → 189, 128 rows
-/// 190 → 192 / 194 → 202; at 256 and 512 rows even or slightly behind.
+/// short of twelve rows, or `k` not a multiple of 16). Before each panel, the lines of one
+/// or two panels came as one burst of hundreds of prefetches, more than the miss buffers
+/// hold: the copy of the next tile then waited on memory. Zen 4, 2 threads, sixteen cold
+/// medium experts in turn (`k = 1024`, `n = 2048 / 1024`), same-process alternation
+/// against a build without it (`cold_expert_shares`'s cold column): 24 rows 87 → 109 /
+/// 106 → 124 GFLOP/s, 32 rows 137 → 156 / 139 → 167, 40 rows 114 → 133 / 131 → 146,
+/// 64 rows 166 → 178 / 127 → 145, 96 rows 153 → 160 / 179 → 189, 128 rows 190 → 192 /
+/// 194 → 202; at 256 and 512 rows even or slightly behind.
 const AHEAD_IN_TILE_PANELS: usize = 4;
 /// What the first row panel's assembly tile ([`tile_12x32`]) does beside its product, in
 /// the load and store slots the multiply-adds leave free (three lines every four steps:
