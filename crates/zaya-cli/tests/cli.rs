@@ -15,11 +15,15 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
+fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-cli-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 /// Asserts a `zaya` run succeeded, showing its stderr where it did not.
@@ -48,7 +52,8 @@ fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
 #[test]
 fn forward_writes_logits_and_captures() {
     let dir = fixture("gqa_sliding");
-    let out = temp("forward").join("out.safetensors");
+    let (_guard, out) = temp("forward");
+    let out = out.join("out.safetensors");
     let status = zaya()
         .args(["forward", "--model"])
         .arg(&dir)
@@ -120,7 +125,7 @@ fn generate_prints_new_tokens_as_json() {
 
 #[test]
 fn init_inspect_and_convert_round_trip() {
-    let dir = temp("init");
+    let (_guard, dir) = temp("init");
     let model = dir.join("model");
     let status = zaya()
         .args(["init", "--config"])
@@ -157,7 +162,7 @@ fn init_inspect_and_convert_round_trip() {
 
 #[test]
 fn bad_input_fails_with_a_message() {
-    let dir = temp("bad");
+    let (_guard, dir) = temp("bad");
     std::fs::write(dir.join("in.json"), r#"{"input_ids": [[1, 2, 999]]}"#).unwrap();
     let out = zaya()
         .args(["forward", "--model"])
@@ -226,7 +231,7 @@ fn tokenize_and_detokenize_match_transformers() {
 #[test]
 fn template_prints_the_rendering_exactly() {
     let fx = text_fixture("templates.json");
-    let dir = temp("template");
+    let (_guard, dir) = temp("template");
     let mut ran = 0;
     for case in fx["conversations"].as_array().unwrap() {
         let kwargs = &case["kwargs"];
@@ -296,7 +301,8 @@ fn forward_with_labels_writes_loss_and_gradients() {
     let want =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     for checkpointing in [false, true] {
-        let out = temp(&format!("grads-{checkpointing}")).join("out.safetensors");
+        let (_guard, out) = temp(&format!("grads-{checkpointing}"));
+        let out = out.join("out.safetensors");
         let mut cmd = zaya();
         cmd.args(["forward", "--grads", "--model"])
             .arg(&dir)
@@ -334,7 +340,7 @@ fn forward_with_labels_writes_loss_and_gradients() {
 /// The README's first command: the embedded default model writes readable text.
 #[test]
 fn default_model_generates_text_without_a_model_dir() {
-    let cache = temp("default-cache");
+    let (_guard, cache) = temp("default-cache");
     let out = zaya()
         .env("ZAYA_CACHE_DIR", &cache)
         .args([
@@ -392,7 +398,7 @@ fn default_model_generates_text_without_a_model_dir() {
 /// loadable export.
 #[test]
 fn train_resumes_exactly_and_exports() {
-    let dir = temp("train");
+    let (_guard, dir) = temp("train");
     let model = fixture("gqa_sliding");
     let train: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("train.json")).unwrap()).unwrap();
@@ -484,7 +490,7 @@ fn train_resumes_exactly_and_exports() {
 /// and is refused with clipping or accumulation on.
 #[test]
 fn train_with_the_optimizer_in_backward_matches_the_plain_run() {
-    let dir = temp("train-oib");
+    let (_guard, dir) = temp("train-oib");
     let model = fixture("conv_k3");
     let train: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("train.json")).unwrap()).unwrap();
@@ -579,7 +585,7 @@ fn train_with_the_optimizer_in_backward_matches_the_plain_run() {
 #[test]
 fn huge_pages_follow_the_kernel_mode_and_zaya_thp() {
     let dir = fixture("gqa_sliding");
-    let out = temp("heap");
+    let (_guard, out) = temp("heap");
     let madvise = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|m| m.split_whitespace().any(|w| w == "[madvise]"));
     for (thp, expect_huge) in [(None, madvise), (Some("0"), false)] {
@@ -628,7 +634,7 @@ fn bench_json(mut cmd: Command, model: &Path, extra: &[&str], json: &Path) -> se
 #[test]
 fn bench_inference_and_train_write_their_json() {
     let dir = fixture("gqa_sliding");
-    let out = temp("bench");
+    let (_guard, out) = temp("bench");
     let run = |extra: &[&str], json: &PathBuf| bench_json(zaya(), &dir, extra, json);
     let inf = run(
         &[

@@ -14,11 +14,15 @@ fn repo(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-grpo-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
+fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-grpo-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 fn ok(out: Output) -> Output {
@@ -81,7 +85,7 @@ fn grpo_lr(data: &Path, out: &Path, steps: u64, lr: &str, extra: &[&str]) -> Com
 
 #[test]
 fn grpo_loss_cli_matches_trl() {
-    let dir = temp("loss");
+    let (_guard, dir) = temp("loss");
     let out = dir.join("out.safetensors");
     ok(zaya()
         .args(["grpo-loss", "--model"])
@@ -130,7 +134,7 @@ fn grpo_loss_cli_matches_trl() {
 /// Learning, not just running: the reward of the last steps is well above the first ones.
 #[test]
 fn grpo_raises_the_reward_on_the_default_model() {
-    let dir = temp("learn");
+    let (_guard, dir) = temp("learn");
     let data = task(&dir);
     let run = dir.join("run");
     ok(grpo(&data, &run, 30, &[]).output().unwrap());
@@ -151,7 +155,7 @@ fn grpo_raises_the_reward_on_the_default_model() {
 
 #[test]
 fn grpo_resumes_from_its_checkpoint() {
-    let dir = temp("resume");
+    let (_guard, dir) = temp("resume");
     let data = task(&dir);
     let run = dir.join("run");
     ok(grpo(
@@ -183,7 +187,7 @@ fn grpo_resumes_from_its_checkpoint() {
 
 #[test]
 fn grpo_with_process_reward_and_tool_environment() {
-    let dir = temp("procs");
+    let (_guard, dir) = temp("procs");
     let data = dir.join("tools.jsonl");
     std::fs::write(
         &data,
@@ -280,7 +284,7 @@ fn column(run: &Path, name: &str) -> Vec<f64> {
 /// that the inference commands load.
 #[test]
 fn grpo_lora_raises_the_reward_on_the_default_model() {
-    let dir = temp("lora-learn");
+    let (_guard, dir) = temp("lora-learn");
     let data = task(&dir);
     let run = dir.join("run");
     let o = ok(grpo_lr(&data, &run, 30, "1e-2", &["--lora", LORA])
@@ -336,7 +340,7 @@ fn grpo_lora_raises_the_reward_on_the_default_model() {
 /// checkpointing runs.
 #[test]
 fn grpo_lora_resumes_exactly_and_runs_qlora() {
-    let dir = temp("lora-resume");
+    let (_guard, dir) = temp("lora-resume");
     let data = task(&dir);
     let args = |extra: &[&str]| -> Vec<String> {
         ["--save-every", "2", "--beta", "0.04", "--lora", LORA]

@@ -23,11 +23,15 @@ fn lora_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-lora-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
+fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-lora-cli-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -85,7 +89,7 @@ fn forward(model: &Path, adapter: Option<&Path>, inputs: &Path, out: &Path, grad
 
 #[test]
 fn forward_with_a_peft_adapter_gives_peft_logits_loss_and_adapter_gradients() {
-    let dir = temp("forward");
+    let (_guard, dir) = temp("forward");
     let model = fixture("gqa_sliding");
     let adapter = lora_fixture("full").join("adapter");
     let reference = candle_core::safetensors::load(
@@ -135,7 +139,7 @@ fn forward_with_a_peft_adapter_gives_peft_logits_loss_and_adapter_gradients() {
 
 #[test]
 fn merge_equals_the_unmerged_adapter_and_generate_runs_it() {
-    let dir = temp("merge");
+    let (_guard, dir) = temp("merge");
     let model = fixture("mha_bias");
     let adapter = lora_fixture("rslora").join("adapter");
     let merged = dir.join("merged");
@@ -231,7 +235,7 @@ fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process:
 
 #[test]
 fn train_lora_lowers_the_loss_writes_peft_adapters_and_resumes_exactly() {
-    let dir = temp("train");
+    let (_guard, dir) = temp("train");
     let model = fixture("gqa_sliding");
     let data = train_data(&dir, &model);
     let spec = ["--lora", "r=4,alpha=8,targets=q_proj,o_proj,fc1,experts"];
@@ -317,7 +321,7 @@ fn train_lora_lowers_the_loss_writes_peft_adapters_and_resumes_exactly() {
 
 #[test]
 fn qlora_trains_and_a_run_that_cannot_fit_is_refused() {
-    let dir = temp("qlora");
+    let (_guard, dir) = temp("qlora");
     let model = fixture("gqa_sliding");
     let data = train_data(&dir, &model);
     let o = train(

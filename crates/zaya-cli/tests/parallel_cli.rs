@@ -18,10 +18,15 @@ fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures/models").join(name)
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-parallel-cli-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = tmp("x")`) for as long as the test uses the path.
+fn tmp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-parallel-cli-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {
@@ -73,7 +78,7 @@ fn forward_on(inputs: &str, extra: &[&str], out: &Path) -> (bool, String) {
 
 #[test]
 fn forward_on_tp_and_pp_local_ranks_writes_the_single_rank_logits() {
-    let d = tmp("forward");
+    let (_guard, d) = tmp("forward");
     let (ok, text) = forward(&[], &d.join("single.safetensors"));
     assert!(ok, "{text}");
     let single = logits(&d.join("single.safetensors"));
@@ -115,7 +120,6 @@ fn forward_on_tp_and_pp_local_ranks_writes_the_single_rank_logits() {
         text.contains("num_experts = 4 is not divisible by --ep 3"),
         "{text}"
     );
-    std::fs::remove_dir_all(&d).ok();
 }
 
 fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
@@ -158,7 +162,7 @@ const CAPTURES: [&str; 3] = ["--hidden-states", "--attentions", "--router-logits
 /// ranks writes the single-rank file: the same names, shapes and values, tensor by tensor.
 #[test]
 fn forward_captures_on_local_ranks_equal_one_rank() {
-    let d = tmp("captures");
+    let (_guard, d) = tmp("captures");
     let (ok, text) = forward(&CAPTURES, &d.join("single.safetensors"));
     assert!(ok, "{text}");
     let single = load(&d.join("single.safetensors"));
@@ -183,7 +187,6 @@ fn forward_captures_on_local_ranks_equal_one_rank() {
         assert!(diff <= 3.6e-5, "{flags:?}: logits {diff}");
         assert_same_tensors(&format!("{flags:?}"), &logits_free, &want, 1e-5);
     }
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -251,7 +254,7 @@ fn plan_prints_what_each_rank_holds_and_the_8b_training_fit() {
 
 #[test]
 fn launch_runs_a_command_on_local_ranks_and_checks_the_rank_count() {
-    let d = tmp("launch");
+    let (_guard, d) = tmp("launch");
     let m = fixture("gqa_sliding");
     let out = d.join("l.safetensors");
     let (ok, text) = run(zaya()
@@ -279,7 +282,6 @@ fn launch_runs_a_command_on_local_ranks_and_checks_the_rank_count() {
         text.contains("--nproc 3 but the command's --tp × --pp × --ep × --dp is 2"),
         "{text}"
     );
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// `zaya launch --backend mpi` (= `mpirun -n 4 zaya forward --tp 2 --pp 2 ...`): four
@@ -292,7 +294,7 @@ fn launch_on_mpi_processes_equals_local_ranks() {
     let collectives: Vec<String> = std::env::var("ZAYA_TEST_COLLECTIVES")
         .map(|e| vec!["--collectives".into(), e])
         .unwrap_or_default();
-    let d = tmp("mpi");
+    let (_guard, d) = tmp("mpi");
     let m = fixture("gqa_sliding");
     let (ok, text) = forward(
         &[
@@ -345,7 +347,6 @@ fn launch_on_mpi_processes_equals_local_ranks() {
         &load(&d.join("local.safetensors")),
         1e-5,
     );
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -420,7 +421,7 @@ fn generate_on_mpi_processes_prints_the_single_rank_tokens_once() {
 /// inputs with labels (loss, gradients: f32 training code) are refused in bf16.
 #[test]
 fn bf16_forward_on_ranks_stays_close_to_one_bf16_rank() {
-    let d = tmp("bf16fwd");
+    let (_guard, d) = tmp("bf16fwd");
     // the one-prompt input: in the padded batch, bf16 rounding flips a near-tied router
     // choice at one position (a different expert there, legitimately)
     let forward = |extra: &[&str], out: &Path| forward_on("single.json", extra, out);
@@ -457,7 +458,6 @@ fn bf16_forward_on_ranks_stays_close_to_one_bf16_rank() {
         &d.join("x.safetensors"),
     );
     assert!(!ok && text.contains("run in f32"), "{text}");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// bf16 ranks: `zaya generate --dtype bf16 --tp/--pp/--ep` (token ids on a fixture, text
@@ -734,13 +734,12 @@ fn bench_train_with_parallel_ranks_refuses_to_run_under_mpirun() {
 #[cfg(not(feature = "mpi"))]
 #[test]
 fn a_build_without_mpi_refuses_to_run_under_mpirun() {
-    let d = tmp("nompi");
+    let (_guard, d) = tmp("nompi");
     let (ok, text) = run(forward_cmd(&d.join("x.safetensors"))
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .args(["--tp", "2"]));
     assert!(!ok);
     assert!(text.contains("built without MPI"), "{text}");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -760,7 +759,7 @@ fn forward_cmd(out: &Path) -> Command {
 /// launcher (NCCL runs one process per GPU), or in a build without NCCL.
 #[test]
 fn nccl_collectives_are_refused_where_they_cannot_run() {
-    let d = tmp("nccl-refused");
+    let (_guard, d) = tmp("nccl-refused");
     let m = fixture("gqa_sliding");
     let (ok, text) = run(zaya()
         .args(["forward", "--model"])
@@ -778,5 +777,4 @@ fn nccl_collectives_are_refused_where_they_cannot_run() {
     };
     assert!(text.contains(want), "{text}");
     assert!(!d.join("out.safetensors").exists());
-    std::fs::remove_dir_all(&d).ok();
 }

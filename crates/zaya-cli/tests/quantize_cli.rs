@@ -11,11 +11,15 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
+fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-cli-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -31,7 +35,7 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn quantized_file_and_quant_at_load_agree_and_generate_text() {
-    let dir = temp("quantize");
+    let (_guard, dir) = temp("quantize");
     let model = root().join("models/default");
     let gguf = dir.join("default-q8_0.gguf");
     let report = run(zaya()
@@ -175,7 +179,7 @@ fn eval_kl(gguf: &std::path::Path, reference: &std::path::Path) -> f64 {
 /// (README, "Quantized weights": 0.059 → 0.045 mean KL on these 2000 tokens).
 #[test]
 fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
-    let dir = temp("imatrix");
+    let (_guard, dir) = temp("imatrix");
     let model = root().join("models/default");
     let calib = genesis_text(&dir);
     let quantize = |out: &std::path::Path, imatrix: bool| {
@@ -299,7 +303,7 @@ fn an_importance_matrix_from_text_brings_q4_k_closer_to_f32() {
 /// the whole text), and `--quant q4_k_m` at load gives the same model as the file.
 #[test]
 fn the_q4_k_m_mix_brings_q4_k_closer_to_f32() {
-    let dir = temp("q4_k_m");
+    let (_guard, dir) = temp("q4_k_m");
     let model = root().join("models/default");
     let quantize = |out: &std::path::Path, format: &str| -> serde_json::Value {
         let out = run(zaya()
@@ -359,7 +363,7 @@ fn the_q4_k_m_mix_brings_q4_k_closer_to_f32() {
 /// before anything is written.
 #[test]
 fn gptq_from_text_brings_q8_0_and_q4_k_m_closer_to_f32() {
-    let dir = temp("gptq");
+    let (_guard, dir) = temp("gptq");
     let model = root().join("models/default");
     let calib = genesis_text(&dir);
     let quantize = |out: &std::path::Path, format: &[&str], gptq: bool, per_layer: bool| {

@@ -21,11 +21,15 @@ fn default_model() -> PathBuf {
     repo("models/default")
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-robust-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
+fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-robust-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 fn stderr(o: &Output) -> String {
@@ -122,7 +126,7 @@ fn stdout_commands(dir: &Path) -> Vec<(&'static str, Command)> {
 
 #[test]
 fn a_closed_pipe_ends_every_command_quietly() {
-    let dir = temp("pipe");
+    let (_guard, dir) = temp("pipe");
     for (name, mut cmd) in stdout_commands(&dir) {
         let o = cmd
             .stdout(closed_pipe())
@@ -158,7 +162,7 @@ fn a_closed_pipe_ends_every_command_quietly() {
 
 #[test]
 fn a_full_disk_is_a_clean_error() {
-    let dir = temp("full");
+    let (_guard, dir) = temp("full");
     for (name, mut cmd) in stdout_commands(&dir) {
         let o = cmd
             .stdout(dev_full())
@@ -383,7 +387,7 @@ fn killed_copy(from: &Path, to: &Path, step: u64, latest: bool) {
 
 #[test]
 fn resume_trims_the_log_and_cleans_temporaries() {
-    let dir = temp("resume-log");
+    let (_guard, dir) = temp("resume-log");
     let data = train_data(&dir);
     let a = dir.join("a");
     let o = train(&data, &a, &[]);
@@ -422,7 +426,7 @@ fn resume_trims_the_log_and_cleans_temporaries() {
 
 #[test]
 fn resume_without_latest_uses_the_newest_complete_checkpoint() {
-    let dir = temp("resume-latest");
+    let (_guard, dir) = temp("resume-latest");
     let data = train_data(&dir);
     let a = dir.join("a");
     assert!(train(&data, &a, &[]).status.success());
@@ -454,7 +458,7 @@ fn resume_without_latest_uses_the_newest_complete_checkpoint() {
 
 #[test]
 fn resume_refuses_other_data_or_shapes_and_applies_new_settings() {
-    let dir = temp("resume-change");
+    let (_guard, dir) = temp("resume-change");
     let data = train_data(&dir);
     let a = dir.join("a");
     assert!(train(&data, &a, &["--max-steps", "2"]).status.success());
@@ -501,7 +505,7 @@ fn resume_refuses_other_data_or_shapes_and_applies_new_settings() {
 
 #[test]
 fn bad_training_data_errors_name_the_line_once() {
-    let dir = temp("bad-data");
+    let (_guard, dir) = temp("bad-data");
     let data = train_data(&dir);
     let mut bytes = std::fs::read(&data).unwrap();
     bytes.extend_from_slice(b"{\"text\": \"caf\xe9\"}\n");
@@ -517,7 +521,7 @@ fn bad_training_data_errors_name_the_line_once() {
 /// reaches the tokenizer, naming the line, instead of taking gigabytes.
 #[test]
 fn an_oversized_example_is_refused_with_its_line() {
-    let dir = temp("big-word");
+    let (_guard, dir) = temp("big-word");
     let data = dir.join("data.jsonl");
     let word = "a".repeat(10 << 20);
     std::fs::write(

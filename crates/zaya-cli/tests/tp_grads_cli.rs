@@ -18,10 +18,15 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-tp-grads-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = tmp("x")`) for as long as the test uses the path.
+fn tmp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-tp-grads-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {
@@ -91,7 +96,7 @@ fn assert_same(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, la
 
 #[test]
 fn forward_grads_on_local_tp_and_ep_ranks_equal_one_rank() {
-    let d = tmp("local");
+    let (_guard, d) = tmp("local");
     forward(&mut zaya(), &[], &d.join("one.safetensors"));
     let want = load(&d.join("one.safetensors"));
     for (flags, tag) in [
@@ -104,19 +109,19 @@ fn forward_grads_on_local_tp_and_ep_ranks_equal_one_rank() {
         forward(&mut zaya(), flags, &out);
         assert_same(&load(&out), &want, tag);
     }
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
 fn forward_grads_on_parallel_ranks_needs_labels() {
     let m = fixture("gqa_sliding");
+    let (_guard, d) = tmp("nolabels");
     let (ok, text) = run(zaya()
         .args(["forward", "--grads", "--tp", "2", "--model"])
         .arg(&m)
         .arg("--inputs")
         .arg(m.join("batch.json"))
         .arg("--out")
-        .arg(tmp("nolabels").join("x.safetensors")));
+        .arg(d.join("x.safetensors")));
     assert!(!ok && text.contains("labels"), "{text}");
 }
 
@@ -125,7 +130,7 @@ fn forward_grads_on_parallel_ranks_needs_labels() {
 #[cfg(feature = "mpi")]
 #[test]
 fn forward_grads_on_mpi_processes_equal_one_rank() {
-    let d = tmp("mpi");
+    let (_guard, d) = tmp("mpi");
     forward(&mut zaya(), &[], &d.join("one.safetensors"));
     let want = load(&d.join("one.safetensors"));
     let out = d.join("mpi.safetensors");
@@ -136,5 +141,4 @@ fn forward_grads_on_mpi_processes_equal_one_rank() {
         .args(["launch", "--nproc", "2", "--backend", "mpi", "--"]);
     forward(&mut cmd, &["--tp", "2"], &out);
     assert_same(&load(&out), &want, "mpi tp2");
-    std::fs::remove_dir_all(&d).ok();
 }

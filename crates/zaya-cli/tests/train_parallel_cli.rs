@@ -18,11 +18,15 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zaya-train-par-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = tmp("x")`) for as long as the test uses the path.
+fn tmp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-train-par-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 /// Six pre-tokenized examples (the fixture's training rows).
@@ -169,7 +173,7 @@ fn interrupted_copy(from: &Path, to: &Path, step: u64) {
 
 #[test]
 fn pp2_dp2_local_ranks_reproduce_the_single_process_run_and_resume_across_layouts() {
-    let d = tmp("local");
+    let (_guard, d) = tmp("local");
     let data = data(&d);
     let (ok, err) = train(&[], &data, &d.join("single"), &[]);
     assert!(ok, "{err}");
@@ -200,7 +204,6 @@ fn pp2_dp2_local_ranks_reproduce_the_single_process_run_and_resume_across_layout
     let (ok, err) = train(&[], &data, &d.join("resume_single"), &["--resume"]);
     assert!(ok, "{err}");
     assert_same_losses(&losses(&d.join("resume_single")), &want);
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// AdamW's epsilon for comparing tensor-parallel runs with one process: TP sums the same
@@ -218,7 +221,7 @@ fn with_eps<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn tp_ep_dp_local_ranks_reproduce_the_single_process_run_and_resume_across_layouts() {
-    let d = tmp("tp");
+    let (_guard, d) = tmp("tp");
     let data = data(&d);
     let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
     assert!(ok, "{err}");
@@ -301,12 +304,11 @@ fn tp_ep_dp_local_ranks_reproduce_the_single_process_run_and_resume_across_layou
         assert!(ok, "{tag}: {err}");
         assert_same_losses(&losses(&out), &want);
     }
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
 fn bad_parallel_setups_are_refused_before_work() {
-    let d = tmp("bad");
+    let (_guard, d) = tmp("bad");
     let data = data(&d);
     for (extra, want) in [
         (&["--pp", "4"][..], "6 decoder layers do not divide into 4"),
@@ -334,12 +336,11 @@ fn bad_parallel_setups_are_refused_before_work() {
         &["--pp", "2", "--dp", "2"],
     );
     assert!(!ok && err.contains("--nproc 3"), "{err}");
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
 fn forward_pp_grads_equal_one_rank() {
-    let d = tmp("grads");
+    let (_guard, d) = tmp("grads");
     let m = fixture("gqa_sliding");
     let run = |extra: &[&str], out: &Path| {
         let o = zaya()
@@ -366,7 +367,6 @@ fn forward_pp_grads_equal_one_rank() {
             assert!(diff <= tol, "{extra:?} {k}: relative difference {diff}");
         }
     }
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// `zaya launch --nproc 4 --backend mpi -- zaya train --pp 2 --dp 2` (= `mpirun -n 4`): four
@@ -374,7 +374,7 @@ fn forward_pp_grads_equal_one_rank() {
 #[cfg(feature = "mpi")]
 #[test]
 fn pp2_dp2_mpi_processes_reproduce_the_single_process_run() {
-    let d = tmp("mpi");
+    let (_guard, d) = tmp("mpi");
     let data = data(&d);
     let (ok, err) = train(&[], &data, &d.join("single"), &[]);
     assert!(ok, "{err}");
@@ -414,7 +414,6 @@ fn pp2_dp2_mpi_processes_reproduce_the_single_process_run() {
         !o.status.success() && text.contains("2 processes were started"),
         "{text}"
     );
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// `zaya launch --nproc 2 --backend mpi -- zaya train --tp 2` (= `mpirun -n 2`): two
@@ -423,7 +422,7 @@ fn pp2_dp2_mpi_processes_reproduce_the_single_process_run() {
 #[cfg(feature = "mpi")]
 #[test]
 fn tp2_mpi_processes_reproduce_the_single_process_run() {
-    let d = tmp("mpi-tp");
+    let (_guard, d) = tmp("mpi-tp");
     let data = data(&d);
     let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
     assert!(ok, "{err}");
@@ -444,7 +443,6 @@ fn tp2_mpi_processes_reproduce_the_single_process_run() {
         .join(&ck)
         .join("optimizer.safetensors")
         .exists());
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// `zaya launch --nproc 4 --backend mpi -- zaya train --tp 2 --pp 2` (= `mpirun -n 4`): four
@@ -453,7 +451,7 @@ fn tp2_mpi_processes_reproduce_the_single_process_run() {
 #[cfg(feature = "mpi")]
 #[test]
 fn tp2_pp2_mpi_processes_reproduce_the_single_process_run_and_resume() {
-    let d = tmp("mpi-tp-pp");
+    let (_guard, d) = tmp("mpi-tp-pp");
     let data = data(&d);
     let (ok, err) = train(&[], &data, &d.join("single"), TP_EPS);
     assert!(ok, "{err}");
@@ -478,14 +476,13 @@ fn tp2_pp2_mpi_processes_reproduce_the_single_process_run_and_resume() {
     assert!(ok, "{err}");
     assert!(err.contains("resuming at step 2"), "{err}");
     assert_same_losses(&losses(&d.join("resume")), &want);
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// `zaya bench --pp/--dp --train` and `zaya bench --tp/--pp` (the `bench-parallel`
 /// measurement) write their JSON: tokens/s beside one rank, bytes per rank, same results.
 #[test]
 fn bench_with_parallel_degrees_reports_throughput_and_bytes_per_rank() {
-    let d = tmp("bench");
+    let (_guard, d) = tmp("bench");
     let m = fixture("gqa_sliding");
     let o = zaya()
         .args(["bench", "--train", "--pp", "2", "--dp", "2", "--model"])
@@ -523,7 +520,6 @@ fn bench_with_parallel_degrees_reports_throughput_and_bytes_per_rank() {
         v["parallel"]["rank_weight_mib"].as_array().unwrap().len(),
         4
     );
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// `mpirun -n 2 zaya bench --train --tp 2 | --pp 2 | --dp 2`: two processes run the
@@ -532,7 +528,7 @@ fn bench_with_parallel_degrees_reports_throughput_and_bytes_per_rank() {
 #[cfg(feature = "mpi")]
 #[test]
 fn bench_train_on_mpi_processes_reports_every_rank() {
-    let d = tmp("bench-mpi");
+    let (_guard, d) = tmp("bench-mpi");
     let weights = candle_core::safetensors::load(
         fixture("gqa_sliding").join("model.safetensors"),
         &Device::Cpu,
@@ -620,14 +616,13 @@ fn bench_train_on_mpi_processes_reports_every_rank() {
             );
         }
     }
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// Examples of 5 tokens in rows of 12: every row packs two documents and padding. `--tp 2`
 /// and `--tp 2 --pp 2` on local ranks reproduce the single process's losses step by step.
 #[test]
 fn tp_local_ranks_on_packed_rows_reproduce_the_single_process_run() {
-    let d = tmp("packed");
+    let (_guard, d) = tmp("packed");
     let rows: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("gqa_sliding").join("train.json")).unwrap(),
     )
@@ -656,5 +651,4 @@ fn tp_local_ranks_on_packed_rows_reproduce_the_single_process_run() {
         assert!(ok, "{tag}: {err}");
         assert_same_losses(&losses(&d.join(tag)), &want);
     }
-    let _ = std::fs::remove_dir_all(&d);
 }

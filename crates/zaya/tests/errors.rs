@@ -10,12 +10,13 @@ use common::*;
 use zaya::weights::{self, Layout};
 use zaya::{ForwardOptions, HybridCache, ZayaConfig, ZayaError, ZayaModel};
 
-fn copy_fixture(name: &str, tag: &str) -> std::path::PathBuf {
-    let dir = temp_dir(tag);
+/// A scratch copy of a fixture (see `temp_dir` for the guard).
+fn copy_fixture(name: &str, tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (guard, dir) = temp_dir(tag);
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture_dir(name).join(f), dir.join(f)).unwrap();
     }
-    dir
+    (guard, dir)
 }
 
 fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
@@ -34,7 +35,7 @@ fn load_err(dir: &Path) -> ZayaError {
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = copy_fixture("gqa_sliding", "missing");
+    let (_guard, dir) = copy_fixture("gqa_sliding", "missing");
     rewrite_weights(&dir, |t| {
         t.remove("model.layers.3.mlp.gate.router_states_scale");
     });
@@ -49,7 +50,7 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn unexpected_tensor_is_named_with_its_file() {
-    let dir = copy_fixture("gqa_sliding", "unexpected");
+    let (_guard, dir) = copy_fixture("gqa_sliding", "unexpected");
     rewrite_weights(&dir, |t| {
         t.insert(
             "model.layers.0.mlp.gate.router_states_scale".into(),
@@ -67,7 +68,7 @@ fn unexpected_tensor_is_named_with_its_file() {
 
 #[test]
 fn wrong_shape_names_tensor_shapes_and_file() {
-    let dir = copy_fixture("gqa_sliding", "shape");
+    let (_guard, dir) = copy_fixture("gqa_sliding", "shape");
     rewrite_weights(&dir, |t| {
         t.insert(
             "model.layers.2.self_attn.qkv_proj.k_proj.weight".into(),
@@ -98,7 +99,7 @@ fn wrong_shape_names_tensor_shapes_and_file() {
 
 #[test]
 fn truncated_file_is_reported_with_its_path() {
-    let dir = copy_fixture("mha_bias", "truncated");
+    let (_guard, dir) = copy_fixture("mha_bias", "truncated");
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -112,7 +113,7 @@ fn truncated_file_is_reported_with_its_path() {
 
 #[test]
 fn missing_weights_and_bad_config_are_reported() {
-    let dir = temp_dir("empty");
+    let (_guard, dir) = temp_dir("empty");
     std::fs::copy(
         fixture_dir("gqa_sliding").join("config.json"),
         dir.join("config.json"),
@@ -120,7 +121,7 @@ fn missing_weights_and_bad_config_are_reported() {
     .unwrap();
     assert!(matches!(load_err(&dir), ZayaError::NoWeights { .. }));
 
-    let dir = copy_fixture("gqa_sliding", "badcfg");
+    let (_guard, dir) = copy_fixture("gqa_sliding", "badcfg");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     cfg["num_experts_per_tok"] = 2.into();
@@ -138,7 +139,7 @@ fn missing_weights_and_bad_config_are_reported() {
 #[test]
 fn sharded_checkpoints_load_and_a_missing_shard_is_reported() {
     let src = fixture_dir("gqa_sliding");
-    let dir = temp_dir("sharded");
+    let (_guard, dir) = temp_dir("sharded");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut shards: [std::collections::HashMap<String, Tensor>; 2] = Default::default();
@@ -241,7 +242,7 @@ fn bad_inputs_are_rejected_with_position() {
 #[test]
 fn init_writes_a_loadable_model_with_the_reference_init() {
     let cfg = ZayaConfig::from_file(fixture_dir("mha_bias").join("config.json")).unwrap();
-    let dir = temp_dir("init");
+    let (_guard, dir) = temp_dir("init");
     let t = zaya::init::random_weights(&cfg, 7).unwrap();
     weights::save_checkpoint(&dir, &cfg, &t, Layout::Native).unwrap();
     let model = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();

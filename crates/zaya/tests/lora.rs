@@ -204,7 +204,7 @@ fn merged_weights_equal_unmerged_inference() {
 fn saved_adapter_round_trips_and_new_adapters_start_as_the_base() {
     let base = base("gqa_sliding");
     let adapter = LoraAdapter::load(lora_dir("full").join("adapter"), base.config()).unwrap();
-    let dir = temp_dir("lora-save");
+    let (_guard, dir) = temp_dir("lora-save");
     adapter.save(&dir).unwrap();
     let back = LoraAdapter::load(&dir, base.config()).unwrap();
     assert_eq!(back.config, adapter.config);
@@ -264,7 +264,7 @@ fn bad_adapters_are_refused_by_name() {
     let base = base("gqa_sliding");
     let src = lora_dir("full").join("adapter");
     // a missing tensor
-    let dir = temp_dir("lora-bad");
+    let (_guard, dir) = temp_dir("lora-bad");
     let cfg_text = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
     std::fs::write(dir.join("adapter_config.json"), &cfg_text).unwrap();
     let mut t =

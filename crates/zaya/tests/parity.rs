@@ -279,7 +279,7 @@ fn chunked_prefill_with_left_padding_matches_reference() {
 #[test]
 fn legacy_layout_gives_the_same_logits() {
     for name in FIXTURES {
-        let dir = temp_dir(&format!("legacy-{name}"));
+        let (_guard, dir) = temp_dir(&format!("legacy-{name}"));
         weights::convert(&fixture_dir(name), &dir, Layout::Legacy).unwrap();
         let ckpt = weights::Checkpoint::open(&dir).unwrap();
         assert_eq!(ckpt.layout(), Layout::Legacy);
@@ -303,7 +303,7 @@ fn legacy_layout_gives_the_same_logits() {
             "{name}: legacy and native logits differ"
         );
         // and back again
-        let back = temp_dir(&format!("native-{name}"));
+        let (_guard, back) = temp_dir(&format!("native-{name}"));
         weights::convert(&dir, &back, Layout::Native).unwrap();
         let again = ZayaModel::load(&back, DType::F32, &Device::Cpu).unwrap();
         let c = again
@@ -312,8 +312,6 @@ fn legacy_layout_gives_the_same_logits() {
             .logits
             .unwrap();
         assert_eq!(max_abs_diff(&c, &b), 0.0);
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_dir_all(&back);
     }
 }
 

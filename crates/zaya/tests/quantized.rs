@@ -43,11 +43,11 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// A random model (native layout, f32) whose rows fit every block size (256).
-fn blocky_model(tag: &str) -> PathBuf {
+fn blocky_model(tag: &str) -> (tempfile::TempDir, PathBuf) {
     blocky_model_tied(tag, false)
 }
 
-fn blocky_model_tied(tag: &str, tied: bool) -> PathBuf {
+fn blocky_model_tied(tag: &str, tied: bool) -> (tempfile::TempDir, PathBuf) {
     let cfg = ZayaConfig::from_json(&serde_json::json!({
         "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
@@ -57,16 +57,16 @@ fn blocky_model_tied(tag: &str, tied: bool) -> PathBuf {
     }))
     .unwrap();
     let weights = zaya::init::random_weights(&cfg, 7).unwrap();
-    let dir = temp_dir(tag);
+    let (guard, dir) = temp_dir(tag);
     zaya::weights::save_checkpoint(&dir, &cfg, &weights, zaya::weights::Layout::Native).unwrap();
-    dir
+    (guard, dir)
 }
 
 const PROMPT: [i64; 12] = [5, 100, 31, 7, 400, 2, 9, 256, 17, 88, 3, 60];
 
 #[test]
 fn every_format_loads_and_runs_within_its_tolerance() {
-    let dir = blocky_model("qfmt");
+    let (_guard, dir) = blocky_model("qfmt");
     let dense = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let want = logits(&dense, &[PROMPT.to_vec()]);
     let mut errs: Vec<(&str, f32, f32)> = Vec::new();
@@ -142,7 +142,7 @@ fn write_gguf(src: &Path, out: &Path, p: &QuantPlan) {
 
 #[test]
 fn gguf_round_trip_is_identical_and_equals_quant_at_load() {
-    let dir = blocky_model("qrt");
+    let (_guard, dir) = blocky_model("qrt");
     for f in ["q8_0", "q4_k", "q6_k"] {
         let out = dir.join(format!("m-{f}.gguf"));
         write_gguf(&dir, &out, &plan(f));
@@ -172,7 +172,8 @@ fn gguf_round_trip_is_identical_and_equals_quant_at_load() {
     }
     // Nothing quantized: the GGUF holds the f32 tensors and reloads bit for bit.
     for name in FIXTURES {
-        let out = temp_dir(&format!("qrt-{name}")).join("m.gguf");
+        let (_guard, out) = temp_dir(&format!("qrt-{name}"));
+        let out = out.join("m.gguf");
         write_gguf(&fixture_dir(name), &out, &plan("keep"));
         let a = ZayaModel::load(&out, DType::F32, &Device::Cpu).unwrap();
         let b = ZayaModel::load(fixture_dir(name), DType::F32, &Device::Cpu).unwrap();
@@ -188,7 +189,8 @@ fn gguf_round_trip_is_identical_and_equals_quant_at_load() {
 #[test]
 fn gguf_carries_the_tokenizer_and_template() {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
-    let out = temp_dir("qtok").join("default-q8.gguf");
+    let (_guard, out) = temp_dir("qtok");
+    let out = out.join("default-q8.gguf");
     write_gguf(&src, &out, &plan("q8_0"));
     let a = zaya::text::ZayaTokenizer::from_dir(&out).unwrap();
     let b = zaya::text::ZayaTokenizer::from_dir(&src).unwrap();
@@ -265,7 +267,7 @@ fn load_err(p: &Path) -> ZayaError {
 
 #[test]
 fn broken_gguf_files_get_errors_naming_the_tensor_or_key() {
-    let dir = temp_dir("qbad");
+    let (_guard, dir) = temp_dir("qbad");
     let good = dir.join("good.gguf");
     write_gguf(&fixture_dir("gqa_sliding"), &good, &plan("q8_0"));
     ZayaModel::load(&good, DType::F32, &Device::Cpu).unwrap();
@@ -381,11 +383,11 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
     use zaya::generation::{generate_greedy, GenerateOptions};
     use zaya::quant::TensorClass;
     use zaya::weights::{convert_with_dtype, Layout};
-    let f32_dir = blocky_model("qbf");
-    let bf16_dir = temp_dir("qbf-bf16");
+    let (_guard, f32_dir) = blocky_model("qbf");
+    let (_guard, bf16_dir) = temp_dir("qbf-bf16");
     convert_with_dtype(&f32_dir, &bf16_dir, Layout::Native, Some(DType::BF16)).unwrap();
     // the same bf16 values, stored in f32
-    let wide_dir = temp_dir("qbf-wide");
+    let (_guard, wide_dir) = temp_dir("qbf-wide");
     convert_with_dtype(&bf16_dir, &wide_dir, Layout::Native, Some(DType::F32)).unwrap();
     let prompts: Vec<Vec<u32>> = vec![
         PROMPT.iter().map(|&i| i as u32).collect(),
@@ -491,7 +493,7 @@ fn a_bf16_source_keeps_its_kept_tensors_bf16_read_in_place() {
 /// nothing, and a plan whose two formats agree stores one tensor.
 #[test]
 fn a_tied_embedding_with_its_own_lookup_format_is_stored_apart_from_its_head() {
-    let dir = blocky_model_tied("qsplit", true);
+    let (_guard, dir) = blocky_model_tied("qsplit", true);
     let dense = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     assert!(dense.config().tie_word_embeddings);
     let split = QuantPlan {
@@ -608,7 +610,7 @@ fn observed_model(dir: &Path, observer: std::sync::Arc<Recorder>) -> ZayaModel {
 /// computes exactly what it computes unobserved.
 #[test]
 fn an_observed_model_computes_the_same_and_reports_every_product_input() {
-    let dir = blocky_model("qobs");
+    let (_guard, dir) = blocky_model("qobs");
     let plain = ZayaModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let rec = std::sync::Arc::new(Recorder::default());
     let observed = observed_model(&dir, rec.clone());
@@ -706,7 +708,7 @@ fn an_observed_model_computes_the_same_and_reports_every_product_input() {
 /// other bytes than without it.
 #[test]
 fn an_importance_matrix_from_text_weighs_the_quantization() {
-    let dir = blocky_model("qimx");
+    let (_guard, dir) = blocky_model("qimx");
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 512).collect();
     let calibration = zaya::imatrix::Calibration {
         context: 16,
@@ -791,7 +793,7 @@ fn layer_by_layer_calibration_observes_what_whole_forwards_do() {
     use std::sync::Arc;
     use zaya::gptq::{HessianCollector, Hessians};
     use zaya::model::InputObserver;
-    let dir = blocky_model("qlayerwise");
+    let (_guard, dir) = blocky_model("qlayerwise");
     let ids: Vec<u32> = (0..70u32).map(|i| (i * 37 + 11) % 512).collect();
     let calibration = zaya::imatrix::Calibration {
         context: 16,

@@ -26,7 +26,8 @@ fn text_model(tag: &str) -> (ZayaModel, ZayaTokenizer) {
         "initializer_range": 0.5, "eos_token_id": 106, "max_position_embeddings": 256
     }))
     .unwrap();
-    let dir = common::temp_dir(tag);
+    // the directory goes when this returns: the model has been read (or mapped) from it by then
+    let (_guard, dir) = common::temp_dir(tag);
     let weights = zaya::init::random_weights(&cfg, 11).unwrap();
     save_checkpoint(&dir, &cfg, &weights, Layout::Native).unwrap();
     (

@@ -274,7 +274,7 @@ fn training_lowers_the_loss_and_resumes_exactly() {
     let b2 = batch(name, "train_pad");
     let model = TrainableModel::load(fixture_dir(name)).unwrap();
     let cfg = trainer_config(&model);
-    let dir = temp_dir("trainer");
+    let (_guard, dir) = temp_dir("trainer");
     let mut t = Trainer::new(model, cfg)
         .unwrap()
         .with_log(dir.join("log.csv"))
@@ -320,7 +320,6 @@ fn training_lowers_the_loss_and_resumes_exactly() {
         .balancing_biases()
         .unwrap();
     assert_ne!(start, r.model().balancing_biases().unwrap());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -504,7 +503,8 @@ fn a_model_part_reads_only_its_tensors_and_runs_its_layers_as_the_whole_model() 
         let e = e.to_string();
         assert!(e.contains("layers 2..4"), "{e}");
     }
-    let e = model.save(&temp_dir("part-save")).unwrap_err().to_string();
+    let (_guard, dir) = temp_dir("part-save");
+    let e = model.save(&dir).unwrap_err().to_string();
     assert!(e.contains("not a checkpoint"), "{e}");
     let bad = ModelPart {
         layers: 3..9,

@@ -26,7 +26,7 @@ fn shards(dir: &std::path::Path) -> usize {
 #[test]
 fn streamed_init_equals_the_in_memory_init_across_shards() {
     let cfg = cfg();
-    let dir = temp_dir("stream-init");
+    let (_guard, dir) = temp_dir("stream-init");
     // small shards: the tiny model spreads over several files and an index
     zaya::init::write_random_checkpoint(&dir, &cfg, 7, DType::BF16, 20_000).unwrap();
     assert!(shards(&dir) > 2, "expected several shards");
@@ -51,12 +51,12 @@ fn streamed_init_equals_the_in_memory_init_across_shards() {
 #[test]
 fn bf16_loads_without_an_f32_copy_and_runs_like_the_in_memory_model() {
     let cfg = cfg();
-    let dir = temp_dir("stream-bf16");
+    let (_guard, dir) = temp_dir("stream-bf16");
     zaya::init::write_random_checkpoint(&dir, &cfg, 3, DType::BF16, 50_000).unwrap();
     let model = ZayaModel::load(&dir, DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(model.lm_head_weight().unwrap().dtype(), DType::BF16);
     // the same weights saved in one file the old way
-    let single = temp_dir("stream-bf16-single");
+    let (_guard, single) = temp_dir("stream-bf16-single");
     let t = zaya::init::cast_weights(&zaya::init::random_weights(&cfg, 3).unwrap(), DType::BF16)
         .unwrap();
     weights::save_checkpoint(&single, &cfg, &t, Layout::Native).unwrap();
@@ -75,15 +75,15 @@ fn bf16_loads_without_an_f32_copy_and_runs_like_the_in_memory_model() {
 #[test]
 fn streamed_convert_round_trips_through_the_legacy_layout_in_shards() {
     let cfg = cfg();
-    let src = temp_dir("conv-src");
+    let (_guard, src) = temp_dir("conv-src");
     zaya::init::write_random_checkpoint(&src, &cfg, 5, DType::F32, u64::MAX).unwrap();
     assert!(src.join("model.safetensors").exists());
-    let legacy = temp_dir("conv-legacy");
+    let (_guard, legacy) = temp_dir("conv-legacy");
     weights::convert_sharded(&src, &legacy, Layout::Legacy, Some(DType::BF16), 30_000).unwrap();
     assert!(shards(&legacy) > 1);
     let lc = Checkpoint::open(&legacy).unwrap();
     assert_eq!(lc.layout(), Layout::Legacy);
-    let back = temp_dir("conv-back");
+    let (_guard, back) = temp_dir("conv-back");
     weights::convert_sharded(&legacy, &back, Layout::Native, None, u64::MAX).unwrap();
     let a = Checkpoint::open(&src).unwrap();
     let b = Checkpoint::open(&back).unwrap();
@@ -103,7 +103,7 @@ fn streamed_convert_round_trips_through_the_legacy_layout_in_shards() {
 #[test]
 fn a_truncated_shard_names_the_tensor_and_the_file() {
     let cfg = cfg();
-    let dir = temp_dir("truncated");
+    let (_guard, dir) = temp_dir("truncated");
     zaya::init::write_random_checkpoint(&dir, &cfg, 1, DType::BF16, 50_000).unwrap();
     let last = {
         let mut v: Vec<_> = std::fs::read_dir(&dir)
@@ -139,7 +139,7 @@ fn streamed_single_file_writers_equal_the_in_memory_writers_byte_for_byte() {
     use zaya::train::optim::AdamW;
 
     let cfg = cfg();
-    let dir = temp_dir("stream-single");
+    let (_guard, dir) = temp_dir("stream-single");
     let weights = zaya::init::random_weights(&cfg, 7).unwrap();
     let planned = |m: &mut dyn Iterator<Item = (&String, &Tensor)>| -> Vec<PlannedTensor> {
         m.map(|(n, t)| PlannedTensor {
@@ -213,5 +213,4 @@ fn streamed_single_file_writers_equal_the_in_memory_writers_byte_for_byte() {
     assert!(err.contains("step."), "{err}");
     let c = std::fs::read(dir.join("streamed/optimizer.safetensors")).unwrap();
     assert!(c == a);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -56,16 +56,15 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
     assert!(d <= atol, "{what}: max abs diff {d} > {atol}");
 }
 
-/// A fresh directory under the system temp dir.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "zaya-test-{tag}-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
+/// bound (`let (_guard, dir) = temp_dir("x")`) for as long as the test uses the path.
+pub fn temp_dir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("zaya-test-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = guard.path().to_path_buf();
+    (guard, path)
 }
 
 /// New tokens of a reference generation, cut after the first EOS (the reference pads after it).
