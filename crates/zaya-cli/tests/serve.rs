@@ -627,12 +627,17 @@ fn serve_through_the_openai_python_client() {
         "model": "zaya-default",
         "generate": {"prompt": prompt, "max_tokens": max_tokens, "text": gen["texts"][0]},
     });
-    let cfg_path =
-        std::env::temp_dir().join(format!("zaya-serve-checks-{}.json", std::process::id()));
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    // removed when the test ends, pass or fail
+    let cfg_file = tempfile::Builder::new()
+        .prefix("zaya-serve-checks-")
+        .suffix(".json")
+        .tempfile()
+        .unwrap();
+    let cfg_path = cfg_file.path();
+    std::fs::write(cfg_path, cfg.to_string()).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/serve/openai_checks.py");
     let mut cmd = Command::new(python);
-    cmd.arg(&script).arg(&cfg_path);
+    cmd.arg(&script).arg(cfg_path);
     if let Ok(only) = std::env::var("ZAYA_SERVE_CHECKS") {
         cmd.args(only.split(','));
     }
