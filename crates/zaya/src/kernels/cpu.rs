@@ -1871,15 +1871,15 @@ pub(crate) fn dots_block_of<'a, W: DotsBlock>(
 const DOTS_CHUNK_BYTES: usize = 256 << 10;
 
 #[inline(always)]
-fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = silu(*g) * u;
+        o.write(silu(*g) * u);
     }
 }
 
 simd_dispatch! {
-    /// `out = silu(gate) · up`.
-    pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_body
+    /// `out = silu(gate) · up`, written without reading `out` (fresh memory is fine).
+    pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) => silu_mul_body
 }
 
 #[inline(always)]
@@ -2330,8 +2330,10 @@ mod tests {
         for (g, w) in neg.iter().zip(&want) {
             assert!((g + 2.0 * w).abs() < 1e-6);
         }
-        let mut out = vec![0f32; 37];
+        let mut out = vec![MaybeUninit::uninit(); 37];
         silu_mul(&a, &b, &mut out);
+        // SAFETY: `silu_mul` wrote every element.
+        let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
         for i in 0..37 {
             let want = a[i] / (1.0 + (-a[i]).exp()) * b[i];
             assert!((out[i] - want).abs() < 1e-6);
@@ -2348,8 +2350,10 @@ mod tests {
             gate.iter().map(|&v| round_bf16(v)).collect(),
             up.iter().map(|&v| round_bf16(v)).collect(),
         );
-        let mut chain = vec![0f32; 1000];
+        let mut chain = vec![MaybeUninit::uninit(); 1000];
         silu_mul(&rg, &ru, &mut chain);
+        // SAFETY: `silu_mul` wrote every element.
+        let chain: Vec<f32> = chain.iter().map(|v| unsafe { v.assume_init() }).collect();
         let mut fused = vec![MaybeUninit::uninit(); 1000];
         silu_mul_bf16(&gate, &up, &mut fused);
         for (i, (f, c)) in fused.iter().zip(&chain).enumerate() {

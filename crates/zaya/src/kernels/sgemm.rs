@@ -48,7 +48,9 @@ use std::cell::RefCell;
 
 use candle_core::Result;
 
-use super::cpu::{self, DstPtr, MatMut, MatRef};
+#[cfg(test)]
+use super::cpu::MatMut;
+use super::cpu::{self, DstPtr, MatRef};
 
 /// Weight rows (columns of the product) in the register tile.
 const MR: usize = 12;
@@ -108,36 +110,11 @@ pub(crate) fn takes(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
     rhs.rs == 1 && m >= min_rows && cpu::simd_level() == cpu::SimdLevel::Avx512
 }
 
-/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views, like
-/// [`cpu::gemm`] with `beta = 1`: this kernel from `min_rows` rows (see [`takes`]),
-/// [`cpu::gemm`] otherwise. `parallel` splits the product over the kernel pool (callers
-/// already inside a parallel region pass `false`); the result does not depend on it. Every
-/// view is bounds-checked before the unchecked kernel runs.
-///
-/// `min_rows`: above [`cpu::GEMV_ROWS`] keeps the GEMV for decode, so that a decode row's
-/// result does not depend on the rows decoded with it; an expert's share of a larger
-/// forward (a prefill or a training step) starts at [`SHARE_MIN_ROWS`] — the rows are
-/// independent of each other here too, and a forward and its recompute take the same path.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
-    min_rows: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: MatMut<'_>,
-    accumulate: bool,
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-    parallel: bool,
-) -> Result<()> {
-    if !takes(min_rows, m, &rhs) {
-        return cpu::gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, parallel);
-    }
-    weight_rows(m, n, k, dst, accumulate, lhs, rhs, parallel)
-}
-
-/// The kernel of [`gemm`] for any number of rows; `rhs` must be a weight's transpose
+/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views with the
+/// kernel for any number of rows: the tests' entry, accumulation and strided destinations
+/// included (the forward takes [`gemm_fresh`]). `rhs` must be a weight's transpose
 /// (`rhs.rs == 1`) and the CPU must have AVX-512F (checked: an error otherwise).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn weight_rows(
     m: usize,
@@ -171,10 +148,17 @@ fn weight_rows(
     Ok(())
 }
 
-/// [`cpu::gemm_fresh`] with this kernel from `min_rows` rows (see [`takes`]), as [`gemm`]
-/// is [`cpu::gemm`] with it: `dst[m×n] = lhs · rhs` into a fresh row-major buffer of
-/// exactly `m·n` values that nothing has written yet (every value written, none read),
-/// returned initialised. The f32 linear layers' forward (`matmul::f32_linear`).
+/// `dst[m×n] = lhs · rhs` into a fresh row-major buffer of exactly `m·n` values that
+/// nothing has written yet (every value written, none read), returned initialised: this
+/// kernel from `min_rows` rows (see [`takes`]), [`cpu::gemm_fresh`] otherwise. `parallel`
+/// splits the product over the kernel pool (callers already inside a parallel region pass
+/// `false`); the result does not depend on it. The f32 linear layers' forward
+/// (`matmul::f32_linear`) and the experts' products (`moe`).
+///
+/// `min_rows`: above [`cpu::GEMV_ROWS`] keeps the GEMV for decode, so that a decode row's
+/// result does not depend on the rows decoded with it; an expert's share of a larger
+/// forward (a prefill or a training step) starts at [`SHARE_MIN_ROWS`] — the rows are
+/// independent of each other here too, and a forward and its recompute take the same path.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_fresh<'a>(
     min_rows: usize,
@@ -906,29 +890,27 @@ mod tests {
         for ta in [false, true] {
             let a = Operand::new(m, k, ta, 1);
             let b = Operand::new(k, n, true, 2);
-            let mut whole = vec![0f32; m * n];
-            gemm(
+            let mut whole = cpu::uninit_f32(m * n);
+            let whole = gemm_fresh(
                 cpu::GEMV_ROWS + 1,
                 m,
                 n,
                 k,
-                MatMut::new(&mut whole, 0, n),
-                false,
+                &mut whole,
                 a.view(),
                 b.view(),
                 true,
             )
             .unwrap();
             let sub = m - 5;
-            let mut part = vec![0f32; sub * n];
+            let mut part = cpu::uninit_f32(sub * n);
             let a_sub = MatRef::new(&a.data, a.off + 3 * a.rs, a.rs, a.cs);
-            gemm(
+            let part = gemm_fresh(
                 cpu::GEMV_ROWS + 1,
                 sub,
                 n,
                 k,
-                MatMut::new(&mut part, 0, n),
-                false,
+                &mut part,
                 a_sub,
                 b.view(),
                 true,

@@ -24,8 +24,8 @@ fn halve(dims: &[usize], op: &'static str) -> Result<(usize, Shape)> {
 
 pub(super) fn forward(gu: &[f32], bias: Option<&[f32]>, i: usize) -> Vec<f32> {
     let rows = gu.len() / (2 * i);
-    let mut out = vec![0f32; rows * i];
-    cpu::par_chunks_mut(&mut out, i, |r, o| {
+    // `silu_mul` writes every element of a row: gate and up are `i` long each
+    cpu::collect_rows(rows * i, i, |r, o| {
         let row = &gu[r * 2 * i..(r + 1) * 2 * i];
         match bias {
             None => cpu::silu_mul(&row[..i], &row[i..], o),
@@ -34,8 +34,7 @@ pub(super) fn forward(gu: &[f32], bias: Option<&[f32]>, i: usize) -> Vec<f32> {
                 cpu::silu_mul(&biased[..i], &biased[i..], o)
             }
         }
-    });
-    out
+    })
 }
 
 /// d(gate_up) for upstream `dy`, and the bias gradient (row sum) when asked.
