@@ -808,7 +808,9 @@ mod tests {
             }
             // the AVX-512 BF16 kernel (or the widening path) on the same operands
             let mut dot = vec![f32::NAN; m * n];
-            super::super::bf16::linear_bf16_without_amx(&x, m, k, &w, n, &mut dot).unwrap();
+            // SAFETY: the kernel writes only values.
+            let dot_out = unsafe { cpu::as_uninit(&mut dot) };
+            super::super::bf16::linear_bf16_without_amx(&x, m, k, &w, n, dot_out).unwrap();
             for (idx, (g, (d, (_, a)))) in out.iter().zip(dot.iter().zip(&want)).enumerate() {
                 assert!(
                     close(*g, *d as f64, 2.0 * a),
@@ -1038,7 +1040,9 @@ mod tests {
             }
             let t = best(&mut || {
                 cpu::in_pool(|| {
-                    super::super::bf16::linear_bf16_without_amx(&x, m, k, &w, n, &mut out).unwrap()
+                    // SAFETY: the kernel writes only values.
+                    let o = unsafe { cpu::as_uninit(&mut out) };
+                    super::super::bf16::linear_bf16_without_amx(&x, m, k, &w, n, o).unwrap()
                 })
             });
             line += &format!(

@@ -16,6 +16,8 @@
 //! The reference is the f32 product with the widened operands (`f32(x) · f32(W)ᵀ`); the
 //! results differ only by summation order (and `vdpbf16ps` flushing subnormals).
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 
 use super::cpu::{self, GEMV_ROWS};
@@ -96,6 +98,9 @@ fn gemv(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
 /// does not depend on how many rows run with it (an expert of a 512-token prefill sees ~30
 /// rows). Callers use it only when the forward holds more than [`GEMV_ROWS`] rows (not a
 /// decode step). The AMX kernel's result for a row does not depend on the other rows either.
+///
+/// Every element of `out` is written and none is read first, so it may be fresh memory
+/// ([`linear_bf16_new`]).
 pub(crate) fn linear_bf16(
     rows: Rows,
     x: &[bf16],
@@ -103,13 +108,12 @@ pub(crate) fn linear_bf16(
     k: usize,
     w: &[bf16],
     n: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     check_sizes(x.len(), m, k, w.len(), n, out.len())?;
     let (x, w, out) = (&x[..m * k], &w[..n * k], &mut out[..m * n]);
     if let Some(product) = amx_product(rows, m, k, n) {
-        // SAFETY: the AMX kernels write only values.
-        product(x, m, k, w, n, unsafe { cpu::as_uninit(out) });
+        product(x, m, k, w, n, out);
         return Ok(());
     }
     // Without AMX, shares up to `SHARE_DOT_MAX_ROWS` rows take the dot kernel: on weights
@@ -130,10 +134,9 @@ pub(crate) fn linear_bf16(
     linear_bf16_without_amx(x, m, k, w, n, out)
 }
 
-/// [`linear_bf16`] into a new `m × n` buffer. Where an AMX kernel takes the product (it
-/// writes every element) the buffer is not cleared first: an expert's gate/up output in a
-/// 512-token prefill is 8 MiB, and clearing it and its down-projection output was ~3 % of
-/// an 8B prefill.
+/// [`linear_bf16`] into a new `m × n` buffer, never cleared first: every path writes each
+/// element (an expert's gate/up output in a 512-token prefill is 8 MiB, and clearing it and
+/// its down-projection output was ~3 % of an 8B prefill).
 pub(crate) fn linear_bf16_new(
     rows: Rows,
     x: &[bf16],
@@ -143,24 +146,10 @@ pub(crate) fn linear_bf16_new(
     n: usize,
 ) -> Result<Vec<f32>> {
     let len = m * n;
-    if let Some(product) = amx_product(rows, m, k, n) {
-        check_sizes(x.len(), m, k, w.len(), n, len)?;
-        let mut out = Vec::with_capacity(len);
-        product(
-            &x[..m * k],
-            m,
-            k,
-            &w[..n * k],
-            n,
-            &mut out.spare_capacity_mut()[..len],
-        );
-        // SAFETY: the AMX kernels write every element of their output (their tests fill it
-        // with NaN first and compare every element).
-        unsafe { out.set_len(len) };
-        return Ok(out);
-    }
-    let mut out = vec![0f32; len];
-    linear_bf16(rows, x, m, k, w, n, &mut out)?;
+    let mut out = Vec::with_capacity(len);
+    linear_bf16(rows, x, m, k, w, n, &mut out.spare_capacity_mut()[..len])?;
+    // SAFETY: `linear_bf16` wrote every element (it returned without error).
+    unsafe { out.set_len(len) };
     Ok(out)
 }
 
@@ -186,7 +175,7 @@ const STREAMED_MIN_ROWS: usize = 8;
 const STREAMED_MAX_ROWS: usize = 48;
 
 /// An AMX product: `out[m×n] = x[m×k] · W[n×k]ᵀ`, every element of `out` written.
-type AmxProduct = fn(&[bf16], usize, usize, &[bf16], usize, &mut [std::mem::MaybeUninit<f32>]);
+type AmxProduct = fn(&[bf16], usize, usize, &[bf16], usize, &mut [MaybeUninit<f32>]);
 
 /// The AMX kernel that takes an `m × k` by `n × k` product of `rows`, where the CPU, the
 /// OS and the sizes allow one.
@@ -232,14 +221,15 @@ fn amx_on() -> bool {
 }
 
 /// [`linear_bf16`] without its AMX path: the AVX-512 BF16 kernel where the CPU has it, the
-/// widening path elsewhere (also what `ZAYA_AMX=0` runs).
+/// widening path elsewhere (also what `ZAYA_AMX=0` runs). Writes every element of `out`,
+/// reading none first.
 pub(crate) fn linear_bf16_without_amx(
     x: &[bf16],
     m: usize,
     k: usize,
     w: &[bf16],
     n: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     check_sizes(x.len(), m, k, w.len(), n, out.len())?;
     #[cfg(target_arch = "x86_64")]
@@ -257,6 +247,13 @@ pub(crate) fn linear_bf16_without_amx(
         }
         return Ok(());
     }
+    // the widening path (no AVX-512 BF16) computes into cleared values
+    let out = &mut out[..m * n];
+    for v in out.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was written just above.
+    let out = unsafe { cpu::assume_init_mut(out) };
     let xf: Vec<f32> = x[..m * k].iter().map(|v| widen(*v)).collect();
     linear(&xf, m, k, w, n, out)
 }
@@ -270,6 +267,7 @@ pub(crate) fn linear_bf16_without_amx(
 #[cfg(target_arch = "x86_64")]
 mod dot {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
     use std::sync::OnceLock;
 
     use half::bf16;
@@ -305,11 +303,21 @@ mod dot {
         })
     }
 
-    /// Callers check [`available`] and the slice sizes (`x: m·k`, `w: n·k`, `out: m·n`).
-    pub(super) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    /// Callers check [`available`] and the slice sizes (`x: m·k`, `w: n·k`, `out: m·n`);
+    /// `out` is cleared here (the blocks add into it), so it may be fresh memory.
+    pub(super) fn gemm(
+        x: &[bf16],
+        m: usize,
+        k: usize,
+        w: &[bf16],
+        n: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         debug_assert!(available() && x.len() == m * k && w.len() == n * k && out.len() == m * n);
-        out.fill(0.0);
-        let o = cpu::ColumnsOut::new(out);
+        for v in out.iter_mut() {
+            v.write(0.0);
+        }
+        let o = cpu::ColumnsOut::uninit(out);
         let blocks = n.div_ceil(NB);
         let block = |b: usize| {
             let j0 = b * NB;
@@ -549,6 +557,7 @@ mod dot {
 mod packed {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
+    use std::mem::MaybeUninit;
 
     use half::bf16;
 
@@ -568,9 +577,17 @@ mod packed {
 
     /// Callers check [`super::dot::available`] and the slice sizes (`x: m·k`, `w: n·k`,
     /// `out: m·n`), `m, n, k > 0`.
-    pub(super) fn gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    /// Writes every element of `out` (once: no clearing needed).
+    pub(super) fn gemm(
+        x: &[bf16],
+        m: usize,
+        k: usize,
+        w: &[bf16],
+        n: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         debug_assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
-        let o = cpu::ColumnsOut::new(out);
+        let o = cpu::ColumnsOut::uninit(out);
         cpu::par_map(n.div_ceil(PANEL), m * n * k, |b| {
             let j0 = b * PANEL;
             let j1 = (j0 + PANEL).min(n);
@@ -752,6 +769,34 @@ mod tests {
 
     use crate::kernels::cpu::test_data as data;
 
+    // The kernels on `f32` buffers (the tests fill them with NaN first where every element
+    // must be written).
+
+    fn linear_bf16(
+        rows: Rows,
+        x: &[bf16],
+        m: usize,
+        k: usize,
+        w: &[bf16],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        // SAFETY: the kernels write only values.
+        super::linear_bf16(rows, x, m, k, w, n, unsafe { cpu::as_uninit(out) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn dot_gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+        // SAFETY: the kernel writes only values.
+        dot::gemm(x, m, k, w, n, unsafe { cpu::as_uninit(out) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn packed_gemm(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+        // SAFETY: the kernel writes only values.
+        packed::gemm(x, m, k, w, n, unsafe { cpu::as_uninit(out) })
+    }
+
     /// f64 product with the widened weight: what the kernel must reproduce up to f32
     /// summation order.
     fn reference(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f32> {
@@ -903,9 +948,9 @@ mod tests {
         ] {
             let (x, w, _, want) = bf16_operands((m, k, n), (13, 17));
             let mut packed_out = vec![f32::NAN; m * n];
-            packed::gemm(&x, m, k, &w, n, &mut packed_out);
+            packed_gemm(&x, m, k, &w, n, &mut packed_out);
             let mut dot_out = vec![f32::NAN; m * n];
-            dot::gemm(&x, m, k, &w, n, &mut dot_out);
+            dot_gemm(&x, m, k, &w, n, &mut dot_out);
             for (i, r) in want.iter().enumerate() {
                 for got in [packed_out[i], dot_out[i]] {
                     assert!(
@@ -916,13 +961,13 @@ mod tests {
             }
             // a row's result depends neither on the other rows nor on the pool
             let mut one = vec![f32::NAN; n];
-            packed::gemm(&x[(m - 1) * k..], 1, k, &w, n, &mut one);
+            packed_gemm(&x[(m - 1) * k..], 1, k, &w, n, &mut one);
             assert!(one
                 .iter()
                 .zip(&packed_out[(m - 1) * n..])
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
             let mut pooled = vec![f32::NAN; m * n];
-            cpu::in_pool(|| packed::gemm(&x, m, k, &w, n, &mut pooled));
+            cpu::in_pool(|| packed_gemm(&x, m, k, &w, n, &mut pooled));
             assert!(pooled
                 .iter()
                 .zip(&packed_out)
@@ -957,8 +1002,8 @@ mod tests {
             let w: Vec<bf16> = data(n * k, 5).into_iter().map(bf16::from_f32).collect();
             let mut out = vec![0f32; m * n];
             let flop = 2.0 * (m * n * k) as f64;
-            let td = best(&mut || cpu::in_pool(|| dot::gemm(&x, m, k, &w, n, &mut out)));
-            let tp = best(&mut || cpu::in_pool(|| packed::gemm(&x, m, k, &w, n, &mut out)));
+            let td = best(&mut || cpu::in_pool(|| dot_gemm(&x, m, k, &w, n, &mut out)));
+            let tp = best(&mut || cpu::in_pool(|| packed_gemm(&x, m, k, &w, n, &mut out)));
             println!(
                 "m={m} k={k} n={n}: dot {:.0} GFLOP/s, packed {:.0} GFLOP/s",
                 flop / td / 1e9,
@@ -992,7 +1037,7 @@ mod tests {
                     linear(&xf, m, k, &w, n, &mut out).unwrap()
                 })
             });
-            let td = best(&mut || cpu::in_pool(|| dot::gemm(&x, m, k, &w, n, &mut out)));
+            let td = best(&mut || cpu::in_pool(|| dot_gemm(&x, m, k, &w, n, &mut out)));
             println!(
                 "m={m:<2} k={k} n={n}: widening GEMV {:.1} GB/s, dot {:.1} GB/s",
                 gb / tw,
@@ -1051,7 +1096,7 @@ mod tests {
                 let mut line = format!("m={m}:");
                 for (w, pages) in ws.iter().zip(["4 KiB", "2 MiB"]) {
                     let t = std::time::Instant::now();
-                    cpu::in_pool(|| dot::gemm(&x, m, k, w, n, &mut out));
+                    cpu::in_pool(|| dot_gemm(&x, m, k, w, n, &mut out));
                     line += &format!("  {pages} pages {:.1} GB/s", gb / t.elapsed().as_secs_f64());
                 }
                 println!("{line}");
@@ -1092,7 +1137,7 @@ mod tests {
                     })
                 })
             };
-            let (td, tp) = (run(dot::gemm), run(packed::gemm));
+            let (td, tp) = (run(dot_gemm), run(packed_gemm));
             println!(
                 "m={m:<2} k={k} n={n}: dot {:.1} GB/s {:.0} GFLOP/s, packed {:.1} GB/s {:.0} GFLOP/s",
                 gb / td,
@@ -1151,7 +1196,7 @@ mod tests {
                 cpu::in_pool(|| {
                     for (w, &(n, k)) in weights.iter().zip(&shapes).take(count) {
                         let x = if k == h { &xs[0] } else { &xs[1] };
-                        dot::gemm(x, 1, k, w, n, &mut out[..n]);
+                        dot_gemm(x, 1, k, w, n, &mut out[..n]);
                     }
                 })
             })

@@ -751,6 +751,7 @@ pub(crate) fn gemv_side_by_side(
 /// # Safety
 /// The kernel may write only initialized values (it never stores `MaybeUninit::uninit()`),
 /// so that `out` holds valid `f32`s afterwards, as before.
+#[cfg(test)]
 pub(crate) unsafe fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller writes only values.
     unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
@@ -765,14 +766,12 @@ pub(crate) struct ColumnsOut(*mut f32);
 unsafe impl Send for ColumnsOut {}
 unsafe impl Sync for ColumnsOut {}
 impl ColumnsOut {
+    #[cfg(test)]
     pub(crate) fn new(out: &mut [f32]) -> Self {
         ColumnsOut(out.as_mut_ptr())
     }
     /// For a product that writes every element of a buffer it was handed uncleared.
-    #[cfg_attr(
-        not(all(target_arch = "x86_64", target_os = "linux")),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn uninit(out: &mut [MaybeUninit<f32>]) -> Self {
         ColumnsOut(out.as_mut_ptr() as *mut f32)
     }
