@@ -15,16 +15,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
-/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
-fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
-    let guard = tempfile::Builder::new()
-        .prefix(&format!("zaya-cli-{tag}-"))
-        .tempdir()
-        .unwrap();
-    let path = guard.path().to_path_buf();
-    (guard, path)
-}
+mod scratch;
+use scratch::scratch as temp;
 
 /// Asserts a `zaya` run succeeded, showing its stderr where it did not.
 fn assert_ok(out: &std::process::Output) {

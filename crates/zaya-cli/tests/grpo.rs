@@ -14,16 +14,8 @@ fn repo(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
-/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
-fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
-    let guard = tempfile::Builder::new()
-        .prefix(&format!("zaya-grpo-{tag}-"))
-        .tempdir()
-        .unwrap();
-    let path = guard.path().to_path_buf();
-    (guard, path)
-}
+mod scratch;
+use scratch::scratch as temp;
 
 fn ok(out: Output) -> Output {
     assert!(

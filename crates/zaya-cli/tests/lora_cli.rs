@@ -23,16 +23,8 @@ fn lora_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
-/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
-fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
-    let guard = tempfile::Builder::new()
-        .prefix(&format!("zaya-lora-cli-{tag}-"))
-        .tempdir()
-        .unwrap();
-    let path = guard.path().to_path_buf();
-    (guard, path)
-}
+mod scratch;
+use scratch::scratch as temp;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());

@@ -11,16 +11,8 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
-/// bound (`let (_guard, dir) = temp("x")`) for as long as the test uses the path.
-fn temp(tag: &str) -> (tempfile::TempDir, PathBuf) {
-    let guard = tempfile::Builder::new()
-        .prefix(&format!("zaya-cli-{tag}-"))
-        .tempdir()
-        .unwrap();
-    let path = guard.path().to_path_buf();
-    (guard, path)
-}
+mod scratch;
+use scratch::scratch as temp;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

@@ -18,16 +18,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fresh scratch directory, removed with everything in it when the guard drops: keep the guard
-/// bound (`let (_guard, dir) = tmp("x")`) for as long as the test uses the path.
-fn tmp(tag: &str) -> (tempfile::TempDir, PathBuf) {
-    let guard = tempfile::Builder::new()
-        .prefix(&format!("zaya-train-par-{tag}-"))
-        .tempdir()
-        .unwrap();
-    let path = guard.path().to_path_buf();
-    (guard, path)
-}
+mod scratch;
+use scratch::scratch as tmp;
 
 /// Six pre-tokenized examples (the fixture's training rows).
 fn data(dir: &Path) -> PathBuf {
