@@ -358,11 +358,7 @@ fn forward_values(
     x: super::cpu::MatRef<'_>,
     wt: super::cpu::MatRef<'_>,
 ) -> Result<Vec<f32>> {
-    let mut out = super::cpu::uninit_f32(m * n);
-    let min_rows = super::cpu::GEMV_ROWS + 1;
-    super::sgemm::gemm_fresh(min_rows, m, n, k, &mut out, x, wt, true)?;
-    // SAFETY: `gemm_fresh` wrote every value (it returned without error).
-    Ok(unsafe { out.assume_init() }.into_vec())
+    super::sgemm::gemm_new(super::cpu::GEMV_ROWS + 1, m, n, k, x, wt)
 }
 
 /// [`fresh_values`] as a `[m, n]` f32 tensor on `like`'s device.

@@ -9,7 +9,7 @@
 //! recomputes the expert activations instead of storing them.
 //!
 //! f32 products: the forward's two (`x·W_guᵀ`, `act·W_downᵀ`, also the backward's
-//! recompute) go through [`sgemm::gemm_fresh`] (an AVX-512 kernel against a weight's transpose
+//! recompute) go through [`sgemm::gemm_new`] (an AVX-512 kernel against a weight's transpose
 //! for any row count from its minimum, [`cpu::gemm_fresh`] elsewhere), straight into buffers
 //! never zero-filled (with the SwiGLU between them, ~2 % of a small prefill went to clearing
 //! them); the backward's (`dy·W_down`, `dgu·W_gu`)
@@ -121,19 +121,14 @@ impl MoeExperts {
         let xe = self.gather(x, rows);
         let gu = self.gate_up(&xe, &wgu, r)?;
         let act = swiglu::forward(&gu, None, i);
-        let mut ye = cpu::uninit_f32(r * h);
-        sgemm::gemm_fresh(
+        sgemm::gemm_new(
             self.sgemm_min_rows(),
             r,
             h,
             i,
-            &mut ye,
             MatRef::rows(&act, 0, i),
             MatRef::rows(&wd, 0, i).t(),
-            true,
-        )?;
-        // SAFETY: `gemm_fresh` wrote every value (it returned without error).
-        Ok(unsafe { ye.assume_init() }.into_vec())
+        )
     }
 
     /// The f32 experts of a prefill, as pool tasks ([`Self::expert_tasks`]).
@@ -231,19 +226,14 @@ impl MoeExperts {
     /// `gu = xe · W_guᵀ` `[R, 2I]` for one expert.
     fn gate_up(&self, xe: &[f32], wgu: &[f32], r: usize) -> Result<Vec<f32>> {
         let (h, i2) = (self.h, 2 * self.i);
-        let mut gu = cpu::uninit_f32(r * i2);
-        sgemm::gemm_fresh(
+        sgemm::gemm_new(
             self.sgemm_min_rows(),
             r,
             i2,
             h,
-            &mut gu,
             MatRef::rows(xe, 0, h),
             MatRef::rows(wgu, 0, h).t(),
-            true,
-        )?;
-        // SAFETY: `gemm_fresh` wrote every value (it returned without error).
-        Ok(unsafe { gu.assume_init() }.into_vec())
+        )
     }
 }
 

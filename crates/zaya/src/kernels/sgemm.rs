@@ -183,6 +183,21 @@ pub(crate) fn gemm_fresh<'a>(
     Ok(unsafe { cpu::assume_init_mut(dst) })
 }
 
+/// [`gemm_fresh`] into a new vector of `m·n` values (row-major), split over the pool.
+pub(crate) fn gemm_new(
+    min_rows: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+) -> Result<Vec<f32>> {
+    let mut out = cpu::uninit_f32(m * n);
+    gemm_fresh(min_rows, m, n, k, &mut out, lhs, rhs, true)?;
+    // SAFETY: `gemm_fresh` wrote every value (it returned without error).
+    Ok(unsafe { out.assume_init() }.into_vec())
+}
+
 /// The product over the weight rows, split across the pool when `parallel` and large.
 ///
 /// # Safety
