@@ -9,7 +9,7 @@
 //! recomputes the expert activations instead of storing them.
 //!
 //! f32 products: the forward's two (`x·W_guᵀ`, `act·W_downᵀ`, also the backward's
-//! recompute) go through [`sgemm::gemm_new`] (an AVX-512 kernel against a weight's transpose
+//! recompute) go through [`sgemm::gemm_new`] (an AVX-512 / AVX2 kernel against a weight's transpose
 //! for any row count from its minimum, [`cpu::gemm_fresh`] elsewhere), straight into buffers
 //! never zero-filled (with the SwiGLU between them, ~2 % of a small prefill went to clearing
 //! them); the backward's (`dy·W_down`, `dgu·W_gu`)
@@ -217,7 +217,7 @@ impl MoeExperts {
     /// forward's expert shares take the kernel from fewer rows.
     fn sgemm_min_rows(&self) -> usize {
         if self.forward_rows > GEMV_ROWS {
-            sgemm::SHARE_MIN_ROWS
+            sgemm::share_min_rows()
         } else {
             GEMV_ROWS + 1
         }

@@ -1,4 +1,4 @@
-//! An AVX-512 f32 GEMM against a weight's transpose — the forward products of the MoE
+//! An AVX-512 / AVX2 f32 GEMM against a weight's transpose — the forward products of the MoE
 //! experts (`x·W_guᵀ` and `act·W_downᵀ`: a few dozen token rows per expert with a trained
 //! router, up to the whole forward with a skewed one), run again by their fused backward's
 //! recompute, and the f32 linear layers' forward above 32 rows (see below). The `gemm`
@@ -37,11 +37,17 @@
 //! projections, hundreds of rows) runs here too above [`cpu::GEMV_ROWS`] rows, for the
 //! same reason: a dense weight is read once per forward, cold.
 //!
-//! Everything else goes to [`cpu::gemm`]: other CPUs (no AVX-512F), right operands that
+//! AVX2 CPUs without AVX-512 (AMD Zen 3, older Intel) run the same blocking with a 6 × 16
+//! tile of ymm vectors ([`Isa::Avx2`], [`tile_6x16`]): the same FMA chains, so the same
+//! bits. Before it they went to [`cpu::gemm`]: expert shares up to 32 rows to its GEMV at
+//! ~20 GFLOP/s against 50–90 here (Zen 3, 2 threads, `step_shapes`, `expert_share_speed`),
+//! larger ones to the `gemm` crate's weight packing.
+//!
+//! Everything else goes to [`cpu::gemm`]: other CPUs (no AVX2 + FMA), right operands that
 //! are not a contiguous-row weight's transpose (the backward's `dy·W` and `dYᵀ·X`, where
 //! the `gemm` crate measured faster), and fewer than
 //! `min_rows` rows (at most [`cpu::GEMV_ROWS`] in a decode step, where its GEMV path keeps
-//! decode's batch invariance; fewer than [`SHARE_MIN_ROWS`] in an expert's share of a larger
+//! decode's batch invariance; fewer than [`share_min_rows`] in an expert's share of a larger
 //! forward).
 
 use std::cell::RefCell;
@@ -93,30 +99,101 @@ enum Ahead {
     Copy { src: *const f32, dst: *mut f32 },
 }
 
+/// Weight rows in the AVX2 register tile (six broadcasts a step).
+const MR_AVX2: usize = 6;
+/// Rows of `lhs` in the AVX2 register tile (two 8-lane vectors): with [`MR_AVX2`], twelve
+/// accumulators, two `lhs` vectors and a broadcast — 15 of the 16 ymm registers, the
+/// shape of the `gemm` crate's own AVX2 microkernel.
+const NR_AVX2: usize = 16;
+
+/// The instruction set a product runs on, and with it the register tile: AVX-512F (the
+/// `MR × NR` = 12 × 32 tile, the assembly one in full) or AVX2 + FMA (6 × 16, intrinsics;
+/// CPUs such as AMD Zen 3 have no AVX-512). Both compute every output as the same FMA chain
+/// over `k` in order, so they give the same bits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// The widest the CPU has; `None` without AVX2 + FMA (the product is [`cpu::gemm`]'s).
+    fn detect() -> Option<Isa> {
+        match cpu::simd_level() {
+            cpu::SimdLevel::Avx512 => Some(Isa::Avx512),
+            cpu::SimdLevel::Avx2 => Some(Isa::Avx2),
+            cpu::SimdLevel::Baseline => None,
+        }
+    }
+
+    /// Every instruction set this CPU can run (the tests run the kernel on each).
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        match Isa::detect() {
+            Some(Isa::Avx512) => vec![Isa::Avx512, Isa::Avx2],
+            Some(Isa::Avx2) => vec![Isa::Avx2],
+            None => vec![],
+        }
+    }
+
+    /// Weight rows in the register tile.
+    fn mr(self) -> usize {
+        match self {
+            Isa::Avx512 => MR,
+            Isa::Avx2 => MR_AVX2,
+        }
+    }
+
+    /// Rows of `lhs` in the register tile (a packed panel).
+    fn nr(self) -> usize {
+        match self {
+            Isa::Avx512 => NR,
+            Isa::Avx2 => NR_AVX2,
+        }
+    }
+}
+
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
 /// Fewest rows of an expert's share of a larger forward for which this kernel runs rather
-/// than the GEMV. AMD EPYC Zen 4, an expert of the small config (`k = 512`, `n = 512 / 1024`), 1 / 2 threads: the
-/// GEMV faster at 8 rows, this kernel 1.1× at 12, 1.3–1.5× at 16–32 (`step_shapes`). On
-/// weights read from memory (a medium expert, `expert_share_speed`): the GEMV 1.6× at 4
-/// rows, equal at 8, this kernel 1.1× at 10, 1.3× at 12 and 1.5× at 16.
-pub(crate) const SHARE_MIN_ROWS: usize = 12;
+/// than the GEMV, on AVX-512. AMD EPYC Zen 4, an expert of the small config (`k = 512`,
+/// `n = 512 / 1024`), 1 / 2 threads: the GEMV faster at 8 rows, this kernel 1.1× at 12,
+/// 1.3–1.5× at 16–32 (`step_shapes`). On weights read from memory (a medium expert,
+/// `expert_share_speed`): the GEMV 1.6× at 4 rows, equal at 8, this kernel 1.1× at 10, 1.3×
+/// at 12 and 1.5× at 16.
+const SHARE_MIN_ROWS: usize = 12;
+/// [`SHARE_MIN_ROWS`] on AVX2, where the GEMV's dot products (eight lanes, a horizontal
+/// sum per output) fall behind much sooner. AMD EPYC Zen 3, 2 threads, a medium expert
+/// read from memory (`expert_share_speed`): the GEMV 1.2× at 2 rows, equal at 4, this
+/// kernel 1.7× at 6, 2.2× at 8 and 3.5× at 16 (the GEMV near 20 GFLOP/s from 4 rows on);
+/// a small expert in cache (`step_shapes`): this kernel 2.3–4× at 8–32 rows.
+const SHARE_MIN_ROWS_AVX2: usize = 4;
+
+/// Fewest rows of an expert's share of a larger forward (a prefill, a training step) for
+/// which this kernel runs on this CPU rather than the GEMV.
+pub(crate) fn share_min_rows() -> usize {
+    match Isa::detect() {
+        Some(Isa::Avx2) => SHARE_MIN_ROWS_AVX2,
+        _ => SHARE_MIN_ROWS,
+    }
+}
 
 /// Whether the kernel takes this product from `min_rows` rows (else it is [`cpu::gemm`]):
-/// above [`cpu::GEMV_ROWS`] for decode and the dense layers, from [`SHARE_MIN_ROWS`] for
+/// above [`cpu::GEMV_ROWS`] for decode and the dense layers, from [`share_min_rows`] for
 /// expert shares.
 pub(crate) fn takes(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
-    rhs.rs == 1 && m >= min_rows && cpu::simd_level() == cpu::SimdLevel::Avx512
+    rhs.rs == 1 && m >= min_rows && Isa::detect().is_some()
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views with the
 /// kernel for any number of rows: the tests' entry, accumulation and strided destinations
 /// included (the forward takes [`gemm_fresh`]). `rhs` must be a weight's transpose
-/// (`rhs.rs == 1`) and the CPU must have AVX-512F (checked: an error otherwise).
+/// (`rhs.rs == 1`) and the CPU must have `isa` (checked: an error otherwise).
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn weight_rows(
+    isa: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -126,9 +203,10 @@ fn weight_rows(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<()> {
-    if rhs.rs != 1 || cpu::simd_level() != cpu::SimdLevel::Avx512 {
+    if rhs.rs != 1 || !Isa::available().contains(&isa) {
         return Err(super::KernelError::Internal(format!(
-            "sgemm: needs AVX-512F and a weight's transpose (rhs row stride {})",
+            "sgemm: needs {isa:?} (this CPU: {:?}) and a weight's transpose (rhs row stride {})",
+            cpu::simd_level(),
             rhs.rs
         ))
         .into());
@@ -142,9 +220,9 @@ fn weight_rows(
         return Ok(());
     }
     let c = DstPtr(dst.data[dst.off..].as_mut_ptr());
-    // SAFETY: the views were checked above for these m, n, k and strides, AVX-512F and
+    // SAFETY: the views were checked above for these m, n, k and strides, `isa` and
     // `rhs.rs == 1` too; `dst` is borrowed mutably.
-    unsafe { run(m, n, k, c, dst.rs, accumulate, &lhs, &rhs, parallel) };
+    unsafe { run(isa, m, n, k, c, dst.rs, accumulate, &lhs, &rhs, parallel) };
     Ok(())
 }
 
@@ -157,7 +235,7 @@ fn weight_rows(
 ///
 /// `min_rows`: above [`cpu::GEMV_ROWS`] keeps the GEMV for decode, so that a decode row's
 /// result does not depend on the rows decoded with it; an expert's share of a larger
-/// forward (a prefill or a training step) starts at [`SHARE_MIN_ROWS`] — the rows are
+/// forward (a prefill or a training step) starts at [`share_min_rows`] — the rows are
 /// independent of each other here too, and a forward and its recompute take the same path.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_fresh<'a>(
@@ -170,15 +248,16 @@ pub(crate) fn gemm_fresh<'a>(
     rhs: MatRef<'_>,
     parallel: bool,
 ) -> Result<&'a mut [f32]> {
-    if !takes(min_rows, m, &rhs) || m == 0 || n == 0 || k == 0 {
-        return cpu::gemm_fresh(m, n, k, dst, lhs, rhs, 1.0, parallel);
-    }
+    let isa = match Isa::detect() {
+        Some(isa) if takes(min_rows, m, &rhs) && m > 0 && n > 0 && k > 0 => isa,
+        _ => return cpu::gemm_fresh(m, n, k, dst, lhs, rhs, 1.0, parallel),
+    };
     cpu::check_operands(m, n, k, &lhs, &rhs, dst.len() == m * n)?;
     let c = DstPtr(dst.as_mut_ptr().cast::<f32>());
     // SAFETY: the operands were checked above and `dst` holds `m·n` values (row stride
-    // `n`), which the kernel writes without reading (not accumulating); `takes` saw
-    // AVX-512F and `rhs.rs == 1`; `m, n, k > 0`.
-    unsafe { run(m, n, k, c, n, false, &lhs, &rhs, parallel) };
+    // `n`), which the kernel writes without reading (not accumulating); the CPU has `isa`
+    // and `takes` saw `rhs.rs == 1`; `m, n, k > 0`.
+    unsafe { run(isa, m, n, k, c, n, false, &lhs, &rhs, parallel) };
     // SAFETY: every value was written above.
     Ok(unsafe { cpu::assume_init_mut(dst) })
 }
@@ -201,11 +280,12 @@ pub(crate) fn gemm_new(
 /// The product over the weight rows, split across the pool when `parallel` and large.
 ///
 /// # Safety
-/// As [`block`] for all columns `0..n`: AVX-512F, `rhs.rs == 1`, the views hold the
-/// whole product, `c` (row stride `ldc`) holds `m` rows of `n` values and nobody else
+/// As [`block`] for all columns `0..n`: the CPU has `isa`, `rhs.rs == 1`, the views hold
+/// the whole product, `c` (row stride `ldc`) holds `m` rows of `n` values and nobody else
 /// accesses them meanwhile; `m, n, k > 0`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run(
+    isa: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -221,12 +301,12 @@ unsafe fn run(
     } else {
         1
     };
-    let blocks = split(n, threads);
+    let blocks = split(n, threads, isa.mr());
     let task = |t: usize| {
         let (n0, n1) = blocks[t];
         // SAFETY: the caller's conditions, and the blocks are disjoint column ranges of
         // the destination, so no two threads write the same element.
-        unsafe { block(m, n0, n1, k, c, ldc, accumulate, lhs, rhs) }
+        unsafe { block(isa, m, n0, n1, k, c, ldc, accumulate, lhs, rhs) }
     };
     if blocks.len() == 1 {
         task(0);
@@ -235,10 +315,11 @@ unsafe fn run(
     }
 }
 
-/// Splits the `n` weight rows into at most `threads` ranges `(n0, n1)` of whole tiles.
-fn split(n: usize, threads: usize) -> Vec<(usize, usize)> {
-    let tiles = n.div_ceil(MR);
-    let per = tiles.div_ceil(threads.clamp(1, tiles)) * MR;
+/// Splits the `n` weight rows into at most `threads` ranges `(n0, n1)` of whole tiles of
+/// `mr` rows.
+fn split(n: usize, threads: usize, mr: usize) -> Vec<(usize, usize)> {
+    let tiles = n.div_ceil(mr);
+    let per = tiles.div_ceil(threads.clamp(1, tiles)) * mr;
     (0..n)
         .step_by(per)
         .map(|n0| (n0, (n0 + per).min(n)))
@@ -254,12 +335,13 @@ thread_local! {
 /// Columns `n0..n1` (weight rows) of the product, all `m` rows, on this thread.
 ///
 /// # Safety
-/// AVX-512F must be available, `rhs.rs == 1`, the views must hold the whole `m×k` / `k×n`
+/// The CPU must have `isa`, `rhs.rs == 1`, the views must hold the whole `m×k` / `k×n`
 /// product (see [`cpu::check_views`]), `c` must point at element `(0, 0)` of a destination
 /// with row stride `ldc` holding columns `n0..n1` of `m` rows, and nobody else may access
 /// those columns meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
+    isa: Isa,
     m: usize,
     n0: usize,
     n1: usize,
@@ -272,13 +354,14 @@ unsafe fn block(
 ) {
     PACKED.with(|packed| {
         let buf = &mut *packed.borrow_mut();
-        let panels = m.div_ceil(NR);
+        let (mr, nr) = (isa.mr(), isa.nr());
+        let panels = m.div_ceil(nr);
         let ldt = k + TILE_PAD;
-        if buf.len() < panels * NR * k + 2 * MR * ldt {
-            buf.resize(panels * NR * k + 2 * MR * ldt, 0.0);
+        if buf.len() < panels * nr * k + 2 * mr * ldt {
+            buf.resize(panels * nr * k + 2 * mr * ldt, 0.0);
         }
-        let (xbuf, tbufs) = buf.split_at_mut(panels * NR * k);
-        pack_lhs_transposed(lhs, m, k, xbuf);
+        let (xbuf, tbufs) = buf.split_at_mut(panels * nr * k);
+        pack_lhs_transposed(isa, lhs, m, k, xbuf);
         let w = rhs.data.as_ptr().add(rhs.off);
         let ldw = rhs.cs;
         let row_lines = k.div_ceil(16);
@@ -289,9 +372,9 @@ unsafe fn block(
         // Weight tile outer, row panels inner: the tile's weight rows, copied `TILE_PAD`
         // apart (see there), stay in cache (L1 up to `k = 512`, L2 above) while every
         // panel passes.
-        for j in (n0..n1).step_by(MR) {
-            let cols = MR.min(n1 - j);
-            let (first, second) = tbufs.split_at_mut(MR * ldt);
+        for j in (n0..n1).step_by(mr) {
+            let cols = mr.min(n1 - j);
+            let (first, second) = tbufs.split_at_mut(mr * ldt);
             let (tbuf, next_buf) = if cur == 0 {
                 (first, second)
             } else {
@@ -309,20 +392,21 @@ unsafe fn block(
             // that tile copies them (asking for the lines after them as it goes), in the
             // slots its multiply-adds leave free; otherwise they are asked for ahead: with
             // few panels (an expert's share) from inside the first panel's tile, three
-            // lines every four steps, else a share of the lines before each panel.
-            let first_asm = cols == MR && m > 16;
+            // lines every four steps, else (and always on AVX2) a share of the lines
+            // before each panel.
+            let first_asm = isa == Isa::Avx512 && cols == MR && m > 16;
             let copy = first_asm
                 && j + 2 * MR <= n1
                 && ldw == k
                 && k.is_multiple_of(16);
-            let next_lines = MR.min(n1.saturating_sub(j + MR)) * row_lines;
+            let next_lines = mr.min(n1.saturating_sub(j + mr)) * row_lines;
             let in_tile = !copy
                 && next_lines > 0
                 && first_asm
                 && panels <= AHEAD_IN_TILE_PANELS
                 && ldw == k;
             let next_lines = if in_tile || copy { 0 } else { next_lines };
-            let (mut row, mut line) = (j + MR, 0);
+            let (mut row, mut line) = (j + mr, 0);
             for ip in 0..panels {
                 let ahead = match (ip, copy, in_tile) {
                     (0, true, _) => Ahead::Copy {
@@ -339,23 +423,24 @@ unsafe fn block(
                         (row, line) = (row + 1, 0);
                     }
                 }
-                let i = ip * NR;
-                let rows = NR.min(m - i);
-                let xp = xbuf.as_ptr().add(ip * NR * k);
+                let i = ip * nr;
+                let rows = nr.min(m - i);
+                let xp = xbuf.as_ptr().add(ip * nr * k);
                 let cp = c.0.add(i * ldc + j);
-                // A last panel of at most 16 rows takes the one-vector tile.
+                // A last panel of at most one vector of rows takes the one-vector tile.
                 macro_rules! tile {
-                    ($v:literal; $($r:literal)*) => {
+                    ($kernel:ident, $v:literal; $($r:literal)*) => {
                         match cols {
-                            $($r => kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate, ahead),)*
-                            _ => unreachable!("tile columns {cols} > {MR}"),
+                            $($r => $kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate, ahead),)*
+                            _ => unreachable!("tile columns {cols} > {mr}"),
                         }
                     };
                 }
-                if rows > 16 {
-                    tile!(2; 1 2 3 4 5 6 7 8 9 10 11 12);
-                } else {
-                    tile!(1; 1 2 3 4 5 6 7 8 9 10 11 12);
+                match isa {
+                    Isa::Avx512 if rows > 16 => tile!(kernel, 2; 1 2 3 4 5 6 7 8 9 10 11 12),
+                    Isa::Avx512 => tile!(kernel, 1; 1 2 3 4 5 6 7 8 9 10 11 12),
+                    Isa::Avx2 if rows > 8 => tile!(kernel_avx2, 2; 1 2 3 4 5 6),
+                    Isa::Avx2 => tile!(kernel_avx2, 1; 1 2 3 4 5 6),
                 }
             }
             copied = copy;
@@ -378,60 +463,71 @@ fn prefetch_l2(p: *const f32) {
     let _ = p;
 }
 
-/// Packs the `m × k` `lhs` as panels of `NR` rows, each `k` groups of `NR` values
-/// (`panel[p·NR + i] = lhs[ip·NR + i, p]`, rows past `m` zero). Row-major `lhs` goes 16 rows
-/// × 16 columns at a time through register transposes (a scalar strided pack was 6 % of a
-/// medium prefill once every expert product ran here); the last `k % 16` columns and other
-/// layouts are copied one value at a time.
-fn pack_lhs_transposed(lhs: &MatRef<'_>, m: usize, k: usize, out: &mut [f32]) {
-    // whole 16 × 16 blocks of columns, where `lhs` rows are contiguous (AVX-512F is
-    // guaranteed by the callers of `block`)
+/// Packs the `m × k` `lhs` as panels of `nr` rows (the tile's, [`Isa::nr`]), each `k`
+/// groups of `nr` values (`panel[p·nr + i] = lhs[ip·nr + i, p]`, rows past `m` zero).
+/// Row-major `lhs` goes through register transposes, 16 rows × 16 columns at a time on
+/// AVX-512, 8 × 8 on AVX2 (a scalar strided pack was 6 % of a medium prefill once every
+/// expert product ran here); the last columns short of a block and other layouts are
+/// copied one value at a time.
+fn pack_lhs_transposed(isa: Isa, lhs: &MatRef<'_>, m: usize, k: usize, out: &mut [f32]) {
+    let nr = isa.nr();
+    // the transpose's block edge: a vector of the instruction set
+    let edge = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+    };
+    // whole `edge × edge` blocks of columns, where `lhs` rows are contiguous (the callers
+    // of `block` checked that the CPU has `isa`)
     let blocks = if lhs.cs == 1 && cfg!(target_arch = "x86_64") {
-        k / 16
+        k / edge
     } else {
         0
     };
-    for (ip, i) in (0..m).step_by(NR).enumerate() {
-        let rows = NR.min(m - i);
-        let panel = &mut out[ip * NR * k..(ip + 1) * NR * k];
-        if rows < NR {
+    for (ip, i) in (0..m).step_by(nr).enumerate() {
+        let rows = nr.min(m - i);
+        let panel = &mut out[ip * nr * k..(ip + 1) * nr * k];
+        if rows < nr {
             panel.fill(0.0);
         }
         #[cfg(target_arch = "x86_64")]
         if blocks > 0 {
-            // rows past `m` read zeros (only a last panel of `rows % 16 != 0` rows allocates)
+            // rows past `m` read zeros (only a last panel of `rows % edge != 0` rows
+            // allocates)
             let zeros = vec![
                 0u32;
-                if rows.is_multiple_of(16) {
+                if rows.is_multiple_of(edge) {
                     0
                 } else {
-                    16 * blocks
+                    edge * blocks
                 }
             ];
-            for half in (0..rows).step_by(16) {
+            for part in (0..rows).step_by(edge) {
                 let base = |c: usize| {
-                    let r = half + c;
+                    let r = part + c;
                     if r < rows {
                         lhs.data[lhs.off + (i + r) * lhs.rs..].as_ptr() as *const u32
                     } else {
                         zeros.as_ptr()
                     }
                 };
-                // SAFETY: AVX-512F (see above); each existing row holds `k ≥ 16·blocks`
-                // values from its start (the view was bounds-checked for `m × k`), a
-                // missing row (only when `rows % 16 != 0`) reads `zeros`; the stores
-                // `p·NR + half .. + 16` for `p < 16·blocks` lie inside the panel (`NR·k`
-                // values, `half + 16 ≤ NR`).
+                // SAFETY: the CPU has `isa` (see above); each existing row holds
+                // `k ≥ edge·blocks` values from its start (the view was bounds-checked for
+                // `m × k`), a missing row (only when `rows % edge != 0`) reads `zeros`;
+                // the stores `p·nr + part .. + edge` for `p < edge·blocks` lie inside the
+                // panel (`nr·k` values, `part + edge ≤ nr`).
                 unsafe {
-                    let dst = panel.as_mut_ptr().add(half) as *mut u32;
-                    cpu::transpose_blocks_16x16(base, blocks, dst, NR)
+                    let dst = panel.as_mut_ptr().add(part) as *mut u32;
+                    match isa {
+                        Isa::Avx512 => cpu::transpose_blocks_16x16(base, blocks, dst, nr),
+                        Isa::Avx2 => cpu::transpose_blocks_8x8(base, blocks, dst, nr),
+                    }
                 };
             }
         }
         for ii in 0..rows {
             let base = lhs.off + (i + ii) * lhs.rs;
-            for p in 16 * blocks..k {
-                panel[p * NR + ii] = lhs.data[base + p * lhs.cs];
+            for p in edge * blocks..k {
+                panel[p * nr + ii] = lhs.data[base + p * lhs.cs];
             }
         }
     }
@@ -702,7 +798,193 @@ unsafe fn tile_12x32(
     }
 }
 
-/// Never called: [`takes`] is false off x86-64 (no AVX-512F), so [`gemm`] delegates.
+/// [`kernel`] on AVX2: columns `0..R` (`R ≤ MR_AVX2`) times `rows ≤ 8·V` rows of the
+/// packed panel (`k` groups of [`NR_AVX2`]); the full tile in assembly ([`tile_6x16`]),
+/// the partial ones in intrinsics ([`tile_avx2`]). `ahead` is unused (the AVX-512 tile's
+/// copy).
+///
+/// # Safety
+/// AVX2 and FMA must be available; `x` must hold `k·NR_AVX2` values, `w` `R` rows of `k`
+/// values `ldw` apart; `c` must hold `rows` rows of `R` values `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<const R: usize, const V: usize>(
+    k: usize,
+    x: *const f32,
+    w: *const f32,
+    ldw: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    load_c: bool,
+    _ahead: Ahead,
+) {
+    // the tile holds `Cᵀ`, as in [`kernel`]
+    let mut t = [[0f32; NR_AVX2]; R];
+    if load_c {
+        for ii in 0..rows {
+            for (j, tj) in t.iter_mut().enumerate() {
+                tj[ii] = *c.add(ii * ldc + j);
+            }
+        }
+    }
+    if R == MR_AVX2 && V == 2 {
+        // the whole tile: `t` is its `[6][2][8]` accumulator block
+        tile_6x16(k, x, w, ldw, t.as_mut_ptr() as *mut f32);
+    } else {
+        tile_avx2::<R, V>(k, x, w, ldw, &mut t);
+    }
+    for ii in 0..rows {
+        for (j, tj) in t.iter().enumerate() {
+            *c.add(ii * ldc + j) = tj[ii];
+        }
+    }
+}
+
+/// [`tile`] on AVX2: `t[j][i] += Σ_p w[j·ldw + p] · x[p·NR_AVX2 + i]` for `j < R`,
+/// `i < 8·V`, one FMA chain per value over `p` in order (the same arithmetic as the
+/// AVX-512 tiles): the partial tiles of [`kernel_avx2`], and its reference for the full one.
+///
+/// # Safety
+/// As [`kernel_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize, const V: usize>(
+    k: usize,
+    x: *const f32,
+    w: *const f32,
+    ldw: usize,
+    t: &mut [[f32; NR_AVX2]; R],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    for (acc_j, tj) in acc.iter_mut().zip(t.iter()) {
+        for (v, a) in acc_j.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(tj.as_ptr().add(8 * v));
+        }
+    }
+    for p in 0..k {
+        let xp = x.add(p * NR_AVX2);
+        let xv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(xp.add(8 * v)));
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let wj = _mm256_broadcast_ss(&*w.add(j * ldw + p));
+            for (a, xv) in acc_j.iter_mut().zip(&xv) {
+                *a = _mm256_fmadd_ps(wj, *xv, *a);
+            }
+        }
+    }
+    for (acc_j, tj) in acc.iter().zip(t.iter_mut()) {
+        for (v, a) in acc_j.iter().enumerate() {
+            _mm256_storeu_ps(tj.as_mut_ptr().add(8 * v), *a);
+        }
+    }
+}
+
+/// One step of [`tile_6x16`] at step offset `$u` (0–3 of an unrolled group): the two
+/// vectors of `lhs` values, then each weight row broadcast (into `ymm14` and `ymm15` in
+/// turn) and multiplied into its two accumulators (`ymm2j`, `ymm2j+1`). Rows 0–2 / 3–5 sit
+/// at `{a0}` / `{a1}` plus 0, `ldw`, `2·ldw` values.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_step_avx2 {
+    ($u:literal) => {
+        concat!(
+            "vmovups ymm12, [{x} + 64*", $u, "]\n",
+            "vmovups ymm13, [{x} + 64*", $u, " + 32]\n",
+            tile_step_avx2!(@row $u, "{a0}", 14, 0, 1),
+            tile_step_avx2!(@row $u, "{a0} + {l}", 15, 2, 3),
+            tile_step_avx2!(@row $u, "{a0} + {l}*2", 14, 4, 5),
+            tile_step_avx2!(@row $u, "{a1}", 15, 6, 7),
+            tile_step_avx2!(@row $u, "{a1} + {l}", 14, 8, 9),
+            tile_step_avx2!(@row $u, "{a1} + {l}*2", 15, 10, 11),
+        )
+    };
+    (@row $u:literal, $at:literal, $b:literal, $lo:literal, $hi:literal) => {
+        concat!(
+            "vbroadcastss ymm", $b, ", dword ptr [", $at, " + 4*", $u, "]\n",
+            "vfmadd231ps ymm", $lo, ", ymm12, ymm", $b, "\n",
+            "vfmadd231ps ymm", $hi, ", ymm13, ymm", $b, "\n",
+        )
+    };
+}
+
+/// The full tile of [`kernel_avx2`] (6 weight rows × 16 rows of `lhs`) in assembly: `acc`
+/// (`[6][2][8]` values) plus the product over `k` steps, four steps a loop, two row
+/// pointers with `ldw` and `2·ldw` addressing all six (compiled from intrinsics, the loop
+/// recomputed row addresses with three integer ops a step beside its 12 FMAs). The same
+/// arithmetic as [`tile_avx2`] (tested equal bit for bit).
+///
+/// # Safety
+/// AVX2 and FMA; `x` must hold `k·NR_AVX2` values, `w` 6 rows of `k` values `ldw` apart,
+/// `acc` 96 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_6x16(k: usize, x: *const f32, w: *const f32, ldw: usize, acc: *mut f32) {
+    std::arch::asm!(
+        "vmovups ymm0, [{acc}]", "vmovups ymm1, [{acc} + 32]",
+        "vmovups ymm2, [{acc} + 64]", "vmovups ymm3, [{acc} + 96]",
+        "vmovups ymm4, [{acc} + 128]", "vmovups ymm5, [{acc} + 160]",
+        "vmovups ymm6, [{acc} + 192]", "vmovups ymm7, [{acc} + 224]",
+        "vmovups ymm8, [{acc} + 256]", "vmovups ymm9, [{acc} + 288]",
+        "vmovups ymm10, [{acc} + 320]", "vmovups ymm11, [{acc} + 352]",
+        "test {quads}, {quads}",
+        "jz 3f",
+        "2:",
+        tile_step_avx2!(0),
+        tile_step_avx2!(1),
+        tile_step_avx2!(2),
+        tile_step_avx2!(3),
+        "add {a0}, 16", "add {a1}, 16", "add {x}, 256",
+        "dec {quads}",
+        "jnz 2b",
+        "3:",
+        "test {rest}, {rest}",
+        "jz 5f",
+        "4:",
+        tile_step_avx2!(0),
+        "add {a0}, 4", "add {a1}, 4", "add {x}, 64",
+        "dec {rest}",
+        "jnz 4b",
+        "5:",
+        "vmovups [{acc}], ymm0", "vmovups [{acc} + 32], ymm1",
+        "vmovups [{acc} + 64], ymm2", "vmovups [{acc} + 96], ymm3",
+        "vmovups [{acc} + 128], ymm4", "vmovups [{acc} + 160], ymm5",
+        "vmovups [{acc} + 192], ymm6", "vmovups [{acc} + 224], ymm7",
+        "vmovups [{acc} + 256], ymm8", "vmovups [{acc} + 288], ymm9",
+        "vmovups [{acc} + 320], ymm10", "vmovups [{acc} + 352], ymm11",
+        acc = in(reg) acc,
+        x = inout(reg) x => _,
+        a0 = inout(reg) w => _,
+        a1 = inout(reg) w.add(3 * ldw) => _,
+        l = in(reg) ldw * 4,
+        quads = inout(reg) k / 4 => _,
+        rest = inout(reg) k % 4 => _,
+        out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+        out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+        out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+        out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+        options(nostack),
+    )
+}
+
+/// Never called: [`takes`] is false off x86-64 (no AVX2), so [`gemm_fresh`] delegates.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx2<const R: usize, const V: usize>(
+    _k: usize,
+    _x: *const f32,
+    _w: *const f32,
+    _ldw: usize,
+    _c: *mut f32,
+    _ldc: usize,
+    _rows: usize,
+    _load_c: bool,
+    _ahead: Ahead,
+) {
+    unreachable!("the AVX2 GEMM runs only where AVX2 was detected")
+}
+
+/// Never called: [`takes`] is false off x86-64 (no AVX-512F), so [`gemm_fresh`] delegates.
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const R: usize, const V: usize>(
@@ -757,9 +1039,11 @@ mod tests {
         }
     }
 
-    /// Runs [`gemm`] into a destination with padded rows (stride `n + 2`, offset 1), filled
-    /// with `init`; returns the whole buffer.
+    /// Runs [`weight_rows`] on `isa` into a destination with padded rows (stride `n + 2`,
+    /// offset 1), filled with `init`; returns the whole buffer.
+    #[allow(clippy::too_many_arguments)]
     fn run(
+        isa: Isa,
         m: usize,
         n: usize,
         k: usize,
@@ -771,6 +1055,7 @@ mod tests {
         let ldc = n + 2;
         let mut c = test_data(1 + m * ldc, 77);
         weight_rows(
+            isa,
             m,
             n,
             k,
@@ -786,11 +1071,12 @@ mod tests {
 
     /// The kernel against an f64 product over odd shapes, 1..200 rows, both layouts of
     /// `lhs`, padded strides and offsets, with and without accumulation, on one thread and
-    /// on the pool (bit-identical), and the padding of the destination untouched.
+    /// on the pool (bit-identical), and the padding of the destination untouched; on every
+    /// instruction set of the CPU, all giving the same bits.
     #[test]
     fn matches_the_f64_product_over_odd_shapes() {
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
-            eprintln!("no AVX-512F here: the kernel is not run (gemm is cpu::gemm)");
+        if Isa::detect().is_none() {
+            eprintln!("no AVX2 here: the kernel is not run (gemm is cpu::gemm)");
             return;
         }
         let ms = [
@@ -810,12 +1096,19 @@ mod tests {
                     let accumulate = case.is_multiple_of(2);
                     let a = Operand::new(m, k, ta, case as u32);
                     let b = Operand::new(k, n, tb, 1000 + case as u32);
-                    let serial = run(m, n, k, &a, &b, accumulate, false);
-                    let pooled = run(m, n, k, &a, &b, accumulate, true);
-                    let init = test_data(1 + m * (n + 2), 77);
-                    for (i, (s, p)) in serial.iter().zip(&pooled).enumerate() {
-                        assert_eq!(s.to_bits(), p.to_bits(), "m={m} n={n} k={k} at {i}");
+                    let isas = Isa::available();
+                    let serial = run(isas[0], m, n, k, &a, &b, accumulate, false);
+                    for &isa in &isas {
+                        let pooled = run(isa, m, n, k, &a, &b, accumulate, true);
+                        for (i, (s, p)) in serial.iter().zip(&pooled).enumerate() {
+                            assert_eq!(
+                                s.to_bits(),
+                                p.to_bits(),
+                                "{isa:?} m={m} n={n} k={k} at {i}"
+                            );
+                        }
                     }
+                    let init = test_data(1 + m * (n + 2), 77);
                     assert_eq!(serial[0], init[0], "element before the destination");
                     for r in 0..m {
                         for col in 0..n + 2 {
@@ -894,11 +1187,51 @@ mod tests {
         }
     }
 
+    /// [`the_assembly_tile_equals_the_intrinsics_tile`] for the AVX2 tile.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx2_assembly_tile_equals_the_intrinsics_tile() {
+        if Isa::detect().is_none() {
+            return;
+        }
+        for k in [0, 1, 2, 3, 4, 5, 7, 8, 9, 64, 255, 511] {
+            let ldw = k + 5;
+            let w = test_data(MR_AVX2 * ldw + 3, k as u32 + 1);
+            let x = test_data(NR_AVX2 * k.max(1), k as u32 + 100);
+            let init = test_data(MR_AVX2 * NR_AVX2, 7);
+            let mut want = [[0f32; NR_AVX2]; MR_AVX2];
+            for (row, chunk) in want.iter_mut().zip(init.chunks(NR_AVX2)) {
+                row.copy_from_slice(chunk);
+            }
+            let mut got = want;
+            // SAFETY: AVX2 and FMA checked above; `x` holds `k·NR_AVX2`, `w` 6 rows `ldw`
+            // apart starting 3 values in, each tile 96 values.
+            unsafe {
+                tile_avx2::<MR_AVX2, 2>(k, x.as_ptr(), w[3..].as_ptr(), ldw, &mut want);
+                tile_6x16(
+                    k,
+                    x.as_ptr(),
+                    w[3..].as_ptr(),
+                    ldw,
+                    got.as_mut_ptr() as *mut f32,
+                );
+            }
+            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "k={k} weight row {j} lhs row {i}");
+                }
+            }
+            if k > 0 {
+                assert_ne!(got[0], init[..NR_AVX2], "k={k}: the tile did not move");
+            }
+        }
+    }
+
     /// A row of the product does not depend on the other rows (the batch invariance): rows
     /// 3..m−2 computed alone equal the same rows of the whole product, bit for bit.
     #[test]
     fn rows_do_not_depend_on_the_other_rows() {
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        if Isa::detect().is_none() {
             return;
         }
         let (m, n, k) = (77, 70, 600);
@@ -942,9 +1275,12 @@ mod tests {
     /// the assembly tile nor the copy): a misplaced line or a missed row padding fails it.
     #[test]
     fn tiles_copied_ahead_give_the_bits_of_a_row_alone() {
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
-            return;
+        for isa in Isa::available() {
+            tiles_copied_ahead_on(isa);
         }
+    }
+
+    fn tiles_copied_ahead_on(isa: Isa) {
         for (case, &(m, n, k)) in [
             (17, 24, 16),
             (40, 100, 512),
@@ -962,17 +1298,17 @@ mod tests {
             for parallel in [false, true] {
                 let mut whole = vec![0f32; m * n];
                 let dst = MatMut::new(&mut whole, 0, n);
-                weight_rows(m, n, k, dst, false, a.view(), b, parallel).unwrap();
+                weight_rows(isa, m, n, k, dst, false, a.view(), b, parallel).unwrap();
                 for i in 0..m {
                     let mut row = vec![0f32; n];
                     let lhs = MatRef::new(&a.data, a.off + i * a.rs, a.rs, a.cs);
                     let dst = MatMut::new(&mut row, 0, n);
-                    weight_rows(1, n, k, dst, false, lhs, b, false).unwrap();
+                    weight_rows(isa, 1, n, k, dst, false, lhs, b, false).unwrap();
                     for (j, (x, y)) in row.iter().zip(&whole[i * n..(i + 1) * n]).enumerate() {
                         assert_eq!(
                             x.to_bits(),
                             y.to_bits(),
-                            "m={m} n={n} k={k} parallel={parallel}: row {i} column {j}"
+                            "{isa:?} m={m} n={n} k={k} parallel={parallel}: row {i} column {j}"
                         );
                     }
                 }
@@ -986,10 +1322,10 @@ mod tests {
         let w = vec![0f32; 4];
         let wt = MatRef::rows(&w, 0, 2).t();
         let plain = MatRef::rows(&w, 0, 2);
-        let avx512 = cpu::simd_level() == cpu::SimdLevel::Avx512;
+        let avx2 = Isa::detect().is_some();
         let above_gemv = |m: usize, rhs: &MatRef<'_>| takes(cpu::GEMV_ROWS + 1, m, rhs);
-        assert_eq!(above_gemv(cpu::GEMV_ROWS + 1, &wt), avx512);
-        assert_eq!(above_gemv(4096, &wt), avx512, "busy experts stay here");
+        assert_eq!(above_gemv(cpu::GEMV_ROWS + 1, &wt), avx2);
+        assert_eq!(above_gemv(4096, &wt), avx2, "busy experts stay here");
         assert!(
             !above_gemv(cpu::GEMV_ROWS, &wt),
             "GEMV rows stay on cpu::gemm"
@@ -998,19 +1334,24 @@ mod tests {
             !above_gemv(64, &plain),
             "a row-major rhs stays on cpu::gemm"
         );
-        assert_eq!(takes(SHARE_MIN_ROWS, SHARE_MIN_ROWS, &wt), avx512);
-        assert!(!takes(SHARE_MIN_ROWS, SHARE_MIN_ROWS - 1, &wt));
+        let share = share_min_rows();
+        assert_eq!(takes(share, share, &wt), avx2);
+        assert!(!takes(share, share - 1, &wt));
     }
 
     #[test]
     fn empty_reduction_and_bad_views() {
+        for isa in Isa::available() {
+            empty_reduction_and_bad_views_on(isa);
+        }
+    }
+
+    fn empty_reduction_and_bad_views_on(isa: Isa) {
         let a = vec![1f32; 6];
         let mut c = vec![5f32; 4];
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
-            return;
-        }
         let wt = MatRef::rows(&a, 0, 3).t();
         weight_rows(
+            isa,
             2,
             2,
             0,
@@ -1023,6 +1364,7 @@ mod tests {
         .unwrap();
         assert_eq!(c, vec![5.0; 4], "k = 0 accumulates nothing");
         weight_rows(
+            isa,
             2,
             2,
             0,
@@ -1035,6 +1377,7 @@ mod tests {
         .unwrap();
         assert_eq!(c, vec![0.0; 4], "k = 0 without accumulating is zero");
         weight_rows(
+            isa,
             2,
             2,
             3,
@@ -1048,6 +1391,7 @@ mod tests {
         assert_eq!(c, vec![3.0; 4]);
         // Wᵀ of 2 rows of 3 does not fit in 6 elements at offset 1
         let bad = weight_rows(
+            isa,
             2,
             2,
             3,
@@ -1060,6 +1404,7 @@ mod tests {
         assert!(bad.is_err());
         // destination rows overlapping
         let bad = weight_rows(
+            isa,
             2,
             2,
             1,
@@ -1072,6 +1417,7 @@ mod tests {
         assert!(bad.is_err());
         // a row-major rhs is not the kernel's
         let bad = weight_rows(
+            isa,
             2,
             2,
             2,
@@ -1087,14 +1433,15 @@ mod tests {
     /// An expert's share of a prefill against weights read from memory (eight 8 MiB gate/up
     /// weights of the medium config in turn, more than the L3), the GEMV of [`cpu::gemm`]
     /// against this kernel, as GB/s of weight (the floor is the machine's read bandwidth):
-    /// where [`SHARE_MIN_ROWS`] should sit for cold weights. `cargo test --release -p zaya
+    /// where [`share_min_rows`] should sit for cold weights. `cargo test --release -p zaya
     /// --lib sgemm::tests::expert_share_speed -- --ignored --nocapture`
     #[test]
     #[ignore = "timing, not a check"]
     fn expert_share_speed() {
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        let Some(isa) = Isa::detect() else {
             return;
-        }
+        };
+        println!("{isa:?}");
         let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
         println!("threads: {}", cpu::num_threads());
         let (k, n, experts) = (1024, 2048, 8);
@@ -1110,7 +1457,7 @@ mod tests {
                             let (dst, lhs) = (MatMut::new(&mut out, 0, n), MatRef::rows(&x, 0, k));
                             let rhs = MatRef::rows(e, 0, k).t();
                             if ours {
-                                weight_rows(m, n, k, dst, false, lhs, rhs, true).unwrap()
+                                weight_rows(isa, m, n, k, dst, false, lhs, rhs, true).unwrap()
                             } else {
                                 cpu::gemm(m, n, k, dst, false, lhs, rhs, 1.0, true).unwrap()
                             }
@@ -1136,9 +1483,10 @@ mod tests {
     #[test]
     #[ignore = "timing, not a check"]
     fn cold_expert_shares() {
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        let Some(isa) = Isa::detect() else {
             return;
-        }
+        };
+        println!("{isa:?}");
         let best = |f: &mut dyn FnMut()| cpu::best_seconds(3, f);
         println!("threads: {}", cpu::num_threads());
         let experts = 16;
@@ -1156,7 +1504,7 @@ mod tests {
                                 let dst = MatMut::new(&mut out, 0, n);
                                 let (lhs, rhs) =
                                     (MatRef::rows(&x, 0, k), MatRef::rows(weight, 0, k).t());
-                                weight_rows(m, n, k, dst, false, lhs, rhs, true).unwrap()
+                                weight_rows(isa, m, n, k, dst, false, lhs, rhs, true).unwrap()
                             }
                         })
                     })
@@ -1181,9 +1529,10 @@ mod tests {
     #[test]
     #[ignore = "timing, not a check"]
     fn step_shapes() {
-        if cpu::simd_level() != cpu::SimdLevel::Avx512 {
+        let Some(isa) = Isa::detect() else {
             return;
-        }
+        };
+        println!("{isa:?}");
         let best = |f: &mut dyn FnMut()| cpu::best_seconds(10, f);
         let (h, i, v, t) = match std::env::var("ZAYA_STEP_SHAPES").as_deref() {
             Ok("medium") => (1024, 1024, 32000, 512),
@@ -1220,6 +1569,7 @@ mod tests {
                     best(&mut || {
                         cpu::in_pool(|| {
                             weight_rows(
+                                isa,
                                 m,
                                 n,
                                 k,
