@@ -751,7 +751,6 @@ pub(crate) fn gemv_side_by_side(
 /// # Safety
 /// The kernel may write only initialized values (it never stores `MaybeUninit::uninit()`),
 /// so that `out` holds valid `f32`s afterwards, as before.
-#[cfg(test)]
 pub(crate) unsafe fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller writes only values.
     unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }

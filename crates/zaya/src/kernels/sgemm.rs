@@ -53,6 +53,7 @@
 use std::cell::RefCell;
 
 use candle_core::Result;
+use half::bf16;
 
 #[cfg(test)]
 use super::cpu::MatMut;
@@ -153,6 +154,79 @@ impl Isa {
     }
 }
 
+/// The weight operand of a product: the rows of `W` (the right operand is `Wᵀ`), `ldw`
+/// values apart, in f32 or in bf16. bf16 rows are widened to f32 as each tile is copied
+/// (exact: a bf16 value is the top half of an f32), so a bf16 weight is never held as an
+/// f32 copy and the product is the f32 one of the widened operands.
+#[derive(Clone, Copy)]
+enum WeightRows<'a> {
+    F32 {
+        data: &'a [f32],
+        off: usize,
+        ldw: usize,
+    },
+    Bf16 {
+        data: &'a [bf16],
+        ldw: usize,
+    },
+}
+
+impl<'a> WeightRows<'a> {
+    /// The transposed view's weight rows (`rhs.rs == 1`, checked by the callers).
+    fn of(rhs: &MatRef<'a>) -> WeightRows<'a> {
+        WeightRows::F32 {
+            data: rhs.data,
+            off: rhs.off,
+            ldw: rhs.cs,
+        }
+    }
+
+    /// `dst[..k]` = weight row `row` (its first `k` values) in f32.
+    fn copy_row(&self, row: usize, k: usize, dst: &mut [f32]) {
+        match *self {
+            WeightRows::F32 { data, off, ldw } => {
+                let at = off + row * ldw;
+                dst[..k].copy_from_slice(&data[at..at + k]);
+            }
+            WeightRows::Bf16 { data, ldw } => {
+                super::bf16::widen_into(&data[row * ldw..row * ldw + k], &mut dst[..k])
+            }
+        }
+    }
+
+    /// Cache lines (64 bytes) in the first `k` values of a row.
+    fn row_lines(&self, k: usize) -> usize {
+        match self {
+            WeightRows::F32 { .. } => k.div_ceil(16),
+            WeightRows::Bf16 { .. } => k.div_ceil(32),
+        }
+    }
+
+    /// The address of cache line `line` of weight row `row`, for a prefetch (possibly past
+    /// the weight: a prefetch never faults).
+    fn line(&self, row: usize, line: usize) -> *const u8 {
+        match *self {
+            WeightRows::F32 { data, off, ldw } => data
+                .as_ptr()
+                .wrapping_add(off + row * ldw + 16 * line)
+                .cast(),
+            WeightRows::Bf16 { data, ldw } => {
+                data.as_ptr().wrapping_add(row * ldw + 32 * line).cast()
+            }
+        }
+    }
+
+    /// The first row and the row stride of an f32 weight (what the AVX-512 assembly tile's
+    /// copy and prefetch ahead read), `None` for bf16.
+    fn f32_rows(&self) -> Option<(*const f32, usize)> {
+        match *self {
+            // SAFETY: `off` lies inside `data` (the view was checked by the callers).
+            WeightRows::F32 { data, off, ldw } => Some((unsafe { data.as_ptr().add(off) }, ldw)),
+            WeightRows::Bf16 { .. } => None,
+        }
+    }
+}
+
 /// Products smaller than this (`m·n·k`) run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
@@ -183,7 +257,13 @@ pub(crate) fn share_min_rows() -> usize {
 /// above [`cpu::GEMV_ROWS`] for decode and the dense layers, from [`share_min_rows`] for
 /// expert shares.
 pub(crate) fn takes(min_rows: usize, m: usize, rhs: &MatRef<'_>) -> bool {
-    rhs.rs == 1 && m >= min_rows && Isa::detect().is_some()
+    rhs.rs == 1 && takes_rows(min_rows, m)
+}
+
+/// Whether the kernel takes a product of `m` rows from `min_rows` against a row-major
+/// weight (any `m × k` by `[n, k]ᵀ`, as [`bf16_weight_fresh`]'s): the CPU has AVX2 + FMA.
+pub(crate) fn takes_rows(min_rows: usize, m: usize) -> bool {
+    m >= min_rows && Isa::detect().is_some()
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` on strided views with the
@@ -222,7 +302,20 @@ fn weight_rows(
     let c = DstPtr(dst.data[dst.off..].as_mut_ptr());
     // SAFETY: the views were checked above for these m, n, k and strides, `isa` and
     // `rhs.rs == 1` too; `dst` is borrowed mutably.
-    unsafe { run(isa, m, n, k, c, dst.rs, accumulate, &lhs, &rhs, parallel) };
+    unsafe {
+        run(
+            isa,
+            m,
+            n,
+            k,
+            c,
+            dst.rs,
+            accumulate,
+            &lhs,
+            &WeightRows::of(&rhs),
+            parallel,
+        )
+    };
     Ok(())
 }
 
@@ -257,7 +350,20 @@ pub(crate) fn gemm_fresh<'a>(
     // SAFETY: the operands were checked above and `dst` holds `m·n` values (row stride
     // `n`), which the kernel writes without reading (not accumulating); the CPU has `isa`
     // and `takes` saw `rhs.rs == 1`; `m, n, k > 0`.
-    unsafe { run(isa, m, n, k, c, n, false, &lhs, &rhs, parallel) };
+    unsafe {
+        run(
+            isa,
+            m,
+            n,
+            k,
+            c,
+            n,
+            false,
+            &lhs,
+            &WeightRows::of(&rhs),
+            parallel,
+        )
+    };
     // SAFETY: every value was written above.
     Ok(unsafe { cpu::assume_init_mut(dst) })
 }
@@ -277,6 +383,55 @@ pub(crate) fn gemm_new(
     Ok(unsafe { out.assume_init() }.into_vec())
 }
 
+/// `dst[m×n] = x[m×k] · W[n×k]ᵀ` for a row-major bf16 weight `W` and f32 activations `x`
+/// (row-major), into a buffer of exactly `m·n` values that nothing has written yet, returned
+/// initialised: the kernel with each weight tile widened to f32 as it is copied, for CPUs
+/// without bf16 dot products ([`super::bf16`]'s products from [`takes_rows`]). The f32
+/// product of the widened operands, each output one FMA chain over `k` in order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bf16_weight_fresh<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[bf16],
+    dst: &'a mut [std::mem::MaybeUninit<f32>],
+    parallel: bool,
+) -> Result<&'a mut [f32]> {
+    let Some(isa) = Isa::detect() else {
+        return Err(super::KernelError::Internal(format!(
+            "sgemm: the bf16-weight product needs AVX2 + FMA (this CPU: {:?})",
+            cpu::simd_level()
+        ))
+        .into());
+    };
+    if x.len() < m * k || w.len() < n * k || dst.len() != m * n {
+        return Err(super::KernelError::Internal(format!(
+            "sgemm: bf16-weight product of m={m}, n={n}, k={k} over buffers of {} / {} / {} \
+             values",
+            x.len(),
+            w.len(),
+            dst.len()
+        ))
+        .into());
+    }
+    if m == 0 || n == 0 || k == 0 {
+        for v in dst.iter_mut() {
+            v.write(0.0);
+        }
+        // SAFETY: every value was written just above.
+        return Ok(unsafe { cpu::assume_init_mut(dst) });
+    }
+    let lhs = MatRef::rows(x, 0, k);
+    let c = DstPtr(dst.as_mut_ptr().cast::<f32>());
+    let rhs = WeightRows::Bf16 { data: w, ldw: k };
+    // SAFETY: `x` holds `m × k` values (row stride `k`), `w` `n` rows of `k`, `dst` `m·n`
+    // values (row stride `n`) written without reading; the CPU has `isa`; `m, n, k > 0`.
+    unsafe { run(isa, m, n, k, c, n, false, &lhs, &rhs, parallel) };
+    // SAFETY: every value was written above.
+    Ok(unsafe { cpu::assume_init_mut(dst) })
+}
+
 /// The product over the weight rows, split across the pool when `parallel` and large.
 ///
 /// # Safety
@@ -293,7 +448,7 @@ unsafe fn run(
     ldc: usize,
     accumulate: bool,
     lhs: &MatRef<'_>,
-    rhs: &MatRef<'_>,
+    rhs: &WeightRows<'_>,
     parallel: bool,
 ) {
     let threads = if parallel && m * n * k >= MIN_PARALLEL_WORK {
@@ -350,7 +505,7 @@ unsafe fn block(
     ldc: usize,
     accumulate: bool,
     lhs: &MatRef<'_>,
-    rhs: &MatRef<'_>,
+    rhs: &WeightRows<'_>,
 ) {
     PACKED.with(|packed| {
         let buf = &mut *packed.borrow_mut();
@@ -362,9 +517,11 @@ unsafe fn block(
         }
         let (xbuf, tbufs) = buf.split_at_mut(panels * nr * k);
         pack_lhs_transposed(isa, lhs, m, k, xbuf);
-        let w = rhs.data.as_ptr().add(rhs.off);
-        let ldw = rhs.cs;
-        let row_lines = k.div_ceil(16);
+        // the first weight row and the row stride where the weight is f32 (the assembly
+        // tile's copy ahead reads those)
+        let f32_rows = rhs.f32_rows();
+        let contiguous = matches!(f32_rows, Some((_, ldw)) if ldw == k);
+        let row_lines = rhs.row_lines(k);
         // the tile's copy and the next one's: `tbufs[cur * MR * ldt..]` holds this tile
         let mut cur = 0;
         // whether the previous tile's first panel copied this tile already
@@ -382,8 +539,7 @@ unsafe fn block(
             };
             if !copied {
                 for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
-                    let at = rhs.off + (j + r) * ldw;
-                    dst[..k].copy_from_slice(&rhs.data[at..at + k]);
+                    rhs.copy_row(j + r, k, dst);
                 }
             }
             let wp = tbuf.as_ptr();
@@ -395,29 +551,28 @@ unsafe fn block(
             // lines every four steps, else (and always on AVX2) a share of the lines
             // before each panel.
             let first_asm = isa == Isa::Avx512 && cols == MR && m > 16;
-            let copy = first_asm
-                && j + 2 * MR <= n1
-                && ldw == k
-                && k.is_multiple_of(16);
+            let copy = first_asm && j + 2 * MR <= n1 && contiguous && k.is_multiple_of(16);
             let next_lines = mr.min(n1.saturating_sub(j + mr)) * row_lines;
             let in_tile = !copy
                 && next_lines > 0
                 && first_asm
                 && panels <= AHEAD_IN_TILE_PANELS
-                && ldw == k;
+                && contiguous;
             let next_lines = if in_tile || copy { 0 } else { next_lines };
             let (mut row, mut line) = (j + mr, 0);
             for ip in 0..panels {
-                let ahead = match (ip, copy, in_tile) {
-                    (0, true, _) => Ahead::Copy {
+                let ahead = match (ip, f32_rows, copy, in_tile) {
+                    (0, Some((w, ldw)), true, _) => Ahead::Copy {
                         src: w.add((j + MR) * ldw),
                         dst: next_buf.as_mut_ptr(),
                     },
-                    (0, _, true) => Ahead::Prefetch(w.wrapping_add((j + MR) * ldw)),
+                    (0, Some((w, ldw)), _, true) => {
+                        Ahead::Prefetch(w.wrapping_add((j + MR) * ldw))
+                    }
                     _ => Ahead::None,
                 };
                 for _ in ip * next_lines / panels..(ip + 1) * next_lines / panels {
-                    prefetch_l2(w.wrapping_add(row * ldw + 16 * line));
+                    prefetch_l2(rhs.line(row, line));
                     line += 1;
                     if line == row_lines {
                         (row, line) = (row + 1, 0);
@@ -453,7 +608,7 @@ unsafe fn block(
 
 /// Asks for the cache line at `p` to be brought into L2 (no fault, no effect elsewhere).
 #[inline(always)]
-fn prefetch_l2(p: *const f32) {
+fn prefetch_l2(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults and changes no state but the caches.
     unsafe {
@@ -1225,6 +1380,44 @@ mod tests {
                 assert_ne!(got[0], init[..NR_AVX2], "k={k}: the tile did not move");
             }
         }
+    }
+
+    /// A bf16 weight widened as its tiles are copied gives the bits of the f32 product of
+    /// the widened weight, over shapes with partial tiles and panels, and an error on
+    /// buffers too small.
+    #[test]
+    fn bf16_weights_give_the_bits_of_their_widened_product() {
+        if Isa::detect().is_none() {
+            return;
+        }
+        for (case, &(m, n, k)) in [(1, 1, 1), (5, 7, 9), (33, 50, 130), (70, 13, 512)]
+            .iter()
+            .enumerate()
+        {
+            let x = test_data(m * k, 30 + case as u32);
+            let w: Vec<bf16> = test_data(n * k, 40 + case as u32)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let want = gemm_new(
+                1,
+                m,
+                n,
+                k,
+                MatRef::rows(&x, 0, k),
+                MatRef::rows(&wf, 0, k).t(),
+            )
+            .unwrap();
+            let mut out = cpu::uninit_f32(m * n);
+            let got = bf16_weight_fresh(m, n, k, &x, &w, &mut out, true).unwrap();
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), e.to_bits(), "m={m} n={n} k={k} at {i}");
+            }
+        }
+        let mut out = cpu::uninit_f32(4);
+        let w = [bf16::ZERO; 3];
+        assert!(bf16_weight_fresh(2, 2, 2, &[0.0; 4], &w, &mut out, false).is_err());
     }
 
     /// A row of the product does not depend on the other rows (the batch invariance): rows
