@@ -1637,13 +1637,29 @@ fn dots_tile<const R: usize, const C: usize, W: WeightElem>(
             }
         }
     }
-    let tail = chunks * LANES;
-    for (i, ai) in acc.iter().enumerate() {
-        let x = &xs[i * xs_stride + tail..i * xs_stride + k];
-        for (j, aij) in ai.iter().enumerate() {
-            let w = &ws[j * ws_stride + tail..j * ws_stride + k];
+    let tail = (xs, xs_stride, ws, ws_stride, chunks * LANES, k);
+    finish_dots::<R, C, W>(|i, j| acc[i][j], tail, out, out_stride);
+}
+
+/// The end of every level's dot-product tile (so all give the same bits): for each row
+/// `i < R` and weight row `j < C`, the 16 lanes of its accumulator (`lanes(i, j)`) summed by
+/// [`hsum`], plus the values from `from` to `k` (`tail = (xs, xs_stride, ws, ws_stride,
+/// from, k)`) in order, into `out[j·out_stride + i]`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn finish_dots<const R: usize, const C: usize, W: WeightElem>(
+    lanes: impl Fn(usize, usize) -> [f32; LANES],
+    tail: (&[f32], usize, &[W], usize, usize, usize),
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let (xs, xs_stride, ws, ws_stride, from, k) = tail;
+    for i in 0..R {
+        let x = &xs[i * xs_stride + from..i * xs_stride + k];
+        for j in 0..C {
+            let w = &ws[j * ws_stride + from..j * ws_stride + k];
             out[j * out_stride + i] =
-                hsum(aij) + x.iter().zip(w).map(|(u, v)| u * v.to_f32()).sum::<f32>();
+                hsum(&lanes(i, j)) + x.iter().zip(w).map(|(u, v)| u * v.to_f32()).sum::<f32>();
         }
     }
 }
@@ -1699,17 +1715,13 @@ unsafe fn dots_tile_avx512<const R: usize, const C: usize, W: WeightElem>(
             }
         }
     }
-    let tail = chunks * LANES;
-    for (i, ai) in acc.iter().enumerate() {
-        let x = &xs[i * xs_stride + tail..i * xs_stride + k];
-        for (j, aij) in ai.iter().enumerate() {
-            let mut lanes = [0f32; LANES];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), *aij);
-            let w = &ws[j * ws_stride + tail..j * ws_stride + k];
-            out[j * out_stride + i] =
-                hsum(&lanes) + x.iter().zip(w).map(|(u, v)| u * v.to_f32()).sum::<f32>();
-        }
-    }
+    let lanes = |i: usize, j: usize| {
+        let mut lanes = [0f32; LANES];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][j]);
+        lanes
+    };
+    let tail = (xs, xs_stride, ws, ws_stride, chunks * LANES, k);
+    finish_dots::<R, C, W>(lanes, tail, out, out_stride);
 }
 
 /// The AVX2 form of [`dots_tile`]: each 16-lane accumulator as two ymm halves, the same
@@ -1752,18 +1764,14 @@ unsafe fn dots_tile_avx2<const R: usize, const C: usize, W: WeightElem>(
             }
         }
     }
-    let tail = chunks * LANES;
-    for (i, ai) in acc.iter().enumerate() {
-        let x = &xs[i * xs_stride + tail..i * xs_stride + k];
-        for (j, aij) in ai.iter().enumerate() {
-            let mut lanes = [0f32; LANES];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), aij[0]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), aij[1]);
-            let w = &ws[j * ws_stride + tail..j * ws_stride + k];
-            out[j * out_stride + i] =
-                hsum(&lanes) + x.iter().zip(w).map(|(u, v)| u * v.to_f32()).sum::<f32>();
-        }
-    }
+    let lanes = |i: usize, j: usize| {
+        let mut lanes = [0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j][0]);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[i][j][1]);
+        lanes
+    };
+    let tail = (xs, xs_stride, ws, ws_stride, chunks * LANES, k);
+    finish_dots::<R, C, W>(lanes, tail, out, out_stride);
 }
 
 /// [`dots_block`] on AVX2 in tiles that fit its 16 registers ([`dots_tile_avx2`]): 4 or 3
