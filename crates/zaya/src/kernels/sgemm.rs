@@ -709,8 +709,31 @@ unsafe fn kernel<const R: usize, const V: usize>(
     load_c: bool,
     ahead: Ahead,
 ) {
-    // `C` is row-major and the tile holds its transpose: go through a small buffer.
-    let mut t = [[0f32; NR]; R];
+    through_transpose::<R, NR>(c, ldc, rows, load_c, |t| {
+        if R == MR && V == 2 {
+            // the whole tile: `t` is its `[12][2][16]` accumulator block
+            tile_12x32(k, x, w, ldw, t.as_mut_ptr() as *mut f32, ahead);
+        } else {
+            tile::<R, V>(k, x, w, ldw, t);
+        }
+    });
+}
+
+/// Runs a register tile on `Cᵀ`: `C` is row-major and the tiles hold its transpose, so the
+/// `rows × R` block at `c` (row stride `ldc`) goes through a small `[R][N]` buffer, loaded
+/// from `C` when `load_c` (else zero) and written back after `tile`.
+///
+/// # Safety
+/// `c` must hold `rows ≤ N` rows of `R` values `ldc` apart.
+#[inline(always)]
+unsafe fn through_transpose<const R: usize, const N: usize>(
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    load_c: bool,
+    tile: impl FnOnce(&mut [[f32; N]; R]),
+) {
+    let mut t = [[0f32; N]; R];
     if load_c {
         for ii in 0..rows {
             for (j, tj) in t.iter_mut().enumerate() {
@@ -718,12 +741,7 @@ unsafe fn kernel<const R: usize, const V: usize>(
             }
         }
     }
-    if R == MR && V == 2 {
-        // the whole tile: `t` is its `[12][2][16]` accumulator block
-        tile_12x32(k, x, w, ldw, t.as_mut_ptr() as *mut f32, ahead);
-    } else {
-        tile::<R, V>(k, x, w, ldw, &mut t);
-    }
+    tile(&mut t);
     for ii in 0..rows {
         for (j, tj) in t.iter().enumerate() {
             *c.add(ii * ldc + j) = tj[ii];
@@ -975,26 +993,14 @@ unsafe fn kernel_avx2<const R: usize, const V: usize>(
     load_c: bool,
     _ahead: Ahead,
 ) {
-    // the tile holds `Cᵀ`, as in [`kernel`]
-    let mut t = [[0f32; NR_AVX2]; R];
-    if load_c {
-        for ii in 0..rows {
-            for (j, tj) in t.iter_mut().enumerate() {
-                tj[ii] = *c.add(ii * ldc + j);
-            }
+    through_transpose::<R, NR_AVX2>(c, ldc, rows, load_c, |t| {
+        if R == MR_AVX2 && V == 2 {
+            // the whole tile: `t` is its `[6][2][8]` accumulator block
+            tile_6x16(k, x, w, ldw, t.as_mut_ptr() as *mut f32);
+        } else {
+            tile_avx2::<R, V>(k, x, w, ldw, t);
         }
-    }
-    if R == MR_AVX2 && V == 2 {
-        // the whole tile: `t` is its `[6][2][8]` accumulator block
-        tile_6x16(k, x, w, ldw, t.as_mut_ptr() as *mut f32);
-    } else {
-        tile_avx2::<R, V>(k, x, w, ldw, &mut t);
-    }
-    for ii in 0..rows {
-        for (j, tj) in t.iter().enumerate() {
-            *c.add(ii * ldc + j) = tj[ii];
-        }
-    }
+    });
 }
 
 /// [`tile`] on AVX2: `t[j][i] += Σ_p w[j·ldw + p] · x[p·NR_AVX2 + i]` for `j < R`,
