@@ -1232,37 +1232,50 @@ pub(crate) unsafe fn transpose_blocks_16x16(
     for b in 0..blocks {
         let r: [__m512i; 16] =
             std::array::from_fn(|c| _mm512_loadu_si512(rows[c].add(16 * b) as *const _));
-        // pairs of rows interleaved, then quadruples, then the 128-bit lanes gathered
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        let mut u = [_mm512_setzero_si512(); 16];
-        for i in 0..4 {
-            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        // now lane L of u[4i + j] holds rows 4i..4i+4 of value 4L + j
-        for j in 0..4 {
-            let x0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
-            let x1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
-            let y0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
-            let y1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
-            let cols = [
-                _mm512_shuffle_i32x4::<0b10_00_10_00>(x0, y0),
-                _mm512_shuffle_i32x4::<0b10_00_10_00>(x1, y1),
-                _mm512_shuffle_i32x4::<0b11_01_11_01>(x0, y0),
-                _mm512_shuffle_i32x4::<0b11_01_11_01>(x1, y1),
-            ];
-            for (l, v) in cols.iter().enumerate() {
-                let p = 16 * b + 4 * l + j;
-                _mm512_storeu_si512(dst.add(p * width) as *mut _, *v);
-            }
+        for (p, v) in transpose_16x16(r).iter().enumerate() {
+            _mm512_storeu_si512(dst.add((16 * b + p) * width) as *mut _, *v);
         }
     }
+}
+
+/// The 16 × 16 transpose of 32-bit lanes in registers: lane `c` of vector `p` of the result
+/// is lane `p` of `r[c]`.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn transpose_16x16(
+    r: [std::arch::x86_64::__m512i; 16],
+) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // pairs of rows interleaved, then quadruples, then the 128-bit lanes gathered
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // now lane L of u[4i + j] holds rows 4i..4i+4 of value 4L + j
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let x0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
+        let x1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
+        let y0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
+        let y1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(x0, y0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(x1, y1);
+        out[8 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(x0, y0);
+        out[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(x1, y1);
+    }
+    out
 }
 
 /// [`transpose_blocks_16x16`] for AVX: 8 × 8 at a time. For `b < blocks`, the values
