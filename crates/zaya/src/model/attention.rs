@@ -123,8 +123,13 @@ impl CcaProjection {
         let (nq, nkv) = (self.num_heads, self.num_kv_heads);
         let s = self.k0 + self.k1 - 2;
 
-        // one product where the weights allow (see `Linear::forward_same_input`)
-        let [q_raw, k_raw, vc, vd]: [Tensor; 4] = Linear::forward_same_input(
+        // One product where the weights allow (see `Linear::try_forward_same_input`: a
+        // decode step's f32 or k-quant projections). Otherwise the values are projected
+        // after the q/k work, as the layers ran before the joint product: computed up front
+        // they live through it, and the medium training step's peak RSS (the heap's
+        // high-water mark) rose 14.2 → 14.9 GB (the Xeon, `zaya bench --train`), above 0.8×
+        // the reference's.
+        let together = Linear::try_forward_same_input(
             &[
                 &self.q_proj,
                 &self.k_proj,
@@ -132,9 +137,16 @@ impl CcaProjection {
                 &self.v_proj_delayed,
             ],
             &a,
-        )?
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg("CCA projection: four outputs expected".into()))?;
+        )?;
+        let (q_raw, k_raw, mut values) = match together {
+            Some(ys) => {
+                let [q, k, vc, vd]: [Tensor; 4] = ys.try_into().map_err(|_| {
+                    candle_core::Error::Msg("CCA projection: four outputs expected".into())
+                })?;
+                (q, k, Some((vc, vd)))
+            }
+            None => (self.q_proj.forward(&a)?, self.k_proj.forward(&a)?, None),
+        };
         let u = Tensor::cat(&[&q_raw, &k_raw], D::Minus1)?; // [B,T,C], queries first
         let c = u.dim(2)?;
 
@@ -164,6 +176,13 @@ impl CcaProjection {
         let (q, k) = kernels::cca_qk_norm(&z, &u, temp, nq, nkv)?;
 
         // Values: current half from this token, delayed half from the previous one.
+        let (vc, vd) = match values.take() {
+            Some(v) => v,
+            None => (
+                self.v_proj_current.forward(&a)?,
+                self.v_proj_delayed.forward(&a)?,
+            ),
+        };
         let first = match prev_rec {
             Some(r) => r.unsqueeze(1)?,
             None => self.v_proj_delayed.forward(&Tensor::zeros(

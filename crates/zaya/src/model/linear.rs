@@ -389,8 +389,17 @@ impl Linear {
     /// k-quant's input rounded once) — a decode step's value projections alone are too
     /// short to split well.
     pub fn forward_same_input(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        match Self::try_forward_same_input(layers, x)? {
+            Some(ys) => Ok(ys),
+            None => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// [`Linear::forward_same_input`] where the products run as one; `None` where they
+    /// would run layer by layer (the caller then runs each when it needs it).
+    pub fn try_forward_same_input(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         if layers.len() < 2 {
-            return layers.iter().map(|l| l.forward(x)).collect();
+            return Ok(None);
         }
         let (x2, dims) = rows_of(x)?;
         let quantized: Option<Vec<&Arc<QTensor>>> = layers
@@ -407,7 +416,7 @@ impl Linear {
             _ => None,
         };
         let Some(ys) = together else {
-            return layers.iter().map(|l| l.forward(x)).collect();
+            return Ok(None);
         };
         for l in layers {
             if let Some(o) = &l.observer {
@@ -418,7 +427,8 @@ impl Linear {
             .iter()
             .zip(ys)
             .map(|(l, y)| l.finish(y, &x2, &dims))
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// Bias and adapter added to the product `y` `[rows, out]` of `x2` `[rows, in]`, shaped
