@@ -1297,33 +1297,50 @@ pub(crate) unsafe fn transpose_blocks_8x8(
     let rows: [*const f32; 8] = std::array::from_fn(|c| row(c) as *const f32);
     for b in 0..blocks {
         let r: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(rows[c].add(8 * b)));
-        // pairs of rows interleaved, then quadruples (within 128-bit lanes), then the
-        // lanes gathered: lane L of u[j] (j < 4) holds rows 0..4 of value 4L + j, of
-        // u[4 + j] rows 4..8
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, c) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, c)
-            } else {
-                _mm256_unpackhi_ps(a, c)
-            }
-        });
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            let (h, j) = (i / 4, i % 4);
-            let (a, c) = (t[4 * h + j / 2], t[4 * h + 2 + j / 2]);
-            if j % 2 == 0 {
-                _mm256_shuffle_ps::<0b01_00_01_00>(a, c)
-            } else {
-                _mm256_shuffle_ps::<0b11_10_11_10>(a, c)
-            }
-        });
-        for j in 0..4 {
-            let lo = _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j]);
-            let hi = _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j]);
-            _mm256_storeu_ps(dst.add((8 * b + j) * width) as *mut f32, lo);
-            _mm256_storeu_ps(dst.add((8 * b + 4 + j) * width) as *mut f32, hi);
+        for (p, v) in transpose_8x8(r).iter().enumerate() {
+            _mm256_storeu_ps(dst.add((8 * b + p) * width) as *mut f32, *v);
         }
     }
+}
+
+/// The 8 × 8 transpose of 32-bit lanes in registers: lane `c` of vector `p` of the result
+/// is lane `p` of `r[c]`.
+///
+/// # Safety
+/// AVX must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) unsafe fn transpose_8x8(
+    r: [std::arch::x86_64::__m256; 8],
+) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // pairs of rows interleaved, then quadruples (within 128-bit lanes), then the lanes
+    // gathered: lane L of u[j] (j < 4) holds rows 0..4 of value 4L + j, of u[4 + j] rows
+    // 4..8
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, c) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, c)
+        } else {
+            _mm256_unpackhi_ps(a, c)
+        }
+    });
+    let u: [__m256; 8] = std::array::from_fn(|i| {
+        let (h, j) = (i / 4, i % 4);
+        let (a, c) = (t[4 * h + j / 2], t[4 * h + 2 + j / 2]);
+        if j % 2 == 0 {
+            _mm256_shuffle_ps::<0b01_00_01_00>(a, c)
+        } else {
+            _mm256_shuffle_ps::<0b11_10_11_10>(a, c)
+        }
+    });
+    let mut out = [_mm256_setzero_ps(); 8];
+    for j in 0..4 {
+        out[j] = _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j]);
+        out[4 + j] = _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j]);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------

@@ -759,11 +759,13 @@ unsafe fn kernel<const R: usize, const V: usize>(
 
 /// Runs a register tile on `Cᵀ`: `C` is row-major and the tiles hold its transpose, so the
 /// `rows × R` block at `c` (row stride `ldc`) goes through a small `[R][N]` buffer, loaded
-/// from `C` when `load_c` (else zero) and written back after `tile`.
+/// from `C` when `load_c` (else zero) and written back after `tile`. The reference of the
+/// register-transpose forms the kernels run ([`through_transpose_avx512`],
+/// [`through_transpose_avx2`]).
 ///
 /// # Safety
 /// `c` must hold `rows ≤ N` rows of `R` values `ldc` apart.
-#[inline(always)]
+#[cfg(test)]
 unsafe fn through_transpose<const R: usize, const N: usize>(
     c: *mut f32,
     ldc: usize,
@@ -1087,7 +1089,7 @@ unsafe fn kernel_avx2<const R: usize, const V: usize>(
     load_c: bool,
     _ahead: Ahead,
 ) {
-    through_transpose::<R, NR_AVX2>(c, ldc, rows, load_c, |t| {
+    through_transpose_avx2::<R>(c, ldc, rows, load_c, |t| {
         if R == MR_AVX2 && V == 2 {
             // the whole tile: `t` is its `[6][2][8]` accumulator block
             tile_6x16(k, x, w, ldw, t.as_mut_ptr() as *mut f32);
@@ -1095,6 +1097,63 @@ unsafe fn kernel_avx2<const R: usize, const V: usize>(
             tile_avx2::<R, V>(k, x, w, ldw, t);
         }
     });
+}
+
+/// [`through_transpose_avx512`] on AVX2 for the `[R][NR_AVX2]` tiles of [`kernel_avx2`]:
+/// each 8 rows of `C` pass through one 8 × 8 register transpose and masked loads / stores
+/// of their `R` values. Values are only moved, so the bits are [`through_transpose`]'s.
+///
+/// # Safety
+/// AVX2 must be available; `c` must hold `rows ≤ NR_AVX2` rows of `R ≤ 8` values `ldc`
+/// apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn through_transpose_avx2<const R: usize>(
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    load_c: bool,
+    tile: impl FnOnce(&mut [[f32; NR_AVX2]; R]),
+) {
+    use std::arch::x86_64::*;
+    // lanes `0..R` set (the sign bit selects a lane of a masked load or store)
+    let mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(R as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let mut t = [[0f32; NR_AVX2]; R];
+    let halves = rows.div_ceil(8);
+    if load_c {
+        for h in 0..halves {
+            let r: [__m256; 8] = std::array::from_fn(|i| {
+                if 8 * h + i < rows {
+                    _mm256_maskload_ps(c.add((8 * h + i) * ldc), mask)
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            let cols = cpu::transpose_8x8(r);
+            for (tj, v) in t.iter_mut().zip(cols) {
+                _mm256_storeu_ps(tj.as_mut_ptr().add(8 * h), v);
+            }
+        }
+    }
+    tile(&mut t);
+    for h in 0..halves {
+        let r: [__m256; 8] = std::array::from_fn(|j| {
+            if j < R {
+                _mm256_loadu_ps(t[j].as_ptr().add(8 * h))
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
+        for (i, v) in cpu::transpose_8x8(r).iter().enumerate() {
+            if 8 * h + i < rows {
+                _mm256_maskstore_ps(c.add((8 * h + i) * ldc), mask, *v);
+            }
+        }
+    }
 }
 
 /// [`tile`] on AVX2: `t[j][i] += Σ_p w[j·ldw + p] · x[p·NR_AVX2 + i]` for `j < R`,
@@ -1439,6 +1498,54 @@ mod tests {
             if k > 0 {
                 assert_ne!(got[0], init[..NR], "k={k}: the tile did not move");
             }
+        }
+    }
+
+    /// The register-transpose moves of a tile to and from `C` equal the scalar reference bit
+    /// for bit, for every tile width and row count, loading `C` or not, leaving the columns
+    /// past the tile and the rows past `rows` untouched.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn register_transposes_move_tiles_as_the_scalar_one() {
+        let isas = Isa::available();
+        macro_rules! check {
+            ($simd:ident, $n:expr; $($r:literal)*) => {$({
+                const R: usize = $r;
+                let ldc = R + 3;
+                for rows in [1, 2, 7, 8, 9, 15, 16, 17, 31, 32].into_iter().filter(|&r| r <= $n) {
+                    for load_c in [false, true] {
+                        let init = test_data(rows * ldc + 5, (R * 64 + rows) as u32);
+                        let (mut want, mut got) = (init.clone(), init.clone());
+                        let tile = |t: &mut [[f32; $n]; R]| {
+                            for (j, tj) in t.iter_mut().enumerate() {
+                                for (i, v) in tj.iter_mut().enumerate() {
+                                    *v = *v * 2.0 + (100 * j + i) as f32;
+                                }
+                            }
+                        };
+                        // SAFETY: the CPU has the ISA (from `Isa::available`); both buffers
+                        // hold `rows` rows of `ldc ≥ R` values.
+                        unsafe {
+                            through_transpose::<R, $n>(want.as_mut_ptr(), ldc, rows, load_c, tile);
+                            $simd::<R>(got.as_mut_ptr(), ldc, rows, load_c, tile);
+                        }
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{} R={R} rows={rows} load_c={load_c} at {i}",
+                                stringify!($simd)
+                            );
+                        }
+                    }
+                }
+            })*};
+        }
+        if isas.contains(&Isa::Avx512) {
+            check!(through_transpose_avx512, NR; 1 2 3 4 5 6 7 8 9 10 11 12);
+        }
+        if isas.contains(&Isa::Avx2) {
+            check!(through_transpose_avx2, NR_AVX2; 1 2 3 4 5 6);
         }
     }
 
