@@ -533,115 +533,86 @@ unsafe fn block(
         // passes over them (see [`GROUP_BYTES`]).
         let group = (GROUP_BYTES / (nr * k * 4)).max(1);
         for g0 in (0..panels).step_by(group) {
-            let g1 = panels.min(g0 + group);
-            group_block(
-                isa, m, n0, n1, k, c, ldc, accumulate, rhs, xbuf, tbufs, g0, g1, f32_rows,
-                contiguous, row_lines,
-            );
-        }
-    })
-}
-
-/// [`block`] over the row panels `g0..g1` of the packed `lhs` (`xbuf`), every weight tile
-/// of `n0..n1` in turn; `tbufs` holds two weight tiles (this one and the next).
-#[allow(clippy::too_many_arguments)]
-unsafe fn group_block(
-    isa: Isa,
-    m: usize,
-    n0: usize,
-    n1: usize,
-    k: usize,
-    c: DstPtr,
-    ldc: usize,
-    accumulate: bool,
-    rhs: &WeightRows<'_>,
-    xbuf: &[f32],
-    tbufs: &mut [f32],
-    g0: usize,
-    g1: usize,
-    f32_rows: Option<(*const f32, usize)>,
-    contiguous: bool,
-    row_lines: usize,
-) {
-    let (mr, nr) = (isa.mr(), isa.nr());
-    let panels = g1 - g0;
-    let ldt = k + TILE_PAD;
-    // the tile's copy and the next one's: `tbufs[cur * MR * ldt..]` holds this tile
-    let mut cur = 0;
-    // whether the previous tile's first panel copied this tile already
-    let mut copied = false;
-    // Weight tile outer, row panels inner: the tile's weight rows, copied `TILE_PAD`
-    // apart (see there), stay in cache (L1 up to `k = 512`, L2 above) while every
-    // panel passes.
-    for j in (n0..n1).step_by(mr) {
-        let cols = mr.min(n1 - j);
-        let (first, second) = tbufs.split_at_mut(mr * ldt);
-        let (tbuf, next_buf) = if cur == 0 {
-            (first, second)
-        } else {
-            (second, first)
-        };
-        if !copied {
-            for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
-                rhs.copy_row(j + r, k, dst);
-            }
-        }
-        let wp = tbuf.as_ptr();
-        // The next tile's rows come cold from memory in a forward. Where the first
-        // panel runs the assembly tile and the next tile is twelve contiguous rows,
-        // that tile copies them (asking for the lines after them as it goes), in the
-        // slots its multiply-adds leave free; otherwise they are asked for ahead: with
-        // few panels (an expert's share) from inside the first panel's tile, three
-        // lines every four steps, else (and always on AVX2) a share of the lines
-        // before each panel.
-        let first_asm = isa == Isa::Avx512 && cols == MR && m - g0 * nr > 16;
-        let copy = first_asm && j + 2 * MR <= n1 && contiguous && k.is_multiple_of(16);
-        let next_lines = mr.min(n1.saturating_sub(j + mr)) * row_lines;
-        let in_tile =
-            !copy && next_lines > 0 && first_asm && panels <= AHEAD_IN_TILE_PANELS && contiguous;
-        let next_lines = if in_tile || copy { 0 } else { next_lines };
-        let (mut row, mut line) = (j + mr, 0);
-        for ip in 0..panels {
-            let ahead = match (ip, f32_rows, copy, in_tile) {
-                (0, Some((w, ldw)), true, _) => Ahead::Copy {
-                    src: w.add((j + MR) * ldw),
-                    dst: next_buf.as_mut_ptr(),
-                },
-                (0, Some((w, ldw)), _, true) => Ahead::Prefetch(w.wrapping_add((j + MR) * ldw)),
-                _ => Ahead::None,
-            };
-            for _ in ip * next_lines / panels..(ip + 1) * next_lines / panels {
-                prefetch_l2(rhs.line(row, line));
-                line += 1;
-                if line == row_lines {
-                    (row, line) = (row + 1, 0);
+            // the group's panels
+            let gp = group.min(panels - g0);
+            // the tile's copy and the next one's: `tbufs[cur * MR * ldt..]` holds this tile
+            let mut cur = 0;
+            // whether the previous tile's first panel copied this tile already
+            let mut copied = false;
+            // Weight tile outer, the group's row panels inner: the tile's weight rows,
+            // copied `TILE_PAD` apart (see there), stay in cache (L1 up to `k = 512`, L2
+            // above) while every panel of the group passes.
+            for j in (n0..n1).step_by(mr) {
+                let cols = mr.min(n1 - j);
+                let (first, second) = tbufs.split_at_mut(mr * ldt);
+                let (tbuf, next_buf) = if cur == 0 {
+                    (first, second)
+                } else {
+                    (second, first)
+                };
+                if !copied {
+                    for (r, dst) in tbuf.chunks_exact_mut(ldt).take(cols).enumerate() {
+                        rhs.copy_row(j + r, k, dst);
+                    }
+                }
+                let wp = tbuf.as_ptr();
+                // The next tile's rows come cold from memory in a forward. Where the first
+                // panel runs the assembly tile and the next tile is twelve contiguous rows,
+                // that tile copies them (asking for the lines after them as it goes), in the
+                // slots its multiply-adds leave free; otherwise they are asked for ahead: with
+                // few panels (an expert's share) from inside the first panel's tile, three
+                // lines every four steps, else (and always on AVX2) a share of the lines
+                // before each panel.
+                let first_asm = isa == Isa::Avx512 && cols == MR && m - g0 * nr > 16;
+                let copy = first_asm && j + 2 * MR <= n1 && contiguous && k.is_multiple_of(16);
+                let next_lines = mr.min(n1.saturating_sub(j + mr)) * row_lines;
+                let in_tile =
+                    !copy && next_lines > 0 && first_asm && gp <= AHEAD_IN_TILE_PANELS && contiguous;
+                let next_lines = if in_tile || copy { 0 } else { next_lines };
+                let (mut row, mut line) = (j + mr, 0);
+                for ip in 0..gp {
+                    let ahead = match (ip, f32_rows, copy, in_tile) {
+                        (0, Some((w, ldw)), true, _) => Ahead::Copy {
+                            src: w.add((j + MR) * ldw),
+                            dst: next_buf.as_mut_ptr(),
+                        },
+                        (0, Some((w, ldw)), _, true) => Ahead::Prefetch(w.wrapping_add((j + MR) * ldw)),
+                        _ => Ahead::None,
+                    };
+                    for _ in ip * next_lines / gp..(ip + 1) * next_lines / gp {
+                        prefetch_l2(rhs.line(row, line));
+                        line += 1;
+                        if line == row_lines {
+                            (row, line) = (row + 1, 0);
+                        }
+                    }
+                    let i = (g0 + ip) * nr;
+                    let rows = nr.min(m - i);
+                    let xp = xbuf.as_ptr().add((g0 + ip) * nr * k);
+                    let cp = c.0.add(i * ldc + j);
+                    // A last panel of at most one vector of rows takes the one-vector tile.
+                    macro_rules! tile {
+                        ($kernel:ident, $v:literal; $($r:literal)*) => {
+                            match cols {
+                                $($r => $kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate, ahead),)*
+                                _ => unreachable!("tile columns {cols} > {mr}"),
+                            }
+                        };
+                    }
+                    match isa {
+                        Isa::Avx512 if rows > 16 => tile!(kernel, 2; 1 2 3 4 5 6 7 8 9 10 11 12),
+                        Isa::Avx512 => tile!(kernel, 1; 1 2 3 4 5 6 7 8 9 10 11 12),
+                        Isa::Avx2 if rows > 8 => tile!(kernel_avx2, 2; 1 2 3 4 5 6),
+                        Isa::Avx2 => tile!(kernel_avx2, 1; 1 2 3 4 5 6),
+                    }
+                }
+                copied = copy;
+                if copy {
+                    cur = 1 - cur;
                 }
             }
-            let i = (g0 + ip) * nr;
-            let rows = nr.min(m - i);
-            let xp = xbuf.as_ptr().add((g0 + ip) * nr * k);
-            let cp = c.0.add(i * ldc + j);
-            // A last panel of at most one vector of rows takes the one-vector tile.
-            macro_rules! tile {
-                ($kernel:ident, $v:literal; $($r:literal)*) => {
-                    match cols {
-                        $($r => $kernel::<$r, $v>(k, xp, wp, ldt, cp, ldc, rows, accumulate, ahead),)*
-                        _ => unreachable!("tile columns {cols} > {mr}"),
-                    }
-                };
-            }
-            match isa {
-                Isa::Avx512 if rows > 16 => tile!(kernel, 2; 1 2 3 4 5 6 7 8 9 10 11 12),
-                Isa::Avx512 => tile!(kernel, 1; 1 2 3 4 5 6 7 8 9 10 11 12),
-                Isa::Avx2 if rows > 8 => tile!(kernel_avx2, 2; 1 2 3 4 5 6),
-                Isa::Avx2 => tile!(kernel_avx2, 1; 1 2 3 4 5 6),
-            }
         }
-        copied = copy;
-        if copy {
-            cur = 1 - cur;
-        }
-    }
+    })
 }
 
 /// Asks for the cache line at `p` to be brought into L2 (no fault, no effect elsewhere).
