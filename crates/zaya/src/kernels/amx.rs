@@ -1014,6 +1014,126 @@ mod tests {
 
     /// `cargo test --release -p zaya amx_bench -- --ignored --nocapture`: GFLOP/s of the AMX,
     /// AVX-512 BF16 and f32 (gemm crate) products on prefill shapes.
+    /// What `tdpbf16ps` computes per output element, bit for bit: for each bf16 pair the
+    /// two exact products are summed and rounded to f32 once, then added to the accumulator
+    /// (a second rounding) — `acc + (p0 + p1)`. Not two fused multiply-adds in either order
+    /// (`vdpbf16ps` here equals `(acc + p1) + p0`): on values over 24 binades those
+    /// matched 171 of 256 outputs each, this model all 256. So the AMX kernels and the
+    /// AVX-512 BF16 dot kernel differ by rounding as well as summation order, and no
+    /// `vdpbf16ps` kernel can give AMX's bits (the reason decode's rows, which must not
+    /// depend on how many run together, stay on one kernel family).
+    /// What `tdpbf16ps` computes, as far as a model reproduces it bit for bit. With one
+    /// non-zero pair per output element per instruction (a right-hand tile holding each
+    /// activation pair on its own column's diagonal), each pair's two exact products are
+    /// summed and rounded to f32, then added to the accumulator: `acc + (p0 + p1)`, on every
+    /// output. With all 16 pairs of a step non-zero (the kernels' layout) neither that
+    /// sequence over the pairs nor the two fused steps of `vdpbf16ps` (`(acc + p1) + p0`)
+    /// gives its bits: within one instruction the 32 products are combined in an order or
+    /// precision of the hardware's own (here the exact sum of the step rounded once, a
+    /// pairwise tree, and either sequence each matched only 3–57 % of the outputs). So the
+    /// AMX kernels and the dot kernel differ by rounding, not only by summation order, and
+    /// decode's rows — whose results may not depend on how many run together — stay on one
+    /// kernel family (`linear_bf16`'s GEMV up to `GEMV_ROWS` rows).
+    #[test]
+    fn tdpbf16ps_rounds_a_lone_pair_sum_then_accumulates() {
+        if skip() {
+            return;
+        }
+        let (k, rows) = (2048usize, 16usize);
+        let steps = k / KS;
+        // normal values over 24 binades (no subnormal products: the instruction flushes them)
+        let val = |i: usize, seed: u32| {
+            let h = (i as u32).wrapping_mul(2_654_435_761) ^ seed;
+            let mant = (h % 2001) as f32 / 1000.0 - 1.0;
+            let e = ((h >> 12) % 24) as i32 - 12;
+            bf16::from_f32(mant * 2f32.powi(e))
+        };
+        let w: Vec<bf16> = (0..rows * k).map(|i| val(i, 7)).collect();
+        let x: Vec<bf16> = (0..k).map(|i| val(i, 99)).collect();
+        let product = |p: usize, j: usize| {
+            let p0 = w[j * k + 2 * p].to_f32() * x[2 * p].to_f32();
+            let p1 = w[j * k + 2 * p + 1].to_f32() * x[2 * p + 1].to_f32();
+            (p0, p1)
+        };
+        // right-hand tile of step s: pair-row q, column c holds x's pair 16s + q where c == q
+        let mut b = vec![bf16::ZERO; steps * 512];
+        for s in 0..steps {
+            for q in 0..16 {
+                let p = s * 16 + q;
+                b[s * 512 + q * 32 + q * 2] = x[2 * p];
+                b[s * 512 + q * 32 + q * 2 + 1] = x[2 * p + 1];
+            }
+        }
+        let mut c = Tiles4([[0f32; 256]; 4]);
+        // SAFETY: AMX is available and permitted (checked above); every tile load reads
+        // 16 rows of 64 bytes inside `b` and `w` (row stride 2k bytes, 16 rows).
+        unsafe {
+            let cfg = TileConfig::full();
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+            zero4();
+            for s in 0..steps {
+                asm!(
+                    "tileloadd tmm6, [{b} + {ld}*1]",
+                    "tileloadd tmm4, [{a} + {lda}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    b = in(reg) b.as_ptr().add(s * 512),
+                    a = in(reg) w.as_ptr().add(s * KS),
+                    ld = in(reg) 64isize,
+                    lda = in(reg) (2 * k) as isize,
+                    options(nostack, readonly)
+                );
+            }
+            store4(&mut c.0);
+            asm!("tilerelease", options(nostack, nomem));
+        }
+        let (mut lone, mut fused) = (0, 0);
+        for j in 0..rows {
+            for lane in 0..16 {
+                let (mut a, mut f) = (0f32, 0f32);
+                for s in 0..steps {
+                    let (p0, p1) = product(s * 16 + lane, j);
+                    a += p0 + p1;
+                    f = (f + p1) + p0;
+                }
+                let g = c.0[0][j * 16 + lane].to_bits();
+                lone += (g == a.to_bits()) as usize;
+                fused += (g == f.to_bits()) as usize;
+            }
+        }
+        assert_eq!(
+            lone,
+            16 * rows,
+            "acc + (p0 + p1) matched {lone} of {}",
+            16 * rows
+        );
+        assert!(
+            fused < 16 * rows,
+            "the two fused steps matched every output too"
+        );
+
+        // the kernels' layout: every pair of a step non-zero
+        let xs: Vec<bf16> = (0..16 * k).map(|i| val(i, 99)).collect();
+        let mut out = vec![f32::NAN; 16 * rows];
+        gemm_streamed(&xs, 16, k, &w, rows, &mut out);
+        let mut sequential = 0;
+        for i in 0..16 {
+            for j in 0..rows {
+                let mut a = 0f32;
+                for p in 0..k / 2 {
+                    let p0 = w[j * k + 2 * p].to_f32() * xs[i * k + 2 * p].to_f32();
+                    let p1 = w[j * k + 2 * p + 1].to_f32() * xs[i * k + 2 * p + 1].to_f32();
+                    a += p0 + p1;
+                }
+                sequential += (out[i * rows + j].to_bits() == a.to_bits()) as usize;
+            }
+        }
+        assert!(
+            sequential < 16 * rows / 2,
+            "the pair sums in sequence matched {sequential} of {} outputs of a full step",
+            16 * rows
+        );
+    }
+
     #[test]
     #[ignore]
     fn amx_bench() {
