@@ -216,7 +216,7 @@ const READ_CHUNK: usize = 16 << 20;
 /// touched again seconds later ran at 7–15 GB/s; two readers halve that wait.
 ///
 /// With `release_cache` each chunk's pages are then dropped from the page cache
-/// ([`release_cached`]): for a file that cannot stay cached beside its copy anyway.
+/// (`posix_fadvise(DONTNEED)`): for a file that cannot stay cached beside its copy anyway.
 ///
 /// Elsewhere than on Unix [`read_exact_at`] seeks the shared handle before reading, so the
 /// chunks are read one after the other there.
@@ -253,7 +253,7 @@ pub fn read_exact_at_parallel(
 /// 14.9) without this, 9.9–14.3 s (median 11.4) with it (the first run after a build was
 /// slower either way, 31.6 and 27.5 s: the VM provisioning again the memory the compiler
 /// had just freed).
-pub fn release_cached(file: &File, offset: u64, len: usize) {
+pub(crate) fn release_cached(file: &File, offset: u64, len: usize) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
