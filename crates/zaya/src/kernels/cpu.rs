@@ -544,6 +544,25 @@ pub(crate) fn par_chunks_mut<T: Send>(
     }
 }
 
+/// Fills every block with zeros on the pool, the blocks split between the threads in
+/// pieces of at least 256 KiB (inline with one thread or under 1 MiB in all).
+pub(crate) fn par_fill_zero(blocks: &mut [&mut [MaybeUninit<f32>]]) {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 16;
+    let total: usize = blocks.iter().map(|b| b.len()).sum();
+    match pool() {
+        Some(p) if total >= 4 * PIECE => p.install(|| {
+            blocks
+                .par_iter_mut()
+                .flat_map(|b| b.par_chunks_mut(PIECE))
+                .for_each(|piece| piece.fill(MaybeUninit::new(0.0)))
+        }),
+        _ => blocks
+            .iter_mut()
+            .for_each(|b| b.fill(MaybeUninit::new(0.0))),
+    }
+}
+
 /// A vector of `len` elements computed a row of `row` elements at a time on the pool, as
 /// [`par_chunks_mut`] splits it: `f(r, out)` must write every element of row `r`'s `out`
 /// (callers write each through a `zip` over inputs they have checked to be as long as a
@@ -2144,6 +2163,36 @@ mod tests {
     /// its destination (filled with NaN here, which any read would carry into the result):
     /// the gemm crate's path (large, transposed left operand, one thread and the pool), the
     /// GEMV path (few rows), an empty reduction, and a wrong destination size (an error).
+    /// `par_fill_zero` zeroes every value of every block, small totals (inline) and large
+    /// ones (on the pool, blocks not multiples of the piece), and nothing around them.
+    #[test]
+    fn par_fill_zero_zeroes_every_block_and_nothing_else() {
+        for sizes in [vec![3usize, 0, 17], vec![300_001, 65_536, 1, 131_071]] {
+            let total: usize = sizes.iter().sum();
+            let mut buf: Vec<MaybeUninit<f32>> = vec![MaybeUninit::new(f32::NAN); total + 2];
+            {
+                let mut rest = &mut buf[1..total + 1];
+                let mut blocks = Vec::new();
+                for &n in &sizes {
+                    let (block, tail) = rest.split_at_mut(n);
+                    blocks.push(block);
+                    rest = tail;
+                }
+                in_pool(|| par_fill_zero(&mut blocks));
+            }
+            // SAFETY: every value was initialised (NaN, then zero inside the blocks).
+            let vals: Vec<f32> = buf.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert!(
+                vals[0].is_nan() && vals[total + 1].is_nan(),
+                "{sizes:?}: wrote outside"
+            );
+            assert!(
+                vals[1..total + 1].iter().all(|&v| v == 0.0),
+                "{sizes:?}: a value left"
+            );
+        }
+    }
+
     #[test]
     fn gemm_fresh_writes_every_value_and_reads_none() {
         use super::{gemm, gemm_fresh, MatMut, MatRef};
