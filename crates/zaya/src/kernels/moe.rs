@@ -6,11 +6,10 @@
 //! accumulation, without converting the expert to f32; with bf16 activations the gate/up
 //! output and the activation are rounded to bf16, as the reference's bf16 products are. The routing weight is applied afterwards with a differentiable
 //! multiply, so the router keeps its gradient; the op itself has a fused backward that
-//! recomputes the SwiGLU activations from the gate/up output an f32 forward kept for it
-//! (other forwards' is computed again).
+//! recomputes the expert activations instead of storing them.
 //!
 //! f32 products: the forward's two (`x·W_guᵀ`, `act·W_downᵀ`, also the backward's
-//! recompute where no gate/up output was kept) go through [`sgemm::gemm_new`] (an AVX-512 / AVX2 kernel against a weight's transpose
+//! recompute) go through [`sgemm::gemm_new`] (an AVX-512 / AVX2 kernel against a weight's transpose
 //! for any row count from its minimum, [`cpu::gemm_fresh`] elsewhere), straight into buffers
 //! never zero-filled (with the SwiGLU between them, ~2 % of a small prefill went to clearing
 //! them); the backward's (`dy·W_down`, `dgu·W_gu`)
@@ -18,7 +17,6 @@
 //! (`dYᵀ·X`) through [`cpu::gemm_fresh`], straight into buffers never zero-filled.
 
 use std::mem::MaybeUninit;
-use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -43,37 +41,9 @@ struct MoeExperts {
     h: usize,
     e: usize,
     i: usize,
-    /// Each expert's gate/up output `[rows, 2I]` from an f32 forward whose backward will
-    /// run (an input tracks gradients), there for the backward to take instead of
-    /// computing the product again: it is the same product of the same operands on the
-    /// same kernel, so the same bits. The recomputation was a ninth of the medium config's
-    /// training-step products (a twentieth of the small one's). `None` where no gradient
-    /// is wanted (inference keeps nothing); an expert the forward left empty here (a bf16
-    /// forward, or a second backward of the same graph) is recomputed.
-    kept: Option<Mutex<Vec<Option<Vec<f32>>>>>,
 }
 
 impl MoeExperts {
-    /// Hands expert `e`'s gate/up output to the backward, where it is wanted.
-    fn keep(&self, e: usize, gu: Vec<f32>) {
-        if let Some(kept) = &self.kept {
-            let mut slots = kept.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(slot) = slots.get_mut(e) {
-                *slot = Some(gu);
-            }
-        }
-    }
-
-    /// Takes expert `e`'s kept gate/up output of `len` values, if the forward kept one.
-    fn take_kept(&self, e: usize, len: usize) -> Option<Vec<f32>> {
-        let kept = self.kept.as_ref()?;
-        let mut slots = kept.lock().unwrap_or_else(|p| p.into_inner());
-        slots
-            .get_mut(e)
-            .and_then(Option::take)
-            .filter(|gu| gu.len() == len)
-    }
-
     fn buckets(&self) -> Vec<Vec<usize>> {
         let mut b = vec![Vec::new(); self.e];
         for (tok, &c) in self.ids.iter().enumerate() {
@@ -151,7 +121,6 @@ impl MoeExperts {
         let xe = self.gather(x, rows);
         let gu = self.gate_up(&xe, &wgu, r)?;
         let act = swiglu::forward(&gu, None, i);
-        self.keep(e, gu);
         sgemm::gemm_new(
             self.sgemm_min_rows(),
             r,
@@ -414,11 +383,8 @@ impl CustomOp3 for MoeExperts {
                 with_cpu_storage(down, OP, |ds, dl| {
                     let wgu = f32_range(gs, gl, e * 2 * i * h, 2 * i * h, OP)?;
                     let wd = f32_range(ds, dl, e * h * i, h * i, OP)?;
-                    // This expert's gate/up output: the forward's, or computed again.
-                    let gu = match self.take_kept(e, r * 2 * i) {
-                        Some(gu) => gu,
-                        None => self.gate_up(&xe, &wgu, r)?,
-                    };
+                    // Recompute the activations of this expert.
+                    let gu = self.gate_up(&xe, &wgu, r)?;
                     if want_d {
                         let act = swiglu::forward(&gu, None, i);
                         // dW_down[e] = dyᵀ · act   [H, I]
@@ -525,8 +491,6 @@ pub(super) fn fused(
         h: s.h,
         e: s.e,
         i: s.i,
-        kept: (x.track_op() || gate_up.track_op() || down.track_op())
-            .then(|| Mutex::new(vec![None; s.e])),
     };
     // The op reads expert slices of the stacked weights, which must be contiguous (they are
     // as loaded; `contiguous` is free then). bf16 tokens are read in place only when
@@ -581,7 +545,6 @@ mod tests {
             h,
             e,
             i,
-            kept: None,
         };
         let buckets = op.buckets();
         let tasks = op.bf16_prefill(&x, &g, &d, &buckets)?;
@@ -634,99 +597,6 @@ mod tests {
                 tasks_f32[rows].iter().all(|v| v.to_bits() == 0),
                 skipped,
                 "row {t}"
-            );
-        }
-        Ok(())
-    }
-
-    /// What an f32 forward keeps for its backward is, for every expert that got rows, the
-    /// gate/up product the backward computes otherwise, bit for bit (a prefill's pool tasks
-    /// and the few-row loop both), and nothing for the others; and the backward that takes
-    /// it gives the gradients of one that computes it again (the same graph's second
-    /// backward finds nothing kept).
-    #[test]
-    fn kept_gate_up_outputs_are_the_recomputed_ones() -> Result<()> {
-        let (h, i, e) = (48, 40, 5);
-        // experts 0, 1, 3 get rows (one share under a vector, one above two), 2 and 4
-        // none, id 5 is no expert
-        let mut ids = Vec::new();
-        for (expert, count) in [(0u32, 3), (1, 40), (3, 17), (5, 4)] {
-            ids.extend(std::iter::repeat_n(expert, count));
-        }
-        let n = ids.len();
-        let ids: Vec<u32> = (0..n).map(|t| ids[(t * 29) % n]).collect();
-        let x = cpu::test_data(n * h, 1);
-        let g: Vec<f32> = cpu::test_data(e * 2 * i * h, 2)
-            .iter()
-            .map(|v| v * 0.2)
-            .collect();
-        let d: Vec<f32> = cpu::test_data(e * h * i, 3)
-            .iter()
-            .map(|v| v * 0.2)
-            .collect();
-        let gl = Layout::contiguous((e, 2 * i, h));
-        let dl = Layout::contiguous((e, h, i));
-        let (gs, ds) = (CpuStorage::F32(g.clone()), CpuStorage::F32(d.clone()));
-        let bits = |v: &[f32]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
-        for forward_rows in [n, GEMV_ROWS] {
-            let op = MoeExperts {
-                ids: ids.clone(),
-                n,
-                forward_rows,
-                h,
-                e,
-                i,
-                kept: Some(Mutex::new(vec![None; e])),
-            };
-            let buckets = op.buckets();
-            if forward_rows > GEMV_ROWS {
-                op.f32_prefill(&x, &gs, &gl, &ds, &dl, &buckets)?;
-            } else {
-                for (ex, rows) in buckets.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                    op.f32_expert(&x, rows, &gs, &gl, &ds, &dl, ex)?;
-                }
-            }
-            for (ex, rows) in buckets.iter().enumerate() {
-                let r = rows.len();
-                let kept = op.take_kept(ex, r * 2 * i);
-                if r == 0 {
-                    assert!(kept.is_none(), "expert {ex} got no rows but kept an output");
-                    continue;
-                }
-                let kept = kept.unwrap_or_else(|| panic!("expert {ex}: nothing kept"));
-                let wgu = &g[ex * 2 * i * h..(ex + 1) * 2 * i * h];
-                let again = op.gate_up(&op.gather(&x, rows), wgu, r)?;
-                assert_eq!(
-                    bits(&kept),
-                    bits(&again),
-                    "expert {ex}, {forward_rows} rows"
-                );
-                assert!(op.take_kept(ex, r * 2 * i).is_none(), "taken twice");
-            }
-        }
-        // through the op: a first backward (kept outputs) and a second (recomputed)
-        let dev = candle_core::Device::Cpu;
-        let xv = candle_core::Var::from_vec(x, (n, h), &dev)?;
-        let gv = candle_core::Var::from_vec(g, (e, 2 * i, h), &dev)?;
-        let dv = candle_core::Var::from_vec(d, (e, h, i), &dev)?;
-        let w = Tensor::from_vec(cpu::test_data(n, 4), (n, 1), &dev)?;
-        let y = fused(xv.as_tensor(), &ids, &w, gv.as_tensor(), dv.as_tensor(), n)?;
-        let loss = y.sqr()?.sum_all()?;
-        let (first, second) = (loss.backward()?, loss.backward()?);
-        for (name, v) in [("x", &xv), ("gate_up", &gv), ("down", &dv)] {
-            let grad = |store: &candle_core::backprop::GradStore| -> Result<Vec<f32>> {
-                store
-                    .get(v.as_tensor())
-                    .ok_or_else(|| candle_core::Error::Msg(format!("no gradient of {name}")))?
-                    .flatten_all()?
-                    .to_vec1()
-            };
-            let (a, b) = (grad(&first)?, grad(&second)?);
-            assert!(a.iter().any(|&v| v != 0.0), "{name}: a zero gradient");
-            assert_eq!(
-                bits(&a),
-                bits(&b),
-                "{name}: kept and recomputed gradients differ"
             );
         }
         Ok(())
