@@ -1523,6 +1523,34 @@ mod tests {
         }
     }
 
+    /// Runs an intrinsics tile (`reference`, on the tile) and its assembly form (`asm`, on
+    /// the tile's values through a pointer) from the same starting tile `init` (`[R][N]`,
+    /// row by row), asserts the same bits value by value and returns the assembly result.
+    fn same_tile<const R: usize, const N: usize>(
+        init: &[f32],
+        reference: impl FnOnce(&mut [[f32; N]; R]),
+        asm: impl FnOnce(*mut f32),
+        what: &str,
+    ) -> [[f32; N]; R] {
+        let mut want = [[0f32; N]; R];
+        for (row, chunk) in want.iter_mut().zip(init.chunks(N)) {
+            row.copy_from_slice(chunk);
+        }
+        let mut got = want;
+        reference(&mut want);
+        asm(got.as_mut_ptr() as *mut f32);
+        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+            for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{what}: weight row {j} lhs row {i}"
+                );
+            }
+        }
+        got
+    }
+
     /// The assembly tiles (two vectors of `lhs` rows, and one) equal their intrinsics
     /// reference bit for bit: every unroll remainder, a weight row stride longer than the
     /// reduction, a nonzero starting tile.
@@ -1537,62 +1565,30 @@ mod tests {
             let w = test_data(MR * ldw + 3, k as u32 + 1);
             let x = test_data(NR * k.max(1), k as u32 + 100);
             let init = test_data(MR * NR, 7);
-            let mut want = [[0f32; NR]; MR];
-            for (row, chunk) in want.iter_mut().zip(init.chunks(NR)) {
-                row.copy_from_slice(chunk);
-            }
-            let mut got = want;
-            // SAFETY: AVX-512F checked above; `x` holds `k·NR`, `w` 12 rows `ldw` apart
-            // starting 3 values in, each tile 384 values.
-            unsafe {
-                tile::<MR, 2>(k, x.as_ptr(), w[3..].as_ptr(), ldw, &mut want);
-                tile_12x32(
-                    k,
-                    x.as_ptr(),
-                    w[3..].as_ptr(),
-                    ldw,
-                    got.as_mut_ptr() as *mut f32,
-                    if k % 2 == 1 {
-                        Ahead::Prefetch(w.as_ptr())
-                    } else {
-                        Ahead::None
-                    },
-                );
-            }
-            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "k={k} weight row {j} lhs row {i}");
-                }
-            }
+            let (xp, wp) = (x.as_ptr(), w[3..].as_ptr());
+            let ahead = if k % 2 == 1 {
+                Ahead::Prefetch(w.as_ptr())
+            } else {
+                Ahead::None
+            };
+            // SAFETY (all four tiles): AVX-512F checked above; `x` holds `k·NR`, `w` 12 rows
+            // `ldw` apart starting 3 values in, each tile 384 values.
+            let got = same_tile::<MR, NR>(
+                &init,
+                |t| unsafe { tile::<MR, 2>(k, xp, wp, ldw, t) },
+                |t| unsafe { tile_12x32(k, xp, wp, ldw, t, ahead) },
+                &format!("k={k}"),
+            );
             if k > 0 {
                 assert_ne!(got[0], init[..NR], "k={k}: the tile did not move");
             }
             // the one-vector tile: the first 16 values of each row move, the rest do not
-            let mut want = [[0f32; NR]; MR];
-            for (row, chunk) in want.iter_mut().zip(init.chunks(NR)) {
-                row.copy_from_slice(chunk);
-            }
-            let mut got = want;
-            // SAFETY: as above.
-            unsafe {
-                tile::<MR, 1>(k, x.as_ptr(), w[3..].as_ptr(), ldw, &mut want);
-                tile_12x16(
-                    k,
-                    x.as_ptr(),
-                    w[3..].as_ptr(),
-                    ldw,
-                    got.as_mut_ptr() as *mut f32,
-                );
-            }
-            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                    assert_eq!(
-                        a.to_bits(),
-                        b.to_bits(),
-                        "k={k} one vector: row {j} lhs {i}"
-                    );
-                }
-            }
+            let got = same_tile::<MR, NR>(
+                &init,
+                |t| unsafe { tile::<MR, 1>(k, xp, wp, ldw, t) },
+                |t| unsafe { tile_12x16(k, xp, wp, ldw, t) },
+                &format!("k={k} one vector"),
+            );
             if k > 0 {
                 assert_ne!(
                     got[0][..16],
@@ -1668,28 +1664,15 @@ mod tests {
             let w = test_data(MR_AVX2 * ldw + 3, k as u32 + 1);
             let x = test_data(NR_AVX2 * k.max(1), k as u32 + 100);
             let init = test_data(MR_AVX2 * NR_AVX2, 7);
-            let mut want = [[0f32; NR_AVX2]; MR_AVX2];
-            for (row, chunk) in want.iter_mut().zip(init.chunks(NR_AVX2)) {
-                row.copy_from_slice(chunk);
-            }
-            let mut got = want;
-            // SAFETY: AVX2 and FMA checked above; `x` holds `k·NR_AVX2`, `w` 6 rows `ldw`
-            // apart starting 3 values in, each tile 96 values.
-            unsafe {
-                tile_avx2::<MR_AVX2, 2>(k, x.as_ptr(), w[3..].as_ptr(), ldw, &mut want);
-                tile_6x16(
-                    k,
-                    x.as_ptr(),
-                    w[3..].as_ptr(),
-                    ldw,
-                    got.as_mut_ptr() as *mut f32,
-                );
-            }
-            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "k={k} weight row {j} lhs row {i}");
-                }
-            }
+            let (xp, wp) = (x.as_ptr(), w[3..].as_ptr());
+            // SAFETY (both tiles): AVX2 and FMA checked above; `x` holds `k·NR_AVX2`, `w` 6
+            // rows `ldw` apart starting 3 values in, each tile 96 values.
+            let got = same_tile::<MR_AVX2, NR_AVX2>(
+                &init,
+                |t| unsafe { tile_avx2::<MR_AVX2, 2>(k, xp, wp, ldw, t) },
+                |t| unsafe { tile_6x16(k, xp, wp, ldw, t) },
+                &format!("k={k}"),
+            );
             if k > 0 {
                 assert_ne!(got[0], init[..NR_AVX2], "k={k}: the tile did not move");
             }
