@@ -2159,10 +2159,6 @@ mod tests {
         }
     }
 
-    /// A product into a fresh buffer equals the one into a zeroed buffer and never reads
-    /// its destination (filled with NaN here, which any read would carry into the result):
-    /// the gemm crate's path (large, transposed left operand, one thread and the pool), the
-    /// GEMV path (few rows), an empty reduction, and a wrong destination size (an error).
     /// `par_fill_zero` zeroes every value of every block, small totals (inline) and large
     /// ones (on the pool, blocks not multiples of the piece), and nothing around them.
     #[test]
@@ -2193,6 +2189,10 @@ mod tests {
         }
     }
 
+    /// A product into a fresh buffer equals the one into a zeroed buffer and never reads
+    /// its destination (filled with NaN here, which any read would carry into the result):
+    /// the gemm crate's path (large, transposed left operand, one thread and the pool), the
+    /// GEMV path (few rows), an empty reduction, and a wrong destination size (an error).
     #[test]
     fn gemm_fresh_writes_every_value_and_reads_none() {
         use super::{gemm, gemm_fresh, MatMut, MatRef};
